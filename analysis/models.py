@@ -163,7 +163,14 @@ def load_model(name_or_path: str, num_labels: int, device: str = "cpu", seed: in
         raise ValueError(f"num_labels must be at least 1, got {num_labels}")
     folder, extra = _resolve_source(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    family = model_family(AutoConfig.from_pretrained(folder, **extra).model_type)
+    config = AutoConfig.from_pretrained(folder, **extra)
+    family = model_family(config.model_type)
+    has_trained_head = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
+    if has_trained_head and config.num_labels != num_labels:
+        raise ValueError(
+            f"the model at {folder} has a classification head with {config.num_labels} classes, but the corpus "
+            f"has {num_labels}: use a model trained on this corpus, or its base model without a head"
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:

@@ -1,0 +1,32 @@
+# `make run` and `make test` work on a fresh machine with Python 3.11: they create .venv and install first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The bundled default run: a few hundred rt-sentiment snippets through MiniLM.
+RUN_STORE ?= runs/rt-sentiment-minilm.zarr
+RUN_LIMIT ?= 300
+
+.PHONY: install run test benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "effattn needs Python 3.11, found " + sys.version.split()[0])'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+run: install
+	$(BIN)/effattn extract --corpus rt-sentiment --model minilm --store $(RUN_STORE) --limit $(RUN_LIMIT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+benchmark: install
+	$(BIN)/python benchmarks/extraction_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

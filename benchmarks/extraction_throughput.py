@@ -1,0 +1,163 @@
+"""Extraction throughput against the physical limit, memory growth with corpus size, bytes per example.
+
+In one run, on the same batches of real rt-sentiment examples through MiniLM:
+  * bare: the eager forward pass with output_attentions=True, nothing kept or written (the physical limit);
+  * extract: capture + pad + write whole shards to a Zarr attention store (what the extract task does).
+Shards alternate between the two so that machine noise hits both alike, over --rounds rounds (each into a fresh
+store); the best round of each is reported, the usual estimator on a shared, noisy machine. Then the peak RSS of a fresh process
+extracting N and 4N examples, and the bytes on disk per example.
+
+    .venv/bin/python benchmarks/extraction_throughput.py [--examples 256] [--batch-size 16] [--max-length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from analysis.corpora import load_corpus  # noqa: E402
+from analysis.extraction import capture_examples, plan_extraction, real_token_mask  # noqa: E402
+from analysis.models import load_model, output_projection_slices  # noqa: E402
+from storage_schemas.attention_store import (  # noqa: E402
+    AttentionStoreLayout,
+    create_attention_store,
+    default_shard_size,
+    mark_prepared,
+    mark_shard_completed,
+    write_example_metadata,
+    write_shard,
+)
+from storage_schemas.inspection import size_on_disk  # noqa: E402
+
+
+def build_store(url, loaded, plan, dtype, corpus):
+    shape = loaded.shape
+    layout = AttentionStoreLayout(
+        n_examples=len(plan.length), max_length=plan.max_length, n_classes=2, layers=shape.layers,
+        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, hidden=shape.hidden,
+        shard_size=default_shard_size(plan.max_length, shape.layers, shape.heads, dtype), dtype=dtype,
+    )
+    group = create_attention_store(url, layout, {"benchmark": True})
+    write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
+                           corpus.labels[plan.source_index], np.array([corpus.texts[i] for i in plan.source_index]))
+    group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.family)
+    mark_prepared(group)
+    return group, layout
+
+
+@torch.inference_mode()
+def bare_forward(model, tokens, length, batch_size):
+    for start in range(0, len(length), batch_size):
+        batch_length = int(length[start : start + batch_size].max())
+        ids = torch.as_tensor(tokens[start : start + batch_size, :batch_length], dtype=torch.long)
+        mask = torch.as_tensor(real_token_mask(length[start : start + batch_size], batch_length)).long()
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+
+
+def extract_all(examples: int, batch_size: int, max_length: int, dtype: str, url: str) -> None:
+    """Extraction alone (for the memory measurement in a fresh process)."""
+    corpus = load_corpus("rt-sentiment")
+    loaded = load_model("minilm", num_labels=2)
+    plan = plan_extraction(corpus.texts, loaded.tokenizer, max_length, limit=examples)
+    group, layout = build_store(url, loaded, plan, dtype, corpus)
+    for shard in range(layout.n_shards):
+        region = layout.shard_slice(shard)
+        captured = capture_examples(loaded, plan.tokens[region], plan.length[region], batch_size, dtype)
+        write_shard(group, shard, captured.attention, captured.value, captured.logits)
+        mark_shard_completed(group, shard)
+
+
+def peak_rss_mib(examples, batch_size, max_length, dtype, folder) -> float:
+    url = os.path.join(folder, f"rss-{examples}.zarr")
+    code = (
+        "import resource, sys; sys.path.insert(0, %r); import torch; torch.set_num_threads(%d);"
+        "from benchmarks.extraction_throughput import extract_all;"
+        "extract_all(%d, %d, %d, %r, %r);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    ) % (os.getcwd(), torch.get_num_threads(), examples, batch_size, max_length, dtype, url)
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return int(output.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-memory", action="store_true")
+    arguments = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    corpus = load_corpus("rt-sentiment")
+    loaded = load_model("minilm", num_labels=2)
+    plan = plan_extraction(corpus.texts, loaded.tokenizer, arguments.max_length, limit=arguments.examples)
+    folder = tempfile.mkdtemp(prefix="effattn-bench-")
+    try:
+        bare_model = load_model("minilm", num_labels=2).model
+        bare_model.set_attn_implementation("eager")
+        bare_forward(bare_model, plan.tokens[:32], plan.length[:32], arguments.batch_size)  # warm-up
+        bare_rounds, extract_rounds = [], []
+        for round_index in range(arguments.rounds):
+            url = os.path.join(folder, f"throughput-{round_index}.zarr")
+            group, layout = build_store(url, loaded, plan, arguments.dtype, corpus)
+            bare_seconds = extract_seconds = 0.0
+            for shard in range(layout.n_shards):
+                region = layout.shard_slice(shard)
+                tokens, length = plan.tokens[region], plan.length[region]
+                start = time.perf_counter()
+                bare_forward(bare_model, tokens, length, arguments.batch_size)
+                bare_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                captured = capture_examples(loaded, tokens, length, arguments.batch_size, arguments.dtype)
+                write_shard(group, shard, captured.attention, captured.value, captured.logits)
+                mark_shard_completed(group, shard)
+                extract_seconds += time.perf_counter() - start
+            bare_rounds.append(bare_seconds)
+            extract_rounds.append(extract_seconds)
+            print(f"round {round_index}: bare {bare_seconds:.2f} s, extraction {extract_seconds:.2f} s")
+        bare_seconds, extract_seconds = min(bare_rounds), min(extract_rounds)
+        n = len(plan.length)
+        disk = size_on_disk(url)
+        results = {
+            "examples": n,
+            "max_length": plan.max_length,
+            "mean_length": float(plan.length.mean()),
+            "shard_size": layout.shard_size,
+            "threads": torch.get_num_threads(),
+            "bare_forward_examples_per_s": n / bare_seconds,
+            "extract_examples_per_s": n / extract_seconds,
+            "throughput_ratio": bare_seconds / extract_seconds,
+            "bytes_on_disk_per_example": disk / n,
+        }
+        print(f"examples {n}, stored max length {plan.max_length}, mean length {plan.length.mean():.1f}, "
+              f"shard size {layout.shard_size}, torch threads {torch.get_num_threads()}")
+        print(f"bare eager forward (output_attentions=True): {results['bare_forward_examples_per_s']:.1f} examples/s")
+        print(f"extraction (capture + write):               {results['extract_examples_per_s']:.1f} examples/s")
+        print(f"throughput ratio extraction/bare:            {results['throughput_ratio']:.2f}  (target >= 0.8)")
+        print(f"bytes on disk per example:                  {disk / n / 1024:.1f} KiB")
+        if not arguments.skip_memory:
+            small = peak_rss_mib(n, arguments.batch_size, arguments.max_length, arguments.dtype, folder)
+            large = peak_rss_mib(4 * n, arguments.batch_size, arguments.max_length, arguments.dtype, folder)
+            results.update(peak_rss_mib_n=small, peak_rss_mib_4n=large, rss_ratio=large / small)
+            print(f"peak RSS, {n} examples: {small:.0f} MiB; {4 * n} examples: {large:.0f} MiB; "
+                  f"ratio {large / small:.2f}  (target <= 1.1)")
+        print(json.dumps(results))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""analysis.extraction: the captured tensors are the model's own, padding is excluded, and the attention block's
+projected output is rebuilt exactly from what is stored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.extraction import capture_examples, plan_extraction, real_token_mask, select_rows
+from analysis.models import attention_output_projections, output_projection_slices, wrap_model
+from storage_schemas.attention_store import (
+    AttentionStoreLayout,
+    create_attention_store,
+    mark_prepared,
+    open_attention_store,
+    write_example_metadata,
+    write_shard,
+)
+from tests.conftest import bundled_tokenizer, tiny_bert, tiny_llama
+
+TEXTS = [
+    "a quiet triumph of patient acting and careful direction",
+    "dull",
+    "a dull, overlong mess that wastes every one of its talented performers and then some more",
+    "funny and warm",
+    "nothing in this plodding sequel justifies its running time",
+]
+
+
+def value_projection(model, family: str, layer: int) -> torch.nn.Linear:
+    base = model.base_model
+    return base.encoder.layer[layer].attention.self.value if family == "bert" else base.layers[layer].self_attn.v_proj
+
+
+@pytest.fixture(params=["bert", "llama"])
+def loaded(request):
+    model = tiny_bert() if request.param == "bert" else tiny_llama()
+    return wrap_model(model, bundled_tokenizer(), name=f"tiny-{request.param}")
+
+
+@pytest.fixture()
+def plan(loaded):
+    return plan_extraction(TEXTS, loaded.tokenizer, max_length=64)
+
+
+def test_plan_sorts_by_length_and_pads_right(plan, loaded):
+    assert list(plan.length) == sorted(plan.length)
+    assert sorted(plan.source_index) == list(range(len(TEXTS)))
+    for row, source in enumerate(plan.source_index):
+        expected = loaded.tokenizer(TEXTS[source])["input_ids"]
+        assert list(plan.tokens[row, : plan.length[row]]) == expected
+        assert (plan.tokens[row, plan.length[row] :] == plan.pad_id).all()
+    assert plan.max_length == plan.length.max()
+
+
+def test_plan_truncates_and_records_it(loaded):
+    plan = plan_extraction(TEXTS, loaded.tokenizer, max_length=6)
+    longest = int(np.argmax(plan.untruncated_length))
+    assert plan.length.max() == 6 and plan.max_length == 6
+    assert plan.untruncated_length[longest] > 6
+    # BERT keeps its final [SEP] after truncation
+    if loaded.family == "bert":
+        assert plan.tokens[longest, 5] == loaded.tokenizer.sep_token_id
+
+
+def test_select_rows_is_a_seeded_sample():
+    assert list(select_rows(5, None, 0)) == [0, 1, 2, 3, 4]
+    sample = select_rows(100, 10, 0)
+    assert len(set(sample)) == 10 and list(sample) == sorted(sample)
+    assert list(sample) == list(select_rows(100, 10, 0))
+    assert list(sample) != list(select_rows(100, 10, 1))
+    with pytest.raises(ValueError, match="--limit must be at least 1, got 0"):
+        select_rows(100, 0, 0)
+
+
+def test_captured_attention_equals_eager_output_attentions(loaded, plan):
+    captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=5)
+    model = loaded.model
+    input_ids = torch.as_tensor(plan.tokens, dtype=torch.long)
+    mask = torch.as_tensor(real_token_mask(plan.length, plan.max_length)).long()
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            reference = model(input_ids=input_ids, attention_mask=mask, output_attentions=True)
+    finally:
+        from analysis.attention_backend import use_capture_backend
+
+        use_capture_backend(model)
+    for example, length in enumerate(plan.length):
+        for layer in range(loaded.shape.layers):
+            expected = reference.attentions[layer][example, :, :length, :length].numpy()
+            np.testing.assert_allclose(captured.attention[example, layer, :, :length, :length], expected, atol=1e-6)
+    np.testing.assert_allclose(captured.logits, reference.logits.numpy(), atol=1e-5)
+
+
+def test_padding_is_excluded_everywhere(loaded, plan):
+    batched = capture_examples(loaded, plan.tokens, plan.length, batch_size=5)
+    for example, length in enumerate(plan.length):
+        assert not batched.attention[example, :, :, length:, :].any()
+        assert not batched.attention[example, :, :, :, length:].any()
+        assert not batched.value[example, :, :, length:, :].any()
+        rows = batched.attention[example, :, :, :length, :length].sum(-1)
+        np.testing.assert_allclose(rows, 1.0, atol=1e-5)
+        # the same example alone (no padding in its batch) gives the same numbers
+        alone = capture_examples(loaded, plan.tokens[example : example + 1], plan.length[example : example + 1], 1)
+        np.testing.assert_allclose(batched.attention[example], alone.attention[0], atol=1e-5)
+        np.testing.assert_allclose(batched.value[example], alone.value[0], atol=1e-5)
+        np.testing.assert_allclose(batched.logits[example], alone.logits[0], atol=1e-5)
+    if loaded.causal:
+        upper = np.triu(np.ones((plan.max_length, plan.max_length), dtype=bool), k=1)
+        assert not batched.attention[..., upper].any()
+
+
+def test_stored_value_is_the_value_projection_with_bias(loaded, plan):
+    captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=2)
+    shape = loaded.shape
+    with torch.no_grad():
+        for layer in range(shape.layers):
+            outputs = []
+            handle = value_projection(loaded.model, loaded.family, layer).register_forward_hook(
+                lambda module, inputs, output: outputs.append(output)
+            )
+            try:
+                capture_examples(loaded, plan.tokens, plan.length, batch_size=len(plan.length))
+            finally:
+                handle.remove()
+            projected = outputs[0].reshape(len(plan.length), plan.max_length, shape.kv_heads, shape.head_dim)
+            for example, length in enumerate(plan.length):
+                expected = projected[example, :length].permute(1, 0, 2).numpy()  # [kv_head, position, head_dim]
+                np.testing.assert_allclose(captured.value[example, layer, :, :length], expected, atol=1e-6)
+
+
+def test_output_projection_is_rebuilt_from_stored_arrays(loaded, plan, tmp_path):
+    """The decisive check: sum_h A_h V_h W_O^h + b_O from the store equals the model's own projected output."""
+    shape = loaded.shape
+    layout = AttentionStoreLayout(
+        n_examples=len(plan.length), max_length=plan.max_length, n_classes=2, layers=shape.layers,
+        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, hidden=shape.hidden,
+        shard_size=len(plan.length), dtype="float32",
+    )
+    url = str(tmp_path / "store.zarr")
+    group = create_attention_store(url, layout, {"model": {"name": loaded.name}})
+    write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
+                           np.full(len(plan.length), -1), np.array([TEXTS[i] for i in plan.source_index]))
+    group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.family)
+    mark_prepared(group)
+
+    projected_outputs = {}
+    handles = [
+        projection.register_forward_hook(lambda m, i, o, layer=layer: projected_outputs.__setitem__(layer, o))
+        for layer, projection in enumerate(attention_output_projections(loaded.model, loaded.family))
+    ]
+    try:
+        captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=len(plan.length))
+    finally:
+        for handle in handles:
+            handle.remove()
+    write_shard(group, 0, captured.attention, captured.value, captured.logits)
+
+    stored = open_attention_store(url)
+    attention, value = stored["attention"][:], stored["value"][:]
+    w_out, out_bias, lengths = stored["w_out"][:], stored["out_bias"][:], stored["length"][:]
+    group_size = shape.heads // shape.kv_heads
+    for example, length in enumerate(lengths):
+        for layer in range(shape.layers):
+            rebuilt = out_bias[layer].astype(np.float64).copy()
+            for head in range(shape.heads):
+                A = attention[example, layer, head, :length, :length].astype(np.float64)
+                V = value[example, layer, head // group_size, :length].astype(np.float64)
+                rebuilt = rebuilt + A @ V @ w_out[layer, head].astype(np.float64)
+            expected = projected_outputs[layer][example, :length].numpy()
+            np.testing.assert_allclose(rebuilt, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_capture_rejects_bad_batch_size(loaded, plan):
+    with pytest.raises(ValueError, match="--batch-size must be at least 1, got 0"):
+        capture_examples(loaded, plan.tokens, plan.length, batch_size=0)
+
+
+def test_float16_storage(loaded, plan):
+    captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=5, dtype="float16")
+    reference = capture_examples(loaded, plan.tokens, plan.length, batch_size=5)
+    assert captured.attention.dtype == np.float16 and captured.value.dtype == np.float16
+    np.testing.assert_allclose(captured.attention, reference.attention, atol=1e-3)
