@@ -17,6 +17,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
@@ -203,12 +204,22 @@ def attention_store_state(url: str, storage_options: dict | None = None) -> str:
     try:
         group = zarr.open_group(url, mode="r", storage_options=storage_options)
     except FileNotFoundError:
-        return "absent"
+        # No Zarr group there, but a file or a folder of files is not "absent": creating a store would fail
+        # (or mix with someone's files), so the caller must refuse it like any other foreign thing.
+        return "something else" if _holds_files(url, storage_options) else "absent"
     except Exception:  # noqa: BLE001 - any unreadable thing at the URL is "something else"
         return "something else"
     if group.attrs.get("schema") != SCHEMA_NAME:
         return "something else"
     return "prepared" if group.attrs.get("prepared") else "unprepared"
+
+
+def _holds_files(url: str, storage_options: dict | None = None) -> bool:
+    """Whether anything is at `url`: a file, or a folder (prefix) that is not empty."""
+    filesystem, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not filesystem.exists(path):
+        return False
+    return not filesystem.isdir(path) or bool(filesystem.ls(path, detail=False))
 
 
 def mark_prepared(group: zarr.Group) -> None:
@@ -252,7 +263,13 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
             f"{url} was never completely created (its extraction stopped before the token arrays were written): "
             "run the same `effattn extract` command again to finish it"
         )
-    layout = AttentionStoreLayout(**attributes["layout"])
+    try:
+        layout = AttentionStoreLayout(**attributes["layout"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise AttentionStoreError(
+            f"{url} has a missing or malformed 'layout' attribute ({error}): the store is damaged; "
+            "extract again into a new store"
+        ) from None
     present = set(group.array_keys())
     missing = [name for name in ARRAY_DIMENSIONS if name not in present]
     if missing:
@@ -303,6 +320,7 @@ def completed_shards(group: zarr.Group) -> list[int]:
 
 def mark_shard_completed(group: zarr.Group, shard_index: int) -> None:
     """Record a shard as done. Call only after its data is written, and only from one process (the driver)."""
+    store_layout(group).shard_slice(shard_index)  # an IndexError for a shard that does not exist
     done = set(completed_shards(group))
     done.add(int(shard_index))
     group.attrs["completed_shards"] = sorted(done)
@@ -344,8 +362,10 @@ def write_shard(
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
     n = region.stop - region.start
-    for name, array in (("attention", attention), ("value", value), ("logits", logits)):
+    arrays = (("attention", attention), ("value", value), ("logits", logits))
+    for name, array in arrays:  # check every shape before writing anything
         expected = (n, *group[name].shape[1:])
         if array.shape != expected:
             raise ValueError(f"shard {shard_index}: '{name}' has shape {array.shape}, expected {expected}")
+    for name, array in arrays:
         group[name][region] = array

@@ -6,6 +6,7 @@ import fsspec
 import zarr
 
 from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
+from storage_schemas.efficient_store import VARIANT_DESCRIPTIONS, efficient_array_path, efficient_completed_shards
 
 
 def size_on_disk(url: str) -> int:
@@ -52,4 +53,14 @@ def describe_attention_store(url: str) -> str:
         "  arrays:",
     ]
     lines += [_array_line(name, group[name]) for name in sorted(group.array_keys())]
+    variants = [variant for variant in VARIANT_DESCRIPTIONS if efficient_array_path(variant) in group]
+    if variants:
+        lines.append("  efficient attention:")
+    for variant in variants:
+        array = group[efficient_array_path(variant)]
+        lines.append(
+            f"    {variant:<11} {len(efficient_completed_shards(group, variant))} of {layout.n_shards} shards "
+            f"completed, settings {array.attrs.get('settings')}"
+        )
+        lines.append(_array_line(f"  efficient/{variant}", array))
     return "\n".join(lines)

@@ -3,7 +3,10 @@ an isolated Prefect home, and a small user corpus. No network: the tokenizer is 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A temporary Prefect home for the whole session, set before any test module imports prefect.
+PREFECT_HOME = tempfile.mkdtemp(prefix="effattn-test-prefect-")
+os.environ["PREFECT_HOME"] = PREFECT_HOME
+atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)
 torch.set_num_threads(2)
 
 TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -59,34 +66,37 @@ def tiny_llama_folder(tmp_path_factory) -> Path:
     return save_model_folder(tiny_llama(), tmp_path_factory.mktemp("tiny-llama"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def isolated_prefect_home(tmp_path_factory):
-    """Every test session gets its own temporary Prefect home (and so its own temporary server database)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    os.environ["PREFECT_HOME"] = str(home)
-    yield home
+@pytest.fixture(scope="session")
+def isolated_prefect_home() -> Path:
+    """The session's temporary Prefect home (and so its own temporary server database)."""
+    return Path(PREFECT_HOME)
+
+
+REVIEW_ROWS = [
+    ("the film was a quiet triumph of patient acting and careful, generous direction", "good"),
+    ("a dull, overlong mess that wastes every one of its talented performers", "bad"),
+    ("short", "bad"),
+    ("funny, warm and surprisingly moving from the first scene to the very last one", "good"),
+    ("nothing in this plodding sequel justifies its running time or its budget at all", "bad"),
+    ("an inventive thriller whose twists feel earned rather than bolted on afterwards", "good"),
+    ("the script is lazy and the jokes land with a thud, one after another", "bad"),
+    ("gorgeous to look at and smarter than it has any right to be, honestly", "good"),
+    ("it never decides what it wants to be, and neither will you by the end", "bad"),
+    ("a small, perfect film about grief, family and the stories we tell ourselves", "good"),
+]
+
+
+def write_reviews_csv(path: Path) -> Path:
+    """A labelled user corpus of 10 reviews, all but one longer than the tiny models' head dim (8 tokens)."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(REVIEW_ROWS)
+    return path
 
 
 @pytest.fixture()
 def small_corpus_csv(tmp_path) -> Path:
-    """A labelled user corpus whose texts are longer than the tiny models' head dim (8 tokens)."""
-    import csv
-
-    rows = [
-        ("the film was a quiet triumph of patient acting and careful, generous direction", "good"),
-        ("a dull, overlong mess that wastes every one of its talented performers", "bad"),
-        ("short", "bad"),
-        ("funny, warm and surprisingly moving from the first scene to the very last one", "good"),
-        ("nothing in this plodding sequel justifies its running time or its budget at all", "bad"),
-        ("an inventive thriller whose twists feel earned rather than bolted on afterwards", "good"),
-        ("the script is lazy and the jokes land with a thud, one after another", "bad"),
-        ("gorgeous to look at and smarter than it has any right to be, honestly", "good"),
-        ("it never decides what it wants to be, and neither will you by the end", "bad"),
-        ("a small, perfect film about grief, family and the stories we tell ourselves", "good"),
-    ]
-    path = tmp_path / "reviews.csv"
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    return path
+    return write_reviews_csv(tmp_path / "reviews.csv")

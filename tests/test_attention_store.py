@@ -1,0 +1,693 @@
+"""Unit tests of storage_schemas.attention_store: no model, a small hand-made layout and random numpy data.
+
+Error messages are pinned exactly (they are part of the user interface: they say what is wrong and what to do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from storage_schemas.attention_store import (
+    AttentionStoreError,
+    AttentionStoreLayout,
+    AttentionStoreNotFoundError,
+    attention_store_state,
+    check_same_run,
+    completed_shards,
+    create_attention_store,
+    default_shard_size,
+    mark_prepared,
+    mark_shard_completed,
+    open_attention_store,
+    recreate_unprepared_store,
+    store_layout,
+    write_example_metadata,
+    write_shard,
+)
+
+# 7 examples in shards of 3: shards 0 and 1 hold 3 examples, the last one holds 1.
+LAYOUT = AttentionStoreLayout(
+    n_examples=7, max_length=6, n_classes=3, layers=2, heads=4, kv_heads=2, head_dim=3, hidden=5,
+    shard_size=3, dtype="float32",
+)
+
+# Schema v1 written out literally: a reader who never installed effattn relies on exactly these names.
+EXPECTED_DIMS = {
+    "tokens": ("example", "position"),
+    "length": ("example",),
+    "untruncated_length": ("example",),
+    "source_index": ("example",),
+    "label": ("example",),
+    "text": ("example",),
+    "logits": ("example", "class"),
+    "attention": ("example", "layer", "head", "query", "key"),
+    "value": ("example", "layer", "kv_head", "position", "head_dim"),
+    "w_out": ("layer", "head", "head_dim", "hidden"),
+    "out_bias": ("layer", "hidden"),
+}
+
+ATTRIBUTES = {
+    "model": {"name": "tiny", "weights_digest": "sha256:aaa", "layers": 2},
+    "corpus": {"name": "reviews", "digest": "sha256:ccc", "selection": {"limit": None, "seed": 0}},
+    "dtype": "float32",
+}
+
+
+def make_data(layout: AttentionStoreLayout, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random contents for every array of a store with this layout (zero beyond each length, as extraction does)."""
+    rng = np.random.default_rng(seed)
+    E, L = layout.n_examples, layout.max_length
+    length = np.sort(rng.integers(1, L + 1, size=E)).astype(np.int32)
+    length[-1] = L
+    real = np.arange(L)[None, :] < length[:, None]
+    attention = rng.random((E, layout.layers, layout.heads, L, L)).astype(layout.dtype)
+    attention *= (real[:, :, None] & real[:, None, :])[:, None, None]
+    value = rng.standard_normal((E, layout.layers, layout.kv_heads, L, layout.head_dim)).astype(layout.dtype)
+    value *= real[:, None, None, :, None]
+    texts = ["naïve café", "日本語のテキスト", 'a, "quoted" text', "", "tab\there", "x" * 300, "last"]
+    return {
+        "tokens": np.where(real, rng.integers(1, 30000, size=(E, L)), 0).astype(np.int32),
+        "length": length,
+        "untruncated_length": (length + rng.integers(0, 3, size=E)).astype(np.int32),
+        "source_index": rng.permutation(E + 5)[:E].astype(np.int64),
+        "label": rng.integers(-1, layout.n_classes, size=E).astype(np.int64),
+        "text": np.array((texts * E)[:E], dtype=object),
+        "logits": rng.standard_normal((E, layout.n_classes)).astype(np.float32),
+        "attention": attention,
+        "value": value,
+        "w_out": rng.standard_normal((layout.layers, layout.heads, layout.head_dim, layout.hidden)).astype(np.float32),
+        "out_bias": rng.standard_normal((layout.layers, layout.hidden)).astype(np.float32),
+    }
+
+
+def build_store(
+    url: str,
+    layout: AttentionStoreLayout = LAYOUT,
+    data: dict[str, np.ndarray] | None = None,
+    prepared: bool = True,
+    shards: list[int] | None = None,
+) -> tuple[zarr.Group, dict[str, np.ndarray]]:
+    """Create a store the way the extraction stage does; `shards` (default: all) are written and marked done."""
+    data = make_data(layout) if data is None else data
+    group = create_attention_store(url, layout, ATTRIBUTES)
+    write_example_metadata(
+        group,
+        tokens=data["tokens"],
+        length=data["length"],
+        untruncated_length=data["untruncated_length"],
+        source_index=data["source_index"],
+        label=data["label"],
+        text=data["text"],
+    )
+    group["w_out"][:] = data["w_out"]
+    group["out_bias"][:] = data["out_bias"]
+    if not prepared:
+        return group, data
+    mark_prepared(group)
+    for shard in range(layout.n_shards) if shards is None else shards:
+        region = layout.shard_slice(shard)
+        write_shard(group, shard, data["attention"][region], data["value"][region], data["logits"][region])
+        mark_shard_completed(group, shard)
+    return group, data
+
+
+@pytest.fixture()
+def url(tmp_path) -> str:
+    return str(tmp_path / "store.zarr")
+
+
+def assert_store_holds(group, data: dict[str, np.ndarray]) -> None:
+    for name, expected in data.items():
+        stored = group[name][:]
+        if name == "text":
+            assert [str(item) for item in stored] == list(expected)
+        else:
+            assert stored.dtype == expected.dtype, name
+            np.testing.assert_array_equal(stored, expected, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------
+# round trip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_round_trip_every_array_exactly(url, dtype):
+    layout = AttentionStoreLayout(**{**asdict(LAYOUT), "dtype": dtype})
+    written, data = build_store(url, layout)
+    assert written["attention"].dtype == np.dtype(dtype)
+
+    group = open_attention_store(url)
+    assert_store_holds(group, data)
+    assert store_layout(group) == layout
+    assert completed_shards(group) == [0, 1, 2]
+    attributes = group.attrs.asdict()
+    assert attributes["schema"] == "effattn.attention_store"
+    assert attributes["schema_version"] == 1
+    assert attributes["prepared"] is True
+    assert attributes["layout"] == asdict(layout)
+    for key, value in ATTRIBUTES.items():
+        assert attributes[key] == value
+
+
+def test_round_trip_through_an_fsspec_url(tmp_path):
+    """Stores live on object storage through fsspec URLs; the in-memory filesystem stands in for s3://."""
+    import fsspec
+
+    url = f"memory://effattn-test-{tmp_path.name}/store.zarr"
+    memory = fsspec.filesystem("memory")
+    try:
+        assert attention_store_state(url) == "absent"
+        _, data = build_store(url, prepared=False)
+        assert attention_store_state(url) == "unprepared"
+        mark_prepared(zarr.open_group(url, mode="r+"))
+        assert attention_store_state(url) == "prepared"
+        assert_store_holds(open_attention_store(url), {k: v for k, v in data.items() if k not in SHARD_ONLY})
+        memory.pipe(f"/effattn-test-{tmp_path.name}/other/file.txt", b"x")
+        assert attention_store_state(f"memory://effattn-test-{tmp_path.name}/other") == "something else"
+    finally:
+        memory.rm(f"/effattn-test-{tmp_path.name}", recursive=True)
+
+
+SHARD_ONLY = ("attention", "value", "logits")
+
+
+def test_chunks_are_one_example_one_layer_and_shards_whole_units_of_work(url):
+    build_store(url)
+    group = zarr.open_group(url, mode="r")
+    S, L = LAYOUT.shard_size, LAYOUT.max_length
+    assert group["attention"].chunks == (1, 1, LAYOUT.heads, L, L)
+    assert group["attention"].shards == (S, LAYOUT.layers, LAYOUT.heads, L, L)
+    assert group["value"].chunks == (1, 1, LAYOUT.kv_heads, L, LAYOUT.head_dim)
+    assert group["value"].shards == (S, LAYOUT.layers, LAYOUT.kv_heads, L, LAYOUT.head_dim)
+    assert group["tokens"].chunks == (S, L)
+    # One shard file per shard of examples: a writer of shard i touches nothing of shard j.
+    shard_files = sorted(os.listdir(Path(url) / "attention" / "c"))
+    assert shard_files == ["0", "1", "2"]
+
+
+def test_plain_xarray_reads_every_array_with_its_dims(url):
+    _, data = build_store(url)
+    dataset = xr.open_zarr(url, consolidated=False)
+    assert set(dataset.data_vars) == set(EXPECTED_DIMS)
+    for name, dims in EXPECTED_DIMS.items():
+        assert dataset[name].dims == dims, name
+        if name == "text":
+            assert [str(item) for item in dataset[name].values] == list(data[name])
+        else:
+            np.testing.assert_array_equal(dataset[name].values, data[name], err_msg=name)
+    assert dict(dataset.sizes) == {
+        "example": 7, "position": 6, "query": 6, "key": 6, "class": 3, "layer": 2, "head": 4, "kv_head": 2,
+        "head_dim": 3, "hidden": 5,
+    }
+    assert dataset.attrs["schema"] == "effattn.attention_store"
+    assert dataset.attrs["completed_shards"] == [0, 1, 2]
+
+
+def test_plain_zarr_reads_every_array_with_its_dimension_names(url):
+    _, data = build_store(url)
+    group = zarr.open_group(url, mode="r")
+    assert set(group.array_keys()) == set(EXPECTED_DIMS)
+    for name, dims in EXPECTED_DIMS.items():
+        assert tuple(group[name].metadata.dimension_names) == dims, name
+        assert group[name].attrs["description"], name
+    np.testing.assert_array_equal(group["attention"][:], data["attention"])
+    np.testing.assert_array_equal(group["value"][2:5], data["value"][2:5])
+    assert group.attrs["schema_version"] == 1
+
+
+def test_a_reader_without_effattn_opens_the_store(url):
+    """A fresh interpreter that imports only xarray and zarr (no codec or class registered by effattn)."""
+    _, data = build_store(url)
+    script = (
+        "import json, sys, xarray, zarr\n"
+        "url = sys.argv[1]\n"
+        "ds = xarray.open_zarr(url, consolidated=False)\n"
+        "g = zarr.open_group(url, mode='r')\n"
+        "assert not any(m.split('.')[0] in ('storage_schemas', 'analysis', 'tasks', 'flows') for m in sys.modules)\n"
+        "print(json.dumps({'dims': list(ds['attention'].dims), 'attention': ds['attention'].values.tolist(),\n"
+        "                  'value': g['value'][:].tolist(), 'text': [str(t) for t in ds['text'].values]}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, url], capture_output=True, text=True, cwd=Path(url).parent, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    read = json.loads(result.stdout)
+    assert read["dims"] == ["example", "layer", "head", "query", "key"]
+    np.testing.assert_array_equal(np.array(read["attention"], dtype=np.float32), data["attention"])
+    np.testing.assert_array_equal(np.array(read["value"], dtype=np.float32), data["value"])
+    assert read["text"] == list(data["text"])
+
+
+# ------------------------------------------------------------------------------------------
+# layout
+
+
+def test_shard_slices_cover_the_examples_and_the_last_is_shorter():
+    assert LAYOUT.n_shards == 3
+    assert LAYOUT.shard_slice(0) == slice(0, 3)
+    assert LAYOUT.shard_slice(1) == slice(3, 6)
+    assert LAYOUT.shard_slice(2) == slice(6, 7)
+    exact = AttentionStoreLayout(**{**asdict(LAYOUT), "n_examples": 6})
+    assert exact.n_shards == 2
+    assert exact.shard_slice(1) == slice(3, 6)
+
+
+@pytest.mark.parametrize("shard", [3, -1, 100])
+def test_shard_slice_of_a_missing_shard(shard):
+    with pytest.raises(IndexError, match=re.escape(f"shard {shard} does not exist: the store has shards 0..2")):
+        LAYOUT.shard_slice(shard)
+
+
+def test_default_shard_size_known_values():
+    # minilm at 128 tokens: 6 * 12 * 128 * 128 * 4 bytes = 4.5 MiB per example -> 56 fit in 256 MiB -> 32.
+    assert default_shard_size(128, 6, 12, "float32") == 32
+    assert default_shard_size(128, 6, 12, "float16") == 64  # 113 fit -> capped at 64
+    # One example alone is over the budget: still 1 (a shard is never empty).
+    assert default_shard_size(512, 30, 9, "float32") == 1
+    assert default_shard_size(4, 1, 1, "float32") == 64
+    assert default_shard_size(128, 6, 12, "float32", budget_bytes=4 * 4718592) == 4
+    assert default_shard_size(128, 6, 12, "float32", budget_bytes=4 * 4718592 - 1) == 2
+
+
+@pytest.mark.parametrize("max_length", [2, 17, 64, 128, 300, 512])
+@pytest.mark.parametrize("layers,heads", [(1, 1), (6, 12), (30, 9)])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("budget", [2**20, 256 * 2**20])
+def test_default_shard_size_is_the_largest_power_of_two_in_budget(max_length, layers, heads, dtype, budget):
+    size = default_shard_size(max_length, layers, heads, dtype, budget_bytes=budget)
+    per_example = layers * heads * max_length * max_length * np.dtype(dtype).itemsize
+    assert 1 <= size <= 64
+    assert size & (size - 1) == 0  # a power of two
+    if size > 1:
+        assert size * per_example <= budget
+    if size < 64:
+        assert 2 * size * per_example > budget
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dtype": "float64"}, "dtype must be one of ('float32', 'float16'), got 'float64'"),
+        ({"dtype": "bfloat16"}, "dtype must be one of ('float32', 'float16'), got 'bfloat16'"),
+        ({"heads": 6, "kv_heads": 4}, "heads (6) must be a multiple of kv_heads (4)"),
+        ({"heads": 4, "kv_heads": 3}, "heads (4) must be a multiple of kv_heads (3)"),
+        ({"shard_size": 0}, "layout field shard_size must be a positive integer, got 0"),
+        ({"n_examples": -2}, "layout field n_examples must be a positive integer, got -2"),
+        ({"max_length": 2.5}, "layout field max_length must be a positive integer, got 2.5"),
+        ({"hidden": "5"}, "layout field hidden must be a positive integer, got '5'"),
+    ],
+)
+def test_layout_validation(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AttentionStoreLayout(**{**asdict(LAYOUT), **change})
+
+
+def test_layout_accepts_numpy_integers_and_grouped_query_heads():
+    layout = AttentionStoreLayout(**{**asdict(LAYOUT), "n_examples": np.int64(7), "heads": 9, "kv_heads": 3})
+    assert layout.n_shards == 3
+
+
+# ------------------------------------------------------------------------------------------
+# validation on open, exact messages
+
+
+def test_wrong_schema_name(url):
+    group, _ = build_store(url)
+    group.attrs["schema"] = "someone.elses_store"
+    with pytest.raises(AttentionStoreError) as caught:
+        open_attention_store(url)
+    assert str(caught.value) == (
+        f"{url} is not an effattn attention store (its 'schema' attribute is 'someone.elses_store', "
+        "expected 'effattn.attention_store'): point --store at a store written by `effattn extract`"
+    )
+
+
+def test_a_foreign_zarr_group_is_not_an_attention_store(url):
+    zarr.open_group(url, mode="w", zarr_format=3).create_array("x", shape=(3,), dtype="int32")
+    message = (
+        f"{url} is not an effattn attention store (its 'schema' attribute is None, "
+        "expected 'effattn.attention_store'): point --store at a store written by `effattn extract`"
+    )
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+
+
+def test_wrong_schema_version(url):
+    group, _ = build_store(url)
+    group.attrs["schema_version"] = 2
+    message = (
+        f"{url} has attention store schema version 2, but this effattn reads version 1: "
+        "extract again into a new store, or use the effattn release that wrote it"
+    )
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url, mode="r+")
+
+
+@pytest.mark.parametrize("how", ["del", "rmtree"])
+def test_missing_array(url, how):
+    build_store(url)
+    if how == "del":
+        del zarr.open_group(url, mode="r+")["value"]
+    else:
+        shutil.rmtree(Path(url) / "value")
+    message = (
+        f"{url} is missing the arrays ['value']: the store is incomplete or damaged; extract again into a new store"
+    )
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+
+
+def test_missing_arrays_are_all_named_in_schema_order(url):
+    build_store(url)
+    group = zarr.open_group(url, mode="r+")
+    del group["w_out"]
+    del group["tokens"]
+    message = (
+        f"{url} is missing the arrays ['tokens', 'w_out']: the store is incomplete or damaged; "
+        "extract again into a new store"
+    )
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+
+
+def _replace_array(url: str, name: str, **spec) -> None:
+    group = zarr.open_group(url, mode="r+")
+    group.create_array(name, overwrite=True, **spec)
+
+
+@pytest.mark.parametrize(
+    "name, spec, problem",
+    [
+        (
+            "length",
+            dict(shape=(7,), dtype="int32", dimension_names=("sample",)),
+            "array 'length' has dimensions ('sample',), but schema v1 expects ('example',)",
+        ),
+        (
+            "attention",
+            dict(shape=(7, 2, 4, 6, 6), dtype="float32", dimension_names=("example", "layer", "head", "key", "query")),
+            "array 'attention' has dimensions ('example', 'layer', 'head', 'key', 'query'), "
+            "but schema v1 expects ('example', 'layer', 'head', 'query', 'key')",
+        ),
+        (
+            "logits",
+            dict(shape=(7, 3), dtype="float32"),
+            "array 'logits' has dimensions (), but schema v1 expects ('example', 'class')",
+        ),
+        (
+            "tokens",
+            dict(shape=(7, 5), dtype="int32", dimension_names=("example", "position")),
+            "array 'tokens' has shape (7, 5), but the store's layout implies (7, 6)",
+        ),
+        (
+            "length",
+            dict(shape=(7,), dtype="int64", dimension_names=("example",)),
+            "array 'length' has dtype int64, but schema v1 expects int32",
+        ),
+        (
+            "value",
+            dict(shape=(7, 2, 2, 6, 3), dtype="float16", dimension_names=EXPECTED_DIMS["value"]),
+            "array 'value' has dtype float16, but schema v1 expects float32",
+        ),
+    ],
+)
+def test_wrong_dims_shape_or_dtype(url, name, spec, problem):
+    build_store(url)
+    _replace_array(url, name, **spec)
+    with pytest.raises(AttentionStoreError, match=re.escape(f"{url}: {problem}")):
+        open_attention_store(url)
+
+
+def test_a_store_never_prepared(url):
+    build_store(url, prepared=False)
+    message = (
+        f"{url} was never completely created (its extraction stopped before the token arrays were written): "
+        "run the same `effattn extract` command again to finish it"
+    )
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+
+
+@pytest.mark.parametrize("mode", ["r", "r+"])
+def test_no_store_at_the_path(tmp_path, mode):
+    url = str(tmp_path / "nothing-here.zarr")
+    message = f"there is no attention store at {url}: create one with `effattn extract --store {url} ...`"
+    with pytest.raises(AttentionStoreNotFoundError, match=re.escape(message)) as caught:
+        open_attention_store(url, mode=mode)
+    assert isinstance(caught.value, FileNotFoundError)
+    assert isinstance(caught.value, AttentionStoreError)
+    assert not os.path.exists(url)  # looking did not create anything
+
+
+# ------------------------------------------------------------------------------------------
+# store state, recreation
+
+
+def test_state_absent(tmp_path):
+    assert attention_store_state(str(tmp_path / "nothing.zarr")) == "absent"
+
+
+def test_state_of_an_empty_plain_directory_is_absent(tmp_path):
+    """Nothing would be lost by creating a store there, and create_attention_store does so."""
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    assert attention_store_state(str(folder)) == "absent"
+    create_attention_store(str(folder), LAYOUT, ATTRIBUTES)
+    assert attention_store_state(str(folder)) == "unprepared"
+
+
+def test_state_of_a_plain_directory_with_files_is_something_else(tmp_path):
+    """A folder of someone's files is not an absent store: the extract stage must refuse it with a clear error."""
+    folder = tmp_path / "my-documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    assert attention_store_state(str(folder)) == "something else"
+
+
+def test_state_of_a_plain_file_is_something_else(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("a,b\n1,2\n")
+    assert attention_store_state(str(path)) == "something else"
+
+
+def test_state_unprepared_then_prepared(url):
+    group, _ = build_store(url, prepared=False)
+    assert attention_store_state(url) == "unprepared"
+    mark_prepared(group)
+    assert attention_store_state(url) == "prepared"
+
+
+def test_state_of_foreign_zarr_data_is_something_else(tmp_path):
+    foreign_group = str(tmp_path / "group.zarr")
+    zarr.open_group(foreign_group, mode="w", zarr_format=3).attrs["schema"] = "other"
+    assert attention_store_state(foreign_group) == "something else"
+    bare_group = str(tmp_path / "bare.zarr")
+    zarr.open_group(bare_group, mode="w", zarr_format=3)
+    assert attention_store_state(bare_group) == "something else"
+    array = str(tmp_path / "array.zarr")
+    zarr.create_array(array, shape=(3,), dtype="int32")
+    assert attention_store_state(array) == "something else"
+
+
+def test_recreate_replaces_an_unprepared_store(url):
+    build_store(url, prepared=False)
+    smaller = AttentionStoreLayout(**{**asdict(LAYOUT), "n_examples": 4})
+    group = recreate_unprepared_store(url, smaller, {"model": {"name": "again"}})
+    assert attention_store_state(url) == "unprepared"
+    assert store_layout(group) == smaller
+    assert group.attrs["model"] == {"name": "again"}
+    assert group.attrs["completed_shards"] == []
+    assert "corpus" not in group.attrs  # the old attributes are gone
+    assert group["tokens"].shape == (4, 6)
+    assert not group["tokens"][:].any()  # the old data is gone
+
+
+def test_recreate_refuses_a_prepared_store(url):
+    _, data = build_store(url)
+    message = f"refusing to overwrite {url}: it is prepared, not an unfinished attention store"
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        recreate_unprepared_store(url, LAYOUT, {})
+    group = open_attention_store(url)
+    assert_store_holds(group, data)
+    assert completed_shards(group) == [0, 1, 2]
+
+
+def test_recreate_refuses_a_foreign_group(tmp_path):
+    url = str(tmp_path / "foreign.zarr")
+    foreign = zarr.open_group(url, mode="w", zarr_format=3)
+    foreign.attrs["owner"] = "someone else"
+    foreign.create_array("measurements", shape=(4,), dtype="float64")[:] = [1.0, 2.0, 3.0, 4.0]
+    message = f"refusing to overwrite {url}: it is something else, not an unfinished attention store"
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        recreate_unprepared_store(url, LAYOUT, {})
+    after = zarr.open_group(url, mode="r")
+    assert after.attrs["owner"] == "someone else"
+    np.testing.assert_array_equal(after["measurements"][:], [1.0, 2.0, 3.0, 4.0])
+    assert set(after.array_keys()) == {"measurements"}
+
+
+def test_recreate_refuses_a_folder_of_files(tmp_path):
+    folder = tmp_path / "my-documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    message = f"refusing to overwrite {folder}: it is something else, not an unfinished attention store"
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        recreate_unprepared_store(str(folder), LAYOUT, {})
+    assert sorted(os.listdir(folder)) == ["notes.txt"]
+    assert (folder / "notes.txt").read_text() == "precious"
+
+
+def test_create_refuses_an_existing_store(url):
+    _, data = build_store(url)
+    with pytest.raises(FileExistsError):
+        create_attention_store(url, LAYOUT, {})
+    assert_store_holds(open_attention_store(url), data)
+
+
+# ------------------------------------------------------------------------------------------
+# resuming: same run, completed shards
+
+
+def test_check_same_run_accepts_the_same_run(url):
+    group, _ = build_store(url)
+    check_same_run(
+        group,
+        url,
+        {
+            "model.weights_digest": "sha256:aaa",
+            "corpus.digest": "sha256:ccc",
+            "corpus.selection": {"limit": None, "seed": 0},
+            "dtype": "float32",
+        },
+    )
+
+
+def test_check_same_run_names_every_difference(url):
+    group, _ = build_store(url)
+    expected = {
+        "model.weights_digest": "sha256:bbb",
+        "corpus.digest": "sha256:ccc",  # the same: not named
+        "corpus.selection": {"limit": 5, "seed": 0},
+        "dtype": "float16",
+        "extraction.requested_max_length": 128,  # absent from the store
+        "model.layers.deeper": 1,  # a path through a non-dict
+    }
+    message = (
+        f"{url} was written by a different run ("
+        "model.weights_digest: store has 'sha256:aaa', this run has 'sha256:bbb'; "
+        "corpus.selection: store has {'limit': None, 'seed': 0}, this run has {'limit': 5, 'seed': 0}; "
+        "dtype: store has 'float32', this run has 'float16'; "
+        "extraction.requested_max_length: store has None, this run has 128; "
+        "model.layers.deeper: store has None, this run has 1"
+        f"): use another --store, or delete {url} to start over"
+    )
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        check_same_run(group, url, expected)
+
+
+def test_check_same_run_survives_a_reopen(url):
+    build_store(url)
+    group = open_attention_store(url)
+    with pytest.raises(AttentionStoreError, match=re.escape("model.weights_digest: store has 'sha256:aaa'")):
+        check_same_run(group, url, {"model.weights_digest": "sha256:zzz"})
+
+
+def test_mark_shard_completed_is_idempotent_and_sorted(url):
+    group, _ = build_store(url, shards=[])
+    assert completed_shards(group) == []
+    mark_shard_completed(group, 2)
+    mark_shard_completed(group, 0)
+    mark_shard_completed(group, np.int64(2))
+    assert completed_shards(group) == [0, 2]
+    assert group.attrs["completed_shards"] == [0, 2]
+    reopened = open_attention_store(url)
+    assert completed_shards(reopened) == [0, 2]
+    mark_shard_completed(group, 1)
+    mark_shard_completed(group, 1)
+    assert completed_shards(open_attention_store(url)) == [0, 1, 2]
+
+
+def test_completed_shards_sorts_whatever_is_stored(url):
+    group, _ = build_store(url, shards=[])
+    group.attrs["completed_shards"] = [2, 0, 1]
+    assert completed_shards(group) == [0, 1, 2]
+    mark_shard_completed(group, 0)
+    assert group.attrs["completed_shards"] == [0, 1, 2]
+
+
+def test_unwritten_shards_read_as_zero(url):
+    group, data = build_store(url, shards=[1])
+    assert completed_shards(group) == [1]
+    np.testing.assert_array_equal(group["attention"][3:6], data["attention"][3:6])
+    assert not group["attention"][0:3].any()
+    assert not group["attention"][6:7].any()
+    assert not group["logits"][0:3].any()
+
+
+# ------------------------------------------------------------------------------------------
+# writing shards
+
+
+def _shard_arrays(data, region):
+    return data["attention"][region], data["value"][region], data["logits"][region]
+
+
+@pytest.mark.parametrize(
+    "shard, which, shape, expected",
+    [
+        (2, "attention", (3, 2, 4, 6, 6), (1, 2, 4, 6, 6)),  # a full shard's worth into the short last shard
+        (0, "attention", (3, 2, 4, 5, 5), (3, 2, 4, 6, 6)),  # not padded to max_length
+        (0, "value", (3, 2, 4, 6, 3), (3, 2, 2, 6, 3)),  # repeated to query heads instead of kv heads
+        (1, "logits", (3, 2), (3, 3)),
+    ],
+)
+def test_write_shard_rejects_wrong_shapes(url, shard, which, shape, expected):
+    group, data = build_store(url, shards=[])
+    arrays = dict(zip(("attention", "value", "logits"), _shard_arrays(data, LAYOUT.shard_slice(shard))))
+    arrays[which] = np.ones(shape, dtype=np.float32)
+    message = f"shard {shard}: '{which}' has shape {shape}, expected {expected}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_shard(group, shard, arrays["attention"], arrays["value"], arrays["logits"])
+
+
+def test_a_rejected_shard_leaves_the_store_unchanged(url):
+    """write_shard checks every shape before writing anything: a bad `value` must not leave new attention behind."""
+    group, data = build_store(url)
+    region = LAYOUT.shard_slice(1)
+    garbage = np.full_like(data["attention"][region], 7.0)
+    bad_value = np.ones((3, 2, 4, 6, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=re.escape("shard 1: 'value' has shape (3, 2, 4, 6, 3)")):
+        write_shard(group, 1, garbage, bad_value, data["logits"][region])
+    assert_store_holds(open_attention_store(url), data)
+
+
+def test_write_shard_of_a_missing_shard(url):
+    group, data = build_store(url, shards=[])
+    with pytest.raises(IndexError, match=re.escape("shard 3 does not exist: the store has shards 0..2")):
+        write_shard(group, 3, *_shard_arrays(data, slice(0, 1)))
+
+
+def test_write_shard_touches_only_its_shard(url):
+    group, data = build_store(url)
+    region = LAYOUT.shard_slice(1)
+    new = make_data(LAYOUT, seed=1)
+    write_shard(group, 1, *_shard_arrays(new, region))
+    stored = open_attention_store(url)
+    for name in ("attention", "value", "logits"):
+        expected = data[name].copy()
+        expected[region] = new[name][region]
+        np.testing.assert_array_equal(stored[name][:], expected, err_msg=name)
