@@ -27,6 +27,7 @@ test: install
 
 benchmark: install
 	$(BIN)/python benchmarks/extraction_throughput.py
+	$(BIN)/python benchmarks/efficient_stage.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

@@ -32,6 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--label-column", default=None, help="label column of a user file (default: label if present)")
     extract.add_argument("--seed", type=int, default=0, help="seed of the example sample and of untrained heads")
 
+    efficient = commands.add_parser("efficient", help="compute efficient attention from a store (Dask)")
+    efficient.add_argument("--store", required=True, help="path or fsspec URL of an attention store")
+    efficient.add_argument(
+        "--variants", default="effective,stochastic,simplex", help="comma-separated: effective,stochastic,simplex"
+    )
+    efficient.add_argument("--dask-address", default=None, help="scheduler of an existing cluster, tcp://HOST:PORT")
+    efficient.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster processes (default: cores)")
+    efficient.add_argument("--simplex-max-iterations", type=_positive_int, default=200)
+    efficient.add_argument("--simplex-tolerance", type=float, default=1e-10)
+
     inspect = commands.add_parser("inspect", help="print what is in a store")
     inspect.add_argument("store", help="path or fsspec URL of the store")
     return parser
@@ -61,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
                 label_column=arguments.label_column,
                 shard_size=arguments.shard_size,
                 seed=arguments.seed,
+            )
+            print(describe_attention_store(store))
+        elif arguments.command == "efficient":
+            from flows.efficient import efficient
+            from storage_schemas.inspection import describe_attention_store
+
+            store = efficient(
+                store=arguments.store,
+                variants=[variant.strip() for variant in arguments.variants.split(",") if variant.strip()],
+                dask_address=arguments.dask_address,
+                workers=arguments.workers,
+                simplex_max_iterations=arguments.simplex_max_iterations,
+                simplex_tolerance=arguments.simplex_tolerance,
             )
             print(describe_attention_store(store))
         elif arguments.command == "inspect":

@@ -1,0 +1,880 @@
+"""Efficient attention: the parts of an attention matrix that do (and do not) reach the model's output.
+
+For one example, layer and head, on the real L×L block only (padding excluded):
+
+    A  (L×L)   attention probabilities
+    V  (L×d)   the values of the kv head that serves this head (bias included)
+    W  (d×D)   W_O^h, this head's slice of the output projection
+    T = V W    (L×D), what the head adds to the residual stream is A·T
+
+Variants (DESIGN.md, "Efficient attention"):
+
+    effective   A · P_T             P_T the orthogonal projector on col(T)      keeps A·T
+    stochastic  A · P_[T|1]         a column of ones appended                   keeps A·T, rows sum like A's rows
+    simplex     per row a: argmin ‖b‖ s.t. b·T = a·T, Σb = Σa, b ≥ 0           a probability distribution
+
+and `null = A - efficient` for each. Decoder (causal) models: row i may only use keys ≤ i, so row i is
+projected with the prefix T[:i+1] (a different projector per row; the result stays lower-triangular).
+Grouped-query attention: query head h uses kv head h // (heads // kv_heads).
+
+How it is computed (all float64, batched over many matrices, torch):
+
+* `output_factor`: the SVD W = U S Zᵀ gives X = V·(U S) (L×m, m = min(d, D)) with T = X Zᵀ, Z orthonormal
+  columns, so X has exactly T's column space and singular values: no L×D matrix is ever formed.
+* Numerical rank of an L×c matrix M: singular values above σ_max · max(L, D) · eps(float64), where D is the
+  hidden size (D + 1 for [T|1]). rank([T|1]) is the numerical rank of [T | s·1] with s = ‖T‖_F / √L (the
+  ones column scaled to T's size, so the rank does not depend on the units of T).
+* A cheap certificate (`full_rank_certificate`) proves that M and all its prefixes have full rank
+  (1/‖R⁻¹‖_F ≤ σ_min of the first min(L, c) rows, compared with a bound on every threshold). Certified
+  matrices take the fast path: a QR basis (non-causal) or one nested left-null basis for all prefixes
+  (causal, `nested_left_null_basis`). The others take the exact SVD path (per prefix when causal).
+* simplex: the dual of the row problem, solved by semismooth Newton with an Armijo line search
+  (`simplex_rows`); every returned row is feasible even when the solver does not converge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VARIANTS: tuple[str, ...] = ("effective", "stochastic", "simplex")
+DIAGNOSTICS: tuple[str, ...] = (
+    "rank", "null_dim", "output_residual", "row_sum_error", "negative_mass",
+    "null_norm_ratio", "iterations", "converged", "support_size", "optimality_residual",
+)
+
+EPS = float(np.finfo(np.float64).eps)
+# Largest number of float64 elements one batched temporary may hold (32 MiB); work is chunked to respect it.
+CHUNK_ELEMENTS = 1 << 22
+# Negative entries of a simplex candidate at most this large are round-off and are set to zero.
+NEGATIVE_ROUND_OFF = 1e-14
+# Rounds of support corrections that make the last simplex iterate exactly feasible.
+FEASIBILITY_ROUNDS = 6
+# Simplex rows within the tolerance take up to POLISH_STEPS more Newton steps towards POLISH_TOLERANCE.
+POLISH_STEPS = 4
+# Ridge added to the simplex Newton system (the generalised Jacobian has eigenvalues in [0, 1]).
+NEWTON_RIDGE = 1e-14
+POLISH_TOLERANCE = 64 * EPS
+# Tolerance for "attention is lower-triangular" when causal=True.
+CAUSAL_UPPER_TOLERANCE = 1e-6
+
+_DIAGNOSTIC_DTYPES = {
+    "rank": np.int64, "null_dim": np.int64, "output_residual": np.float64, "row_sum_error": np.float64,
+    "negative_mass": np.float64, "null_norm_ratio": np.float64, "iterations": np.int64,
+    "converged": np.bool_, "support_size": np.float64, "optimality_residual": np.float64,
+}
+
+
+@dataclass
+class EfficientAttentionResult:
+    """One variant's result for a batch.
+
+    efficient: [example, layer, head, query, key] float64, zero outside each example's real L×L block.
+    diagnostics: name -> [example, layer, head], one entry per name in DIAGNOSTICS:
+        rank                 rank(T) of the full sequence
+        null_dim             L - rank(T) (effective) or L - rank([T|1]) (stochastic, simplex)
+        output_residual      ‖A_eff·T - A·T‖_F / ‖A·T‖_F
+        row_sum_error        max_i |Σ_j A_eff[i, j] - 1|
+        negative_mass        Σ |negative entries of A_eff| / L (mean per row)
+        null_norm_ratio      ‖A - A_eff‖_F / ‖A‖_F
+        iterations           simplex: most Newton iterations over the rows; 0 for the closed-form variants
+        converged            simplex: every row converged (and needed no feasibility repair); True otherwise
+        support_size         mean number of non-zero entries per row
+        optimality_residual  simplex: largest relative dual residual over the rows; 0.0 otherwise
+    """
+
+    efficient: np.ndarray
+    diagnostics: dict[str, np.ndarray]
+
+
+@dataclass
+class SimplexRowsResult:
+    """Per-row output of `simplex_rows` (R rows of length L).
+
+    solution: (R, L) feasible rows: solution·U = a·U, solution ≥ 0.
+    iterations: (R,) int64 Newton iterations taken.
+    converged: (R,) bool, dual residual ≤ tolerance and no feasibility repair was needed.
+    optimality_residual: (R,) ‖Uᵀmax(Uλ, 0) - Uᵀa‖ / ‖Uᵀa‖ at the final λ.
+    support_size: (R,) int64 number of entries > 0 in the solution.
+    """
+
+    solution: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    optimality_residual: torch.Tensor
+    support_size: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _as_float64_tensor(array) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.detach().to(dtype=torch.float64, device="cpu")
+    return torch.from_numpy(np.asarray(array, dtype=np.float64))
+
+
+def _tiny(reference: torch.Tensor) -> torch.Tensor:
+    return torch.finfo(reference.dtype).tiny
+
+
+def _safe_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where both are 0 and inf where only the denominator is."""
+    ratio = numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, ratio, torch.where(numerator > 0, torch.inf, 0.0))
+
+
+def rank_threshold(largest_singular_value: torch.Tensor, rows: int | torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """σ_max · max(rows, hidden_size) · eps: singular values above it count towards the numerical rank."""
+    size = torch.clamp(torch.as_tensor(rows, dtype=torch.float64), min=float(hidden_size))
+    return largest_singular_value * size * EPS
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bases
+
+
+def output_factor(w_out) -> torch.Tensor:
+    """Factor of the output projection that keeps column spaces and singular values.
+
+    w_out: (..., d, D). Returns factor (..., d, m), m = min(d, D), such that W = factor · Zᵀ with Z (D×m)
+    orthonormal columns. Hence for any V (L×d): T = V W = X Zᵀ with X = V · factor, and X has the column
+    space and the singular values of T.
+    """
+    w_out = _as_float64_tensor(w_out)
+    if w_out.ndim < 2:
+        raise ValueError(f"w_out must have shape (..., head_dim, hidden); got shape {tuple(w_out.shape)}")
+    left, singular_values, _ = torch.linalg.svd(w_out, full_matrices=False)
+    return left * singular_values[..., None, :]
+
+
+def with_ones_column(matrix: torch.Tensor) -> torch.Tensor:
+    """[M | s·1] with s = ‖M‖_F / √L (1 when M = 0).
+
+    matrix: (n, L, c). Returns (n, L, c + 1). The scale makes rank([T|1]) independent of T's units and
+    does not change the column space.
+    """
+    n, length, _ = matrix.shape
+    scale = torch.linalg.matrix_norm(matrix) / max(length, 1) ** 0.5
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    ones = scale[:, None, None] * torch.ones((n, length, 1), dtype=matrix.dtype)
+    return torch.cat([matrix, ones], dim=-1)
+
+
+def full_rank_certificate(matrix: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """True where the matrix and every prefix of its rows provably have full numerical rank.
+
+    matrix: (n, L, c). Returns (n,) bool. With r = min(L, c) and H = the first r rows, certified means
+    1/‖R⁻¹‖_F (a lower bound of σ_min(H), R from a QR of Hᵀ) > 4 ‖M‖_F max(L, hidden_size) eps, a bound of
+    every prefix's rank threshold. By interlacing, a prefix of p ≤ r rows then has rank p and a prefix of
+    p ≥ r rows has rank c. False only means "not proved": those matrices take the exact SVD path.
+    """
+    n, length, columns = matrix.shape
+    if length == 0 or columns == 0:
+        return torch.zeros(n, dtype=torch.bool)
+    leading = min(length, columns)
+    triangular = torch.linalg.qr(matrix[:, :leading, :].mT).R  # (n, r, r)
+    identity = torch.eye(leading, dtype=matrix.dtype).expand(n, leading, leading)
+    inverse = torch.linalg.solve_triangular(triangular, identity, upper=True)
+    smallest_lower_bound = 1.0 / torch.linalg.matrix_norm(inverse)
+    threshold_bound = torch.linalg.matrix_norm(matrix) * max(length, hidden_size) * EPS
+    return torch.isfinite(smallest_lower_bound) & (smallest_lower_bound > 4.0 * threshold_bound)
+
+
+def column_space_basis(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of the numerical column space, for a batch.
+
+    matrix: (n, L, c); hidden_size: the D of the rank threshold σ_max·max(L, D)·eps.
+    Returns basis (n, L, min(L, c)) with orthonormal columns followed by zero columns (one non-zero column
+    per unit of rank) and rank (n,) int64.
+    """
+    matrix = _as_float64_tensor(matrix)
+    n, length, columns = matrix.shape
+    width = min(length, columns)
+    basis = torch.zeros((n, length, width), dtype=torch.float64)
+    rank = torch.zeros(n, dtype=torch.int64)
+    if n == 0 or width == 0:
+        return basis, rank
+    certified = full_rank_certificate(matrix, hidden_size)
+    if certified.any():
+        if length >= columns:
+            basis[certified] = torch.linalg.qr(matrix[certified]).Q
+        else:
+            basis[certified] = torch.eye(length, dtype=torch.float64)
+        rank[certified] = width
+    uncertified = ~certified
+    if uncertified.any():
+        left, singular_values, _ = torch.linalg.svd(matrix[uncertified], full_matrices=False)
+        keep = singular_values > rank_threshold(singular_values[:, :1], length, hidden_size)
+        basis[uncertified] = left * keep[:, None, :]
+        rank[uncertified] = keep.sum(-1)
+    return basis, rank
+
+
+def value_output_basis(value, w_out, append_ones: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of col(T) (or col([T|1])), T = V·W, for a batch of heads.
+
+    value: (n, L, d) the real rows of each head's values; w_out: (n, d, D) each head's W_O^h.
+    Returns basis (n, L, r) (r = min(L, min(d, D)), +1 with append_ones; zero columns beyond the rank) and
+    rank (n,) int64, the numerical rank of T (of [T | s·1] with append_ones, see `with_ones_column`).
+    """
+    value = _as_float64_tensor(value)
+    w_out = _as_float64_tensor(w_out)
+    if value.ndim != 3 or w_out.ndim != 3 or value.shape[0] != w_out.shape[0] or value.shape[2] != w_out.shape[1]:
+        raise ValueError(
+            f"value must be (n, L, d) and w_out (n, d, D) with the same n and d; got {tuple(value.shape)} and "
+            f"{tuple(w_out.shape)}"
+        )
+    matrix = value @ output_factor(w_out)
+    hidden_size = w_out.shape[-1]
+    if append_ones:
+        return column_space_basis(with_ones_column(matrix), hidden_size + 1)
+    return column_space_basis(matrix, hidden_size)
+
+
+def prefix_column_space_bases(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (SVD) orthonormal bases of the column spaces of every prefix of rows.
+
+    matrix: (n, L, c). Returns bases (n, L, L, r), r = min(L, c): bases[:, i] spans col(matrix[:, :i+1]) as
+    a subspace of R^L (rows > i are zero; zero columns beyond the rank), and ranks (n, L) int64. The prefix
+    of p rows uses the threshold σ_max · max(p, hidden_size) · eps. Memory n·L²·c: the slow exact path.
+    """
+    matrix = _as_float64_tensor(matrix)
+    n, length, columns = matrix.shape
+    rows_of_prefix = torch.tril(torch.ones((length, length), dtype=torch.float64))  # [prefix i, row j] = j ≤ i
+    prefixes = matrix[:, None, :, :] * rows_of_prefix[None, :, :, None]  # (n, L, L, c)
+    left, singular_values, _ = torch.linalg.svd(prefixes, full_matrices=False)
+    prefix_rows = torch.arange(1, length + 1, dtype=torch.float64)
+    keep = singular_values > rank_threshold(singular_values[..., :1], prefix_rows[:, None], hidden_size)
+    bases = left * keep[..., None, :] * rows_of_prefix[None, :, :, None]
+    return bases, keep.sum(-1)
+
+
+def nested_left_null_basis(matrix: torch.Tensor) -> torch.Tensor:
+    """One orthonormal left-null basis that serves every prefix of rows (causal projections).
+
+    matrix: (n, L, c) with L > c and every prefix of ≥ c rows of full column rank (see
+    `full_rank_certificate`). Returns null (n, L, L - c): orthonormal columns with nullᵀ·matrix ≈ 0 and
+    column j supported on rows ≤ c + j. So for a prefix of p rows the columns j < p - c are an orthonormal
+    basis of its left null space, and P_p = I_p - null[:p, :p-c] null[:p, :p-c]ᵀ.
+    Construction: the complete QR gives some left-null basis N0; the RQ factorisation of its bottom
+    (L-c)×(L-c) block (a QR of the flipped transpose) rotates it to this staircase form.
+    """
+    n, length, columns = matrix.shape
+    complete = torch.linalg.qr(matrix, mode="complete").Q  # (n, L, L)
+    null = complete[..., columns:]  # (n, L, L-c)
+    bottom = null[..., columns:, :]  # (n, L-c, L-c)
+    rotation = torch.linalg.qr(bottom.flip(-2).mT).Q.flip(-1)
+    null = null @ rotation
+    row = torch.arange(length)[:, None]
+    column = torch.arange(length - columns)[None, :]
+    return null * (row <= columns + column)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# projections
+
+
+def projector(basis) -> torch.Tensor:
+    """P = B Bᵀ. basis: (..., L, r) orthonormal (or zero) columns. Returns (..., L, L)."""
+    basis = _as_float64_tensor(basis)
+    return basis @ basis.mT
+
+
+def project_rows(rows, basis) -> torch.Tensor:
+    """Rows times the projector on col(basis): rows · B · Bᵀ.
+
+    rows: (..., q, L); basis: (..., L, r) orthonormal (or zero) columns, batch dims broadcast.
+    Returns (..., q, L).
+    """
+    rows = _as_float64_tensor(rows)
+    basis = _as_float64_tensor(basis)
+    return (rows @ basis) @ basis.mT
+
+
+def project_rows_causal(rows, matrix, hidden_size: int) -> torch.Tensor:
+    """Causal projection: row i times the projector on col(matrix[:i+1]) (as a subspace of R^(i+1)).
+
+    rows: (n, L, L) (entries above the diagonal are ignored); matrix: (n, L, c), e.g. X or [X | s·1];
+    hidden_size: the D of the rank threshold. Returns (n, L, L), lower-triangular.
+    Certified matrices use `nested_left_null_basis`, the others `prefix_column_space_bases`.
+    """
+    rows = torch.tril(_as_float64_tensor(rows))
+    matrix = _as_float64_tensor(matrix)
+    n, length, columns = matrix.shape
+    result = rows.clone()
+    certified = full_rank_certificate(matrix, hidden_size)
+    if length > columns and certified.any():
+        null = nested_left_null_basis(matrix[certified])  # (n', L, L-c)
+        coefficients = rows[certified] @ null  # (n', L, L-c)
+        query = torch.arange(length)[:, None]
+        column = torch.arange(length - columns)[None, :]
+        coefficients = coefficients * (column <= query - columns)
+        result[certified] = rows[certified] - coefficients @ null.mT
+    uncertified = torch.nonzero(~certified).flatten()
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, length * length * max(columns, 1)))
+    for start in range(0, len(uncertified), per_chunk):
+        chosen = uncertified[start:start + per_chunk]
+        bases, _ = prefix_column_space_bases(matrix[chosen], hidden_size)  # (k, L, L, r)
+        coefficients = torch.einsum("nil,nilr->nir", rows[chosen], bases)
+        result[chosen] = torch.einsum("nir,nilr->nil", coefficients, bases)
+    return torch.tril(result)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# simplex
+
+
+def _cholesky_solve_psd(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Solve matrix x = right for symmetric positive (semi)definite matrices (R, s, s), right (R, s).
+
+    Rows whose Cholesky factorisation fails get a growing multiple of the identity added (ridge 1e-14 ... 1e-2
+    relative to the diagonal's size); as a last resort a least-squares solve.
+    """
+    solution = torch.empty_like(right)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    good = info == 0
+    solution[good] = torch.cholesky_solve(right[good, :, None], factor[good])[..., 0]
+    todo = torch.nonzero(~good).flatten()
+    identity = torch.eye(matrix.shape[-1], dtype=matrix.dtype)
+    size = matrix.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
+    for ridge in (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        if len(todo) == 0:
+            return solution
+        shifted = matrix[todo] + (ridge * size[todo])[:, None, None] * identity
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        good = info == 0
+        solution[todo[good]] = torch.cholesky_solve(right[todo[good], :, None], factor[good])[..., 0]
+        todo = todo[~good]
+    if len(todo):
+        solution[todo] = torch.linalg.lstsq(matrix[todo], right[todo, :, None]).solution[..., 0]
+    return solution
+
+
+def _gather_rows(basis: torch.Tensor, matrix_of_row: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """For each row r, the rows of its basis where chosen[r] is True, packed first and zero-padded.
+
+    basis (M, L, k); matrix_of_row (R,); chosen (R, L) bool. Returns (R, s, k), s = most chosen in a row.
+    """
+    counts = chosen.sum(-1)
+    width = int(counts.max()) if len(counts) else 0
+    order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)[:, :width]  # chosen positions first
+    valid = torch.arange(width)[None, :] < counts[:, None]
+    return basis[matrix_of_row[:, None], order] * valid[..., None]
+
+
+def _jacobian_solve(
+    basis: torch.Tensor, matrix_of_row: torch.Tensor, support: torch.Tensor, gram_diagonal: torch.Tensor,
+    right: torch.Tensor, ridge: torch.Tensor,
+) -> torch.Tensor:
+    """Solve (Uᵀ diag(support) U + ridge I) x = right for each row.
+
+    basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); matrix_of_row (R,);
+    support (R, L) bool; gram_diagonal (R, k); right (R, k); ridge (R,). Returns (R, k).
+    With Z the rows outside the support, UᵀDU = UᵀU - U_ZᵀU_Z: when Z is smaller than k the Woodbury identity
+    needs only a |Z|×|Z| system; otherwise the k×k matrix U_SᵀU_S is formed from the support rows.
+    """
+    k = basis.shape[-1]
+    outside = int((~support).sum(-1).max()) if len(support) else 0
+    inside = int(support.sum(-1).max()) if len(support) else 0
+    if outside**3 / 3 + outside**2 * k < k**3 / 3 + inside * k * k:
+        diagonal = gram_diagonal + ridge[:, None]  # (R, k)
+        outside_rows = _gather_rows(basis, matrix_of_row, ~support)  # (R, z, k)
+        scaled = outside_rows / diagonal[:, None, :]
+        capacitance = torch.eye(outside, dtype=basis.dtype) - scaled @ outside_rows.mT  # I - B D⁻¹ Bᵀ
+        first = right / diagonal
+        correction = _cholesky_solve_psd(capacitance, (outside_rows @ first[..., None])[..., 0])
+        return first + (scaled.mT @ correction[..., None])[..., 0]
+    support_rows = _gather_rows(basis, matrix_of_row, support)  # (R, s, k)
+    jacobian = support_rows.mT @ support_rows
+    jacobian.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
+    return _cholesky_solve_psd(jacobian, right)
+
+
+def _exact_line_search(combination: torch.Tensor, step: torch.Tensor, step_target: torch.Tensor) -> torch.Tensor:
+    """Exact minimiser t ≥ 0 of the dual objective along a direction d, for each row.
+
+    combination (R, L) = Uλ; step (R, L) = Ud; step_target (R,) = dᵀ(Uᵀa). Returns t (R,).
+    φ(t) = ½‖max(Uλ + tUd, 0)‖² - (λ + td)ᵀUᵀa is convex and piecewise quadratic: its derivative
+    φ'(t) = Σ_j u_j max(w_j + t u_j, 0) - dᵀUᵀa is non-decreasing and piecewise linear, with breakpoints
+    t_j = -w_j/u_j where entry j switches sign. Sorting the breakpoints gives φ' on every piece; the root lies
+    on the first piece whose right end has φ' ≥ 0. (Derivatives are exact to round-off even where differences
+    of φ are not, which matters when λ is large.)
+    """
+    w, u = combination, step
+    rows, length = w.shape
+    active = (w > 0) | ((w == 0) & (u > 0))
+    slope0 = (u * w * active).sum(-1) - step_target  # φ'(0) = α0 (+ β0·0)
+    curvature0 = (u * u * active).sum(-1)
+    switches = ((u > 0) & ~active) | ((u < 0) & active & (w > 0))
+    breakpoint = torch.where(switches, -w / torch.where(switches, u, 1.0), torch.inf)
+    breakpoint = torch.clamp(breakpoint, min=0)
+    order = torch.argsort(breakpoint, dim=-1)
+    sorted_breakpoint = breakpoint.gather(-1, order)
+    sign = torch.where(u > 0, 1.0, -1.0) * switches
+    slope = slope0[:, None] + torch.cumsum((sign * u * w).gather(-1, order), dim=-1)  # α after each breakpoint
+    curvature = curvature0[:, None] + torch.cumsum((sign * u * u).gather(-1, order), dim=-1)  # β after each
+    piece_alpha = torch.cat([slope0[:, None], slope], dim=-1)  # (R, L+1): φ'(t) = α + β t on piece i
+    piece_beta = torch.clamp(torch.cat([curvature0[:, None], curvature], dim=-1), min=0)
+    piece_start = torch.cat([torch.zeros((rows, 1), dtype=w.dtype), sorted_breakpoint], dim=-1)
+    piece_end = torch.cat([sorted_breakpoint, torch.full((rows, 1), torch.inf, dtype=w.dtype)], dim=-1)
+    finite_end = torch.isfinite(piece_end)
+    derivative_at_end = torch.where(
+        finite_end, piece_alpha + piece_beta * torch.where(finite_end, piece_end, 0.0),
+        torch.where(piece_beta > 0, torch.inf, piece_alpha),
+    )
+    reaches_zero = derivative_at_end >= 0
+    first = torch.where(reaches_zero.any(-1), reaches_zero.to(torch.int8).argmax(-1), length)[:, None]
+    alpha, beta = piece_alpha.gather(-1, first)[:, 0], piece_beta.gather(-1, first)[:, 0]
+    start, end = piece_start.gather(-1, first)[:, 0], piece_end.gather(-1, first)[:, 0]
+    root = torch.where(beta > 0, -alpha / torch.where(beta > 0, beta, 1.0), torch.where(alpha >= 0, start, end))
+    root = torch.minimum(torch.maximum(root, start), end)
+    largest_finite = torch.where(torch.isfinite(sorted_breakpoint), sorted_breakpoint, 0.0).amax(-1)
+    root = torch.where(torch.isfinite(root), root, torch.clamp(2 * largest_finite, min=1.0))  # unbounded: a long step
+    return torch.where(slope0 < 0, root, torch.zeros_like(root))  # not a descent direction: no step
+
+
+def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int, tolerance: float):
+    """Semismooth Newton on the dual for one chunk: rows (M, q, L) share basis (M, L, k) per matrix.
+
+    Returns solution (M, q, L), iterations (M, q), converged (M, q), residual (M, q).
+    """
+    count, queries, length = rows.shape
+    target = rows @ basis  # Uᵀa per row, (M, q, k)
+    scale = torch.clamp(target.norm(dim=-1), min=_tiny(target))  # (M, q)
+    gram_diagonal = basis.square().sum(-2)  # diag(UᵀU), (M, k)
+    lam = target.clone()  # Uλ0 = P a (the stochastic row): optimal when it is already non-negative
+    iterations = torch.zeros((count, queries), dtype=torch.int64)
+    residual = torch.zeros((count, queries), dtype=torch.float64)
+    active = torch.ones((count, queries), dtype=torch.bool)
+    polish_steps = torch.zeros((count, queries), dtype=torch.int64)  # steps taken after reaching the tolerance
+    polish_tolerance = min(tolerance, POLISH_TOLERANCE)
+
+    matrices = torch.arange(count)  # matrices that still have active rows
+    basis_now, lam_now, target_now = basis, lam.clone(), target
+    for step in range(max_iterations + 1):
+        combination = lam_now @ basis_now.mT  # Uλ, (m, q, L)
+        gradient = torch.clamp(combination, min=0) @ basis_now - target_now  # F(λ), (m, q, k)
+        gradient_norm = gradient.norm(dim=-1)
+        residual_now = gradient_norm / scale[matrices]
+        active_now = active[matrices]
+        residual[matrices] = torch.where(active_now, residual_now, residual[matrices])
+        lam[matrices] = lam_now
+        # Rows within the tolerance take up to POLISH_STEPS more steps towards round-off level: the exact support
+        # (entries of size ~ residual) makes the final feasibility correction possible.
+        polishing = (residual_now <= tolerance) & (residual_now > polish_tolerance)
+        polish_now = polish_steps[matrices] + (active_now & polishing)
+        polish_steps[matrices] = polish_now
+        active_now &= (residual_now > tolerance) | (polishing & (polish_now <= POLISH_STEPS))
+        active[matrices] = active_now
+        if step == max_iterations or not active_now.any():
+            break
+        keep = active_now.any(-1)
+        if not keep.all():
+            matrices, basis_now, lam_now, target_now = matrices[keep], basis_now[keep], lam_now[keep], target_now[keep]
+            combination, gradient, gradient_norm, active_now = (
+                combination[keep], gradient[keep], gradient_norm[keep], active_now[keep]
+            )
+        which, query = torch.nonzero(active_now, as_tuple=True)  # the active rows: (matrix, query)
+
+        # Newton direction with the generalised Jacobian Uᵀ diag(1[Uλ > 0]) U and a residual-sized ridge.
+        row_combination, row_gradient = combination[which, query], gradient[which, query]
+        ridge = torch.full_like(gradient_norm[which, query], NEWTON_RIDGE)
+        row_gram = gram_diagonal[matrices][which]
+        jacobian_support = row_combination > 0
+        direction = _jacobian_solve(basis_now, which, jacobian_support, row_gram, -row_gradient, ridge)
+        direction_full = torch.zeros_like(lam_now)
+        direction_full[which, query] = direction
+        combination_step = (direction_full @ basis_now.mT)[which, query]  # U d, (R', L)
+
+        # Exact line search on the piecewise quadratic dual objective.
+        row_lam, row_target = lam_now[which, query], target_now[which, query]
+        step_size = _exact_line_search(row_combination, combination_step, (direction * row_target).sum(-1))
+        accepted = step_size > 0
+        lam_now[which, query] = row_lam + (step_size * accepted)[:, None] * direction
+        iterations[matrices[which], query] += 1
+        # Rows whose line search found no decrease stop here (they are flagged unconverged below).
+        active[matrices[which[~accepted]], query[~accepted]] = False
+        active_now[which[~accepted], query[~accepted]] = False
+
+    solution, moved = _feasible_rows(rows, basis, lam, target, scale, gram_diagonal)
+    converged = (residual <= tolerance) & (moved <= tolerance * scale)
+    return solution, iterations, converged, residual
+
+
+def _feasible_rows(rows, basis, lam, target, scale, gram_diagonal):
+    """Turn the final dual iterates into feasible rows (Uᵀb = Uᵀa to float precision, b ≥ 0).
+
+    rows (M, q, L), basis (M, L, k), lam and target (M, q, k), scale (M, q), gram_diagonal (M, k).
+    Returns solution (M, q, L) and moved (M, q), ‖solution - max(Uλ, 0)‖ (how far the repair moved the row).
+    """
+    count, queries, length = rows.shape
+    combination = lam @ basis.mT
+    last_iterate = torch.clamp(combination, min=0)
+    support = combination > 0
+    candidate = last_iterate.clone()
+    equality_tolerance = 64 * EPS * scale
+
+    # 1) Corrections on the support, δ = diag(s) U y with Uᵀ diag(s) U y = defect: they keep the zeros at zero.
+    #    Entries a correction pushes below zero leave the support, and the next round corrects again.
+    for _ in range(FEASIBILITY_ROUNDS):
+        missing = target - candidate @ basis  # equality defect, (M, q, k)
+        needs = missing.norm(dim=-1) > equality_tolerance
+        if not needs.any():
+            break
+        which, query = torch.nonzero(needs, as_tuple=True)
+        correction = torch.zeros_like(lam)
+        correction[which, query] = _jacobian_solve(
+            basis, which, support[which, query], gram_diagonal[which], missing[which, query],
+            torch.full((len(which),), 1e-14, dtype=torch.float64),
+        )
+        candidate = torch.where(needs[..., None], candidate + support * (correction @ basis.mT), candidate)
+        support &= ~(needs[..., None] & (candidate < -NEGATIVE_ROUND_OFF))
+        candidate = torch.clamp(candidate, min=0)
+    finite = torch.isfinite(candidate).all(-1)
+    candidate = torch.where(finite[..., None], candidate, last_iterate)
+    missing = target - candidate @ basis
+    failed = ~finite | (missing.norm(dim=-1) > equality_tolerance)
+
+    # 2) Where that failed: the orthogonal projection onto the affine set {b : Uᵀb = Uᵀa}, and since a is
+    #    feasible, a move from a towards it only as far as non-negativity allows.
+    affine = candidate + missing @ basis.mT
+    affine = torch.where((affine < 0) & (affine >= -NEGATIVE_ROUND_OFF), 0.0, affine)
+    negative = affine < 0
+    limits = torch.where(negative, rows / torch.where(negative, rows - affine, 1.0), torch.inf)
+    step = torch.clamp(limits.amin(-1), max=1.0) if length else torch.ones((count, queries), dtype=rows.dtype)
+    blended = torch.clamp(rows + step[..., None] * (affine - rows), min=0)  # only round-off can be negative
+    solution = torch.where(failed[..., None], blended, candidate)
+    return solution, (solution - last_iterate).norm(dim=-1)
+
+
+def simplex_rows(
+    rows,
+    basis,
+    max_iterations: int = 200,
+    tolerance: float = 1e-10,
+) -> SimplexRowsResult:
+    """Minimum-norm non-negative rows with the same projections: argmin ½‖b‖² s.t. Uᵀb = Uᵀa, b ≥ 0.
+
+    rows: (..., q, L) the rows a (non-negative, so that a itself is feasible); the q rows of a batch entry
+        share its basis.
+    basis: (..., L, k) orthonormal columns (zero columns allowed), e.g. of col([T|1]) so that Σb = Σa.
+    The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton (generalised Jacobian
+    Uᵀ diag(1[Uλ>0]) U plus a ridge of the residual's size, solved through a Woodbury identity when few
+    entries are zero) with Armijo backtracking on ½‖max(Uλ,0)‖² - λᵀUᵀa, starting from λ = Uᵀa.
+    Every returned row is feasible: if the last iterate is not, it is corrected on its support, or projected
+    onto the affine set and blended with a as far as non-negativity allows (then flagged unconverged).
+    Returns a SimplexRowsResult with solution (..., q, L) and per-row fields (..., q).
+    """
+    rows = _as_float64_tensor(rows)
+    basis = _as_float64_tensor(basis)
+    if rows.ndim < 2 or basis.ndim != rows.ndim or basis.shape[:-2] != rows.shape[:-2] or basis.shape[-2] != rows.shape[-1]:
+        raise ValueError(
+            f"rows must be (..., q, L) and basis (..., L, k) with the same leading dims and L; got "
+            f"{tuple(rows.shape)} and {tuple(basis.shape)}"
+        )
+    if (rows < 0).any():
+        raise ValueError("simplex rows must be non-negative (a probability row is its own feasible point)")
+    leading = rows.shape[:-2]
+    queries, length = rows.shape[-2:]
+    k = basis.shape[-1]
+    rows = rows.reshape(-1, queries, length)
+    basis = basis.reshape(-1, length, k)
+    count = rows.shape[0]
+
+    solution = torch.zeros_like(rows)
+    iterations = torch.zeros((count, queries), dtype=torch.int64)
+    converged = torch.ones((count, queries), dtype=torch.bool)
+    residual = torch.zeros((count, queries), dtype=torch.float64)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, length * k + queries * (6 * (length + k) + 2 * k * k)))
+    for start in range(0, count, per_chunk):
+        chunk = slice(start, start + per_chunk)
+        solution[chunk], iterations[chunk], converged[chunk], residual[chunk] = _simplex_chunk(
+            rows[chunk], basis[chunk], max_iterations, tolerance
+        )
+    return SimplexRowsResult(
+        solution=solution.reshape(*leading, queries, length),
+        iterations=iterations.reshape(*leading, queries),
+        converged=converged.reshape(*leading, queries),
+        optimality_residual=residual.reshape(*leading, queries),
+        support_size=(solution > 0).sum(-1).reshape(*leading, queries),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the reference implementation (deliberately naive)
+
+
+def effective_attention_reference_loop(attention, value, w_out, length) -> np.ndarray:
+    """Effective attention the way published implementations compute it: a Python loop over matrices.
+
+    Same array layout as `efficient_attention` (non-causal; grouped-query heads use kv head h // group).
+    For each (example, layer, head): T = V W, full SVD of T, N = the left singular vectors beyond the
+    numerical rank, A_eff = A - A N Nᵀ. Returns [example, layer, head, query, key] float64.
+    """
+    attention = np.asarray(attention)
+    value = np.asarray(value)
+    w_out = np.asarray(w_out)
+    examples, layers, heads = attention.shape[:3]
+    group = heads // value.shape[2]
+    result = np.zeros(attention.shape, dtype=np.float64)
+    for example in range(examples):
+        size = int(length[example])
+        for layer in range(layers):
+            for head in range(heads):
+                a = attention[example, layer, head, :size, :size].astype(np.float64)
+                t = value[example, layer, head // group, :size].astype(np.float64) @ w_out[layer, head].astype(np.float64)
+                left, singular_values, _ = np.linalg.svd(t, full_matrices=True)
+                threshold = (singular_values[0] if singular_values.size else 0.0) * max(t.shape) * EPS
+                rank = int((singular_values > threshold).sum())
+                null = left[:, rank:]
+                result[example, layer, head, :size, :size] = a - (a @ null) @ null.T
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the batch entry point
+
+
+def _check_inputs(attention, value, w_out, length, variants) -> tuple[np.ndarray, int]:
+    if attention.ndim != 5:
+        raise ValueError(
+            f"attention must have 5 dims [example, layer, head, query, key]; got shape {attention.shape}"
+        )
+    if value.ndim != 5:
+        raise ValueError(
+            f"value must have 5 dims [example, layer, kv_head, position, head_dim]; got shape {value.shape}"
+        )
+    if w_out.ndim != 4:
+        raise ValueError(f"w_out must have 4 dims [layer, head, head_dim, hidden]; got shape {w_out.shape}")
+    examples, layers, heads, queries, keys = attention.shape
+    if queries != keys:
+        raise ValueError(f"attention must be square in (query, key); got {queries} queries and {keys} keys")
+    if value.shape[0] != examples or value.shape[1] != layers:
+        raise ValueError(
+            f"value's [example, layer] dims {value.shape[:2]} do not match attention's {(examples, layers)}"
+        )
+    if w_out.shape[0] != layers or w_out.shape[1] != heads:
+        raise ValueError(
+            f"w_out's [layer, head] dims {w_out.shape[:2]} do not match attention's {(layers, heads)}"
+        )
+    if w_out.shape[2] != value.shape[4]:
+        raise ValueError(f"w_out's head_dim {w_out.shape[2]} does not match value's head_dim {value.shape[4]}")
+    kv_heads = value.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(
+            f"the number of heads ({heads}) must be a multiple of the number of kv heads ({kv_heads}); "
+            "pass value with one entry per kv head"
+        )
+    length = np.asarray(length)
+    if length.shape != (examples,) or not np.issubdtype(length.dtype, np.integer):
+        raise ValueError(f"length must be an integer array of shape ({examples},); got {length.dtype} {length.shape}")
+    longest = min(queries, value.shape[3])
+    if (length < 0).any() or (length > longest).any():
+        raise ValueError(
+            f"every length must lie in [0, {longest}] (attention has {queries} positions, value has "
+            f"{value.shape[3]}); got lengths from {length.min()} to {length.max()}"
+        )
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}")
+    return length.astype(np.int64), heads // kv_heads
+
+
+def _diagnostics_of(
+    efficient: torch.Tensor, attention: torch.Tensor, matrix: torch.Tensor, length: int
+) -> dict[str, torch.Tensor]:
+    """Per-matrix diagnostics independent of the solver. Shapes (n, L, L), (n, L, L), (n, L, m) -> (n,)."""
+    difference = efficient - attention
+    output = attention @ matrix  # A·X; ‖A·T‖ = ‖A·X‖ because T = X Zᵀ with orthonormal Z
+    return {
+        "output_residual": _safe_ratio(
+            torch.linalg.matrix_norm(difference @ matrix), torch.linalg.matrix_norm(output)
+        ),
+        "row_sum_error": (efficient.sum(-1) - 1.0).abs().amax(-1),
+        "negative_mass": torch.clamp(efficient, max=0).abs().sum((-2, -1)) / length,
+        "null_norm_ratio": _safe_ratio(torch.linalg.matrix_norm(difference), torch.linalg.matrix_norm(attention)),
+        "support_size": (efficient != 0).sum(-1).to(torch.float64).mean(-1),
+    }
+
+
+def _simplex_block(
+    attention: torch.Tensor, with_ones: torch.Tensor, hidden_size: int, causal: bool,
+    max_iterations: int, tolerance: float, basis: torch.Tensor | None = None, rank: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Simplex variant for a chunk of matrices.
+
+    attention (n, L, L); with_ones (n, L, c) = [X | s·1]; hidden_size the D of its rank threshold; basis and rank
+    optionally `column_space_basis(with_ones, hidden_size)` when already computed (non-causal only).
+    Returns the simplex attention (n, L, L) and the per-matrix solver statistics (n,).
+    """
+    n, length, columns = with_ones.shape
+    result = attention.clone()
+    iterations = torch.zeros((n, length), dtype=torch.int64)
+    converged = torch.ones((n, length), dtype=torch.bool)
+    residual = torch.zeros((n, length), dtype=torch.float64)
+
+    def store(matrix_index, query_index, found: SimplexRowsResult) -> None:
+        result[matrix_index, query_index] = found.solution
+        iterations[matrix_index, query_index] = found.iterations
+        converged[matrix_index, query_index] = found.converged
+        residual[matrix_index, query_index] = found.optimality_residual
+
+    if not causal:
+        if basis is None or rank is None:
+            basis, rank = column_space_basis(with_ones, hidden_size)
+        solve = torch.nonzero(rank < length).flatten()  # rank = L: the only feasible row is a itself
+        if len(solve):
+            found = simplex_rows(attention[solve], basis[solve], max_iterations, tolerance)
+            store(solve, slice(None), found)
+    else:
+        certified = full_rank_certificate(with_ones, hidden_size)
+        # Certified: a prefix of p ≤ c rows has rank p (the row stays a); longer ones have rank c (QR basis).
+        chosen = torch.nonzero(certified).flatten()
+        if len(chosen) and length > columns:
+            keep_rows = (torch.arange(length)[None, :] <= torch.arange(columns, length)[:, None]).to(torch.float64)
+            prefixes = with_ones[chosen][:, None] * keep_rows[None, :, :, None]  # (n', L-c, L, c)
+            bases = torch.linalg.qr(prefixes).Q * keep_rows[None, :, :, None]
+            found = simplex_rows(attention[chosen, columns:, None, :], bases, max_iterations, tolerance)
+            found = SimplexRowsResult(*(field[..., 0, :] if field.ndim == 4 else field[..., 0]
+                                        for field in (found.solution, found.iterations, found.converged,
+                                                      found.optimality_residual, found.support_size)))
+            store(chosen[:, None], torch.arange(columns, length)[None, :], found)
+        for matrix_index in torch.nonzero(~certified).flatten().tolist():  # the exact per-prefix path (rare)
+            bases, ranks = prefix_column_space_bases(with_ones[matrix_index:matrix_index + 1], hidden_size)
+            solve = torch.nonzero(ranks[0] < torch.arange(1, length + 1)).flatten()
+            if len(solve):
+                found = simplex_rows(attention[matrix_index, solve, None, :], bases[0, solve], max_iterations, tolerance)
+                found = SimplexRowsResult(found.solution[:, 0], found.iterations[:, 0], found.converged[:, 0],
+                                          found.optimality_residual[:, 0], found.support_size[:, 0])
+                store(matrix_index, solve, found)
+        result = torch.tril(result)
+    statistics = {
+        "iterations": iterations.amax(-1),
+        "converged": converged.all(-1),
+        "optimality_residual": residual.amax(-1),
+        "support_size": (result > 0).sum(-1).to(torch.float64).mean(-1),
+    }
+    return result, statistics
+
+
+def _efficient_block(
+    attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, causal: bool, variants: Sequence[str],
+    simplex_max_iterations: int, simplex_tolerance: float,
+) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """All requested variants for a chunk of equal-length matrices.
+
+    attention (n, L, L) real blocks (lower-triangular when causal); matrix (n, L, m) = X, with T = X Zᵀ.
+    Returns {variant: (efficient (n, L, L), {diagnostic: (n,)})}.
+    """
+    length = attention.shape[-1]
+    basis, rank = column_space_basis(matrix, hidden_size)
+    needs_ones = any(name != "effective" for name in variants)
+    if needs_ones:
+        with_ones = with_ones_column(matrix)
+        basis_with_ones, rank_with_ones = column_space_basis(with_ones, hidden_size + 1)
+    results = {}
+    for name in variants:
+        statistics = {}
+        if name == "effective":
+            result = project_rows_causal(attention, matrix, hidden_size) if causal else project_rows(attention, basis)
+        elif name == "stochastic":
+            result = (
+                project_rows_causal(attention, with_ones, hidden_size + 1) if causal
+                else project_rows(attention, basis_with_ones)
+            )
+        else:
+            result, statistics = _simplex_block(
+                attention, with_ones, hidden_size + 1, causal, simplex_max_iterations, simplex_tolerance,
+                basis_with_ones, rank_with_ones,
+            )
+        stats = _diagnostics_of(result, attention, matrix, length)
+        stats["rank"] = rank
+        stats["null_dim"] = length - (rank if name == "effective" else rank_with_ones)
+        stats.update(statistics)
+        results[name] = (result, stats)
+    return results
+
+
+def efficient_attention(
+    attention: np.ndarray,
+    value: np.ndarray,
+    w_out: np.ndarray,
+    length: np.ndarray,
+    causal: bool,
+    variants: Sequence[str] = VARIANTS,
+    simplex_max_iterations: int = 200,
+    simplex_tolerance: float = 1e-10,
+) -> dict[str, EfficientAttentionResult]:
+    """Efficient attention of every (example, layer, head) for the chosen variants.
+
+    attention: [example, layer, head, query, key] probabilities; the real block of example e is
+        [:length[e], :length[e]], everything else is padding and ignored.
+    value: [example, layer, kv_head, position, head_dim] values (bias included).
+    w_out: [layer, head, head_dim, hidden] each head's slice of the output projection.
+    length: [example] int, real tokens per example.
+    causal: decoder attention (row i uses keys ≤ i and is projected with the prefix T[:i+1]).
+    Returns {variant: EfficientAttentionResult} (see there for the diagnostics). The null part is
+    `attention - efficient` on the real block.
+
+    Matrices of equal length are batched together and processed in chunks of at most about CHUNK_ELEMENTS
+    float64 per temporary.
+    """
+    attention = np.asarray(attention)
+    value = np.asarray(value)
+    w_out = np.asarray(w_out)
+    variants = tuple(variants)
+    length, group = _check_inputs(attention, value, w_out, length, variants)
+    examples, layers, heads, positions, _ = attention.shape
+    hidden_size = w_out.shape[3]
+
+    factor = output_factor(w_out)  # (layer, head, d, m)
+    columns = factor.shape[-1]
+    efficient = {name: np.zeros(attention.shape, dtype=np.float64) for name in variants}
+    diagnostics = {
+        name: {key: np.zeros((examples, layers, heads), dtype=_DIAGNOSTIC_DTYPES[key]) for key in DIAGNOSTICS}
+        for name in variants
+    }
+    for name in variants:
+        diagnostics[name]["converged"][...] = True
+
+    for size in sorted(set(length.tolist()) - {0}):
+        chosen_examples = np.flatnonzero(length == size)
+        total = len(chosen_examples) * layers * heads
+        per_matrix = size * size * (10 + (columns + 2 if causal and "simplex" in variants else 0)) + 4 * size * columns
+        per_chunk = max(1, CHUNK_ELEMENTS // per_matrix)
+        for start in range(0, total, per_chunk):
+            flat = np.arange(start, min(total, start + per_chunk))
+            example_position, layer, head = np.unravel_index(flat, (len(chosen_examples), layers, heads))
+            example = chosen_examples[example_position]
+            block = _as_float64_tensor(attention[example, layer, head, :size, :size])  # (n, L, L)
+            values = _as_float64_tensor(value[example, layer, head // group, :size, :])  # (n, L, d)
+            matrix = values @ factor[torch.from_numpy(layer), torch.from_numpy(head)]  # X, (n, L, m)
+            if causal:
+                upper = torch.triu(block, diagonal=1).abs()
+                if upper.numel() and upper.max() > CAUSAL_UPPER_TOLERANCE:
+                    raise ValueError(
+                        f"causal=True but attention has weight {upper.max().item():.3g} on future keys (above the "
+                        "diagonal of the real block); pass causal=False for encoder models"
+                    )
+                block = torch.tril(block)
+            if "simplex" in variants and (block < 0).any():
+                raise ValueError(
+                    "the simplex variant needs non-negative attention (probabilities); got negative entries in the "
+                    "real block — pass variants without 'simplex' for signed matrices"
+                )
+            where = (example, layer, head)
+            results = _efficient_block(
+                block, matrix, hidden_size, causal, variants, simplex_max_iterations, simplex_tolerance
+            )
+            for name, (result, stats) in results.items():
+                efficient[name][example, layer, head, :size, :size] = result.numpy()
+                for key, values_of_key in stats.items():
+                    diagnostics[name][key][where] = values_of_key.numpy()
+    return {
+        name: EfficientAttentionResult(efficient=efficient[name], diagnostics=diagnostics[name]) for name in variants
+    }

@@ -1,0 +1,29 @@
+"""The efficient stage as a Prefect flow: attention store -> efficient attention + diagnostics (Dask, per shard)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prefect import flow
+
+from analysis.efficient_attention import VARIANTS
+from tasks.efficient import run_efficient_shards
+
+
+@flow(name="effattn-efficient")
+def efficient(
+    store: str,
+    variants: Sequence[str] = VARIANTS,
+    dask_address: str | None = None,
+    workers: int | None = None,
+    simplex_max_iterations: int = 200,
+    simplex_tolerance: float = 1e-10,
+) -> str:
+    """Compute the efficient-attention `variants` of every shard of the store at `store` on a Dask cluster
+    (`dask_address`, or a LocalCluster of `workers` processes). Resumable: finished shards are skipped."""
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"unknown variants {unknown or list(variants)}: choose from {list(VARIANTS)}")
+    settings = {"simplex_max_iterations": int(simplex_max_iterations), "simplex_tolerance": float(simplex_tolerance)}
+    run_efficient_shards(store, list(variants), settings, dask_address, workers)
+    return store

@@ -1,0 +1,133 @@
+"""The efficient stage's part of an attention store: `efficient/<variant>` and `diagnostics/<variant>/<name>`.
+
+`efficient/<variant>` has the layout of `attention` (example, layer, head, query, key; chunk one example x one
+layer; shards of `shard_size` examples), float32, zero outside each example's real block. The null part of a
+variant is `attention - efficient/<variant>`. `diagnostics/<variant>/<name>` are (example, layer, head) arrays,
+one chunk per shard. Completion is recorded per variant in the attribute `completed_shards` of
+`efficient/<variant>`, written by the driver only after the shard's data is written; the settings that shaped the
+numbers (simplex tolerance and iteration limit) are in its attribute `settings`, and a rerun with other settings
+is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from storage_schemas.attention_store import (
+    AttentionStoreError,
+    AttentionStoreLayout,
+    _compressors,
+    store_layout,
+)
+
+VARIANT_DESCRIPTIONS: dict[str, str] = {
+    "effective": "A P_T: projection of each attention row on col(T), T = V W_O^h (Brunner's effective attention); "
+    "keeps A T, rows need not sum to 1 and entries can be negative",
+    "stochastic": "A P_[T|1]: projection on col([T|1]); keeps A T and every row sums to 1; entries can be negative",
+    "simplex": "per row the minimum-norm b with b T = a T, sum(b) = 1, b >= 0: a probability distribution that "
+    "keeps the output (dual semismooth Newton; rows are feasible even where the solver did not converge)",
+}
+
+# name -> (storage dtype, description)
+DIAGNOSTIC_ARRAYS: dict[str, tuple[str, str]] = {
+    "rank": ("int32", "numerical rank of T = V W_O^h over the real tokens"),
+    "null_dim": ("int32", "dimension of the left null space removed: L - rank(T) (effective) or L - rank([T|1])"),
+    "output_residual": ("float64", "||A_eff T - A T||_F / ||A T||_F (computed in float64 before storage)"),
+    "row_sum_error": ("float64", "max over rows of |sum_j A_eff[i, j] - 1|"),
+    "negative_mass": ("float64", "sum of |negative entries| of A_eff divided by L (mean per row)"),
+    "null_norm_ratio": ("float64", "||A - A_eff||_F / ||A||_F"),
+    "iterations": ("int32", "simplex: most solver iterations over the rows; 0 for closed-form variants"),
+    "converged": ("bool", "simplex: every row converged without feasibility repair; true for closed-form variants"),
+    "support_size": ("float64", "mean number of non-zero entries per row of A_eff"),
+    "optimality_residual": ("float64", "simplex: largest relative dual residual over the rows; 0 otherwise"),
+}
+
+
+def efficient_array_path(variant: str) -> str:
+    return f"efficient/{variant}"
+
+
+def diagnostic_array_path(variant: str, name: str) -> str:
+    return f"diagnostics/{variant}/{name}"
+
+
+def prepare_efficient_arrays(group: zarr.Group, url: str, variant: str, settings: dict[str, Any]) -> None:
+    """Create the arrays of `variant` if absent; if present, check they were made with the same settings."""
+    layout = store_layout(group)
+    path = efficient_array_path(variant)
+    if path in group:
+        stored = group[path].attrs.get("settings")
+        if stored != settings:
+            raise AttentionStoreError(
+                f"{url}: efficient/{variant} was computed with settings {stored}, but this run asks for {settings}: "
+                f"use the same settings, or delete {url}/efficient/{variant} and {url}/diagnostics/{variant} "
+                "to compute it again"
+            )
+        return
+    E, S = layout.n_examples, layout.shard_size
+    for name, (dtype, description) in DIAGNOSTIC_ARRAYS.items():
+        group.create_array(
+            diagnostic_array_path(variant, name),
+            shape=(E, layout.layers, layout.heads),
+            dtype=dtype,
+            chunks=(S, layout.layers, layout.heads),
+            compressors=_compressors(),
+            fill_value=0,
+            dimension_names=("example", "layer", "head"),
+            attributes={"description": description},
+        )
+    attention_shape = (E, layout.layers, layout.heads, layout.max_length, layout.max_length)
+    group.create_array(
+        path,
+        shape=attention_shape,
+        dtype="float32",
+        chunks=(1, 1, layout.heads, layout.max_length, layout.max_length),
+        shards=(S, *attention_shape[1:]),
+        compressors=_compressors(),
+        fill_value=0,
+        dimension_names=("example", "layer", "head", "query", "key"),
+        # written last: an array with attributes `settings` and `completed_shards` means all arrays exist
+        attributes={"description": VARIANT_DESCRIPTIONS[variant], "settings": settings, "completed_shards": []},
+    )
+
+
+def efficient_completed_shards(group: zarr.Group, variant: str) -> list[int]:
+    path = efficient_array_path(variant)
+    if path not in group:
+        return []
+    return sorted(group[path].attrs.get("completed_shards", []))
+
+
+def mark_efficient_shard_completed(group: zarr.Group, variant: str, shard_index: int) -> None:
+    """Record a shard of `variant` as done; only after its data is written, only from the driver."""
+    store_layout(group).shard_slice(shard_index)  # an IndexError for a shard that does not exist
+    array = group[efficient_array_path(variant)]
+    done = set(array.attrs.get("completed_shards", []))
+    done.add(int(shard_index))
+    array.attrs["completed_shards"] = sorted(done)
+
+
+def write_efficient_shard(
+    group: zarr.Group,
+    layout: AttentionStoreLayout,
+    variant: str,
+    shard_index: int,
+    efficient: np.ndarray,
+    diagnostics: dict[str, np.ndarray],
+) -> None:
+    """Write one whole shard of a variant: efficient [shard examples, layer, head, query, key] and each
+    diagnostic [shard examples, layer, head]."""
+    region = layout.shard_slice(shard_index)
+    n = region.stop - region.start
+    expected = (n, layout.layers, layout.heads, layout.max_length, layout.max_length)
+    if efficient.shape != expected:
+        raise ValueError(f"shard {shard_index}: efficient/{variant} has shape {efficient.shape}, expected {expected}")
+    missing = sorted(set(DIAGNOSTIC_ARRAYS) - set(diagnostics))
+    if missing:
+        raise ValueError(f"shard {shard_index}: diagnostics {missing} of {variant} are missing")
+    for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items():
+        group[diagnostic_array_path(variant, name)][region] = np.asarray(diagnostics[name]).astype(dtype)
+    group[efficient_array_path(variant)][region] = efficient.astype(np.float32)

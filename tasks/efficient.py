@@ -1,0 +1,116 @@
+"""The efficient stage's work: one function per shard, run on Dask workers, and the Prefect task that drives them.
+
+Each shard is one Dask task: it reads the shard's attention, values and lengths from the store, computes the
+requested variants with analysis.efficient_attention, and writes whole shards of `efficient/<variant>` and
+`diagnostics/<variant>/*`. The driver (this process) records completion as results arrive, so a rerun skips
+finished shards. Workers open the store by its URL: they can run anywhere that can reach it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from analysis.efficient_attention import efficient_attention
+from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.efficient_store import (
+    efficient_completed_shards,
+    mark_efficient_shard_completed,
+    prepare_efficient_arrays,
+    write_efficient_shard,
+)
+
+
+def compute_efficient_shard(
+    store: str, shard_index: int, variants: Sequence[str], settings: dict, torch_threads: int = 1
+) -> tuple[int, list[str]]:
+    """Compute and write `variants` for one shard; returns (shard_index, variants written). Runs on a worker."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    group = open_attention_store(store, mode="r+")
+    layout = store_layout(group)
+    region = layout.shard_slice(shard_index)
+    results = efficient_attention(
+        group["attention"][region],
+        group["value"][region],
+        group["w_out"][:],
+        group["length"][region],
+        causal=bool(group.attrs["model"]["causal"]),
+        variants=variants,
+        simplex_max_iterations=settings["simplex_max_iterations"],
+        simplex_tolerance=settings["simplex_tolerance"],
+    )
+    for variant, result in results.items():
+        write_efficient_shard(group, layout, variant, shard_index, result.efficient, result.diagnostics)
+    return shard_index, list(variants)
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None, workers: int | None) -> Iterator:
+    """A distributed Client: to the cluster at `address`, or to a new LocalCluster of `workers` processes
+    (default: one per core) with one thread each, closed on exit."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    n_workers = workers or os.cpu_count() or 1
+    with LocalCluster(
+        n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:
+    """shard -> variants still to compute there."""
+    n_shards = store_layout(group).n_shards
+    done = {variant: set(efficient_completed_shards(group, variant)) for variant in variants}
+    work = {}
+    for shard in range(n_shards):
+        missing = [variant for variant in variants if shard not in done[variant]]
+        if missing:
+            work[shard] = missing
+    return work
+
+
+def compute_pending_shards(store: str, variants: Sequence[str], settings: dict, client) -> int:
+    """Prepare the arrays, run every pending shard on the Dask `client`, record completion as results arrive.
+    Returns the number of shards computed."""
+    from distributed import as_completed
+
+    group = open_attention_store(store, mode="r+")
+    for variant in variants:
+        prepare_efficient_arrays(group, store, variant, settings)
+    work = pending_work(group, variants)
+    futures = [
+        client.submit(compute_efficient_shard, store, shard, shard_variants, settings, pure=False)
+        for shard, shard_variants in work.items()
+    ]
+    with tqdm(total=len(futures), desc="efficient shards", unit="shard", disable=not futures) as progress:
+        for future in as_completed(futures):
+            shard, written = future.result()
+            for variant in written:
+                mark_efficient_shard_completed(group, variant, shard)
+            progress.update()
+    return len(work)
+
+
+@task(name="efficient-attention-shards", cache_policy=NO_CACHE)
+def run_efficient_shards(
+    store: str, variants: list[str], settings: dict, dask_address: str | None, workers: int | None
+) -> int:
+    """Run every pending shard of the store on Dask (an existing cluster or a LocalCluster)."""
+    group = open_attention_store(store, mode="r+")
+    for variant in variants:
+        prepare_efficient_arrays(group, store, variant, settings)
+    if not pending_work(group, variants):
+        return 0
+    with dask_client(dask_address, workers) as client:
+        return compute_pending_shards(store, variants, settings, client)

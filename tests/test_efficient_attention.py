@@ -1,0 +1,661 @@
+"""Tests of analysis.efficient_attention: the invariants of DESIGN.md ("Efficient attention"), checked against
+independent numpy/scipy computations (SVD projectors, SLSQP), on random problems and with hypothesis.
+
+Tolerances: outputs A_eff·T match A·T to 1e-9 relative (simplex: 1e-8); projectors are idempotent and symmetric
+to 1e-12; row sums are 1 to 1e-12; closed-form variants match the numpy reference to 1e-10, the simplex matches
+SLSQP to 1e-6 and itself across equivalent problems to 1e-8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+
+from analysis import efficient_attention as ea
+from analysis.efficient_attention import (
+    DIAGNOSTICS,
+    VARIANTS,
+    efficient_attention,
+    effective_attention_reference_loop,
+    full_rank_certificate,
+    nested_left_null_basis,
+    project_rows,
+    project_rows_causal,
+    projector,
+    simplex_rows,
+    value_output_basis,
+)
+
+EPS = np.finfo(np.float64).eps
+PROPERTY = settings(max_examples=40, deadline=None)
+
+
+# ------------------------------------------------------------------------------------------------ problem makers
+
+
+def softmax_rows(scores: np.ndarray, causal: bool) -> np.ndarray:
+    """Row softmax over the last axis; causal masks keys after the query."""
+    if causal:
+        size = scores.shape[-1]
+        scores = np.where(np.tril(np.ones((size, size), dtype=bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True)
+
+
+def make_problem(
+    seed: int, examples=2, layers=1, heads=2, kv_heads=None, positions=12, head_dim=4, hidden=16,
+    lengths=None, causal=False, sharpness=1.0,
+):
+    """A random batch in the store layout: attention [e, l, h, q, k], value [e, l, kv, p, d], w_out [l, h, d, D]."""
+    rng = np.random.default_rng(seed)
+    kv_heads = heads if kv_heads is None else kv_heads
+    lengths = np.full(examples, positions) if lengths is None else np.asarray(lengths)
+    attention = np.zeros((examples, layers, heads, positions, positions))
+    value = rng.normal(size=(examples, layers, kv_heads, positions, head_dim))
+    w_out = rng.normal(size=(layers, heads, head_dim, hidden))
+    for example, size in enumerate(lengths):
+        value[example, :, :, size:, :] = 0.0
+        if size == 0:
+            continue
+        scores = rng.normal(size=(layers, heads, size, size)) * sharpness
+        attention[example, :, :, :size, :size] = softmax_rows(scores, causal)
+    return attention, value, w_out, lengths.astype(np.int64)
+
+
+def head_output_matrix(value, w_out, example, layer, head, size):
+    """T = V W_O^h for one head (kv head h // group), real rows only."""
+    group = w_out.shape[1] // value.shape[2]
+    return value[example, layer, head // group, :size] @ w_out[layer, head]
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def svd_basis(matrix: np.ndarray, hidden_size: int) -> np.ndarray:
+    """Orthonormal basis of the numerical column space (σ > σ_max·max(L, D)·eps), by numpy SVD."""
+    left, singular_values, _ = np.linalg.svd(matrix, full_matrices=False)
+    if singular_values.size == 0 or singular_values[0] == 0:
+        return left[:, :0]
+    return left[:, singular_values > singular_values[0] * max(matrix.shape[0], hidden_size) * EPS]
+
+
+def reference_projector(t: np.ndarray, variant: str) -> np.ndarray:
+    """P_T (effective) or P_[T|1] (stochastic, the ones column scaled to ‖T‖_F/√L) by numpy SVD."""
+    size, hidden = t.shape
+    if variant == "effective":
+        basis = svd_basis(t, hidden)
+    else:
+        scale = np.linalg.norm(t) / np.sqrt(size) or 1.0
+        basis = svd_basis(np.hstack([t, np.full((size, 1), scale)]), hidden + 1)
+    return basis @ basis.T
+
+
+def reference_closed_form(attention, value, w_out, lengths, variant, causal):
+    """Effective/stochastic attention by an explicit loop over matrices and (causal) over rows."""
+    result = np.zeros_like(attention)
+    examples, layers, heads = attention.shape[:3]
+    for example in range(examples):
+        size = lengths[example]
+        for layer in range(layers):
+            for head in range(heads):
+                t = head_output_matrix(value, w_out, example, layer, head, size)
+                a = attention[example, layer, head, :size, :size]
+                if not causal:
+                    result[example, layer, head, :size, :size] = a @ reference_projector(t, variant)
+                    continue
+                for query in range(size):
+                    prefix = reference_projector(t[: query + 1], variant)
+                    result[example, layer, head, query, : query + 1] = a[query, : query + 1] @ prefix
+    return result
+
+
+def slsqp_simplex_row(a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """argmin ½‖b‖² s.t. bT = aT, Σb = Σa, b ≥ 0 with scipy's SLSQP (independent of the module)."""
+    constraint_matrix = svd_basis(np.hstack([t, np.ones((len(a), 1))]), t.shape[1] + 1).T  # independent rows
+    target = constraint_matrix @ a
+    solution = minimize(
+        lambda b: 0.5 * b @ b, a, jac=lambda b: b, method="SLSQP", bounds=[(0, None)] * len(a),
+        constraints=[{"type": "eq", "fun": lambda b: constraint_matrix @ b - target, "jac": lambda b: constraint_matrix}],
+        options={"ftol": 1e-15, "maxiter": 2000},
+    )
+    assert solution.success, solution.message
+    return solution.x
+
+
+def relative_output_error(efficient_block, attention_block, t):
+    return np.linalg.norm((efficient_block - attention_block) @ t) / np.linalg.norm(attention_block @ t)
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+
+problem_sizes = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "positions": st.integers(1, 20),
+        "head_dim": st.integers(4, 8),
+        "hidden": st.integers(12, 24),
+        "causal": st.booleans(),
+    }
+)
+
+
+# ------------------------------------------------------------------------------------------------ invariants
+
+
+@PROPERTY
+@given(problem_sizes)
+def test_every_variant_keeps_the_head_output(sizes):
+    """A_eff·T = A·T (relative 1e-9; simplex 1e-8) and the output_residual diagnostic says so."""
+    attention, value, w_out, lengths = make_problem(
+        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
+        causal=sizes["causal"], lengths=[sizes["positions"], max(1, sizes["positions"] // 2)],
+    )
+    results = efficient_attention(attention, value, w_out, lengths, causal=sizes["causal"])
+    for variant, tolerance in (("effective", 1e-9), ("stochastic", 1e-9), ("simplex", 1e-8)):
+        result = results[variant]
+        for example, size in enumerate(lengths):
+            for head in range(attention.shape[2]):
+                t = head_output_matrix(value, w_out, example, 0, head, size)
+                error = relative_output_error(
+                    result.efficient[example, 0, head, :size, :size], attention[example, 0, head, :size, :size], t
+                )
+                assert error <= tolerance, (variant, example, head, error)
+        assert (result.diagnostics["output_residual"] <= tolerance).all(), variant
+
+
+@PROPERTY
+@given(problem_sizes, st.booleans())
+def test_projectors_are_idempotent_symmetric_and_contain_the_output(sizes, append_ones):
+    rng = np.random.default_rng(sizes["seed"])
+    size, head_dim, hidden = sizes["positions"], sizes["head_dim"], sizes["hidden"]
+    value = rng.normal(size=(3, size, head_dim))
+    w_out = rng.normal(size=(3, head_dim, hidden))
+    basis, rank = value_output_basis(value, w_out, append_ones=append_ones)
+    p = projector(basis).numpy()
+    assert np.abs(p @ p - p).max() <= 1e-12
+    assert np.abs(p - p.transpose(0, 2, 1)).max() <= 1e-12
+    for index in range(3):
+        t = value[index] @ w_out[index]
+        assert np.abs(p[index] @ t - t).max() <= 1e-12 * np.abs(t).max()
+        assert np.allclose(p[index], reference_projector(t, "stochastic" if append_ones else "effective"), atol=1e-10)
+        expected_rank = min(size, head_dim) + (1 if append_ones and size > head_dim else 0)
+        assert rank[index] == expected_rank
+        if append_ones:
+            assert np.allclose(p[index] @ np.ones(size), np.ones(size), atol=1e-12)
+
+
+@PROPERTY
+@given(problem_sizes)
+def test_closed_form_variants_match_an_svd_reference(sizes):
+    """Effective and stochastic attention equal A·P from a numpy SVD (per prefix row when causal)."""
+    attention, value, w_out, lengths = make_problem(
+        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
+        causal=sizes["causal"],
+    )
+    results = efficient_attention(
+        attention, value, w_out, lengths, causal=sizes["causal"], variants=("effective", "stochastic")
+    )
+    for variant in ("effective", "stochastic"):
+        expected = reference_closed_form(attention, value, w_out, lengths, variant, sizes["causal"])
+        np.testing.assert_allclose(results[variant].efficient, expected, atol=1e-10)
+
+
+@PROPERTY
+@given(problem_sizes)
+def test_row_sums_and_non_negativity(sizes):
+    attention, value, w_out, lengths = make_problem(
+        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
+        causal=sizes["causal"],
+    )
+    results = efficient_attention(attention, value, w_out, lengths, causal=sizes["causal"])
+    size = lengths[0]
+    for variant in ("stochastic", "simplex"):
+        rows = results[variant].efficient[..., :size, :size]
+        np.testing.assert_allclose(rows.sum(-1), 1.0, atol=1e-12)
+        assert (results[variant].diagnostics["row_sum_error"] <= 1e-12).all()
+    simplex = results["simplex"]
+    assert (simplex.efficient >= 0).all()
+    assert (simplex.diagnostics["negative_mass"] == 0).all()
+    assert simplex.diagnostics["converged"].all()
+    assert (simplex.diagnostics["optimality_residual"] <= 1e-10).all()
+    # The closed forms carry what they owe: the effective variant's diagnostics are consistent with its matrix.
+    effective = results["effective"]
+    block = effective.efficient[:, :, :, :size, :size]
+    np.testing.assert_allclose(
+        effective.diagnostics["row_sum_error"], np.abs(block.sum(-1) - 1).max(-1), atol=1e-15
+    )
+    np.testing.assert_allclose(
+        effective.diagnostics["negative_mass"], np.clip(block, None, 0).__abs__().sum((-2, -1)) / size, atol=1e-15
+    )
+
+
+@PROPERTY
+@given(st.integers(0, 2**31 - 1), st.integers(1, 8), st.booleans())
+def test_no_null_space_means_no_change(seed, positions, causal):
+    """L ≤ rank(T): every variant returns A (closed forms to 1e-12, simplex to 1e-9) and null_dim is 0."""
+    head_dim = 8
+    attention, value, w_out, lengths = make_problem(
+        seed, positions=positions, head_dim=head_dim, hidden=16, causal=causal
+    )
+    results = efficient_attention(attention, value, w_out, lengths, causal=causal)
+    for variant, tolerance in (("effective", 1e-12), ("stochastic", 1e-12), ("simplex", 1e-9)):
+        np.testing.assert_allclose(results[variant].efficient, attention, atol=tolerance)
+        assert (results[variant].diagnostics["null_dim"] == 0).all()
+        assert (results[variant].diagnostics["rank"] == positions).all()
+
+
+@PROPERTY
+@given(problem_sizes)
+def test_left_null_additions_do_not_change_the_result(sizes):
+    """Rows added from the left null space of T (of [T|1]) do not change effective (stochastic) attention; two
+    feasible rows with the same a·T and Σa have the same simplex row."""
+    size = max(sizes["positions"], sizes["head_dim"] + 3)
+    attention, value, w_out, lengths = make_problem(
+        sizes["seed"], examples=1, heads=1, positions=size, head_dim=sizes["head_dim"], hidden=sizes["hidden"]
+    )
+    rng = np.random.default_rng(sizes["seed"] + 1)
+    t = head_output_matrix(value, w_out, 0, 0, 0, size)
+    a = attention[0, 0, 0]
+    original = efficient_attention(attention, value, w_out, lengths, causal=False)
+    for variant in ("effective", "stochastic"):
+        null_part = rng.normal(size=(size, size)) @ (np.eye(size) - reference_projector(t, variant))
+        shifted = attention.copy()
+        shifted[0, 0, 0] = a + null_part
+        moved = efficient_attention(shifted, value, w_out, lengths, causal=False, variants=(variant,))
+        np.testing.assert_allclose(moved[variant].efficient, original[variant].efficient, atol=1e-10)
+    # simplex: a' = a + s·n with n ⊥ col([T|1]), s as large as keeps a' ≥ 0 (half way), row by row.
+    null_rows = rng.normal(size=(size, size)) @ (np.eye(size) - reference_projector(t, "stochastic"))
+    negative = null_rows < 0
+    limits = np.where(negative, a / np.where(negative, -null_rows, 1.0), np.inf).min(-1)
+    other = a + 0.5 * np.minimum(limits, 1.0)[:, None] * null_rows
+    assert (other >= 0).all() and not np.allclose(other, a)
+    shifted = attention.copy()
+    shifted[0, 0, 0] = other
+    moved = efficient_attention(shifted, value, w_out, lengths, causal=False, variants=("simplex",))
+    np.testing.assert_allclose(moved["simplex"].efficient, original["simplex"].efficient, atol=1e-8)
+
+
+@PROPERTY
+@given(problem_sizes)
+def test_full_row_rank_output_projection_changes_nothing(sizes):
+    """With W_O^h of full row rank (d ≤ D), col(T) = col(V): using only V (W = I) gives the same results."""
+    attention, value, w_out, lengths = make_problem(
+        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
+        causal=sizes["causal"],
+    )
+    identity = np.broadcast_to(np.eye(sizes["head_dim"]), w_out.shape[:2] + (sizes["head_dim"],) * 2).copy()
+    with_w = efficient_attention(attention, value, w_out, lengths, causal=sizes["causal"])
+    only_v = efficient_attention(attention, value, identity, lengths, causal=sizes["causal"])
+    for variant, tolerance in (("effective", 1e-10), ("stochastic", 1e-10), ("simplex", 1e-8)):
+        np.testing.assert_allclose(with_w[variant].efficient, only_v[variant].efficient, atol=tolerance)
+        np.testing.assert_array_equal(with_w[variant].diagnostics["rank"], only_v[variant].diagnostics["rank"])
+
+
+def test_rank_deficient_output_projection_is_recorded():
+    """A rank-1 W_O^h gives rank(T) = 1 and the projector on that one direction (not on col(V))."""
+    attention, value, w_out, lengths = make_problem(3, examples=1, heads=1, positions=10, head_dim=4, hidden=12)
+    rng = np.random.default_rng(0)
+    w_out[0, 0] = np.outer(rng.normal(size=4), rng.normal(size=12))
+    results = efficient_attention(attention, value, w_out, lengths, causal=False)
+    assert results["effective"].diagnostics["rank"][0, 0, 0] == 1
+    assert results["effective"].diagnostics["null_dim"][0, 0, 0] == 9
+    assert results["stochastic"].diagnostics["null_dim"][0, 0, 0] == 8
+    t = head_output_matrix(value, w_out, 0, 0, 0, 10)
+    np.testing.assert_allclose(
+        results["effective"].efficient[0, 0, 0], attention[0, 0, 0] @ reference_projector(t, "effective"), atol=1e-12
+    )
+
+
+# ------------------------------------------------------------------------------------------------ causal
+
+
+@PROPERTY
+@given(problem_sizes)
+def test_causal_rows_equal_the_prefix_problem(sizes):
+    """Causal results are lower-triangular and row i equals the non-causal result for the prefix problem
+    (keys and values 0..i), for every variant."""
+    size, head_dim, hidden = sizes["positions"], sizes["head_dim"], sizes["hidden"]
+    attention, value, w_out, lengths = make_problem(
+        sizes["seed"], examples=1, heads=1, positions=size, head_dim=head_dim, hidden=hidden, causal=True
+    )
+    causal = efficient_attention(attention, value, w_out, lengths, causal=True)
+    # One example per prefix: example i holds the prefix problem of query i (length i + 1).
+    prefix_attention = np.zeros((size, 1, 1, size, size))
+    prefix_value = np.zeros((size, 1, 1, size, head_dim))
+    for query in range(size):
+        prefix_attention[query, 0, 0, : query + 1, : query + 1] = attention[0, 0, 0, : query + 1, : query + 1]
+        prefix_value[query, 0, 0, : query + 1] = value[0, 0, 0, : query + 1]
+    prefixes = efficient_attention(prefix_attention, prefix_value, w_out, np.arange(1, size + 1), causal=False)
+    for variant, tolerance in (("effective", 1e-10), ("stochastic", 1e-10), ("simplex", 1e-8)):
+        result = causal[variant].efficient[0, 0, 0]
+        assert (np.triu(result, 1) == 0).all(), variant
+        expected = np.stack([prefixes[variant].efficient[query, 0, 0, query] for query in range(size)])
+        np.testing.assert_allclose(result, expected, atol=tolerance, err_msg=variant)
+
+
+def test_causal_projection_differs_from_a_full_sequence_projection():
+    """The causal path must not use the whole T: on a problem with L > d the two disagree."""
+    attention, value, w_out, lengths = make_problem(5, examples=1, heads=1, positions=14, head_dim=4, causal=True)
+    causal = efficient_attention(attention, value, w_out, lengths, causal=True, variants=("effective",))
+    full = effective_attention_reference_loop(attention, value, w_out, lengths)
+    assert np.abs(causal["effective"].efficient - full).max() > 1e-3
+    assert np.abs(np.triu(full[0, 0, 0], 1)).max() > 1e-3  # the full projection leaks to future keys
+
+
+def test_causal_attention_with_future_weight_is_rejected():
+    attention, value, w_out, lengths = make_problem(1, positions=6, causal=False)
+    with pytest.raises(ValueError, match="causal=True but attention has weight .* on future keys"):
+        efficient_attention(attention, value, w_out, lengths, causal=True)
+
+
+def test_nested_left_null_basis_has_the_staircase_form():
+    rng = np.random.default_rng(2)
+    matrix = torch.from_numpy(rng.normal(size=(3, 11, 4)))
+    null = nested_left_null_basis(matrix).numpy()
+    assert null.shape == (3, 11, 7)
+    np.testing.assert_allclose(null.transpose(0, 2, 1) @ null, np.broadcast_to(np.eye(7), (3, 7, 7)), atol=1e-12)
+    assert np.abs(null.transpose(0, 2, 1) @ matrix.numpy()).max() <= 1e-12
+    for column in range(7):
+        assert (null[:, 4 + column + 1 :, column] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ heads, padding
+
+
+def test_grouped_query_heads_use_their_kv_head():
+    """Head h uses kv head h // (heads // kv_heads); with distinct kv heads the wrong mapping gives other results."""
+    attention, value, w_out, lengths = make_problem(
+        11, examples=2, layers=2, heads=4, kv_heads=2, positions=12, head_dim=4, hidden=12, lengths=[12, 9]
+    )
+    results = efficient_attention(attention, value, w_out, lengths, causal=False, variants=("effective", "stochastic"))
+    for variant in ("effective", "stochastic"):
+        expected = reference_closed_form(attention, value, w_out, lengths, variant, causal=False)
+        np.testing.assert_allclose(results[variant].efficient, expected, atol=1e-10)
+    # The same check would catch a wrong mapping: heads 1 and 2 swap kv heads under h % kv_heads.
+    wrong_value = value[:, :, [0, 1, 0, 1]]
+    wrong_w = w_out
+    wrong = reference_closed_form(
+        attention, np.ascontiguousarray(wrong_value), wrong_w, lengths, "effective", causal=False
+    )
+    assert np.abs(wrong - results["effective"].efficient).max() > 1e-3
+    # And expanding the kv heads explicitly (one kv head per query head) gives identical results.
+    expanded = np.ascontiguousarray(value[:, :, [0, 0, 1, 1]])
+    again = efficient_attention(attention, expanded, w_out, lengths, causal=False, variants=("effective", "stochastic"))
+    for variant in ("effective", "stochastic"):
+        np.testing.assert_allclose(again[variant].efficient, results[variant].efficient, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_is_zero_and_ignored(causal):
+    """Outside the real block the results are exactly zero, and garbage in the padding changes nothing."""
+    clean = make_problem(4, examples=3, heads=2, positions=13, head_dim=4, lengths=[13, 7, 2], causal=causal)
+    rng = np.random.default_rng(9)
+    dirty_attention, dirty_value = clean[0].copy(), clean[1].copy()
+    for example, size in enumerate(clean[3]):
+        for array in (dirty_attention, dirty_value):
+            array[example, :, :, size:] = rng.normal(size=array[example, :, :, size:].shape) * 100
+        dirty_attention[example, ..., size:] = rng.normal(size=dirty_attention[example, ..., size:].shape) * 100
+    clean_results = efficient_attention(*clean, causal=causal)
+    dirty_results = efficient_attention(dirty_attention, dirty_value, clean[2], clean[3], causal=causal)
+    for variant in VARIANTS:
+        for example, size in enumerate(clean[3]):
+            block = clean_results[variant].efficient[example]
+            assert (block[..., size:, :] == 0).all() and (block[..., :, size:] == 0).all()
+        np.testing.assert_array_equal(dirty_results[variant].efficient, clean_results[variant].efficient)
+        for name in DIAGNOSTICS:
+            np.testing.assert_array_equal(
+                dirty_results[variant].diagnostics[name], clean_results[variant].diagnostics[name]
+            )
+
+
+def test_empty_examples_are_all_zero():
+    attention, value, w_out, lengths = make_problem(6, examples=2, positions=8, lengths=[8, 0])
+    results = efficient_attention(attention, value, w_out, lengths, causal=False)
+    for variant in VARIANTS:
+        assert (results[variant].efficient[1] == 0).all()
+        assert (results[variant].diagnostics["rank"][1] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ simplex
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simplex_rows_match_slsqp(seed):
+    """The minimiser equals scipy's SLSQP solution (1e-6) on small problems (L 6..10, k = rank([T|1]) = 3)."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(6, 11))
+    value = rng.normal(size=(1, size, 2))
+    w_out = rng.normal(size=(1, 2, 5))
+    basis, rank = value_output_basis(value, w_out, append_ones=True)
+    assert rank[0] == 3
+    rows = softmax_rows(rng.normal(size=(size, size)) * 2, causal=False)
+    found = simplex_rows(rows[None], basis)
+    assert found.converged.all()
+    t = value[0] @ w_out[0]
+    for query in range(size):
+        np.testing.assert_allclose(found.solution[0, query].numpy(), slsqp_simplex_row(rows[query], t), atol=1e-6)
+
+
+def test_simplex_end_to_end_matches_slsqp():
+    attention, value, w_out, lengths = make_problem(8, examples=1, heads=1, positions=9, head_dim=2, hidden=6)
+    result = efficient_attention(attention, value, w_out, lengths, causal=False, variants=("simplex",))["simplex"]
+    t = head_output_matrix(value, w_out, 0, 0, 0, 9)
+    expected = np.stack([slsqp_simplex_row(row, t) for row in attention[0, 0, 0]])
+    np.testing.assert_allclose(result.efficient[0, 0, 0], expected, atol=1e-6)
+    assert result.diagnostics["support_size"][0, 0, 0] == pytest.approx((result.efficient[0, 0, 0] > 0).sum(-1).mean())
+
+
+@pytest.mark.parametrize("sharpness", [10.0, 50.0])
+def test_degenerate_rows_are_feasible_and_flagged(sharpness):
+    """Almost one-hot attention (softmax of scores × 10 or × 50): every row stays feasible (non-negative, sums
+    to one, same output), convergence is recorded per matrix."""
+    attention, value, w_out, lengths = make_problem(
+        12, examples=4, layers=2, heads=3, positions=16, head_dim=4, hidden=12, sharpness=sharpness
+    )
+    result = efficient_attention(attention, value, w_out, lengths, causal=False, variants=("simplex",))["simplex"]
+    efficient = result.efficient
+    assert (efficient >= 0).all()
+    np.testing.assert_allclose(efficient.sum(-1), 1.0, atol=1e-12)
+    for example in range(4):
+        for layer in range(2):
+            for head in range(3):
+                t = head_output_matrix(value, w_out, example, layer, head, 16)
+                a = attention[example, layer, head]
+                difference = (efficient[example, layer, head] - a) @ t
+                assert np.abs(difference).max() <= 1e-12 * np.abs(t).max(), (example, layer, head)
+    assert result.diagnostics["converged"].dtype == bool
+    assert result.diagnostics["converged"].shape == (4, 2, 3)
+    assert (result.diagnostics["iterations"] <= 200).all()
+
+
+def test_unconverged_rows_are_still_feasible():
+    """With too few iterations the solver stops early: rows are feasible anyway and flagged unconverged."""
+    rng = np.random.default_rng(13)
+    value = rng.normal(size=(5, 24, 4))
+    w_out = rng.normal(size=(5, 4, 12))
+    basis, _ = value_output_basis(value, w_out, append_ones=True)
+    rows = softmax_rows(rng.normal(size=(5, 24, 24)) * 4, causal=False)
+    found = simplex_rows(rows, basis, max_iterations=1)
+    assert not found.converged.all()
+    solution = found.solution.numpy()
+    assert (solution >= 0).all()
+    u = basis.numpy()
+    assert np.abs((solution - rows) @ u).max() <= 1e-13
+    full = simplex_rows(rows, basis)
+    assert full.converged.all()
+    assert (full.iterations > 1).any()
+
+
+def test_simplex_rows_rejects_negative_rows():
+    basis = torch.eye(4, dtype=torch.float64)[None, :, :2]
+    with pytest.raises(ValueError, match="non-negative"):
+        simplex_rows(np.array([[[0.5, 0.7, -0.2, 0.0]]]), basis)
+
+
+# ------------------------------------------------------------------------------------------------ bases
+
+
+def test_certificate_falls_back_to_svd_for_rank_deficient_values():
+    """Values of rank 2 < head_dim: the certificate refuses, the SVD path finds rank 2, results match numpy."""
+    rng = np.random.default_rng(21)
+    size, head_dim = 12, 5
+    attention, value, w_out, lengths = make_problem(21, examples=1, heads=1, positions=size, head_dim=head_dim)
+    value[0, 0, 0] = rng.normal(size=(size, 2)) @ rng.normal(size=(2, head_dim))
+    matrix = torch.from_numpy(value[0, 0] @ ea.output_factor(w_out[0]).numpy())
+    assert not full_rank_certificate(matrix, 16).item()
+    assert full_rank_certificate(torch.from_numpy(rng.normal(size=(1, size, head_dim))), 16).item()
+    for causal in (False, True):
+        problem = (attention if not causal else np.tril(attention), value, w_out, lengths)
+        if causal:
+            problem[0][0, 0, 0] /= problem[0][0, 0, 0].sum(-1, keepdims=True)
+        results = efficient_attention(*problem, causal=causal)
+        assert results["effective"].diagnostics["rank"][0, 0, 0] == 2
+        for variant in ("effective", "stochastic"):
+            expected = reference_closed_form(*problem, variant, causal)
+            np.testing.assert_allclose(results[variant].efficient, expected, atol=1e-10)
+        assert (results["simplex"].diagnostics["output_residual"] <= 1e-8).all()
+        assert (results["simplex"].efficient >= 0).all()
+
+
+def test_project_rows_causal_matches_prefix_projectors():
+    rng = np.random.default_rng(3)
+    matrix = rng.normal(size=(2, 9, 3))
+    rows = softmax_rows(rng.normal(size=(2, 9, 9)), causal=True)
+    result = project_rows_causal(rows, matrix, hidden_size=3).numpy()
+    for index in range(2):
+        for query in range(9):
+            basis = svd_basis(matrix[index, : query + 1], 3)
+            expected = rows[index, query, : query + 1] @ basis @ basis.T
+            np.testing.assert_allclose(result[index, query, : query + 1], expected, atol=1e-12)
+    full_basis, _ = ea.column_space_basis(matrix, 3)
+    assert not np.allclose(result, np.tril(project_rows(rows, full_basis).numpy()))
+
+
+# ------------------------------------------------------------------------------------------------ realistic
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_real_shaped_heads(causal):
+    """MiniLM-shaped heads (L 40, d 32, D 384): outputs kept, rows valid, effective equal to the naive loop."""
+    attention, value, w_out, lengths = make_problem(
+        31, examples=2, layers=1, heads=3, positions=40, head_dim=32, hidden=384, lengths=[40, 37], causal=causal
+    )
+    w_out /= 20.0
+    results = efficient_attention(attention, value, w_out, lengths, causal=causal)
+    for variant in VARIANTS:
+        diagnostics = results[variant].diagnostics
+        assert (diagnostics["output_residual"] <= 1e-9).all(), variant
+        assert (diagnostics["rank"] == 32).all()
+    assert (results["stochastic"].diagnostics["row_sum_error"] <= 1e-12).all()
+    assert (results["simplex"].diagnostics["row_sum_error"] <= 1e-12).all()
+    assert (results["simplex"].efficient >= 0).all()
+    assert results["simplex"].diagnostics["converged"].all()
+    if not causal:
+        assert (results["effective"].diagnostics["null_dim"] == lengths[:, None, None] - 32).all()
+        reference = effective_attention_reference_loop(attention, value, w_out, lengths)
+        np.testing.assert_allclose(results["effective"].efficient, reference, atol=1e-10)
+        # support ≈ rank([T|1]) + 1 = 34 keys per row
+        assert 30 <= results["simplex"].diagnostics["support_size"].mean() <= 38
+
+
+def test_float32_inputs_are_computed_in_float64():
+    attention, value, w_out, lengths = make_problem(17, positions=14, head_dim=4)
+    results = efficient_attention(
+        attention.astype(np.float32), value.astype(np.float32), w_out.astype(np.float32), lengths, causal=False
+    )
+    for variant in VARIANTS:
+        assert results[variant].efficient.dtype == np.float64
+        assert (results[variant].diagnostics["output_residual"] <= 1e-9).all()
+
+
+# ------------------------------------------------------------------------------------------------ API, errors
+
+
+def test_result_layout_and_diagnostics():
+    attention, value, w_out, lengths = make_problem(2, examples=3, layers=2, heads=4, kv_heads=2, positions=10)
+    results = efficient_attention(attention, value, w_out, lengths, causal=False)
+    assert tuple(results) == VARIANTS
+    for variant in VARIANTS:
+        result = results[variant]
+        assert result.efficient.shape == attention.shape
+        assert set(result.diagnostics) == set(DIAGNOSTICS)
+        for name in DIAGNOSTICS:
+            assert result.diagnostics[name].shape == (3, 2, 4), name
+        assert result.diagnostics["converged"].dtype == bool
+        assert np.issubdtype(result.diagnostics["rank"].dtype, np.integer)
+        null = attention - result.efficient
+        np.testing.assert_allclose(
+            result.diagnostics["null_norm_ratio"],
+            np.linalg.norm(null, axis=(-2, -1)) / np.linalg.norm(attention, axis=(-2, -1)),
+            rtol=1e-12,
+        )
+    for variant in ("effective", "stochastic"):
+        assert (results[variant].diagnostics["iterations"] == 0).all()
+        assert (results[variant].diagnostics["optimality_residual"] == 0).all()
+    only = efficient_attention(attention, value, w_out, lengths, causal=False, variants=["stochastic"])
+    assert tuple(only) == ("stochastic",)
+    np.testing.assert_array_equal(only["stochastic"].efficient, results["stochastic"].efficient)
+
+
+def test_reference_loop_agrees_with_the_batched_effective_variant():
+    attention, value, w_out, lengths = make_problem(
+        14, examples=3, layers=2, heads=2, positions=11, head_dim=4, lengths=[11, 6, 3]
+    )
+    batched = efficient_attention(attention, value, w_out, lengths, causal=False, variants=("effective",))
+    np.testing.assert_allclose(
+        batched["effective"].efficient, effective_attention_reference_loop(attention, value, w_out, lengths), atol=1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, v, w, n: (a[0], v, w, n), "attention must have 5 dims"),
+        (lambda a, v, w, n: (a, v[..., 0], w, n), "value must have 5 dims"),
+        (lambda a, v, w, n: (a, v, w[0], n), "w_out must have 4 dims"),
+        (lambda a, v, w, n: (a[..., :-1], v, w, n), "attention must be square"),
+        (lambda a, v, w, n: (a, v[:1], w, n), r"value's \[example, layer\] dims"),
+        (lambda a, v, w, n: (a, v, w[:, :1], n), r"w_out's \[layer, head\] dims"),
+        (lambda a, v, w, n: (a, v, w[:, :, :2], n), "w_out's head_dim 2 does not match value's head_dim 4"),
+        (lambda a, v, w, n: (a[:, :, :3], v[:, :, :2], w[:, :3], n), r"multiple of the number of kv heads"),
+        (lambda a, v, w, n: (a, v, w, n[:1]), "length must be an integer array of shape"),
+        (lambda a, v, w, n: (a, v, w, n + 1), r"every length must lie in \[0, 10\]"),
+        (lambda a, v, w, n: (a, v, w, n.astype(float)), "length must be an integer array"),
+    ],
+)
+def test_bad_inputs_say_what_is_wrong(change, message):
+    attention, value, w_out, lengths = make_problem(0, examples=2, heads=4, positions=10)
+    with pytest.raises(ValueError, match=message):
+        efficient_attention(*change(attention, value, w_out, lengths), causal=False)
+
+
+def test_unknown_variant_and_negative_attention_are_rejected():
+    attention, value, w_out, lengths = make_problem(0, positions=10)
+    with pytest.raises(ValueError, match="unknown variants"):
+        efficient_attention(attention, value, w_out, lengths, causal=False, variants=("effective", "sparse"))
+    signed = attention.copy()
+    signed[0, 0, 0, 0, 0] = -0.1
+    with pytest.raises(ValueError, match="simplex variant needs non-negative attention"):
+        efficient_attention(signed, value, w_out, lengths, causal=False)
+    efficient_attention(signed, value, w_out, lengths, causal=False, variants=("effective", "stochastic"))
+
+
+def test_large_batches_are_chunked(monkeypatch):
+    """Results do not depend on the chunk size (many chunks versus one)."""
+    attention, value, w_out, lengths = make_problem(
+        23, examples=5, layers=2, heads=2, positions=12, head_dim=4, lengths=[12, 12, 9, 12, 5]
+    )
+    for causal in (False, True):
+        problem = make_problem(
+            23, examples=5, layers=2, heads=2, positions=12, head_dim=4, lengths=[12, 12, 9, 12, 5], causal=causal
+        )
+        whole = efficient_attention(*problem, causal=causal)
+        monkeypatch.setattr(ea, "CHUNK_ELEMENTS", 1)
+        pieces = efficient_attention(*problem, causal=causal)
+        monkeypatch.undo()
+        for variant in VARIANTS:
+            np.testing.assert_allclose(pieces[variant].efficient, whole[variant].efficient, atol=1e-12)
