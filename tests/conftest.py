@@ -4,6 +4,7 @@ an isolated Prefect home, and a small user corpus. No network: the tokenizer is 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 PREFECT_HOME = tempfile.mkdtemp(prefix="effattn-test-prefect-")
 os.environ["PREFECT_HOME"] = PREFECT_HOME
 atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)
+# Prefect logs "Stopping temporary server" at interpreter exit, after pytest has closed its capture streams;
+# without this, logging prints a harmless traceback for that one message.
+logging.raiseExceptions = False
 torch.set_num_threads(2)
 
 TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
