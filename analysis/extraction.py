@@ -86,11 +86,21 @@ def _truncate(ids: list[int], max_length: int, tokenizer) -> list[int]:
 @dataclass
 class CapturedShard:
     """attention: [example, layer, head, L, L]; value: [example, layer, kv_head, L, head_dim] (storage dtype);
-    logits: [example, class] float32. Zero beyond each example's length."""
+    logits: [example, class] float32, or for next-token the top-k logits [example, L, top_k] with
+    logit_ids [example, L, top_k] int32 and logsumexp [example, L] float32. Zero beyond each example's length."""
 
     attention: np.ndarray
     value: np.ndarray
     logits: np.ndarray
+    logit_ids: np.ndarray | None = None
+    logsumexp: np.ndarray | None = None
+
+
+def next_token_summary(logits: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """logits [batch, position, vocab] -> top_k values and ids [batch, position, top_k] (largest first) and the
+    logsumexp [batch, position], enough for top-1 agreement and log-probabilities of the kept tokens."""
+    values, ids = torch.topk(logits.float(), k=top_k, dim=-1)
+    return {"logits": values, "logit_ids": ids.int(), "logsumexp": torch.logsumexp(logits.float(), dim=-1)}
 
 
 def real_token_mask(length: np.ndarray, size: int) -> np.ndarray:
@@ -100,13 +110,14 @@ def real_token_mask(length: np.ndarray, size: int) -> np.ndarray:
 
 @torch.inference_mode()
 def capture_batch(
-    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, top_k: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One forward pass with capture over a batch trimmed to its longest example.
 
     tokens: [batch, >= max(length)] int; length: [batch].
     Returns attention [batch, layer, head, Lb, Lb], value [batch, layer, kv_head, Lb, head_dim] (both zeroed
-    beyond each length, float32, on CPU) and logits [batch, class] float32, with Lb = max(length).
+    beyond each length, float32, on CPU) and the predictions: {"logits": [batch, class]} for classification, or
+    next_token_summary(...) zeroed beyond each length for next-token; Lb = max(length).
     """
     batch_length = int(np.max(length))
     input_ids = torch.as_tensor(tokens[:, :batch_length], dtype=torch.long, device=loaded.device)
@@ -119,11 +130,21 @@ def capture_batch(
     pair_mask = (mask[:, :, None] & mask[:, None, :])[:, None, None]  # [batch, 1, 1, Lb, Lb]
     attention = attention * pair_mask
     value = value * mask[:, None, None, :, None]
-    return attention.cpu(), value.cpu(), logits.float().cpu()
+    if loaded.task == "next-token":
+        predictions = {name: array * mask[..., None] if array.dim() == 3 else array * mask
+                       for name, array in next_token_summary(logits, top_k).items()}
+    else:
+        predictions = {"logits": logits.float()}
+    return attention.cpu(), value.cpu(), {name: array.cpu() for name, array in predictions.items()}
 
 
 def capture_examples(
-    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, batch_size: int, dtype: str = "float32"
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    length: np.ndarray,
+    batch_size: int,
+    dtype: str = "float32",
+    top_k: int = 10,
 ) -> CapturedShard:
     """Run the model over one shard's examples in batches; results padded to tokens.shape[1].
 
@@ -136,15 +157,28 @@ def capture_examples(
     shape = loaded.shape
     attention = np.zeros((n_examples, shape.layers, shape.heads, L, L), dtype=dtype)
     value = np.zeros((n_examples, shape.layers, shape.kv_heads, L, shape.head_dim), dtype=dtype)
-    logits = np.zeros((n_examples, loaded.model.config.num_labels), dtype=np.float32)
+    if loaded.task == "next-token":
+        predictions = {
+            "logits": np.zeros((n_examples, L, top_k), dtype=np.float32),
+            "logit_ids": np.zeros((n_examples, L, top_k), dtype=np.int32),
+            "logsumexp": np.zeros((n_examples, L), dtype=np.float32),
+        }
+    else:
+        predictions = {"logits": np.zeros((n_examples, loaded.model.config.num_labels), dtype=np.float32)}
     for start in range(0, n_examples, batch_size):
         stop = min(start + batch_size, n_examples)
-        batch_attention, batch_value, batch_logits = capture_batch(loaded, tokens[start:stop], length[start:stop])
+        batch_attention, batch_value, batch_predictions = capture_batch(
+            loaded, tokens[start:stop], length[start:stop], top_k
+        )
         Lb = batch_attention.shape[-1]
         attention[start:stop, :, :, :Lb, :Lb] = batch_attention.numpy()
         value[start:stop, :, :, :Lb] = batch_value.numpy()
-        logits[start:stop] = batch_logits.numpy()
-    return CapturedShard(attention=attention, value=value, logits=logits)
+        for name, array in batch_predictions.items():
+            if loaded.task == "next-token":  # every prediction array is per position: pad along position
+                predictions[name][start:stop, :Lb] = array.numpy()
+            else:
+                predictions[name][start:stop] = array.numpy()
+    return CapturedShard(attention=attention, value=value, **predictions)
 
 
 def package_versions() -> dict[str, str]:
@@ -168,6 +202,7 @@ def store_attributes(
     limit: int | None,
     dtype: str,
     seed: int,
+    top_k: int = 0,
 ) -> dict:
     """Provenance for the root attributes of an attention store (JSON-serialisable)."""
     from datetime import datetime, timezone
@@ -186,7 +221,7 @@ def store_attributes(
             "kv_heads": loaded.shape.kv_heads,
             "head_dim": loaded.shape.head_dim,
             "hidden": loaded.shape.hidden,
-            "num_labels": int(config.num_labels),
+            "num_labels": int(config.num_labels) if loaded.task == "classification" else None,
             "head_seed": seed,
             "weights_digest": loaded.weights_digest,
         },
@@ -209,6 +244,8 @@ def store_attributes(
             "example_count": int(len(plan.length)),
         },
         "extraction": {
+            "task": loaded.task,
+            "top_k": int(top_k),
             "requested_max_length": int(requested_max_length),
             "truncated_examples": int(np.sum(plan.untruncated_length > plan.length)),
         },

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from analysis.attention_backend import use_capture_backend
 
@@ -55,6 +61,7 @@ class LoadedModel:
     shape: ModelShape
     weights_digest: str  # "sha256:<hex>" over every parameter, in name order
     device: str
+    task: str = "classification"  # or "next-token" (a causal language model's logits at every position)
 
 
 def _package_folder(package: str, install_hint: str) -> Path:
@@ -153,20 +160,30 @@ def _resolve_source(name_or_path: str) -> tuple[str, dict]:
     )
 
 
-def load_model(name_or_path: str, num_labels: int, device: str = "cpu", seed: int = 0) -> LoadedModel:
-    """Load a sequence-classification model with `num_labels` classes and switch it to the capture backend.
+def load_model(
+    name_or_path: str, num_labels: int, device: str = "cpu", seed: int = 0, task: str = "classification"
+) -> LoadedModel:
+    """Load a model and switch it to the capture backend.
 
-    A head the checkpoint lacks is initialised from `seed`. The tokenizer pads on the right, so positions
-    0..length-1 are the real tokens of every example.
+    task "classification": a sequence-classification model with `num_labels` classes; a head the checkpoint lacks
+    is initialised from `seed`. task "next-token": the causal language model itself (decoders only; `num_labels`
+    is ignored). The tokenizer pads on the right, so positions 0..length-1 are the real tokens of every example.
     """
+    if task not in ("classification", "next-token"):
+        raise ValueError(f"unknown task {task!r}: choose 'classification' or 'next-token'")
     if num_labels < 1:
         raise ValueError(f"num_labels must be at least 1, got {num_labels}")
     folder, extra = _resolve_source(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = AutoConfig.from_pretrained(folder, **extra)
     family = model_family(config.model_type)
+    if task == "next-token" and family != "llama":
+        raise ValueError(
+            f"next-token prediction needs a decoder (Llama family) model, but {name_or_path} is a "
+            f"{config.model_type} encoder: use smollm2 or another causal language model"
+        )
     has_trained_head = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
-    if has_trained_head and config.num_labels != num_labels:
+    if task == "classification" and has_trained_head and config.num_labels != num_labels:
         raise ValueError(
             f"the model at {folder} has a classification head with {config.num_labels} classes, but the corpus "
             f"has {num_labels}: use a model trained on this corpus, or its base model without a head"
@@ -176,9 +193,12 @@ def load_model(name_or_path: str, num_labels: int, device: str = "cpu", seed: in
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **extra
-    )
+    if task == "next-token":
+        model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **extra
+        )
     model.to(device).eval()
     use_capture_backend(model)
     return LoadedModel(
@@ -191,10 +211,13 @@ def load_model(name_or_path: str, num_labels: int, device: str = "cpu", seed: in
         shape=model_shape(model),
         weights_digest=weights_digest(model),
         device=device,
+        task=task,
     )
 
 
-def wrap_model(model: PreTrainedModel, tokenizer, name: str, device: str = "cpu") -> LoadedModel:
+def wrap_model(
+    model: PreTrainedModel, tokenizer, name: str, device: str = "cpu", task: str = "classification"
+) -> LoadedModel:
     """A LoadedModel around a model built in memory (tests, notebooks): switched to the capture backend."""
     family = model_family(model.config.model_type)
     tokenizer.padding_side = "right"
@@ -210,4 +233,5 @@ def wrap_model(model: PreTrainedModel, tokenizer, name: str, device: str = "cpu"
         shape=model_shape(model),
         weights_digest=weights_digest(model),
         device=device,
+        task=task,
     )

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
     extract.add_argument("--label-column", default=None, help="label column of a user file (default: label if present)")
     extract.add_argument("--seed", type=int, default=0, help="seed of the example sample and of untrained heads")
+    extract.add_argument("--task", choices=["classification", "next-token"], default="classification",
+                         help="classification logits per example, or next-token logits per position (decoders)")
+    extract.add_argument("--top-k", type=_positive_int, default=10, help="next-token logits kept per position")
 
     efficient = commands.add_parser("efficient", help="compute efficient attention from a store (Dask)")
     efficient.add_argument("--store", required=True, help="path or fsspec URL of an attention store")
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 label_column=arguments.label_column,
                 shard_size=arguments.shard_size,
                 seed=arguments.seed,
+                task=arguments.task,
+                top_k=arguments.top_k,
             )
             print(describe_attention_store(store))
         elif arguments.command == "efficient":

@@ -23,16 +23,21 @@ def extract(
     label_column: str | None = None,
     shard_size: int | None = None,
     seed: int = 0,
+    task: str = "classification",
+    top_k: int = 10,
 ) -> str:
     """Capture attention, values and logits of `model` over `corpus` into the attention store at `store`.
 
-    A rerun of the same call resumes: completed shards are skipped. Returns the store's URL.
+    task "classification" stores the classifier's logits per example; "next-token" (decoders) stores the `top_k`
+    largest next-token logits at every position. A rerun of the same call resumes: completed shards are
+    skipped. Returns the store's URL.
     """
     todo, num_labels = prepare_store(
-        store, corpus, model, max_length, limit, dtype, device, text_column, label_column, shard_size, seed
+        store, corpus, model, max_length, limit, dtype, device, text_column, label_column, shard_size, seed,
+        task, top_k,
     )
     group = open_attention_store(store, mode="r+")
     for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):
-        extract_shard(store, shard_index, model, num_labels, device, seed, batch_size)
+        extract_shard(store, shard_index, model, num_labels, device, seed, batch_size, task)
         mark_shard_completed(group, shard_index)
     return store

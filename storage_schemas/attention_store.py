@@ -46,16 +46,32 @@ ARRAY_DESCRIPTIONS: dict[str, str] = {
     "source_index": "row of each stored example in the corpus (examples are stored sorted by length)",
     "label": "class id of each example (see attribute class_names), -1 when unknown",
     "text": "the source text",
-    "logits": "the unmodified model's output logits",
+    "logits": "the unmodified model's output logits (next-token: the top_k largest logits at every position)",
+    "logit_ids": "next-token: the vocabulary ids of the top_k logits at every position (largest first)",
+    "logsumexp": "next-token: log-sum-exp of all logits at every position (log-probability = logit - logsumexp)",
     "attention": "attention probabilities; zero outside the real [length x length] block",
     "value": "per-head value vectors (bias included), one per kv head; zero beyond `length`",
     "w_out": "each head's slice W_O^h of the attention output projection: output = sum_h A_h V_h W_O^h + out_bias",
     "out_bias": "bias of the attention output projection (zeros when the model has none)",
 }
 
-# Arrays written per extraction shard (the rest are written when the store is created).
-SHARD_ARRAYS = ("attention", "value", "logits")
+# Next-token stores replace the (example, class) logits by per-position top-k logits.
+NEXT_TOKEN_ARRAY_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "logits": ("example", "position", "top_k"),
+    "logit_ids": ("example", "position", "top_k"),
+    "logsumexp": ("example", "position"),
+}
+TASKS = ("classification", "next-token")
 FLOAT_DTYPES = ("float32", "float16")
+
+
+def array_dimensions(task: str) -> dict[str, tuple[str, ...]]:
+    """Every array of schema v1 for `task` and its dimension names."""
+    if task == "classification":
+        return dict(ARRAY_DIMENSIONS)
+    if task == "next-token":
+        return {**ARRAY_DIMENSIONS, **NEXT_TOKEN_ARRAY_DIMENSIONS}
+    raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
 
 
 class AttentionStoreError(ValueError):
@@ -72,7 +88,7 @@ class AttentionStoreLayout:
 
     n_examples: int
     max_length: int  # size of position / query / key
-    n_classes: int
+    n_classes: int  # classes of the classifier, or the vocabulary size for next-token
     layers: int
     heads: int
     kv_heads: int
@@ -80,11 +96,19 @@ class AttentionStoreLayout:
     hidden: int
     shard_size: int  # examples per shard (the unit of work)
     dtype: str  # storage dtype of attention and value: "float32" or "float16"
+    task: str = "classification"  # or "next-token": logits per position, top_k of them
+    top_k: int = 0  # next-token: logits kept per position (0 for classification)
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if name != "dtype" and (not isinstance(value, (int, np.integer)) or value < 1):
+            if name not in ("dtype", "task", "top_k") and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"layout field {name} must be a positive integer, got {value!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "next-token" and not 1 <= self.top_k <= self.n_classes:
+            raise ValueError(f"a next-token store needs 1 <= top_k <= vocabulary size {self.n_classes}, got {self.top_k}")
+        if self.task == "classification" and self.top_k != 0:
+            raise ValueError(f"top_k is for next-token stores only; a classification store has top_k 0, got {self.top_k}")
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
         if self.heads % self.kv_heads:
@@ -104,6 +128,15 @@ class AttentionStoreLayout:
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...], tuple[int, ...] | None]]:
         """name -> (shape, dtype, chunks, shards or None)."""
         E, L, S = self.n_examples, self.max_length, self.shard_size
+        if self.task == "next-token":
+            K = self.top_k
+            predictions = {
+                "logits": ((E, L, K), "float32", (S, L, K), None),
+                "logit_ids": ((E, L, K), "int32", (S, L, K), None),
+                "logsumexp": ((E, L), "float32", (S, L), None),
+            }
+        else:
+            predictions = {"logits": ((E, self.n_classes), "float32", (S, self.n_classes), None)}
         return {
             "tokens": ((E, L), "int32", (S, L), None),
             "length": ((E,), "int32", (S,), None),
@@ -111,7 +144,7 @@ class AttentionStoreLayout:
             "source_index": ((E,), "int64", (S,), None),
             "label": ((E,), "int64", (S,), None),
             "text": ((E,), "string", (S,), None),
-            "logits": ((E, self.n_classes), "float32", (S, self.n_classes), None),
+            **predictions,
             "attention": (
                 (E, self.layers, self.heads, L, L),
                 self.dtype,
@@ -173,6 +206,7 @@ def recreate_unprepared_store(
 
 
 def _fill_new_store(group: zarr.Group, layout: AttentionStoreLayout, attributes: dict[str, Any]) -> zarr.Group:
+    dimensions = array_dimensions(layout.task)
     for name, (shape, dtype, chunks, shards) in layout.array_specs().items():
         group.create_array(
             name,
@@ -182,7 +216,7 @@ def _fill_new_store(group: zarr.Group, layout: AttentionStoreLayout, attributes:
             shards=shards,
             compressors=_compressors(),
             fill_value="" if dtype == "string" else 0,
-            dimension_names=ARRAY_DIMENSIONS[name],
+            dimension_names=dimensions[name],
             attributes={"description": ARRAY_DESCRIPTIONS[name]},
         )
     group.attrs.update(
@@ -271,7 +305,8 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
             "extract again into a new store"
         ) from None
     present = set(group.array_keys())
-    missing = [name for name in ARRAY_DIMENSIONS if name not in present]
+    dimensions = array_dimensions(layout.task)
+    missing = [name for name in dimensions if name not in present]
     if missing:
         raise AttentionStoreError(
             f"{url} is missing the arrays {missing}: the store is incomplete or damaged; "
@@ -280,9 +315,9 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
     for name, (shape, dtype, _, _) in layout.array_specs().items():
         array = group[name]
         dims = tuple(array.metadata.dimension_names or ())
-        if dims != ARRAY_DIMENSIONS[name]:
+        if dims != dimensions[name]:
             raise AttentionStoreError(
-                f"{url}: array '{name}' has dimensions {dims}, but schema v1 expects {ARRAY_DIMENSIONS[name]}"
+                f"{url}: array '{name}' has dimensions {dims}, but schema v1 expects {dimensions[name]}"
             )
         if tuple(array.shape) != shape:
             raise AttentionStoreError(
@@ -353,16 +388,23 @@ def write_shard(
     attention: np.ndarray,
     value: np.ndarray,
     logits: np.ndarray,
+    logit_ids: np.ndarray | None = None,
+    logsumexp: np.ndarray | None = None,
 ) -> None:
     """Write the model outputs of one whole shard.
 
     attention: [shard examples, layer, head, query, key]; value: [shard examples, layer, kv_head, position,
-    head_dim]; logits: [shard examples, class].
+    head_dim]; logits: [shard examples, class], or for next-token [shard examples, position, top_k] with
+    logit_ids [shard examples, position, top_k] and logsumexp [shard examples, position].
     """
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
     n = region.stop - region.start
-    arrays = (("attention", attention), ("value", value), ("logits", logits))
+    arrays = [("attention", attention), ("value", value), ("logits", logits)]
+    if layout.task == "next-token":
+        if logit_ids is None or logsumexp is None:
+            raise ValueError(f"shard {shard_index}: a next-token store needs logit_ids and logsumexp too")
+        arrays += [("logit_ids", logit_ids), ("logsumexp", logsumexp)]
     for name, array in arrays:  # check every shape before writing anything
         expected = (n, *group[name].shape[1:])
         if array.shape != expected:

@@ -48,6 +48,8 @@ def describe_attention_store(url: str) -> str:
         f"examples stored, classes {corpus['class_names']}, digest {corpus['digest'][:23]}...",
         f"  max length: {attributes['max_length']} tokens "
         f"({attributes['extraction']['truncated_examples']} examples truncated), dtype {attributes['dtype']}",
+        f"  task: {layout.task}"
+        + (f" (top {layout.top_k} logits kept per position)" if layout.task == "next-token" else ""),
         f"  shards: {len(done)} of {layout.n_shards} completed ({layout.shard_size} examples each)",
         f"  size on disk: {_human_bytes(size)} ({_human_bytes(size / max(layout.n_examples, 1))} per example)",
         "  arrays:",

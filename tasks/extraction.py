@@ -34,6 +34,8 @@ def resume_keys(attributes: dict) -> dict:
         "corpus.selection": attributes["corpus"]["selection"],
         "extraction.requested_max_length": attributes["extraction"]["requested_max_length"],
         "dtype": attributes["dtype"],
+        "extraction.task": attributes["extraction"]["task"],
+        "extraction.top_k": attributes["extraction"]["top_k"],
     }
 
 
@@ -50,6 +52,8 @@ def prepare_store(
     label_column: str | None,
     shard_size: int | None,
     seed: int,
+    task: str = "classification",
+    top_k: int = 10,
 ) -> tuple[list[int], int]:
     """Create the store (tokens, texts, labels, model constants) or check that an existing one is this run's.
 
@@ -57,10 +61,12 @@ def prepare_store(
     """
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     num_labels = max(len(loaded_corpus.class_names), 2)
-    loaded = cached_model(model, num_labels, device, seed)
+    loaded = cached_model(model, num_labels, device, seed, task)
     plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, max_length, limit=limit, seed=seed)
+    top_k = top_k if task == "next-token" else 0
     attributes = store_attributes(
-        loaded, loaded_corpus, plan, requested_max_length=max_length, limit=limit, dtype=dtype, seed=seed
+        loaded, loaded_corpus, plan, requested_max_length=max_length, limit=limit, dtype=dtype, seed=seed,
+        top_k=top_k,
     )
     state = attention_store_state(store)
     if state == "prepared":
@@ -70,7 +76,7 @@ def prepare_store(
         layout = AttentionStoreLayout(
             n_examples=len(plan.length),
             max_length=plan.max_length,
-            n_classes=num_labels,
+            n_classes=num_labels if task == "classification" else int(loaded.model.config.vocab_size),
             layers=loaded.shape.layers,
             heads=loaded.shape.heads,
             kv_heads=loaded.shape.kv_heads,
@@ -79,6 +85,8 @@ def prepare_store(
             shard_size=shard_size
             or default_shard_size(plan.max_length, loaded.shape.layers, loaded.shape.heads, dtype),
             dtype=dtype,
+            task=task,
+            top_k=top_k,
         )
         create = create_attention_store if state == "absent" else recreate_unprepared_store
         group = create(store, layout, attributes)
@@ -105,15 +113,24 @@ def prepare_store(
 
 @task(name="extract-shard", cache_policy=NO_CACHE)
 def extract_shard(
-    store: str, shard_index: int, model: str, num_labels: int, device: str, seed: int, batch_size: int
+    store: str,
+    shard_index: int,
+    model: str,
+    num_labels: int,
+    device: str,
+    seed: int,
+    batch_size: int,
+    task: str = "classification",
 ) -> int:
     """Run the model over one shard's examples (tokens read from the store) and write the whole shard."""
-    loaded = cached_model(model, num_labels, device, seed)
+    loaded = cached_model(model, num_labels, device, seed, task)
     group = open_attention_store(store, mode="r+")
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
     captured = capture_examples(
-        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype
+        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
+        top_k=max(layout.top_k, 1),
     )
-    write_shard(group, shard_index, captured.attention, captured.value, captured.logits)
+    write_shard(group, shard_index, captured.attention, captured.value, captured.logits,
+                captured.logit_ids, captured.logsumexp)
     return shard_index

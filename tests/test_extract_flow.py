@@ -19,6 +19,7 @@ from analysis.extraction import select_rows
 from analysis.models import load_model
 from flows.cli import main
 from flows.extract import extract
+from tests.conftest import write_reviews_csv
 from storage_schemas.attention_store import (
     AttentionStoreError,
     completed_shards,
@@ -313,3 +314,21 @@ def test_minilm_on_rt_sentiment(tmp_path):
             input_ids = torch.as_tensor(tokens[k : k + 1, : length[k]], dtype=torch.long)
             alone = loaded.model(input_ids=input_ids).logits[0].numpy()
             np.testing.assert_allclose(logits[k], alone, rtol=1e-4, atol=1e-5, err_msg=f"example {k}")
+
+
+@pytest.mark.integration
+def test_smollm2_next_token_logits_per_position(tmp_path):
+    """The LM task: smollm2's top-k next-token logits stored at every real position of a few short texts."""
+    url = str(tmp_path / "lm.zarr")
+    extract(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model="smollm2", store=url, limit=3,
+            task="next-token", top_k=5, max_length=24)
+    group = open_attention_store(url)
+    assert group.attrs["extraction"]["task"] == "next-token"
+    length = group["length"][:]
+    logits, ids, lse = group["logits"][:], group["logit_ids"][:], group["logsumexp"][:]
+    assert logits.shape == (3, group["tokens"].shape[1], 5) and ids.shape == logits.shape
+    for example, n in enumerate(length):
+        assert (np.diff(logits[example, :n], axis=-1) <= 0).all()  # largest first
+        assert (logits[example, :n, 0] <= lse[example, :n]).all()  # a logit is below the log-sum-exp
+        assert not logits[example, n:].any()
+    assert group["attention"].shape[1:3] == (30, 9) and group["value"].shape[2] == 3

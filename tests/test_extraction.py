@@ -183,3 +183,25 @@ def test_float16_storage(loaded, plan):
     reference = capture_examples(loaded, plan.tokens, plan.length, batch_size=5)
     assert captured.attention.dtype == np.float16 and captured.value.dtype == np.float16
     np.testing.assert_allclose(captured.attention, reference.attention, atol=1e-3)
+
+
+def test_next_token_keeps_the_top_logits_at_every_real_position():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, max_position_embeddings=512, num_key_value_heads=2, pad_token_id=0,
+                         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    loaded = wrap_model(LlamaForCausalLM(config).eval(), bundled_tokenizer(), "tiny-lm", task="next-token")
+    plan = plan_extraction(TEXTS, loaded.tokenizer, max_length=64)
+    captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=5, top_k=4)
+    assert captured.logits.shape == captured.logit_ids.shape == (len(TEXTS), plan.max_length, 4)
+    assert captured.logsumexp.shape == (len(TEXTS), plan.max_length)
+    for example, length in enumerate(plan.length):
+        with torch.no_grad():
+            full = loaded.model(input_ids=torch.as_tensor(plan.tokens[example : example + 1, :length]).long()).logits[0]
+        values, ids = torch.topk(full, k=4, dim=-1)
+        np.testing.assert_allclose(captured.logits[example, :length], values.numpy(), atol=1e-4)
+        np.testing.assert_array_equal(captured.logit_ids[example, :length], ids.numpy())
+        np.testing.assert_allclose(captured.logsumexp[example, :length], torch.logsumexp(full, -1).numpy(), atol=1e-4)
+        assert not captured.logits[example, length:].any() and not captured.logit_ids[example, length:].any()
+        assert not captured.logsumexp[example, length:].any()

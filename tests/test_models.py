@@ -45,6 +45,15 @@ def test_base_model_folder_gets_a_seeded_head(tmp_path):
     assert first.tokenizer.padding_side == "right"
 
 
+def test_next_token_needs_a_decoder(tiny_bert_folder, tiny_llama_folder):
+    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(Llama family\\) model, but"):
+        load_model(str(tiny_bert_folder), num_labels=2, task="next-token")
+    with pytest.raises(ValueError, match="unknown task 'summarise': choose 'classification' or 'next-token'"):
+        load_model(str(tiny_bert_folder), num_labels=2, task="summarise")
+    language_model = load_model(str(tiny_llama_folder), num_labels=2, task="next-token")
+    assert type(language_model.model).__name__ == "LlamaForCausalLM" and language_model.task == "next-token"
+
+
 def test_trained_head_with_other_class_count_is_refused(tiny_bert_folder):
     trained = load_model(str(tiny_bert_folder), num_labels=2)
     assert trained.model.config.num_labels == 2
