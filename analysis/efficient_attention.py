@@ -13,6 +13,8 @@ Variants (DESIGN.md, "Efficient attention"):
     stochastic  A · P_[T|1]         a column of ones appended                   keeps A·T, rows sum like A's rows
     simplex     per row a: argmin ‖b‖ s.t. b·T = a·T, Σb = Σa, b ≥ 0           a probability distribution
 
+(Row sums are kept, not forced: for probability rows Σa = 1, up to the precision the attention was stored in.)
+
 and `null = A - efficient` for each. Decoder (causal) models: row i may only use keys ≤ i, so row i is
 projected with the prefix T[:i+1] (a different projector per row; the result stays lower-triangular).
 Grouped-query attention: query head h uses kv head h // (heads // kv_heads).
@@ -28,8 +30,9 @@ How it is computed (all float64, batched over many matrices, torch):
   (1/‖R⁻¹‖_F ≤ σ_min of the first min(L, c) rows, compared with a bound on every threshold). Certified
   matrices take the fast path: a QR basis (non-causal) or one nested left-null basis for all prefixes
   (causal, `nested_left_null_basis`). The others take the exact SVD path (per prefix when causal).
-* simplex: the dual of the row problem, solved by semismooth Newton with an Armijo line search
-  (`simplex_rows`); every returned row is feasible even when the solver does not converge.
+* simplex: the dual of the row problem, b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa (U an orthonormal basis of
+  col([T|1])), solved by semismooth Newton with an exact line search (`simplex_rows`); every returned row is
+  feasible (equalities to float precision, b ≥ 0) even when the solver does not converge.
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ NEGATIVE_ROUND_OFF = 1e-14
 FEASIBILITY_ROUNDS = 6
 # Simplex rows within the tolerance take up to POLISH_STEPS more Newton steps towards POLISH_TOLERANCE.
 POLISH_STEPS = 4
+POLISH_TOLERANCE = 64 * EPS
 # Ridge added to the simplex Newton system (the generalised Jacobian has eigenvalues in [0, 1]).
 NEWTON_RIDGE = 1e-14
-POLISH_TOLERANCE = 64 * EPS
 # Tolerance for "attention is lower-triangular" when causal=True.
 CAUSAL_UPPER_TOLERANCE = 1e-6
 
@@ -81,7 +84,8 @@ class EfficientAttentionResult:
         negative_mass        Σ |negative entries of A_eff| / L (mean per row)
         null_norm_ratio      ‖A - A_eff‖_F / ‖A‖_F
         iterations           simplex: most Newton iterations over the rows; 0 for the closed-form variants
-        converged            simplex: every row converged (and needed no feasibility repair); True otherwise
+        converged            simplex: every row converged (dual residual ≤ tolerance and the feasibility
+                             repair moved it by at most tolerance·‖Uᵀa‖); True otherwise
         support_size         mean number of non-zero entries per row
         optimality_residual  simplex: largest relative dual residual over the rows; 0.0 otherwise
     """
@@ -92,13 +96,14 @@ class EfficientAttentionResult:
 
 @dataclass
 class SimplexRowsResult:
-    """Per-row output of `simplex_rows` (R rows of length L).
+    """Output of `simplex_rows` for rows (..., q, L).
 
-    solution: (R, L) feasible rows: solution·U = a·U, solution ≥ 0.
-    iterations: (R,) int64 Newton iterations taken.
-    converged: (R,) bool, dual residual ≤ tolerance and no feasibility repair was needed.
-    optimality_residual: (R,) ‖Uᵀmax(Uλ, 0) - Uᵀa‖ / ‖Uᵀa‖ at the final λ.
-    support_size: (R,) int64 number of entries > 0 in the solution.
+    solution: (..., q, L) feasible rows: solutionᵀU = aᵀU to float precision, solution ≥ 0.
+    iterations: (..., q) int64 Newton iterations taken.
+    converged: (..., q) bool: dual residual ≤ tolerance, and the final feasibility repair moved the row by at
+        most tolerance·‖Uᵀa‖.
+    optimality_residual: (..., q) ‖Uᵀmax(Uλ, 0) - Uᵀa‖ / ‖Uᵀa‖ at the final λ.
+    support_size: (..., q) int64 number of entries > 0 in the solution.
     """
 
     solution: torch.Tensor
@@ -142,14 +147,13 @@ def output_factor(w_out) -> torch.Tensor:
     """Factor of the output projection that keeps column spaces and singular values.
 
     w_out: (..., d, D). Returns factor (..., d, m), m = min(d, D), such that W = factor · Zᵀ with Z (D×m)
-    orthonormal columns. Hence for any V (L×d): T = V W = X Zᵀ with X = V · factor, and X has the column
-    space and the singular values of T.
+    orthonormal columns (from the QR factorisation Wᵀ = Z R, factor = Rᵀ). Hence for any V (L×d):
+    T = V W = X Zᵀ with X = V · factor, and X has the column space and the singular values of T.
     """
     w_out = _as_float64_tensor(w_out)
     if w_out.ndim < 2:
         raise ValueError(f"w_out must have shape (..., head_dim, hidden); got shape {tuple(w_out.shape)}")
-    left, singular_values, _ = torch.linalg.svd(w_out, full_matrices=False)
-    return left * singular_values[..., None, :]
+    return torch.linalg.qr(w_out.mT).R.mT
 
 
 def with_ones_column(matrix: torch.Tensor) -> torch.Tensor:
@@ -335,10 +339,17 @@ def _cholesky_solve_psd(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tens
     Rows whose Cholesky factorisation fails get a growing multiple of the identity added (ridge 1e-14 ... 1e-2
     relative to the diagonal's size); as a last resort a least-squares solve.
     """
+
+    def solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        half = torch.linalg.solve_triangular(factor, rhs[..., None], upper=False)
+        return torch.linalg.solve_triangular(factor.mT, half, upper=True)[..., 0]
+
     solution = torch.empty_like(right)
     factor, info = torch.linalg.cholesky_ex(matrix)
     good = info == 0
-    solution[good] = torch.cholesky_solve(right[good, :, None], factor[good])[..., 0]
+    if good.all():
+        return solve(factor, right)
+    solution[good] = solve(factor[good], right[good])
     todo = torch.nonzero(~good).flatten()
     identity = torch.eye(matrix.shape[-1], dtype=matrix.dtype)
     size = matrix.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1.0)
@@ -348,7 +359,7 @@ def _cholesky_solve_psd(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tens
         shifted = matrix[todo] + (ridge * size[todo])[:, None, None] * identity
         factor, info = torch.linalg.cholesky_ex(shifted)
         good = info == 0
-        solution[todo[good]] = torch.cholesky_solve(right[todo[good], :, None], factor[good])[..., 0]
+        solution[todo[good]] = solve(factor[good], right[todo[good]])
         todo = todo[~good]
     if len(todo):
         solution[todo] = torch.linalg.lstsq(matrix[todo], right[todo, :, None]).solution[..., 0]
@@ -367,30 +378,55 @@ def _gather_rows(basis: torch.Tensor, matrix_of_row: torch.Tensor, chosen: torch
     return basis[matrix_of_row[:, None], order] * valid[..., None]
 
 
+def basis_outer_products(basis: torch.Tensor) -> torch.Tensor:
+    """The lower triangles of u_l u_lᵀ for every row u_l of every basis: basis (M, L, k) -> (M, L, k(k+1)/2).
+
+    With them the lower triangles of Uᵀ diag(s) U for all q rows of a matrix are one matrix product
+    (q, L) @ (L, k(k+1)/2) (entries in `torch.tril_indices(k, k)` order).
+    """
+    rows, columns = torch.tril_indices(basis.shape[-1], basis.shape[-1])
+    return basis[..., rows] * basis[..., columns]
+
+
+def _use_outer_products(queries: int, length: int, k: int) -> bool:
+    """Jacobians by matrix products pay off when many rows share a basis and the zero sets are large."""
+    return queries >= 8 and length - k > k // 2
+
+
 def _jacobian_solve(
-    basis: torch.Tensor, matrix_of_row: torch.Tensor, support: torch.Tensor, gram_diagonal: torch.Tensor,
-    right: torch.Tensor, ridge: torch.Tensor,
+    basis: torch.Tensor, outer: torch.Tensor | None, which: torch.Tensor, query: torch.Tensor, queries: int,
+    support: torch.Tensor, gram_diagonal: torch.Tensor, right: torch.Tensor, ridge: torch.Tensor,
 ) -> torch.Tensor:
     """Solve (Uᵀ diag(support) U + ridge I) x = right for each row.
 
-    basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); matrix_of_row (R,);
+    basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); outer (M, L, k·k) its
+    `basis_outer_products` (or None); row r is query[r] of matrix which[r] (q = queries rows per matrix);
     support (R, L) bool; gram_diagonal (R, k); right (R, k); ridge (R,). Returns (R, k).
-    With Z the rows outside the support, UᵀDU = UᵀU - U_ZᵀU_Z: when Z is smaller than k the Woodbury identity
-    needs only a |Z|×|Z| system; otherwise the k×k matrix U_SᵀU_S is formed from the support rows.
+    With Z the rows outside the support, UᵀDU = UᵀU - U_ZᵀU_Z: when |Z| ≤ k/2 the Woodbury identity needs only
+    a |Z|×|Z| system; otherwise the k×k matrices U_SᵀU_S are formed, by one matrix product per basis from
+    `outer` when given, else from the gathered support rows.
     """
-    k = basis.shape[-1]
+    count, length, k = basis.shape
     outside = int((~support).sum(-1).max()) if len(support) else 0
-    inside = int(support.sum(-1).max()) if len(support) else 0
-    if outside**3 / 3 + outside**2 * k < k**3 / 3 + inside * k * k:
+    if outside <= k // 2:
         diagonal = gram_diagonal + ridge[:, None]  # (R, k)
-        outside_rows = _gather_rows(basis, matrix_of_row, ~support)  # (R, z, k)
+        outside_rows = _gather_rows(basis, which, ~support)  # (R, z, k)
         scaled = outside_rows / diagonal[:, None, :]
         capacitance = torch.eye(outside, dtype=basis.dtype) - scaled @ outside_rows.mT  # I - B D⁻¹ Bᵀ
         first = right / diagonal
         correction = _cholesky_solve_psd(capacitance, (outside_rows @ first[..., None])[..., 0])
         return first + (scaled.mT @ correction[..., None])[..., 0]
-    support_rows = _gather_rows(basis, matrix_of_row, support)  # (R, s, k)
-    jacobian = support_rows.mT @ support_rows
+    if outer is None:
+        support_rows = _gather_rows(basis, which, support)  # (R, s, k)
+        jacobian = support_rows.mT @ support_rows
+    else:
+        support_full = torch.zeros((count, queries, length), dtype=basis.dtype)
+        support_full[which, query] = support.to(basis.dtype)
+        lower = (support_full @ outer)[which, query]  # (R, k(k+1)/2)
+        rows, columns = torch.tril_indices(k, k)
+        jacobian = torch.zeros((len(which), k, k), dtype=basis.dtype)
+        jacobian[:, rows, columns] = lower
+        jacobian[:, columns, rows] = lower
     jacobian.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
     return _cholesky_solve_psd(jacobian, right)
 
@@ -454,8 +490,9 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
     polish_steps = torch.zeros((count, queries), dtype=torch.int64)  # steps taken after reaching the tolerance
     polish_tolerance = min(tolerance, POLISH_TOLERANCE)
 
+    outer = basis_outer_products(basis) if _use_outer_products(queries, length, basis.shape[-1]) else None
     matrices = torch.arange(count)  # matrices that still have active rows
-    basis_now, lam_now, target_now = basis, lam.clone(), target
+    basis_now, lam_now, target_now, outer_now = basis, lam.clone(), target, outer
     for step in range(max_iterations + 1):
         combination = lam_now @ basis_now.mT  # Uλ, (m, q, L)
         gradient = torch.clamp(combination, min=0) @ basis_now - target_now  # F(λ), (m, q, k)
@@ -476,17 +513,20 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
         keep = active_now.any(-1)
         if not keep.all():
             matrices, basis_now, lam_now, target_now = matrices[keep], basis_now[keep], lam_now[keep], target_now[keep]
+            outer_now = None if outer is None else outer_now[keep]
             combination, gradient, gradient_norm, active_now = (
                 combination[keep], gradient[keep], gradient_norm[keep], active_now[keep]
             )
         which, query = torch.nonzero(active_now, as_tuple=True)  # the active rows: (matrix, query)
 
-        # Newton direction with the generalised Jacobian Uᵀ diag(1[Uλ > 0]) U and a residual-sized ridge.
+        # Newton direction with the generalised Jacobian Uᵀ diag(1[Uλ > 0]) U and a tiny ridge.
         row_combination, row_gradient = combination[which, query], gradient[which, query]
         ridge = torch.full_like(gradient_norm[which, query], NEWTON_RIDGE)
         row_gram = gram_diagonal[matrices][which]
         jacobian_support = row_combination > 0
-        direction = _jacobian_solve(basis_now, which, jacobian_support, row_gram, -row_gradient, ridge)
+        direction = _jacobian_solve(
+            basis_now, outer_now, which, query, queries, jacobian_support, row_gram, -row_gradient, ridge
+        )
         direction_full = torch.zeros_like(lam_now)
         direction_full[which, query] = direction
         combination_step = (direction_full @ basis_now.mT)[which, query]  # U d, (R', L)
@@ -501,15 +541,16 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
         active[matrices[which[~accepted]], query[~accepted]] = False
         active_now[which[~accepted], query[~accepted]] = False
 
-    solution, moved = _feasible_rows(rows, basis, lam, target, scale, gram_diagonal)
+    solution, moved = _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal)
     converged = (residual <= tolerance) & (moved <= tolerance * scale)
     return solution, iterations, converged, residual
 
 
-def _feasible_rows(rows, basis, lam, target, scale, gram_diagonal):
+def _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal):
     """Turn the final dual iterates into feasible rows (Uᵀb = Uᵀa to float precision, b ≥ 0).
 
-    rows (M, q, L), basis (M, L, k), lam and target (M, q, k), scale (M, q), gram_diagonal (M, k).
+    rows (M, q, L), basis (M, L, k), outer its `basis_outer_products` or None, lam and target (M, q, k),
+    scale (M, q), gram_diagonal (M, k).
     Returns solution (M, q, L) and moved (M, q), ‖solution - max(Uλ, 0)‖ (how far the repair moved the row).
     """
     count, queries, length = rows.shape
@@ -529,7 +570,7 @@ def _feasible_rows(rows, basis, lam, target, scale, gram_diagonal):
         which, query = torch.nonzero(needs, as_tuple=True)
         correction = torch.zeros_like(lam)
         correction[which, query] = _jacobian_solve(
-            basis, which, support[which, query], gram_diagonal[which], missing[which, query],
+            basis, outer, which, query, queries, support[which, query], gram_diagonal[which], missing[which, query],
             torch.full((len(which),), 1e-14, dtype=torch.float64),
         )
         candidate = torch.where(needs[..., None], candidate + support * (correction @ basis.mT), candidate)
@@ -563,12 +604,14 @@ def simplex_rows(
     rows: (..., q, L) the rows a (non-negative, so that a itself is feasible); the q rows of a batch entry
         share its basis.
     basis: (..., L, k) orthonormal columns (zero columns allowed), e.g. of col([T|1]) so that Σb = Σa.
-    The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton (generalised Jacobian
-    Uᵀ diag(1[Uλ>0]) U plus a ridge of the residual's size, solved through a Woodbury identity when few
-    entries are zero) with Armijo backtracking on ½‖max(Uλ,0)‖² - λᵀUᵀa, starting from λ = Uᵀa.
-    Every returned row is feasible: if the last iterate is not, it is corrected on its support, or projected
-    onto the affine set and blended with a as far as non-negativity allows (then flagged unconverged).
-    Returns a SimplexRowsResult with solution (..., q, L) and per-row fields (..., q).
+    The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton, starting from λ = Uᵀa
+    (b = P a, optimal when already non-negative): the generalised Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny
+    ridge (through a Woodbury identity when few entries are zero), then an exact line search on the piecewise
+    quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa. Rows within the tolerance take a few more steps towards
+    round-off level. Every returned row is feasible: the last iterate is corrected on its support until the
+    equalities hold to float precision; where that fails (degenerate, almost one-hot rows) it is projected
+    onto the affine set and moved from a towards it only as far as non-negativity allows.
+    Chunked over the leading dims. Returns a SimplexRowsResult (solution (..., q, L), per-row fields (..., q)).
     """
     rows = _as_float64_tensor(rows)
     basis = _as_float64_tensor(basis)
@@ -590,7 +633,10 @@ def simplex_rows(
     iterations = torch.zeros((count, queries), dtype=torch.int64)
     converged = torch.ones((count, queries), dtype=torch.bool)
     residual = torch.zeros((count, queries), dtype=torch.float64)
-    per_chunk = max(1, CHUNK_ELEMENTS // max(1, length * k + queries * (6 * (length + k) + 2 * k * k)))
+    per_matrix = length * k + queries * (6 * (length + k) + 2 * k * k)
+    if _use_outer_products(queries, length, k):
+        per_matrix += length * k * (k + 1) // 2
+    per_chunk = max(1, 4 * CHUNK_ELEMENTS // max(1, per_matrix))
     for start in range(0, count, per_chunk):
         chunk = slice(start, start + per_chunk)
         solution[chunk], iterations[chunk], converged[chunk], residual[chunk] = _simplex_chunk(

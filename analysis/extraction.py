@@ -44,15 +44,25 @@ def select_rows(n_rows: int, limit: int | None, seed: int) -> np.ndarray:
 
 
 def plan_extraction(
-    texts: Sequence[str], tokenizer, max_length: int, limit: int | None = None, seed: int = 0
+    texts: Sequence[str],
+    tokenizer,
+    max_length: int,
+    limit: int | None = None,
+    seed: int = 0,
+    candidate_rows: np.ndarray | None = None,
 ) -> ExtractionPlan:
     """Tokenize the selected texts (truncating to `max_length` tokens) and sort them by length (stable).
 
-    The stored position dimension is the longest selected example, at most `max_length`.
+    `candidate_rows` (default: every row) are the corpus rows to choose from, e.g. a held-out split; `limit`
+    draws a seeded sample of them. The stored position dimension is the longest selected example, at most
+    `max_length`.
     """
     if max_length < 2:
         raise ValueError(f"--max-length must be at least 2 tokens, got {max_length}")
-    rows = select_rows(len(texts), limit, seed)
+    candidates = np.arange(len(texts)) if candidate_rows is None else np.asarray(candidate_rows)
+    if len(candidates) == 0:
+        raise ValueError("no examples to extract: the chosen split of the corpus is empty")
+    rows = candidates[select_rows(len(candidates), limit, seed)]
     encoded = tokenizer([texts[row] for row in rows], add_special_tokens=True, truncation=False)["input_ids"]
     untruncated = np.array([len(ids) for ids in encoded], dtype=np.int64)
     truncated = [_truncate(ids, max_length, tokenizer) for ids in encoded]
@@ -203,6 +213,8 @@ def store_attributes(
     dtype: str,
     seed: int,
     top_k: int = 0,
+    split: str = "all",
+    head: dict | None = None,
 ) -> dict:
     """Provenance for the root attributes of an attention store (JSON-serialisable)."""
     from datetime import datetime, timezone
@@ -224,6 +236,7 @@ def store_attributes(
             "num_labels": int(config.num_labels) if loaded.task == "classification" else None,
             "head_seed": seed,
             "weights_digest": loaded.weights_digest,
+            "head": head or {"trained": False},
         },
         "tokenizer": {
             "class": type(tokenizer).__name__,
@@ -236,11 +249,11 @@ def store_attributes(
             "name": corpus.name,
             "source": corpus.source,
             "digest": corpus.digest,
-            "split": "all",
+            "split": split,
             "corpus_size": len(corpus.texts),
             "dropped_empty": int(corpus.dropped_empty),
             "class_names": list(corpus.class_names),
-            "selection": {"limit": limit, "seed": seed},
+            "selection": {"split": split, "limit": limit, "seed": seed},
             "example_count": int(len(plan.length)),
         },
         "extraction": {

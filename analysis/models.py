@@ -160,6 +160,15 @@ def _resolve_source(name_or_path: str) -> tuple[str, dict]:
     )
 
 
+def has_trained_head(name_or_path: str) -> bool:
+    """Whether a model folder holds a trained sequence-classification head (the bundled models never do)."""
+    if name_or_path in BUNDLED_MODELS:
+        return False
+    folder, extra = _resolve_source(name_or_path)
+    config = AutoConfig.from_pretrained(folder, **extra)
+    return any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
+
+
 def load_model(
     name_or_path: str, num_labels: int, device: str = "cpu", seed: int = 0, task: str = "classification"
 ) -> LoadedModel:

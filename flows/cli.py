@@ -34,6 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--task", choices=["classification", "next-token"], default="classification",
                          help="classification logits per example, or next-token logits per position (decoders)")
     extract.add_argument("--top-k", type=_positive_int, default=10, help="next-token logits kept per position")
+    extract.add_argument("--split", choices=["all", "train", "held_out"], default=None,
+                         help="corpus rows to extract (default: held_out when a head is trained here, else all)")
+    extract.add_argument("--no-train", dest="train", action="store_false",
+                         help="keep a random head instead of fine-tuning one (smoke tests only)")
+    extract.add_argument("--epochs", type=_positive_int, default=1, help="epochs of the automatic fine-tuning")
+
+    train = commands.add_parser("train", help="fine-tune a classifier on a labelled corpus (cached)")
+    train.add_argument("--corpus", required=True, help="a labelled corpus: bundled name or file")
+    train.add_argument("--model", default="minilm", help="base model: minilm or a local folder")
+    train.add_argument("--epochs", type=_positive_int, default=1)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--batch-size", type=_positive_int, default=32)
+    train.add_argument("--learning-rate", type=float, default=5e-5)
+    train.add_argument("--max-length", type=_positive_int, default=128)
+    train.add_argument("--max-train-examples", type=_positive_int, default=None)
+    train.add_argument("--text-column", default=None)
+    train.add_argument("--label-column", default=None)
+    train.add_argument("--cache", default=None, help="cache folder (default: $EFFATTN_CACHE or ~/.cache/effattn)")
 
     efficient = commands.add_parser("efficient", help="compute efficient attention from a store (Dask)")
     efficient.add_argument("--store", required=True, help="path or fsspec URL of an attention store")
@@ -52,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    # OpenMP threads that spin while waiting make torch crawl when another process holds a core; must be set
+    # before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from storage_schemas.attention_store import AttentionStoreError
@@ -76,8 +97,27 @@ def main(argv: list[str] | None = None) -> int:
                 seed=arguments.seed,
                 task=arguments.task,
                 top_k=arguments.top_k,
+                split=arguments.split,
+                train=arguments.train,
+                epochs=arguments.epochs,
             )
             print(describe_attention_store(store))
+        elif arguments.command == "train":
+            import json
+            from pathlib import Path
+
+            from flows.train import train
+
+            folder = train(
+                corpus=arguments.corpus, model=arguments.model, epochs=arguments.epochs, seed=arguments.seed,
+                batch_size=arguments.batch_size, learning_rate=arguments.learning_rate,
+                max_length=arguments.max_length, max_train_examples=arguments.max_train_examples,
+                text_column=arguments.text_column, label_column=arguments.label_column, cache_root=arguments.cache,
+            )
+            card = json.loads((Path(folder) / "model_card.json").read_text())
+            print(f"trained model: {folder}")
+            print(f"held-out accuracy {card['held_out_accuracy']:.3f} "
+                  f"(majority baseline {card['majority_baseline']['held_out_accuracy']:.3f})")
         elif arguments.command == "efficient":
             from flows.efficient import efficient
             from storage_schemas.inspection import describe_attention_store

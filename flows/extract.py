@@ -5,8 +5,12 @@ from __future__ import annotations
 from prefect import flow
 from tqdm.auto import tqdm
 
+from analysis.corpora import load_corpus
+from analysis.models import has_trained_head
+from analysis.training import TrainingSettings, default_cache_root
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store
 from tasks.extraction import extract_shard, prepare_store
+from tasks.training import train_head
 
 
 @flow(name="effattn-extract")
@@ -25,16 +29,32 @@ def extract(
     seed: int = 0,
     task: str = "classification",
     top_k: int = 10,
+    split: str | None = None,
+    train: bool = True,
+    epochs: int = 1,
+    cache_root: str | None = None,
 ) -> str:
     """Capture attention, values and logits of `model` over `corpus` into the attention store at `store`.
 
     task "classification" stores the classifier's logits per example; "next-token" (decoders) stores the `top_k`
-    largest next-token logits at every position. A rerun of the same call resumes: completed shards are
-    skipped. Returns the store's URL.
+    largest next-token logits at every position. For classification of a labelled corpus with a model that has
+    no trained head (e.g. `minilm`), a head is first fine-tuned on the corpus's train split (`epochs`, `seed`,
+    `max_length`; cached under `cache_root`, see flows.train) unless `train` is False (then the head is random,
+    drawn from `seed`: for smoke tests only). `split` ("all", "train", "held_out") chooses the corpus rows;
+    its default is "held_out" when this run trained the head and "all" otherwise. A rerun of the same call
+    resumes: completed shards are skipped. Returns the store's URL.
     """
+    loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
+    needs_head = task == "classification" and len(loaded_corpus.class_names) >= 2 and not has_trained_head(model)
+    if train and needs_head:
+        settings = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
+        root = str(cache_root) if cache_root is not None else str(default_cache_root())
+        model = train_head(model, corpus, text_column, label_column, settings.as_dict(), root)
+        split = split or "held_out"
+    split = split or "all"
     todo, num_labels = prepare_store(
         store, corpus, model, max_length, limit, dtype, device, text_column, label_column, shard_size, seed,
-        task, top_k,
+        task, top_k, split,
     )
     group = open_attention_store(store, mode="r+")
     for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):

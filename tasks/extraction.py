@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from analysis.corpora import load_corpus
 from analysis.extraction import capture_examples, plan_extraction, store_attributes
 from analysis.models import output_projection_slices
+from analysis.splits import select_split
+from analysis.training import cached_model_card
 from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
@@ -54,19 +58,30 @@ def prepare_store(
     seed: int,
     task: str = "classification",
     top_k: int = 10,
+    split: str = "all",
+    held_out_fraction: float = 0.2,
 ) -> tuple[list[int], int]:
     """Create the store (tokens, texts, labels, model constants) or check that an existing one is this run's.
 
-    Returns (shards still to extract, number of classes of the model head).
+    `split` ("all", "train", "held_out") chooses the corpus rows (see analysis.splits; `seed` and
+    `held_out_fraction` fix the split as in training). Returns (shards still to extract, classes of the head).
     """
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     num_labels = max(len(loaded_corpus.class_names), 2)
     loaded = cached_model(model, num_labels, device, seed, task)
-    plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, max_length, limit=limit, seed=seed)
+    rows = select_split(len(loaded_corpus), loaded_corpus.labels, split, seed, held_out_fraction,
+                        groups=loaded_corpus.groups)
+    plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, max_length, limit=limit, seed=seed,
+                           candidate_rows=rows)
     top_k = top_k if task == "next-token" else 0
+    card = cached_model_card(Path(model)) if task == "classification" and Path(model).is_dir() else None
+    head = {"trained": card is not None}
+    if card is not None:
+        head.update(model_card=str(Path(model) / "model_card.json"), base_model=card["base_model"]["name"],
+                    held_out_accuracy=card["held_out_accuracy"], settings=card["settings"])
     attributes = store_attributes(
         loaded, loaded_corpus, plan, requested_max_length=max_length, limit=limit, dtype=dtype, seed=seed,
-        top_k=top_k,
+        top_k=top_k, split=split, head=head,
     )
     state = attention_store_state(store)
     if state == "prepared":

@@ -10,8 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting make torch crawl on a shared machine; must precede `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -179,7 +179,7 @@ def test_real_minilm_examples_longer_than_the_head_dim(tmp_path):
     from flows.efficient import efficient
 
     url = str(tmp_path / "minilm.zarr")
-    extract(corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3)
+    extract(corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3, train=False)
     assert (open_attention_store(url)["length"][:] > 32).all()
     efficient(store=url, workers=2)
     check_invariants(url)

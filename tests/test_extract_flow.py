@@ -290,7 +290,7 @@ def test_cli_inspect_of_nothing(tmp_path, capsys):
 @pytest.mark.integration
 def test_minilm_on_rt_sentiment(tmp_path):
     url = str(tmp_path / "minilm.zarr")
-    extract(corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0)
+    extract(corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0, train=False)
     group = open_attention_store(url)
     layout = store_layout(group)
     assert (layout.layers, layout.heads, layout.kv_heads, layout.head_dim, layout.hidden) == (6, 12, 12, 32, 384)
@@ -332,3 +332,26 @@ def test_smollm2_next_token_logits_per_position(tmp_path):
         assert (logits[example, :n, 0] <= lse[example, :n]).all()  # a logit is below the log-sum-exp
         assert not logits[example, n:].any()
     assert group["attention"].shape[1:3] == (30, 9) and group["value"].shape[2] == 3
+
+
+def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
+    """A labelled corpus with a model that has no head: the flow trains one (cached) and extracts held-out rows."""
+    from analysis.splits import select_split
+    from analysis.corpora import load_corpus
+    from tests.conftest import save_model_folder, tiny_bert
+
+    base = save_model_folder(tiny_bert().bert, tmp_path / "base")
+    corpus = str(write_reviews_csv(tmp_path / "reviews.csv"))
+    url = str(tmp_path / "trained.zarr")
+    extract(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4)
+    group = open_attention_store(url)
+    head = group.attrs["model"]["head"]
+    assert head["trained"] is True and head["base_model"] == str(base)
+    assert group.attrs["model"]["name"].startswith(str(tmp_path / "cache" / "heads"))
+    assert group.attrs["corpus"]["selection"]["split"] == "held_out"
+    loaded = load_corpus(corpus)
+    held_out = select_split(len(loaded), loaded.labels, "held_out", 0)
+    assert sorted(group["source_index"][:].tolist()) == held_out.tolist()
+    # the same call again: the cached head is found (no second training folder) and nothing is recomputed
+    extract(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4)
+    assert len([p for p in (tmp_path / "cache" / "heads").iterdir() if not p.name.startswith(".")]) == 1
