@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 # The bundled default run: a few hundred rt-sentiment snippets through MiniLM.
 RUN_STORE ?= runs/rt-sentiment-minilm.zarr
 RUN_LIMIT ?= 300
+RUN_VARIANTS ?= effective,stochastic,simplex
 
 .PHONY: install run test benchmark clean
 
@@ -21,6 +22,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt pyproje
 
 run: install
 	$(BIN)/effattn extract --corpus rt-sentiment --model minilm --store $(RUN_STORE) --limit $(RUN_LIMIT)
+	$(BIN)/effattn efficient --store $(RUN_STORE) --variants $(RUN_VARIANTS)
 
 test: install
 	$(BIN)/python -m pytest -q
