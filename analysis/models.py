@@ -208,33 +208,27 @@ def load_model(
         model = AutoModelForSequenceClassification.from_pretrained(
             folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **extra
         )
-    model.to(device).eval()
-    use_capture_backend(model)
-    return LoadedModel(
-        name=name_or_path,
-        source=folder + (f" ({extra['gguf_file']})" if extra else ""),
-        family=family,
-        causal=family == "llama",
-        model=model,
-        tokenizer=tokenizer,
-        shape=model_shape(model),
-        weights_digest=weights_digest(model),
-        device=device,
-        task=task,
-    )
+    source = folder + (f" ({extra['gguf_file']})" if extra else "")
+    return wrap_model(model, tokenizer, name_or_path, device=device, task=task, source=source)
 
 
 def wrap_model(
-    model: PreTrainedModel, tokenizer, name: str, device: str = "cpu", task: str = "classification"
+    model: PreTrainedModel,
+    tokenizer,
+    name: str,
+    device: str = "cpu",
+    task: str = "classification",
+    source: str = "in-memory model",
 ) -> LoadedModel:
-    """A LoadedModel around a model built in memory (tests, notebooks): switched to the capture backend."""
+    """A LoadedModel around a loaded model (or one built in memory: tests, notebooks): on `device`, in eval mode,
+    switched to the capture backend, its tokenizer padding on the right."""
     family = model_family(model.config.model_type)
     tokenizer.padding_side = "right"
     model.to(device).eval()
     use_capture_backend(model)
     return LoadedModel(
         name=name,
-        source="in-memory model",
+        source=source,
         family=family,
         causal=family == "llama",
         model=model,
