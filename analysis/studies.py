@@ -56,8 +56,8 @@ STUDIES: dict[str, Study] = {
         split="held_out",
         max_length=160,
         training=TrainingSettings(epochs=3, max_length=160),
-        target="held-out accuracy clearly above the majority class (democrat): party from a 100-word passage of "
-        "an unseen speech is hard; speeches of one party share themes and phrases",
+        target="held-out accuracy >= 0.72 (majority class democrat: 0.664 on the held-out speeches); party from a "
+        "100-word passage of an unseen speech is hard, so a clear margin over the majority class is the bar",
     ),
     "next-token": Study(
         name="next-token",
@@ -65,7 +65,7 @@ STUDIES: dict[str, Study] = {
         corpus="bbc-topic",
         model="smollm2",
         split="held_out",
-        max_length=64,
+        max_length=128,  # must exceed smollm2's head dim (64): only then can efficient attention differ
         training=None,
         target="no training: the prediction is smollm2's argmax next token at every position",
     ),

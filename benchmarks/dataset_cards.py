@@ -84,6 +84,10 @@ def length_figures(counts: np.ndarray, max_length: int, head_dim: int) -> dict:
             "share_truncated": float(np.mean(counts > max_length)),
             "share_stored_gt_head_dim": float(np.mean(stored > head_dim)),
             "stored_mean": float(stored.mean()),
+            "n": int(len(counts)),
+            "n_untruncated_gt_head_dim": int(np.sum(counts > head_dim)),
+            "n_truncated": int(np.sum(counts > max_length)),
+            "n_stored_gt_head_dim": int(np.sum(stored > head_dim)),
         }
     )
     return figures
@@ -135,10 +139,10 @@ def study_card(study: Study, tokenizers: dict) -> dict:
         "head_dim": head_dim,
         "max_length": study.max_length,
         "split": {"held_out_fraction": fraction, "seed": seed, "by_group": corpus.groups is not None, **splits},
-        "majority_baseline": {
-            "class": corpus.class_names[majority],
-            "held_out_accuracy": float(np.mean(held_labels == majority)),
-        },
+        # The label baseline only means something where the label is the prediction (not for next-token).
+        "majority_baseline": None
+        if study.task != "classification"
+        else {"class": corpus.class_names[majority], "held_out_accuracy": float(np.mean(held_labels == majority))},
         "tokens": {
             "all": length_figures(counts, study.max_length, head_dim),
             "held_out": length_figures(counts[split["held_out"]], study.max_length, head_dim),
@@ -168,14 +172,25 @@ def print_card(card: dict) -> None:
         dist = ", ".join(f"{label} {count} ({100 * count / total:.1f} %)" for label, count in entry["labels"].items())
         print(f"     {name:<8} {total:>6}{groups}: {dist}")
     base = card["majority_baseline"]
-    print(f"   majority baseline (train-majority class {base['class']!r}) on held_out: {base['held_out_accuracy']:.3f}")
+    if base is not None:
+        print(f"   majority baseline (train-majority class {base['class']!r}) on held_out: "
+              f"{base['held_out_accuracy']:.3f}")
     header = (f"   {'tokens':<9}" + "".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
               + f"{'max':>7}{'mean':>8}  {'L>d':>7}  {'trunc':>7}  {'stored>d':>8}")
     print(header)
     for name, fig in card["tokens"].items():
         print(f"   {name:<9}" + "".join(f"{fig['p' + str(p)]:>7.0f}" for p in PERCENTILES)
               + f"{fig['max']:>7}{fig['mean']:>8.1f}  {_percent(fig['share_untruncated_gt_head_dim'])}"
-              + f"  {_percent(fig['share_truncated'])}  {_percent(fig['share_stored_gt_head_dim']):>8}")
+              + f"  {_percent(fig['share_truncated'])}  {_percent(fig['share_stored_gt_head_dim']):>8}"
+              + f"   (counts {fig['n_untruncated_gt_head_dim']} / {fig['n_truncated']} / {fig['n_stored_gt_head_dim']}"
+              + f" of {fig['n']})")
+    if card["tokens"]["held_out"]["n_stored_gt_head_dim"] == 0:
+        if card["max_length"] <= card["head_dim"]:
+            why = f"max_length {card['max_length']} <= head dim {card['head_dim']}"
+        else:
+            why = "every held-out text is short"
+        print(f"   NOTE: no stored held-out example is longer than the head dim ({why}): the null space is trivial "
+              "and efficient attention equals attention on every example of this study")
     print(f"   (L>d: untruncated length > head dim {card['head_dim']}; trunc: > max_length {card['max_length']}; "
           f"stored>d: min(L, max_length) > head dim)  [{card['seconds']:.1f} s]")
     print()
