@@ -59,6 +59,9 @@ FEASIBILITY_ROUNDS = 6
 # Simplex rows within the tolerance take up to POLISH_STEPS more Newton steps towards POLISH_TOLERANCE.
 POLISH_STEPS = 4
 POLISH_TOLERANCE = 64 * EPS
+# A simplex row counts as converged when its dual residual is within the tolerance and the final feasibility repair
+# moved it by at most REPAIR_ALLOWANCE · tolerance · ‖Uᵀa‖.
+REPAIR_ALLOWANCE = 100.0
 # Ridge added to the simplex Newton system (the generalised Jacobian has eigenvalues in [0, 1]).
 NEWTON_RIDGE = 1e-14
 # Tolerance for "attention is lower-triangular" when causal=True.
@@ -85,7 +88,7 @@ class EfficientAttentionResult:
         null_norm_ratio      ‖A - A_eff‖_F / ‖A‖_F
         iterations           simplex: most Newton iterations over the rows; 0 for the closed-form variants
         converged            simplex: every row converged (dual residual ≤ tolerance and the feasibility
-                             repair moved it by at most tolerance·‖Uᵀa‖); True otherwise
+                             repair moved it by at most REPAIR_ALLOWANCE·tolerance·‖Uᵀa‖); True otherwise
         support_size         mean number of non-zero entries per row
         optimality_residual  simplex: largest relative dual residual over the rows; 0.0 otherwise
     """
@@ -101,7 +104,7 @@ class SimplexRowsResult:
     solution: (..., q, L) feasible rows: solutionᵀU = aᵀU to float precision, solution ≥ 0.
     iterations: (..., q) int64 Newton iterations taken.
     converged: (..., q) bool: dual residual ≤ tolerance, and the final feasibility repair moved the row by at
-        most tolerance·‖Uᵀa‖.
+        most REPAIR_ALLOWANCE·tolerance·‖Uᵀa‖.
     optimality_residual: (..., q) ‖Uᵀmax(Uλ, 0) - Uᵀa‖ / ‖Uᵀa‖ at the final λ.
     support_size: (..., q) int64 number of entries > 0 in the solution.
     """
@@ -542,7 +545,7 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
         active_now[which[~accepted], query[~accepted]] = False
 
     solution, moved = _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal)
-    converged = (residual <= tolerance) & (moved <= tolerance * scale)
+    converged = (residual <= tolerance) & (moved <= REPAIR_ALLOWANCE * tolerance * scale)
     return solution, iterations, converged, residual
 
 

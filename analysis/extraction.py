@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.attention_backend import capture_attention
+from analysis.attention_backend import CapturedLayer, capture_attention
 from analysis.models import LoadedModel
 
 
@@ -119,33 +119,21 @@ def real_token_mask(length: np.ndarray, size: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def capture_batch(
-    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, top_k: int = 10
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward pass with capture over a batch trimmed to its longest example.
+def forward_with_capture(
+    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray
+) -> tuple[list[CapturedLayer], torch.Tensor]:
+    """One forward pass with capture over a batch trimmed to its longest example, Lb = max(length).
 
-    tokens: [batch, >= max(length)] int; length: [batch].
-    Returns attention [batch, layer, head, Lb, Lb], value [batch, layer, kv_head, Lb, head_dim] (both zeroed
-    beyond each length, float32, on CPU) and the predictions: {"logits": [batch, class]} for classification, or
-    next_token_summary(...) zeroed beyond each length for next-token; Lb = max(length).
+    tokens: [batch, >= Lb] int, right-padded; length: [batch].
+    Returns the captured layers in order (attention [batch, head, Lb, Lb], value [batch, kv_head, Lb, head_dim],
+    padding NOT removed) and the logits ([batch, class], or [batch, Lb, vocab] for next-token).
     """
     batch_length = int(np.max(length))
     input_ids = torch.as_tensor(tokens[:, :batch_length], dtype=torch.long, device=loaded.device)
-    mask = torch.as_tensor(real_token_mask(length, batch_length), device=loaded.device)
+    mask = torch.as_tensor(real_token_mask(length, batch_length), device=loaded.device).long()
     with capture_attention() as recorder:
-        logits = loaded.model(input_ids=input_ids, attention_mask=mask.long()).logits
-    layers = recorder.ordered(loaded.shape.layers)
-    attention = torch.stack([layer.attention for layer in layers], dim=1).float()
-    value = torch.stack([layer.value for layer in layers], dim=1).float()
-    pair_mask = (mask[:, :, None] & mask[:, None, :])[:, None, None]  # [batch, 1, 1, Lb, Lb]
-    attention = attention * pair_mask
-    value = value * mask[:, None, None, :, None]
-    if loaded.task == "next-token":
-        predictions = {name: array * mask[..., None] if array.dim() == 3 else array * mask
-                       for name, array in next_token_summary(logits, top_k).items()}
-    else:
-        predictions = {"logits": logits.float()}
-    return attention.cpu(), value.cpu(), {name: array.cpu() for name, array in predictions.items()}
+        logits = loaded.model(input_ids=input_ids, attention_mask=mask).logits
+    return recorder.ordered(loaded.shape.layers), logits
 
 
 def capture_examples(
@@ -156,10 +144,11 @@ def capture_examples(
     dtype: str = "float32",
     top_k: int = 10,
 ) -> CapturedShard:
-    """Run the model over one shard's examples in batches; results padded to tokens.shape[1].
+    """Run the model over one shard's examples in batches; results padded to L = tokens.shape[1].
 
     tokens: [example, L] int (right-padded); length: [example]. Examples should be sorted by length so that
-    batches pad little (the store keeps them so).
+    batches pad little (the store keeps them so). Only each example's real block is copied out of the model's
+    tensors, so everything beyond its length stays exactly zero.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -176,18 +165,21 @@ def capture_examples(
     else:
         predictions = {"logits": np.zeros((n_examples, loaded.model.config.num_labels), dtype=np.float32)}
     for start in range(0, n_examples, batch_size):
-        stop = min(start + batch_size, n_examples)
-        batch_attention, batch_value, batch_predictions = capture_batch(
-            loaded, tokens[start:stop], length[start:stop], top_k
-        )
-        Lb = batch_attention.shape[-1]
-        attention[start:stop, :, :, :Lb, :Lb] = batch_attention.numpy()
-        value[start:stop, :, :, :Lb] = batch_value.numpy()
-        for name, array in batch_predictions.items():
-            if loaded.task == "next-token":  # every prediction array is per position: pad along position
-                predictions[name][start:stop, :Lb] = array.numpy()
-            else:
-                predictions[name][start:stop] = array.numpy()
+        batch_lengths = length[start : start + batch_size]
+        layers, logits = forward_with_capture(loaded, tokens[start : start + batch_size], batch_lengths)
+        for layer_index, layer in enumerate(layers):
+            layer_attention = layer.attention.float().cpu().numpy()
+            layer_value = layer.value.float().cpu().numpy()
+            for offset, n in enumerate(batch_lengths):
+                attention[start + offset, layer_index, :, :n, :n] = layer_attention[offset, :, :n, :n]
+                value[start + offset, layer_index, :, :n] = layer_value[offset, :, :n]
+        if loaded.task == "next-token":
+            summary = {name: array.cpu().numpy() for name, array in next_token_summary(logits, top_k).items()}
+            for offset, n in enumerate(batch_lengths):
+                for name, array in summary.items():
+                    predictions[name][start + offset, :n] = array[offset, :n]
+        else:
+            predictions["logits"][start : start + len(batch_lengths)] = logits.float().cpu().numpy()
     return CapturedShard(attention=attention, value=value, **predictions)
 
 

@@ -9,7 +9,7 @@ from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
 from analysis.training import TrainingSettings, default_cache_root
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store
-from tasks.extraction import extract_shard, prepare_store
+from tasks.extraction import capture_shard, prepare_store, write_captured_shard
 from tasks.training import train_head
 
 
@@ -57,7 +57,14 @@ def extract(
         task, top_k, split,
     )
     group = open_attention_store(store, mode="r+")
+    # Pipelined: shard k is written (a submitted task, in a thread) while shard k+1 is computed; a shard is
+    # recorded as completed only once its write has returned.
+    pending_write = None
     for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):
-        extract_shard(store, shard_index, model, num_labels, device, seed, batch_size, task)
-        mark_shard_completed(group, shard_index)
+        captured = capture_shard(store, shard_index, model, num_labels, device, seed, batch_size, task)
+        if pending_write is not None:
+            mark_shard_completed(group, pending_write.result())
+        pending_write = write_captured_shard.submit(store, shard_index, captured)
+    if pending_write is not None:
+        mark_shard_completed(group, pending_write.result())
     return store

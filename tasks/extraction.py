@@ -8,7 +8,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from analysis.corpora import load_corpus
-from analysis.extraction import capture_examples, plan_extraction, store_attributes
+from analysis.extraction import CapturedShard, capture_examples, plan_extraction, store_attributes
 from analysis.models import output_projection_slices
 from analysis.splits import select_split
 from analysis.training import cached_model_card
@@ -126,8 +126,8 @@ def prepare_store(
     return [index for index in range(store_layout(group).n_shards) if index not in done], num_labels
 
 
-@task(name="extract-shard", cache_policy=NO_CACHE)
-def extract_shard(
+@task(name="capture-shard", cache_policy=NO_CACHE)
+def capture_shard(
     store: str,
     shard_index: int,
     model: str,
@@ -136,16 +136,22 @@ def extract_shard(
     seed: int,
     batch_size: int,
     task: str = "classification",
-) -> int:
-    """Run the model over one shard's examples (tokens read from the store) and write the whole shard."""
+) -> CapturedShard:
+    """Run the model over one shard's examples (tokens read from the store); returns the shard's tensors."""
     loaded = cached_model(model, num_labels, device, seed, task)
-    group = open_attention_store(store, mode="r+")
+    group = open_attention_store(store, mode="r")
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
-    captured = capture_examples(
+    return capture_examples(
         loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
         top_k=max(layout.top_k, 1),
     )
+
+
+@task(name="write-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def write_captured_shard(store: str, shard_index: int, captured: CapturedShard) -> int:
+    """Write one whole shard of captured tensors (safe to retry: it rewrites the same whole shard)."""
+    group = open_attention_store(store, mode="r+")
     write_shard(group, shard_index, captured.attention, captured.value, captured.logits,
                 captured.logit_ids, captured.logsumexp)
     return shard_index
