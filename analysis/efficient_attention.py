@@ -618,7 +618,8 @@ def simplex_rows(
     """
     rows = _as_float64_tensor(rows)
     basis = _as_float64_tensor(basis)
-    if rows.ndim < 2 or basis.ndim != rows.ndim or basis.shape[:-2] != rows.shape[:-2] or basis.shape[-2] != rows.shape[-1]:
+    same_leading = basis.ndim == rows.ndim and basis.shape[:-2] == rows.shape[:-2]
+    if rows.ndim < 2 or not same_leading or basis.shape[-2] != rows.shape[-1]:
         raise ValueError(
             f"rows must be (..., q, L) and basis (..., L, k) with the same leading dims and L; got "
             f"{tuple(rows.shape)} and {tuple(basis.shape)}"
@@ -676,7 +677,8 @@ def effective_attention_reference_loop(attention, value, w_out, length) -> np.nd
         for layer in range(layers):
             for head in range(heads):
                 a = attention[example, layer, head, :size, :size].astype(np.float64)
-                t = value[example, layer, head // group, :size].astype(np.float64) @ w_out[layer, head].astype(np.float64)
+                v = value[example, layer, head // group, :size].astype(np.float64)
+                t = v @ w_out[layer, head].astype(np.float64)
                 left, singular_values, _ = np.linalg.svd(t, full_matrices=True)
                 threshold = (singular_values[0] if singular_values.size else 0.0) * max(t.shape) * EPS
                 rank = int((singular_values > threshold).sum())
@@ -797,7 +799,9 @@ def _simplex_block(
             bases, ranks = prefix_column_space_bases(with_ones[matrix_index:matrix_index + 1], hidden_size)
             solve = torch.nonzero(ranks[0] < torch.arange(1, length + 1)).flatten()
             if len(solve):
-                found = simplex_rows(attention[matrix_index, solve, None, :], bases[0, solve], max_iterations, tolerance)
+                found = simplex_rows(
+                    attention[matrix_index, solve, None, :], bases[0, solve], max_iterations, tolerance
+                )
                 found = SimplexRowsResult(found.solution[:, 0], found.iterations[:, 0], found.converged[:, 0],
                                           found.optimality_residual[:, 0], found.support_size[:, 0])
                 store(matrix_index, solve, found)

@@ -120,7 +120,9 @@ def slsqp_simplex_row(a: np.ndarray, t: np.ndarray) -> np.ndarray:
     target = constraint_matrix @ a
     solution = minimize(
         lambda b: 0.5 * b @ b, a, jac=lambda b: b, method="SLSQP", bounds=[(0, None)] * len(a),
-        constraints=[{"type": "eq", "fun": lambda b: constraint_matrix @ b - target, "jac": lambda b: constraint_matrix}],
+        constraints=[
+            {"type": "eq", "fun": lambda b: constraint_matrix @ b - target, "jac": lambda b: constraint_matrix}
+        ],
         options={"ftol": 1e-15, "maxiter": 2000},
     )
     assert solution.success, solution.message
@@ -230,7 +232,7 @@ def test_row_sums_and_non_negativity(sizes):
         effective.diagnostics["row_sum_error"], np.abs(block.sum(-1) - 1).max(-1), atol=1e-15
     )
     np.testing.assert_allclose(
-        effective.diagnostics["negative_mass"], np.clip(block, None, 0).__abs__().sum((-2, -1)) / size, atol=1e-15
+        effective.diagnostics["negative_mass"], np.abs(np.clip(block, None, 0)).sum((-2, -1)) / size, atol=1e-15
     )
 
 
@@ -376,12 +378,9 @@ def test_grouped_query_heads_use_their_kv_head():
     for variant in ("effective", "stochastic"):
         expected = reference_closed_form(attention, value, w_out, lengths, variant, causal=False)
         np.testing.assert_allclose(results[variant].efficient, expected, atol=1e-10)
-    # The same check would catch a wrong mapping: heads 1 and 2 swap kv heads under h % kv_heads.
-    wrong_value = value[:, :, [0, 1, 0, 1]]
-    wrong_w = w_out
-    wrong = reference_closed_form(
-        attention, np.ascontiguousarray(wrong_value), wrong_w, lengths, "effective", causal=False
-    )
+    # The check has power: under the wrong mapping h % kv_heads, heads 1 and 2 would use the other kv head.
+    wrong_mapping = np.ascontiguousarray(value[:, :, [0, 1, 0, 1]])
+    wrong = reference_closed_form(attention, wrong_mapping, w_out, lengths, "effective", causal=False)
     assert np.abs(wrong - results["effective"].efficient).max() > 1e-3
     # And expanding the kv heads explicitly (one kv head per query head) gives identical results.
     expanded = np.ascontiguousarray(value[:, :, [0, 0, 1, 1]])
@@ -510,9 +509,9 @@ def test_certificate_falls_back_to_svd_for_rank_deficient_values():
     assert not full_rank_certificate(matrix, 16).item()
     assert full_rank_certificate(torch.from_numpy(rng.normal(size=(1, size, head_dim))), 16).item()
     for causal in (False, True):
-        problem = (attention if not causal else np.tril(attention), value, w_out, lengths)
-        if causal:
-            problem[0][0, 0, 0] /= problem[0][0, 0, 0].sum(-1, keepdims=True)
+        causal_attention = np.tril(attention)
+        causal_attention /= causal_attention.sum(-1, keepdims=True)
+        problem = (causal_attention if causal else attention, value, w_out, lengths)
         results = efficient_attention(*problem, causal=causal)
         assert results["effective"].diagnostics["rank"][0, 0, 0] == 2
         for variant in ("effective", "stochastic"):
@@ -647,9 +646,6 @@ def test_unknown_variant_and_negative_attention_are_rejected():
 
 def test_large_batches_are_chunked(monkeypatch):
     """Results do not depend on the chunk size (many chunks versus one)."""
-    attention, value, w_out, lengths = make_problem(
-        23, examples=5, layers=2, heads=2, positions=12, head_dim=4, lengths=[12, 12, 9, 12, 5]
-    )
     for causal in (False, True):
         problem = make_problem(
             23, examples=5, layers=2, heads=2, positions=12, head_dim=4, lengths=[12, 12, 9, 12, 5], causal=causal
