@@ -481,3 +481,19 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def trained_head_provenance(model: str) -> dict:
+    """What a store records of the head that produced its logits: {"trained": False} for a registry name or a
+    folder without a complete model card; else the card's path, base model, held-out accuracy and settings."""
+    folder = Path(model)
+    card = cached_model_card(folder) if folder.is_dir() else None
+    if card is None:
+        return {"trained": False}
+    return {
+        "trained": True,
+        "model_card": str(folder / "model_card.json"),
+        "base_model": card["base_model"]["name"],
+        "held_out_accuracy": card["held_out_accuracy"],
+        "settings": card["settings"],
+    }

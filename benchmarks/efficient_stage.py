@@ -40,7 +40,7 @@ from storage_schemas.attention_store import (  # noqa: E402
     store_layout,
     write_shard,
 )
-from tasks.efficient import compute_pending_shards  # noqa: E402
+from tasks.efficient import compute_shards, prepare_variants  # noqa: E402
 
 SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
 
@@ -74,7 +74,7 @@ def warm_up_worker() -> None:
 
 def timed_stage(store: str, client, variants) -> float:
     start = time.perf_counter()
-    compute_pending_shards(store, variants, SETTINGS, client)
+    compute_shards(store, prepare_variants(store, variants, SETTINGS), SETTINGS, client)
     return time.perf_counter() - start
 
 

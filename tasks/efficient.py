@@ -80,15 +80,20 @@ def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:
     return work
 
 
-def compute_pending_shards(store: str, variants: Sequence[str], settings: dict, client) -> int:
-    """Prepare the arrays, run every pending shard on the Dask `client`, record completion as results arrive.
+def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dict[int, list[str]]:
+    """Create (or check) the arrays of every variant; returns the pending work, shard -> variants."""
+    group = open_attention_store(store, mode="r+")
+    for variant in variants:
+        prepare_efficient_arrays(group, store, variant, settings)
+    return pending_work(group, variants)
+
+
+def compute_shards(store: str, work: dict[int, list[str]], settings: dict, client) -> int:
+    """Run `work` (shard -> variants) on the Dask `client`, recording completion as results arrive.
     Returns the number of shards computed."""
     from distributed import as_completed
 
     group = open_attention_store(store, mode="r+")
-    for variant in variants:
-        prepare_efficient_arrays(group, store, variant, settings)
-    work = pending_work(group, variants)
     futures = [
         client.submit(compute_efficient_shard, store, shard, shard_variants, settings, pure=False)
         for shard, shard_variants in work.items()
@@ -107,10 +112,8 @@ def run_efficient_shards(
     store: str, variants: list[str], settings: dict, dask_address: str | None, workers: int | None
 ) -> int:
     """Run every pending shard of the store on Dask (an existing cluster or a LocalCluster)."""
-    group = open_attention_store(store, mode="r+")
-    for variant in variants:
-        prepare_efficient_arrays(group, store, variant, settings)
-    if not pending_work(group, variants):
+    work = prepare_variants(store, variants, settings)
+    if not work:
         return 0
     with dask_client(dask_address, workers) as client:
-        return compute_pending_shards(store, variants, settings, client)
+        return compute_shards(store, work, settings, client)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -11,7 +9,7 @@ from analysis.corpora import load_corpus
 from analysis.extraction import CapturedShard, capture_examples, plan_extraction, store_attributes
 from analysis.models import output_projection_slices
 from analysis.splits import select_split
-from analysis.training import cached_model_card
+from analysis.training import trained_head_provenance
 from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
@@ -74,11 +72,7 @@ def prepare_store(
     plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, max_length, limit=limit, seed=seed,
                            candidate_rows=rows)
     top_k = top_k if task == "next-token" else 0
-    card = cached_model_card(Path(model)) if task == "classification" and Path(model).is_dir() else None
-    head = {"trained": card is not None}
-    if card is not None:
-        head.update(model_card=str(Path(model) / "model_card.json"), base_model=card["base_model"]["name"],
-                    held_out_accuracy=card["held_out_accuracy"], settings=card["settings"])
+    head = trained_head_provenance(model) if task == "classification" else {"trained": False}
     attributes = store_attributes(
         loaded, loaded_corpus, plan, requested_max_length=max_length, limit=limit, dtype=dtype, seed=seed,
         top_k=top_k, split=split, head=head,
