@@ -130,7 +130,8 @@ def load_corpus(
             whitespace-only strings) get label ``-1``.
 
     Returns:
-        A :class:`Corpus`. Bundled corpora are cached; ``labels`` is read-only.
+        A :class:`Corpus`. Bundled corpora are cached, and so are user files (until the file changes on disk);
+        ``labels`` is read-only.
 
     Raises:
         ValueError: unknown corpus name, unsupported extension, missing text column, missing
@@ -168,7 +169,25 @@ def load_corpus(
             f"expected a file ending in {', '.join(SUPPORTED_EXTENSIONS)}. Convert it to CSV, "
             f"JSONL (one JSON object per line) or Parquet with a text column."
         )
-    return _load_user_file(name_or_path, path, ext, text_column, label_column)
+    stat = path.stat()
+    return _load_user_file_cached(
+        name_or_path, str(path.resolve()), ext, text_column, label_column, stat.st_mtime_ns, stat.st_size
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_user_file_cached(
+    name: str,
+    resolved_path: str,
+    ext: str,
+    text_column: str | None,
+    label_column: str | None,
+    mtime_ns: int,
+    size: int,
+) -> Corpus:
+    """A user file is read once per (path, columns, modification time, size): the stages of one run load the
+    same corpus several times, and a file changed on disk is read again."""
+    return _load_user_file(name, Path(resolved_path), ext, text_column, label_column)
 
 
 # --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
-from analysis.training import TrainingSettings, default_cache_root
+from analysis.training import TrainingSettings
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store
 from tasks.extraction import capture_shard, prepare_store, write_captured_shard
 from tasks.training import train_head
@@ -48,8 +48,7 @@ def extract(
     needs_head = task == "classification" and len(loaded_corpus.class_names) >= 2 and not has_trained_head(model)
     if train and needs_head:
         settings = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
-        root = str(cache_root) if cache_root is not None else str(default_cache_root())
-        model = train_head(model, corpus, text_column, label_column, settings.as_dict(), root)
+        model = train_head(model, corpus, text_column, label_column, settings.as_dict(), cache_root)
         split = split or "held_out"
     split = split or "all"
     todo, num_labels = prepare_store(

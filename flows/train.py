@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from analysis.training import TrainingSettings, default_cache_root
+from analysis.training import TrainingSettings
 from tasks.training import train_head
 
 
@@ -40,5 +40,4 @@ def train(
         max_length=max_length,
         max_train_examples=max_train_examples,
     )
-    root = str(cache_root) if cache_root is not None else str(default_cache_root())
-    return train_head(model, corpus, text_column, label_column, settings.as_dict(), root)
+    return train_head(model, corpus, text_column, label_column, settings.as_dict(), cache_root)

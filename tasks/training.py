@@ -15,6 +15,7 @@ from analysis.training import (
     TrainingSettings,
     cached_model_card,
     check_trainable,
+    default_cache_root,
     head_cache_key,
     train_classifier,
     trained_head_folder,
@@ -38,11 +39,12 @@ def train_head(
     text_column: str | None,
     label_column: str | None,
     settings_dict: dict,
-    cache_root: str,
+    cache_root: str | None,
 ) -> str:
     """The folder of a classifier fine-tuned from `base` on `corpus_name` with these settings.
 
-    The folder is ``<cache_root>/heads/<key>`` (see analysis.training.head_cache_key). A folder with a complete
+    The folder is ``<cache_root>/heads/<key>`` (see analysis.training.head_cache_key; `cache_root` None means
+    analysis.training.default_cache_root()). A folder with a complete
     model card is a cache hit and is returned at once; otherwise the model is trained into a temporary folder
     beside the target and renamed into place (a folder without a card, left by a crash, is replaced).
     """
@@ -52,7 +54,7 @@ def train_head(
     check_trainable(corpus)
     base_model = cached_model(base, len(corpus.class_names), "cpu", settings.seed)
     key = head_cache_key(base_model.weights_digest, corpus.digest, settings)
-    target = trained_head_folder(Path(cache_root), key)
+    target = trained_head_folder(Path(cache_root) if cache_root is not None else default_cache_root(), key)
     card = cached_model_card(target)
     if card is not None:
         logger.info(

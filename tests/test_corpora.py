@@ -323,3 +323,21 @@ def test_political_party_passages_keep_their_speech():
     words = np.array([len(text.split()) for text in corpus.texts])
     assert words.min() >= 30 and words.max() <= 100
     assert corpus.digest == load_corpus("political-party").digest
+
+
+def test_user_file_is_read_once_until_it_changes(tmp_path, monkeypatch):
+    import analysis.corpora as corpora
+
+    path = tmp_path / "cached.csv"
+    path.write_text("text,label\nfirst text,a\nsecond text,b\n", encoding="utf-8")
+    reads = []
+    original = corpora._load_user_file
+    monkeypatch.setattr(corpora, "_load_user_file", lambda *args: reads.append(args) or original(*args))
+    corpora._load_user_file_cached.cache_clear()
+    first = load_corpus(str(path))
+    assert load_corpus(str(path)) is first and len(reads) == 1
+    path.write_text("text,label\nfirst text,a\nsecond text,b\nthird text,a\n", encoding="utf-8")
+    changed = load_corpus(str(path))
+    assert len(reads) == 2 and len(changed) == 3
+    load_corpus(str(path), label_column="label")  # other columns asked for: another read
+    assert len(reads) == 3
