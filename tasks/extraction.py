@@ -142,9 +142,21 @@ def capture_shard(
     )
 
 
-@task(name="write-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def retry_on_io_error(task, task_run, state) -> bool:
+    """Retry only I/O failures (a flaky disk or object store); a wrong shape or a bad store fails at once."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is not transient
+        return False
+    return False
+
+
+@task(name="write-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
+      retry_condition_fn=retry_on_io_error)
 def write_captured_shard(store: str, shard_index: int, captured: CapturedShard) -> int:
-    """Write one whole shard of captured tensors (safe to retry: it rewrites the same whole shard)."""
+    """Write one whole shard of captured tensors (an I/O error is retried: it rewrites the same whole shard)."""
     group = open_attention_store(store, mode="r+")
     write_shard(group, shard_index, captured.attention, captured.value, captured.logits,
                 captured.logit_ids, captured.logsumexp)

@@ -355,3 +355,12 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     # the same call again: the cached head is found (no second training folder) and nothing is recomputed
     extract(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4)
     assert len([p for p in (tmp_path / "cache" / "heads").iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_write_retries_only_io_errors():
+    from prefect.states import Failed
+
+    from tasks.extraction import retry_on_io_error
+
+    assert retry_on_io_error(None, None, Failed(data=OSError("disk hiccup"))) is True
+    assert retry_on_io_error(None, None, Failed(data=ValueError("shard 1: 'value' has shape ..."))) is False
