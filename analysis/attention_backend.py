@@ -1,9 +1,13 @@
-"""The attention backend: one custom attention function that computes eager attention and can capture it.
+"""The attention backend: one custom attention function that computes eager attention, captures it, and can
+replace it.
 
 Models of transformers 5.x look their attention function up by name in `AttentionInterface` and their mask
 function in `AttentionMaskInterface`. This module registers both under `ATTENTION_IMPLEMENTATION`; a model
-switched to it with `use_capture_backend(model)` computes exactly the eager attention of its family and, while a
-`capture_attention()` context is open, hands the probabilities and the values of every layer to a recorder.
+switched to it with `use_capture_backend(model)` computes exactly the eager attention of its family and
+- while a `capture_attention()` context is open, hands the probabilities and the values of every layer to a
+  recorder;
+- while an `inject_attention(injection)` context is open, replaces the probabilities of chosen (layer, head)
+  pairs by given matrices on the real tokens (padding untouched) before the product with the values.
 
 Forward hooks on modules cannot do this: the product of probabilities and values happens inside the function.
 Without the mask registration the model would get no padding mask at all and silently attend to padding.
@@ -61,6 +65,42 @@ class AttentionRecorder:
         return [self.layers[index] for index in range(n_layers)]
 
 
+@dataclass
+class LayerInjection:
+    """Replacement probabilities for one layer of a forward pass over `copies` copies of a batch.
+
+    The model's input is the batch repeated `copies` times, copy-major: row c * batch + b is example b of copy c.
+    replacement: [batch, heads, Lq, Lk] the matrices to inject (shared by every copy);
+    replace: [copies, batch, heads] bool, which heads of which copy take them;
+    real: [batch, 1, Lq, Lk] bool, the real block of each example (only there is anything replaced).
+    """
+
+    replacement: torch.Tensor
+    replace: torch.Tensor
+    real: torch.Tensor
+
+    def apply(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [copies * batch, heads, Lq, Lk] -> the same with the chosen heads replaced on the real block."""
+        copies, batch, heads = self.replace.shape
+        if weights.shape[0] != copies * batch or weights.shape[1] != heads:
+            raise RuntimeError(
+                f"the injection is for {copies} copies of a batch of {batch} with {heads} heads, but the model ran "
+                f"a batch of {weights.shape[0]} with {weights.shape[1]} heads: repeat the inputs copy-major"
+            )
+        chosen = self.replace[:, :, :, None, None] & self.real[None]
+        replaced = torch.where(
+            chosen, self.replacement[None].to(weights.dtype), weights.view(copies, batch, *weights.shape[1:])
+        )
+        return replaced.view(weights.shape)
+
+
+@dataclass
+class AttentionInjection:
+    """Replacements by layer index for one forward pass (layers not listed run unchanged)."""
+
+    layers: dict[int, LayerInjection] = field(default_factory=dict)
+
+
 _active = threading.local()
 
 
@@ -74,6 +114,17 @@ def capture_attention() -> Iterator[AttentionRecorder]:
         yield recorder
     finally:
         _active.recorder = previous
+
+
+@contextlib.contextmanager
+def inject_attention(injection: AttentionInjection) -> Iterator[AttentionInjection]:
+    """Within this context, the backend's attention function replaces probabilities as `injection` says."""
+    previous = getattr(_active, "injection", None)
+    _active.injection = injection
+    try:
+        yield injection
+    finally:
+        _active.injection = previous
 
 
 def _repeat_kv_heads(states: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -94,7 +145,7 @@ def effattn_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention, as transformers' BERT and Llama families compute it, plus capture.
+    """Eager attention, as transformers' BERT and Llama families compute it, plus capture and injection.
 
     query: [batch, heads, query, head_dim]; key, value: [batch, kv_heads, key, head_dim];
     attention_mask: additive float mask [batch, 1, query, key] or None.
@@ -110,6 +161,10 @@ def effattn_attention(
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key_states.shape[-2]]
     weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+    injection: AttentionInjection | None = getattr(_active, "injection", None)
+    if injection is not None and module.layer_idx in injection.layers:
+        weights = injection.layers[module.layer_idx].apply(weights)
 
     recorder: AttentionRecorder | None = getattr(_active, "recorder", None)
     if recorder is not None:

@@ -9,8 +9,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from analysis.attention_backend import (
     ATTENTION_IMPLEMENTATION,
+    AttentionInjection,
     AttentionRecorder,
+    LayerInjection,
     capture_attention,
+    inject_attention,
     use_capture_backend,
 )
 from tests.conftest import tiny_bert, tiny_llama
@@ -65,3 +68,55 @@ def test_model_without_backend_records_nothing():
     with torch.no_grad(), capture_attention() as recorder:
         model(input_ids=torch.randint(1, 1000, (1, 5)))
     assert recorder.layers == {}
+
+
+def _injection_for(layer: int, replacement, replace, length: list[int], size: int) -> AttentionInjection:
+    real = torch.arange(size)[None, :] < torch.tensor(length)[:, None]
+    return AttentionInjection({layer: LayerInjection(replacement, replace, (real[:, :, None] & real[:, None, :])[:, None])})
+
+
+@pytest.mark.parametrize("make_model", [tiny_bert, tiny_llama])
+def test_injection_replaces_only_the_chosen_heads_on_the_real_block(make_model):
+    model = make_model()
+    use_capture_backend(model)
+    input_ids = torch.randint(1, 1000, (2, 10))
+    mask = torch.ones_like(input_ids)
+    mask[1, 7:] = 0
+    with torch.no_grad(), capture_attention() as original:
+        model(input_ids=input_ids, attention_mask=mask)
+    replacement = torch.full((2, 4, 10, 10), 0.5)
+    replace = torch.tensor([[[False, True, False, False], [False, True, False, False]]])  # 1 copy, head 1
+    injection = _injection_for(0, replacement, replace, [10, 7], 10)
+    with torch.no_grad(), inject_attention(injection), capture_attention() as injected:
+        model(input_ids=input_ids, attention_mask=mask)
+    before, after = original.layers[0].attention, injected.layers[0].attention
+    assert torch.equal(after[:, [0, 2, 3]], before[:, [0, 2, 3]])  # other heads untouched
+    assert (after[0, 1] == 0.5).all()
+    assert (after[1, 1, :7, :7] == 0.5).all()
+    assert torch.equal(after[1, 1, 7:], before[1, 1, 7:])  # padding rows untouched
+    assert torch.equal(after[1, 1, :, 7:], before[1, 1, :, 7:])  # padding keys untouched (zero)
+    with torch.no_grad(), capture_attention() as later:
+        model(input_ids=input_ids, attention_mask=mask)  # outside the context: the model is itself again
+    assert torch.equal(later.layers[0].attention, before)
+
+
+def test_injection_copies_each_replace_their_own_heads():
+    model = tiny_bert()
+    use_capture_backend(model)
+    input_ids = torch.randint(1, 1000, (1, 9)).repeat(2, 1)  # copy 0 and copy 1 of a batch of one
+    replacement = torch.zeros((1, 4, 9, 9))
+    replace = torch.tensor([[[True, False, False, False]], [[False, False, False, True]]])
+    with torch.no_grad(), inject_attention(_injection_for(1, replacement, replace, [9], 9)), \
+            capture_attention() as recorder:
+        model(input_ids=input_ids)
+    weights = recorder.layers[1].attention
+    assert (weights[0, 0] == 0).all() and (weights[0, 3] != 0).any()
+    assert (weights[1, 3] == 0).all() and (weights[1, 0] != 0).any()
+
+
+def test_injection_of_the_wrong_batch_says_how_to_repeat_inputs():
+    model = tiny_bert()
+    use_capture_backend(model)
+    injection = _injection_for(0, torch.zeros((2, 4, 6, 6)), torch.ones((1, 2, 4), dtype=torch.bool), [6, 6], 6)
+    with torch.no_grad(), inject_attention(injection), pytest.raises(RuntimeError, match="repeat the inputs copy-major"):
+        model(input_ids=torch.randint(1, 1000, (3, 6)))

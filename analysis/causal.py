@@ -1,0 +1,240 @@
+"""Causal tests: forward passes with injected attention, the places they are injected, and what is measured.
+
+A *target* is the set of (layer, head) pairs an intervention replaces at once: one head (scope "head"), every
+head of one layer ("layer") or every head of every layer ("all"). Many targets run in one batched forward pass:
+the batch is repeated once per target (copy-major) and each copy replaces only its own target's heads
+(analysis.attention_backend.LayerInjection), so there is no Python loop per head in the forward pass.
+
+Metrics compare the intervened model's predictions with the original model's (`original_logits`):
+classification predicts one class per example; next-token predicts the next token at every real position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis.attention_backend import AttentionInjection, LayerInjection, inject_attention
+from analysis.extraction import real_token_mask
+from analysis.models import LoadedModel
+
+SCOPES: tuple[str, ...] = ("all", "layer", "head")
+
+# name -> description; every metric is per (intervention, target, example).
+METRICS: dict[str, str] = {
+    "agreement": "share of predictions equal to the original model's (classification: 0 or 1; next-token: share "
+    "of real positions whose top-1 token is kept)",
+    "flipped": "1 when at least one prediction differs from the original model's, else 0",
+    "max_abs_logit_change": "largest |intervened logit - original logit| (next-token: over real positions and "
+    "the whole vocabulary)",
+    "kl_divergence": "KL(original || intervened) of the predicted distributions, in nats (next-token: mean over "
+    "real positions)",
+    "correct": "share of correct predictions against the labels (next-token: the actual next token); NaN when "
+    "the example has no label",
+    "stored_logit_difference": "largest |intervened logit - stored logit| over the logits kept in the store (the "
+    "replay check)",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an intervention is injected: scope 'all' (layer = head = -1), 'layer' (head = -1) or 'head'."""
+
+    scope: str
+    layer: int = -1
+    head: int = -1
+
+    @property
+    def name(self) -> str:
+        if self.scope == "all":
+            return "all"
+        if self.scope == "layer":
+            return f"layer {self.layer}"
+        return f"layer {self.layer} head {self.head}"
+
+    def mask(self, layers: int, heads: int) -> np.ndarray:
+        """[layer, head] bool: the heads replaced."""
+        chosen = np.zeros((layers, heads), dtype=bool)
+        if self.scope == "all":
+            chosen[:] = True
+        elif self.scope == "layer":
+            chosen[self.layer] = True
+        else:
+            chosen[self.layer, self.head] = True
+        return chosen
+
+
+def targets_for(scopes: Sequence[str], layers: int, heads: int) -> list[Target]:
+    """Every target of the given scopes, in the order all, layer 0.., layer 0 head 0.."""
+    unknown = [scope for scope in scopes if scope not in SCOPES]
+    if unknown or not scopes:
+        raise ValueError(f"unknown scopes {unknown or list(scopes)}: choose from {list(SCOPES)}")
+    targets = []
+    if "all" in scopes:
+        targets.append(Target("all"))
+    if "layer" in scopes:
+        targets += [Target("layer", layer) for layer in range(layers)]
+    if "head" in scopes:
+        targets += [Target("head", layer, head) for layer in range(layers) for head in range(heads)]
+    return targets
+
+
+@torch.inference_mode()
+def plain_logits(loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray) -> torch.Tensor:
+    """The unmodified model's logits for a batch trimmed to Lb = max(length): [batch, class] or
+    [batch, Lb, vocab] (next-token), float32 on the CPU."""
+    batch_length = int(np.max(length))
+    input_ids = torch.as_tensor(tokens[:, :batch_length], dtype=torch.long, device=loaded.device)
+    mask = torch.as_tensor(real_token_mask(length, batch_length), device=loaded.device).long()
+    return loaded.model(input_ids=input_ids, attention_mask=mask).logits.float().cpu()
+
+
+@torch.inference_mode()
+def intervened_logits(
+    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, replacement: np.ndarray, target_masks: np.ndarray
+) -> torch.Tensor:
+    """Logits with `replacement` injected at each target, all targets in one forward pass.
+
+    tokens: [batch, >= Lb] right-padded ids; length: [batch]; replacement: [batch, layer, head, >= Lb, >= Lb]
+    matrices (zero outside the real block); target_masks: [target, layer, head] bool.
+    Returns [target, batch, class] or [target, batch, Lb, vocab] (next-token), float32 on the CPU.
+    """
+    batch_length = int(np.max(length))
+    copies, layers, heads = target_masks.shape
+    batch = len(length)
+    device = loaded.device
+    input_ids = torch.as_tensor(tokens[:, :batch_length], dtype=torch.long, device=device).repeat(copies, 1)
+    real_tokens = torch.as_tensor(real_token_mask(length, batch_length), device=device)
+    attention_mask = real_tokens.long().repeat(copies, 1)
+    real_block = (real_tokens[:, :, None] & real_tokens[:, None, :])[:, None]  # [batch, 1, Lb, Lb]
+    replace = torch.as_tensor(target_masks, device=device)
+    injection = AttentionInjection()
+    for layer in range(layers):
+        if not target_masks[:, layer].any():
+            continue
+        injection.layers[layer] = LayerInjection(
+            replacement=torch.as_tensor(replacement[:, layer, :, :batch_length, :batch_length], device=device),
+            replace=replace[:, None, layer, :].expand(copies, batch, heads),
+            real=real_block,
+        )
+    with inject_attention(injection):
+        logits = loaded.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits.float().cpu().view(copies, batch, *logits.shape[1:])
+
+
+def _kl_divergence(original: torch.Tensor, intervened: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(original) || softmax(intervened)) over the last dim, in nats."""
+    log_original = torch.log_softmax(original.double(), dim=-1)
+    log_intervened = torch.log_softmax(intervened.double(), dim=-1)
+    return (log_original.exp() * (log_original - log_intervened)).sum(-1)
+
+
+def classification_metrics(
+    original_logits: np.ndarray, stored_logits: np.ndarray, intervened: torch.Tensor, label: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Metrics of every target and example.
+
+    original_logits, stored_logits: [batch, class] (the original model's, and the stored ones: the same for a
+    classification store); intervened: [target, batch, class]; label: [batch] class ids, -1 when unknown.
+    Returns {metric: [target, batch] float32}.
+    """
+    original = torch.as_tensor(original_logits, dtype=torch.float32)
+    agreement = (intervened.argmax(-1) == original.argmax(-1)[None]).double()
+    correct = (intervened.argmax(-1) == torch.as_tensor(label)[None]).double()
+    correct = torch.where(torch.as_tensor(label)[None] >= 0, correct, torch.nan)
+    metrics = {
+        "agreement": agreement,
+        "flipped": 1.0 - agreement,
+        "max_abs_logit_change": (intervened - original[None]).abs().amax(-1),
+        "kl_divergence": _kl_divergence(original[None], intervened),
+        "correct": correct,
+        "stored_logit_difference": (intervened - torch.as_tensor(stored_logits)[None]).abs().amax(-1),
+    }
+    return {name: values.numpy().astype(np.float32) for name, values in metrics.items()}
+
+
+def next_token_metrics(
+    original_logits: torch.Tensor,
+    stored_logits: np.ndarray,
+    stored_logit_ids: np.ndarray,
+    intervened: torch.Tensor,
+    tokens: np.ndarray,
+    length: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Metrics of every target and example for next-token prediction, over the real positions.
+
+    original_logits: [batch, Lb, vocab] the unmodified model's; stored_logits, stored_logit_ids: [batch, >= Lb,
+    top_k] what the store kept; intervened: [target, batch, Lb, vocab]; tokens: [batch, >= Lb] (the next token of
+    position p is tokens[p + 1]); length: [batch]. Returns {metric: [target, batch] float32}.
+    """
+    batch_length = intervened.shape[2]
+    real = torch.as_tensor(real_token_mask(length, batch_length))  # [batch, Lb]
+    count = real.sum(-1).clamp(min=1).double()
+    original_top = original_logits.argmax(-1)  # [batch, Lb]
+    intervened_top = intervened.argmax(-1)  # [target, batch, Lb]
+    kept = (intervened_top == original_top[None]) & real[None]
+    next_token = torch.as_tensor(tokens[:, 1 : batch_length + 1], dtype=torch.long)
+    has_next = torch.as_tensor(real_token_mask(np.asarray(length) - 1, batch_length))[:, : next_token.shape[1]]
+    correct = ((intervened_top[..., : next_token.shape[1]] == next_token[None]) & has_next[None]).sum(-1)
+    next_count = has_next.sum(-1).double()
+    change = ((intervened - original_logits[None]).abs().amax(-1) * real[None]).amax(-1)
+    divergence = (_kl_divergence(original_logits[None], intervened) * real[None]).sum(-1) / count
+    ids = torch.as_tensor(stored_logit_ids[:, :batch_length], dtype=torch.long)
+    kept_logits = torch.gather(intervened, -1, ids[None].expand(intervened.shape[0], *ids.shape))
+    stored = torch.as_tensor(stored_logits[:, :batch_length])[None]
+    stored_difference = ((kept_logits - stored).abs().amax(-1) * real[None]).amax(-1)
+    metrics = {
+        "agreement": kept.sum(-1).double() / count,
+        "flipped": ((~kept & real[None]).any(-1)).double(),
+        "max_abs_logit_change": change,
+        "kl_divergence": divergence,
+        "correct": torch.where(next_count > 0, correct.double() / next_count.clamp(min=1), torch.nan),
+        "stored_logit_difference": stored_difference,
+    }
+    return {name: values.numpy().astype(np.float32) for name, values in metrics.items()}
+
+
+def injected_change_ratio(injected: np.ndarray, attention: np.ndarray) -> np.ndarray:
+    """||injected - A||_F / ||A||_F over every layer and head of each example: how far the injected matrices are
+    from the real ones. injected, attention: [example, layer, head, L, L]. Returns [example] float32."""
+    difference = injected.astype(np.float64) - attention
+    numerator = np.sqrt((difference**2).sum(axis=(1, 2, 3, 4)))
+    denominator = np.sqrt((attention.astype(np.float64) ** 2).sum(axis=(1, 2, 3, 4)))
+    return (numerator / np.where(denominator > 0, denominator, 1.0)).astype(np.float32)
+
+
+def aggregate_metrics(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-(intervention, target) aggregates of per-example metrics {name: [intervention, target, example]}
+    (NaN: not measured). Returns the arrays of storage_schemas.causal_results.AGGREGATES, [intervention, target]."""
+    measured = ~np.isnan(metrics["agreement"])
+    count = measured.sum(-1)
+
+    def reduce(values: np.ndarray, how) -> np.ndarray:
+        values = values.astype(np.float64)
+        result = np.full(values.shape[:2], np.nan)
+        has = ~np.isnan(values)
+        rows = has.any(-1)
+        with np.errstate(invalid="ignore"):
+            result[rows] = how(np.where(has, values, np.nan)[rows], axis=-1)
+        return result
+
+    return {
+        "agreement_rate": reduce(metrics["agreement"], np.nanmean),
+        "flip_rate": reduce(metrics["flipped"], np.nanmean),
+        "largest_logit_change": reduce(metrics["max_abs_logit_change"], np.nanmax),
+        "mean_kl_divergence": reduce(metrics["kl_divergence"], np.nanmean),
+        "accuracy": reduce(metrics["correct"], np.nanmean),
+        "largest_stored_logit_difference": reduce(metrics["stored_logit_difference"], np.nanmax),
+        "examples_measured": count.astype(np.float64),
+    }
+
+
+def measured_examples(n_examples: int, count: int | None) -> np.ndarray:
+    """`count` example indices spread evenly over 0..n_examples-1 (all when count is None or >= n_examples).
+    The store keeps examples sorted by length, so an even spread covers short and long ones."""
+    if count is None or count >= n_examples:
+        return np.arange(n_examples)
+    return np.unique(np.linspace(0, n_examples - 1, count).round().astype(np.int64))

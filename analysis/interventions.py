@@ -1,0 +1,299 @@
+"""Interventions of the causal stage: which attention matrices are injected in place of the real ones.
+
+For one example, layer and head (notation of analysis.efficient_attention: A the attention, E = A_eff the
+stored efficient attention of a variant, T = V W_O^h, X = V·factor with col(X) = col(T)):
+
+    replay                      A                          the stored original: must reproduce the stored logits
+    efficient:<variant>         E                          sufficiency: does the prediction survive?
+    null:<variant>              A - E                      necessity: the removed part alone
+    efficient+null-noise:<v>    E + N                      N random, rows in the left null space of T ([T|1] for
+                                                           stochastic and simplex), ||N|| = ||A - E||: must not move
+    colspace-noise:<variant>    A + C                      C random, rows in col(T), ||C|| = ||A - E||: must move
+    uniform                     1/L on every real key      (causal: 1/(i+1) on keys <= i)
+    ablate                      0                          the head adds nothing but the output bias
+    minimality:effective:k=<k>  A P_(r-k)                  the effective projection with the k weakest directions
+                                                           of col(T) (smallest singular values) dropped
+
+Norms are Frobenius norms of the real L×L block. Causal (decoder) models: every row i uses the prefix T[:i+1],
+so every matrix stays lower-triangular. Random matrices come from a generator seeded by (seed, example index,
+intervention name): the same example gets the same noise however the examples are batched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis.efficient_attention import (
+    CHUNK_ELEMENTS,
+    VARIANTS,
+    column_space_basis,
+    output_factor,
+    prefix_column_space_bases,
+    project_rows,
+    project_rows_causal,
+    rank_threshold,
+    with_ones_column,
+)
+
+KINDS: tuple[str, ...] = (
+    "replay", "efficient", "null", "efficient+null-noise", "colspace-noise", "uniform", "ablate", "minimality",
+)
+KINDS_WITH_VARIANT = ("efficient", "null", "efficient+null-noise", "colspace-noise", "minimality")
+KIND_DESCRIPTIONS: dict[str, str] = {
+    "replay": "the stored attention A (must reproduce the stored logits)",
+    "efficient": "the stored efficient attention E of the variant (sufficiency)",
+    "null": "A - E, the part the variant removes (necessity)",
+    "efficient+null-noise": "E + N, N random in the left null space with ||N|| = ||A - E|| (must not move)",
+    "colspace-noise": "A + C, C random in col(T) with ||C|| = ||A - E|| (must move)",
+    "uniform": "uniform attention over the real (causal: visible) keys",
+    "ablate": "zero attention: the head contributes nothing",
+    "minimality": "A projected on col(T) without its k weakest directions",
+}
+DEFAULT_MINIMALITY_DIRECTIONS: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One kind of injected matrix; `variant` names the efficient-attention variant it is built from."""
+
+    kind: str
+    variant: str = ""
+    removed_directions: int = 0  # minimality only: k
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown intervention kind {self.kind!r}: choose from {list(KINDS)}")
+        if self.kind in KINDS_WITH_VARIANT:
+            if self.variant not in VARIANTS:
+                raise ValueError(
+                    f"intervention {self.kind!r} needs a variant from {list(VARIANTS)}, e.g. '{self.kind}:effective'"
+                )
+        elif self.variant:
+            raise ValueError(f"intervention {self.kind!r} takes no variant, got {self.variant!r}")
+        if self.kind == "minimality":
+            if self.variant != "effective":
+                raise ValueError("the minimality probe truncates the effective projection: use minimality:effective:k=K")
+            if self.removed_directions < 1:
+                raise ValueError(f"minimality needs k >= 1 directions removed, got {self.removed_directions}")
+        elif self.removed_directions:
+            raise ValueError(f"only minimality removes directions, got k={self.removed_directions} for {self.kind}")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "minimality":
+            return f"minimality:{self.variant}:k={self.removed_directions}"
+        return f"{self.kind}:{self.variant}" if self.variant else self.kind
+
+    @property
+    def needs_efficient(self) -> bool:
+        """Whether the stored efficient attention of `variant` is read (minimality recomputes its projection)."""
+        return self.kind in ("efficient", "null", "efficient+null-noise", "colspace-noise")
+
+    @classmethod
+    def parse(cls, name: str) -> Intervention:
+        """'efficient:stochastic', 'null:simplex', 'minimality:effective:k=4', 'ablate', ..."""
+        parts = name.strip().split(":")
+        if parts[0] == "minimality":
+            if len(parts) != 3 or not parts[2].startswith("k=") or not parts[2][2:].isdigit():
+                raise ValueError(f"cannot read {name!r}: write the minimality probe as minimality:effective:k=4")
+            return cls("minimality", parts[1], int(parts[2][2:]))
+        if len(parts) > 2:
+            raise ValueError(f"cannot read intervention {name!r}: write KIND or KIND:VARIANT, e.g. null:effective")
+        return cls(parts[0], parts[1] if len(parts) == 2 else "")
+
+
+def default_interventions(
+    variants: Sequence[str] = VARIANTS, minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS
+) -> list[Intervention]:
+    """Every intervention of the causal tests for these variants (minimality only when 'effective' is among them)."""
+    interventions = [Intervention("replay")]
+    for kind in ("efficient", "null", "efficient+null-noise", "colspace-noise"):
+        interventions += [Intervention(kind, variant) for variant in variants]
+    interventions += [Intervention("uniform"), Intervention("ablate")]
+    if "effective" in variants:
+        interventions += [Intervention("minimality", "effective", k) for k in minimality_directions]
+    return interventions
+
+
+def parse_interventions(names: Sequence[str]) -> list[Intervention]:
+    """Interventions from their names, in order, without duplicates (an error names a duplicate)."""
+    interventions = [Intervention.parse(name) for name in names]
+    seen = set()
+    for intervention in interventions:
+        if intervention.name in seen:
+            raise ValueError(f"intervention {intervention.name} is listed twice")
+        seen.add(intervention.name)
+    return interventions
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the matrices
+
+
+def _noise_seed(seed: int, example_index: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{example_index}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _random_blocks(
+    example_indices: np.ndarray, layers: int, heads: int, size: int, seed: int, name: str
+) -> torch.Tensor:
+    """[example, layer, head, size, size] standard normal float64, reproducible per example."""
+    blocks = torch.empty((len(example_indices), layers, heads, size, size), dtype=torch.float64)
+    for position, example_index in enumerate(example_indices):
+        generator = torch.Generator().manual_seed(_noise_seed(seed, int(example_index), name))
+        blocks[position] = torch.randn((layers, heads, size, size), generator=generator, dtype=torch.float64)
+    return blocks
+
+
+def _scaled_to(matrices: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """matrices (n, L, L) rescaled to Frobenius norms `norms` (n,); a zero matrix stays zero."""
+    current = torch.linalg.matrix_norm(matrices)
+    factor = torch.where(current > 0, norms / torch.where(current > 0, current, torch.ones_like(current)), 0.0)
+    return matrices * factor[:, None, None]
+
+
+def _truncated_projection(attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, removed: int,
+                          causal: bool) -> torch.Tensor:
+    """Rows of `attention` (n, L, L) projected on the span of the leading rank - `removed` left singular vectors
+    of `matrix` (n, L, m) (causal: of every row's prefix matrix[:i+1]). Returns (n, L, L)."""
+    length = attention.shape[-1]
+    if not causal:
+        left, singular_values, _ = torch.linalg.svd(matrix, full_matrices=False)
+        rank = (singular_values > rank_threshold(singular_values[:, :1], length, hidden_size)).sum(-1)
+        keep = torch.arange(left.shape[-1])[None, :] < (rank - removed)[:, None]
+        return project_rows(attention, left * keep[:, None, :])
+    bases, ranks = prefix_column_space_bases(matrix, hidden_size)  # (n, L, L, r), (n, L)
+    keep = torch.arange(bases.shape[-1])[None, None, :] < (ranks - removed)[:, :, None]  # (n, L, r)
+    bases = bases * keep[:, :, None, :]
+    coefficients = torch.einsum("nil,nilr->nir", attention, bases)
+    return torch.tril(torch.einsum("nir,nilr->nil", coefficients, bases))
+
+
+def _uniform_block(n: int, size: int, causal: bool) -> torch.Tensor:
+    if causal:
+        visible = torch.tril(torch.ones((size, size), dtype=torch.float64))
+        block = visible / visible.sum(-1, keepdim=True)
+    else:
+        block = torch.full((size, size), 1.0 / size, dtype=torch.float64)
+    return block.expand(n, size, size)
+
+
+@dataclass
+class _Chunk:
+    """Equal-length matrices of a batch: where they are and their float64 blocks."""
+
+    example: np.ndarray  # (n,) position in the batch
+    layer: np.ndarray
+    head: np.ndarray
+    attention: torch.Tensor  # (n, L, L)
+    matrix: torch.Tensor  # (n, L, m) = X with col(X) = col(T)
+    efficient: torch.Tensor | None  # (n, L, L) stored efficient attention of the variant
+
+
+def _chunks(attention, value, w_out, length, efficient, extra_per_matrix: int) -> Iterator[_Chunk]:
+    examples, layers, heads = attention.shape[:3]
+    group = heads // value.shape[2]
+    factor = output_factor(w_out)  # (layer, head, d, m)
+    columns = factor.shape[-1]
+    for size in sorted(set(np.asarray(length).tolist()) - {0}):
+        chosen_examples = np.flatnonzero(length == size)
+        total = len(chosen_examples) * layers * heads
+        per_chunk = max(1, CHUNK_ELEMENTS // (size * size * (10 + extra_per_matrix) + 4 * size * columns))
+        for start in range(0, total, per_chunk):
+            flat = np.arange(start, min(total, start + per_chunk))
+            position, layer, head = np.unravel_index(flat, (len(chosen_examples), layers, heads))
+            example = chosen_examples[position]
+            values = torch.as_tensor(np.asarray(value[example, layer, head // group, :size, :]), dtype=torch.float64)
+            yield _Chunk(
+                example=example,
+                layer=layer,
+                head=head,
+                attention=torch.as_tensor(np.asarray(attention[example, layer, head, :size, :size]), dtype=torch.float64),
+                matrix=values @ factor[torch.from_numpy(layer), torch.from_numpy(head)],
+                efficient=None if efficient is None else torch.as_tensor(
+                    np.asarray(efficient[example, layer, head, :size, :size]), dtype=torch.float64
+                ),
+            )
+
+
+def intervention_matrices(
+    intervention: Intervention,
+    attention: np.ndarray,
+    value: np.ndarray,
+    w_out: np.ndarray,
+    length: np.ndarray,
+    causal: bool,
+    efficient: np.ndarray | None = None,
+    example_indices: np.ndarray | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """The matrices `intervention` injects for every (example, layer, head) of a batch.
+
+    attention: [example, layer, head, L, L] stored probabilities; value: [example, layer, kv_head, L, head_dim];
+    w_out: [layer, head, head_dim, hidden]; length: [example] real tokens; efficient: [example, layer, head, L, L]
+    the stored efficient attention of `intervention.variant` (required when `intervention.needs_efficient`);
+    example_indices: [example] the examples' indices in the store (they seed the noise; default 0..n-1).
+    Returns [example, layer, head, L, L] float32, zero outside each example's real block.
+    """
+    attention = np.asarray(attention)
+    examples, layers, heads, size, _ = attention.shape
+    length = np.asarray(length).astype(np.int64)
+    if example_indices is None:
+        example_indices = np.arange(examples)
+    if intervention.needs_efficient and efficient is None:
+        raise ValueError(f"{intervention.name} needs the stored efficient attention of variant {intervention.variant}")
+    result = np.zeros(attention.shape, dtype=np.float32)
+    kind = intervention.kind
+    if kind == "ablate":
+        return result
+    if kind in ("replay", "efficient", "null", "uniform"):
+        for index, n in enumerate(length):
+            if kind == "replay":
+                block = attention[index, :, :, :n, :n]
+            elif kind == "efficient":
+                block = efficient[index, :, :, :n, :n]
+            elif kind == "null":
+                block = attention[index, :, :, :n, :n].astype(np.float64) - efficient[index, :, :, :n, :n]
+            else:
+                block = _uniform_block(1, int(n), causal)[0].numpy()
+            result[index, :, :, :n, :n] = block
+        return result
+
+    hidden_size = w_out.shape[-1]
+    with_ones = intervention.variant in ("stochastic", "simplex")
+    noise = None
+    if kind in ("efficient+null-noise", "colspace-noise"):
+        noise = {}
+        for n in sorted(set(length.tolist()) - {0}):
+            chosen = np.flatnonzero(length == n)
+            noise[n] = (chosen, _random_blocks(example_indices[chosen], layers, heads, n, seed, intervention.name))
+    extra = (size + 2) if causal else 2
+    for chunk in _chunks(attention, value, w_out, length, efficient if intervention.needs_efficient else None, extra):
+        n = chunk.attention.shape[-1]
+        if kind == "minimality":
+            block = _truncated_projection(chunk.attention, chunk.matrix, hidden_size, intervention.removed_directions,
+                                          causal)
+        else:
+            chosen, blocks = noise[n]
+            random = blocks[np.searchsorted(chosen, chunk.example), chunk.layer, chunk.head]  # (k, n, n)
+            if causal:
+                random = torch.tril(random)
+            removed_norm = torch.linalg.matrix_norm(chunk.attention - chunk.efficient)
+            if kind == "colspace-noise":
+                inside = (project_rows_causal(random, chunk.matrix, hidden_size) if causal
+                          else project_rows(random, column_space_basis(chunk.matrix, hidden_size)[0]))
+                block = chunk.attention + _scaled_to(inside, removed_norm)
+            else:
+                space = with_ones_column(chunk.matrix) if with_ones else chunk.matrix
+                space_hidden = hidden_size + 1 if with_ones else hidden_size
+                inside = (project_rows_causal(random, space, space_hidden) if causal
+                          else project_rows(random, column_space_basis(space, space_hidden)[0]))
+                block = chunk.efficient + _scaled_to(random - inside, removed_norm)
+        result[chunk.example, chunk.layer, chunk.head, :n, :n] = block.numpy()
+    return result

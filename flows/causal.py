@@ -1,0 +1,108 @@
+"""The causal stage as a Prefect flow: attention store (+ efficient attention) -> causal results dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow
+from tqdm.auto import tqdm
+
+from analysis.causal import SCOPES, targets_for
+from analysis.interventions import DEFAULT_MINIMALITY_DIRECTIONS, default_interventions, parse_interventions
+from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
+from storage_schemas.efficient_store import efficient_array_path
+from tasks.causal import prepare_results, run_causal_shard, summarise_results
+
+
+def causal_settings(
+    store: str,
+    interventions: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
+    scopes: Sequence[str] = SCOPES,
+    layer_interventions: Sequence[str] | None = None,
+    head_interventions: Sequence[str] | None = None,
+    scope_examples: int | None = 64,
+    minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything that shapes the numbers of a causal run (a rerun with other settings is refused).
+
+    Defaults: the variants present in the store; every intervention for them at scope "all"; efficient, null,
+    uniform and ablate at scope "layer"; efficient and null of the first variant and ablate at scope "head";
+    the layer and head scopes on `scope_examples` examples spread over the store (None: all).
+    """
+    group = open_attention_store(store, mode="r")
+    layout = store_layout(group)
+    if variants is None:
+        variants = [variant for variant in ("effective", "stochastic", "simplex")
+                    if efficient_array_path(variant) in group]
+    variants = list(variants)
+    if interventions is None:
+        directions = [k for k in minimality_directions if k < layout.head_dim]
+        chosen = default_interventions(variants, directions)
+    else:
+        chosen = parse_interventions(interventions)
+    names = [item.name for item in chosen]
+    if layer_interventions is None:
+        layer_interventions = [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")]
+    if head_interventions is None:
+        head_interventions = [name for name in (f"efficient:{variants[0]}", f"null:{variants[0]}", "ablate")
+                              if variants and name in names] or [name for name in names if name == "ablate"]
+    for scope_name, listed in (("layer", layer_interventions), ("head", head_interventions)):
+        unknown = [name for name in listed if name not in names]
+        if unknown:
+            raise ValueError(f"--{scope_name}-interventions {unknown} are not among the interventions run: {names}")
+    targets = targets_for(list(scopes), layout.layers, layout.heads)
+    attributes = group.attrs.asdict()
+    return {
+        "interventions": names,
+        "scopes": list(scopes),
+        "scope_interventions": {"all": names, "layer": list(layer_interventions), "head": list(head_interventions)},
+        "scope_examples": None if scope_examples is None else int(scope_examples),
+        "targets": [{"name": t.name, "scope": t.scope, "layer": t.layer, "head": t.head} for t in targets],
+        "seed": int(seed),
+        "store_identity": {
+            "weights_digest": attributes["model"]["weights_digest"],
+            "corpus_digest": attributes["corpus"]["digest"],
+            "examples": layout.n_examples,
+        },
+    }
+
+
+@flow(name="effattn-causal")
+def causal(
+    store: str,
+    results: str,
+    interventions: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
+    scopes: Sequence[str] = SCOPES,
+    layer_interventions: Sequence[str] | None = None,
+    head_interventions: Sequence[str] | None = None,
+    scope_examples: int | None = 64,
+    minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS,
+    seed: int = 0,
+    model: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    forward_rows: int | None = None,
+) -> list[dict[str, Any]]:
+    """Re-inject stored attention, efficient attention and controls into the model; write per-example metrics,
+    aggregates and the claims table to the results dataset at `results`. Resumable: done shards are skipped.
+
+    `model` overrides the model named in the store (it must have the same weights). `forward_rows` bounds the
+    rows of one intervened forward pass (targets x examples; default 64, 8 for next-token stores whose logits
+    span the vocabulary). Returns the claims table (analysis.claims).
+    """
+    settings = causal_settings(store, interventions, variants, scopes, layer_interventions, head_interventions,
+                               scope_examples, minimality_directions, seed)
+    if forward_rows is None:
+        task_name = open_attention_store(store).attrs["extraction"]["task"]
+        forward_rows = 8 if task_name == "next-token" else 64
+    todo = prepare_results(store, results, settings)
+    group = open_causal_results(results, mode="r+")
+    for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
+        run_causal_shard(store, results, shard_index, settings, model, device, batch_size, forward_rows)
+        mark_causal_shard_completed(group, shard_index)
+    return summarise_results(store, results)

@@ -1,0 +1,135 @@
+"""The causal stage (flows/causal.py, tasks/causal.py): results from a real store, resumable, refusing mismatches."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from flows.causal import causal
+from flows.efficient import efficient
+from flows.extract import extract
+from storage_schemas.causal_results import CausalResultsError, open_causal_results
+from tests.conftest import write_reviews_csv
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llama_store(tmp_path_factory, tiny_llama_folder) -> str:
+    """Tiny Llama (grouped-query, head dim 8; its logits react visibly to ablation, unlike the tiny BERT's) over 10
+    reviews, 3 shards, with all three efficient variants."""
+    folder = tmp_path_factory.mktemp("causal")
+    url = str(folder / "store.zarr")
+    extract(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+            shard_size=4, batch_size=4)
+    efficient(store=url, workers=1)
+    return url
+
+
+def test_causal_run_measures_every_intervention_and_answers_the_claims(llama_store, tmp_path, capsys):
+    from flows.cli import main
+
+    results = str(tmp_path / "results.zarr")
+    assert main(["causal", "--store", llama_store, "--results", results, "--scope-examples", "4",
+                 "--minimality-k", "1,2"]) == 0
+    printed = capsys.readouterr().out
+    assert "sufficient (effective)" in printed and f"results: {results}" in printed
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    interventions = dataset["intervention"].values.tolist()
+    assert interventions[:4] == ["replay", "efficient:effective", "efficient:stochastic", "efficient:simplex"]
+    assert "minimality:effective:k=2" in interventions
+    everything = dict(intervention="replay", target="all")
+    assert float(dataset["stored_logit_difference"].sel(**everything).max()) <= TOLERANCE
+    for variant in ("effective", "stochastic", "simplex"):
+        kept = dataset.sel(intervention=f"efficient:{variant}")
+        measured = kept["agreement"].notnull()
+        assert (kept["agreement"].where(measured) == 1).sum() == measured.sum()
+        assert float(kept["max_abs_logit_change"].max()) <= TOLERANCE
+    # one layer at a time, the null part does exactly what ablation does
+    layers = dataset["target_scope"] == "layer"
+    null = dataset["max_abs_logit_change"].sel(intervention="null:effective").where(layers)
+    ablate = dataset["max_abs_logit_change"].sel(intervention="ablate").where(layers)
+    np.testing.assert_allclose(null.values, ablate.values, atol=TOLERANCE)
+    assert float(ablate.max()) > 10 * TOLERANCE  # ablation changes the logits, so the check above can fail
+    # the head scope measured only the 4 spread examples, and only its interventions
+    heads = dataset.sel(target="layer 1 head 3")
+    assert int(heads["agreement"].sel(intervention="efficient:effective").notnull().sum()) == 4
+    assert int(heads["agreement"].sel(intervention="uniform").notnull().sum()) == 0
+    assert dataset["examples_measured"].sel(intervention="replay", target="all").values == 10
+    # aggregates agree with the per-example numbers
+    np.testing.assert_allclose(dataset["agreement_rate"].values, dataset["agreement"].mean("example").values)
+    claims = dataset.attrs["claims"]
+    assert {row["claim"] for row in claims} >= {"sufficient (simplex)", "necessary (effective)", "minimal (effective)",
+                                                "replay reproduces the stored model"}
+    assert dataset.attrs["model"]["weights_digest"] == open_causal_results(results).attrs["settings"][
+        "store_identity"]["weights_digest"]
+
+
+def test_a_rerun_skips_done_shards_and_recomputes_a_lost_one_identically(llama_store, tmp_path):
+    results = str(tmp_path / "results.zarr")
+    options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective"],
+                   scopes=["all", "head"], head_interventions=["colspace-noise:effective"], scope_examples=3)
+    causal(store=llama_store, results=results, **options)
+    group = open_causal_results(results, mode="r+")
+    before = {name: group[name][:] for name in ("agreement", "max_abs_logit_change", "injected_change_ratio")}
+    # a crash: shard 1 was never recorded as done and holds garbage
+    group.attrs["completed_shards"] = [0, 2]
+    group["max_abs_logit_change"][:, :, 4:8] = 123.0
+    causal(store=llama_store, results=results, **options)
+    for name, values in before.items():
+        np.testing.assert_array_equal(group[name][:], values)  # the same noise again: seeded per example
+    assert open_causal_results(results).attrs["completed_shards"] == [0, 1, 2]
+    with pytest.raises(CausalResultsError, match=r"holds causal results of another run \(seed: stored 0, requested 1"):
+        causal(store=llama_store, results=results, seed=1, **options)
+
+
+def test_missing_efficient_attention_and_another_model_are_refused(llama_store, tmp_path, tiny_bert_folder):
+    store = str(tmp_path / "store.zarr")
+    shutil.copytree(llama_store, store)
+    shutil.rmtree(f"{store}/efficient/simplex")
+    with pytest.raises(CausalResultsError, match=r"lacks finished efficient attention for the variants \['simplex'\]: "
+                                                 r"run `effattn efficient --store .* --variants simplex` first"):
+        causal(store=store, results=str(tmp_path / "r1.zarr"), interventions=["null:simplex"])
+    with pytest.raises(CausalResultsError, match=r"but the store was extracted with .*: pass --model with the model "
+                                                 "that wrote the store"):
+        causal(store=store, results=str(tmp_path / "r2.zarr"), interventions=["ablate"], scopes=["all"],
+               model=str(tiny_bert_folder))
+
+
+def test_next_token_store(tmp_path, tiny_llama_folder):
+    url = str(tmp_path / "lm.zarr")
+    extract(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+            task="next-token", top_k=4, shard_size=5, batch_size=5)
+    efficient(store=url, variants=["stochastic"], workers=1)
+    results = str(tmp_path / "results.zarr")
+    causal(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"], scopes=["all"])
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
+    assert (dataset["agreement"].sel(intervention="efficient:stochastic") == 1).all()
+    assert float(dataset["max_abs_logit_change"].sel(intervention="ablate").max()) > 10 * TOLERANCE
+    # next-token accuracy: the share of positions whose next token is predicted, in [0, 1]
+    correct = dataset["correct"].sel(intervention="replay", target="all")
+    assert ((correct >= 0) & (correct <= 1)).all()
+    np.testing.assert_allclose(correct.values, dataset["original_correct"].values, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_minilm_on_real_reviews(tmp_path):
+    """MiniLM (random head, so no training here) on a few rt-sentiment snippets: the exact cases hold."""
+    url = str(tmp_path / "rt.zarr")
+    extract(corpus="rt-sentiment", model="minilm", store=url, limit=6, train=False, batch_size=6)
+    efficient(store=url, variants=["effective", "stochastic"], workers=1)
+    results = str(tmp_path / "results.zarr")
+    causal(store=url, results=results, interventions=["replay", "efficient:effective", "efficient:stochastic",
+                                                      "null:effective", "ablate"], scopes=["all", "layer"])
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
+    for variant in ("effective", "stochastic"):
+        assert float(dataset["max_abs_logit_change"].sel(intervention=f"efficient:{variant}").max()) <= TOLERANCE
+    layers = dataset["target_scope"] == "layer"
+    np.testing.assert_allclose(
+        dataset["max_abs_logit_change"].sel(intervention="null:effective").where(layers).values,
+        dataset["max_abs_logit_change"].sel(intervention="ablate").where(layers).values, atol=TOLERANCE)

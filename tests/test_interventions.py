@@ -1,0 +1,163 @@
+"""analysis.interventions: names, and the matrices each intervention injects (checked against T = V W_O^h)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.efficient_attention import efficient_attention
+from analysis.interventions import Intervention, default_interventions, intervention_matrices, parse_interventions
+
+HEAD_DIM, HIDDEN = 4, 12
+
+
+def random_inputs(causal: bool, lengths=(11, 7, 3), layers=2, heads=2, kv_heads=1, seed=0):
+    """Softmax attention (lower-triangular when causal), values and output projections; L up to 11 > head dim 4."""
+    rng = np.random.default_rng(seed)
+    size = max(lengths)
+    attention = np.zeros((len(lengths), layers, heads, size, size), dtype=np.float32)
+    value = np.zeros((len(lengths), layers, kv_heads, size, HEAD_DIM), dtype=np.float32)
+    for example, n in enumerate(lengths):
+        scores = rng.normal(size=(layers, heads, n, n)) * 2
+        if causal:
+            scores = np.where(np.tril(np.ones((n, n))) > 0, scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        attention[example, :, :, :n, :n] = weights / weights.sum(-1, keepdims=True)
+        value[example, :, :, :n] = rng.normal(size=(layers, kv_heads, n, HEAD_DIM))
+    w_out = rng.normal(size=(layers, heads, HEAD_DIM, HIDDEN)).astype(np.float32)
+    return attention, value, w_out, np.array(lengths)
+
+
+def blocks(matrices, attention, value, w_out, lengths):
+    """Yield (injected, A, T) per (example, layer, head) on the real block, float64."""
+    heads = attention.shape[2]
+    group = heads // value.shape[2]
+    for example, n in enumerate(lengths):
+        for layer in range(attention.shape[1]):
+            for head in range(heads):
+                T = value[example, layer, head // group, :n].astype(np.float64) @ w_out[layer, head]
+                yield (matrices[example, layer, head, :n, :n].astype(np.float64),
+                       attention[example, layer, head, :n, :n].astype(np.float64), T)
+
+
+def test_names_round_trip_and_bad_names_say_how_to_write_them():
+    for intervention in default_interventions():
+        assert Intervention.parse(intervention.name) == intervention
+    assert [item.name for item in default_interventions(["stochastic"], (1, 2))] == [
+        "replay", "efficient:stochastic", "null:stochastic", "efficient+null-noise:stochastic",
+        "colspace-noise:stochastic", "uniform", "ablate",
+    ]  # no minimality without the effective variant
+    with pytest.raises(ValueError, match=r"unknown intervention kind 'zero'"):
+        Intervention.parse("zero")
+    with pytest.raises(ValueError, match=r"intervention 'null' needs a variant from .*'null:effective'"):
+        Intervention.parse("null")
+    with pytest.raises(ValueError, match=r"intervention 'ablate' takes no variant"):
+        Intervention.parse("ablate:effective")
+    with pytest.raises(ValueError, match=r"write the minimality probe as minimality:effective:k=4"):
+        Intervention.parse("minimality:effective")
+    with pytest.raises(ValueError, match="intervention ablate is listed twice"):
+        parse_interventions(["ablate", "uniform", "ablate"])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_matrix_is_zero_outside_the_real_block_and_causal_ones_stay_lower_triangular(causal):
+    attention, value, w_out, lengths = random_inputs(causal)
+    efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)
+    for intervention in default_interventions(minimality_directions=(1, 2)):
+        matrices = intervention_matrices(intervention, attention, value, w_out, lengths, causal,
+                                         efficient=efficient[intervention.variant].efficient
+                                         if intervention.needs_efficient else None)
+        assert matrices.dtype == np.float32 and matrices.shape == attention.shape
+        for example, n in enumerate(lengths):
+            assert not matrices[example, :, :, n:].any() and not matrices[example, :, :, :, n:].any()
+            if causal:
+                assert not np.triu(matrices[example, :, :, :n, :n], k=1).any(), intervention.name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_replay_efficient_null_uniform_and_ablate(causal):
+    attention, value, w_out, lengths = random_inputs(causal)
+    efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)["effective"].efficient
+    def build(name):
+        return intervention_matrices(Intervention.parse(name), attention, value, w_out, lengths, causal,
+                                     efficient=efficient)
+
+    np.testing.assert_array_equal(build("replay"), attention)
+    np.testing.assert_allclose(build("efficient:effective"), efficient, atol=1e-7)
+    np.testing.assert_allclose(build("null:effective") + build("efficient:effective"), attention, atol=1e-6)
+    assert not build("ablate").any()
+    uniform = build("uniform")
+    for example, n in enumerate(lengths):
+        np.testing.assert_allclose(uniform[example, :, :, :n, :n].sum(-1), 1.0, rtol=1e-6)
+        visible = np.tril(np.ones((n, n))) if causal else np.ones((n, n))
+        assert ((uniform[example, :, :, :n, :n] > 0) == (visible > 0)).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", ["effective", "stochastic"])
+def test_null_noise_keeps_the_output_and_colspace_noise_moves_it_by_the_removed_norm(causal, variant):
+    attention, value, w_out, lengths = random_inputs(causal)
+    efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)[variant].efficient
+    null_noise = intervention_matrices(Intervention("efficient+null-noise", variant), attention, value, w_out,
+                                       lengths, causal, efficient=efficient)
+    colspace = intervention_matrices(Intervention("colspace-noise", variant), attention, value, w_out, lengths,
+                                     causal, efficient=efficient)
+    moved = 0
+    for (noisy, A, T), (inside, _, _), (E, _, _) in zip(
+        blocks(null_noise, attention, value, w_out, lengths),
+        blocks(colspace, attention, value, w_out, lengths),
+        blocks(efficient, attention, value, w_out, lengths),
+    ):
+        removed = np.linalg.norm(A - E)
+        scale = np.linalg.norm(A @ T)
+        np.testing.assert_allclose(np.linalg.norm(noisy - E), removed, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(inside - A), removed, rtol=1e-4, atol=1e-6)
+        assert np.linalg.norm((noisy - A) @ T) <= 1e-5 * scale  # the output does not move
+        if variant == "stochastic":
+            np.testing.assert_allclose(noisy.sum(-1), 1.0, atol=1e-5)  # noise in the null space of [T|1]
+        if removed > 1e-3:
+            # inside col(T): the output moves by exactly the noise's image, which is not small
+            assert np.linalg.norm((inside - A) @ T) >= 1e-3 * scale
+            moved += 1
+    assert moved > 0  # the inputs do have null parts
+
+
+def test_noise_is_the_same_for_an_example_whatever_it_is_batched_with():
+    attention, value, w_out, lengths = random_inputs(False)
+    efficient = efficient_attention(attention, value, w_out, lengths, causal=False)["effective"].efficient
+    intervention = Intervention("efficient+null-noise", "effective")
+    together = intervention_matrices(intervention, attention, value, w_out, lengths, False, efficient=efficient,
+                                     example_indices=np.array([5, 6, 7]), seed=3)
+    alone = intervention_matrices(intervention, attention[1:2], value[1:2], w_out, lengths[1:2], False,
+                                  efficient=efficient[1:2], example_indices=np.array([6]), seed=3)
+    np.testing.assert_array_equal(together[1:2], alone)
+    other_seed = intervention_matrices(intervention, attention[1:2], value[1:2], w_out, lengths[1:2], False,
+                                       efficient=efficient[1:2], example_indices=np.array([6]), seed=4)
+    assert not np.allclose(other_seed, alone)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_minimality_drops_exactly_the_weakest_directions(causal):
+    attention, value, w_out, lengths = random_inputs(causal, lengths=(11,))
+    efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)["effective"].efficient
+    for k in (1, 2):
+        truncated = intervention_matrices(Intervention("minimality", "effective", k), attention, value, w_out,
+                                          lengths, causal)
+        for (B, A, T), (E, _, _) in zip(blocks(truncated, attention, value, w_out, lengths),
+                                        blocks(efficient, attention, value, w_out, lengths)):
+            left, singular, _ = np.linalg.svd(T, full_matrices=False)
+            rank = int((singular > singular[0] * 1e-10).sum())
+            if not causal:
+                kept = left[:, : rank - k]
+                np.testing.assert_allclose(B, A @ kept @ kept.T, atol=1e-6)
+            else:  # the last row sees the whole T: same rule there
+                kept = left[:, : rank - k]
+                np.testing.assert_allclose(B[-1], A[-1] @ kept @ kept.T, atol=1e-6)
+            # what is dropped is a part of the efficient matrix, so the output moves
+            assert np.linalg.norm((B - E) @ T) > 1e-6 * np.linalg.norm(A @ T)
+
+
+def test_interventions_that_need_efficient_attention_say_so():
+    attention, value, w_out, lengths = random_inputs(False)
+    with pytest.raises(ValueError, match="null:simplex needs the stored efficient attention of variant simplex"):
+        intervention_matrices(Intervention("null", "simplex"), attention, value, w_out, lengths, False)
