@@ -23,14 +23,14 @@ def causal_settings(
     scopes: Sequence[str] = SCOPES,
     layer_interventions: Sequence[str] | None = None,
     head_interventions: Sequence[str] | None = None,
-    scope_examples: int | None = 64,
+    scope_examples: int | None = 32,
     minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Everything that shapes the numbers of a causal run (a rerun with other settings is refused).
 
     Defaults: the variants present in the store; every intervention for them at scope "all"; efficient, null,
-    uniform and ablate at scope "layer"; efficient and null of the first variant and ablate at scope "head";
+    uniform and ablate at scope "layer"; null of the first variant and ablate at scope "head" (which heads matter);
     the layer and head scopes on `scope_examples` examples spread over the store (None: all).
     """
     group = open_attention_store(store, mode="r")
@@ -48,8 +48,8 @@ def causal_settings(
     if layer_interventions is None:
         layer_interventions = [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")]
     if head_interventions is None:
-        head_interventions = [name for name in (f"efficient:{variants[0]}", f"null:{variants[0]}", "ablate")
-                              if variants and name in names] or [name for name in names if name == "ablate"]
+        first_null = f"null:{variants[0]}" if variants else None
+        head_interventions = [name for name in names if name in (first_null, "ablate")]
     for scope_name, listed in (("layer", layer_interventions), ("head", head_interventions)):
         unknown = [name for name in listed if name not in names]
         if unknown:
@@ -80,7 +80,7 @@ def causal(
     scopes: Sequence[str] = SCOPES,
     layer_interventions: Sequence[str] | None = None,
     head_interventions: Sequence[str] | None = None,
-    scope_examples: int | None = 64,
+    scope_examples: int | None = 32,
     minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS,
     seed: int = 0,
     model: str | None = None,

@@ -1,0 +1,109 @@
+"""Cost of an intervened forward pass against the plain eager forward pass, on the same batches.
+
+In one run, on the same batches of real rt-sentiment examples through MiniLM (random head: the cost does not
+depend on it), all timed in alternation over --rounds rounds, best round reported:
+  * eager: the model with transformers' own "eager" attention (no output_attentions): the reference;
+  * backend: the same model on the effattn backend, nothing injected;
+  * intervened (all): efficient attention injected into every head of every layer (one copy of the batch);
+  * intervened (heads): 4 targets of single heads in one pass (4 copies of the batch), cost per copy;
+and, separately, the cost of building the injected matrices (analysis.interventions) for the same batches.
+
+    .venv/bin/python benchmarks/causal_forward.py [--examples 128] [--batch-size 16] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning OpenMP threads on a shared machine
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from analysis.causal import Target, intervened_logits, plain_logits  # noqa: E402
+from analysis.corpora import load_corpus  # noqa: E402
+from analysis.efficient_attention import efficient_attention  # noqa: E402
+from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
+from analysis.interventions import Intervention, intervention_matrices  # noqa: E402
+from analysis.models import load_model, output_projection_slices  # noqa: E402
+
+
+def batches(plan, batch_size):
+    for start in range(0, len(plan.length), batch_size):
+        yield plan.tokens[start : start + batch_size], plan.length[start : start + batch_size]
+
+
+def timed(function) -> float:
+    began = time.perf_counter()
+    function()
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+
+    corpus = load_corpus("rt-sentiment")
+    loaded = load_model("minilm", num_labels=2)
+    eager = load_model("minilm", num_labels=2)
+    eager.model.set_attn_implementation("eager")
+    plan = plan_extraction(corpus.texts, loaded.tokenizer, 128, limit=arguments.examples)
+    w_out, _ = output_projection_slices(loaded.model, loaded.family)
+    layers, heads = loaded.shape.layers, loaded.shape.heads
+    everything = Target("all").mask(layers, heads)[None]
+    single_heads = np.stack([Target("head", layer, 0).mask(layers, heads) for layer in range(4)])
+
+    prepared = []
+    build_seconds = 0.0
+    for tokens, length in batches(plan, arguments.batch_size):
+        shard = capture_examples(loaded, tokens, length, arguments.batch_size)
+        efficient = efficient_attention(shard.attention, shard.value, w_out, length, causal=False,
+                                        variants=["effective"])["effective"].efficient
+        began = time.perf_counter()
+        matrices = intervention_matrices(Intervention("efficient", "effective"), shard.attention, shard.value,
+                                         w_out, length, False, efficient=efficient)
+        build_seconds += time.perf_counter() - began
+        prepared.append((tokens, length, matrices))
+    began = time.perf_counter()
+    for tokens, length, matrices in prepared[:2]:
+        shard = capture_examples(loaded, tokens, length, arguments.batch_size)
+        efficient = efficient_attention(shard.attention, shard.value, w_out, length, causal=False,
+                                        variants=["stochastic"])["stochastic"].efficient
+        intervention_matrices(Intervention("efficient+null-noise", "stochastic"), shard.attention, shard.value,
+                              w_out, length, False, efficient=efficient)
+    noise_seconds = (time.perf_counter() - began) / min(2, len(prepared))
+
+    runs = {
+        "eager": lambda: [plain_logits(eager, t, n) for t, n, _ in prepared],
+        "backend": lambda: [plain_logits(loaded, t, n) for t, n, _ in prepared],
+        "intervened (all)": lambda: [intervened_logits(loaded, t, n, m, everything) for t, n, m in prepared],
+        "intervened (4 heads, per copy)": lambda: [intervened_logits(loaded, t, n, m, single_heads)
+                                                   for t, n, m in prepared],
+    }
+    best = {name: float("inf") for name in runs}
+    for _ in range(arguments.rounds):
+        for name, run in runs.items():
+            best[name] = min(best[name], timed(run))
+    best["intervened (4 heads, per copy)"] /= len(single_heads)
+    mean_length = float(plan.length.mean())
+    print(f"MiniLM, {len(plan.length)} rt-sentiment examples (mean length {mean_length:.1f}), batch "
+          f"{arguments.batch_size}, {arguments.threads} torch threads, best of {arguments.rounds} rounds")
+    for name, seconds in best.items():
+        print(f"  {name:<32} {seconds:7.3f} s   {len(plan.length) / seconds:7.1f} examples/s   "
+              f"ratio to eager {seconds / best['eager']:.2f}")
+    print(f"  building efficient matrices      {build_seconds:7.3f} s (once per batch and intervention)")
+    print(f"  building null-noise matrices     {noise_seconds:7.3f} s per batch of {arguments.batch_size}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""analysis.claims: the verdict of every claim follows its stated rule, from the numbers given."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from analysis.claims import claims_table, efficient_diagnostics_summary, format_claims_table
+
+INTERVENTIONS = ["replay", "efficient:effective", "null:effective", "efficient+null-noise:effective",
+                 "colspace-noise:effective", "uniform", "ablate", "minimality:effective:k=1",
+                 "minimality:effective:k=2"]
+TARGETS = ["all", "layer 0"]
+
+
+def aggregates(**at_all):
+    """Aggregates with the given values at target 'all': {name: {intervention: value}}."""
+    arrays = {name: np.full((len(INTERVENTIONS), len(TARGETS)), np.nan) for name in
+              ("agreement_rate", "flip_rate", "largest_logit_change", "largest_stored_logit_difference")}
+    for name, values in at_all.items():
+        for intervention, value in values.items():
+            arrays[name][INTERVENTIONS.index(intervention), 0] = value
+    return arrays
+
+
+def verdicts(table):
+    return {row["claim"]: row["verdict"] for row in table}
+
+
+def test_verdicts_follow_the_numbers():
+    numbers = aggregates(
+        agreement_rate={"efficient:effective": 1.0, "efficient+null-noise:effective": 1.0,
+                        "minimality:effective:k=1": 0.97, "minimality:effective:k=2": 0.9},
+        flip_rate={"null:effective": 0.4, "ablate": 0.4, "uniform": 0.2, "colspace-noise:effective": 0.1},
+        largest_logit_change={"efficient:effective": 1e-6, "efficient+null-noise:effective": 1e-6,
+                              "colspace-noise:effective": 0.5, "null:effective": 2.0},
+        largest_stored_logit_difference={"replay": 0.0},
+    )
+    table = claims_table(INTERVENTIONS, TARGETS, numbers, {}, original_accuracy=0.8)
+    assert verdicts(table) == {
+        "sufficient (effective)": "holds",
+        "necessary (effective)": "holds",
+        "the null part does not reach the output (effective)": "holds",
+        "minimal (effective)": "holds",
+        "replay reproduces the stored model": "holds",
+    }
+    row = next(row for row in table if row["claim"] == "necessary (effective)")
+    assert row["measured"] == "flip rate 40.00 % (ablate 40.00 %, uniform 20.00 %), largest |Δlogit| 2"
+    assert "minimal (effective)" in format_claims_table(table)
+
+    numbers["agreement_rate"][INTERVENTIONS.index("efficient:effective"), 0] = 0.99  # below 99.9 %
+    numbers["flip_rate"][INTERVENTIONS.index("null:effective"), 0] = 0.01
+    numbers["agreement_rate"][INTERVENTIONS.index("minimality:effective:k=1"), 0] = 1.0
+    numbers["largest_logit_change"][INTERVENTIONS.index("colspace-noise:effective"), 0] = 5e-6  # not 10x more
+    numbers["largest_stored_logit_difference"][0, 0] = 1e-3
+    assert set(verdicts(claims_table(INTERVENTIONS, TARGETS, numbers, {}, 0.8)).values()) == {"does not hold"}
+
+
+def test_unmeasured_claims_say_so():
+    table = claims_table(["replay", "efficient:simplex"], TARGETS, aggregates(), {}, original_accuracy=np.nan)
+    assert verdicts(table) == {"sufficient (simplex)": "—", "necessary (simplex)": "—",
+                               "the null part does not reach the output (simplex)": "—",
+                               "replay reproduces the stored model": "—"}
+    assert "not measured" in table[0]["measured"]
+
+
+def test_probability_distribution_claim_from_diagnostics():
+    shape = (2, 1, 2)  # example, layer, head
+    def diagnostics(negative_mass, row_sum_error, null_dim):
+        return {"null_dim": np.array(null_dim).reshape(shape), "row_sum_error": np.array(row_sum_error).reshape(shape),
+                "negative_mass": np.array(negative_mass).reshape(shape), "null_norm_ratio": np.full(shape, 0.5),
+                "converged": np.ones(shape, bool), "support_size": np.full(shape, 3.0)}
+    summary = efficient_diagnostics_summary({
+        "simplex": diagnostics([0, 0, 0, 0.2], [0, 1e-7, 0, 0], [3, 3, 3, 0]),  # the negative one has no null space
+        "stochastic": diagnostics([0, 0.1, 0, 0], [0, 0, 0, 0], [3, 3, 3, 3]),
+    }, length=np.array([6, 6]))
+    assert summary["simplex"]["matrices_with_null_space"] == 3
+    assert summary["simplex"]["probability_distribution_share"] == 1.0
+    assert summary["stochastic"]["probability_distribution_share"] == 0.75
+    assert summary["simplex"]["mean_support_share"] == 0.5
+    table = claims_table(["replay"], TARGETS, aggregates(), summary, 0.8)
+    assert verdicts(table)["probability distributions (simplex)"] == "holds"
+    assert verdicts(table)["probability distributions (stochastic)"] == "does not hold"
