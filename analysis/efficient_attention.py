@@ -733,6 +733,19 @@ def _check_inputs(attention, value, w_out, length, variants) -> tuple[np.ndarray
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}")
+    for name, array, dims in (
+        ("attention", attention, "[example, layer, head, query, key]"),
+        ("value", value, "[example, layer, kv_head, position, head_dim]"),
+        ("w_out", w_out, "[layer, head, head_dim, hidden]"),
+    ):
+        finite = np.isfinite(array)
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise ValueError(
+                f"{name} holds {int((~finite).sum())} NaN or infinite values (the first at {dims} {first}): "
+                "efficient attention needs finite inputs. The stored tensors are damaged or the model overflowed "
+                "(e.g. float16 storage): `effattn verify STORE` names the damaged shards; extract them again"
+            )
     return length.astype(np.int64), heads // kv_heads
 
 

@@ -43,6 +43,14 @@ def select_rows(n_rows: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_rows)[:limit])
 
 
+def usable_max_length(model, requested: int) -> int:
+    """`requested`, capped at the model's number of positions (`config.max_position_embeddings`): longer inputs do
+    not run with absolute position embeddings (BERT) and leave the trained context otherwise. Texts longer than
+    the result are truncated like any other (`untruncated_length` records it per example)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(int(requested), int(positions)) if positions else int(requested)
+
+
 def plan_extraction(
     texts: Sequence[str],
     tokenizer,

@@ -9,6 +9,7 @@ from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
 from analysis.training import TrainingSettings
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store
+from storage_schemas.store_lock import hold_store_lock
 from tasks.extraction import capture_shard, prepare_store, write_captured_shard
 from tasks.training import train_head
 
@@ -45,25 +46,33 @@ def extract(
     resumes: completed shards are skipped. Returns the store's URL.
     """
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
-    needs_head = task == "classification" and len(loaded_corpus.class_names) >= 2 and not has_trained_head(model)
-    if train and needs_head:
-        settings = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
-        model = train_head(model, corpus, text_column, label_column, settings.as_dict(), cache_root)
-        split = split or "held_out"
-    split = split or "all"
-    todo, num_labels = prepare_store(
-        store, corpus, model, max_length, limit, dtype, device, text_column, label_column, shard_size, seed,
-        task, top_k, split,
-    )
-    group = open_attention_store(store, mode="r+")
-    # Pipelined: shard k is written (a submitted task, in a thread) while shard k+1 is computed; a shard is
-    # recorded as completed only once its write has returned.
-    pending_write = None
-    for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):
-        captured = capture_shard(store, shard_index, model, num_labels, device, seed, batch_size, task)
-        if pending_write is not None:
-            mark_shard_completed(group, pending_write.result())
-        pending_write = write_captured_shard.submit(store, shard_index, captured)
-    if pending_write is not None:
-        mark_shard_completed(group, pending_write.result())
-    return store
+    # One writer per store: a second run into it is refused, naming this one, until this one ends.
+    with hold_store_lock(store, "extract"):
+        needs_head = (task == "classification" and len(loaded_corpus.class_names) >= 2
+                      and not has_trained_head(model))
+        if train and needs_head:
+            settings = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
+            model = train_head(model, corpus, text_column, label_column, settings.as_dict(), cache_root)
+            split = split or "held_out"
+        split = split or "all"
+        todo, num_labels = prepare_store(
+            store, corpus, model, max_length, limit, dtype, device, text_column, label_column, shard_size, seed,
+            task, top_k, split,
+        )
+        group = open_attention_store(store, mode="r+")
+        # Pipelined: shard k is written (a submitted task, in a thread) while shard k+1 is computed; a shard is
+        # recorded as completed only once its write has returned.
+        pending_write = None
+        try:
+            for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):
+                captured = capture_shard(store, shard_index, model, num_labels, device, seed, batch_size, task)
+                if pending_write is not None:
+                    mark_shard_completed(group, pending_write.result())
+                pending_write = write_captured_shard.submit(store, shard_index, captured)
+            if pending_write is not None:
+                mark_shard_completed(group, pending_write.result())
+                pending_write = None
+        finally:
+            if pending_write is not None:  # a failure elsewhere: let the write end before the lock is released
+                pending_write.wait()
+        return store

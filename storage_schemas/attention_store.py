@@ -22,6 +22,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from storage_schemas.remote import is_storage_access_error
+
 SCHEMA_NAME = "effattn.attention_store"
 SCHEMA_VERSION = 1
 
@@ -241,7 +243,9 @@ def attention_store_state(url: str, storage_options: dict | None = None) -> str:
         # No Zarr group there, but a file or a folder of files is not "absent": creating a store would fail
         # (or mix with someone's files), so the caller must refuse it like any other foreign thing.
         return "something else" if _holds_files(url, storage_options) else "absent"
-    except Exception:  # noqa: BLE001 - any unreadable thing at the URL is "something else"
+    except Exception as error:  # noqa: BLE001 - any unreadable thing at the URL is "something else"
+        if is_storage_access_error(error):
+            raise  # an unreachable or forbidden store is not "something else": say so instead of refusing it
         return "something else"
     if group.attrs.get("schema") != SCHEMA_NAME:
         return "something else"
@@ -396,6 +400,8 @@ def write_shard(
     attention: [shard examples, layer, head, query, key]; value: [shard examples, layer, kv_head, position,
     head_dim]; logits: [shard examples, class], or for next-token [shard examples, position, top_k] with
     logit_ids [shard examples, position, top_k] and logsumexp [shard examples, position].
+    When this returns, the shard's files are on disk; a full disk or a store this process may not write raises
+    `StoreFullError` / `StoreNotWritableError` (storage_schemas.storage_faults).
     """
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
@@ -409,5 +415,17 @@ def write_shard(
         expected = (n, *group[name].shape[1:])
         if array.shape != expected:
             raise ValueError(f"shard {shard_index}: '{name}' has shape {array.shape}, expected {expected}")
-    for name, array in arrays:
-        group[name][region] = array
+    # imported here: storage_faults builds on this module's AttentionStoreError
+    from storage_schemas.storage_faults import (
+        discard_shard_files,
+        storage_errors_explained,
+        store_location,
+        sync_shard_files,
+    )
+
+    with storage_errors_explained(store_location(group)):
+        if shard_index not in completed_shards(group):  # a leftover of an interrupted or damaged write
+            discard_shard_files(group, [name for name, _ in arrays], shard_index)
+        for name, array in arrays:
+            group[name][region] = array
+        sync_shard_files(group, [name for name, _ in arrays], shard_index)  # durable before it can be marked done

@@ -22,6 +22,12 @@ from storage_schemas.attention_store import (
     _compressors,
     store_layout,
 )
+from storage_schemas.storage_faults import (
+    discard_shard_files,
+    storage_errors_explained,
+    store_location,
+    sync_shard_files,
+)
 
 VARIANT_DESCRIPTIONS: dict[str, str] = {
     "effective": "A P_T: projection of each attention row on col(T), T = V W_O^h (Brunner's effective attention); "
@@ -119,7 +125,8 @@ def write_efficient_shard(
     diagnostics: dict[str, np.ndarray],
 ) -> None:
     """Write one whole shard of a variant: efficient [shard examples, layer, head, query, key] and each
-    diagnostic [shard examples, layer, head]."""
+    diagnostic [shard examples, layer, head]. When this returns, the shard's files are on disk; a full disk or a
+    store this process may not write raises `StoreFullError` / `StoreNotWritableError`."""
     region = layout.shard_slice(shard_index)
     n = region.stop - region.start
     expected = (n, layout.layers, layout.heads, layout.max_length, layout.max_length)
@@ -128,6 +135,11 @@ def write_efficient_shard(
     missing = sorted(set(DIAGNOSTIC_ARRAYS) - set(diagnostics))
     if missing:
         raise ValueError(f"shard {shard_index}: diagnostics {missing} of {variant} are missing")
-    for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items():
-        group[diagnostic_array_path(variant, name)][region] = np.asarray(diagnostics[name]).astype(dtype)
-    group[efficient_array_path(variant)][region] = efficient.astype(np.float32)
+    paths = [diagnostic_array_path(variant, name) for name in DIAGNOSTIC_ARRAYS] + [efficient_array_path(variant)]
+    with storage_errors_explained(store_location(group)):
+        if shard_index not in efficient_completed_shards(group, variant):  # a leftover of an interrupted write
+            discard_shard_files(group, paths, shard_index)
+        for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items():
+            group[diagnostic_array_path(variant, name)][region] = np.asarray(diagnostics[name]).astype(dtype)
+        group[efficient_array_path(variant)][region] = efficient.astype(np.float32)
+        sync_shard_files(group, paths, shard_index)  # durable before the driver can mark it done

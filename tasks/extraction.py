@@ -6,7 +6,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from analysis.corpora import load_corpus
-from analysis.extraction import CapturedShard, capture_examples, plan_extraction, store_attributes
+from analysis.extraction import (
+    CapturedShard,
+    capture_examples,
+    plan_extraction,
+    store_attributes,
+    usable_max_length,
+)
 from analysis.models import output_projection_slices
 from analysis.splits import select_split
 from analysis.training import trained_head_provenance
@@ -25,6 +31,7 @@ from storage_schemas.attention_store import (
     write_example_metadata,
     write_shard,
 )
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_transient_io_error
 from tasks.models import cached_model
 
 
@@ -32,6 +39,10 @@ def resume_keys(attributes: dict) -> dict:
     """The attributes that must match for a rerun to resume into an existing store."""
     return {
         "model.weights_digest": attributes["model"]["weights_digest"],
+        # the same weights with another tokenizer would pair stored tokens with a different vocabulary
+        "tokenizer.class": attributes["tokenizer"]["class"],
+        "tokenizer.vocab_size": attributes["tokenizer"]["vocab_size"],
+        "tokenizer.pad_token_id": attributes["tokenizer"]["pad_token_id"],
         "corpus.digest": attributes["corpus"]["digest"],
         "corpus.selection": attributes["corpus"]["selection"],
         "extraction.requested_max_length": attributes["extraction"]["requested_max_length"],
@@ -69,8 +80,8 @@ def prepare_store(
     loaded = cached_model(model, num_labels, device, seed, task)
     rows = select_split(len(loaded_corpus), loaded_corpus.labels, split, seed, held_out_fraction,
                         groups=loaded_corpus.groups)
-    plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, max_length, limit=limit, seed=seed,
-                           candidate_rows=rows)
+    plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, usable_max_length(loaded.model, max_length),
+                           limit=limit, seed=seed, candidate_rows=rows)
     top_k = top_k if task == "next-token" else 0
     head = trained_head_provenance(model) if task == "classification" else {"trained": False}
     attributes = store_attributes(
@@ -120,7 +131,18 @@ def prepare_store(
     return [index for index in range(store_layout(group).n_shards) if index not in done], num_labels
 
 
-@task(name="capture-shard", cache_policy=NO_CACHE)
+def retry_on_io_error(task, task_run, state) -> bool:
+    """Retry only transient I/O failures (a flaky disk or object store: `is_transient_io_error`); a full disk, a
+    store this process may not write, a wrong shape or a bad store fail at once."""
+    try:
+        state.result()
+    except Exception as error:  # noqa: BLE001 - classified, not handled
+        return is_transient_io_error(error)
+    return False
+
+
+@task(name="capture-shard", cache_policy=NO_CACHE, retries=len(DEFAULT_RETRY_DELAYS),
+      retry_delay_seconds=list(DEFAULT_RETRY_DELAYS), retry_condition_fn=retry_on_io_error)
 def capture_shard(
     store: str,
     shard_index: int,
@@ -142,19 +164,8 @@ def capture_shard(
     )
 
 
-def retry_on_io_error(task, task_run, state) -> bool:
-    """Retry only I/O failures (a flaky disk or object store); a wrong shape or a bad store fails at once."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:  # noqa: BLE001 - any other failure is not transient
-        return False
-    return False
-
-
-@task(name="write-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1,
-      retry_condition_fn=retry_on_io_error)
+@task(name="write-shard", cache_policy=NO_CACHE, retries=len(DEFAULT_RETRY_DELAYS),
+      retry_delay_seconds=list(DEFAULT_RETRY_DELAYS), retry_condition_fn=retry_on_io_error)
 def write_captured_shard(store: str, shard_index: int, captured: CapturedShard) -> int:
     """Write one whole shard of captured tensors (an I/O error is retried: it rewrites the same whole shard)."""
     group = open_attention_store(store, mode="r+")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.extraction import capture_examples, plan_extraction, real_token_mask, select_rows
+from analysis.extraction import capture_examples, plan_extraction, real_token_mask, select_rows, usable_max_length
 from analysis.models import attention_output_projections, output_projection_slices, wrap_model
 from storage_schemas.attention_store import (
     AttentionStoreLayout,
@@ -205,3 +205,61 @@ def test_next_token_keeps_the_top_logits_at_every_real_position():
         np.testing.assert_allclose(captured.logsumexp[example, :length], torch.logsumexp(full, -1).numpy(), atol=1e-4)
         assert not captured.logits[example, length:].any() and not captured.logit_ids[example, length:].any()
         assert not captured.logsumexp[example, length:].any()
+
+
+def test_max_length_is_capped_at_the_models_positions(loaded):
+    assert loaded.model.config.max_position_embeddings == 512
+    assert usable_max_length(loaded.model, 600) == 512
+    assert usable_max_length(loaded.model, 64) == 64
+
+
+def test_a_text_longer_than_the_model_is_truncated_to_it_and_recorded(tmp_path, tiny_bert_folder):
+    """--max-length above the model's 512 positions: the long text is cut at 512 (it would not run longer) and its
+    untruncated length is stored."""
+    import csv
+
+    from tests.store_builders import build_real_store
+
+    corpus = tmp_path / "long.csv"
+    with corpus.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["text", "label"], ["word " * 700, "a"], ["a short text", "b"]])
+    url = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, corpus, max_length=600, variants=())
+    group = open_attention_store(url)
+    assert group.attrs["max_length"] == 512 and group.attrs["extraction"]["requested_max_length"] == 600
+    assert group.attrs["extraction"]["truncated_examples"] == 1
+    assert group["length"][:].tolist() == [5, 512] and group["untruncated_length"][:].tolist() == [5, 702]
+    attention = group["attention"][1].astype(np.float64)
+    np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-4)
+
+
+def test_a_store_of_the_same_weights_with_another_tokenizer_is_refused(tmp_path, tiny_bert_folder):
+    """Resuming must not pair the stored tokens with another vocabulary: the tokenizer is part of the run."""
+    import re
+    import shutil
+
+    from transformers import BertTokenizerFast
+
+    from storage_schemas.attention_store import AttentionStoreError
+    from tasks.extraction import prepare_store
+    from tests.store_builders import build_real_store, write_corpus
+
+    other = tmp_path / "same-weights-other-tokenizer"
+    shutil.copytree(tiny_bert_folder, other)
+    vocabulary = tmp_path / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for row in TEXTS for w in row.split()})]
+    vocabulary.write_text("\n".join(words) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).unlink(missing_ok=True)
+    BertTokenizerFast(vocab_file=str(vocabulary)).save_pretrained(other)
+
+    corpus = write_corpus(tmp_path / "reviews.csv")
+    url = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, corpus, variants=())
+    from transformers import AutoTokenizer
+
+    stored = open_attention_store(url).attrs["tokenizer"]["vocab_size"]
+    replacement = len(AutoTokenizer.from_pretrained(other))
+    assert stored == 30522 and replacement < stored
+    message = (f"{url} was written by a different run (tokenizer.vocab_size: store has {stored}, this run has "
+               f"{replacement}): use another --store, or delete {url} to start over")
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        prepare_store.fn(url, str(corpus), str(other), 24, None, "float32", "cpu", None, None, 4, 0)

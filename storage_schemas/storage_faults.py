@@ -1,0 +1,186 @@
+"""Storage failures: which are transient (retry them), which are not (say what to do), and durable shard writes.
+
+A failed write never costs stored data: every writer writes whole shards, and a shard is recorded as done only
+after its write has returned and its files are on disk (`sync_shard_files`). What this module adds is the
+classification and the messages:
+
+* `is_transient_io_error`: a flaky disk or network (EIO, a dropped connection, a timeout) is worth retrying; a full
+  disk, a missing permission, a missing file or any non-I/O error is not, and retrying it only delays the message.
+* `retry_transient_io`: retries a function on transient errors only, with back-off (for code that runs outside
+  Prefect, e.g. on Dask workers; Prefect tasks use their own retries with `is_transient_io_error` as condition).
+* `storage_errors_explained`: turns "no space left" (also a quota or a file-size limit) and "permission denied" into
+  `StoreFullError` / `StoreNotWritableError`, whose messages say what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import zarr
+from zarr.storage import LocalStore
+
+from storage_schemas.attention_store import AttentionStoreError
+
+# Out of space: the disk, the user's quota, or the process's file-size limit (RLIMIT_FSIZE).
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# The store cannot be written by this process at all.
+NOT_WRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+# Delays (seconds) between the attempts of `retry_transient_io`: 3 retries, back-off by 4.
+DEFAULT_RETRY_DELAYS = (0.5, 2.0, 8.0)
+
+Result = TypeVar("Result")
+
+
+class StoreFullError(AttentionStoreError):
+    """A write into a store failed for lack of space (disk full, quota exceeded, file size limit)."""
+
+
+class StoreNotWritableError(AttentionStoreError):
+    """This process may not write where the store is (permissions, a read-only filesystem)."""
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """`error` itself or the first OSError among its causes (libraries re-raise I/O errors wrapped)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def explain_storage_error(error: BaseException, url: str) -> AttentionStoreError | None:
+    """A `StoreFullError` or `StoreNotWritableError` for `error` (or its cause), with a message naming `url`,
+    what failed and what to do; None when `error` is neither."""
+    found = _os_error_in(error)
+    if found is None or found.errno is None:
+        return None
+    what = f"{found.strerror or found}" + (f": {found.filename}" if found.filename else "")
+    if found.errno in NO_SPACE_ERRNOS:
+        return StoreFullError(
+            f"no space left while writing {url} ({what}): free space on that disk (or raise the quota or the "
+            "file size limit), then run the same command again. Shards already completed are kept; the shard "
+            "being written was not marked done and will be written again"
+        )
+    if found.errno in NOT_WRITABLE_ERRNOS:
+        return StoreNotWritableError(
+            f"cannot write to {url} ({what}): choose a store location this user may write to, or fix the "
+            "permissions of that folder. Nothing already stored was changed"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors_explained(url: str) -> Iterator[None]:
+    """Re-raise "no space" and "not writable" OSErrors of the block as `StoreFullError` / `StoreNotWritableError`
+    (chained to the original); any other exception passes unchanged."""
+    try:
+        yield
+    except OSError as error:
+        explained = explain_storage_error(error, url)
+        if explained is None:
+            raise
+        raise explained from error
+
+
+def is_transient_io_error(error: BaseException) -> bool:
+    """Whether retrying the I/O that raised `error` may succeed: an OSError (EIO, a connection reset, a timeout)
+    that is not a missing or existing path, a permission problem or a lack of space. Non-OSErrors are not."""
+    if not isinstance(error, OSError):
+        return False
+    permanent = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+    if isinstance(error, permanent):
+        return False
+    return error.errno not in NO_SPACE_ERRNOS | NOT_WRITABLE_ERRNOS
+
+
+def retry_transient_io(
+    function: Callable[..., Result],
+    *args,
+    delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+    sleep: Callable[[float], None] = time.sleep,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+    **kwargs,
+) -> Result:
+    """`function(*args, **kwargs)`, called again after `delays[i]` seconds when attempt i failed with a transient
+    I/O error (`is_transient_io_error`). Any other error, or a transient one after the last delay, is raised at
+    once. `on_retry(attempt, error, delay)` is told about every retry (for logging)."""
+    for attempt, delay in enumerate([*delays, None]):
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            if delay is None or not is_transient_io_error(error):
+                raise
+            if on_retry is not None:
+                on_retry(attempt, error, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def shard_file_paths(group: zarr.Group, array_paths: Sequence[str], shard_index: int) -> list[Path]:
+    """The files holding shard `shard_index` of each array (arrays chunked or sharded by the store's shard size
+    along `example`), for a store on the local disk; [] for other stores. Files not written (all fill value) are
+    left out."""
+    store = group.store
+    if not isinstance(store, LocalStore):
+        return []
+    paths = []
+    for name in array_paths:
+        array = group[name]
+        key = array.metadata.encode_chunk_key((shard_index,) + (0,) * (array.ndim - 1))
+        path = Path(store.root) / array.path / key
+        if path.is_file():
+            paths.append(path)
+    return paths
+
+
+def sync_shard_files(group: zarr.Group, array_paths: Sequence[str], shard_index: int) -> None:
+    """Make the shard files of a just-written shard durable (fsync of each file and of its folder, so that the
+    rename that put it in place survives a power cut too). Object stores need nothing: a finished upload is durable.
+    Call before recording the shard as done."""
+    folders = set()
+    for path in shard_file_paths(group, array_paths, shard_index):
+        _fsync_path(path, os.O_RDONLY)
+        folders.add(path.parent)
+    for folder in folders:
+        _fsync_path(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def store_location(group: zarr.Group) -> str:
+    """Where the store of `group` is, for messages: a local folder, or protocol://path."""
+    store = group.store
+    if isinstance(store, LocalStore):
+        return str(store.root)
+    path, filesystem = getattr(store, "path", None), getattr(store, "fs", None)
+    protocol = getattr(filesystem, "protocol", None)
+    protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+    return f"{protocol}://{path}" if path and protocol else str(store)
+
+
+def discard_shard_files(group: zarr.Group, array_paths: Sequence[str], shard_index: int) -> None:
+    """Delete the files of shard `shard_index` of each array, before a writer writes that whole shard again.
+
+    Zarr merges a shard write into the shard already on disk (it reads the old file first), so a damaged leftover
+    of an interrupted or corrupted shard would make every rewrite fail. Call only for shards not recorded as done.
+    """
+    from zarr.core.sync import sync  # zarr's own bridge from sync code to its async store API
+
+    for name in array_paths:
+        array = group[name]
+        key = array.metadata.encode_chunk_key((shard_index,) + (0,) * (array.ndim - 1))
+        sync(group.store.delete(f"{array.path}/{key}"))

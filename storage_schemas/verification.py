@@ -1,0 +1,411 @@
+"""`effattn verify STORE`: read every chunk of a store, shard by shard, and report exactly what is damaged.
+
+Checks, in order:
+
+* schema: `validate_attention_store` (schema name and version, arrays, dims, shapes, dtypes);
+* every chunk of every array decodes: each chunk carries a CRC32C checksum (Zarr v3 `crc32c` codec), so flipped
+  bytes show up as a checksum failure, located to the array, the shard and the damaged (example, layer) chunks;
+* no file is missing for a shard recorded as done (Zarr reads a missing chunk as zeros, silently);
+* no NaN or infinite value in a floating-point array;
+* the numeric invariants of analysis.store_checks on every completed shard: attention rows sum to 1 over the real
+  tokens, are non-negative and zero outside the real block (and never look ahead in a decoder); values are zero
+  beyond the length; for every stored efficient variant `A_eff·T ≈ A·T` (T = V_kv(h)·W_O^h), zero padding, rows
+  that keep A's row sums (stochastic, simplex), non-negative entries (simplex).
+
+The result is a `VerificationReport`: a list of `Problem`s (array, shard, kind, detail) and a readable text.
+`unmark_damaged_shards` (`effattn verify --repair`) removes the damaged shards from the completion records, so that
+rerunning the same `effattn extract` / `effattn efficient` command writes exactly those shards again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import zarr
+
+from analysis import store_checks
+from storage_schemas.attention_store import (
+    AttentionStoreError,
+    AttentionStoreLayout,
+    AttentionStoreNotFoundError,
+    array_dimensions,
+    completed_shards,
+    validate_attention_store,
+)
+from storage_schemas.efficient_store import (
+    DIAGNOSTIC_ARRAYS,
+    VARIANT_DESCRIPTIONS,
+    diagnostic_array_path,
+    efficient_array_path,
+    efficient_completed_shards,
+)
+
+# Arrays the extraction writes shard by shard (their shard's completion is `completed_shards`).
+SHARD_ARRAYS = ("attention", "value", "logits", "logit_ids", "logsumexp")
+# Arrays whose every completed shard must exist on disk (never entirely the fill value in a sound store).
+NEVER_EMPTY = ("tokens", "length", "attention", "value")
+# How many damaged chunks a problem lists by name.
+CHUNKS_NAMED = 8
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One damaged thing: `array` (a path in the store, or "" for the store itself), `shard` (None: the whole
+    array), `kind` ("schema", "unreadable", "checksum", "missing", "non-finite" or "invariant") and a detail."""
+
+    array: str
+    shard: int | None
+    kind: str
+    detail: str
+
+    def line(self) -> str:
+        where = self.array or "store"
+        if self.shard is not None:
+            where += f", shard {self.shard}"
+        return f"{where}: {self.kind}: {self.detail}"
+
+
+@dataclass
+class VerificationReport:
+    url: str
+    problems: list[Problem] = field(default_factory=list)
+    arrays_checked: list[str] = field(default_factory=list)
+    shards_read: int = 0  # (array, shard) pairs decoded
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def damaged(self) -> dict[str, list[int | None]]:
+        """array -> its damaged shards (None: the whole array), in report order."""
+        found: dict[str, list[int | None]] = {}
+        for problem in self.problems:
+            shards = found.setdefault(problem.array, [])
+            if problem.shard not in shards:
+                shards.append(problem.shard)
+        return found
+
+    def text(self) -> str:
+        if self.ok:
+            lines = [
+                f"{self.url}: OK: {len(self.arrays_checked)} arrays, {self.shards_read} shards read; checksums, "
+                "schema and invariants hold"
+            ]
+        else:
+            places = "; ".join(
+                f"{array or 'store'} " + ("(whole array)" if shards == [None] else
+                                          "shards " + ", ".join(str(s) for s in shards if s is not None))
+                for array, shards in self.damaged().items()
+            )
+            count = f"{len(self.problems)} problem" + ("s" if len(self.problems) > 1 else "")
+            lines = [f"{self.url}: DAMAGED: {count} in {places}"]
+            lines += [f"  {problem.line()}" for problem in self.problems]
+        lines += [f"  note: {note}" for note in self.notes]
+        if not self.ok:
+            lines.append(f"  what to do: {advice(self)}")
+        return "\n".join(lines)
+
+
+def advice(report: VerificationReport) -> str:
+    repairable = {problem.array for problem in report.problems
+                  if problem.shard is not None and _stage_of(problem.array)}
+    fatal = sorted({problem.array or "store" for problem in report.problems} - repairable)
+    if fatal:
+        return (
+            f"{', '.join(fatal)} cannot be rewritten shard by shard: extract again into a new store (keep this one "
+            "until the new one verifies)"
+        )
+    return (
+        f"run `effattn verify --repair {report.url}` to mark the damaged shards as not done, then run the same "
+        "`effattn extract` / `effattn efficient` commands again: they rewrite exactly those shards"
+    )
+
+
+def _stage_of(array: str) -> str | None:
+    """'extract' or 'efficient:<variant>' for arrays written shard by shard by a stage, else None."""
+    if array in SHARD_ARRAYS:
+        return "extract"
+    parts = array.split("/")
+    if parts[0] == "efficient" and len(parts) == 2:
+        return f"efficient:{parts[1]}"
+    if parts[0] == "diagnostics" and len(parts) == 3:
+        return f"efficient:{parts[1]}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _shard_regions(layout: AttentionStoreLayout) -> list[slice]:
+    return [layout.shard_slice(index) for index in range(layout.n_shards)]
+
+
+def _damaged_chunks(array: zarr.Array, region: slice) -> list[str]:
+    """The (example, layer) chunks of a sharded array's shard that do not decode (all, when the shard index is
+    damaged)."""
+    if array.shards is None or array.ndim < 2:
+        return []
+    damaged = []
+    for example in range(region.start, region.stop):
+        for layer in range(array.shape[1]):
+            try:
+                array[example, layer]
+            except Exception:  # noqa: BLE001 - any failure to decode is damage
+                damaged.append(f"example {example} layer {layer}")
+    return damaged
+
+
+def _read(array: zarr.Array, name: str, region: slice | None, shard: int | None, report: VerificationReport):
+    """The decoded data of `array[region]` (all of it for region None), or None after reporting the failure."""
+    try:
+        data = array[region] if region is not None else array[...]
+    except Exception as error:  # noqa: BLE001 - any failure to decode is damage
+        kind = "checksum" if "checksum" in str(error).lower() else "unreadable"
+        detail = f"{type(error).__name__}: {error}"
+        if region is not None:
+            chunks = _damaged_chunks(array, region)
+            if chunks and len(chunks) == (region.stop - region.start) * array.shape[1]:
+                detail = f"none of its {len(chunks)} chunks decodes: the shard's index or file is damaged ({detail})"
+            elif chunks:
+                named = ", ".join(chunks[:CHUNKS_NAMED]) + (f" and {len(chunks) - CHUNKS_NAMED} more"
+                                                            if len(chunks) > CHUNKS_NAMED else "")
+                detail = f"chunks {named} do not decode ({detail})"
+        report.problems.append(Problem(name, shard, kind, detail))
+        return None
+    report.shards_read += 1
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            if region is not None:
+                first = (first[0] + region.start, *first[1:])
+            report.problems.append(Problem(
+                name, shard, "non-finite",
+                f"{int((~finite).sum())} NaN or infinite values, the first at index {first}",
+            ))
+    return data
+
+
+def _shard_file_missing(url: str, storage_options: dict | None, array: zarr.Array, shard: int) -> bool:
+    filesystem, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+    return not filesystem.exists(f"{root.rstrip('/')}/{array.path}/{key}")
+
+
+def _invariant(report: VerificationReport, name: str, shard: int, region: slice, what: str, values: np.ndarray,
+               tolerance: float, dims: str = "(example, layer, head)") -> None:
+    """Report when the worst of `values` [shard example, ...] exceeds `tolerance`."""
+    if values.size == 0:
+        return
+    largest, index = store_checks.worst(values)
+    if not largest <= tolerance:
+        over = int(np.sum(~(values <= tolerance)))
+        place = (index[0] + region.start, *index[1:])
+        report.problems.append(Problem(
+            name, shard, "invariant",
+            f"{what} is {largest:.3g} (tolerance {tolerance:g}) at {dims} {place}, {over} such places in the shard",
+        ))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the check
+
+
+def verify_store(url: str, storage_options: dict | None = None,
+                 output_tolerance: float = store_checks.OUTPUT_TOLERANCE) -> VerificationReport:
+    """Read every chunk of the store at `url` and check schema, checksums, finiteness and invariants.
+
+    Raises `AttentionStoreNotFoundError` when there is no store at all; everything else is a `Problem` of the
+    report (the report is complete: one problem does not stop the other checks).
+    """
+    report = VerificationReport(url)
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options)
+    except FileNotFoundError:
+        raise AttentionStoreNotFoundError(f"there is no store at {url}: nothing to verify") from None
+    except Exception as error:  # noqa: BLE001 - an unreadable root is damage
+        report.problems.append(Problem("", None, "unreadable", f"the group metadata does not load: {error}"))
+        return report
+    try:
+        validate_attention_store(group, url)
+    except AttentionStoreError as error:
+        report.problems.append(Problem("", None, "schema", str(error)))
+    except Exception as error:  # noqa: BLE001 - e.g. an array's metadata that does not load
+        report.problems.append(Problem("", None, "schema", f"{type(error).__name__}: {error}"))
+    try:
+        layout = AttentionStoreLayout(**group.attrs["layout"])
+    except Exception:  # noqa: BLE001 - already reported by the schema check
+        return report
+
+    arrays = _open_arrays(group, layout, report)
+    extracted = set(completed_shards(group))
+    causal = bool(group.attrs.get("model", {}).get("causal", False))
+    variants = [variant for variant in VARIANT_DESCRIPTIONS if efficient_array_path(variant) in arrays]
+    variants_done = {variant: set(efficient_completed_shards(group, variant)) for variant in variants}
+    report.arrays_checked = sorted(arrays)
+
+    constants = {}
+    for name in ("w_out", "out_bias"):
+        if name in arrays:
+            constants[name] = _read(arrays[name], name, None, None, report)
+
+    not_done = sorted(set(range(layout.n_shards)) - extracted)
+    if not_done:
+        report.notes.append(f"extraction shards {not_done} are not completed: rerun `effattn extract` to finish them")
+    for variant in variants:
+        missing = sorted(set(range(layout.n_shards)) - variants_done[variant])
+        if missing:
+            report.notes.append(f"efficient/{variant} shards {missing} are not completed: rerun `effattn efficient`")
+
+    for shard, region in enumerate(_shard_regions(layout)):
+        data = {}
+        for name, array in arrays.items():
+            if name in constants:
+                continue
+            stage = _stage_of(name)
+            if stage == "extract" and shard not in extracted:
+                continue  # unfinished work is not damage: a rerun rewrites the whole shard
+            if stage and stage != "extract" and shard not in variants_done[stage.split(":")[1]]:
+                continue
+            if name in (*NEVER_EMPTY, *(efficient_array_path(v) for v in variants)) \
+                    and _shard_file_missing(url, storage_options, array, shard):
+                report.problems.append(Problem(name, shard, "missing",
+                                               "the shard is recorded as done but its file is missing"))
+                continue
+            data[name] = _read(array, name, region, shard, report)
+        if shard in extracted:
+            _check_extracted_shard(report, shard, region, data, layout, causal)
+        for variant in variants:
+            if shard in variants_done[variant]:
+                _check_efficient_shard(report, variant, shard, region, data, constants.get("w_out"), causal,
+                                       output_tolerance)
+    return report
+
+
+def _open_arrays(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport) -> dict:
+    """name -> array for every array of the schema and of the efficient stage that opens."""
+    names = list(array_dimensions(layout.task))
+    for variant in VARIANT_DESCRIPTIONS:
+        try:
+            present = efficient_array_path(variant) in group
+        except Exception:  # noqa: BLE001 - reported when opening below
+            present = True
+        if present:
+            names.append(efficient_array_path(variant))
+            names += [diagnostic_array_path(variant, name) for name in DIAGNOSTIC_ARRAYS]
+    arrays = {}
+    for name in names:
+        try:
+            arrays[name] = group[name]
+        except KeyError:
+            continue  # a missing schema array is a schema problem, reported already
+        except Exception as error:  # noqa: BLE001 - metadata that does not load
+            report.problems.append(Problem(name, None, "unreadable", f"its metadata does not load: {error}"))
+    return arrays
+
+
+def _check_extracted_shard(report, shard, region, data, layout, causal) -> None:
+    length = data.get("length")
+    if length is None:
+        return
+    attention = data.get("attention")
+    tolerance = store_checks.ROW_SUM_TOLERANCE[layout.dtype]
+    if attention is not None:
+        _invariant(report, "attention", shard, region, "|row sum - 1| over the real tokens",
+                   store_checks.row_sum_error(attention, length), tolerance)
+        _invariant(report, "attention", shard, region, "|entry| outside the real block",
+                   store_checks.outside_block_magnitude(attention, length), 0.0)
+        _invariant(report, "attention", shard, region, "the most negative entry (negated)",
+                   store_checks.most_negative(attention), store_checks.NEGATIVE_TOLERANCE)
+        if causal:
+            _invariant(report, "attention", shard, region, "|weight| on future keys",
+                       store_checks.future_magnitude(attention), 1e-6)
+    if data.get("value") is not None:
+        _invariant(report, "value", shard, region, "|value| beyond the length",
+                   store_checks.value_padding_magnitude(data["value"], length), 0.0,
+                   dims="(example, layer, kv_head)")
+
+
+def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, output_tolerance) -> None:
+    name = efficient_array_path(variant)
+    efficient, attention, value, length = (data.get(key) for key in (name, "attention", "value", "length"))
+    if efficient is None or length is None:
+        return
+    _invariant(report, name, shard, region, "|entry| outside the real block",
+               store_checks.outside_block_magnitude(efficient, length), 0.0)
+    if causal:
+        _invariant(report, name, shard, region, "|weight| on future keys", store_checks.future_magnitude(efficient),
+                   1e-6)
+    if variant == "simplex":
+        _invariant(report, name, shard, region, "the most negative entry (negated)",
+                   store_checks.most_negative(efficient), store_checks.NEGATIVE_TOLERANCE)
+    if any(array is None or not np.isfinite(array).all() for array in (attention, value, w_out)):
+        return  # the inputs are damaged (reported): the relations to them cannot be checked
+    if variant in ("stochastic", "simplex"):
+        _invariant(report, name, shard, region, "|row sum - row sum of the attention|",
+                   store_checks.row_sum_error(efficient, length, attention.astype(np.float64).sum(-1)), 1e-4)
+    _invariant(report, name, shard, region, "||(A_eff - A) T|| / ||A T||",
+               store_checks.output_residual(efficient, attention, value, w_out), output_tolerance)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# repair and digests
+
+
+def unmark_damaged_shards(url: str, report: VerificationReport, storage_options: dict | None = None) -> dict:
+    """Remove every damaged shard of `report` from its completion record (extraction: also from every efficient
+    variant, whose inputs it is), so that rerunning the stage rewrites it. Returns {"extract": [...],
+    "<variant>": [...]} of the shards unmarked. Arrays that no stage rewrites shard by shard are left alone."""
+    group = zarr.open_group(url, mode="r+", storage_options=storage_options)
+    variants = [variant for variant in VARIANT_DESCRIPTIONS if efficient_array_path(variant) in group]
+    undone: dict[str, set[int]] = {}
+    for problem in report.problems:
+        stage = _stage_of(problem.array)
+        if stage is None or problem.shard is None:
+            continue
+        if stage == "extract":
+            undone.setdefault("extract", set()).add(problem.shard)
+            for variant in variants:
+                undone.setdefault(variant, set()).add(problem.shard)
+        else:
+            undone.setdefault(stage.split(":")[1], set()).add(problem.shard)
+    for key, shards in undone.items():
+        if key == "extract":
+            group.attrs["completed_shards"] = sorted(set(completed_shards(group)) - shards)
+        else:
+            array = group[efficient_array_path(key)]
+            array.attrs["completed_shards"] = sorted(set(array.attrs.get("completed_shards", [])) - shards)
+    return {key: sorted(shards) for key, shards in undone.items()}
+
+
+def content_digests(url: str, storage_options: dict | None = None,
+                    ignore_attributes: Iterable[str] = ("created",)) -> dict[str, str]:
+    """sha256 of every array's decoded values (dtype, shape and bytes; text as UTF-8) and of every array's and
+    group's attributes (less the root's `ignore_attributes`), keyed by path: two stores with equal digests hold
+    the same data, whatever their chunk files look like."""
+    root = zarr.open_group(url, mode="r", storage_options=storage_options)
+    digests = {}
+    for path, member in [("", root), *sorted(root.members(max_depth=None), key=lambda item: item[0])]:
+        attributes = member.attrs.asdict()
+        if path == "":
+            attributes = {key: value for key, value in attributes.items() if key not in set(ignore_attributes)}
+        digests[f"{path or '/'}@attributes"] = hashlib.sha256(
+            json.dumps(attributes, sort_keys=True, default=str).encode()
+        ).hexdigest()
+        if isinstance(member, zarr.Array):
+            values = member[...]
+            hasher = hashlib.sha256(f"{values.dtype.kind}{values.dtype.itemsize} {values.shape}".encode())
+            if values.dtype.kind in ("O", "T", "U"):
+                for item in values.ravel():
+                    hasher.update(str(item).encode() + b"\0")
+            else:
+                hasher.update(np.ascontiguousarray(values).tobytes())
+            digests[path] = hasher.hexdigest()
+    return digests

@@ -1,0 +1,160 @@
+"""Crashes and a full disk, with real `effattn` subprocesses: a run killed with SIGKILL at a seeded random moment
+(its whole process group: Dask workers included) and then rerun completes the store with exactly the content of an
+uninterrupted run; a disk that fills up mid-shard stops the run with a message, keeps every completed shard, and a
+rerun after freeing space completes the store; a store path that is not writable is refused with a message.
+
+The runs share one Prefect server on loopback (started here, stopped by its process group id): each CLI call then
+costs a few seconds instead of starting its own temporary server.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from storage_schemas.store_lock import LOCK_SUFFIX
+from storage_schemas.verification import content_digests, verify_store
+from tests import crash_harness
+from tests.store_builders import write_corpus
+
+SHARD_SIZE = 5
+N_SHARDS = 12  # 60 reviews in shards of 5
+SEED = 20261124
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("crash")
+
+
+@pytest.fixture(scope="module")
+def environment(workspace):
+    with crash_harness.prefect_server(workspace) as environment:
+        yield environment
+
+
+@pytest.fixture(scope="module")
+def extract_arguments(workspace, tiny_bert_folder) -> list[str]:
+    corpus = write_corpus(workspace / "reviews.csv", copies=6)
+    return ["extract", "--corpus", str(corpus), "--model", str(tiny_bert_folder), "--no-train",
+            "--shard-size", str(SHARD_SIZE), "--batch-size", "5", "--max-length", "32"]
+
+
+@pytest.fixture(scope="module")
+def clean_extraction(workspace, environment, extract_arguments) -> tuple[str, dict]:
+    """The uninterrupted run: its store and digests."""
+    store = str(workspace / "clean.zarr")
+    done = crash_harness.run([*extract_arguments, "--store", store], environment, workspace / "clean")
+    assert done.returncode == 0, done.stderr
+    assert crash_harness.extraction_progress(store) == N_SHARDS
+    return store, content_digests(store)
+
+
+def lock_file(store: str) -> Path:
+    return Path(os.path.realpath(store) + LOCK_SUFFIX)
+
+
+def test_extraction_killed_at_a_random_moment_resumes_to_the_same_store(workspace, environment, extract_arguments,
+                                                                        clean_extraction):
+    chance = random.Random(SEED)
+    reached, delay = chance.randrange(0, N_SHARDS - 3), chance.uniform(0.0, 0.05)
+    store = str(workspace / "killed.zarr")
+    arguments = [*extract_arguments, "--store", store]
+
+    kill = crash_harness.kill_when(arguments, environment, workspace / "killed",
+                                   lambda: crash_harness.extraction_progress(store), reached, delay)
+    assert not kill.finished_first and kill.survivors == []
+    assert reached <= crash_harness.extraction_progress(store) < N_SHARDS
+    assert lock_file(store).exists()  # left behind by the killed run: the rerun must take it over
+
+    rerun = crash_harness.run(arguments, environment, workspace / "killed-rerun")
+    assert rerun.returncode == 0, rerun.stderr
+    assert content_digests(store) == clean_extraction[1]
+    assert verify_store(store).ok
+    assert not lock_file(store).exists()
+
+
+def test_efficient_stage_killed_at_a_random_moment_resumes_to_the_same_store(workspace, environment,
+                                                                             clean_extraction):
+    clean, killed = str(workspace / "efficient-clean.zarr"), str(workspace / "efficient-killed.zarr")
+    shutil.copytree(clean_extraction[0], clean)
+    shutil.copytree(clean_extraction[0], killed)
+    efficient = ["efficient", "--workers", "1"]
+    done = crash_harness.run([*efficient, "--store", clean], environment, workspace / "efficient-clean")
+    assert done.returncode == 0, done.stderr
+
+    chance = random.Random(SEED + 1)
+    reached, delay = chance.randrange(0, N_SHARDS - 3), chance.uniform(0.0, 0.05)
+    kill = crash_harness.kill_when([*efficient, "--store", killed], environment, workspace / "efficient-killed",
+                                   lambda: crash_harness.efficient_progress(killed), reached, delay)
+    assert not kill.finished_first and kill.survivors == []  # no Dask worker outlives the kill
+    assert reached <= crash_harness.efficient_progress(killed) < N_SHARDS
+
+    rerun = crash_harness.run([*efficient, "--store", killed], environment, workspace / "efficient-rerun")
+    assert rerun.returncode == 0, rerun.stderr
+    assert content_digests(killed) == content_digests(clean)
+    assert verify_store(killed).ok
+
+
+def shard_files(store: str) -> dict[str, int]:
+    """Every chunk or shard file of the store -> its modification time (ns)."""
+    return {str(path.relative_to(store)): path.stat().st_mtime_ns
+            for path in Path(store).rglob("c/**/*") if path.is_file()}
+
+
+def test_a_disk_that_fills_up_mid_shard_loses_nothing_and_a_rerun_completes(workspace, environment,
+                                                                            extract_arguments, clean_extraction):
+    clean, digests = clean_extraction
+    sizes = sorted(path.stat().st_size for path in (Path(clean) / "attention" / "c").rglob("*") if path.is_file())
+    limit = (sizes[0] + sizes[-1]) // 2  # the short first shards fit, a later, longer one does not
+    store = str(workspace / "full.zarr")
+    arguments = [*extract_arguments, "--store", store]
+
+    failed = crash_harness.run(arguments, environment, workspace / "full", file_size_limit=limit)
+    assert failed.returncode == 2
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("effattn extract: error: ")]
+    assert len(errors) == 1, failed.stderr
+    assert errors[0].startswith(f"effattn extract: error: no space left while writing {store} (File too large")
+    assert errors[0].endswith(
+        "): free space on that disk (or raise the quota or the file size limit), then run the same command again. "
+        "Shards already completed are kept; the shard being written was not marked done and will be written again"
+    )
+    done = crash_harness.extraction_progress(store)
+    assert 0 < done < N_SHARDS
+    report = verify_store(store)
+    assert report.ok, report.text()  # what is recorded as done is sound; the rest is only "not completed"
+    assert report.notes[0] == f"extraction shards {list(range(done, N_SHARDS))} are not completed: rerun " \
+                              "`effattn extract` to finish them"
+    kept = {name: mtime for name, mtime in shard_files(store).items()
+            if name.startswith(("attention/", "value/")) and int(name.split("/")[2]) < done}
+    assert len(kept) == 2 * done
+
+    rerun = crash_harness.run(arguments, environment, workspace / "full-rerun")  # space freed: no limit
+    assert rerun.returncode == 0, rerun.stderr
+    assert content_digests(store) == digests
+    after = shard_files(store)
+    assert {name: after[name] for name in kept} == kept  # completed shards were neither lost nor rewritten
+
+
+def test_a_store_path_that_is_not_writable_is_refused(workspace, environment, extract_arguments):
+    folder = workspace / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root ignores permissions; sysfs refuses new files even to root
+        folder = Path("/sys/effattn-test")
+    store = str(folder / "store.zarr")
+    try:
+        refused = crash_harness.run([*extract_arguments, "--store", store], environment, workspace / "read-only")
+    finally:
+        (workspace / "read-only").chmod(0o755)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn extract: error: ")]
+    assert len(errors) == 1, refused.stderr
+    assert errors[0].startswith(f"effattn extract: error: cannot write to {store} (")
+    assert errors[0].endswith("): choose a store location this user may write to, or fix the permissions of that "
+                              "folder. Nothing already stored was changed")
+    assert not os.path.exists(store)
