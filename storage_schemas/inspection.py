@@ -9,9 +9,16 @@ from storage_schemas.attention_store import completed_shards, open_attention_sto
 from storage_schemas.efficient_store import VARIANT_DESCRIPTIONS, efficient_array_path, efficient_completed_shards
 
 
-def size_on_disk(url: str) -> int:
-    """Bytes under `url` (local path or fsspec URL)."""
-    filesystem, path = fsspec.core.url_to_fs(url)
+def size_on_disk(url: str, storage_options: dict | None = None) -> int:
+    """Bytes under `url` (local path or fsspec URL, e.g. s3://bucket/store.zarr), as listed now.
+
+    `storage_options` go to the fsspec filesystem (by default: its configuration from the environment, see
+    storage_schemas.remote). The filesystem's cached listings are dropped first, all of them (dropping `path`'s
+    alone keeps those of its sub-folders): object-store filesystems cache directory listings, and objects written
+    since (by zarr, through another filesystem instance) would be missed or fail to be found.
+    """
+    filesystem, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    filesystem.invalidate_cache()
     return int(filesystem.du(path, total=True))
 
 
@@ -29,14 +36,17 @@ def _array_line(name: str, array: zarr.Array) -> str:
     return f"  {name:<20} ({dims}) {array.dtype} chunks={tuple(array.chunks)}{shards}"
 
 
-def describe_attention_store(url: str) -> str:
-    """Model, corpus, examples, shapes, dtypes, chunks/shards, size on disk, completed shards, schema version."""
-    group = open_attention_store(url, mode="r")
+def describe_attention_store(url: str, storage_options: dict | None = None) -> str:
+    """Model, corpus, examples, shapes, dtypes, chunks/shards, size on disk, completed shards, schema version.
+
+    `url`: a local path or an fsspec URL (s3://...); `storage_options` go to its fsspec filesystem.
+    """
+    group = open_attention_store(url, mode="r", storage_options=storage_options)
     attributes = group.attrs.asdict()
     layout = store_layout(group)
     model, corpus = attributes["model"], attributes["corpus"]
     done = completed_shards(group)
-    size = size_on_disk(url)
+    size = size_on_disk(url, storage_options)
     lines = [
         f"attention store {url}",
         f"  schema: {attributes['schema']} v{attributes['schema_version']}, created {attributes.get('created')}",
