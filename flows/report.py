@@ -1,0 +1,22 @@
+"""The report stage as a Prefect flow: causal results (+ their attention store) -> a folder with index.html and PNGs."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from storage_schemas.remote import is_remote
+from tasks.report import draw_report, read_report_inputs
+
+
+@flow(name="effattn-report")
+def report(results: str, out: str, store: str | None = None, examples: int = 3) -> str:
+    """Write `out/index.html` and its figures from the causal results at `results` (path or fsspec URL).
+
+    `store`: the attention store the results came from (default: the results' `attention_store` attribute);
+    `out`: a local folder (created if needed); `examples`: how many examples are drawn as attention heatmaps.
+    Returns the path of index.html.
+    """
+    if is_remote(out):
+        raise ValueError(f"--out must be a local folder, got {out}: write the report locally, then copy it")
+    inputs = read_report_inputs(results, store, examples)
+    return draw_report(inputs, out)
