@@ -3,8 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The bundled default run: a few hundred rt-sentiment snippets through MiniLM.
-RUN_STORE ?= runs/rt-sentiment-minilm.zarr
+# The bundled default run: a few hundred rt-sentiment snippets through MiniLM (store runs/rt-sentiment-minilm-300.zarr).
 RUN_LIMIT ?= 300
 RUN_VARIANTS ?= effective,stochastic,simplex
 
@@ -21,8 +20,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt pyproje
 	touch $(STAMP)
 
 run: install
-	$(BIN)/effattn extract --corpus rt-sentiment --model minilm --store $(RUN_STORE) --limit $(RUN_LIMIT)
-	$(BIN)/effattn efficient --store $(RUN_STORE) --variants $(RUN_VARIANTS)
+	$(BIN)/effattn run --corpus rt-sentiment --model minilm --limit $(RUN_LIMIT) --variants $(RUN_VARIANTS)
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -30,6 +28,7 @@ test: install
 benchmark: install
 	$(BIN)/python benchmarks/extraction_throughput.py
 	$(BIN)/python benchmarks/efficient_stage.py
+	$(BIN)/python benchmarks/causal_forward.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

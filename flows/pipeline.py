@@ -1,0 +1,233 @@
+"""The whole pipeline as one Prefect flow: (train if needed) -> extract -> efficient -> causal -> report.
+
+Every stage is skipped when its output is already complete for the same inputs (storage_schemas.pipeline_runs),
+and resumes where it stopped otherwise. The outputs go under `run_dir`, named after corpus, model and limit.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from analysis.causal import SCOPES
+from analysis.corpora import load_corpus
+from analysis.efficient_attention import VARIANTS
+from analysis.models import has_trained_head
+from analysis.run_summary import summarize_variant, summary_table, text_table
+from analysis.training import TrainingSettings
+from flows.causal import causal, causal_settings
+from flows.efficient import efficient
+from flows.extract import extract
+from flows.report import report
+from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.causal_results import open_causal_results
+from storage_schemas.pipeline_runs import (
+    causal_status,
+    efficient_status,
+    extraction_status,
+    local_input_fingerprint,
+    read_diagnostics,
+    record_extraction_inputs,
+    record_report_source,
+    report_status,
+    run_name,
+    run_paths,
+)
+from storage_schemas.store_lock import hold_store_lock
+from tasks.training import train_head
+
+STAGES = ("train", "extract", "efficient", "causal", "report")
+# Defaults of the settings that shape the attention store (besides corpus, model and limit, which name it); a run
+# that changes any of them gets its own store name. Must equal run_pipeline's defaults (a test checks it).
+EXTRACTION_DEFAULTS: dict[str, Any] = {
+    "max_length": 128,
+    "seed": 0,
+    "dtype": "float32",
+    "task": "classification",
+    "top_k": 10,
+    "split": None,
+    "train": True,
+    "epochs": 1,
+    "text_column": None,
+    "label_column": None,
+}
+
+
+def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text_column: str | None,
+                           label_column: str | None) -> str | None:
+    """Why no head has to be fine-tuned before extraction, or None when one has to (the rule of flows.extract)."""
+    if not train:
+        return "training switched off (random head)"
+    if task != "classification":
+        return f"task {task} needs no classifier"
+    if len(load_corpus(corpus, text_column=text_column, label_column=label_column).class_names) < 2:
+        return "the corpus has fewer than two classes"
+    if has_trained_head(model):
+        return "the model has a trained head"
+    return None
+
+
+@flow(name="effattn-pipeline")
+def run_pipeline(
+    corpus: str = "rt-sentiment",
+    model: str = "minilm",
+    limit: int | None = 300,
+    run_dir: str = "runs",
+    store: str | None = None,
+    results: str | None = None,
+    report_dir: str | None = None,
+    max_length: int = 128,
+    seed: int = 0,
+    dtype: str = "float32",
+    task: str = "classification",
+    top_k: int = 10,
+    split: str | None = None,
+    train: bool = True,
+    epochs: int = 1,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    shard_size: int | None = None,
+    variants: list[str] | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+    simplex_max_iterations: int = 200,
+    simplex_tolerance: float = 1e-10,
+    cache_root: str | None = None,
+    scope_examples: int | None = 32,
+    scopes: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run every stage on `corpus` x `model` (`limit` examples; None for all) and return what happened.
+
+    Outputs (storage_schemas.pipeline_runs.run_paths): the attention store `<run_dir>/<name>.zarr`, the causal
+    results `<run_dir>/<name>[-<variants>].results.zarr` and the report `<run_dir>/<name>[-<variants>]-report`,
+    with `<name>` = `<corpus>-<model>-<limit>[-<digest of the non-default extraction settings and, for a corpus
+    file, of its content>]` and `-<variants>`
+    (e.g. `-effective+simplex`) only when not all variants are asked for; `store`, `results` and `report_dir`
+    override them. The extraction settings and the efficient ones mean what they mean in flows.extract.extract
+    and flows.efficient.efficient; `variants` None means all of them.
+
+    Returns {"store", "results", "report" (index.html), "stages": {stage: {"status", "seconds", "detail"}},
+    "efficient_summary": {variant: analysis.run_summary.summarize_variant(...)}, "claims": the claims table
+    (analysis.claims)}, where status is "ran", "skipped" (output complete for the same inputs) or "not needed"
+    (train only). `scope_examples` and `scopes` (default all, layer, head) are flows.causal.causal's.
+    """
+    logger = get_run_logger()
+    settings = {
+        "max_length": max_length, "seed": seed, "dtype": dtype, "task": task, "top_k": top_k, "split": split,
+        "train": train, "epochs": epochs, "text_column": text_column, "label_column": label_column,
+    }
+    name_settings = {key: value for key, value in settings.items() if value != EXTRACTION_DEFAULTS[key]}
+    if local_input_fingerprint(corpus) is not None:
+        # a user file: each content gets its own store (a scheduled run over a file that grows writes a new one)
+        name_settings["corpus_digest"] = load_corpus(corpus, text_column=text_column, label_column=label_column).digest
+    unknown = [variant for variant in variants or () if variant not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
+    variants = [variant for variant in VARIANTS if variant in variants] if variants else list(VARIANTS)
+    analysis_label = "+".join(variants) if variants != list(VARIANTS) else None
+    paths = run_paths(run_dir, run_name(corpus, model, limit, name_settings), analysis_label)
+    store = store or paths.store
+    results = results or paths.results
+    report_dir = report_dir or paths.report
+    stages: dict[str, dict[str, Any]] = {}
+
+    def finished(stage: str, status: str, started: float | None, detail: str) -> None:
+        seconds = round(time.perf_counter() - started, 2) if started is not None else 0.0
+        stages[stage] = {"status": status, "seconds": seconds, "detail": detail}
+        logger.info("stage %s: %s%s (%s)", stage, status, f" in {seconds:.1f} s" if status == "ran" else "", detail)
+
+    # --- train (if needed) and extract ---
+    extraction_inputs = {
+        "corpus": corpus, "corpus_fingerprint": local_input_fingerprint(corpus),
+        "model": model, "model_fingerprint": local_input_fingerprint(model), "limit": limit, **settings,
+    }
+    check = extraction_status(store, extraction_inputs)
+    if check.complete:
+        finished("train", "skipped", None, "the extraction is complete")
+        finished("extract", "skipped", None, check.reason)
+    else:
+        logger.info("stage extract needed: %s", check.reason)
+        extraction_model, extraction_split = model, split
+        reason = head_not_needed_reason(corpus, model, task, train, text_column, label_column)
+        if reason is None:
+            started = time.perf_counter()
+            training = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
+            extraction_model = train_head(model, corpus, text_column, label_column, training.as_dict(), cache_root)
+            extraction_split = split or "held_out"
+            finished("train", "ran", started, f"trained head (or cache hit): {extraction_model}")
+        else:
+            finished("train", "not needed", None, reason)
+        started = time.perf_counter()
+        extract(
+            corpus=corpus, model=extraction_model, store=store, max_length=max_length, limit=limit,
+            batch_size=batch_size, dtype=dtype, device=device, text_column=text_column, label_column=label_column,
+            shard_size=shard_size, seed=seed, task=task, top_k=top_k, split=extraction_split, train=train,
+            epochs=epochs, cache_root=cache_root,
+        )
+        with hold_store_lock(store, "pipeline"):
+            record_extraction_inputs(store, extraction_inputs)
+        finished("extract", "ran", started, store)
+
+    # --- efficient ---
+    efficient_settings = {"simplex_max_iterations": int(simplex_max_iterations),
+                          "simplex_tolerance": float(simplex_tolerance)}
+    check = efficient_status(store, variants, efficient_settings)
+    if check.complete:
+        finished("efficient", "skipped", None, check.reason)
+    else:
+        logger.info("stage efficient needed: %s", check.reason)
+        started = time.perf_counter()
+        efficient(store=store, variants=variants, dask_address=dask_address, workers=workers,
+                  simplex_max_iterations=simplex_max_iterations, simplex_tolerance=simplex_tolerance)
+        finished("efficient", "ran", started, f"{', '.join(variants)} in {store}")
+
+    # --- causal ---
+    scopes = list(scopes or SCOPES)
+    settings_of_causal = causal_settings(store, variants=variants, scopes=scopes, scope_examples=scope_examples)
+    check = causal_status(results, settings_of_causal)
+    if check.complete:
+        finished("causal", "skipped", None, check.reason)
+    else:
+        logger.info("stage causal needed: %s", check.reason)
+        started = time.perf_counter()
+        causal(store=store, results=results, variants=variants, scopes=scopes, scope_examples=scope_examples,
+               device=device, batch_size=batch_size)
+        finished("causal", "ran", started, results)
+
+    # --- report ---
+    check = report_status(report_dir, results)
+    if check.complete:
+        finished("report", "skipped", None, check.reason)
+    else:
+        logger.info("stage report needed: %s", check.reason)
+        started = time.perf_counter()
+        report(results=results, out=report_dir, store=store)
+        record_report_source(report_dir, results)
+        finished("report", "ran", started, report_dir)
+
+    summaries = {variant: summarize_variant(read_diagnostics(store, variant)) for variant in variants}
+    record = {
+        "store": store,
+        "results": results,
+        "report": str(Path(report_dir) / "index.html"),
+        "stages": stages,
+        "efficient_summary": summaries,
+        "claims": open_causal_results(results).attrs["claims"],
+        "examples": store_layout(open_attention_store(store)).n_examples,
+    }
+    logger.info("pipeline finished:\n%s\n\n%s", stage_table(record), summary_table(summaries))
+    return record
+
+
+def stage_table(record: dict[str, Any]) -> str:
+    """The stages of a `run_pipeline` record as a text table: stage, status, seconds, detail."""
+    rows = [
+        [stage, entry["status"], f"{entry['seconds']:.1f}" if entry["status"] == "ran" else "-", entry["detail"]]
+        for stage, entry in record["stages"].items()
+    ]
+    return text_table(["stage", "status", "seconds", "detail"], rows)

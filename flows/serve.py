@@ -1,0 +1,116 @@
+"""`effattn serve`: the pipeline as a Prefect deployment with a schedule, served by this process.
+
+Schedules live on a Prefect server: the server creates the scheduled flow runs, and this process (a Prefect
+runner) polls it and runs them, one at a time (two runs must never write the same store at once). An ephemeral
+server, which Prefect starts by itself when no PREFECT_API_URL is set, would stop with this process and forget the
+schedule, so serving refuses to start without a real server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+START_SERVER = (
+    "start a Prefect server with `prefect server start --host 127.0.0.1 --port 4200` and, in the shell that runs "
+    "`effattn serve`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+)
+DEFAULT_DEPLOYMENT_NAME = "effattn-scheduled"
+# Parameters of run_pipeline that name local files or folders: made absolute, so that the deployment's parameters
+# (shown by the server) say exactly what a scheduled run reads and writes.
+PATH_PARAMETERS = ("run_dir", "store", "results", "report_dir", "corpus", "model", "cache_root")
+
+
+class ServeError(ValueError):
+    """`effattn serve` cannot start: the message says why and what to do."""
+
+
+def prefect_api_url() -> str:
+    """The Prefect API URL of the current settings (PREFECT_API_URL or the active profile); a ServeError if none."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise ServeError(f"PREFECT_API_URL is not set, and scheduled runs need a real Prefect server: {START_SERVER}")
+    return str(url).rstrip("/")
+
+
+def check_server(api_url: str, timeout_seconds: float = 10.0) -> None:
+    """A ServeError unless the Prefect server at `api_url` answers its health check."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{api_url}/health", timeout=timeout_seconds)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise ServeError(
+            f"no Prefect server answers at PREFECT_API_URL={api_url} ({type(error).__name__}: {error}): "
+            f"{START_SERVER}"
+        ) from None
+
+
+def schedule_arguments(cron: str | None, interval: float | None) -> dict[str, Any]:
+    """The schedule keyword of `Flow.serve`: {"cron": cron} or {"interval": seconds}; exactly one must be given."""
+    if (cron is None) == (interval is None):
+        raise ServeError("give exactly one schedule: --cron \"MIN HOUR DAY MONTH WEEKDAY\" or --interval SECONDS")
+    if interval is not None:
+        if interval <= 0:
+            raise ServeError(f"--interval must be a positive number of seconds, got {interval}")
+        return {"interval": interval}
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError as error:  # pydantic's ValidationError: keep its message, not its boilerplate
+        detail = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+        raise ServeError(
+            f"--cron {cron!r} is not a valid cron expression (five fields: minute hour day month weekday, "
+            f"e.g. \"0 3 * * *\" for 03:00 every day): {detail}"
+        ) from None
+    return {"cron": cron}
+
+
+def absolute_paths(parameters: dict[str, Any]) -> dict[str, Any]:
+    """`parameters` with the local paths among PATH_PARAMETERS made absolute (run_dir always; the others when they
+    exist, so that bundled names such as `rt-sentiment`, `minilm` and fsspec URLs stay as they are)."""
+    resolved = dict(parameters)
+    for key in PATH_PARAMETERS:
+        value = resolved.get(key)
+        if not isinstance(value, str) or "://" in value:
+            continue
+        if key in ("run_dir", "store", "results", "report_dir", "cache_root") or Path(value).exists():
+            resolved[key] = str(Path(value).expanduser().resolve())
+    return resolved
+
+
+def serve_pipeline(
+    parameters: dict[str, Any],
+    cron: str | None = None,
+    interval: float | None = None,
+    name: str = DEFAULT_DEPLOYMENT_NAME,
+) -> None:
+    """Serve run_pipeline(**parameters) as the deployment `effattn-pipeline/<name>` with a cron or interval
+    schedule, on the server at PREFECT_API_URL, until interrupted (the schedule is paused on shutdown).
+
+    Raises:
+        ServeError: no PREFECT_API_URL, no server answering there, no schedule or two, a bad cron expression.
+    """
+    from prefect import serve
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.pipeline import run_pipeline
+
+    schedule = schedule_arguments(cron, interval)
+    api_url = prefect_api_url()
+    check_server(api_url)
+    # A deployment served from its module path: each run imports flows.pipeline afresh in its own process
+    # (`python -m prefect.engine`). Flow.serve would instead pickle the in-memory flow by value, which loses the
+    # names that the stage flows' string annotations refer to (their parameter validation then fails).
+    deployment = run_pipeline.to_deployment(
+        name=name,
+        parameters=absolute_paths(parameters),
+        description="effattn: (train if needed) -> extract -> efficient -> causal -> report, on a schedule",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        **schedule,
+    )
+    serve(deployment, limit=1, pause_on_shutdown=True)

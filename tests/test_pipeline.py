@@ -1,0 +1,160 @@
+"""flows.pipeline.run_pipeline and `effattn run` on the tiny BERT of conftest and the 10-review CSV: the first call
+runs every stage, a second one skips them all without touching the store, and changed inputs are not skipped."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from analysis.corpora import load_corpus
+from flows.cli import main
+from flows.pipeline import EXTRACTION_DEFAULTS, STAGES, run_pipeline
+from storage_schemas.attention_store import AttentionStoreError, completed_shards, open_attention_store
+from storage_schemas.efficient_store import efficient_completed_shards
+from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, run_name
+from tests.conftest import write_reviews_csv
+
+# 6 of the 10 reviews, shards of 4 (two shards), texts cut at 16 tokens (> head dim 8 of the tiny models).
+RUN = dict(limit=6, max_length=16, shard_size=4, batch_size=3, variants=["effective"], workers=1)
+
+
+def file_mtimes(folder: str) -> dict[str, int]:
+    """Every file under `folder` -> its modification time (ns)."""
+    return {str(path): path.stat().st_mtime_ns for path in Path(folder).rglob("*") if path.is_file()}
+
+
+def statuses(record: dict) -> dict[str, str]:
+    return {stage: entry["status"] for stage, entry in record["stages"].items()}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_bert_folder):
+    folder = tmp_path_factory.mktemp("pipeline")
+    corpus = write_reviews_csv(folder / "reviews.csv")
+    arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(folder / "runs"), **RUN)
+    return arguments, run_pipeline(**arguments)
+
+
+def test_extraction_defaults_are_the_flows_defaults():
+    defaults = {name: parameter.default for name, parameter in inspect.signature(run_pipeline.fn).parameters.items()}
+    assert {name: defaults[name] for name in EXTRACTION_DEFAULTS} == EXTRACTION_DEFAULTS
+
+
+def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
+    arguments, record = first_run
+    assert list(record["stages"]) == list(STAGES)
+    status = statuses(record)
+    # the tiny BERT folder has a (random) classification head: nothing to fine-tune
+    assert status["train"] == "not needed"
+    assert status["extract"] == "ran" and status["efficient"] == "ran"
+    assert status["causal"] == "ran" and status["report"] == "ran"
+    assert Path(record["report"]).is_file() and record["report"].endswith("index.html")
+    assert {row["claim"] for row in record["claims"]} >= {"sufficient (effective)", "necessary (effective)"}
+    digest = load_corpus(arguments["corpus"]).digest  # a corpus file's content is part of the name
+    name = run_name(arguments["corpus"], arguments["model"], 6, {"max_length": 16, "corpus_digest": digest})
+    assert name.startswith(f"reviews-{tiny_bert_folder.name}-6-")
+    assert record["store"] == f"{arguments['run_dir']}/{name}.zarr"
+    group = open_attention_store(record["store"])
+    assert completed_shards(group) == [0, 1]
+    assert efficient_completed_shards(group, "effective") == [0, 1]
+    assert "stochastic" not in group["efficient"]
+    assert group.attrs[EXTRACTION_INPUTS_ATTRIBUTE]["limit"] == 6
+    summary = record["efficient_summary"]["effective"]
+    assert summary["blocks"] == 6 * 2 * 4  # examples x layers x heads
+    assert summary["max_output_residual"] < 1e-6  # effective attention keeps the output
+
+
+def test_second_call_skips_train_extract_and_efficient_and_touches_nothing(first_run):
+    arguments, first = first_run
+    before = file_mtimes(first["store"])
+    record = run_pipeline(**arguments)
+    status = statuses(record)
+    assert {stage: status[stage] for stage in ("train", "extract", "efficient")} == {
+        "train": "skipped", "extract": "skipped", "efficient": "skipped"
+    }
+    assert record["stages"]["extract"]["detail"] == "all 2 shards extracted for the same inputs"
+    assert record["store"] == first["store"]
+    assert file_mtimes(first["store"]) == before
+    assert record["efficient_summary"] == first["efficient_summary"]
+
+
+def test_second_call_skips_causal_and_report_until_the_results_change(first_run):
+    arguments, first = first_run
+    report_files = file_mtimes(str(Path(first["report"]).parent))
+    record = run_pipeline(**arguments)
+    assert statuses(record)["causal"] == "skipped" and statuses(record)["report"] == "skipped"
+    assert file_mtimes(str(Path(first["report"]).parent)) == report_files
+    assert record["claims"] == first["claims"]
+    # the results are summarised again (e.g. an interrupted run finished them): the report is drawn again
+    from storage_schemas.causal_results import open_causal_results
+
+    open_causal_results(first["results"], mode="r+").attrs["created"] = "2000-01-01T00:00:00+00:00"
+    assert statuses(run_pipeline(**arguments))["report"] == "ran"
+
+
+def test_effattn_run_prints_the_stages_the_summary_and_the_paths(first_run, capsys):
+    arguments, first = first_run
+    argv = ["run", "--corpus", arguments["corpus"], "--model", arguments["model"], "--run-dir", arguments["run_dir"],
+            "--limit", "6", "--max-length", "16", "--shard-size", "4", "--batch-size", "3", "--variants", "effective",
+            "--workers", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^extract +skipped +- +all 2 shards extracted for the same inputs$", printed, re.MULTILINE)
+    assert re.search(r"^efficient +skipped ", printed, re.MULTILINE)
+    assert re.search(r"^effective +48 +", printed, re.MULTILINE)  # the summary row of the variant: 48 blocks
+    assert f"attention store: {first['store']}\n" in printed
+    assert re.search(r"^sufficient \(effective\) +holds +agreement 100.00 %", printed, re.MULTILINE)
+    assert f"report:          {first['report']}\n" in printed
+
+
+def test_changed_inputs_are_not_skipped(first_run):
+    arguments, first = first_run
+    first_store_files = file_mtimes(first["store"])
+    # another limit: another store, every stage runs
+    more = run_pipeline(**{**arguments, "limit": 8})
+    assert more["store"] != first["store"] and "-8-" in more["store"]
+    assert statuses(more)["extract"] == "ran" and statuses(more)["efficient"] == "ran"
+    assert completed_shards(open_attention_store(more["store"])) == [0, 1]
+    # one more variant: the extraction is skipped, only the new variant is computed
+    effective_files = file_mtimes(f"{more['store']}/efficient/effective")
+    wider = run_pipeline(**{**arguments, "limit": 8, "variants": ["effective", "stochastic"]})
+    assert statuses(wider)["extract"] == "skipped" and statuses(wider)["efficient"] == "ran"
+    assert efficient_completed_shards(open_attention_store(more["store"]), "stochastic") == [0, 1]
+    assert file_mtimes(f"{more['store']}/efficient/effective") == effective_files
+    assert set(wider["efficient_summary"]) == {"effective", "stochastic"}
+    # an analysis of other variants gets its own results
+    assert wider["results"] == more["store"].removesuffix(".zarr") + "-effective+stochastic.results.zarr"
+    # the first store was not touched by any of this
+    assert file_mtimes(first["store"]) == first_store_files
+
+
+def test_other_settings_into_an_explicit_store_are_refused_not_skipped(first_run):
+    arguments, first = first_run
+    with pytest.raises(AttentionStoreError, match=re.escape("extraction.requested_max_length: store has 16, "
+                                                            "this run has 20")):
+        run_pipeline(**{**arguments, "max_length": 20, "store": first["store"]})
+
+
+def test_an_edited_corpus_file_gets_a_new_store(tmp_path, tiny_bert_folder):
+    corpus = write_reviews_csv(tmp_path / "reviews.csv")
+    arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(tmp_path / "runs"), **RUN)
+    first = run_pipeline(**arguments)
+    first_files = file_mtimes(first["store"])
+    corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))  # same size, new content
+    edited = run_pipeline(**arguments)
+    assert edited["store"] != first["store"]
+    assert statuses(edited)["extract"] == "ran" and statuses(edited)["efficient"] == "ran"
+    digests = [open_attention_store(record["store"]).attrs["corpus"]["digest"] for record in (first, edited)]
+    assert digests[1] == load_corpus(str(corpus)).digest != digests[0]
+    assert file_mtimes(first["store"]) == first_files
+
+
+def test_an_explicit_store_refuses_an_edited_corpus_file(tmp_path, first_run):
+    arguments, first = first_run
+    corpus = write_reviews_csv(tmp_path / "reviews.csv")
+    corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))
+    with pytest.raises(AttentionStoreError, match=re.escape("corpus.digest: store has")):
+        run_pipeline(**{**arguments, "corpus": str(corpus), "store": first["store"]})

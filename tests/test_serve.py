@@ -1,0 +1,257 @@
+"""flows.serve and `effattn serve`: refusals without a server, the schedule options, and a scheduled run on a real
+`prefect server start` (loopback, own PREFECT_HOME and sqlite database) that writes a complete store."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.cli import main
+from flows.serve import ServeError, absolute_paths, schedule_arguments
+from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
+from storage_schemas.efficient_store import efficient_completed_shards
+from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE
+from tests.conftest import write_reviews_csv
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_START_TIMEOUT = 180  # seconds; the first start migrates a new sqlite database
+RUN_TIMEOUT = 300  # seconds until one scheduled run has completed (2 shared cores: generous)
+START_SERVER_HINT = (
+    "start a Prefect server with `prefect server start --host 127.0.0.1 --port 4200` and, in the shell that runs "
+    "`effattn serve`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+)
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --- refusals and options (no server) ---
+
+
+def test_serve_refuses_without_prefect_api_url(capsys):
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["serve", "--interval", "5"]) == 2
+    expected = (
+        "effattn serve: error: PREFECT_API_URL is not set, and scheduled runs need a real Prefect server: "
+        + START_SERVER_HINT
+    )
+    assert capsys.readouterr().err.strip() == expected
+
+
+def test_serve_refuses_when_no_server_answers(capsys):
+    url = f"http://127.0.0.1:{free_loopback_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        assert main(["serve", "--cron", "0 3 * * *"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"effattn serve: error: no Prefect server answers at PREFECT_API_URL={url} (ConnectError")
+    assert error.strip().endswith(START_SERVER_HINT)
+
+
+def test_serve_needs_exactly_one_schedule(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve"])
+    assert exit_info.value.code == 2
+    assert "one of the arguments --cron --interval is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--cron", "0 3 * * *", "--interval", "5"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_schedule_arguments():
+    assert schedule_arguments(None, 5) == {"interval": 5}
+    assert schedule_arguments("0 3 * * *", None) == {"cron": "0 3 * * *"}
+    with pytest.raises(ServeError, match=re.escape("give exactly one schedule")):
+        schedule_arguments(None, None)
+    with pytest.raises(ServeError, match=re.escape("give exactly one schedule")):
+        schedule_arguments("0 3 * * *", 5)
+    with pytest.raises(ServeError, match=re.escape("--interval must be a positive number of seconds, got 0")):
+        schedule_arguments(None, 0)
+    with pytest.raises(ServeError, match=re.escape("--cron 'every day' is not a valid cron expression")):
+        schedule_arguments("every day", None)
+
+
+def test_absolute_paths_resolve_local_paths_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_reviews_csv(tmp_path / "reviews.csv")
+    resolved = absolute_paths(
+        {"run_dir": "runs", "corpus": "reviews.csv", "model": "minilm", "store": "s3://bucket/a.zarr", "limit": 3}
+    )
+    assert resolved == {
+        "run_dir": str(tmp_path / "runs"),
+        "corpus": str(tmp_path / "reviews.csv"),
+        "model": "minilm",  # a bundled name, not a path here
+        "store": "s3://bucket/a.zarr",
+        "limit": 3,
+    }
+
+
+# --- a scheduled run on a real Prefect server ---
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group led by `process` (it was started in its own session), SIGKILL what is left after
+    30 s, and wait for the leader."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        process.poll()
+        time.sleep(0.5)
+    else:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+def group_is_gone(process: subprocess.Popen) -> bool:
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def log_tail(path: Path, characters: int = 4000) -> str:
+    return path.read_text(errors="replace")[-characters:] if path.exists() else "(no output)"
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    """A `prefect server start` on a free loopback port with its own PREFECT_HOME and sqlite database; yields its
+    API URL; stops its whole process group afterwards, whatever happened."""
+    home = tmp_path / "server-home"
+    home.mkdir()
+    port = free_loopback_port()
+    environment = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    environment.pop("PREFECT_API_URL", None)
+    log = tmp_path / "server.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--no-ui", "--analytics-off"],
+            env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"prefect server exited with {server.returncode}:\n{log_tail(log)}")
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not answer /api/health in {SERVER_START_TIMEOUT} s:\n{log_tail(log)}")
+            time.sleep(1)
+        yield api_url
+    finally:
+        stop_process_group(server)
+        assert group_is_gone(server), "the prefect server's process group survived SIGTERM and SIGKILL"
+
+
+def effattn_command() -> list[str]:
+    script = Path(sys.executable).parent / "effattn"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
+
+
+def finished_flow_runs(api_url: str, deployment_name: str) -> list[dict]:
+    """The deployment's flow runs that have ended: completed, failed or crashed (the schedule also creates many
+    future runs; they are left out)."""
+    response = httpx.post(
+        f"{api_url}/flow_runs/filter",
+        json={
+            "deployments": {"name": {"any_": [deployment_name]}},
+            "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
+            "limit": 20,
+        },
+        timeout=10,
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_bert_folder):
+    api_url = prefect_server
+    corpus = write_reviews_csv(tmp_path / "reviews.csv")
+    run_dir = tmp_path / "runs"
+    deployment = "effattn-test-schedule"
+    environment = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(tmp_path / "serve-home"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "EFFATTN_CACHE": str(tmp_path / "cache"),
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        serve = subprocess.Popen(
+            [*effattn_command(), "serve", "--interval", "5", "--name", deployment,
+             "--corpus", str(corpus), "--model", str(tiny_bert_folder), "--limit", "5", "--max-length", "16",
+             "--shard-size", "4", "--batch-size", "5", "--variants", "effective", "--workers", "1",
+             "--run-dir", str(run_dir)],
+            cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        completed = None
+        while completed is None:
+            if serve.poll() is not None:
+                pytest.fail(f"effattn serve exited with {serve.returncode}:\n{log_tail(log)}")
+            runs = finished_flow_runs(api_url, deployment)
+            broken = [run for run in runs if run["state_type"] in ("FAILED", "CRASHED")]
+            if broken:
+                state = broken[0]["state"]
+                pytest.fail(f"a scheduled run ended {state['type']}: {state.get('message')}\n{log_tail(log)}")
+            completed = next((run for run in runs if run["state_type"] == "COMPLETED"), None)
+            if completed is None:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no scheduled run completed in {RUN_TIMEOUT} s:\n{log_tail(log)}")
+                time.sleep(2)
+    finally:
+        stop_process_group(serve)
+        assert group_is_gone(serve), "effattn serve's process group survived SIGTERM and SIGKILL"
+
+    assert completed["auto_scheduled"] is True  # created by the schedule, not triggered by hand
+    assert completed["parameters"]["run_dir"] == str(run_dir)  # made absolute by effattn serve
+    stores = sorted(path for path in run_dir.glob("*.zarr") if not path.name.endswith(".results.zarr"))
+    assert len(stores) == 1
+    # max length 16 is not the default: the settings digest is part of the name
+    assert re.fullmatch(rf"reviews-{re.escape(tiny_bert_folder.name)}-5-[0-9a-f]{{8}}\.zarr", stores[0].name)
+    group = open_attention_store(str(stores[0]))
+    n_shards = store_layout(group).n_shards
+    assert n_shards == 2
+    assert completed_shards(group) == [0, 1]
+    assert efficient_completed_shards(group, "effective") == [0, 1]
+    assert group["efficient/effective"][:].any()
+    assert group.attrs[EXTRACTION_INPUTS_ATTRIBUTE]["limit"] == 5
