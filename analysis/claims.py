@@ -163,3 +163,25 @@ def format_claims_table(claims: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'claim':<{width}}  {'verdict':<{verdict_width}}  measured"]
     lines += [f"{row['claim']:<{width}}  {row['verdict']:<{verdict_width}}  {row['measured']}" for row in claims]
     return "\n".join(lines)
+
+
+def claims_by_study(tables: dict[str, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per claim across studies: {"claim", study: {"verdict", "measured"} for every study} (a study that did
+    not measure a claim has no entry), claims in the order they first appear."""
+    rows: dict[str, dict[str, Any]] = {}
+    for study, table in tables.items():
+        for row in table:
+            entry = rows.setdefault(row["claim"], {"claim": row["claim"]})
+            entry[study] = {"verdict": row["verdict"], "measured": row["measured"]}
+    return list(rows.values())
+
+
+def format_claims_by_study(rows: Sequence[dict[str, Any]], studies: Sequence[str]) -> str:
+    """Verdicts of every claim (rows) in every study (columns) as aligned plain text."""
+    width = max([len("claim")] + [len(row["claim"]) for row in rows])
+    widths = [max(len(study), 13) for study in studies]
+    lines = ["  ".join([f"{'claim':<{width}}"] + [f"{study:<{w}}" for study, w in zip(studies, widths)])]
+    for row in rows:
+        cells = [f"{row.get(study, {}).get('verdict', '—'):<{w}}" for study, w in zip(studies, widths)]
+        lines.append("  ".join([f"{row['claim']:<{width}}"] + cells))
+    return "\n".join(lines)

@@ -9,10 +9,12 @@ from prefect import flow
 from tqdm.auto import tqdm
 
 from analysis.causal import SCOPES, targets_for
+from analysis.efficient_attention import VARIANTS
 from analysis.interventions import DEFAULT_MINIMALITY_DIRECTIONS, default_interventions, parse_interventions
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
-from storage_schemas.efficient_store import efficient_array_path
+from storage_schemas.efficient_store import efficient_completed_shards
+from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import prepare_results, run_causal_shard, summarise_results
 
 
@@ -29,15 +31,15 @@ def causal_settings(
 ) -> dict[str, Any]:
     """Everything that shapes the numbers of a causal run (a rerun with other settings is refused).
 
-    Defaults: the variants present in the store; every intervention for them at scope "all"; efficient, null,
+    Defaults: the variants the efficient stage has finished in the store; every intervention for them at scope "all"; efficient, null,
     uniform and ablate at scope "layer"; null of the first variant and ablate at scope "head" (which heads matter);
     the layer and head scopes on `scope_examples` examples spread over the store (None: all).
     """
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
-    if variants is None:
-        variants = [variant for variant in ("effective", "stochastic", "simplex")
-                    if efficient_array_path(variant) in group]
+    if variants is None:  # the variants the efficient stage has finished
+        variants = [variant for variant in VARIANTS
+                    if len(efficient_completed_shards(group, variant)) == layout.n_shards]
     variants = list(variants)
     if interventions is None:
         directions = [k for k in minimality_directions if k < layout.head_dim]
@@ -100,9 +102,10 @@ def causal(
     if forward_rows is None:
         task_name = open_attention_store(store).attrs["extraction"]["task"]
         forward_rows = 8 if task_name == "next-token" else 64
-    todo = prepare_results(store, results, settings)
-    group = open_causal_results(results, mode="r+")
-    for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-        run_causal_shard(store, results, shard_index, settings, model, device, batch_size, forward_rows)
-        mark_causal_shard_completed(group, shard_index)
-    return summarise_results(store, results)
+    with hold_store_lock(results, "causal"):  # one writer per results dataset (the store is only read)
+        todo = prepare_results(store, results, settings)
+        group = open_causal_results(results, mode="r+")
+        for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
+            run_causal_shard(store, results, shard_index, settings, model, device, batch_size, forward_rows)
+            mark_causal_shard_completed(group, shard_index)
+        return summarise_results(store, results)

@@ -14,6 +14,51 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `effattn run` and `effattn serve`: those of flows.pipeline.run_pipeline."""
+    parser.add_argument("--corpus", default="rt-sentiment", help="rt-sentiment (default), bbc-topic, ... or a file")
+    parser.add_argument("--model", default="minilm", help="minilm (default), smollm2, or a local model folder")
+    parser.add_argument("--limit", type=_positive_int, default=300, help="examples to extract (default 300)")
+    parser.add_argument("--all", dest="limit", action="store_const", const=None, help="extract every example")
+    parser.add_argument("--run-dir", default="runs", help="folder of the outputs (default runs/)")
+    parser.add_argument("--store", default=None, help="attention store (default <run-dir>/<corpus>-<model>-<limit>.zarr)")
+    parser.add_argument("--results", default=None, help="causal results (default <run-dir>/<name>.results.zarr)")
+    parser.add_argument("--report-dir", default=None, help="report folder (default <run-dir>/<name>-report)")
+    parser.add_argument("--max-length", type=_positive_int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--task", choices=["classification", "next-token"], default="classification")
+    parser.add_argument("--top-k", type=_positive_int, default=10)
+    parser.add_argument("--split", choices=["all", "train", "held_out"], default=None)
+    parser.add_argument("--no-train", dest="train", action="store_false",
+                        help="keep a random head instead of fine-tuning one (smoke tests only)")
+    parser.add_argument("--epochs", type=_positive_int, default=1)
+    parser.add_argument("--text-column", default=None)
+    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--shard-size", type=_positive_int, default=None)
+    parser.add_argument("--variants", default="effective,stochastic,simplex")
+    parser.add_argument("--dask-address", default=None)
+    parser.add_argument("--workers", type=_positive_int, default=None)
+    parser.add_argument("--simplex-max-iterations", type=_positive_int, default=200)
+    parser.add_argument("--simplex-tolerance", type=float, default=1e-10)
+    parser.add_argument("--cache", dest="cache_root", default=None, help="training cache (default $EFFATTN_CACHE)")
+    parser.add_argument("--scope-examples", type=_positive_int, default=32,
+                        help="examples measured one layer and one head at a time by the causal stage (default 32)")
+
+
+def _pipeline_parameters(arguments: argparse.Namespace) -> dict:
+    """The keyword arguments of flows.pipeline.run_pipeline from parsed `run` / `serve` options."""
+    names = ("corpus", "model", "limit", "run_dir", "store", "results", "report_dir", "max_length", "seed", "dtype",
+             "task", "top_k", "split", "train", "epochs", "text_column", "label_column", "device", "batch_size",
+             "shard_size", "dask_address", "workers", "simplex_max_iterations", "simplex_tolerance", "cache_root",
+             "scope_examples")
+    parameters = {name: getattr(arguments, name) for name in names}
+    parameters["variants"] = [variant.strip() for variant in arguments.variants.split(",") if variant.strip()]
+    return parameters
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effattn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,8 +108,77 @@ def build_parser() -> argparse.ArgumentParser:
     efficient.add_argument("--simplex-max-iterations", type=_positive_int, default=200)
     efficient.add_argument("--simplex-tolerance", type=float, default=1e-10)
 
+    causal = commands.add_parser(
+        "causal", help="re-inject attention, efficient attention and controls into the model; write results"
+    )
+    causal.add_argument("--store", required=True, help="attention store with efficient attention (path or URL)")
+    causal.add_argument("--results", required=True, help="results dataset to write (Zarr v3; path or URL)")
+    causal.add_argument("--interventions", default=None,
+                        help="comma-separated, e.g. replay,efficient:effective,null:simplex,ablate,"
+                             "minimality:effective:k=4 (default: every one for the chosen variants)")
+    causal.add_argument("--variants", default=None, help="variants of the default interventions (default: those in "
+                                                          "the store)")
+    causal.add_argument("--scopes", default="all,layer,head", help="comma-separated: all,layer,head")
+    causal.add_argument("--layer-interventions", default=None,
+                        help="interventions also run one layer at a time (default: efficient, null, uniform, ablate)")
+    causal.add_argument("--head-interventions", default=None,
+                        help="interventions also run one head at a time (default: null of the first variant, ablate)")
+    causal.add_argument("--scope-examples", type=_positive_int, default=32,
+                        help="examples (spread over the store) measured at the layer and head scopes (default 32)")
+    causal.add_argument("--all-scope-examples", dest="scope_examples", action="store_const", const=None,
+                        help="measure every example at the layer and head scopes too")
+    causal.add_argument("--minimality-k", default="1,2,4,8,16",
+                        help="directions removed by the minimality probe (default 1,2,4,8,16; those < head dim)")
+    causal.add_argument("--seed", type=int, default=0, help="seed of the random noise interventions")
+    causal.add_argument("--model", default=None, help="the model, if it moved since extraction (same weights)")
+    causal.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    causal.add_argument("--batch-size", type=_positive_int, default=16)
+
     inspect = commands.add_parser("inspect", help="print what is in a store")
     inspect.add_argument("store", help="path or fsspec URL of the store")
+
+    report = commands.add_parser("report", help="write an HTML report (index.html + PNG figures) of causal results")
+    report.add_argument("--results", required=True, help="path or fsspec URL of the causal results (effattn causal)")
+    report.add_argument("--out", required=True, help="local folder for index.html and the figures (created)")
+    report.add_argument("--store", default=None,
+                        help="the attention store of the results (default: the one recorded in the results)")
+    report.add_argument("--examples", type=_positive_int, default=3, help="examples drawn as heatmaps (default 3)")
+
+    verify = commands.add_parser(
+        "verify", help="read every chunk of a store: checksums, schema, invariants; exit status 1 when damaged"
+    )
+    verify.add_argument("store", help="path or fsspec URL of the store")
+    verify.add_argument("--repair", action="store_true",
+                        help="mark the damaged shards as not done, so that rerunning the stage rewrites them")
+
+    unlock = commands.add_parser("unlock", help="remove the writer lock of a store whose run died on another host")
+    unlock.add_argument("store", help="path or fsspec URL of the store")
+
+    run = commands.add_parser("run", help="the whole pipeline: (train) -> extract -> efficient -> causal -> report")
+    _add_pipeline_arguments(run)
+
+    studies = commands.add_parser(
+        "studies", help="the pipeline on the four study datasets, and one page answering the claims across them"
+    )
+    studies.add_argument("--studies", default="rt-sentiment,bbc-topic,political-party,next-token",
+                         help="comma-separated (default: all four; see analysis/studies.py)")
+    studies.add_argument("--limit", type=_positive_int, default=100, help="held-out examples per study (default 100)")
+    studies.add_argument("--run-dir", default="runs/studies", help="folder of the outputs (default runs/studies)")
+    studies.add_argument("--scope-examples", type=_positive_int, default=16,
+                         help="examples measured one layer and one head at a time (default 16)")
+    studies.add_argument("--next-token-limit", type=_positive_int, default=32,
+                         help="examples of the decoder study (default 32: each costs 30 layers x 9 heads x 128^2)")
+    studies.add_argument("--next-token-variants", default="effective,stochastic",
+                         help="variants of the decoder study (default effective,stochastic: simplex is slow there)")
+    studies.add_argument("--workers", type=_positive_int, default=None)
+    studies.add_argument("--cache", dest="cache_root", default=None, help="training cache (default $EFFATTN_CACHE)")
+
+    serve = commands.add_parser("serve", help="serve the pipeline on a schedule from a Prefect server")
+    schedule = serve.add_mutually_exclusive_group(required=True)
+    schedule.add_argument("--cron", default=None, help='cron schedule, e.g. "0 3 * * *" (03:00 every day)')
+    schedule.add_argument("--interval", type=float, default=None, help="seconds between runs")
+    serve.add_argument("--name", default="effattn-scheduled", help="deployment name (default effattn-scheduled)")
+    _add_pipeline_arguments(serve)
     return parser
 
 
@@ -131,12 +245,111 @@ def main(argv: list[str] | None = None) -> int:
                 simplex_tolerance=arguments.simplex_tolerance,
             )
             print(describe_attention_store(store))
+        elif arguments.command == "causal":
+            from analysis.claims import format_claims_table
+            from flows.causal import causal
+
+            def listed(text: str | None) -> list[str] | None:
+                return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+            claims = causal(
+                store=arguments.store,
+                results=arguments.results,
+                interventions=listed(arguments.interventions),
+                variants=listed(arguments.variants),
+                scopes=listed(arguments.scopes),
+                layer_interventions=listed(arguments.layer_interventions),
+                head_interventions=listed(arguments.head_interventions),
+                scope_examples=arguments.scope_examples,
+                minimality_directions=[int(k) for k in listed(arguments.minimality_k)],
+                seed=arguments.seed,
+                model=arguments.model,
+                device=arguments.device,
+                batch_size=arguments.batch_size,
+            )
+            print(format_claims_table(claims))
+            print(f"results: {arguments.results}")
         elif arguments.command == "inspect":
             from storage_schemas.inspection import describe_attention_store
 
             print(describe_attention_store(arguments.store))
+        elif arguments.command == "report":
+            from flows.report import report
+
+            index = report(results=arguments.results, out=arguments.out, store=arguments.store,
+                           examples=arguments.examples)
+            print(f"report: {index}")
+        elif arguments.command == "verify":
+            from storage_schemas.verification import unmark_damaged_shards, verify_store
+
+            report = verify_store(arguments.store)
+            print(report.text())
+            if arguments.repair and not report.ok:
+                unmarked = unmark_damaged_shards(arguments.store, report)
+                for stage, shards in unmarked.items():
+                    print(f"marked as not done: {'extraction' if stage == 'extract' else 'efficient/' + stage} "
+                          f"shards {shards}")
+            if not report.ok:
+                return 1
+        elif arguments.command == "unlock":
+            from storage_schemas.store_lock import break_store_lock
+
+            removed, holder = break_store_lock(arguments.store)
+            if not removed:
+                print(f"{arguments.store} is not locked")
+            else:
+                print(f"removed the lock of {holder.describe() if holder else 'an unknown holder (unreadable record)'} "
+                      f"from {arguments.store}")
+        elif arguments.command == "run":
+            from analysis.claims import format_claims_table
+            from analysis.run_summary import summary_table
+            from flows.pipeline import run_pipeline, stage_table
+
+            record = run_pipeline(**_pipeline_parameters(arguments))
+            print()
+            print(stage_table(record))
+            print()
+            print("efficient attention per variant (shares of (example, layer, head) blocks):")
+            print(summary_table(record["efficient_summary"]))
+            print()
+            print("the claims (every head of every layer replaced at once):")
+            print(format_claims_table(record["claims"]))
+            print()
+            print(f"attention store: {record['store']}")
+            print(f"causal results:  {record['results']}")
+            print(f"report:          {record['report']}")
+        elif arguments.command == "studies":
+            from analysis.claims import format_claims_by_study
+            from flows.studies import run_studies
+
+            names = [name.strip() for name in arguments.studies.split(",") if name.strip()]
+            outcome = run_studies(
+                studies=names, limit=arguments.limit, run_dir=arguments.run_dir,
+                variants_of={"next-token": [v.strip() for v in arguments.next_token_variants.split(",") if v.strip()]},
+                limit_of={"next-token": arguments.next_token_limit},
+                scope_examples=arguments.scope_examples, workers=arguments.workers, cache_root=arguments.cache_root,
+            )
+            print(format_claims_by_study(outcome["claims"], names))
+            print(f"claims across the studies: {outcome['index']}")
+        elif arguments.command == "serve":
+            from flows.serve import serve_pipeline
+
+            serve_pipeline(_pipeline_parameters(arguments), cron=arguments.cron, interval=arguments.interval,
+                           name=arguments.name)
     except (AttentionStoreError, ValueError, FileNotFoundError) as error:
         print(f"effattn {arguments.command}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # an unreachable or forbidden store (e.g. s3:// without endpoint or credentials)
+        from storage_schemas.remote import storage_access_problem
+
+        from storage_schemas.storage_faults import explain_storage_error
+
+        url = getattr(arguments, "store", None) or getattr(arguments, "results", None) or "the store"
+        explained = explain_storage_error(error, str(url))  # a full disk, a store this user may not write
+        problem = str(explained) if explained is not None else storage_access_problem(str(url), error)
+        if problem is None:
+            raise
+        print(f"effattn {arguments.command}: error: {problem}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,6 +8,7 @@ scopes that intervention is measured at (analysis.causal) and writes the shard's
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -96,7 +97,8 @@ def prepare_results(store: str, results: str, settings: dict[str, Any]) -> list[
             examples={name: group[name][:] for name in ("source_index", "length", "label")},
             shard_size=layout.shard_size,
             metrics=METRICS,
-            attributes={**provenance, "attention_store": store, "settings": settings,
+            attributes={**provenance, "attention_store": store if "://" in store else os.path.abspath(store),
+                        "settings": settings,
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         )
     else:
@@ -111,6 +113,13 @@ def _load_store_model(group, model_override: str | None, device: str):
     task_name = attributes["extraction"]["task"]
     loaded = cached_model(model_override or model["name"], int(model["num_labels"] or 1), device,
                           int(model["head_seed"]), task_name)
+    tokenizer = attributes["tokenizer"]
+    if (type(loaded.tokenizer).__name__, len(loaded.tokenizer)) != (tokenizer["class"], tokenizer["vocab_size"]):
+        raise CausalResultsError(
+            f"the tokenizer of {model_override or model['name']} ({type(loaded.tokenizer).__name__}, "
+            f"{len(loaded.tokenizer)} tokens) is not the one that wrote the store ({tokenizer['class']}, "
+            f"{tokenizer['vocab_size']} tokens): pass --model with the model that wrote the store"
+        )
     if loaded.weights_digest != model["weights_digest"]:
         raise CausalResultsError(
             f"the model {model_override or model['name']} has weights digest {loaded.weights_digest[:16]}…, but the "

@@ -134,3 +134,12 @@ def test_minilm_on_real_reviews(tmp_path):
     np.testing.assert_allclose(
         dataset["max_abs_logit_change"].sel(intervention="null:effective").where(layers).values,
         dataset["max_abs_logit_change"].sel(intervention="ablate").where(layers).values, atol=TOLERANCE)
+
+
+def test_a_second_writer_of_the_same_results_is_refused(llama_store, tmp_path):
+    from storage_schemas.store_lock import StoreLockedError, hold_store_lock
+
+    results = str(tmp_path / "results.zarr")
+    with hold_store_lock(results, "causal"), pytest.raises(StoreLockedError, match=r"is locked by effattn causal"):
+        causal(store=llama_store, results=results, interventions=["ablate"], scopes=["all"])
+    assert not (tmp_path / "results.zarr").exists()  # nothing was written by the refused run

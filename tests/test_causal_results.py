@@ -10,6 +10,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from storage_schemas.portability import portability_problems
 from storage_schemas.causal_results import (
     AGGREGATES,
     CausalResultsError,
@@ -69,6 +70,7 @@ def test_every_array_is_portable_zarr_v3(tmp_path):
         assert metadata["data_type"] in ("string", "int32", "int64", "float32", "float64"), name
         codecs = [codec["name"] for codec in metadata["codecs"]]
         assert codecs in (["bytes", "zstd", "crc32c"], ["vlen-utf8", "zstd", "crc32c"]), (name, codecs)
+    assert portability_problems(url) == []
 
 
 def test_writes_of_the_wrong_shape_or_missing_metrics_are_refused(tmp_path):

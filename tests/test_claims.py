@@ -80,3 +80,21 @@ def test_probability_distribution_claim_from_diagnostics():
     table = claims_table(["replay"], TARGETS, aggregates(), summary, 0.8)
     assert verdicts(table)["probability distributions (simplex)"] == "holds"
     assert verdicts(table)["probability distributions (stochastic)"] == "does not hold"
+
+
+def test_claims_across_studies_keep_each_studys_verdict():
+    from analysis.claims import claims_by_study, format_claims_by_study
+
+    rows = claims_by_study({
+        "rt": [{"claim": "sufficient (effective)", "verdict": "holds", "measured": "agreement 100 %", "test": ""}],
+        "lm": [{"claim": "sufficient (effective)", "verdict": "does not hold", "measured": "99 %", "test": ""},
+               {"claim": "minimal (effective)", "verdict": "holds", "measured": "k=1: 90 %", "test": ""}],
+    })
+    assert rows == [
+        {"claim": "sufficient (effective)", "rt": {"verdict": "holds", "measured": "agreement 100 %"},
+         "lm": {"verdict": "does not hold", "measured": "99 %"}},
+        {"claim": "minimal (effective)", "lm": {"verdict": "holds", "measured": "k=1: 90 %"}},
+    ]
+    text = format_claims_by_study(rows, ["rt", "lm"]).splitlines()
+    assert text[1].split() == ["sufficient", "(effective)", "holds", "does", "not", "hold"]
+    assert text[2].split() == ["minimal", "(effective)", "—", "holds"]
