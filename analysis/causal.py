@@ -126,10 +126,11 @@ def intervened_logits(
 
 
 def _kl_divergence(original: torch.Tensor, intervened: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(original) || softmax(intervened)) over the last dim, in nats."""
-    log_original = torch.log_softmax(original.double(), dim=-1)
-    log_intervened = torch.log_softmax(intervened.double(), dim=-1)
-    return (log_original.exp() * (log_original - log_intervened)).sum(-1)
+    """KL(softmax(original) || softmax(intervened)) over the last dim, in nats (float32: next-token logits span the
+    vocabulary at every position, so no float64 copies of them are made)."""
+    log_original = torch.log_softmax(original.float(), dim=-1)
+    log_intervened = torch.log_softmax(intervened.float(), dim=-1)
+    return (log_original.exp() * (log_original - log_intervened)).sum(-1).clamp(min=0)
 
 
 def classification_metrics(
@@ -170,7 +171,8 @@ def next_token_metrics(
     top_k] what the store kept; intervened: [target, batch, Lb, vocab]; tokens: [batch, >= Lb] (the next token of
     position p is tokens[p + 1]); length: [batch]. Returns {metric: [target, batch] float32}.
     """
-    batch_length = intervened.shape[2]
+    batch_length = intervened.shape[2]  # the longest example of these rows (<= the original's length)
+    original_logits = original_logits[:, :batch_length]
     real = torch.as_tensor(real_token_mask(length, batch_length))  # [batch, Lb]
     count = real.sum(-1).clamp(min=1).double()
     original_top = original_logits.argmax(-1)  # [batch, Lb]

@@ -13,7 +13,7 @@ from analysis.efficient_attention import VARIANTS
 from analysis.interventions import DEFAULT_MINIMALITY_DIRECTIONS, default_interventions, parse_interventions
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
-from storage_schemas.efficient_store import efficient_completed_shards
+from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
 from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import prepare_results, run_causal_shard, summarise_results
 
@@ -41,6 +41,11 @@ def causal_settings(
         variants = [variant for variant in VARIANTS
                     if len(efficient_completed_shards(group, variant)) == layout.n_shards]
     variants = list(variants)
+    if not variants and interventions is None:
+        raise ValueError(
+            f"{store} has no finished efficient attention: run `effattn efficient --store {store}` first (or name "
+            "--interventions that need none, e.g. replay,uniform,ablate)"
+        )
     if interventions is None:
         directions = [k for k in minimality_directions if k < layout.head_dim]
         chosen = default_interventions(variants, directions)
@@ -69,6 +74,13 @@ def causal_settings(
             "weights_digest": attributes["model"]["weights_digest"],
             "corpus_digest": attributes["corpus"]["digest"],
             "examples": layout.n_examples,
+            "dtype": layout.dtype,
+            # efficient attention recomputed with other settings makes these results stale
+            "efficient_settings": {
+                variant: group[efficient_array_path(variant)].attrs.get("settings")
+                for variant in sorted({name.split(":")[1] for name in names if name.count(":") >= 1})
+                if efficient_array_path(variant) in group
+            },
         },
     }
 

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from analysis.causal import SCOPES
+from analysis.interventions import DEFAULT_MINIMALITY_DIRECTIONS
 from analysis.corpora import load_corpus
 from analysis.efficient_attention import VARIANTS
 from analysis.models import has_trained_head
@@ -100,6 +101,7 @@ def run_pipeline(
     cache_root: str | None = None,
     scope_examples: int | None = 32,
     scopes: list[str] | None = None,
+    minimality_directions: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run every stage on `corpus` x `model` (`limit` examples; None for all) and return what happened.
 
@@ -114,7 +116,8 @@ def run_pipeline(
     Returns {"store", "results", "report" (index.html), "stages": {stage: {"status", "seconds", "detail"}},
     "efficient_summary": {variant: analysis.run_summary.summarize_variant(...)}, "claims": the claims table
     (analysis.claims)}, where status is "ran", "skipped" (output complete for the same inputs) or "not needed"
-    (train only). `scope_examples` and `scopes` (default all, layer, head) are flows.causal.causal's.
+    (train only). `scope_examples`, `scopes` (default all, layer, head) and `minimality_directions` (default
+    flows.causal's) are flows.causal.causal's.
     """
     logger = get_run_logger()
     settings = {
@@ -188,7 +191,9 @@ def run_pipeline(
 
     # --- causal ---
     scopes = list(scopes or SCOPES)
-    settings_of_causal = causal_settings(store, variants=variants, scopes=scopes, scope_examples=scope_examples)
+    directions = DEFAULT_MINIMALITY_DIRECTIONS if minimality_directions is None else list(minimality_directions)
+    settings_of_causal = causal_settings(store, variants=variants, scopes=scopes, scope_examples=scope_examples,
+                                         minimality_directions=directions)
     check = causal_status(results, settings_of_causal)
     if check.complete:
         finished("causal", "skipped", None, check.reason)
@@ -196,7 +201,7 @@ def run_pipeline(
         logger.info("stage causal needed: %s", check.reason)
         started = time.perf_counter()
         causal(store=store, results=results, variants=variants, scopes=scopes, scope_examples=scope_examples,
-               device=device, batch_size=batch_size)
+               minimality_directions=directions, device=device, batch_size=batch_size)
         finished("causal", "ran", started, results)
 
     # --- report ---

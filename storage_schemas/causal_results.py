@@ -140,6 +140,11 @@ def open_causal_results(url: str, mode: str = "r", storage_options: dict | None 
             f"there are no causal results at {url}: create them with `effattn causal --store STORE --results {url}`"
         ) from None
     attributes = group.attrs.asdict()
+    if "schema" not in attributes and "intervention" in group:
+        raise CausalResultsError(
+            f"{url} was never completely created (its creation stopped before the attributes were written): delete "
+            "it and run `effattn causal` again"
+        )
     if attributes.get("schema") != SCHEMA_NAME:
         raise CausalResultsError(
             f"{url} is not an effattn causal results dataset (its 'schema' attribute is {attributes.get('schema')!r},"

@@ -216,7 +216,7 @@ def causal_status(url: str, settings: dict[str, Any]) -> StageCheck:
     try:
         group = open_causal_results(url, mode="r")
     except CausalResultsError as error:
-        return StageCheck(False, str(error).split(":")[0])
+        return StageCheck(False, str(error))
     attributes = group.attrs.asdict()
     if attributes.get("settings") != _canonical(settings):
         return StageCheck(False, f"{url} holds causal results of other settings")

@@ -28,7 +28,7 @@ from analysis.causal import (
     plain_logits,
     targets_for,
 )
-from analysis.claims import claims_table, efficient_diagnostics_summary
+from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
 from analysis.interventions import Intervention, intervention_matrices
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
@@ -196,13 +196,16 @@ def compute_causal_shard(
                     chosen = np.array([offset for offset in chosen if start + offset in scoped], dtype=np.int64)
                 if not len(chosen):
                     continue
-                copies = max(1, forward_rows // len(chosen))
-                for first in range(0, len(target_indices), copies):
-                    group_targets = np.asarray(target_indices[first:first + copies])
-                    logits = intervened_logits(loaded, tokens[chosen], length[chosen], matrices[chosen],
-                                               masks[group_targets])
-                    for name, values in measure(logits, chosen).items():
-                        metrics[name][index, group_targets[:, None], rows.start + chosen[None, :]] = values
+                # at most `forward_rows` rows (targets x examples) per forward pass
+                for part in range(0, len(chosen), forward_rows):
+                    examples = chosen[part:part + forward_rows]
+                    copies = max(1, forward_rows // len(examples))
+                    for first in range(0, len(target_indices), copies):
+                        group_targets = np.asarray(target_indices[first:first + copies])
+                        logits = intervened_logits(loaded, tokens[examples], length[examples], matrices[examples],
+                                                   masks[group_targets])
+                        for name, values in measure(logits, examples).items():
+                            metrics[name][index, group_targets[:, None], rows.start + examples[None, :]] = values
             progress.update()
     progress.close()
     return {**metrics, "injected_change_ratio": change_ratio, "original_correct": original_correct}
@@ -249,6 +252,7 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
         aggregates=aggregates,
         diagnostics_summary=summary,
         original_accuracy=float(np.nanmean(group["original_correct"][:])),
+        replay_tolerance=REPLAY_TOLERANCE[layout.dtype],
     )
     group.attrs.update({"claims": claims, "efficient_diagnostics": summary})
     return claims

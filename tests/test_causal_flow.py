@@ -106,10 +106,14 @@ def test_next_token_store(tmp_path, tiny_llama_folder):
             task="next-token", top_k=4, shard_size=5, batch_size=5)
     efficient(store=url, variants=["stochastic"], workers=1)
     results = str(tmp_path / "results.zarr")
-    causal(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"], scopes=["all"])
+    # the layer scope measures 3 spread examples: batches whose longest example is not among them
+    causal(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"],
+           scopes=["all", "layer"], scope_examples=3, batch_size=4)
     dataset = xr.open_zarr(results, consolidated=False).load()
+    assert int(dataset["agreement"].sel(intervention="ablate", target="layer 1").notnull().sum()) == 3
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
-    assert (dataset["agreement"].sel(intervention="efficient:stochastic") == 1).all()
+    kept = dataset["agreement"].sel(intervention="efficient:stochastic")
+    assert int((kept == 1).sum()) == int(kept.notnull().sum()) == 10 + 2 * 3  # all: 10 examples, layers: 3
     assert float(dataset["max_abs_logit_change"].sel(intervention="ablate").max()) > 10 * TOLERANCE
     # next-token accuracy: the share of positions whose next token is predicted, in [0, 1]
     correct = dataset["correct"].sel(intervention="replay", target="all")
@@ -143,3 +147,19 @@ def test_a_second_writer_of_the_same_results_is_refused(llama_store, tmp_path):
     with hold_store_lock(results, "causal"), pytest.raises(StoreLockedError, match=r"is locked by effattn causal"):
         causal(store=llama_store, results=results, interventions=["ablate"], scopes=["all"])
     assert not (tmp_path / "results.zarr").exists()  # nothing was written by the refused run
+
+
+def test_no_forward_pass_exceeds_forward_rows(llama_store, tmp_path, monkeypatch):
+    import tasks.causal
+
+    rows = []
+    original = tasks.causal.intervened_logits
+
+    def counting(loaded, tokens, length, replacement, target_masks):
+        rows.append(len(length) * len(target_masks))
+        return original(loaded, tokens, length, replacement, target_masks)
+
+    monkeypatch.setattr(tasks.causal, "intervened_logits", counting)
+    causal(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
+           scopes=["all", "head"], scope_examples=None, batch_size=4, forward_rows=3)
+    assert max(rows) <= 3 and sum(rows) == 10 * (1 + 2 * 4)  # every example at every target, once
