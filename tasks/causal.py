@@ -29,6 +29,7 @@ from analysis.causal import (
     targets_for,
 )
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
+from analysis.efficient_attention import VARIANTS
 from analysis.interventions import Intervention, intervention_matrices
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
@@ -239,7 +240,8 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     metrics = {name: group[name][:] for name in METRICS}
     aggregates = aggregate_metrics(metrics)
     write_aggregates(group, aggregates)
-    variants = sorted({variant for variant in group["variant"][:].tolist() if variant})
+    named = set(group["variant"][:].tolist())
+    variants = [variant for variant in VARIANTS if variant in named]
     diagnostics = {
         variant: {name: store_group[diagnostic_array_path(variant, name)][:] for name in DIAGNOSTIC_ARRAYS}
         for variant in variants
