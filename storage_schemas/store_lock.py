@@ -268,11 +268,12 @@ class _LocalLock:
         return os.pread(descriptor, size, 0) if size else b""
 
     def _holder_of_held_lock(self, descriptor: int) -> LockHolder | None:
-        """The record of a lock someone else holds, waiting briefly while a new holder is still writing it."""
+        """The record of a lock someone else holds, waiting briefly while a new holder is still writing it (the
+        flock's holder is alive, so a record of a dead process is the one it is about to replace)."""
         deadline = time.monotonic() + RECORD_WAIT_SECONDS
         while True:
             holder = _parse(self._read(descriptor))
-            if holder is not None or time.monotonic() > deadline:
+            if (holder is not None and _verdict(holder) != "dead") or time.monotonic() > deadline:
                 return holder
             time.sleep(0.05)
 
