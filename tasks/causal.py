@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
@@ -170,16 +171,12 @@ def compute_causal_shard(
             original = plain_logits(loaded, tokens, length)
             measure = lambda logits, chosen: next_token_metrics(  # noqa: E731
                 original[chosen], stored_logits[chosen], stored_ids[chosen], logits, tokens[chosen], length[chosen])
-            top = original.argmax(-1)[:, :-1].numpy()
-            following = tokens[:, 1:size]
-            has_next = np.arange(size - 1)[None, :] < (length - 1)[:, None]
-            original_correct[rows] = np.where(
-                has_next.sum(-1) > 0, ((top == following) & has_next).sum(-1) / np.maximum(has_next.sum(-1), 1), np.nan)
+            original_correct[rows] = measure(original[None], np.arange(stop - start))["correct"][0]
         else:
             label = group["label"][start:stop]
             measure = lambda logits, chosen: classification_metrics(  # noqa: E731
                 stored_logits[chosen], stored_logits[chosen], logits, label[chosen])
-            original_correct[rows] = np.where(label >= 0, stored_logits.argmax(-1) == label, np.nan)
+            original_correct[rows] = measure(torch.as_tensor(stored_logits)[None], np.arange(stop - start))["correct"][0]
         efficient: dict[str, np.ndarray] = {}  # variant -> this batch's stored efficient attention
         for intervention, scopes in plan:
             if intervention.needs_efficient and intervention.variant not in efficient:
