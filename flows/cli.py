@@ -14,6 +14,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _comma_list(text: str | None) -> list[str] | None:
+    """'a, b,c' -> ['a', 'b', 'c']; None stays None (the option was not given)."""
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `effattn run` and `effattn serve`: those of flows.pipeline.run_pipeline."""
     parser.add_argument("--corpus", default="rt-sentiment", help="rt-sentiment (default), bbc-topic, ... or a file")
@@ -55,7 +60,7 @@ def _pipeline_parameters(arguments: argparse.Namespace) -> dict:
              "shard_size", "dask_address", "workers", "simplex_max_iterations", "simplex_tolerance", "cache_root",
              "scope_examples")
     parameters = {name: getattr(arguments, name) for name in names}
-    parameters["variants"] = [variant.strip() for variant in arguments.variants.split(",") if variant.strip()]
+    parameters["variants"] = _comma_list(arguments.variants)
     return parameters
 
 
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
             store = efficient(
                 store=arguments.store,
-                variants=[variant.strip() for variant in arguments.variants.split(",") if variant.strip()],
+                variants=_comma_list(arguments.variants),
                 dask_address=arguments.dask_address,
                 workers=arguments.workers,
                 simplex_max_iterations=arguments.simplex_max_iterations,
@@ -249,19 +254,16 @@ def main(argv: list[str] | None = None) -> int:
             from analysis.claims import format_claims_table
             from flows.causal import causal
 
-            def listed(text: str | None) -> list[str] | None:
-                return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
-
             claims = causal(
                 store=arguments.store,
                 results=arguments.results,
-                interventions=listed(arguments.interventions),
-                variants=listed(arguments.variants),
-                scopes=listed(arguments.scopes),
-                layer_interventions=listed(arguments.layer_interventions),
-                head_interventions=listed(arguments.head_interventions),
+                interventions=_comma_list(arguments.interventions),
+                variants=_comma_list(arguments.variants),
+                scopes=_comma_list(arguments.scopes),
+                layer_interventions=_comma_list(arguments.layer_interventions),
+                head_interventions=_comma_list(arguments.head_interventions),
                 scope_examples=arguments.scope_examples,
-                minimality_directions=[int(k) for k in listed(arguments.minimality_k)],
+                minimality_directions=[int(k) for k in _comma_list(arguments.minimality_k)],
                 seed=arguments.seed,
                 model=arguments.model,
                 device=arguments.device,
@@ -322,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             from analysis.claims import format_claims_by_study
             from flows.studies import run_studies
 
-            names = [name.strip() for name in arguments.studies.split(",") if name.strip()]
+            names = _comma_list(arguments.studies)
             outcome = run_studies(
                 studies=names, limit=arguments.limit, run_dir=arguments.run_dir,
-                variants_of={"next-token": [v.strip() for v in arguments.next_token_variants.split(",") if v.strip()]},
+                variants_of={"next-token": _comma_list(arguments.next_token_variants)},
                 limit_of={"next-token": arguments.next_token_limit},
                 scope_examples=arguments.scope_examples, workers=arguments.workers, cache_root=arguments.cache_root,
             )

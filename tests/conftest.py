@@ -18,6 +18,8 @@ import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary Prefect server starts in 5-15 s, longer on a loaded 2-core machine (default limit: 20 s).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # A temporary Prefect home for the whole session, set before any test module imports prefect.
 PREFECT_HOME = tempfile.mkdtemp(prefix="effattn-test-prefect-")
 os.environ["PREFECT_HOME"] = PREFECT_HOME
