@@ -37,7 +37,7 @@ How it is computed (all float64, batched over many matrices, torch):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -866,6 +866,32 @@ def _efficient_block(
     return results
 
 
+def equal_length_blocks(
+    attention, value, factor: torch.Tensor, length: np.ndarray, extra_per_matrix: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Every (example, layer, head) of a batch in chunks of equal-length matrices, real blocks only, float64.
+
+    attention: [example, layer, head, L, L]; value: [example, layer, kv_head, L, head_dim]; factor:
+    output_factor(w_out), (layer, head, d, m); length: [example]. Yields (example, layer, head) index arrays (n,),
+    the attention blocks (n, size, size) and X = V·factor (n, size, m), with about CHUNK_ELEMENTS float64 per
+    temporary for a computation holding (10 + extra_per_matrix) L×L matrices per block.
+    """
+    layers, heads = attention.shape[1:3]
+    group = heads // value.shape[2]
+    columns = factor.shape[-1]
+    for size in sorted(set(np.asarray(length).tolist()) - {0}):
+        chosen_examples = np.flatnonzero(length == size)
+        total = len(chosen_examples) * layers * heads
+        per_chunk = max(1, CHUNK_ELEMENTS // (size * size * (10 + extra_per_matrix) + 4 * size * columns))
+        for start in range(0, total, per_chunk):
+            flat = np.arange(start, min(total, start + per_chunk))
+            example_position, layer, head = np.unravel_index(flat, (len(chosen_examples), layers, heads))
+            example = chosen_examples[example_position]
+            block = _as_float64_tensor(attention[example, layer, head, :size, :size])  # (n, L, L)
+            values = _as_float64_tensor(value[example, layer, head // group, :size, :])  # (n, L, d)
+            yield example, layer, head, block, values @ factor[torch.from_numpy(layer), torch.from_numpy(head)]
+
+
 def efficient_attention(
     attention: np.ndarray,
     value: np.ndarray,
@@ -894,8 +920,8 @@ def efficient_attention(
     value = np.asarray(value)
     w_out = np.asarray(w_out)
     variants = tuple(variants)
-    length, group = _check_inputs(attention, value, w_out, length, variants)
-    examples, layers, heads, positions, _ = attention.shape
+    length, _ = _check_inputs(attention, value, w_out, length, variants)
+    examples, layers, heads = attention.shape[:3]
     hidden_size = w_out.shape[3]
 
     factor = output_factor(w_out)  # (layer, head, d, m)
@@ -908,39 +934,30 @@ def efficient_attention(
     for name in variants:
         diagnostics[name]["converged"][...] = True
 
-    for size in sorted(set(length.tolist()) - {0}):
-        chosen_examples = np.flatnonzero(length == size)
-        total = len(chosen_examples) * layers * heads
-        per_matrix = size * size * (10 + (columns + 2 if causal and "simplex" in variants else 0)) + 4 * size * columns
-        per_chunk = max(1, CHUNK_ELEMENTS // per_matrix)
-        for start in range(0, total, per_chunk):
-            flat = np.arange(start, min(total, start + per_chunk))
-            example_position, layer, head = np.unravel_index(flat, (len(chosen_examples), layers, heads))
-            example = chosen_examples[example_position]
-            block = _as_float64_tensor(attention[example, layer, head, :size, :size])  # (n, L, L)
-            values = _as_float64_tensor(value[example, layer, head // group, :size, :])  # (n, L, d)
-            matrix = values @ factor[torch.from_numpy(layer), torch.from_numpy(head)]  # X, (n, L, m)
-            if causal:
-                upper = torch.triu(block, diagonal=1).abs()
-                if upper.numel() and upper.max() > CAUSAL_UPPER_TOLERANCE:
-                    raise ValueError(
-                        f"causal=True but attention has weight {upper.max().item():.3g} on future keys (above the "
-                        "diagonal of the real block); pass causal=False for encoder models"
-                    )
-                block = torch.tril(block)
-            if "simplex" in variants and (block < 0).any():
+    extra = columns + 2 if causal and "simplex" in variants else 0
+    for example, layer, head, block, matrix in equal_length_blocks(attention, value, factor, length, extra):
+        size = block.shape[-1]
+        if causal:
+            upper = torch.triu(block, diagonal=1).abs()
+            if upper.numel() and upper.max() > CAUSAL_UPPER_TOLERANCE:
                 raise ValueError(
-                    "the simplex variant needs non-negative attention (probabilities); got negative entries in the "
-                    "real block — pass variants without 'simplex' for signed matrices"
+                    f"causal=True but attention has weight {upper.max().item():.3g} on future keys (above the "
+                    "diagonal of the real block); pass causal=False for encoder models"
                 )
-            where = (example, layer, head)
-            results = _efficient_block(
-                block, matrix, hidden_size, causal, variants, simplex_max_iterations, simplex_tolerance
+            block = torch.tril(block)
+        if "simplex" in variants and (block < 0).any():
+            raise ValueError(
+                "the simplex variant needs non-negative attention (probabilities); got negative entries in the "
+                "real block — pass variants without 'simplex' for signed matrices"
             )
-            for name, (result, stats) in results.items():
-                efficient[name][example, layer, head, :size, :size] = result.numpy()
-                for key, values_of_key in stats.items():
-                    diagnostics[name][key][where] = values_of_key.numpy()
+        where = (example, layer, head)
+        results = _efficient_block(
+            block, matrix, hidden_size, causal, variants, simplex_max_iterations, simplex_tolerance
+        )
+        for name, (result, stats) in results.items():
+            efficient[name][example, layer, head, :size, :size] = result.numpy()
+            for key, values_of_key in stats.items():
+                diagnostics[name][key][where] = values_of_key.numpy()
     return {
         name: EfficientAttentionResult(efficient=efficient[name], diagnostics=diagnostics[name]) for name in variants
     }

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from analysis.efficient_attention import (
-    CHUNK_ELEMENTS,
     VARIANTS,
     column_space_basis,
+    equal_length_blocks,
     output_factor,
     prefix_column_space_bases,
     project_rows,
@@ -197,29 +197,16 @@ class _Chunk:
 
 
 def _chunks(attention, value, w_out, length, efficient, extra_per_matrix: int) -> Iterator[_Chunk]:
-    examples, layers, heads = attention.shape[:3]
-    group = heads // value.shape[2]
-    factor = output_factor(w_out)  # (layer, head, d, m)
-    columns = factor.shape[-1]
-    for size in sorted(set(np.asarray(length).tolist()) - {0}):
-        chosen_examples = np.flatnonzero(length == size)
-        total = len(chosen_examples) * layers * heads
-        per_chunk = max(1, CHUNK_ELEMENTS // (size * size * (10 + extra_per_matrix) + 4 * size * columns))
-        for start in range(0, total, per_chunk):
-            flat = np.arange(start, min(total, start + per_chunk))
-            position, layer, head = np.unravel_index(flat, (len(chosen_examples), layers, heads))
-            example = chosen_examples[position]
-            values = torch.as_tensor(np.asarray(value[example, layer, head // group, :size, :]), dtype=torch.float64)
-            yield _Chunk(
-                example=example,
-                layer=layer,
-                head=head,
-                attention=torch.as_tensor(np.asarray(attention[example, layer, head, :size, :size]), dtype=torch.float64),
-                matrix=values @ factor[torch.from_numpy(layer), torch.from_numpy(head)],
-                efficient=None if efficient is None else torch.as_tensor(
-                    np.asarray(efficient[example, layer, head, :size, :size]), dtype=torch.float64
-                ),
-            )
+    """analysis.efficient_attention.equal_length_blocks, with the stored efficient blocks beside them."""
+    blocks = equal_length_blocks(attention, value, output_factor(w_out), length, extra_per_matrix)
+    for example, layer, head, block, matrix in blocks:
+        size = block.shape[-1]
+        yield _Chunk(
+            example=example, layer=layer, head=head, attention=block, matrix=matrix,
+            efficient=None if efficient is None else torch.as_tensor(
+                np.asarray(efficient[example, layer, head, :size, :size]), dtype=torch.float64
+            ),
+        )
 
 
 def intervention_matrices(
