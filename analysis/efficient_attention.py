@@ -78,7 +78,7 @@ _DIAGNOSTIC_DTYPES = {
 class EfficientAttentionResult:
     """One variant's result for a batch.
 
-    efficient: [example, layer, head, query, key] float64, zero outside each example's real L×L block.
+    efficient: [example, layer, head, query, key] (float64 unless asked otherwise), zero outside each example's real L×L block.
     diagnostics: name -> [example, layer, head], one entry per name in DIAGNOSTICS:
         rank                 rank(T) of the full sequence
         null_dim             L - rank(T) (effective) or L - rank([T|1]) (stochastic, simplex)
@@ -172,6 +172,21 @@ def with_ones_column(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([matrix, ones], dim=-1)
 
 
+def _certified_by_triangular(triangular: torch.Tensor, matrix: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """True where 1/‖R⁻¹‖_F (a lower bound of the smallest singular value of R) proves full numerical rank.
+
+    triangular: (n, r, r) upper-triangular R of a QR factorisation; matrix: (n, L, c) the matrix whose rank
+    threshold σ_max·max(L, hidden_size)·eps is bounded by ‖M‖_F·max(L, hidden_size)·eps (times 4 for round-off).
+    """
+    length = matrix.shape[1]
+    size = triangular.shape[-1]
+    identity = torch.eye(size, dtype=triangular.dtype).expand(triangular.shape[0], size, size)
+    inverse = torch.linalg.solve_triangular(triangular, identity, upper=True)
+    smallest_lower_bound = 1.0 / torch.linalg.matrix_norm(inverse)
+    threshold_bound = torch.linalg.matrix_norm(matrix) * max(length, hidden_size) * EPS
+    return torch.isfinite(smallest_lower_bound) & (smallest_lower_bound > 4.0 * threshold_bound)
+
+
 def full_rank_certificate(matrix: torch.Tensor, hidden_size: int) -> torch.Tensor:
     """True where the matrix and every prefix of its rows provably have full numerical rank.
 
@@ -184,12 +199,7 @@ def full_rank_certificate(matrix: torch.Tensor, hidden_size: int) -> torch.Tenso
     if length == 0 or columns == 0:
         return torch.zeros(n, dtype=torch.bool)
     leading = min(length, columns)
-    triangular = torch.linalg.qr(matrix[:, :leading, :].mT).R  # (n, r, r)
-    identity = torch.eye(leading, dtype=matrix.dtype).expand(n, leading, leading)
-    inverse = torch.linalg.solve_triangular(triangular, identity, upper=True)
-    smallest_lower_bound = 1.0 / torch.linalg.matrix_norm(inverse)
-    threshold_bound = torch.linalg.matrix_norm(matrix) * max(length, hidden_size) * EPS
-    return torch.isfinite(smallest_lower_bound) & (smallest_lower_bound > 4.0 * threshold_bound)
+    return _certified_by_triangular(torch.linalg.qr(matrix[:, :leading, :].mT).R, matrix, hidden_size)
 
 
 def column_space_basis(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +208,9 @@ def column_space_basis(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Te
     matrix: (n, L, c); hidden_size: the D of the rank threshold σ_max·max(L, D)·eps.
     Returns basis (n, L, min(L, c)) with orthonormal columns followed by zero columns (one non-zero column
     per unit of rank) and rank (n,) int64.
+    Fast path: one QR (of M when L ≥ c, of Mᵀ otherwise) whose R certifies full rank (`_certified_by_triangular`);
+    certified matrices take the QR basis (L ≥ c) or the identity (L < c: rank L, col(M) = R^L). The others
+    take the exact SVD path.
     """
     matrix = _as_float64_tensor(matrix)
     n, length, columns = matrix.shape
@@ -206,13 +219,14 @@ def column_space_basis(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Te
     rank = torch.zeros(n, dtype=torch.int64)
     if n == 0 or width == 0:
         return basis, rank
-    certified = full_rank_certificate(matrix, hidden_size)
-    if certified.any():
-        if length >= columns:
-            basis[certified] = torch.linalg.qr(matrix[certified]).Q
-        else:
-            basis[certified] = torch.eye(length, dtype=torch.float64)
-        rank[certified] = width
+    if length >= columns:
+        orthonormal, triangular = torch.linalg.qr(matrix)
+        certified = _certified_by_triangular(triangular, matrix, hidden_size)
+        basis[certified] = orthonormal[certified]
+    else:
+        certified = _certified_by_triangular(torch.linalg.qr(matrix.mT).R, matrix, hidden_size)
+        basis[certified] = torch.eye(length, dtype=torch.float64)
+    rank[certified] = width
     uncertified = ~certified
     if uncertified.any():
         left, singular_values, _ = torch.linalg.svd(matrix[uncertified], full_matrices=False)
@@ -301,6 +315,22 @@ def project_rows(rows, basis) -> torch.Tensor:
     rows = _as_float64_tensor(rows)
     basis = _as_float64_tensor(basis)
     return (rows @ basis) @ basis.mT
+
+
+def project_rows_unless_identity(rows, basis, rank) -> torch.Tensor:
+    """`project_rows`, except that matrices whose basis spans all of R^L (rank = L) keep their rows exactly.
+
+    rows: (n, q, L); basis: (n, L, r); rank: (n,). Returns (n, q, L). (For rank L the projector is the identity;
+    B·Bᵀ would only add round-off, and skipping it saves two products per matrix.)
+    """
+    rows = _as_float64_tensor(rows)
+    projected = rank < rows.shape[-1]
+    if projected.all():
+        return project_rows(rows, basis)
+    result = rows.clone()
+    if projected.any():
+        result[projected] = project_rows(rows[projected], basis[projected])
+    return result
 
 
 def project_rows_causal(rows, matrix, hidden_size: int) -> torch.Tensor:
@@ -752,16 +782,28 @@ def _check_inputs(attention, value, w_out, length, variants) -> tuple[np.ndarray
 def _diagnostics_of(
     efficient: torch.Tensor, attention: torch.Tensor, matrix: torch.Tensor, length: int
 ) -> dict[str, torch.Tensor]:
-    """Per-matrix diagnostics independent of the solver. Shapes (n, L, L), (n, L, L), (n, L, m) -> (n,)."""
-    difference = efficient - attention
-    output = attention @ matrix  # A·X; ‖A·T‖ = ‖A·X‖ because T = X Zᵀ with orthonormal Z
+    """Per-matrix diagnostics independent of the solver. Shapes (n, L, L), (n, L, L), (n, L, m) -> (n,).
+
+    Matrices whose efficient attention is the attention itself (L ≤ rank: nothing to remove) have output residual
+    and null-norm ratio exactly 0; the products are formed only for the others.
+    """
+    output_residual = torch.zeros(efficient.shape[0], dtype=torch.float64)
+    null_norm_ratio = torch.zeros(efficient.shape[0], dtype=torch.float64)
+    changed = (efficient != attention).flatten(1).any(-1)
+    if changed.any():
+        difference = efficient[changed] - attention[changed]
+        output = attention[changed] @ matrix[changed]  # A·X; ‖A·T‖ = ‖A·X‖ because T = X Zᵀ with orthonormal Z
+        output_residual[changed] = _safe_ratio(
+            torch.linalg.matrix_norm(difference @ matrix[changed]), torch.linalg.matrix_norm(output)
+        )
+        null_norm_ratio[changed] = _safe_ratio(
+            torch.linalg.matrix_norm(difference), torch.linalg.matrix_norm(attention[changed])
+        )
     return {
-        "output_residual": _safe_ratio(
-            torch.linalg.matrix_norm(difference @ matrix), torch.linalg.matrix_norm(output)
-        ),
+        "output_residual": output_residual,
         "row_sum_error": (efficient.sum(-1) - 1.0).abs().amax(-1),
         "negative_mass": torch.clamp(efficient, max=0).abs().sum((-2, -1)) / length,
-        "null_norm_ratio": _safe_ratio(torch.linalg.matrix_norm(difference), torch.linalg.matrix_norm(attention)),
+        "null_norm_ratio": null_norm_ratio,
         "support_size": (efficient != 0).sum(-1).to(torch.float64).mean(-1),
     }
 
@@ -847,11 +889,14 @@ def _efficient_block(
     for name in variants:
         statistics = {}
         if name == "effective":
-            result = project_rows_causal(attention, matrix, hidden_size) if causal else project_rows(attention, basis)
+            result = (
+                project_rows_causal(attention, matrix, hidden_size) if causal
+                else project_rows_unless_identity(attention, basis, rank)
+            )
         elif name == "stochastic":
             result = (
                 project_rows_causal(attention, with_ones, hidden_size + 1) if causal
-                else project_rows(attention, basis_with_ones)
+                else project_rows_unless_identity(attention, basis_with_ones, rank_with_ones)
             )
         else:
             result, statistics = _simplex_block(
@@ -901,6 +946,7 @@ def efficient_attention(
     variants: Sequence[str] = VARIANTS,
     simplex_max_iterations: int = 200,
     simplex_tolerance: float = 1e-10,
+    output_dtype=np.float64,
 ) -> dict[str, EfficientAttentionResult]:
     """Efficient attention of every (example, layer, head) for the chosen variants.
 
@@ -910,6 +956,8 @@ def efficient_attention(
     w_out: [layer, head, head_dim, hidden] each head's slice of the output projection.
     length: [example] int, real tokens per example.
     causal: decoder attention (row i uses keys ≤ i and is projected with the prefix T[:i+1]).
+    output_dtype: the dtype of the returned efficient arrays (computed in float64 either way; the stage asks for
+        the store's float32 and so never holds a float64 copy of a shard).
     Returns {variant: EfficientAttentionResult} (see there for the diagnostics). The null part is
     `attention - efficient` on the real block.
 
@@ -926,7 +974,7 @@ def efficient_attention(
 
     factor = output_factor(w_out)  # (layer, head, d, m)
     columns = factor.shape[-1]
-    efficient = {name: np.zeros(attention.shape, dtype=np.float64) for name in variants}
+    efficient = {name: np.zeros(attention.shape, dtype=output_dtype) for name in variants}
     diagnostics = {
         name: {key: np.zeros((examples, layers, heads), dtype=_DIAGNOSTIC_DTYPES[key]) for key in DIAGNOSTICS}
         for name in variants

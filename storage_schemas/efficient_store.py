@@ -141,5 +141,5 @@ def write_efficient_shard(
             discard_shard_files(group, paths, shard_index)
         for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items():
             group[diagnostic_array_path(variant, name)][region] = np.asarray(diagnostics[name]).astype(dtype)
-        group[efficient_array_path(variant)][region] = efficient.astype(np.float32)
+        group[efficient_array_path(variant)][region] = np.asarray(efficient, dtype=np.float32)
         sync_shard_files(group, paths, shard_index)  # durable before the driver can mark it done

@@ -1,9 +1,11 @@
-"""The efficient stage's work: one function per shard, run on Dask workers, and the Prefect task that drives them.
+"""The efficient stage's work: functions run on Dask workers, and the Prefect task that drives them.
 
-Each shard is one Dask task: it reads the shard's attention, values and lengths from the store, computes the
-requested variants with analysis.efficient_attention, and writes whole shards of `efficient/<variant>` and
-`diagnostics/<variant>/*`. The driver (this process) records completion as results arrive, so a rerun skips
-finished shards. Workers open the store by its URL: they can run anywhere that can reach it.
+Each layer of a shard is one Dask task (`compute_efficient_piece`): it reads that layer's attention and values and
+the shard's lengths from the store and computes the requested variants with analysis.efficient_attention. One more
+task per shard (`write_efficient_pieces`) joins the layers and writes whole shards of `efficient/<variant>` and
+`diagnostics/<variant>/*` (writes are whole shards only: concurrent writes into one shard lose data in Zarr). The
+driver (this process) records completion as writes finish, so a rerun skips finished shards. Workers open the
+store by its URL: they can run anywhere that can reach it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from analysis.efficient_attention import efficient_attention
+from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
@@ -31,13 +34,116 @@ from storage_schemas.store_lock import hold_store_lock
 logger = logging.getLogger(__name__)
 
 
+def _read_piece_inputs(group, region: slice, layers: slice) -> tuple:
+    """attention [shard examples, layer, head, query, key], value, w_out, length of one shard's chosen layers."""
+    return group["attention"][region, layers], group["value"][region, layers], group["w_out"][layers], \
+        group["length"][region]
+
+
 def _read_shard_inputs(group, region: slice) -> tuple:
     """attention [shard examples, layer, head, query, key], value, w_out, length of one shard."""
-    return group["attention"][region], group["value"][region], group["w_out"][:], group["length"][region]
+    return _read_piece_inputs(group, region, slice(None))
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Let glibc reuse freed memory in this process instead of returning it to the system at once.
+
+    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Setting that fixes glibc's mmap threshold at
+    128 KiB, so every large temporary of the batched linear algebra is a fresh mmap whose pages fault in one by
+    one: measured on a MiniLM shard, the computation takes three times as long. This restores thresholds like
+    glibc's adaptive ones (mmap from 32 MiB, trim above 256 MiB). Returns False where there is no glibc (nothing
+    to do there). Safe to call repeatedly.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not name.startswith("libc.so"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def _log_retry(attempt: int, error: BaseException, delay: float) -> None:
     logger.warning("transient I/O error (%s: %s); retry %d in %.1f s", type(error).__name__, error, attempt + 1, delay)
+
+
+def compute_efficient_piece(
+    store: str,
+    shard_index: int,
+    layers: tuple[int, int] | None,
+    variants: Sequence[str],
+    settings: dict,
+    torch_threads: int = 1,
+    retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+) -> dict[str, EfficientAttentionResult]:
+    """Compute `variants` for layers [start, stop) of one shard (all layers when `layers` is None). Runs on a
+    worker; writes nothing. Returns {variant: EfficientAttentionResult} with efficient
+    [shard examples, piece layers, head, query, key] float32 and diagnostics [shard examples, piece layers, head].
+
+    Reads are retried after `retry_delays` seconds on transient I/O errors only (a flaky disk or network);
+    anything else (a damaged store, bad numbers) fails at once. Dask's own `retries` would retry every exception,
+    so the selection happens here.
+    """
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    keep_freed_memory_for_reuse()
+    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
+    layout = store_layout(group)
+    region = layout.shard_slice(shard_index)
+    first, stop = layers if layers is not None else (0, layout.layers)
+    attention, value, w_out, length = retry_transient_io(
+        _read_piece_inputs, group, region, slice(first, stop), delays=retry_delays, on_retry=_log_retry
+    )
+    where = f"examples {region.start} to {region.stop - 1}"
+    if (first, stop) != (0, layout.layers):
+        where += (f", layer {first}" if stop == first + 1 else f", layers {first} to {stop - 1}") + (
+            f"; indices below count from example {region.start} and layer {first}"
+        )
+    try:
+        return efficient_attention(
+            attention,
+            value,
+            w_out,
+            length,
+            causal=bool(group.attrs["model"]["causal"]),
+            variants=variants,
+            simplex_max_iterations=settings["simplex_max_iterations"],
+            simplex_tolerance=settings["simplex_tolerance"],
+            output_dtype=np.float32,  # the stored dtype: no float64 copy of the shard
+        )
+    except ValueError as error:
+        raise ValueError(f"{store}, shard {shard_index} ({where}): {error}") from error
+
+
+def write_efficient_pieces(
+    store: str,
+    shard_index: int,
+    pieces: Sequence[dict[str, EfficientAttentionResult]],
+    retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+) -> tuple[int, list[str]]:
+    """Join the pieces of one shard (in layer order, together covering every layer) and write whole shards of
+    each variant; returns (shard_index, variants written). Runs on a worker. Writes are retried on transient I/O
+    errors only; a full disk or a store this process may not write fails at once."""
+    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
+    layout = store_layout(group)
+    variants = list(pieces[0])
+    for variant in variants:
+        efficient = np.concatenate([piece[variant].efficient for piece in pieces], axis=1)
+        diagnostics = {
+            name: np.concatenate([piece[variant].diagnostics[name] for piece in pieces], axis=1)
+            for name in pieces[0][variant].diagnostics
+        }
+        retry_transient_io(
+            write_efficient_shard, group, layout, variant, shard_index, efficient, diagnostics,
+            delays=retry_delays, on_retry=_log_retry,
+        )
+    return shard_index, variants
 
 
 def compute_efficient_shard(
@@ -48,42 +154,10 @@ def compute_efficient_shard(
     torch_threads: int = 1,
     retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
 ) -> tuple[int, list[str]]:
-    """Compute and write `variants` for one shard; returns (shard_index, variants written). Runs on a worker.
-
-    Reads and writes are retried after `retry_delays` seconds on transient I/O errors only (a flaky disk or
-    network); anything else (a full disk, a damaged store, bad numbers) fails at once. Dask's own `retries` would
-    retry every exception, so the selection happens here.
-    """
-    import torch
-
-    torch.set_num_threads(torch_threads)
-    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
-    layout = store_layout(group)
-    region = layout.shard_slice(shard_index)
-    attention, value, w_out, length = retry_transient_io(
-        _read_shard_inputs, group, region, delays=retry_delays, on_retry=_log_retry
-    )
-    try:
-        results = efficient_attention(
-            attention,
-            value,
-            w_out,
-            length,
-            causal=bool(group.attrs["model"]["causal"]),
-            variants=variants,
-            simplex_max_iterations=settings["simplex_max_iterations"],
-            simplex_tolerance=settings["simplex_tolerance"],
-        )
-    except ValueError as error:
-        raise ValueError(
-            f"{store}, shard {shard_index} (examples {region.start} to {region.stop - 1}): {error}"
-        ) from error
-    for variant, result in results.items():
-        retry_transient_io(
-            write_efficient_shard, group, layout, variant, shard_index, result.efficient, result.diagnostics,
-            delays=retry_delays, on_retry=_log_retry,
-        )
-    return shard_index, list(variants)
+    """Compute and write `variants` for one whole shard in this process; returns (shard_index, variants written).
+    (`compute_shards` spreads a shard's layers over the workers instead.)"""
+    piece = compute_efficient_piece(store, shard_index, None, variants, settings, torch_threads, retry_delays)
+    return write_efficient_pieces(store, shard_index, [piece], retry_delays)
 
 
 @contextlib.contextmanager
@@ -123,16 +197,35 @@ def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dic
     return pending_work(group, variants)
 
 
+def shards_by_cost(group, work: dict[int, list[str]]) -> list[int]:
+    """The shards of `work`, most expensive first (estimated by Σ length³ of their examples): started first, the
+    long shards do not leave the other workers idle at the end."""
+    layout = store_layout(group)
+    length = group["length"][:].astype(np.float64)
+    cost = {shard: float((length[layout.shard_slice(shard)] ** 3).sum()) for shard in work}
+    return sorted(work, key=lambda shard: (-cost[shard], shard))
+
+
 def compute_shards(store: str, work: dict[int, list[str]], settings: dict, client) -> int:
     """Run `work` (shard -> variants) on the Dask `client`, recording completion as results arrive.
-    Returns the number of shards computed."""
+    Returns the number of shards computed.
+
+    Each layer of a shard is its own task (`compute_efficient_piece`, reading only that layer's chunks), so that
+    one shard of long examples is spread over all workers; one more task per shard joins the layers and writes
+    the whole shard (`write_efficient_pieces`), at a higher priority so that finished shards leave memory first.
+    """
     from distributed import as_completed
 
     group = open_attention_store(store, mode="r+")
-    futures = [
-        client.submit(compute_efficient_shard, store, shard, shard_variants, settings, pure=False)
-        for shard, shard_variants in work.items()
-    ]
+    layers = store_layout(group).layers
+    futures = []
+    for shard in shards_by_cost(group, work):
+        pieces = [
+            client.submit(compute_efficient_piece, store, shard, (layer, layer + 1), work[shard], settings,
+                          pure=False)
+            for layer in range(layers)
+        ]
+        futures.append(client.submit(write_efficient_pieces, store, shard, pieces, pure=False, priority=1))
     first_error = None
     with tqdm(total=len(futures), desc="efficient shards", unit="shard", disable=not futures) as progress:
         for future in as_completed(futures):

@@ -691,3 +691,21 @@ def test_write_shard_touches_only_its_shard(url):
         expected = data[name].copy()
         expected[region] = new[name][region]
         np.testing.assert_array_equal(stored[name][:], expected, err_msg=name)
+
+
+def test_chunks_pass_the_codec_pipeline_in_batches_unless_the_user_chose_otherwise():
+    """Importing the store module batches chunks through zarr's codec pipeline (faster whole-shard reads and
+    writes); a batch size the user set in the environment is kept."""
+    from storage_schemas.attention_store import CHUNK_CODEC_BATCH_SIZE
+
+    code = "import storage_schemas.attention_store, zarr; print(zarr.config.get('codec_pipeline.batch_size'))"
+    root = Path(__file__).parent.parent
+
+    def batch_size(**environment) -> str:
+        base = {key: value for key, value in os.environ.items() if key != "ZARR_CODEC_PIPELINE__BATCH_SIZE"}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                              env={**base, **environment}).stdout.strip()
+
+    assert CHUNK_CODEC_BATCH_SIZE > 1
+    assert batch_size() == str(CHUNK_CODEC_BATCH_SIZE)
+    assert batch_size(ZARR_CODEC_PIPELINE__BATCH_SIZE="3") == "3"

@@ -249,6 +249,26 @@ def test_no_null_space_means_no_change(seed, positions, causal):
         np.testing.assert_allclose(results[variant].efficient, attention, atol=tolerance)
         assert (results[variant].diagnostics["null_dim"] == 0).all()
         assert (results[variant].diagnostics["rank"] == positions).all()
+    if not causal:  # the projector is the identity: the rows are kept exactly, with residuals exactly 0
+        for variant in ("effective", "stochastic"):
+            np.testing.assert_array_equal(results[variant].efficient, attention)
+            assert not results[variant].diagnostics["output_residual"].any()
+            assert not results[variant].diagnostics["null_norm_ratio"].any()
+
+
+def test_projection_skips_only_the_bases_that_span_everything():
+    """`project_rows_unless_identity`: rank = L keeps the rows bit for bit; other ranks are projected."""
+    rng = np.random.default_rng(3)
+    rows = torch.from_numpy(rng.random((3, 4, 6)))
+    full = torch.linalg.qr(torch.from_numpy(rng.normal(size=(6, 6)))).Q
+    partial = torch.linalg.qr(torch.from_numpy(rng.normal(size=(6, 6)))).Q * torch.tensor([1, 1, 1, 0, 0, 0.0])
+    basis = torch.stack([full, partial, full])
+    rank = torch.tensor([6, 3, 5])  # the third claims rank 5 < L: projected, even with a full basis
+    result = ea.project_rows_unless_identity(rows, basis, rank)
+    assert torch.equal(result[0], rows[0])
+    torch.testing.assert_close(result[1], ea.project_rows(rows[1], partial), rtol=0, atol=1e-15)
+    assert not torch.equal(result[2], rows[2])
+    torch.testing.assert_close(result[2], rows[2], rtol=0, atol=1e-12)
 
 
 @PROPERTY

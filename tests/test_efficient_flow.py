@@ -3,6 +3,7 @@ results satisfy the invariants when T is recomputed from the stored values and o
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -189,3 +190,58 @@ def test_real_minilm_examples_longer_than_the_head_dim(tmp_path):
     assert group["diagnostics/effective/null_norm_ratio"][:].min() > 0  # a null part exists for every head
     assert group["diagnostics/simplex/negative_mass"][:].max() == 0
     assert group["diagnostics/effective/negative_mass"][:].max() > 0  # effective attention is not a distribution
+
+
+def test_layer_pieces_on_workers_equal_the_whole_shard_in_one_process(bert_store, tmp_path):
+    """The stage spreads each shard's layers over the workers and joins them: the stored arrays and diagnostics
+    must equal one process computing whole shards (`compute_efficient_shard`)."""
+    from flows.efficient import efficient
+    from storage_schemas.efficient_store import DIAGNOSTIC_ARRAYS
+
+    pieces, whole = str(tmp_path / "pieces.zarr"), str(tmp_path / "whole.zarr")
+    shutil.copytree(bert_store, pieces)
+    shutil.copytree(bert_store, whole)
+    efficient(store=pieces, variants=["effective", "stochastic"], workers=2)
+    group = open_attention_store(whole, mode="r+")
+    for variant in ("effective", "stochastic"):
+        prepare_efficient_arrays(group, whole, variant, SETTINGS)
+    for shard in range(store_layout(group).n_shards):
+        compute_efficient_shard(whole, shard, ["effective", "stochastic"], SETTINGS)
+    assert store_layout(group).layers > 1  # several pieces per shard
+    piece_group = open_attention_store(pieces)
+    for variant in ("effective", "stochastic"):
+        np.testing.assert_array_equal(piece_group[f"efficient/{variant}"][:], group[f"efficient/{variant}"][:])
+        for name in DIAGNOSTIC_ARRAYS:
+            np.testing.assert_array_equal(
+                piece_group[f"diagnostics/{variant}/{name}"][:], group[f"diagnostics/{variant}/{name}"][:]
+            )
+
+
+def test_shards_with_the_longest_examples_are_started_first(bert_store):
+    from tasks.efficient import shards_by_cost
+
+    group = open_attention_store(bert_store)
+    layout = store_layout(group)
+    length = group["length"][:]
+    assert layout.n_shards >= 3
+    order = shards_by_cost(group, {shard: ["effective"] for shard in range(layout.n_shards)})
+    costs = [float((length[layout.shard_slice(shard)].astype(float) ** 3).sum()) for shard in order]
+    assert costs == sorted(costs, reverse=True) and sorted(order) == list(range(layout.n_shards))
+    assert shards_by_cost(group, {0: ["simplex"]}) == [0]
+
+
+def test_workers_keep_freed_memory_for_reuse_despite_dasks_trim_setting():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which makes every large temporary a fresh mmap; the shard
+    tasks reset glibc's thresholds (mallopt accepts them on glibc)."""
+    import ctypes.util
+
+    from tasks.efficient import keep_freed_memory_for_reuse
+
+    code = "from tasks.efficient import keep_freed_memory_for_reuse as f; print(f())"
+    environment = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                            cwd=Path(__file__).parent.parent, check=True).stdout.strip()
+    if (ctypes.util.find_library("c") or "").startswith("libc.so"):
+        assert output == "True" and keep_freed_memory_for_reuse() is True
+    else:  # no glibc: nothing to change
+        assert output == "False"

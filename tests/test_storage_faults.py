@@ -23,7 +23,7 @@ from storage_schemas.storage_faults import (
     shard_file_paths,
     storage_errors_explained,
 )
-from tasks.efficient import compute_efficient_shard
+from tasks.efficient import compute_efficient_piece, compute_efficient_shard
 from tests.store_builders import SETTINGS, build_real_store, write_corpus
 
 
@@ -193,6 +193,15 @@ def test_nan_in_a_stored_tensor_is_refused_by_the_efficient_stage(store_with_var
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         compute_efficient_shard(store_with_variant, 1, ["effective"], SETTINGS)
+    # the stage on Dask computes one layer per task: the message names the layer
+    with pytest.raises(ValueError, match=re.escape(
+        f"{store_with_variant}, shard 1 (examples 4 to 7, layer 0; indices below count from example 4 and layer 0): "
+        "value holds 1 NaN or infinite values (the first at [example, layer, kv_head, position, head_dim] "
+        "(1, 0, 2, 3, 5))"
+    )):
+        compute_efficient_piece(store_with_variant, 1, (0, 1), ["effective"], SETTINGS)
+    assert compute_efficient_piece(store_with_variant, 1, (1, 2), ["effective"], SETTINGS)["effective"] \
+        .efficient.shape[1] == 1  # the other layer is fine
 
 
 def test_a_damaged_unfinished_shard_is_rewritten_and_its_files_are_synced(store_with_variant):
