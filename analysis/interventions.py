@@ -159,20 +159,62 @@ def _scaled_to(matrices: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 
 def _truncated_projection(attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, removed: int,
-                          causal: bool) -> torch.Tensor:
+                          causal: bool, shared: "SharedBases", chunk_number: int) -> torch.Tensor:
     """Rows of `attention` (n, L, L) projected on the span of the leading rank - `removed` left singular vectors
-    of `matrix` (n, L, m) (causal: of every row's prefix matrix[:i+1]). Returns (n, L, L)."""
+    of `matrix` (n, L, m) (causal: of every row's prefix matrix[:i+1]). Returns (n, L, L). The singular vectors
+    come from `shared`: the probes for several k share one decomposition."""
     length = attention.shape[-1]
     if not causal:
-        left, singular_values, _ = torch.linalg.svd(matrix, full_matrices=False)
-        rank = (singular_values > rank_threshold(singular_values[:, :1], length, hidden_size)).sum(-1)
+        def decompose() -> tuple[torch.Tensor, torch.Tensor]:
+            left, singular_values, _ = torch.linalg.svd(matrix, full_matrices=False)
+            return left, (singular_values > rank_threshold(singular_values[:, :1], length, hidden_size)).sum(-1)
+
+        left, rank = shared.get("left singular vectors", chunk_number, matrix, decompose)
         keep = torch.arange(left.shape[-1])[None, :] < (rank - removed)[:, None]
         return project_rows(attention, left * keep[:, None, :])
-    bases, ranks = prefix_column_space_bases(matrix, hidden_size)  # (n, L, L, r), (n, L)
+    bases, ranks = shared.get(  # (n, L, L, r), (n, L)
+        "prefix bases", chunk_number, matrix, lambda: prefix_column_space_bases(matrix, hidden_size)
+    )
     keep = torch.arange(bases.shape[-1])[None, None, :] < (ranks - removed)[:, :, None]  # (n, L, r)
     bases = bases * keep[:, :, None, :]
     coefficients = torch.einsum("nil,nilr->nir", attention, bases)
     return torch.tril(torch.einsum("nir,nilr->nil", coefficients, bases))
+
+
+# Bases shared by the interventions of one batch are kept up to this many float64 elements in all (512 MiB).
+SHARED_BASES_ELEMENTS = 1 << 26
+
+
+class SharedBases:
+    """Decompositions that several interventions of one batch need, computed once per chunk of equal-length
+    matrices: the SVD behind every minimality probe, the bases of col(T) and col([T|1]) behind the noise.
+
+    The chunks of a batch are the same for every intervention (they depend only on the lengths and the shapes), so
+    an entry is keyed by what it is and the chunk's number, and checked against the chunk's matrix X. Up to
+    `limit` float64 elements are kept; beyond that, entries are computed each time they are asked for. Use one
+    per batch.
+    """
+
+    def __init__(self, limit: int = SHARED_BASES_ELEMENTS) -> None:
+        self._kept: dict[tuple[str, int], tuple[torch.Tensor, tuple]] = {}
+        self._elements = 0
+        self._limit = limit
+
+    def get(self, what: str, chunk_number: int, matrix: torch.Tensor, compute):
+        """The entry `what` of chunk `chunk_number` whose matrix X is `matrix` (n, L, m): kept or computed now."""
+        key = (what, chunk_number)
+        if key in self._kept:
+            kept_matrix, value = self._kept[key]
+            if kept_matrix.shape == matrix.shape and torch.equal(kept_matrix, matrix):
+                return value
+            raise ValueError(f"SharedBases: chunk {chunk_number} is not the chunk {what!r} was computed for; use one "
+                             "SharedBases per batch")
+        value = compute()
+        size = sum(part.numel() for part in value if isinstance(part, torch.Tensor))
+        if self._elements + size + matrix.numel() <= self._limit:
+            self._kept[key] = (matrix, value)
+            self._elements += size + matrix.numel()
+        return value
 
 
 def _uniform_block(n: int, size: int, causal: bool) -> torch.Tensor:
@@ -219,6 +261,7 @@ def intervention_matrices(
     efficient: np.ndarray | None = None,
     example_indices: np.ndarray | None = None,
     seed: int = 0,
+    shared: SharedBases | None = None,
 ) -> np.ndarray:
     """The matrices `intervention` injects for every (example, layer, head) of a batch.
 
@@ -226,6 +269,7 @@ def intervention_matrices(
     w_out: [layer, head, head_dim, hidden]; length: [example] real tokens; efficient: [example, layer, head, L, L]
     the stored efficient attention of `intervention.variant` (required when `intervention.needs_efficient`);
     example_indices: [example] the examples' indices in the store (they seed the noise; default 0..n-1).
+    shared: decompositions shared by the interventions of this batch (`SharedBases`; default: none shared).
     Returns [example, layer, head, L, L] float32, zero outside each example's real block.
     """
     attention = np.asarray(attention)
@@ -261,11 +305,13 @@ def intervention_matrices(
             chosen = np.flatnonzero(length == n)
             noise[n] = (chosen, _random_blocks(example_indices[chosen], layers, heads, n, seed, intervention.name))
     extra = (size + 2) if causal else 2
-    for chunk in _chunks(attention, value, w_out, length, efficient if intervention.needs_efficient else None, extra):
+    shared = shared if shared is not None else SharedBases(limit=0)
+    chunks = _chunks(attention, value, w_out, length, efficient if intervention.needs_efficient else None, extra)
+    for chunk_number, chunk in enumerate(chunks):
         n = chunk.attention.shape[-1]
         if kind == "minimality":
             block = _truncated_projection(chunk.attention, chunk.matrix, hidden_size, intervention.removed_directions,
-                                          causal)
+                                          causal, shared, chunk_number)
         else:
             chosen, blocks = noise[n]
             random = blocks[np.searchsorted(chosen, chunk.example), chunk.layer, chunk.head]  # (k, n, n)
@@ -273,14 +319,16 @@ def intervention_matrices(
                 random = torch.tril(random)
             removed_norm = torch.linalg.matrix_norm(chunk.attention - chunk.efficient)
             if kind == "colspace-noise":
-                inside = (project_rows_causal(random, chunk.matrix, hidden_size) if causal
-                          else project_rows(random, column_space_basis(chunk.matrix, hidden_size)[0]))
+                inside = (project_rows_causal(random, chunk.matrix, hidden_size) if causal else project_rows(
+                    random, shared.get("basis of T", chunk_number, chunk.matrix,
+                                       lambda: column_space_basis(chunk.matrix, hidden_size))[0]))
                 block = chunk.attention + _scaled_to(inside, removed_norm)
             else:
                 space = with_ones_column(chunk.matrix) if with_ones else chunk.matrix
                 space_hidden = hidden_size + 1 if with_ones else hidden_size
-                inside = (project_rows_causal(random, space, space_hidden) if causal
-                          else project_rows(random, column_space_basis(space, space_hidden)[0]))
+                inside = (project_rows_causal(random, space, space_hidden) if causal else project_rows(
+                    random, shared.get("basis of [T|1]" if with_ones else "basis of T", chunk_number, chunk.matrix,
+                                       lambda: column_space_basis(space, space_hidden))[0]))
                 block = chunk.efficient + _scaled_to(random - inside, removed_norm)
         result[chunk.example, chunk.layer, chunk.head, :n, :n] = block.numpy()
     return result

@@ -32,7 +32,8 @@ def causal_settings(
     """Everything that shapes the numbers of a causal run (a rerun with other settings is refused).
 
     Defaults: the variants the efficient stage has finished in the store; every intervention for them at scope "all"; efficient, null,
-    uniform and ablate at scope "layer"; null of the first variant and ablate at scope "head" (which heads matter);
+    uniform and ablate at scope "layer"; ablate at scope "head" (which heads matter; within one head null:<v> is
+    ablation by construction, (A - E)·T = 0, and the layer scope already shows that);
     the layer and head scopes on `scope_examples` examples spread over the store (None: all).
     """
     group = open_attention_store(store, mode="r")
@@ -55,8 +56,7 @@ def causal_settings(
     if layer_interventions is None:
         layer_interventions = [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")]
     if head_interventions is None:
-        first_null = f"null:{variants[0]}" if variants else None
-        head_interventions = [name for name in names if name in (first_null, "ablate")]
+        head_interventions = [name for name in names if name == "ablate"]
     for scope_name, listed in (("layer", layer_interventions), ("head", head_interventions)):
         unknown = [name for name in listed if name not in names]
         if unknown:

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     causal.add_argument("--layer-interventions", default=None,
                         help="interventions also run one layer at a time (default: efficient, null, uniform, ablate)")
     causal.add_argument("--head-interventions", default=None,
-                        help="interventions also run one head at a time (default: null of the first variant, ablate)")
+                        help="interventions also run one head at a time (default: ablate)")
     causal.add_argument("--scope-examples", type=_positive_int, default=32,
                         help="examples (spread over the store) measured at the layer and head scopes (default 32)")
     causal.add_argument("--all-scope-examples", dest="scope_examples", action="store_const", const=None,

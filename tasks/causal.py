@@ -31,7 +31,7 @@ from analysis.causal import (
 )
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
 from analysis.efficient_attention import VARIANTS
-from analysis.interventions import Intervention, intervention_matrices
+from analysis.interventions import Intervention, SharedBases, intervention_matrices
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
     CausalResultsError,
@@ -178,13 +178,14 @@ def compute_causal_shard(
                 stored_logits[chosen], stored_logits[chosen], logits, label[chosen])
             original_correct[rows] = measure(torch.as_tensor(stored_logits)[None], np.arange(stop - start))["correct"][0]
         efficient: dict[str, np.ndarray] = {}  # variant -> this batch's stored efficient attention
+        shared = SharedBases()  # decompositions the interventions of this batch share
         for intervention, scopes in plan:
             if intervention.needs_efficient and intervention.variant not in efficient:
                 efficient[intervention.variant] = group[efficient_array_path(intervention.variant)][
                     start:stop, :, :, :size, :size]
             matrices = intervention_matrices(
                 intervention, attention, value, w_out, length, causal, efficient=efficient.get(intervention.variant),
-                example_indices=np.arange(start, stop), seed=settings["seed"],
+                example_indices=np.arange(start, stop), seed=settings["seed"], shared=shared,
             )
             index = interventions.index(intervention)
             change_ratio[index, rows] = injected_change_ratio(matrices, attention)

@@ -171,10 +171,18 @@ def dask_client(address: str | None, workers: int | None) -> Iterator:
             yield client
         return
     n_workers = workers or os.cpu_count() or 1
-    with LocalCluster(
-        n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
-    ) as cluster, Client(cluster) as client:
-        yield client
+    # The LocalCluster's scheduler and nannies live in this process and log every start and stop at INFO, which
+    # Prefect's handler would print among the stage's progress: only their warnings and errors are shown.
+    distributed_logger = logging.getLogger("distributed")
+    level = distributed_logger.level
+    distributed_logger.setLevel(max(level, logging.WARNING))
+    try:
+        with LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+        ) as cluster, Client(cluster) as client:
+            yield client
+    finally:
+        distributed_logger.setLevel(level)
 
 
 def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:

@@ -56,7 +56,8 @@ def test_causal_run_measures_every_intervention_and_answers_the_claims(llama_sto
     assert float(ablate.max()) > 10 * TOLERANCE  # ablation changes the logits, so the check above can fail
     # the head scope measured only the 4 spread examples, and only its interventions
     heads = dataset.sel(target="layer 1 head 3")
-    assert int(heads["agreement"].sel(intervention="null:effective").notnull().sum()) == 4
+    assert int(heads["agreement"].sel(intervention="ablate").notnull().sum()) == 4
+    assert int(heads["agreement"].sel(intervention="null:effective").notnull().sum()) == 0  # = ablate, per head
     assert int(heads["agreement"].sel(intervention="efficient:effective").notnull().sum()) == 0
     assert int(heads["agreement"].sel(intervention="uniform").notnull().sum()) == 0
     assert dataset["examples_measured"].sel(intervention="replay", target="all").values == 10

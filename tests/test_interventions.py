@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from analysis.efficient_attention import efficient_attention
-from analysis.interventions import Intervention, default_interventions, intervention_matrices, parse_interventions
+from analysis.interventions import (
+    Intervention,
+    SharedBases,
+    default_interventions,
+    intervention_matrices,
+    parse_interventions,
+)
 
 HEAD_DIM, HIDDEN = 4, 12
 
@@ -161,3 +167,27 @@ def test_interventions_that_need_efficient_attention_say_so():
     attention, value, w_out, lengths = random_inputs(False)
     with pytest.raises(ValueError, match="null:simplex needs the stored efficient attention of variant simplex"):
         intervention_matrices(Intervention("null", "simplex"), attention, value, w_out, lengths, False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interventions_sharing_decompositions_in_a_batch_give_the_same_matrices(causal):
+    """One SharedBases for every intervention of a batch (the minimality probes share one SVD, the noises one
+    basis per space) changes nothing; a SharedBases handed another batch's chunks refuses."""
+    inputs = random_inputs(causal)
+    results = efficient_attention(*inputs, causal=causal)
+    names = ["minimality:effective:k=1", "minimality:effective:k=2", "colspace-noise:effective",
+             "efficient+null-noise:effective", "efficient+null-noise:stochastic", "colspace-noise:stochastic"]
+    shared = SharedBases()
+    for name in names:
+        intervention = Intervention.parse(name)
+        efficient = results[intervention.variant].efficient
+        alone = intervention_matrices(intervention, *inputs, causal, efficient=efficient, seed=5)
+        together = intervention_matrices(intervention, *inputs, causal, efficient=efficient, seed=5, shared=shared)
+        np.testing.assert_array_equal(together, alone)
+    assert shared._kept  # something was shared
+    other = random_inputs(causal, seed=1)
+    with pytest.raises(ValueError, match="use one SharedBases per batch"):
+        intervention_matrices(Intervention.parse("minimality:effective:k=4"), *other, causal, shared=shared)
+    nothing_kept = SharedBases(limit=0)
+    intervention_matrices(Intervention.parse("minimality:effective:k=4"), *other, causal, shared=nothing_kept)
+    assert not nothing_kept._kept
