@@ -322,7 +322,8 @@ def head_scope_figure(aggregates: xr.Dataset, layers: int, heads: int,
     if not interventions:
         return None
     cmaps = {"agreement_rate": "Greens", "flip_rate": "Reds"}
-    figure = Figure(figsize=(13, len(interventions) * (0.42 * layers + 1.3) + 0.3), layout="constrained")
+    height = max(3.0, len(interventions) * (0.42 * layers + 1.3) + 0.3)  # at least 3 in: titles and colour bars fit
+    figure = Figure(figsize=(13, height), layout="constrained")
     grid = figure.subplots(len(interventions), len(metrics), squeeze=False)
     cell_font = float(np.clip(110 / max(heads, 1), 5.5, 9.0))
     values = {(intervention, metric): layer_head_grid(aggregates, metric, intervention, layers, heads)
