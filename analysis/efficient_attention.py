@@ -26,10 +26,11 @@ How it is computed (all float64, batched over many matrices, torch):
 * Numerical rank of an L×c matrix M: singular values above σ_max · max(L, D) · eps(float64), where D is the
   hidden size (D + 1 for [T|1]). rank([T|1]) is the numerical rank of [T | s·1] with s = ‖T‖_F / √L (the
   ones column scaled to T's size, so the rank does not depend on the units of T).
-* A cheap certificate (`full_rank_certificate`) proves that M and all its prefixes have full rank
-  (1/‖R⁻¹‖_F ≤ σ_min of the first min(L, c) rows, compared with a bound on every threshold). Certified
-  matrices take the fast path: a QR basis (non-causal) or one nested left-null basis for all prefixes
-  (causal, `nested_left_null_basis`). The others take the exact SVD path (per prefix when causal).
+* Cheap certificates prove full rank from the R of a QR factorisation (1/‖R⁻¹‖_F ≤ σ_min, compared with a
+  bound on the threshold, `_certified_by_triangular`): non-causal, of M itself (`column_space_basis`: the same
+  QR gives the basis; L ≤ c and full rank means col(M) = R^L, and the projection is skipped); causal, of its
+  first min(L, c) rows, which covers every prefix (`full_rank_certificate`; then one nested left-null basis
+  serves all prefixes, `nested_left_null_basis`). The others take the exact SVD path (per prefix when causal).
 * simplex: the dual of the row problem, b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa (U an orthonormal basis of
   col([T|1])), solved by semismooth Newton with an exact line search (`simplex_rows`); every returned row is
   feasible (equalities to float precision, b ≥ 0) even when the solver does not converge.

@@ -190,9 +190,9 @@ class SharedBases:
     matrices: the SVD behind every minimality probe, the bases of col(T) and col([T|1]) behind the noise.
 
     The chunks of a batch are the same for every intervention (they depend only on the lengths and the shapes), so
-    an entry is keyed by what it is and the chunk's number, and checked against the chunk's matrix X. Up to
-    `limit` float64 elements are kept; beyond that, entries are computed each time they are asked for. Use one
-    per batch.
+    an entry is keyed by what it is and the chunk's number, and checked against the chunk's matrix X (a different
+    matrix under the same key is computed afresh, not served). Up to `limit` float64 elements are kept; beyond
+    that, entries are computed each time they are asked for. Use one per batch.
     """
 
     def __init__(self, limit: int = SHARED_BASES_ELEMENTS) -> None:
@@ -207,8 +207,7 @@ class SharedBases:
             kept_matrix, value = self._kept[key]
             if kept_matrix.shape == matrix.shape and torch.equal(kept_matrix, matrix):
                 return value
-            raise ValueError(f"SharedBases: chunk {chunk_number} is not the chunk {what!r} was computed for; use one "
-                             "SharedBases per batch")
+            return compute()  # another chunk under this number (a SharedBases used for two batches): not shared
         value = compute()
         size = sum(part.numel() for part in value if isinstance(part, torch.Tensor))
         if self._elements + size + matrix.numel() <= self._limit:

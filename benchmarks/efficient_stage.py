@@ -72,9 +72,9 @@ def copy_io_shard(store: str, shard: int) -> int:
 
 
 def copy_stage_io_shard(store: str, shard: int) -> int:
-    """The stage's own I/O for one shard and one variant, without computing anything: read attention, value,
-    w_out and length as the stage does, write the attention as `efficient/effective` with zero diagnostics
-    (synced, as the stage writes)."""
+    """The stage's own I/O for one shard and one closed-form variant (one task per shard, as the stage runs them),
+    without computing anything: read attention, value, w_out and length, write the attention as
+    `efficient/effective` with zero diagnostics (synced, as the stage writes)."""
     group = open_attention_store(store, mode="r+")
     layout = store_layout(group)
     attention, _, _, _ = _read_shard_inputs(group, layout.shard_slice(shard))

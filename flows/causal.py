@@ -56,7 +56,9 @@ def causal_settings(
     if layer_interventions is None:
         layer_interventions = [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")]
     if head_interventions is None:
-        head_interventions = [name for name in names if name == "ablate"]
+        # ablate where it is run; otherwise a null part (the same by construction), else the first intervention
+        nulls = [name for name in names if name.startswith("null:")]
+        head_interventions = ["ablate"] if "ablate" in names else nulls[:1] or names[:1]
     for scope_name, listed in (("layer", layer_interventions), ("head", head_interventions)):
         unknown = [name for name in listed if name not in names]
         if unknown:

@@ -1,4 +1,5 @@
-"""The efficient stage as a Prefect flow: attention store -> efficient attention + diagnostics (Dask, per shard)."""
+"""The efficient stage as a Prefect flow: attention store -> efficient attention + diagnostics (Dask tasks per shard,
+and per layer of a shard for the simplex variant; tasks/efficient.py)."""
 
 from __future__ import annotations
 

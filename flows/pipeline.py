@@ -195,6 +195,12 @@ def run_pipeline(
     settings_of_causal = causal_settings(store, variants=variants, scopes=scopes, scope_examples=scope_examples,
                                          minimality_directions=directions)
     check = causal_status(results, settings_of_causal)
+    if check.conflicting:
+        raise ValueError(
+            f"{results} holds causal results made with other settings (by an earlier effattn version or other "
+            f"options; `effattn inspect {results}` shows them): delete it to measure again with this run's "
+            "settings, or pass --results PATH to keep both"
+        )
     if check.complete:
         finished("causal", "skipped", None, check.reason)
     else:

@@ -59,6 +59,7 @@ class StageCheck:
 
     complete: bool
     reason: str
+    conflicting: bool = False  # the output exists but was made with other settings: it must not be overwritten
 
 
 def name_part(name_or_path: str) -> str:
@@ -219,7 +220,7 @@ def causal_status(url: str, settings: dict[str, Any]) -> StageCheck:
         return StageCheck(False, str(error))
     attributes = group.attrs.asdict()
     if attributes.get("settings") != _canonical(settings):
-        return StageCheck(False, f"{url} holds causal results of other settings")
+        return StageCheck(False, f"{url} holds causal results of other settings", conflicting=True)
     examples = group["example"].shape[0]
     shards = -(-examples // int(attributes["shard_size"]))
     done = len(attributes.get("completed_shards", []))

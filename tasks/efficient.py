@@ -1,11 +1,12 @@
 """The efficient stage's work: functions run on Dask workers, and the Prefect task that drives them.
 
-Each layer of a shard is one Dask task (`compute_efficient_piece`): it reads that layer's attention and values and
-the shard's lengths from the store and computes the requested variants with analysis.efficient_attention. One more
-task per shard (`write_efficient_pieces`) joins the layers and writes whole shards of `efficient/<variant>` and
-`diagnostics/<variant>/*` (writes are whole shards only: concurrent writes into one shard lose data in Zarr). The
-driver (this process) records completion as writes finish, so a rerun skips finished shards. Workers open the
-store by its URL: they can run anywhere that can reach it.
+A shard is one Dask task (`compute_efficient_shard`): it reads the shard's attention, values and lengths from the
+store, computes the requested variants with analysis.efficient_attention and writes whole shards of
+`efficient/<variant>` and `diagnostics/<variant>/*` (writes are whole shards only: concurrent writes into one shard
+lose data in Zarr). A shard with the simplex variant, whose cost grows steeply with the length, is split: one task
+per layer (`compute_efficient_piece`) and one that joins them and writes (`write_efficient_pieces`). The driver
+(this process) records completion as writes finish, so a rerun skips finished shards. Workers open the store by
+its URL: they can run anywhere that can reach it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def keep_freed_memory_for_reuse() -> bool:
     Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Setting that fixes glibc's mmap threshold at
     128 KiB, so every large temporary of the batched linear algebra is a fresh mmap whose pages fault in one by
     one: measured on a MiniLM shard, the computation takes three times as long. This restores thresholds like
-    glibc's adaptive ones (mmap from 32 MiB, trim above 256 MiB). Returns False where there is no glibc (nothing
+    glibc's adaptive ones (mmap from 32 MiB, trim above 256 MiB); a worker may then keep up to about 256 MiB of
+    freed memory, which Dask's memory monitor reports as unmanaged. Returns False where there is no glibc (nothing
     to do there). Safe to call repeatedly.
     """
     import ctypes
@@ -63,7 +65,9 @@ def keep_freed_memory_for_reuse() -> bool:
     try:
         libc = ctypes.CDLL(name)
         m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+        mmap_set = bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+        trim_set = bool(libc.mallopt(m_trim_threshold, 256 << 20))
+        return mmap_set and trim_set
     except (OSError, AttributeError):
         return False
 
@@ -97,6 +101,8 @@ def compute_efficient_piece(
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
     first, stop = layers if layers is not None else (0, layout.layers)
+    if not 0 <= first < stop <= layout.layers:
+        raise ValueError(f"layers ({first}, {stop}) must satisfy 0 <= start < stop <= {layout.layers}")
     attention, value, w_out, length = retry_transient_io(
         _read_piece_inputs, group, region, slice(first, stop), delays=retry_delays, on_retry=_log_retry
     )
@@ -132,6 +138,10 @@ def write_efficient_pieces(
     errors only; a full disk or a store this process may not write fails at once."""
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
+    covered = sum(next(iter(piece.values())).efficient.shape[1] for piece in pieces)  # layers of every piece
+    if covered != layout.layers:
+        raise ValueError(f"{store}, shard {shard_index}: the pieces cover {covered} layers, the store has "
+                         f"{layout.layers}; pass one piece per layer range, together covering every layer once")
     variants = list(pieces[0])
     for variant in variants:
         efficient = np.concatenate([piece[variant].efficient for piece in pieces], axis=1)
@@ -155,9 +165,19 @@ def compute_efficient_shard(
     retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
 ) -> tuple[int, list[str]]:
     """Compute and write `variants` for one whole shard in this process; returns (shard_index, variants written).
-    (`compute_shards` spreads a shard's layers over the workers instead.)"""
-    piece = compute_efficient_piece(store, shard_index, None, variants, settings, torch_threads, retry_delays)
-    return write_efficient_pieces(store, shard_index, [piece], retry_delays)
+    Runs on a worker. With `simplex` the shard is computed layer by layer, like the pieces `compute_shards` spreads
+    over the workers: the simplex solver batches matrices, and its diagnostics can differ in the last bit with
+    the batching, so both paths write identical stores."""
+    if "simplex" not in variants:
+        pieces = [compute_efficient_piece(store, shard_index, None, variants, settings, torch_threads, retry_delays)]
+    else:
+        group = retry_transient_io(open_attention_store, store, mode="r", delays=retry_delays, on_retry=_log_retry)
+        pieces = [
+            compute_efficient_piece(store, shard_index, (layer, layer + 1), variants, settings, torch_threads,
+                                    retry_delays)
+            for layer in range(store_layout(group).layers)
+        ]
+    return write_efficient_pieces(store, shard_index, pieces, retry_delays)
 
 
 @contextlib.contextmanager
@@ -218,9 +238,12 @@ def compute_shards(store: str, work: dict[int, list[str]], settings: dict, clien
     """Run `work` (shard -> variants) on the Dask `client`, recording completion as results arrive.
     Returns the number of shards computed.
 
-    Each layer of a shard is its own task (`compute_efficient_piece`, reading only that layer's chunks), so that
-    one shard of long examples is spread over all workers; one more task per shard joins the layers and writes
-    the whole shard (`write_efficient_pieces`), at a higher priority so that finished shards leave memory first.
+    Shards start longest examples first. The closed-form variants cost about the same per shard (reading and writing
+    dominate), so such a shard is one task (`compute_efficient_shard`). The simplex solver's cost grows steeply with
+    the length and gathers in the last shards of a length-sorted store, so a shard with `simplex` is split: each
+    layer is its own task (`compute_efficient_piece`, reading only that layer's chunks) and one more task joins the
+    layers and writes the whole shard (`write_efficient_pieces`), at a higher priority so that finished shards
+    leave memory first.
     """
     from distributed import as_completed
 
@@ -228,6 +251,9 @@ def compute_shards(store: str, work: dict[int, list[str]], settings: dict, clien
     layers = store_layout(group).layers
     futures = []
     for shard in shards_by_cost(group, work):
+        if "simplex" not in work[shard]:
+            futures.append(client.submit(compute_efficient_shard, store, shard, work[shard], settings, pure=False))
+            continue
         pieces = [
             client.submit(compute_efficient_piece, store, shard, (layer, layer + 1), work[shard], settings,
                           pure=False)

@@ -164,3 +164,11 @@ def test_no_forward_pass_exceeds_forward_rows(llama_store, tmp_path, monkeypatch
     causal(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
            scopes=["all", "head"], scope_examples=None, batch_size=4, forward_rows=3)
     assert max(rows) <= 3 and sum(rows) == 10 * (1 + 2 * 4)  # every example at every target, once
+
+
+def test_the_head_scope_measures_ablate_or_else_a_null_part(llama_store):
+    from flows.causal import causal_settings
+
+    assert causal_settings(llama_store)["scope_interventions"]["head"] == ["ablate"]
+    chosen = causal_settings(llama_store, interventions=["efficient:effective", "null:effective"])
+    assert chosen["scope_interventions"]["head"] == ["null:effective"]

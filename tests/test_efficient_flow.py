@@ -193,23 +193,24 @@ def test_real_minilm_examples_longer_than_the_head_dim(tmp_path):
 
 
 def test_layer_pieces_on_workers_equal_the_whole_shard_in_one_process(bert_store, tmp_path):
-    """The stage spreads each shard's layers over the workers and joins them: the stored arrays and diagnostics
-    must equal one process computing whole shards (`compute_efficient_shard`)."""
+    """With the simplex variant the stage spreads each shard's layers over the workers and joins them: the stored
+    arrays and diagnostics must equal one process computing whole shards (`compute_efficient_shard`)."""
     from flows.efficient import efficient
     from storage_schemas.efficient_store import DIAGNOSTIC_ARRAYS
 
+    variants = ["effective", "simplex"]
     pieces, whole = str(tmp_path / "pieces.zarr"), str(tmp_path / "whole.zarr")
     shutil.copytree(bert_store, pieces)
     shutil.copytree(bert_store, whole)
-    efficient(store=pieces, variants=["effective", "stochastic"], workers=2)
+    efficient(store=pieces, variants=variants, workers=2)
     group = open_attention_store(whole, mode="r+")
-    for variant in ("effective", "stochastic"):
+    for variant in variants:
         prepare_efficient_arrays(group, whole, variant, SETTINGS)
     for shard in range(store_layout(group).n_shards):
-        compute_efficient_shard(whole, shard, ["effective", "stochastic"], SETTINGS)
+        compute_efficient_shard(whole, shard, variants, SETTINGS)
     assert store_layout(group).layers > 1  # several pieces per shard
     piece_group = open_attention_store(pieces)
-    for variant in ("effective", "stochastic"):
+    for variant in variants:
         np.testing.assert_array_equal(piece_group[f"efficient/{variant}"][:], group[f"efficient/{variant}"][:])
         for name in DIAGNOSTIC_ARRAYS:
             np.testing.assert_array_equal(
@@ -245,3 +246,21 @@ def test_workers_keep_freed_memory_for_reuse_despite_dasks_trim_setting():
         assert output == "True" and keep_freed_memory_for_reuse() is True
     else:  # no glibc: nothing to change
         assert output == "False"
+
+
+def test_a_shard_is_written_only_from_pieces_covering_every_layer(bert_store, tmp_path):
+    from tasks.efficient import compute_efficient_piece, write_efficient_pieces
+
+    url = str(tmp_path / "copy.zarr")
+    shutil.copytree(bert_store, url)
+    group = open_attention_store(url, mode="r+")
+    prepare_efficient_arrays(group, url, "effective", SETTINGS)
+    layers = store_layout(group).layers
+    first = compute_efficient_piece(url, 0, (0, 1), ["effective"], SETTINGS)
+    with pytest.raises(ValueError, match=f"the pieces cover 1 layers, the store has {layers}"):
+        write_efficient_pieces(url, 0, [first])
+    with pytest.raises(ValueError, match=rf"layers \(1, {layers + 3}\) must satisfy 0 <= start < stop <= {layers}"):
+        compute_efficient_piece(url, 0, (1, layers + 3), ["effective"], SETTINGS)
+    assert efficient_completed_shards(group, "effective") == []
+    rest = compute_efficient_piece(url, 0, (1, layers), ["effective"], SETTINGS)
+    assert write_efficient_pieces(url, 0, [first, rest]) == (0, ["effective"])

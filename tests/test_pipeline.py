@@ -131,6 +131,17 @@ def test_changed_inputs_are_not_skipped(first_run):
     assert file_mtimes(first["store"]) == first_store_files
 
 
+def test_results_of_other_causal_settings_are_refused_with_what_to_do_and_kept(first_run):
+    """E.g. results made by an earlier effattn whose defaults differed: never overwritten, and the message says how
+    to measure again."""
+    arguments, first = first_run
+    before = file_mtimes(first["results"])
+    with pytest.raises(ValueError, match=re.escape(f"{first['results']} holds causal results made with other "
+                                                   "settings") + r".*delete it to measure again.*--results PATH"):
+        run_pipeline(**{**arguments, "scope_examples": 1})
+    assert file_mtimes(first["results"]) == before
+
+
 def test_other_settings_into_an_explicit_store_are_refused_not_skipped(first_run):
     arguments, first = first_run
     with pytest.raises(AttentionStoreError, match=re.escape("extraction.requested_max_length: store has 16, "
