@@ -79,7 +79,8 @@ _DIAGNOSTIC_DTYPES = {
 class EfficientAttentionResult:
     """One variant's result for a batch.
 
-    efficient: [example, layer, head, query, key] (float64 unless asked otherwise), zero outside each example's real L×L block.
+    efficient: [example, layer, head, query, key] (float64 unless asked otherwise), zero outside each example's
+        real L×L block.
     diagnostics: name -> [example, layer, head], one entry per name in DIAGNOSTICS:
         rank                 rank(T) of the full sequence
         null_dim             L - rank(T) (effective) or L - rank([T|1]) (stochastic, simplex)

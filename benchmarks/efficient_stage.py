@@ -45,7 +45,7 @@ from storage_schemas.efficient_store import (  # noqa: E402
     prepare_efficient_arrays,
     write_efficient_shard,
 )
-from tasks.efficient import _read_shard_inputs, compute_shards, prepare_variants  # noqa: E402
+from tasks.efficient import _read_piece_inputs, compute_shards, prepare_variants  # noqa: E402
 
 SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
 
@@ -77,7 +77,7 @@ def copy_stage_io_shard(store: str, shard: int) -> int:
     `efficient/effective` with zero diagnostics (synced, as the stage writes)."""
     group = open_attention_store(store, mode="r+")
     layout = store_layout(group)
-    attention, _, _, _ = _read_shard_inputs(group, layout.shard_slice(shard))
+    attention, _, _, _ = _read_piece_inputs(group, layout.shard_slice(shard), slice(None))
     zeros = np.zeros(attention.shape[:3])
     write_efficient_shard(group, layout, "effective", shard, attention, {name: zeros for name in DIAGNOSTIC_ARRAYS})
     return shard

@@ -198,8 +198,8 @@ def run_pipeline(
     if check.conflicting:
         raise ValueError(
             f"{results} holds causal results made with other settings (by an earlier effattn version or other "
-            f"options; `effattn inspect {results}` shows them): delete it to measure again with this run's "
-            "settings, or pass --results PATH to keep both"
+            "options; its attribute `settings` holds them): delete it to measure again with this run's settings, "
+            "or pass --results PATH to keep both"
         )
     if check.complete:
         finished("causal", "skipped", None, check.reason)

@@ -41,11 +41,6 @@ def _read_piece_inputs(group, region: slice, layers: slice) -> tuple:
         group["length"][region]
 
 
-def _read_shard_inputs(group, region: slice) -> tuple:
-    """attention [shard examples, layer, head, query, key], value, w_out, length of one shard."""
-    return _read_piece_inputs(group, region, slice(None))
-
-
 def keep_freed_memory_for_reuse() -> bool:
     """Let glibc reuse freed memory in this process instead of returning it to the system at once.
 
@@ -156,6 +151,17 @@ def write_efficient_pieces(
     return shard_index, variants
 
 
+def shard_pieces(variants: Sequence[str], layers: int) -> list[tuple[int, int] | None]:
+    """How a shard is cut for computing: whole ([None]) for the closed-form variants, whose cost per shard is about
+    the same (reading and writing dominate); one piece per layer with `simplex`, whose solver's cost grows steeply
+    with the length and gathers in the last shards of a length-sorted store, so that those shards spread over the
+    workers. The simplex solver batches matrices and its diagnostics can differ in the last bit with the batching:
+    every path cuts a shard the same way."""
+    if "simplex" not in variants:
+        return [None]
+    return [(layer, layer + 1) for layer in range(layers)]
+
+
 def compute_efficient_shard(
     store: str,
     shard_index: int,
@@ -164,19 +170,13 @@ def compute_efficient_shard(
     torch_threads: int = 1,
     retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
 ) -> tuple[int, list[str]]:
-    """Compute and write `variants` for one whole shard in this process; returns (shard_index, variants written).
-    Runs on a worker. With `simplex` the shard is computed layer by layer, like the pieces `compute_shards` spreads
-    over the workers: the simplex solver batches matrices, and its diagnostics can differ in the last bit with
-    the batching, so both paths write identical stores."""
-    if "simplex" not in variants:
-        pieces = [compute_efficient_piece(store, shard_index, None, variants, settings, torch_threads, retry_delays)]
-    else:
-        group = retry_transient_io(open_attention_store, store, mode="r", delays=retry_delays, on_retry=_log_retry)
-        pieces = [
-            compute_efficient_piece(store, shard_index, (layer, layer + 1), variants, settings, torch_threads,
-                                    retry_delays)
-            for layer in range(store_layout(group).layers)
-        ]
+    """Compute and write `variants` for one shard in this process, piece after piece (`shard_pieces`); returns
+    (shard_index, variants written). Runs on a worker; writes the same as `compute_shards` spreading the pieces."""
+    group = retry_transient_io(open_attention_store, store, mode="r", delays=retry_delays, on_retry=_log_retry)
+    pieces = [
+        compute_efficient_piece(store, shard_index, layers, variants, settings, torch_threads, retry_delays)
+        for layers in shard_pieces(variants, store_layout(group).layers)
+    ]
     return write_efficient_pieces(store, shard_index, pieces, retry_delays)
 
 
@@ -238,12 +238,10 @@ def compute_shards(store: str, work: dict[int, list[str]], settings: dict, clien
     """Run `work` (shard -> variants) on the Dask `client`, recording completion as results arrive.
     Returns the number of shards computed.
 
-    Shards start longest examples first. The closed-form variants cost about the same per shard (reading and writing
-    dominate), so such a shard is one task (`compute_efficient_shard`). The simplex solver's cost grows steeply with
-    the length and gathers in the last shards of a length-sorted store, so a shard with `simplex` is split: each
-    layer is its own task (`compute_efficient_piece`, reading only that layer's chunks) and one more task joins the
-    layers and writes the whole shard (`write_efficient_pieces`), at a higher priority so that finished shards
-    leave memory first.
+    Shards start longest examples first. A shard cut in one piece (`shard_pieces`) is one task
+    (`compute_efficient_shard`); a shard cut by layer has a task per piece (`compute_efficient_piece`, reading
+    only that layer's chunks) and one more that joins them and writes the whole shard (`write_efficient_pieces`),
+    at a higher priority so that finished shards leave memory first.
     """
     from distributed import as_completed
 
@@ -251,13 +249,13 @@ def compute_shards(store: str, work: dict[int, list[str]], settings: dict, clien
     layers = store_layout(group).layers
     futures = []
     for shard in shards_by_cost(group, work):
-        if "simplex" not in work[shard]:
+        cuts = shard_pieces(work[shard], layers)
+        if cuts == [None]:
             futures.append(client.submit(compute_efficient_shard, store, shard, work[shard], settings, pure=False))
             continue
         pieces = [
-            client.submit(compute_efficient_piece, store, shard, (layer, layer + 1), work[shard], settings,
-                          pure=False)
-            for layer in range(layers)
+            client.submit(compute_efficient_piece, store, shard, piece_layers, work[shard], settings, pure=False)
+            for piece_layers in cuts
         ]
         futures.append(client.submit(write_efficient_pieces, store, shard, pieces, pure=False, priority=1))
     first_error = None
