@@ -107,44 +107,32 @@ def main() -> None:
             assert cli([*efficient, "--store", clean_efficient], "clean-efficient").returncode == 0
             efficient_digests = content_digests(clean_efficient)
 
-            # kill extract
-            lost_items, recovery, handled = [], [], 0
-            for trial in range(options.times):
-                store = str(work / f"kill-extract-{trial}.zarr")
-                kill = crash_harness.kill_when(
-                    [*extract, "--store", store], environment, work / f"kill-extract-{trial}",
-                    lambda: crash_harness.extraction_progress(store), chance.randrange(-1, N_SHARDS - 2),
-                    chance.uniform(0, 0.3),
-                )
-                began = time.monotonic()
-                rerun = cli([*extract, "--store", store], f"kill-extract-{trial}-rerun")
-                recovery.append(time.monotonic() - began)
-                handled += rerun.returncode == 0 and not kill.survivors and verify_store(store).ok
-                lost_items.append(lost(store, extracted_digests))
-                print(f"kill extract {trial}: killed at {kill.progress_at_kill} shards done, rerun "
-                      f"{recovery[-1]:.1f} s", flush=True)
-            table.add("SIGKILL extract", options.times, handled, lost_items, recovery,
-                      "rerun of the same command; killed anywhere from store creation to the last shard")
+            def kill_and_rerun(stage, command, progress_of, first_progress, reference, prepare, fault, note):
+                """SIGKILL `command` at a seeded random moment, `options.times` times, then rerun it and count."""
+                lost_items, recovery, handled = [], [], 0
+                for trial in range(options.times):
+                    store = str(work / f"kill-{stage}-{trial}.zarr")
+                    prepare(store)
+                    kill = crash_harness.kill_when(
+                        [*command, "--store", store], environment, work / f"kill-{stage}-{trial}",
+                        lambda: progress_of(store), chance.randrange(first_progress, N_SHARDS - 2),
+                        chance.uniform(0, 0.3),
+                    )
+                    began = time.monotonic()
+                    rerun = cli([*command, "--store", store], f"kill-{stage}-{trial}-rerun")
+                    recovery.append(time.monotonic() - began)
+                    handled += rerun.returncode == 0 and not kill.survivors and verify_store(store).ok
+                    lost_items.append(lost(store, reference))
+                    print(f"kill {stage} {trial}: killed at {kill.progress_at_kill} shards done, rerun "
+                          f"{recovery[-1]:.1f} s", flush=True)
+                table.add(fault, options.times, handled, lost_items, recovery, note)
 
-            # kill efficient
-            lost_items, recovery, handled = [], [], 0
-            for trial in range(options.times):
-                store = str(work / f"kill-efficient-{trial}.zarr")
-                shutil.copytree(clean, store)
-                kill = crash_harness.kill_when(
-                    [*efficient, "--store", store], environment, work / f"kill-efficient-{trial}",
-                    lambda: crash_harness.efficient_progress(store), chance.randrange(0, N_SHARDS - 2),
-                    chance.uniform(0, 0.3),
-                )
-                began = time.monotonic()
-                rerun = cli([*efficient, "--store", store], f"kill-efficient-{trial}-rerun")
-                recovery.append(time.monotonic() - began)
-                handled += rerun.returncode == 0 and not kill.survivors and verify_store(store).ok
-                lost_items.append(lost(store, efficient_digests))
-                print(f"kill efficient {trial}: killed at {kill.progress_at_kill} shards done, rerun "
-                      f"{recovery[-1]:.1f} s", flush=True)
-            table.add("SIGKILL efficient (+ Dask workers)", options.times, handled, lost_items, recovery,
-                      "rerun of the same command")
+            kill_and_rerun("extract", extract, crash_harness.extraction_progress, -1, extracted_digests,
+                           lambda store: None, "SIGKILL extract",
+                           "rerun of the same command; killed anywhere from store creation to the last shard")
+            kill_and_rerun("efficient", efficient, crash_harness.efficient_progress, 0, efficient_digests,
+                           lambda store: shutil.copytree(clean, store), "SIGKILL efficient (+ Dask workers)",
+                           "rerun of the same command")
 
             # corrupt chunk
             lost_items, recovery, handled = [], [], 0
