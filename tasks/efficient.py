@@ -48,8 +48,8 @@ def _read_piece_inputs(group, store: str, shard_index: int, region: slice, layer
                 raise
             raise AttentionStoreError(
                 f"{store}: array {name}, shard {shard_index} (examples {region.start} to {region.stop - 1}) is "
-                f"damaged ({error}): run `effattn verify {store}` to find every damaged shard, then `effattn verify "
-                f"--repair {store}` and the stage that wrote it again"
+                f"damaged (a chunk fails its checksum): run `effattn verify {store}` to find every damaged shard, "
+                f"then `effattn verify --repair {store}` and the stage that wrote it again"
             ) from None
     return tuple(read)
 
@@ -208,13 +208,16 @@ def dask_client(address: str | None, workers: int | None) -> Iterator:
         return
     n_workers = workers or os.cpu_count() or 1
     # The LocalCluster's scheduler and nannies live in this process and log every start and stop at INFO, which
-    # Prefect's handler would print among the stage's progress: only their warnings and errors are shown.
+    # Prefect's handler would print among the stage's progress: only their warnings and errors are shown. Workers
+    # log nothing below CRITICAL: a failed task's exception reaches this process, which reports it (in one line,
+    # or with its traceback when unexpected), so their "Compute Failed" traceback would only repeat it.
     distributed_logger = logging.getLogger("distributed")
     level = distributed_logger.level
     distributed_logger.setLevel(max(level, logging.WARNING))
     try:
         with LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.CRITICAL
         ) as cluster, Client(cluster) as client:
             yield client
     finally:
