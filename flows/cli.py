@@ -228,7 +228,7 @@ class _HideTracebacksOfReportedErrors(logging.Filter):
     "Encountered exception during execution" / "Task run failed", and the "Finished in state Failed(...)" lines
     that repeat its message. Records about any other exception pass unchanged."""
 
-    def __init__(self, arguments: argparse.Namespace) -> None:
+    def __init__(self, arguments: argparse.Namespace | None = None) -> None:
         super().__init__()
         self.arguments = arguments
         self.reported: list[str] = []
@@ -245,12 +245,17 @@ class _HideTracebacksOfReportedErrors(logging.Filter):
         return not any(text and text[:80] in message for text in self.reported)
 
 
+_HIDE_REPORTED_ERRORS = _HideTracebacksOfReportedErrors()
+
+
 def hide_prefect_tracebacks_of_reported_errors(arguments: argparse.Namespace) -> None:
-    """Install `_HideTracebacksOfReportedErrors` on the loggers of Prefect's flow and task runs (records are
-    filtered where they are made, so both the console and any other handler see the same)."""
-    hide = _HideTracebacksOfReportedErrors(arguments)
+    """Install the filter `_HideTracebacksOfReportedErrors` (one, however often main runs in a process) on the
+    loggers of Prefect's flow and task runs: records are filtered where they are made, so every handler sees the
+    same."""
+    _HIDE_REPORTED_ERRORS.arguments = arguments
+    _HIDE_REPORTED_ERRORS.reported.clear()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(hide)
+        logging.getLogger(name).addFilter(_HIDE_REPORTED_ERRORS)  # a filter already there is not added twice
 
 
 def refuse_bad_input(arguments: argparse.Namespace) -> int | None:
