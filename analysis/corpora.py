@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["BUNDLED_CORPORA", "Corpus", "SUPPORTED_EXTENSIONS", "load_corpus"]
+__all__ = ["BUNDLED_CORPORA", "Corpus", "NO_LABEL_COLUMN", "SUPPORTED_EXTENSIONS", "load_corpus"]
 
 BUNDLED_CORPORA: dict[str, str] = {
     "rt-sentiment": (
@@ -62,6 +62,8 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
 
 _DEFAULT_TEXT_COLUMN = "text"
 _DEFAULT_LABEL_COLUMN = "label"
+# label_column value (`--label-column none`) that reads a user file as unlabelled, even if it has a 'label' column.
+NO_LABEL_COLUMN = "none"
 _DIGEST_VERSION = b"effattn-corpus-v1\n"
 
 _RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -124,7 +126,8 @@ def load_corpus(
         text_column: user files only; the text column, default ``"text"``. Missing / null
             texts count as empty and are dropped.
         label_column: user files only; default ``"label"`` when the file has that column,
-            otherwise the corpus is unlabelled (all labels ``-1``, ``class_names == ()``).
+            otherwise the corpus is unlabelled (all labels ``-1``, ``class_names == ()``);
+            :data:`NO_LABEL_COLUMN` (``"none"``) reads the file as unlabelled whatever its columns.
             Label values are turned into strings (``str(value)``); class names are the sorted
             unique strings (so ``"10" < "2"``); missing cells (null, NaN, empty or
             whitespace-only strings) get label ``-1``.
@@ -143,9 +146,8 @@ def load_corpus(
     if name_or_path in BUNDLED_CORPORA:
         if text_column is not None or label_column is not None:
             raise ValueError(
-                f"text_column / label_column apply to user files only; bundled corpus "
-                f"{name_or_path!r} has fixed columns. Call load_corpus({name_or_path!r}) "
-                f"without them."
+                f"--text-column / --label-column apply to user files only; bundled corpus "
+                f"{name_or_path!r} has fixed columns: leave them out (text_column / label_column in Python)."
             )
         return _BUNDLED_LOADERS[name_or_path]()
 
@@ -314,7 +316,25 @@ def _read_csv_text(text: str, where: str) -> pd.DataFrame:
             f"text column, e.g. 'text,label'."
         ) from None
     except pd.errors.ParserError as err:
-        raise ValueError(f"{where}: cannot parse CSV: {err}") from None
+        header = text.split("\n", 1)[0]
+        raise ValueError(
+            f"{where}: cannot parse as CSV ({str(err).strip()}); a .csv corpus must be comma-separated with a "
+            f"header row, e.g. 'text,label', and quote texts that hold commas." + _separator_hint([header])
+        ) from None
+
+
+def _separator_hint(columns: Sequence[str]) -> str:
+    """When a CSV read as one column whose name holds tabs or semicolons, the file was separated by those: say so."""
+    if len(columns) != 1:
+        return ""
+    for separator, name in (("\t", "tab"), (";", "semicolon")):
+        if separator in columns[0]:
+            return (
+                f" The header {columns[0]!r} is {name}-separated: save the file comma-separated, e.g. "
+                f"`python -c \"import pandas as p; p.read_csv('in.csv', sep={separator!r}).to_csv('out.csv', "
+                f"index=False)\"`, or as JSONL."
+            )
+    return ""
 
 
 # --------------------------------------------------------------------------------------
@@ -475,15 +495,19 @@ def _load_user_file(
     if text_col not in columns:
         raise ValueError(
             f"{path}: no text column {text_col!r}; available columns: {columns}. "
-            f"Pass text_column=<one of them>."
+            f"Choose one with --text-column COLUMN (text_column= in Python)."
+            + _separator_hint(columns)
         )
-    if label_column is not None:
+    if label_column == NO_LABEL_COLUMN:
+        label_col: str | None = None
+    elif label_column is not None:
         if label_column not in columns:
             raise ValueError(
                 f"{path}: no label column {label_column!r}; available columns: {columns}. "
-                f"Pass label_column=<one of them>, or label_column=None for an unlabelled corpus."
+                f"Choose one with --label-column COLUMN, or pass --label-column {NO_LABEL_COLUMN} for an "
+                f"unlabelled corpus (label_column= in Python)."
             )
-        label_col: str | None = label_column
+        label_col = label_column
     else:
         label_col = _DEFAULT_LABEL_COLUMN if _DEFAULT_LABEL_COLUMN in columns else None
 

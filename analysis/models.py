@@ -160,6 +160,34 @@ def _resolve_source(name_or_path: str) -> tuple[str, dict]:
     )
 
 
+# The family of each bundled model, known without reading its files (SmolLM2's GGUF header takes seconds to parse).
+BUNDLED_MODEL_FAMILIES: dict[str, str] = {"minilm": "bert", "smollm2": "llama"}
+
+
+def check_model(name_or_path: str, task: str = "classification") -> str:
+    """Refuse, before any weights load, a model that does not resolve (unknown name, not a model folder, package
+    missing), whose architecture effattn does not support, or that cannot do `task`. Returns its family."""
+    folder, extra = _resolve_source(name_or_path)
+    if name_or_path in BUNDLED_MODEL_FAMILIES:
+        family, model_type = BUNDLED_MODEL_FAMILIES[name_or_path], BUNDLED_MODEL_FAMILIES[name_or_path]
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model_type = AutoConfig.from_pretrained(folder, **extra).model_type
+        family = model_family(model_type)
+    _check_task(task, family, name_or_path, model_type)
+    return family
+
+
+def _check_task(task: str, family: str, name_or_path: str, model_type: str) -> None:
+    if task not in ("classification", "next-token"):
+        raise ValueError(f"unknown task {task!r}: choose 'classification' or 'next-token'")
+    if task == "next-token" and family != "llama":
+        raise ValueError(
+            f"next-token prediction needs a decoder (Llama family) model, but {name_or_path} is a "
+            f"{model_type} encoder: use smollm2 or another causal language model"
+        )
+
+
 def has_trained_head(name_or_path: str) -> bool:
     """Whether a model folder holds a trained sequence-classification head (the bundled models never do)."""
     if name_or_path in BUNDLED_MODELS:
@@ -178,19 +206,13 @@ def load_model(
     is initialised from `seed`. task "next-token": the causal language model itself (decoders only; `num_labels`
     is ignored). The tokenizer pads on the right, so positions 0..length-1 are the real tokens of every example.
     """
-    if task not in ("classification", "next-token"):
-        raise ValueError(f"unknown task {task!r}: choose 'classification' or 'next-token'")
     if num_labels < 1:
         raise ValueError(f"num_labels must be at least 1, got {num_labels}")
     folder, extra = _resolve_source(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = AutoConfig.from_pretrained(folder, **extra)
     family = model_family(config.model_type)
-    if task == "next-token" and family != "llama":
-        raise ValueError(
-            f"next-token prediction needs a decoder (Llama family) model, but {name_or_path} is a "
-            f"{config.model_type} encoder: use smollm2 or another causal language model"
-        )
+    _check_task(task, family, name_or_path, config.model_type)
     has_trained_head = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
     if task == "classification" and has_trained_head and config.num_labels != num_labels:
         raise ValueError(

@@ -43,6 +43,7 @@ __all__ = [
     "TrainingSettings",
     "cached_model_card",
     "check_trainable",
+    "head_to_train",
     "default_cache_root",
     "head_cache_key",
     "train_classifier",
@@ -122,13 +123,25 @@ def check_trainable(corpus: Corpus) -> None:
     if not corpus.class_names or n_labelled == 0:
         raise ValueError(
             f"cannot train a classifier on an unlabelled corpus ({corpus.name!r} has no labels): pass a corpus "
-            "with a label column (label_column=...), or use a model that already has a trained head"
+            "with a label column (--label-column COLUMN), or use a model that already has a trained head"
         )
     if len(corpus.class_names) < 2:
         raise ValueError(
             f"cannot train a classifier on corpus {corpus.name!r}: it has a single class "
-            f"{corpus.class_names[0]!r}; a classifier needs at least two"
+            f"{corpus.class_names[0]!r}; a classifier needs at least two. Add examples of another class, pass "
+            "--label-column none to use the corpus unlabelled, or --no-train to keep a random head (smoke tests only)"
         )
+
+
+def head_to_train(corpus: Corpus, task: str, train: bool, model_has_trained_head: bool) -> bool:
+    """Whether a classification head is fine-tuned on `corpus` before extraction: classification of a corpus of two
+    or more classes, with a model that has no trained head, unless `train` is False. An unlabelled corpus keeps a
+    random head. A single-class corpus would silently keep a random head too, so it is refused (ValueError)."""
+    if not train or task != "classification" or model_has_trained_head:
+        return False
+    if len(corpus.class_names) == 1:
+        check_trainable(corpus)  # raises: one class
+    return len(corpus.class_names) >= 2
 
 
 def head_cache_key(base_weights_digest: str, corpus_digest: str, settings: TrainingSettings) -> str:

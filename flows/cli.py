@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -39,7 +40,7 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep a random head instead of fine-tuning one (smoke tests only)")
     parser.add_argument("--epochs", type=_positive_int, default=1)
     parser.add_argument("--text-column", default=None)
-    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--label-column", default=None, help="label column of a user file (none: unlabelled)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--shard-size", type=_positive_int, default=None)
@@ -64,9 +65,24 @@ def _pipeline_parameters(arguments: argparse.Namespace) -> dict:
     return parameters
 
 
+class _CommandLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose unknown options are reported by the sub-command they were given to
+    (`effattn extract: error: unrecognized arguments: ...`, with that command's usage), not by `effattn`."""
+
+    command_parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001 - argparse's signature
+        arguments, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            parser = self.command_parsers.get(getattr(arguments, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return arguments
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="effattn", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _CommandLineParser(prog="effattn", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
+    parser.command_parsers = commands.choices
 
     extract = commands.add_parser("extract", help="capture attention and values of a model over a corpus into a store")
     extract.add_argument("--corpus", required=True, help="rt-sentiment, bbc-topic, or a .csv/.jsonl/.parquet file")
@@ -79,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype of tensors")
     extract.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     extract.add_argument("--text-column", default=None, help="text column of a user file (default: text)")
-    extract.add_argument("--label-column", default=None, help="label column of a user file (default: label if present)")
+    extract.add_argument("--label-column", default=None,
+                         help="label column of a user file (default: label if present; none: unlabelled)")
     extract.add_argument("--seed", type=int, default=0, help="seed of the example sample and of untrained heads")
     extract.add_argument("--task", choices=["classification", "next-token"], default="classification",
                          help="classification logits per example, or next-token logits per position (decoders)")
@@ -100,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-length", type=_positive_int, default=128)
     train.add_argument("--max-train-examples", type=_positive_int, default=None)
     train.add_argument("--text-column", default=None)
-    train.add_argument("--label-column", default=None)
+    train.add_argument("--label-column", default=None, help="label column of a user file (default: label)")
     train.add_argument("--cache", default=None, help="cache folder (default: $EFFATTN_CACHE or ~/.cache/effattn)")
 
     efficient = commands.add_parser("efficient", help="compute efficient attention from a store (Dask)")
@@ -187,6 +204,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_problem(arguments: argparse.Namespace, error: BaseException) -> str | None:
+    """The message of an error the CLI reports in one `effattn CMD: error: ...` line: the project's own errors
+    (a bad input, a store problem: AttentionStoreError, ValueError, FileNotFoundError), a full disk or a store
+    this user may not write, an unreachable or forbidden store. None for an unexpected exception, whose traceback
+    is shown."""
+    from storage_schemas.attention_store import AttentionStoreError
+
+    if isinstance(error, (AttentionStoreError, ValueError, FileNotFoundError)):
+        return str(error)
+    if not isinstance(error, Exception):
+        return None
+    from storage_schemas.remote import storage_access_problem
+    from storage_schemas.storage_faults import explain_storage_error
+
+    url = getattr(arguments, "store", None) or getattr(arguments, "results", None) or "the store"
+    explained = explain_storage_error(error, str(url))  # a full disk, a store this user may not write
+    return str(explained) if explained is not None else storage_access_problem(str(url), error)
+
+
+class _HideTracebacksOfReportedErrors(logging.Filter):
+    """Drops Prefect's run-log records about an exception that the CLI reports in one line: the traceback of
+    "Encountered exception during execution" / "Task run failed", and the "Finished in state Failed(...)" lines
+    that repeat its message. Records about any other exception pass unchanged."""
+
+    def __init__(self, arguments: argparse.Namespace | None = None) -> None:
+        super().__init__()
+        self.arguments = arguments
+        self.reported: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None:
+            problem = one_line_problem(self.arguments, error)
+            if problem is None:
+                return True
+            self.reported.append(str(error))
+            return False
+        message = record.getMessage()
+        return not any(text and text[:80] in message for text in self.reported)
+
+
+_HIDE_REPORTED_ERRORS = _HideTracebacksOfReportedErrors()
+
+
+def hide_prefect_tracebacks_of_reported_errors(arguments: argparse.Namespace) -> None:
+    """Install the filter `_HideTracebacksOfReportedErrors` (one, however often main runs in a process) on the
+    loggers of Prefect's flow and task runs: records are filtered where they are made, so every handler sees the
+    same."""
+    _HIDE_REPORTED_ERRORS.arguments = arguments
+    _HIDE_REPORTED_ERRORS.reported.clear()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_HIDE_REPORTED_ERRORS)  # a filter already there is not added twice
+
+
+def refuse_bad_input(arguments: argparse.Namespace) -> int | None:
+    """Run the command's pre-flight checks (flows/preflight.py), before Prefect is imported: 2 after printing
+    the one-line refusal, None when the command may start."""
+    from flows.preflight import check_command
+
+    try:
+        check_command(arguments.command, vars(arguments))
+    except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
+        problem = one_line_problem(arguments, error)
+        if problem is None:
+            raise
+        print(f"effattn {arguments.command}: error: {problem}", file=sys.stderr)
+        return 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     # OpenMP threads that spin while waiting make torch crawl when another process holds a core; must be set
@@ -194,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from storage_schemas.attention_store import AttentionStoreError
+    refused = refuse_bad_input(arguments)  # before anything imports Prefect or starts its server
+    if refused is not None:
+        return refused
+    hide_prefect_tracebacks_of_reported_errors(arguments)
 
     try:
         if arguments.command == "extract":
@@ -338,17 +428,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_pipeline(_pipeline_parameters(arguments), cron=arguments.cron, interval=arguments.interval,
                            name=arguments.name)
-    except (AttentionStoreError, ValueError, FileNotFoundError) as error:
-        print(f"effattn {arguments.command}: error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # an unreachable or forbidden store (e.g. s3:// without endpoint or credentials)
-        from storage_schemas.remote import storage_access_problem
-
-        from storage_schemas.storage_faults import explain_storage_error
-
-        url = getattr(arguments, "store", None) or getattr(arguments, "results", None) or "the store"
-        explained = explain_storage_error(error, str(url))  # a full disk, a store this user may not write
-        problem = str(explained) if explained is not None else storage_access_problem(str(url), error)
+    except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
+        problem = one_line_problem(arguments, error)
         if problem is None:
             raise
         print(f"effattn {arguments.command}: error: {problem}", file=sys.stderr)

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
-from analysis.training import TrainingSettings
+from analysis.training import TrainingSettings, head_to_train
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store
 from storage_schemas.store_lock import hold_store_lock
 from tasks.extraction import capture_shard, prepare_store, write_captured_shard
@@ -48,9 +48,7 @@ def extract(
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     # One writer per store: a second run into it is refused, naming this one, until this one ends.
     with hold_store_lock(store, "extract"):
-        needs_head = (task == "classification" and len(loaded_corpus.class_names) >= 2
-                      and not has_trained_head(model))
-        if train and needs_head:
+        if head_to_train(loaded_corpus, task, train, has_trained_head(model)):
             settings = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
             model = train_head(model, corpus, text_column, label_column, settings.as_dict(), cache_root)
             split = split or "held_out"

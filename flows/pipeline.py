@@ -18,7 +18,7 @@ from analysis.corpora import load_corpus
 from analysis.efficient_attention import VARIANTS
 from analysis.models import has_trained_head
 from analysis.run_summary import summarize_variant, summary_table, text_table
-from analysis.training import TrainingSettings
+from analysis.training import TrainingSettings, head_to_train
 from flows.causal import causal, causal_settings
 from flows.efficient import efficient
 from flows.extract import extract
@@ -64,10 +64,10 @@ def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text
         return "training switched off (random head)"
     if task != "classification":
         return f"task {task} needs no classifier"
-    if len(load_corpus(corpus, text_column=text_column, label_column=label_column).class_names) < 2:
-        return "the corpus has fewer than two classes"
     if has_trained_head(model):
         return "the model has a trained head"
+    if not head_to_train(load_corpus(corpus, text_column=text_column, label_column=label_column), task, train, False):
+        return "the corpus is unlabelled"  # a single-class corpus is refused by head_to_train
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.preflight import check_writable_location
 from storage_schemas.remote import is_remote
 from tasks.report import draw_report, read_report_inputs
 
@@ -18,5 +19,6 @@ def report(results: str, out: str, store: str | None = None, examples: int = 3) 
     """
     if is_remote(out):
         raise ValueError(f"--out must be a local folder, got {out}: write the report locally, then copy it")
+    check_writable_location(out, "--out")  # not a file, nor under one; before the inputs are read
     inputs = read_report_inputs(results, store, examples)
     return draw_report(inputs, out)

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
-from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.attention_store import AttentionStoreError, open_attention_store, store_layout
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
     mark_efficient_shard_completed,
@@ -35,10 +35,23 @@ from storage_schemas.store_lock import hold_store_lock
 logger = logging.getLogger(__name__)
 
 
-def _read_piece_inputs(group, region: slice, layers: slice) -> tuple:
-    """attention [shard examples, layer, head, query, key], value, w_out, length of one shard's chosen layers."""
-    return group["attention"][region, layers], group["value"][region, layers], group["w_out"][layers], \
-        group["length"][region]
+def _read_piece_inputs(group, store: str, shard_index: int, region: slice, layers: slice) -> tuple:
+    """attention [shard examples, layer, head, query, key], value, w_out, length of one shard's chosen layers.
+    A chunk that fails its checksum is reported by array and shard, with the command that locates the damage."""
+    selections = {"attention": (region, layers), "value": (region, layers), "w_out": layers, "length": region}
+    read = []
+    for name, selection in selections.items():
+        try:
+            read.append(group[name][selection])
+        except ValueError as error:
+            if "checksum" not in str(error).lower():
+                raise
+            raise AttentionStoreError(
+                f"{store}: array {name}, shard {shard_index} (examples {region.start} to {region.stop - 1}) is "
+                f"damaged (a chunk fails its checksum): run `effattn verify {store}` to find every damaged shard, "
+                f"then `effattn verify --repair {store}` and the stage that wrote it again"
+            ) from None
+    return tuple(read)
 
 
 def keep_freed_memory_for_reuse() -> bool:
@@ -99,7 +112,8 @@ def compute_efficient_piece(
     if not 0 <= first < stop <= layout.layers:
         raise ValueError(f"layers ({first}, {stop}) must satisfy 0 <= start < stop <= {layout.layers}")
     attention, value, w_out, length = retry_transient_io(
-        _read_piece_inputs, group, region, slice(first, stop), delays=retry_delays, on_retry=_log_retry
+        _read_piece_inputs, group, store, shard_index, region, slice(first, stop), delays=retry_delays,
+        on_retry=_log_retry,
     )
     where = f"examples {region.start} to {region.stop - 1}"
     if (first, stop) != (0, layout.layers):
@@ -187,18 +201,23 @@ def dask_client(address: str | None, workers: int | None) -> Iterator:
     from distributed import Client, LocalCluster
 
     if address:
-        with Client(address) as client:
+        from flows.preflight import connect_dask_scheduler  # plain function: the CLI's pre-flight uses it too
+
+        with connect_dask_scheduler(address) as client:  # waits $EFFATTN_DASK_TIMEOUT s (10) for the scheduler
             yield client
         return
     n_workers = workers or os.cpu_count() or 1
     # The LocalCluster's scheduler and nannies live in this process and log every start and stop at INFO, which
-    # Prefect's handler would print among the stage's progress: only their warnings and errors are shown.
+    # Prefect's handler would print among the stage's progress: only their warnings and errors are shown. Workers
+    # log nothing below CRITICAL: a failed task's exception reaches this process, which reports it (in one line,
+    # or with its traceback when unexpected), so their "Compute Failed" traceback would only repeat it.
     distributed_logger = logging.getLogger("distributed")
     level = distributed_logger.level
     distributed_logger.setLevel(max(level, logging.WARNING))
     try:
         with LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.CRITICAL
         ) as cluster, Client(cluster) as client:
             yield client
     finally:

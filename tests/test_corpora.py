@@ -97,7 +97,7 @@ def test_bundled_corpus_is_immutable_and_cached():
 
 
 def test_bundled_corpus_rejects_column_arguments():
-    with pytest.raises(ValueError, match="text_column / label_column apply to user files only"):
+    with pytest.raises(ValueError, match="--text-column / --label-column apply to user files only"):
         load_corpus("rt-sentiment", text_column="text")
 
 
@@ -252,12 +252,53 @@ def test_error_missing_text_column_lists_columns(tmp_path):
         load_corpus(str(path))
 
 
+def test_error_missing_text_column_names_the_flag(tmp_path):
+    path = _write(tmp_path / "d.csv", [{"body": "hi", "label": "x"}])
+    with pytest.raises(ValueError) as raised:
+        load_corpus(str(path))
+    assert str(raised.value) == (
+        f"{path}: no text column 'text'; available columns: ['body', 'label']. Choose one with --text-column "
+        "COLUMN (text_column= in Python)."
+    )
+
+
 def test_error_missing_label_column_when_asked(tmp_path):
     path = _write(tmp_path / "d.jsonl", [{"text": "hi", "y": "x"}])
     with pytest.raises(ValueError, match=re.escape("no label column 'label'; available columns: ['text', 'y']")):
         load_corpus(str(path), label_column="label")
-    with pytest.raises(ValueError, match=re.escape("no label column 'topic'")):
+    with pytest.raises(ValueError) as raised:
         load_corpus(str(path), label_column="topic")
+    assert str(raised.value) == (
+        f"{path}: no label column 'topic'; available columns: ['text', 'y']. Choose one with --label-column "
+        "COLUMN, or pass --label-column none for an unlabelled corpus (label_column= in Python)."
+    )
+
+
+def test_label_column_none_reads_a_labelled_file_as_unlabelled(tmp_path):
+    path = _write(tmp_path / "d.csv", [{"text": "hi there", "label": "x"}, {"text": "bye now", "label": "y"}])
+    assert load_corpus(str(path)).class_names == ("x", "y")
+    unlabelled = load_corpus(str(path), label_column=corpora.NO_LABEL_COLUMN)
+    assert unlabelled.class_names == ()
+    assert unlabelled.labels.tolist() == [-1, -1]
+    assert "no label column" in unlabelled.source
+
+
+def test_error_tab_separated_csv_says_what_was_expected(tmp_path):
+    # texts with commas: pandas fails to parse; without: one column named 'text\tlabel'
+    with_commas = tmp_path / "commas.csv"
+    with_commas.write_text("text\tlabel\nhello\tgood\nfine, really\tbad\n", encoding="utf-8")
+    with pytest.raises(ValueError) as raised:
+        load_corpus(str(with_commas))
+    message = str(raised.value)
+    assert message.startswith(f"{with_commas}: cannot parse as CSV (Error tokenizing data.")
+    assert "a .csv corpus must be comma-separated with a header row" in message
+    assert "The header 'text\\tlabel' is tab-separated: save the file comma-separated" in message
+    without_commas = tmp_path / "plain.csv"
+    without_commas.write_text("text\tlabel\nhello\tgood\nfine\tbad\n", encoding="utf-8")
+    with pytest.raises(ValueError) as raised:
+        load_corpus(str(without_commas))
+    assert "no text column 'text'; available columns: ['text\\tlabel']" in str(raised.value)
+    assert "The header 'text\\tlabel' is tab-separated" in str(raised.value)
 
 
 @pytest.mark.parametrize("ext", [".csv", ".jsonl"])

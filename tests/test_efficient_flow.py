@@ -264,3 +264,38 @@ def test_a_shard_is_written_only_from_pieces_covering_every_layer(bert_store, tm
     assert efficient_completed_shards(group, "effective") == []
     rest = compute_efficient_piece(url, 0, (1, layers), ["effective"], SETTINGS)
     assert write_efficient_pieces(url, 0, [first, rest]) == (0, ["effective"])
+
+
+def test_a_damaged_shard_is_named_with_what_to_do(tmp_path, tiny_bert_folder):
+    from storage_schemas.storage_faults import shard_file_paths
+    from tests.store_builders import build_real_store, write_corpus
+
+    url = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),
+                           variants=())
+    group = open_attention_store(url, mode="r+")
+    prepare_efficient_arrays(group, url, "effective", SETTINGS)
+    (path,) = shard_file_paths(group, ["value"], 1)
+    with open(path, "r+b") as handle:  # 4 flipped bytes inside a chunk: its checksum no longer matches
+        handle.seek(path.stat().st_size // 3)
+        data = handle.read(4)
+        handle.seek(path.stat().st_size // 3)
+        handle.write(bytes(byte ^ 0xFF for byte in data))
+    assert compute_efficient_shard(url, 0, ["effective"], SETTINGS) == (0, ["effective"])  # other shards are sound
+    with pytest.raises(AttentionStoreError) as raised:
+        compute_efficient_shard(url, 1, ["effective"], SETTINGS, retry_delays=())
+    assert str(raised.value) == (
+        f"{url}: array value, shard 1 (examples 4 to 7) is damaged (a chunk fails its checksum): run `effattn verify "
+        f"{url}` to find every damaged shard, then `effattn verify --repair {url}` and the stage that wrote it again"
+    )
+
+
+def test_no_scheduler_at_the_dask_address_is_said_within_the_timeout(monkeypatch):
+    from flows.preflight import DaskSchedulerUnreachableError
+    from tasks.efficient import dask_client
+    from tests.test_preflight import free_loopback_address
+
+    monkeypatch.setenv("EFFATTN_DASK_TIMEOUT", "1")
+    address = free_loopback_address()
+    with pytest.raises(DaskSchedulerUnreachableError, match=rf"^no Dask scheduler answers at {address} \(waited 1 s; "):
+        with dask_client(address, None):
+            pass

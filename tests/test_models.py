@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from analysis.models import (
+    check_model,
     load_model,
     model_family,
     output_projection_slices,
@@ -52,6 +53,22 @@ def test_next_token_needs_a_decoder(tiny_bert_folder, tiny_llama_folder):
         load_model(str(tiny_bert_folder), num_labels=2, task="summarise")
     language_model = load_model(str(tiny_llama_folder), num_labels=2, task="next-token")
     assert type(language_model.model).__name__ == "LlamaForCausalLM" and language_model.task == "next-token"
+
+
+def test_check_model_refuses_without_loading_weights(tmp_path, tiny_bert_folder, tiny_llama_folder):
+    assert check_model("minilm") == "bert" and check_model("smollm2", "next-token") == "llama"
+    assert check_model(str(tiny_bert_folder)) == "bert" and check_model(str(tiny_llama_folder), "next-token") == "llama"
+    with pytest.raises(ValueError, match=r"unknown model 'nope': use one of \['minilm', 'smollm2'\]"):
+        check_model("nope")
+    with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
+        check_model(str(tmp_path))
+    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(Llama family\\) model, but minilm"):
+        check_model("minilm", "next-token")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        check_model(str(gpt2))
 
 
 def test_trained_head_with_other_class_count_is_refused(tiny_bert_folder):

@@ -175,6 +175,11 @@ def test_missing_results_and_wrong_store_are_clear_errors(causal_run, tmp_path, 
         load_report_inputs(str(moved), store=causal_run["store"])
     with pytest.raises(ValueError, match="--out must be a local folder, got s3://bucket/report"):
         report(results=causal_run["results"], out="s3://bucket/report")
+    a_file = tmp_path / "rep.html"
+    a_file.write_text("<html>")
+    with pytest.raises(ValueError, match=f"^--out {a_file} is a file, not a folder: --out names a folder"):
+        report(results=causal_run["results"], out=str(a_file))
+    assert a_file.read_text() == "<html>"
 
 
 # --- pure functions ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from analysis.training import (
     TrainingSettings,
     cached_model_card,
     check_trainable,
+    head_to_train,
     default_cache_root,
     head_cache_key,
     train_classifier,
@@ -137,6 +138,28 @@ def test_unlabelled_or_single_class_corpus_is_an_error(tmp_path):
     single.write_text("text,label\none text,a\nanother text,a\n", encoding="utf-8")
     with pytest.raises(ValueError, match="it has a single class 'a'"):
         check_trainable(load_corpus(str(single)))
+
+
+def test_head_to_train_refuses_a_single_class_corpus(tmp_path):
+    single = tmp_path / "single.csv"
+    single.write_text("text,label\none text,a\nanother text,a\n", encoding="utf-8")
+    with pytest.raises(ValueError) as raised:
+        head_to_train(load_corpus(str(single)), "classification", train=True, model_has_trained_head=False)
+    assert str(raised.value) == (
+        f"cannot train a classifier on corpus {str(single)!r}: it has a single class 'a'; a classifier needs at least "
+        "two. Add examples of another class, pass --label-column none to use the corpus unlabelled, or --no-train "
+        "to keep a random head (smoke tests only)"
+    )
+    # no training asked for, or none needed: no refusal
+    assert not head_to_train(load_corpus(str(single)), "classification", train=False, model_has_trained_head=False)
+    assert not head_to_train(load_corpus(str(single)), "classification", train=True, model_has_trained_head=True)
+    assert not head_to_train(load_corpus(str(single)), "next-token", train=True, model_has_trained_head=False)
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("text\none text\nanother text\n", encoding="utf-8")
+    assert not head_to_train(load_corpus(str(unlabelled)), "classification", train=True, model_has_trained_head=False)
+    two = tmp_path / "two.csv"
+    two.write_text("text,label\none text,a\nanother text,b\n", encoding="utf-8")
+    assert head_to_train(load_corpus(str(two)), "classification", train=True, model_has_trained_head=False)
 
 
 # --------------------------------------------------------------------------------------

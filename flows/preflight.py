@@ -1,0 +1,183 @@
+"""Checks of a command's inputs that the CLI runs before any Prefect flow is imported or started.
+
+A bad input is refused here in one line within seconds, and nothing is written: the Prefect server (5-45 s to
+start) never starts for it. Each check raises ValueError (or AttentionStoreError, a ValueError) whose message says
+what is wrong and what to do, and names the command-line flag. The flows check the same things again as they run
+(a flow called from Python gets the same refusals); this module only moves the refusal before Prefect.
+
+Plain functions: no Prefect import here. The cheap checks come first (paths, the corpus), the ones that import
+torch or reach a cluster last.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from storage_schemas.remote import is_remote
+
+# How long to wait for a Dask scheduler to answer (seconds); distributed's own default is 30 s per attempt.
+DASK_TIMEOUT_ENV_VAR = "EFFATTN_DASK_TIMEOUT"
+DEFAULT_DASK_TIMEOUT_SECONDS = 10.0
+
+
+class DaskSchedulerUnreachableError(ValueError):
+    """No Dask scheduler answered at the address given (`--dask-address`) within the timeout."""
+
+
+def check_writable_location(url: str, flag: str) -> None:
+    """Refuse a local path where nothing can be created: the path itself or a parent folder is a regular file, or
+    the nearest existing folder does not accept new files (tried by creating and removing an empty folder there:
+    `/proc`, a read-only disk, missing permissions). Remote URLs (s3://...) are not checked here."""
+    if is_remote(url):
+        return
+    path = Path(fsspec.core.url_to_fs(url)[1])
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"{flag} {url} is a file, not a folder: {flag} names a folder (created if needed); choose another path "
+            "or move that file away. Nothing was written"
+        )
+    folder = path.parent  # the store's lock file is written beside it, so its parent folder must be writable
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(
+            f"cannot create {flag} {url}: {folder} is a file, not a folder: choose a {flag} whose parent folders "
+            "are folders. Nothing was written"
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".effattn-write-check-", dir=folder))
+    except OSError as error:
+        raise ValueError(
+            f"cannot create {flag} {url}: the folder {folder} does not accept new files ({error.strerror or error}): "
+            f"choose a {flag} in a folder this user may write to, or fix that folder's permissions. Nothing was "
+            "written"
+        ) from None
+
+
+def check_device(device: str) -> None:
+    """Refuse `--device cuda` where torch cannot use a CUDA device (before a model loads or anything is written)."""
+    if device != "cuda":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = (f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda is None
+           else "no CUDA device is visible to torch")
+    raise ValueError(f"--device cuda: {why}: run with --device cpu, or on a machine with a GPU and a CUDA build of "
+                     "torch. Nothing was written")
+
+
+def dask_timeout_seconds() -> float:
+    """Seconds to wait for a Dask scheduler: $EFFATTN_DASK_TIMEOUT, default 10."""
+    text = os.environ.get(DASK_TIMEOUT_ENV_VAR)
+    if text is None:
+        return DEFAULT_DASK_TIMEOUT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{DASK_TIMEOUT_ENV_VAR}={text!r}: give the seconds to wait for a Dask scheduler, e.g. "
+                         f"{DASK_TIMEOUT_ENV_VAR}=30")
+    return seconds
+
+
+def connect_dask_scheduler(address: str, timeout: float | None = None):
+    """A distributed Client connected to the scheduler at `address`, waiting at most `timeout` seconds (default
+    `dask_timeout_seconds()`); DaskSchedulerUnreachableError when none answers. The caller closes the client."""
+    from distributed import Client
+
+    timeout = dask_timeout_seconds() if timeout is None else timeout
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as error:
+        raise DaskSchedulerUnreachableError(
+            f"no Dask scheduler answers at {address} (waited {timeout:g} s; {type(error).__name__}: {error}): start "
+            f"one there (`dask scheduler`, then `dask worker {address}`), correct --dask-address, or leave it out to "
+            f"run on a local cluster; set {DASK_TIMEOUT_ENV_VAR}=SECONDS to wait longer"
+        ) from None
+
+
+def check_dask_scheduler(address: str | None) -> None:
+    """Refuse a `--dask-address` where no scheduler answers (connects, then disconnects)."""
+    if address:
+        connect_dask_scheduler(address).close()
+
+
+def check_attention_store(url: str) -> None:
+    """Refuse a store that is absent or not a valid attention store (the message says how to make one)."""
+    from storage_schemas.attention_store import open_attention_store
+
+    open_attention_store(url, mode="r")
+
+
+def check_causal_results(url: str) -> None:
+    """Refuse causal results that are absent or invalid."""
+    from storage_schemas.causal_results import open_causal_results
+
+    open_causal_results(url, mode="r")
+
+
+def check_corpus_and_model(corpus: str, model: str, text_column: str | None, label_column: str | None,
+                           task: str = "classification", train: bool = True) -> None:
+    """The corpus parses, the model resolves and is supported for `task`, and a head can be trained where one
+    would be (a single-class corpus is refused instead of silently keeping a random head)."""
+    from analysis.corpora import load_corpus
+
+    loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
+    from analysis.models import check_model, has_trained_head
+    from analysis.training import head_to_train
+
+    check_model(model, task)
+    head_to_train(loaded_corpus, task, train, has_trained_head(model))
+
+
+def check_command(command: str, options: Mapping[str, Any]) -> None:
+    """Run the checks of `effattn <command>` on its parsed options (the names of argparse's destinations).
+    Commands that start no Prefect flow (inspect, verify, unlock) need none; studies checks its own datasets."""
+    get = options.get
+    if command == "extract":
+        check_writable_location(options["store"], "--store")
+        check_corpus_and_model(options["corpus"], options["model"], get("text_column"), get("label_column"),
+                               get("task", "classification"), get("train", True))
+        check_device(get("device", "cpu"))
+    elif command == "train":
+        from analysis.corpora import load_corpus
+        from analysis.models import check_model
+        from analysis.training import check_trainable
+
+        check_trainable(load_corpus(options["corpus"], text_column=get("text_column"),
+                                    label_column=get("label_column")))
+        check_model(options["model"])
+    elif command == "efficient":
+        check_attention_store(options["store"])
+        check_dask_scheduler(get("dask_address"))
+    elif command == "causal":
+        check_writable_location(options["results"], "--results")
+        check_attention_store(options["store"])
+        if get("model"):
+            from analysis.models import check_model
+
+            check_model(options["model"])
+        check_device(get("device", "cpu"))
+    elif command == "report":
+        check_writable_location(options["out"], "--out")
+        check_causal_results(options["results"])
+        if get("store"):
+            check_attention_store(options["store"])
+    elif command in ("run", "serve"):
+        for flag, name in (("--run-dir", "run_dir"), ("--store", "store"), ("--results", "results"),
+                           ("--report-dir", "report_dir")):
+            if get(name):
+                check_writable_location(options[name], flag)
+        check_corpus_and_model(options["corpus"], options["model"], get("text_column"), get("label_column"),
+                               get("task", "classification"), get("train", True))
+        check_device(get("device", "cpu"))
+        check_dask_scheduler(get("dask_address"))

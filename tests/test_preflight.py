@@ -1,0 +1,147 @@
+"""flows/preflight.py: the checks the CLI runs before Prefect starts. Each refusal is pinned, and nothing is written."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from flows import preflight
+from flows.preflight import (
+    DaskSchedulerUnreachableError,
+    check_command,
+    check_device,
+    check_writable_location,
+    connect_dask_scheduler,
+    dask_timeout_seconds,
+)
+
+
+def free_loopback_address() -> str:
+    """tcp://127.0.0.1:PORT where nothing listens (a port just handed out by the kernel and closed again)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+def test_a_location_under_a_regular_file_is_refused(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ValueError) as raised:
+        check_writable_location(str(afile / "s.zarr"), "--store")
+    assert str(raised.value) == (
+        f"cannot create --store {afile / 's.zarr'}: {afile} is a file, not a folder: choose a --store whose parent "
+        "folders are folders. Nothing was written"
+    )
+    with pytest.raises(ValueError, match=f"cannot create --store .*: {afile} is a file"):
+        check_writable_location(str(afile / "deeper" / "s.zarr"), "--store")
+    assert afile.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_a_location_that_is_a_file_is_refused(tmp_path):
+    report = tmp_path / "rep.html"
+    report.write_text("<html>")
+    with pytest.raises(ValueError) as raised:
+        check_writable_location(str(report), "--out")
+    assert str(raised.value) == (
+        f"--out {report} is a file, not a folder: --out names a folder (created if needed); choose another path or "
+        "move that file away. Nothing was written"
+    )
+    assert report.read_text() == "<html>"
+
+
+def test_a_folder_that_accepts_no_files_is_refused():
+    # /proc refuses new entries even to root (a chmod-ed folder would not stop root)
+    with pytest.raises(ValueError) as raised:
+        check_writable_location("/proc/s.zarr", "--store")
+    assert str(raised.value) == (
+        "cannot create --store /proc/s.zarr: the folder /proc does not accept new files (No such file or directory): "
+        "choose a --store in a folder this user may write to, or fix that folder's permissions. Nothing was written"
+    )
+
+
+def test_usable_locations_pass_and_leave_nothing_behind(tmp_path):
+    check_writable_location(str(tmp_path / "new" / "deeper" / "s.zarr"), "--store")  # created later by the stage
+    (tmp_path / "existing.zarr").mkdir()
+    check_writable_location(str(tmp_path / "existing.zarr"), "--store")
+    check_writable_location(f"file://{tmp_path}/other.zarr", "--store")
+    check_writable_location("s3://bucket/s.zarr", "--store")  # remote: reached by the stage, not here
+    assert os.listdir(tmp_path) == ["existing.zarr"] and os.listdir(tmp_path / "existing.zarr") == []
+
+
+def test_cuda_without_cuda_is_refused(monkeypatch):
+    import torch
+
+    check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ValueError) as raised:
+        check_device("cuda")
+    assert str(raised.value) == (
+        f"--device cuda: this torch ({torch.__version__}) was built without CUDA: run with --device cpu, or on a "
+        "machine with a GPU and a CUDA build of torch. Nothing was written"
+    )
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(ValueError, match="^--device cuda: no CUDA device is visible to torch: run with --device cpu"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_device("cuda")
+
+
+def test_dask_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(preflight.DASK_TIMEOUT_ENV_VAR, raising=False)
+    assert dask_timeout_seconds() == 10.0
+    monkeypatch.setenv(preflight.DASK_TIMEOUT_ENV_VAR, "2.5")
+    assert dask_timeout_seconds() == 2.5
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv(preflight.DASK_TIMEOUT_ENV_VAR, bad)
+        with pytest.raises(ValueError) as raised:
+            dask_timeout_seconds()
+        assert str(raised.value) == (
+            f"EFFATTN_DASK_TIMEOUT={bad!r}: give the seconds to wait for a Dask scheduler, e.g. EFFATTN_DASK_TIMEOUT=30"
+        )
+
+
+def test_no_scheduler_at_the_address_is_refused_within_the_timeout(monkeypatch):
+    address = free_loopback_address()
+    monkeypatch.setenv(preflight.DASK_TIMEOUT_ENV_VAR, "1")
+    with pytest.raises(DaskSchedulerUnreachableError) as raised:
+        connect_dask_scheduler(address)
+    message = str(raised.value)  # "after 1 s": the timeout reached distributed (its default is 30 s)
+    assert message.startswith(f"no Dask scheduler answers at {address} (waited 1 s; OSError: Timed out trying to "
+                              f"connect to {address} after 1 s): start one there")
+    assert message.endswith(
+        f"correct --dask-address, or leave it out to run on a local cluster; set EFFATTN_DASK_TIMEOUT=SECONDS to wait "
+        "longer"
+    )
+
+
+def test_a_live_scheduler_passes():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        preflight.check_dask_scheduler(cluster.scheduler_address)
+
+
+def test_extract_checks_the_store_location_before_the_corpus(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    options = {"store": str(afile / "s.zarr"), "corpus": str(tmp_path / "missing.csv"), "model": "minilm"}
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_command("extract", options)
+    options["store"] = str(tmp_path / "s.zarr")
+    with pytest.raises(FileNotFoundError, match="corpus file not found"):
+        check_command("extract", options)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_commands_on_a_missing_store_are_refused(tmp_path):
+    store = str(tmp_path / "nothing.zarr")
+    for command, options in (("efficient", {"store": store}),
+                             ("causal", {"store": store, "results": str(tmp_path / "r.zarr")}),
+                             ("report", {"results": str(tmp_path / "r.zarr"), "out": str(tmp_path / "rep")})):
+        with pytest.raises(ValueError, match="there (is no attention store|are no causal results) at"):
+            check_command(command, options)
+    assert os.listdir(tmp_path) == []
