@@ -201,7 +201,7 @@ def dask_client(address: str | None, workers: int | None) -> Iterator:
     from distributed import Client, LocalCluster
 
     if address:
-        from flows.preflight import connect_dask_scheduler  # plain function: the CLI's pre-flight uses it too
+        from tasks.dask_cluster import connect_dask_scheduler
 
         with connect_dask_scheduler(address) as client:  # waits $EFFATTN_DASK_TIMEOUT s (10) for the scheduler
             yield client

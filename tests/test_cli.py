@@ -17,6 +17,7 @@ import zarr
 from flows import preflight
 from flows.cli import _HideTracebacksOfReportedErrors, build_parser, main
 from storage_schemas.storage_faults import shard_file_paths
+from tasks import dask_cluster
 from tests.conftest import write_reviews_csv
 from tests.store_builders import build_real_store
 from tests.test_preflight import free_loopback_address
@@ -127,7 +128,7 @@ def test_causal_on_cuda_without_cuda_leaves_no_results_folder(store_copy, tmp_pa
 
 
 def test_no_dask_scheduler_at_the_address_is_refused(store_copy, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(preflight.DASK_TIMEOUT_ENV_VAR, "1")
+    monkeypatch.setenv(dask_cluster.DASK_TIMEOUT_ENV_VAR, "1")
     address = free_loopback_address()
     before = listing(tmp_path)
     code = main(["efficient", "--store", store_copy, "--dask-address", address])
