@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
+from analysis.variants import ITERATIVE, variant_record
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
@@ -153,11 +154,11 @@ def write_efficient_pieces(
 
 def shard_pieces(variants: Sequence[str], layers: int) -> list[tuple[int, int] | None]:
     """How a shard is cut for computing: whole ([None]) for the closed-form variants, whose cost per shard is about
-    the same (reading and writing dominate); one piece per layer with `simplex`, whose solver's cost grows steeply
-    with the length and gathers in the last shards of a length-sorted store, so that those shards spread over the
-    workers. The simplex solver batches matrices and its diagnostics can differ in the last bit with the batching:
-    every path cuts a shard the same way."""
-    if "simplex" not in variants:
+    the same (reading and writing dominate); one piece per layer with an iterative variant (simplex; the cost class
+    of analysis/variants.py), whose solver's cost grows steeply with the length and gathers in the last shards of a
+    length-sorted store, so that those shards spread over the workers. The simplex solver batches matrices and its
+    diagnostics can differ in the last bit with the batching: every path cuts a shard the same way."""
+    if all(variant_record(name).cost != ITERATIVE for name in variants):
         return [None]
     return [(layer, layer + 1) for layer in range(layers)]
 
