@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from storage_schemas.attention_store import AttentionStoreError
+    from storage_schemas.attention_store import AttentionStoreError, use_chunk_codec_batches
+
+    use_chunk_codec_batches()  # also for the commands that run no flow (inspect, verify)
 
     try:
         if arguments.command == "extract":

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from prefect import flow
 
 from analysis.efficient_attention import VARIANTS
+from storage_schemas.attention_store import use_chunk_codec_batches
 from tasks.efficient import run_efficient_shards
 
 
@@ -24,6 +25,7 @@ def efficient(
     (`dask_address`, or a LocalCluster of `workers` processes); `variants` None: every registered variant
     (analysis/variants.py). Resumable: finished shards are skipped."""
     variants = list(VARIANTS) if variants is None else variants
+    use_chunk_codec_batches()
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variants {unknown or list(variants)}: choose from {list(VARIANTS)}")

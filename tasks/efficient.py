@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
 from analysis.variants import ITERATIVE, variant_record
-from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.attention_store import open_attention_store, store_layout, use_chunk_codec_batches
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
     mark_efficient_shard_completed,
@@ -93,6 +93,7 @@ def compute_efficient_piece(
 
     torch.set_num_threads(torch_threads)
     keep_freed_memory_for_reuse()
+    use_chunk_codec_batches()  # a worker process is an entry point of its own
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
@@ -132,6 +133,7 @@ def write_efficient_pieces(
     """Join the pieces of one shard (in layer order, together covering every layer) and write whole shards of
     each variant; returns (shard_index, variants written). Runs on a worker. Writes are retried on transient I/O
     errors only; a full disk or a store this process may not write fails at once."""
+    use_chunk_codec_batches()
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
     covered = sum(next(iter(piece.values())).efficient.shape[1] for piece in pieces)  # layers of every piece
