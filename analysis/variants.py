@@ -7,10 +7,10 @@ verify` (storage_schemas/verification.py: the guaranteed invariants), the report
 This module imports no torch (storage_schemas reads it): the built-in compute functions import
 analysis.efficient_attention when they are first called.
 
-Adding a variant: one `Variant` record below (or `register_variant(Variant(...))` at run time, e.g. in a notebook), plus
-its tests. A variant registered at run time exists in this process only: Dask workers in other processes must
-register it too (import the module that does, e.g. with a worker plugin), else the efficient stage's workers
-refuse it as unknown.
+Adding a variant: one `Variant` record in REGISTRY below, plus its tests (or `register_variant(Variant(...))` at
+run time, e.g. in a notebook). A variant registered at run time exists in this process only: Dask workers in other
+processes must register it too (import the module that does, e.g. with a worker plugin), else the efficient
+stage's workers refuse it as unknown.
 """
 
 from __future__ import annotations
