@@ -7,7 +7,8 @@ For one example, layer and head, on the real L×L block only (padding excluded):
     W  (d×D)   W_O^h, this head's slice of the output projection
     T = V W    (L×D), what the head adds to the residual stream is A·T
 
-Variants (DESIGN.md, "Efficient attention"):
+Variants (DESIGN.md, "Efficient attention"; each declared once, as a record in analysis/variants.py that names its
+compute function here, `orthogonal_projection` or `simplex_projection`):
 
     effective   A · P_T             P_T the orthogonal projector on col(T)      keeps A·T
     stochastic  A · P_[T|1]         a column of ones appended                   keeps A·T, rows sum like A's rows

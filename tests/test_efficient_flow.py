@@ -264,3 +264,18 @@ def test_a_shard_is_written_only_from_pieces_covering_every_layer(bert_store, tm
     assert efficient_completed_shards(group, "effective") == []
     rest = compute_efficient_piece(url, 0, (1, layers), ["effective"], SETTINGS)
     assert write_efficient_pieces(url, 0, [first, rest]) == (0, ["effective"])
+
+
+def test_shards_are_cut_by_the_cost_class_of_their_variants():
+    """Closed-form variants: whole shards; any iterative one (simplex, or one registered with that cost class):
+    one piece per layer."""
+    import dataclasses
+
+    from analysis.variants import ITERATIVE, registered_variant, variant_record
+    from tasks.efficient import shard_pieces
+
+    assert shard_pieces(["effective", "stochastic"], 3) == [None]
+    assert shard_pieces(["effective", "simplex"], 3) == [(0, 1), (1, 2), (2, 3)]
+    slow = dataclasses.replace(variant_record("stochastic"), name="iterative-stochastic", cost=ITERATIVE)
+    with registered_variant(slow):
+        assert shard_pieces(["effective", "iterative-stochastic"], 2) == [(0, 1), (1, 2)]
