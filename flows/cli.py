@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from analysis.variants import VARIANTS
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -44,7 +46,7 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--shard-size", type=_positive_int, default=None)
-    parser.add_argument("--variants", default="effective,stochastic,simplex")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {','.join(VARIANTS)}")
     parser.add_argument("--dask-address", default=None)
     parser.add_argument("--workers", type=_positive_int, default=None)
     parser.add_argument("--simplex-max-iterations", type=_positive_int, default=200)
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     efficient = commands.add_parser("efficient", help="compute efficient attention from a store (Dask)")
     efficient.add_argument("--store", required=True, help="path or fsspec URL of an attention store")
     efficient.add_argument(
-        "--variants", default="effective,stochastic,simplex", help="comma-separated: effective,stochastic,simplex"
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated: {','.join(VARIANTS)}"
     )
     efficient.add_argument("--dask-address", default=None, help="scheduler of an existing cluster, tcp://HOST:PORT")
     efficient.add_argument("--workers", type=_positive_int, default=None, help="LocalCluster processes (default: cores)")
@@ -285,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     hide_prefect_tracebacks_of_reported_errors(arguments)
+    from storage_schemas.attention_store import use_chunk_codec_batches
+
+    use_chunk_codec_batches()  # also for the commands that run no flow (inspect, verify)
 
     try:
         if arguments.command == "extract":

@@ -8,20 +8,24 @@ from collections.abc import Sequence
 from prefect import flow
 
 from analysis.efficient_attention import VARIANTS
+from storage_schemas.attention_store import use_chunk_codec_batches
 from tasks.efficient import run_efficient_shards
 
 
 @flow(name="effattn-efficient")
 def efficient(
     store: str,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] | None = None,
     dask_address: str | None = None,
     workers: int | None = None,
     simplex_max_iterations: int = 200,
     simplex_tolerance: float = 1e-10,
 ) -> str:
     """Compute the efficient-attention `variants` of every shard of the store at `store` on a Dask cluster
-    (`dask_address`, or a LocalCluster of `workers` processes). Resumable: finished shards are skipped."""
+    (`dask_address`, or a LocalCluster of `workers` processes); `variants` None: every registered variant
+    (analysis/variants.py). Resumable: finished shards are skipped."""
+    variants = list(VARIANTS) if variants is None else variants
+    use_chunk_codec_batches()
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variants {unknown or list(variants)}: choose from {list(VARIANTS)}")

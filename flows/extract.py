@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
 from analysis.training import TrainingSettings, head_to_train
-from storage_schemas.attention_store import mark_shard_completed, open_attention_store
+from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_chunk_codec_batches
 from storage_schemas.store_lock import hold_store_lock
 from tasks.extraction import capture_shard, prepare_store, write_captured_shard
 from tasks.training import train_head
@@ -45,6 +45,7 @@ def extract(
     its default is "held_out" when this run trained the head and "all" otherwise. A rerun of the same call
     resumes: completed shards are skipped. Returns the store's URL.
     """
+    use_chunk_codec_batches()
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     # One writer per store: a second run into it is refused, naming this one, until this one ends.
     with hold_store_lock(store, "extract"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.preflight import check_writable_location
+from storage_schemas.attention_store import use_chunk_codec_batches
 from storage_schemas.remote import is_remote
 from tasks.report import draw_report, read_report_inputs
 
@@ -17,6 +18,7 @@ def report(results: str, out: str, store: str | None = None, examples: int = 3) 
     `out`: a local folder (created if needed); `examples`: how many examples are drawn as attention heatmaps.
     Returns the path of index.html.
     """
+    use_chunk_codec_batches()
     if is_remote(out):
         raise ValueError(f"--out must be a local folder, got {out}: write the report locally, then copy it")
     check_writable_location(out, "--out")  # not a file, nor under one; before the inputs are read
