@@ -22,9 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
-from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.attention_store import open_attention_store, require_extracted, store_layout
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
+    forget_stale_efficient_shards,
     mark_efficient_shard_completed,
     prepare_efficient_arrays,
     write_efficient_shard,
@@ -218,10 +219,16 @@ def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:
 
 
 def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dict[int, list[str]]:
-    """Create (or check) the arrays of every variant; returns the pending work, shard -> variants."""
+    """Refuse a store whose extraction is not complete; create (or check) the arrays of every variant and forget
+    shards computed from extraction shards written again since; returns the pending work, shard -> variants."""
     group = open_attention_store(store, mode="r+")
+    require_extracted(group, store, "efficient")
     for variant in variants:
         prepare_efficient_arrays(group, store, variant, settings)
+        stale = forget_stale_efficient_shards(group, variant)
+        if stale:
+            logger.warning("%s: efficient/%s shards %s were computed from extraction shards written again since: "
+                           "computing them again", store, variant, stale)
     return pending_work(group, variants)
 
 

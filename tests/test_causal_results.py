@@ -44,7 +44,7 @@ def test_results_open_with_plain_xarray_with_labelled_coordinates(tmp_path):
     group = make_results(url)
     shard = {"agreement": np.ones((2, 2, 2)), "flipped": np.zeros((2, 2, 2))}
     write_causal_shard(group, 1, shard, np.full((2, 2), 0.5), np.array([1.0, np.nan]))
-    mark_causal_shard_completed(group, 1)
+    mark_causal_shard_completed(group, 1, {"extraction": "token-of-shard-1"})
     dataset = xr.open_zarr(url, consolidated=False)
     assert dataset["agreement"].dims == ("intervention", "target", "example")
     assert dataset["intervention"].values.tolist() == ["replay", "minimality:effective:k=2"]
@@ -53,7 +53,8 @@ def test_results_open_with_plain_xarray_with_labelled_coordinates(tmp_path):
     agreement = dataset["agreement"].sel(intervention="replay", target="all").values
     assert agreement[2:4].tolist() == [1.0, 1.0] and np.isnan(agreement[[0, 1, 4]]).all()  # NaN: not measured
     assert dataset["source_index"].values.tolist() == [4, 0, 2, 1, 3]
-    assert dataset.attrs["model"] == {"name": "tiny"} and causal_completed_shards(group) == [1]
+    assert dataset.attrs["model"] == {"name": "tiny"} and dataset.attrs["completed_shards"] == [1]
+    assert dataset.attrs["shard_inputs"] == {"1": {"extraction": "token-of-shard-1"}}
 
 
 def test_every_array_is_portable_zarr_v3(tmp_path):
