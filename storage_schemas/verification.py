@@ -49,6 +49,7 @@ from storage_schemas.efficient_store import (
     efficient_completed_shards,
     unmark_efficient_shards,
 )
+from storage_schemas.store_lock import hold_store_lock
 
 # Arrays the extraction writes shard by shard (their shard's completion is `completed_shards`).
 SHARD_ARRAYS = ("attention", "value", "logits", "logit_ids", "logsumexp")
@@ -370,6 +371,12 @@ def unmark_damaged_shards(url: str, report: VerificationReport, storage_options:
     and the rewritten one gets a new one: causal results measured on it become stale, and `effattn causal` measures
     those shards again. Returns {"extract": [...],
     "<variant>": [...]} of the shards unmarked. Arrays that no stage rewrites shard by shard are left alone."""
+    # the completion records are the stages' too: not while one of them runs
+    with hold_store_lock(url, "verify --repair", storage_options):
+        return _unmark_damaged_shards(url, report, storage_options)
+
+
+def _unmark_damaged_shards(url: str, report: VerificationReport, storage_options: dict | None) -> dict:
     group = zarr.open_group(url, mode="r+", storage_options=storage_options)
     variants = [variant for variant in VARIANT_DESCRIPTIONS if efficient_array_path(variant) in group]
     undone: dict[str, set[int]] = {}

@@ -265,3 +265,15 @@ def test_repair_then_rerun_recomputes_every_efficient_and_causal_shard_computed_
         assert (after[name][:, :, 4:8] == 7.0).all()  # shard 1: kept
     assert causal_completed_shards(open_causal_results(results), open_attention_store(store)) == [0, 1, 2]
     assert after["agreement"][0, 0, :4].tolist() == [1.0] * 4  # replay of the rewritten shard holds
+
+
+def test_repair_waits_for_no_stage_it_is_refused_while_one_holds_the_store(store, capsys):
+    from storage_schemas.store_lock import hold_store_lock
+
+    group = zarr.open_group(store, mode="r")
+    (attention_file,) = shard_file_paths(group, ["attention"], 1)
+    flip_bytes(attention_file, attention_file.stat().st_size // 2)
+    with hold_store_lock(store, "efficient"):
+        assert main(["verify", "--repair", store]) == 2
+    assert f"effattn verify: error: {store} is locked by effattn efficient" in capsys.readouterr().err
+    assert completed_shards(open_attention_store(store)) == [0, 1, 2]  # nothing unmarked under a running stage
