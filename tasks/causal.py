@@ -120,8 +120,8 @@ def prepare_results(store: str, results: str, settings: dict[str, Any]) -> list[
         check_same_settings(results_group, results, settings)
         stale = forget_stale_causal_shards(results_group, group)
         if stale:
-            logger.warning("%s: causal shards %s were measured on store shards written again since: measuring them "
-                           "again", results, stale)
+            logger.warning("%s: causal shards %s were measured on store shards that were unfinished then or "
+                           "written again since: measuring them again", results, stale)
     done = set(causal_completed_shards(results_group, group))
     return [shard for shard in range(layout.n_shards) if shard not in done]
 

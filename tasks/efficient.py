@@ -227,8 +227,8 @@ def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dic
         prepare_efficient_arrays(group, store, variant, settings)
         stale = forget_stale_efficient_shards(group, variant)
         if stale:
-            logger.warning("%s: efficient/%s shards %s were computed from extraction shards written again since: "
-                           "computing them again", store, variant, stale)
+            logger.warning("%s: efficient/%s shards %s were computed from extraction shards that were unfinished "
+                           "then or written again since: computing them again", store, variant, stale)
     return pending_work(group, variants)
 
 
