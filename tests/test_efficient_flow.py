@@ -3,6 +3,7 @@ results satisfy the invariants when T is recomputed from the stored values and o
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -295,7 +296,7 @@ def _expected(url: str, variant: str) -> np.ndarray:
 
 
 def test_an_unfinished_extraction_is_refused_and_a_legacy_store_recomputes_what_was_computed_on_zeros(
-        tmp_path, tiny_bert_folder):
+        tmp_path, tiny_bert_folder, caplog):
     """A store of this version: `efficient` refuses it while extraction shards are missing. A store of the earlier
     version, whose efficient stage computed shards 1 and 2 on the zeros of an interrupted extraction and recorded
     them as done (no identities anywhere): once extraction finishes, exactly those shards count as stale, are
@@ -330,8 +331,11 @@ def test_an_unfinished_extraction_is_refused_and_a_legacy_store_recomputes_what_
 
     assert _extract_shards(url, tiny_bert_folder, corpus) == [1, 2]  # the extraction finished: new identities
     assert pending_work(open_attention_store(url), ["effective"]) == {1: ["effective"], 2: ["effective"]}
-    work = prepare_variants(url, ["effective"], SETTINGS)
+    with caplog.at_level(logging.WARNING, logger="tasks.efficient"):
+        work = prepare_variants(url, ["effective"], SETTINGS)
     assert work == {1: ["effective"], 2: ["effective"]}
+    assert caplog.messages == [f"{url}: efficient/effective shards [1, 2] were computed from extraction shards that "
+                               "were unfinished then or written again since: computing them again"]
     assert open_attention_store(url)["efficient/effective"].attrs["completed_shards"] == [0]  # stale ones forgotten
     for shard, variants in work.items():
         compute_efficient_shard(url, shard, variants, SETTINGS)
