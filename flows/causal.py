@@ -121,6 +121,6 @@ def causal(
         todo = prepare_results(store, results, settings)
         group = open_causal_results(results, mode="r+")
         for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-            run_causal_shard(store, results, shard_index, settings, model, device, batch_size, forward_rows)
-            mark_causal_shard_completed(group, shard_index)
+            inputs = run_causal_shard(store, results, shard_index, settings, model, device, batch_size, forward_rows)
+            mark_causal_shard_completed(group, shard_index, inputs)
         return summarise_results(store, results)

@@ -194,7 +194,7 @@ def run_pipeline(
     directions = DEFAULT_MINIMALITY_DIRECTIONS if minimality_directions is None else list(minimality_directions)
     settings_of_causal = causal_settings(store, variants=variants, scopes=scopes, scope_examples=scope_examples,
                                          minimality_directions=directions)
-    check = causal_status(results, settings_of_causal)
+    check = causal_status(results, settings_of_causal, store)
     if check.conflicting:
         raise ValueError(
             f"{results} holds causal results made with other settings (by an earlier effattn version or other "

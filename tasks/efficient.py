@@ -26,11 +26,13 @@ from analysis.variants import ITERATIVE, variant_record
 from storage_schemas.attention_store import (
     AttentionStoreError,
     open_attention_store,
+    require_extracted,
     store_layout,
     use_chunk_codec_batches,
 )
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
+    forget_stale_efficient_shards,
     mark_efficient_shard_completed,
     prepare_efficient_arrays,
     write_efficient_shard,
@@ -245,10 +247,16 @@ def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:
 
 
 def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dict[int, list[str]]:
-    """Create (or check) the arrays of every variant; returns the pending work, shard -> variants."""
+    """Refuse a store whose extraction is not complete; create (or check) the arrays of every variant and forget
+    shards computed from extraction shards written again since; returns the pending work, shard -> variants."""
     group = open_attention_store(store, mode="r+")
+    require_extracted(group, store, "efficient")
     for variant in variants:
         prepare_efficient_arrays(group, store, variant, settings)
+        stale = forget_stale_efficient_shards(group, variant)
+        if stale:
+            logger.warning("%s: efficient/%s shards %s were computed from extraction shards that were unfinished "
+                           "then or written again since: computing them again", store, variant, stale)
     return pending_work(group, variants)
 
 
