@@ -253,12 +253,14 @@ def faithfulness(
     percents: Sequence[float],
 ) -> dict[str, np.ndarray | float]:
     """ERASER comprehensiveness and sufficiency of every method at every k, in one batched call of `score`
-    (keep masks [n, L] -> target probabilities [n]).
+    (keep masks [n, L] -> target probabilities [n]) over the distinct masks.
 
     Returns {"comprehensiveness": [method, k], "sufficiency": [method, k] (methods in the order of
     `attributions`), "full": p(x), "empty": p(empty input)}."""
     masks, labels = faithfulness_masks(attributions, removable, percents)
-    probabilities = score(masks)
+    # one forward per distinct mask (small k's often remove the same tokens; keeping everything is the full input)
+    distinct, inverse = np.unique(masks, axis=0, return_inverse=True)
+    probabilities = score(distinct)[inverse.reshape(-1)]
     full = float(probabilities[0])
     result = {metric: np.full((len(attributions), len(percents)), np.nan) for metric in FAITHFULNESS_METRICS}
     names = list(attributions)
