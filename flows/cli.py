@@ -184,6 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--interval", type=float, default=None, help="seconds between runs")
     serve.add_argument("--name", default="effattn-scheduled", help="deployment name (default effattn-scheduled)")
     _add_pipeline_arguments(serve)
+
+    # --- effattn explain (issue 14) ---
+    explain = commands.add_parser(
+        "explain", help="token attributions of attention, efficient attention and baselines; ERASER faithfulness"
+    )
+    explain.add_argument("--store", required=True, help="attention store (with efficient attention; path or URL)")
+    explain.add_argument("--results", required=True, help="explanation results to write (Zarr v3; path or URL)")
+    explain.add_argument("--methods", default=None,
+                         help="comma-separated, e.g. attention:rollout,simplex:last-layer,integrated-gradients,"
+                              "leave-one-out,random (default: attention and every finished variant in every "
+                              "aggregation, the model baselines, random)")
+    explain.add_argument("--examples", type=_positive_int, default=16,
+                         help="examples explained, spread over the store (default 16)")
+    explain.add_argument("--all-examples", dest="examples", action="store_const", const=None,
+                         help="explain every readable example")
+    explain.add_argument("--ig-steps", type=_positive_int, default=32, help="integrated gradients steps (default 32)")
+    explain.add_argument("--loo-max-tokens", type=_positive_int, default=128,
+                         help="leave-one-out only for examples with at most this many removable tokens (default 128)")
+    explain.add_argument("--minimality-rows", type=int, default=8,
+                         help="simplex rows tested per example and layer (default 8; 0: none)")
+    explain.add_argument("--seed", type=int, default=0, help="seed of the random ranking and the row sample")
+    explain.add_argument("--model", default=None, help="the model, if it moved since extraction (same weights)")
+    explain.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser
 
 
@@ -338,6 +361,17 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_pipeline(_pipeline_parameters(arguments), cron=arguments.cron, interval=arguments.interval,
                            name=arguments.name)
+        elif arguments.command == "explain":  # issue 14
+            from analysis.claims import format_claims_table
+            from flows.explain import explain
+
+            claims = explain(store=arguments.store, results=arguments.results, methods=_comma_list(arguments.methods),
+                             examples=arguments.examples, integrated_gradients_steps=arguments.ig_steps,
+                             leave_one_out_max_tokens=arguments.loo_max_tokens,
+                             minimality_rows=arguments.minimality_rows, seed=arguments.seed, model=arguments.model,
+                             device=arguments.device)
+            print(format_claims_table(claims))
+            print(f"results: {arguments.results}")
     except (AttentionStoreError, ValueError, FileNotFoundError) as error:
         print(f"effattn {arguments.command}: error: {error}", file=sys.stderr)
         return 2
