@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--store", default=None,
                         help="the attention store of the results (default: the one recorded in the results)")
     report.add_argument("--examples", type=_positive_int, default=3, help="examples drawn as heatmaps (default 3)")
+    report.add_argument("--explanations", default=None, help="explanation results to show too (effattn explain)")
 
     verify = commands.add_parser(
         "verify", help="read every chunk of a store: checksums, schema, invariants; exit status 1 when damaged"
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.report import report
 
             index = report(results=arguments.results, out=arguments.out, store=arguments.store,
-                           examples=arguments.examples)
+                           examples=arguments.examples, explanations=arguments.explanations)
             print(f"report: {index}")
         elif arguments.command == "verify":
             from storage_schemas.verification import unmark_damaged_shards, verify_store

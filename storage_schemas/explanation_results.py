@@ -172,6 +172,14 @@ def open_explanation_results(url: str, mode: str = "r", storage_options: dict | 
     return group
 
 
+def load_explanation_dataset(url: str, storage_options: dict | None = None):
+    """The whole results as an in-memory xarray Dataset (small: per-example numbers), after validation."""
+    import xarray as xr
+
+    open_explanation_results(url, storage_options=storage_options)
+    return xr.open_zarr(url, consolidated=False, storage_options=storage_options).load()
+
+
 def check_same_explanation_settings(group: zarr.Group, url: str, settings: dict[str, Any]) -> None:
     """Refuse to resume a results dataset made with other settings, naming every difference."""
     stored = group.attrs.get("settings", {})
