@@ -51,6 +51,8 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", dest="cache_root", default=None, help="training cache (default $EFFATTN_CACHE)")
     parser.add_argument("--scope-examples", type=_positive_int, default=32,
                         help="examples measured one layer and one head at a time by the causal stage (default 32)")
+    parser.add_argument("--explain-examples", type=int, default=2,
+                        help="examples explained by the explanation stage (default 2; 0: skip it)")
 
 
 def _pipeline_parameters(arguments: argparse.Namespace) -> dict:
@@ -58,7 +60,7 @@ def _pipeline_parameters(arguments: argparse.Namespace) -> dict:
     names = ("corpus", "model", "limit", "run_dir", "store", "results", "report_dir", "max_length", "seed", "dtype",
              "task", "top_k", "split", "train", "epochs", "text_column", "label_column", "device", "batch_size",
              "shard_size", "dask_address", "workers", "simplex_max_iterations", "simplex_tolerance", "cache_root",
-             "scope_examples")
+             "scope_examples", "explain_examples")
     parameters = {name: getattr(arguments, name) for name in names}
     parameters["variants"] = _comma_list(arguments.variants)
     return parameters
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(f"attention store: {record['store']}")
             print(f"causal results:  {record['results']}")
+            print(f"explanations:    {record['explanations']}")
             print(f"report:          {record['report']}")
         elif arguments.command == "studies":
             from analysis.claims import format_claims_by_study

@@ -248,3 +248,31 @@ def write_explanation_aggregates(group: zarr.Group, aggregates: dict[str, np.nda
         else:
             _array(group, name, values, shape, "float64", tuple(max(n, 1) for n in shape), dims, description,
                    fill_value=float("nan"))
+
+
+def explanation_results_path(causal_results: str) -> str:
+    """Where the pipeline puts the explanation results of a run: next to its causal results,
+    `<name>.results.zarr` -> `<name>.explanations.zarr`."""
+    base = causal_results.rstrip("/")
+    base = base[: -len(".results.zarr")] if base.endswith(".results.zarr") else base
+    return f"{base}.explanations.zarr"
+
+
+def explanation_status(url: str, settings: dict[str, Any]):
+    """The pipeline's check (storage_schemas.pipeline_runs.StageCheck): complete when the results at `url` were
+    made with `settings`, every shard is done and the claims are written; conflicting when made with others."""
+    import json
+
+    from storage_schemas.pipeline_runs import StageCheck
+
+    try:
+        group = open_explanation_results(url, mode="r")
+    except ExplanationResultsError as error:
+        return StageCheck(False, str(error))
+    attributes = group.attrs.asdict()
+    if attributes.get("settings") != json.loads(json.dumps(settings)):
+        return StageCheck(False, f"{url} holds explanation results of other settings", conflicting=True)
+    shards, done = explanation_shard_count(group), len(explanation_completed_shards(group))
+    if done < shards or "claims" not in attributes:
+        return StageCheck(False, f"{done} of {shards} shards of {url} are done")
+    return StageCheck(True, f"{url} is complete ({shards} shards, claims written)")

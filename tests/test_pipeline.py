@@ -169,3 +169,16 @@ def test_an_explicit_store_refuses_an_edited_corpus_file(tmp_path, first_run):
     corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))
     with pytest.raises(AttentionStoreError, match=re.escape("corpus.digest: store has")):
         run_pipeline(**{**arguments, "corpus": str(corpus), "store": first["store"]})
+
+
+def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first_run):  # issue 14
+    import xarray as xr
+
+    _, record = first_run
+    assert statuses(record)["explain"] == "ran"
+    assert record["explanations"] == record["results"].replace(".results.zarr", ".explanations.zarr")
+    explanations = xr.open_zarr(record["explanations"], consolidated=False)
+    assert explanations.sizes["example"] == 2
+    assert "efficient attention (effective) explains at least as faithfully as raw attention (rollout)" in {
+        row["claim"] for row in record["claims"]}
+    assert "Does attention explain the prediction?" in Path(record["report"]).read_text(encoding="utf-8")
