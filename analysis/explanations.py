@@ -111,6 +111,20 @@ class ExplanationSettings:
     seed: int = 0
     shard_size: int = 8
 
+    def __post_init__(self) -> None:
+        for name in self.methods:
+            ExplanationMethod.parse(name)  # an unknown name is refused here, with the names that exist
+        repeated = sorted({name for name in self.methods if self.methods.count(name) > 1})
+        if repeated or not self.methods:
+            raise ValueError(f"explanation methods must be given once each and at least one; got {list(self.methods)}")
+        if not self.percents or any(not 0 < k <= 100 for k in self.percents):
+            raise ValueError(f"percents must be in (0, 100], got {list(self.percents)}")
+        for name in ("integrated_gradients_steps", "leave_one_out_max_tokens", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.minimality_rows < 0:
+            raise ValueError(f"minimality_rows must be 0 (no test) or more, got {self.minimality_rows}")
+
     def record(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
@@ -231,11 +245,14 @@ def faithfulness_masks(
     attributions: dict[str, np.ndarray], removable: np.ndarray, percents: Sequence[float]
 ) -> tuple[np.ndarray, list[tuple[str, str, int]]]:
     """The keep masks of every (method, metric, k): [rows, L] bool, and what each row is. Row 0 is the full
-    input, row 1 the empty one (every removable token removed)."""
+    input, row 1 the empty one (every removable token removed). A method with no score on any removable token (e.g.
+    leave-one-out beyond its cap) gets no rows."""
     removable = np.asarray(removable, dtype=bool)
     masks = [np.ones_like(removable), ~removable]
     labels: list[tuple[str, str, int]] = [("", "full", -1), ("", "empty", -1)]
     for name, scores in attributions.items():
+        if removable.any() and np.isnan(np.asarray(scores, dtype=np.float64)[removable]).all():
+            continue
         order = ranked_removable(scores, removable)
         for index, percent in enumerate(percents):
             top = order[:removal_count(percent, len(order))]
@@ -256,7 +273,7 @@ def faithfulness(
     (keep masks [n, L] -> target probabilities [n]) over the distinct masks.
 
     Returns {"comprehensiveness": [method, k], "sufficiency": [method, k] (methods in the order of
-    `attributions`), "full": p(x), "empty": p(empty input)}."""
+    `attributions`; NaN for a method without scores), "full": p(x), "empty": p(empty input)}."""
     masks, labels = faithfulness_masks(attributions, removable, percents)
     # one forward per distinct mask (small k's often remove the same tokens; keeping everything is the full input)
     distinct, inverse = np.unique(masks, axis=0, return_inverse=True)
@@ -377,10 +394,10 @@ class ExampleExplanation:
 
 
 def explain_example(
-    loaded: LoadedModel, tokens: np.ndarray, matrices: dict[str, np.ndarray], methods: Sequence[str],
-    settings: ExplanationSettings, example_index: int, causal: bool, rows: int = 64,
+    loaded: LoadedModel, tokens: np.ndarray, matrices: dict[str, np.ndarray], settings: ExplanationSettings,
+    example_index: int, causal: bool, rows: int = 64,
 ) -> ExampleExplanation:
-    """Every method's attributions, faithfulness and rank agreement for one example.
+    """Every method of `settings.methods`: attributions, faithfulness and rank agreement for one example.
 
     tokens: [L] the real ids; matrices: {source: [layer, head, L, L]} raw attention ('attention') and each
     efficient variant on the real block; example_index: the store's index (seeds the random ranking)."""
@@ -395,7 +412,7 @@ def explain_example(
     def score(keep: np.ndarray) -> np.ndarray:
         return kept_token_probabilities(loaded, tokens, keep, pooled, target, replacement, rows)
 
-    parsed = [ExplanationMethod.parse(name) for name in methods]
+    parsed = [ExplanationMethod.parse(name) for name in settings.methods]
     full = float(score(np.ones((1, length), dtype=bool))[0])
     attributions: dict[str, np.ndarray] = {}
     delta = float("nan")

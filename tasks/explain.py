@@ -156,7 +156,7 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
         tokens = group["tokens"][index, :length]
         matrices = {source: group["attention" if source == ATTENTION_SOURCE else efficient_array_path(source)][
             index, :, :, :length, :length] for source in sources}
-        found = explain_example(loaded, tokens, matrices, options.methods, options, int(index), causal, forward_rows)
+        found = explain_example(loaded, tokens, matrices, options, int(index), causal, forward_rows)
         for metric_index, metric in enumerate(FAITHFULNESS_METRICS):
             arrays["faithfulness"][:, metric_index, :, row] = found.faithfulness[metric]
             arrays["aopc"][:, metric_index, row] = aopc(found.faithfulness[metric])

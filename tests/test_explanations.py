@@ -138,7 +138,7 @@ def test_leave_one_out_and_comprehensiveness_find_the_decisive_token_and_random_
     tokens = encode(tokenizer, "the acting is good and the story is fun to watch today")
     position = int(np.flatnonzero(tokens == DECISIVE)[0])
     settings = ExplanationSettings(methods=("leave-one-out", "random"), examples=(0,))
-    found = explain_example(one_token_model, tokens, {}, settings.methods, settings, example_index=0, causal=False)
+    found = explain_example(one_token_model, tokens, {}, settings, example_index=0, causal=False)
     loo, random = found.attributions
     assert found.target == 1
     assert np.nanargmax(loo) == position
@@ -154,7 +154,7 @@ def test_leave_one_out_and_comprehensiveness_find_the_decisive_token_and_random_
         firsts.append(ranked_removable(scores, found.removable)[0] == position)
     assert 0 < np.mean(firsts) < 0.3
     seed = firsts.index(False)
-    other = explain_example(one_token_model, tokens, {}, ("random",), ExplanationSettings(("random",), (0,), seed=seed),
+    other = explain_example(one_token_model, tokens, {}, ExplanationSettings(("random",), (0,), seed=seed),
                             example_index=0, causal=False)
     assert other.faithfulness["comprehensiveness"][0, 0] == pytest.approx(0.0, abs=1e-12)
 
@@ -206,3 +206,28 @@ def test_integrated_gradients_are_complete_within_the_recorded_delta(bert, token
     assert abs(found.delta) <= 0.05 * abs(f_input - f_baseline) + 1e-6  # 32 Gauss-Legendre steps converge here
     np.testing.assert_allclose(found.integrated_gradients[~removable], 0.0, atol=1e-9)  # baseline = input there
     assert np.abs(found.input_x_gradient).max() > 0
+
+
+def test_a_method_without_scores_gets_no_faithfulness_and_settings_are_checked():
+    removable = np.array([False, True, True, True])
+    calls = []
+
+    def score(keep):
+        calls.append(len(keep))
+        return keep.sum(-1) / 4.0  # the probability grows with the tokens kept
+
+    measured = faithfulness(score, {"capped": np.full(4, np.nan), "ranked": np.array([0, 3.0, 2.0, 1.0])},
+                            removable, (1, 100))
+    assert np.isnan(measured["comprehensiveness"][0]).all() and np.isnan(measured["sufficiency"][0]).all()
+    np.testing.assert_allclose(measured["comprehensiveness"][1], [0.25, 0.75])
+    # one call over the distinct masks: full, empty, and "ranked" at 1 % (at 100 % its masks are the empty and the
+    # full input again)
+    assert calls == [4]
+    with pytest.raises(ValueError, match="given once each"):
+        ExplanationSettings(methods=("random", "random"), examples=(0,))
+    with pytest.raises(ValueError, match="unknown explanation method"):
+        ExplanationSettings(methods=("attention:first",), examples=(0,))
+    with pytest.raises(ValueError, match=r"percents must be in \(0, 100\]"):
+        ExplanationSettings(methods=("random",), examples=(0,), percents=(0, 5))
+    with pytest.raises(ValueError, match="minimality_rows must be 0"):
+        ExplanationSettings(methods=("random",), examples=(0,), minimality_rows=-1)
