@@ -1,12 +1,14 @@
 """Token-level minimality of the simplex variant's rows.
 
-A simplex row b (b ≥ 0, Σb = 1, b·T = a·T) has a small support S (about rank([T|1]) tokens, Carathéodory's bound).
-S is *minimal* when no token can be dropped: for every j in S, no non-negative row on S \\ {j} reproduces
-a·[T | s·1] (the head's output and the row sum). That is a non-negative least-squares problem per dropped token,
-min_{c ≥ 0} ‖c·M[S\\{j}] − a·M‖ with M = [X | s·1], X = V·factor (analysis.efficient_attention.output_factor: the
-column space and singular values of T = V W_O^h without forming it). Its relative residual above the tolerance for
-every j ⇒ minimal. The simplex solver itself (efficient_attention.simplex_rows) cannot answer this: it needs a
-feasible starting row, and whether the smaller support has one is the question.
+A simplex row b (b ≥ 0, Σb = 1, b·T = a·T) has a support S. Carathéodory's bound says that some feasible row has at
+most rank([T|1]) tokens; the minimum-norm row the simplex variant picks need not be that one. S is *minimal* when no
+token can be dropped: for every j in S, no non-negative row on S \\ {j} reproduces a·[T | s·1] (the head's output
+and the row sum). That is a non-negative least-squares problem per dropped token, min_{c ≥ 0} ‖c·M[S\\{j}] − a·M‖
+with M = [X | s·1] and X = V·factor (analysis.efficient_attention.output_factor: the column space and singular
+values of T = V W_O^h without forming it); its relative residual above the tolerance for every j ⇒ minimal. A
+support of more than rank(M) tokens is never minimal (its rows are linearly dependent). The simplex solver
+(efficient_attention.simplex_rows) cannot answer this itself: it needs a feasible starting row, and whether the
+smaller support has one is the question.
 
 Decoder rows use only their prefix (row i has keys ≤ i), which the support already respects.
 """

@@ -17,7 +17,7 @@ UTF-8 (Zarr v3 `string`).
 | `kendall_tau` | method, reference, example | rank agreement over the removable tokens |
 | `attribution` | method, example, position | per-token scores (NaN: not removable, or not measured) |
 | `target`, `full_probability`, `empty_probability`, `integrated_gradients_delta`, `removable_tokens` | example | |
-| `minimality_tested`, `minimality_minimal`, `minimality_untestable` | example, layer | sampled simplex rows (-1: not measured) |
+| `minimality_tested`, `minimality_minimal`, `minimality_untestable` | example, layer | sampled simplex rows |
 | `minimality_support_size` | example, layer | mean support of the judged rows |
 | each of AGGREGATES | | written by `write_explanation_aggregates` once every shard is done |
 

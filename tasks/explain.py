@@ -54,7 +54,8 @@ def matrix_sources(methods: list[str]) -> list[str]:
     sources = {method.source for method in map(ExplanationMethod.parse, methods) if method.kind == "matrices"}
     unknown = sorted(sources - {ATTENTION_SOURCE, *VARIANTS})
     if unknown:
-        raise ValueError(f"explanation methods read unknown matrices {unknown}: use attention or one of {list(VARIANTS)}")
+        raise ValueError(
+            f"explanation methods read unknown matrices {unknown}: use attention or one of {list(VARIANTS)}")
     return [source for source in (ATTENTION_SOURCE, *VARIANTS) if source in sources]
 
 

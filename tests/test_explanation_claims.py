@@ -34,7 +34,8 @@ def test_faithfulness_claims_follow_the_paired_differences():
     verdicts = {row["claim"]: row["verdict"] for row in rows}
     assert verdicts == {
         "efficient attention (simplex) explains at least as faithfully as raw attention (last-layer)": "holds",
-        "efficient attention (effective) explains at least as faithfully as raw attention (last-layer)": "does not hold",
+        "efficient attention (effective) explains at least as faithfully as raw attention (last-layer)":
+            "does not hold",
     }  # no minimality row: nothing was measured
     assert f">= -{FAITHFULNESS_MARGIN:g}" in rows[0]["test"]
     slightly_worse = explanation_claims(METHODS, METRICS, aopc_with(-FAITHFULNESS_MARGIN / 2, 0.02), none, none)
