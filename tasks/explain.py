@@ -17,7 +17,6 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from analysis.causal import measured_examples
 from analysis.efficient_attention import VARIANTS
 from analysis.explanation_claims import explanation_claims
 from analysis.explanations import (
@@ -70,8 +69,17 @@ def readable_examples(store: str, variants: list[str]) -> np.ndarray:
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
+def spread_sample(n: int, count: int | None) -> np.ndarray:
+    """`count` of n indices at the centres of equal parts, (i + ½)·n / count (all when count is None or >= n). The
+    store is length-sorted, so these are the lengths' quantiles without the extremes: 2 examples are the lower
+    and upper quartile, not the shortest and the longest (whose leave-one-out costs the most)."""
+    if count is None or count >= n:
+        return np.arange(n)
+    return np.floor((np.arange(count) + 0.5) * n / count).astype(np.int64)
+
+
 def choose_examples(store: str, variants: list[str], count: int | None) -> list[int]:
-    """`count` examples spread over the readable ones (the store is length-sorted: short and long); None: all."""
+    """`count` examples spread over the readable ones (`spread_sample`); None: all."""
     readable = readable_examples(store, variants)
     if not len(readable):
         needed = f" and efficient attention ({', '.join(variants)})" if variants else ""
@@ -79,7 +87,7 @@ def choose_examples(store: str, variants: list[str], count: int | None) -> list[
             f"{store} has no shard whose extraction{needed} is complete: run `effattn extract`"
             + (f" and `effattn efficient --store {store} --variants {','.join(variants)}`" if variants else "")
             + " first")
-    return [int(readable[i]) for i in measured_examples(len(readable), count)]
+    return [int(readable[i]) for i in spread_sample(len(readable), count)]
 
 
 def store_identity(store: str, variants: list[str]) -> dict[str, Any]:

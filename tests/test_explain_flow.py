@@ -10,7 +10,7 @@ import xarray as xr
 from flows.explain import explain
 from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import ExplanationResultsError, open_explanation_results
-from tasks.explain import choose_examples, readable_examples
+from tasks.explain import choose_examples, readable_examples, spread_sample
 from tests.store_builders import build_real_store, write_corpus
 
 FEW_METHODS = ["attention:rollout", "simplex:last-layer", "integrated-gradients", "leave-one-out", "random"]
@@ -35,12 +35,12 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     assert methods[:3] == ["attention:last-layer", "attention:all-layers", "attention:rollout"]
     assert {"effective:rollout", "stochastic:all-layers", "simplex:last-layer", "random"} <= set(methods)
     assert dataset.sizes["example"] == 3 and dataset.attrs["completed_shards"] == [0]
-    assert dataset["store_example"].values.tolist() == [0, 4, 9]  # spread over the length-sorted store
+    assert dataset["store_example"].values.tolist() == [1, 5, 8]  # centres of thirds of the length-sorted store
     assert np.isfinite(dataset["faithfulness"].values).all()
     np.testing.assert_allclose(dataset["aopc"].values, dataset["faithfulness"].mean("k").values, atol=1e-6)
     tau = dataset["kendall_tau"].sel({"method": "leave-one-out", "reference": "leave-one-out"}).values
-    several = dataset["removable_tokens"].values >= 2  # "short" has one removable token: tau is undefined
-    assert not several.all() and np.isnan(tau[~several]).all()
+    several = dataset["removable_tokens"].values >= 2  # with one removable token tau is undefined
+    assert np.isnan(tau[~several]).all()
     np.testing.assert_allclose(tau[several], 1.0)
     assert np.isfinite(dataset["integrated_gradients_delta"].values).all()
     # attributions only on removable tokens ([CLS] and [SEP] never)
@@ -77,6 +77,12 @@ def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_setti
         explain(store=bert_store, results=results, **{**options, "integrated_gradients_steps": 16})
     with pytest.raises(ExplanationResultsError, match="methods: stored"):
         explain(store=bert_store, results=results, **{**options, "methods": FEW_METHODS[:2]})
+
+
+def test_the_sample_is_spread_over_the_lengths_without_the_extremes():
+    assert spread_sample(10, 2).tolist() == [2, 7]
+    assert spread_sample(10, 5).tolist() == [1, 3, 5, 7, 9]
+    assert spread_sample(3, 8).tolist() == [0, 1, 2] and spread_sample(4, None).tolist() == [0, 1, 2, 3]
 
 
 def test_only_shards_recorded_complete_are_read(bert_store):
