@@ -116,3 +116,34 @@ def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_fol
         assert np.isnan(attribution[row, size - 1])  # the pooled last token is never removed
     assert np.isfinite(dataset["faithfulness"].values).all()
     assert (dataset["minimality_tested"] + dataset["minimality_untestable"] == 4).all()
+
+
+def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_llama_folder):
+    from storage_schemas.attention_store import mark_shard_completed, open_attention_store
+    from storage_schemas.efficient_store import mark_efficient_shard_completed
+    from tasks.efficient import compute_efficient_shard, prepare_variants
+    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+    from tests.store_builders import SETTINGS
+
+    store = str(tmp_path / "lm.zarr")
+    todo, num_labels = prepare_store.fn(store, str(write_corpus(tmp_path / "r.csv")), str(tiny_llama_folder), 24,
+                                        None, "float32", "cpu", None, None, 5, 0, task="next-token", top_k=4)
+    group = open_attention_store(store, mode="r+")
+    for shard in todo:
+        captured = capture_shard.fn(store, shard, str(tiny_llama_folder), num_labels, "cpu", 0, 5, "next-token")
+        mark_shard_completed(group, write_captured_shard.fn(store, shard, captured))
+    for shard, variants in prepare_variants(store, ["stochastic"], SETTINGS).items():
+        _, written = compute_efficient_shard(store, shard, variants, SETTINGS)
+        for variant in written:
+            mark_efficient_shard_completed(group, variant, shard)
+    results = str(tmp_path / "results.zarr")
+    explain(store=store, results=results, examples=2, integrated_gradients_steps=4,
+            methods=["attention:last-layer", "stochastic:rollout", "integrated-gradients", "leave-one-out"])
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    assert (dataset["target"] >= 0).all() and (dataset["target"] < 30522).all()  # a vocabulary id
+    assert (dataset["full_probability"] > 0).all()
+    for row, size in enumerate(dataset["length"].values):
+        assert np.isnan(dataset["attribution"].values[:, row, size - 1]).all()
+    assert np.isfinite(dataset["faithfulness"].values).all()
+    assert (dataset["minimality_tested"] == -1).all()  # no simplex: not measured
+    assert [row["claim"] for row in dataset.attrs["claims"]] == []  # stochastic:rollout has no raw rollout to face
