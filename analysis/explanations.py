@@ -190,6 +190,16 @@ def random_attributions(length: int, seed: int, example_index: int) -> np.ndarra
 # the model's side
 
 
+def pooled_logits(loaded: LoadedModel, pooled: int, **inputs) -> torch.Tensor:
+    """The model's logits at the pooled position: [n, class] or [n, vocab]. A language model computes the vocabulary
+    logits of the last position only when it is the pooled one (`logits_to_keep`; otherwise n x L x vocab floats)."""
+    length = (inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
+    if loaded.task == "next-token" and pooled == length - 1:
+        return loaded.model(**inputs, logits_to_keep=1).logits[:, -1]
+    logits = loaded.model(**inputs).logits
+    return logits[:, pooled] if logits.ndim == 3 else logits
+
+
 def target_probabilities(
     loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooled: int, target: int,
     rows: int = 64,
@@ -199,10 +209,8 @@ def target_probabilities(
     found = []
     with torch.inference_mode():
         for start in range(0, input_ids.shape[0], rows):
-            logits = loaded.model(input_ids=input_ids[start:start + rows].to(loaded.device),
-                                  attention_mask=attention_mask[start:start + rows].to(loaded.device)).logits
-            if logits.ndim == 3:  # next-token: [n, L, vocab]
-                logits = logits[:, pooled]
+            logits = pooled_logits(loaded, pooled, input_ids=input_ids[start:start + rows].to(loaded.device),
+                                   attention_mask=attention_mask[start:start + rows].to(loaded.device))
             found.append(torch.softmax(logits.double(), -1)[:, target].cpu().numpy())
     return np.concatenate(found) if found else np.zeros(0)
 
@@ -221,10 +229,9 @@ def kept_token_probabilities(
 def predicted_target(loaded: LoadedModel, tokens: np.ndarray, pooled: int) -> int:
     """The class (or next token) the unmodified model predicts at the pooled position."""
     with torch.inference_mode():
-        logits = loaded.model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None].to(loaded.device)
-                              ).logits
-    logits = logits[0, pooled] if logits.ndim == 3 else logits[0]
-    return int(logits.argmax())
+        logits = pooled_logits(loaded, pooled,
+                               input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None].to(loaded.device))
+    return int(logits[0].argmax())
 
 
 def ranked_removable(attributions: np.ndarray, removable: np.ndarray) -> np.ndarray:
@@ -340,9 +347,8 @@ def gradient_attributions(
     attention_mask = torch.ones_like(ids)
 
     def probability(embeddings: torch.Tensor) -> torch.Tensor:
-        logits = model(inputs_embeds=embeddings, attention_mask=attention_mask.expand(embeddings.shape[0], -1)).logits
-        if logits.ndim == 3:
-            logits = logits[:, pooled]
+        logits = pooled_logits(loaded, pooled, inputs_embeds=embeddings,
+                               attention_mask=attention_mask.expand(embeddings.shape[0], -1))
         return torch.softmax(logits.float(), -1)[:, target]
 
     with torch.enable_grad():

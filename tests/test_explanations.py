@@ -231,3 +231,22 @@ def test_a_method_without_scores_gets_no_faithfulness_and_settings_are_checked()
         ExplanationSettings(methods=("random",), examples=(0,), percents=(0, 5))
     with pytest.raises(ValueError, match="minimality_rows must be 0"):
         ExplanationSettings(methods=("random",), examples=(0,), minimality_rows=-1)
+
+
+def test_a_language_model_scores_only_the_pooled_last_position_with_the_same_logits(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from analysis.explanations import pooled_logits
+    from tests.conftest import TINY_SIZES
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=30522, num_key_value_heads=2, pad_token_id=0, **TINY_SIZES))
+    loaded = wrap_model(model, tokenizer, "tiny-lm", task="next-token")
+    ids = torch.as_tensor(encode(tokenizer, "a quiet triumph of patient acting"))[None]
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits[0]
+        last = pooled_logits(loaded, ids.shape[1] - 1, input_ids=ids)
+        inner = pooled_logits(loaded, 2, input_ids=ids)
+    assert last.shape == (1, 30522)
+    torch.testing.assert_close(last[0], full[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inner[0], full[2])
