@@ -36,6 +36,8 @@ def explanation_settings(
     Default methods: raw attention and every variant whose efficient stage finished on some shard, each in every
     aggregation, then the model baselines and random. `examples` are spread over the readable examples (None: all).
     """
+    if examples is not None and examples < 1:
+        raise ValueError(f"examples must be at least 1 (or None: every readable example), got {examples}")
     if methods is None:
         group = open_attention_store(store, mode="r")
         variants = [variant for variant in VARIANTS if efficient_completed_shards(group, variant)]

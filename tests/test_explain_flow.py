@@ -77,6 +77,8 @@ def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_setti
         explain(store=bert_store, results=results, **{**options, "integrated_gradients_steps": 16})
     with pytest.raises(ExplanationResultsError, match="methods: stored"):
         explain(store=bert_store, results=results, **{**options, "methods": FEW_METHODS[:2]})
+    with pytest.raises(ValueError, match="examples must be at least 1"):
+        explain(store=bert_store, results=results, **{**options, "examples": -2})
 
 
 def test_the_sample_is_spread_over_the_lengths_without_the_extremes():
