@@ -53,6 +53,10 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     claims = {row["claim"]: row["verdict"] for row in dataset.attrs["claims"]}
     assert "efficient attention (simplex) explains at least as faithfully as raw attention (rollout)" in claims
     assert set(claims.values()) <= {"holds", "does not hold", "—"}
+    # other settings into the same results: refused with what to do, exit status 2
+    assert main(["explain", "--store", bert_store, "--results", results, "--examples", "3", "--ig-steps", "9"]) == 2
+    error = capsys.readouterr().err
+    assert "integrated_gradients_steps: stored 8, requested 9" in error and "choose a new --results path" in error
 
 
 def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_settings(bert_store, tmp_path):
