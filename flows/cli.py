@@ -54,6 +54,8 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", dest="cache_root", default=None, help="training cache (default $EFFATTN_CACHE)")
     parser.add_argument("--scope-examples", type=_positive_int, default=32,
                         help="examples measured one layer and one head at a time by the causal stage (default 32)")
+    parser.add_argument("--explain-examples", type=int, default=2,
+                        help="examples explained by the explanation stage (default 2; 0: skip it)")
 
 
 def _pipeline_parameters(arguments: argparse.Namespace) -> dict:
@@ -61,7 +63,7 @@ def _pipeline_parameters(arguments: argparse.Namespace) -> dict:
     names = ("corpus", "model", "limit", "run_dir", "store", "results", "report_dir", "max_length", "seed", "dtype",
              "task", "top_k", "split", "train", "epochs", "text_column", "label_column", "device", "batch_size",
              "shard_size", "dask_address", "workers", "simplex_max_iterations", "simplex_tolerance", "cache_root",
-             "scope_examples")
+             "scope_examples", "explain_examples")
     parameters = {name: getattr(arguments, name) for name in names}
     parameters["variants"] = _comma_list(arguments.variants)
     return parameters
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--store", default=None,
                         help="the attention store of the results (default: the one recorded in the results)")
     report.add_argument("--examples", type=_positive_int, default=3, help="examples drawn as heatmaps (default 3)")
+    report.add_argument("--explanations", default=None, help="explanation results to show too (effattn explain)")
 
     verify = commands.add_parser(
         "verify", help="read every chunk of a store: checksums, schema, invariants; exit status 1 when damaged"
@@ -203,6 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--interval", type=float, default=None, help="seconds between runs")
     serve.add_argument("--name", default="effattn-scheduled", help="deployment name (default effattn-scheduled)")
     _add_pipeline_arguments(serve)
+
+    # --- effattn explain ---
+    explain = commands.add_parser(
+        "explain", help="token attributions of attention, efficient attention and baselines; ERASER faithfulness"
+    )
+    explain.add_argument("--store", required=True, help="attention store (with efficient attention; path or URL)")
+    explain.add_argument("--results", required=True, help="explanation results to write (Zarr v3; path or URL)")
+    explain.add_argument("--methods", default=None,
+                         help="comma-separated, e.g. attention:rollout,simplex:last-layer,integrated-gradients,"
+                              "leave-one-out,random (default: attention and every finished variant in every "
+                              "aggregation, the model baselines, random)")
+    explain.add_argument("--examples", type=_positive_int, default=16,
+                         help="examples explained, spread over the store (default 16)")
+    explain.add_argument("--all-examples", dest="examples", action="store_const", const=None,
+                         help="explain every readable example")
+    explain.add_argument("--ig-steps", type=_positive_int, default=32, help="integrated gradients steps (default 32)")
+    explain.add_argument("--loo-max-tokens", type=_positive_int, default=128,
+                         help="leave-one-out only for examples with at most this many removable tokens (default 128)")
+    explain.add_argument("--minimality-rows", type=int, default=8,
+                         help="simplex rows tested per example and layer (default 8; 0: none)")
+    explain.add_argument("--seed", type=int, default=0, help="seed of the random ranking and the row sample")
+    explain.add_argument("--model", default=None, help="the model, if it moved since extraction (same weights)")
+    explain.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser
 
 
@@ -374,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             from flows.report import report
 
             index = report(results=arguments.results, out=arguments.out, store=arguments.store,
-                           examples=arguments.examples)
+                           examples=arguments.examples, explanations=arguments.explanations)
             print(f"report: {index}")
         elif arguments.command == "verify":
             from storage_schemas.verification import unmark_damaged_shards, verify_store
@@ -414,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(f"attention store: {record['store']}")
             print(f"causal results:  {record['results']}")
+            print(f"explanations:    {record['explanations']}")
             print(f"report:          {record['report']}")
         elif arguments.command == "studies":
             from analysis.claims import format_claims_by_study
@@ -433,6 +460,17 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_pipeline(_pipeline_parameters(arguments), cron=arguments.cron, interval=arguments.interval,
                            name=arguments.name)
+        elif arguments.command == "explain":
+            from analysis.claims import format_claims_table
+            from flows.explain import explain
+
+            claims = explain(store=arguments.store, results=arguments.results, methods=_comma_list(arguments.methods),
+                             examples=arguments.examples, integrated_gradients_steps=arguments.ig_steps,
+                             leave_one_out_max_tokens=arguments.loo_max_tokens,
+                             minimality_rows=arguments.minimality_rows, seed=arguments.seed, model=arguments.model,
+                             device=arguments.device)
+            print(format_claims_table(claims))
+            print(f"results: {arguments.results}")
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
         problem = one_line_problem(arguments, error)
         if problem is None:

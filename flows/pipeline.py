@@ -38,9 +38,17 @@ from storage_schemas.pipeline_runs import (
     run_paths,
 )
 from storage_schemas.store_lock import hold_store_lock
+from analysis.explanations import default_methods
+from flows.explain import explain, explanation_settings
+from storage_schemas.explanation_results import (
+    explanation_results_path,
+    explanation_status,
+    open_explanation_results,
+)
+from storage_schemas.pipeline_runs import StageCheck
 from tasks.training import train_head
 
-STAGES = ("train", "extract", "efficient", "causal", "report")
+STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 # Defaults of the settings that shape the attention store (besides corpus, model and limit, which name it); a run
 # that changes any of them gets its own store name. Must equal run_pipeline's defaults (a test checks it).
 EXTRACTION_DEFAULTS: dict[str, Any] = {
@@ -102,6 +110,7 @@ def run_pipeline(
     scope_examples: int | None = 32,
     scopes: list[str] | None = None,
     minimality_directions: list[int] | None = None,
+    explain_examples: int = 2,
 ) -> dict[str, Any]:
     """Run every stage on `corpus` x `model` (`limit` examples; None for all) and return what happened.
 
@@ -117,7 +126,8 @@ def run_pipeline(
     "efficient_summary": {variant: analysis.run_summary.summarize_variant(...)}, "claims": the claims table
     (analysis.claims)}, where status is "ran", "skipped" (output complete for the same inputs) or "not needed"
     (train only). `scope_examples`, `scopes` (default all, layer, head) and `minimality_directions` (default
-    flows.causal's) are flows.causal.causal's.
+    flows.causal's) are flows.causal.causal's. `explain_examples` examples are explained (flows.explain; 0: not
+    run) into `<name>[-<variants>].explanations.zarr`, and their claims join the claims table.
     """
     logger = get_run_logger()
     settings = {
@@ -210,14 +220,34 @@ def run_pipeline(
                minimality_directions=directions, device=device, batch_size=batch_size)
         finished("causal", "ran", started, results)
 
+    # --- explain ---
+    explanations = explanation_results_path(results) if explain_examples else None
+    if explanations is None:
+        finished("explain", "not needed", None, "explain_examples is 0")
+    else:
+        settings_of_explain = explanation_settings(store, default_methods(variants), examples=explain_examples)
+        check = explanation_status(explanations, settings_of_explain)
+        if check.conflicting:
+            raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
+                             "explain again with this run's settings, or pass --explain-examples 0")
+        if check.complete:
+            finished("explain", "skipped", None, check.reason)
+        else:
+            started = time.perf_counter()
+            explain(store=store, results=explanations, methods=default_methods(variants), examples=explain_examples,
+                    device=device)
+            finished("explain", "ran", started, explanations)
+
     # --- report ---
     check = report_status(report_dir, results)
+    if check.complete and stages["explain"]["status"] == "ran":  # new explanations, redraw
+        check = StageCheck(False, "the explanation results were recomputed")
     if check.complete:
         finished("report", "skipped", None, check.reason)
     else:
         logger.info("stage report needed: %s", check.reason)
         started = time.perf_counter()
-        report(results=results, out=report_dir, store=store)
+        report(results=results, out=report_dir, store=store, explanations=explanations)
         record_report_source(report_dir, results)
         finished("report", "ran", started, report_dir)
 
@@ -228,7 +258,9 @@ def run_pipeline(
         "report": str(Path(report_dir) / "index.html"),
         "stages": stages,
         "efficient_summary": summaries,
-        "claims": open_causal_results(results).attrs["claims"],
+        "claims": open_causal_results(results).attrs["claims"]
+        + (open_explanation_results(explanations).attrs["claims"] if explanations else []),
+        "explanations": explanations,
         "examples": store_layout(open_attention_store(store)).n_examples,
     }
     logger.info("pipeline finished:\n%s\n\n%s", stage_table(record), summary_table(summaries))

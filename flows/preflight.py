@@ -120,7 +120,7 @@ def check_command(command: str, options: Mapping[str, Any]) -> None:
     elif command == "efficient":
         check_attention_store(options["store"])
         check_dask_scheduler(get("dask_address"))
-    elif command == "causal":
+    elif command in ("causal", "explain"):
         check_writable_location(options["results"], "--results")
         check_attention_store(options["store"])
         if get("model"):

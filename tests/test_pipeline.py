@@ -205,3 +205,16 @@ def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_r
     assert causal_completed_shards(open_causal_results(copied["results"]),
                                    open_attention_store(copied["store"])) == [0, 1]
     assert efficient_completed_shards(open_attention_store(copied["store"]), "effective") == [0, 1]
+
+
+def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first_run):
+    import xarray as xr
+
+    _, record = first_run
+    assert statuses(record)["explain"] == "ran"
+    assert record["explanations"] == record["results"].replace(".results.zarr", ".explanations.zarr")
+    explanations = xr.open_zarr(record["explanations"], consolidated=False)
+    assert explanations.sizes["example"] == 2
+    assert "efficient attention (effective) explains at least as faithfully as raw attention (rollout)" in {
+        row["claim"] for row in record["claims"]}
+    assert "Does attention explain the prediction?" in Path(record["report"]).read_text(encoding="utf-8")
