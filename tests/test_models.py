@@ -8,19 +8,11 @@ import torch
 
 from analysis.models import (
     load_model,
-    model_family,
     output_projection_slices,
     weights_digest,
     wrap_model,
 )
 from tests.conftest import bundled_tokenizer, save_model_folder, tiny_bert, tiny_llama
-
-
-def test_families_and_unsupported_architecture():
-    assert model_family("bert") == "bert"
-    assert model_family("llama") == "llama"
-    with pytest.raises(ValueError, match="model type 'gpt2' is not supported: effattn knows where"):
-        model_family("gpt2")
 
 
 def test_unknown_model_name_and_non_model_folder(tmp_path):
@@ -40,13 +32,13 @@ def test_base_model_folder_gets_a_seeded_head(tmp_path):
     assert first.weights_digest == again.weights_digest
     assert first.weights_digest != other_seed.weights_digest  # the 3-class head is new, drawn from the seed
     assert first.model.config.num_labels == 3
-    assert first.family == "bert" and not first.causal
+    assert first.adapter.name == "bert-encoder" and not first.causal
     assert first.model.config._attn_implementation == "effattn"
     assert first.tokenizer.padding_side == "right"
 
 
 def test_next_token_needs_a_decoder(tiny_bert_folder, tiny_llama_folder):
-    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(Llama family\\) model, but"):
+    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(causal attention\\), but .* is a bert encoder"):
         load_model(str(tiny_bert_folder), num_labels=2, task="next-token")
     with pytest.raises(ValueError, match="unknown task 'summarise': choose 'classification' or 'next-token'"):
         load_model(str(tiny_bert_folder), num_labels=2, task="summarise")
@@ -72,12 +64,12 @@ def test_weights_digest_sees_a_single_changed_weight():
 @pytest.mark.parametrize("make_model", [tiny_bert, tiny_llama])
 def test_output_projection_slices_reproduce_the_projection(make_model):
     loaded = wrap_model(make_model(), bundled_tokenizer(), "tiny")
-    w_out, out_bias = output_projection_slices(loaded.model, loaded.family)
+    w_out, out_bias = output_projection_slices(loaded.model, loaded.adapter)
     shape = loaded.shape
     assert w_out.shape == (shape.layers, shape.heads, shape.head_dim, shape.hidden)
     projection = (
         loaded.model.bert.encoder.layer[1].attention.output.dense
-        if loaded.family == "bert"
+        if not loaded.causal
         else loaded.model.model.layers[1].self_attn.o_proj
     )
     per_head = torch.randn(3, shape.heads, shape.head_dim)
@@ -91,7 +83,7 @@ def test_bundled_smollm2_is_a_grouped_query_llama():
     from analysis.extraction import capture_examples, plan_extraction
 
     loaded = load_model("smollm2", num_labels=2)
-    assert loaded.family == "llama" and loaded.causal
+    assert loaded.adapter.name == "llama-decoder" and loaded.causal
     assert (loaded.shape.layers, loaded.shape.heads, loaded.shape.kv_heads, loaded.shape.head_dim) == (30, 9, 3, 64)
     plan = plan_extraction(["The cat sat on the mat.", "Hello there"], loaded.tokenizer, max_length=32)
     captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=2)
