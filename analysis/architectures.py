@@ -221,6 +221,7 @@ class ObservedLayout:
     causal: tuple[bool, ...]
     heads: tuple[int, ...]
     head_dims: tuple[int, ...]
+    sliding_windows: tuple[int | None, ...]
 
 
 PROBE_LENGTH = 12
@@ -262,6 +263,7 @@ def observe_layout(model: torch.nn.Module) -> ObservedLayout:
         causal=tuple(bool((call.weights[..., upper] == 0).all()) for call in calls),
         heads=tuple(call.weights.shape[1] for call in calls),
         head_dims=tuple(call.output.shape[-1] for call in calls),
+        sliding_windows=tuple(None if call.sliding_window is None else int(call.sliding_window) for call in calls),
     )
 
 
@@ -358,9 +360,10 @@ def discover_adapter(model: torch.nn.Module, observed: ObservedLayout | None = N
     return adapter
 
 
-def prepare_architecture(model: torch.nn.Module) -> ArchitectureAdapter:
+def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, ObservedLayout]:
     """The adapter of a loaded model, checked against a probe forward pass (which also assigns layer indices where
-    the record says so and switches the model to the effattn backend). Refused models raise ArchitectureError."""
+    the record says so and switches the model to the effattn backend), and what the probe observed. Refused models
+    raise ArchitectureError."""
     model_type = model.config.model_type
     adapter = adapter_for(model_type)
     if adapter is not None:
@@ -375,9 +378,9 @@ def prepare_architecture(model: torch.nn.Module) -> ArchitectureAdapter:
             f"layers cannot be told apart. {_support_hint()}"
         ) from error
     if adapter is None:
-        return discover_adapter(model, observed)
+        return discover_adapter(model, observed), observed
     check_observed_layout(model, adapter, observed)
-    return adapter
+    return adapter, observed
 
 
 __all__ = [

@@ -32,7 +32,8 @@ ATTENTION_IMPLEMENTATION = "effattn"
 # bookkeeping, flash-attention-only switches). Anything else with a value is either honoured below or refused.
 INERT_ATTENTION_ARGUMENTS = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "past_key_values", "past_key_value",
-    "encoder_hidden_states", "deterministic", "is_causal",
+    "encoder_hidden_states", "deterministic", "is_causal", "output_router_logits", "output_hidden_states",
+    "return_dict",
 })
 # Arguments honoured by this backend: `softcap` (tanh capping of the scores, Gemma 2) and `sliding_window` (applied
 # by the mask function; checked to have reached the mask).
@@ -153,13 +154,15 @@ class AttentionInjection:
 class AttentionCall:
     """One call of the attention function seen by `observe_attention_calls` (used to check an architecture's layout).
 
-    weights: [batch, heads, query, key]; output: [batch, query, heads, head_dim], what the model's next module gets.
+    weights: [batch, heads, query, key]; output: [batch, query, heads, head_dim], what the model's next module gets;
+    sliding_window: the window argument the model passed (None: full attention), applied by the mask.
     """
 
     module: torch.nn.Module
     layer_index: int
     weights: torch.Tensor
     output: torch.Tensor
+    sliding_window: int | None = None
 
 
 _active = threading.local()
@@ -267,7 +270,7 @@ def effattn_attention(
     observer: list | None = getattr(_active, "observer", None)
     if observer is not None:
         observer.append(AttentionCall(module=module, layer_index=layer_index, weights=weights.detach(),
-                                      output=output.detach()))
+                                      output=output.detach(), sliding_window=sliding_window))
     return output, weights
 
 

@@ -229,6 +229,7 @@ def store_attributes(
             "model_type": loaded.model.config.model_type,
             "adapter": loaded.adapter.name,
             "causal": loaded.causal,
+            "sliding_windows": list(loaded.sliding_windows),
             "layers": loaded.shape.layers,
             "heads": loaded.shape.heads,
             "kv_heads": loaded.shape.kv_heads,

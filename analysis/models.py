@@ -58,6 +58,7 @@ class LoadedModel:
     source: str  # where the weights came from, human readable
     adapter: ArchitectureAdapter  # where the attention is (analysis.architectures), checked by a probe
     causal: bool  # decoder attention (row i only sees keys <= i), from the adapter
+    sliding_windows: tuple  # per layer, the sliding_window argument its attention gets (None: full attention)
     model: PreTrainedModel
     tokenizer: object
     shape: ModelShape
@@ -232,7 +233,7 @@ def wrap_model(
     if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
-    adapter = prepare_architecture(model)
+    adapter, observed = prepare_architecture(model)
     if task == "next-token" and not adapter.causal:
         raise _needs_a_decoder(name, model.config.model_type)
     return LoadedModel(
@@ -240,6 +241,7 @@ def wrap_model(
         source=source,
         adapter=adapter,
         causal=adapter.causal,
+        sliding_windows=observed.sliding_windows,
         model=model,
         tokenizer=tokenizer,
         shape=model_shape(model),

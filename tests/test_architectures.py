@@ -1,0 +1,303 @@
+"""analysis.architectures: every accepted architecture is captured exactly, every refused one is refused by name.
+
+Tiny random models of each type (tests/tiny_architectures.py) run one padded batch of two lengths through eager and
+through the effattn backend: identical logits and attention, the attention block's output rebuilt from what the store
+keeps, no weight above the diagonal or outside a sliding window, the classification head pooling the last real token,
+and the causal stage's replay / efficient:effective keeping the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.architectures import (
+    ADAPTERS,
+    REFUSED_ARCHITECTURES,
+    ArchitectureAdapter,
+    ArchitectureError,
+    adapter_for,
+    attention_layers,
+    discover_adapter,
+    observe_layout,
+    prepare_architecture,
+    projection_weight,
+    supported_model_types,
+)
+from analysis.attention_backend import capture_attention
+from analysis.models import attention_output_projections, output_projection_slices, wrap_model
+from tests.conftest import bundled_tokenizer
+from tests.tiny_architectures import (
+    ACCEPTED_CONFIGS,
+    ENCODER_TYPES,
+    NEXT_TOKEN_ONLY,
+    REFUSED_CONFIGS,
+    WINDOW,
+    classification_types,
+    decoder_types,
+    tiny_model,
+)
+
+ISSUE_TYPES = ("bert roberta xlm-roberta electra camembert distilbert modernbert gpt2 gpt_neox gptj opt phi phi3 llama "
+               "mistral mixtral qwen2 qwen3 gemma gemma2 gemma3_text olmo2 smollm3 granite starcoder2").split()
+LENGTHS = [14, 9]  # a padded batch of two lengths, both longer than the window (4)
+CASES = [(name, "classification") for name in classification_types()] + [
+    (name, "next-token") for name in decoder_types()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return bundled_tokenizer()
+
+
+def batch(model, lengths=LENGTHS, seed=0):
+    """Right-padded random ids (never a special id) and the attention mask, [batch, max(lengths)]."""
+    generator = torch.Generator().manual_seed(seed)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids = torch.randint(3, model.config.vocab_size, (len(lengths), max(lengths)), generator=generator)
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    return torch.where(mask, ids, torch.full_like(ids, pad)), mask.long()
+
+
+def layer_windows(model) -> list[int | None]:
+    """The window each layer's attention should have by the config (None: full), for the mask checks below."""
+    config = model.config
+    if config.model_type == "modernbert":
+        return [None if index % config.global_attn_every_n_layers == 0 else config.local_attention // 2
+                for index in range(config.num_hidden_layers)]
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return [None] * config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def test_every_type_of_the_issue_has_a_record_and_a_tiny_config():
+    assert set(ISSUE_TYPES) <= set(supported_model_types())
+    assert set(ISSUE_TYPES) <= set(ACCEPTED_CONFIGS)
+    names = [adapter.name for adapter in ADAPTERS]
+    assert len(names) == len(set(names))
+    declared = [model_type for adapter in ADAPTERS for model_type in adapter.model_types]
+    assert len(declared) == len(set(declared)), "a model type is in two records"
+    assert not set(declared) & set(REFUSED_ARCHITECTURES)
+    assert adapter_for("gpt2").weight_layout == "conv1d" and adapter_for("distilbert").layer_index == "assigned"
+    assert adapter_for("gpt2").causal and not adapter_for("modernbert").causal
+    assert adapter_for("unknown-type") is None
+
+
+@pytest.mark.parametrize("model_type,task", CASES, ids=[f"{name}-{task}" for name, task in CASES])
+def test_capture_is_exact(model_type, task, tokenizer):
+    model = tiny_model(model_type, task)
+    input_ids, mask = batch(model)
+    with torch.no_grad():
+        eager = model(input_ids=input_ids, attention_mask=mask, output_attentions=True)
+    loaded = wrap_model(model, tokenizer, model_type, task=task)
+    assert loaded.causal == (model_type not in ENCODER_TYPES)
+    projected = {}
+    handles = [projection.register_forward_hook(lambda m, i, o, layer=layer: projected.__setitem__(layer, o))
+               for layer, projection in enumerate(attention_output_projections(model, loaded.adapter))]
+    try:
+        with torch.no_grad(), capture_attention() as recorder:
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = recorder.ordered(loaded.shape.layers)
+    real = mask.bool()
+    if task == "next-token":
+        torch.testing.assert_close(logits[real], eager.logits[real], atol=1e-6, rtol=0)
+    else:
+        torch.testing.assert_close(logits, eager.logits, atol=1e-6, rtol=0)
+    w_out, out_bias = output_projection_slices(model, loaded.adapter)
+    shape = loaded.shape
+    groups = shape.heads // shape.kv_heads
+    windows = layer_windows(model)
+    for index, layer in enumerate(layers):
+        attention, value = layer.attention, layer.value
+        assert attention.shape[1] == shape.heads and value.shape[1] == shape.kv_heads
+        for example, n in enumerate(LENGTHS):
+            block = attention[example, :, :n, :n]
+            torch.testing.assert_close(block, eager.attentions[index][example, :, :n, :n], atol=1e-6, rtol=0)
+            # the block's projected output from what the store keeps: sum_h A_h V_h W_O^h + b_O
+            per_head = torch.einsum("hqk,hkd->hqd", block, value[example].repeat_interleave(groups, 0)[:, :n])
+            rebuilt = np.einsum("hqd,hdo->qo", per_head.numpy(), w_out[index]) + out_bias[index]
+            np.testing.assert_allclose(rebuilt, projected[index][example, :n].numpy(), atol=1e-5, rtol=0)
+            query, key = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            if loaded.causal:
+                assert not block[:, key > query].any(), "weight above the diagonal"
+            window = windows[index]
+            if window is not None:
+                outside = (query - key >= window) if loaded.causal else ((query - key).abs() > window)
+                assert outside.any() and not block[:, outside].any(), f"weight outside the window of layer {index}"
+                assert (block[:, ~outside & ((key <= query) if loaded.causal else True)] > 0).all()
+    if task == "classification":
+        # the head pools each example's last real token: alone (no padding) it gives the same logits
+        for example, n in enumerate(LENGTHS):
+            with torch.no_grad():
+                alone = model(input_ids=input_ids[example:example + 1, :n]).logits
+            torch.testing.assert_close(alone[0], logits[example], atol=1e-5, rtol=0)
+
+
+def test_every_window_and_softcap_case_is_exercised():
+    """The exactness test above must meet a sliding window in a causal and a bidirectional model, and gemma2's
+    small softcap (2.0), or it could pass without honouring them."""
+    assert any(window for window in layer_windows(tiny_model("mistral"))) and layer_windows(tiny_model("mistral"))[0]
+    assert layer_windows(tiny_model("modernbert")) == [None, WINDOW // 2]
+    assert layer_windows(tiny_model("gemma3_text")) == [WINDOW, None]
+    assert tiny_model("gemma2").config.attn_logit_softcapping == 2.0
+
+
+def test_gemma2_softcap_is_honoured_and_matters(tokenizer):
+    model = tiny_model("gemma2")
+    input_ids, mask = batch(model)
+    with torch.no_grad():
+        eager = model(input_ids=input_ids, attention_mask=mask, output_attentions=True).attentions
+    wrap_model(model, tokenizer, "gemma2")
+    with torch.no_grad(), capture_attention() as recorder:
+        model(input_ids=input_ids, attention_mask=mask)
+    torch.testing.assert_close(recorder.layers[1].attention, eager[1], atol=1e-6, rtol=0)
+    model.config.attn_logit_softcapping = None
+    for layer in attention_layers(model, adapter_for("gemma2")):
+        layer.attention.attn_logit_softcapping = None
+    with torch.no_grad(), capture_attention() as uncapped:
+        model(input_ids=input_ids, attention_mask=mask)
+    n = LENGTHS[0]
+    change = (uncapped.layers[0].attention[0, :, :n, :n] - eager[0][0, :, :n, :n]).abs().max()
+    assert change > 1e-2, "the softcap of 2.0 must change attention, or this test could not fail"
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED_CONFIGS))
+def test_refused_types_are_refused_by_name_with_the_reason(model_type, tokenizer):
+    model = tiny_model(model_type)
+    reason = REFUSED_ARCHITECTURES[model_type]
+    with pytest.raises(ArchitectureError, match=re.escape(f"model type '{model_type}' is not supported: {reason}. "
+                                                          "supported model types: bert, camembert, distilbert")):
+        wrap_model(model, tokenizer, model_type)
+
+
+@pytest.mark.parametrize("model_type,expected", [
+    ("albert", "its attention modules keep no layer_idx, so the layers cannot be told apart"),
+    ("gpt_oss", "model type 'gpt_oss' passes 's_aux' to its attention function (attention sinks"),
+    ("t5", "model type 't5' passes 'position_bias' to its attention function (a relative position bias"),
+    ("falcon", "its attention does not go through transformers' AttentionInterface"),
+    ("bloom", "its attention does not go through transformers' AttentionInterface"),
+    ("deberta-v2", "its attention does not go through transformers' AttentionInterface"),
+])
+def test_refusals_do_not_depend_on_the_list(model_type, expected, monkeypatch):
+    """Without its entry in REFUSED_ARCHITECTURES a refused type is still refused, by the probe: the list only
+    words the reason up front."""
+    monkeypatch.delitem(REFUSED_ARCHITECTURES, model_type)
+    with pytest.raises(ArchitectureError, match=re.escape(expected)):
+        prepare_architecture(tiny_model(model_type))
+
+
+def test_albert_record_with_shared_module_is_refused(monkeypatch):
+    """Even with a record that finds its layers, ALBERT's one attention module for every layer is refused."""
+    model = tiny_model("albert")
+    base = model.base_model
+    base.shared_layers = torch.nn.ModuleList(
+        [base.encoder.albert_layer_groups[0].albert_layers[0]] * model.config.num_hidden_layers)
+    record = ArchitectureAdapter("albert-shared", ("albert",), layers="shared_layers", attention="attention",
+                                 output_projection="attention.dense", causal=False, layer_index="assigned")
+    with pytest.raises(ArchitectureError, match="one attention module is shared by several layers"):
+        attention_layers(model, record)
+
+
+def test_distilbert_layers_get_their_index():
+    model = tiny_model("distilbert")
+    modules = [layer.attention for layer in model.distilbert.transformer.layer]
+    assert not any(hasattr(module, "layer_idx") for module in modules)  # transformers keeps none
+    adapter, _ = prepare_architecture(model)
+    assert [module.layer_idx for module in modules] == [0, 1]
+    assert adapter.layer_index == "assigned"
+
+
+def test_conv1d_orientation_on_a_non_square_projection():
+    """GPT-2's Conv1D keeps [in, out]; a projection from 3 heads x 8 = 24 features to hidden 40 shows a wrong
+    transpose (a square one could hide it)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    projection = Conv1D(nf=40, nx=24)
+    as_linear = torch.nn.Linear(24, 40)
+    with torch.no_grad():
+        as_linear.weight.copy_(projection.weight.T)
+    per_head = torch.randn(5, 3, 8)
+    for module, layout in ((projection, "conv1d"), (as_linear, "linear")):
+        adapter = ArchitectureAdapter("probe", ("x",), "h", "attn", "attn.c_proj", True, weight_layout=layout)
+        weight = projection_weight(module, adapter)
+        assert weight.shape == (24, 40)
+        rebuilt = torch.einsum("nhd,hdo->no", per_head, weight.reshape(3, 8, 40)) + module.bias.detach()
+        torch.testing.assert_close(rebuilt, module(per_head.reshape(5, 24)).detach(), atol=1e-5, rtol=0)
+    # a real non-square projection (gemma: 4 heads x 16 = 64 -> hidden 48) read with the wrong layout is refused
+    wrong = dataclasses.replace(adapter_for("gemma"), weight_layout="conv1d")
+    with pytest.raises(ValueError, match=r"layer 0's output projection maps 48 -> 64 features, but the model has 4 "
+                                         r"heads x 16 -> hidden 48: the adapter record 'llama-decoder' has the wrong"):
+        output_projection_slices(tiny_model("gemma"), wrong)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert", "distilbert", "gemma"])
+def test_discovery_agrees_with_the_record(model_type):
+    model = tiny_model(model_type)
+    record, observed = prepare_architecture(model)
+    discovered = discover_adapter(model, observed)
+    assert discovered.discovered and discovered.name == f"discovered:{model_type}"
+    for field in ("layers", "attention", "output_projection", "causal", "weight_layout"):
+        assert getattr(discovered, field) == getattr(record, field), field
+
+
+def test_a_record_that_names_the_wrong_projection_is_refused():
+    model = tiny_model("llama")
+    wrong = ArchitectureAdapter("wrong", ("llama",), layers="layers", attention="self_attn",
+                                output_projection="self_attn.v_proj", causal=True)
+    attention_layers(model, wrong)
+    with pytest.raises(ArchitectureError, match=r"does not match the adapter record 'wrong': layer 0's attention "
+                                                r"output was consumed unchanged by Linear, not by the record's"):
+        from analysis.architectures import check_observed_layout
+
+        check_observed_layout(model, wrong, observe_layout(model))
+    not_causal = ArchitectureAdapter("bidirectional", ("llama",), layers="layers", attention="self_attn",
+                                     output_projection="self_attn.o_proj", causal=False)
+    with pytest.raises(ArchitectureError, match="layer 0's attention is causal, the record says otherwise"):
+        from analysis.architectures import check_observed_layout
+
+        check_observed_layout(model, not_causal, observe_layout(model))
+
+
+def test_a_surprising_layout_without_a_record_is_refused(monkeypatch):
+    """A type without a record whose attention output is changed before its projection (a gate) is refused."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(model.config, "model_type", "gated-llama")
+    for layer in model.model.layers:
+        projection = layer.self_attn.o_proj
+        layer.self_attn.o_proj = torch.nn.Sequential(torch.nn.Tanh(), projection)
+    with pytest.raises(ArchitectureError, match="model type 'gated-llama' has no adapter record and its layout is "
+                                                "not the usual one: no Linear or Conv1D consumes layer 0's"):
+        prepare_architecture(model)
+    plain = tiny_model("llama")
+    monkeypatch.setattr(plain.config, "model_type", "renamed-llama")
+    adapter, _ = prepare_architecture(plain)  # the usual layout works without a record
+    assert adapter.name == "discovered:renamed-llama" and adapter.output_projection == "self_attn.o_proj"
+
+
+def test_unimplemented_argument_is_refused_by_name():
+    from analysis.attention_backend import UnsupportedAttentionError, effattn_attention
+
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    query = torch.randn(1, 2, 3, 4)
+    with pytest.raises(UnsupportedAttentionError, match=re.escape(
+            "model type 'Module' passes 's_aux' to its attention function (attention sinks")):
+        effattn_attention(module, query, query, query, None, s_aux=torch.zeros(2))
+    with pytest.raises(UnsupportedAttentionError, match="passes 'rope_scale_hint' to its attention function \\(an "
+                                                        "argument the effattn backend does not know\\)"):
+        effattn_attention(module, query, query, query, None, rope_scale_hint=2.0)
+    with pytest.raises(UnsupportedAttentionError, match="asks for a sliding window of 2 keys but its attention got "
+                                                        "no mask for 3 keys"):
+        effattn_attention(module, query, query, query, None, sliding_window=2)
+    output, _ = effattn_attention(module, query, query, query, None, s_aux=None, position_ids=torch.arange(3))
+    assert output.shape == (1, 3, 2, 4)  # None means the feature is off; position bookkeeping is inert
