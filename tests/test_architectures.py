@@ -89,14 +89,19 @@ def test_every_type_of_the_issue_has_a_record_and_a_tiny_config():
     assert adapter_for("unknown-type") is None
 
 
-@pytest.mark.parametrize("model_type,task", CASES, ids=[f"{name}-{task}" for name, task in CASES])
-def test_capture_is_exact(model_type, task, tokenizer):
-    model = tiny_model(model_type, task)
-    input_ids, mask = batch(model)
+def run_exactness(model, tokenizer, model_type, task, lengths=LENGTHS, windows=None) -> tuple[list[str], tuple]:
+    """What differs between eager and the effattn capture on one padded batch (empty: exact), and (loaded model,
+    input ids, effattn logits). `model` must be on eager; it is wrapped (switched to effattn) after the eager pass.
+
+    Checks: logits (real positions) <= 1e-6; each layer's captured attention equals eager's <= 1e-6 on the real
+    block; sum_h A_h V_h W_O^h + b_O from the stored arrays equals the output projection's output (forward hook)
+    <= 1e-5; causal models have no weight above the diagonal; `windows` (per layer, None: full) no weight outside
+    and some on every visible key.
+    """
+    input_ids, mask = batch(model, lengths)
     with torch.no_grad():
         eager = model(input_ids=input_ids, attention_mask=mask, output_attentions=True)
     loaded = wrap_model(model, tokenizer, model_type, task=task)
-    assert loaded.causal == (model_type not in ENCODER_TYPES)
     projected = {}
     handles = [projection.register_forward_hook(lambda m, i, o, layer=layer: projected.__setitem__(layer, o))
                for layer, projection in enumerate(attention_output_projections(model, loaded.adapter))]
@@ -106,34 +111,52 @@ def test_capture_is_exact(model_type, task, tokenizer):
     finally:
         for handle in handles:
             handle.remove()
-    layers = recorder.ordered(loaded.shape.layers)
+    problems = []
+
+    def differs(name, actual, expected, tolerance):
+        gap = float((actual.float() - expected.float()).abs().max())
+        if not gap <= tolerance:
+            problems.append(f"{name} differs by {gap:.3g} (> {tolerance})")
+
     real = mask.bool()
     if task == "next-token":
-        torch.testing.assert_close(logits[real], eager.logits[real], atol=1e-6, rtol=0)
+        differs("logits", logits[real], eager.logits[real], 1e-6)
     else:
-        torch.testing.assert_close(logits, eager.logits, atol=1e-6, rtol=0)
+        differs("logits", logits, eager.logits, 1e-6)
+    layers = recorder.ordered(loaded.shape.layers)
     w_out, out_bias = output_projection_slices(model, loaded.adapter)
     shape = loaded.shape
     groups = shape.heads // shape.kv_heads
-    windows = layer_windows(model)
+    eager_attentions = eager.attentions if getattr(eager, "attentions", None) else None
     for index, layer in enumerate(layers):
         attention, value = layer.attention, layer.value
-        assert attention.shape[1] == shape.heads and value.shape[1] == shape.kv_heads
-        for example, n in enumerate(LENGTHS):
+        for example, n in enumerate(lengths):
             block = attention[example, :, :n, :n]
-            torch.testing.assert_close(block, eager.attentions[index][example, :, :n, :n], atol=1e-6, rtol=0)
-            # the block's projected output from what the store keeps: sum_h A_h V_h W_O^h + b_O
+            if eager_attentions is not None and eager_attentions[index] is not None:
+                differs(f"layer {index} attention", block, eager_attentions[index][example, :, :n, :n], 1e-6)
             per_head = torch.einsum("hqk,hkd->hqd", block, value[example].repeat_interleave(groups, 0)[:, :n])
-            rebuilt = np.einsum("hqd,hdo->qo", per_head.numpy(), w_out[index]) + out_bias[index]
-            np.testing.assert_allclose(rebuilt, projected[index][example, :n].numpy(), atol=1e-5, rtol=0)
+            rebuilt = torch.as_tensor(np.einsum("hqd,hdo->qo", per_head.numpy(), w_out[index]) + out_bias[index])
+            differs(f"layer {index} rebuilt block output", rebuilt, projected[index][example, :n], 1e-5)
             query, key = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-            if loaded.causal:
-                assert not block[:, key > query].any(), "weight above the diagonal"
-            window = windows[index]
+            if loaded.causal and block[:, key > query].any():
+                problems.append(f"layer {index} has weight above the diagonal")
+            window = (windows or [None] * len(layers))[index]
             if window is not None:
                 outside = (query - key >= window) if loaded.causal else ((query - key).abs() > window)
-                assert outside.any() and not block[:, outside].any(), f"weight outside the window of layer {index}"
-                assert (block[:, ~outside & ((key <= query) if loaded.causal else True)] > 0).all()
+                if not outside.any() or block[:, outside].any():
+                    problems.append(f"layer {index} has weight outside its window of {window}")
+                if not (block[:, ~outside & ((key <= query) if loaded.causal else True)] > 0).all():
+                    problems.append(f"layer {index} has no weight on some key inside its window")
+    return problems, (loaded, input_ids, logits)
+
+
+@pytest.mark.parametrize("model_type,task", CASES, ids=[f"{name}-{task}" for name, task in CASES])
+def test_capture_is_exact(model_type, task, tokenizer):
+    model = tiny_model(model_type, task)
+    problems, (loaded, input_ids, logits) = run_exactness(model, tokenizer, model_type, task,
+                                                          windows=layer_windows(model))
+    assert problems == []
+    assert loaded.causal == (model_type not in ENCODER_TYPES)
     if task == "classification":
         # the head pools each example's last real token: alone (no padding) it gives the same logits
         for example, n in enumerate(LENGTHS):
@@ -301,3 +324,42 @@ def test_unimplemented_argument_is_refused_by_name():
         effattn_attention(module, query, query, query, None, sliding_window=2)
     output, _ = effattn_attention(module, query, query, query, None, s_aux=None, position_ids=torch.arange(3))
     assert output.shape == (1, 3, 2, 4)  # None means the feature is off; position bookkeeping is inert
+
+
+CAUSAL_LENGTHS = np.array([20, 17, 14, 9])  # 4 examples, longer than every head dim (<= 16): real null spaces
+CAUSAL_CASES = [(name, "classification") for name in classification_types()] + [
+    (name, "next-token") for name in ("gpt2", "granite", "gemma2")]
+
+
+@pytest.mark.parametrize("model_type,task", CAUSAL_CASES, ids=[f"{name}-{task}" for name, task in CAUSAL_CASES])
+def test_replay_and_effective_attention_keep_the_logits(model_type, task, tokenizer):
+    """The causal stage on 4 captured examples: replaying the stored attention reproduces the stored logits, and
+    injecting effective attention (A with its null-space part removed) keeps them."""
+    from analysis.causal import intervened_logits, plain_logits
+    from analysis.efficient_attention import efficient_attention
+    from analysis.extraction import capture_examples
+    from analysis.interventions import Intervention, intervention_matrices
+
+    loaded = wrap_model(tiny_model(model_type, task), tokenizer, model_type, task=task)
+    input_ids, _ = batch(loaded.model, lengths=list(CAUSAL_LENGTHS), seed=1)
+    tokens = input_ids.numpy().astype(np.int32)
+    shard = capture_examples(loaded, tokens, CAUSAL_LENGTHS, batch_size=4, top_k=5)
+    original = plain_logits(loaded, tokens, CAUSAL_LENGTHS)
+    if task == "classification":
+        np.testing.assert_allclose(shard.logits, original.numpy(), atol=1e-6, rtol=0)
+    w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
+    efficient = efficient_attention(shard.attention, shard.value, w_out, CAUSAL_LENGTHS, causal=loaded.causal,
+                                    variants=("effective",))
+    masks = np.ones((1, loaded.shape.layers, loaded.shape.heads), dtype=bool)
+    real = torch.as_tensor(np.arange(CAUSAL_LENGTHS.max())[None] < CAUSAL_LENGTHS[:, None])
+    changes = {}
+    for name in ("replay", "efficient:effective", "ablate"):
+        intervention = Intervention.parse(name)
+        matrices = intervention_matrices(
+            intervention, shard.attention, shard.value, w_out, CAUSAL_LENGTHS, loaded.causal,
+            efficient=efficient["effective"].efficient if intervention.needs_efficient else None,
+        )
+        logits = intervened_logits(loaded, tokens, CAUSAL_LENGTHS, matrices, masks)[0]
+        changes[name] = float(((logits - original)[real] if task == "next-token" else logits - original).abs().max())
+    assert changes["replay"] <= 1e-5 and changes["efficient:effective"] <= 1e-4, changes
+    assert changes["ablate"] > 100 * max(changes["efficient:effective"], 1e-7), changes  # the check can fail
