@@ -19,7 +19,6 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from analysis.attention_backend import (
-    MissingLayerIndexError,
     UnsupportedAttentionError,
     observe_attention_calls,
     use_capture_backend,
@@ -220,6 +219,7 @@ class ObservedLayout:
     consumers: tuple[torch.nn.Module | None, ...]
     causal: tuple[bool, ...]
     heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
     head_dims: tuple[int, ...]
     sliding_windows: tuple[int | None, ...]
 
@@ -262,6 +262,7 @@ def observe_layout(model: torch.nn.Module) -> ObservedLayout:
         consumers=tuple(consumers.get(index) for index in range(len(calls))),
         causal=tuple(bool((call.weights[..., upper] == 0).all()) for call in calls),
         heads=tuple(call.weights.shape[1] for call in calls),
+        kv_heads=tuple(call.kv_heads for call in calls),
         head_dims=tuple(call.output.shape[-1] for call in calls),
         sliding_windows=tuple(None if call.sliding_window is None else int(call.sliding_window) for call in calls),
     )
@@ -309,13 +310,37 @@ def check_observed_layout(model: torch.nn.Module, adapter: ArchitectureAdapter, 
             )
 
 
+def check_uniform_shape(model: torch.nn.Module, adapter: ArchitectureAdapter, observed: ObservedLayout,
+                        heads: int, kv_heads: int, head_dim: int, hidden: int) -> None:
+    """The sizes the store is laid out by (from the config) must be every layer's, as the probe saw them, and every
+    output projection must map heads * head_dim -> hidden."""
+    model_type = model.config.model_type
+    seen = {"heads": set(observed.heads), "kv heads": set(observed.kv_heads), "head dim": set(observed.head_dims)}
+    expected = {"heads": heads, "kv heads": kv_heads, "head dim": head_dim}
+    for what, values in seen.items():
+        if values != {expected[what]}:
+            raise ArchitectureError(
+                f"model type '{model_type}': its layers have {what} {sorted(values)}, the config says "
+                f"{expected[what]}; the attention store needs one shape for every layer, so effattn refuses it"
+            )
+    for layer in attention_layers(model, adapter):
+        weight = projection_weight(layer.projection, adapter)
+        if tuple(weight.shape) != (heads * head_dim, hidden):
+            raise ArchitectureError(
+                f"model type '{model_type}': layer {layer.index}'s output projection maps {weight.shape[0]} -> "
+                f"{weight.shape[1]} features, not {heads} heads x {head_dim} -> hidden {hidden} (adapter "
+                f"'{adapter.name}', weight layout {adapter.weight_layout})"
+            )
+
+
 _LAYER_PATH = re.compile(r"^(?P<layers>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 
 def discover_adapter(model: torch.nn.Module, observed: ObservedLayout | None = None) -> ArchitectureAdapter:
     """An adapter for a model type without a record, built from a probe: accepted only for the usual layout (one
-    call per layer, each by a distinct module with its own layer_idx at `<layers>.<i>.<attention>`, its output
-    consumed unchanged by a Linear or Conv1D at `<layers>.<i>.<projection>`); anything else is refused."""
+    call per layer in layer order, each by a distinct module at `<layers>.<i>.<attention>` whose layer_idx is i or
+    absent (then assigned), its output consumed unchanged by a Linear or Conv1D at `<layers>.<i>.<projection>`, all
+    layers causal or all bidirectional); anything else is refused."""
     model_type = model.config.model_type
     observed = observed if observed is not None else observe_layout(model)
     names = {id(module): name for name, module in model.base_model.named_modules()}
@@ -332,7 +357,8 @@ def discover_adapter(model: torch.nn.Module, observed: ObservedLayout | None = N
     if len(observed.modules) != n_layers or len({id(m) for m in observed.modules}) != n_layers:
         raise refuse(f"a forward pass made {len(observed.modules)} attention calls by "
                      f"{len({id(m) for m in observed.modules})} modules for {n_layers} layers")
-    if list(observed.layer_indices) != list(range(n_layers)):
+    indexed = list(observed.layer_indices) != [None] * n_layers
+    if indexed and list(observed.layer_indices) != list(range(n_layers)):
         raise refuse(f"the attention modules' layer_idx are {list(observed.layer_indices)}, not 0..{n_layers - 1}")
     if len(set(observed.causal)) != 1:
         raise refuse("some layers are causal and others are not")
@@ -352,9 +378,11 @@ def discover_adapter(model: torch.nn.Module, observed: ObservedLayout | None = N
     layers, same_index, attention, projection_layers, projection, layout = layouts.pop()
     if not same_index or projection_layers != layers:
         raise refuse("an attention's output is projected in another layer")
+    # without layer_idx the index is the layer's place in its list, which must be the order of the calls
     adapter = ArchitectureAdapter(
         name=f"discovered:{model_type}", model_types=(model_type,), layers=layers, attention=attention,
-        output_projection=projection, causal=observed.causal[0], weight_layout=layout, discovered=True,
+        output_projection=projection, causal=observed.causal[0], weight_layout=layout,
+        layer_index="module" if indexed else "assigned", discovered=True,
     )
     check_observed_layout(model, adapter, observed)
     return adapter
@@ -372,11 +400,6 @@ def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, O
         observed = observe_layout(model)
     except UnsupportedAttentionError as error:
         raise ArchitectureError(str(error)) from error
-    except MissingLayerIndexError as error:
-        raise ArchitectureError(
-            f"model type '{model_type}' has no adapter record and its attention modules keep no layer_idx, so the "
-            f"layers cannot be told apart. {_support_hint()}"
-        ) from error
     if adapter is None:
         return discover_adapter(model, observed), observed
     check_observed_layout(model, adapter, observed)
@@ -385,6 +408,6 @@ def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, O
 
 __all__ = [
     "ADAPTERS", "REFUSED_ARCHITECTURES", "ArchitectureAdapter", "ArchitectureError", "AttentionLayer",
-    "adapter_for", "attention_layers", "check_not_refused", "discover_adapter", "observe_layout",
+    "adapter_for", "attention_layers", "check_not_refused", "check_uniform_shape", "discover_adapter", "observe_layout",
     "prepare_architecture", "projection_weight", "refusal_reason", "supported_model_types",
 ]

@@ -162,6 +162,7 @@ class AttentionCall:
     layer_index: int
     weights: torch.Tensor
     output: torch.Tensor
+    kv_heads: int = 0
     sliding_window: int | None = None
 
 
@@ -239,7 +240,9 @@ def effattn_attention(
             "analysis.models so that the effattn mask function is registered"
         )
     layer_index = getattr(module, "layer_idx", None)
-    if layer_index is None:
+    observer: list | None = getattr(_active, "observer", None)
+    capturing = getattr(_active, "recorder", None) is not None or getattr(_active, "injection", None) is not None
+    if layer_index is None and (capturing or observer is None):  # a probe may watch modules not yet indexed
         raise MissingLayerIndexError(
             f"the attention module {type(module).__name__} has no layer_idx: wrap the model with "
             "analysis.models.wrap_model (or load_model), which assigns one from the architecture's adapter record"
@@ -267,10 +270,10 @@ def effattn_attention(
 
     weights_after_dropout = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights_after_dropout, value_states).transpose(1, 2).contiguous()
-    observer: list | None = getattr(_active, "observer", None)
     if observer is not None:
         observer.append(AttentionCall(module=module, layer_index=layer_index, weights=weights.detach(),
-                                      output=output.detach(), sliding_window=sliding_window))
+                                      output=output.detach(), kv_heads=value.shape[1],
+                                      sliding_window=sliding_window))
     return output, weights
 
 

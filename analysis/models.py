@@ -27,7 +27,9 @@ from analysis.architectures import (
     ArchitectureAdapter,
     adapter_for,
     attention_layers,
+    ArchitectureError,
     check_not_refused,
+    check_uniform_shape,
     prepare_architecture,
     projection_weight,
 )
@@ -81,7 +83,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         array = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}|".encode())
-        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 
@@ -236,6 +238,14 @@ def wrap_model(
     adapter, observed = prepare_architecture(model)
     if task == "next-token" and not adapter.causal:
         raise _needs_a_decoder(name, model.config.model_type)
+    try:
+        shape = model_shape(model)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as error:  # e.g. a per-layer head_dim (heterogeneous layers)
+        raise ArchitectureError(
+            f"model type '{model.config.model_type}': its config gives no single head count and head size for "
+            f"every layer ({type(error).__name__}: {error}); the attention store needs one shape"
+        ) from error
+    check_uniform_shape(model, adapter, observed, shape.heads, shape.kv_heads, shape.head_dim, shape.hidden)
     return LoadedModel(
         name=name,
         source=source,
@@ -244,7 +254,7 @@ def wrap_model(
         sliding_windows=observed.sliding_windows,
         model=model,
         tokenizer=tokenizer,
-        shape=model_shape(model),
+        shape=shape,
         weights_digest=weights_digest(model),
         device=device,
         task=task,

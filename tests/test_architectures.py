@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig
+from transformers.utils import logging as transformers_logging
 
 from analysis.architectures import (
     ADAPTERS,
@@ -89,14 +92,15 @@ def test_every_type_of_the_issue_has_a_record_and_a_tiny_config():
     assert adapter_for("unknown-type") is None
 
 
-def run_exactness(model, tokenizer, model_type, task, lengths=LENGTHS, windows=None) -> tuple[list[str], tuple]:
+def run_exactness(model, tokenizer, model_type, task, lengths=LENGTHS) -> tuple[list[str], tuple]:
     """What differs between eager and the effattn capture on one padded batch (empty: exact), and (loaded model,
     input ids, effattn logits). `model` must be on eager; it is wrapped (switched to effattn) after the eager pass.
 
     Checks: logits (real positions) <= 1e-6; each layer's captured attention equals eager's <= 1e-6 on the real
     block; sum_h A_h V_h W_O^h + b_O from the stored arrays equals the output projection's output (forward hook)
-    <= 1e-5; causal models have no weight above the diagonal; `windows` (per layer, None: full) no weight outside
-    and some on every visible key.
+    <= 1e-5; causal models have no weight above the diagonal; a layer whose attention gets a sliding_window w has
+    no weight on keys with |query - key| >= w (transformers' mask semantics, causal and bidirectional alike) and
+    some on every visible key.
     """
     input_ids, mask = batch(model, lengths)
     with torch.no_grad():
@@ -140,23 +144,25 @@ def run_exactness(model, tokenizer, model_type, task, lengths=LENGTHS, windows=N
             query, key = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
             if loaded.causal and block[:, key > query].any():
                 problems.append(f"layer {index} has weight above the diagonal")
-            window = (windows or [None] * len(layers))[index]
-            if window is not None:
-                outside = (query - key >= window) if loaded.causal else ((query - key).abs() > window)
-                if not outside.any() or block[:, outside].any():
-                    problems.append(f"layer {index} has weight outside its window of {window}")
-                if not (block[:, ~outside & ((key <= query) if loaded.causal else True)] > 0).all():
-                    problems.append(f"layer {index} has no weight on some key inside its window")
+            window = loaded.sliding_windows[index]
+            outside = (query - key).abs() >= (window if window is not None else n + 1)
+            if block[:, outside].any():
+                problems.append(f"layer {index} has weight outside its window of {window}")
+            if not (block[:, ~outside & ((key <= query) if loaded.causal else True)] > 0).all():
+                problems.append(f"layer {index} has no weight on some visible key")
     return problems, (loaded, input_ids, logits)
 
 
 @pytest.mark.parametrize("model_type,task", CASES, ids=[f"{name}-{task}" for name, task in CASES])
 def test_capture_is_exact(model_type, task, tokenizer):
     model = tiny_model(model_type, task)
-    problems, (loaded, input_ids, logits) = run_exactness(model, tokenizer, model_type, task,
-                                                          windows=layer_windows(model))
+    windows = layer_windows(model)
+    problems, (loaded, input_ids, logits) = run_exactness(model, tokenizer, model_type, task)
     assert problems == []
     assert loaded.causal == (model_type not in ENCODER_TYPES)
+    # the windows the attention got are the config's (modernbert passes half its local window + 1): they bite
+    expected = [None if window is None else window + (model_type == "modernbert") for window in windows]
+    assert list(loaded.sliding_windows) == expected
     if task == "classification":
         # the head pools each example's last real token: alone (no padding) it gives the same logits
         for example, n in enumerate(LENGTHS):
@@ -203,7 +209,7 @@ def test_refused_types_are_refused_by_name_with_the_reason(model_type, tokenizer
 
 
 @pytest.mark.parametrize("model_type,expected", [
-    ("albert", "its attention modules keep no layer_idx, so the layers cannot be told apart"),
+    ("albert", "a forward pass made 2 attention calls by 1 modules for 2 layers"),
     ("gpt_oss", "model type 'gpt_oss' passes 's_aux' to its attention function (attention sinks"),
     ("t5", "model type 't5' passes 'position_bias' to its attention function (a relative position bias"),
     ("falcon", "its attention does not go through transformers' AttentionInterface"),
@@ -363,3 +369,76 @@ def test_replay_and_effective_attention_keep_the_logits(model_type, task, tokeni
         changes[name] = float(((logits - original)[real] if task == "next-token" else logits - original).abs().max())
     assert changes["replay"] <= 1e-5 and changes["efficient:effective"] <= 1e-4, changes
     assert changes["ablate"] > 100 * max(changes["efficient:effective"], 1e-7), changes  # the check can fail
+
+
+SWEEP_SIZES = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=256,
+                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# the second try: grouped-query attention and few experts, for configs whose defaults do not fit the sizes above
+SWEEP_EXTRA_SIZES = dict(num_key_value_heads=2, head_dim=12, num_local_experts=2, num_experts=2, n_routed_experts=2,
+                         num_experts_per_tok=1, moe_intermediate_size=32)
+SWEEP_MAX_PARAMETERS = 8_000_000
+
+
+def sweep_one(model_type: str, task: str, tokenizer) -> tuple[str, str]:
+    """("exact" | "refused" | "skipped" | "wrong", detail) for one model type built tiny from generic sizes."""
+    from transformers.models.auto import modeling_auto
+
+    auto = (modeling_auto.AutoModelForSequenceClassification if task == "classification"
+            else modeling_auto.AutoModelForCausalLM)
+    model, why = None, ""
+    known = {**ACCEPTED_CONFIGS, **REFUSED_CONFIGS}.get(model_type)  # the hand-made tiny config first, if any
+    attempts = ([{**SWEEP_SIZES, **known}] if known is not None else []) + [
+        SWEEP_SIZES, {**SWEEP_SIZES, **SWEEP_EXTRA_SIZES}]
+    for sizes in attempts:
+        try:
+            config = AutoConfig.for_model(model_type, **sizes)
+            with torch.device("meta"):
+                size = sum(parameter.numel() for parameter in auto.from_config(config).parameters())
+            if size > SWEEP_MAX_PARAMETERS:
+                why = f"{size / 1e6:.0f}M parameters with the generic tiny sizes"
+                continue
+            torch.manual_seed(0)
+            model = auto.from_config(config, attn_implementation="eager").eval()
+            input_ids, mask = batch(model, [10, 7])
+            with torch.no_grad():
+                model(input_ids=input_ids, attention_mask=mask, output_attentions=True)
+            break
+        except Exception as error:  # noqa: BLE001 - a type that cannot be built tiny is skipped, with the reason
+            model, why = None, f"cannot be built tiny: {type(error).__name__}: {str(error)[:80]}"
+    if model is None:
+        return "skipped", why
+    try:
+        problems, _ = run_exactness(model, tokenizer, model_type, task, lengths=[10, 7])
+    except (ArchitectureError, ValueError) as error:
+        return "refused", str(error).split(". supported model types")[0][:160]
+    except Exception as error:  # noqa: BLE001 - accepted, then failed: not silent, but the refusal came too late
+        return "wrong", f"accepted, then {type(error).__name__}: {str(error)[:160]}"
+    return ("wrong", "; ".join(problems)) if problems else ("exact", "")
+
+
+def test_sweep_over_transformers_auto_mappings(tokenizer):
+    """Every encoder with a sequence-classification class and every decoder with a causal-LM class that transformers
+    knows ends exact, refused by name, or skipped because it cannot be built tiny: none is silently wrong."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    transformers_logging.set_verbosity_error()
+    outcomes = {}
+    for model_type in sorted(set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
+        task = "classification" if model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES else "next-token"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outcomes[model_type] = sweep_one(model_type, task, tokenizer)
+    counts = {kind: sum(1 for outcome, _ in outcomes.values() if outcome == kind)
+              for kind in ("exact", "refused", "skipped", "wrong")}
+    print(f"\nsweep over {len(outcomes)} model types: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    for model_type, (outcome, detail) in sorted(outcomes.items()):
+        print(f"  {outcome:8s} {model_type}: {detail}")
+    wrong = {model_type: detail for model_type, (outcome, detail) in outcomes.items() if outcome == "wrong"}
+    assert wrong == {}
+    # the accepted types of the issue are among the exact ones (built from generic sizes here)
+    exact = {model_type for model_type, (outcome, _) in outcomes.items() if outcome == "exact"}
+    assert {"bert", "gpt2", "llama", "opt", "phi"} <= exact
+    assert outcomes["bloom"][0] == outcomes["falcon"][0] == "refused"
