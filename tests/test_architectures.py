@@ -442,3 +442,107 @@ def test_sweep_over_transformers_auto_mappings(tokenizer):
     exact = {model_type for model_type, (outcome, _) in outcomes.items() if outcome == "exact"}
     assert {"bert", "gpt2", "llama", "opt", "phi"} <= exact
     assert outcomes["bloom"][0] == outcomes["falcon"][0] == "refused"
+
+
+E2E_TEXTS = ["the film was a quiet triumph of patient acting and careful, generous direction",
+             "a dull, overlong mess that wastes every one of its talented performers",
+             "funny, warm and surprisingly moving from the first scene to the very last one"]
+
+
+def saved_folder(model_type: str, folder, task: str = "classification"):
+    """A tiny model of `model_type` saved with save_pretrained, with the bundled tokenizer (vocabulary 30522)."""
+    from tests.conftest import save_model_folder
+
+    return save_model_folder(tiny_model(model_type, task, vocab_size=30522), folder)
+
+
+SAVED_CASES = [(name, "classification") for name in classification_types()] + [
+    (name, "next-token") for name in ("gpt2", "granite", "mistral")]
+
+
+@pytest.mark.parametrize("model_type,task", SAVED_CASES, ids=[f"{name}-{task}" for name, task in SAVED_CASES])
+def test_saved_folder_loads_extracts_and_replays(model_type, task, tmp_path):
+    """Every accepted type from a folder saved with save_pretrained: load_model accepts it, a store is written from
+    its capture, and replaying the stored attention from the store reproduces the stored logits."""
+    from analysis.causal import intervened_logits
+    from analysis.extraction import capture_examples, plan_extraction
+    from analysis.models import load_model
+    from storage_schemas.attention_store import (
+        AttentionStoreLayout,
+        create_attention_store,
+        mark_prepared,
+        open_attention_store,
+        write_example_metadata,
+        write_shard,
+    )
+
+    folder = saved_folder(model_type, tmp_path / model_type, task)
+    loaded = load_model(str(folder), num_labels=2, task=task)
+    assert loaded.adapter.name == adapter_for(model_type).name and loaded.task == task
+    plan = plan_extraction(E2E_TEXTS, loaded.tokenizer, max_length=20)
+    shape = loaded.shape
+    layout = AttentionStoreLayout(
+        n_examples=len(plan.length), max_length=plan.max_length,
+        n_classes=2 if task == "classification" else int(loaded.model.config.vocab_size), layers=shape.layers,
+        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, hidden=shape.hidden,
+        shard_size=len(plan.length), dtype="float32", task=task, top_k=5 if task == "next-token" else 0,
+    )
+    url = str(tmp_path / "store.zarr")
+    group = create_attention_store(url, layout, {"model": {"name": loaded.name, "model_type": model_type}})
+    write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
+                           np.full(len(plan.length), -1), np.array([E2E_TEXTS[i] for i in plan.source_index]))
+    group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.adapter)
+    mark_prepared(group)
+    captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=3, top_k=5)
+    write_shard(group, 0, captured.attention, captured.value, captured.logits,
+                *((captured.logit_ids, captured.logsumexp) if task == "next-token" else ()))
+    stored = open_attention_store(url)
+    masks = np.ones((1, shape.layers, shape.heads), dtype=bool)
+    replayed = intervened_logits(loaded, stored["tokens"][:], stored["length"][:], stored["attention"][:], masks)[0]
+    if task == "next-token":
+        replayed = torch.gather(replayed, -1, torch.as_tensor(stored["logit_ids"][:], dtype=torch.long))
+        real = torch.as_tensor(np.arange(plan.max_length)[None] < plan.length[:, None])
+        np.testing.assert_allclose(replayed[real].numpy(), stored["logits"][:][real.numpy()], atol=1e-5, rtol=0)
+    else:
+        np.testing.assert_allclose(replayed.numpy(), stored["logits"][:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model_type", ["gpt2", "distilbert"])
+def test_effattn_run_on_a_saved_tiny_model(model_type, tmp_path, capsys):
+    """`effattn run --model PATH --no-train` end to end (extract, efficient, causal, report) on a decoder with a
+    Conv1D projection and an encoder whose layer index is assigned."""
+    from flows.cli import main
+    from storage_schemas.attention_store import open_attention_store
+    from tests.conftest import write_reviews_csv
+
+    folder = saved_folder(model_type, tmp_path / model_type)
+    corpus = write_reviews_csv(tmp_path / "reviews.csv")
+    argv = ["run", "--corpus", str(corpus), "--model", str(folder), "--run-dir", str(tmp_path / "runs"),
+            "--no-train", "--limit", "4", "--max-length", "16", "--shard-size", "4", "--batch-size", "2",
+            "--variants", "effective", "--workers", "1", "--scope-examples", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^sufficient \(effective\) +holds +agreement 100.00 %", printed, re.MULTILINE), printed
+    store = re.search(r"^attention store: (.+)$", printed, re.MULTILINE).group(1)
+    model = open_attention_store(store).attrs["model"]
+    assert model["model_type"] == model_type and model["adapter"] == adapter_for(model_type).name
+    assert model["causal"] == (model_type == "gpt2") and model["sliding_windows"] == [None, None]
+
+
+@pytest.mark.parametrize("model_type", ["albert", "bloom"])
+def test_effattn_run_refuses_an_unsupported_folder_before_writing_anything(model_type, tmp_path, capsys):
+    from flows.cli import main
+    from tests.conftest import save_model_folder, write_reviews_csv
+
+    folder = save_model_folder(tiny_model(model_type, vocab_size=30522), tmp_path / model_type)
+    corpus = write_reviews_csv(tmp_path / "reviews.csv")
+    run_dir = tmp_path / "runs"
+    argv = ["run", "--corpus", str(corpus), "--model", str(folder), "--run-dir", str(run_dir), "--no-train",
+            "--limit", "4", "--max-length", "16", "--variants", "effective", "--workers", "1"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"effattn run: error: model type '{model_type}' is not supported: {REFUSED_ARCHITECTURES[model_type]}" \
+        in error
+    assert "supported model types: bert, camembert, distilbert" in error
+    assert not run_dir.exists() or not any(run_dir.rglob("*.zarr"))
