@@ -208,6 +208,27 @@ def load_model(
     return wrap_model(model, tokenizer, name_or_path, device=device, task=task, source=source)
 
 
+def check_pooled_positions(loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray) -> None:
+    """A decoder's sequence-classification head pools the rightmost token whose id is not `config.pad_token_id`:
+    with right padding that is each example's last real token, unless the pad id also occurs as that real token
+    (e.g. a pad token that is the end-of-text token). Refuse such a batch rather than pool the wrong position.
+
+    tokens: [batch, >= max(length)] right-padded ids; length: [batch].
+    """
+    if not loaded.causal or loaded.task != "classification":
+        return
+    pad_id = loaded.model.config.pad_token_id
+    last = np.asarray(tokens)[np.arange(len(length)), np.asarray(length) - 1]
+    if pad_id is not None and (last == pad_id).any():
+        example = int(np.flatnonzero(last == pad_id)[0])
+        raise ValueError(
+            f"example {example} ends with token id {pad_id}, which is also the padding id: the classification head "
+            f"of {loaded.name} pools the last token that is not padding, so it would pool an earlier position; "
+            "give the tokenizer a pad token of its own (tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and "
+            "resize the embeddings) or strip that token from the texts"
+        )
+
+
 def _needs_a_decoder(name: str, model_type: str) -> ValueError:
     return ValueError(
         f"next-token prediction needs a decoder (causal attention), but {name} is a {model_type} encoder: use "

@@ -92,3 +92,17 @@ def test_bundled_smollm2_is_a_grouped_query_llama():
     length = plan.length[1]
     np.testing.assert_allclose(captured.attention[1, :, :, :length, :length].sum(-1), 1.0, atol=1e-5)
     assert not np.triu(captured.attention[1, 0, 0], k=1).any()
+
+
+def test_decoder_classification_refuses_an_example_ending_with_the_pad_id():
+    """The head pools the rightmost non-padding token: an example whose last real token is the pad id would be
+    pooled at an earlier position, so it is refused; encoders and other examples pass."""
+    from analysis.models import check_pooled_positions
+
+    decoder = wrap_model(tiny_llama(), bundled_tokenizer(), "tiny")
+    tokens = np.array([[5, 6, 7, 0], [5, 6, 0, 0]])
+    check_pooled_positions(decoder, tokens, np.array([3, 2]))
+    with pytest.raises(ValueError, match="example 1 ends with token id 0, which is also the padding id"):
+        check_pooled_positions(decoder, tokens, np.array([3, 3]))
+    encoder = wrap_model(tiny_bert(), bundled_tokenizer(), "tiny")
+    check_pooled_positions(encoder, tokens, np.array([3, 3]))  # an encoder pools [CLS]: nothing to check
