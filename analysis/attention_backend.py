@@ -32,12 +32,12 @@ ATTENTION_IMPLEMENTATION = "effattn"
 # bookkeeping, flash-attention-only switches). Anything else with a value is either honoured below or refused.
 INERT_ATTENTION_ARGUMENTS = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "past_key_values", "past_key_value",
-    "encoder_hidden_states", "deterministic", "is_causal", "output_router_logits", "output_hidden_states",
+    "encoder_hidden_states", "deterministic", "output_router_logits", "output_hidden_states",
     "return_dict",
 })
-# Arguments honoured by this backend: `softcap` (tanh capping of the scores, Gemma 2) and `sliding_window` (applied
-# by the mask function; checked to have reached the mask).
-HONOURED_ATTENTION_ARGUMENTS = frozenset({"softcap", "sliding_window"})
+# Arguments honoured by this backend: `softcap` (tanh capping of the scores, Gemma 2), `sliding_window` and
+# `is_causal` (applied by the mask function; checked to have reached a mask).
+HONOURED_ATTENTION_ARGUMENTS = frozenset({"softcap", "sliding_window", "is_causal"})
 # Arguments whose attention this backend does not implement, with what they are (for the refusal message).
 UNIMPLEMENTED_ATTENTION_ARGUMENTS = {
     "s_aux": "attention sinks (an extra logit per head that takes probability mass)",
@@ -233,6 +233,12 @@ def effattn_attention(
     Returns (output [batch, query, heads, head_dim], weights [batch, heads, query, key]).
     """
     check_attention_arguments(module, kwargs)
+    if kwargs.get("is_causal") and attention_mask is None and query.shape[-2] > 1:
+        raise UnsupportedAttentionError(
+            f"model type '{model_type_of(module)}' asks for causal attention (is_causal) but its attention got no "
+            "mask: causality would be dropped; load the model through analysis.models so that the effattn mask "
+            "function is registered"
+        )
     if sliding_window is not None and attention_mask is None and key.shape[-2] > sliding_window:
         raise UnsupportedAttentionError(
             f"model type '{model_type_of(module)}' asks for a sliding window of {sliding_window} keys but its "

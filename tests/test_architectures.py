@@ -328,6 +328,9 @@ def test_unimplemented_argument_is_refused_by_name():
     with pytest.raises(UnsupportedAttentionError, match="asks for a sliding window of 2 keys but its attention got "
                                                         "no mask for 3 keys"):
         effattn_attention(module, query, query, query, None, sliding_window=2)
+    with pytest.raises(UnsupportedAttentionError, match=r"asks for causal attention \(is_causal\) but its "
+                                                        "attention got no mask"):
+        effattn_attention(module, query, query, query, None, is_causal=True)
     output, _ = effattn_attention(module, query, query, query, None, s_aux=None, position_ids=torch.arange(3))
     assert output.shape == (1, 3, 2, 4)  # None means the feature is off; position bookkeeping is inert
 
