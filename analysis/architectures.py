@@ -234,27 +234,23 @@ def observe_layout(model: torch.nn.Module) -> ObservedLayout:
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     first = 5 if vocab > 20 else 0  # skip the low ids, where special tokens (padding) usually are
     input_ids = (torch.arange(PROBE_LENGTH) % max(vocab - first, 1) + first)[None].to(model.device)
-    consumers: dict[int, torch.nn.Module] = {}
-    calls_seen: list = []
+    consumers: dict[int, torch.nn.Module] = {}  # call index -> the first module whose input is its output
 
-    def watch(module, inputs):
-        if not inputs or not isinstance(inputs[0], torch.Tensor) or not calls_seen:
-            return
-        index = len(calls_seen) - 1
-        output = calls_seen[index].output
-        if index not in consumers and inputs[0].numel() == output.numel() and torch.equal(
-                inputs[0].reshape(-1), output.reshape(-1)):
-            consumers[index] = module
+    with torch.no_grad(), observe_attention_calls() as calls:
+        def watch(module, inputs):
+            if not calls or not inputs or not isinstance(inputs[0], torch.Tensor) or len(calls) - 1 in consumers:
+                return
+            output = calls[-1].output
+            if inputs[0].numel() == output.numel() and torch.equal(inputs[0].reshape(-1), output.reshape(-1)):
+                consumers[len(calls) - 1] = module
 
-    handles = [module.register_forward_pre_hook(watch) for module in model.modules()
-               if isinstance(module, (torch.nn.Linear, Conv1D))]
-    try:
-        with torch.no_grad(), observe_attention_calls() as calls:
-            calls_seen = calls
+        handles = [module.register_forward_pre_hook(watch) for module in model.modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D))]
+        try:
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
     upper = torch.triu(torch.ones(PROBE_LENGTH, PROBE_LENGTH, dtype=torch.bool), diagonal=1).to(model.device)
     return ObservedLayout(
         modules=tuple(call.module for call in calls),
@@ -400,6 +396,11 @@ def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, O
         observed = observe_layout(model)
     except UnsupportedAttentionError as error:
         raise ArchitectureError(str(error)) from error
+    except Exception as error:  # noqa: BLE001 - a model that does not run on token ids alone cannot be captured
+        raise ArchitectureError(
+            f"model type '{model_type}': a probe forward pass on token ids failed ({type(error).__name__}: "
+            f"{error}); effattn captures text models that run on input_ids and an attention mask"
+        ) from error
     if adapter is None:
         return discover_adapter(model, observed), observed
     check_observed_layout(model, adapter, observed)
