@@ -296,7 +296,8 @@ def check_observed_layout(model: torch.nn.Module, adapter: ArchitectureAdapter, 
             problem = (f"layer {layer.index}'s attention output was consumed unchanged by {found}, not by the "
                        f"record's output projection .{adapter.output_projection}")
         elif causal != adapter.causal:
-            problem = f"layer {layer.index}'s attention is {'causal' if causal else 'bidirectional'}, the record says otherwise"
+            kind = "causal" if causal else "bidirectional"
+            problem = f"layer {layer.index}'s attention is {kind}, the record says otherwise"
         elif observed_heads != heads:
             problem = f"layer {layer.index} has {observed_heads} heads, the config says {heads}"
         if problem:

@@ -261,7 +261,7 @@ def wrap_model(
         raise _needs_a_decoder(name, model.config.model_type)
     try:
         shape = model_shape(model)
-    except (AttributeError, TypeError, ValueError, RuntimeError) as error:  # e.g. a per-layer head_dim (heterogeneous layers)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as error:  # e.g. a per-layer head_dim
         raise ArchitectureError(
             f"model type '{model.config.model_type}': its config gives no single head count and head size for "
             f"every layer ({type(error).__name__}: {error}); the attention store needs one shape"

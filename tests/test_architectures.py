@@ -407,7 +407,8 @@ def test_sweep_over_transformers_auto_mappings(tokenizer):
 
     transformers_logging.set_verbosity_error()
     outcomes = {}
-    for model_type in sorted(set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)):
+    types = set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    for model_type in sorted(types):
         task = "classification" if model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES else "next-token"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

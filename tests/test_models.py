@@ -38,7 +38,8 @@ def test_base_model_folder_gets_a_seeded_head(tmp_path):
 
 
 def test_next_token_needs_a_decoder(tiny_bert_folder, tiny_llama_folder):
-    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(causal attention\\), but .* is a bert encoder"):
+    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(causal attention\\), but .* is a "
+                                         "bert encoder"):
         load_model(str(tiny_bert_folder), num_labels=2, task="next-token")
     with pytest.raises(ValueError, match="unknown task 'summarise': choose 'classification' or 'next-token'"):
         load_model(str(tiny_bert_folder), num_labels=2, task="summarise")
