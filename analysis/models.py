@@ -25,9 +25,9 @@ from transformers import (
 
 from analysis.architectures import (
     ArchitectureAdapter,
+    ArchitectureError,
     adapter_for,
     attention_layers,
-    ArchitectureError,
     check_not_refused,
     check_uniform_shape,
     prepare_architecture,

@@ -528,3 +528,13 @@ def test_effattn_run_refuses_an_unsupported_folder_before_writing_anything(model
         in error
     assert "supported model types: bert, camembert, distilbert" in error
     assert not run_dir.exists() or not any(run_dir.rglob("*.zarr"))
+
+
+def test_a_type_without_a_classification_class_says_to_use_next_token(tmp_path):
+    from analysis.models import load_model
+
+    folder = saved_folder("granite", tmp_path / "granite", task="next-token")
+    with pytest.raises(ValueError, match=r"model type 'granite' has no SequenceClassification class in "
+                                         r"transformers: use --task next-token"):
+        load_model(str(folder), num_labels=2)
+    assert load_model(str(folder), num_labels=2, task="next-token").causal
