@@ -428,7 +428,8 @@ def test_sweep_over_transformers_auto_mappings(tokenizer):
 
 E2E_TEXTS = ["the film was a quiet triumph of patient acting and careful, generous direction",
              "a dull, overlong mess that wastes every one of its talented performers",
-             "funny, warm and surprisingly moving from the first scene to the very last one"]
+             "funny, warm and surprisingly moving from the first scene to the very last one",
+             "nothing in this plodding sequel justifies its running time or its budget at all"]
 
 
 def saved_folder(model_type: str, folder, task: str = "classification"):
@@ -444,9 +445,11 @@ SAVED_CASES = [(name, "classification") for name in classification_types()] + [
 
 @pytest.mark.parametrize("model_type,task", SAVED_CASES, ids=[f"{name}-{task}" for name, task in SAVED_CASES])
 def test_saved_folder_loads_extracts_and_replays(model_type, task, tmp_path):
-    """Every accepted type from a folder saved with save_pretrained: load_model accepts it, a store is written from
-    its capture, and replaying the stored attention from the store reproduces the stored logits."""
+    """Every accepted type from a folder saved with save_pretrained: load_model accepts it, a store of 4 examples is
+    written from its capture, and from what the store holds, replaying the attention reproduces the stored logits
+    and injecting effective attention keeps them."""
     from analysis.causal import intervened_logits
+    from analysis.efficient_attention import efficient_attention
     from analysis.extraction import capture_examples, plan_extraction
     from analysis.models import load_model
     from storage_schemas.attention_store import (
@@ -475,18 +478,22 @@ def test_saved_folder_loads_extracts_and_replays(model_type, task, tmp_path):
                            np.full(len(plan.length), -1), np.array([E2E_TEXTS[i] for i in plan.source_index]))
     group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.adapter)
     mark_prepared(group)
-    captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=3, top_k=5)
+    captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=4, top_k=5)
     write_shard(group, 0, captured.attention, captured.value, captured.logits,
                 *((captured.logit_ids, captured.logsumexp) if task == "next-token" else ()))
     stored = open_attention_store(url)
+    tokens, length, attention = stored["tokens"][:], stored["length"][:], stored["attention"][:]
+    effective = efficient_attention(attention, stored["value"][:], stored["w_out"][:], length, causal=loaded.causal,
+                                    variants=("effective",))["effective"].efficient
     masks = np.ones((1, shape.layers, shape.heads), dtype=bool)
-    replayed = intervened_logits(loaded, stored["tokens"][:], stored["length"][:], stored["attention"][:], masks)[0]
-    if task == "next-token":
-        replayed = torch.gather(replayed, -1, torch.as_tensor(stored["logit_ids"][:], dtype=torch.long))
-        real = torch.as_tensor(np.arange(plan.max_length)[None] < plan.length[:, None])
-        np.testing.assert_allclose(replayed[real].numpy(), stored["logits"][:][real.numpy()], atol=1e-5, rtol=0)
-    else:
-        np.testing.assert_allclose(replayed.numpy(), stored["logits"][:], atol=1e-5, rtol=0)
+    for injected, tolerance in ((attention, 1e-5), (effective, 1e-4)):
+        logits = intervened_logits(loaded, tokens, length, injected, masks)[0]
+        if task == "next-token":
+            logits = torch.gather(logits, -1, torch.as_tensor(stored["logit_ids"][:], dtype=torch.long))
+            real = np.arange(plan.max_length)[None] < plan.length[:, None]
+            np.testing.assert_allclose(logits.numpy()[real], stored["logits"][:][real], atol=tolerance, rtol=0)
+        else:
+            np.testing.assert_allclose(logits.numpy(), stored["logits"][:], atol=tolerance, rtol=0)
 
 
 @pytest.mark.integration
