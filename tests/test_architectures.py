@@ -496,27 +496,32 @@ def test_saved_folder_loads_extracts_and_replays(model_type, task, tmp_path):
             np.testing.assert_allclose(logits.numpy(), stored["logits"][:], atol=tolerance, rtol=0)
 
 
+RUN_CASES = [("gpt2", "classification"), ("distilbert", "classification"), ("qwen2", "next-token")]
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("model_type", ["gpt2", "distilbert"])
-def test_effattn_run_on_a_saved_tiny_model(model_type, tmp_path, capsys):
+@pytest.mark.parametrize("model_type,task", RUN_CASES, ids=[f"{name}-{task}" for name, task in RUN_CASES])
+def test_effattn_run_on_a_saved_tiny_model(model_type, task, tmp_path, capsys):
     """`effattn run --model PATH --no-train` end to end (extract, efficient, causal, report) on a decoder with a
-    Conv1D projection and an encoder whose layer index is assigned."""
+    Conv1D projection and a classification head, an encoder whose layer index is assigned, and a grouped-query
+    decoder with a sliding window predicting next tokens."""
     from flows.cli import main
     from storage_schemas.attention_store import open_attention_store
     from tests.conftest import write_reviews_csv
 
-    folder = saved_folder(model_type, tmp_path / model_type)
+    folder = saved_folder(model_type, tmp_path / model_type, task)
     corpus = write_reviews_csv(tmp_path / "reviews.csv")
     argv = ["run", "--corpus", str(corpus), "--model", str(folder), "--run-dir", str(tmp_path / "runs"),
             "--no-train", "--limit", "4", "--max-length", "16", "--shard-size", "4", "--batch-size", "2",
-            "--variants", "effective", "--workers", "1", "--scope-examples", "2"]
+            "--variants", "effective", "--workers", "1", "--scope-examples", "2", "--task", task]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^sufficient \(effective\) +holds +agreement 100.00 %", printed, re.MULTILINE), printed
     store = re.search(r"^attention store: (.+)$", printed, re.MULTILINE).group(1)
     model = open_attention_store(store).attrs["model"]
     assert model["model_type"] == model_type and model["adapter"] == adapter_for(model_type).name
-    assert model["causal"] == (model_type == "gpt2") and model["sliding_windows"] == [None, None]
+    assert model["causal"] == (model_type != "distilbert")
+    assert model["sliding_windows"] == ([None, WINDOW] if model_type == "qwen2" else [None, None])
 
 
 @pytest.mark.parametrize("model_type", ["albert", "bloom"])
