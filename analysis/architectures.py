@@ -6,8 +6,9 @@ index is known. Everything that differs between architectures is here; the rest 
 
 A record is never trusted blindly: `prepare_architecture` runs one short probe forward pass through the effattn
 backend and checks what it observes (every layer's attention called once, by the record's module, its output
-consumed by the record's projection, causal or not as recorded, the sizes of the config). A model type without a
-record is accepted when the probe finds the usual layout (`discover_adapter`), and refused with the reason otherwise.
+consumed by the record's projection, causal or not as recorded; then `check_uniform_shape`: the config's sizes).
+A model type without a record is accepted when the probe finds the usual layout (`discover_adapter`), and refused
+with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def _expected_layers(model: torch.nn.Module) -> int:
 
 def check_observed_layout(model: torch.nn.Module, adapter: ArchitectureAdapter, observed: ObservedLayout) -> None:
     """The probe must agree with the record: one call per layer by the record's attention module, consumed by the
-    record's projection, causal as recorded, with the config's head count and head size."""
+    record's projection, causal as recorded (the sizes are checked by `check_uniform_shape`)."""
     model_type = model.config.model_type
     layers = attention_layers(model, adapter)
     if not observed.modules:
@@ -284,10 +285,7 @@ def check_observed_layout(model: torch.nn.Module, adapter: ArchitectureAdapter, 
             f"for {len(layers)} layers (an attention that bypasses the interface, or one shared between layers). "
             f"{_support_hint()}"
         )
-    config = model.config
-    heads = int(config.num_attention_heads)
-    for layer, module, consumer, causal, observed_heads in zip(
-            layers, observed.modules, observed.consumers, observed.causal, observed.heads):
+    for layer, module, consumer, causal in zip(layers, observed.modules, observed.consumers, observed.causal):
         problem = None
         if module is not layer.attention:
             problem = f"layer {layer.index}'s attention was called by {type(module).__name__}, not the record's module"
@@ -298,8 +296,6 @@ def check_observed_layout(model: torch.nn.Module, adapter: ArchitectureAdapter, 
         elif causal != adapter.causal:
             kind = "causal" if causal else "bidirectional"
             problem = f"layer {layer.index}'s attention is {kind}, the record says otherwise"
-        elif observed_heads != heads:
-            problem = f"layer {layer.index} has {observed_heads} heads, the config says {heads}"
         if problem:
             raise ArchitectureError(
                 f"model type '{model_type}' does not match the adapter record '{adapter.name}': {problem}; "
