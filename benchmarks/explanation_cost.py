@@ -72,7 +72,7 @@ def main() -> None:
     loaded = load_model(arguments.model, num_labels=2)
     plan = plan_extraction(load_corpus("rt-sentiment").texts, loaded.tokenizer, arguments.max_length,
                            limit=arguments.examples)
-    w_out, _ = output_projection_slices(loaded.model, loaded.family)
+    w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
     special = loaded.tokenizer.all_special_ids
     replacement = removal_token_id(loaded.tokenizer)
     costs: dict[str, float] = {}
