@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from flows.interrupts import name_the_command, stops_cleanly_on_signals
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -187,8 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PREFECT_COMMANDS = ("extract", "train", "efficient", "causal", "report", "run", "studies", "serve")
+
+
+@stops_cleanly_on_signals
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    name_the_command(arguments.command)
     # OpenMP threads that spin while waiting make torch crawl when another process holds a core; must be set
     # before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -197,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     from storage_schemas.attention_store import AttentionStoreError
 
     try:
+        if arguments.command in PREFECT_COMMANDS:
+            from flows.prefect_server import use_prefect_api
+
+            use_prefect_api()  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
         if arguments.command == "extract":
             from flows.extract import extract
             from storage_schemas.inspection import describe_attention_store
