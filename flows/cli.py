@@ -205,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if arguments.command in PREFECT_COMMANDS:
+            from flows.interrupts import quiet_prefect_console_when_interrupted
             from flows.prefect_server import use_prefect_api
 
             use_prefect_api()  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
+            quiet_prefect_console_when_interrupted()
         if arguments.command == "extract":
             from flows.extract import extract
             from storage_schemas.inspection import describe_attention_store

@@ -3,7 +3,7 @@
 A terminal's Ctrl-C sends SIGINT to the whole process group (Dask workers included), a process manager sends
 SIGTERM. The first signal becomes a KeyboardInterrupt in the main thread, so the stage unwinds through its `finally`
 blocks (the store's lock is released, a pending shard write ends, the Dask cluster closes) and Prefect records the
-run as crashed. Prefect's console lines about the crash are silenced (the one line of `interruption_message` says
+run as crashed. Prefect's console lines about the crash are dropped (the one line of `interruption_message` says
 it all); further signals are ignored while stopping, and a stop that takes longer than `SHUTDOWN_SECONDS` ends
 the process at once (the kernel releases the lock's flock; the next run takes over its record).
 """
@@ -55,15 +55,29 @@ def interruption_message(interruption: Interruption) -> str:
     return f"{prefix}: run the same command again to start over"
 
 
-def silence_prefect_console() -> None:
-    """Prefect's console handlers print nothing more (its records still go to the API, which shows the crash)."""
+class _QuietWhileInterrupted(logging.Filter):
+    """Drops Prefect's console records once a signal arrived, or while an interruption unwinds (Prefect's own
+    SIGTERM handler raises its TerminationSignal before ours sees the signal)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.exceptions import ExternalSignal
+
+        unwinding = sys.exc_info()[1]
+        return _interruption.signal_number is None and not isinstance(unwinding, (KeyboardInterrupt, ExternalSignal))
+
+
+def quiet_prefect_console_when_interrupted() -> None:
+    """Prefect's console prints nothing about an interruption (its records still go to the API, which shows the
+    crash); `interruption_message` is the one line."""
+    import prefect.main  # noqa: F401  (what `from prefect import flow` does: it creates Prefect's log handlers)
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.setLevel(logging.CRITICAL + 1)
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                    isinstance(existing, _QuietWhileInterrupted) for existing in handler.filters):
+                handler.addFilter(_QuietWhileInterrupted())
 
 
 def _exit_if_still_running(interruption: Interruption, shutdown_seconds: float) -> None:
@@ -81,10 +95,6 @@ def _on_signal(signal_number: int, frame, shutdown_seconds: float) -> None:
     if _interruption.signal_number is not None:
         return  # already stopping: a second Ctrl-C must not break the cleanup of the first
     _interruption.signal_number = signal_number
-    try:
-        silence_prefect_console()
-    except ImportError:
-        pass
     threading.Thread(target=_exit_if_still_running, args=(_interruption, shutdown_seconds), daemon=True,
                      name="effattn-shutdown-deadline").start()
     raise KeyboardInterrupt

@@ -37,12 +37,12 @@ class PrefectServerError(ValueError):
     the user's setup, so that the CLI prints it as one line)."""
 
 
-def set_startup_timeout_default(environment: dict[str, str] | None = None) -> int:
+def set_startup_timeout_default(environment: dict[str, str] | None = None) -> float:
     """Give the temporary server `DEFAULT_STARTUP_TIMEOUT_SECONDS` to start unless the user chose a limit (the
     variable, in `environment`, default os.environ). Returns the limit in force, in seconds."""
     environment = os.environ if environment is None else environment
     environment.setdefault(STARTUP_TIMEOUT_VARIABLE, str(DEFAULT_STARTUP_TIMEOUT_SECONDS))
-    return int(float(environment[STARTUP_TIMEOUT_VARIABLE]))
+    return float(environment[STARTUP_TIMEOUT_VARIABLE])
 
 
 def _die_with_parent() -> None:
@@ -80,7 +80,7 @@ def _temporary_server_class() -> type:
                 preexec_fn=_die_with_parent if on_main_thread else None,
             )
 
-        def start(self, timeout: int | None = None) -> None:
+        def start(self, timeout: float | None = None) -> None:
             if self.running:
                 return
             limit = timeout or set_startup_timeout_default()
@@ -90,7 +90,7 @@ def _temporary_server_class() -> type:
                 self.stop()
                 detail = str(error).split(" stdout:")[0]
                 raise PrefectServerError(
-                    f"the temporary Prefect server did not answer within {limit} s ({detail.rstrip('.')}; a busy "
+                    f"the temporary Prefect server did not answer within {limit:g} s ({detail.rstrip('.')}; a busy "
                     f"machine starts it slowly): {START_SERVER}, or allow it more time with "
                     f"`export {STARTUP_TIMEOUT_VARIABLE}=300`"
                 ) from None
