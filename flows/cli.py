@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PREFECT_COMMANDS = ("extract", "train", "efficient", "causal", "report", "run", "studies", "serve")
+# Commands that run flows (serve checks its server itself: it needs a real one).
+FLOW_COMMANDS = ("extract", "train", "efficient", "causal", "report", "run", "studies")
 
 
 @stops_cleanly_on_signals
@@ -204,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     from storage_schemas.attention_store import AttentionStoreError
 
     try:
-        if arguments.command in PREFECT_COMMANDS:
+        if arguments.command in FLOW_COMMANDS:
             from flows.interrupts import quiet_prefect_console_when_interrupted
             from flows.prefect_server import use_prefect_api
 
-            use_prefect_api()  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
+            use_prefect_api(arguments.command)  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
             quiet_prefect_console_when_interrupted()
         if arguments.command == "extract":
             from flows.extract import extract

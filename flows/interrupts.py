@@ -38,6 +38,11 @@ class Interruption:
         return signal.Signals(self.signal_number).name if self.signal_number else ""
 
     @property
+    def program(self) -> str:
+        """How messages name the command: `effattn extract` (`effattn` before the command is known)."""
+        return f"effattn {self.command}" if self.command else "effattn"
+
+    @property
     def exit_status(self) -> int:
         """128 + the signal number, as a shell reports a process ended by that signal."""
         return 128 + (self.signal_number or 0)
@@ -48,8 +53,7 @@ _interruption = Interruption()
 
 def interruption_message(interruption: Interruption) -> str:
     """The one line printed when `interruption.command` stops on a signal."""
-    prefix = f"effattn{' ' + interruption.command if interruption.command else ''}: interrupted by " \
-             f"{interruption.signal_name}"
+    prefix = f"{interruption.program}: interrupted by {interruption.signal_name}"
     if interruption.command in RESUMABLE_COMMANDS:
         return f"{prefix}: completed shards are kept; run the same command again to finish"
     return f"{prefix}: run the same command again to start over"
@@ -83,8 +87,8 @@ def quiet_prefect_console_when_interrupted() -> None:
 def _exit_if_still_running(interruption: Interruption, shutdown_seconds: float) -> None:
     """In a daemon thread: after `shutdown_seconds`, end the process (stopping the temporary server first)."""
     threading.Event().wait(shutdown_seconds)
-    print(f"effattn{' ' + interruption.command if interruption.command else ''}: did not stop within {shutdown_seconds:.0f} s of "
-          f"{interruption.signal_name}; exiting now", file=sys.stderr, flush=True)
+    print(f"{interruption.program}: did not stop within {shutdown_seconds:g} s of {interruption.signal_name}; "
+          "exiting now", file=sys.stderr, flush=True)
     from flows.prefect_server import kill_temporary_server
 
     kill_temporary_server()

@@ -11,7 +11,6 @@ to do (`PrefectServerError`).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -19,11 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
-START_SERVER = (
-    "start a Prefect server with `prefect server start --host 127.0.0.1 --port 4200` and, in the shell that runs "
-    "effattn, `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
-)
 # Prefect's own setting (seconds); its default of 20 s is missed on a loaded 2-core machine (measured 16-45 s).
 STARTUP_TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULT_STARTUP_TIMEOUT_SECONDS = 120
@@ -32,23 +28,45 @@ HEALTH_CHECK_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
+def start_server_hint(command: str) -> str:
+    """What to do when `effattn COMMAND` has no Prefect server: start one and point PREFECT_API_URL at it."""
+    return (
+        "start a Prefect server with `prefect server start --host 127.0.0.1 --port 4200` and, in the shell that runs "
+        f"`effattn {command}`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+    )
+
+
 class PrefectServerError(ValueError):
     """No Prefect server to talk to: the message says why and what to do (a ValueError, as other errors of
     the user's setup, so that the CLI prints it as one line)."""
 
 
-def set_startup_timeout_default(environment: dict[str, str] | None = None) -> float:
+def set_startup_timeout_default(environment: dict[str, str] | None = None) -> int:
     """Give the temporary server `DEFAULT_STARTUP_TIMEOUT_SECONDS` to start unless the user chose a limit (the
-    variable, in `environment`, default os.environ). Returns the limit in force, in seconds."""
+    variable, in `environment`, default os.environ). Returns the limit in force, in whole seconds (Prefect's type);
+    a `PrefectServerError` when the user's value is not one."""
     environment = os.environ if environment is None else environment
-    environment.setdefault(STARTUP_TIMEOUT_VARIABLE, str(DEFAULT_STARTUP_TIMEOUT_SECONDS))
-    return float(environment[STARTUP_TIMEOUT_VARIABLE])
+    text = environment.setdefault(STARTUP_TIMEOUT_VARIABLE, str(DEFAULT_STARTUP_TIMEOUT_SECONDS))
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds < 1:
+        raise PrefectServerError(
+            f"{STARTUP_TIMEOUT_VARIABLE}={text!r} is not a whole number of seconds: set it to e.g. 300, or unset it "
+            f"(default {DEFAULT_STARTUP_TIMEOUT_SECONDS})"
+        )
+    return seconds
 
 
-def _die_with_parent() -> None:
-    """In the server's child process, before exec: SIGTERM when the thread that started it ends (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _parent_death_signal() -> Callable[[], object] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when the thread that started it ends (Linux's prctl); None
+    elsewhere. The function is looked up here, before the fork: the child only calls it."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return functools.partial(prctl, _PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 @functools.cache
@@ -60,6 +78,8 @@ def _temporary_server_class() -> type:
         """Prefect's temporary server, started in its own process group (a terminal's Ctrl-C and a SIGTERM to the
         run's group leave it up until the run has reported its end), with the startup limit of the settings, and a
         `PrefectServerError` of one line when it does not answer in time."""
+
+        command = "COMMAND"  # the effattn sub-command, named in that error
 
         def _run_uvicorn_command(self) -> subprocess.Popen:
             # Prefect 3.9's command (prefect/server/api/server.py), started outside this process group.
@@ -77,10 +97,10 @@ def _temporary_server_class() -> type:
                 process_group=0,
                 # The parent-death signal follows the thread that starts the child: only the main thread lives
                 # as long as the process.
-                preexec_fn=_die_with_parent if on_main_thread else None,
+                preexec_fn=_parent_death_signal() if on_main_thread else None,
             )
 
-        def start(self, timeout: float | None = None) -> None:
+        def start(self, timeout: int | None = None) -> None:
             if self.running:
                 return
             limit = timeout or set_startup_timeout_default()
@@ -90,24 +110,27 @@ def _temporary_server_class() -> type:
                 self.stop()
                 detail = str(error).split(" stdout:")[0]
                 raise PrefectServerError(
-                    f"the temporary Prefect server did not answer within {limit:g} s ({detail.rstrip('.')}; a busy "
-                    f"machine starts it slowly): {START_SERVER}, or allow it more time with "
+                    f"the temporary Prefect server did not answer within {limit} s ({detail.rstrip('.')}; a busy "
+                    f"machine starts it slowly): {start_server_hint(self.command)}, or allow it more time with "
                     f"`export {STARTUP_TIMEOUT_VARIABLE}=300`"
                 ) from None
 
     return TemporaryServer
 
 
-def install_temporary_server() -> None:
+def install_temporary_server(command: str) -> None:
     """Make the temporary server that Prefect starts on first use (when no PREFECT_API_URL is set) a
-    `TemporaryServer`. Starts nothing: commands that fail before Prefect is needed start no server."""
+    `TemporaryServer` (its error names `effattn COMMAND`). Starts nothing: commands that fail before Prefect is
+    needed start no server."""
     from prefect.server.api.server import SubprocessASGIServer
 
     server_class = _temporary_server_class()
     current = SubprocessASGIServer._instances.get(None)
-    if current is None or not (isinstance(current, server_class) or current.running):
+    if isinstance(current, server_class):
+        current.command = command
+    elif current is None or not current.running:
         SubprocessASGIServer._instances.pop(None, None)
-        server_class()  # registers itself as the server of no fixed port, the one Prefect starts
+        server_class().command = command  # registers itself as the server of no fixed port, the one Prefect starts
 
 
 def kill_temporary_server() -> None:
@@ -128,32 +151,32 @@ def configured_api_url() -> str | None:
     return str(url).rstrip("/") if url else None
 
 
-def api_problem(api_url: str, timeout_seconds: float = HEALTH_CHECK_SECONDS) -> str | None:
-    """Why the Prefect server at `api_url` cannot be used (it does not answer its health check in
-    `timeout_seconds`), with what to do; None when it answers."""
+def health_check_failure(api_url: str, timeout_seconds: float = HEALTH_CHECK_SECONDS) -> str | None:
+    """Why the Prefect server at `api_url` did not answer its health check within `timeout_seconds` (the error,
+    e.g. "ConnectError: [Errno 111] Connection refused"); None when it answered."""
     import httpx
 
     try:
         response = httpx.get(f"{api_url}/health", timeout=timeout_seconds)
         response.raise_for_status()
     except httpx.HTTPError as error:
-        return (
-            f"no Prefect server answers at PREFECT_API_URL={api_url} ({type(error).__name__}: {error}): "
-            f"{START_SERVER}; or unset PREFECT_API_URL to let effattn start a temporary one"
-        )
+        return f"{type(error).__name__}: {error}"
     return None
 
 
-def use_prefect_api() -> None:
-    """Before a command runs flows: check the server at PREFECT_API_URL, or prepare the temporary one.
+def use_prefect_api(command: str) -> None:
+    """Before `effattn COMMAND` runs flows: check the server at PREFECT_API_URL, or prepare the temporary one.
 
     Raises `PrefectServerError` when PREFECT_API_URL is set and nothing answers there (within
     `HEALTH_CHECK_SECONDS`, instead of Prefect's minute of retries)."""
     set_startup_timeout_default()
     api_url = configured_api_url()
     if api_url is None:
-        install_temporary_server()
+        install_temporary_server(command)
         return
-    problem = api_problem(api_url)
-    if problem is not None:
-        raise PrefectServerError(problem)
+    failure = health_check_failure(api_url)
+    if failure is not None:
+        raise PrefectServerError(
+            f"no Prefect server answers at PREFECT_API_URL={api_url} ({failure}): {start_server_hint(command)}; or "
+            "unset PREFECT_API_URL to let effattn start a temporary one"
+        )
