@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 # Prefect's own setting (seconds); its default of 20 s is missed on a loaded 2-core machine (measured 16-45 s).
 STARTUP_TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -26,6 +27,7 @@ DEFAULT_STARTUP_TIMEOUT_SECONDS = 120
 # How long a configured PREFECT_API_URL may take to answer its health check.
 HEALTH_CHECK_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
+SERVER_LOG_NAME = "effattn-temporary-server.log"
 
 
 def start_server_hint(command: str) -> str:
@@ -69,6 +71,13 @@ def _parent_death_signal() -> Callable[[], object] | None:
     return functools.partial(prctl, _PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
+def server_log_path() -> Path:
+    """The file that receives the output of every temporary server of this Prefect home (appended)."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home) / SERVER_LOG_NAME
+
+
 @functools.cache
 def _temporary_server_class() -> type:
     """The class, made on first use (importing Prefect's server module costs seconds)."""
@@ -87,18 +96,23 @@ def _temporary_server_class() -> type:
             from prefect.settings import get_current_settings
 
             on_main_thread = threading.current_thread() is threading.main_thread()
-            return subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                     "PREFECT__SERVER_FINAL": "1",
-                     **get_current_settings().to_environment_variables(exclude_unset=True)},
-                process_group=0,
-                # The parent-death signal follows the thread that starts the child: only the main thread lives
-                # as long as the process.
-                preexec_fn=_parent_death_signal() if on_main_thread else None,
-            )
+            settings = get_current_settings()
+            # Its output goes to a file: a server stopped at the end of a run may log tracebacks of events it was
+            # still recording, which would bury the run's last line.
+            log_path = server_log_path()
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as log:
+                return subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                     "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+                     str(self.port), "--log-level", "error", "--lifespan", "on"],
+                    env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                         "PREFECT__SERVER_FINAL": "1", **settings.to_environment_variables(exclude_unset=True)},
+                    stdout=log, stderr=subprocess.STDOUT, process_group=0,
+                    # The parent-death signal follows the thread that starts the child: only the main thread
+                    # lives as long as the process.
+                    preexec_fn=_parent_death_signal() if on_main_thread else None,
+                )
 
         def start(self, timeout: int | None = None) -> None:
             if self.running:
@@ -111,8 +125,8 @@ def _temporary_server_class() -> type:
                 detail = str(error).split(" stdout:")[0]
                 raise PrefectServerError(
                     f"the temporary Prefect server did not answer within {limit} s ({detail.rstrip('.')}; a busy "
-                    f"machine starts it slowly): {start_server_hint(self.command)}, or allow it more time with "
-                    f"`export {STARTUP_TIMEOUT_VARIABLE}=300`"
+                    f"machine starts it slowly; its output: {server_log_path()}): {start_server_hint(self.command)}, "
+                    f"or allow it more time with `export {STARTUP_TIMEOUT_VARIABLE}=300`"
                 ) from None
 
     return TemporaryServer
