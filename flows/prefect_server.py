@@ -21,7 +21,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-# Prefect's own setting (seconds); its default of 20 s is missed on a loaded 2-core machine (measured 16-45 s).
+# Prefect's own setting (seconds); its default of 20 s is missed on a loaded 2-core machine (it took 9-24 s here
+# with four other jobs running).
 STARTUP_TIMEOUT_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 DEFAULT_STARTUP_TIMEOUT_SECONDS = 120
 # How long a configured PREFECT_API_URL may take to answer its health check.
