@@ -104,7 +104,7 @@ def run_script_until_signal(tmp_path: Path, signal_number: int, shutdown_seconds
         process.wait()
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_unwinds_the_command_once_and_a_second_one_does_not_break_the_cleanup(tmp_path, signal_number):
     returncode, stderr, _, marker = run_script_until_signal(tmp_path, signal_number, 30, "stop")
     assert returncode == 128 + signal_number
@@ -188,7 +188,7 @@ def assert_stopped_cleanly(interrupted: crash_harness.Interrupted, command: str,
         assert noise not in interrupted.stderr
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_extraction_stops_in_seconds_and_the_same_command_completes_it(
         workspace, own_server, shared_server, extract_arguments, clean_extraction, signal_number):
     store = str(workspace / f"extract-{signal_number}.zarr")
@@ -205,7 +205,7 @@ def test_an_interrupted_extraction_stops_in_seconds_and_the_same_command_complet
     assert verify_store(store).ok
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_efficient_stage_stops_in_seconds_and_the_same_command_completes_it(
         workspace, own_server, shared_server, clean_extraction, clean_efficient, signal_number):
     store = str(workspace / f"efficient-{signal_number}.zarr")
