@@ -8,6 +8,7 @@ import os
 import sys
 
 from analysis.variants import VARIANTS
+from flows.interrupts import name_the_command, stops_cleanly_on_signals
 
 
 def _positive_int(text: str) -> int:
@@ -302,8 +303,14 @@ def refuse_bad_input(arguments: argparse.Namespace) -> int | None:
     return None
 
 
+# Commands that run flows (serve checks its server itself: it needs a real one).
+FLOW_COMMANDS = ("extract", "train", "efficient", "causal", "explain", "report", "run", "studies")
+
+
+@stops_cleanly_on_signals
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    name_the_command(arguments.command)
     # OpenMP threads that spin while waiting make torch crawl when another process holds a core; must be set
     # before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -318,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     use_chunk_codec_batches()  # also for the commands that run no flow (inspect, verify)
 
     try:
+        if arguments.command in FLOW_COMMANDS:
+            from flows.interrupts import quiet_prefect_console_when_interrupted
+            from flows.prefect_server import use_prefect_api
+
+            use_prefect_api(arguments.command)  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
+            quiet_prefect_console_when_interrupted()
         if arguments.command == "extract":
             from flows.extract import extract
             from storage_schemas.inspection import describe_attention_store
