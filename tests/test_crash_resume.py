@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -175,14 +176,16 @@ def expected_efficient(store: str, variant: str) -> np.ndarray:
 
 def test_an_interrupted_extraction_is_refused_by_efficient_and_causal_until_it_is_finished(
         workspace, environment, extract_arguments):
-    """The issue's sequence: extraction killed after its first shards; `efficient` and `causal` refuse the store
-    (naming the missing shards and the command), write nothing; extract again, then both stages compute every shard
-    from the real tensors (none left at zero, replay holds for every example)."""
+    """The issue's sequence: extraction interrupted (SIGINT to its process group, as Ctrl-C does) after its first
+    shard; `efficient` and `causal` refuse the store (naming the missing shards and the command), write nothing;
+    extract again, then both stages compute every shard from the real tensors (none left at zero, replay holds for
+    every example)."""
     store, results = str(workspace / "interrupted.zarr"), str(workspace / "interrupted.results.zarr")
     arguments = [*extract_arguments, "--store", store]
-    kill = crash_harness.kill_when(arguments, environment, workspace / "interrupted",
-                                   lambda: crash_harness.extraction_progress(store), 1, 0.0)
-    assert not kill.finished_first and kill.survivors == []
+    interrupted = crash_harness.interrupt_when(arguments, environment, workspace / "interrupted",
+                                               lambda: crash_harness.extraction_progress(store), 1, signal.SIGINT)
+    assert not interrupted.finished_first and interrupted.survivors == []
+    assert interrupted.returncode == 130, interrupted.stderr
     done = open_attention_store(store).attrs["completed_shards"]
     missing = sorted(set(range(N_SHARDS)) - set(done))
     assert done and missing
