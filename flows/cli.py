@@ -216,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--results", required=True, help="explanation results to write (Zarr v3; path or URL)")
     explain.add_argument("--methods", default=None,
                          help="comma-separated, e.g. attention:rollout,simplex:last-layer,integrated-gradients,"
-                              "leave-one-out,random (default: attention and every finished variant in every "
+                              "leave-one-out,random (default: attention and every variant the store holds, in every "
                               "aggregation, the model baselines, random)")
     explain.add_argument("--examples", type=_positive_int, default=16,
                          help="examples explained, spread over the store (default 16)")
     explain.add_argument("--all-examples", dest="examples", action="store_const", const=None,
-                         help="explain every readable example")
+                         help="explain every example of the store")
     explain.add_argument("--ig-steps", type=_positive_int, default=32, help="integrated gradients steps (default 32)")
     explain.add_argument("--loo-max-tokens", type=_positive_int, default=128,
                          help="leave-one-out only for examples with at most this many removable tokens (default 128)")
