@@ -9,7 +9,7 @@ UTF-8 (Zarr v3 `string`).
 
 | array | dims | |
 |---|---|---|
-| `method`, `method_kind`, `method_source`, `method_aggregation` | method | name and parts |
+| `explainer`, `explainer_kind`, `explainer_source`, `explainer_aggregation` | explainer | name and parts |
 | `metric` / `k` / `reference` / `layer` | own dim | coordinates |
 | `store_example`, `length`, `label` | example | copied from the store |
 | `faithfulness` | method, metric, k, example | ERASER comprehensiveness and sufficiency |
@@ -67,12 +67,12 @@ SCHEMA_VERSION = 1
 
 # name -> (dims, dtype, fill, description) of the per-example arrays, written shard by shard.
 PER_EXAMPLE_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any, str]] = {
-    "faithfulness": (("method", "metric", "k", "example"), "float32", float("nan"),
+    "faithfulness": (("explainer", "metric", "k", "example"), "float32", float("nan"),
                      "ERASER comprehensiveness / sufficiency of the target probability"),
-    "aopc": (("method", "metric", "example"), "float32", float("nan"), "area over the perturbation curve: mean over k"),
-    "kendall_tau": (("method", "reference", "example"), "float32", float("nan"),
+    "aopc": (("explainer", "metric", "example"), "float32", float("nan"), "area over the perturbation curve: mean over k"),
+    "kendall_tau": (("explainer", "reference", "example"), "float32", float("nan"),
                     "Kendall tau-b with the reference method over the removable tokens"),
-    "attribution": (("method", "example", "position"), "float32", float("nan"),
+    "attribution": (("explainer", "example", "position"), "float32", float("nan"),
                     "per-token attribution (NaN where the token may not be removed)"),
     "target": (("example",), "int64", -1, "the class (or next token) the unmodified model predicts"),
     "full_probability": (("example",), "float32", float("nan"), "p(target | x)"),
@@ -89,8 +89,8 @@ PER_EXAMPLE_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any, str]] = {
 
 # name -> (dims, description); float64, written once every shard is done.
 AGGREGATES: dict[str, tuple[tuple[str, ...], str]] = {
-    "mean_aopc": (("method", "metric"), "mean AOPC over the examples"),
-    "mean_kendall_tau": (("method", "reference"), "mean Kendall tau over the examples where it is defined"),
+    "mean_aopc": (("explainer", "metric"), "mean AOPC over the examples"),
+    "mean_kendall_tau": (("explainer", "reference"), "mean Kendall tau over the examples where it is defined"),
     "minimal_share": (("layer",), "share of the judged simplex rows whose support is minimal"),
 }
 
@@ -131,14 +131,14 @@ def create_explanation_results(
         raise ExplanationResultsError(
             f"something already exists at {url}: choose a new --results path, or delete it to start over"
         ) from None
-    sizes = {"method": len(methods), "metric": len(metrics), "k": len(percents), "reference": len(references),
+    sizes = {"explainer": len(methods), "metric": len(metrics), "k": len(percents), "reference": len(references),
              "example": len(examples["store_example"]), "position": int(positions), "layer": int(layers)}
     for field, description in (("name", "attribution method"), ("kind", "matrices, model or random"),
                                ("source", "attention or an efficient variant ('' otherwise)"),
                                ("aggregation", "how stored matrices become token scores ('' otherwise)")):
-        name = "method" if field == "name" else f"method_{field}"
-        _array(group, name, np.asarray([item[field] for item in methods], dtype=object), (sizes["method"],), "string",
-               (sizes["method"],), ("method",), description, fill_value="")
+        name = "explainer" if field == "name" else f"explainer_{field}"
+        _array(group, name, np.asarray([item[field] for item in methods], dtype=object), (sizes["explainer"],), "string",
+               (sizes["explainer"],), ("explainer",), description, fill_value="")
     for name, values, description in (("metric", list(metrics), "faithfulness metric"),
                                       ("reference", list(references), "reference of Kendall tau")):
         _array(group, name, np.asarray(values, dtype=object), (len(values),), "string", (len(values),), (name,),
@@ -174,7 +174,7 @@ def open_explanation_results(url: str, mode: str = "r", storage_options: dict | 
             f"{url}`"
         ) from None
     attributes = group.attrs.asdict()
-    if "schema" not in attributes and "method" in group:
+    if "schema" not in attributes and "explainer" in group:
         raise ExplanationResultsError(
             f"{url} was never completely created (its creation stopped before the attributes were written): delete "
             "it and run `effattn explain` again"
@@ -190,7 +190,7 @@ def open_explanation_results(url: str, mode: str = "r", storage_options: dict | 
             f"{url} has explanation results schema version {attributes.get('schema_version')!r}, but this effattn "
             f"reads version {SCHEMA_VERSION}: run `effattn explain` again into a new --results path"
         )
-    missing = [name for name in (*PER_EXAMPLE_ARRAYS, "method", "example") if name not in group]
+    missing = [name for name in (*PER_EXAMPLE_ARRAYS, "explainer", "example") if name not in group]
     if missing:
         raise ExplanationResultsError(f"{url} lacks the arrays {missing}: it was not completely created; delete it "
                                       "and run `effattn explain` again")
@@ -224,9 +224,9 @@ def explanation_shard_count(group: zarr.Group) -> int:
 
 
 def explanation_variants(group: zarr.Group) -> list[str]:
-    """The efficient variants whose stored matrices the results' methods read (their `method_source`), in VARIANTS
+    """The efficient variants whose stored matrices the results' methods read (their `explainer_source`), in VARIANTS
     order."""
-    sources = set(group["method_source"][:].tolist())
+    sources = set(group["explainer_source"][:].tolist())
     return [variant for variant in VARIANTS if variant in sources]
 
 

@@ -231,7 +231,7 @@ def summarise_explanations(store: str, results: str) -> list[dict[str, Any]]:
                       "minimal_share": minimal_share_by_layer(minimal, tested)}
     write_explanation_aggregates(group, aggregates)
     claims = explanation_claims(
-        methods=group["method"][:].tolist(), metrics=group["metric"][:].tolist(), aopc=per_example_aopc,
+        methods=group["explainer"][:].tolist(), metrics=group["metric"][:].tolist(), aopc=per_example_aopc,
         minimality_tested=tested, minimality_minimal=minimal, seed=int(group.attrs["settings"]["seed"]),
     )
     group.attrs["claims"] = claims

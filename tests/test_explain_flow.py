@@ -35,20 +35,20 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     printed = capsys.readouterr().out
     assert "simplex supports are minimal" in printed and f"results: {results}" in printed
     dataset = xr.open_zarr(results, consolidated=False).load()
-    methods = dataset["method"].values.tolist()
+    methods = dataset["explainer"].values.tolist()
     assert methods[:3] == ["attention:last-layer", "attention:all-layers", "attention:rollout"]
     assert {"effective:rollout", "stochastic:all-layers", "simplex:last-layer", "random"} <= set(methods)
     assert dataset.sizes["example"] == 3 and dataset.attrs["completed_shards"] == [0]
     assert dataset["store_example"].values.tolist() == [1, 5, 8]  # centres of thirds of the length-sorted store
     assert np.isfinite(dataset["faithfulness"].values).all()
     np.testing.assert_allclose(dataset["aopc"].values, dataset["faithfulness"].mean("k").values, atol=1e-6)
-    tau = dataset["kendall_tau"].sel({"method": "leave-one-out", "reference": "leave-one-out"}).values
+    tau = dataset["kendall_tau"].sel(explainer="leave-one-out", reference="leave-one-out").values
     several = dataset["removable_tokens"].values >= 2  # with one removable token tau is undefined
     assert np.isnan(tau[~several]).all()
     np.testing.assert_allclose(tau[several], 1.0)
     assert np.isfinite(dataset["integrated_gradients_delta"].values).all()
     # attributions only on removable tokens ([CLS] and [SEP] never)
-    attribution = dataset["attribution"].sel({"method": "leave-one-out"})
+    attribution = dataset["attribution"].sel(explainer="leave-one-out")
     assert np.isnan(attribution.isel(position=0)).all()
     assert (attribution.notnull().sum("position") == dataset["removable_tokens"]).all()
     tested = dataset["minimality_tested"] + dataset["minimality_untestable"]
@@ -178,9 +178,9 @@ def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_fol
     results = str(tmp_path / "results.zarr")
     explain(store=store, results=results, examples=2, integrated_gradients_steps=8, minimality_rows=4)
     dataset = xr.open_zarr(results, consolidated=False).load()
-    assert "simplex:rollout" in dataset["method"].values.tolist()
+    assert "simplex:rollout" in dataset["explainer"].values.tolist()
     length = dataset["length"].values
-    attribution = dataset["attribution"].sel({"method": "leave-one-out"}).values
+    attribution = dataset["attribution"].sel(explainer="leave-one-out").values
     for row, size in enumerate(length):
         assert np.isnan(attribution[row, size - 1])  # the pooled last token is never removed
     assert np.isfinite(dataset["faithfulness"].values).all()

@@ -30,7 +30,7 @@ from storage_schemas.explanation_results import (
 METHODS = [{"name": "attention:rollout", "kind": "matrices", "source": "attention", "aggregation": "rollout"},
            {"name": "effective:rollout", "kind": "matrices", "source": "effective", "aggregation": "rollout"},
            {"name": "random", "kind": "random", "source": "", "aggregation": ""}]
-SIZES = {"method": 3, "metric": 2, "k": 3, "reference": 2, "position": 6, "layer": 2}
+SIZES = {"explainer": 3, "metric": 2, "k": 3, "reference": 2, "position": 6, "layer": 2}
 SETTINGS = {"seed": 0, "methods": ["a"]}
 
 
@@ -81,9 +81,9 @@ def test_created_results_open_with_xarray_with_named_dims(tmp_path):
     url = str(tmp_path / "results.zarr")
     make(url)
     dataset = xr.open_zarr(url, consolidated=False)
-    assert dataset["faithfulness"].dims == ("method", "metric", "k", "example")
-    assert dataset["kendall_tau"].dims == ("method", "reference", "example")
-    assert dataset["method"].values.tolist() == ["attention:rollout", "effective:rollout", "random"]
+    assert dataset["faithfulness"].dims == ("explainer", "metric", "k", "example")
+    assert dataset["kendall_tau"].dims == ("explainer", "reference", "example")
+    assert dataset["explainer"].values.tolist() == ["attention:rollout", "effective:rollout", "random"]
     assert dataset["store_example"].values.tolist() == [0, 3, 6, 9, 12]
     assert np.isnan(dataset["aopc"].values).all()
     assert int(dataset["minimality_tested"].min()) == -1  # not measured until written
@@ -118,7 +118,7 @@ def test_aggregates_are_written_with_their_dims(tmp_path):
                                          "minimal_share": np.array([0.5, np.nan])})
     dataset = xr.open_zarr(url, consolidated=False)
     assert dataset["minimal_share"].dims == ("layer",)
-    assert dataset["mean_kendall_tau"].dims == ("method", "reference")
+    assert dataset["mean_kendall_tau"].dims == ("explainer", "reference")
     with pytest.raises(ValueError, match="minimal_share has shape"):
         write_explanation_aggregates(group, {"mean_aopc": np.ones((3, 2)), "mean_kendall_tau": np.zeros((3, 2)),
                                              "minimal_share": np.ones(3)})
