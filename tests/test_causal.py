@@ -47,7 +47,7 @@ def injected(loaded, tokens, shard, w_out, efficient, name, target=Target("all")
     intervention = Intervention.parse(name)
     matrices = intervention_matrices(
         intervention, shard.attention, shard.value, w_out, LENGTHS, loaded.causal,
-        efficient=efficient[intervention.variant].efficient if intervention.needs_efficient else None,
+        efficient=efficient[intervention.variant_name].efficient if intervention.needs_efficient else None,
     )
     masks = target.mask(loaded.shape.layers, loaded.shape.heads)[None]
     return intervened_logits(loaded, tokens, LENGTHS, matrices, masks)[0]

@@ -71,7 +71,7 @@ def test_every_matrix_is_zero_outside_the_real_block_and_causal_ones_stay_lower_
     efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)
     for intervention in default_interventions(minimality_directions=(1, 2)):
         matrices = intervention_matrices(intervention, attention, value, w_out, lengths, causal,
-                                         efficient=efficient[intervention.variant].efficient
+                                         efficient=efficient[intervention.variant_name].efficient
                                          if intervention.needs_efficient else None)
         assert matrices.dtype == np.float32 and matrices.shape == attention.shape
         for example, n in enumerate(lengths):
@@ -180,7 +180,7 @@ def test_interventions_sharing_decompositions_in_a_batch_give_the_same_matrices(
     shared = SharedBases()
     for name in names:
         intervention = Intervention.parse(name)
-        efficient = results[intervention.variant].efficient
+        efficient = results[intervention.variant_name].efficient
         alone = intervention_matrices(intervention, *inputs, causal, efficient=efficient, seed=5)
         together = intervention_matrices(intervention, *inputs, causal, efficient=efficient, seed=5, shared=shared)
         np.testing.assert_array_equal(together, alone)
