@@ -111,14 +111,11 @@ class Intervention:
         object.__setattr__(self, "kind", kind)
         variant = self.variant
         if kind.takes_variant:
-            if isinstance(variant, str):
-                if variant not in VARIANTS:
-                    raise ValueError(f"intervention {kind.name!r} needs a variant from {list(VARIANTS)}, e.g. "
-                                     f"'{kind.name}:effective'")
-                object.__setattr__(self, "variant", variant_record(variant))
-            elif not isinstance(variant, Variant):
+            if not isinstance(variant, Variant) and variant not in VARIANTS:
                 raise ValueError(f"intervention {kind.name!r} needs a variant from {list(VARIANTS)}, e.g. "
                                  f"'{kind.name}:effective'")
+            if not isinstance(variant, Variant):
+                object.__setattr__(self, "variant", variant_record(variant))
         elif variant:
             name = variant.name if isinstance(variant, Variant) else variant
             raise ValueError(f"intervention {kind.name!r} takes no variant, got {name!r}")
@@ -126,7 +123,8 @@ class Intervention:
             object.__setattr__(self, "variant", None)
         if kind.removes_directions:
             if self.variant.name != "effective":
-                raise ValueError("the minimality probe truncates the effective projection: use minimality:effective:k=K")
+                raise ValueError("the minimality probe truncates the effective projection: use "
+                                 "minimality:effective:k=K")
             if self.removed_directions < 1:
                 raise ValueError(f"minimality needs k >= 1 directions removed, got {self.removed_directions}")
         elif self.removed_directions:

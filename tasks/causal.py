@@ -1,16 +1,19 @@
 """The causal stage's work: one Prefect task per shard of examples, plus preparing and summarising the results.
 
-A shard task reads the shard's stored attention, values and efficient attention batch by batch, builds each
-intervention's matrices (analysis.interventions), runs the intervened forward passes for every target of the
-scopes that intervention is measured at (analysis.causal) and writes the shard's metrics whole
-(storage_schemas.causal_results). The driver records completion after the write, so a rerun skips done shards.
+A shard task reads the shard's stored attention, values and efficient attention batch by batch
+(`read_causal_batch`), builds each intervention's matrices (analysis.interventions), runs the intervened forward
+passes for every target of the scopes that intervention is measured at (`measure_batch`, in the groups of
+analysis.causal.forward_groups), measures them for the store's task (analysis.causal.BatchMetrics) and writes the
+shard's metrics whole (storage_schemas.causal_results). The driver records completion after the write, so a rerun
+skips done shards. What is run is an analysis.causal.CausalPlan: interventions are objects here, names only in the
+results dataset.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,7 @@ from analysis.causal import (
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
 from analysis.efficient_attention import VARIANTS
 from analysis.interventions import SharedBases, intervention_matrices, parse_interventions
+from analysis.models import LoadedModel
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
     CausalResultsError,
@@ -145,18 +149,20 @@ def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequenc
 
 
 def measure_batch(
-    loaded, batch: CausalBatch, plan: CausalPlan, metrics: BatchMetrics, w_out: np.ndarray, causal: bool,
-    masks: np.ndarray, scoped: set[int], forward_rows: int, on_intervention=None,
+    loaded: LoadedModel, batch: CausalBatch, plan: CausalPlan, batch_metrics: BatchMetrics, w_out: np.ndarray,
+    causal: bool, scoped: set[int], forward_rows: int, on_intervention: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every planned intervention of one batch, injected at every target of its scopes.
+    """Every planned intervention of one batch, injected at every target of its scopes, `forward_rows` rows
+    (targets x examples) at most per forward pass.
 
-    w_out: [layer, head, head_dim, hidden]; masks: [target, layer, head] (plan.target_masks); scoped: the store
-    indices of the examples the layer and head scopes measure. Returns ({metric: [intervention, target, batch]},
-    injected_change_ratio [intervention, batch]), NaN where not measured; `on_intervention()` after each one."""
-    n_examples = len(batch.length)
-    shape = (len(plan.interventions), len(plan.targets), n_examples)
-    values = {name: np.full(shape, np.nan, np.float32) for name in METRICS}
-    change_ratio = np.full(shape[::2], np.nan, np.float32)
+    w_out: [layer, head, head_dim, hidden]; scoped: the store indices of the examples the layer and head scopes
+    measure (analysis.causal.measured_examples). Returns ({metric: [intervention, target, batch]},
+    injected_change_ratio [intervention, batch]), NaN where not measured; calls `on_intervention()` after each
+    intervention."""
+    shape = (len(plan.interventions), len(plan.targets), len(batch.length))
+    measured = {name: np.full(shape, np.nan, np.float32) for name in METRICS}
+    change_ratio = np.full((shape[0], shape[2]), np.nan, np.float32)
+    masks = plan.target_masks(*w_out.shape[:2])  # [target, layer, head]
     shared = SharedBases()  # decompositions the interventions of this batch share
     for intervention, scopes in plan.scope_plan():
         matrices = intervention_matrices(
@@ -170,11 +176,11 @@ def measure_batch(
             for examples, targets in forward_groups(batch.examples_at(scope, scoped), target_indices, forward_rows):
                 logits = intervened_logits(loaded, batch.tokens[examples], batch.length[examples], matrices[examples],
                                            masks[targets])
-                for name, measured in metrics.measure(logits, examples).items():
-                    values[name][index, targets[:, None], examples[None, :]] = measured
+                for name, values in batch_metrics.measure(logits, examples).items():
+                    measured[name][index, targets[:, None], examples[None, :]] = values
         if on_intervention is not None:
             on_intervention()
-    return values, change_ratio
+    return measured, change_ratio
 
 
 def compute_causal_shard(
@@ -190,11 +196,10 @@ def compute_causal_shard(
     n_examples = region.stop - region.start
     shape = (len(plan.interventions), len(plan.targets), n_examples)
     metrics = {name: np.full(shape, np.nan, np.float32) for name in METRICS}
-    change_ratio = np.full(shape[::2], np.nan, np.float32)
+    change_ratio = np.full((shape[0], n_examples), np.nan, np.float32)
     original_correct = np.full(n_examples, np.nan, np.float32)
     planned = plan.scope_plan()
     variants = sorted({item.variant_name for item, _ in planned if item.needs_efficient})
-    masks = plan.target_masks(layout.layers, layout.heads)
     scoped = set(measured_examples(layout.n_examples, plan.scope_examples).tolist())
     w_out = group["w_out"][:]
     causal = bool(group.attrs["model"]["causal"])
@@ -206,10 +211,10 @@ def compute_causal_shard(
         rows = slice(start - region.start, start - region.start + len(batch.length))
         batch_metrics = BatchMetrics.for_batch(loaded, batch, layout.task)
         original_correct[rows] = batch_metrics.original_correct()
-        values, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, masks, scoped, forward_rows,
-                                      on_intervention=progress.update)
+        measured, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, scoped, forward_rows,
+                                        on_intervention=progress.update)
         for name in METRICS:
-            metrics[name][:, :, rows] = values[name]
+            metrics[name][:, :, rows] = measured[name]
         change_ratio[:, rows] = ratio
     progress.close()
     return {**metrics, "injected_change_ratio": change_ratio, "original_correct": original_correct}

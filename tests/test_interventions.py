@@ -62,7 +62,8 @@ def test_names_round_trip_and_bad_names_say_how_to_write_them():
     bad_names = {
         "zero": "unknown intervention kind 'zero': choose from ['replay', 'efficient', 'null', "
                 "'efficient+null-noise', 'colspace-noise', 'uniform', 'ablate', 'minimality']",
-        "null": "intervention 'null' needs a variant from ['effective', 'stochastic', 'simplex'], e.g. 'null:effective'",
+        "null": "intervention 'null' needs a variant from ['effective', 'stochastic', 'simplex'], e.g. "
+                "'null:effective'",
         "null:exact": "intervention 'null' needs a variant from ['effective', 'stochastic', 'simplex'], e.g. "
                       "'null:effective'",
         "ablate:effective": "intervention 'ablate' takes no variant, got 'effective'",
