@@ -7,6 +7,11 @@ the batch is repeated once per target (copy-major) and each copy replaces only i
 
 Metrics compare the intervened model's predictions with the original model's (`original_logits`):
 classification predicts one class per example; next-token predicts the next token at every real position.
+
+What a run measures is a `CausalPlan` (interventions as objects, scopes, targets, seed; stored as the results'
+`settings` attribute). One shard's work is cut into pieces tested on their own: a `CausalBatch` (what is read
+for a batch), `BatchMetrics` (the metrics for the store's task) and `forward_groups` (the targets x examples of
+each forward pass).
 """
 
 from __future__ import annotations

@@ -83,7 +83,6 @@ KIND_RECORDS: dict[str, InterventionKind] = {record.name: record for record in (
                      takes_variant=True, removes_directions=True),
 )}
 KINDS: tuple[str, ...] = tuple(KIND_RECORDS)
-KINDS_WITH_VARIANT: tuple[str, ...] = tuple(name for name, record in KIND_RECORDS.items() if record.takes_variant)
 KIND_DESCRIPTIONS: dict[str, str] = {name: record.description for name, record in KIND_RECORDS.items()}
 DEFAULT_MINIMALITY_DIRECTIONS: tuple[int, ...] = (1, 2, 4, 8, 16)
 
