@@ -68,17 +68,17 @@ class InterventionKind:
 
 KIND_RECORDS: dict[str, InterventionKind] = {record.name: record for record in (
     InterventionKind("replay", "the stored attention A (must reproduce the stored logits)"),
-    InterventionKind("efficient", "the stored efficient attention E of the variant (sufficiency)",
+    InterventionKind("efficient", "efficient attention E of the variant (sufficiency)",
                      takes_variant=True, reads_efficient=True, per_layer_by_default=True),
-    InterventionKind("null", "A - E, the part the variant removes (necessity)",
+    InterventionKind("null", "only the null part A − E, what the variant removes (necessity)",
                      takes_variant=True, reads_efficient=True, per_layer_by_default=True),
     InterventionKind("efficient+null-noise",
-                     "E + N, N random in the left null space with ||N|| = ||A - E|| (must not move)",
+                     "E + random left-null-space noise of norm ‖A − E‖ (must not move)",
                      takes_variant=True, reads_efficient=True),
-    InterventionKind("colspace-noise", "A + C, C random in col(T) with ||C|| = ||A - E|| (must move)",
+    InterventionKind("colspace-noise", "A + random noise inside col(T) of norm ‖A − E‖ (must move)",
                      takes_variant=True, reads_efficient=True),
     InterventionKind("uniform", "uniform attention over the real (causal: visible) keys", per_layer_by_default=True),
-    InterventionKind("ablate", "zero attention: the head contributes nothing", per_layer_by_default=True),
+    InterventionKind("ablate", "zero attention: the head adds nothing", per_layer_by_default=True),
     InterventionKind("minimality", "A projected on col(T) without its k weakest directions",
                      takes_variant=True, removes_directions=True),
 )}
