@@ -33,6 +33,7 @@ from analysis.causal import (
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
 from analysis.efficient_attention import VARIANTS
 from analysis.interventions import Intervention, SharedBases, intervention_matrices
+from analysis.key_bands import store_key_bands
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
     CausalResultsError,
@@ -170,6 +171,7 @@ def compute_causal_shard(
     plan = scope_plan(settings)
     w_out = group["w_out"][:]
     causal = bool(group.attrs["model"]["causal"])
+    key_bands = store_key_bands(group.attrs["model"], layout.layers)  # the noise stays on the keys each query sees
     next_token = layout.task == "next-token"
     starts = range(region.start, region.stop, batch_size)
     progress = tqdm(total=len(starts) * len(plan), desc=f"causal shard {shard_index}", unit="intervention",
@@ -202,7 +204,7 @@ def compute_causal_shard(
                     start:stop, :, :, :size, :size]
             matrices = intervention_matrices(
                 intervention, attention, value, w_out, length, causal, efficient=efficient.get(intervention.variant),
-                example_indices=np.arange(start, stop), seed=settings["seed"], shared=shared,
+                example_indices=np.arange(start, stop), seed=settings["seed"], shared=shared, key_bands=key_bands,
             )
             index = interventions.index(intervention)
             change_ratio[index, rows] = injected_change_ratio(matrices, attention)
