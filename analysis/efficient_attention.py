@@ -18,6 +18,9 @@ compute function here, `orthogonal_projection` or `simplex_projection`):
 
 and `null = A - efficient` for each. Decoder (causal) models: row i may only use keys ≤ i, so row i is
 projected with the prefix T[:i+1] (a different projector per row; the result stays lower-triangular).
+Layers with a key band (analysis.key_bands; a sliding window shorter than the block): row i may only use the keys
+S_i its band lets it see, so it is projected with T[S_i] (`project_rows_in_band`, `_simplex_band`; rows grouped by
+|S_i| and batched); the result is zero outside the band. Layers without one take the paths below unchanged.
 Grouped-query attention: query head h uses kv head h // (heads // kv_heads).
 
 How it is computed (all float64, batched over many matrices, torch):

@@ -16,7 +16,9 @@ stored efficient attention of a variant, T = V W_O^h, X = V·factor with col(X) 
                                                            of col(T) (smallest singular values) dropped
 
 Norms are Frobenius norms of the real L×L block. Causal (decoder) models: every row i uses the prefix T[:i+1],
-so every matrix stays lower-triangular. Random matrices come from a generator seeded by (seed, example index,
+so every matrix stays lower-triangular. In layers with a key band (a sliding window, analysis.key_bands) the noise
+is drawn on the keys each query sees and projected against those rows of T only (uniform and minimality keep the
+prefix / whole-sequence rule). Random matrices come from a generator seeded by (seed, example index,
 intervention name): the same example gets the same noise however the examples are batched.
 """
 
