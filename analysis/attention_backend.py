@@ -170,7 +170,8 @@ class AttentionCall:
 
 def visible_keys(attention_mask: torch.Tensor | None, queries: int, keys: int) -> torch.Tensor:
     """[query, key] bool: where the mask the attention function got lets a key through (first batch entry).
-    An additive mask blocks with the dtype's lowest value (or -inf); a boolean one with False; no mask blocks nothing."""
+    An additive mask blocks with the dtype's lowest value (or -inf), a boolean one with False; no mask blocks
+    nothing."""
     if attention_mask is None:
         return torch.ones((queries, keys), dtype=torch.bool)
     mask = attention_mask[0, 0, :, :keys].detach().cpu()

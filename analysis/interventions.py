@@ -356,8 +356,9 @@ def intervention_matrices(
             chunk_bands = [bands[layer].within(n) for layer in chunk.layer.tolist()]
             if kind == "colspace-noise":
                 random, inside = _noise_in_bands(random, chunk.matrix, hidden_size, causal, chunk_bands, (
-                    lambda rows: project_rows(rows, shared.get("basis of T", chunk_number, chunk.matrix,
-                                                               lambda: column_space_basis(chunk.matrix, hidden_size))[0])))
+                    lambda rows: project_rows(rows, shared.get(
+                        "basis of T", chunk_number, chunk.matrix,
+                        lambda: column_space_basis(chunk.matrix, hidden_size))[0])))
                 block = chunk.attention + _scaled_to(inside, removed_norm)
             else:
                 space = with_ones_column(chunk.matrix) if with_ones else chunk.matrix

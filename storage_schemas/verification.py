@@ -354,7 +354,8 @@ def _stored_key_bands(group: zarr.Group, layout: AttentionStoreLayout, report: V
     try:
         return key_bands.store_key_bands(model, layout.layers)
     except (ValueError, TypeError) as error:
-        report.problems.append(Problem("", None, "schema", f"the root attribute model.key_bands does not read: {error}"))
+        report.problems.append(Problem("", None, "schema",
+                                       f"the root attribute model.key_bands does not read: {error}"))
         return None
 
 
