@@ -174,7 +174,8 @@ def visible_keys(attention_mask: torch.Tensor | None, queries: int, keys: int) -
     nothing."""
     if attention_mask is None:
         return torch.ones((queries, keys), dtype=torch.bool)
-    mask = attention_mask[0, 0, :, :keys].detach().cpu()
+    mask = attention_mask[0, 0, :, :keys].detach().cpu()  # a key-only mask [.., 1, keys] broadcasts over queries
+    mask = mask.expand(queries, mask.shape[-1]) if mask.shape[0] == 1 else mask
     if mask.dtype == torch.bool:
         return mask.clone()
     return mask > torch.finfo(mask.dtype).min / 2
