@@ -5,8 +5,8 @@
     VARIANTS, Variant, variant_record, register_variant            the efficient-attention variants
     Intervention, intervention_matrices     what the causal stage injects, on arrays
     verify_store(url)                        read every chunk of a store and report damage
-    extract, efficient, causal, report       the stages (Prefect flows)
-    run_pipeline                             the whole pipeline (extract -> efficient -> causal -> report)
+    extract, efficient, causal, explain, report   the stages (Prefect flows)
+    run_pipeline                             the whole pipeline (extract -> efficient -> causal -> explain -> report)
     use_chunk_codec_batches()                zarr's faster whole-shard reads for this process (the stages call it)
 
 Each name is the object of its home module (analysis/, storage_schemas/, flows/), imported when first used, so
@@ -33,6 +33,7 @@ _HOMES: dict[str, str] = {
     "extract": "flows.extract",
     "efficient": "flows.efficient",
     "causal": "flows.causal",
+    "explain": "flows.explain",
     "report": "flows.report",
     "run_pipeline": "flows.pipeline",
     "use_chunk_codec_batches": "storage_schemas.attention_store",

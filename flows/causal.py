@@ -8,9 +8,16 @@ from typing import Any
 from prefect import flow
 from tqdm.auto import tqdm
 
-from analysis.causal import SCOPES, targets_for
+from analysis.causal import SCOPES, CausalPlan, targets_for
 from analysis.efficient_attention import VARIANTS
-from analysis.interventions import DEFAULT_MINIMALITY_DIRECTIONS, default_interventions, parse_interventions
+from analysis.interventions import (
+    DEFAULT_MINIMALITY_DIRECTIONS,
+    Intervention,
+    default_head_interventions,
+    default_interventions,
+    default_layer_interventions,
+    parse_interventions,
+)
 from storage_schemas.attention_store import open_attention_store, store_layout, use_chunk_codec_batches
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
 from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
@@ -18,7 +25,7 @@ from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import prepare_results, run_causal_shard, summarise_results
 
 
-def causal_settings(
+def causal_plan(
     store: str,
     interventions: Sequence[str] | None = None,
     variants: Sequence[str] | None = None,
@@ -28,13 +35,15 @@ def causal_settings(
     scope_examples: int | None = 32,
     minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Everything that shapes the numbers of a causal run (a rerun with other settings is refused).
+) -> CausalPlan:
+    """Everything that shapes the numbers of a causal run (a rerun with another plan is refused); the names are
+    parsed here, once.
 
-    Defaults: the variants the efficient stage has finished in the store; every intervention for them at scope "all"; efficient, null,
-    uniform and ablate at scope "layer"; ablate at scope "head" (which heads matter; within one head null:<v> is
-    ablation by construction, (A - E)·T = 0, and the layer scope already shows that);
-    the layer and head scopes on `scope_examples` examples spread over the store (None: all).
+    Defaults: the variants the efficient stage has finished in the store; every intervention for them at scope
+    "all"; those whose kind is measured per layer (efficient, null, uniform, ablate) at scope "layer"; ablate at
+    scope "head" (which heads matter; within one head null:<v> is ablation by construction, (A - E)·T = 0, and
+    the layer scope already shows that); the layer and head scopes on `scope_examples` examples spread over the
+    store (None: all).
     """
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
@@ -52,27 +61,18 @@ def causal_settings(
         chosen = default_interventions(variants, directions)
     else:
         chosen = parse_interventions(interventions)
-    names = [item.name for item in chosen]
-    if layer_interventions is None:
-        layer_interventions = [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")]
-    if head_interventions is None:
-        # ablate where it is run; otherwise a null part (the same by construction), else the first intervention
-        nulls = [name for name in names if name.startswith("null:")]
-        head_interventions = ["ablate"] if "ablate" in names else nulls[:1] or names[:1]
-    for scope_name, listed in (("layer", layer_interventions), ("head", head_interventions)):
-        unknown = [name for name in listed if name not in names]
-        if unknown:
-            raise ValueError(f"--{scope_name}-interventions {unknown} are not among the interventions run: {names}")
-    targets = targets_for(list(scopes), layout.layers, layout.heads)
     attributes = group.attrs.asdict()
-    return {
-        "interventions": names,
-        "scopes": list(scopes),
-        "scope_interventions": {"all": names, "layer": list(layer_interventions), "head": list(head_interventions)},
-        "scope_examples": None if scope_examples is None else int(scope_examples),
-        "targets": [{"name": t.name, "scope": t.scope, "layer": t.layer, "head": t.head} for t in targets],
-        "seed": int(seed),
-        "store_identity": {
+    return CausalPlan(
+        interventions=tuple(chosen),
+        scopes=tuple(scopes),
+        layer_interventions=tuple(default_layer_interventions(chosen) if layer_interventions is None
+                                  else map(Intervention.parse, layer_interventions)),
+        head_interventions=tuple(default_head_interventions(chosen) if head_interventions is None
+                                 else map(Intervention.parse, head_interventions)),
+        scope_examples=None if scope_examples is None else int(scope_examples),
+        targets=tuple(targets_for(list(scopes), layout.layers, layout.heads)),
+        seed=int(seed),
+        store_identity={
             "weights_digest": attributes["model"]["weights_digest"],
             "corpus_digest": attributes["corpus"]["digest"],
             "examples": layout.n_examples,
@@ -80,11 +80,16 @@ def causal_settings(
             # efficient attention recomputed with other settings makes these results stale
             "efficient_settings": {
                 variant: group[efficient_array_path(variant)].attrs.get("settings")
-                for variant in sorted({name.split(":")[1] for name in names if name.count(":") >= 1})
+                for variant in sorted({item.variant_name for item in chosen if item.variant})
                 if efficient_array_path(variant) in group
             },
         },
-    }
+    )
+
+
+def causal_settings(store: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The plan of `causal_plan` (same arguments) as the results' `settings` attribute records it."""
+    return causal_plan(store, *args, **kwargs).as_attribute()
 
 
 @flow(name="effattn-causal")
@@ -112,15 +117,15 @@ def causal(
     span the vocabulary). Returns the claims table (analysis.claims).
     """
     use_chunk_codec_batches()
-    settings = causal_settings(store, interventions, variants, scopes, layer_interventions, head_interventions,
-                               scope_examples, minimality_directions, seed)
+    plan = causal_plan(store, interventions, variants, scopes, layer_interventions, head_interventions,
+                       scope_examples, minimality_directions, seed)
     if forward_rows is None:
         task_name = open_attention_store(store).attrs["extraction"]["task"]
         forward_rows = 8 if task_name == "next-token" else 64
     with hold_store_lock(results, "causal"):  # one writer per results dataset (the store is only read)
-        todo = prepare_results(store, results, settings)
+        todo = prepare_results(store, results, plan)
         group = open_causal_results(results, mode="r+")
         for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-            inputs = run_causal_shard(store, results, shard_index, settings, model, device, batch_size, forward_rows)
+            inputs = run_causal_shard(store, results, shard_index, plan, model, device, batch_size, forward_rows)
             mark_causal_shard_completed(group, shard_index, inputs)
         return summarise_results(store, results)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from analysis.variants import VARIANTS
+from flows.interrupts import name_the_command, stops_cleanly_on_signals
 
 
 def _positive_int(text: str) -> int:
@@ -215,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--results", required=True, help="explanation results to write (Zarr v3; path or URL)")
     explain.add_argument("--methods", default=None,
                          help="comma-separated, e.g. attention:rollout,simplex:last-layer,integrated-gradients,"
-                              "leave-one-out,random (default: attention and every finished variant in every "
+                              "leave-one-out,random (default: attention and every variant the store holds, in every "
                               "aggregation, the model baselines, random)")
     explain.add_argument("--examples", type=_positive_int, default=16,
                          help="examples explained, spread over the store (default 16)")
     explain.add_argument("--all-examples", dest="examples", action="store_const", const=None,
-                         help="explain every readable example")
+                         help="explain every example of the store")
     explain.add_argument("--ig-steps", type=_positive_int, default=32, help="integrated gradients steps (default 32)")
     explain.add_argument("--loo-max-tokens", type=_positive_int, default=128,
                          help="leave-one-out only for examples with at most this many removable tokens (default 128)")
@@ -302,8 +303,14 @@ def refuse_bad_input(arguments: argparse.Namespace) -> int | None:
     return None
 
 
+# Commands that run flows (serve checks its server itself: it needs a real one).
+FLOW_COMMANDS = ("extract", "train", "efficient", "causal", "explain", "report", "run", "studies")
+
+
+@stops_cleanly_on_signals
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    name_the_command(arguments.command)
     # OpenMP threads that spin while waiting make torch crawl when another process holds a core; must be set
     # before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -318,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     use_chunk_codec_batches()  # also for the commands that run no flow (inspect, verify)
 
     try:
+        if arguments.command in FLOW_COMMANDS:
+            from flows.interrupts import quiet_prefect_console_when_interrupted
+            from flows.prefect_server import use_prefect_api
+
+            use_prefect_api(arguments.command)  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
+            quiet_prefect_console_when_interrupted()
         if arguments.command == "extract":
             from flows.extract import extract
             from storage_schemas.inspection import describe_attention_store

@@ -226,13 +226,14 @@ def run_pipeline(
         finished("explain", "not needed", None, "explain_examples is 0")
     else:
         settings_of_explain = explanation_settings(store, default_methods(variants), examples=explain_examples)
-        check = explanation_status(explanations, settings_of_explain)
+        check = explanation_status(explanations, settings_of_explain, store)
         if check.conflicting:
             raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
                              "explain again with this run's settings, or pass --explain-examples 0")
         if check.complete:
             finished("explain", "skipped", None, check.reason)
         else:
+            logger.info("stage explain needed: %s", check.reason)
             started = time.perf_counter()
             explain(store=store, results=explanations, methods=default_methods(variants), examples=explain_examples,
                     device=device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -230,11 +231,18 @@ def dask_client(address: str | None, workers: int | None) -> Iterator:
     try:
         with LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.CRITICAL
+            silence_logs=logging.CRITICAL, preload=[__name__],  # dask_setup below, in every worker process
         ) as cluster, Client(cluster) as client:
             yield client
     finally:
         distributed_logger.setLevel(level)
+
+
+def dask_setup(worker) -> None:
+    """Dask preload of the LocalCluster's workers, run in each worker process: a terminal's Ctrl-C reaches the whole
+    process group, and a worker then ends at once and silently, as on SIGTERM (the driver records what is done and
+    stops, flows/interrupts.py), instead of printing a KeyboardInterrupt traceback or finishing its task first."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:

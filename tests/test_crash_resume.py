@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -158,9 +159,9 @@ def test_a_store_path_that_is_not_writable_is_refused(workspace, environment, ex
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn extract: error: ")]
     assert len(errors) == 1, refused.stderr
-    assert errors[0].startswith(f"effattn extract: error: cannot write to {store} (")
-    assert errors[0].endswith("): choose a store location this user may write to, or fix the permissions of that "
-                              "folder. Nothing already stored was changed")
+    assert errors[0].startswith(f"effattn extract: error: cannot create --store {store}: the folder ")  # pre-flight
+    assert errors[0].endswith("): choose a --store in a folder this user may write to, or fix that folder's "
+                              "permissions. Nothing was written")
     assert not os.path.exists(store)
 
 
@@ -175,14 +176,16 @@ def expected_efficient(store: str, variant: str) -> np.ndarray:
 
 def test_an_interrupted_extraction_is_refused_by_efficient_and_causal_until_it_is_finished(
         workspace, environment, extract_arguments):
-    """The issue's sequence: extraction killed after its first shards; `efficient` and `causal` refuse the store
-    (naming the missing shards and the command), write nothing; extract again, then both stages compute every shard
-    from the real tensors (none left at zero, replay holds for every example)."""
+    """The issue's sequence: extraction interrupted (SIGINT to its process group, as Ctrl-C does) after its first
+    shard; `efficient` and `causal` refuse the store (naming the missing shards and the command), write nothing;
+    extract again, then both stages compute every shard from the real tensors (none left at zero, replay holds for
+    every example)."""
     store, results = str(workspace / "interrupted.zarr"), str(workspace / "interrupted.results.zarr")
     arguments = [*extract_arguments, "--store", store]
-    kill = crash_harness.kill_when(arguments, environment, workspace / "interrupted",
-                                   lambda: crash_harness.extraction_progress(store), 1, 0.0)
-    assert not kill.finished_first and kill.survivors == []
+    interrupted = crash_harness.interrupt_when(arguments, environment, workspace / "interrupted",
+                                               lambda: crash_harness.extraction_progress(store), 1, signal.SIGINT)
+    assert not interrupted.finished_first and interrupted.survivors == []
+    assert interrupted.returncode == 130, interrupted.stderr
     done = open_attention_store(store).attrs["completed_shards"]
     missing = sorted(set(range(N_SHARDS)) - set(done))
     assert done and missing

@@ -31,6 +31,7 @@ def test_every_name_is_the_object_of_its_home_module():
         "extract": ("flows.extract", "extract"),
         "efficient": ("flows.efficient", "efficient"),
         "causal": ("flows.causal", "causal"),
+        "explain": ("flows.explain", "explain"),
         "report": ("flows.report", "report"),
         "run_pipeline": ("flows.pipeline", "run_pipeline"),
         "use_chunk_codec_batches": ("storage_schemas.attention_store", "use_chunk_codec_batches"),
