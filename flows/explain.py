@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
+from flows.preflight import check_device
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
@@ -78,6 +79,7 @@ def explain(
     settings = explanation_settings(store, methods, examples, percents, integrated_gradients_steps,
                                     leave_one_out_max_tokens, minimality_rows, minimality_tolerance, seed, shard_size)
     store_layout(open_attention_store(store, mode="r"))  # a clear error for a store that is not one
+    check_device(device)  # before the lock or any results folder exists
     with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
         todo = prepare_explanations(store, results, settings)
         group = open_explanation_results(results, mode="r+")

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
 from analysis.training import TrainingSettings, head_to_train
+from flows.preflight import check_device
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_chunk_codec_batches
 from storage_schemas.store_lock import hold_store_lock
 from tasks.extraction import capture_shard, prepare_store, write_captured_shard
@@ -48,6 +49,7 @@ def extract(
     use_chunk_codec_batches()
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     # One writer per store: a second run into it is refused, naming this one, until this one ends.
+    check_device(device)  # before the lock or any results folder exists
     with hold_store_lock(store, "extract"):
         if head_to_train(loaded_corpus, task, train, has_trained_head(model)):
             settings = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
