@@ -616,7 +616,7 @@ def test_a_windowed_store_keeps_efficient_attention_and_its_noise_inside_the_ban
         intervention = Intervention.parse(name)
         matrices = intervention_matrices(
             intervention, attention, value, w_out, length, causal,
-            efficient=group[f"efficient/{intervention.variant}"][:], example_indices=np.arange(len(length)),
+            efficient=group[f"efficient/{intervention.variant_name}"][:], example_indices=np.arange(len(length)),
             key_bands=store_key_bands(model, 2),
         )
         assert outside_band_magnitude(matrices, length, bands).max() == 0.0, name
