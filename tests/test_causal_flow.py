@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from flows.settings import CausalSettings, EfficientSettings, ExtractSettings
 from flows.causal import causal
 from flows.efficient import efficient
 from flows.extract import extract
@@ -23,9 +24,9 @@ def llama_store(tmp_path_factory, tiny_llama_folder) -> str:
     reviews, 3 shards, with all three efficient variants."""
     folder = tmp_path_factory.mktemp("causal")
     url = str(folder / "store.zarr")
-    extract(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            shard_size=4, batch_size=4)
-    efficient(store=url, workers=1)
+    extract(ExtractSettings(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+            shard_size=4, batch_size=4))
+    efficient(EfficientSettings(store=url, workers=1))
     return url
 
 
@@ -74,18 +75,18 @@ def test_a_rerun_skips_done_shards_and_recomputes_a_lost_one_identically(llama_s
     results = str(tmp_path / "results.zarr")
     options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective"],
                    scopes=["all", "head"], head_interventions=["colspace-noise:effective"], scope_examples=3)
-    causal(store=llama_store, results=results, **options)
+    causal(CausalSettings(store=llama_store, results=results, **options))
     group = open_causal_results(results, mode="r+")
     before = {name: group[name][:] for name in ("agreement", "max_abs_logit_change", "injected_change_ratio")}
     # a crash: shard 1 was never recorded as done and holds garbage
     group.attrs["completed_shards"] = [0, 2]
     group["max_abs_logit_change"][:, :, 4:8] = 123.0
-    causal(store=llama_store, results=results, **options)
+    causal(CausalSettings(store=llama_store, results=results, **options))
     for name, values in before.items():
         np.testing.assert_array_equal(group[name][:], values)  # the same noise again: seeded per example
     assert open_causal_results(results).attrs["completed_shards"] == [0, 1, 2]
     with pytest.raises(CausalResultsError, match=r"holds causal results of another run \(seed: stored 0, requested 1"):
-        causal(store=llama_store, results=results, seed=1, **options)
+        causal(CausalSettings(store=llama_store, results=results, seed=1, **options))
 
 
 def test_missing_efficient_attention_and_another_model_are_refused(llama_store, tmp_path, tiny_bert_folder):
@@ -94,22 +95,22 @@ def test_missing_efficient_attention_and_another_model_are_refused(llama_store, 
     shutil.rmtree(f"{store}/efficient/simplex")
     with pytest.raises(CausalResultsError, match=r"lacks finished efficient attention for the variants \['simplex'\]: "
                                                  r"run `effattn efficient --store .* --variants simplex` first"):
-        causal(store=store, results=str(tmp_path / "r1.zarr"), interventions=["null:simplex"])
+        causal(CausalSettings(store=store, results=str(tmp_path / "r1.zarr"), interventions=["null:simplex"]))
     with pytest.raises(CausalResultsError, match=r"but the store was extracted with .*: pass --model with the model "
                                                  "that wrote the store"):
-        causal(store=store, results=str(tmp_path / "r2.zarr"), interventions=["ablate"], scopes=["all"],
-               model=str(tiny_bert_folder))
+        causal(CausalSettings(store=store, results=str(tmp_path / "r2.zarr"), interventions=["ablate"], scopes=["all"],
+               model=str(tiny_bert_folder)))
 
 
 def test_next_token_store(tmp_path, tiny_llama_folder):
     url = str(tmp_path / "lm.zarr")
-    extract(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            task="next-token", top_k=4, shard_size=5, batch_size=5)
-    efficient(store=url, variants=["stochastic"], workers=1)
+    extract(ExtractSettings(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+            task="next-token", top_k=4, shard_size=5, batch_size=5))
+    efficient(EfficientSettings(store=url, variants=["stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
     # the layer scope measures 3 spread examples: batches whose longest example is not among them
-    causal(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"],
-           scopes=["all", "layer"], scope_examples=3, batch_size=4)
+    causal(CausalSettings(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"],
+           scopes=["all", "layer"], scope_examples=3, batch_size=4))
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert int(dataset["agreement"].sel(intervention="ablate", target="layer 1").notnull().sum()) == 3
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
@@ -126,11 +127,11 @@ def test_next_token_store(tmp_path, tiny_llama_folder):
 def test_minilm_on_real_reviews(tmp_path):
     """MiniLM (random head, so no training here) on a few rt-sentiment snippets: the exact cases hold."""
     url = str(tmp_path / "rt.zarr")
-    extract(corpus="rt-sentiment", model="minilm", store=url, limit=6, train=False, batch_size=6)
-    efficient(store=url, variants=["effective", "stochastic"], workers=1)
+    extract(ExtractSettings(corpus="rt-sentiment", model="minilm", store=url, limit=6, train=False, batch_size=6))
+    efficient(EfficientSettings(store=url, variants=["effective", "stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
-    causal(store=url, results=results, interventions=["replay", "efficient:effective", "efficient:stochastic",
-                                                      "null:effective", "ablate"], scopes=["all", "layer"])
+    causal(CausalSettings(store=url, results=results, interventions=["replay", "efficient:effective", "efficient:stochastic",
+                                                      "null:effective", "ablate"], scopes=["all", "layer"]))
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
     for variant in ("effective", "stochastic"):
@@ -146,7 +147,7 @@ def test_a_second_writer_of_the_same_results_is_refused(llama_store, tmp_path):
 
     results = str(tmp_path / "results.zarr")
     with hold_store_lock(results, "causal"), pytest.raises(StoreLockedError, match=r"is locked by effattn causal"):
-        causal(store=llama_store, results=results, interventions=["ablate"], scopes=["all"])
+        causal(CausalSettings(store=llama_store, results=results, interventions=["ablate"], scopes=["all"]))
     assert not (tmp_path / "results.zarr").exists()  # nothing was written by the refused run
 
 
@@ -161,8 +162,8 @@ def test_no_forward_pass_exceeds_forward_rows(llama_store, tmp_path, monkeypatch
         return original(loaded, tokens, length, replacement, target_masks)
 
     monkeypatch.setattr(tasks.causal, "intervened_logits", counting)
-    causal(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
-           scopes=["all", "head"], scope_examples=None, batch_size=4, forward_rows=3)
+    causal(CausalSettings(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
+           scopes=["all", "head"], scope_examples=None, batch_size=4, forward_rows=3))
     assert max(rows) <= 3 and sum(rows) == 10 * (1 + 2 * 4)  # every example at every target, once
 
 

@@ -3,15 +3,15 @@ runs every stage, a second one skips them all without touching the store, and ch
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from analysis.corpora import load_corpus
+from flows.settings import EXTRACTION_SHAPE, ExtractSettings, PipelineSettings
 from flows.cli import main
-from flows.pipeline import EXTRACTION_DEFAULTS, STAGES, run_pipeline
+from flows.pipeline import STAGES, run_pipeline
 from storage_schemas.attention_store import AttentionStoreError, completed_shards, open_attention_store
 from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, run_name
@@ -35,12 +35,19 @@ def first_run(tmp_path_factory, tiny_bert_folder):
     folder = tmp_path_factory.mktemp("pipeline")
     corpus = write_reviews_csv(folder / "reviews.csv")
     arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(folder / "runs"), **RUN)
-    return arguments, run_pipeline(**arguments)
+    return arguments, run_pipeline(PipelineSettings(**arguments))
 
 
-def test_extraction_defaults_are_the_flows_defaults():
-    defaults = {name: parameter.default for name, parameter in inspect.signature(run_pipeline.fn).parameters.items()}
-    assert {name: defaults[name] for name in EXTRACTION_DEFAULTS} == EXTRACTION_DEFAULTS
+def test_store_names_are_unchanged_by_the_settings_objects():
+    """The non-default extraction settings name the store: a run with the defaults gets no digest, and one with
+    --max-length 16 the digest that the code before the settings objects gave it (so a rerun finds its store)."""
+    assert PipelineSettings().non_default_extraction_shape() == {}
+    shape = PipelineSettings(max_length=16, split="all").non_default_extraction_shape()
+    assert shape == {"max_length": 16, "split": "all"}
+    assert run_name("rt-sentiment", "minilm", 300, shape) == "rt-sentiment-minilm-300-40d55ba0"
+    # the extraction stage's defaults are the pipeline's
+    assert {name: ExtractSettings.model_fields[name].default for name in EXTRACTION_SHAPE} == \
+        PipelineSettings().extraction_shape()
 
 
 def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
@@ -70,7 +77,7 @@ def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
 def test_second_call_skips_train_extract_and_efficient_and_touches_nothing(first_run):
     arguments, first = first_run
     before = file_mtimes(first["store"])
-    record = run_pipeline(**arguments)
+    record = run_pipeline(PipelineSettings(**arguments))
     status = statuses(record)
     assert {stage: status[stage] for stage in ("train", "extract", "efficient")} == {
         "train": "skipped", "extract": "skipped", "efficient": "skipped"
@@ -84,7 +91,7 @@ def test_second_call_skips_train_extract_and_efficient_and_touches_nothing(first
 def test_second_call_skips_causal_and_report_until_the_results_change(first_run):
     arguments, first = first_run
     report_files = file_mtimes(str(Path(first["report"]).parent))
-    record = run_pipeline(**arguments)
+    record = run_pipeline(PipelineSettings(**arguments))
     assert statuses(record)["causal"] == "skipped" and statuses(record)["report"] == "skipped"
     assert file_mtimes(str(Path(first["report"]).parent)) == report_files
     assert record["claims"] == first["claims"]
@@ -92,7 +99,7 @@ def test_second_call_skips_causal_and_report_until_the_results_change(first_run)
     from storage_schemas.causal_results import open_causal_results
 
     open_causal_results(first["results"], mode="r+").attrs["created"] = "2000-01-01T00:00:00+00:00"
-    assert statuses(run_pipeline(**arguments))["report"] == "ran"
+    assert statuses(run_pipeline(PipelineSettings(**arguments)))["report"] == "ran"
 
 
 def test_effattn_run_prints_the_stages_the_summary_and_the_paths(first_run, capsys):
@@ -114,13 +121,13 @@ def test_changed_inputs_are_not_skipped(first_run):
     arguments, first = first_run
     first_store_files = file_mtimes(first["store"])
     # another limit: another store, every stage runs
-    more = run_pipeline(**{**arguments, "limit": 8})
+    more = run_pipeline(PipelineSettings(**{**arguments, "limit": 8}))
     assert more["store"] != first["store"] and "-8-" in more["store"]
     assert statuses(more)["extract"] == "ran" and statuses(more)["efficient"] == "ran"
     assert completed_shards(open_attention_store(more["store"])) == [0, 1]
     # one more variant: the extraction is skipped, only the new variant is computed
     effective_files = file_mtimes(f"{more['store']}/efficient/effective")
-    wider = run_pipeline(**{**arguments, "limit": 8, "variants": ["effective", "stochastic"]})
+    wider = run_pipeline(PipelineSettings(**{**arguments, "limit": 8, "variants": ["effective", "stochastic"]}))
     assert statuses(wider)["extract"] == "skipped" and statuses(wider)["efficient"] == "ran"
     assert efficient_completed_shards(open_attention_store(more["store"]), "stochastic") == [0, 1]
     assert file_mtimes(f"{more['store']}/efficient/effective") == effective_files
@@ -138,7 +145,7 @@ def test_results_of_other_causal_settings_are_refused_with_what_to_do_and_kept(f
     before = file_mtimes(first["results"])
     with pytest.raises(ValueError, match=re.escape(f"{first['results']} holds causal results made with other "
                                                    "settings") + r".*delete it to measure again.*--results PATH"):
-        run_pipeline(**{**arguments, "scope_examples": 1})
+        run_pipeline(PipelineSettings(**{**arguments, "scope_examples": 1}))
     assert file_mtimes(first["results"]) == before
 
 
@@ -146,16 +153,16 @@ def test_other_settings_into_an_explicit_store_are_refused_not_skipped(first_run
     arguments, first = first_run
     with pytest.raises(AttentionStoreError, match=re.escape("extraction.requested_max_length: store has 16, "
                                                             "this run has 20")):
-        run_pipeline(**{**arguments, "max_length": 20, "store": first["store"]})
+        run_pipeline(PipelineSettings(**{**arguments, "max_length": 20, "store": first["store"]}))
 
 
 def test_an_edited_corpus_file_gets_a_new_store(tmp_path, tiny_bert_folder):
     corpus = write_reviews_csv(tmp_path / "reviews.csv")
     arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(tmp_path / "runs"), **RUN)
-    first = run_pipeline(**arguments)
+    first = run_pipeline(PipelineSettings(**arguments))
     first_files = file_mtimes(first["store"])
     corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))  # same size, new content
-    edited = run_pipeline(**arguments)
+    edited = run_pipeline(PipelineSettings(**arguments))
     assert edited["store"] != first["store"]
     assert statuses(edited)["extract"] == "ran" and statuses(edited)["efficient"] == "ran"
     digests = [open_attention_store(record["store"]).attrs["corpus"]["digest"] for record in (first, edited)]
@@ -168,4 +175,4 @@ def test_an_explicit_store_refuses_an_edited_corpus_file(tmp_path, first_run):
     corpus = write_reviews_csv(tmp_path / "reviews.csv")
     corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))
     with pytest.raises(AttentionStoreError, match=re.escape("corpus.digest: store has")):
-        run_pipeline(**{**arguments, "corpus": str(corpus), "store": first["store"]})
+        run_pipeline(PipelineSettings(**{**arguments, "corpus": str(corpus), "store": first["store"]}))
