@@ -7,7 +7,8 @@ For one example, layer and head, on the real L×L block only (padding excluded):
     W  (d×D)   W_O^h, this head's slice of the output projection
     T = V W    (L×D), what the head adds to the residual stream is A·T
 
-Variants (DESIGN.md, "Efficient attention"):
+Variants (DESIGN.md, "Efficient attention"; each declared once, as a record in analysis/variants.py that names its
+compute function here, `orthogonal_projection` or `simplex_projection`):
 
     effective   A · P_T             P_T the orthogonal projector on col(T)      keeps A·T
     stochastic  A · P_[T|1]         a column of ones appended                   keeps A·T, rows sum like A's rows
@@ -44,7 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-VARIANTS: tuple[str, ...] = ("effective", "stochastic", "simplex")
+from analysis.variants import VARIANTS, Variant, unknown_variants, variant_record
+
 DIAGNOSTICS: tuple[str, ...] = (
     "rank", "null_dim", "output_residual", "row_sum_error", "negative_mass",
     "null_norm_ratio", "iterations", "converged", "support_size", "optimality_residual",
@@ -762,7 +764,7 @@ def _check_inputs(attention, value, w_out, length, variants) -> tuple[np.ndarray
             f"every length must lie in [0, {longest}] (attention has {queries} positions, value has "
             f"{value.shape[3]}); got lengths from {length.min()} to {length.max()}"
         )
-    unknown = [name for name in variants if name not in VARIANTS]
+    unknown = unknown_variants(variants)
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}")
     for name, array, dims in (
@@ -872,42 +874,78 @@ def _simplex_block(
     return result, statistics
 
 
+class VariantInputs:
+    """A chunk of n equal-length real blocks, what every variant's compute function reads (analysis.variants).
+
+    attention (n, L, L) float64 (lower-triangular when causal); matrix (n, L, m) = X, with T = X Zᵀ; hidden_size
+    the D of the rank threshold of T (D + 1 for [T|1]). The column-space bases are computed once per chunk, when
+    a variant first asks, and shared by all variants.
+    """
+
+    def __init__(self, attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, causal: bool,
+                 simplex_max_iterations: int, simplex_tolerance: float) -> None:
+        self.attention = attention
+        self.matrix = matrix
+        self.hidden_size = hidden_size
+        self.causal = causal
+        self.simplex_max_iterations = simplex_max_iterations
+        self.simplex_tolerance = simplex_tolerance
+        self._spaces: dict[bool, torch.Tensor] = {False: matrix}
+        self._bases: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def space(self, with_ones: bool) -> torch.Tensor:
+        """(n, L, c): X, or [X | s·1] when `with_ones`."""
+        if with_ones not in self._spaces:
+            self._spaces[with_ones] = with_ones_column(self.matrix)
+        return self._spaces[with_ones]
+
+    def space_hidden_size(self, with_ones: bool) -> int:
+        """The D of the rank threshold of `space(with_ones)`."""
+        return self.hidden_size + 1 if with_ones else self.hidden_size
+
+    def basis(self, with_ones: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`column_space_basis` of `space(with_ones)` over the whole block: (basis (n, L, c), rank (n,))."""
+        if with_ones not in self._bases:
+            self._bases[with_ones] = column_space_basis(self.space(with_ones), self.space_hidden_size(with_ones))
+        return self._bases[with_ones]
+
+
+def orthogonal_projection(inputs: VariantInputs, with_ones: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A·P on col(T) (effective) or col([T|1]) (stochastic); causal: every row with its prefix. (n, L, L), {}."""
+    if inputs.causal:
+        return project_rows_causal(inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones)), {}
+    basis, rank = inputs.basis(with_ones)
+    return project_rows_unless_identity(inputs.attention, basis, rank), {}
+
+
+def simplex_projection(inputs: VariantInputs, with_ones: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The simplex variant (`_simplex_block`): (n, L, L) and the solver's statistics (n,)."""
+    basis, rank = inputs.basis(with_ones)
+    return _simplex_block(
+        inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones), inputs.causal,
+        inputs.simplex_max_iterations, inputs.simplex_tolerance, basis, rank,
+    )
+
+
 def _efficient_block(
     attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, causal: bool, variants: Sequence[str],
     simplex_max_iterations: int, simplex_tolerance: float,
 ) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """All requested variants for a chunk of equal-length matrices.
+    """All requested variants for a chunk of equal-length matrices, each by its record's compute function.
 
     attention (n, L, L) real blocks (lower-triangular when causal); matrix (n, L, m) = X, with T = X Zᵀ.
     Returns {variant: (efficient (n, L, L), {diagnostic: (n,)})}.
     """
     length = attention.shape[-1]
-    basis, rank = column_space_basis(matrix, hidden_size)
-    needs_ones = any(name != "effective" for name in variants)
-    if needs_ones:
-        with_ones = with_ones_column(matrix)
-        basis_with_ones, rank_with_ones = column_space_basis(with_ones, hidden_size + 1)
+    inputs = VariantInputs(attention, matrix, hidden_size, causal, simplex_max_iterations, simplex_tolerance)
+    rank = inputs.basis(False)[1]
     results = {}
     for name in variants:
-        statistics = {}
-        if name == "effective":
-            result = (
-                project_rows_causal(attention, matrix, hidden_size) if causal
-                else project_rows_unless_identity(attention, basis, rank)
-            )
-        elif name == "stochastic":
-            result = (
-                project_rows_causal(attention, with_ones, hidden_size + 1) if causal
-                else project_rows_unless_identity(attention, basis_with_ones, rank_with_ones)
-            )
-        else:
-            result, statistics = _simplex_block(
-                attention, with_ones, hidden_size + 1, causal, simplex_max_iterations, simplex_tolerance,
-                basis_with_ones, rank_with_ones,
-            )
+        record = variant_record(name)
+        result, statistics = record.compute(inputs, record.projects_with_ones)
         stats = _diagnostics_of(result, attention, matrix, length)
         stats["rank"] = rank
-        stats["null_dim"] = length - (rank if name == "effective" else rank_with_ones)
+        stats["null_dim"] = length - inputs.basis(record.projects_with_ones)[1]
         stats.update(statistics)
         results[name] = (result, stats)
     return results
@@ -984,7 +1022,8 @@ def efficient_attention(
     for name in variants:
         diagnostics[name]["converged"][...] = True
 
-    extra = columns + 2 if causal and "simplex" in variants else 0
+    extra = max((variant_record(name).extra_temporaries(columns, causal) for name in variants), default=0)
+    non_negative = [name for name in variants if variant_record(name).non_negative]
     for example, layer, head, block, matrix in equal_length_blocks(attention, value, factor, length, extra):
         size = block.shape[-1]
         if causal:
@@ -995,10 +1034,12 @@ def efficient_attention(
                     "diagonal of the real block); pass causal=False for encoder models"
                 )
             block = torch.tril(block)
-        if "simplex" in variants and (block < 0).any():
+        if non_negative and (block < 0).any():
+            names = " and ".join(non_negative)
             raise ValueError(
-                "the simplex variant needs non-negative attention (probabilities); got negative entries in the "
-                "real block — pass variants without 'simplex' for signed matrices"
+                f"the {names} variant{'s need' if len(non_negative) > 1 else ' needs'} non-negative attention "
+                f"(probabilities); got negative entries in the real block — pass variants without {names} for "
+                "signed matrices"
             )
         where = (example, layer, head)
         results = _efficient_block(

@@ -7,7 +7,8 @@ stored efficient attention of a variant, T = V W_O^h, X = V·factor with col(X) 
     efficient:<variant>         E                          sufficiency: does the prediction survive?
     null:<variant>              A - E                      necessity: the removed part alone
     efficient+null-noise:<v>    E + N                      N random, rows in the left null space of T ([T|1] for
-                                                           stochastic and simplex), ||N|| = ||A - E||: must not move
+                                                           variants that project against it: stochastic, simplex;
+                                                           analysis/variants.py), ||N|| = ||A - E||: must not move
     colspace-noise:<variant>    A + C                      C random, rows in col(T), ||C|| = ||A - E||: must move
     uniform                     1/L on every real key      (causal: 1/(i+1) on keys <= i)
     ablate                      0                          the head adds nothing but the output bias
@@ -39,6 +40,7 @@ from analysis.efficient_attention import (
     rank_threshold,
     with_ones_column,
 )
+from analysis.variants import variant_record
 
 KINDS: tuple[str, ...] = (
     "replay", "efficient", "null", "efficient+null-noise", "colspace-noise", "uniform", "ablate", "minimality",
@@ -296,7 +298,7 @@ def intervention_matrices(
         return result
 
     hidden_size = w_out.shape[-1]
-    with_ones = intervention.variant in ("stochastic", "simplex")
+    with_ones = variant_record(intervention.variant).projects_with_ones  # the null space the variant removes
     noise = None
     if kind in ("efficient+null-noise", "colspace-noise"):
         noise = {}

@@ -17,8 +17,9 @@ import xarray as xr
 from matplotlib import colors
 from matplotlib.figure import Figure
 
-# One colour per efficient-attention variant, the same in every figure.
-VARIANT_COLOURS = {"effective": "#1f77b4", "stochastic": "#ff7f0e", "simplex": "#2ca02c"}
+from analysis.variants import VARIANTS, variant_record
+
+# Colours of variants a store holds but this process has not registered (each registered one has its own).
 FALLBACK_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 DPI = 100
 # Values at or below this are drawn in the first bin of the log-scale histograms (exact zeros included).
@@ -26,7 +27,8 @@ LOG_FLOOR = 1e-16
 
 
 def variant_colour(variant: str, index: int = 0) -> str:
-    return VARIANT_COLOURS.get(variant, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+    """The variant's colour, the same in every figure (its record's; `index` picks a fallback for others)."""
+    return variant_record(variant).colour if variant in VARIANTS else FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)]
 
 
 def save_figure(figure: Figure, path: str | Path) -> Path:

@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from analysis import report_figures as figures
+from analysis.variants import VARIANTS, variant_record
 
 TABLE_METRICS = (
     ("agreement_rate", "agreement", "percent"),
@@ -249,6 +250,13 @@ def _example_title(example: ExampleView) -> str:
             f"head {example.head};  ‖A − E‖/‖A‖: {ratios}")
 
 
+def _guarantees(variants: Sequence[str]) -> str:
+    """What the rows of each registered variant among `variants` are, as one sentence (from their records)."""
+    phrases = [variant_record(name).guarantees for name in variants if name in VARIANTS]
+    sentence = "; ".join(phrases)
+    return sentence[:1].upper() + sentence[1:] + "." if sentence else ""
+
+
 def write_report(inputs: ReportInputs, out: str | Path) -> Path:
     """Draw every figure into `out` (a local folder, created if needed) and write `out/index.html`; returns its
     path. Figures that have no data (no head-scope targets, no minimality probe) are left out and the page says
@@ -276,9 +284,7 @@ def write_report(inputs: ReportInputs, out: str | Path) -> Path:
             "and the null part A − E that the variant removes; rows of each matrix are queries, columns keys. Red is "
             "positive, blue negative, white zero; all panels share one colour scale, linear up to the uniform "
             "weight 1/L and logarithmic beyond. A and E give the head exactly the same output (E·T = A·T), so "
-            "whatever differs between them is invisible to the model. Effective E can be negative and its rows "
-            "need not sum to 1; stochastic rows sum to 1 but can be negative; simplex rows are probability "
-            "distributions.")))
+            f"whatever differs between them is invisible to the model. {_guarantees(example.efficient)}")))
     tokenizer_note = "" if inputs.tokenizer_loaded else (
         '<p class="note">The tokenizer recorded in the store could not be loaded from local files: the axes show '
         "token ids.</p>")

@@ -414,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     hide_prefect_tracebacks_of_reported_errors(arguments)
+    from storage_schemas.attention_store import use_chunk_codec_batches
+
+    use_chunk_codec_batches()  # also for the commands that run no flow (inspect, verify)
 
     try:
         return RUNNERS[arguments.command](*settings)

@@ -7,15 +7,18 @@ from prefect import flow
 
 from analysis.efficient_attention import VARIANTS
 from flows.settings import EfficientSettings
+from storage_schemas.attention_store import use_chunk_codec_batches
 from tasks.efficient import run_efficient_shards
 
 
 @flow(name="effattn-efficient")
 def efficient(settings: EfficientSettings) -> str:
-    """Compute the efficient-attention `settings.variants` (None: all) of every shard of the store at
+    """Compute the efficient-attention `settings.variants` (None: every registered variant,
+    analysis/variants.py) of every shard of the store at
     `settings.store` on a Dask cluster (`dask_address`, or a LocalCluster of `workers` processes). Resumable:
     finished shards are skipped. Returns the store's URL."""
-    variants = VARIANTS if settings.variants is None else settings.variants
+    variants = list(VARIANTS) if settings.variants is None else settings.variants
+    use_chunk_codec_batches()
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variants {unknown or list(variants)}: choose from {list(VARIANTS)}")

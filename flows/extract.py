@@ -9,7 +9,7 @@ from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
 from analysis.training import TrainingSettings, head_to_train
 from flows.settings import ExtractSettings
-from storage_schemas.attention_store import mark_shard_completed, open_attention_store
+from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_chunk_codec_batches
 from storage_schemas.store_lock import hold_store_lock
 from tasks.extraction import capture_shard, prepare_store, write_captured_shard
 from tasks.training import train_head
@@ -28,6 +28,7 @@ def extract(settings: ExtractSettings) -> str:
     its default is "held_out" when this run trained the head and "all" otherwise. A rerun of the same call
     resumes: completed shards are skipped. Returns the store's URL.
     """
+    use_chunk_codec_batches()
     corpus, model, store, text_column, label_column = (settings.corpus, settings.model, settings.store,
                                                          settings.text_column, settings.label_column)
     task, split, seed, device = settings.task, settings.split, settings.seed, settings.device

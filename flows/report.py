@@ -6,6 +6,7 @@ from prefect import flow
 
 from flows.preflight import check_writable_location
 from flows.settings import ReportSettings
+from storage_schemas.attention_store import use_chunk_codec_batches
 from storage_schemas.remote import is_remote
 from tasks.report import draw_report, read_report_inputs
 
@@ -19,6 +20,7 @@ def report(settings: ReportSettings) -> str:
     `out`: a local folder (created if needed); `examples`: how many examples are drawn as attention heatmaps.
     Returns the path of index.html.
     """
+    use_chunk_codec_batches()
     out = settings.out
     if is_remote(out):
         raise ValueError(f"--out must be a local folder, got {out}: write the report locally, then copy it")

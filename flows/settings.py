@@ -9,8 +9,9 @@ docs/CLI.md is generated from them too (`python -m flows.cli --reference`).
 An option used by several commands is declared once below as an `Annotated` alias (type, default, help, flag);
 a command with another default for it assigns that default in its class (e.g. `limit: Limit = 300`).
 Defaults that stand for "all of a list declared elsewhere" (the variants, the scopes, the minimality directions)
-are None here and resolved where the list lives, so that this module imports neither torch nor Prefect (the CLI
-parses and runs its pre-flight checks before either is imported).
+are None here and resolved where the list lives (analysis/variants.py, analysis/causal.py,
+analysis/interventions.py), so that this module imports neither torch nor Prefect (the CLI parses and runs its
+pre-flight checks before either is imported).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from analysis.variants import VARIANTS
 
 
 def option(default: Any = ..., description: str = "", *, flag: str | None = None, positional: bool = False,
@@ -73,7 +76,8 @@ CacheRoot = Annotated[str | None, option(
     None, "cache of trained heads (default: $EFFATTN_CACHE or ~/.cache/effattn)", flag="--cache")]
 Limit = Annotated[PositiveInt | None, option(None, "use this many examples (seeded sample; default: all)")]
 Variants = Annotated[Names | None, option(
-    None, "comma-separated efficient-attention variants: effective,stochastic,simplex (default: all of them)")]
+    None, f"comma-separated efficient-attention variants: {','.join(VARIANTS)} (default: every registered one, "
+          "analysis/variants.py)")]
 DaskAddress = Annotated[str | None, option(None, "scheduler of an existing Dask cluster, tcp://HOST:PORT")]
 Workers = Annotated[PositiveInt | None, option(None, "LocalCluster processes (default: cores)")]
 SimplexMaxIterations = Annotated[PositiveInt, option(200, "iterations of the simplex variant's solver")]

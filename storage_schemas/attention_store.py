@@ -28,14 +28,18 @@ from storage_schemas.remote import is_storage_access_error
 # A shard holds hundreds of small chunks (one example x one layer each). zarr-python passes them through its codec
 # pipeline one at a time by default (`codec_pipeline.batch_size` 1), and that per-chunk overhead, not Zstandard,
 # dominates reading and writing a shard. Batches of 8 chunks read `value` shards about 1.8x faster and `attention`
-# shards about 1.3x faster on 2 cores (same bytes, same codecs). Only the default changes (for every zarr user in
-# the process): a batch size set through ZARR_CODEC_PIPELINE__BATCH_SIZE, or to a value other than 1 in zarr.config
-# before this import, is kept.
+# shards about 1.3x faster on 2 cores (same bytes, same codecs). The setting is process-wide (every zarr user in the
+# process), so importing this module leaves it alone: the entry points (the CLI, the stage flows, the efficient
+# stage's Dask tasks) call `use_chunk_codec_batches`.
 CHUNK_CODEC_BATCH_SIZE = 8
-if "ZARR_CODEC_PIPELINE__BATCH_SIZE" not in os.environ and zarr.config.get(
-    "codec_pipeline.batch_size"
-) == 1:
-    zarr.config.set({"codec_pipeline.batch_size": CHUNK_CODEC_BATCH_SIZE})
+
+
+def use_chunk_codec_batches() -> None:
+    """Pass chunks through zarr's codec pipeline CHUNK_CODEC_BATCH_SIZE at a time in this process (faster whole-shard
+    reads and writes; the bytes are the same). Only zarr's default changes: a batch size set through
+    ZARR_CODEC_PIPELINE__BATCH_SIZE, or to a value other than 1 in zarr.config, is kept. Safe to call repeatedly."""
+    if "ZARR_CODEC_PIPELINE__BATCH_SIZE" not in os.environ and zarr.config.get("codec_pipeline.batch_size") == 1:
+        zarr.config.set({"codec_pipeline.batch_size": CHUNK_CODEC_BATCH_SIZE})
 
 SCHEMA_NAME = "effattn.attention_store"
 SCHEMA_VERSION = 1

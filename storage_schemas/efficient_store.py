@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from analysis.variants import variant_record
 from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
@@ -28,14 +29,6 @@ from storage_schemas.storage_faults import (
     store_location,
     sync_shard_files,
 )
-
-VARIANT_DESCRIPTIONS: dict[str, str] = {
-    "effective": "A P_T: projection of each attention row on col(T), T = V W_O^h (Brunner's effective attention); "
-    "keeps A T, rows need not sum to 1 and entries can be negative",
-    "stochastic": "A P_[T|1]: projection on col([T|1]); keeps A T and every row sums to 1; entries can be negative",
-    "simplex": "per row the minimum-norm b with b T = a T, sum(b) = 1, b >= 0: a probability distribution that "
-    "keeps the output (dual semismooth Newton; rows are feasible even where the solver did not converge)",
-}
 
 # name -> (storage dtype, description)
 DIAGNOSTIC_ARRAYS: dict[str, tuple[str, str]] = {
@@ -96,7 +89,7 @@ def prepare_efficient_arrays(group: zarr.Group, url: str, variant: str, settings
         fill_value=0,
         dimension_names=("example", "layer", "head", "query", "key"),
         # written last: an array with attributes `settings` and `completed_shards` means all arrays exist
-        attributes={"description": VARIANT_DESCRIPTIONS[variant], "settings": settings, "completed_shards": []},
+        attributes={"description": variant_record(variant).description, "settings": settings, "completed_shards": []},
     )
 
 

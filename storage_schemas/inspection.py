@@ -6,7 +6,8 @@ import fsspec
 import zarr
 
 from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
-from storage_schemas.efficient_store import VARIANT_DESCRIPTIONS, efficient_array_path, efficient_completed_shards
+from analysis.variants import VARIANTS
+from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
 
 
 def size_on_disk(url: str, storage_options: dict | None = None) -> int:
@@ -65,7 +66,7 @@ def describe_attention_store(url: str, storage_options: dict | None = None) -> s
         "  arrays:",
     ]
     lines += [_array_line(name, group[name]) for name in sorted(group.array_keys())]
-    variants = [variant for variant in VARIANT_DESCRIPTIONS if efficient_array_path(variant) in group]
+    variants = [variant for variant in VARIANTS if efficient_array_path(variant) in group]
     if variants:
         lines.append("  efficient attention:")
     for variant in variants:

@@ -9,8 +9,9 @@ Checks, in order:
 * no NaN or infinite value in a floating-point array;
 * the numeric invariants of analysis.store_checks on every completed shard: attention rows sum to 1 over the real
   tokens, are non-negative and zero outside the real block (and never look ahead in a decoder); values are zero
-  beyond the length; for every stored efficient variant `A_eff·T ≈ A·T` (T = V_kv(h)·W_O^h), zero padding, rows
-  that keep A's row sums (stochastic, simplex), non-negative entries (simplex).
+  beyond the length; for every stored efficient variant zero padding and the invariants its record guarantees
+  (analysis/variants.py): `A_eff·T ≈ A·T` (T = V_kv(h)·W_O^h; all three), rows that keep A's row sums
+  (stochastic, simplex), non-negative entries (simplex).
 
 The result is a `VerificationReport`: a list of `Problem`s (array, shard, kind, detail) and a readable text.
 `unmark_damaged_shards` (`effattn verify --repair`) removes the damaged shards from the completion records, so that
@@ -29,6 +30,7 @@ import numpy as np
 import zarr
 
 from analysis import store_checks
+from analysis.variants import VARIANTS, variant_record
 from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
@@ -39,7 +41,6 @@ from storage_schemas.attention_store import (
 )
 from storage_schemas.efficient_store import (
     DIAGNOSTIC_ARRAYS,
-    VARIANT_DESCRIPTIONS,
     diagnostic_array_path,
     efficient_array_path,
     efficient_completed_shards,
@@ -247,7 +248,7 @@ def verify_store(url: str, storage_options: dict | None = None,
     arrays = _open_arrays(group, layout, report)
     extracted = set(completed_shards(group))
     causal = bool(group.attrs.get("model", {}).get("causal", False))
-    variants = [variant for variant in VARIANT_DESCRIPTIONS if efficient_array_path(variant) in arrays]
+    variants = [variant for variant in VARIANTS if efficient_array_path(variant) in arrays]
     variants_done = {variant: set(efficient_completed_shards(group, variant)) for variant in variants}
     report.arrays_checked = sorted(arrays)
 
@@ -292,7 +293,7 @@ def verify_store(url: str, storage_options: dict | None = None,
 def _open_arrays(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport) -> dict:
     """name -> array for every array of the schema and of the efficient stage that opens."""
     names = list(array_dimensions(layout.task))
-    for variant in VARIANT_DESCRIPTIONS:
+    for variant in VARIANTS:
         try:
             present = efficient_array_path(variant) in group
         except Exception:  # noqa: BLE001 - reported when opening below
@@ -343,16 +344,18 @@ def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, 
     if causal:
         _invariant(report, name, shard, region, "|weight| on future keys", store_checks.future_magnitude(efficient),
                    1e-6)
-    if variant == "simplex":
+    guaranteed = variant_record(variant)  # the invariants this variant guarantees
+    if guaranteed.non_negative:
         _invariant(report, name, shard, region, "the most negative entry (negated)",
                    store_checks.most_negative(efficient), store_checks.NEGATIVE_TOLERANCE)
     if any(array is None or not np.isfinite(array).all() for array in (attention, value, w_out)):
         return  # the inputs are damaged (reported): the relations to them cannot be checked
-    if variant in ("stochastic", "simplex"):
+    if guaranteed.keeps_row_sums:
         _invariant(report, name, shard, region, "|row sum - row sum of the attention|",
                    store_checks.row_sum_error(efficient, length, attention.astype(np.float64).sum(-1)), 1e-4)
-    _invariant(report, name, shard, region, "||(A_eff - A) T|| / ||A T||",
-               store_checks.output_residual(efficient, attention, value, w_out), output_tolerance)
+    if guaranteed.keeps_output:
+        _invariant(report, name, shard, region, "||(A_eff - A) T|| / ||A T||",
+                   store_checks.output_residual(efficient, attention, value, w_out), output_tolerance)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -364,7 +367,7 @@ def unmark_damaged_shards(url: str, report: VerificationReport, storage_options:
     variant, whose inputs it is), so that rerunning the stage rewrites it. Returns {"extract": [...],
     "<variant>": [...]} of the shards unmarked. Arrays that no stage rewrites shard by shard are left alone."""
     group = zarr.open_group(url, mode="r+", storage_options=storage_options)
-    variants = [variant for variant in VARIANT_DESCRIPTIONS if efficient_array_path(variant) in group]
+    variants = [variant for variant in VARIANTS if efficient_array_path(variant) in group]
     undone: dict[str, set[int]] = {}
     for problem in report.problems:
         stage = _stage_of(problem.array)

@@ -22,7 +22,13 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
-from storage_schemas.attention_store import AttentionStoreError, open_attention_store, store_layout
+from analysis.variants import ITERATIVE, variant_record
+from storage_schemas.attention_store import (
+    AttentionStoreError,
+    open_attention_store,
+    store_layout,
+    use_chunk_codec_batches,
+)
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
     mark_efficient_shard_completed,
@@ -105,6 +111,7 @@ def compute_efficient_piece(
 
     torch.set_num_threads(torch_threads)
     keep_freed_memory_for_reuse()
+    use_chunk_codec_batches()  # a worker process is an entry point of its own
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
@@ -145,6 +152,7 @@ def write_efficient_pieces(
     """Join the pieces of one shard (in layer order, together covering every layer) and write whole shards of
     each variant; returns (shard_index, variants written). Runs on a worker. Writes are retried on transient I/O
     errors only; a full disk or a store this process may not write fails at once."""
+    use_chunk_codec_batches()
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
     covered = sum(next(iter(piece.values())).efficient.shape[1] for piece in pieces)  # layers of every piece
@@ -167,11 +175,11 @@ def write_efficient_pieces(
 
 def shard_pieces(variants: Sequence[str], layers: int) -> list[tuple[int, int] | None]:
     """How a shard is cut for computing: whole ([None]) for the closed-form variants, whose cost per shard is about
-    the same (reading and writing dominate); one piece per layer with `simplex`, whose solver's cost grows steeply
-    with the length and gathers in the last shards of a length-sorted store, so that those shards spread over the
-    workers. The simplex solver batches matrices and its diagnostics can differ in the last bit with the batching:
-    every path cuts a shard the same way."""
-    if "simplex" not in variants:
+    the same (reading and writing dominate); one piece per layer with an iterative variant (simplex; the cost class
+    of analysis/variants.py), whose solver's cost grows steeply with the length and gathers in the last shards of a
+    length-sorted store, so that those shards spread over the workers. The simplex solver batches matrices and its
+    diagnostics can differ in the last bit with the batching: every path cuts a shard the same way."""
+    if all(variant_record(name).cost != ITERATIVE for name in variants):
         return [None]
     return [(layer, layer + 1) for layer in range(layers)]
 

@@ -17,13 +17,13 @@ from prefect.cache_policies import NO_CACHE
 
 from analysis.report_figures import choose_examples, choose_head, load_local_tokenizer, token_labels
 from analysis.report_html import ExampleView, ReportInputs, write_report
+from analysis.variants import VARIANTS
 from storage_schemas.attention_store import AttentionStoreNotFoundError, open_attention_store, store_layout
 from storage_schemas.causal_results import AGGREGATES, CausalResultsError, open_causal_results
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from tasks.extraction import retry_on_io_error
 
 REPORT_DIAGNOSTICS = ("null_dim", "null_norm_ratio", "row_sum_error", "negative_mass", "rank")
-VARIANT_ORDER = ("effective", "stochastic", "simplex")
 AGGREGATE_COORDINATES = ("intervention_kind", "variant", "removed_directions")
 TARGET_COORDINATES = ("target_scope", "target_layer", "target_head")
 
@@ -96,7 +96,7 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
     _check_same_store(attributes, store_attributes, results, store, layout.n_examples)
 
     length = np.asarray(store_group["length"][...])
-    variants = [variant for variant in VARIANT_ORDER if efficient_array_path(variant) in store_group]
+    variants = [variant for variant in VARIANTS if efficient_array_path(variant) in store_group]
     diagnostics = {
         variant: {name: np.asarray(store_group[diagnostic_array_path(variant, name)][...])
                   for name in REPORT_DIAGNOSTICS if diagnostic_array_path(variant, name) in store_group}

@@ -694,18 +694,24 @@ def test_write_shard_touches_only_its_shard(url):
 
 
 def test_chunks_pass_the_codec_pipeline_in_batches_unless_the_user_chose_otherwise():
-    """Importing the store module batches chunks through zarr's codec pipeline (faster whole-shard reads and
-    writes); a batch size the user set in the environment is kept."""
+    """The entry points (here the CLI) batch chunks through zarr's codec pipeline (faster whole-shard reads and
+    writes); importing the project's modules leaves zarr's process-wide setting alone; a batch size the user set in
+    the environment is kept."""
     from storage_schemas.attention_store import CHUNK_CODEC_BATCH_SIZE
 
-    code = "import storage_schemas.attention_store, zarr; print(zarr.config.get('codec_pipeline.batch_size'))"
+    imports = "import storage_schemas.attention_store, flows.cli, flows.pipeline, effattn, zarr"
+    report = "print(zarr.config.get('codec_pipeline.batch_size'))"
     root = Path(__file__).parent.parent
 
-    def batch_size(**environment) -> str:
+    def batch_size(code: str, **environment) -> str:
         base = {key: value for key, value in os.environ.items() if key != "ZARR_CODEC_PIPELINE__BATCH_SIZE"}
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
-                              env={**base, **environment}).stdout.strip()
+                              env={**base, **environment}).stdout.strip().splitlines()[-1]
 
     assert CHUNK_CODEC_BATCH_SIZE > 1
-    assert batch_size() == str(CHUNK_CODEC_BATCH_SIZE)
-    assert batch_size(ZARR_CODEC_PIPELINE__BATCH_SIZE="3") == "3"
+    assert batch_size(f"{imports}; {report}") == "1"
+    entry_point = f"{imports}; from flows.cli import main; main(['inspect', 'no-such-store.zarr']); {report}"
+    assert batch_size(entry_point) == str(CHUNK_CODEC_BATCH_SIZE)
+    assert batch_size(entry_point, ZARR_CODEC_PIPELINE__BATCH_SIZE="3") == "3"
+    called = f"{imports}; storage_schemas.attention_store.use_chunk_codec_batches(); {report}"
+    assert batch_size(called) == str(CHUNK_CODEC_BATCH_SIZE)

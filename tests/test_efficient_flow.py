@@ -300,3 +300,18 @@ def test_no_scheduler_at_the_dask_address_is_said_within_the_timeout(monkeypatch
     with pytest.raises(DaskSchedulerUnreachableError, match=rf"^no Dask scheduler answers at {address} \(waited 1 s; "):
         with dask_client(address, None):
             pass
+
+
+def test_shards_are_cut_by_the_cost_class_of_their_variants():
+    """Closed-form variants: whole shards; any iterative one (simplex, or one registered with that cost class):
+    one piece per layer."""
+    import dataclasses
+
+    from analysis.variants import ITERATIVE, registered_variant, variant_record
+    from tasks.efficient import shard_pieces
+
+    assert shard_pieces(["effective", "stochastic"], 3) == [None]
+    assert shard_pieces(["effective", "simplex"], 3) == [(0, 1), (1, 2), (2, 3)]
+    slow = dataclasses.replace(variant_record("stochastic"), name="iterative-stochastic", cost=ITERATIVE)
+    with registered_variant(slow):
+        assert shard_pieces(["effective", "iterative-stochastic"], 2) == [(0, 1), (1, 2)]

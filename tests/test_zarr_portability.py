@@ -30,9 +30,9 @@ from storage_schemas.attention_store import (
     write_example_metadata,
     write_shard,
 )
+from analysis.variants import VARIANTS
 from storage_schemas.efficient_store import (
     DIAGNOSTIC_ARRAYS,
-    VARIANT_DESCRIPTIONS,
     mark_efficient_shard_completed,
     prepare_efficient_arrays,
     write_efficient_shard,
@@ -69,7 +69,7 @@ def write_full_store(url: str, layout: AttentionStoreLayout) -> None:
     )
     group["w_out"][:] = rng.standard_normal(group["w_out"].shape)
     mark_prepared(group)
-    for variant in VARIANT_DESCRIPTIONS:
+    for variant in VARIANTS:
         prepare_efficient_arrays(group, url, variant, SETTINGS)
     for shard in range(layout.n_shards):
         region = layout.shard_slice(shard)
@@ -85,7 +85,7 @@ def write_full_store(url: str, layout: AttentionStoreLayout) -> None:
                     rng.random((n, layout.layers, layout.kv_heads, L, layout.head_dim)).astype(layout.dtype),
                     logits, **extra)
         mark_shard_completed(group, shard)
-        for variant in VARIANT_DESCRIPTIONS:
+        for variant in VARIANTS:
             diagnostics = {name: rng.integers(0, 2, (n, layout.layers, layout.heads)).astype(dtype)
                            for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()}
             write_efficient_shard(group, layout, variant, shard,
@@ -96,7 +96,7 @@ def write_full_store(url: str, layout: AttentionStoreLayout) -> None:
 def expected_arrays(layout: AttentionStoreLayout) -> dict[str, tuple[str, ...]]:
     """Every array path of a complete store -> its dimension names (schema v1 + the efficient stage)."""
     arrays = dict(array_dimensions(layout.task))
-    for variant in VARIANT_DESCRIPTIONS:
+    for variant in VARIANTS:
         arrays[f"efficient/{variant}"] = ("example", "layer", "head", "query", "key")
         arrays.update({f"diagnostics/{variant}/{name}": ("example", "layer", "head") for name in DIAGNOSTIC_ARRAYS})
     return arrays
@@ -138,7 +138,7 @@ def test_a_complete_store_writes_without_warnings_and_every_array_is_spec_confor
     expected = expected_arrays(layout)
     assert set(arrays) == set(expected)
     assert {path for path, doc in documents.items() if doc["node_type"] == "group"} == (
-        {"", "efficient", "diagnostics"} | {f"diagnostics/{variant}" for variant in VARIANT_DESCRIPTIONS}
+        {"", "efficient", "diagnostics"} | {f"diagnostics/{variant}" for variant in VARIANTS}
     )
     for path, doc in documents.items():
         assert doc["zarr_format"] == 3, path
@@ -165,7 +165,7 @@ def test_the_store_opens_with_plain_xarray_groups(tmp_path):
     root = xr.open_zarr(url, consolidated=False)
     assert [str(text) for text in root["text"].values] == TEXTS
     efficient = xr.open_zarr(url, group="efficient", consolidated=False)
-    assert set(efficient.data_vars) == set(VARIANT_DESCRIPTIONS)
+    assert set(efficient.data_vars) == set(VARIANTS)
     diagnostics = xr.open_zarr(url, group="diagnostics/simplex", consolidated=False)
     assert set(diagnostics.data_vars) == set(DIAGNOSTIC_ARRAYS)
     assert diagnostics["converged"].dtype == bool
