@@ -52,7 +52,7 @@ Device = Literal["cpu", "cuda"]
 
 # --- shared options (each declared once) -------------------------------------------------------------------------
 CorpusOption = Annotated[str, option(description=(
-    "a bundled corpus (rt-sentiment, bbc-topic, political-party, ...) or a .csv/.tsv/.jsonl/.parquet file"))]
+    "a bundled corpus (rt-sentiment, bbc-topic, political-party, ...) or a .csv/.jsonl/.parquet file"))]
 ModelOption = Annotated[str, option(description="minilm, smollm2, or a local Hugging Face model folder")]
 StoreOption = Annotated[str, option(description="path or fsspec URL of the attention store (Zarr v3)")]
 MaxLength = Annotated[PositiveInt, option(128, "truncate texts to this many tokens")]

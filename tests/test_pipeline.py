@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from analysis.corpora import load_corpus
-from flows.settings import EXTRACTION_SHAPE, ExtractSettings, PipelineSettings
-from flows.cli import main
+from flows.cli import main, parse_settings
 from flows.pipeline import STAGES, run_pipeline
+from flows.settings import EXTRACTION_SHAPE, ExtractSettings, PipelineSettings
 from storage_schemas.attention_store import AttentionStoreError, completed_shards, open_attention_store
 from storage_schemas.efficient_store import efficient_completed_shards
-from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, run_name
+from storage_schemas.causal_results import open_causal_results
+from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, local_input_fingerprint, run_name
 from tests.conftest import write_reviews_csv
 
 # 6 of the 10 reviews, shards of 4 (two shards), texts cut at 16 tokens (> head dim 8 of the tiny models).
@@ -147,6 +148,56 @@ def test_results_of_other_causal_settings_are_refused_with_what_to_do_and_kept(f
                                                    "settings") + r".*delete it to measure again.*--results PATH"):
         run_pipeline(PipelineSettings(**{**arguments, "scope_examples": 1}))
     assert file_mtimes(first["results"]) == before
+
+
+def test_a_run_recorded_before_the_settings_objects_is_skipped_not_refused(first_run):
+    """The store and results of the first run get the settings attributes as the code before flows/settings.py
+    wrote them (spelled out here by hand); rerunning the same run skips every stage instead of recomputing the
+    store or refusing the results."""
+    arguments, first = first_run
+    group = open_attention_store(first["store"], mode="r+")
+    group.attrs[EXTRACTION_INPUTS_ATTRIBUTE] = {
+        "corpus": arguments["corpus"], "corpus_fingerprint": local_input_fingerprint(arguments["corpus"]),
+        "model": arguments["model"], "model_fingerprint": local_input_fingerprint(arguments["model"]), "limit": 6,
+        "max_length": 16, "seed": 0, "dtype": "float32", "task": "classification", "top_k": 10, "split": None,
+        "train": True, "epochs": 1, "text_column": None, "label_column": None,
+    }
+    group["efficient/effective"].attrs["settings"] = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
+    results = open_causal_results(first["results"], mode="r+")
+    recorded = results.attrs["settings"]
+    # the keys and values the earlier causal_settings(store, variants=..., scopes=..., ...) recorded
+    assert set(recorded) == {"interventions", "scopes", "scope_interventions", "scope_examples", "targets", "seed",
+                             "store_identity"}
+    names = recorded["interventions"]
+    old = {
+        "interventions": names,
+        "scopes": ["all", "layer", "head"],
+        "scope_interventions": {
+            "all": names,
+            "layer": [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")],
+            "head": ["ablate"],
+        },
+        "scope_examples": 32,
+        "targets": [{"name": "all", "scope": "all", "layer": -1, "head": -1}]
+        + [{"name": f"layer {layer}", "scope": "layer", "layer": layer, "head": -1} for layer in range(2)]
+        + [{"name": f"layer {layer} head {head}", "scope": "head", "layer": layer, "head": head}
+           for layer in range(2) for head in range(4)],
+        "seed": 0,
+        "store_identity": {
+            "weights_digest": group.attrs["model"]["weights_digest"], "corpus_digest": group.attrs["corpus"]["digest"],
+            "examples": 6, "dtype": "float32",
+            "efficient_settings": {"effective": {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}},
+        },
+    }
+    results.attrs["settings"] = old
+    record = run_pipeline(PipelineSettings(**arguments))
+    assert {stage: entry["status"] for stage, entry in record["stages"].items()} == {
+        "train": "skipped", "extract": "skipped", "efficient": "skipped", "causal": "skipped", "report": "skipped"}
+    _, (settings,) = parse_settings(["run", "--corpus", arguments["corpus"], "--model", arguments["model"],
+                                     "--run-dir", arguments["run_dir"], "--limit", "6", "--max-length", "16",
+                                     "--shard-size", "4", "--batch-size", "3", "--variants", "effective",
+                                     "--workers", "1"])
+    assert settings == PipelineSettings(**arguments)  # the same command as the run above
 
 
 def test_other_settings_into_an_explicit_store_are_refused_not_skipped(first_run):
