@@ -1,4 +1,8 @@
-"""The `effattn` command line: one sub-command per stage, each running a Prefect flow."""
+"""The `effattn` command line: one sub-command per stage, each running a Prefect flow.
+
+The options are generated from the stages' settings objects (flows/settings.py); `python -m flows.cli --reference`
+prints them as docs/CLI.md.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import argparse
 import logging
 import os
 import sys
-
 
 from pydantic import ValidationError
 
@@ -401,7 +404,8 @@ RUNNERS = {"extract": _run_extract, "train": _run_train, "efficient": _run_effic
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:] == ["--reference"]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--reference"]:  # for docs/CLI.md; not a command
         print(cli_reference())
         return 0
     arguments, settings = parse_settings(argv)

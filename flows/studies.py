@@ -23,7 +23,7 @@ DEFAULT_MINIMALITY: dict[str, list[int]] = {"next-token": []}
 
 
 def study_pipeline_arguments(name: str, limit: int | None, run_dir: str) -> dict[str, Any]:
-    """run_pipeline's arguments for study `name` (analysis.studies)."""
+    """The PipelineSettings fields of study `name` (analysis.studies) that differ between studies."""
     study = get_study(name)
     arguments: dict[str, Any] = {
         "corpus": study.corpus, "model": study.model, "limit": limit, "run_dir": run_dir,

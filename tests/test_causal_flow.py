@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from flows.settings import CausalSettings, EfficientSettings, ExtractSettings
 from flows.causal import causal
 from flows.efficient import efficient
 from flows.extract import extract
+from flows.settings import CausalSettings, EfficientSettings, ExtractSettings
 from storage_schemas.causal_results import CausalResultsError, open_causal_results
 from tests.conftest import write_reviews_csv
 
@@ -168,8 +168,10 @@ def test_no_forward_pass_exceeds_forward_rows(llama_store, tmp_path, monkeypatch
 
 
 def test_the_head_scope_measures_ablate_or_else_a_null_part(llama_store):
-    from flows.causal import causal_settings
+    from flows.causal import recorded_causal_settings
 
-    assert causal_settings(llama_store)["scope_interventions"]["head"] == ["ablate"]
-    chosen = causal_settings(llama_store, interventions=["efficient:effective", "null:effective"])
+    settings = CausalSettings(store=llama_store, results="unused.zarr")
+    assert recorded_causal_settings(settings)["scope_interventions"]["head"] == ["ablate"]
+    chosen = recorded_causal_settings(settings.model_copy(
+        update={"interventions": ("efficient:effective", "null:effective")}))
     assert chosen["scope_interventions"]["head"] == ["null:effective"]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from analysis.efficient_attention import VARIANTS
-from flows.settings import EfficientSettings, ExtractSettings
 from flows.extract import extract
+from flows.settings import EfficientSettings, ExtractSettings
 from storage_schemas.attention_store import AttentionStoreError, open_attention_store, store_layout
 from storage_schemas.efficient_store import efficient_completed_shards
 from tasks.efficient import compute_efficient_shard, pending_work

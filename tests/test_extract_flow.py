@@ -17,9 +17,9 @@ import torch
 
 from analysis.extraction import select_rows
 from analysis.models import load_model
-from flows.settings import ExtractSettings
 from flows.cli import main
 from flows.extract import extract
+from flows.settings import ExtractSettings
 from tests.conftest import write_reviews_csv
 from storage_schemas.attention_store import (
     AttentionStoreError,

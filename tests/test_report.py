@@ -31,11 +31,11 @@ from analysis.report_figures import (
     token_labels,
 )
 from analysis.report_html import write_report
-from flows.settings import CausalSettings, EfficientSettings, ExtractSettings, ReportSettings
 from flows.causal import causal
 from flows.efficient import efficient
 from flows.extract import extract
 from flows.report import report
+from flows.settings import CausalSettings, EfficientSettings, ExtractSettings, ReportSettings
 from storage_schemas.attention_store import open_attention_store
 from storage_schemas.causal_results import CausalResultsError
 from tasks.report import load_report_inputs
