@@ -31,12 +31,13 @@ def option(default: Any = ..., description: str = "", *, flag: str | None = None
     """A settings field with its command-line spelling (read by flows/cli.py).
 
     flag: the option's name (default `--` + the field name with dashes); positional: an argument without a flag;
-    negation: for a True-by-default switch, (flag, help) of the flag that sets it False (`--no-train`); unset: (flag, help)
-    of a second flag that sets the field to None (e.g. `--all` for the limit); group: options of the same group
-    are mutually exclusive, one of them required; cli: False for a Python-only setting.
+    negation: for a True-by-default switch, (flag, help) of the flag that sets it False (`--no-train`);
+    unset: (flag, help) of a second flag that sets the field to None (e.g. `--all` for the limit); group: options
+    of the same group are mutually exclusive, one of them required; cli: False for a Python-only setting.
+    The spelling is kept in the field's JSON schema (plain JSON values), where Prefect's parameter schema shows it.
     """
-    spelling = {"flag": flag, "positional": positional, "negation": list(negation) if negation else None, "unset": list(unset) if unset else None,
-                "group": group, "metavar": metavar, "cli": cli}
+    spelling = {"flag": flag, "positional": positional, "negation": list(negation) if negation else None,
+                "unset": list(unset) if unset else None, "group": group, "metavar": metavar, "cli": cli}
     return Field(default, description=description,
                  json_schema_extra={"cli": {key: value for key, value in spelling.items() if value or key == "cli"}})
 
@@ -81,7 +82,8 @@ Variants = Annotated[Names | None, option(
 DaskAddress = Annotated[str | None, option(None, "scheduler of an existing Dask cluster, tcp://HOST:PORT")]
 Workers = Annotated[PositiveInt | None, option(None, "LocalCluster processes (default: cores)")]
 SimplexMaxIterations = Annotated[PositiveInt, option(200, "iterations of the simplex variant's solver")]
-SimplexTolerance = Annotated[PositiveFloat, option(1e-10, "convergence tolerance of the simplex variant's solver")]
+SimplexTolerance = Annotated[PositiveFloat, option(
+    1e-10, "convergence tolerance of the simplex variant's solver")]
 Scopes = Annotated[Names | None, option(
     None, "comma-separated scopes of the causal measures: all,layer,head (default: all three)")]
 ScopeExamples = Annotated[PositiveInt | None, option(

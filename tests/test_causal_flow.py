@@ -24,8 +24,9 @@ def llama_store(tmp_path_factory, tiny_llama_folder) -> str:
     reviews, 3 shards, with all three efficient variants."""
     folder = tmp_path_factory.mktemp("causal")
     url = str(folder / "store.zarr")
-    extract(ExtractSettings(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            shard_size=4, batch_size=4))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+        shard_size=4, batch_size=4))
     efficient(EfficientSettings(store=url, workers=1))
     return url
 
@@ -104,8 +105,9 @@ def test_missing_efficient_attention_and_another_model_are_refused(llama_store, 
 
 def test_next_token_store(tmp_path, tiny_llama_folder):
     url = str(tmp_path / "lm.zarr")
-    extract(ExtractSettings(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            task="next-token", top_k=4, shard_size=5, batch_size=5))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+        task="next-token", top_k=4, shard_size=5, batch_size=5))
     efficient(EfficientSettings(store=url, variants=["stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
     # the layer scope measures 3 spread examples: batches whose longest example is not among them
@@ -130,8 +132,10 @@ def test_minilm_on_real_reviews(tmp_path):
     extract(ExtractSettings(corpus="rt-sentiment", model="minilm", store=url, limit=6, train=False, batch_size=6))
     efficient(EfficientSettings(store=url, variants=["effective", "stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
-    causal(CausalSettings(store=url, results=results, interventions=["replay", "efficient:effective", "efficient:stochastic",
-                                                      "null:effective", "ablate"], scopes=["all", "layer"]))
+    causal(CausalSettings(
+        store=url, results=results,
+        interventions=["replay", "efficient:effective", "efficient:stochastic", "null:effective", "ablate"],
+        scopes=["all", "layer"]))
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
     for variant in ("effective", "stochastic"):

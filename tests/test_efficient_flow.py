@@ -60,8 +60,9 @@ def bert_store(tmp_path_factory, tiny_bert_folder) -> str:
 
     folder = tmp_path_factory.mktemp("efficient")
     url = str(folder / "store.zarr")
-    extract(ExtractSettings(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=url,
-            shard_size=4, batch_size=4))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=url,
+        shard_size=4, batch_size=4))
     return url
 
 
@@ -108,8 +109,9 @@ def test_causal_grouped_query_store(tmp_path, tiny_llama_folder):
     from tests.conftest import write_reviews_csv
 
     url = str(tmp_path / "llama.zarr")
-    extract(ExtractSettings(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            shard_size=8))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+        shard_size=8))
     group = open_attention_store(url, mode="r+")
     for variant in VARIANTS:
         prepare_efficient_arrays(group, url, variant, SETTINGS)
@@ -181,7 +183,8 @@ def test_real_minilm_examples_longer_than_the_head_dim(tmp_path):
     from flows.efficient import efficient
 
     url = str(tmp_path / "minilm.zarr")
-    extract(ExtractSettings(corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3, train=False))
+    extract(ExtractSettings(
+        corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3, train=False))
     assert (open_attention_store(url)["length"][:] > 32).all()
     efficient(EfficientSettings(store=url, workers=2))
     check_invariants(url)

@@ -291,7 +291,8 @@ def test_cli_inspect_of_nothing(tmp_path, capsys):
 @pytest.mark.integration
 def test_minilm_on_rt_sentiment(tmp_path):
     url = str(tmp_path / "minilm.zarr")
-    extract(ExtractSettings(corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0, train=False))
+    extract(ExtractSettings(
+        corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0, train=False))
     group = open_attention_store(url)
     layout = store_layout(group)
     assert (layout.layers, layout.heads, layout.kv_heads, layout.head_dim, layout.hidden) == (6, 12, 12, 32, 384)
@@ -321,8 +322,9 @@ def test_minilm_on_rt_sentiment(tmp_path):
 def test_smollm2_next_token_logits_per_position(tmp_path):
     """The LM task: smollm2's top-k next-token logits stored at every real position of a few short texts."""
     url = str(tmp_path / "lm.zarr")
-    extract(ExtractSettings(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model="smollm2", store=url, limit=3,
-            task="next-token", top_k=5, max_length=24))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model="smollm2", store=url, limit=3,
+        task="next-token", top_k=5, max_length=24))
     group = open_attention_store(url)
     assert group.attrs["extraction"]["task"] == "next-token"
     length = group["length"][:]
@@ -344,7 +346,8 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     base = save_model_folder(tiny_bert().bert, tmp_path / "base")
     corpus = str(write_reviews_csv(tmp_path / "reviews.csv"))
     url = str(tmp_path / "trained.zarr")
-    extract(ExtractSettings(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
+    extract(ExtractSettings(
+        corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
     group = open_attention_store(url)
     head = group.attrs["model"]["head"]
     assert head["trained"] is True and head["base_model"] == str(base)
@@ -354,7 +357,8 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     held_out = select_split(len(loaded), loaded.labels, "held_out", 0)
     assert sorted(group["source_index"][:].tolist()) == held_out.tolist()
     # the same call again: the cached head is found (no second training folder) and nothing is recomputed
-    extract(ExtractSettings(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
+    extract(ExtractSettings(
+        corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
     assert len([p for p in (tmp_path / "cache" / "heads").iterdir() if not p.name.startswith(".")]) == 1
 
 

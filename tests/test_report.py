@@ -50,8 +50,9 @@ def causal_run(tmp_path_factory, tiny_bert_folder) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("report")
     store = str(folder / "store.zarr")
     results = str(folder / "results.zarr")
-    extract(ExtractSettings(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=store,
-            shard_size=4, batch_size=4, train=False))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=store,
+        shard_size=4, batch_size=4, train=False))
     efficient(EfficientSettings(store=store, variants=VARIANTS, workers=1))
     causal(CausalSettings(store=store, results=results, scope_examples=4, minimality_directions=(1, 2)))
     return {"store": store, "results": results, "folder": str(folder)}
@@ -63,7 +64,8 @@ def image_sources(page: str) -> list[str]:
 
 def test_report_writes_index_and_every_figure(causal_run, tmp_path):
     out = tmp_path / "report"
-    index = Path(report(ReportSettings(results=causal_run["results"], out=str(out))))  # store: the one recorded in the results
+    # store: the one recorded in the results
+    index = Path(report(ReportSettings(results=causal_run["results"], out=str(out))))
     assert index == out / "index.html" and index.is_file()
     page = index.read_text(encoding="utf-8")
 

@@ -166,13 +166,15 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
     from tests.conftest import write_reviews_csv
 
     store, results = str(tmp_path / "store.zarr"), str(tmp_path / "results.zarr")
-    extract(ExtractSettings(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=store,
-            shard_size=4, batch_size=4, train=False))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=store,
+        shard_size=4, batch_size=4, train=False))
     threads = torch.get_num_threads()
     with registered_variant(MIDPOINT):
         try:
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-                efficient(EfficientSettings(store=store, variants=["stochastic", "midpoint"], dask_address=cluster.scheduler_address))
+                efficient(EfficientSettings(
+                    store=store, variants=["stochastic", "midpoint"], dask_address=cluster.scheduler_address))
         finally:
             torch.set_num_threads(threads)  # the in-process worker set it to 1
         group = open_attention_store(store)
