@@ -259,20 +259,23 @@ class PipelineSettings(StageSettings):
         return {name: value for name, value in self.extraction_shape().items()
                 if value != type(self).model_fields[name].default}
 
+    def _shared_with(self, stage: type[StageSettings], **given: Any) -> dict[str, Any]:
+        """The fields of `stage` that this class has too (same name, same meaning), with `given` instead."""
+        own = type(self).model_fields
+        return {**{name: getattr(self, name) for name in stage.model_fields if name in own}, **given}
+
     def extract_settings(self, store: str, model: str, split: str | None) -> ExtractSettings:
         """The extraction of this run into `store` with `model` (a trained one, possibly) and `split`."""
-        shared = {name: getattr(self, name) for name in ExtractSettings.model_fields if name in type(self).model_fields}
-        return ExtractSettings(**{**shared, "store": store, "model": model, "split": split})
+        return ExtractSettings(**self._shared_with(ExtractSettings, store=store, model=model, split=split))
 
     def efficient_settings(self, store: str, variants: Names) -> EfficientSettings:
-        return EfficientSettings(store=store, variants=variants, dask_address=self.dask_address, workers=self.workers,
-                                 simplex_max_iterations=self.simplex_max_iterations,
-                                 simplex_tolerance=self.simplex_tolerance)
+        return EfficientSettings(**self._shared_with(EfficientSettings, store=store, variants=variants))
 
     def causal_settings(self, store: str, results: str, variants: Names) -> CausalSettings:
-        return CausalSettings(store=store, results=results, variants=variants, scopes=self.scopes,
-                              scope_examples=self.scope_examples, minimality_directions=self.minimality_directions,
-                              device=self.device, batch_size=self.batch_size)
+        # `seed` here is the extraction's and `model` the base model: the causal stage keeps its own defaults
+        # (noise seed 0, the model recorded in the store)
+        return CausalSettings(**self._shared_with(CausalSettings, store=store, results=results, variants=variants,
+                                                  seed=CausalSettings.model_fields["seed"].default, model=None))
 
 
 class StudiesSettings(StageSettings):

@@ -122,7 +122,8 @@ def test_the_pipeline_hands_its_options_to_the_stages():
     efficient = pipeline.efficient_settings("s.zarr", ("effective",))
     assert (efficient.workers, efficient.recorded()["simplex_tolerance"]) == (2, 1e-8)
     causal = pipeline.causal_settings("s.zarr", "r.zarr", ("effective",))
-    assert (causal.scopes, causal.minimality_directions, causal.batch_size, causal.seed) == (("all",), (1,), 4, 0)
+    assert (causal.scopes, causal.minimality_directions, causal.batch_size) == (("all",), (1,), 4)
+    assert (causal.seed, causal.model) == (0, None)  # the noise seed and the stored model, not the extraction's
     assert set(pipeline.extraction_shape()) == set(EXTRACTION_SHAPE)
 
 
