@@ -50,8 +50,8 @@ def extract(settings: ExtractSettings) -> str:
         pending_write = None
         try:
             for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):
-                captured = capture_shard(store, shard_index, model, num_labels, device, seed, settings.batch_size,
-                                     task)
+                captured = capture_shard(store, shard_index, model, num_labels, device, seed,
+                                         settings.batch_size, task)
                 if pending_write is not None:
                     mark_shard_completed(group, pending_write.result())
                 pending_write = write_captured_shard.submit(store, shard_index, captured)
