@@ -29,6 +29,7 @@ benchmark: install
 	$(BIN)/python benchmarks/extraction_throughput.py
 	$(BIN)/python benchmarks/efficient_stage.py
 	$(BIN)/python benchmarks/causal_forward.py
+	$(BIN)/python benchmarks/explanation_cost.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

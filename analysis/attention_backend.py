@@ -3,7 +3,9 @@ replace it.
 
 Models of transformers 5.x look their attention function up by name in `AttentionInterface` and their mask
 function in `AttentionMaskInterface`. This module registers both under `ATTENTION_IMPLEMENTATION`; a model
-switched to it with `use_capture_backend(model)` computes exactly the eager attention of its family and
+switched to it with `use_capture_backend(model)` computes exactly the eager attention of its architecture
+(`softcap` included; the sliding window comes through the mask; any other argument that would change attention is
+refused by name, never dropped) and
 - while a `capture_attention()` context is open, hands the probabilities and the values of every layer to a
   recorder;
 - while an `inject_attention(injection)` context is open, replaces the probabilities of chosen (layer, head)
@@ -25,6 +27,53 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 ATTENTION_IMPLEMENTATION = "effattn"
+
+# Keyword arguments models pass that do not change the attention the eager reference computes (cache and position
+# bookkeeping, flash-attention-only switches). Anything else with a value is either honoured below or refused.
+INERT_ATTENTION_ARGUMENTS = frozenset({
+    "position_ids", "cache_position", "use_cache", "output_attentions", "past_key_values", "past_key_value",
+    "encoder_hidden_states", "deterministic", "output_router_logits", "output_hidden_states",
+    "return_dict",
+})
+# Arguments honoured by this backend: `softcap` (tanh capping of the scores, Gemma 2), `sliding_window` and
+# `is_causal` (applied by the mask function; checked to have reached a mask).
+HONOURED_ATTENTION_ARGUMENTS = frozenset({"softcap", "sliding_window", "is_causal"})
+# Arguments whose attention this backend does not implement, with what they are (for the refusal message).
+UNIMPLEMENTED_ATTENTION_ARGUMENTS = {
+    "s_aux": "attention sinks (an extra logit per head that takes probability mass)",
+    "sinks": "attention sinks (an extra logit per head that takes probability mass)",
+    "position_bias": "a relative position bias added to the scores (T5)",
+    "alibi": "ALiBi position biases added to the scores",
+    "head_mask": "a per-head multiplicative mask",
+}
+
+
+class UnsupportedAttentionError(ValueError):
+    """A model's attention needs a feature this backend does not implement (it is refused, never approximated)."""
+
+
+class MissingLayerIndexError(RuntimeError):
+    """An attention module without `layer_idx`: its calls cannot be told apart by layer."""
+
+
+def model_type_of(module: torch.nn.Module) -> str:
+    """The config's model_type of an attention module (its class name when it keeps no config)."""
+    config = getattr(module, "config", None)
+    return getattr(config, "model_type", None) or type(module).__name__
+
+
+def check_attention_arguments(module: torch.nn.Module, kwargs: dict) -> None:
+    """Refuse, naming the model type and the argument, any keyword argument that would change attention and that
+    this backend does not implement (a value of None means the feature is off)."""
+    for name, argument in kwargs.items():
+        if argument is None or name in INERT_ATTENTION_ARGUMENTS or name in HONOURED_ATTENTION_ARGUMENTS:
+            continue
+        what = UNIMPLEMENTED_ATTENTION_ARGUMENTS.get(name, "an argument the effattn backend does not know")
+        raise UnsupportedAttentionError(
+            f"model type '{model_type_of(module)}' passes '{name}' to its attention function ({what}); the effattn "
+            "backend does not implement it and will not compute plain attention in its place: this model cannot be "
+            "captured (see the supported model types in analysis.architectures)"
+        )
 
 
 @dataclass
@@ -101,7 +150,35 @@ class AttentionInjection:
     layers: dict[int, LayerInjection] = field(default_factory=dict)
 
 
+@dataclass
+class AttentionCall:
+    """One call of the attention function seen by `observe_attention_calls` (used to check an architecture's layout).
+
+    weights: [batch, heads, query, key]; output: [batch, query, heads, head_dim], what the model's next module gets;
+    sliding_window: the window argument the model passed (None: full attention), applied by the mask.
+    """
+
+    module: torch.nn.Module
+    layer_index: int
+    weights: torch.Tensor
+    output: torch.Tensor
+    kv_heads: int = 0
+    sliding_window: int | None = None
+
+
 _active = threading.local()
+
+
+@contextlib.contextmanager
+def observe_attention_calls() -> Iterator[list[AttentionCall]]:
+    """Within this context, every call of the backend's attention function is appended to the yielded list."""
+    calls: list[AttentionCall] = []
+    previous = getattr(_active, "observer", None)
+    _active.observer = calls
+    try:
+        yield calls
+    finally:
+        _active.observer = previous
 
 
 @contextlib.contextmanager
@@ -143,14 +220,39 @@ def effattn_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention, as transformers' BERT and Llama families compute it, plus capture and injection.
+    """Eager attention, as transformers' eager functions compute it, plus capture and injection.
 
     query: [batch, heads, query, head_dim]; key, value: [batch, kv_heads, key, head_dim];
     attention_mask: additive float mask [batch, 1, query, key] or None.
+    softcap: scores become tanh(scores / softcap) * softcap before the mask (Gemma 2), as in its eager function.
+    sliding_window: already applied by the mask function; a window shorter than the keys with no mask is refused.
     Returns (output [batch, query, heads, head_dim], weights [batch, heads, query, key]).
     """
+    check_attention_arguments(module, kwargs)
+    if kwargs.get("is_causal") and attention_mask is None and query.shape[-2] > 1:
+        raise UnsupportedAttentionError(
+            f"model type '{model_type_of(module)}' asks for causal attention (is_causal) but its attention got no "
+            "mask: causality would be dropped; load the model through analysis.models so that the effattn mask "
+            "function is registered"
+        )
+    if sliding_window is not None and attention_mask is None and key.shape[-2] > sliding_window:
+        raise UnsupportedAttentionError(
+            f"model type '{model_type_of(module)}' asks for a sliding window of {sliding_window} keys but its "
+            f"attention got no mask for {key.shape[-2]} keys: the window would be dropped; load the model through "
+            "analysis.models so that the effattn mask function is registered"
+        )
+    layer_index = getattr(module, "layer_idx", None)
+    observer: list | None = getattr(_active, "observer", None)
+    capturing = getattr(_active, "recorder", None) is not None or getattr(_active, "injection", None) is not None
+    if layer_index is None and (capturing or observer is None):  # a probe may watch modules not yet indexed
+        raise MissingLayerIndexError(
+            f"the attention module {type(module).__name__} has no layer_idx: wrap the model with "
+            "analysis.models.wrap_model (or load_model), which assigns one from the architecture's adapter record"
+        )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     n_groups = query.shape[1] // key.shape[1]
@@ -158,20 +260,26 @@ def effattn_attention(
     value_states = _repeat_kv_heads(value, n_groups)
 
     scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key_states.shape[-2]]
     weights = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
     injection: AttentionInjection | None = getattr(_active, "injection", None)
-    if injection is not None and module.layer_idx in injection.layers:
-        weights = injection.layers[module.layer_idx].apply(weights)
+    if injection is not None and layer_index in injection.layers:
+        weights = injection.layers[layer_index].apply(weights)
 
     recorder: AttentionRecorder | None = getattr(_active, "recorder", None)
     if recorder is not None:
-        recorder.record(module.layer_idx, weights, value)
+        recorder.record(layer_index, weights, value)
 
     weights_after_dropout = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights_after_dropout, value_states).transpose(1, 2).contiguous()
+    if observer is not None:
+        observer.append(AttentionCall(module=module, layer_index=layer_index, weights=weights.detach(),
+                                      output=output.detach(), kv_heads=value.shape[1],
+                                      sliding_window=sliding_window))
     return output, weights
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from analysis.attention_backend import CapturedLayer, capture_attention
-from analysis.models import LoadedModel
+from analysis.models import LoadedModel, check_pooled_positions
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,7 @@ def forward_with_capture(
     Returns the captured layers in order (attention [batch, head, Lb, Lb], value [batch, kv_head, Lb, head_dim],
     padding NOT removed) and the logits ([batch, class], or [batch, Lb, vocab] for next-token).
     """
+    check_pooled_positions(loaded, tokens, length)
     batch_length = int(np.max(length))
     input_ids = torch.as_tensor(tokens[:, :batch_length], dtype=torch.long, device=loaded.device)
     mask = torch.as_tensor(real_token_mask(length, batch_length), device=loaded.device).long()
@@ -226,8 +227,10 @@ def store_attributes(
             "name": loaded.name,
             "source": loaded.source,
             "architecture": type(loaded.model).__name__,
-            "family": loaded.family,
+            "model_type": loaded.model.config.model_type,
+            "adapter": loaded.adapter.name,
             "causal": loaded.causal,
+            "sliding_windows": list(loaded.sliding_windows),
             "layers": loaded.shape.layers,
             "heads": loaded.shape.heads,
             "kv_heads": loaded.shape.kv_heads,

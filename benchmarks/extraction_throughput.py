@@ -56,7 +56,7 @@ def build_store(url, loaded, plan, dtype, corpus):
     group = create_attention_store(url, layout, {"benchmark": True})
     write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
                            corpus.labels[plan.source_index], np.array([corpus.texts[i] for i in plan.source_index]))
-    group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.family)
+    group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.adapter)
     mark_prepared(group)
     return group, layout
 

@@ -105,7 +105,7 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
         todo = prepare_results(store, results, recorded)
         group = open_causal_results(results, mode="r+")
         for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-            run_causal_shard(store, results, shard_index, recorded, settings.model, settings.device,
-                             settings.batch_size, forward_rows)
-            mark_causal_shard_completed(group, shard_index)
+            inputs = run_causal_shard(store, results, shard_index, recorded, settings.model, settings.device,
+                                      settings.batch_size, forward_rows)
+            mark_causal_shard_completed(group, shard_index, inputs)
         return summarise_results(store, results)

@@ -13,9 +13,11 @@ import sys
 
 from pydantic import ValidationError
 
+from flows.interrupts import name_the_command, stops_cleanly_on_signals
 from flows.settings import (
     CausalSettings,
     EfficientSettings,
+    ExplainSettings,
     ExtractSettings,
     InspectSettings,
     PipelineSettings,
@@ -38,6 +40,8 @@ COMMANDS: dict[str, tuple[str, tuple[type[StageSettings], ...]]] = {
     "efficient": ("compute efficient attention from a store (Dask)", (EfficientSettings,)),
     "causal": ("re-inject attention, efficient attention and controls into the model; write results",
                (CausalSettings,)),
+    "explain": ("token attributions of attention, efficient attention and baselines; ERASER faithfulness",
+                (ExplainSettings,)),
     "inspect": ("print what is in a store", (InspectSettings,)),
     "report": ("write an HTML report (index.html + PNG figures) of causal results", (ReportSettings,)),
     "verify": ("read every chunk of a store: checksums, schema, invariants; exit status 1 when damaged",
@@ -54,6 +58,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
     return value
 
 
@@ -77,8 +88,9 @@ def _comma_positive_ints(text: str) -> tuple[int, ...]:
 
 
 # How a value of each kind (flows.settings.value_kind) is read from its command-line text.
-VALUE_PARSERS = {"int": int, "positive int": _positive_int, "float": float, "positive float": _positive_float,
-                 "str": str, "choice": str, "list of str": _comma_list, "list of positive int": _comma_positive_ints}
+VALUE_PARSERS = {"int": int, "positive int": _positive_int, "non-negative int": _non_negative_int, "float": float,
+                 "positive float": _positive_float, "str": str, "choice": str, "list of str": _comma_list,
+                 "list of positive int": _comma_positive_ints}
 
 
 def format_default(value) -> str:  # noqa: ANN001 - any default
@@ -113,10 +125,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
         keywords = {"type": VALUE_PARSERS[kind], "help": option_help(field)}
         if choices:
             keywords["choices"] = choices
-        if spelling.get("metavar"):
-            keywords["metavar"] = spelling["metavar"]
+        keywords["metavar"] = spelling.get("metavar") or flag.lstrip("-").upper().replace("-", "_")
         if spelling.get("positional"):
-            parser.add_argument(name, **keywords)
+            parser.add_argument(name, **{**keywords, "metavar": None})
             continue
         target = parser
         if spelling.get("group"):
@@ -321,6 +332,15 @@ def _run_causal(settings: CausalSettings) -> int:
     return 0
 
 
+def _run_explain(settings: ExplainSettings) -> int:
+    from analysis.claims import format_claims_table
+    from flows.explain import explain
+
+    print(format_claims_table(explain(settings)))
+    print(f"results: {settings.results}")
+    return 0
+
+
 def _run_inspect(settings: InspectSettings) -> int:
     from storage_schemas.inspection import describe_attention_store
 
@@ -377,6 +397,7 @@ def _run_pipeline(settings: PipelineSettings) -> int:
     print()
     print(f"attention store: {record['store']}")
     print(f"causal results:  {record['results']}")
+    print(f"explanations:    {record['explanations']}")
     print(f"report:          {record['report']}")
     return 0
 
@@ -399,16 +420,22 @@ def _run_serve(schedule: ServeSettings, pipeline: PipelineSettings) -> int:
 
 
 RUNNERS = {"extract": _run_extract, "train": _run_train, "efficient": _run_efficient, "causal": _run_causal,
-           "inspect": _run_inspect, "report": _run_report, "verify": _run_verify, "unlock": _run_unlock,
-           "run": _run_pipeline, "studies": _run_studies, "serve": _run_serve}
+           "explain": _run_explain, "inspect": _run_inspect, "report": _run_report, "verify": _run_verify,
+           "unlock": _run_unlock, "run": _run_pipeline, "studies": _run_studies, "serve": _run_serve}
 
 
+# Commands that run flows (serve checks its server itself: it needs a real one).
+FLOW_COMMANDS = ("extract", "train", "efficient", "causal", "explain", "report", "run", "studies")
+
+
+@stops_cleanly_on_signals
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--reference"]:  # for docs/CLI.md; not a command
         print(cli_reference())
         return 0
     arguments, settings = parse_settings(argv)
+    name_the_command(arguments.command)
     # OpenMP threads that spin while waiting make torch crawl when another process holds a core; must be set
     # before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -423,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     use_chunk_codec_batches()  # also for the commands that run no flow (inspect, verify)
 
     try:
+        if arguments.command in FLOW_COMMANDS:
+            from flows.interrupts import quiet_prefect_console_when_interrupted
+            from flows.prefect_server import use_prefect_api
+
+            use_prefect_api(arguments.command)  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
+            quiet_prefect_console_when_interrupted()
         return RUNNERS[arguments.command](*settings)
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
         problem = one_line_problem(arguments, error)

@@ -37,9 +37,17 @@ from storage_schemas.pipeline_runs import (
     run_paths,
 )
 from storage_schemas.store_lock import hold_store_lock
+from analysis.explanations import default_methods
+from flows.explain import explain, recorded_explanation_settings
+from storage_schemas.explanation_results import (
+    explanation_results_path,
+    explanation_status,
+    open_explanation_results,
+)
+from storage_schemas.pipeline_runs import StageCheck
 from tasks.training import train_head
 
-STAGES = ("train", "extract", "efficient", "causal", "report")
+STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 
 
 def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text_column: str | None,
@@ -73,7 +81,8 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     "efficient_summary": {variant: analysis.run_summary.summarize_variant(...)}, "claims": the claims table
     (analysis.claims)}, where status is "ran", "skipped" (output complete for the same inputs) or "not needed"
     (train only). `scope_examples`, `scopes` (default all, layer, head) and `minimality_directions` (default
-    flows.causal's) are flows.causal.causal's.
+    flows.causal's) are flows.causal.causal's. `explain_examples` examples are explained (flows.explain; 0: not
+    run) into `<name>[-<variants>].explanations.zarr`, and their claims join the claims table.
     """
     logger = get_run_logger()
     corpus, model, limit = settings.corpus, settings.model, settings.limit
@@ -141,7 +150,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
 
     # --- causal ---
     causal_stage = settings.causal_settings(store, results, tuple(variants))
-    check = causal_status(results, recorded_causal_settings(causal_stage))
+    check = causal_status(results, recorded_causal_settings(causal_stage), store)
     if check.conflicting:
         raise ValueError(
             f"{results} holds causal results made with other settings (by an earlier effattn version or other "
@@ -156,14 +165,33 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         causal(causal_stage)
         finished("causal", "ran", started, results)
 
+    # --- explain ---
+    explanations = explanation_results_path(results) if settings.explain_examples else None
+    if explanations is None:
+        finished("explain", "not needed", None, "explain_examples is 0")
+    else:
+        explain_stage = settings.explain_settings(store, explanations, tuple(default_methods(variants)))
+        check = explanation_status(explanations, recorded_explanation_settings(explain_stage))
+        if check.conflicting:
+            raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
+                             "explain again with this run's settings, or pass --explain-examples 0")
+        if check.complete:
+            finished("explain", "skipped", None, check.reason)
+        else:
+            started = time.perf_counter()
+            explain(explain_stage)
+            finished("explain", "ran", started, explanations)
+
     # --- report ---
     check = report_status(report_dir, results)
+    if check.complete and stages["explain"]["status"] == "ran":  # new explanations, redraw
+        check = StageCheck(False, "the explanation results were recomputed")
     if check.complete:
         finished("report", "skipped", None, check.reason)
     else:
         logger.info("stage report needed: %s", check.reason)
         started = time.perf_counter()
-        report(ReportSettings(results=results, out=report_dir, store=store))
+        report(ReportSettings(results=results, out=report_dir, store=store, explanations=explanations))
         record_report_source(report_dir, results)
         finished("report", "ran", started, report_dir)
 
@@ -174,7 +202,9 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         "report": str(Path(report_dir) / "index.html"),
         "stages": stages,
         "efficient_summary": summaries,
-        "claims": open_causal_results(results).attrs["claims"],
+        "claims": open_causal_results(results).attrs["claims"]
+        + (open_explanation_results(explanations).attrs["claims"] if explanations else []),
+        "explanations": explanations,
         "examples": store_layout(open_attention_store(store)).n_examples,
     }
     logger.info("pipeline finished:\n%s\n\n%s", stage_table(record), summary_table(summaries))

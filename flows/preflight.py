@@ -119,7 +119,7 @@ def check_command(command: str, settings: Any) -> None:
     elif command == "efficient":
         check_attention_store(settings.store)
         check_dask_scheduler(settings.dask_address)
-    elif command == "causal":
+    elif command in ("causal", "explain"):
         check_writable_location(settings.results, "--results")
         check_attention_store(settings.store)
         if settings.model:

@@ -18,6 +18,7 @@ def report(settings: ReportSettings) -> str:
 
     `store`: the attention store the results came from (default: the results' `attention_store` attribute);
     `out`: a local folder (created if needed); `examples`: how many examples are drawn as attention heatmaps.
+    `explanations`: explanation results (effattn explain) whose curves, table and claims the report shows too.
     Returns the path of index.html.
     """
     use_chunk_codec_batches()
@@ -25,5 +26,5 @@ def report(settings: ReportSettings) -> str:
     if is_remote(out):
         raise ValueError(f"--out must be a local folder, got {out}: write the report locally, then copy it")
     check_writable_location(out, "--out")  # not a file, nor under one; before the inputs are read
-    inputs = read_report_inputs(settings.results, settings.store, settings.examples)
+    inputs = read_report_inputs(settings.results, settings.store, settings.examples, settings.explanations)
     return draw_report(inputs, out)

@@ -11,12 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flows.prefect_server import health_check_failure, start_server_hint
 from flows.settings import PipelineSettings, ServeSettings
 
-START_SERVER = (
-    "start a Prefect server with `prefect server start --host 127.0.0.1 --port 4200` and, in the shell that runs "
-    "`effattn serve`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
-)
+START_SERVER = start_server_hint("serve")
 # Parameters of run_pipeline that name local files or folders: made absolute, so that the deployment's parameters
 # (shown by the server) say exactly what a scheduled run reads and writes.
 PATH_PARAMETERS = ("run_dir", "store", "results", "report_dir", "corpus", "model", "cache_root")
@@ -38,16 +36,9 @@ def prefect_api_url() -> str:
 
 def check_server(api_url: str, timeout_seconds: float = 10.0) -> None:
     """A ServeError unless the Prefect server at `api_url` answers its health check."""
-    import httpx
-
-    try:
-        response = httpx.get(f"{api_url}/health", timeout=timeout_seconds)
-        response.raise_for_status()
-    except httpx.HTTPError as error:
-        raise ServeError(
-            f"no Prefect server answers at PREFECT_API_URL={api_url} ({type(error).__name__}: {error}): "
-            f"{START_SERVER}"
-        ) from None
+    failure = health_check_failure(api_url, timeout_seconds)
+    if failure is not None:
+        raise ServeError(f"no Prefect server answers at PREFECT_API_URL={api_url} ({failure}): {START_SERVER}")
 
 
 def schedule_arguments(cron: str | None, interval: float | None) -> dict[str, Any]:

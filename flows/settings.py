@@ -20,7 +20,7 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from analysis.variants import VARIANTS
 
@@ -33,7 +33,8 @@ def option(default: Any = ..., description: str = "", *, flag: str | None = None
     flag: the option's name (default `--` + the field name with dashes); positional: an argument without a flag;
     negation: for a True-by-default switch, (flag, help) of the flag that sets it False (`--no-train`);
     unset: (flag, help) of a second flag that sets the field to None (e.g. `--all` for the limit); group: options
-    of the same group are mutually exclusive, one of them required; cli: False for a Python-only setting.
+    of the same group are mutually exclusive, one of them required; metavar: the value's name in the help
+    (default: the flag's); cli: False for a Python-only setting.
     The spelling is kept in the field's JSON schema (plain JSON values), where Prefect's parameter schema shows it.
     """
     spelling = {"flag": flag, "positional": positional, "negation": list(negation) if negation else None,
@@ -91,7 +92,7 @@ ScopeExamples = Annotated[PositiveInt | None, option(
     unset=("--all-scope-examples", "measure every example at the layer and head scopes too"))]
 MinimalityDirections = Annotated[tuple[PositiveInt, ...] | None, option(
     None, "directions removed by the minimality probe, comma-separated (default: 1,2,4,8,16; those < head dim)",
-    flag="--minimality-k", metavar="MINIMALITY_K")]
+    flag="--minimality-k")]
 
 
 # --- one class per command ------------------------------------------------------------------------------------------
@@ -183,6 +184,32 @@ class CausalSettings(StageSettings):
         None, "rows of one intervened forward pass (default 64; 8 for next-token stores)", cli=False)]
 
 
+class ExplainSettings(StageSettings):
+    """`effattn explain` / flows.explain.explain: token attributions and their ERASER faithfulness."""
+
+    store: Annotated[str, option(description="attention store (with efficient attention; path or URL)")]
+    results: Annotated[str, option(description="explanation results to write (Zarr v3; path or URL)")]
+    methods: Annotated[Names | None, option(
+        None, "comma-separated, e.g. attention:rollout,simplex:last-layer,integrated-gradients,leave-one-out,random "
+              "(default: attention and every finished variant in every aggregation, the model baselines, random)")]
+    examples: Annotated[PositiveInt | None, option(
+        16, "examples explained, spread over the store",
+        unset=("--all-examples", "explain every readable example"))]
+    integrated_gradients_steps: Annotated[PositiveInt, option(32, "integrated gradients steps", flag="--ig-steps")]
+    leave_one_out_max_tokens: Annotated[PositiveInt, option(
+        128, "leave-one-out only for examples with at most this many removable tokens", flag="--loo-max-tokens")]
+    minimality_rows: Annotated[NonNegativeInt, option(8, "simplex rows tested per example and layer (0: none)")]
+    seed: Annotated[int, option(0, "seed of the random ranking and the row sample")]
+    model: Annotated[str | None, option(None, "the model, if it moved since extraction (same weights)")]
+    device: DeviceOption
+    percents: Annotated[tuple[PositiveInt, ...] | None, option(
+        None, "ERASER's bins: percent of the tokens removed (default: analysis.explanations.PERCENTS)", cli=False)]
+    minimality_tolerance: Annotated[PositiveFloat, option(
+        1e-8, "tolerance of the simplex rows' minimality test", cli=False)]
+    shard_size: Annotated[PositiveInt, option(8, "examples per shard of the results", cli=False)]
+    forward_rows: Annotated[PositiveInt, option(64, "rows of one removal forward pass", cli=False)]
+
+
 class ReportSettings(StageSettings):
     """`effattn report` / flows.report.report: causal results -> index.html and PNG figures."""
 
@@ -191,6 +218,7 @@ class ReportSettings(StageSettings):
     store: Annotated[str | None, option(
         None, "the attention store of the results (default: the one recorded in the results)")]
     examples: Annotated[PositiveInt, option(3, "examples drawn as heatmaps")]
+    explanations: Annotated[str | None, option(None, "explanation results to show too (effattn explain)")]
 
 
 class InspectSettings(StageSettings):
@@ -249,6 +277,7 @@ class PipelineSettings(StageSettings):
     scope_examples: ScopeExamples
     scopes: Scopes
     minimality_directions: MinimalityDirections
+    explain_examples: Annotated[NonNegativeInt, option(2, "examples explained by the explanation stage (0: skip it)")]
 
     def extraction_shape(self) -> dict[str, Any]:
         """The settings of EXTRACTION_SHAPE: name -> value."""
@@ -270,6 +299,11 @@ class PipelineSettings(StageSettings):
 
     def efficient_settings(self, store: str, variants: Names) -> EfficientSettings:
         return EfficientSettings(**self._shared_with(EfficientSettings, store=store, variants=variants))
+
+    def explain_settings(self, store: str, results: str, methods: Names) -> ExplainSettings:
+        """The explanation of `explain_examples` examples with `methods` (the causal stage's device)."""
+        return ExplainSettings(store=store, results=results, methods=methods, examples=self.explain_examples,
+                               device=self.device)
 
     def causal_settings(self, store: str, results: str, variants: Names) -> CausalSettings:
         # `seed` here is the extraction's and `model` the base model: the causal stage keeps its own defaults
@@ -312,8 +346,9 @@ def cli_spelling(field: Any) -> dict[str, Any]:
 
 
 def value_kind(annotation: Any) -> tuple[str, tuple[Any, ...]]:
-    """(kind, choices) of a field's annotation without None: kind is one of "bool", "int", "positive int", "float",
-    "positive float", "str", "choice" (choices given), "list of str", "list of positive int"."""
+    """(kind, choices) of a field's annotation without None: kind is one of "bool", "int", "positive int",
+    "non-negative int", "float", "positive float", "str", "choice" (choices given), "list of str", "list of positive
+    int"."""
     arguments = [item for item in typing.get_args(annotation) if item is not type(None)]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -323,6 +358,8 @@ def value_kind(annotation: Any) -> tuple[str, tuple[Any, ...]]:
         kind, choices = value_kind(base)
         if any(getattr(item, "gt", None) == 0 for item in metadata):
             kind = f"positive {kind}"
+        elif any(getattr(item, "ge", None) == 0 for item in metadata):
+            kind = f"non-negative {kind}"
         return kind, choices
     if origin is Literal:
         return "choice", typing.get_args(annotation)

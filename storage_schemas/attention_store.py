@@ -8,13 +8,19 @@ by `shard_size` examples: the shard is the unit of work, and every writer writes
 writes into one shard lose data silently in Zarr). Everything beyond an example's `length` is zero.
 
 Extraction completion is recorded in the root attribute `completed_shards`, written only after a shard's data
-has been written, by the single driver process; a shard not listed there is treated as absent.
+has been written, by the single driver process; a shard not listed there is treated as absent. With it, the root
+attribute `shard_identities` gives every completed shard a fresh random token (its identity), written in the same
+metadata update: a shard written again (extract rerun after `effattn verify --repair`) gets a new identity. The stages
+that read a shard (efficient attention, causal results) record the identities of the shards they read in their own
+`shard_inputs` attribute, and their shard counts as done only while those still match (`shard_is_current`).
+Stores written before identities existed have none: their completed shards have the identity `legacy`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -370,16 +376,132 @@ def check_same_run(group: zarr.Group, url: str, expected: dict[str, Any]) -> Non
         )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# completion records and shard identities, shared by every store whose writers work shard by shard: an attribute
+# set (of a group or an array) holding `completed_shards`, `shard_identities` and, for a stage that reads shards of
+# another stage, `shard_inputs`.
+
+LEGACY_SHARD_IDENTITY = "legacy"  # the identity of a shard completed by an effattn that recorded none
+# Attributes that differ between two runs writing the same data (fresh tokens): content digests leave them out.
+SHARD_IDENTITY_ATTRIBUTES = ("shard_identities", "shard_inputs")
+
+
+def recorded_identities(attributes: dict[str, Any]) -> dict[int, str]:
+    """Every shard of `attributes["completed_shards"]` -> its identity (`legacy` when none is recorded)."""
+    tokens = attributes.get("shard_identities") or {}
+    return {int(shard): tokens.get(str(int(shard)), LEGACY_SHARD_IDENTITY)
+            for shard in attributes.get("completed_shards", [])}
+
+
+def recorded_inputs(attributes: dict[str, Any], shard_index: int, keys: list[str]) -> dict[str, str]:
+    """The identities of the inputs a completed shard was computed from, input name -> identity; a shard completed
+    before inputs were recorded was computed from `legacy` inputs (`keys` names them)."""
+    inputs = (attributes.get("shard_inputs") or {}).get(str(int(shard_index)))
+    return dict(inputs) if inputs is not None else {key: LEGACY_SHARD_IDENTITY for key in keys}
+
+
+def shard_is_current(recorded: dict[str, str], current: dict[str, str | None]) -> bool:
+    """Whether a shard computed from the inputs `recorded` (name -> identity) is still valid now that the inputs'
+    identities are `current` (None: that input shard is not complete)."""
+    return all(current.get(name) is not None and current.get(name) == identity for name, identity in recorded.items())
+
+
+def completion_update(attributes: dict[str, Any], shard_index: int,
+                      inputs: dict[str, str] | None = None) -> dict[str, Any]:
+    """The attribute values that record `shard_index` as completed with a fresh identity (and, for a consuming
+    stage, the identities of its `inputs`); write them in one update, so that no completed shard lacks them."""
+    shard = int(shard_index)
+    update: dict[str, Any] = {
+        "completed_shards": sorted({*map(int, attributes.get("completed_shards", [])), shard}),
+        "shard_identities": {**(attributes.get("shard_identities") or {}), str(shard): uuid.uuid4().hex},
+    }
+    if inputs is not None:
+        update["shard_inputs"] = {**(attributes.get("shard_inputs") or {}), str(shard): dict(inputs)}
+    return update
+
+
+def removal_update(attributes: dict[str, Any], shards) -> dict[str, Any]:
+    """The attribute values that record `shards` as not completed (their identities and inputs forgotten)."""
+    gone = {int(shard) for shard in shards}
+    update: dict[str, Any] = {
+        "completed_shards": sorted(set(map(int, attributes.get("completed_shards", []))) - gone),
+        "shard_identities": {key: value for key, value in (attributes.get("shard_identities") or {}).items()
+                             if int(key) not in gone},
+    }
+    if "shard_inputs" in attributes:
+        update["shard_inputs"] = {key: value for key, value in (attributes.get("shard_inputs") or {}).items()
+                                  if int(key) not in gone}
+    return update
+
+
+SHARDS_NAMED = 16  # how many shards a message lists by number
+
+
+def describe_shards(shards, layout: AttentionStoreLayout) -> str:
+    """'shards [2, 3] (examples 4 to 7)': the shards and their examples, runs of neighbours joined."""
+    shards = sorted(int(shard) for shard in shards)
+    runs: list[list[int]] = []
+    for shard in shards:
+        if runs and shard == runs[-1][-1] + 1:
+            runs[-1].append(shard)
+        else:
+            runs.append([shard])
+    spans = [(layout.shard_slice(run[0]).start, layout.shard_slice(run[-1]).stop - 1) for run in runs]
+    examples = ", ".join(f"{first} to {last}" if last > first else f"{first}" for first, last in spans)
+    several = len(spans) > 1 or spans[0][1] > spans[0][0]
+    named = str(shards) if len(shards) <= SHARDS_NAMED else \
+        f"[{', '.join(map(str, shards[:SHARDS_NAMED]))}, ... and {len(shards) - SHARDS_NAMED} more]"
+    return f"shard{'s' if len(shards) > 1 else ''} {named} (example{'s' if several else ''} {examples})"
+
+
+class IncompleteInputError(AttentionStoreError):
+    """A stage was asked to read shards that their producer has not recorded as complete (or that were written
+    again since the stage computed from them)."""
+
+
 def completed_shards(group: zarr.Group) -> list[int]:
     return sorted(group.attrs.get("completed_shards", []))
 
 
+def extraction_identities(group: zarr.Group) -> dict[int, str]:
+    """Every completed extraction shard -> its identity (`legacy` for stores written without identities)."""
+    return recorded_identities(group.attrs.asdict())
+
+
 def mark_shard_completed(group: zarr.Group, shard_index: int) -> None:
-    """Record a shard as done. Call only after its data is written, and only from one process (the driver)."""
+    """Record a shard as done, with a fresh identity. Call only after its data is written, and only from one
+    process (the driver)."""
     store_layout(group).shard_slice(shard_index)  # an IndexError for a shard that does not exist
-    done = set(completed_shards(group))
-    done.add(int(shard_index))
-    group.attrs["completed_shards"] = sorted(done)
+    group.attrs.update(completion_update(group.attrs.asdict(), shard_index))
+
+
+def unmark_shards(group: zarr.Group, shards) -> None:
+    """Record extraction `shards` as not done (their identities are forgotten: what was computed from them is no
+    longer current, and the rewritten shards get new identities)."""
+    group.attrs.update(removal_update(group.attrs.asdict(), shards))
+
+
+def extract_again_advice(group: zarr.Group, url: str) -> str:
+    """How to complete an unfinished extraction: the command that created the store, again."""
+    attributes = group.attrs.asdict()
+    corpus = attributes.get("corpus", {}).get("name", "CORPUS")
+    model = attributes.get("model", {}).get("name", "MODEL")
+    return (f"finish them by running the `effattn extract --corpus {corpus} --model {model} --store {url} ...` command "
+            "that created the store again, with the same options (it resumes and writes only the missing shards)")
+
+
+def require_extracted(group: zarr.Group, url: str, stage: str) -> None:
+    """Refuse (`IncompleteInputError`) to run `stage` over a store whose extraction is not complete: its unfinished
+    shards read as zeros, and anything computed from them would be silently wrong."""
+    layout = store_layout(group)
+    missing = sorted(set(range(layout.n_shards)) - set(completed_shards(group)))
+    if missing:
+        raise IncompleteInputError(
+            f"{url}: extraction {describe_shards(missing, layout)} {'is' if len(missing) == 1 else 'are'} not "
+            "complete (unwritten shards read as zeros), so "
+            f"`effattn {stage}` cannot run on this store yet: {extract_again_advice(group, url)}; then run "
+            f"`effattn {stage}` again"
+        )
 
 
 def write_example_metadata(

@@ -24,6 +24,13 @@ shard of examples); the causal stage writes whole shards and records them in the
 `completed_shards` after the data is written. Root attributes: schema name and version, the attention store's
 URL and provenance (model, tokenizer, corpus, extraction, package versions), the run's `settings` (a rerun with
 other settings is refused), `completed_shards`, `created`, and after aggregation `claims` (the claims table).
+
+Every completed shard records the identities of the attention-store shards it was computed from (root attribute
+`shard_inputs`: shard -> {"extraction": identity, "efficient/<variant>": identity} for each variant whose efficient
+attention it read; storage_schemas.attention_store). A shard counts as completed (`causal_completed_shards`) only
+while those inputs are still complete with the same identities: extraction or efficient shards written again make
+it stale, and the causal stage measures it again. Results written before inputs were recorded were computed from
+`legacy` inputs (extraction and every efficient variant the results name that the store holds).
 """
 
 from __future__ import annotations
@@ -34,7 +41,26 @@ from typing import Any
 import numpy as np
 import zarr
 
-from storage_schemas.attention_store import AttentionStoreError, _compressors
+from storage_schemas.attention_store import (
+    AttentionStoreError,
+    IncompleteInputError,
+    _compressors,
+    completion_update,
+    describe_shards,
+    extract_again_advice,
+    extraction_identities,
+    recorded_identities,
+    recorded_inputs,
+    removal_update,
+    shard_is_current,
+    store_layout,
+)
+from storage_schemas.efficient_store import (
+    EXTRACTION_INPUT,
+    efficient_array_path,
+    efficient_identities,
+    efficient_stale_shards,
+)
 
 SCHEMA_NAME = "effattn.causal_results"
 SCHEMA_VERSION = 1
@@ -177,15 +203,96 @@ def check_same_settings(group: zarr.Group, url: str, settings: dict[str, Any]) -
         )
 
 
-def causal_completed_shards(group: zarr.Group) -> list[int]:
-    return sorted(group.attrs.get("completed_shards", []))
+def causal_input_identities(store_group: zarr.Group, variants) -> dict[int, dict[str, str | None]]:
+    """For every shard of the attention store: the current identities of what the causal stage reads there, input
+    name ("extraction", "efficient/<variant>" for each of `variants`) -> identity, None where that shard is not
+    complete (or is stale)."""
+    layout = store_layout(store_group)
+    extracted = extraction_identities(store_group)
+    efficient = {variant: efficient_identities(store_group, variant) for variant in variants}
+    return {
+        shard: {EXTRACTION_INPUT: extracted.get(shard),
+                **{efficient_array_path(variant): efficient[variant].get(shard) for variant in variants}}
+        for shard in range(layout.n_shards)
+    }
 
 
-def mark_causal_shard_completed(group: zarr.Group, shard_index: int) -> None:
-    """Record a shard as done; only after its data is written, only from the driver."""
-    done = set(group.attrs.get("completed_shards", []))
-    done.add(int(shard_index))
-    group.attrs["completed_shards"] = sorted(done)
+def require_causal_inputs(store_group: zarr.Group, store_url: str, variants) -> None:
+    """Refuse (`IncompleteInputError`) to measure over a store whose extraction, or efficient attention of one of
+    `variants`, is not complete and current in every shard, naming the shards and the commands that complete them."""
+    layout = store_layout(store_group)
+    identities = causal_input_identities(store_group, variants)
+    problems = []
+    missing = [shard for shard, inputs in identities.items() if inputs[EXTRACTION_INPUT] is None]
+    if missing:
+        problems.append(f"extraction {describe_shards(missing, layout)} {'is' if len(missing) == 1 else 'are'} not "
+                        f"complete: {extract_again_advice(store_group, store_url)}")
+    for variant in variants:
+        path = efficient_array_path(variant)
+        lacking = [shard for shard, inputs in identities.items() if inputs[path] is None]
+        if not lacking:
+            continue
+        stale = sorted(set(lacking) & set(efficient_stale_shards(store_group, variant)))
+        why = (" (computed from extraction shards that were written again since, or are not complete)"
+               if stale else "")
+        problems.append(f"{path} {describe_shards(lacking, layout)} {'is' if len(lacking) == 1 else 'are'} not "
+                        f"computed{why}: run `effattn efficient --store {store_url} --variants {variant}`"
+                        + (" after the extraction is complete" if missing else ""))
+    if problems:
+        raise IncompleteInputError(
+            f"{store_url} is not ready for `effattn causal` (unfinished shards read as zeros, so the results would "
+            f"be wrong): {'; '.join(problems)}; then run `effattn causal` again"
+        )
+
+
+def _shard_inputs_of(group: zarr.Group, store_group: zarr.Group) -> tuple[dict[int, dict[str, str]], list[str]]:
+    """(completed shard -> recorded inputs, the efficient variants a legacy shard is taken to have read)."""
+    attributes = group.attrs.asdict()
+    named = sorted({str(variant) for variant in group["variant"][:].tolist() if variant})
+    legacy_variants = [variant for variant in named if efficient_array_path(variant) in store_group]
+    keys = [EXTRACTION_INPUT, *(efficient_array_path(variant) for variant in legacy_variants)]
+    inputs = {shard: recorded_inputs(attributes, shard, keys) for shard in recorded_identities(attributes)}
+    return inputs, legacy_variants
+
+
+def _causal_shard_states(group: zarr.Group, store_group: zarr.Group) -> tuple[list[int], list[int]]:
+    inputs, legacy_variants = _shard_inputs_of(group, store_group)
+    variants = sorted({*legacy_variants, *(name.split("/", 1)[1] for recorded in inputs.values() for name in recorded
+                                          if name.startswith("efficient/"))})
+    current_identities = causal_input_identities(store_group, variants)
+    current, stale = [], []
+    for shard, recorded in sorted(inputs.items()):
+        valid = shard in current_identities and shard_is_current(recorded, current_identities[shard])
+        (current if valid else stale).append(shard)
+    return current, stale
+
+
+def causal_completed_shards(group: zarr.Group, store_group: zarr.Group) -> list[int]:
+    """The shards of the results `group` that are measured and still current: computed from the shards of the
+    attention store `store_group` as they are now."""
+    return _causal_shard_states(group, store_group)[0]
+
+
+def forget_stale_causal_shards(group: zarr.Group, store_group: zarr.Group) -> list[int]:
+    """Record the stale shards of the results as not done (and drop the claims table, which they entered); returns
+    them. Only from the driver that holds the results' lock."""
+    stale = _causal_shard_states(group, store_group)[1]
+    if stale:
+        group.attrs.update(removal_update(group.attrs.asdict(), stale))
+        if "claims" in group.attrs:
+            del group.attrs["claims"]
+    return stale
+
+
+def mark_causal_shard_completed(group: zarr.Group, shard_index: int, inputs: dict[str, str]) -> None:
+    """Record a shard as done, computed from the store's shards of these identities (input name -> identity, as
+    `causal_input_identities` gave them before the shard was read); only after its data is written, only from the
+    driver."""
+    shard_region(group, shard_index)  # an IndexError for a shard that does not exist
+    if any(identity is None for identity in inputs.values()):
+        raise IncompleteInputError(f"causal shard {shard_index} cannot be recorded as done: its inputs {inputs} "
+                                   "were not all complete")
+    group.attrs.update(completion_update(group.attrs.asdict(), shard_index, inputs))
 
 
 def shard_region(group: zarr.Group, shard_index: int) -> slice:

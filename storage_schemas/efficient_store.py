@@ -7,6 +7,13 @@ one chunk per shard. Completion is recorded per variant in the attribute `comple
 `efficient/<variant>`, written by the driver only after the shard's data is written; the settings that shaped the
 numbers (simplex tolerance and iteration limit) are in its attribute `settings`, and a rerun with other settings
 is refused.
+
+Every completed shard of a variant records the identity of the extraction shard it was computed from
+(`shard_inputs`: shard -> {"extraction": identity}) and gets its own identity (`shard_identities`, read by the causal
+stage); see storage_schemas.attention_store. A shard counts as completed (`efficient_completed_shards`) only while
+its extraction shard is complete with that same identity: an extraction shard written again makes the efficient
+shard stale, and the efficient stage computes it again. Shards completed before inputs were recorded were computed
+from `legacy` inputs: they stay completed exactly while their extraction shard keeps its legacy identity.
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from analysis.variants import variant_record
 from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
+    IncompleteInputError,
     _compressors,
+    completion_update,
+    describe_shards,
+    extraction_identities,
+    recorded_identities,
+    recorded_inputs,
+    removal_update,
+    shard_is_current,
     store_layout,
 )
 from storage_schemas.storage_faults import (
@@ -93,20 +108,73 @@ def prepare_efficient_arrays(group: zarr.Group, url: str, variant: str, settings
     )
 
 
-def efficient_completed_shards(group: zarr.Group, variant: str) -> list[int]:
+EXTRACTION_INPUT = "extraction"  # the name of an efficient shard's one input: the extraction shard
+
+
+def _shard_states(group: zarr.Group, variant: str) -> tuple[list[int], list[int]]:
+    """(current, stale) recorded shards of `variant`: stale ones were computed from an extraction shard that is not
+    complete now, or was written again since."""
     path = efficient_array_path(variant)
     if path not in group:
-        return []
-    return sorted(group[path].attrs.get("completed_shards", []))
+        return [], []
+    attributes = group[path].attrs.asdict()
+    extracted = extraction_identities(group)
+    current, stale = [], []
+    for shard in sorted(recorded_identities(attributes)):
+        inputs = recorded_inputs(attributes, shard, [EXTRACTION_INPUT])
+        (current if shard_is_current(inputs, {EXTRACTION_INPUT: extracted.get(shard)}) else stale).append(shard)
+    return current, stale
+
+
+def efficient_completed_shards(group: zarr.Group, variant: str) -> list[int]:
+    """The shards of `variant` that are computed and still current (from the extraction shards as they are now)."""
+    return _shard_states(group, variant)[0]
+
+
+def efficient_stale_shards(group: zarr.Group, variant: str) -> list[int]:
+    """Shards of `variant` recorded as completed but computed from extraction shards that are not complete any more
+    or were written again since: they must be computed again."""
+    return _shard_states(group, variant)[1]
+
+
+def efficient_identities(group: zarr.Group, variant: str) -> dict[int, str]:
+    """Every current completed shard of `variant` -> its identity (what the causal stage records as its input)."""
+    path = efficient_array_path(variant)
+    if path not in group:
+        return {}
+    identities = recorded_identities(group[path].attrs.asdict())
+    return {shard: identities[shard] for shard in efficient_completed_shards(group, variant)}
+
+
+def forget_stale_efficient_shards(group: zarr.Group, variant: str) -> list[int]:
+    """Record the stale shards of `variant` as not done (so that readers of `completed_shards` alone, e.g. an older
+    effattn, see them missing too); returns them. Only from the driver that holds the store's lock."""
+    stale = efficient_stale_shards(group, variant)
+    if stale:
+        unmark_efficient_shards(group, variant, stale)
+    return stale
+
+
+def unmark_efficient_shards(group: zarr.Group, variant: str, shards) -> None:
+    """Record `shards` of `variant` as not done (their identities forgotten)."""
+    array = group[efficient_array_path(variant)]
+    array.attrs.update(removal_update(array.attrs.asdict(), shards))
 
 
 def mark_efficient_shard_completed(group: zarr.Group, variant: str, shard_index: int) -> None:
-    """Record a shard of `variant` as done; only after its data is written, only from the driver."""
-    store_layout(group).shard_slice(shard_index)  # an IndexError for a shard that does not exist
+    """Record a shard of `variant` as done, computed from the extraction shard as it is recorded in `group` now; only
+    after its data is written, only from the driver, which holds the store's lock (so that the extraction shard
+    cannot have been written again while the workers read it). Refuses a shard whose extraction is not complete."""
+    layout = store_layout(group)
+    layout.shard_slice(shard_index)  # an IndexError for a shard that does not exist
+    extracted = extraction_identities(group).get(int(shard_index))
+    if extracted is None:
+        raise IncompleteInputError(
+            f"efficient/{variant} {describe_shards([shard_index], layout)} cannot be recorded as done: its "
+            "extraction shard is not complete"
+        )
     array = group[efficient_array_path(variant)]
-    done = set(array.attrs.get("completed_shards", []))
-    done.add(int(shard_index))
-    array.attrs["completed_shards"] = sorted(done)
+    array.attrs.update(completion_update(array.attrs.asdict(), shard_index, {EXTRACTION_INPUT: extracted}))
 
 
 def write_efficient_shard(

@@ -37,6 +37,18 @@ def _array_line(name: str, array: zarr.Array) -> str:
     return f"  {name:<20} ({dims}) {array.dtype} chunks={tuple(array.chunks)}{shards}"
 
 
+def _architecture_lines(model: dict) -> list[str]:
+    """The model type and adapter record (analysis/architectures.py) and any sliding windows; stores written before
+    the adapter records have none of these."""
+    if "adapter" not in model:
+        return []
+    windows = model.get("sliding_windows") or []
+    line = f"         type {model['model_type']}, adapter {model['adapter']}"
+    if any(window is not None for window in windows):
+        line += f", sliding window per layer {windows}"
+    return [line]
+
+
 def describe_attention_store(url: str, storage_options: dict | None = None) -> str:
     """Model, corpus, examples, shapes, dtypes, chunks/shards, size on disk, completed shards, schema version.
 
@@ -54,6 +66,7 @@ def describe_attention_store(url: str, storage_options: dict | None = None) -> s
         f"  model: {model['name']} ({model['architecture']}, {model['layers']} layers x {model['heads']} heads, "
         f"{model['kv_heads']} kv heads, head dim {model['head_dim']}, hidden {model['hidden']}, "
         f"{'causal' if model['causal'] else 'bidirectional'})",
+        *_architecture_lines(model),
         f"         weights {model['weights_digest'][:23]}...",
         f"  corpus: {corpus['name']} ({corpus['source']}), {corpus['example_count']} of {corpus['corpus_size']} "
         f"examples stored, classes {corpus['class_names']}, digest {corpus['digest'][:23]}...",

@@ -22,7 +22,9 @@ A stage is skipped when its output is complete for the same inputs:
   files' names, sizes and modification times, so editing them is noticed; bundled corpora and models are
   identified by name (their packages are pinned).
 - efficient: for every requested variant, `efficient/<variant>` exists with the same settings and every shard is
-  in its `completed_shards`.
+  in its `completed_shards` and current (computed from the extraction shard as it is now).
+- causal: the results were made with the same settings, every shard is done and current (measured on the store's
+  shards as they are now), and the claims table is written.
 """
 
 from __future__ import annotations
@@ -209,10 +211,11 @@ def read_diagnostics(url: str, variant: str) -> dict[str, np.ndarray]:
     return {name: group[diagnostic_array_path(variant, name)][:] for name in DIAGNOSTIC_ARRAYS}
 
 
-def causal_status(url: str, settings: dict[str, Any]) -> StageCheck:
-    """Complete when the causal results at `url` were made with `settings`, every shard is done and the claims
-    table is written (storage_schemas.causal_results)."""
-    from storage_schemas.causal_results import CausalResultsError, open_causal_results
+def causal_status(url: str, settings: dict[str, Any], store: str) -> StageCheck:
+    """Complete when the causal results at `url` were made with `settings`, every shard is done and still current
+    for the attention store at `store` (measured on its shards as they are now), and the claims table is written
+    (storage_schemas.causal_results)."""
+    from storage_schemas.causal_results import CausalResultsError, causal_completed_shards, open_causal_results
 
     try:
         group = open_causal_results(url, mode="r")
@@ -223,7 +226,10 @@ def causal_status(url: str, settings: dict[str, Any]) -> StageCheck:
         return StageCheck(False, f"{url} holds causal results of other settings", conflicting=True)
     examples = group["example"].shape[0]
     shards = -(-examples // int(attributes["shard_size"]))
-    done = len(attributes.get("completed_shards", []))
+    try:
+        done = len(causal_completed_shards(group, open_attention_store(store, mode="r")))
+    except AttentionStoreError as error:
+        return StageCheck(False, str(error))
     if done < shards or "claims" not in attributes:
         return StageCheck(False, f"{done} of {shards} shards of {url} are done")
     return StageCheck(True, f"{url} is complete ({shards} shards, claims written)")

@@ -15,7 +15,9 @@ Checks, in order:
 
 The result is a `VerificationReport`: a list of `Problem`s (array, shard, kind, detail) and a readable text.
 `unmark_damaged_shards` (`effattn verify --repair`) removes the damaged shards from the completion records, so that
-rerunning the same `effattn extract` / `effattn efficient` command writes exactly those shards again.
+rerunning the same `effattn extract` / `effattn efficient` command writes exactly those shards again; a rewritten
+extraction shard gets a new identity, so the efficient shards and causal results computed from the old one count as
+not done until the stages compute them again.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ import zarr
 from analysis import store_checks
 from analysis.variants import VARIANTS, variant_record
 from storage_schemas.attention_store import (
+    SHARD_IDENTITY_ATTRIBUTES,
     AttentionStoreError,
     AttentionStoreLayout,
     AttentionStoreNotFoundError,
     array_dimensions,
     completed_shards,
+    unmark_shards,
     validate_attention_store,
 )
 from storage_schemas.efficient_store import (
@@ -44,7 +48,9 @@ from storage_schemas.efficient_store import (
     diagnostic_array_path,
     efficient_array_path,
     efficient_completed_shards,
+    unmark_efficient_shards,
 )
+from storage_schemas.store_lock import hold_store_lock
 
 # Arrays the extraction writes shard by shard (their shard's completion is `completed_shards`).
 SHARD_ARRAYS = ("attention", "value", "logits", "logit_ids", "logsumexp")
@@ -364,8 +370,16 @@ def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, 
 
 def unmark_damaged_shards(url: str, report: VerificationReport, storage_options: dict | None = None) -> dict:
     """Remove every damaged shard of `report` from its completion record (extraction: also from every efficient
-    variant, whose inputs it is), so that rerunning the stage rewrites it. Returns {"extract": [...],
+    variant, whose inputs it is), so that rerunning the stage rewrites it. An extraction shard loses its identity,
+    and the rewritten one gets a new one: causal results measured on it become stale, and `effattn causal` measures
+    those shards again. Returns {"extract": [...],
     "<variant>": [...]} of the shards unmarked. Arrays that no stage rewrites shard by shard are left alone."""
+    # the completion records are the stages' too: not while one of them runs
+    with hold_store_lock(url, "verify --repair", storage_options):
+        return _unmark_damaged_shards(url, report, storage_options)
+
+
+def _unmark_damaged_shards(url: str, report: VerificationReport, storage_options: dict | None) -> dict:
     group = zarr.open_group(url, mode="r+", storage_options=storage_options)
     variants = [variant for variant in VARIANTS if efficient_array_path(variant) in group]
     undone: dict[str, set[int]] = {}
@@ -381,22 +395,23 @@ def unmark_damaged_shards(url: str, report: VerificationReport, storage_options:
             undone.setdefault(stage.split(":")[1], set()).add(problem.shard)
     for key, shards in undone.items():
         if key == "extract":
-            group.attrs["completed_shards"] = sorted(set(completed_shards(group)) - shards)
+            unmark_shards(group, shards)
         else:
-            array = group[efficient_array_path(key)]
-            array.attrs["completed_shards"] = sorted(set(array.attrs.get("completed_shards", [])) - shards)
+            unmark_efficient_shards(group, key, shards)
     return {key: sorted(shards) for key, shards in undone.items()}
 
 
 def content_digests(url: str, storage_options: dict | None = None,
                     ignore_attributes: Iterable[str] = ("created",)) -> dict[str, str]:
     """sha256 of every array's decoded values (dtype, shape and bytes; text as UTF-8) and of every array's and
-    group's attributes (less the root's `ignore_attributes`), keyed by path: two stores with equal digests hold
-    the same data, whatever their chunk files look like."""
+    group's attributes (less the root's `ignore_attributes`, and everywhere the shard identities, fresh tokens that
+    differ between two runs writing the same data), keyed by path: two stores with equal digests hold the same data,
+    whatever their chunk files look like."""
     root = zarr.open_group(url, mode="r", storage_options=storage_options)
     digests = {}
     for path, member in [("", root), *sorted(root.members(max_depth=None), key=lambda item: item[0])]:
-        attributes = member.attrs.asdict()
+        attributes = {key: value for key, value in member.attrs.asdict().items()
+                      if key not in SHARD_IDENTITY_ATTRIBUTES}
         if path == "":
             attributes = {key: value for key, value in attributes.items() if key not in set(ignore_attributes)}
         digests[f"{path or '/'}@attributes"] = hashlib.sha256(

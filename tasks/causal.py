@@ -8,6 +8,7 @@ scopes that intervention is measured at (analysis.causal) and writes the shard's
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -36,9 +37,12 @@ from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
     CausalResultsError,
     causal_completed_shards,
+    causal_input_identities,
     check_same_settings,
     create_causal_results,
+    forget_stale_causal_shards,
     open_causal_results,
+    require_causal_inputs,
     write_aggregates,
     write_causal_shard,
 )
@@ -46,10 +50,11 @@ from storage_schemas.efficient_store import (
     DIAGNOSTIC_ARRAYS,
     diagnostic_array_path,
     efficient_array_path,
-    efficient_completed_shards,
 )
 from tasks.extraction import retry_on_io_error
 from tasks.models import cached_model
+
+logger = logging.getLogger(__name__)
 
 PROVENANCE_KEYS = ("model", "tokenizer", "corpus", "extraction", "max_length", "dtype", "package_versions")
 
@@ -68,17 +73,25 @@ def scope_plan(settings: dict[str, Any]) -> list[tuple[Intervention, list[tuple[
     return plan
 
 
+def efficient_inputs(settings: dict[str, Any]) -> list[str]:
+    """The variants whose stored efficient attention the interventions of `settings` read."""
+    return sorted({item.variant for item in map(Intervention.parse, settings["interventions"]) if item.needs_efficient})
+
+
 def prepare_results(store: str, results: str, settings: dict[str, Any]) -> list[int]:
-    """Create the results dataset (or check that it belongs to this run); returns the shards still to do."""
+    """Refuse a store whose extraction or needed efficient attention is unfinished; create the results dataset (or
+    check that it belongs to this run) and forget shards measured on store shards written again since; returns the
+    shards still to do."""
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
-    needed = sorted({item.variant for item in map(Intervention.parse, settings["interventions"]) if item.needs_efficient})
-    unfinished = [variant for variant in needed if len(efficient_completed_shards(group, variant)) < layout.n_shards]
+    needed = efficient_inputs(settings)
+    unfinished = [variant for variant in needed if efficient_array_path(variant) not in group]
     if unfinished:
         raise CausalResultsError(
             f"{store} lacks finished efficient attention for the variants {unfinished}: run "
             f"`effattn efficient --store {store} --variants {','.join(unfinished)}` first"
         )
+    require_causal_inputs(group, store, needed)
     try:
         results_group = open_causal_results(results, mode="r+")
     except CausalResultsError as error:
@@ -105,7 +118,11 @@ def prepare_results(store: str, results: str, settings: dict[str, Any]) -> list[
         )
     else:
         check_same_settings(results_group, results, settings)
-    done = set(causal_completed_shards(results_group))
+        stale = forget_stale_causal_shards(results_group, group)
+        if stale:
+            logger.warning("%s: causal shards %s were measured on store shards that were unfinished then or "
+                           "written again since: measuring them again", results, stale)
+    done = set(causal_completed_shards(results_group, group))
     return [shard for shard in range(layout.n_shards) if shard not in done]
 
 
@@ -215,8 +232,17 @@ def compute_causal_shard(
 def run_causal_shard(
     store: str, results: str, shard_index: int, settings: dict[str, Any], model_override: str | None,
     device: str, batch_size: int, forward_rows: int,
-) -> int:
-    """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten)."""
+) -> dict[str, str]:
+    """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten). Returns the
+    identities of the store's shards it read (input name -> identity), read before the data: a shard written again
+    meanwhile gets a new identity, so these results would be stale, not silently wrong."""
+    inputs = causal_input_identities(open_attention_store(store, mode="r"), efficient_inputs(settings))[shard_index]
+    if any(identity is None for identity in inputs.values()):
+        raise CausalResultsError(
+            f"{store}, shard {shard_index}: its inputs stopped being complete while the causal stage ran "
+            f"({', '.join(name for name, identity in inputs.items() if identity is None)}): finish them "
+            "(`effattn extract` / `effattn efficient`), then run `effattn causal` again"
+        )
     computed = compute_causal_shard(store, results, shard_index, settings, model_override, device, batch_size,
                                     forward_rows)
     group = open_causal_results(results, mode="r+")
@@ -224,7 +250,7 @@ def run_causal_shard(
         group, shard_index, {name: computed[name] for name in METRICS}, computed["injected_change_ratio"],
         computed["original_correct"],
     )
-    return shard_index
+    return inputs
 
 
 def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
@@ -233,7 +259,7 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     group = open_causal_results(results, mode="r+")
     store_group = open_attention_store(store, mode="r")
     layout = store_layout(store_group)
-    if len(causal_completed_shards(group)) < layout.n_shards:
+    if len(causal_completed_shards(group, store_group)) < layout.n_shards:
         raise CausalResultsError(f"{results} is not complete yet: run `effattn causal` again to finish it")
     metrics = {name: group[name][:] for name in METRICS}
     aggregates = aggregate_metrics(metrics)

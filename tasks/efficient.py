@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -26,11 +27,13 @@ from analysis.variants import ITERATIVE, variant_record
 from storage_schemas.attention_store import (
     AttentionStoreError,
     open_attention_store,
+    require_extracted,
     store_layout,
     use_chunk_codec_batches,
 )
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
+    forget_stale_efficient_shards,
     mark_efficient_shard_completed,
     prepare_efficient_arrays,
     write_efficient_shard,
@@ -225,11 +228,18 @@ def dask_client(address: str | None, workers: int | None) -> Iterator:
     try:
         with LocalCluster(
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.CRITICAL
+            silence_logs=logging.CRITICAL, preload=[__name__],  # dask_setup below, in every worker process
         ) as cluster, Client(cluster) as client:
             yield client
     finally:
         distributed_logger.setLevel(level)
+
+
+def dask_setup(worker) -> None:
+    """Dask preload of the LocalCluster's workers, run in each worker process: a terminal's Ctrl-C reaches the whole
+    process group, and a worker then ends at once and silently, as on SIGTERM (the driver records what is done and
+    stops, flows/interrupts.py), instead of printing a KeyboardInterrupt traceback or finishing its task first."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:
@@ -245,10 +255,16 @@ def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:
 
 
 def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dict[int, list[str]]:
-    """Create (or check) the arrays of every variant; returns the pending work, shard -> variants."""
+    """Refuse a store whose extraction is not complete; create (or check) the arrays of every variant and forget
+    shards computed from extraction shards written again since; returns the pending work, shard -> variants."""
     group = open_attention_store(store, mode="r+")
+    require_extracted(group, store, "efficient")
     for variant in variants:
         prepare_efficient_arrays(group, store, variant, settings)
+        stale = forget_stale_efficient_shards(group, variant)
+        if stale:
+            logger.warning("%s: efficient/%s shards %s were computed from extraction shards that were unfinished "
+                           "then or written again since: computing them again", store, variant, stale)
     return pending_work(group, variants)
 
 

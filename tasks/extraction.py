@@ -119,7 +119,7 @@ def prepare_store(
             label=loaded_corpus.labels[plan.source_index],
             text=[loaded_corpus.texts[row] for row in plan.source_index],
         )
-        w_out, out_bias = output_projection_slices(loaded.model, loaded.family)
+        w_out, out_bias = output_projection_slices(loaded.model, loaded.adapter)
         group["w_out"][:] = w_out
         group["out_bias"][:] = out_bias
         mark_prepared(group)

@@ -21,6 +21,7 @@ from analysis.variants import VARIANTS
 from storage_schemas.attention_store import AttentionStoreNotFoundError, open_attention_store, store_layout
 from storage_schemas.causal_results import AGGREGATES, CausalResultsError, open_causal_results
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
+from storage_schemas.explanation_results import load_explanation_dataset
 from tasks.extraction import retry_on_io_error
 
 REPORT_DIAGNOSTICS = ("null_dim", "null_norm_ratio", "row_sum_error", "negative_mass", "rank")
@@ -72,9 +73,10 @@ def _check_same_store(results_attributes: dict[str, Any], store_attributes: dict
         )
 
 
-def load_report_inputs(results: str, store: str | None = None, examples: int = 3) -> ReportInputs:
+def load_report_inputs(results: str, store: str | None = None, examples: int = 3,
+                       explanations: str | None = None) -> ReportInputs:
     """Read everything the report shows. `store` defaults to the results' `attention_store` attribute; `examples`
-    is how many examples are drawn as heatmaps."""
+    is how many examples are drawn as heatmaps; `explanations`: explanation results to show too (effattn explain)."""
     group = open_causal_results(results, mode="r")
     attributes = group.attrs.asdict()
     aggregates = read_aggregates(group)
@@ -126,14 +128,16 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
         results_url=results, store_url=store, attributes=attributes, aggregates=aggregates, diagnostics=diagnostics,
         length=length, layers=layout.layers, heads=layout.heads, head_dim=layout.head_dim, examples=views,
         tokenizer_loaded=tokenizer is not None,
+        explanations=None if explanations is None else load_explanation_dataset(explanations),
     )
 
 
 @task(name="read-report-inputs", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io_error)
-def read_report_inputs(results: str, store: str | None, examples: int) -> ReportInputs:
+def read_report_inputs(results: str, store: str | None, examples: int, explanations: str | None = None
+                       ) -> ReportInputs:
     """load_report_inputs as a task (a transient I/O error of an object store is retried)."""
-    return load_report_inputs(results, store, examples)
+    return load_report_inputs(results, store, examples, explanations)
 
 
 @task(name="write-report", cache_policy=NO_CACHE)

@@ -1,6 +1,7 @@
 """Running `effattn` as real subprocesses and hurting them: a Prefect server on loopback shared by the runs, SIGKILL
-of a whole process group at a chosen moment, a file-size limit that makes writes fail like a full disk, and the
-progress of a run read from its store. Used by tests/test_crash_resume.py and benchmarks/fault_injection.py."""
+(or a Ctrl-C's SIGINT, or SIGTERM) of a whole process group at a chosen moment, a file-size limit that makes writes
+fail like a full disk, and the progress of a run read from its store. Used by tests/test_crash_resume.py,
+tests/test_interrupts.py, tests/test_prefect_server.py and benchmarks/fault_injection.py."""
 
 from __future__ import annotations
 
@@ -178,5 +179,46 @@ def kill_when(arguments: list[str], environment: dict[str, str], output: Path, p
         while (survivors := live_members(process.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         return Kill(at_kill, seconds, survivors, finished)
+    finally:
+        stop_process_group(process, grace=0)
+
+
+@dataclass
+class Interrupted:
+    progress_at_signal: int  # shards done when the signal was sent
+    exit_seconds: float  # from the signal to the end of the process
+    returncode: int
+    stderr: str
+    survivors: list[int]  # processes of the group still alive 10 s after it ended (must be none)
+    finished_first: bool  # the run ended before the moment came (nothing was interrupted)
+
+
+def interrupt_when(arguments: list[str], environment: dict[str, str], output: Path, progress: Callable[[], int],
+                   reached: int, signal_number: int, timeout: float = 300.0) -> Interrupted:
+    """Start `effattn <arguments>`, wait until `progress()` >= `reached`, then send `signal_number` to its whole
+    process group, as a terminal's Ctrl-C does (SIGINT), and time how long it takes to end."""
+    began = time.monotonic()
+    process = start(arguments, environment, output)
+    try:
+        while progress() < reached:
+            if process.poll() is not None:
+                break
+            if time.monotonic() - began > timeout:
+                raise TimeoutError(f"effattn {' '.join(arguments)} did not reach progress {reached} in {timeout} s")
+            time.sleep(0.005)
+        finished = process.poll() is not None
+        at_signal, sent = progress(), time.monotonic()
+        if not finished:
+            os.killpg(process.pid, signal_number)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        exit_seconds = time.monotonic() - sent
+        deadline = time.monotonic() + 10
+        while (survivors := live_members(process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return Interrupted(at_signal, exit_seconds, process.returncode, output.with_suffix(".err").read_text(),
+                           survivors, finished)
     finally:
         stop_process_group(process, grace=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -120,3 +122,42 @@ def test_injection_of_the_wrong_batch_says_how_to_repeat_inputs():
     injection = _injection_for(0, torch.zeros((2, 4, 6, 6)), torch.ones((1, 2, 4), dtype=torch.bool), [6, 6], 6)
     with torch.no_grad(), inject_attention(injection), pytest.raises(RuntimeError, match="repeat the inputs copy-major"):
         model(input_ids=torch.randint(1, 1000, (3, 6)))
+
+
+def test_unimplemented_argument_is_refused_by_name():
+    from analysis.attention_backend import UnsupportedAttentionError, effattn_attention
+
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    query = torch.randn(1, 2, 3, 4)
+    with pytest.raises(UnsupportedAttentionError, match=re.escape(
+            "model type 'Module' passes 's_aux' to its attention function (attention sinks")):
+        effattn_attention(module, query, query, query, None, s_aux=torch.zeros(2))
+    with pytest.raises(UnsupportedAttentionError, match="passes 'rope_scale_hint' to its attention function \\(an "
+                                                        "argument the effattn backend does not know\\)"):
+        effattn_attention(module, query, query, query, None, rope_scale_hint=2.0)
+    with pytest.raises(UnsupportedAttentionError, match="asks for a sliding window of 2 keys but its attention got "
+                                                        "no mask for 3 keys"):
+        effattn_attention(module, query, query, query, None, sliding_window=2)
+    with pytest.raises(UnsupportedAttentionError, match=r"asks for causal attention \(is_causal\) but its "
+                                                        "attention got no mask"):
+        effattn_attention(module, query, query, query, None, is_causal=True)
+    output, _ = effattn_attention(module, query, query, query, None, s_aux=None, position_ids=torch.arange(3))
+    assert output.shape == (1, 3, 2, 4)  # None means the feature is off; position bookkeeping is inert
+
+
+def test_softcap_caps_the_scores_before_the_mask():
+    """tanh(scores / cap) * cap, then the mask, then softmax: Gemma 2's eager attention, computed by hand."""
+    from analysis.attention_backend import effattn_attention
+
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 5, 4) * 3 for _ in range(3))
+    mask = torch.zeros(1, 1, 5, 5)
+    mask[..., 4] = torch.finfo(torch.float32).min
+    _, weights = effattn_attention(module, query, key, value, mask, scaling=0.5, softcap=2.0)
+    scores = torch.tanh(query @ key.transpose(2, 3) * 0.5 / 2.0) * 2.0 + mask
+    torch.testing.assert_close(weights, torch.softmax(scores, dim=-1), atol=1e-6, rtol=0)
+    _, uncapped = effattn_attention(module, query, key, value, mask, scaling=0.5)
+    assert (uncapped - weights).abs().max() > 1e-2  # the cap matters here, so the check above can fail

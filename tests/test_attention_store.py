@@ -20,6 +20,13 @@ import xarray as xr
 import zarr
 
 from storage_schemas.attention_store import (
+    LEGACY_SHARD_IDENTITY,
+    IncompleteInputError,
+    describe_shards,
+    extraction_identities,
+    require_extracted,
+    shard_is_current,
+    unmark_shards,
     AttentionStoreError,
     AttentionStoreLayout,
     AttentionStoreNotFoundError,
@@ -715,3 +722,56 @@ def test_chunks_pass_the_codec_pipeline_in_batches_unless_the_user_chose_otherwi
     assert batch_size(entry_point, ZARR_CODEC_PIPELINE__BATCH_SIZE="3") == "3"
     called = f"{imports}; storage_schemas.attention_store.use_chunk_codec_batches(); {report}"
     assert batch_size(called) == str(CHUNK_CODEC_BATCH_SIZE)
+
+
+def test_every_completed_shard_gets_a_fresh_identity_and_loses_it_when_unmarked(url):
+    group, _ = build_store(url, shards=[0, 2])
+    identities = extraction_identities(open_attention_store(url))
+    assert sorted(identities) == [0, 2] and len(set(identities.values())) == 2
+    assert LEGACY_SHARD_IDENTITY not in identities.values()
+    mark_shard_completed(group, 0)  # written again: a new identity
+    assert extraction_identities(group)[0] != identities[0] and extraction_identities(group)[2] == identities[2]
+    unmark_shards(group, [2])
+    assert completed_shards(group) == [0] and list(extraction_identities(open_attention_store(url))) == [0]
+    assert "2" not in group.attrs["shard_identities"]
+
+
+def test_a_store_without_identities_has_legacy_ones(url):
+    group, _ = build_store(url, shards=[0, 1])
+    del group.attrs["shard_identities"]  # as the earlier version wrote it
+    assert extraction_identities(open_attention_store(url)) == {0: LEGACY_SHARD_IDENTITY, 1: LEGACY_SHARD_IDENTITY}
+    mark_shard_completed(group, 2)
+    identities = extraction_identities(open_attention_store(url))
+    assert identities[0] == identities[1] == LEGACY_SHARD_IDENTITY != identities[2]
+
+
+def test_a_consumer_shard_is_current_only_while_every_input_keeps_its_identity():
+    assert shard_is_current({"extraction": "a"}, {"extraction": "a"})
+    assert not shard_is_current({"extraction": "a"}, {"extraction": "b"})  # written again
+    assert not shard_is_current({"extraction": "a"}, {"extraction": None})  # not complete now
+    assert not shard_is_current({"extraction": "a", "efficient/simplex": "s"}, {"extraction": "a"})
+    assert shard_is_current({"extraction": LEGACY_SHARD_IDENTITY}, {"extraction": LEGACY_SHARD_IDENTITY})
+
+
+def test_an_unfinished_extraction_is_refused_naming_its_shards_and_the_command(url):
+    group, _ = build_store(url, shards=[1])
+    with pytest.raises(IncompleteInputError) as refused:
+        require_extracted(group, url, "efficient")
+    missing = [0, 2]  # 7 examples in shards of 3: the last shard holds example 6 alone
+    assert str(refused.value) == (
+        f"{url}: extraction shards {missing} (examples 0 to 2, 6) are not complete (unwritten shards "
+        "read as zeros), so `effattn efficient` cannot run on this store yet: finish them by running the `effattn "
+        f"extract --corpus {ATTRIBUTES['corpus']['name']} --model {ATTRIBUTES['model']['name']} --store {url} ...` "
+        "command that created the store again, with the same options (it resumes and writes only the missing "
+        "shards); then run `effattn efficient` again"
+    )
+    for shard in missing:
+        mark_shard_completed(group, shard)
+    require_extracted(group, url, "efficient")  # complete: no error
+
+
+def test_describe_shards_joins_neighbours_and_names_single_examples():
+    layout = AttentionStoreLayout(**{**asdict(LAYOUT), "n_examples": 7, "shard_size": 3})  # shards 0..2, last of 1
+    assert describe_shards([2], layout) == "shard [2] (example 6)"
+    assert describe_shards([1, 0], layout) == "shards [0, 1] (examples 0 to 5)"
+    assert describe_shards([0, 2], layout) == "shards [0, 2] (examples 0 to 2, 6)"

@@ -38,7 +38,7 @@ def captured(make_model, task: str = "classification"):
     for row, n in enumerate(LENGTHS):
         tokens[row, :n] = rng.integers(1000, 2000, n)
     shard = capture_examples(loaded, tokens, LENGTHS, batch_size=4, top_k=5)
-    w_out, _ = output_projection_slices(loaded.model, loaded.family)
+    w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
     efficient = efficient_attention(shard.attention, shard.value, w_out, LENGTHS, causal=loaded.causal)
     return loaded, tokens, shard, w_out, efficient
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -44,7 +45,7 @@ def test_results_open_with_plain_xarray_with_labelled_coordinates(tmp_path):
     group = make_results(url)
     shard = {"agreement": np.ones((2, 2, 2)), "flipped": np.zeros((2, 2, 2))}
     write_causal_shard(group, 1, shard, np.full((2, 2), 0.5), np.array([1.0, np.nan]))
-    mark_causal_shard_completed(group, 1)
+    mark_causal_shard_completed(group, 1, {"extraction": "token-of-shard-1"})
     dataset = xr.open_zarr(url, consolidated=False)
     assert dataset["agreement"].dims == ("intervention", "target", "example")
     assert dataset["intervention"].values.tolist() == ["replay", "minimality:effective:k=2"]
@@ -53,7 +54,8 @@ def test_results_open_with_plain_xarray_with_labelled_coordinates(tmp_path):
     agreement = dataset["agreement"].sel(intervention="replay", target="all").values
     assert agreement[2:4].tolist() == [1.0, 1.0] and np.isnan(agreement[[0, 1, 4]]).all()  # NaN: not measured
     assert dataset["source_index"].values.tolist() == [4, 0, 2, 1, 3]
-    assert dataset.attrs["model"] == {"name": "tiny"} and causal_completed_shards(group) == [1]
+    assert dataset.attrs["model"] == {"name": "tiny"} and dataset.attrs["completed_shards"] == [1]
+    assert dataset.attrs["shard_inputs"] == {"1": {"extraction": "token-of-shard-1"}}
 
 
 def test_every_array_is_portable_zarr_v3(tmp_path):
@@ -103,3 +105,99 @@ def test_open_and_resume_errors_say_what_to_do(tmp_path):
     group.attrs["schema_version"] = 99
     with pytest.raises(CausalResultsError, match="schema version 99, but this effattn reads version 1"):
         open_causal_results(url)
+
+
+def store_with_effective(url: str):
+    """An attention store of 5 examples in shards of 2 (no data needed), extraction and efficient/effective done."""
+    from storage_schemas.attention_store import (
+        AttentionStoreLayout, create_attention_store, mark_prepared, mark_shard_completed, open_attention_store,
+    )
+    from storage_schemas.efficient_store import mark_efficient_shard_completed, prepare_efficient_arrays
+
+    layout = AttentionStoreLayout(n_examples=5, max_length=6, n_classes=2, layers=2, heads=4, kv_heads=2,
+                                  head_dim=3, hidden=8, shard_size=2, dtype="float32")
+    mark_prepared(create_attention_store(url, layout, {"model": {"causal": False, "name": "tiny"},
+                                                       "corpus": {"name": "reviews"}}))
+    group = open_attention_store(url, mode="r+")
+    prepare_efficient_arrays(group, url, "effective", {"simplex_max_iterations": 1, "simplex_tolerance": 1.0})
+    for shard in range(3):
+        mark_shard_completed(group, shard)
+        mark_efficient_shard_completed(group, "effective", shard)
+    return group
+
+
+def effective_results(url: str) -> zarr.Group:
+    examples = {"source_index": np.arange(5), "length": np.full(5, 6), "label": np.zeros(5, dtype=int)}
+    interventions = [{"name": "efficient:effective", "kind": "efficient", "variant": "effective",
+                      "removed_directions": 0}]
+    return create_causal_results(url, interventions, TARGETS[:1], examples, shard_size=2, metrics=METRICS,
+                                 attributes={"settings": {"seed": 0}})
+
+
+def test_a_causal_shard_counts_as_done_only_while_its_store_shards_keep_their_identities(tmp_path):
+    from storage_schemas.attention_store import mark_shard_completed, unmark_shards
+    from storage_schemas.causal_results import causal_input_identities, forget_stale_causal_shards
+    from storage_schemas.efficient_store import mark_efficient_shard_completed
+
+    store = store_with_effective(str(tmp_path / "store.zarr"))
+    results = effective_results(str(tmp_path / "results.zarr"))
+    identities = causal_input_identities(store, ["effective"])
+    for shard in range(3):
+        mark_causal_shard_completed(results, shard, identities[shard])
+    results.attrs["claims"] = [{"claim": "sufficient (effective)"}]
+    assert causal_completed_shards(results, store) == [0, 1, 2]
+
+    mark_efficient_shard_completed(store, "effective", 1)  # efficient shard 1 computed again: a new identity
+    unmark_shards(store, [2])  # extraction shard 2 repaired: not complete
+    assert causal_completed_shards(results, store) == [0]
+    mark_shard_completed(store, 2)  # extracted again (efficient shard 2 is stale now, so causal shard 2 too)
+    assert causal_completed_shards(results, store) == [0]
+    assert forget_stale_causal_shards(results, store) == [1, 2]
+    reopened = open_causal_results(str(tmp_path / "results.zarr"))
+    assert reopened.attrs["completed_shards"] == [0] and "claims" not in reopened.attrs
+    assert list(reopened.attrs["shard_inputs"]) == ["0"]
+
+
+def test_legacy_results_stay_done_on_a_legacy_store_and_go_stale_when_a_shard_is_written_again(tmp_path):
+    from storage_schemas.attention_store import mark_shard_completed
+
+    store = store_with_effective(str(tmp_path / "store.zarr"))
+    # as the earlier version wrote them: no identities, no inputs
+    del store.attrs["shard_identities"]
+    efficient = store["efficient/effective"]
+    del efficient.attrs["shard_identities"]
+    del efficient.attrs["shard_inputs"]
+    assert set(store["efficient/effective"].attrs) == {"description", "settings", "completed_shards"}
+    results = effective_results(str(tmp_path / "results.zarr"))
+    results.attrs["completed_shards"] = [0, 1, 2]  # the earlier version recorded no inputs
+    assert causal_completed_shards(results, store) == [0, 1, 2]
+    mark_shard_completed(store, 0)  # extraction shard 0 written again: efficient shard 0 and causal shard 0 stale
+    assert causal_completed_shards(results, store) == [1, 2]
+
+
+def test_unfinished_or_stale_inputs_are_refused_naming_shards_and_commands(tmp_path):
+    from storage_schemas.attention_store import IncompleteInputError, mark_shard_completed, unmark_shards
+    from storage_schemas.causal_results import require_causal_inputs
+
+    url = str(tmp_path / "store.zarr")
+    store = store_with_effective(url)
+    require_causal_inputs(store, url, ["effective"])  # complete: no error
+    unmark_shards(store, [1])
+    with pytest.raises(IncompleteInputError) as refused:
+        require_causal_inputs(store, url, ["effective"])
+    assert str(refused.value) == (
+        f"{url} is not ready for `effattn causal` (unfinished shards read as zeros, so the results would be wrong): "
+        f"extraction shard [1] (examples 2 to 3) is not complete: finish them by running the `effattn extract "
+        f"--corpus reviews --model tiny --store {url} ...` command that created the store again, with the same "
+        "options (it resumes and writes only the missing shards); efficient/effective shard [1] (examples 2 to 3) "
+        "is not computed (computed from extraction shards that were written again since, or are not complete): run "
+        f"`effattn efficient --store {url} --variants effective` after the extraction is complete; then run "
+        "`effattn causal` again"
+    )
+    mark_shard_completed(store, 1)
+    with pytest.raises(IncompleteInputError, match=re.escape(
+            "efficient/effective shard [1] (examples 2 to 3) is not computed (computed from extraction shards that "
+            f"were written again since, or are not complete): run `effattn efficient --store {url} --variants "
+            "effective`; then")):
+        require_causal_inputs(store, url, ["effective"])
+    require_causal_inputs(store, url, [])  # replay alone needs only the extraction

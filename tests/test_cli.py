@@ -127,6 +127,15 @@ def test_causal_on_cuda_without_cuda_leaves_no_results_folder(store_copy, tmp_pa
     assert listing(tmp_path) == before  # no results folder, no lock file
 
 
+def test_explain_on_cuda_without_cuda_leaves_no_results_folder(store_copy, tmp_path, capsys, monkeypatch):
+    message = no_cuda(monkeypatch)
+    before = listing(tmp_path)
+    code = main(["explain", "--store", store_copy, "--results", str(tmp_path / "x.zarr"), "--device", "cuda"])
+    assert code == 2
+    assert error_lines(capsys) == [f"effattn explain: error: {message}"]
+    assert listing(tmp_path) == before
+
+
 def test_no_dask_scheduler_at_the_address_is_refused(store_copy, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(dask_cluster.DASK_TIMEOUT_ENV_VAR, "1")
     address = free_loopback_address()

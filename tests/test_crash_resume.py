@@ -12,10 +12,15 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
+import xarray as xr
 
+from analysis.efficient_attention import efficient_attention
+from storage_schemas.attention_store import open_attention_store
 from storage_schemas.store_lock import LOCK_SUFFIX
 from storage_schemas.verification import content_digests, verify_store
 from tests import crash_harness
@@ -158,3 +163,75 @@ def test_a_store_path_that_is_not_writable_is_refused(workspace, environment, ex
     assert errors[0].endswith("): choose a store location this user may write to, or fix the permissions of that "
                               "folder. Nothing already stored was changed")
     assert not os.path.exists(store)
+
+
+def expected_efficient(store: str, variant: str) -> np.ndarray:
+    """`variant` computed here from the store's stored attention and values: [example, layer, head, query, key]."""
+    group = open_attention_store(store)
+    result = efficient_attention(group["attention"][:], group["value"][:], group["w_out"][:], group["length"][:],
+                                 causal=bool(group.attrs["model"]["causal"]), variants=[variant],
+                                 output_dtype=np.float32)
+    return result[variant].efficient
+
+
+def test_an_interrupted_extraction_is_refused_by_efficient_and_causal_until_it_is_finished(
+        workspace, environment, extract_arguments):
+    """The issue's sequence: extraction interrupted (SIGINT to its process group, as Ctrl-C does) after its first
+    shard; `efficient` and `causal` refuse the store (naming the missing shards and the command), write nothing;
+    extract again, then both stages compute every shard from the real tensors (none left at zero, replay holds for
+    every example)."""
+    store, results = str(workspace / "interrupted.zarr"), str(workspace / "interrupted.results.zarr")
+    arguments = [*extract_arguments, "--store", store]
+    interrupted = crash_harness.interrupt_when(arguments, environment, workspace / "interrupted",
+                                               lambda: crash_harness.extraction_progress(store), 1, signal.SIGINT)
+    assert not interrupted.finished_first and interrupted.survivors == []
+    assert interrupted.returncode == 130, interrupted.stderr
+    done = open_attention_store(store).attrs["completed_shards"]
+    missing = sorted(set(range(N_SHARDS)) - set(done))
+    assert done and missing
+
+    refused = crash_harness.run(["efficient", "--store", store, "--variants", "effective", "--workers", "1"],
+                                environment, workspace / "interrupted-efficient")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn efficient: error: ")]
+    assert len(errors) == 1, refused.stderr
+    assert errors[0].startswith(f"effattn efficient: error: {store}: extraction shards {missing} (examples "
+                                f"{missing[0] * SHARD_SIZE} to ")
+    assert "are not complete (unwritten shards read as zeros), so `effattn efficient` cannot run on this store " \
+           f"yet: finish them by running the `effattn extract --corpus {extract_arguments[2]} --model " \
+           f"{extract_arguments[4]} --store {store} ...` command that created the store again" in errors[0]
+    assert "efficient" not in open_attention_store(store)  # nothing computed, nothing recorded
+
+    causal = ["causal", "--store", store, "--results", results, "--interventions", "replay,efficient:effective",
+              "--scopes", "all"]
+    refused = crash_harness.run(causal, environment, workspace / "interrupted-causal")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn causal: error: ")]
+    assert len(errors) == 1, refused.stderr
+    assert errors[0].startswith(f"effattn causal: error: {store} lacks finished efficient attention for the "
+                                "variants ['effective']")
+    replay_only = crash_harness.run([*causal[:5], "--interventions", "replay", "--scopes", "all"], environment,
+                                    workspace / "interrupted-replay")
+    assert replay_only.returncode == 2
+    assert f"effattn causal: error: {store} is not ready for `effattn causal` (unfinished shards read as zeros, " \
+           f"so the results would be wrong): extraction shards {missing} (examples" in replay_only.stderr
+    assert not Path(results).exists()
+
+    finished = crash_harness.run(arguments, environment, workspace / "interrupted-rerun")
+    assert finished.returncode == 0, finished.stderr
+    computed = crash_harness.run(["efficient", "--store", store, "--variants", "effective", "--workers", "1"],
+                                 environment, workspace / "finished-efficient")
+    assert computed.returncode == 0, computed.stderr
+    group = open_attention_store(store)
+    stored = group["efficient/effective"][:]
+    assert all(stored[example].any() for example in range(stored.shape[0]))  # no example left at zero
+    np.testing.assert_allclose(stored, expected_efficient(store, "effective"), rtol=0, atol=1e-6)
+
+    measured = crash_harness.run(causal, environment, workspace / "finished-causal")
+    assert measured.returncode == 0, measured.stderr
+    dataset = xr.open_zarr(results, consolidated=False)
+    replay = dataset.sel(intervention="replay", target="all")
+    assert (replay["agreement"].values == 1).all()
+    assert replay["stored_logit_difference"].values.max() <= 1e-4  # replayed the real tensors of every example
+    sufficiency = dataset.sel(intervention="efficient:effective", target="all")
+    assert (sufficiency["agreement"].values == 1).all() and np.isfinite(sufficiency["kl_divergence"].values).all()

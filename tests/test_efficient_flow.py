@@ -3,7 +3,9 @@ results satisfy the invariants when T is recomputed from the stored values and o
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +19,12 @@ from analysis.efficient_attention import VARIANTS
 from flows.extract import extract
 from flows.settings import EfficientSettings, ExtractSettings
 from storage_schemas.attention_store import AttentionStoreError, open_attention_store, store_layout
-from storage_schemas.efficient_store import efficient_completed_shards
-from tasks.efficient import compute_efficient_shard, pending_work
-from storage_schemas.efficient_store import prepare_efficient_arrays
+from storage_schemas.efficient_store import (
+    efficient_completed_shards,
+    mark_efficient_shard_completed,
+    prepare_efficient_arrays,
+)
+from tasks.efficient import compute_efficient_shard, pending_work, prepare_variants
 
 SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
 
@@ -318,3 +323,80 @@ def test_shards_are_cut_by_the_cost_class_of_their_variants():
     slow = dataclasses.replace(variant_record("stochastic"), name="iterative-stochastic", cost=ITERATIVE)
     with registered_variant(slow):
         assert shard_pieces(["effective", "iterative-stochastic"], 2) == [(0, 1), (1, 2)]
+
+
+def _extract_shards(url: str, model_folder, corpus, shards=None) -> list[int]:
+    """Extract (plain task functions, in this process) the pending shards of `corpus` into `url`, or only `shards`
+    of them; returns the shards written."""
+    from storage_schemas.attention_store import mark_shard_completed
+    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+
+    todo, num_labels = prepare_store.fn(url, str(corpus), str(model_folder), 24, None, "float32", "cpu", None, None,
+                                        4, 0)
+    chosen = [shard for shard in todo if shards is None or shard in shards]
+    group = open_attention_store(url, mode="r+")
+    for shard in chosen:
+        captured = capture_shard.fn(url, shard, str(model_folder), num_labels, "cpu", 0, 4)
+        mark_shard_completed(group, write_captured_shard.fn(url, shard, captured))
+    return chosen
+
+
+def _expected(url: str, variant: str) -> np.ndarray:
+    from analysis.efficient_attention import efficient_attention
+
+    group = open_attention_store(url)
+    return efficient_attention(group["attention"][:], group["value"][:], group["w_out"][:], group["length"][:],
+                               causal=False, variants=[variant], output_dtype=np.float32)[variant].efficient
+
+
+def test_an_unfinished_extraction_is_refused_and_a_legacy_store_recomputes_what_was_computed_on_zeros(
+        tmp_path, tiny_bert_folder, caplog):
+    """A store of this version: `efficient` refuses it while extraction shards are missing. A store of the earlier
+    version, whose efficient stage computed shards 1 and 2 on the zeros of an interrupted extraction and recorded
+    them as done (no identities anywhere): once extraction finishes, exactly those shards count as stale, are
+    computed again, and every shard equals efficient attention of the real tensors."""
+    from storage_schemas.attention_store import IncompleteInputError
+    from storage_schemas.efficient_store import efficient_stale_shards
+    from tests.conftest import write_reviews_csv
+
+    corpus, url = write_reviews_csv(tmp_path / "reviews.csv"), str(tmp_path / "store.zarr")
+    assert _extract_shards(url, tiny_bert_folder, corpus, shards=[0]) == [0]  # interrupted after shard 0
+    with pytest.raises(IncompleteInputError, match=re.escape(
+            f"{url}: extraction shards [1, 2] (examples 4 to 9) are not complete (unwritten shards read as zeros), "
+            "so `effattn efficient` cannot run on this store yet: finish them by running the `effattn extract "
+            f"--corpus {corpus} --model {tiny_bert_folder} --store {url} ...` command that created the store again, "
+            "with the same options (it resumes and writes only the missing shards); then run `effattn efficient` "
+            "again")):
+        prepare_variants(url, ["effective"], SETTINGS)
+    assert "efficient" not in open_attention_store(url)
+
+    # what the earlier version did: compute every shard, zeros included, and record them without identities
+    group = open_attention_store(url, mode="r+")
+    prepare_efficient_arrays(group, url, "effective", SETTINGS)
+    for shard in range(3):
+        compute_efficient_shard(url, shard, ["effective"], SETTINGS)
+    group["efficient/effective"].attrs.update({"completed_shards": [0, 1, 2], "shard_identities": {}})
+    group.attrs.update({"shard_identities": {}})
+    legacy = open_attention_store(url)["efficient/effective"][:]
+    assert not legacy[4:].any()  # computed on zeros
+    # shard 0 (legacy, computed from a complete legacy shard) still counts; 1 and 2 have no complete input
+    assert efficient_completed_shards(group, "effective") == [0]
+    assert efficient_stale_shards(group, "effective") == [1, 2]
+
+    assert _extract_shards(url, tiny_bert_folder, corpus) == [1, 2]  # the extraction finished: new identities
+    assert pending_work(open_attention_store(url), ["effective"]) == {1: ["effective"], 2: ["effective"]}
+    with caplog.at_level(logging.WARNING, logger="tasks.efficient"):
+        work = prepare_variants(url, ["effective"], SETTINGS)
+    assert work == {1: ["effective"], 2: ["effective"]}
+    assert caplog.messages == [f"{url}: efficient/effective shards [1, 2] were computed from extraction shards that "
+                               "were unfinished then or written again since: computing them again"]
+    assert open_attention_store(url)["efficient/effective"].attrs["completed_shards"] == [0]  # stale ones forgotten
+    for shard, variants in work.items():
+        compute_efficient_shard(url, shard, variants, SETTINGS)
+        mark_efficient_shard_completed(open_attention_store(url, mode="r+"), "effective", shard)
+    group = open_attention_store(url)
+    assert efficient_completed_shards(group, "effective") == [0, 1, 2]
+    stored = group["efficient/effective"][:]
+    assert all(stored[example].any() for example in range(stored.shape[0]))
+    np.testing.assert_allclose(stored, _expected(url, "effective"), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(stored[:4], legacy[:4])  # the legacy shard computed on real tensors was kept

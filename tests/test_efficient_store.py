@@ -13,6 +13,7 @@ from storage_schemas.attention_store import (
     AttentionStoreLayout,
     create_attention_store,
     mark_prepared,
+    mark_shard_completed,
     open_attention_store,
 )
 from storage_schemas.efficient_store import (
@@ -107,6 +108,8 @@ def test_completion_is_per_variant_sorted_and_checked(store):
     assert efficient_completed_shards(group, "effective") == []
     prepare_efficient_arrays(group, url, "effective", SETTINGS)
     prepare_efficient_arrays(group, url, "stochastic", SETTINGS)
+    for shard in range(LAYOUT.n_shards):
+        mark_shard_completed(group, shard)
     for shard in (2, 0, 2):
         mark_efficient_shard_completed(group, "effective", shard)
     assert efficient_completed_shards(group, "effective") == [0, 2]

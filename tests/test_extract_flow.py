@@ -175,7 +175,11 @@ def test_resume_recomputes_only_the_missing_shard(tmp_path, tiny_bert_folder, ti
     arrays, attributes = snapshot(url)
     assert attributes["completed_shards"] == [0, 1, 2]
     assert_same_arrays(arrays, first_arrays)
+    identities, first_identities = attributes.pop("shard_identities"), first_attributes.pop("shard_identities")
     assert attributes == first_attributes  # nothing was recreated: same creation time and provenance
+    # only the shard written again has a new identity (what was computed from the old one is stale)
+    assert identities["0"] == first_identities["0"] and identities["2"] == first_identities["2"]
+    assert identities["1"] != first_identities["1"]
     after = shard_file_mtimes(url)
     for name in ("attention", "value"):
         assert after[(name, "0")] == mtimes[(name, "0")], f"{name}: completed shard 0 was rewritten"
@@ -194,7 +198,7 @@ def test_resume_recomputes_only_the_missing_shard(tmp_path, tiny_bert_folder, ti
         extract(ExtractSettings(**{**arguments, "model": str(tiny_llama_folder)}))
     arrays, attributes = snapshot(url)
     assert_same_arrays(arrays, first_arrays)
-    assert attributes == first_attributes
+    assert attributes == {**first_attributes, "shard_identities": identities}
     assert shard_file_mtimes(url) == after
 
 

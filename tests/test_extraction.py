@@ -28,9 +28,9 @@ TEXTS = [
 ]
 
 
-def value_projection(model, family: str, layer: int) -> torch.nn.Linear:
+def value_projection(model, causal: bool, layer: int) -> torch.nn.Linear:
     base = model.base_model
-    return base.encoder.layer[layer].attention.self.value if family == "bert" else base.layers[layer].self_attn.v_proj
+    return base.encoder.layer[layer].attention.self.value if not causal else base.layers[layer].self_attn.v_proj
 
 
 @pytest.fixture(params=["bert", "llama"])
@@ -60,7 +60,7 @@ def test_plan_truncates_and_records_it(loaded):
     assert plan.length.max() == 6 and plan.max_length == 6
     assert plan.untruncated_length[longest] > 6
     # BERT keeps its final [SEP] after truncation
-    if loaded.family == "bert":
+    if not loaded.causal:
         assert plan.tokens[longest, 5] == loaded.tokenizer.sep_token_id
 
 
@@ -118,7 +118,7 @@ def test_stored_value_is_the_value_projection_with_bias(loaded, plan):
     with torch.no_grad():
         for layer in range(shape.layers):
             outputs = []
-            handle = value_projection(loaded.model, loaded.family, layer).register_forward_hook(
+            handle = value_projection(loaded.model, loaded.causal, layer).register_forward_hook(
                 lambda module, inputs, output: outputs.append(output)
             )
             try:
@@ -143,13 +143,13 @@ def test_output_projection_is_rebuilt_from_stored_arrays(loaded, plan, tmp_path)
     group = create_attention_store(url, layout, {"model": {"name": loaded.name}})
     write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
                            np.full(len(plan.length), -1), np.array([TEXTS[i] for i in plan.source_index]))
-    group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.family)
+    group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.adapter)
     mark_prepared(group)
 
     projected_outputs = {}
     handles = [
         projection.register_forward_hook(lambda m, i, o, layer=layer: projected_outputs.__setitem__(layer, o))
-        for layer, projection in enumerate(attention_output_projections(loaded.model, loaded.family))
+        for layer, projection in enumerate(attention_output_projections(loaded.model, loaded.adapter))
     ]
     try:
         captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=len(plan.length))

@@ -131,6 +131,20 @@ def test_describe_names_model_corpus_shards_and_schema(store):
     assert "  shards: 1 of 2 completed (3 examples each)" in lines
 
 
+def test_describe_names_the_architecture_record_of_newer_stores(store):
+    """Stores written with adapter records name the model type, the record and any sliding windows; the fixture's
+    store (as written before the records) has no such line."""
+    assert not any(line.strip().startswith("type ") for line in describe_attention_store(store).splitlines())
+    group = zarr.open_group(store, mode="r+")
+    group.attrs["model"] = {**ATTRIBUTES["model"], "model_type": "mistral", "adapter": "llama-decoder",
+                            "sliding_windows": [4, None]}
+    assert "         type mistral, adapter llama-decoder, sliding window per layer [4, None]" in (
+        describe_attention_store(store).splitlines())
+    group.attrs["model"] = {**ATTRIBUTES["model"], "model_type": "llama", "adapter": "llama-decoder",
+                            "sliding_windows": [None, None]}
+    assert "         type llama, adapter llama-decoder" in describe_attention_store(store).splitlines()
+
+
 def test_describe_lists_every_array_with_dims_dtype_chunks_and_shards(store):
     lines = describe_attention_store(store).splitlines()
     arrays = lines[lines.index("  arrays:") + 1 :]

@@ -9,19 +9,11 @@ import torch
 from analysis.models import (
     check_model,
     load_model,
-    model_family,
     output_projection_slices,
     weights_digest,
     wrap_model,
 )
 from tests.conftest import bundled_tokenizer, save_model_folder, tiny_bert, tiny_llama
-
-
-def test_families_and_unsupported_architecture():
-    assert model_family("bert") == "bert"
-    assert model_family("llama") == "llama"
-    with pytest.raises(ValueError, match="model type 'gpt2' is not supported: effattn knows where"):
-        model_family("gpt2")
 
 
 def test_unknown_model_name_and_non_model_folder(tmp_path):
@@ -41,13 +33,14 @@ def test_base_model_folder_gets_a_seeded_head(tmp_path):
     assert first.weights_digest == again.weights_digest
     assert first.weights_digest != other_seed.weights_digest  # the 3-class head is new, drawn from the seed
     assert first.model.config.num_labels == 3
-    assert first.family == "bert" and not first.causal
+    assert first.adapter.name == "bert-encoder" and not first.causal
     assert first.model.config._attn_implementation == "effattn"
     assert first.tokenizer.padding_side == "right"
 
 
 def test_next_token_needs_a_decoder(tiny_bert_folder, tiny_llama_folder):
-    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(Llama family\\) model, but"):
+    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(causal attention\\), but .* is a "
+                                         "bert encoder"):
         load_model(str(tiny_bert_folder), num_labels=2, task="next-token")
     with pytest.raises(ValueError, match="unknown task 'summarise': choose 'classification' or 'next-token'"):
         load_model(str(tiny_bert_folder), num_labels=2, task="summarise")
@@ -62,13 +55,18 @@ def test_check_model_refuses_without_loading_weights(tmp_path, tiny_bert_folder,
         check_model("nope")
     with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
         check_model(str(tmp_path))
-    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(Llama family\\) model, but minilm"):
+    with pytest.raises(ValueError, match=r"next-token prediction needs a decoder \(causal attention\), but minilm"):
         check_model("minilm", "next-token")
+    bloom = tmp_path / "bloom"
+    bloom.mkdir()
+    (bloom / "config.json").write_text('{"model_type": "bloom"}')
+    with pytest.raises(ValueError, match="model type 'bloom' is not supported: its ALiBi attention does not go "
+                                         "through transformers' AttentionInterface"):
+        check_model(str(bloom))
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
-        check_model(str(gpt2))
+    assert check_model(str(gpt2), "next-token") == "gpt2"
 
 
 def test_trained_head_with_other_class_count_is_refused(tiny_bert_folder):
@@ -89,12 +87,12 @@ def test_weights_digest_sees_a_single_changed_weight():
 @pytest.mark.parametrize("make_model", [tiny_bert, tiny_llama])
 def test_output_projection_slices_reproduce_the_projection(make_model):
     loaded = wrap_model(make_model(), bundled_tokenizer(), "tiny")
-    w_out, out_bias = output_projection_slices(loaded.model, loaded.family)
+    w_out, out_bias = output_projection_slices(loaded.model, loaded.adapter)
     shape = loaded.shape
     assert w_out.shape == (shape.layers, shape.heads, shape.head_dim, shape.hidden)
     projection = (
         loaded.model.bert.encoder.layer[1].attention.output.dense
-        if loaded.family == "bert"
+        if not loaded.causal
         else loaded.model.model.layers[1].self_attn.o_proj
     )
     per_head = torch.randn(3, shape.heads, shape.head_dim)
@@ -108,7 +106,7 @@ def test_bundled_smollm2_is_a_grouped_query_llama():
     from analysis.extraction import capture_examples, plan_extraction
 
     loaded = load_model("smollm2", num_labels=2)
-    assert loaded.family == "llama" and loaded.causal
+    assert loaded.adapter.name == "llama-decoder" and loaded.causal
     assert (loaded.shape.layers, loaded.shape.heads, loaded.shape.kv_heads, loaded.shape.head_dim) == (30, 9, 3, 64)
     plan = plan_extraction(["The cat sat on the mat.", "Hello there"], loaded.tokenizer, max_length=32)
     captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=2)
@@ -117,3 +115,17 @@ def test_bundled_smollm2_is_a_grouped_query_llama():
     length = plan.length[1]
     np.testing.assert_allclose(captured.attention[1, :, :, :length, :length].sum(-1), 1.0, atol=1e-5)
     assert not np.triu(captured.attention[1, 0, 0], k=1).any()
+
+
+def test_decoder_classification_refuses_an_example_ending_with_the_pad_id():
+    """The head pools the rightmost non-padding token: an example whose last real token is the pad id would be
+    pooled at an earlier position, so it is refused; encoders and other examples pass."""
+    from analysis.models import check_pooled_positions
+
+    decoder = wrap_model(tiny_llama(), bundled_tokenizer(), "tiny")
+    tokens = np.array([[5, 6, 7, 0], [5, 6, 0, 0]])
+    check_pooled_positions(decoder, tokens, np.array([3, 2]))
+    with pytest.raises(ValueError, match="example 1 ends with token id 0, which is also the padding id"):
+        check_pooled_positions(decoder, tokens, np.array([3, 3]))
+    encoder = wrap_model(tiny_bert(), bundled_tokenizer(), "tiny")
+    check_pooled_positions(encoder, tokens, np.array([3, 3]))  # an encoder pools [CLS]: nothing to check

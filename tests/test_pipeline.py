@@ -227,3 +227,52 @@ def test_an_explicit_store_refuses_an_edited_corpus_file(tmp_path, first_run):
     corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))
     with pytest.raises(AttentionStoreError, match=re.escape("corpus.digest: store has")):
         run_pipeline(PipelineSettings(**{**arguments, "corpus": str(corpus), "store": first["store"]}))
+
+
+def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_run(first_run, tmp_path, capsys):
+    """`verify --repair` of a damaged attention shard, then the same `run`: extraction, efficient stage and causal
+    stage each redo exactly that shard (the results' other shard is kept), and the report is drawn again."""
+    import shutil
+
+    import numpy as np
+    import zarr
+
+    from storage_schemas.causal_results import causal_completed_shards, open_causal_results
+    from storage_schemas.storage_faults import shard_file_paths
+
+    arguments, first = first_run
+    run_dir = str(tmp_path / "runs")
+    shutil.copytree(arguments["run_dir"], run_dir)
+    copied = {key: first[key].replace(arguments["run_dir"], run_dir) for key in ("store", "results")}
+    reference = zarr.open_group(copied["results"])["agreement"][:]
+    (attention_file,) = shard_file_paths(zarr.open_group(copied["store"]), ["attention"], 1)
+    with open(attention_file, "r+b") as handle:
+        handle.seek(attention_file.stat().st_size // 2)
+        handle.write(b"\xff\xff\xff\xff")
+    assert main(["verify", "--repair", copied["store"]]) == 1
+    capsys.readouterr()
+    zarr.open_group(copied["results"], mode="r+")["agreement"][...] = 7.0  # a mark: a shard measured again loses it
+
+    record = run_pipeline(PipelineSettings(**{**arguments, "run_dir": run_dir}))
+    status = statuses(record)
+    assert {stage: status[stage] for stage in ("extract", "efficient", "causal", "report")} == {
+        "extract": "ran", "efficient": "ran", "causal": "ran", "report": "ran"}
+    agreement = zarr.open_group(copied["results"])["agreement"][:]
+    np.testing.assert_array_equal(agreement[:, :, 4:], reference[:, :, 4:])  # shard 1: measured again
+    assert (agreement[:, :, :4] == 7.0).all()  # shard 0: its inputs were untouched, kept
+    assert causal_completed_shards(open_causal_results(copied["results"]),
+                                   open_attention_store(copied["store"])) == [0, 1]
+    assert efficient_completed_shards(open_attention_store(copied["store"]), "effective") == [0, 1]
+
+
+def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first_run):
+    import xarray as xr
+
+    _, record = first_run
+    assert statuses(record)["explain"] == "ran"
+    assert record["explanations"] == record["results"].replace(".results.zarr", ".explanations.zarr")
+    explanations = xr.open_zarr(record["explanations"], consolidated=False)
+    assert explanations.sizes["example"] == 2
+    assert "efficient attention (effective) explains at least as faithfully as raw attention (rollout)" in {
+        row["claim"] for row in record["claims"]}
+    assert "Does attention explain the prediction?" in Path(record["report"]).read_text(encoding="utf-8")

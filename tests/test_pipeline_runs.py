@@ -204,6 +204,7 @@ def test_efficient_status_per_variant(store):
 
 
 def test_efficient_with_other_settings_is_not_complete(store):
+    complete_extraction(store)
     compute_variant(store, "simplex", [0, 1, 2])
     other = {**SETTINGS, "simplex_tolerance": 1e-6}
     check = efficient_status(store, ["simplex"], other)
@@ -217,6 +218,7 @@ def test_efficient_status_of_a_missing_store(tmp_path):
 
 
 def test_read_diagnostics(store):
+    complete_extraction(store)
     compute_variant(store, "effective", [0, 1, 2])
     diagnostics = read_diagnostics(store, "effective")
     assert set(diagnostics) == set(DIAGNOSTIC_ARRAYS)

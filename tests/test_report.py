@@ -35,7 +35,13 @@ from flows.causal import causal
 from flows.efficient import efficient
 from flows.extract import extract
 from flows.report import report
-from flows.settings import CausalSettings, EfficientSettings, ExtractSettings, ReportSettings
+from flows.settings import (
+    CausalSettings,
+    EfficientSettings,
+    ExplainSettings,
+    ExtractSettings,
+    ReportSettings,
+)
 from storage_schemas.attention_store import open_attention_store
 from storage_schemas.causal_results import CausalResultsError
 from tasks.report import load_report_inputs
@@ -272,3 +278,20 @@ def test_write_report_without_head_scope_or_minimality(causal_run, tmp_path):
     assert sorted(image_sources(page)) == written
     assert "head-scope.png" not in written and "minimality.png" not in written
     assert "These results have no head-scope targets" in page
+
+
+def test_report_shows_explanation_results_and_their_claims(causal_run, tmp_path):
+    from flows.explain import explain
+
+    explanations = str(tmp_path / "explanations.zarr")
+    claims = explain(ExplainSettings(
+        store=causal_run["store"], results=explanations, examples=2, integrated_gradients_steps=4,
+        minimality_rows=2, methods=["attention:rollout", "simplex:rollout", "leave-one-out", "random"]))
+    out = tmp_path / "report"
+    page = Path(report(ReportSettings(
+        results=causal_run["results"], out=str(out), explanations=explanations))).read_text("utf-8")
+    assert "Does attention explain the prediction?" in page and (out / "explanation-faithfulness.png").is_file()
+    assert "explanation-faithfulness.png" in image_sources(page)
+    for row in claims:  # the explanation claims join the claims table
+        assert html.escape(row["claim"], quote=True) in page
+    assert "<td>simplex:rollout</td>" in page

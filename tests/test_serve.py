@@ -244,7 +244,8 @@ def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_b
 
     assert completed["auto_scheduled"] is True  # created by the schedule, not triggered by hand
     assert completed["parameters"]["settings"]["run_dir"] == str(run_dir)  # made absolute by effattn serve
-    stores = sorted(path for path in run_dir.glob("*.zarr") if not path.name.endswith(".results.zarr"))
+    stores = sorted(path for path in run_dir.glob("*.zarr")
+                    if not path.name.endswith((".results.zarr", ".explanations.zarr")))
     assert len(stores) == 1
     # max length 16 is not the default: the settings digest is part of the name
     assert re.fullmatch(rf"reviews-{re.escape(tiny_bert_folder.name)}-5-[0-9a-f]{{8}}\.zarr", stores[0].name)

@@ -32,6 +32,7 @@ REQUIRED = {
     "train": ["--corpus", "c.csv"],
     "efficient": ["--store", "s.zarr"],
     "causal": ["--store", "s.zarr", "--results", "r.zarr"],
+    "explain": ["--store", "s.zarr", "--results", "x.zarr"],
     "inspect": ["s.zarr"],
     "report": ["--results", "r.zarr", "--out", "out"],
     "verify": ["s.zarr"],

@@ -13,6 +13,7 @@ import zarr
 
 from analysis import store_checks
 from flows.cli import main
+from flows.settings import CausalSettings
 from storage_schemas.attention_store import completed_shards, open_attention_store
 from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.storage_faults import shard_file_paths
@@ -226,3 +227,54 @@ def test_output_residual_is_zero_for_a_null_space_change_and_not_otherwise_and_n
     assert store_checks.output_residual(changed, attention, value, w_out)[0, 0, 0] > 1e-3
     value[0, 0, 0, 1, 0] = np.nan
     assert np.isnan(store_checks.output_residual(moved, attention, value, w_out)[0, 0, 0])
+
+
+def test_repair_then_rerun_recomputes_every_efficient_and_causal_shard_computed_from_a_damaged_one(
+        store, pristine, tiny_bert_folder, tmp_path, capsys):
+    """Damage an attention shard and a simplex shard under finished causal results; `verify --repair`; rerun the
+    extraction, the efficient stage and the causal stage: the causal shards measured on the damaged shards (0 and 2)
+    count as not done until measured again, and are; shard 1, whose inputs were untouched, is not measured again."""
+    from flows.causal import causal
+    from storage_schemas.causal_results import causal_completed_shards, open_causal_results
+
+    _, corpus, digests = pristine
+    results = str(tmp_path / "results.zarr")
+    interventions = ["replay", "efficient:effective", "efficient:simplex"]
+    causal(CausalSettings(store=store, results=results, interventions=interventions, scopes=["all"]))
+    reference = {name: zarr.open_group(results)[name][:] for name in ("agreement", "stored_logit_difference")}
+    group = zarr.open_group(store, mode="r")
+    (attention_file,) = shard_file_paths(group, ["attention"], 0)
+    flip_bytes(attention_file, attention_file.stat().st_size // 2)
+    (simplex_file,) = shard_file_paths(group, ["efficient/simplex"], 2)
+    flip_bytes(simplex_file, simplex_file.stat().st_size // 2)
+    assert main(["verify", "--repair", store]) == 1
+    capsys.readouterr()
+    assert causal_completed_shards(open_causal_results(results), open_attention_store(store)) == [1]
+
+    measured = zarr.open_group(results, mode="r+")
+    for name in reference:  # a mark: a shard measured again loses it
+        measured[name][...] = 7.0
+    build_real_store(store, tiny_bert_folder, corpus)  # extract and efficient resume: the unmarked shards only
+    assert content_digests(store) == digests
+    # the causal shards' inputs were written again: new identities, so shards 0 and 2 are stale, not done
+    assert causal_completed_shards(open_causal_results(results), open_attention_store(store)) == [1]
+    causal(CausalSettings(store=store, results=results, interventions=interventions, scopes=["all"]))
+    after = zarr.open_group(results)
+    for name, values in reference.items():
+        np.testing.assert_array_equal(after[name][:, :, :4], values[:, :, :4])  # shard 0: measured again
+        np.testing.assert_array_equal(after[name][:, :, 8:], values[:, :, 8:])  # shard 2: measured again
+        assert (after[name][:, :, 4:8] == 7.0).all()  # shard 1: kept
+    assert causal_completed_shards(open_causal_results(results), open_attention_store(store)) == [0, 1, 2]
+    assert after["agreement"][0, 0, :4].tolist() == [1.0] * 4  # replay of the rewritten shard holds
+
+
+def test_repair_waits_for_no_stage_it_is_refused_while_one_holds_the_store(store, capsys):
+    from storage_schemas.store_lock import hold_store_lock
+
+    group = zarr.open_group(store, mode="r")
+    (attention_file,) = shard_file_paths(group, ["attention"], 1)
+    flip_bytes(attention_file, attention_file.stat().st_size // 2)
+    with hold_store_lock(store, "efficient"):
+        assert main(["verify", "--repair", store]) == 2
+    assert f"effattn verify: error: {store} is locked by effattn efficient" in capsys.readouterr().err
+    assert completed_shards(open_attention_store(store)) == [0, 1, 2]  # nothing unmarked under a running stage

@@ -1,0 +1,454 @@
+"""Attention as an explanation: token attributions, their faithfulness (ERASER) and their rank agreement.
+
+For one example (its real tokens only, no padding) the *pooled position* is where the prediction is read: [CLS]
+(position 0) for an encoder classifier, the last real token for a decoder (classifier or next-token). The
+*target* is the class (or next token) the unmodified model predicts there, and every score below is the model's
+probability of that target at the pooled position.
+
+Attributions, one score per token ([L] float64):
+- from stored matrices (no forward pass): the pooled row of raw attention A or of an efficient variant E, averaged
+  over the heads of the last layer (`last-layer`) or over every layer and head (`all-layers`), and attention
+  rollout (Abnar & Zuidema 2020) over layers, R = Â_{n-1} ··· Â_0 with Â = ½(Ā + I) and Ā the head mean
+  (`rollout`; for A, whose rows sum to 1, this is Abnar & Zuidema's row-normalised rollout; E's rows are not
+  renormalised, they need not sum to 1);
+- from the model: input × gradient and integrated gradients (Captum) of the target probability with respect to the
+  input embeddings (IG's baseline replaces every removable token's embedding by the removal token's), and
+  leave-one-out occlusion (one forward per token, batched);
+- `random`: a seeded random ranking, the floor.
+
+Removing a token (ERASER, DeYoung et al. 2020): its id is replaced by the mask token (the pad token when the
+tokenizer has none) and the attention mask is 0 there, so no query attends to it. Special tokens and the pooled
+position are never removed. Comprehensiveness at k %: p(x) − p(x without the top k % of removable tokens);
+sufficiency: p(x) − p(only the top k % kept); the count is ceil(k/100 · removable), at least 1. AOPC: the mean over
+the k's. Rank agreement: Kendall τ-b between two attributions over the removable tokens (Jain & Wallace 2019).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from analysis.models import LoadedModel
+
+PERCENTS: tuple[int, ...] = (1, 5, 10, 20, 50)  # ERASER's bins
+FAITHFULNESS_METRICS: dict[str, str] = {
+    "comprehensiveness": "p(x) - p(x without the top k % tokens): the drop when the explanation's tokens are removed",
+    "sufficiency": "p(x) - p(only the top k % tokens): the drop when only the explanation's tokens are kept",
+}
+AGGREGATIONS: dict[str, str] = {
+    "last-layer": "the pooled row averaged over the heads of the last layer",
+    "all-layers": "the pooled row averaged over every layer and head",
+    "rollout": "the pooled row of attention rollout, prod over layers of (head mean + I) / 2 (Abnar & Zuidema 2020)",
+}
+MODEL_METHODS: dict[str, str] = {
+    "input-x-gradient": "input embeddings x gradient of the target probability, summed over the hidden dim",
+    "integrated-gradients": "Captum integrated gradients of the target probability from the removal-token baseline",
+    "leave-one-out": "p(x) - p(x without the token), one forward per removable token",
+}
+RANDOM_METHOD = "random"
+REFERENCES: tuple[str, ...] = ("leave-one-out", "integrated-gradients")  # what Kendall τ is measured against
+ATTENTION_SOURCE = "attention"
+
+
+@dataclass(frozen=True)
+class ExplanationMethod:
+    """One attribution method. kind: 'matrices' (from stored attention: source 'attention' or an efficient variant,
+    with an aggregation), 'model' (forward / backward passes) or 'random'."""
+
+    name: str
+    kind: str
+    source: str = ""
+    aggregation: str = ""
+
+    @classmethod
+    def parse(cls, name: str) -> ExplanationMethod:
+        """'attention:rollout', 'simplex:last-layer', 'integrated-gradients', 'random', ..."""
+        if name in MODEL_METHODS:
+            return cls(name, "model")
+        if name == RANDOM_METHOD:
+            return cls(name, "random")
+        source, _, aggregation = name.partition(":")
+        if aggregation not in AGGREGATIONS or not source:
+            raise ValueError(
+                f"unknown explanation method {name!r}: use SOURCE:AGGREGATION (SOURCE attention or an efficient "
+                f"variant, AGGREGATION one of {list(AGGREGATIONS)}), or one of {[*MODEL_METHODS, RANDOM_METHOD]}"
+            )
+        return cls(name, "matrices", source, aggregation)
+
+    @property
+    def description(self) -> str:
+        if self.kind == "model":
+            return MODEL_METHODS[self.name]
+        if self.kind == "random":
+            return "a seeded random ranking (the floor)"
+        what = "raw attention A" if self.source == ATTENTION_SOURCE else f"efficient attention ({self.source})"
+        return f"{what}: {AGGREGATIONS[self.aggregation]}"
+
+
+def default_methods(variants: Sequence[str]) -> list[str]:
+    """Raw attention and every given variant in every aggregation, the model baselines, then random."""
+    sources = [ATTENTION_SOURCE, *variants]
+    return [f"{source}:{aggregation}" for source in sources for aggregation in AGGREGATIONS] + [
+        *MODEL_METHODS, RANDOM_METHOD]
+
+
+@dataclass(frozen=True)
+class ExplanationSettings:
+    """Everything that shapes the numbers of an explanation run (stored as the results' `settings`; a rerun with
+    other settings is refused)."""
+
+    methods: tuple[str, ...]
+    examples: tuple[int, ...]  # indices into the attention store
+    percents: tuple[int, ...] = PERCENTS
+    integrated_gradients_steps: int = 32
+    leave_one_out_max_tokens: int = 128  # longer examples get no leave-one-out (NaN): its cost is one forward a token
+    minimality_rows: int = 8  # sampled simplex rows per example and layer (0: no minimality test)
+    minimality_tolerance: float = 1e-8
+    seed: int = 0
+    shard_size: int = 8
+
+    def __post_init__(self) -> None:
+        for name in self.methods:
+            ExplanationMethod.parse(name)  # an unknown name is refused here, with the names that exist
+        repeated = sorted({name for name in self.methods if self.methods.count(name) > 1})
+        if repeated or not self.methods:
+            raise ValueError(f"explanation methods must be given once each and at least one; got {list(self.methods)}")
+        if not self.percents or any(not 0 < k <= 100 for k in self.percents):
+            raise ValueError(f"percents must be in (0, 100], got {list(self.percents)}")
+        for name in ("integrated_gradients_steps", "leave_one_out_max_tokens", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.minimality_rows < 0:
+            raise ValueError(f"minimality_rows must be 0 (no test) or more, got {self.minimality_rows}")
+
+    def record(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# which tokens
+
+
+def pooled_position(length: int, causal: bool) -> int:
+    """Where the prediction is read: 0 ([CLS]) for an encoder, the last real token for a decoder."""
+    return int(length) - 1 if causal else 0
+
+
+def removable_tokens(tokens: np.ndarray, special_ids: Sequence[int], pooled: int) -> np.ndarray:
+    """tokens: [L] the real ids. Returns [L] bool: True where a token may be removed (not special, not pooled)."""
+    removable = ~np.isin(np.asarray(tokens), np.asarray(list(special_ids), dtype=np.int64))
+    removable[pooled] = False
+    return removable
+
+
+def removal_token_id(tokenizer) -> int:
+    """The id that replaces a removed token: the mask token, else the pad token."""
+    for token_id in (getattr(tokenizer, "mask_token_id", None), getattr(tokenizer, "pad_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("the tokenizer has neither a mask nor a pad token: set tokenizer.pad_token before explaining")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# attributions from stored matrices
+
+
+def attention_rollout(head_mean: np.ndarray) -> np.ndarray:
+    """head_mean: [layer, L, L] each layer's attention averaged over heads. Returns [L, L] = Â_{n-1} ··· Â_0 with
+    Â = ½(Ā + I): how much each position of the last layer draws from each input token, through the residual."""
+    layers, length, _ = head_mean.shape
+    identity = np.eye(length)
+    rollout = identity.copy()
+    for layer in range(layers):
+        rollout = (0.5 * head_mean[layer].astype(np.float64) + 0.5 * identity) @ rollout
+    return rollout
+
+
+def matrix_attributions(matrices: np.ndarray, pooled: int, aggregation: str) -> np.ndarray:
+    """matrices: [layer, head, L, L] one example's attention (or efficient attention) on its real block.
+    Returns [L] float64: the pooled row aggregated as AGGREGATIONS says."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    if aggregation == "last-layer":
+        return matrices[-1].mean(0)[pooled]
+    if aggregation == "all-layers":
+        return matrices.mean((0, 1))[pooled]
+    if aggregation == "rollout":
+        return attention_rollout(matrices.mean(1))[pooled]
+    raise ValueError(f"unknown aggregation {aggregation!r}: choose from {list(AGGREGATIONS)}")
+
+
+def random_attributions(length: int, seed: int, example_index: int) -> np.ndarray:
+    """[L] a random ranking, the same for the same (seed, example)."""
+    return np.random.default_rng([int(seed), int(example_index)]).permutation(length).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model's side
+
+
+def pooled_logits(loaded: LoadedModel, pooled: int, **inputs) -> torch.Tensor:
+    """The model's logits at the pooled position: [n, class] or [n, vocab]. A language model computes the vocabulary
+    logits of the last position only when it is the pooled one (`logits_to_keep`; otherwise n x L x vocab floats)."""
+    length = (inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
+    if loaded.task == "next-token" and pooled == length - 1:
+        return loaded.model(**inputs, logits_to_keep=1).logits[:, -1]
+    logits = loaded.model(**inputs).logits
+    return logits[:, pooled] if logits.ndim == 3 else logits
+
+
+def target_probabilities(
+    loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooled: int, target: int,
+    rows: int = 64,
+) -> np.ndarray:
+    """input_ids, attention_mask: [n, L]. Returns [n] float64: the probability of `target` at the pooled position,
+    forward passes of at most `rows` rows."""
+    found = []
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[0], rows):
+            logits = pooled_logits(loaded, pooled, input_ids=input_ids[start:start + rows].to(loaded.device),
+                                   attention_mask=attention_mask[start:start + rows].to(loaded.device))
+            found.append(torch.softmax(logits.double(), -1)[:, target].cpu().numpy())
+    return np.concatenate(found) if found else np.zeros(0)
+
+
+def kept_token_probabilities(
+    loaded: LoadedModel, tokens: np.ndarray, keep: np.ndarray, pooled: int, target: int, replacement_id: int,
+    rows: int = 64,
+) -> np.ndarray:
+    """tokens: [L] real ids; keep: [n, L] bool (False = removed: replaced by `replacement_id`, attention off).
+    Returns [n] float64 target probabilities."""
+    keep = torch.as_tensor(np.asarray(keep, dtype=bool))
+    ids = torch.where(keep, torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None], int(replacement_id))
+    return target_probabilities(loaded, ids, keep.long(), pooled, target, rows)
+
+
+def predicted_target(loaded: LoadedModel, tokens: np.ndarray, pooled: int) -> int:
+    """The class (or next token) the unmodified model predicts at the pooled position."""
+    with torch.inference_mode():
+        logits = pooled_logits(loaded, pooled,
+                               input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None].to(loaded.device))
+    return int(logits[0].argmax())
+
+
+def ranked_removable(attributions: np.ndarray, removable: np.ndarray) -> np.ndarray:
+    """Removable positions, highest attribution first (NaN last; ties by position)."""
+    positions = np.flatnonzero(removable)
+    scores = np.nan_to_num(np.asarray(attributions, dtype=np.float64)[positions], nan=-np.inf)
+    return positions[np.argsort(-scores, kind="stable")]
+
+
+def removal_count(percent: float, removable: int) -> int:
+    """Tokens in the top `percent` %: ceil(percent/100 · removable), at least 1 (0 when nothing is removable)."""
+    if removable == 0:
+        return 0
+    return min(removable, max(1, math.ceil(percent / 100 * removable - 1e-9)))
+
+
+def faithfulness_masks(
+    attributions: dict[str, np.ndarray], removable: np.ndarray, percents: Sequence[float]
+) -> tuple[np.ndarray, list[tuple[str, str, int]]]:
+    """The keep masks of every (method, metric, k): [rows, L] bool, and what each row is. Row 0 is the full
+    input, row 1 the empty one (every removable token removed). A method with no score on any removable token (e.g.
+    leave-one-out beyond its cap) gets no rows."""
+    removable = np.asarray(removable, dtype=bool)
+    masks = [np.ones_like(removable), ~removable]
+    labels: list[tuple[str, str, int]] = [("", "full", -1), ("", "empty", -1)]
+    for name, scores in attributions.items():
+        if removable.any() and np.isnan(np.asarray(scores, dtype=np.float64)[removable]).all():
+            continue
+        order = ranked_removable(scores, removable)
+        for index, percent in enumerate(percents):
+            top = order[:removal_count(percent, len(order))]
+            comprehensive = np.ones_like(removable)
+            comprehensive[top] = False
+            sufficient = ~removable
+            sufficient[top] = True
+            masks += [comprehensive, sufficient]
+            labels += [(name, "comprehensiveness", index), (name, "sufficiency", index)]
+    return np.stack(masks), labels
+
+
+def faithfulness(
+    score: Callable[[np.ndarray], np.ndarray], attributions: dict[str, np.ndarray], removable: np.ndarray,
+    percents: Sequence[float],
+) -> dict[str, np.ndarray | float]:
+    """ERASER comprehensiveness and sufficiency of every method at every k, in one batched call of `score`
+    (keep masks [n, L] -> target probabilities [n]) over the distinct masks.
+
+    Returns {"comprehensiveness": [method, k], "sufficiency": [method, k] (methods in the order of
+    `attributions`; NaN for a method without scores), "full": p(x), "empty": p(empty input)}."""
+    masks, labels = faithfulness_masks(attributions, removable, percents)
+    # one forward per distinct mask (small k's often remove the same tokens; keeping everything is the full input)
+    distinct, inverse = np.unique(masks, axis=0, return_inverse=True)
+    probabilities = score(distinct)[inverse.reshape(-1)]
+    full = float(probabilities[0])
+    result = {metric: np.full((len(attributions), len(percents)), np.nan) for metric in FAITHFULNESS_METRICS}
+    names = list(attributions)
+    for (name, metric, index), probability in zip(labels[2:], probabilities[2:]):
+        result[metric][names.index(name), index] = full - probability
+    return {**result, "full": full, "empty": float(probabilities[1])}
+
+
+def aopc(curve: np.ndarray) -> np.ndarray:
+    """Area over the perturbation curve: the mean over the k's (last dim) of comprehensiveness or sufficiency."""
+    return np.asarray(curve, dtype=np.float64).mean(-1)
+
+
+def leave_one_out(
+    score: Callable[[np.ndarray], np.ndarray], full_probability: float, removable: np.ndarray, max_tokens: int
+) -> np.ndarray:
+    """[L] p(x) - p(x without token i) for every removable token i (NaN elsewhere, and everywhere when more than
+    `max_tokens` tokens are removable: the cost cap). One batched call of `score`."""
+    removable = np.asarray(removable, dtype=bool)
+    result = np.full(len(removable), np.nan)
+    positions = np.flatnonzero(removable)
+    if not len(positions) or len(positions) > max_tokens:
+        return result
+    masks = np.ones((len(positions), len(removable)), dtype=bool)
+    masks[np.arange(len(positions)), positions] = False
+    result[positions] = full_probability - score(masks)
+    return result
+
+
+@dataclass
+class GradientAttributions:
+    """input_x_gradient, integrated_gradients: [L] per-token sums over the hidden dim; delta: Captum's convergence
+    delta of integrated gradients (sum of attributions - (f(x) - f(baseline))); f_input, f_baseline: the target
+    probability at the input and at the baseline."""
+
+    input_x_gradient: np.ndarray
+    integrated_gradients: np.ndarray
+    delta: float
+    f_input: float
+    f_baseline: float
+
+
+def gradient_attributions(
+    loaded: LoadedModel, tokens: np.ndarray, removable: np.ndarray, pooled: int, target: int, replacement_id: int,
+    steps: int = 32,
+) -> GradientAttributions:
+    """Input × gradient and integrated gradients (Captum) of the target probability for one example (tokens [L],
+    unpadded) with respect to its input embeddings. IG's baseline: the removal token's embedding at every
+    removable position, the input's elsewhere (so only removable tokens get attributions)."""
+    from captum.attr import InputXGradient, IntegratedGradients
+
+    model = loaded.model
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=loaded.device)[None]
+    embedding = model.get_input_embeddings()
+    with torch.no_grad():
+        inputs = embedding(ids).float()
+        replaced = embedding(torch.full_like(ids, int(replacement_id))).float()
+    where = torch.as_tensor(np.asarray(removable, dtype=bool), device=loaded.device)[None, :, None]
+    baseline = torch.where(where, replaced, inputs)
+    attention_mask = torch.ones_like(ids)
+
+    def probability(embeddings: torch.Tensor) -> torch.Tensor:
+        logits = pooled_logits(loaded, pooled, inputs_embeds=embeddings,
+                               attention_mask=attention_mask.expand(embeddings.shape[0], -1))
+        return torch.softmax(logits.float(), -1)[:, target]
+
+    with torch.enable_grad():
+        ixg = InputXGradient(probability).attribute(inputs.clone().requires_grad_(True))
+        ig, delta = IntegratedGradients(probability).attribute(
+            inputs, baselines=baseline, n_steps=int(steps), internal_batch_size=int(steps),
+            return_convergence_delta=True)
+    with torch.no_grad():
+        f_input, f_baseline = probability(torch.cat([inputs, baseline])).tolist()
+    return GradientAttributions(
+        input_x_gradient=ixg.sum(-1)[0].detach().double().cpu().numpy(),
+        integrated_gradients=ig.sum(-1)[0].detach().double().cpu().numpy(),
+        delta=float(delta.reshape(-1)[0]), f_input=float(f_input), f_baseline=float(f_baseline),
+    )
+
+
+def kendall_tau(attributions: np.ndarray, reference: np.ndarray, removable: np.ndarray) -> float:
+    """Kendall τ-b of two attributions over the removable tokens (NaN with fewer than 2, or when either is
+    constant or unmeasured)."""
+    from scipy.stats import kendalltau
+
+    chosen = np.asarray(removable, dtype=bool)
+    first, second = np.asarray(attributions, np.float64)[chosen], np.asarray(reference, np.float64)[chosen]
+    if len(first) < 2 or np.isnan(first).any() or np.isnan(second).any() or np.ptp(first) == 0 or np.ptp(second) == 0:
+        return float("nan")
+    return float(kendalltau(first, second).statistic)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one example, every method
+
+
+@dataclass
+class ExampleExplanation:
+    """Everything measured for one example (methods in the given order; k in `percents` order).
+
+    attributions: [method, L] (NaN where a token may not be removed); faithfulness: {metric: [method, k]};
+    kendall_tau: [method, reference]; target: the predicted class / token; full_probability, empty_probability;
+    integrated_gradients_delta: NaN when IG was not run; removable: [L] bool."""
+
+    attributions: np.ndarray
+    faithfulness: dict[str, np.ndarray]
+    kendall_tau: np.ndarray
+    target: int
+    full_probability: float
+    empty_probability: float
+    integrated_gradients_delta: float
+    removable: np.ndarray
+
+
+def explain_example(
+    loaded: LoadedModel, tokens: np.ndarray, matrices: dict[str, np.ndarray], settings: ExplanationSettings,
+    example_index: int, causal: bool, rows: int = 64,
+) -> ExampleExplanation:
+    """Every method of `settings.methods`: attributions, faithfulness and rank agreement for one example.
+
+    tokens: [L] the real ids; matrices: {source: [layer, head, L, L]} raw attention ('attention') and each
+    efficient variant on the real block; example_index: the store's index (seeds the random ranking)."""
+    tokens = np.asarray(tokens)
+    length = len(tokens)
+    pooled = pooled_position(length, causal)
+    special = getattr(loaded.tokenizer, "all_special_ids", [])
+    removable = removable_tokens(tokens, special, pooled)
+    replacement = removal_token_id(loaded.tokenizer)
+    target = predicted_target(loaded, tokens, pooled)
+
+    def score(keep: np.ndarray) -> np.ndarray:
+        return kept_token_probabilities(loaded, tokens, keep, pooled, target, replacement, rows)
+
+    parsed = [ExplanationMethod.parse(name) for name in settings.methods]
+    full = float(score(np.ones((1, length), dtype=bool))[0])
+    attributions: dict[str, np.ndarray] = {}
+    delta = float("nan")
+    gradients = None
+    if any(method.name in ("input-x-gradient", "integrated-gradients") for method in parsed):
+        gradients = gradient_attributions(loaded, tokens, removable, pooled, target, replacement,
+                                          settings.integrated_gradients_steps)
+        delta = gradients.delta
+    for method in parsed:
+        if method.kind == "matrices":
+            if method.source not in matrices:
+                raise ValueError(f"method {method.name} needs the stored matrices of {method.source!r}")
+            attributions[method.name] = matrix_attributions(matrices[method.source], pooled, method.aggregation)
+        elif method.name == "input-x-gradient":
+            attributions[method.name] = gradients.input_x_gradient
+        elif method.name == "integrated-gradients":
+            attributions[method.name] = gradients.integrated_gradients
+        elif method.name == "leave-one-out":
+            attributions[method.name] = leave_one_out(score, full, removable, settings.leave_one_out_max_tokens)
+        else:
+            attributions[method.name] = random_attributions(length, settings.seed, example_index)
+    measured = faithfulness(score, attributions, removable, settings.percents)
+    taus = np.full((len(parsed), len(REFERENCES)), np.nan)
+    for column, reference in enumerate(REFERENCES):
+        if reference in attributions:
+            for row, name in enumerate(attributions):
+                taus[row, column] = kendall_tau(attributions[name], attributions[reference], removable)
+    stacked = np.stack([np.where(removable, attributions[name], np.nan) for name in attributions])
+    return ExampleExplanation(
+        attributions=stacked, faithfulness={metric: measured[metric] for metric in FAITHFULNESS_METRICS},
+        kendall_tau=taus, target=target, full_probability=full, empty_probability=measured["empty"],
+        integrated_gradients_delta=delta, removable=removable,
+    )

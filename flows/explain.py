@@ -1,0 +1,67 @@
+"""The explanation stage as a Prefect flow: attention store (+ efficient attention) -> explanation results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from tqdm.auto import tqdm
+
+from analysis.efficient_attention import VARIANTS
+from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
+from flows.settings import ExplainSettings
+from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.efficient_store import efficient_completed_shards
+from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
+from storage_schemas.store_lock import hold_store_lock
+from tasks.explain import (
+    choose_examples,
+    matrix_sources,
+    prepare_explanations,
+    run_explanation_shard,
+    store_identity,
+    summarise_explanations,
+)
+
+def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
+    """The run's settings record (analysis.explanations.ExplanationSettings plus the store's identity), as the
+    results record it (attribute `settings`; a rerun with other settings is refused).
+
+    Default methods: raw attention and every variant whose efficient stage finished on some shard, each in every
+    aggregation, then the model baselines and random. `examples` are spread over the readable examples (None: all).
+    """
+    store, methods = settings.store, settings.methods
+    if methods is None:
+        group = open_attention_store(store, mode="r")
+        variants = [variant for variant in VARIANTS if efficient_completed_shards(group, variant)]
+        methods = default_methods(variants)
+    methods = list(methods)
+    variants = [source for source in matrix_sources(methods) if source in VARIANTS]
+    chosen = ExplanationSettings(
+        methods=tuple(methods), examples=tuple(choose_examples(store, variants, settings.examples)),
+        percents=PERCENTS if settings.percents is None else tuple(settings.percents),
+        integrated_gradients_steps=settings.integrated_gradients_steps,
+        leave_one_out_max_tokens=settings.leave_one_out_max_tokens, minimality_rows=settings.minimality_rows,
+        minimality_tolerance=settings.minimality_tolerance, seed=settings.seed, shard_size=settings.shard_size,
+    )
+    return {**chosen.record(), "store_identity": store_identity(store, variants)}
+
+
+@flow(name="effattn-explain")
+def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
+    """Token attributions of every method for `examples` examples, their ERASER faithfulness and Kendall τ, and the
+    simplex rows' minimality, into the results dataset at `results` (the fields of `settings`,
+    flows.settings.ExplainSettings). Resumable: done shards are skipped; other settings into the same results are
+    refused. `model` overrides the store's model (same weights); `forward_rows` bounds the rows of one removal
+    forward pass. Returns the explanation claims."""
+    store, results = settings.store, settings.results
+    recorded = recorded_explanation_settings(settings)
+    store_layout(open_attention_store(store, mode="r"))  # a clear error for a store that is not one
+    with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
+        todo = prepare_explanations(store, results, recorded)
+        group = open_explanation_results(results, mode="r+")
+        for shard_index in tqdm(todo, desc="explanation shards", unit="shard", disable=not todo):
+            run_explanation_shard(store, results, shard_index, recorded, settings.model, settings.device,
+                                  settings.forward_rows)
+            mark_explanation_shard_completed(group, shard_index)
+        return summarise_explanations(results)

@@ -1,0 +1,221 @@
+"""The explanation stage's work: one Prefect task per shard of explained examples, plus preparing and summarising.
+
+A shard task reads each example's tokens, stored attention and efficient attention (only from shards the store
+records complete), computes every method's attributions, faithfulness and rank agreement
+(analysis.explanations) and the simplex rows' minimality (analysis.support_minimality), and writes the shard
+whole (storage_schemas.explanation_results). The driver records completion after the write.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from analysis.efficient_attention import VARIANTS
+from analysis.explanation_claims import explanation_claims
+from analysis.explanations import (
+    ATTENTION_SOURCE,
+    FAITHFULNESS_METRICS,
+    REFERENCES,
+    ExplanationMethod,
+    ExplanationSettings,
+    aopc,
+    explain_example,
+)
+from analysis.support_minimality import layer_minimality, minimal_share_by_layer
+from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
+from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
+from storage_schemas.explanation_results import (
+    ExplanationResultsError,
+    check_same_explanation_settings,
+    create_explanation_results,
+    explanation_completed_shards,
+    explanation_shard_count,
+    explanation_shard_region,
+    open_explanation_results,
+    write_explanation_aggregates,
+    write_explanation_shard,
+)
+from tasks.causal import PROVENANCE_KEYS, _load_store_model
+from tasks.extraction import retry_on_io_error
+
+MINIMALITY_VARIANT = "simplex"
+
+
+def matrix_sources(methods: list[str]) -> list[str]:
+    """The stored matrices the methods read: 'attention' and efficient variants, in VARIANTS order."""
+    sources = {method.source for method in map(ExplanationMethod.parse, methods) if method.kind == "matrices"}
+    unknown = sorted(sources - {ATTENTION_SOURCE, *VARIANTS})
+    if unknown:
+        raise ValueError(
+            f"explanation methods read unknown matrices {unknown}: use attention or one of {list(VARIANTS)}")
+    return [source for source in (ATTENTION_SOURCE, *VARIANTS) if source in sources]
+
+
+def readable_examples(store: str, variants: list[str]) -> np.ndarray:
+    """Store indices of the examples in shards recorded complete by extraction and by every variant."""
+    group = open_attention_store(store, mode="r")
+    layout = store_layout(group)
+    done = set(completed_shards(group))
+    for variant in variants:
+        done &= set(efficient_completed_shards(group, variant))
+    chosen = [np.arange(layout.shard_slice(shard).start, layout.shard_slice(shard).stop) for shard in sorted(done)]
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def spread_sample(n: int, count: int | None) -> np.ndarray:
+    """`count` of n indices at the centres of equal parts, (i + ½)·n / count (all when count is None or >= n). The
+    store is length-sorted, so these are the lengths' quantiles without the extremes: 2 examples are the lower
+    and upper quartile, not the shortest and the longest (whose leave-one-out costs the most)."""
+    if count is None or count >= n:
+        return np.arange(n)
+    return np.floor((np.arange(count) + 0.5) * n / count).astype(np.int64)
+
+
+def choose_examples(store: str, variants: list[str], count: int | None) -> list[int]:
+    """`count` examples spread over the readable ones (`spread_sample`); None: all."""
+    readable = readable_examples(store, variants)
+    if not len(readable):
+        needed = f" and efficient attention ({', '.join(variants)})" if variants else ""
+        raise ExplanationResultsError(
+            f"{store} has no shard whose extraction{needed} is complete: run `effattn extract`"
+            + (f" and `effattn efficient --store {store} --variants {','.join(variants)}`" if variants else "")
+            + " first")
+    return [int(readable[i]) for i in spread_sample(len(readable), count)]
+
+
+def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
+    """What ties results to a store: changed weights, corpus or efficient settings make them stale."""
+    group = open_attention_store(store, mode="r")
+    attributes = group.attrs.asdict()
+    return {
+        "weights_digest": attributes["model"]["weights_digest"],
+        "corpus_digest": attributes["corpus"]["digest"],
+        "examples": store_layout(group).n_examples,
+        "efficient_settings": {variant: group[efficient_array_path(variant)].attrs.get("settings")
+                               for variant in variants if efficient_array_path(variant) in group},
+    }
+
+
+def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> list[int]:
+    """Create the results dataset (or check that it belongs to this run); returns the shards still to do."""
+    group = open_attention_store(store, mode="r")
+    layout = store_layout(group)
+    try:
+        results_group = open_explanation_results(results, mode="r+")
+    except ExplanationResultsError as error:
+        if "there are no explanation results" not in str(error):
+            raise
+        attributes = group.attrs.asdict()
+        chosen = np.asarray(settings["examples"], dtype=np.int64)
+        results_group = create_explanation_results(
+            results,
+            methods=[{"name": m.name, "kind": m.kind, "source": m.source, "aggregation": m.aggregation}
+                     for m in map(ExplanationMethod.parse, settings["methods"])],
+            metrics=list(FAITHFULNESS_METRICS), percents=settings["percents"], references=list(REFERENCES),
+            examples={"store_example": chosen, "length": group["length"].get_orthogonal_selection(chosen),
+                      "label": group["label"].get_orthogonal_selection(chosen)},
+            layers=layout.layers, positions=layout.max_length, shard_size=settings["shard_size"],
+            attributes={**{key: attributes[key] for key in PROVENANCE_KEYS if key in attributes},
+                        "attention_store": store if "://" in store else os.path.abspath(store),
+                        "settings": settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        )
+    else:
+        check_same_explanation_settings(results_group, results, settings)
+    done = set(explanation_completed_shards(results_group))
+    return [shard for shard in range(explanation_shard_count(results_group)) if shard not in done]
+
+
+def compute_explanation_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
+                              model_override: str | None = None, device: str = "cpu",
+                              forward_rows: int = 64) -> dict[str, np.ndarray]:
+    """Every per-example array of one results shard (storage_schemas.explanation_results.PER_EXAMPLE_ARRAYS)."""
+    group = open_attention_store(store, mode="r")
+    layout = store_layout(group)
+    results_group = open_explanation_results(results, mode="r")
+    region = explanation_shard_region(results_group, shard_index)
+    examples = np.asarray(settings["examples"][region], dtype=np.int64)
+    options = ExplanationSettings(**{key: tuple(value) if isinstance(value, list) else value
+                                     for key, value in settings.items() if key != "store_identity"})
+    loaded = _load_store_model(group, model_override, device)
+    causal = bool(group.attrs["model"]["causal"])
+    sources = matrix_sources(settings["methods"])
+    M, K, R, N, P = len(options.methods), len(options.percents), len(REFERENCES), len(examples), layout.max_length
+    arrays = {
+        "faithfulness": np.full((M, len(FAITHFULNESS_METRICS), K, N), np.nan),
+        "aopc": np.full((M, len(FAITHFULNESS_METRICS), N), np.nan),
+        "kendall_tau": np.full((M, R, N), np.nan),
+        "attribution": np.full((M, N, P), np.nan),
+        "target": np.full(N, -1), "full_probability": np.full(N, np.nan), "empty_probability": np.full(N, np.nan),
+        "integrated_gradients_delta": np.full(N, np.nan), "removable_tokens": np.full(N, -1),
+        **{name: np.full((N, layout.layers), -1) for name in
+           ("minimality_tested", "minimality_minimal", "minimality_untestable")},
+        "minimality_support_size": np.full((N, layout.layers), np.nan),
+    }
+    w_out = group["w_out"][:]
+    measure_minimality = options.minimality_rows > 0 and MINIMALITY_VARIANT in sources
+    for row, index in enumerate(examples):
+        length = int(group["length"][index])
+        tokens = group["tokens"][index, :length]
+        matrices = {source: group["attention" if source == ATTENTION_SOURCE else efficient_array_path(source)][
+            index, :, :, :length, :length] for source in sources}
+        found = explain_example(loaded, tokens, matrices, options, int(index), causal, forward_rows)
+        for metric_index, metric in enumerate(FAITHFULNESS_METRICS):
+            arrays["faithfulness"][:, metric_index, :, row] = found.faithfulness[metric]
+            arrays["aopc"][:, metric_index, row] = aopc(found.faithfulness[metric])
+        arrays["kendall_tau"][:, :, row] = found.kendall_tau
+        arrays["attribution"][:, row, :length] = found.attributions
+        arrays["target"][row] = found.target
+        arrays["full_probability"][row] = found.full_probability
+        arrays["empty_probability"][row] = found.empty_probability
+        arrays["integrated_gradients_delta"][row] = found.integrated_gradients_delta
+        arrays["removable_tokens"][row] = int(found.removable.sum())
+        if measure_minimality:
+            value = group["value"][index, :, :, :length]
+            counts = layer_minimality(matrices[ATTENTION_SOURCE] if ATTENTION_SOURCE in matrices else
+                                      group["attention"][index, :, :, :length, :length],
+                                      matrices[MINIMALITY_VARIANT], value, w_out, options.minimality_rows,
+                                      np.random.default_rng([options.seed, int(index), 1]),
+                                      options.minimality_tolerance)
+            arrays["minimality_tested"][row] = counts["tested"]
+            arrays["minimality_minimal"][row] = counts["minimal"]
+            arrays["minimality_untestable"][row] = counts["untestable"]
+            arrays["minimality_support_size"][row] = counts["support_size"]
+    return arrays
+
+
+@task(name="explain-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_on_io_error)
+def run_explanation_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
+                          model_override: str | None, device: str, forward_rows: int) -> int:
+    """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten)."""
+    arrays = compute_explanation_shard(store, results, shard_index, settings, model_override, device, forward_rows)
+    write_explanation_shard(open_explanation_results(results, mode="r+"), shard_index, arrays)
+    return shard_index
+
+
+def summarise_explanations(results: str) -> list[dict[str, Any]]:
+    """Write the aggregates and the claims (root attribute `claims`) once every shard is done; returns the claims."""
+    group = open_explanation_results(results, mode="r+")
+    if len(explanation_completed_shards(group)) < explanation_shard_count(group):
+        raise ExplanationResultsError(f"{results} is not complete yet: run `effattn explain` again to finish it")
+    per_example_aopc = group["aopc"][:]
+    taus = group["kendall_tau"][:]
+    tested, minimal = group["minimality_tested"][:], group["minimality_minimal"][:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: a reference that was not run
+        aggregates = {"mean_aopc": np.nanmean(per_example_aopc, -1), "mean_kendall_tau": np.nanmean(taus, -1),
+                      "minimal_share": minimal_share_by_layer(minimal, tested)}
+    write_explanation_aggregates(group, aggregates)
+    claims = explanation_claims(
+        methods=group["method"][:].tolist(), metrics=group["metric"][:].tolist(), aopc=per_example_aopc,
+        minimality_tested=tested, minimality_minimal=minimal, seed=int(group.attrs["settings"]["seed"]),
+    )
+    group.attrs["claims"] = claims
+    return claims

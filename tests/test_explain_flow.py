@@ -1,0 +1,158 @@
+"""The explanation stage (flows/explain.py, tasks/explain.py): results from a real store, resumable by shard, refusing
+other settings, reading only completed shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from pydantic import ValidationError
+
+from flows.explain import explain
+from flows.settings import ExplainSettings
+from storage_schemas.efficient_store import efficient_array_path
+from storage_schemas.explanation_results import ExplanationResultsError, open_explanation_results
+from tasks.explain import choose_examples, readable_examples, spread_sample
+from tests.store_builders import build_real_store, write_corpus
+
+FEW_METHODS = ["attention:rollout", "simplex:last-layer", "integrated-gradients", "leave-one-out", "random"]
+
+
+@pytest.fixture(scope="module")
+def bert_store(tmp_path_factory, tiny_bert_folder) -> str:
+    """Tiny BERT over 10 reviews (3 store shards of 4), with all three efficient variants."""
+    folder = tmp_path_factory.mktemp("explain")
+    return build_real_store(str(folder / "store.zarr"), tiny_bert_folder, write_corpus(folder / "reviews.csv"))
+
+
+def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_path, capsys):
+    from flows.cli import main
+
+    results = str(tmp_path / "results.zarr")
+    assert main(["explain", "--store", bert_store, "--results", results, "--examples", "3", "--ig-steps", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "simplex supports are minimal" in printed and f"results: {results}" in printed
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    methods = dataset["method"].values.tolist()
+    assert methods[:3] == ["attention:last-layer", "attention:all-layers", "attention:rollout"]
+    assert {"effective:rollout", "stochastic:all-layers", "simplex:last-layer", "random"} <= set(methods)
+    assert dataset.sizes["example"] == 3 and dataset.attrs["completed_shards"] == [0]
+    assert dataset["store_example"].values.tolist() == [1, 5, 8]  # centres of thirds of the length-sorted store
+    assert np.isfinite(dataset["faithfulness"].values).all()
+    np.testing.assert_allclose(dataset["aopc"].values, dataset["faithfulness"].mean("k").values, atol=1e-6)
+    tau = dataset["kendall_tau"].sel({"method": "leave-one-out", "reference": "leave-one-out"}).values
+    several = dataset["removable_tokens"].values >= 2  # with one removable token tau is undefined
+    assert np.isnan(tau[~several]).all()
+    np.testing.assert_allclose(tau[several], 1.0)
+    assert np.isfinite(dataset["integrated_gradients_delta"].values).all()
+    # attributions only on removable tokens ([CLS] and [SEP] never)
+    attribution = dataset["attribution"].sel({"method": "leave-one-out"})
+    assert np.isnan(attribution.isel(position=0)).all()
+    assert (attribution.notnull().sum("position") == dataset["removable_tokens"]).all()
+    tested = dataset["minimality_tested"] + dataset["minimality_untestable"]
+    assert (tested == 8).all() and (dataset["minimality_minimal"] <= dataset["minimality_tested"]).all()
+    np.testing.assert_allclose(dataset["mean_aopc"].values, dataset["aopc"].mean("example").values, rtol=1e-6)
+    claims = {row["claim"]: row["verdict"] for row in dataset.attrs["claims"]}
+    assert "efficient attention (simplex) explains at least as faithfully as raw attention (rollout)" in claims
+    assert set(claims.values()) <= {"holds", "does not hold", "—"}
+    # other settings into the same results: refused with what to do, exit status 2
+    assert main(["explain", "--store", bert_store, "--results", results, "--examples", "3", "--ig-steps", "9"]) == 2
+    error = capsys.readouterr().err
+    assert "integrated_gradients_steps: stored 8, requested 9" in error and "choose a new --results path" in error
+
+
+def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_settings(bert_store, tmp_path):
+    results = str(tmp_path / "results.zarr")
+    options = dict(methods=FEW_METHODS, examples=4, shard_size=2, integrated_gradients_steps=8, minimality_rows=4)
+    explain(ExplainSettings(store=bert_store, results=results, **options))
+    group = open_explanation_results(results, mode="r+")
+    before = {name: group[name][:] for name in ("faithfulness", "kendall_tau", "attribution", "minimality_minimal")}
+    # shard 0 stays recorded done, with a sentinel that a recomputation would overwrite
+    group["full_probability"][0:2] = -7.0
+    # shard 1 is lost: never recorded, and holds garbage
+    group["faithfulness"][..., 2:4] = 99.0
+    group["attribution"][:, 2:4] = 99.0
+    group.attrs["completed_shards"] = [0]
+    explain(ExplainSettings(store=bert_store, results=results, **options))
+    group = open_explanation_results(results)
+    assert group.attrs["completed_shards"] == [0, 1]
+    assert (group["full_probability"][0:2] == -7.0).all()  # not recomputed
+    for name, values in before.items():
+        np.testing.assert_array_equal(group[name][:], values, err_msg=name)  # recomputed identically
+    with pytest.raises(ExplanationResultsError, match="integrated_gradients_steps: stored 8, requested 16"):
+        explain(ExplainSettings(store=bert_store, results=results, **{**options, "integrated_gradients_steps": 16}))
+    with pytest.raises(ExplanationResultsError, match="methods: stored"):
+        explain(ExplainSettings(store=bert_store, results=results, **{**options, "methods": FEW_METHODS[:2]}))
+    with pytest.raises(ValidationError, match="examples\n  Input should be greater than 0"):
+        ExplainSettings(store=bert_store, results=results, **{**options, "examples": -2})
+
+
+def test_the_sample_is_spread_over_the_lengths_without_the_extremes():
+    assert spread_sample(10, 2).tolist() == [2, 7]
+    assert spread_sample(10, 5).tolist() == [1, 3, 5, 7, 9]
+    assert spread_sample(3, 8).tolist() == [0, 1, 2] and spread_sample(4, None).tolist() == [0, 1, 2, 3]
+
+
+def test_only_shards_recorded_complete_are_read(bert_store):
+    import zarr
+
+    group = zarr.open_group(bert_store, mode="r+")
+    simplex = group[efficient_array_path("simplex")]
+    recorded = simplex.attrs["completed_shards"]
+    try:
+        simplex.attrs["completed_shards"] = [0, 2]  # shard 1 (examples 4..7) unfinished for simplex
+        assert readable_examples(bert_store, ["simplex"]).tolist() == [0, 1, 2, 3, 8, 9]
+        assert readable_examples(bert_store, ["effective"]).tolist() == list(range(10))
+        assert set(choose_examples(bert_store, ["simplex"], None)) == {0, 1, 2, 3, 8, 9}
+        simplex.attrs["completed_shards"] = []
+        with pytest.raises(ExplanationResultsError, match="has no shard whose extraction and efficient attention"):
+            choose_examples(bert_store, ["simplex"], 4)
+    finally:
+        simplex.attrs["completed_shards"] = recorded
+
+
+def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_folder):
+    store = build_real_store(str(tmp_path / "llama.zarr"), tiny_llama_folder, write_corpus(tmp_path / "r.csv"),
+                             variants=("simplex",))
+    results = str(tmp_path / "results.zarr")
+    explain(ExplainSettings(store=store, results=results, examples=2, integrated_gradients_steps=8, minimality_rows=4))
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    assert "simplex:rollout" in dataset["method"].values.tolist()
+    length = dataset["length"].values
+    attribution = dataset["attribution"].sel({"method": "leave-one-out"}).values
+    for row, size in enumerate(length):
+        assert np.isnan(attribution[row, size - 1])  # the pooled last token is never removed
+    assert np.isfinite(dataset["faithfulness"].values).all()
+    assert (dataset["minimality_tested"] + dataset["minimality_untestable"] == 4).all()
+
+
+def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_llama_folder):
+    from storage_schemas.attention_store import mark_shard_completed, open_attention_store
+    from storage_schemas.efficient_store import mark_efficient_shard_completed
+    from tasks.efficient import compute_efficient_shard, prepare_variants
+    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+    from tests.store_builders import SETTINGS
+
+    store = str(tmp_path / "lm.zarr")
+    todo, num_labels = prepare_store.fn(store, str(write_corpus(tmp_path / "r.csv")), str(tiny_llama_folder), 24,
+                                        None, "float32", "cpu", None, None, 5, 0, task="next-token", top_k=4)
+    group = open_attention_store(store, mode="r+")
+    for shard in todo:
+        captured = capture_shard.fn(store, shard, str(tiny_llama_folder), num_labels, "cpu", 0, 5, "next-token")
+        mark_shard_completed(group, write_captured_shard.fn(store, shard, captured))
+    for shard, variants in prepare_variants(store, ["stochastic"], SETTINGS).items():
+        _, written = compute_efficient_shard(store, shard, variants, SETTINGS)
+        for variant in written:
+            mark_efficient_shard_completed(group, variant, shard)
+    results = str(tmp_path / "results.zarr")
+    explain(ExplainSettings(
+        store=store, results=results, examples=2, integrated_gradients_steps=4,
+        methods=["attention:last-layer", "stochastic:rollout", "integrated-gradients", "leave-one-out"]))
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    assert (dataset["target"] >= 0).all() and (dataset["target"] < 30522).all()  # a vocabulary id
+    assert (dataset["full_probability"] > 0).all()
+    for row, size in enumerate(dataset["length"].values):
+        assert np.isnan(dataset["attribution"].values[:, row, size - 1]).all()
+    assert np.isfinite(dataset["faithfulness"].values).all()
+    assert (dataset["minimality_tested"] == -1).all()  # no simplex: not measured
+    assert [row["claim"] for row in dataset.attrs["claims"]] == []  # stochastic:rollout has no raw rollout to face
