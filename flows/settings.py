@@ -1,17 +1,19 @@
-"""The settings of every stage, each declared once: type, default, validation and help text.
+"""The settings of every command, each option declared once: type, default, validation and help text.
 
 One frozen pydantic model per command. The Prefect flows take them (`extract(ExtractSettings(...))`; Prefect
 validates pydantic parameters), the command line is generated from their fields (flows/cli.py, with argparse, so
-that errors keep the `effattn CMD: error: ...` form), the pre-flight checks read them (flows/preflight.py) and the
-stores record what they say (`EfficientSettings.recorded()`, `ExtractSettings.recorded()`, ...). The reference in
-docs/CLI.md is generated from them too (`python -m flows.cli --reference`).
+that errors keep the `effattn CMD: error: ...` form), the pre-flight checks read them (flows/preflight.py), and
+the stores record what they say in the shape they always had, so that stores and results written before these
+objects stay complete for a rerun of the same command (`EfficientSettings.recorded()`,
+`flows.causal.recorded_causal_settings`, `flows.explain.recorded_explanation_settings`,
+`PipelineSettings.extraction_shape()`). docs/CLI.md is generated from them too (`python -m flows.cli --reference`).
 
 An option used by several commands is declared once below as an `Annotated` alias (type, default, help, flag);
-a command with another default for it assigns that default in its class (e.g. `limit: Limit = 300`).
-Defaults that stand for "all of a list declared elsewhere" (the variants, the scopes, the minimality directions)
-are None here and resolved where the list lives (analysis/variants.py, analysis/causal.py,
-analysis/interventions.py), so that this module imports neither torch nor Prefect (the CLI parses and runs its
-pre-flight checks before either is imported).
+a command with another default for it assigns that default in its class (e.g. `batch_size: BatchSize = 32`).
+Defaults that stand for "all of a list declared elsewhere" (the registered variants, the scopes, the minimality
+directions, ERASER's percents) are None here and resolved where the list lives (analysis/variants.py,
+analysis/causal.py, analysis/interventions.py, analysis/explanations.py), so that this module imports neither
+torch nor Prefect (the CLI parses and runs its pre-flight checks before either is imported).
 """
 
 from __future__ import annotations

@@ -192,7 +192,8 @@ def test_a_run_recorded_before_the_settings_objects_is_skipped_not_refused(first
     results.attrs["settings"] = old
     record = run_pipeline(PipelineSettings(**arguments))
     assert {stage: entry["status"] for stage, entry in record["stages"].items()} == {
-        "train": "skipped", "extract": "skipped", "efficient": "skipped", "causal": "skipped", "report": "skipped"}
+        "train": "skipped", "extract": "skipped", "efficient": "skipped", "causal": "skipped", "explain": "skipped",
+        "report": "skipped"}
     _, (settings,) = parse_settings(["run", "--corpus", arguments["corpus"], "--model", arguments["model"],
                                      "--run-dir", arguments["run_dir"], "--limit", "6", "--max-length", "16",
                                      "--shard-size", "4", "--batch-size", "3", "--variants", "effective",
