@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN_LIMIT ?= 300
 RUN_VARIANTS ?= effective,stochastic,simplex
 
-.PHONY: install run test benchmark clean
+.PHONY: install run test test-unit benchmark clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The unit tier alone (no bundled model, no server): about a minute.
+test-unit: install
+	$(BIN)/python -m pytest -q -m unit
 
 benchmark: install
 	$(BIN)/python benchmarks/extraction_throughput.py

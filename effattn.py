@@ -5,9 +5,9 @@
     VARIANTS, Variant, variant_record, register_variant            the efficient-attention variants
     Intervention, intervention_matrices     what the causal stage injects, on arrays
     verify_store(url)                        read every chunk of a store and report damage
-    extract, efficient, causal, report       the stages (Prefect flows), each taking its settings object:
-    ExtractSettings, EfficientSettings, CausalSettings, ReportSettings   (flows/settings.py)
-    run_pipeline, PipelineSettings           the whole pipeline (extract -> efficient -> causal -> report)
+    extract, efficient, causal, explain, report   the stages (Prefect flows), each taking its settings object:
+    ExtractSettings, EfficientSettings, CausalSettings, ExplainSettings, ReportSettings   (flows/settings.py)
+    run_pipeline, PipelineSettings           the whole pipeline (extract -> efficient -> causal -> explain -> report)
     use_chunk_codec_batches()                zarr's faster whole-shard reads for this process (the stages call it)
 
 Each name is the object of its home module (analysis/, storage_schemas/, flows/), imported when first used, so
@@ -34,11 +34,13 @@ _HOMES: dict[str, str] = {
     "extract": "flows.extract",
     "efficient": "flows.efficient",
     "causal": "flows.causal",
+    "explain": "flows.explain",
     "report": "flows.report",
     "run_pipeline": "flows.pipeline",
     "ExtractSettings": "flows.settings",
     "EfficientSettings": "flows.settings",
     "CausalSettings": "flows.settings",
+    "ExplainSettings": "flows.settings",
     "ReportSettings": "flows.settings",
     "PipelineSettings": "flows.settings",
     "use_chunk_codec_batches": "storage_schemas.attention_store",

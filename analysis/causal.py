@@ -7,18 +7,25 @@ the batch is repeated once per target (copy-major) and each copy replaces only i
 
 Metrics compare the intervened model's predictions with the original model's (`original_logits`):
 classification predicts one class per example; next-token predicts the next token at every real position.
+
+What a run measures is a `CausalPlan` (interventions as objects, scopes, targets, seed; stored as the results'
+`settings` attribute). One shard's work is cut into pieces tested on their own: a `CausalBatch` (what is read
+for a batch), `BatchMetrics` (the metrics for the store's task) and `forward_groups` (the targets x examples of
+each forward pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from analysis.attention_backend import AttentionInjection, LayerInjection, inject_attention
 from analysis.extraction import real_token_mask
+from analysis.interventions import Intervention, parse_interventions
 from analysis.models import LoadedModel
 
 SCOPES: tuple[str, ...] = ("all", "layer", "head")
@@ -65,6 +72,11 @@ class Target:
         else:
             chosen[self.layer, self.head] = True
         return chosen
+
+
+def target_attribute(target: Target) -> dict[str, Any]:
+    """A target as the results' `settings` attribute records it."""
+    return {"name": target.name, "scope": target.scope, "layer": target.layer, "head": target.head}
 
 
 def targets_for(scopes: Sequence[str], layers: int, heads: int) -> list[Target]:
@@ -240,3 +252,167 @@ def measured_examples(n_examples: int, count: int | None) -> np.ndarray:
     if count is None or count >= n_examples:
         return np.arange(n_examples)
     return np.unique(np.linspace(0, n_examples - 1, count).round().astype(np.int64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the plan of a run, and the pieces of one shard's work
+
+
+@dataclass(frozen=True)
+class CausalPlan:
+    """Everything that shapes the numbers of a causal run, resolved (flows.causal.causal_plan builds it): the
+    interventions, which of them are also measured one layer / one head at a time, the targets of the scopes, how
+    many examples the layer and head scopes measure (None: all), the noise seed and the identity of the store.
+
+    Stored as the results' `settings` attribute (`as_attribute`, read back with `from_attribute`); a rerun with
+    another plan is refused (storage_schemas.causal_results.check_same_settings)."""
+
+    interventions: tuple[Intervention, ...]
+    scopes: tuple[str, ...]
+    layer_interventions: tuple[Intervention, ...]
+    head_interventions: tuple[Intervention, ...]
+    scope_examples: int | None
+    targets: tuple[Target, ...]
+    seed: int
+    # the store's model, corpus, size, dtype and efficient settings: compared with a rerun's, never interpreted
+    store_identity: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        for scope, listed in (("layer", self.layer_interventions), ("head", self.head_interventions)):
+            unknown = [item.name for item in listed if item not in self.interventions]
+            if unknown:
+                raise ValueError(f"--{scope}-interventions {unknown} are not among the interventions run: "
+                                 f"{[item.name for item in self.interventions]}")
+
+    @property
+    def scope_interventions(self) -> dict[str, tuple[Intervention, ...]]:
+        """scope -> the interventions measured at its targets (scope "all": every intervention)."""
+        return {"all": self.interventions, "layer": self.layer_interventions, "head": self.head_interventions}
+
+    def scope_plan(self) -> list[tuple[Intervention, list[tuple[str, list[int]]]]]:
+        """For every intervention measured somewhere, the scopes it is measured at with the indices of their
+        targets (in `targets`)."""
+        plan = []
+        for intervention in self.interventions:
+            scopes = [
+                (scope, [index for index, target in enumerate(self.targets) if target.scope == scope])
+                for scope in self.scopes if intervention in self.scope_interventions[scope]
+            ]
+            if scopes:
+                plan.append((intervention, scopes))
+        return plan
+
+    def efficient_variants(self) -> list[str]:
+        """The variants whose stored efficient attention the interventions read, sorted."""
+        return sorted({item.variant_name for item in self.interventions if item.needs_efficient})
+
+    def target_masks(self, layers: int, heads: int) -> np.ndarray:
+        """[target, layer, head] bool: the heads each target replaces."""
+        return np.stack([target.mask(layers, heads) for target in self.targets])
+
+    def as_attribute(self) -> dict[str, Any]:
+        """The plan as the results' `settings` attribute (plain JSON; the layout results have always had)."""
+        names = [item.name for item in self.interventions]
+        return {
+            "interventions": names,
+            "scopes": list(self.scopes),
+            "scope_interventions": {scope: [item.name for item in listed]
+                                    for scope, listed in self.scope_interventions.items()},
+            "scope_examples": None if self.scope_examples is None else int(self.scope_examples),
+            "targets": [target_attribute(target) for target in self.targets],
+            "seed": int(self.seed),
+            "store_identity": dict(self.store_identity),
+        }
+
+    @classmethod
+    def from_attribute(cls, settings: Mapping[str, Any]) -> CausalPlan:
+        """The plan a results' `settings` attribute records (the names are parsed once, here)."""
+        return cls(
+            interventions=tuple(parse_interventions(settings["interventions"])),
+            scopes=tuple(settings["scopes"]),
+            layer_interventions=tuple(map(Intervention.parse, settings["scope_interventions"]["layer"])),
+            head_interventions=tuple(map(Intervention.parse, settings["scope_interventions"]["head"])),
+            scope_examples=settings["scope_examples"],
+            targets=tuple(Target(item["scope"], item["layer"], item["head"]) for item in settings["targets"]),
+            seed=int(settings["seed"]),
+            store_identity=settings["store_identity"],
+        )
+
+
+@dataclass
+class CausalBatch:
+    """Examples start .. start + batch - 1 of an attention store, as the causal stage reads them (trimmed to
+    Lb = max(length) where the arrays have an L×L block).
+
+    tokens: [batch, position]; length: [batch]; attention: [batch, layer, head, Lb, Lb]; value: [batch, layer,
+    kv_head, Lb, head_dim]; stored_logits: [batch, class] (classification) or [batch, position, top_k]
+    (next-token); label: [batch] (classification, -1 when unknown); stored_logit_ids: [batch, position, top_k]
+    (next-token); efficient: variant -> [batch, layer, head, Lb, Lb] its stored efficient attention."""
+
+    start: int
+    tokens: np.ndarray
+    length: np.ndarray
+    attention: np.ndarray
+    value: np.ndarray
+    stored_logits: np.ndarray
+    label: np.ndarray | None = None
+    stored_logit_ids: np.ndarray | None = None
+    efficient: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def example_indices(self) -> np.ndarray:
+        """[batch] the examples' indices in the store."""
+        return np.arange(self.start, self.start + len(self.length))
+
+    def examples_at(self, scope: str, scoped: set[int]) -> np.ndarray:
+        """Positions in the batch of the examples measured at `scope`: every one at scope "all", those among
+        `scoped` (store indices: measured_examples) at the layer and head scopes."""
+        if scope == "all":
+            return np.arange(len(self.length))
+        return np.array([offset for offset, index in enumerate(self.example_indices) if int(index) in scoped],
+                        dtype=np.int64)
+
+
+@dataclass
+class BatchMetrics:
+    """The metrics of one batch for the store's task: classification compares with the stored logits (those of
+    the original model), next-token with `original`, the unmodified model's logits [batch, Lb, vocab]."""
+
+    batch: CausalBatch
+    task: str
+    original: torch.Tensor | None = None
+
+    @classmethod
+    def for_batch(cls, loaded: LoadedModel, batch: CausalBatch, task: str) -> BatchMetrics:
+        """Next-token stores keep only the top-k logits: the original model's are computed here."""
+        original = plain_logits(loaded, batch.tokens, batch.length) if task == "next-token" else None
+        return cls(batch, task, original)
+
+    def measure(self, intervened: torch.Tensor, chosen: np.ndarray) -> dict[str, np.ndarray]:
+        """{metric: [target, chosen]} of intervened logits [target, chosen, class] (next-token: [target, chosen,
+        Lb', vocab]) of the batch's examples at positions `chosen`."""
+        batch = self.batch
+        if self.task == "next-token":
+            return next_token_metrics(self.original[chosen], batch.stored_logits[chosen],
+                                      batch.stored_logit_ids[chosen], intervened, batch.tokens[chosen],
+                                      batch.length[chosen])
+        return classification_metrics(batch.stored_logits[chosen], batch.stored_logits[chosen], intervened,
+                                      batch.label[chosen])
+
+    def original_correct(self) -> np.ndarray:
+        """[batch] whether the unmodified model's prediction is right (next-token: the share of positions)."""
+        everything = np.arange(len(self.batch.length))
+        original = self.original if self.task == "next-token" else torch.as_tensor(self.batch.stored_logits)
+        return self.measure(original[None], everything)["correct"][0]
+
+
+def forward_groups(examples: np.ndarray, target_indices: Sequence[int],
+                   forward_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(examples, targets) of one intervened forward pass each: every (target, example) pair exactly once, at most
+    `forward_rows` rows (targets x examples) per pass, as many targets per pass as fit (one at least).
+    examples: [k] positions in the batch; target_indices: indices into the plan's targets."""
+    for part in range(0, len(examples), forward_rows):
+        chosen = np.asarray(examples[part:part + forward_rows])
+        copies = max(1, forward_rows // len(chosen))
+        for first in range(0, len(target_indices), copies):
+            yield chosen, np.asarray(target_indices[first:first + copies])

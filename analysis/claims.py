@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from analysis.interventions import Intervention
+
 SUFFICIENT_AGREEMENT = 0.999  # the issue's bar: >= 99.9 % of predictions kept
 NECESSARY_FLIP_RATE = 0.05  # removing efficient attention must change at least 5 % of predictions
 PROBABILITY_TOLERANCE = 1e-4  # row sums within this of 1 (attention is stored in float32 or float16)
@@ -50,11 +52,14 @@ def efficient_diagnostics_summary(
     return summary
 
 
-def _lookup(interventions: Sequence[str], targets: Sequence[str], aggregates: dict[str, np.ndarray]):
-    def value(name: str, intervention: str, target: str = "all") -> float | None:
-        if intervention not in interventions or target not in targets:
+def _lookup(interventions: Sequence[Intervention], targets: Sequence[str], aggregates: dict[str, np.ndarray]):
+    rows = {intervention: row for row, intervention in enumerate(interventions)}
+
+    def value(name: str, intervention: Intervention, target: str = "all") -> float | None:
+        """The aggregate `name` of `intervention` at `target`; None: not measured."""
+        if intervention not in rows or target not in targets:
             return None
-        number = aggregates[name][list(interventions).index(intervention), list(targets).index(target)]
+        number = aggregates[name][rows[intervention], list(targets).index(target)]
         return None if np.isnan(number) else float(number)
 
     return value
@@ -69,7 +74,7 @@ def _number(number: float | None) -> str:
 
 
 def claims_table(
-    interventions: Sequence[str],
+    interventions: Sequence[Intervention],
     targets: Sequence[str],
     aggregates: dict[str, np.ndarray],
     diagnostics_summary: dict[str, dict[str, float]],
@@ -77,48 +82,50 @@ def claims_table(
     replay_tolerance: float = 1e-4,
 ) -> list[dict[str, Any]]:
     """The claims table: one row per claim and variant. aggregates: {name: [intervention, target]}
-    (analysis.causal.aggregate_metrics) with `interventions` and `targets` naming their rows and columns;
+    (analysis.causal.aggregate_metrics) with `interventions` (parsed: analysis.interventions.parse_interventions)
+    and `targets` naming their rows and columns;
     replay_tolerance: the largest difference to the stored logits that replay may show (REPLAY_TOLERANCE of the
     store's dtype)."""
     value = _lookup(interventions, targets, aggregates)
-    variants = [name.split(":", 1)[1] for name in interventions if name.startswith("efficient:")]
+    variants = [item.variant for item in interventions if item.kind.name == "efficient"]
     rows = []
     for variant in variants:
-        agreement = value("agreement_rate", f"efficient:{variant}")
-        change = value("largest_logit_change", f"efficient:{variant}")
+        agreement = value("agreement_rate", Intervention("efficient", variant))
+        change = value("largest_logit_change", Intervention("efficient", variant))
         rows.append({
-            "claim": f"sufficient ({variant})",
-            "test": f"inject efficient:{variant} into every head of every layer; holds when >= "
+            "claim": f"sufficient ({variant.name})",
+            "test": f"inject efficient:{variant.name} into every head of every layer; holds when >= "
                     f"{100 * SUFFICIENT_AGREEMENT:.1f} % of predictions are kept (E·T = A·T by construction: this "
                     "checks that the stored E carries the model's computation through storage precision)",
             "measured": f"agreement {_percent(agreement)}, largest |Δlogit| {_number(change)}",
             "verdict": "—" if agreement is None else ("holds" if agreement >= SUFFICIENT_AGREEMENT else "does not hold"),
         })
-    def changed(intervention: str) -> float | None:
+    def changed(intervention: Intervention) -> float | None:
         agreement = value("agreement_rate", intervention)
         return None if agreement is None else 1.0 - agreement
 
+    ablate, uniform = Intervention("ablate"), Intervention("uniform")
     for variant in variants:
-        share = changed(f"null:{variant}")
-        null_change = value("largest_logit_change", f"null:{variant}")
+        share = changed(Intervention("null", variant))
+        null_change = value("largest_logit_change", Intervention("null", variant))
         rows.append({
-            "claim": f"necessary ({variant})",
+            "claim": f"necessary ({variant.name})",
             "test": f"inject only the null part A - E everywhere; holds when >= {100 * NECESSARY_FLIP_RATE:.0f} % of "
                     "predictions change. By construction (A - E)·T = 0: within one layer the null part does exactly "
                     "what ablating the layer's heads does, so compare ablate (zero attention) and uniform attention",
-            "measured": f"predictions changed {_percent(share)} (ablate {_percent(changed('ablate'))}, uniform "
-                        f"{_percent(changed('uniform'))}), largest |Δlogit| {_number(null_change)}",
+            "measured": f"predictions changed {_percent(share)} (ablate {_percent(changed(ablate))}, uniform "
+                        f"{_percent(changed(uniform))}), largest |Δlogit| {_number(null_change)}",
             "verdict": "—" if share is None else ("holds" if share >= NECESSARY_FLIP_RATE else "does not hold"),
         })
     for variant in variants:
-        kept = value("agreement_rate", f"efficient+null-noise:{variant}")
-        noise_change = value("largest_logit_change", f"efficient+null-noise:{variant}")
-        colspace_change = value("largest_logit_change", f"colspace-noise:{variant}")
-        colspace_flips = value("flip_rate", f"colspace-noise:{variant}")
+        kept = value("agreement_rate", Intervention("efficient+null-noise", variant))
+        noise_change = value("largest_logit_change", Intervention("efficient+null-noise", variant))
+        colspace_change = value("largest_logit_change", Intervention("colspace-noise", variant))
+        colspace_flips = value("flip_rate", Intervention("colspace-noise", variant))
         holds = (kept is not None and colspace_change is not None and kept >= SUFFICIENT_AGREEMENT
                  and colspace_change > 10 * (noise_change or 0.0))
         rows.append({
-            "claim": f"the null part does not reach the output ({variant})",
+            "claim": f"the null part does not reach the output ({variant.name})",
             "test": "E + random left-null noise of the removed norm must keep the predictions; the same norm inside "
                     "col(T) must move the logits (holds when noise keeps >= 99.9 % and col(T) noise moves the "
                     "logits 10x more)",
@@ -126,13 +133,11 @@ def claims_table(
                         f"noise: flip rate {_percent(colspace_flips)}, largest |Δlogit| {_number(colspace_change)}",
             "verdict": "—" if kept is None or colspace_change is None else ("holds" if holds else "does not hold"),
         })
-    probes = sorted(
-        (int(name.rsplit("=", 1)[1]), name) for name in interventions if name.startswith("minimality:")
-    )
+    probes = sorted(item.removed_directions for item in interventions if item.kind.removes_directions)
     if probes:
-        agreements = [(k, value("agreement_rate", name)) for k, name in probes]
+        agreements = [(k, value("agreement_rate", Intervention("minimality", "effective", k))) for k in probes]
         first_k, first_agreement = agreements[0]
-        sufficient = value("agreement_rate", "efficient:effective")
+        sufficient = value("agreement_rate", Intervention("efficient", "effective"))
         decided = first_agreement is not None and sufficient is not None and sufficient >= SUFFICIENT_AGREEMENT
         rows.append({
             "claim": "minimal (effective)",
@@ -156,7 +161,7 @@ def claims_table(
                         f"{summary['largest_row_sum_error']:.3g}, ||null||/||A|| {summary['mean_null_norm_ratio']:.3g}",
             "verdict": "holds" if share == 1.0 else "does not hold",
         })
-    replay = value("largest_stored_logit_difference", "replay")
+    replay = value("largest_stored_logit_difference", Intervention("replay"))
     rows.append({
         "claim": "replay reproduces the stored model",
         "test": "inject the stored attention everywhere; holds when every stored logit is reproduced within "

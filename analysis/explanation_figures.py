@@ -47,7 +47,7 @@ def faithfulness_curves_figure(dataset: xr.Dataset) -> Figure:
     k, one line per method, mean over the examples."""
     curves = mean_curves(dataset)
     percents = dataset["k"].values
-    methods = [str(name) for name in dataset["method"].values]
+    methods = [str(name) for name in dataset["explainer"].values]
     figure = Figure(figsize=(11, 4.6))
     axes = figure.subplots(1, 2)
     for panel, (metric, curve) in zip(axes, curves.items()):
@@ -76,7 +76,7 @@ def explanation_table_rows(dataset: xr.Dataset) -> list[list[str]]:
         return f"{values.mean():.4f}" if len(values) else "—"
 
     rows = []
-    for index, name in enumerate(dataset["method"].values):
+    for index, name in enumerate(dataset["explainer"].values):
         rows.append([str(name)] + [mean(aopc[index, m]) for m in range(aopc.shape[1])]
                     + [mean(tau[index, r]) for r in range(tau.shape[1])])
     return rows

@@ -18,6 +18,11 @@ stored efficient attention of a variant, T = V W_O^h, X = V·factor with col(X) 
 Norms are Frobenius norms of the real L×L block. Causal (decoder) models: every row i uses the prefix T[:i+1],
 so every matrix stays lower-triangular. Random matrices come from a generator seeded by (seed, example index,
 intervention name): the same example gets the same noise however the examples are batched.
+
+An intervention is an `Intervention` object from the moment its name is read (`Intervention.parse`) until it is
+written into the results dataset (`Intervention.name` and `results_row`); it holds its kind's record
+(`InterventionKind`) and its variant's record (analysis.variants.Variant). Adding a kind: one `InterventionKind`
+in KIND_RECORDS below, its matrices in `intervention_matrices`, plus its tests.
 """
 
 from __future__ import annotations
@@ -40,83 +45,140 @@ from analysis.efficient_attention import (
     rank_threshold,
     with_ones_column,
 )
-from analysis.variants import variant_record
-
-KINDS: tuple[str, ...] = (
-    "replay", "efficient", "null", "efficient+null-noise", "colspace-noise", "uniform", "ablate", "minimality",
-)
-KINDS_WITH_VARIANT = ("efficient", "null", "efficient+null-noise", "colspace-noise", "minimality")
-KIND_DESCRIPTIONS: dict[str, str] = {
-    "replay": "the stored attention A (must reproduce the stored logits)",
-    "efficient": "the stored efficient attention E of the variant (sufficiency)",
-    "null": "A - E, the part the variant removes (necessity)",
-    "efficient+null-noise": "E + N, N random in the left null space with ||N|| = ||A - E|| (must not move)",
-    "colspace-noise": "A + C, C random in col(T) with ||C|| = ||A - E|| (must move)",
-    "uniform": "uniform attention over the real (causal: visible) keys",
-    "ablate": "zero attention: the head contributes nothing",
-    "minimality": "A projected on col(T) without its k weakest directions",
-}
-DEFAULT_MINIMALITY_DIRECTIONS: tuple[int, ...] = (1, 2, 4, 8, 16)
+from analysis.variants import Variant, variant_record
 
 
 @dataclass(frozen=True)
-class Intervention:
-    """One kind of injected matrix; `variant` names the efficient-attention variant it is built from."""
+class InterventionKind:
+    """One kind of intervention, the only place a kind is declared (its matrices: `intervention_matrices`).
 
-    kind: str
-    variant: str = ""
+    takes_variant: built from an efficient-attention variant (`kind:<variant>`).
+    reads_efficient: reads the stored efficient attention of that variant (minimality recomputes its projection).
+    per_layer_by_default: measured one layer at a time (scope "layer") unless --layer-interventions says otherwise.
+    removes_directions: the minimality probe: `kind:<variant>:k=<k>`, k >= 1 directions removed.
+    """
+
+    name: str
+    description: str
+    takes_variant: bool = False
+    reads_efficient: bool = False
+    per_layer_by_default: bool = False
+    removes_directions: bool = False
+
+
+KIND_RECORDS: dict[str, InterventionKind] = {record.name: record for record in (
+    InterventionKind("replay", "the stored attention A (must reproduce the stored logits)"),
+    InterventionKind("efficient", "efficient attention E of the variant (sufficiency)",
+                     takes_variant=True, reads_efficient=True, per_layer_by_default=True),
+    InterventionKind("null", "only the null part A − E, what the variant removes (necessity)",
+                     takes_variant=True, reads_efficient=True, per_layer_by_default=True),
+    InterventionKind("efficient+null-noise",
+                     "E + random left-null-space noise of norm ‖A − E‖ (must not move)",
+                     takes_variant=True, reads_efficient=True),
+    InterventionKind("colspace-noise", "A + random noise inside col(T) of norm ‖A − E‖ (must move)",
+                     takes_variant=True, reads_efficient=True),
+    InterventionKind("uniform", "uniform attention over the real (causal: visible) keys", per_layer_by_default=True),
+    InterventionKind("ablate", "zero attention: the head adds nothing", per_layer_by_default=True),
+    InterventionKind("minimality", "A projected on col(T) without its k weakest directions",
+                     takes_variant=True, removes_directions=True),
+)}
+KINDS: tuple[str, ...] = tuple(KIND_RECORDS)
+KIND_DESCRIPTIONS: dict[str, str] = {name: record.description for name, record in KIND_RECORDS.items()}
+DEFAULT_MINIMALITY_DIRECTIONS: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+def kind_record(name: str) -> InterventionKind:
+    """The record of the intervention kind called `name` (a ValueError names the kinds)."""
+    try:
+        return KIND_RECORDS[name]
+    except KeyError:
+        raise ValueError(f"unknown intervention kind {name!r}: choose from {list(KINDS)}") from None
+
+
+@dataclass(frozen=True, repr=False)
+class Intervention:
+    """One injected intervention: its kind's record, the record of the variant it is built from (None when the
+    kind takes none) and, for the minimality probe, the k directions removed. The constructor also takes names:
+    Intervention("null", "simplex")."""
+
+    kind: InterventionKind
+    variant: Variant | None = None
     removed_directions: int = 0  # minimality only: k
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown intervention kind {self.kind!r}: choose from {list(KINDS)}")
-        if self.kind in KINDS_WITH_VARIANT:
-            if self.variant not in VARIANTS:
-                raise ValueError(
-                    f"intervention {self.kind!r} needs a variant from {list(VARIANTS)}, e.g. '{self.kind}:effective'"
-                )
-        elif self.variant:
-            raise ValueError(f"intervention {self.kind!r} takes no variant, got {self.variant!r}")
-        if self.kind == "minimality":
-            if self.variant != "effective":
-                raise ValueError("the minimality probe truncates the effective projection: use minimality:effective:k=K")
+        kind = self.kind if isinstance(self.kind, InterventionKind) else kind_record(self.kind)
+        object.__setattr__(self, "kind", kind)
+        variant = self.variant
+        if kind.takes_variant:
+            if not isinstance(variant, Variant) and variant not in VARIANTS:
+                raise ValueError(f"intervention {kind.name!r} needs a variant from {list(VARIANTS)}, e.g. "
+                                 f"'{kind.name}:effective'")
+            if not isinstance(variant, Variant):
+                object.__setattr__(self, "variant", variant_record(variant))
+        elif variant:
+            name = variant.name if isinstance(variant, Variant) else variant
+            raise ValueError(f"intervention {kind.name!r} takes no variant, got {name!r}")
+        else:
+            object.__setattr__(self, "variant", None)
+        if kind.removes_directions:
+            if self.variant.name != "effective":
+                raise ValueError("the minimality probe truncates the effective projection: use "
+                                 "minimality:effective:k=K")
             if self.removed_directions < 1:
                 raise ValueError(f"minimality needs k >= 1 directions removed, got {self.removed_directions}")
         elif self.removed_directions:
-            raise ValueError(f"only minimality removes directions, got k={self.removed_directions} for {self.kind}")
+            raise ValueError(f"only minimality removes directions, got k={self.removed_directions} for {kind.name}")
 
     @property
     def name(self) -> str:
-        if self.kind == "minimality":
-            return f"minimality:{self.variant}:k={self.removed_directions}"
-        return f"{self.kind}:{self.variant}" if self.variant else self.kind
+        """The name written into the results dataset and read on the command line."""
+        if self.kind.removes_directions:
+            return f"{self.kind.name}:{self.variant.name}:k={self.removed_directions}"
+        return f"{self.kind.name}:{self.variant.name}" if self.variant else self.kind.name
+
+    @property
+    def variant_name(self) -> str:
+        """The variant's name, '' when the kind takes none."""
+        return self.variant.name if self.variant else ""
 
     @property
     def needs_efficient(self) -> bool:
         """Whether the stored efficient attention of `variant` is read (minimality recomputes its projection)."""
-        return self.kind in ("efficient", "null", "efficient+null-noise", "colspace-noise")
+        return self.kind.reads_efficient
+
+    def results_row(self) -> dict[str, str | int]:
+        """Its entries in the results dataset's coordinates (storage_schemas.causal_results)."""
+        return {"name": self.name, "kind": self.kind.name, "variant": self.variant_name,
+                "removed_directions": self.removed_directions}
+
+    def __repr__(self) -> str:
+        return f"Intervention.parse({self.name!r})"
 
     @classmethod
     def parse(cls, name: str) -> Intervention:
         """'efficient:stochastic', 'null:simplex', 'minimality:effective:k=4', 'ablate', ..."""
         parts = name.strip().split(":")
-        if parts[0] == "minimality":
+        if parts[0] in KIND_RECORDS and KIND_RECORDS[parts[0]].removes_directions:
             if len(parts) != 3 or not parts[2].startswith("k=") or not parts[2][2:].isdigit():
                 raise ValueError(f"cannot read {name!r}: write the minimality probe as minimality:effective:k=4")
-            return cls("minimality", parts[1], int(parts[2][2:]))
+            return cls(parts[0], parts[1], int(parts[2][2:]))
         if len(parts) > 2:
             raise ValueError(f"cannot read intervention {name!r}: write KIND or KIND:VARIANT, e.g. null:effective")
-        return cls(parts[0], parts[1] if len(parts) == 2 else "")
+        return cls(parts[0], parts[1] if len(parts) == 2 else None)
 
 
 def default_interventions(
     variants: Sequence[str] = VARIANTS, minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS
 ) -> list[Intervention]:
-    """Every intervention of the causal tests for these variants (minimality only when 'effective' is among them)."""
+    """Every intervention of the causal tests for these variants (minimality only when 'effective' is among them):
+    replay, then each kind with a variant for every variant, then the kinds without one, then the minimality
+    probes."""
     interventions = [Intervention("replay")]
-    for kind in ("efficient", "null", "efficient+null-noise", "colspace-noise"):
-        interventions += [Intervention(kind, variant) for variant in variants]
-    interventions += [Intervention("uniform"), Intervention("ablate")]
+    for kind in KIND_RECORDS.values():
+        if kind.takes_variant and not kind.removes_directions:
+            interventions += [Intervention(kind, variant) for variant in variants]
+    interventions += [Intervention(kind) for kind in KIND_RECORDS.values()
+                      if not kind.takes_variant and kind.name != "replay"]
     if "effective" in variants:
         interventions += [Intervention("minimality", "effective", k) for k in minimality_directions]
     return interventions
@@ -131,6 +193,19 @@ def parse_interventions(names: Sequence[str]) -> list[Intervention]:
             raise ValueError(f"intervention {intervention.name} is listed twice")
         seen.add(intervention.name)
     return interventions
+
+
+def default_layer_interventions(interventions: Sequence[Intervention]) -> list[Intervention]:
+    """The interventions measured one layer at a time by default: those whose kind says so."""
+    return [item for item in interventions if item.kind.per_layer_by_default]
+
+
+def default_head_interventions(interventions: Sequence[Intervention]) -> list[Intervention]:
+    """The intervention measured one head at a time by default: ablate where it is run; otherwise a null part (the
+    same by construction, (A - E)·T = 0), else the first intervention."""
+    ablate = [item for item in interventions if item.kind.name == "ablate"]
+    nulls = [item for item in interventions if item.kind.name == "null"]
+    return ablate or nulls[:1] or list(interventions[:1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -279,9 +354,10 @@ def intervention_matrices(
     if example_indices is None:
         example_indices = np.arange(examples)
     if intervention.needs_efficient and efficient is None:
-        raise ValueError(f"{intervention.name} needs the stored efficient attention of variant {intervention.variant}")
+        raise ValueError(f"{intervention.name} needs the stored efficient attention of variant "
+                         f"{intervention.variant_name}")
     result = np.zeros(attention.shape, dtype=np.float32)
-    kind = intervention.kind
+    kind = intervention.kind.name
     if kind == "ablate":
         return result
     if kind in ("replay", "efficient", "null", "uniform"):
@@ -298,7 +374,7 @@ def intervention_matrices(
         return result
 
     hidden_size = w_out.shape[-1]
-    with_ones = variant_record(intervention.variant).projects_with_ones  # the null space the variant removes
+    with_ones = intervention.variant.projects_with_ones  # the null space the variant removes
     noise = None
     if kind in ("efficient+null-noise", "colspace-noise"):
         noise = {}

@@ -377,15 +377,22 @@ def layer_scope_figure(aggregates: xr.Dataset, layers: int, metric: str = "flip_
 
 def minimality_curve(aggregates: xr.Dataset, target: str = "all") -> dict[str, Any] | None:
     """Agreement and flip rate against k, the number of weakest directions of col(T) removed from the effective
-    projection (k = 0: efficient:<variant> itself), at `target`. {"k", "agreement_rate", "flip_rate": arrays
+    projection (k = 0: efficient:<variant> itself), at `target`. aggregates: [intervention, target] with the
+    coordinates intervention_kind, variant and removed_directions. {"k", "agreement_rate", "flip_rate": arrays
     [point], "variant": str}, or None without minimality probes."""
+    # the parts of each intervention the results dataset records beside its name (no name is parsed here)
     names = [str(name) for name in aggregates["intervention"].values]
-    points = sorted((int(name.rsplit("=", 1)[1]), name) for name in names if name.startswith("minimality:"))
-    if not points:
+    kinds = [str(kind) for kind in aggregates["intervention_kind"].values]
+    variants = [str(variant) for variant in aggregates["variant"].values]
+    removed = [int(k) for k in aggregates["removed_directions"].values]
+    probes = sorted((removed[row], row) for row, kind in enumerate(kinds) if kind == "minimality")
+    if not probes:
         return None
-    variant = points[0][1].split(":")[1]
-    if f"efficient:{variant}" in names:
-        points = [(0, f"efficient:{variant}"), *points]
+    variant = variants[probes[0][1]]
+    points = [(k, names[row]) for k, row in probes]
+    efficient = [name for name, kind, of in zip(names, kinds, variants) if kind == "efficient" and of == variant]
+    if efficient:
+        points = [(0, efficient[0]), *points]
     selected = aggregates.sel(target=target)
     return {
         "k": np.array([k for k, _ in points]),

@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from analysis import report_figures as figures
+from analysis.interventions import KIND_DESCRIPTIONS
 from analysis.variants import VARIANTS, variant_record
 
 TABLE_METRICS = (
@@ -30,16 +31,6 @@ TABLE_METRICS = (
     ("accuracy", "accuracy", "percent"),
     ("examples_measured", "examples", "count"),
 )
-INTERVENTION_DESCRIPTIONS = {
-    "replay": "the stored attention A (must reproduce the stored logits)",
-    "efficient": "efficient attention E of the variant (sufficiency)",
-    "null": "only the null part A − E (necessity)",
-    "efficient+null-noise": "E + random left-null-space noise of norm ‖A − E‖ (must not move)",
-    "colspace-noise": "A + random noise inside col(T) of norm ‖A − E‖ (must move)",
-    "uniform": "uniform attention over the real keys",
-    "ablate": "zero attention: the head adds nothing",
-    "minimality": "A projected on col(T) without its k weakest directions",
-}
 VERDICT_CLASSES = {"holds": "holds", "does not hold": "fails"}
 
 
@@ -184,8 +175,9 @@ def aggregate_rows(aggregates: xr.Dataset, target: str = "all") -> list[list[str
     for index, name in enumerate(str(name) for name in aggregates["intervention"].values):
         if float(selected["examples_measured"].values[index]) <= 0:
             continue
-        kind = name.split(":", 1)[0]
-        rows.append([name, INTERVENTION_DESCRIPTIONS.get(kind, kind)]
+        kind = (str(aggregates["intervention_kind"].values[index]) if "intervention_kind" in aggregates
+                else name.split(":", 1)[0])  # results written before the coordinate
+        rows.append([name, KIND_DESCRIPTIONS.get(kind, kind)]
                     + [_format(selected[metric].values[index], kind_) for metric, _, kind_ in TABLE_METRICS
                        if metric in selected])
     return rows

@@ -7,9 +7,16 @@ from typing import Any
 from prefect import flow
 from tqdm.auto import tqdm
 
-from analysis.causal import SCOPES, targets_for
+from analysis.causal import SCOPES, CausalPlan, targets_for
 from analysis.efficient_attention import VARIANTS
-from analysis.interventions import DEFAULT_MINIMALITY_DIRECTIONS, default_interventions, parse_interventions
+from analysis.interventions import (
+    DEFAULT_MINIMALITY_DIRECTIONS,
+    Intervention,
+    default_head_interventions,
+    default_interventions,
+    default_layer_interventions,
+    parse_interventions,
+)
 from flows.settings import CausalSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_chunk_codec_batches
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
@@ -18,15 +25,15 @@ from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import prepare_results, run_causal_shard, summarise_results
 
 
-def recorded_causal_settings(settings: CausalSettings) -> dict[str, Any]:
-    """Everything that shapes the numbers of a causal run, as the results record it (attribute `settings`; a rerun
-    with other settings is refused). The same shape as before the settings objects, so that older results stay
-    complete for a rerun of the same command.
+def causal_plan(settings: CausalSettings) -> CausalPlan:
+    """Everything that shapes the numbers of a causal run (a rerun with another plan is refused); the names are
+    parsed here, once.
 
-    Defaults: the variants the efficient stage has finished in the store; every intervention for them at scope "all"; efficient, null,
-    uniform and ablate at scope "layer"; ablate at scope "head" (which heads matter; within one head null:<v> is
-    ablation by construction, (A - E)·T = 0, and the layer scope already shows that);
-    the layer and head scopes on `scope_examples` examples spread over the store (None: all).
+    Defaults: the variants the efficient stage has finished in the store; every intervention for them at scope
+    "all"; those whose kind is measured per layer (efficient, null, uniform, ablate) at scope "layer"; ablate at
+    scope "head" (which heads matter; within one head null:<v> is ablation by construction, (A - E)·T = 0, and
+    the layer scope already shows that); the layer and head scopes on `scope_examples` examples spread over the
+    store (None: all).
     """
     store, variants, interventions = settings.store, settings.variants, settings.interventions
     layer_interventions, head_interventions = settings.layer_interventions, settings.head_interventions
@@ -50,27 +57,18 @@ def recorded_causal_settings(settings: CausalSettings) -> dict[str, Any]:
         chosen = default_interventions(variants, directions)
     else:
         chosen = parse_interventions(interventions)
-    names = [item.name for item in chosen]
-    if layer_interventions is None:
-        layer_interventions = [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")]
-    if head_interventions is None:
-        # ablate where it is run; otherwise a null part (the same by construction), else the first intervention
-        nulls = [name for name in names if name.startswith("null:")]
-        head_interventions = ["ablate"] if "ablate" in names else nulls[:1] or names[:1]
-    for scope_name, listed in (("layer", layer_interventions), ("head", head_interventions)):
-        unknown = [name for name in listed if name not in names]
-        if unknown:
-            raise ValueError(f"--{scope_name}-interventions {unknown} are not among the interventions run: {names}")
-    targets = targets_for(list(scopes), layout.layers, layout.heads)
     attributes = group.attrs.asdict()
-    return {
-        "interventions": names,
-        "scopes": list(scopes),
-        "scope_interventions": {"all": names, "layer": list(layer_interventions), "head": list(head_interventions)},
-        "scope_examples": None if scope_examples is None else int(scope_examples),
-        "targets": [{"name": t.name, "scope": t.scope, "layer": t.layer, "head": t.head} for t in targets],
-        "seed": int(settings.seed),
-        "store_identity": {
+    return CausalPlan(
+        interventions=tuple(chosen),
+        scopes=tuple(scopes),
+        layer_interventions=tuple(default_layer_interventions(chosen) if layer_interventions is None
+                                  else map(Intervention.parse, layer_interventions)),
+        head_interventions=tuple(default_head_interventions(chosen) if head_interventions is None
+                                 else map(Intervention.parse, head_interventions)),
+        scope_examples=None if scope_examples is None else int(scope_examples),
+        targets=tuple(targets_for(list(scopes), layout.layers, layout.heads)),
+        seed=int(settings.seed),
+        store_identity={
             "weights_digest": attributes["model"]["weights_digest"],
             "corpus_digest": attributes["corpus"]["digest"],
             "examples": layout.n_examples,
@@ -78,18 +76,24 @@ def recorded_causal_settings(settings: CausalSettings) -> dict[str, Any]:
             # efficient attention recomputed with other settings makes these results stale
             "efficient_settings": {
                 variant: group[efficient_array_path(variant)].attrs.get("settings")
-                for variant in sorted({name.split(":")[1] for name in names if name.count(":") >= 1})
+                for variant in sorted({item.variant_name for item in chosen if item.variant})
                 if efficient_array_path(variant) in group
             },
         },
-    }
+    )
+
+
+def recorded_causal_settings(settings: CausalSettings) -> dict[str, Any]:
+    """The plan of `causal_plan(settings)` as the results' `settings` attribute records it (the same shape as
+    before the settings objects, so that older results stay complete for a rerun of the same command)."""
+    return causal_plan(settings).as_attribute()
 
 
 @flow(name="effattn-causal")
 def causal(settings: CausalSettings) -> list[dict[str, Any]]:
     """Re-inject stored attention, efficient attention and controls into the model; write per-example metrics,
-    aggregates and the claims table to the results dataset at `settings.results` (flows.settings.CausalSettings).
-    Resumable: done shards are skipped.
+    aggregates and the claims table to the results dataset at `results` (the fields of `settings`,
+    flows.settings.CausalSettings). Resumable: done shards are skipped.
 
     `model` overrides the model named in the store (it must have the same weights). `forward_rows` bounds the
     rows of one intervened forward pass (targets x examples; default 64, 8 for next-token stores whose logits
@@ -97,15 +101,15 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
     """
     use_chunk_codec_batches()
     store, results, forward_rows = settings.store, settings.results, settings.forward_rows
-    recorded = recorded_causal_settings(settings)
+    plan = causal_plan(settings)
     if forward_rows is None:
         task_name = open_attention_store(store).attrs["extraction"]["task"]
         forward_rows = 8 if task_name == "next-token" else 64
     with hold_store_lock(results, "causal"):  # one writer per results dataset (the store is only read)
-        todo = prepare_results(store, results, recorded)
+        todo = prepare_results(store, results, plan)
         group = open_causal_results(results, mode="r+")
         for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-            inputs = run_causal_shard(store, results, shard_index, recorded, settings.model, settings.device,
+            inputs = run_causal_shard(store, results, shard_index, plan, settings.model, settings.device,
                                       settings.batch_size, forward_rows)
             mark_causal_shard_completed(group, shard_index, inputs)
         return summarise_results(store, results)

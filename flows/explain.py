@@ -11,34 +11,35 @@ from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
 from flows.settings import ExplainSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
-from storage_schemas.efficient_store import efficient_completed_shards
+from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
 from storage_schemas.store_lock import hold_store_lock
 from tasks.explain import (
     choose_examples,
-    matrix_sources,
+    efficient_sources,
     prepare_explanations,
     run_explanation_shard,
     store_identity,
     summarise_explanations,
 )
 
+
 def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
     """The run's settings record (analysis.explanations.ExplanationSettings plus the store's identity), as the
     results record it (attribute `settings`; a rerun with other settings is refused).
 
-    Default methods: raw attention and every variant whose efficient stage finished on some shard, each in every
-    aggregation, then the model baselines and random. `examples` are spread over the readable examples (None: all).
+    Default methods: raw attention and every variant the efficient stage was run for (the store holds
+    `efficient/<variant>`), each in every aggregation, then the model baselines and random. `examples` are spread
+    over the whole store (None: all); the stage refuses them while a store shard holding one is unfinished.
     """
     store, methods = settings.store, settings.methods
     if methods is None:
         group = open_attention_store(store, mode="r")
-        variants = [variant for variant in VARIANTS if efficient_completed_shards(group, variant)]
-        methods = default_methods(variants)
+        methods = default_methods([variant for variant in VARIANTS if efficient_array_path(variant) in group])
     methods = list(methods)
-    variants = [source for source in matrix_sources(methods) if source in VARIANTS]
+    variants = efficient_sources(methods)
     chosen = ExplanationSettings(
-        methods=tuple(methods), examples=tuple(choose_examples(store, variants, settings.examples)),
+        methods=tuple(methods), examples=tuple(choose_examples(store, settings.examples)),
         percents=PERCENTS if settings.percents is None else tuple(settings.percents),
         integrated_gradients_steps=settings.integrated_gradients_steps,
         leave_one_out_max_tokens=settings.leave_one_out_max_tokens, minimality_rows=settings.minimality_rows,
@@ -52,8 +53,9 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     """Token attributions of every method for `examples` examples, their ERASER faithfulness and Kendall τ, and the
     simplex rows' minimality, into the results dataset at `results` (the fields of `settings`,
     flows.settings.ExplainSettings). Resumable: done shards are skipped; other settings into the same results are
-    refused. `model` overrides the store's model (same weights); `forward_rows` bounds the rows of one removal
-    forward pass. Returns the explanation claims."""
+    refused; examples in store shards that are unfinished are refused, and shards computed from store shards
+    written again since are computed again. `model` overrides the store's model (same
+    weights); `forward_rows` bounds the rows of one removal forward pass. Returns the explanation claims."""
     store, results = settings.store, settings.results
     recorded = recorded_explanation_settings(settings)
     store_layout(open_attention_store(store, mode="r"))  # a clear error for a store that is not one
@@ -61,7 +63,7 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
         todo = prepare_explanations(store, results, recorded)
         group = open_explanation_results(results, mode="r+")
         for shard_index in tqdm(todo, desc="explanation shards", unit="shard", disable=not todo):
-            run_explanation_shard(store, results, shard_index, recorded, settings.model, settings.device,
-                                  settings.forward_rows)
-            mark_explanation_shard_completed(group, shard_index)
-        return summarise_explanations(results)
+            inputs = run_explanation_shard(store, results, shard_index, recorded, settings.model, settings.device,
+                                           settings.forward_rows)
+            mark_explanation_shard_completed(group, shard_index, inputs)
+        return summarise_explanations(store, results)

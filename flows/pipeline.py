@@ -171,13 +171,14 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         finished("explain", "not needed", None, "explain_examples is 0")
     else:
         explain_stage = settings.explain_settings(store, explanations, tuple(default_methods(variants)))
-        check = explanation_status(explanations, recorded_explanation_settings(explain_stage))
+        check = explanation_status(explanations, recorded_explanation_settings(explain_stage), store)
         if check.conflicting:
             raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
                              "explain again with this run's settings, or pass --explain-examples 0")
         if check.complete:
             finished("explain", "skipped", None, check.reason)
         else:
+            logger.info("stage explain needed: %s", check.reason)
             started = time.perf_counter()
             explain(explain_stage)
             finished("explain", "ran", started, explanations)

@@ -193,10 +193,11 @@ class ExplainSettings(StageSettings):
     results: Annotated[str, option(description="explanation results to write (Zarr v3; path or URL)")]
     methods: Annotated[Names | None, option(
         None, "comma-separated, e.g. attention:rollout,simplex:last-layer,integrated-gradients,leave-one-out,random "
-              "(default: attention and every finished variant in every aggregation, the model baselines, random)")]
+              "(default: attention and every variant the store holds, in every aggregation, the model baselines, "
+              "random)")]
     examples: Annotated[PositiveInt | None, option(
         16, "examples explained, spread over the store",
-        unset=("--all-examples", "explain every readable example"))]
+        unset=("--all-examples", "explain every example of the store"))]
     integrated_gradients_steps: Annotated[PositiveInt, option(32, "integrated gradients steps", flag="--ig-steps")]
     leave_one_out_max_tokens: Annotated[PositiveInt, option(
         128, "leave-one-out only for examples with at most this many removable tokens", flag="--loo-max-tokens")]

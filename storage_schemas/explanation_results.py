@@ -9,7 +9,7 @@ UTF-8 (Zarr v3 `string`).
 
 | array | dims | |
 |---|---|---|
-| `method`, `method_kind`, `method_source`, `method_aggregation` | method | name and parts |
+| `explainer`, `explainer_kind`, `explainer_source`, `explainer_aggregation` | explainer | name and parts |
 | `metric` / `k` / `reference` / `layer` | own dim | coordinates |
 | `store_example`, `length`, `label` | example | copied from the store |
 | `faithfulness` | method, metric, k, example | ERASER comprehensiveness and sufficiency |
@@ -24,7 +24,16 @@ UTF-8 (Zarr v3 `string`).
 Per-example arrays are chunked by the results' own shards (`shard_size` examples); the stage writes whole shards and
 records them in the root attribute `completed_shards` after the data is written. Root attributes: schema name and
 version, the attention store's URL and provenance, `settings` (a rerun with other settings is refused),
-`completed_shards`, `created`, and after aggregation `claims` (analysis.explanation_claims).
+`completed_shards`, `shard_identities`, `shard_inputs`, `created`, and after aggregation `claims`
+(analysis.explanation_claims).
+
+Every completed shard records the identities of the attention-store shards its examples were read from (root
+attribute `shard_inputs`: shard -> {"extraction[k]": identity, "efficient/<variant>[k]": identity} for every store
+shard k holding one of its examples and every variant whose matrices its methods read; see
+storage_schemas.attention_store). A shard counts as completed (`explanation_completed_shards`) only while those
+inputs are still complete with the same identities: store shards written again make it stale, and the explanation
+stage computes it again. Results written before inputs were recorded were computed from `legacy` inputs
+(extraction and every variant the methods read that the store holds), as the causal results are.
 """
 
 from __future__ import annotations
@@ -35,19 +44,35 @@ from typing import Any
 import numpy as np
 import zarr
 
-from storage_schemas.attention_store import AttentionStoreError, _compressors
+from analysis.variants import VARIANTS
+from storage_schemas.attention_store import (
+    AttentionStoreError,
+    IncompleteInputError,
+    _compressors,
+    completion_update,
+    describe_shards,
+    extract_again_advice,
+    open_attention_store,
+    recorded_identities,
+    recorded_inputs,
+    removal_update,
+    shard_is_current,
+    store_layout,
+)
+from storage_schemas.causal_results import causal_input_identities
+from storage_schemas.efficient_store import EXTRACTION_INPUT, efficient_array_path, efficient_stale_shards
 
 SCHEMA_NAME = "effattn.explanation_results"
 SCHEMA_VERSION = 1
 
 # name -> (dims, dtype, fill, description) of the per-example arrays, written shard by shard.
 PER_EXAMPLE_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any, str]] = {
-    "faithfulness": (("method", "metric", "k", "example"), "float32", float("nan"),
+    "faithfulness": (("explainer", "metric", "k", "example"), "float32", float("nan"),
                      "ERASER comprehensiveness / sufficiency of the target probability"),
-    "aopc": (("method", "metric", "example"), "float32", float("nan"), "area over the perturbation curve: mean over k"),
-    "kendall_tau": (("method", "reference", "example"), "float32", float("nan"),
+    "aopc": (("explainer", "metric", "example"), "float32", float("nan"), "area over the perturbation curve: mean over k"),
+    "kendall_tau": (("explainer", "reference", "example"), "float32", float("nan"),
                     "Kendall tau-b with the reference method over the removable tokens"),
-    "attribution": (("method", "example", "position"), "float32", float("nan"),
+    "attribution": (("explainer", "example", "position"), "float32", float("nan"),
                     "per-token attribution (NaN where the token may not be removed)"),
     "target": (("example",), "int64", -1, "the class (or next token) the unmodified model predicts"),
     "full_probability": (("example",), "float32", float("nan"), "p(target | x)"),
@@ -64,8 +89,8 @@ PER_EXAMPLE_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any, str]] = {
 
 # name -> (dims, description); float64, written once every shard is done.
 AGGREGATES: dict[str, tuple[tuple[str, ...], str]] = {
-    "mean_aopc": (("method", "metric"), "mean AOPC over the examples"),
-    "mean_kendall_tau": (("method", "reference"), "mean Kendall tau over the examples where it is defined"),
+    "mean_aopc": (("explainer", "metric"), "mean AOPC over the examples"),
+    "mean_kendall_tau": (("explainer", "reference"), "mean Kendall tau over the examples where it is defined"),
     "minimal_share": (("layer",), "share of the judged simplex rows whose support is minimal"),
 }
 
@@ -106,14 +131,14 @@ def create_explanation_results(
         raise ExplanationResultsError(
             f"something already exists at {url}: choose a new --results path, or delete it to start over"
         ) from None
-    sizes = {"method": len(methods), "metric": len(metrics), "k": len(percents), "reference": len(references),
+    sizes = {"explainer": len(methods), "metric": len(metrics), "k": len(percents), "reference": len(references),
              "example": len(examples["store_example"]), "position": int(positions), "layer": int(layers)}
     for field, description in (("name", "attribution method"), ("kind", "matrices, model or random"),
                                ("source", "attention or an efficient variant ('' otherwise)"),
                                ("aggregation", "how stored matrices become token scores ('' otherwise)")):
-        name = "method" if field == "name" else f"method_{field}"
-        _array(group, name, np.asarray([item[field] for item in methods], dtype=object), (sizes["method"],), "string",
-               (sizes["method"],), ("method",), description, fill_value="")
+        name = "explainer" if field == "name" else f"explainer_{field}"
+        _array(group, name, np.asarray([item[field] for item in methods], dtype=object), (sizes["explainer"],), "string",
+               (sizes["explainer"],), ("explainer",), description, fill_value="")
     for name, values, description in (("metric", list(metrics), "faithfulness metric"),
                                       ("reference", list(references), "reference of Kendall tau")):
         _array(group, name, np.asarray(values, dtype=object), (len(values),), "string", (len(values),), (name,),
@@ -149,7 +174,7 @@ def open_explanation_results(url: str, mode: str = "r", storage_options: dict | 
             f"{url}`"
         ) from None
     attributes = group.attrs.asdict()
-    if "schema" not in attributes and "method" in group:
+    if "schema" not in attributes and "explainer" in group:
         raise ExplanationResultsError(
             f"{url} was never completely created (its creation stopped before the attributes were written): delete "
             "it and run `effattn explain` again"
@@ -165,7 +190,7 @@ def open_explanation_results(url: str, mode: str = "r", storage_options: dict | 
             f"{url} has explanation results schema version {attributes.get('schema_version')!r}, but this effattn "
             f"reads version {SCHEMA_VERSION}: run `effattn explain` again into a new --results path"
         )
-    missing = [name for name in (*PER_EXAMPLE_ARRAYS, "method", "example") if name not in group]
+    missing = [name for name in (*PER_EXAMPLE_ARRAYS, "explainer", "example") if name not in group]
     if missing:
         raise ExplanationResultsError(f"{url} lacks the arrays {missing}: it was not completely created; delete it "
                                       "and run `effattn explain` again")
@@ -198,16 +223,121 @@ def explanation_shard_count(group: zarr.Group) -> int:
     return -(-group["example"].shape[0] // int(group.attrs["shard_size"]))
 
 
-def explanation_completed_shards(group: zarr.Group) -> list[int]:
-    return sorted(group.attrs.get("completed_shards", []))
+def explanation_variants(group: zarr.Group) -> list[str]:
+    """The efficient variants whose stored matrices the results' methods read (their `explainer_source`), in VARIANTS
+    order."""
+    sources = set(group["explainer_source"][:].tolist())
+    return [variant for variant in VARIANTS if variant in sources]
 
 
-def mark_explanation_shard_completed(group: zarr.Group, shard_index: int) -> None:
-    """Record a shard as done; only after its data is written, only from the driver."""
-    explanation_shard_region(group, shard_index)
-    done = set(group.attrs.get("completed_shards", []))
-    done.add(int(shard_index))
-    group.attrs["completed_shards"] = sorted(done)
+def store_shards_holding(store_group: zarr.Group, store_examples) -> list[int]:
+    """The attention-store shards that hold the examples `store_examples` (store indices)."""
+    size = store_layout(store_group).shard_size
+    return sorted({int(example) // size for example in store_examples})
+
+
+def _input_names(store_shards, variants) -> list[tuple[int, str, str]]:
+    """(store shard, store input name, name recorded in `shard_inputs`) for every input read from `store_shards`."""
+    names = [EXTRACTION_INPUT, *(efficient_array_path(variant) for variant in variants)]
+    return [(shard, name, f"{name}[{shard}]") for shard in store_shards for name in names]
+
+
+def _identities_of(current: dict[int, dict[str, str | None]], store_shards, variants) -> dict[str, str | None]:
+    return {recorded: current.get(shard, {}).get(name) for shard, name, recorded in _input_names(store_shards,
+                                                                                                  variants)}
+
+
+def explanation_input_identities(store_group: zarr.Group, store_examples, variants) -> dict[str, str | None]:
+    """The current identities of what explaining `store_examples` reads: for every store shard k holding one of them,
+    `extraction[k]` and `efficient/<variant>[k]` for each of `variants` -> identity (None: that shard is not
+    complete, or is stale)."""
+    return _identities_of(causal_input_identities(store_group, variants),
+                          store_shards_holding(store_group, store_examples), variants)
+
+
+def explanation_shard_inputs(group: zarr.Group, store_group: zarr.Group, shard_index: int) -> dict[str, str | None]:
+    """`explanation_input_identities` of the examples of one shard of the results `group`."""
+    region = explanation_shard_region(group, shard_index)
+    return explanation_input_identities(store_group, group["store_example"][region], explanation_variants(group))
+
+
+def require_explanation_inputs(store_group: zarr.Group, store_url: str, store_examples, variants) -> None:
+    """Refuse (`IncompleteInputError`) to explain `store_examples` while a store shard holding one of them is not
+    extracted, or lacks current efficient attention of one of `variants`, naming the shards and the commands that
+    complete them."""
+    layout = store_layout(store_group)
+    shards = store_shards_holding(store_group, store_examples)
+    current = causal_input_identities(store_group, variants)
+    problems = []
+    missing = [shard for shard in shards if current[shard][EXTRACTION_INPUT] is None]
+    if missing:
+        problems.append(f"extraction {describe_shards(missing, layout)} {'is' if len(missing) == 1 else 'are'} not "
+                        f"complete: {extract_again_advice(store_group, store_url)}")
+    for variant in variants:
+        path = efficient_array_path(variant)
+        lacking = [shard for shard in shards if current[shard][path] is None]
+        if not lacking:
+            continue
+        stale = set(lacking) & set(efficient_stale_shards(store_group, variant))
+        why = " (computed from extraction shards that were written again since, or are not complete)" if stale else ""
+        problems.append(f"{path} {describe_shards(lacking, layout)} {'is' if len(lacking) == 1 else 'are'} not "
+                        f"computed{why}: run `effattn efficient --store {store_url} --variants {variant}`"
+                        + (" after the extraction is complete" if missing else ""))
+    if problems:
+        raise IncompleteInputError(
+            f"{store_url} is not ready for `effattn explain` (the examples to explain lie in unfinished shards, "
+            f"which read as zeros, so the results would be wrong): {'; '.join(problems)}; then run `effattn explain` "
+            "again"
+        )
+
+
+def _explanation_shard_states(group: zarr.Group, store_group: zarr.Group) -> tuple[list[int], list[int]]:
+    """(current, stale) recorded shards of the results: stale ones were computed from store shards that are not
+    complete now, or were written again since."""
+    attributes = group.attrs.asdict()
+    variants = explanation_variants(group)
+    legacy_variants = [variant for variant in variants if efficient_array_path(variant) in store_group]
+    current = causal_input_identities(store_group, variants)
+    store_examples = group["store_example"][:]
+    n_shards = explanation_shard_count(group)
+    fresh, stale = [], []
+    for shard in sorted(recorded_identities(attributes)):
+        if not 0 <= shard < n_shards:
+            stale.append(shard)
+            continue
+        store_shards = store_shards_holding(store_group, store_examples[explanation_shard_region(group, shard)])
+        legacy_keys = [recorded for _, _, recorded in _input_names(store_shards, legacy_variants)]
+        recorded = recorded_inputs(attributes, shard, legacy_keys)
+        now = _identities_of(current, store_shards, variants)
+        (fresh if shard_is_current(recorded, now) else stale).append(shard)
+    return fresh, stale
+
+
+def explanation_completed_shards(group: zarr.Group, store_group: zarr.Group) -> list[int]:
+    """The shards of the results `group` that are computed and still current: computed from the shards of the
+    attention store `store_group` as they are now."""
+    return _explanation_shard_states(group, store_group)[0]
+
+
+def forget_stale_explanation_shards(group: zarr.Group, store_group: zarr.Group) -> list[int]:
+    """Record the stale shards of the results as not done (and drop the claims, which they entered); returns them.
+    Only from the driver that holds the results' lock."""
+    stale = _explanation_shard_states(group, store_group)[1]
+    if stale:
+        group.attrs.update(removal_update(group.attrs.asdict(), stale))
+        if "claims" in group.attrs:
+            del group.attrs["claims"]
+    return stale
+
+
+def mark_explanation_shard_completed(group: zarr.Group, shard_index: int, inputs: dict[str, str]) -> None:
+    """Record a shard as done, computed from the store's shards of these identities (as `explanation_shard_inputs`
+    gave them before the shard's examples were read); only after its data is written, only from the driver."""
+    explanation_shard_region(group, shard_index)  # an IndexError for a shard that does not exist
+    if not inputs or any(identity is None for identity in inputs.values()):
+        raise IncompleteInputError(f"explanation shard {shard_index} cannot be recorded as done: its inputs "
+                                   f"{inputs} were not all complete")
+    group.attrs.update(completion_update(group.attrs.asdict(), shard_index, inputs))
 
 
 def explanation_shard_region(group: zarr.Group, shard_index: int) -> slice:
@@ -258,9 +388,10 @@ def explanation_results_path(causal_results: str) -> str:
     return f"{base}.explanations.zarr"
 
 
-def explanation_status(url: str, settings: dict[str, Any]):
+def explanation_status(url: str, settings: dict[str, Any], store: str):
     """The pipeline's check (storage_schemas.pipeline_runs.StageCheck): complete when the results at `url` were
-    made with `settings`, every shard is done and the claims are written; conflicting when made with others."""
+    made with `settings`, every shard is done and still current for the attention store at `store` (computed from
+    its shards as they are now), and the claims are written; conflicting when made with other settings."""
     import json
 
     from storage_schemas.pipeline_runs import StageCheck
@@ -272,7 +403,11 @@ def explanation_status(url: str, settings: dict[str, Any]):
     attributes = group.attrs.asdict()
     if attributes.get("settings") != json.loads(json.dumps(settings)):
         return StageCheck(False, f"{url} holds explanation results of other settings", conflicting=True)
-    shards, done = explanation_shard_count(group), len(explanation_completed_shards(group))
+    try:
+        done = len(explanation_completed_shards(group, open_attention_store(store, mode="r")))
+    except AttentionStoreError as error:
+        return StageCheck(False, str(error))
+    shards = explanation_shard_count(group)
     if done < shards or "claims" not in attributes:
         return StageCheck(False, f"{done} of {shards} shards of {url} are done")
     return StageCheck(True, f"{url} is complete ({shards} shards, claims written)")

@@ -1,38 +1,42 @@
 """The causal stage's work: one Prefect task per shard of examples, plus preparing and summarising the results.
 
-A shard task reads the shard's stored attention, values and efficient attention batch by batch, builds each
-intervention's matrices (analysis.interventions), runs the intervened forward passes for every target of the
-scopes that intervention is measured at (analysis.causal) and writes the shard's metrics whole
-(storage_schemas.causal_results). The driver records completion after the write, so a rerun skips done shards.
+A shard task reads the shard's stored attention, values and efficient attention batch by batch
+(`read_causal_batch`), builds each intervention's matrices (analysis.interventions), runs the intervened forward
+passes for every target of the scopes that intervention is measured at (`measure_batch`, in the groups of
+analysis.causal.forward_groups), measures them for the store's task (analysis.causal.BatchMetrics) and writes the
+shard's metrics whole (storage_schemas.causal_results). The driver records completion after the write, so a rerun
+skips done shards. What is run is an analysis.causal.CausalPlan: interventions are objects here, names only in the
+results dataset.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from analysis.causal import (
     METRICS,
-    Target,
+    BatchMetrics,
+    CausalBatch,
+    CausalPlan,
     aggregate_metrics,
-    classification_metrics,
+    forward_groups,
     injected_change_ratio,
     intervened_logits,
     measured_examples,
-    next_token_metrics,
-    plain_logits,
-    targets_for,
+    target_attribute,
 )
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
 from analysis.efficient_attention import VARIANTS
-from analysis.interventions import Intervention, SharedBases, intervention_matrices
+from analysis.interventions import SharedBases, intervention_matrices, parse_interventions
+from analysis.models import LoadedModel
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
     CausalResultsError,
@@ -59,32 +63,13 @@ logger = logging.getLogger(__name__)
 PROVENANCE_KEYS = ("model", "tokenizer", "corpus", "extraction", "max_length", "dtype", "package_versions")
 
 
-def scope_plan(settings: dict[str, Any]) -> list[tuple[Intervention, list[tuple[str, list[int]]]]]:
-    """For every intervention, the scopes it is measured at with the indices of their targets."""
-    plan = []
-    for name in settings["interventions"]:
-        scopes = [
-            (scope, [index for index, target in enumerate(settings["targets"]) if target["scope"] == scope])
-            for scope in settings["scopes"]
-            if name in settings["scope_interventions"][scope]
-        ]
-        if scopes:
-            plan.append((Intervention.parse(name), scopes))
-    return plan
-
-
-def efficient_inputs(settings: dict[str, Any]) -> list[str]:
-    """The variants whose stored efficient attention the interventions of `settings` read."""
-    return sorted({item.variant for item in map(Intervention.parse, settings["interventions"]) if item.needs_efficient})
-
-
-def prepare_results(store: str, results: str, settings: dict[str, Any]) -> list[int]:
+def prepare_results(store: str, results: str, plan: CausalPlan) -> list[int]:
     """Refuse a store whose extraction or needed efficient attention is unfinished; create the results dataset (or
     check that it belongs to this run) and forget shards measured on store shards written again since; returns the
     shards still to do."""
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
-    needed = efficient_inputs(settings)
+    needed = plan.efficient_variants()
     unfinished = [variant for variant in needed if efficient_array_path(variant) not in group]
     if unfinished:
         raise CausalResultsError(
@@ -103,21 +88,17 @@ def prepare_results(store: str, results: str, settings: dict[str, Any]) -> list[
 
         results_group = create_causal_results(
             results,
-            interventions=[
-                {"name": item.name, "kind": item.kind, "variant": item.variant,
-                 "removed_directions": item.removed_directions}
-                for item in map(Intervention.parse, settings["interventions"])
-            ],
-            targets=settings["targets"],
+            interventions=[item.results_row() for item in plan.interventions],
+            targets=[target_attribute(target) for target in plan.targets],
             examples={name: group[name][:] for name in ("source_index", "length", "label")},
             shard_size=layout.shard_size,
             metrics=METRICS,
             attributes={**provenance, "attention_store": store if "://" in store else os.path.abspath(store),
-                        "settings": settings,
+                        "settings": plan.as_attribute(),
                         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         )
     else:
-        check_same_settings(results_group, results, settings)
+        check_same_settings(results_group, results, plan.as_attribute())
         stale = forget_stale_causal_shards(results_group, group)
         if stale:
             logger.warning("%s: causal shards %s were measured on store shards that were unfinished then or "
@@ -148,8 +129,62 @@ def _load_store_model(group, model_override: str | None, device: str):
     return loaded
 
 
+def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequence[str]) -> CausalBatch:
+    """Examples start..stop-1 of the attention store `group` (a zarr group, or any mapping of its array paths to
+    arrays) with the stored efficient attention of `variants`, trimmed to the batch's longest example."""
+    length = np.asarray(group["length"][start:stop])
+    size = int(length.max())
+    return CausalBatch(
+        start=start,
+        tokens=np.asarray(group["tokens"][start:stop]),
+        length=length,
+        attention=np.asarray(group["attention"][start:stop, :, :, :size, :size]),
+        value=np.asarray(group["value"][start:stop, :, :, :size]),
+        stored_logits=np.asarray(group["logits"][start:stop]),
+        label=np.asarray(group["label"][start:stop]) if task != "next-token" else None,
+        stored_logit_ids=np.asarray(group["logit_ids"][start:stop]) if task == "next-token" else None,
+        efficient={variant: np.asarray(group[efficient_array_path(variant)][start:stop, :, :, :size, :size])
+                   for variant in variants},
+    )
+
+
+def measure_batch(
+    loaded: LoadedModel, batch: CausalBatch, plan: CausalPlan, batch_metrics: BatchMetrics, w_out: np.ndarray,
+    causal: bool, scoped: set[int], forward_rows: int, on_intervention: Callable[[], Any] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every planned intervention of one batch, injected at every target of its scopes, `forward_rows` rows
+    (targets x examples) at most per forward pass.
+
+    w_out: [layer, head, head_dim, hidden]; scoped: the store indices of the examples the layer and head scopes
+    measure (analysis.causal.measured_examples). Returns ({metric: [intervention, target, batch]},
+    injected_change_ratio [intervention, batch]), NaN where not measured; calls `on_intervention()` after each
+    intervention."""
+    shape = (len(plan.interventions), len(plan.targets), len(batch.length))
+    measured = {name: np.full(shape, np.nan, np.float32) for name in METRICS}
+    change_ratio = np.full((shape[0], shape[2]), np.nan, np.float32)
+    masks = plan.target_masks(*w_out.shape[:2])  # [target, layer, head]
+    shared = SharedBases()  # decompositions the interventions of this batch share
+    for intervention, scopes in plan.scope_plan():
+        matrices = intervention_matrices(
+            intervention, batch.attention, batch.value, w_out, batch.length, causal,
+            efficient=batch.efficient.get(intervention.variant_name), example_indices=batch.example_indices,
+            seed=plan.seed, shared=shared,
+        )
+        index = plan.interventions.index(intervention)
+        change_ratio[index] = injected_change_ratio(matrices, batch.attention)
+        for scope, target_indices in scopes:
+            for examples, targets in forward_groups(batch.examples_at(scope, scoped), target_indices, forward_rows):
+                logits = intervened_logits(loaded, batch.tokens[examples], batch.length[examples], matrices[examples],
+                                           masks[targets])
+                for name, values in batch_metrics.measure(logits, examples).items():
+                    measured[name][index, targets[:, None], examples[None, :]] = values
+        if on_intervention is not None:
+            on_intervention()
+    return measured, change_ratio
+
+
 def compute_causal_shard(
-    store: str, results: str, shard_index: int, settings: dict[str, Any], model_override: str | None = None,
+    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None = None,
     device: str = "cpu", batch_size: int = 16, forward_rows: int = 64,
 ) -> dict[str, np.ndarray]:
     """Every metric of one shard: {metric: [intervention, target, shard examples]} plus 'injected_change_ratio'
@@ -159,70 +194,28 @@ def compute_causal_shard(
     loaded = _load_store_model(group, model_override, device)
     region = layout.shard_slice(shard_index)
     n_examples = region.stop - region.start
-    interventions = [Intervention.parse(name) for name in settings["interventions"]]
-    n_targets = len(settings["targets"])
-    targets = [Target(item["scope"], item["layer"], item["head"]) for item in settings["targets"]]
-    masks = np.stack([target.mask(layout.layers, layout.heads) for target in targets])
-    scoped = set(measured_examples(layout.n_examples, settings["scope_examples"]).tolist())
-    metrics = {name: np.full((len(interventions), n_targets, n_examples), np.nan, np.float32) for name in METRICS}
-    change_ratio = np.full((len(interventions), n_examples), np.nan, np.float32)
+    shape = (len(plan.interventions), len(plan.targets), n_examples)
+    metrics = {name: np.full(shape, np.nan, np.float32) for name in METRICS}
+    change_ratio = np.full((shape[0], n_examples), np.nan, np.float32)
     original_correct = np.full(n_examples, np.nan, np.float32)
-    plan = scope_plan(settings)
+    planned = plan.scope_plan()
+    variants = sorted({item.variant_name for item, _ in planned if item.needs_efficient})
+    scoped = set(measured_examples(layout.n_examples, plan.scope_examples).tolist())
     w_out = group["w_out"][:]
     causal = bool(group.attrs["model"]["causal"])
-    next_token = layout.task == "next-token"
     starts = range(region.start, region.stop, batch_size)
-    progress = tqdm(total=len(starts) * len(plan), desc=f"causal shard {shard_index}", unit="intervention",
+    progress = tqdm(total=len(starts) * len(planned), desc=f"causal shard {shard_index}", unit="intervention",
                     leave=False)
     for start in starts:
-        stop = min(start + batch_size, region.stop)
-        length = group["length"][start:stop]
-        size = int(length.max())
-        tokens = group["tokens"][start:stop]
-        attention = group["attention"][start:stop, :, :, :size, :size]
-        value = group["value"][start:stop, :, :, :size]
-        stored_logits = group["logits"][start:stop]
-        rows = slice(start - region.start, stop - region.start)
-        if next_token:
-            stored_ids = group["logit_ids"][start:stop]
-            original = plain_logits(loaded, tokens, length)
-            measure = lambda logits, chosen: next_token_metrics(  # noqa: E731
-                original[chosen], stored_logits[chosen], stored_ids[chosen], logits, tokens[chosen], length[chosen])
-            original_correct[rows] = measure(original[None], np.arange(stop - start))["correct"][0]
-        else:
-            label = group["label"][start:stop]
-            measure = lambda logits, chosen: classification_metrics(  # noqa: E731
-                stored_logits[chosen], stored_logits[chosen], logits, label[chosen])
-            original_correct[rows] = measure(torch.as_tensor(stored_logits)[None], np.arange(stop - start))["correct"][0]
-        efficient: dict[str, np.ndarray] = {}  # variant -> this batch's stored efficient attention
-        shared = SharedBases()  # decompositions the interventions of this batch share
-        for intervention, scopes in plan:
-            if intervention.needs_efficient and intervention.variant not in efficient:
-                efficient[intervention.variant] = group[efficient_array_path(intervention.variant)][
-                    start:stop, :, :, :size, :size]
-            matrices = intervention_matrices(
-                intervention, attention, value, w_out, length, causal, efficient=efficient.get(intervention.variant),
-                example_indices=np.arange(start, stop), seed=settings["seed"], shared=shared,
-            )
-            index = interventions.index(intervention)
-            change_ratio[index, rows] = injected_change_ratio(matrices, attention)
-            for scope, target_indices in scopes:
-                chosen = np.arange(stop - start)
-                if scope != "all":  # the layer and head scopes measure the spread subset of examples
-                    chosen = np.array([offset for offset in chosen if start + offset in scoped], dtype=np.int64)
-                if not len(chosen):
-                    continue
-                # at most `forward_rows` rows (targets x examples) per forward pass
-                for part in range(0, len(chosen), forward_rows):
-                    examples = chosen[part:part + forward_rows]
-                    copies = max(1, forward_rows // len(examples))
-                    for first in range(0, len(target_indices), copies):
-                        group_targets = np.asarray(target_indices[first:first + copies])
-                        logits = intervened_logits(loaded, tokens[examples], length[examples], matrices[examples],
-                                                   masks[group_targets])
-                        for name, values in measure(logits, examples).items():
-                            metrics[name][index, group_targets[:, None], rows.start + examples[None, :]] = values
-            progress.update()
+        batch = read_causal_batch(group, start, min(start + batch_size, region.stop), layout.task, variants)
+        rows = slice(start - region.start, start - region.start + len(batch.length))
+        batch_metrics = BatchMetrics.for_batch(loaded, batch, layout.task)
+        original_correct[rows] = batch_metrics.original_correct()
+        measured, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, scoped, forward_rows,
+                                        on_intervention=progress.update)
+        for name in METRICS:
+            metrics[name][:, :, rows] = measured[name]
+        change_ratio[:, rows] = ratio
     progress.close()
     return {**metrics, "injected_change_ratio": change_ratio, "original_correct": original_correct}
 
@@ -230,20 +223,20 @@ def compute_causal_shard(
 @task(name="causal-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io_error)
 def run_causal_shard(
-    store: str, results: str, shard_index: int, settings: dict[str, Any], model_override: str | None,
+    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None,
     device: str, batch_size: int, forward_rows: int,
 ) -> dict[str, str]:
     """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten). Returns the
     identities of the store's shards it read (input name -> identity), read before the data: a shard written again
     meanwhile gets a new identity, so these results would be stale, not silently wrong."""
-    inputs = causal_input_identities(open_attention_store(store, mode="r"), efficient_inputs(settings))[shard_index]
+    inputs = causal_input_identities(open_attention_store(store, mode="r"), plan.efficient_variants())[shard_index]
     if any(identity is None for identity in inputs.values()):
         raise CausalResultsError(
             f"{store}, shard {shard_index}: its inputs stopped being complete while the causal stage ran "
             f"({', '.join(name for name, identity in inputs.items() if identity is None)}): finish them "
             "(`effattn extract` / `effattn efficient`), then run `effattn causal` again"
         )
-    computed = compute_causal_shard(store, results, shard_index, settings, model_override, device, batch_size,
+    computed = compute_causal_shard(store, results, shard_index, plan, model_override, device, batch_size,
                                     forward_rows)
     group = open_causal_results(results, mode="r+")
     write_causal_shard(
@@ -273,7 +266,7 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     }
     summary = efficient_diagnostics_summary(diagnostics, store_group["length"][:])
     claims = claims_table(
-        interventions=group["intervention"][:].tolist(),
+        interventions=parse_interventions(group["intervention"][:].tolist()),
         targets=group["target"][:].tolist(),
         aggregates=aggregates,
         diagnostics_summary=summary,

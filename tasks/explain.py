@@ -1,13 +1,15 @@
 """The explanation stage's work: one Prefect task per shard of explained examples, plus preparing and summarising.
 
-A shard task reads each example's tokens, stored attention and efficient attention (only from shards the store
-records complete), computes every method's attributions, faithfulness and rank agreement
+A shard task reads each example's tokens, stored attention and efficient attention (preparing refuses store shards
+that are not complete and current), computes every method's attributions, faithfulness and rank agreement
 (analysis.explanations) and the simplex rows' minimality (analysis.support_minimality), and writes the shard
-whole (storage_schemas.explanation_results). The driver records completion after the write.
+whole (storage_schemas.explanation_results). The driver records completion after the write, with the identities of
+the store shards the task read, so that store shards written again later make the shard stale.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from datetime import datetime, timezone
@@ -29,21 +31,26 @@ from analysis.explanations import (
     explain_example,
 )
 from analysis.support_minimality import layer_minimality, minimal_share_by_layer
-from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
-from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
+from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import (
     ExplanationResultsError,
     check_same_explanation_settings,
     create_explanation_results,
     explanation_completed_shards,
     explanation_shard_count,
+    explanation_shard_inputs,
     explanation_shard_region,
+    forget_stale_explanation_shards,
     open_explanation_results,
+    require_explanation_inputs,
     write_explanation_aggregates,
     write_explanation_shard,
 )
 from tasks.causal import PROVENANCE_KEYS, _load_store_model
 from tasks.extraction import retry_on_io_error
+
+logger = logging.getLogger(__name__)
 
 MINIMALITY_VARIANT = "simplex"
 
@@ -58,17 +65,6 @@ def matrix_sources(methods: list[str]) -> list[str]:
     return [source for source in (ATTENTION_SOURCE, *VARIANTS) if source in sources]
 
 
-def readable_examples(store: str, variants: list[str]) -> np.ndarray:
-    """Store indices of the examples in shards recorded complete by extraction and by every variant."""
-    group = open_attention_store(store, mode="r")
-    layout = store_layout(group)
-    done = set(completed_shards(group))
-    for variant in variants:
-        done &= set(efficient_completed_shards(group, variant))
-    chosen = [np.arange(layout.shard_slice(shard).start, layout.shard_slice(shard).stop) for shard in sorted(done)]
-    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-
-
 def spread_sample(n: int, count: int | None) -> np.ndarray:
     """`count` of n indices at the centres of equal parts, (i + ½)·n / count (all when count is None or >= n). The
     store is length-sorted, so these are the lengths' quantiles without the extremes: 2 examples are the lower
@@ -78,16 +74,17 @@ def spread_sample(n: int, count: int | None) -> np.ndarray:
     return np.floor((np.arange(count) + 0.5) * n / count).astype(np.int64)
 
 
-def choose_examples(store: str, variants: list[str], count: int | None) -> list[int]:
-    """`count` examples spread over the readable ones (`spread_sample`); None: all."""
-    readable = readable_examples(store, variants)
-    if not len(readable):
-        needed = f" and efficient attention ({', '.join(variants)})" if variants else ""
-        raise ExplanationResultsError(
-            f"{store} has no shard whose extraction{needed} is complete: run `effattn extract`"
-            + (f" and `effattn efficient --store {store} --variants {','.join(variants)}`" if variants else "")
-            + " first")
-    return [int(readable[i]) for i in spread_sample(len(readable), count)]
+def choose_examples(store: str, count: int | None) -> list[int]:
+    """`count` examples spread over the whole store (`spread_sample`); None: all. Spread over every example, not
+    only the finished ones, so that the sample is the same however far the store's stages have got (preparing
+    refuses examples in unfinished shards)."""
+    return [int(index) for index in spread_sample(store_layout(open_attention_store(store, mode="r")).n_examples,
+                                                  count)]
+
+
+def efficient_sources(methods: list[str]) -> list[str]:
+    """The efficient variants whose stored matrices the methods read, in VARIANTS order."""
+    return [source for source in matrix_sources(methods) if source in VARIANTS]
 
 
 def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
@@ -104,9 +101,12 @@ def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
 
 
 def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> list[int]:
-    """Create the results dataset (or check that it belongs to this run); returns the shards still to do."""
+    """Refuse a store whose shards holding the examples are not extracted, or lack current efficient attention of a
+    variant the methods read; create the results dataset (or check that it belongs to this run) and forget shards
+    computed from store shards written again since; returns the shards still to do."""
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
+    require_explanation_inputs(group, store, settings["examples"], efficient_sources(settings["methods"]))
     try:
         results_group = open_explanation_results(results, mode="r+")
     except ExplanationResultsError as error:
@@ -128,7 +128,11 @@ def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> 
         )
     else:
         check_same_explanation_settings(results_group, results, settings)
-    done = set(explanation_completed_shards(results_group))
+        stale = forget_stale_explanation_shards(results_group, group)
+        if stale:
+            logger.warning("%s: explanation shards %s were computed from store shards that were unfinished then or "
+                           "written again since: computing them again", results, stale)
+    done = set(explanation_completed_shards(results_group, group))
     return [shard for shard in range(explanation_shard_count(results_group)) if shard not in done]
 
 
@@ -193,17 +197,30 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
 @task(name="explain-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io_error)
 def run_explanation_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
-                          model_override: str | None, device: str, forward_rows: int) -> int:
-    """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten)."""
+                          model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
+    """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten). Returns the
+    identities of the store's shards it read (input name -> identity), read before the data: a store shard written
+    again meanwhile gets a new identity, so this shard would be stale, not silently wrong."""
+    inputs = explanation_shard_inputs(open_explanation_results(results, mode="r"),
+                                      open_attention_store(store, mode="r"), shard_index)
+    unfinished = [name for name, identity in inputs.items() if identity is None]
+    if unfinished:
+        raise ExplanationResultsError(
+            f"{store}: the inputs of explanation shard {shard_index} stopped being complete while the explanation "
+            f"stage ran ({', '.join(unfinished)}): finish them (`effattn extract` / `effattn efficient`), then run "
+            "`effattn explain` again"
+        )
     arrays = compute_explanation_shard(store, results, shard_index, settings, model_override, device, forward_rows)
     write_explanation_shard(open_explanation_results(results, mode="r+"), shard_index, arrays)
-    return shard_index
+    return inputs
 
 
-def summarise_explanations(results: str) -> list[dict[str, Any]]:
-    """Write the aggregates and the claims (root attribute `claims`) once every shard is done; returns the claims."""
+def summarise_explanations(store: str, results: str) -> list[dict[str, Any]]:
+    """Write the aggregates and the claims (root attribute `claims`) once every shard is done and current for the
+    store; returns the claims."""
     group = open_explanation_results(results, mode="r+")
-    if len(explanation_completed_shards(group)) < explanation_shard_count(group):
+    done = explanation_completed_shards(group, open_attention_store(store, mode="r"))
+    if len(done) < explanation_shard_count(group):
         raise ExplanationResultsError(f"{results} is not complete yet: run `effattn explain` again to finish it")
     per_example_aopc = group["aopc"][:]
     taus = group["kendall_tau"][:]
@@ -214,7 +231,7 @@ def summarise_explanations(results: str) -> list[dict[str, Any]]:
                       "minimal_share": minimal_share_by_layer(minimal, tested)}
     write_explanation_aggregates(group, aggregates)
     claims = explanation_claims(
-        methods=group["method"][:].tolist(), metrics=group["metric"][:].tolist(), aopc=per_example_aopc,
+        methods=group["explainer"][:].tolist(), metrics=group["metric"][:].tolist(), aopc=per_example_aopc,
         minimality_tested=tested, minimality_minimal=minimal, seed=int(group.attrs["settings"]["seed"]),
     )
     group.attrs["claims"] = claims

@@ -114,3 +114,42 @@ def write_reviews_csv(path: Path) -> Path:
 @pytest.fixture()
 def small_corpus_csv(tmp_path) -> Path:
     return write_reviews_csv(tmp_path / "reviews.csv")
+
+
+# Test tiers (`make test` runs all three; `make test-unit` the first): `unit` (no bundled model, no server: plain
+# functions, tiny random models, stores built in this process), `integration` (a bundled model or corpus),
+# `end_to_end` (Prefect flows and their server, Dask clusters, the CLI as a subprocess, the pipeline). Each test
+# module declares its default tier here; a test marked `integration` or `end_to_end` in its module keeps that mark.
+MODULE_TIERS = {
+    "unit": (
+        "test_attention_backend", "test_attention_store", "test_causal", "test_causal_results", "test_claims",
+        "test_corpora", "test_dask_cluster", "test_efficient_attention", "test_efficient_store",
+        "test_explanation_claims", "test_explanation_figures", "test_explanation_results", "test_explanations",
+        "test_extraction", "test_inspection", "test_interventions", "test_models", "test_pipeline_runs",
+        "test_preflight", "test_run_summary", "test_settings", "test_splits", "test_storage_faults",
+        "test_store_lock", "test_support_minimality", "test_training", "test_variants", "test_verification",
+        "test_zarr_portability",
+    ),
+    # tiny models of every supported architecture: minutes, not seconds
+    "integration": ("test_architectures",),
+    "end_to_end": (
+        "test_causal_flow", "test_cli", "test_crash_resume", "test_effattn", "test_efficient_flow",
+        "test_explain_flow", "test_extract_flow", "test_interrupts", "test_pipeline", "test_prefect_server",
+        "test_report", "test_s3_sharing", "test_serve", "test_studies",
+    ),
+}
+TIERS = tuple(MODULE_TIERS)
+_TIER_OF_MODULE = {module: tier for tier, modules in MODULE_TIERS.items() for module in modules}
+
+
+def pytest_collection_modifyitems(config, items):
+    undeclared = sorted({item.module.__name__.rsplit(".", 1)[-1] for item in items}
+                        - set(_TIER_OF_MODULE))
+    if undeclared:
+        raise pytest.UsageError(f"test modules {undeclared} declare no tier: add them to MODULE_TIERS in "
+                                "tests/conftest.py (unit, integration or end_to_end)")
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(_TIER_OF_MODULE[item.module.__name__.rsplit(".", 1)[-1]])
+        if item.get_closest_marker("end_to_end") and item.get_closest_marker("unit"):
+            raise pytest.UsageError(f"{item.nodeid} is marked both unit and end_to_end")

@@ -700,6 +700,7 @@ def test_write_shard_touches_only_its_shard(url):
         np.testing.assert_array_equal(stored[name][:], expected, err_msg=name)
 
 
+@pytest.mark.end_to_end
 def test_chunks_pass_the_codec_pipeline_in_batches_unless_the_user_chose_otherwise():
     """The entry points (here the CLI) batch chunks through zarr's codec pipeline (faster whole-shard reads and
     writes); importing the project's modules leaves zarr's process-wide setting alone; a batch size the user set in

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from analysis.causal import (
+    METRICS,
+    BatchMetrics,
+    CausalBatch,
+    CausalPlan,
     Target,
     aggregate_metrics,
     classification_metrics,
+    forward_groups,
     intervened_logits,
     measured_examples,
     next_token_metrics,
@@ -18,8 +26,9 @@ from analysis.causal import (
 )
 from analysis.efficient_attention import efficient_attention
 from analysis.extraction import capture_examples
-from analysis.interventions import Intervention, intervention_matrices
+from analysis.interventions import Intervention, intervention_matrices, parse_interventions
 from analysis.models import output_projection_slices, wrap_model
+from analysis.variants import variant_record
 from tests.conftest import bundled_tokenizer, tiny_bert, tiny_llama
 
 LENGTHS = np.array([20, 16, 12, 5])  # longer than the head dim (8): real null spaces
@@ -47,7 +56,7 @@ def injected(loaded, tokens, shard, w_out, efficient, name, target=Target("all")
     intervention = Intervention.parse(name)
     matrices = intervention_matrices(
         intervention, shard.attention, shard.value, w_out, LENGTHS, loaded.causal,
-        efficient=efficient[intervention.variant].efficient if intervention.needs_efficient else None,
+        efficient=efficient[intervention.variant_name].efficient if intervention.needs_efficient else None,
     )
     masks = target.mask(loaded.shape.layers, loaded.shape.heads)[None]
     return intervened_logits(loaded, tokens, LENGTHS, matrices, masks)[0]
@@ -162,3 +171,120 @@ def test_next_token_intervened_logits_keep_positions_and_efficient_keeps_them():
     metrics = next_token_metrics(original, shard.logits, shard.logit_ids, kept[None], tokens, LENGTHS)
     np.testing.assert_array_equal(metrics["agreement"], 1.0)
     assert metrics["stored_logit_difference"].max() <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the plan of a run, and the pieces of one shard's work
+
+
+def small_plan(**changes) -> CausalPlan:
+    interventions = tuple(parse_interventions(["replay", "null:effective", "ablate", "minimality:effective:k=2"]))
+    fields = dict(
+        interventions=interventions, scopes=("all", "head"), layer_interventions=(),
+        head_interventions=(interventions[2],), scope_examples=3, targets=tuple(targets_for(["all", "head"], 1, 2)),
+        seed=4, store_identity={"weights_digest": "sha256:ab", "efficient_settings": {"effective": {"k": 1}}},
+    )
+    return CausalPlan(**{**fields, **changes})
+
+
+def test_the_plan_is_stored_as_the_settings_results_have_always_had():
+    plan = small_plan()
+    attribute = plan.as_attribute()
+    expected = (
+        '{"interventions": ["replay", "null:effective", "ablate", "minimality:effective:k=2"], "scopes": ["all", '
+        '"head"], "scope_interventions": {"all": ["replay", "null:effective", "ablate", "minimality:effective:k=2"], '
+        '"layer": [], "head": ["ablate"]}, "scope_examples": 3, "targets": [{"name": "all", "scope": "all", "layer": '
+        '-1, "head": -1}, {"name": "layer 0 head 0", "scope": "head", "layer": 0, "head": 0}, {"name": "layer 0 head '
+        '1", "scope": "head", "layer": 0, "head": 1}], "seed": 4, "store_identity": {"weights_digest": "sha256:ab", '
+        '"efficient_settings": {"effective": {"k": 1}}}}'
+    )
+    assert json.dumps(attribute) == expected  # the same keys in the same order: stored results stay comparable
+    again = CausalPlan.from_attribute(json.loads(expected))
+    assert again == plan and again.as_attribute() == attribute
+    assert again.interventions[3].variant is variant_record("effective")
+
+
+def test_the_plan_says_what_is_measured_where_and_what_is_read():
+    plan = small_plan()
+    assert [(item.name, scopes) for item, scopes in plan.scope_plan()] == [
+        ("replay", [("all", [0])]), ("null:effective", [("all", [0])]), ("ablate", [("all", [0]), ("head", [1, 2])]),
+        ("minimality:effective:k=2", [("all", [0])])]
+    assert plan.efficient_variants() == ["effective"]  # minimality recomputes its projection
+    assert plan.target_masks(1, 2).tolist() == [[[True, True]], [[True, False]], [[False, True]]]
+    only_heads = small_plan(scopes=("head",))
+    assert [item.name for item, _ in only_heads.scope_plan()] == ["ablate"]
+    with pytest.raises(ValueError, match=re.escape(
+            "--head-interventions ['uniform'] are not among the interventions run: ['replay', 'null:effective', "
+            "'ablate', 'minimality:effective:k=2']")):
+        small_plan(head_interventions=(Intervention("uniform"),))
+
+
+def test_forward_groups_cover_every_pair_once_within_the_rows():
+    for examples_count, targets_count, rows in [(5, 9, 3), (4, 1, 64), (7, 3, 7), (1, 10, 4), (6, 6, 1), (3, 0, 2)]:
+        examples = np.arange(10, 10 + examples_count)
+        targets = list(range(100, 100 + targets_count))
+        pairs = []
+        for chosen, group_targets in forward_groups(examples, targets, rows):
+            assert 0 < len(chosen) * len(group_targets) <= rows
+            pairs += [(int(e), int(t)) for t in group_targets for e in chosen]
+        assert sorted(pairs) == sorted((e, t) for e in examples for t in targets)
+    assert [(c.tolist(), t.tolist()) for c, t in forward_groups(np.arange(3), [0, 1, 2, 3], 6)] == [
+        ([0, 1, 2], [0, 1]), ([0, 1, 2], [2, 3])]  # as many targets per pass as fit
+
+
+def hand_batch(**changes) -> CausalBatch:
+    fields = dict(start=8, tokens=np.array([[5, 6, 7, 0], [5, 6, 0, 0], [7, 7, 7, 7]]), length=np.array([3, 2, 4]),
+                  attention=np.zeros((3, 1, 1, 4, 4)), value=np.zeros((3, 1, 1, 4, 2)),
+                  stored_logits=np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]], dtype=np.float32),
+                  label=np.array([0, 0, -1]))
+    return CausalBatch(**{**fields, **changes})
+
+
+def test_a_batch_knows_its_examples_and_which_are_measured_per_scope():
+    batch = hand_batch()
+    assert batch.example_indices.tolist() == [8, 9, 10]
+    assert batch.examples_at("all", set()).tolist() == [0, 1, 2]
+    assert batch.examples_at("layer", {1, 9, 10}).tolist() == [1, 2]
+    assert batch.examples_at("head", {0, 4}).tolist() == []
+
+
+def test_classification_batch_metrics_compare_with_the_stored_logits():
+    batch = hand_batch()
+    metrics = BatchMetrics(batch, "classification")
+    intervened = torch.tensor([[[0.0, 5.0], [4.0, 0.0]]])  # 1 target, examples at positions 0 and 2
+    measured = metrics.measure(intervened, np.array([0, 2]))
+    expected = classification_metrics(batch.stored_logits[[0, 2]], batch.stored_logits[[0, 2]], intervened,
+                                      batch.label[[0, 2]])
+    assert measured.keys() == expected.keys() == set(METRICS)
+    for name in METRICS:
+        np.testing.assert_array_equal(measured[name], expected[name])
+    np.testing.assert_array_equal(measured["agreement"], [[0, 0]])  # argmax 1 vs 0, 0 vs 1
+    np.testing.assert_allclose(measured["max_abs_logit_change"], [[5, 3]])
+    correct = metrics.original_correct()  # stored argmax 0, 1, 1 against labels 0, 0, unknown
+    assert correct[:2].tolist() == [1, 0] and np.isnan(correct[2])
+
+
+def test_next_token_batch_metrics_compare_with_the_original_model():
+    # 2 examples (3 and 2 real tokens), vocabulary 4; the original model predicts the next token, except at
+    # position 1 of example 0 (token 0 instead of 3)
+    tokens = np.array([[1, 2, 3, 0], [3, 1, 0, 0]])
+    original = torch.full((2, 3, 4), -5.0)
+    for row, sequence in enumerate(tokens):
+        for position in range(3):
+            original[row, position, sequence[position + 1]] = 5.0
+    original[0, 1] = torch.tensor([5.0, -5, -5, -5])
+    top = torch.topk(original, 2, dim=-1)
+    batch = hand_batch(start=0, tokens=tokens, length=np.array([3, 2]), label=None,
+                       stored_logits=top.values.numpy(), stored_logit_ids=top.indices.numpy())
+    metrics = BatchMetrics(batch, "next-token", original)
+    # positions with a next token: 2 of example 0 (tokens 2, 3: one predicted), 1 of example 1 (token 1)
+    np.testing.assert_allclose(metrics.original_correct(), [0.5, 1.0])
+    intervened = original[[1]][None, :, :2].clone()  # only example 1, trimmed to its 2 tokens
+    intervened[0, 0, 0] = torch.tensor([9.0, 0, 0, 0])
+    measured = metrics.measure(intervened, np.array([1]))
+    expected = next_token_metrics(original[[1]], batch.stored_logits[[1]], batch.stored_logit_ids[[1]], intervened,
+                                  tokens[[1]], np.array([2]))
+    for name in METRICS:
+        np.testing.assert_array_equal(measured[name], expected[name])
+    np.testing.assert_allclose(measured["agreement"], [[0.5]])  # position 0 changed, position 1 kept
+    np.testing.assert_allclose(measured["correct"], [[0.0]])

@@ -179,3 +179,98 @@ def test_the_head_scope_measures_ablate_or_else_a_null_part(llama_store):
     chosen = recorded_causal_settings(settings.model_copy(
         update={"interventions": ("efficient:effective", "null:effective")}))
     assert chosen["scope_interventions"]["head"] == ["null:effective"]
+
+
+def test_read_causal_batch_trims_to_the_longest_example_and_reads_the_named_variants(llama_store):
+    from storage_schemas.attention_store import open_attention_store
+    from tasks.causal import read_causal_batch
+
+    rng = np.random.default_rng(0)
+    arrays = {"length": np.array([5, 3, 7, 2]), "tokens": rng.integers(0, 9, (4, 8)),
+              "attention": rng.random((4, 1, 2, 8, 8)), "value": rng.random((4, 1, 1, 8, 2)),
+              "logits": rng.random((4, 8, 3)), "logit_ids": rng.integers(0, 9, (4, 8, 3)), "label": np.arange(4),
+              "efficient/effective": rng.random((4, 1, 2, 8, 8)), "efficient/simplex": rng.random((4, 1, 2, 8, 8))}
+    batch = read_causal_batch(arrays, 1, 3, "next-token", ["effective"])
+    assert batch.start == 1 and batch.example_indices.tolist() == [1, 2]
+    np.testing.assert_array_equal(batch.attention, arrays["attention"][1:3, :, :, :7, :7])  # Lb = 7
+    np.testing.assert_array_equal(batch.value, arrays["value"][1:3, :, :, :7])
+    np.testing.assert_array_equal(batch.tokens, arrays["tokens"][1:3])
+    np.testing.assert_array_equal(batch.stored_logit_ids, arrays["logit_ids"][1:3])
+    assert batch.label is None and list(batch.efficient) == ["effective"]
+    np.testing.assert_array_equal(batch.efficient["effective"], arrays["efficient/effective"][1:3, :, :, :7, :7])
+    classification = read_causal_batch(arrays, 3, 4, "classification", [])
+    assert classification.attention.shape == (1, 1, 2, 2, 2) and classification.label.tolist() == [3]
+    assert classification.stored_logit_ids is None and classification.efficient == {}
+    # the same from a real store
+    group = open_attention_store(llama_store, mode="r")
+    stored = read_causal_batch(group, 4, 8, "classification", ["simplex"])
+    size = int(group["length"][4:8].max())
+    np.testing.assert_array_equal(stored.attention, group["attention"][4:8, :, :, :size, :size])
+    np.testing.assert_array_equal(stored.efficient["simplex"], group["efficient/simplex"][4:8, :, :, :size, :size])
+    np.testing.assert_array_equal(stored.stored_logits, group["logits"][4:8])
+
+
+def test_stored_settings_and_names_keep_the_layout_of_earlier_results(llama_store, tmp_path, monkeypatch):
+    """The `settings` attribute and the intervention names are written as before this code read interventions as
+    objects (the literal below is what it wrote), so a rerun of the same command on earlier results resumes them."""
+    import json
+
+    import tasks.causal
+    from storage_schemas.attention_store import open_attention_store
+
+    results = tmp_path / "results.zarr"
+    options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective",
+                                  "minimality:effective:k=3"],
+                   scopes=["all", "head"], head_interventions=["colspace-noise:effective"], scope_examples=3, seed=2)
+    causal(CausalSettings(store=llama_store, results=str(results), **options))
+    store = open_attention_store(llama_store, mode="r").attrs.asdict()
+    group = open_attention_store(llama_store, mode="r")
+    names = ["replay", "efficient+null-noise:stochastic", "colspace-noise:effective", "minimality:effective:k=3"]
+    expected = {
+        "interventions": names,
+        "scopes": ["all", "head"],
+        "scope_interventions": {"all": names, "layer": [], "head": ["colspace-noise:effective"]},
+        "scope_examples": 3,
+        "targets": [{"name": "all", "scope": "all", "layer": -1, "head": -1}] + [
+            {"name": f"layer {layer} head {head}", "scope": "head", "layer": layer, "head": head}
+            for layer in range(2) for head in range(4)],
+        "seed": 2,
+        "store_identity": {
+            "weights_digest": store["model"]["weights_digest"], "corpus_digest": store["corpus"]["digest"],
+            "examples": 10, "dtype": "float32",
+            "efficient_settings": {variant: group[f"efficient/{variant}"].attrs["settings"]
+                                   for variant in ("effective", "stochastic")},
+        },
+    }
+    written = json.loads((results / "zarr.json").read_text(encoding="utf-8"))["attributes"]["settings"]
+    assert json.dumps(written) == json.dumps(expected)  # the same keys, in the same order
+    dataset = xr.open_zarr(results, consolidated=False)
+    assert dataset["intervention"].values.tolist() == names
+    assert dataset["intervention_kind"].values.tolist() == ["replay", "efficient+null-noise", "colspace-noise",
+                                                            "minimality"]
+    assert dataset["variant"].values.tolist() == ["", "stochastic", "effective", "effective"]
+    assert dataset["removed_directions"].values.tolist() == [0, 0, 0, 3]
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a rerun of a complete results dataset measured a shard again")
+
+    monkeypatch.setattr(tasks.causal, "compute_causal_shard", measured_again)
+    before = (results / "zarr.json").read_bytes()
+    causal(CausalSettings(store=llama_store, results=str(results), **options))  # not refused, nothing measured again
+    assert (results / "zarr.json").read_bytes() == before
+
+
+def test_the_plan_parses_the_names_once(llama_store):
+    from analysis.variants import variant_record
+    from flows.causal import causal_plan
+
+    plan = causal_plan(CausalSettings(store=llama_store, results="unused.zarr",
+                                      interventions=["null:simplex", "ablate"], scopes=["layer"],
+                                      layer_interventions=["null:simplex"]))
+    assert plan.interventions[0].variant is variant_record("simplex")
+    assert plan.layer_interventions == plan.interventions[:1]
+    assert plan.head_interventions == plan.interventions[1:]  # ablate where it is run
+    assert plan.efficient_variants() == ["simplex"]
+    assert [target.name for target in plan.targets] == ["layer 0", "layer 1"]
+    with pytest.raises(ValueError, match=r"^intervention 'ablate' takes no variant, got 'simplex'$"):
+        causal_plan(CausalSettings(store=llama_store, results="unused.zarr", interventions=["ablate:simplex"]))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.claims import claims_table, efficient_diagnostics_summary, format_claims_table
+from analysis.interventions import parse_interventions
 
 INTERVENTIONS = ["replay", "efficient:effective", "null:effective", "efficient+null-noise:effective",
                  "colspace-noise:effective", "uniform", "ablate", "minimality:effective:k=1",
                  "minimality:effective:k=2"]
+PARSED = parse_interventions(INTERVENTIONS)  # claims_table reads interventions as objects
 TARGETS = ["all", "layer 0"]
 
 
@@ -36,7 +38,7 @@ def test_verdicts_follow_the_numbers():
                               "colspace-noise:effective": 0.5, "null:effective": 2.0},
         largest_stored_logit_difference={"replay": 0.0},
     )
-    table = claims_table(INTERVENTIONS, TARGETS, numbers, {}, original_accuracy=0.8)
+    table = claims_table(PARSED, TARGETS, numbers, {}, original_accuracy=0.8)
     assert verdicts(table) == {
         "sufficient (effective)": "holds",
         "necessary (effective)": "holds",
@@ -52,19 +54,20 @@ def test_verdicts_follow_the_numbers():
     numbers["agreement_rate"][INTERVENTIONS.index("minimality:effective:k=1"), 0] = 1.0
     numbers["largest_logit_change"][INTERVENTIONS.index("colspace-noise:effective"), 0] = 5e-6  # not 10x more
     numbers["largest_stored_logit_difference"][0, 0] = 1e-3
-    failing = verdicts(claims_table(INTERVENTIONS, TARGETS, numbers, {}, 0.8))
+    failing = verdicts(claims_table(PARSED, TARGETS, numbers, {}, 0.8))
     assert failing == {**{claim: "does not hold" for claim in failing}, "sufficient (effective)": "holds"}
     # a float16 store: replay is judged against the storage precision
-    assert verdicts(claims_table(INTERVENTIONS, TARGETS, numbers, {}, 0.8, replay_tolerance=1e-2))[
+    assert verdicts(claims_table(PARSED, TARGETS, numbers, {}, 0.8, replay_tolerance=1e-2))[
         "replay reproduces the stored model"] == "holds"
     # minimality is only decided when the effective attention itself is sufficient
     numbers["agreement_rate"][INTERVENTIONS.index("efficient:effective"), 0] = 0.99
     numbers["agreement_rate"][INTERVENTIONS.index("minimality:effective:k=1"), 0] = 0.5
-    assert verdicts(claims_table(INTERVENTIONS, TARGETS, numbers, {}, 0.8))["minimal (effective)"] == "—"
+    assert verdicts(claims_table(PARSED, TARGETS, numbers, {}, 0.8))["minimal (effective)"] == "—"
 
 
 def test_unmeasured_claims_say_so():
-    table = claims_table(["replay", "efficient:simplex"], TARGETS, aggregates(), {}, original_accuracy=np.nan)
+    table = claims_table(parse_interventions(["replay", "efficient:simplex"]), TARGETS, aggregates(), {},
+                         original_accuracy=np.nan)
     assert verdicts(table) == {"sufficient (simplex)": "—", "necessary (simplex)": "—",
                                "the null part does not reach the output (simplex)": "—",
                                "replay reproduces the stored model": "—"}
@@ -85,7 +88,7 @@ def test_probability_distribution_claim_from_diagnostics():
     assert summary["simplex"]["probability_distribution_share"] == 1.0
     assert summary["stochastic"]["probability_distribution_share"] == 0.75
     assert summary["simplex"]["mean_support_share"] == 0.5
-    table = claims_table(["replay"], TARGETS, aggregates(), summary, 0.8)
+    table = claims_table(parse_interventions(["replay"]), TARGETS, aggregates(), summary, 0.8)
     assert verdicts(table)["probability distributions (simplex)"] == "holds"
     assert verdicts(table)["probability distributions (stochastic)"] == "does not hold"
 

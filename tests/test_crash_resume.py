@@ -159,9 +159,9 @@ def test_a_store_path_that_is_not_writable_is_refused(workspace, environment, ex
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn extract: error: ")]
     assert len(errors) == 1, refused.stderr
-    assert errors[0].startswith(f"effattn extract: error: cannot write to {store} (")
-    assert errors[0].endswith("): choose a store location this user may write to, or fix the permissions of that "
-                              "folder. Nothing already stored was changed")
+    assert errors[0].startswith(f"effattn extract: error: cannot create --store {store}: the folder ")  # pre-flight
+    assert errors[0].endswith("): choose a --store in a folder this user may write to, or fix that folder's "
+                              "permissions. Nothing was written")
     assert not os.path.exists(store)
 
 

@@ -1,7 +1,12 @@
 """The explanation stage (flows/explain.py, tasks/explain.py): results from a real store, resumable by shard, refusing
-other settings, reading only completed shards."""
+other settings and examples in unfinished store shards, computing again what store shards written again made stale."""
 
 from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +15,8 @@ from pydantic import ValidationError
 
 from flows.explain import explain
 from flows.settings import ExplainSettings
-from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import ExplanationResultsError, open_explanation_results
-from tasks.explain import choose_examples, readable_examples, spread_sample
+from tasks.explain import choose_examples, spread_sample
 from tests.store_builders import build_real_store, write_corpus
 
 FEW_METHODS = ["attention:rollout", "simplex:last-layer", "integrated-gradients", "leave-one-out", "random"]
@@ -33,20 +37,20 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     printed = capsys.readouterr().out
     assert "simplex supports are minimal" in printed and f"results: {results}" in printed
     dataset = xr.open_zarr(results, consolidated=False).load()
-    methods = dataset["method"].values.tolist()
+    methods = dataset["explainer"].values.tolist()
     assert methods[:3] == ["attention:last-layer", "attention:all-layers", "attention:rollout"]
     assert {"effective:rollout", "stochastic:all-layers", "simplex:last-layer", "random"} <= set(methods)
     assert dataset.sizes["example"] == 3 and dataset.attrs["completed_shards"] == [0]
     assert dataset["store_example"].values.tolist() == [1, 5, 8]  # centres of thirds of the length-sorted store
     assert np.isfinite(dataset["faithfulness"].values).all()
     np.testing.assert_allclose(dataset["aopc"].values, dataset["faithfulness"].mean("k").values, atol=1e-6)
-    tau = dataset["kendall_tau"].sel({"method": "leave-one-out", "reference": "leave-one-out"}).values
+    tau = dataset["kendall_tau"].sel(explainer="leave-one-out", reference="leave-one-out").values
     several = dataset["removable_tokens"].values >= 2  # with one removable token tau is undefined
     assert np.isnan(tau[~several]).all()
     np.testing.assert_allclose(tau[several], 1.0)
     assert np.isfinite(dataset["integrated_gradients_delta"].values).all()
     # attributions only on removable tokens ([CLS] and [SEP] never)
-    attribution = dataset["attribution"].sel({"method": "leave-one-out"})
+    attribution = dataset["attribution"].sel(explainer="leave-one-out")
     assert np.isnan(attribution.isel(position=0)).all()
     assert (attribution.notnull().sum("position") == dataset["removable_tokens"]).all()
     tested = dataset["minimality_tested"] + dataset["minimality_untestable"]
@@ -93,22 +97,81 @@ def test_the_sample_is_spread_over_the_lengths_without_the_extremes():
     assert spread_sample(3, 8).tolist() == [0, 1, 2] and spread_sample(4, None).tolist() == [0, 1, 2, 3]
 
 
-def test_only_shards_recorded_complete_are_read(bert_store):
+def test_an_unfinished_extraction_is_refused_naming_the_shards_and_the_command(tmp_path, tiny_bert_folder, capsys):
+    """An extraction interrupted after its first shard: `effattn explain` refuses it (exit status 2, the shards and
+    the command in one line) and writes no results; the sample is the one of the finished store."""
+    from flows.cli import main
+    from storage_schemas.attention_store import mark_shard_completed, open_attention_store
+    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+
+    corpus, store = write_corpus(tmp_path / "reviews.csv"), str(tmp_path / "store.zarr")
+    todo, num_labels = prepare_store.fn(store, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None,
+                                        None, 4, 0)
+    assert todo == [0, 1, 2]
+    captured = capture_shard.fn(store, 0, str(tiny_bert_folder), num_labels, "cpu", 0, 4)
+    mark_shard_completed(open_attention_store(store, mode="r+"), write_captured_shard.fn(store, 0, captured))
+    assert choose_examples(store, 4) == [1, 3, 6, 8]  # spread over all 10 examples, finished or not
+    results = str(tmp_path / "results.zarr")
+    assert main(["explain", "--store", store, "--results", results, "--examples", "4"]) == 2
+    error = capsys.readouterr().err
+    assert error.strip().splitlines()[-1] == (
+        f"effattn explain: error: {store} is not ready for `effattn explain` (the examples to explain lie in "
+        "unfinished shards, which read as zeros, so the results would be wrong): extraction shards [1, 2] (examples "
+        f"4 to 9) are not complete: finish them by running the `effattn extract --corpus {corpus} --model "
+        f"{tiny_bert_folder} --store {store} ...` command that created the store again, with the same options (it "
+        "resumes and writes only the missing shards); then run `effattn explain` again")
+    assert not Path(results).exists()
+
+
+def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_examples_stale(
+        bert_store, tiny_bert_folder, tmp_path, capsys, caplog):
+    """Damage -> `verify --repair` -> explain refuses -> extract -> efficient -> explain computes again exactly the
+    results' shard whose examples lie in the repaired store shard, identically; the other shard is kept."""
     import zarr
 
-    group = zarr.open_group(bert_store, mode="r+")
-    simplex = group[efficient_array_path("simplex")]
-    recorded = simplex.attrs["completed_shards"]
-    try:
-        simplex.attrs["completed_shards"] = [0, 2]  # shard 1 (examples 4..7) unfinished for simplex
-        assert readable_examples(bert_store, ["simplex"]).tolist() == [0, 1, 2, 3, 8, 9]
-        assert readable_examples(bert_store, ["effective"]).tolist() == list(range(10))
-        assert set(choose_examples(bert_store, ["simplex"], None)) == {0, 1, 2, 3, 8, 9}
-        simplex.attrs["completed_shards"] = []
-        with pytest.raises(ExplanationResultsError, match="has no shard whose extraction and efficient attention"):
-            choose_examples(bert_store, ["simplex"], 4)
-    finally:
-        simplex.attrs["completed_shards"] = recorded
+    from flows.cli import main
+    from storage_schemas.attention_store import IncompleteInputError, open_attention_store
+    from storage_schemas.explanation_results import PER_EXAMPLE_ARRAYS, explanation_completed_shards
+    from storage_schemas.storage_faults import shard_file_paths
+
+    def rows(name: str, values: np.ndarray, examples: list[int]) -> np.ndarray:
+        return np.take(values, examples, axis=PER_EXAMPLE_ARRAYS[name][0].index("example"))
+
+    store = str(tmp_path / "store.zarr")
+    shutil.copytree(bert_store, store)
+    results = str(tmp_path / "results.zarr")
+    # results shard 0: examples 1, 3 (store shard 0); results shard 1: examples 6, 8 (store shards 1 and 2)
+    options = dict(methods=FEW_METHODS, examples=4, shard_size=2, integrated_gradients_steps=8, minimality_rows=4)
+    explain(ExplainSettings(store=store, results=results, **options))
+    group = open_explanation_results(results)
+    assert group["store_example"][:].tolist() == [1, 3, 6, 8]
+    before = {name: group[name][:] for name in PER_EXAMPLE_ARRAYS}
+    (attention_file,) = shard_file_paths(zarr.open_group(store), ["attention"], 0)
+    with open(attention_file, "r+b") as handle:
+        handle.seek(attention_file.stat().st_size // 2)
+        handle.write(b"\xff\xff\xff\xff")
+    assert main(["verify", "--repair", store]) == 1
+    capsys.readouterr()
+    with pytest.raises(IncompleteInputError, match=re.escape(
+            "extraction shard [0] (examples 0 to 3) is not complete") + ".*" + re.escape(
+            f"efficient/simplex shard [0] (examples 0 to 3) is not computed: run `effattn efficient --store {store} "
+            "--variants simplex` after the extraction is complete; then run `effattn explain` again")):
+        explain(ExplainSettings(store=store, results=results, **options))
+
+    build_real_store(store, tiny_bert_folder, Path(bert_store).parent / "reviews.csv")  # extract, efficient: resume
+    group = open_explanation_results(results, mode="r+")
+    assert explanation_completed_shards(group, open_attention_store(store)) == [1]
+    group["full_probability"][:] = -7.0  # a mark: a shard computed again loses it
+    with caplog.at_level(logging.WARNING, logger="tasks.explain"):
+        explain(ExplainSettings(store=store, results=results, **options))
+    assert f"{results}: explanation shards [0] were computed from store shards that were unfinished then or " \
+           "written again since: computing them again" in caplog.messages
+    group = open_explanation_results(results)
+    assert explanation_completed_shards(group, open_attention_store(store)) == [0, 1]
+    assert group["full_probability"][2:].tolist() == [-7.0, -7.0]  # results shard 1: its store shards untouched
+    for name, values in before.items():  # results shard 0: computed again, from the same tensors, identically
+        np.testing.assert_array_equal(rows(name, group[name][:], [0, 1]), rows(name, values, [0, 1]), err_msg=name)
+    assert "claims" in group.attrs
 
 
 def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_folder):
@@ -117,9 +180,9 @@ def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_fol
     results = str(tmp_path / "results.zarr")
     explain(ExplainSettings(store=store, results=results, examples=2, integrated_gradients_steps=8, minimality_rows=4))
     dataset = xr.open_zarr(results, consolidated=False).load()
-    assert "simplex:rollout" in dataset["method"].values.tolist()
+    assert "simplex:rollout" in dataset["explainer"].values.tolist()
     length = dataset["length"].values
-    attribution = dataset["attribution"].sel({"method": "leave-one-out"}).values
+    attribution = dataset["attribution"].sel(explainer="leave-one-out").values
     for row, size in enumerate(length):
         assert np.isnan(attribution[row, size - 1])  # the pooled last token is never removed
     assert np.isfinite(dataset["faithfulness"].values).all()

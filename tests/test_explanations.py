@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.architectures import adapter_for
 from analysis.explanations import (
     AGGREGATIONS,
     ExplanationMethod,
@@ -63,9 +64,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def one_token_model(tokenizer) -> LoadedModel:
-    return LoadedModel(name="one-token", source="test", family="bert", causal=False, model=OneTokenModel().eval(),
-                       tokenizer=tokenizer, shape=ModelShape(1, 1, 1, 1, 2), weights_digest="sha256:0",
-                       device="cpu")
+    return LoadedModel(name="one-token", source="test", adapter=adapter_for("bert"), causal=False,
+                       sliding_windows=(None,), model=OneTokenModel().eval(), tokenizer=tokenizer,
+                       shape=ModelShape(1, 1, 1, 1, 2), weights_digest="sha256:0", device="cpu")
 
 
 @pytest.fixture(scope="module")

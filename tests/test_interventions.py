@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from analysis.efficient_attention import efficient_attention
 from analysis.interventions import (
+    KIND_RECORDS,
     Intervention,
     SharedBases,
+    default_head_interventions,
     default_interventions,
+    default_layer_interventions,
     intervention_matrices,
     parse_interventions,
 )
+from analysis.variants import variant_record
 
 HEAD_DIM, HIDDEN = 4, 12
 
@@ -53,16 +59,76 @@ def test_names_round_trip_and_bad_names_say_how_to_write_them():
         "replay", "efficient:stochastic", "null:stochastic", "efficient+null-noise:stochastic",
         "colspace-noise:stochastic", "uniform", "ablate",
     ]  # no minimality without the effective variant
-    with pytest.raises(ValueError, match=r"unknown intervention kind 'zero'"):
-        Intervention.parse("zero")
-    with pytest.raises(ValueError, match=r"intervention 'null' needs a variant from .*'null:effective'"):
-        Intervention.parse("null")
-    with pytest.raises(ValueError, match=r"intervention 'ablate' takes no variant"):
-        Intervention.parse("ablate:effective")
-    with pytest.raises(ValueError, match=r"write the minimality probe as minimality:effective:k=4"):
-        Intervention.parse("minimality:effective")
-    with pytest.raises(ValueError, match="intervention ablate is listed twice"):
+    bad_names = {
+        "zero": "unknown intervention kind 'zero': choose from ['replay', 'efficient', 'null', "
+                "'efficient+null-noise', 'colspace-noise', 'uniform', 'ablate', 'minimality']",
+        "null": "intervention 'null' needs a variant from ['effective', 'stochastic', 'simplex'], e.g. "
+                "'null:effective'",
+        "null:exact": "intervention 'null' needs a variant from ['effective', 'stochastic', 'simplex'], e.g. "
+                      "'null:effective'",
+        "ablate:effective": "intervention 'ablate' takes no variant, got 'effective'",
+        "minimality:effective": "cannot read 'minimality:effective': write the minimality probe as "
+                                "minimality:effective:k=4",
+        "minimality:effective:k=x": "cannot read 'minimality:effective:k=x': write the minimality probe as "
+                                    "minimality:effective:k=4",
+        "minimality:stochastic:k=2": "the minimality probe truncates the effective projection: use "
+                                     "minimality:effective:k=K",
+        "minimality:effective:k=0": "minimality needs k >= 1 directions removed, got 0",
+        "null:effective:extra": "cannot read intervention 'null:effective:extra': write KIND or KIND:VARIANT, e.g. "
+                                "null:effective",
+    }
+    for name, message in bad_names.items():
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            Intervention.parse(name)
+    with pytest.raises(ValueError, match=r"^only minimality removes directions, got k=2 for null$"):
+        Intervention("null", "effective", 2)
+    with pytest.raises(ValueError, match="^intervention ablate is listed twice$"):
         parse_interventions(["ablate", "uniform", "ablate"])
+
+
+def test_an_intervention_holds_its_kind_and_variant_records_and_writes_only_names():
+    """object -> name -> object keeps the records; the dataset row holds names only."""
+    probe = Intervention.parse(" minimality:effective:k=3 ")
+    assert probe.kind is KIND_RECORDS["minimality"] and probe.variant is variant_record("effective")
+    assert probe.removed_directions == 3 and not probe.needs_efficient
+    assert Intervention(KIND_RECORDS["null"], variant_record("simplex")) == Intervention("null", "simplex")
+    for intervention in default_interventions(minimality_directions=(1, 4)):
+        again = Intervention.parse(intervention.name)
+        assert again == intervention and again.name == intervention.name
+        assert again.variant is (None if not intervention.kind.takes_variant else variant_record(again.variant_name))
+        row = again.results_row()
+        assert row == {"name": intervention.name, "kind": intervention.kind.name, "variant": again.variant_name,
+                       "removed_directions": again.removed_directions}
+        assert all(isinstance(value, (str, int)) for value in row.values())
+    assert Intervention.parse("ablate").results_row() == {"name": "ablate", "kind": "ablate", "variant": "",
+                                                        "removed_directions": 0}
+    assert repr(Intervention("null", "stochastic")) == "Intervention.parse('null:stochastic')"
+    reads = {item.name for item in default_interventions(["effective"], (1,)) if item.needs_efficient}
+    assert reads == {"efficient:effective", "null:effective", "efficient+null-noise:effective",
+                     "colspace-noise:effective"}
+
+
+def test_a_registered_variant_gets_its_interventions():
+    from analysis.variants import Variant, registered_variant
+
+    record = Variant(name="halfway", compute=lambda inputs, with_ones: None, projects_with_ones=True,
+                     keeps_output=False, keeps_row_sums=True, non_negative=True, cost="closed-form",
+                     description="test only", colour="#000000")
+    with registered_variant(record):
+        assert Intervention.parse("efficient+null-noise:halfway").variant is record
+    with pytest.raises(ValueError, match=r"^intervention 'null' needs a variant from \['effective', 'stochastic', "
+                                         r"'simplex'\], e\.g\. 'null:effective'$"):
+        Intervention.parse("null:halfway")  # unregistered again
+
+
+def test_default_scopes_of_the_interventions():
+    chosen = default_interventions(["effective", "simplex"], (1,))
+    assert [item.name for item in default_layer_interventions(chosen)] == [
+        "efficient:effective", "efficient:simplex", "null:effective", "null:simplex", "uniform", "ablate"]
+    assert [item.name for item in default_head_interventions(chosen)] == ["ablate"]
+    no_ablate = parse_interventions(["efficient:effective", "null:simplex", "null:effective"])
+    assert [item.name for item in default_head_interventions(no_ablate)] == ["null:simplex"]
+    assert [item.name for item in default_head_interventions(parse_interventions(["uniform", "replay"]))] == ["uniform"]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -71,7 +137,7 @@ def test_every_matrix_is_zero_outside_the_real_block_and_causal_ones_stay_lower_
     efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)
     for intervention in default_interventions(minimality_directions=(1, 2)):
         matrices = intervention_matrices(intervention, attention, value, w_out, lengths, causal,
-                                         efficient=efficient[intervention.variant].efficient
+                                         efficient=efficient[intervention.variant_name].efficient
                                          if intervention.needs_efficient else None)
         assert matrices.dtype == np.float32 and matrices.shape == attention.shape
         for example, n in enumerate(lengths):
@@ -180,7 +246,7 @@ def test_interventions_sharing_decompositions_in_a_batch_give_the_same_matrices(
     shared = SharedBases()
     for name in names:
         intervention = Intervention.parse(name)
-        efficient = results[intervention.variant].efficient
+        efficient = results[intervention.variant_name].efficient
         alone = intervention_matrices(intervention, *inputs, causal, efficient=efficient, seed=5)
         together = intervention_matrices(intervention, *inputs, causal, efficient=efficient, seed=5, shared=shared)
         np.testing.assert_array_equal(together, alone)

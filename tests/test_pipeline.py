@@ -94,6 +94,7 @@ def test_second_call_skips_causal_and_report_until_the_results_change(first_run)
     report_files = file_mtimes(str(Path(first["report"]).parent))
     record = run_pipeline(PipelineSettings(**arguments))
     assert statuses(record)["causal"] == "skipped" and statuses(record)["report"] == "skipped"
+    assert statuses(record)["explain"] == "skipped"
     assert file_mtimes(str(Path(first["report"]).parent)) == report_files
     assert record["claims"] == first["claims"]
     # the results are summarised again (e.g. an interrupted run finished them): the report is drawn again
@@ -232,19 +233,23 @@ def test_an_explicit_store_refuses_an_edited_corpus_file(tmp_path, first_run):
 
 def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_run(first_run, tmp_path, capsys):
     """`verify --repair` of a damaged attention shard, then the same `run`: extraction, efficient stage and causal
-    stage each redo exactly that shard (the results' other shard is kept), and the report is drawn again."""
+    stage each redo exactly that shard (the results' other shard is kept), the explanation stage computes again its
+    one shard (whose examples 1 and 4 lie in store shards 0 and 1), and the report is drawn again."""
     import shutil
 
     import numpy as np
     import zarr
 
     from storage_schemas.causal_results import causal_completed_shards, open_causal_results
+    from storage_schemas.explanation_results import explanation_completed_shards, open_explanation_results
     from storage_schemas.storage_faults import shard_file_paths
 
     arguments, first = first_run
     run_dir = str(tmp_path / "runs")
     shutil.copytree(arguments["run_dir"], run_dir)
-    copied = {key: first[key].replace(arguments["run_dir"], run_dir) for key in ("store", "results")}
+    copied = {key: first[key].replace(arguments["run_dir"], run_dir) for key in ("store", "results", "explanations")}
+    explained = zarr.open_group(copied["explanations"])["full_probability"][:]
+    assert zarr.open_group(copied["explanations"])["store_example"][:].tolist() == [1, 4]
     reference = zarr.open_group(copied["results"])["agreement"][:]
     (attention_file,) = shard_file_paths(zarr.open_group(copied["store"]), ["attention"], 1)
     with open(attention_file, "r+b") as handle:
@@ -253,17 +258,21 @@ def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_r
     assert main(["verify", "--repair", copied["store"]]) == 1
     capsys.readouterr()
     zarr.open_group(copied["results"], mode="r+")["agreement"][...] = 7.0  # a mark: a shard measured again loses it
+    zarr.open_group(copied["explanations"], mode="r+")["full_probability"][...] = 7.0  # likewise
 
     record = run_pipeline(PipelineSettings(**{**arguments, "run_dir": run_dir}))
     status = statuses(record)
-    assert {stage: status[stage] for stage in ("extract", "efficient", "causal", "report")} == {
-        "extract": "ran", "efficient": "ran", "causal": "ran", "report": "ran"}
+    assert {stage: status[stage] for stage in ("extract", "efficient", "causal", "explain", "report")} == {
+        "extract": "ran", "efficient": "ran", "causal": "ran", "explain": "ran", "report": "ran"}
     agreement = zarr.open_group(copied["results"])["agreement"][:]
     np.testing.assert_array_equal(agreement[:, :, 4:], reference[:, :, 4:])  # shard 1: measured again
     assert (agreement[:, :, :4] == 7.0).all()  # shard 0: its inputs were untouched, kept
     assert causal_completed_shards(open_causal_results(copied["results"]),
                                    open_attention_store(copied["store"])) == [0, 1]
     assert efficient_completed_shards(open_attention_store(copied["store"]), "effective") == [0, 1]
+    np.testing.assert_array_equal(zarr.open_group(copied["explanations"])["full_probability"][:], explained)
+    assert explanation_completed_shards(open_explanation_results(copied["explanations"]),
+                                        open_attention_store(copied["store"])) == [0]
 
 
 def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first_run):

@@ -25,6 +25,7 @@ from analysis.report_figures import (
     choose_head,
     layer_head_grid,
     load_local_tokenizer,
+    minimality_curve,
     null_norm_ratio_by_length,
     percent_limits,
     scope_interventions,
@@ -222,6 +223,26 @@ def test_choose_head_and_layer_head_grid():
     assert np.isnan(layer_head_grid(aggregates, "agreement_rate", "replay", 2, 2)).all()  # not measured
     assert scope_interventions(aggregates, "head") == ["ablate"]
     assert scope_interventions(aggregates, "all") == ["ablate", "replay"]
+
+
+def test_minimality_curve_reads_the_recorded_parts_of_each_intervention():
+    """The probes are found by their recorded kind and k (not by parsing names), sorted by k, after k = 0 (the
+    efficient attention of the same variant)."""
+    names = ["minimality:effective:k=4", "efficient:stochastic", "efficient:effective", "minimality:effective:k=1"]
+    aggregates = xr.Dataset(
+        {"agreement_rate": (("intervention", "target"), [[0.5], [0.9], [1.0], [0.75]]),
+         "flip_rate": (("intervention", "target"), [[0.5], [0.1], [0.0], [0.25]])},
+        coords={"intervention": names, "target": ["all"],
+                "intervention_kind": ("intervention", ["minimality", "efficient", "efficient", "minimality"]),
+                "variant": ("intervention", ["effective", "stochastic", "effective", "effective"]),
+                "removed_directions": ("intervention", [4, 0, 0, 1])},
+    )
+    curve = minimality_curve(aggregates)
+    assert curve["variant"] == "effective" and curve["k"].tolist() == [0, 1, 4]
+    assert curve["agreement_rate"].tolist() == [1.0, 0.75, 0.5] and curve["flip_rate"].tolist() == [0.0, 0.25, 0.5]
+    without_efficient = minimality_curve(aggregates.isel(intervention=[0, 1, 3]))
+    assert without_efficient["k"].tolist() == [1, 4]
+    assert minimality_curve(aggregates.isel(intervention=[1, 2])) is None
 
 
 def test_null_norm_ratio_by_length_and_percent_limits():

@@ -275,6 +275,7 @@ def test_task_rejects_an_unlabelled_corpus_before_loading_a_model(tmp_path):
 # the flow (one Prefect run: the temporary server costs ~10-15 s)
 
 
+@pytest.mark.end_to_end
 def test_train_flow_through_prefect(base_folder, cue_csv, tmp_path, monkeypatch, one_thread):
     from flows.settings import TrainSettings
     from flows.train import train

@@ -149,6 +149,7 @@ def test_the_noise_of_a_registered_variant_lies_in_the_null_space_its_record_nam
 # ------------------------------------------------------------------------------------------------ every stage
 
 
+@pytest.mark.end_to_end
 def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_folder):
     """Extract a tiny Llama; with the midpoint registered: the efficient stage (Dask, workers in this process so
     that they see the registration) computes it, verify checks its guarantees (and catches a broken row), the

@@ -229,6 +229,7 @@ def test_output_residual_is_zero_for_a_null_space_change_and_not_otherwise_and_n
     assert np.isnan(store_checks.output_residual(moved, attention, value, w_out)[0, 0, 0])
 
 
+@pytest.mark.end_to_end
 def test_repair_then_rerun_recomputes_every_efficient_and_causal_shard_computed_from_a_damaged_one(
         store, pristine, tiny_bert_folder, tmp_path, capsys):
     """Damage an attention shard and a simplex shard under finished causal results; `verify --repair`; rerun the
