@@ -215,6 +215,7 @@ def cli_reference() -> str:
                     default = "off"
                 else:
                     text = field.description
+                text = (text or "").replace("<", "&lt;").replace("|", "\\|")  # markdown: not a tag, not a column
                 lines.append(f"| `{flag}` | {value} | {default} | {text} |")
                 if spelling.get("unset"):
                     lines.append(f"| `{spelling['unset'][0]}` | switch | off | {spelling['unset'][1]} |")
