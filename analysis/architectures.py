@@ -24,6 +24,7 @@ from analysis.attention_backend import (
     observe_attention_calls,
     use_capture_backend,
 )
+from analysis.key_bands import KeyBand, band_of_visible
 
 # How an output projection stores its weight: nn.Linear keeps [out, in]; GPT-2's Conv1D keeps [in, out].
 WEIGHT_LAYOUTS = ("linear", "conv1d")
@@ -223,18 +224,19 @@ class ObservedLayout:
     kv_heads: tuple[int, ...]
     head_dims: tuple[int, ...]
     sliding_windows: tuple[int | None, ...]
+    visible: tuple[torch.Tensor, ...] = ()  # per call, [query, key] bool: the keys its mask let each query see
 
 
 PROBE_LENGTH = 12
 
 
-def observe_layout(model: torch.nn.Module) -> ObservedLayout:
-    """One forward pass over a short unpadded batch through the effattn backend, watching every attention call and
-    every Linear / Conv1D input to find the module that consumes each call's output unchanged."""
+def observe_layout(model: torch.nn.Module, length: int = PROBE_LENGTH) -> ObservedLayout:
+    """One forward pass over an unpadded batch of `length` tokens through the effattn backend, watching every
+    attention call and every Linear / Conv1D input to find the module that consumes each call's output unchanged."""
     use_capture_backend(model)
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     first = 5 if vocab > 20 else 0  # skip the low ids, where special tokens (padding) usually are
-    input_ids = (torch.arange(PROBE_LENGTH) % max(vocab - first, 1) + first)[None].to(model.device)
+    input_ids = (torch.arange(length) % max(vocab - first, 1) + first)[None].to(model.device)
     consumers: dict[int, torch.nn.Module] = {}  # call index -> the first module whose input is its output
 
     with torch.no_grad(), observe_attention_calls() as calls:
@@ -252,7 +254,7 @@ def observe_layout(model: torch.nn.Module) -> ObservedLayout:
         finally:
             for handle in handles:
                 handle.remove()
-    upper = torch.triu(torch.ones(PROBE_LENGTH, PROBE_LENGTH, dtype=torch.bool), diagonal=1).to(model.device)
+    upper = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1).to(model.device)
     return ObservedLayout(
         modules=tuple(call.module for call in calls),
         layer_indices=tuple(call.layer_index for call in calls),
@@ -262,7 +264,24 @@ def observe_layout(model: torch.nn.Module) -> ObservedLayout:
         kv_heads=tuple(call.kv_heads for call in calls),
         head_dims=tuple(call.output.shape[-1] for call in calls),
         sliding_windows=tuple(None if call.sliding_window is None else int(call.sliding_window) for call in calls),
+        visible=tuple(call.visible for call in calls),
     )
+
+
+def key_bands_of(model: torch.nn.Module, observed: ObservedLayout) -> tuple[KeyBand, ...]:
+    """Each attention call's band of visible keys (analysis.key_bands), read from the mask it received in the probe:
+    exact for every length up to the probe's. A mask that is not a band around the diagonal is refused."""
+    bands = []
+    for index, visible in enumerate(observed.visible):
+        try:
+            bands.append(band_of_visible(visible.numpy()))
+        except ValueError as error:
+            raise ArchitectureError(
+                f"model type '{model.config.model_type}': the attention mask of layer {index} is not a band around the "
+                f"diagonal ({error}); effattn restricts efficient attention to the keys each query sees and supports "
+                "full, causal and sliding-window masks only"
+            ) from None
+    return tuple(bands)
 
 
 def _expected_layers(model: torch.nn.Module) -> int:
@@ -398,6 +417,7 @@ def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, O
             f"model type '{model_type}': a probe forward pass on token ids failed ({type(error).__name__}: "
             f"{error}); effattn captures text models that run on input_ids and an attention mask"
         ) from error
+    key_bands_of(model, observed)  # a mask that is not a band is refused here, before anything is written
     if adapter is None:
         return discover_adapter(model, observed), observed
     check_observed_layout(model, adapter, observed)
@@ -406,6 +426,7 @@ def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, O
 
 __all__ = [
     "ADAPTERS", "REFUSED_ARCHITECTURES", "ArchitectureAdapter", "ArchitectureError", "AttentionLayer",
-    "adapter_for", "attention_layers", "check_not_refused", "check_uniform_shape", "discover_adapter", "observe_layout",
+    "adapter_for", "attention_layers", "check_not_refused", "check_uniform_shape", "discover_adapter", "key_bands_of",
+    "observe_layout",
     "prepare_architecture", "projection_weight", "refusal_reason", "supported_model_types",
 ]

@@ -156,6 +156,7 @@ class AttentionCall:
 
     weights: [batch, heads, query, key]; output: [batch, query, heads, head_dim], what the model's next module gets;
     sliding_window: the window argument the model passed (None: full attention), applied by the mask.
+    visible: [query, key] bool, the keys the mask let each query of the first batch entry see (all without a mask).
     """
 
     module: torch.nn.Module
@@ -164,6 +165,20 @@ class AttentionCall:
     output: torch.Tensor
     kv_heads: int = 0
     sliding_window: int | None = None
+    visible: torch.Tensor | None = None
+
+
+def visible_keys(attention_mask: torch.Tensor | None, queries: int, keys: int) -> torch.Tensor:
+    """[query, key] bool: where the mask the attention function got lets a key through (first batch entry).
+    An additive mask blocks with the dtype's lowest value (or -inf), a boolean one with False; no mask blocks
+    nothing."""
+    if attention_mask is None:
+        return torch.ones((queries, keys), dtype=torch.bool)
+    mask = attention_mask[0, 0, :, :keys].detach().cpu()  # a key-only mask [.., 1, keys] broadcasts over queries
+    mask = mask.expand(queries, mask.shape[-1]) if mask.shape[0] == 1 else mask
+    if mask.dtype == torch.bool:
+        return mask.clone()
+    return mask > torch.finfo(mask.dtype).min / 2
 
 
 _active = threading.local()
@@ -279,7 +294,8 @@ def effattn_attention(
     if observer is not None:
         observer.append(AttentionCall(module=module, layer_index=layer_index, weights=weights.detach(),
                                       output=output.detach(), kv_heads=value.shape[1],
-                                      sliding_window=sliding_window))
+                                      sliding_window=sliding_window,
+                                      visible=visible_keys(attention_mask, query.shape[-2], key_states.shape[-2])))
     return output, weights
 
 

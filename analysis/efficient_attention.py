@@ -18,6 +18,9 @@ compute function here, `orthogonal_projection` or `simplex_projection`):
 
 and `null = A - efficient` for each. Decoder (causal) models: row i may only use keys ≤ i, so row i is
 projected with the prefix T[:i+1] (a different projector per row; the result stays lower-triangular).
+Layers with a key band (analysis.key_bands; a sliding window shorter than the block): row i may only use the keys
+S_i its band lets it see, so it is projected with T[S_i] (`project_rows_in_band`, `_simplex_band`; rows grouped by
+|S_i| and batched); the result is zero outside the band. Layers without one take the paths below unchanged.
 Grouped-query attention: query head h uses kv head h // (heads // kv_heads).
 
 How it is computed (all float64, batched over many matrices, torch):
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from analysis.key_bands import KeyBand, default_band
 from analysis.variants import VARIANTS, Variant, unknown_variants, variant_record
 
 DIAGNOSTICS: tuple[str, ...] = (
@@ -364,6 +368,49 @@ def project_rows_causal(rows, matrix, hidden_size: int) -> torch.Tensor:
         coefficients = torch.einsum("nil,nilr->nir", rows[chosen], bases)
         result[chosen] = torch.einsum("nir,nilr->nil", coefficients, bases)
     return torch.tril(result)
+
+
+def band_row_groups(length: int, band: KeyBand) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows of an L×L block grouped by how many keys they see in `band`: [(queries (r,), keys (r, p))], keys[k]
+    the p consecutive keys query queries[k] sees (interior rows share one group; edge rows see fewer keys)."""
+    windows = [band.window(query, length) for query in range(length)]
+    groups: dict[int, list[int]] = {}
+    for query, (start, stop) in enumerate(windows):
+        groups.setdefault(stop - start, []).append(query)
+    result = []
+    for size, queries in sorted(groups.items()):
+        starts = torch.tensor([windows[query][0] for query in queries])
+        result.append((torch.tensor(queries), starts[:, None] + torch.arange(size)[None, :]))
+    return result
+
+
+def _band_chunk(matrices: int, rows: int, size: int, columns: int) -> int:
+    """How many matrices of a band group fit one chunk of about CHUNK_ELEMENTS float64 per temporary."""
+    return max(1, CHUNK_ELEMENTS // max(1, 4 * rows * size * max(columns, size)))
+
+
+def project_rows_in_band(rows, matrix, hidden_size: int, band: KeyBand) -> torch.Tensor:
+    """Band projection: row i times the projector on col(matrix[S_i]), S_i the keys query i sees in `band`.
+
+    rows: (n, L, L) (entries outside the band are ignored); matrix: (n, L, c), e.g. X or [X | s·1]; hidden_size: the
+    D of the rank threshold σ_max·max(|S_i|, D)·eps. Returns (n, L, L), zero outside the band. A row whose keys span
+    all of R^|S_i| (rank |S_i|) keeps its entries exactly (`project_rows_unless_identity`).
+    """
+    rows = _as_float64_tensor(rows)
+    matrix = _as_float64_tensor(matrix)
+    n, length, columns = matrix.shape
+    result = torch.zeros_like(rows)
+    for queries, keys in band_row_groups(length, band):
+        count, size = keys.shape
+        per_chunk = _band_chunk(n, count, size, columns)
+        for start in range(0, n, per_chunk):
+            chosen = slice(start, start + per_chunk)
+            windows = matrix[chosen][:, keys].reshape(-1, size, columns)  # (n'·r, p, c)
+            basis, rank = column_space_basis(windows, hidden_size)
+            visible = rows[chosen][:, queries[:, None], keys].reshape(-1, 1, size)  # (n'·r, 1, p)
+            projected = project_rows_unless_identity(visible, basis, rank)
+            result[chosen, queries[:, None], keys] = projected.reshape(-1, count, size)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -783,6 +830,51 @@ def _check_inputs(attention, value, w_out, length, variants) -> tuple[np.ndarray
     return length.astype(np.int64), heads // kv_heads
 
 
+def _check_key_bands(key_bands, layers: int, causal: bool) -> tuple[KeyBand, ...]:
+    """One band per layer (the default band of `causal` when None); a causal model's band may not look ahead."""
+    if key_bands is None:
+        return (default_band(causal),) * layers
+    bands = tuple(key_bands)
+    if len(bands) != layers or not all(isinstance(band, KeyBand) for band in bands):
+        raise ValueError(f"key_bands must hold one analysis.key_bands.KeyBand per layer ({layers}); got {bands!r}")
+    if causal and any(band.right != 0 for band in bands):
+        raise ValueError(f"causal=True but the key bands {[band for band in bands if band.right != 0]} let queries see "
+                         "later keys: a causal model's bands have right reach 0 (pass causal=False for encoders)")
+    return bands
+
+
+def _band_groups(layer: np.ndarray, bands: tuple[KeyBand, ...], size: int, causal: bool):
+    """Split a chunk's matrices by the band of their layer within blocks of `size` rows: yields (chosen, band), chosen
+    a (n,) numpy bool array (None: the whole chunk) and band None where it is the default (the unrestricted paths)."""
+    within = [band.within(size) for band in bands]
+    default = default_band(causal)
+    distinct = sorted({within[index] for index in layer.tolist()}, key=lambda band: (band == default, repr(band)))
+    if len(distinct) == 1:
+        yield None, None if distinct[0] == default else distinct[0]
+        return
+    of_layer = np.array([within[index] == band for index in range(len(bands)) for band in distinct]).reshape(
+        len(bands), len(distinct))
+    for column, band in enumerate(distinct):
+        chosen = of_layer[layer, column]
+        if chosen.any():
+            yield chosen, None if band == default else band
+
+
+def _restricted_to_band(block: torch.Tensor, band: KeyBand, where: tuple) -> torch.Tensor:
+    """block (n, L, L) with entries outside `band` set to zero; weight beyond round-off there is refused."""
+    visible = torch.from_numpy(band.visible(block.shape[-1]))
+    outside = torch.where(visible, 0.0, block.abs())
+    if outside.numel() and outside.max() > CAUSAL_UPPER_TOLERANCE:
+        worst = int(outside.flatten(1).amax(-1).argmax())
+        raise ValueError(
+            f"attention of (example, layer, head) {tuple(int(index[worst]) for index in where)} has weight "
+            f"{outside.max().item():.3g} on keys outside the band its layer's mask allows ({band.left} left, "
+            f"{band.right} right of the diagonal): the stored attention and the store's model.key_bands disagree; "
+            "extract the store again"
+        )
+    return torch.where(visible, block, 0.0)
+
+
 def _diagnostics_of(
     efficient: torch.Tensor, attention: torch.Tensor, matrix: torch.Tensor, length: int
 ) -> dict[str, torch.Tensor]:
@@ -874,20 +966,70 @@ def _simplex_block(
     return result, statistics
 
 
+def _simplex_band(
+    attention: torch.Tensor, with_ones: torch.Tensor, hidden_size: int, band: KeyBand,
+    max_iterations: int, tolerance: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Simplex variant restricted to a band: row i solved on the keys S_i it sees, against col([X|s·1][S_i]).
+
+    attention (n, L, L) (zero outside the band); with_ones (n, L, c). Returns the simplex attention (n, L, L), zero
+    outside the band, and the per-matrix solver statistics (n,) as `_simplex_block`.
+    """
+    n, length, columns = with_ones.shape
+    result = torch.zeros_like(attention)
+    iterations = torch.zeros((n, length), dtype=torch.int64)
+    converged = torch.ones((n, length), dtype=torch.bool)
+    residual = torch.zeros((n, length), dtype=torch.float64)
+    for queries, keys in band_row_groups(length, band):
+        count, size = keys.shape
+        per_chunk = _band_chunk(n, count, size, columns)
+        for start in range(0, n, per_chunk):
+            chosen = torch.arange(start, min(n, start + per_chunk))
+            windows = with_ones[chosen][:, keys].reshape(-1, size, columns)  # (n'·r, p, c)
+            basis, rank = column_space_basis(windows, hidden_size)
+            rows = attention[chosen][:, queries[:, None], keys].reshape(-1, 1, size).clone()  # (n'·r, 1, p)
+            solve = torch.nonzero(rank < size).flatten()  # rank = |S_i|: the only feasible row is a itself
+            found_iterations = torch.zeros(len(rows), dtype=torch.int64)
+            found_converged = torch.ones(len(rows), dtype=torch.bool)
+            found_residual = torch.zeros(len(rows), dtype=torch.float64)
+            if len(solve):
+                found = simplex_rows(rows[solve], basis[solve], max_iterations, tolerance)
+                rows[solve] = found.solution
+                found_iterations[solve] = found.iterations[:, 0]
+                found_converged[solve] = found.converged[:, 0]
+                found_residual[solve] = found.optimality_residual[:, 0]
+            result[chosen[:, None, None], queries[None, :, None], keys[None]] = rows.reshape(-1, count, size)
+            where = (chosen[:, None], queries[None, :])
+            iterations[where] = found_iterations.reshape(-1, count)
+            converged[where] = found_converged.reshape(-1, count)
+            residual[where] = found_residual.reshape(-1, count)
+    statistics = {
+        "iterations": iterations.amax(-1),
+        "converged": converged.all(-1),
+        "optimality_residual": residual.amax(-1),
+        "support_size": (result > 0).sum(-1).to(torch.float64).mean(-1),
+    }
+    return result, statistics
+
+
 class VariantInputs:
     """A chunk of n equal-length real blocks, what every variant's compute function reads (analysis.variants).
 
-    attention (n, L, L) float64 (lower-triangular when causal); matrix (n, L, m) = X, with T = X Zᵀ; hidden_size
-    the D of the rank threshold of T (D + 1 for [T|1]). The column-space bases are computed once per chunk, when
-    a variant first asks, and shared by all variants.
+    attention (n, L, L) float64 (lower-triangular when causal, zero outside the band); matrix (n, L, m) = X, with
+    T = X Zᵀ; hidden_size the D of the rank threshold of T (D + 1 for [T|1]); band the keys each query sees
+    (analysis.key_bands; default: the prefix when causal, every key otherwise). `banded` is True when the band
+    restricts this block beyond that default: each row is then projected on the keys it sees only. The
+    column-space bases are computed once per chunk, when a variant first asks, and shared by all variants.
     """
 
     def __init__(self, attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, causal: bool,
-                 simplex_max_iterations: int, simplex_tolerance: float) -> None:
+                 simplex_max_iterations: int, simplex_tolerance: float, band: KeyBand | None = None) -> None:
         self.attention = attention
         self.matrix = matrix
         self.hidden_size = hidden_size
         self.causal = causal
+        self.band = (band or default_band(causal)).within(attention.shape[-1])
+        self.banded = self.band != default_band(causal)
         self.simplex_max_iterations = simplex_max_iterations
         self.simplex_tolerance = simplex_tolerance
         self._spaces: dict[bool, torch.Tensor] = {False: matrix}
@@ -911,7 +1053,12 @@ class VariantInputs:
 
 
 def orthogonal_projection(inputs: VariantInputs, with_ones: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A·P on col(T) (effective) or col([T|1]) (stochastic); causal: every row with its prefix. (n, L, L), {}."""
+    """A·P on col(T) (effective) or col([T|1]) (stochastic); causal: every row with its prefix; banded: every row
+    with the keys it sees. (n, L, L), {}."""
+    if inputs.banded:
+        return project_rows_in_band(
+            inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones), inputs.band
+        ), {}
     if inputs.causal:
         return project_rows_causal(inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones)), {}
     basis, rank = inputs.basis(with_ones)
@@ -919,7 +1066,10 @@ def orthogonal_projection(inputs: VariantInputs, with_ones: bool) -> tuple[torch
 
 
 def simplex_projection(inputs: VariantInputs, with_ones: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The simplex variant (`_simplex_block`): (n, L, L) and the solver's statistics (n,)."""
+    """The simplex variant (`_simplex_block`, banded: `_simplex_band`): (n, L, L) and the solver's statistics (n,)."""
+    if inputs.banded:
+        return _simplex_band(inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones),
+                             inputs.band, inputs.simplex_max_iterations, inputs.simplex_tolerance)
     basis, rank = inputs.basis(with_ones)
     return _simplex_block(
         inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones), inputs.causal,
@@ -929,15 +1079,15 @@ def simplex_projection(inputs: VariantInputs, with_ones: bool) -> tuple[torch.Te
 
 def _efficient_block(
     attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, causal: bool, variants: Sequence[str],
-    simplex_max_iterations: int, simplex_tolerance: float,
+    simplex_max_iterations: int, simplex_tolerance: float, band: KeyBand | None = None,
 ) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """All requested variants for a chunk of equal-length matrices, each by its record's compute function.
 
-    attention (n, L, L) real blocks (lower-triangular when causal); matrix (n, L, m) = X, with T = X Zᵀ.
-    Returns {variant: (efficient (n, L, L), {diagnostic: (n,)})}.
+    attention (n, L, L) real blocks (lower-triangular when causal, zero outside `band`); matrix (n, L, m) = X, with
+    T = X Zᵀ. Returns {variant: (efficient (n, L, L), {diagnostic: (n,)})}.
     """
     length = attention.shape[-1]
-    inputs = VariantInputs(attention, matrix, hidden_size, causal, simplex_max_iterations, simplex_tolerance)
+    inputs = VariantInputs(attention, matrix, hidden_size, causal, simplex_max_iterations, simplex_tolerance, band)
     rank = inputs.basis(False)[1]
     results = {}
     for name in variants:
@@ -987,6 +1137,7 @@ def efficient_attention(
     simplex_max_iterations: int = 200,
     simplex_tolerance: float = 1e-10,
     output_dtype=np.float64,
+    key_bands: Sequence[KeyBand] | None = None,
 ) -> dict[str, EfficientAttentionResult]:
     """Efficient attention of every (example, layer, head) for the chosen variants.
 
@@ -998,6 +1149,10 @@ def efficient_attention(
     causal: decoder attention (row i uses keys ≤ i and is projected with the prefix T[:i+1]).
     output_dtype: the dtype of the returned efficient arrays (computed in float64 either way; the stage asks for
         the store's float32 and so never holds a float64 copy of a shard).
+    key_bands: one analysis.key_bands.KeyBand per layer of `attention` (a store's `store_key_bands`), the keys each
+        query of that layer sees; None: the prefix when causal, every key otherwise. Where a band restricts a block
+        (a sliding window shorter than it), row i is projected on the rows of T inside its band only, so no variant
+        puts weight on a key the model hid from query i; attention with weight outside its band is refused.
     Returns {variant: EfficientAttentionResult} (see there for the diagnostics). The null part is
     `attention - efficient` on the real block.
 
@@ -1022,6 +1177,7 @@ def efficient_attention(
     for name in variants:
         diagnostics[name]["converged"][...] = True
 
+    bands = _check_key_bands(key_bands, layers, causal)
     extra = max((variant_record(name).extra_temporaries(columns, causal) for name in variants), default=0)
     non_negative = [name for name in variants if variant_record(name).non_negative]
     for example, layer, head, block, matrix in equal_length_blocks(attention, value, factor, length, extra):
@@ -1041,14 +1197,19 @@ def efficient_attention(
                 f"(probabilities); got negative entries in the real block — pass variants without {names} for "
                 "signed matrices"
             )
-        where = (example, layer, head)
-        results = _efficient_block(
-            block, matrix, hidden_size, causal, variants, simplex_max_iterations, simplex_tolerance
-        )
-        for name, (result, stats) in results.items():
-            efficient[name][example, layer, head, :size, :size] = result.numpy()
-            for key, values_of_key in stats.items():
-                diagnostics[name][key][where] = values_of_key.numpy()
+        for chosen, band in _band_groups(layer, bands, size, causal):
+            where = (example, layer, head) if chosen is None else (example[chosen], layer[chosen], head[chosen])
+            part, part_matrix = (block, matrix) if chosen is None else (
+                block[torch.from_numpy(chosen)], matrix[torch.from_numpy(chosen)])
+            if band is not None:
+                part = _restricted_to_band(part, band, where)
+            results = _efficient_block(
+                part, part_matrix, hidden_size, causal, variants, simplex_max_iterations, simplex_tolerance, band
+            )
+            for name, (result, stats) in results.items():
+                efficient[name][where[0], where[1], where[2], :size, :size] = result.numpy()
+                for key, values_of_key in stats.items():
+                    diagnostics[name][key][where] = values_of_key.numpy()
     return {
         name: EfficientAttentionResult(efficient=efficient[name], diagnostics=diagnostics[name]) for name in variants
     }

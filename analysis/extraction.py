@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from analysis.architectures import key_bands_of, observe_layout
 from analysis.attention_backend import CapturedLayer, capture_attention
+from analysis.key_bands import KeyBand
 from analysis.models import LoadedModel, check_pooled_positions
 
 
@@ -192,6 +194,18 @@ def capture_examples(
     return CapturedShard(attention=attention, value=value, **predictions)
 
 
+def observe_key_bands(loaded: LoadedModel, length: int) -> tuple[KeyBand, ...]:
+    """Each layer's band of visible keys, read from the masks its attention receives in one probe of `length`
+    tokens (the store's longest example): exact for every example of the store, whatever the family means by its
+    `sliding_window` argument. A mask that is not a band raises analysis.architectures.ArchitectureError."""
+    with torch.inference_mode():
+        observed = observe_layout(loaded.model, max(int(length), 2))
+    bands = key_bands_of(loaded.model, observed)
+    if len(bands) != loaded.shape.layers:
+        raise RuntimeError(f"the key-band probe saw {len(bands)} attention calls for {loaded.shape.layers} layers")
+    return bands
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape the stored numbers."""
     from importlib.metadata import PackageNotFoundError, version
@@ -231,6 +245,7 @@ def store_attributes(
             "adapter": loaded.adapter.name,
             "causal": loaded.causal,
             "sliding_windows": list(loaded.sliding_windows),
+            "key_bands": [band.to_attribute() for band in observe_key_bands(loaded, plan.max_length)],
             "layers": loaded.shape.layers,
             "heads": loaded.shape.heads,
             "kv_heads": loaded.shape.kv_heads,

@@ -16,7 +16,9 @@ stored efficient attention of a variant, T = V W_O^h, X = V·factor with col(X) 
                                                            of col(T) (smallest singular values) dropped
 
 Norms are Frobenius norms of the real L×L block. Causal (decoder) models: every row i uses the prefix T[:i+1],
-so every matrix stays lower-triangular. Random matrices come from a generator seeded by (seed, example index,
+so every matrix stays lower-triangular. In layers with a key band (a sliding window, analysis.key_bands) the noise
+is drawn on the keys each query sees and projected against those rows of T only (uniform and minimality keep the
+prefix / whole-sequence rule). Random matrices come from a generator seeded by (seed, example index,
 intervention name): the same example gets the same noise however the examples are batched.
 
 An intervention is an `Intervention` object from the moment its name is read (`Intervention.parse`) until it is
@@ -42,9 +44,11 @@ from analysis.efficient_attention import (
     prefix_column_space_bases,
     project_rows,
     project_rows_causal,
+    project_rows_in_band,
     rank_threshold,
     with_ones_column,
 )
+from analysis.key_bands import KeyBand, default_band
 from analysis.variants import Variant, variant_record
 
 
@@ -293,6 +297,33 @@ class SharedBases:
         return value
 
 
+def _noise_in_bands(random: torch.Tensor, space: torch.Tensor, hidden_size: int, causal: bool,
+                    bands: Sequence[KeyBand], project_whole_chunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (k, n, n) kept to the keys each query sees, and its rows projected on col(space) over those keys.
+
+    space (k, n, c), X or [X | s·1]; bands: each matrix's band within n rows; project_whole_chunk(rows) projects
+    rows of the whole chunk on col(space) (non-causal, no band: the chunk's shared basis). Returns (noise, inside),
+    both (k, n, n) and zero outside each band."""
+    default = default_band(causal)
+    if all(band == default for band in bands):
+        if causal:
+            random = torch.tril(random)
+            return random, project_rows_causal(random, space, hidden_size)
+        return random, project_whole_chunk(random)
+    random = random.clone()
+    inside = torch.zeros_like(random)
+    for band in set(bands):
+        chosen = torch.tensor([each == band for each in bands])
+        random[chosen] = random[chosen] * torch.from_numpy(band.visible(random.shape[-1]))
+        if band != default:
+            inside[chosen] = project_rows_in_band(random[chosen], space[chosen], hidden_size, band)
+        elif causal:
+            inside[chosen] = project_rows_causal(random[chosen], space[chosen], hidden_size)
+        else:
+            inside[chosen] = project_rows(random[chosen], column_space_basis(space[chosen], hidden_size)[0])
+    return random, inside
+
+
 def _uniform_block(n: int, size: int, causal: bool) -> torch.Tensor:
     if causal:
         visible = torch.tril(torch.ones((size, size), dtype=torch.float64))
@@ -338,6 +369,7 @@ def intervention_matrices(
     example_indices: np.ndarray | None = None,
     seed: int = 0,
     shared: SharedBases | None = None,
+    key_bands: Sequence[KeyBand] | None = None,
 ) -> np.ndarray:
     """The matrices `intervention` injects for every (example, layer, head) of a batch.
 
@@ -346,6 +378,9 @@ def intervention_matrices(
     the stored efficient attention of `intervention.variant` (required when `intervention.needs_efficient`);
     example_indices: [example] the examples' indices in the store (they seed the noise; default 0..n-1).
     shared: decompositions shared by the interventions of this batch (`SharedBases`; default: none shared).
+    key_bands: one analysis.key_bands.KeyBand per layer (a store's `store_key_bands`; None: the prefix when causal,
+        every key otherwise): the noise of `efficient+null-noise` and `colspace-noise` is drawn on the keys each
+        query sees and projected row by row against those rows of T, as the efficient stage projected them.
     Returns [example, layer, head, L, L] float32, zero outside each example's real block.
     """
     attention = np.asarray(attention)
@@ -374,6 +409,7 @@ def intervention_matrices(
         return result
 
     hidden_size = w_out.shape[-1]
+    bands = tuple(key_bands) if key_bands is not None else (default_band(causal),) * layers
     with_ones = intervention.variant.projects_with_ones  # the null space the variant removes
     noise = None
     if kind in ("efficient+null-noise", "colspace-noise"):
@@ -392,20 +428,21 @@ def intervention_matrices(
         else:
             chosen, blocks = noise[n]
             random = blocks[np.searchsorted(chosen, chunk.example), chunk.layer, chunk.head]  # (k, n, n)
-            if causal:
-                random = torch.tril(random)
             removed_norm = torch.linalg.matrix_norm(chunk.attention - chunk.efficient)
+            chunk_bands = [bands[layer].within(n) for layer in chunk.layer.tolist()]
             if kind == "colspace-noise":
-                inside = (project_rows_causal(random, chunk.matrix, hidden_size) if causal else project_rows(
-                    random, shared.get("basis of T", chunk_number, chunk.matrix,
-                                       lambda: column_space_basis(chunk.matrix, hidden_size))[0]))
+                random, inside = _noise_in_bands(random, chunk.matrix, hidden_size, causal, chunk_bands, (
+                    lambda rows: project_rows(rows, shared.get(
+                        "basis of T", chunk_number, chunk.matrix,
+                        lambda: column_space_basis(chunk.matrix, hidden_size))[0])))
                 block = chunk.attention + _scaled_to(inside, removed_norm)
             else:
                 space = with_ones_column(chunk.matrix) if with_ones else chunk.matrix
                 space_hidden = hidden_size + 1 if with_ones else hidden_size
-                inside = (project_rows_causal(random, space, space_hidden) if causal else project_rows(
-                    random, shared.get("basis of [T|1]" if with_ones else "basis of T", chunk_number, chunk.matrix,
-                                       lambda: column_space_basis(space, space_hidden))[0]))
+                random, inside = _noise_in_bands(random, space, space_hidden, causal, chunk_bands, (
+                    lambda rows: project_rows(rows, shared.get(
+                        "basis of [T|1]" if with_ones else "basis of T", chunk_number, chunk.matrix,
+                        lambda: column_space_basis(space, space_hidden))[0])))
                 block = chunk.efficient + _scaled_to(random - inside, removed_norm)
         result[chunk.example, chunk.layer, chunk.head, :n, :n] = block.numpy()
     return result

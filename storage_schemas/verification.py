@@ -11,7 +11,8 @@ Checks, in order:
   tokens, are non-negative and zero outside the real block (and never look ahead in a decoder); values are zero
   beyond the length; for every stored efficient variant zero padding and the invariants its record guarantees
   (analysis/variants.py): `A_eff·T ≈ A·T` (T = V_kv(h)·W_O^h; all three), rows that keep A's row sums
-  (stochastic, simplex), non-negative entries (simplex).
+  (stochastic, simplex), non-negative entries (simplex); in a store that records `model.key_bands`
+  (analysis.key_bands), no attention or efficient weight on a key outside its layer's band.
 
 The result is a `VerificationReport`: a list of `Problem`s (array, shard, kind, detail) and a readable text.
 `unmark_damaged_shards` (`effattn verify --repair`) removes the damaged shards from the completion records, so that
@@ -31,7 +32,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from analysis import store_checks
+from analysis import key_bands, store_checks
 from analysis.variants import VARIANTS, variant_record
 from storage_schemas.attention_store import (
     SHARD_IDENTITY_ATTRIBUTES,
@@ -254,6 +255,7 @@ def verify_store(url: str, storage_options: dict | None = None,
     arrays = _open_arrays(group, layout, report)
     extracted = set(completed_shards(group))
     causal = bool(group.attrs.get("model", {}).get("causal", False))
+    bands = _stored_key_bands(group, layout, report)
     variants = [variant for variant in VARIANTS if efficient_array_path(variant) in arrays]
     variants_done = {variant: set(efficient_completed_shards(group, variant)) for variant in variants}
     report.arrays_checked = sorted(arrays)
@@ -288,11 +290,11 @@ def verify_store(url: str, storage_options: dict | None = None,
                 continue
             data[name] = _read(array, name, region, shard, report)
         if shard in extracted:
-            _check_extracted_shard(report, shard, region, data, layout, causal)
+            _check_extracted_shard(report, shard, region, data, layout, causal, bands)
         for variant in variants:
             if shard in variants_done[variant]:
                 _check_efficient_shard(report, variant, shard, region, data, constants.get("w_out"), causal,
-                                       output_tolerance)
+                                       output_tolerance, bands)
     return report
 
 
@@ -318,7 +320,7 @@ def _open_arrays(group: zarr.Group, layout: AttentionStoreLayout, report: Verifi
     return arrays
 
 
-def _check_extracted_shard(report, shard, region, data, layout, causal) -> None:
+def _check_extracted_shard(report, shard, region, data, layout, causal, bands=None) -> None:
     length = data.get("length")
     if length is None:
         return
@@ -334,13 +336,31 @@ def _check_extracted_shard(report, shard, region, data, layout, causal) -> None:
         if causal:
             _invariant(report, "attention", shard, region, "|weight| on future keys",
                        store_checks.future_magnitude(attention), 1e-6)
+        if bands is not None:
+            _invariant(report, "attention", shard, region, "|weight| on keys outside the layer's key band",
+                       key_bands.outside_band_magnitude(attention, length, bands), 1e-6)
     if data.get("value") is not None:
         _invariant(report, "value", shard, region, "|value| beyond the length",
                    store_checks.value_padding_magnitude(data["value"], length), 0.0,
                    dims="(example, layer, kv_head)")
 
 
-def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, output_tolerance) -> None:
+def _stored_key_bands(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport):
+    """The store's recorded key bands (analysis.key_bands), None when it records none (stores written before them,
+    whose efficient attention follows the causal / full rule checked apart) or when they do not read (reported)."""
+    model = group.attrs.get("model", {})
+    if model.get("key_bands") is None:
+        return None
+    try:
+        return key_bands.store_key_bands(model, layout.layers)
+    except (ValueError, TypeError) as error:
+        report.problems.append(Problem("", None, "schema",
+                                       f"the root attribute model.key_bands does not read: {error}"))
+        return None
+
+
+def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, output_tolerance,
+                           bands=None) -> None:
     name = efficient_array_path(variant)
     efficient, attention, value, length = (data.get(key) for key in (name, "attention", "value", "length"))
     if efficient is None or length is None:
@@ -350,6 +370,9 @@ def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, 
     if causal:
         _invariant(report, name, shard, region, "|weight| on future keys", store_checks.future_magnitude(efficient),
                    1e-6)
+    if bands is not None:  # no weight on a key the model's mask hid from the query
+        _invariant(report, name, shard, region, "|weight| on keys outside the layer's key band",
+                   key_bands.outside_band_magnitude(efficient, length, bands), 1e-6)
     guaranteed = variant_record(variant)  # the invariants this variant guarantees
     if guaranteed.non_negative:
         _invariant(report, name, shard, region, "the most negative entry (negated)",

@@ -36,6 +36,7 @@ from analysis.causal import (
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
 from analysis.efficient_attention import VARIANTS
 from analysis.interventions import SharedBases, intervention_matrices, parse_interventions
+from analysis.key_bands import KeyBand, store_key_bands
 from analysis.models import LoadedModel
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import (
@@ -151,6 +152,7 @@ def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequenc
 def measure_batch(
     loaded: LoadedModel, batch: CausalBatch, plan: CausalPlan, batch_metrics: BatchMetrics, w_out: np.ndarray,
     causal: bool, scoped: set[int], forward_rows: int, on_intervention: Callable[[], Any] | None = None,
+    key_bands: Sequence[KeyBand] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every planned intervention of one batch, injected at every target of its scopes, `forward_rows` rows
     (targets x examples) at most per forward pass.
@@ -158,7 +160,7 @@ def measure_batch(
     w_out: [layer, head, head_dim, hidden]; scoped: the store indices of the examples the layer and head scopes
     measure (analysis.causal.measured_examples). Returns ({metric: [intervention, target, batch]},
     injected_change_ratio [intervention, batch]), NaN where not measured; calls `on_intervention()` after each
-    intervention."""
+    intervention. key_bands: per layer, the keys each query sees (analysis.key_bands; None: the prefix rule)."""
     shape = (len(plan.interventions), len(plan.targets), len(batch.length))
     measured = {name: np.full(shape, np.nan, np.float32) for name in METRICS}
     change_ratio = np.full((shape[0], shape[2]), np.nan, np.float32)
@@ -168,7 +170,7 @@ def measure_batch(
         matrices = intervention_matrices(
             intervention, batch.attention, batch.value, w_out, batch.length, causal,
             efficient=batch.efficient.get(intervention.variant_name), example_indices=batch.example_indices,
-            seed=plan.seed, shared=shared,
+            seed=plan.seed, shared=shared, key_bands=key_bands,
         )
         index = plan.interventions.index(intervention)
         change_ratio[index] = injected_change_ratio(matrices, batch.attention)
@@ -203,6 +205,7 @@ def compute_causal_shard(
     scoped = set(measured_examples(layout.n_examples, plan.scope_examples).tolist())
     w_out = group["w_out"][:]
     causal = bool(group.attrs["model"]["causal"])
+    key_bands = store_key_bands(group.attrs["model"], layout.layers)  # the noise stays on the keys each query sees
     starts = range(region.start, region.stop, batch_size)
     progress = tqdm(total=len(starts) * len(planned), desc=f"causal shard {shard_index}", unit="intervention",
                     leave=False)
@@ -212,7 +215,7 @@ def compute_causal_shard(
         batch_metrics = BatchMetrics.for_batch(loaded, batch, layout.task)
         original_correct[rows] = batch_metrics.original_correct()
         measured, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, scoped, forward_rows,
-                                        on_intervention=progress.update)
+                                        on_intervention=progress.update, key_bands=key_bands)
         for name in METRICS:
             metrics[name][:, :, rows] = measured[name]
         change_ratio[:, rows] = ratio

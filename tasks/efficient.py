@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
+from analysis.key_bands import store_key_bands
 from analysis.variants import ITERATIVE, variant_record
 from storage_schemas.attention_store import (
     AttentionStoreError,
@@ -130,13 +131,15 @@ def compute_efficient_piece(
         where += (f", layer {first}" if stop == first + 1 else f", layers {first} to {stop - 1}") + (
             f"; indices below count from example {region.start} and layer {first}"
         )
+    model = group.attrs["model"]
     try:
         return efficient_attention(
             attention,
             value,
             w_out,
             length,
-            causal=bool(group.attrs["model"]["causal"]),
+            causal=bool(model["causal"]),
+            key_bands=store_key_bands(model, layout.layers)[first:stop],  # stores without bands: the default rule
             variants=variants,
             simplex_max_iterations=settings["simplex_max_iterations"],
             simplex_tolerance=settings["simplex_tolerance"],

@@ -26,12 +26,14 @@ from analysis.architectures import (
     adapter_for,
     attention_layers,
     discover_adapter,
+    key_bands_of,
     observe_layout,
     prepare_architecture,
     projection_weight,
     supported_model_types,
 )
 from analysis.attention_backend import capture_attention
+from analysis.key_bands import FULL_BAND, KeyBand, outside_band_magnitude, store_key_bands
 from analysis.models import attention_output_projections, output_projection_slices, wrap_model
 from tests.conftest import bundled_tokenizer
 from tests.tiny_architectures import (
@@ -522,6 +524,9 @@ def test_effattn_run_on_a_saved_tiny_model(model_type, task, tmp_path, capsys):
     assert model["model_type"] == model_type and model["adapter"] == adapter_for(model_type).name
     assert model["causal"] == (model_type != "distilbert")
     assert model["sliding_windows"] == ([None, WINDOW] if model_type == "qwen2" else [None, None])
+    default = {"left": None, "right": 0 if model["causal"] else None}
+    assert model["key_bands"] == ([default, {"left": WINDOW - 1, "right": 0}] if model_type == "qwen2"
+                                  else [default, default])
 
 
 @pytest.mark.parametrize("model_type", ["albert", "bloom"])
@@ -550,3 +555,96 @@ def test_a_type_without_a_classification_class_says_to_use_next_token(tmp_path):
                                          r"transformers: use --task next-token"):
         load_model(str(folder), num_labels=2)
     assert load_model(str(folder), num_labels=2, task="next-token").causal
+
+
+# Windowed models whose bands have a null space (window wider than the head dim) on sequences longer than both:
+# mistral with window 4 and head dim 2 (a causal band of 4 keys), ModernBERT with local_attention 8 and head dim 4
+# (a band of 4 keys each side in its local layer 1; layer 0 is global).
+WINDOWED_STORES = {
+    "mistral": (dict(head_dim=2), (KeyBand(3, 0), KeyBand(3, 0))),
+    "modernbert": (dict(num_attention_heads=12, local_attention=8), (FULL_BAND, KeyBand(4, 4))),
+}
+
+
+@pytest.mark.parametrize("model_type", list(WINDOWED_STORES))
+def test_a_windowed_store_keeps_efficient_attention_and_its_noise_inside_the_band(model_type, tmp_path):
+    """Extraction records the band each layer's mask allowed (observed); every variant the efficient stage writes
+    keeps A·T with no weight outside the band (nor above the diagonal), stochastic rows sum to 1, simplex rows are
+    non-negative, `effattn verify` agrees; the causal stage's efficient:effective and efficient+null-noise keep the
+    logits with their matrices inside the band. Today's rule (projection on the whole prefix / sequence) would leak."""
+    from analysis import store_checks
+    from analysis.causal import intervened_logits
+    from analysis.efficient_attention import efficient_attention
+    from analysis.interventions import Intervention, intervention_matrices
+    from analysis.models import load_model
+    from analysis.variants import VARIANTS, variant_record
+    from storage_schemas.attention_store import open_attention_store
+    from storage_schemas.verification import verify_store
+    from tests.conftest import save_model_folder
+    from tests.store_builders import build_real_store, write_corpus
+
+    overrides, bands = WINDOWED_STORES[model_type]
+    folder = save_model_folder(tiny_model(model_type, vocab_size=30522, **overrides), tmp_path / model_type)
+    url = build_real_store(str(tmp_path / "store.zarr"), folder, write_corpus(tmp_path / "reviews.csv"))
+    group = open_attention_store(url)
+    model = group.attrs["model"]
+    assert store_key_bands(model, 2) == bands
+    causal = model["causal"]
+    length, tokens = group["length"][:], group["tokens"][:]
+    attention, value, w_out = group["attention"][:], group["value"][:], group["w_out"][:]
+    widest = max((band.left or 0) + (band.right or 0) + 1 for band in bands)  # keys a query sees
+    assert (length > max(widest, group.attrs["layout"]["head_dim"])).mean() > 0.8  # one review is 3 tokens
+    assert store_checks.future_magnitude(attention).max() == 0 if causal else True
+    for variant in VARIANTS:
+        efficient = group[f"efficient/{variant}"][:]
+        assert outside_band_magnitude(efficient, length, bands).max() == 0.0, variant
+        if causal:
+            assert store_checks.future_magnitude(efficient).max() == 0.0, variant
+        assert store_checks.output_residual(efficient, attention, value, w_out).max() < 1e-5, variant
+        if variant_record(variant).keeps_row_sums:
+            assert store_checks.row_sum_error(efficient, length).max() < 1e-5, variant
+        if variant_record(variant).non_negative:
+            assert efficient.min() >= 0.0, variant
+        assert np.abs(efficient - attention).max() > 1e-3, f"{variant}: the bands must have a null space"
+    assert verify_store(url).ok, verify_store(url).text()
+    unbanded = efficient_attention(attention, value, w_out, length, causal=causal, variants=("effective",))
+    assert outside_band_magnitude(unbanded["effective"].efficient, length, bands).max() > 1e-2
+
+    loaded = load_model(str(folder), num_labels=2)
+    masks = np.ones((1, 2, attention.shape[2]), dtype=bool)  # every head of every layer at once
+    for name in ("efficient:effective", "efficient+null-noise:effective", "efficient+null-noise:stochastic"):
+        intervention = Intervention.parse(name)
+        matrices = intervention_matrices(
+            intervention, attention, value, w_out, length, causal,
+            efficient=group[f"efficient/{intervention.variant}"][:], example_indices=np.arange(len(length)),
+            key_bands=store_key_bands(model, 2),
+        )
+        assert outside_band_magnitude(matrices, length, bands).max() == 0.0, name
+        logits = intervened_logits(loaded, tokens, length, matrices, masks)[0]
+        np.testing.assert_allclose(logits.numpy(), group["logits"][:], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_key_bands_are_observed_from_the_masks_the_attention_receives(tokenizer):
+    """At a probe longer than the windows each layer's band is what its mask allowed, whatever the family's
+    sliding_window argument means (mistral masks i - w < j <= i, ModernBERT passes half its local window + 1 and
+    masks |i - j| <= half); at a probe no longer than the windows they hide nothing. A mask that is not a band
+    (chunked attention) is refused by name."""
+    from analysis.extraction import observe_key_bands
+
+    expected = {
+        "mistral": (KeyBand(WINDOW - 1, 0),) * 2, "qwen2": (KeyBand(None, 0), KeyBand(WINDOW - 1, 0)),
+        "gemma3_text": (KeyBand(WINDOW - 1, 0), KeyBand(None, 0)), "gpt2": (KeyBand(None, 0),) * 2,
+        "modernbert": (FULL_BAND, KeyBand(WINDOW // 2, WINDOW // 2)), "bert": (FULL_BAND,) * 2,
+    }
+    for model_type, bands in expected.items():
+        loaded = wrap_model(tiny_model(model_type), tokenizer, model_type)
+        assert observe_key_bands(loaded, 14) == bands, model_type
+        short = observe_key_bands(loaded, 3)
+        assert short == ((KeyBand(None, 0),) * 2 if loaded.causal else (FULL_BAND,) * 2), model_type
+    model = tiny_model("llama")
+    wrap_model(model, tokenizer, "llama")
+    observed = observe_layout(model, 9)
+    chunked = torch.kron(torch.eye(3, dtype=torch.bool), torch.ones((3, 3), dtype=torch.bool)).tril()
+    with pytest.raises(ArchitectureError, match=r"model type 'llama': the attention mask of layer 1 is not a band "
+                                                r"around the diagonal .* sliding-window masks only"):
+        key_bands_of(model, dataclasses.replace(observed, visible=(observed.visible[0], chunked)))

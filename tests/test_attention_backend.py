@@ -161,3 +161,18 @@ def test_softcap_caps_the_scores_before_the_mask():
     torch.testing.assert_close(weights, torch.softmax(scores, dim=-1), atol=1e-6, rtol=0)
     _, uncapped = effattn_attention(module, query, key, value, mask, scaling=0.5)
     assert (uncapped - weights).abs().max() > 1e-2  # the cap matters here, so the check above can fail
+
+
+def test_visible_keys_read_every_mask_form():
+    """The keys a mask lets through: additive (lowest value blocks), boolean, key-only (broadcast over the queries,
+    as BERT-era models pass padding), none."""
+    from analysis.attention_backend import visible_keys
+
+    causal = torch.tril(torch.ones(4, 4, dtype=torch.bool))
+    additive = torch.zeros(1, 1, 4, 6).masked_fill(~torch.nn.functional.pad(causal, (0, 2))[None, None],
+                                                   torch.finfo(torch.float32).min)
+    assert torch.equal(visible_keys(additive, 4, 4), causal)  # sliced to the keys
+    assert torch.equal(visible_keys(causal[None, None], 4, 4), causal)
+    key_only = torch.tensor([0.0, 0.0, -float("inf")])[None, None, None]
+    assert torch.equal(visible_keys(key_only, 2, 3), torch.tensor([[True, True, False]] * 2))
+    assert visible_keys(None, 3, 5).all() and visible_keys(None, 3, 5).shape == (3, 5)

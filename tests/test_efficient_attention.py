@@ -29,6 +29,7 @@ from analysis.efficient_attention import (
     simplex_rows,
     value_output_basis,
 )
+from analysis.key_bands import CAUSAL_BAND, KeyBand, default_band
 
 EPS = np.finfo(np.float64).eps
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -676,3 +677,116 @@ def test_large_batches_are_chunked(monkeypatch):
         monkeypatch.undo()
         for variant in VARIANTS:
             np.testing.assert_allclose(pieces[variant].efficient, whole[variant].efficient, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ key bands
+
+
+def banded_problem(seed: int, band: KeyBand, lengths=(13, 9, 4), layers=2, heads=2, head_dim=2, hidden=6):
+    """A random batch whose attention sees only the keys of `band` (softmax under the band's mask)."""
+    attention, value, w_out, lengths = make_problem(
+        seed, examples=len(lengths), layers=layers, heads=heads, positions=max(lengths), head_dim=head_dim,
+        hidden=hidden, lengths=lengths,
+    )
+    rng = np.random.default_rng(seed + 1)
+    for example, size in enumerate(lengths):
+        scores = np.where(band.visible(size), rng.normal(size=(layers, heads, size, size)), -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        attention[example, :, :, :size, :size] = weights / weights.sum(-1, keepdims=True)
+    return attention, value, w_out, lengths
+
+
+def reference_banded(attention, value, w_out, lengths, variant, band):
+    """Effective/stochastic attention by a loop over rows: row i projected on the rows of T in its band (numpy SVD)."""
+    result = np.zeros_like(attention)
+    examples, layers, heads = attention.shape[:3]
+    for example in range(examples):
+        size = lengths[example]
+        for layer in range(layers):
+            for head in range(heads):
+                t = head_output_matrix(value, w_out, example, layer, head, size)
+                for query in range(size):
+                    start, stop = band.window(query, size)
+                    row = attention[example, layer, head, query, start:stop]
+                    result[example, layer, head, query, start:stop] = row @ reference_projector(t[start:stop], variant)
+    return result
+
+
+@pytest.mark.parametrize("band,causal", [(KeyBand(3, 0), True), (KeyBand(2, 2), False)],
+                         ids=["mistral-window-4", "modernbert-local-2"])
+def test_banded_rows_use_only_the_keys_their_query_sees(band, causal):
+    """Sequences longer than the window and the head dim (d = 2 < window): every variant keeps A·T, has no weight
+    outside the band (nor above the diagonal when causal), and matches the per-row band problem; the row rule of
+    stores without bands (prefix, whole sequence) would have put weight outside it."""
+    attention, value, w_out, lengths = banded_problem(3, band)
+    results = efficient_attention(attention, value, w_out, lengths, causal=causal, key_bands=(band, band))
+    outside = ~band.visible(attention.shape[-1])
+    for variant in VARIANTS:
+        efficient = results[variant].efficient
+        assert np.abs(efficient[..., outside]).max() == 0.0, variant
+        if causal:
+            assert (np.triu(efficient, 1) == 0).all(), variant
+        for example, size in enumerate(lengths):
+            for layer in range(2):
+                for head in range(2):
+                    t = head_output_matrix(value, w_out, example, layer, head, size)
+                    a = attention[example, layer, head, :size, :size]
+                    e = efficient[example, layer, head, :size, :size]
+                    np.testing.assert_allclose(e @ t, a @ t, atol=1e-9 * np.abs(a @ t).max(), err_msg=variant)
+        assert np.abs(efficient - attention).max() > 1e-2, f"{variant}: the band's null space must not be empty"
+    for variant in ("effective", "stochastic"):
+        expected = reference_banded(attention, value, w_out, lengths, variant, band)
+        np.testing.assert_allclose(results[variant].efficient, expected, atol=1e-10, err_msg=variant)
+    real = attention.sum(-1) > 0
+    for variant in ("stochastic", "simplex"):
+        np.testing.assert_allclose(results[variant].efficient.sum(-1)[real], 1.0, atol=1e-12)
+    assert results["simplex"].efficient.min() >= 0 and results["simplex"].diagnostics["converged"].all()
+    # the simplex row is the minimum-norm non-negative row of the band problem (SLSQP on the band's keys)
+    example, layer, head, query = 0, 1, 0, 8
+    start, stop = band.window(query, lengths[example])
+    t = head_output_matrix(value, w_out, example, layer, head, lengths[example])[start:stop]
+    np.testing.assert_allclose(results["simplex"].efficient[example, layer, head, query, start:stop],
+                               slsqp_simplex_row(attention[example, layer, head, query, start:stop], t), atol=1e-6)
+    unbanded = efficient_attention(attention, value, w_out, lengths, causal=causal, variants=("effective",))
+    assert np.abs(unbanded["effective"].efficient[..., outside]).max() > 1e-2  # what the band fixes
+
+
+def test_layers_with_different_bands_are_each_projected_by_their_own():
+    """gemma3-like: a sliding layer and a full one in one batch give what each gives alone."""
+    attention, value, w_out, lengths = banded_problem(4, KeyBand(3, 0))
+    attention[:, 1] = make_problem(5, examples=3, layers=1, heads=2, positions=13, head_dim=2, hidden=6,
+                                   lengths=lengths, causal=True)[0][:, 0]
+    mixed = efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(3, 0), CAUSAL_BAND))
+    sliding = efficient_attention(attention[:, :1], value[:, :1], w_out[:1], lengths, causal=True,
+                                  key_bands=(KeyBand(3, 0),))
+    full = efficient_attention(attention[:, 1:], value[:, 1:], w_out[1:], lengths, causal=True)
+    for variant in VARIANTS:
+        np.testing.assert_array_equal(mixed[variant].efficient[:, :1], sliding[variant].efficient)
+        np.testing.assert_array_equal(mixed[variant].efficient[:, 1:], full[variant].efficient)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bands_that_restrict_nothing_are_bit_identical_to_no_bands(causal):
+    """Stores without windows (bands recorded as the default, or not recorded at all) and windows at least as long
+    as every example take exactly today's path: identical bits in every array and diagnostic."""
+    attention, value, w_out, lengths = make_problem(6, examples=3, layers=2, heads=2, positions=11, head_dim=3,
+                                                    hidden=8, lengths=[11, 7, 3], causal=causal)
+    plain = efficient_attention(attention, value, w_out, lengths, causal=causal)
+    wide = KeyBand(10, 0) if causal else KeyBand(10, 12)
+    for bands in ((default_band(causal),) * 2, (wide, wide)):
+        banded = efficient_attention(attention, value, w_out, lengths, causal=causal, key_bands=bands)
+        for variant in VARIANTS:
+            np.testing.assert_array_equal(banded[variant].efficient, plain[variant].efficient)
+            for name in DIAGNOSTICS:
+                np.testing.assert_array_equal(banded[variant].diagnostics[name], plain[variant].diagnostics[name])
+
+
+def test_band_problems_are_refused_with_what_to_do():
+    attention, value, w_out, lengths = banded_problem(7, KeyBand(3, 0))
+    with pytest.raises(ValueError, match=r"weight .* on keys outside the band its layer's mask allows \(2 left, 0 "
+                                         r"right of the diagonal\).*extract the store again"):
+        efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(2, 0),) * 2)
+    with pytest.raises(ValueError, match="causal=True but the key bands"):
+        efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(3, 1),) * 2)
+    with pytest.raises(ValueError, match="one analysis.key_bands.KeyBand per layer"):
+        efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(3, 0),))

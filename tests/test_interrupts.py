@@ -70,14 +70,14 @@ interrupts.SHUTDOWN_SECONDS = float(sys.argv[2])
 def main():
     interrupts.name_the_command("extract")
     try:
-        print("ready", flush=True)
-        while True:
-            try:
+        try:  # "ready" inside the try: the signal, sent once it is read, always lands here
+            print("ready", flush=True)
+            while True:
                 time.sleep(0.05)
-            except KeyboardInterrupt:
-                if sys.argv[3] == "hang":  # a command that will not stop
-                    continue
-                raise
+        except KeyboardInterrupt:
+            while sys.argv[3] == "hang":  # a command that will not stop (the handler raises only once)
+                time.sleep(0.05)
+            raise
     finally:
         os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while cleaning up
         time.sleep(0.5)

@@ -258,3 +258,42 @@ def test_interventions_sharing_decompositions_in_a_batch_give_the_same_matrices(
     nothing_kept = SharedBases(limit=0)
     intervention_matrices(Intervention.parse("minimality:effective:k=4"), *other, causal, shared=nothing_kept)
     assert not nothing_kept._kept
+
+
+@pytest.mark.parametrize("band,causal", [((3, 0), True), ((2, 2), False)], ids=["causal-window", "local-window"])
+@pytest.mark.parametrize("variant", ["effective", "stochastic"])
+def test_noise_stays_inside_each_layers_key_band(band, causal, variant):
+    """With a window shorter than the sequence (and wider than the head's rank: head dim 2), the null-space noise
+    keeps A·T, the colspace noise moves it, and neither puts weight on a key the query does not see; a full layer
+    beside it gets noise on every visible key."""
+    from analysis.key_bands import KeyBand, default_band
+
+    band = KeyBand(*band)
+    attention, value, w_out, lengths = random_inputs(causal)
+    value[..., 2:] = 0.0  # rank 2 < window: the band's null space is not empty
+    size = attention.shape[-1]
+    for example, n in enumerate(lengths):  # layer 0 sees only its band
+        block = attention[example, 0, :, :n, :n] * band.visible(n)
+        attention[example, 0, :, :n, :n] = block / block.sum(-1, keepdims=True)
+    bands = (band, default_band(causal))
+    efficient = efficient_attention(attention, value, w_out, lengths, causal, variants=(variant,),
+                                    key_bands=bands)[variant].efficient
+    visible = band.visible(size)
+    for kind in ("efficient+null-noise", "colspace-noise"):
+        matrices = intervention_matrices(Intervention(kind, variant), attention, value, w_out, lengths, causal,
+                                         efficient=efficient, seed=3, key_bands=bands)
+        assert np.abs(matrices[:, 0][..., ~visible]).max() == 0.0, kind
+        assert np.abs(matrices[:, 1] - efficient[:, 1] if kind != "colspace-noise" else
+                      matrices[:, 1] - attention[:, 1]).max() > 1e-3  # the full layer gets noise too
+        moved_blocks = 0
+        for (injected, a, t), (e, _, _) in zip(blocks(matrices, attention, value, w_out, lengths),
+                                               blocks(efficient, attention, value, w_out, lengths)):
+            moved = np.linalg.norm((injected - a) @ t) / np.linalg.norm(a @ t)
+            if kind == "efficient+null-noise":
+                assert moved < 1e-5
+            elif np.linalg.norm(a - e) > 1e-3:  # colspace noise has the removed part's norm
+                assert moved > 1e-3
+                moved_blocks += 1
+            if causal:
+                assert (np.triu(injected, 1) == 0).all()
+        assert kind == "efficient+null-noise" or moved_blocks > 0

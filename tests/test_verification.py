@@ -279,3 +279,21 @@ def test_repair_waits_for_no_stage_it_is_refused_while_one_holds_the_store(store
         assert main(["verify", "--repair", store]) == 2
     assert f"effattn verify: error: {store} is locked by effattn efficient" in capsys.readouterr().err
     assert completed_shards(open_attention_store(store)) == [0, 1, 2]  # nothing unmarked under a running stage
+
+
+def test_weight_outside_a_recorded_key_band_is_reported(tmp_path):
+    """A store of a windowed decoder (mistral, window 4) records its bands; efficient attention the stage wrote
+    verifies clean, a weight on a key outside a query's window does not (though it is below the diagonal)."""
+    from tests.conftest import save_model_folder
+    from tests.tiny_architectures import tiny_model
+
+    folder = save_model_folder(tiny_model("mistral", vocab_size=30522, head_dim=2), tmp_path / "mistral")
+    url = build_real_store(str(tmp_path / "mistral.zarr"), folder, write_corpus(tmp_path / "reviews.csv"),
+                           variants=("effective",))
+    assert open_attention_store(url).attrs["model"]["key_bands"] == [{"left": 3, "right": 0}] * 2
+    assert verify_store(url).ok, verify_store(url).text()
+    set_entry(url, "efficient/effective", (9, 1, 0, 12, 2), 0.25)  # query 12 sees keys 9..12 only
+    problems = verify_store(url).problems
+    assert {(p.array, p.shard, p.kind) for p in problems} == {("efficient/effective", 2, "invariant")}
+    assert any(p.detail.startswith("|weight| on keys outside the layer's key band is 0.25 (tolerance 1e-06) at "
+                                   "(example, layer, head) (9, 1, 0)") for p in problems), problems
