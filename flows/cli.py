@@ -125,7 +125,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
         keywords = {"type": VALUE_PARSERS[kind], "help": option_help(field)}
         if choices:
             keywords["choices"] = choices
-        keywords["metavar"] = spelling.get("metavar") or flag.lstrip("-").upper().replace("-", "_")
+        if not choices:  # choices show as {a,b}
+            keywords["metavar"] = spelling.get("metavar") or flag.lstrip("-").upper().replace("-", "_")
         if spelling.get("positional"):
             parser.add_argument(name, **{**keywords, "metavar": None})
             continue

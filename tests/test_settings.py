@@ -103,6 +103,16 @@ def test_bad_values_are_refused_by_the_command(capsys):
         assert capsys.readouterr().err.splitlines()[-1] == f"effattn {argv[0]}: error: {message}"
 
 
+def test_the_help_shows_choices_defaults_and_the_old_value_names():
+    parsers = build_parser().command_parsers
+    extract = parsers["extract"].format_help()
+    assert "--device {cpu,cuda}" in extract and "--dtype {float32,float16}" in extract
+    assert "truncate texts to this many tokens (default 128)" in " ".join(extract.split())
+    assert "--ig-steps IG_STEPS" in parsers["explain"].format_help()
+    assert "--minimality-k MINIMALITY_K" in parsers["causal"].format_help()
+    assert "usage: effattn inspect [-h] store" in parsers["inspect"].format_help()
+
+
 def test_help_names_the_lists_declared_elsewhere_as_they_are():
     fields = PipelineSettings.model_fields
     assert ",".join(VARIANTS) in fields["variants"].description
