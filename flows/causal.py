@@ -17,6 +17,7 @@ from analysis.interventions import (
     default_layer_interventions,
     parse_interventions,
 )
+from flows.preflight import check_device
 from flows.settings import CausalSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_chunk_codec_batches
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
@@ -105,6 +106,7 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
     if forward_rows is None:
         task_name = open_attention_store(store).attrs["extraction"]["task"]
         forward_rows = 8 if task_name == "next-token" else 64
+    check_device(settings.device)  # before the lock or any results folder exists
     with hold_store_lock(results, "causal"):  # one writer per results dataset (the store is only read)
         todo = prepare_results(store, results, plan)
         group = open_causal_results(results, mode="r+")

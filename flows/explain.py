@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
+from flows.preflight import check_device
 from flows.settings import ExplainSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import efficient_array_path
@@ -59,6 +60,7 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     store, results = settings.store, settings.results
     recorded = recorded_explanation_settings(settings)
     store_layout(open_attention_store(store, mode="r"))  # a clear error for a store that is not one
+    check_device(settings.device)  # before the lock or any results folder exists
     with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
         todo = prepare_explanations(store, results, recorded)
         group = open_explanation_results(results, mode="r+")

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
 from analysis.training import TrainingSettings, head_to_train
+from flows.preflight import check_device
 from flows.settings import ExtractSettings
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_chunk_codec_batches
 from storage_schemas.store_lock import hold_store_lock
@@ -34,6 +35,7 @@ def extract(settings: ExtractSettings) -> str:
     task, split, seed, device = settings.task, settings.split, settings.seed, settings.device
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     # One writer per store: a second run into it is refused, naming this one, until this one ends.
+    check_device(device)  # before the lock or any results folder exists
     with hold_store_lock(store, "extract"):
         if head_to_train(loaded_corpus, task, settings.train, has_trained_head(model)):
             training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=seed)

@@ -103,6 +103,18 @@ def test_missing_efficient_attention_and_another_model_are_refused(llama_store, 
                model=str(tiny_bert_folder)))
 
 
+def test_cuda_without_cuda_is_refused_before_a_results_folder_exists(llama_store, tmp_path, monkeypatch):
+    """From Python as from the CLI: `device="cuda"` where torch has no CUDA leaves nothing behind."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    results = tmp_path / "results.zarr"
+    with pytest.raises(ValueError, match=r"^--device cuda: .*Nothing was written$"):
+        causal(CausalSettings(store=llama_store, results=str(results), interventions=["replay"], scopes=["all"],
+                              device="cuda"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_next_token_store(tmp_path, tiny_llama_folder):
     url = str(tmp_path / "lm.zarr")
     extract(ExtractSettings(
