@@ -5,8 +5,9 @@
     VARIANTS, Variant, variant_record, register_variant            the efficient-attention variants
     Intervention, intervention_matrices     what the causal stage injects, on arrays
     verify_store(url)                        read every chunk of a store and report damage
-    extract, efficient, causal, explain, report   the stages (Prefect flows)
-    run_pipeline                             the whole pipeline (extract -> efficient -> causal -> explain -> report)
+    extract, efficient, causal, explain, report   the stages (Prefect flows), each taking its settings object:
+    ExtractSettings, EfficientSettings, CausalSettings, ExplainSettings, ReportSettings   (flows/settings.py)
+    run_pipeline, PipelineSettings           the whole pipeline (extract -> efficient -> causal -> explain -> report)
     use_chunk_codec_batches()                zarr's faster whole-shard reads for this process (the stages call it)
 
 Each name is the object of its home module (analysis/, storage_schemas/, flows/), imported when first used, so
@@ -36,6 +37,12 @@ _HOMES: dict[str, str] = {
     "explain": "flows.explain",
     "report": "flows.report",
     "run_pipeline": "flows.pipeline",
+    "ExtractSettings": "flows.settings",
+    "EfficientSettings": "flows.settings",
+    "CausalSettings": "flows.settings",
+    "ExplainSettings": "flows.settings",
+    "ReportSettings": "flows.settings",
+    "PipelineSettings": "flows.settings",
     "use_chunk_codec_batches": "storage_schemas.attention_store",
 }
 # the public name where it differs from the home module's

@@ -33,6 +33,7 @@ from analysis.efficient_attention import effective_attention_reference_loop, eff
 from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
 from analysis.models import load_model  # noqa: E402
 from benchmarks.extraction_throughput import build_store  # noqa: E402
+from flows.settings import EfficientSettings  # noqa: E402
 from storage_schemas.attention_store import (  # noqa: E402
     _compressors,
     mark_shard_completed,
@@ -48,7 +49,7 @@ from storage_schemas.efficient_store import (  # noqa: E402
 )
 from tasks.efficient import _read_piece_inputs, compute_shards, prepare_variants  # noqa: E402
 
-SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
+SETTINGS = EfficientSettings(store="unused").recorded()  # the stage's defaults
 
 
 def make_store(url: str, examples: int, max_length: int) -> None:

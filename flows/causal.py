@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow
@@ -19,6 +18,7 @@ from analysis.interventions import (
     parse_interventions,
 )
 from flows.preflight import check_device
+from flows.settings import CausalSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_chunk_codec_batches
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
 from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
@@ -26,17 +26,7 @@ from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import prepare_results, run_causal_shard, summarise_results
 
 
-def causal_plan(
-    store: str,
-    interventions: Sequence[str] | None = None,
-    variants: Sequence[str] | None = None,
-    scopes: Sequence[str] = SCOPES,
-    layer_interventions: Sequence[str] | None = None,
-    head_interventions: Sequence[str] | None = None,
-    scope_examples: int | None = 32,
-    minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS,
-    seed: int = 0,
-) -> CausalPlan:
+def causal_plan(settings: CausalSettings) -> CausalPlan:
     """Everything that shapes the numbers of a causal run (a rerun with another plan is refused); the names are
     parsed here, once.
 
@@ -46,6 +36,12 @@ def causal_plan(
     the layer scope already shows that); the layer and head scopes on `scope_examples` examples spread over the
     store (None: all).
     """
+    store, variants, interventions = settings.store, settings.variants, settings.interventions
+    layer_interventions, head_interventions = settings.layer_interventions, settings.head_interventions
+    scopes = SCOPES if settings.scopes is None else settings.scopes
+    minimality_directions = (DEFAULT_MINIMALITY_DIRECTIONS if settings.minimality_directions is None
+                             else settings.minimality_directions)
+    scope_examples = settings.scope_examples
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
     if variants is None:  # the variants the efficient stage has finished
@@ -72,7 +68,7 @@ def causal_plan(
                                  else map(Intervention.parse, head_interventions)),
         scope_examples=None if scope_examples is None else int(scope_examples),
         targets=tuple(targets_for(list(scopes), layout.layers, layout.heads)),
-        seed=int(seed),
+        seed=int(settings.seed),
         store_identity={
             "weights_digest": attributes["model"]["weights_digest"],
             "corpus_digest": attributes["corpus"]["digest"],
@@ -88,46 +84,34 @@ def causal_plan(
     )
 
 
-def causal_settings(store: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """The plan of `causal_plan` (same arguments) as the results' `settings` attribute records it."""
-    return causal_plan(store, *args, **kwargs).as_attribute()
+def recorded_causal_settings(settings: CausalSettings) -> dict[str, Any]:
+    """The plan of `causal_plan(settings)` as the results' `settings` attribute records it (the same shape as
+    before the settings objects, so that older results stay complete for a rerun of the same command)."""
+    return causal_plan(settings).as_attribute()
 
 
 @flow(name="effattn-causal")
-def causal(
-    store: str,
-    results: str,
-    interventions: Sequence[str] | None = None,
-    variants: Sequence[str] | None = None,
-    scopes: Sequence[str] = SCOPES,
-    layer_interventions: Sequence[str] | None = None,
-    head_interventions: Sequence[str] | None = None,
-    scope_examples: int | None = 32,
-    minimality_directions: Sequence[int] = DEFAULT_MINIMALITY_DIRECTIONS,
-    seed: int = 0,
-    model: str | None = None,
-    device: str = "cpu",
-    batch_size: int = 16,
-    forward_rows: int | None = None,
-) -> list[dict[str, Any]]:
+def causal(settings: CausalSettings) -> list[dict[str, Any]]:
     """Re-inject stored attention, efficient attention and controls into the model; write per-example metrics,
-    aggregates and the claims table to the results dataset at `results`. Resumable: done shards are skipped.
+    aggregates and the claims table to the results dataset at `results` (the fields of `settings`,
+    flows.settings.CausalSettings). Resumable: done shards are skipped.
 
     `model` overrides the model named in the store (it must have the same weights). `forward_rows` bounds the
     rows of one intervened forward pass (targets x examples; default 64, 8 for next-token stores whose logits
     span the vocabulary). Returns the claims table (analysis.claims).
     """
     use_chunk_codec_batches()
-    plan = causal_plan(store, interventions, variants, scopes, layer_interventions, head_interventions,
-                       scope_examples, minimality_directions, seed)
+    store, results, forward_rows = settings.store, settings.results, settings.forward_rows
+    plan = causal_plan(settings)
     if forward_rows is None:
         task_name = open_attention_store(store).attrs["extraction"]["task"]
         forward_rows = 8 if task_name == "next-token" else 64
-    check_device(device)  # before the lock or any results folder exists
+    check_device(settings.device)  # before the lock or any results folder exists
     with hold_store_lock(results, "causal"):  # one writer per results dataset (the store is only read)
         todo = prepare_results(store, results, plan)
         group = open_causal_results(results, mode="r+")
         for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-            inputs = run_causal_shard(store, results, shard_index, plan, model, device, batch_size, forward_rows)
+            inputs = run_causal_shard(store, results, shard_index, plan, settings.model, settings.device,
+                                      settings.batch_size, forward_rows)
             mark_causal_shard_completed(group, shard_index, inputs)
         return summarise_results(store, results)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow
@@ -11,6 +10,7 @@ from tqdm.auto import tqdm
 from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
 from flows.preflight import check_device
+from flows.settings import ExplainSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
@@ -24,66 +24,48 @@ from tasks.explain import (
     summarise_explanations,
 )
 
-DEFAULT_EXAMPLES = 16
 
-
-def explanation_settings(
-    store: str, methods: Sequence[str] | None = None, examples: int | None = DEFAULT_EXAMPLES,
-    percents: Sequence[int] = PERCENTS, integrated_gradients_steps: int = 32, leave_one_out_max_tokens: int = 128,
-    minimality_rows: int = 8, minimality_tolerance: float = 1e-8, seed: int = 0, shard_size: int = 8,
-) -> dict[str, Any]:
-    """The run's settings record (analysis.explanations.ExplanationSettings plus the store's identity).
+def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
+    """The run's settings record (analysis.explanations.ExplanationSettings plus the store's identity), as the
+    results record it (attribute `settings`; a rerun with other settings is refused).
 
     Default methods: raw attention and every variant the efficient stage was run for (the store holds
     `efficient/<variant>`), each in every aggregation, then the model baselines and random. `examples` are spread
     over the whole store (None: all); the stage refuses them while a store shard holding one is unfinished.
     """
-    if examples is not None and examples < 1:
-        raise ValueError(f"examples must be at least 1 (or None: every example of the store), got {examples}")
+    store, methods = settings.store, settings.methods
     if methods is None:
         group = open_attention_store(store, mode="r")
         methods = default_methods([variant for variant in VARIANTS if efficient_array_path(variant) in group])
     methods = list(methods)
     variants = efficient_sources(methods)
     chosen = ExplanationSettings(
-        methods=tuple(methods), examples=tuple(choose_examples(store, examples)), percents=tuple(percents),
-        integrated_gradients_steps=int(integrated_gradients_steps),
-        leave_one_out_max_tokens=int(leave_one_out_max_tokens), minimality_rows=int(minimality_rows),
-        minimality_tolerance=float(minimality_tolerance), seed=int(seed), shard_size=int(shard_size),
+        methods=tuple(methods), examples=tuple(choose_examples(store, settings.examples)),
+        percents=PERCENTS if settings.percents is None else tuple(settings.percents),
+        integrated_gradients_steps=settings.integrated_gradients_steps,
+        leave_one_out_max_tokens=settings.leave_one_out_max_tokens, minimality_rows=settings.minimality_rows,
+        minimality_tolerance=settings.minimality_tolerance, seed=settings.seed, shard_size=settings.shard_size,
     )
     return {**chosen.record(), "store_identity": store_identity(store, variants)}
 
 
 @flow(name="effattn-explain")
-def explain(
-    store: str,
-    results: str,
-    methods: Sequence[str] | None = None,
-    examples: int | None = DEFAULT_EXAMPLES,
-    percents: Sequence[int] = PERCENTS,
-    integrated_gradients_steps: int = 32,
-    leave_one_out_max_tokens: int = 128,
-    minimality_rows: int = 8,
-    minimality_tolerance: float = 1e-8,
-    seed: int = 0,
-    shard_size: int = 8,
-    model: str | None = None,
-    device: str = "cpu",
-    forward_rows: int = 64,
-) -> list[dict[str, Any]]:
+def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     """Token attributions of every method for `examples` examples, their ERASER faithfulness and Kendall τ, and the
-    simplex rows' minimality, into the results dataset at `results`. Resumable: done shards are skipped; other
-    settings into the same results are refused; examples in store shards that are unfinished are refused, and shards
-    computed from store shards written again since are computed again. `model` overrides the store's model (same
+    simplex rows' minimality, into the results dataset at `results` (the fields of `settings`,
+    flows.settings.ExplainSettings). Resumable: done shards are skipped; other settings into the same results are
+    refused; examples in store shards that are unfinished are refused, and shards computed from store shards
+    written again since are computed again. `model` overrides the store's model (same
     weights); `forward_rows` bounds the rows of one removal forward pass. Returns the explanation claims."""
-    settings = explanation_settings(store, methods, examples, percents, integrated_gradients_steps,
-                                    leave_one_out_max_tokens, minimality_rows, minimality_tolerance, seed, shard_size)
+    store, results = settings.store, settings.results
+    recorded = recorded_explanation_settings(settings)
     store_layout(open_attention_store(store, mode="r"))  # a clear error for a store that is not one
-    check_device(device)  # before the lock or any results folder exists
+    check_device(settings.device)  # before the lock or any results folder exists
     with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
-        todo = prepare_explanations(store, results, settings)
+        todo = prepare_explanations(store, results, recorded)
         group = open_explanation_results(results, mode="r+")
         for shard_index in tqdm(todo, desc="explanation shards", unit="shard", disable=not todo):
-            inputs = run_explanation_shard(store, results, shard_index, settings, model, device, forward_rows)
+            inputs = run_explanation_shard(store, results, shard_index, recorded, settings.model, settings.device,
+                                           settings.forward_rows)
             mark_explanation_shard_completed(group, shard_index, inputs)
         return summarise_explanations(store, results)

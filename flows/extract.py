@@ -9,6 +9,7 @@ from analysis.corpora import load_corpus
 from analysis.models import has_trained_head
 from analysis.training import TrainingSettings, head_to_train
 from flows.preflight import check_device
+from flows.settings import ExtractSettings
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_chunk_codec_batches
 from storage_schemas.store_lock import hold_store_lock
 from tasks.extraction import capture_shard, prepare_store, write_captured_shard
@@ -16,27 +17,9 @@ from tasks.training import train_head
 
 
 @flow(name="effattn-extract")
-def extract(
-    corpus: str,
-    model: str,
-    store: str,
-    max_length: int = 128,
-    limit: int | None = None,
-    batch_size: int = 16,
-    dtype: str = "float32",
-    device: str = "cpu",
-    text_column: str | None = None,
-    label_column: str | None = None,
-    shard_size: int | None = None,
-    seed: int = 0,
-    task: str = "classification",
-    top_k: int = 10,
-    split: str | None = None,
-    train: bool = True,
-    epochs: int = 1,
-    cache_root: str | None = None,
-) -> str:
-    """Capture attention, values and logits of `model` over `corpus` into the attention store at `store`.
+def extract(settings: ExtractSettings) -> str:
+    """Capture attention, values and logits of `model` over `corpus` into the attention store at `store` (the
+    fields of `settings`, flows.settings.ExtractSettings).
 
     task "classification" stores the classifier's logits per example; "next-token" (decoders) stores the `top_k`
     largest next-token logits at every position. For classification of a labelled corpus with a model that has
@@ -47,18 +30,21 @@ def extract(
     resumes: completed shards are skipped. Returns the store's URL.
     """
     use_chunk_codec_batches()
+    corpus, model, store, text_column, label_column = (settings.corpus, settings.model, settings.store,
+                                                         settings.text_column, settings.label_column)
+    task, split, seed, device = settings.task, settings.split, settings.seed, settings.device
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     # One writer per store: a second run into it is refused, naming this one, until this one ends.
     check_device(device)  # before the lock or any results folder exists
     with hold_store_lock(store, "extract"):
-        if head_to_train(loaded_corpus, task, train, has_trained_head(model)):
-            settings = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
-            model = train_head(model, corpus, text_column, label_column, settings.as_dict(), cache_root)
+        if head_to_train(loaded_corpus, task, settings.train, has_trained_head(model)):
+            training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=seed)
+            model = train_head(model, corpus, text_column, label_column, training.as_dict(), settings.cache_root)
             split = split or "held_out"
         split = split or "all"
         todo, num_labels = prepare_store(
-            store, corpus, model, max_length, limit, dtype, device, text_column, label_column, shard_size, seed,
-            task, top_k, split,
+            store, corpus, model, settings.max_length, settings.limit, settings.dtype, device, text_column,
+            label_column, settings.shard_size, seed, task, settings.top_k, split,
         )
         group = open_attention_store(store, mode="r+")
         # Pipelined: shard k is written (a submitted task, in a thread) while shard k+1 is computed; a shard is
@@ -66,7 +52,8 @@ def extract(
         pending_write = None
         try:
             for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):
-                captured = capture_shard(store, shard_index, model, num_labels, device, seed, batch_size, task)
+                captured = capture_shard(store, shard_index, model, num_labels, device, seed,
+                                         settings.batch_size, task)
                 if pending_write is not None:
                     mark_shard_completed(group, pending_write.result())
                 pending_write = write_captured_shard.submit(store, shard_index, captured)

@@ -12,17 +12,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from analysis.causal import SCOPES
-from analysis.interventions import DEFAULT_MINIMALITY_DIRECTIONS
 from analysis.corpora import load_corpus
 from analysis.efficient_attention import VARIANTS
 from analysis.models import has_trained_head
 from analysis.run_summary import summarize_variant, summary_table, text_table
 from analysis.training import TrainingSettings, head_to_train
-from flows.causal import causal, causal_settings
+from flows.causal import causal, recorded_causal_settings
 from flows.efficient import efficient
 from flows.extract import extract
 from flows.report import report
+from flows.settings import PipelineSettings, ReportSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import open_causal_results
 from storage_schemas.pipeline_runs import (
@@ -39,7 +38,7 @@ from storage_schemas.pipeline_runs import (
 )
 from storage_schemas.store_lock import hold_store_lock
 from analysis.explanations import default_methods
-from flows.explain import explain, explanation_settings
+from flows.explain import explain, recorded_explanation_settings
 from storage_schemas.explanation_results import (
     explanation_results_path,
     explanation_status,
@@ -49,20 +48,6 @@ from storage_schemas.pipeline_runs import StageCheck
 from tasks.training import train_head
 
 STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
-# Defaults of the settings that shape the attention store (besides corpus, model and limit, which name it); a run
-# that changes any of them gets its own store name. Must equal run_pipeline's defaults (a test checks it).
-EXTRACTION_DEFAULTS: dict[str, Any] = {
-    "max_length": 128,
-    "seed": 0,
-    "dtype": "float32",
-    "task": "classification",
-    "top_k": 10,
-    "split": None,
-    "train": True,
-    "epochs": 1,
-    "text_column": None,
-    "label_column": None,
-}
 
 
 def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text_column: str | None,
@@ -80,39 +65,9 @@ def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text
 
 
 @flow(name="effattn-pipeline")
-def run_pipeline(
-    corpus: str = "rt-sentiment",
-    model: str = "minilm",
-    limit: int | None = 300,
-    run_dir: str = "runs",
-    store: str | None = None,
-    results: str | None = None,
-    report_dir: str | None = None,
-    max_length: int = 128,
-    seed: int = 0,
-    dtype: str = "float32",
-    task: str = "classification",
-    top_k: int = 10,
-    split: str | None = None,
-    train: bool = True,
-    epochs: int = 1,
-    text_column: str | None = None,
-    label_column: str | None = None,
-    device: str = "cpu",
-    batch_size: int = 16,
-    shard_size: int | None = None,
-    variants: list[str] | None = None,
-    dask_address: str | None = None,
-    workers: int | None = None,
-    simplex_max_iterations: int = 200,
-    simplex_tolerance: float = 1e-10,
-    cache_root: str | None = None,
-    scope_examples: int | None = 32,
-    scopes: list[str] | None = None,
-    minimality_directions: list[int] | None = None,
-    explain_examples: int = 2,
-) -> dict[str, Any]:
-    """Run every stage on `corpus` x `model` (`limit` examples; None for all) and return what happened.
+def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
+    """Run every stage on `corpus` x `model` (`limit` examples; None for all) and return what happened; the names
+    are the fields of `settings` (flows.settings.PipelineSettings).
 
     Outputs (storage_schemas.pipeline_runs.run_paths): the attention store `<run_dir>/<name>.zarr`, the causal
     results `<run_dir>/<name>[-<variants>].results.zarr` and the report `<run_dir>/<name>[-<variants>]-report`,
@@ -130,23 +85,22 @@ def run_pipeline(
     run) into `<name>[-<variants>].explanations.zarr`, and their claims join the claims table.
     """
     logger = get_run_logger()
-    settings = {
-        "max_length": max_length, "seed": seed, "dtype": dtype, "task": task, "top_k": top_k, "split": split,
-        "train": train, "epochs": epochs, "text_column": text_column, "label_column": label_column,
-    }
-    name_settings = {key: value for key, value in settings.items() if value != EXTRACTION_DEFAULTS[key]}
+    corpus, model, limit = settings.corpus, settings.model, settings.limit
+    text_column, label_column = settings.text_column, settings.label_column
+    name_settings = settings.non_default_extraction_shape()
     if local_input_fingerprint(corpus) is not None:
         # a user file: each content gets its own store (a scheduled run over a file that grows writes a new one)
         name_settings["corpus_digest"] = load_corpus(corpus, text_column=text_column, label_column=label_column).digest
-    unknown = [variant for variant in variants or () if variant not in VARIANTS]
+    unknown = [variant for variant in settings.variants or () if variant not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
-    variants = [variant for variant in VARIANTS if variant in variants] if variants else list(VARIANTS)
+    variants = ([variant for variant in VARIANTS if variant in settings.variants] if settings.variants
+                else list(VARIANTS))
     analysis_label = "+".join(variants) if variants != list(VARIANTS) else None
-    paths = run_paths(run_dir, run_name(corpus, model, limit, name_settings), analysis_label)
-    store = store or paths.store
-    results = results or paths.results
-    report_dir = report_dir or paths.report
+    paths = run_paths(settings.run_dir, run_name(corpus, model, limit, name_settings), analysis_label)
+    store = settings.store or paths.store
+    results = settings.results or paths.results
+    report_dir = settings.report_dir or paths.report
     stages: dict[str, dict[str, Any]] = {}
 
     def finished(stage: str, status: str, started: float | None, detail: str) -> None:
@@ -157,7 +111,8 @@ def run_pipeline(
     # --- train (if needed) and extract ---
     extraction_inputs = {
         "corpus": corpus, "corpus_fingerprint": local_input_fingerprint(corpus),
-        "model": model, "model_fingerprint": local_input_fingerprint(model), "limit": limit, **settings,
+        "model": model, "model_fingerprint": local_input_fingerprint(model), "limit": limit,
+        **settings.extraction_shape(),
     }
     check = extraction_status(store, extraction_inputs)
     if check.complete:
@@ -165,46 +120,37 @@ def run_pipeline(
         finished("extract", "skipped", None, check.reason)
     else:
         logger.info("stage extract needed: %s", check.reason)
-        extraction_model, extraction_split = model, split
-        reason = head_not_needed_reason(corpus, model, task, train, text_column, label_column)
+        extraction_model, extraction_split = model, settings.split
+        reason = head_not_needed_reason(corpus, model, settings.task, settings.train, text_column, label_column)
         if reason is None:
             started = time.perf_counter()
-            training = TrainingSettings(epochs=epochs, max_length=max_length, seed=seed)
-            extraction_model = train_head(model, corpus, text_column, label_column, training.as_dict(), cache_root)
-            extraction_split = split or "held_out"
+            training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=settings.seed)
+            extraction_model = train_head(model, corpus, text_column, label_column, training.as_dict(),
+                                          settings.cache_root)
+            extraction_split = settings.split or "held_out"
             finished("train", "ran", started, f"trained head (or cache hit): {extraction_model}")
         else:
             finished("train", "not needed", None, reason)
         started = time.perf_counter()
-        extract(
-            corpus=corpus, model=extraction_model, store=store, max_length=max_length, limit=limit,
-            batch_size=batch_size, dtype=dtype, device=device, text_column=text_column, label_column=label_column,
-            shard_size=shard_size, seed=seed, task=task, top_k=top_k, split=extraction_split, train=train,
-            epochs=epochs, cache_root=cache_root,
-        )
+        extract(settings.extract_settings(store, extraction_model, extraction_split))
         with hold_store_lock(store, "pipeline"):
             record_extraction_inputs(store, extraction_inputs)
         finished("extract", "ran", started, store)
 
     # --- efficient ---
-    efficient_settings = {"simplex_max_iterations": int(simplex_max_iterations),
-                          "simplex_tolerance": float(simplex_tolerance)}
-    check = efficient_status(store, variants, efficient_settings)
+    efficient_settings = settings.efficient_settings(store, tuple(variants))
+    check = efficient_status(store, variants, efficient_settings.recorded())
     if check.complete:
         finished("efficient", "skipped", None, check.reason)
     else:
         logger.info("stage efficient needed: %s", check.reason)
         started = time.perf_counter()
-        efficient(store=store, variants=variants, dask_address=dask_address, workers=workers,
-                  simplex_max_iterations=simplex_max_iterations, simplex_tolerance=simplex_tolerance)
+        efficient(efficient_settings)
         finished("efficient", "ran", started, f"{', '.join(variants)} in {store}")
 
     # --- causal ---
-    scopes = list(scopes or SCOPES)
-    directions = DEFAULT_MINIMALITY_DIRECTIONS if minimality_directions is None else list(minimality_directions)
-    settings_of_causal = causal_settings(store, variants=variants, scopes=scopes, scope_examples=scope_examples,
-                                         minimality_directions=directions)
-    check = causal_status(results, settings_of_causal, store)
+    causal_stage = settings.causal_settings(store, results, tuple(variants))
+    check = causal_status(results, recorded_causal_settings(causal_stage), store)
     if check.conflicting:
         raise ValueError(
             f"{results} holds causal results made with other settings (by an earlier effattn version or other "
@@ -216,17 +162,16 @@ def run_pipeline(
     else:
         logger.info("stage causal needed: %s", check.reason)
         started = time.perf_counter()
-        causal(store=store, results=results, variants=variants, scopes=scopes, scope_examples=scope_examples,
-               minimality_directions=directions, device=device, batch_size=batch_size)
+        causal(causal_stage)
         finished("causal", "ran", started, results)
 
     # --- explain ---
-    explanations = explanation_results_path(results) if explain_examples else None
+    explanations = explanation_results_path(results) if settings.explain_examples else None
     if explanations is None:
         finished("explain", "not needed", None, "explain_examples is 0")
     else:
-        settings_of_explain = explanation_settings(store, default_methods(variants), examples=explain_examples)
-        check = explanation_status(explanations, settings_of_explain, store)
+        explain_stage = settings.explain_settings(store, explanations, tuple(default_methods(variants)))
+        check = explanation_status(explanations, recorded_explanation_settings(explain_stage), store)
         if check.conflicting:
             raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
                              "explain again with this run's settings, or pass --explain-examples 0")
@@ -235,8 +180,7 @@ def run_pipeline(
         else:
             logger.info("stage explain needed: %s", check.reason)
             started = time.perf_counter()
-            explain(store=store, results=explanations, methods=default_methods(variants), examples=explain_examples,
-                    device=device)
+            explain(explain_stage)
             finished("explain", "ran", started, explanations)
 
     # --- report ---
@@ -248,7 +192,7 @@ def run_pipeline(
     else:
         logger.info("stage report needed: %s", check.reason)
         started = time.perf_counter()
-        report(results=results, out=report_dir, store=store, explanations=explanations)
+        report(ReportSettings(results=results, out=report_dir, store=store, explanations=explanations))
         record_report_source(report_dir, results)
         finished("report", "ran", started, report_dir)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,45 +99,45 @@ def check_corpus_and_model(corpus: str, model: str, text_column: str | None, lab
     head_to_train(loaded_corpus, task, train, has_trained_head(model))
 
 
-def check_command(command: str, options: Mapping[str, Any]) -> None:
-    """Run the checks of `effattn <command>` on its parsed options (the names of argparse's destinations).
-    Commands that start no Prefect flow (inspect, verify, unlock) need none; studies checks its own datasets."""
-    get = options.get
+def check_command(command: str, settings: Any) -> None:
+    """Run the checks of `effattn <command>` on its settings (flows.settings: ExtractSettings for extract, ...;
+    PipelineSettings for run and serve). Commands that start no Prefect flow (inspect, verify, unlock) need none;
+    studies checks its own datasets."""
     if command == "extract":
-        check_writable_location(options["store"], "--store")
-        check_corpus_and_model(options["corpus"], options["model"], get("text_column"), get("label_column"),
-                               get("task", "classification"), get("train", True))
-        check_device(get("device", "cpu"))
+        check_writable_location(settings.store, "--store")
+        check_corpus_and_model(settings.corpus, settings.model, settings.text_column, settings.label_column,
+                               settings.task, settings.train)
+        check_device(settings.device)
     elif command == "train":
         from analysis.corpora import load_corpus
         from analysis.models import check_model
         from analysis.training import check_trainable
 
-        check_trainable(load_corpus(options["corpus"], text_column=get("text_column"),
-                                    label_column=get("label_column")))
-        check_model(options["model"])
+        check_trainable(load_corpus(settings.corpus, text_column=settings.text_column,
+                                    label_column=settings.label_column))
+        check_model(settings.model)
     elif command == "efficient":
-        check_attention_store(options["store"])
-        check_dask_scheduler(get("dask_address"))
+        check_attention_store(settings.store)
+        check_dask_scheduler(settings.dask_address)
     elif command in ("causal", "explain"):
-        check_writable_location(options["results"], "--results")
-        check_attention_store(options["store"])
-        if get("model"):
+        check_writable_location(settings.results, "--results")
+        check_attention_store(settings.store)
+        if settings.model:
             from analysis.models import check_model
 
-            check_model(options["model"])
-        check_device(get("device", "cpu"))
+            check_model(settings.model)
+        check_device(settings.device)
     elif command == "report":
-        check_writable_location(options["out"], "--out")
-        check_causal_results(options["results"])
-        if get("store"):
-            check_attention_store(options["store"])
+        check_writable_location(settings.out, "--out")
+        check_causal_results(settings.results)
+        if settings.store:
+            check_attention_store(settings.store)
     elif command in ("run", "serve"):
         for flag, name in (("--run-dir", "run_dir"), ("--store", "store"), ("--results", "results"),
                            ("--report-dir", "report_dir")):
-            if get(name):
-                check_writable_location(options[name], flag)
-        check_corpus_and_model(options["corpus"], options["model"], get("text_column"), get("label_column"),
-                               get("task", "classification"), get("train", True))
-        check_device(get("device", "cpu"))
-        check_dask_scheduler(get("dask_address"))
+            if getattr(settings, name):
+                check_writable_location(getattr(settings, name), flag)
+        check_corpus_and_model(settings.corpus, settings.model, settings.text_column, settings.label_column,
+                               settings.task, settings.train)
+        check_device(settings.device)
+        check_dask_scheduler(settings.dask_address)

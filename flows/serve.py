@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.prefect_server import health_check_failure, start_server_hint
+from flows.settings import PipelineSettings, ServeSettings
 
 START_SERVER = start_server_hint("serve")
-DEFAULT_DEPLOYMENT_NAME = "effattn-scheduled"
 # Parameters of run_pipeline that name local files or folders: made absolute, so that the deployment's parameters
 # (shown by the server) say exactly what a scheduled run reads and writes.
 PATH_PARAMETERS = ("run_dir", "store", "results", "report_dir", "corpus", "model", "cache_root")
@@ -75,14 +75,10 @@ def absolute_paths(parameters: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def serve_pipeline(
-    parameters: dict[str, Any],
-    cron: str | None = None,
-    interval: float | None = None,
-    name: str = DEFAULT_DEPLOYMENT_NAME,
-) -> None:
-    """Serve run_pipeline(**parameters) as the deployment `effattn-pipeline/<name>` with a cron or interval
-    schedule, on the server at PREFECT_API_URL, until interrupted (the schedule is paused on shutdown).
+def serve_pipeline(pipeline: PipelineSettings, schedule: ServeSettings) -> None:
+    """Serve run_pipeline(pipeline) as the deployment `effattn-pipeline/<schedule.name>` with the cron or interval
+    schedule of `schedule`, on the server at PREFECT_API_URL, until interrupted (the schedule is paused on
+    shutdown). The deployment's parameter is `settings`: the pipeline settings as JSON, local paths absolute.
 
     Raises:
         ServeError: no PREFECT_API_URL, no server answering there, no schedule or two, a bad cron expression.
@@ -92,17 +88,17 @@ def serve_pipeline(
 
     from flows.pipeline import run_pipeline
 
-    schedule = schedule_arguments(cron, interval)
+    schedule_keywords = schedule_arguments(schedule.cron, schedule.interval)
     api_url = prefect_api_url()
     check_server(api_url)
     # A deployment served from its module path: each run imports flows.pipeline afresh in its own process
     # (`python -m prefect.engine`). Flow.serve would instead pickle the in-memory flow by value, which loses the
     # names that the stage flows' string annotations refer to (their parameter validation then fails).
     deployment = run_pipeline.to_deployment(
-        name=name,
-        parameters=absolute_paths(parameters),
+        name=schedule.name,
+        parameters={"settings": absolute_paths(pipeline.model_dump(mode="json"))},
         description="effattn: (train if needed) -> extract -> efficient -> causal -> report, on a schedule",
         entrypoint_type=EntrypointType.MODULE_PATH,
-        **schedule,
+        **schedule_keywords,
     )
     serve(deployment, limit=1, pause_on_shutdown=True)

@@ -11,6 +11,7 @@ import xarray as xr
 from flows.causal import causal
 from flows.efficient import efficient
 from flows.extract import extract
+from flows.settings import CausalSettings, EfficientSettings, ExtractSettings
 from storage_schemas.causal_results import CausalResultsError, open_causal_results
 from tests.conftest import write_reviews_csv
 
@@ -23,9 +24,10 @@ def llama_store(tmp_path_factory, tiny_llama_folder) -> str:
     reviews, 3 shards, with all three efficient variants."""
     folder = tmp_path_factory.mktemp("causal")
     url = str(folder / "store.zarr")
-    extract(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            shard_size=4, batch_size=4)
-    efficient(store=url, workers=1)
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+        shard_size=4, batch_size=4))
+    efficient(EfficientSettings(store=url, workers=1))
     return url
 
 
@@ -74,18 +76,18 @@ def test_a_rerun_skips_done_shards_and_recomputes_a_lost_one_identically(llama_s
     results = str(tmp_path / "results.zarr")
     options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective"],
                    scopes=["all", "head"], head_interventions=["colspace-noise:effective"], scope_examples=3)
-    causal(store=llama_store, results=results, **options)
+    causal(CausalSettings(store=llama_store, results=results, **options))
     group = open_causal_results(results, mode="r+")
     before = {name: group[name][:] for name in ("agreement", "max_abs_logit_change", "injected_change_ratio")}
     # a crash: shard 1 was never recorded as done and holds garbage
     group.attrs["completed_shards"] = [0, 2]
     group["max_abs_logit_change"][:, :, 4:8] = 123.0
-    causal(store=llama_store, results=results, **options)
+    causal(CausalSettings(store=llama_store, results=results, **options))
     for name, values in before.items():
         np.testing.assert_array_equal(group[name][:], values)  # the same noise again: seeded per example
     assert open_causal_results(results).attrs["completed_shards"] == [0, 1, 2]
     with pytest.raises(CausalResultsError, match=r"holds causal results of another run \(seed: stored 0, requested 1"):
-        causal(store=llama_store, results=results, seed=1, **options)
+        causal(CausalSettings(store=llama_store, results=results, seed=1, **options))
 
 
 def test_missing_efficient_attention_and_another_model_are_refused(llama_store, tmp_path, tiny_bert_folder):
@@ -94,11 +96,11 @@ def test_missing_efficient_attention_and_another_model_are_refused(llama_store, 
     shutil.rmtree(f"{store}/efficient/simplex")
     with pytest.raises(CausalResultsError, match=r"lacks finished efficient attention for the variants \['simplex'\]: "
                                                  r"run `effattn efficient --store .* --variants simplex` first"):
-        causal(store=store, results=str(tmp_path / "r1.zarr"), interventions=["null:simplex"])
+        causal(CausalSettings(store=store, results=str(tmp_path / "r1.zarr"), interventions=["null:simplex"]))
     with pytest.raises(CausalResultsError, match=r"but the store was extracted with .*: pass --model with the model "
                                                  "that wrote the store"):
-        causal(store=store, results=str(tmp_path / "r2.zarr"), interventions=["ablate"], scopes=["all"],
-               model=str(tiny_bert_folder))
+        causal(CausalSettings(store=store, results=str(tmp_path / "r2.zarr"), interventions=["ablate"], scopes=["all"],
+               model=str(tiny_bert_folder)))
 
 
 def test_cuda_without_cuda_is_refused_before_a_results_folder_exists(llama_store, tmp_path, monkeypatch):
@@ -108,19 +110,21 @@ def test_cuda_without_cuda_is_refused_before_a_results_folder_exists(llama_store
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     results = tmp_path / "results.zarr"
     with pytest.raises(ValueError, match=r"^--device cuda: .*Nothing was written$"):
-        causal(store=llama_store, results=str(results), interventions=["replay"], scopes=["all"], device="cuda")
+        causal(CausalSettings(store=llama_store, results=str(results), interventions=["replay"], scopes=["all"],
+                              device="cuda"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_next_token_store(tmp_path, tiny_llama_folder):
     url = str(tmp_path / "lm.zarr")
-    extract(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            task="next-token", top_k=4, shard_size=5, batch_size=5)
-    efficient(store=url, variants=["stochastic"], workers=1)
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+        task="next-token", top_k=4, shard_size=5, batch_size=5))
+    efficient(EfficientSettings(store=url, variants=["stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
     # the layer scope measures 3 spread examples: batches whose longest example is not among them
-    causal(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"],
-           scopes=["all", "layer"], scope_examples=3, batch_size=4)
+    causal(CausalSettings(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"],
+           scopes=["all", "layer"], scope_examples=3, batch_size=4))
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert int(dataset["agreement"].sel(intervention="ablate", target="layer 1").notnull().sum()) == 3
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
@@ -137,11 +141,13 @@ def test_next_token_store(tmp_path, tiny_llama_folder):
 def test_minilm_on_real_reviews(tmp_path):
     """MiniLM (random head, so no training here) on a few rt-sentiment snippets: the exact cases hold."""
     url = str(tmp_path / "rt.zarr")
-    extract(corpus="rt-sentiment", model="minilm", store=url, limit=6, train=False, batch_size=6)
-    efficient(store=url, variants=["effective", "stochastic"], workers=1)
+    extract(ExtractSettings(corpus="rt-sentiment", model="minilm", store=url, limit=6, train=False, batch_size=6))
+    efficient(EfficientSettings(store=url, variants=["effective", "stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
-    causal(store=url, results=results, interventions=["replay", "efficient:effective", "efficient:stochastic",
-                                                      "null:effective", "ablate"], scopes=["all", "layer"])
+    causal(CausalSettings(
+        store=url, results=results,
+        interventions=["replay", "efficient:effective", "efficient:stochastic", "null:effective", "ablate"],
+        scopes=["all", "layer"]))
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
     for variant in ("effective", "stochastic"):
@@ -157,7 +163,7 @@ def test_a_second_writer_of_the_same_results_is_refused(llama_store, tmp_path):
 
     results = str(tmp_path / "results.zarr")
     with hold_store_lock(results, "causal"), pytest.raises(StoreLockedError, match=r"is locked by effattn causal"):
-        causal(store=llama_store, results=results, interventions=["ablate"], scopes=["all"])
+        causal(CausalSettings(store=llama_store, results=results, interventions=["ablate"], scopes=["all"]))
     assert not (tmp_path / "results.zarr").exists()  # nothing was written by the refused run
 
 
@@ -172,16 +178,18 @@ def test_no_forward_pass_exceeds_forward_rows(llama_store, tmp_path, monkeypatch
         return original(loaded, tokens, length, replacement, target_masks)
 
     monkeypatch.setattr(tasks.causal, "intervened_logits", counting)
-    causal(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
-           scopes=["all", "head"], scope_examples=None, batch_size=4, forward_rows=3)
+    causal(CausalSettings(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
+           scopes=["all", "head"], scope_examples=None, batch_size=4, forward_rows=3))
     assert max(rows) <= 3 and sum(rows) == 10 * (1 + 2 * 4)  # every example at every target, once
 
 
 def test_the_head_scope_measures_ablate_or_else_a_null_part(llama_store):
-    from flows.causal import causal_settings
+    from flows.causal import recorded_causal_settings
 
-    assert causal_settings(llama_store)["scope_interventions"]["head"] == ["ablate"]
-    chosen = causal_settings(llama_store, interventions=["efficient:effective", "null:effective"])
+    settings = CausalSettings(store=llama_store, results="unused.zarr")
+    assert recorded_causal_settings(settings)["scope_interventions"]["head"] == ["ablate"]
+    chosen = recorded_causal_settings(settings.model_copy(
+        update={"interventions": ("efficient:effective", "null:effective")}))
     assert chosen["scope_interventions"]["head"] == ["null:effective"]
 
 
@@ -226,7 +234,7 @@ def test_stored_settings_and_names_keep_the_layout_of_earlier_results(llama_stor
     options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective",
                                   "minimality:effective:k=3"],
                    scopes=["all", "head"], head_interventions=["colspace-noise:effective"], scope_examples=3, seed=2)
-    causal(store=llama_store, results=str(results), **options)
+    causal(CausalSettings(store=llama_store, results=str(results), **options))
     store = open_attention_store(llama_store, mode="r").attrs.asdict()
     group = open_attention_store(llama_store, mode="r")
     names = ["replay", "efficient+null-noise:stochastic", "colspace-noise:effective", "minimality:effective:k=3"]
@@ -260,7 +268,7 @@ def test_stored_settings_and_names_keep_the_layout_of_earlier_results(llama_stor
 
     monkeypatch.setattr(tasks.causal, "compute_causal_shard", measured_again)
     before = (results / "zarr.json").read_bytes()
-    causal(store=llama_store, results=str(results), **options)  # not refused, nothing measured again
+    causal(CausalSettings(store=llama_store, results=str(results), **options))  # not refused, nothing measured again
     assert (results / "zarr.json").read_bytes() == before
 
 
@@ -268,12 +276,13 @@ def test_the_plan_parses_the_names_once(llama_store):
     from analysis.variants import variant_record
     from flows.causal import causal_plan
 
-    plan = causal_plan(llama_store, interventions=["null:simplex", "ablate"], scopes=["layer"],
-                       layer_interventions=["null:simplex"])
+    plan = causal_plan(CausalSettings(store=llama_store, results="unused.zarr",
+                                      interventions=["null:simplex", "ablate"], scopes=["layer"],
+                                      layer_interventions=["null:simplex"]))
     assert plan.interventions[0].variant is variant_record("simplex")
     assert plan.layer_interventions == plan.interventions[:1]
     assert plan.head_interventions == plan.interventions[1:]  # ablate where it is run
     assert plan.efficient_variants() == ["simplex"]
     assert [target.name for target in plan.targets] == ["layer 0", "layer 1"]
     with pytest.raises(ValueError, match=r"^intervention 'ablate' takes no variant, got 'simplex'$"):
-        causal_plan(llama_store, interventions=["ablate:simplex"])
+        causal_plan(CausalSettings(store=llama_store, results="unused.zarr", interventions=["ablate:simplex"]))

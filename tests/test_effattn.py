@@ -34,6 +34,12 @@ def test_every_name_is_the_object_of_its_home_module():
         "explain": ("flows.explain", "explain"),
         "report": ("flows.report", "report"),
         "run_pipeline": ("flows.pipeline", "run_pipeline"),
+        "ExtractSettings": ("flows.settings", "ExtractSettings"),
+        "EfficientSettings": ("flows.settings", "EfficientSettings"),
+        "CausalSettings": ("flows.settings", "CausalSettings"),
+        "ExplainSettings": ("flows.settings", "ExplainSettings"),
+        "ReportSettings": ("flows.settings", "ReportSettings"),
+        "PipelineSettings": ("flows.settings", "PipelineSettings"),
         "use_chunk_codec_batches": ("storage_schemas.attention_store", "use_chunk_codec_batches"),
     }
     assert sorted(effattn.__all__) == sorted(homes)

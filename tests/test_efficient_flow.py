@@ -17,6 +17,7 @@ import pytest
 
 from analysis.efficient_attention import VARIANTS
 from flows.extract import extract
+from flows.settings import EfficientSettings, ExtractSettings
 from storage_schemas.attention_store import AttentionStoreError, open_attention_store, store_layout
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
@@ -64,8 +65,9 @@ def bert_store(tmp_path_factory, tiny_bert_folder) -> str:
 
     folder = tmp_path_factory.mktemp("efficient")
     url = str(folder / "store.zarr")
-    extract(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=url,
-            shard_size=4, batch_size=4)
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=url,
+        shard_size=4, batch_size=4))
     return url
 
 
@@ -74,7 +76,7 @@ def test_local_cluster_run_writes_every_variant_and_resumes(bert_store, tmp_path
 
     url = str(tmp_path / "copy.zarr")
     shutil.copytree(bert_store, url)
-    efficient(store=url, workers=2)
+    efficient(EfficientSettings(store=url, workers=2))
     group = open_attention_store(url, mode="r+")
     n_shards = store_layout(group).n_shards
     for variant in VARIANTS:
@@ -90,7 +92,7 @@ def test_local_cluster_run_writes_every_variant_and_resumes(bert_store, tmp_path
     region = store_layout(group).shard_slice(1)
     simplex[region] = np.full(simplex[region].shape, 7.0, dtype=np.float32)
     assert pending_work(group, VARIANTS) == {1: ["simplex"]}
-    efficient(store=url, workers=1)
+    efficient(EfficientSettings(store=url, workers=1))
     np.testing.assert_array_equal(open_attention_store(url)["efficient/simplex"][:], expected)
 
 
@@ -98,7 +100,7 @@ def test_unknown_variant_and_changed_settings_are_refused(bert_store, tmp_path):
     from flows.efficient import efficient
 
     with pytest.raises(ValueError, match=r"unknown variants \['sparse'\]: choose from \['effective', 'stochastic'"):
-        efficient(store=bert_store, variants=["sparse"])
+        efficient(EfficientSettings(store=bert_store, variants=["sparse"]))
     url = str(tmp_path / "copy.zarr")
     shutil.copytree(bert_store, url)
     group = open_attention_store(url, mode="r+")
@@ -112,8 +114,9 @@ def test_causal_grouped_query_store(tmp_path, tiny_llama_folder):
     from tests.conftest import write_reviews_csv
 
     url = str(tmp_path / "llama.zarr")
-    extract(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-            shard_size=8)
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
+        shard_size=8))
     group = open_attention_store(url, mode="r+")
     for variant in VARIANTS:
         prepare_efficient_arrays(group, url, variant, SETTINGS)
@@ -167,13 +170,13 @@ def test_distributed_scheduler_and_two_workers_give_the_local_result(bert_store,
 
         with Client(address) as client:
             client.wait_for_workers(2, timeout=60)
-        efficient(store=remote, dask_address=address)
+        efficient(EfficientSettings(store=remote, dask_address=address))
         with Client(address) as client:
             assert len(client.scheduler_info()["workers"]) == 2
     finally:
         _stop(processes)
     assert all(process.poll() is not None for process in processes)
-    efficient(store=local, workers=1)
+    efficient(EfficientSettings(store=local, workers=1))
     local_group, remote_group = open_attention_store(local), open_attention_store(remote)
     for variant in VARIANTS:
         np.testing.assert_array_equal(local_group[f"efficient/{variant}"][:], remote_group[f"efficient/{variant}"][:])
@@ -185,9 +188,10 @@ def test_real_minilm_examples_longer_than_the_head_dim(tmp_path):
     from flows.efficient import efficient
 
     url = str(tmp_path / "minilm.zarr")
-    extract(corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3, train=False)
+    extract(ExtractSettings(
+        corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3, train=False))
     assert (open_attention_store(url)["length"][:] > 32).all()
-    efficient(store=url, workers=2)
+    efficient(EfficientSettings(store=url, workers=2))
     check_invariants(url)
     group = open_attention_store(url)
     rank = group["diagnostics/effective/rank"][:]
@@ -207,7 +211,7 @@ def test_layer_pieces_on_workers_equal_the_whole_shard_in_one_process(bert_store
     pieces, whole = str(tmp_path / "pieces.zarr"), str(tmp_path / "whole.zarr")
     shutil.copytree(bert_store, pieces)
     shutil.copytree(bert_store, whole)
-    efficient(store=pieces, variants=variants, workers=2)
+    efficient(EfficientSettings(store=pieces, variants=variants, workers=2))
     group = open_attention_store(whole, mode="r+")
     for variant in variants:
         prepare_efficient_arrays(group, whole, variant, SETTINGS)

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from pydantic import ValidationError
 
 from flows.explain import explain
+from flows.settings import ExplainSettings
 from storage_schemas.explanation_results import ExplanationResultsError, open_explanation_results
 from tasks.explain import choose_examples, spread_sample
 from tests.store_builders import build_real_store, write_corpus
@@ -66,7 +68,7 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
 def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_settings(bert_store, tmp_path):
     results = str(tmp_path / "results.zarr")
     options = dict(methods=FEW_METHODS, examples=4, shard_size=2, integrated_gradients_steps=8, minimality_rows=4)
-    explain(store=bert_store, results=results, **options)
+    explain(ExplainSettings(store=bert_store, results=results, **options))
     group = open_explanation_results(results, mode="r+")
     before = {name: group[name][:] for name in ("faithfulness", "kendall_tau", "attribution", "minimality_minimal")}
     # shard 0 stays recorded done, with a sentinel that a recomputation would overwrite
@@ -75,18 +77,18 @@ def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_setti
     group["faithfulness"][..., 2:4] = 99.0
     group["attribution"][:, 2:4] = 99.0
     group.attrs["completed_shards"] = [0]
-    explain(store=bert_store, results=results, **options)
+    explain(ExplainSettings(store=bert_store, results=results, **options))
     group = open_explanation_results(results)
     assert group.attrs["completed_shards"] == [0, 1]
     assert (group["full_probability"][0:2] == -7.0).all()  # not recomputed
     for name, values in before.items():
         np.testing.assert_array_equal(group[name][:], values, err_msg=name)  # recomputed identically
     with pytest.raises(ExplanationResultsError, match="integrated_gradients_steps: stored 8, requested 16"):
-        explain(store=bert_store, results=results, **{**options, "integrated_gradients_steps": 16})
+        explain(ExplainSettings(store=bert_store, results=results, **{**options, "integrated_gradients_steps": 16}))
     with pytest.raises(ExplanationResultsError, match="methods: stored"):
-        explain(store=bert_store, results=results, **{**options, "methods": FEW_METHODS[:2]})
-    with pytest.raises(ValueError, match="examples must be at least 1"):
-        explain(store=bert_store, results=results, **{**options, "examples": -2})
+        explain(ExplainSettings(store=bert_store, results=results, **{**options, "methods": FEW_METHODS[:2]}))
+    with pytest.raises(ValidationError, match="examples\n  Input should be greater than 0"):
+        ExplainSettings(store=bert_store, results=results, **{**options, "examples": -2})
 
 
 def test_the_sample_is_spread_over_the_lengths_without_the_extremes():
@@ -140,7 +142,7 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
     results = str(tmp_path / "results.zarr")
     # results shard 0: examples 1, 3 (store shard 0); results shard 1: examples 6, 8 (store shards 1 and 2)
     options = dict(methods=FEW_METHODS, examples=4, shard_size=2, integrated_gradients_steps=8, minimality_rows=4)
-    explain(store=store, results=results, **options)
+    explain(ExplainSettings(store=store, results=results, **options))
     group = open_explanation_results(results)
     assert group["store_example"][:].tolist() == [1, 3, 6, 8]
     before = {name: group[name][:] for name in PER_EXAMPLE_ARRAYS}
@@ -154,14 +156,14 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
             "extraction shard [0] (examples 0 to 3) is not complete") + ".*" + re.escape(
             f"efficient/simplex shard [0] (examples 0 to 3) is not computed: run `effattn efficient --store {store} "
             "--variants simplex` after the extraction is complete; then run `effattn explain` again")):
-        explain(store=store, results=results, **options)
+        explain(ExplainSettings(store=store, results=results, **options))
 
     build_real_store(store, tiny_bert_folder, Path(bert_store).parent / "reviews.csv")  # extract, efficient: resume
     group = open_explanation_results(results, mode="r+")
     assert explanation_completed_shards(group, open_attention_store(store)) == [1]
     group["full_probability"][:] = -7.0  # a mark: a shard computed again loses it
     with caplog.at_level(logging.WARNING, logger="tasks.explain"):
-        explain(store=store, results=results, **options)
+        explain(ExplainSettings(store=store, results=results, **options))
     assert f"{results}: explanation shards [0] were computed from store shards that were unfinished then or " \
            "written again since: computing them again" in caplog.messages
     group = open_explanation_results(results)
@@ -176,7 +178,7 @@ def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_fol
     store = build_real_store(str(tmp_path / "llama.zarr"), tiny_llama_folder, write_corpus(tmp_path / "r.csv"),
                              variants=("simplex",))
     results = str(tmp_path / "results.zarr")
-    explain(store=store, results=results, examples=2, integrated_gradients_steps=8, minimality_rows=4)
+    explain(ExplainSettings(store=store, results=results, examples=2, integrated_gradients_steps=8, minimality_rows=4))
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert "simplex:rollout" in dataset["explainer"].values.tolist()
     length = dataset["length"].values
@@ -206,8 +208,9 @@ def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_lla
         for variant in written:
             mark_efficient_shard_completed(group, variant, shard)
     results = str(tmp_path / "results.zarr")
-    explain(store=store, results=results, examples=2, integrated_gradients_steps=4,
-            methods=["attention:last-layer", "stochastic:rollout", "integrated-gradients", "leave-one-out"])
+    explain(ExplainSettings(
+        store=store, results=results, examples=2, integrated_gradients_steps=4,
+        methods=["attention:last-layer", "stochastic:rollout", "integrated-gradients", "leave-one-out"]))
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert (dataset["target"] >= 0).all() and (dataset["target"] < 30522).all()  # a vocabulary id
     assert (dataset["full_probability"] > 0).all()

@@ -19,6 +19,7 @@ from analysis.extraction import select_rows
 from analysis.models import load_model
 from flows.cli import main
 from flows.extract import extract
+from flows.settings import ExtractSettings
 from tests.conftest import write_reviews_csv
 from storage_schemas.attention_store import (
     AttentionStoreError,
@@ -89,7 +90,7 @@ def test_extract_fills_the_store(tmp_path, tiny_bert_folder, small_corpus_csv):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     url = str(tmp_path / "store.zarr")
-    assert extract(corpus=str(small_corpus_csv), model=str(tiny_bert_folder), store=url, **RUN) == url
+    assert extract(ExtractSettings(corpus=str(small_corpus_csv), model=str(tiny_bert_folder), store=url, **RUN)) == url
 
     group = open_attention_store(url)
     layout = store_layout(group)
@@ -159,7 +160,7 @@ def test_extract_fills_the_store(tmp_path, tiny_bert_folder, small_corpus_csv):
 def test_resume_recomputes_only_the_missing_shard(tmp_path, tiny_bert_folder, tiny_llama_folder, small_corpus_csv):
     url = str(tmp_path / "store.zarr")
     arguments = dict(corpus=str(small_corpus_csv), model=str(tiny_bert_folder), store=url, **RUN)
-    extract(**arguments)
+    extract(ExtractSettings(**arguments))
     first_arrays, first_attributes = snapshot(url)
 
     # A crash in shard 1: its data half written (garbage), never marked completed.
@@ -170,7 +171,7 @@ def test_resume_recomputes_only_the_missing_shard(tmp_path, tiny_bert_folder, ti
     assert open_attention_store(url)["attention"][5, 0, 0, 0, 0] == 7.0
     mtimes = shard_file_mtimes(url)
 
-    extract(**arguments)
+    extract(ExtractSettings(**arguments))
     arrays, attributes = snapshot(url)
     assert attributes["completed_shards"] == [0, 1, 2]
     assert_same_arrays(arrays, first_arrays)
@@ -194,7 +195,7 @@ def test_resume_recomputes_only_the_missing_shard(tmp_path, tiny_bert_folder, ti
         f"this run has {llama_digest!r}): use another --store, or delete {url} to start over"
     )
     with pytest.raises(AttentionStoreError, match=re.escape(message)):
-        extract(**{**arguments, "model": str(tiny_llama_folder)})
+        extract(ExtractSettings(**{**arguments, "model": str(tiny_llama_folder)}))
     arrays, attributes = snapshot(url)
     assert_same_arrays(arrays, first_arrays)
     assert attributes == {**first_attributes, "shard_identities": identities}
@@ -294,7 +295,8 @@ def test_cli_inspect_of_nothing(tmp_path, capsys):
 @pytest.mark.integration
 def test_minilm_on_rt_sentiment(tmp_path):
     url = str(tmp_path / "minilm.zarr")
-    extract(corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0, train=False)
+    extract(ExtractSettings(
+        corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0, train=False))
     group = open_attention_store(url)
     layout = store_layout(group)
     assert (layout.layers, layout.heads, layout.kv_heads, layout.head_dim, layout.hidden) == (6, 12, 12, 32, 384)
@@ -324,8 +326,9 @@ def test_minilm_on_rt_sentiment(tmp_path):
 def test_smollm2_next_token_logits_per_position(tmp_path):
     """The LM task: smollm2's top-k next-token logits stored at every real position of a few short texts."""
     url = str(tmp_path / "lm.zarr")
-    extract(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model="smollm2", store=url, limit=3,
-            task="next-token", top_k=5, max_length=24)
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model="smollm2", store=url, limit=3,
+        task="next-token", top_k=5, max_length=24))
     group = open_attention_store(url)
     assert group.attrs["extraction"]["task"] == "next-token"
     length = group["length"][:]
@@ -347,7 +350,8 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     base = save_model_folder(tiny_bert().bert, tmp_path / "base")
     corpus = str(write_reviews_csv(tmp_path / "reviews.csv"))
     url = str(tmp_path / "trained.zarr")
-    extract(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4)
+    extract(ExtractSettings(
+        corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
     group = open_attention_store(url)
     head = group.attrs["model"]["head"]
     assert head["trained"] is True and head["base_model"] == str(base)
@@ -357,7 +361,8 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     held_out = select_split(len(loaded), loaded.labels, "held_out", 0)
     assert sorted(group["source_index"][:].tolist()) == held_out.tolist()
     # the same call again: the cached head is found (no second training folder) and nothing is recomputed
-    extract(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4)
+    extract(ExtractSettings(
+        corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
     assert len([p for p in (tmp_path / "cache" / "heads").iterdir() if not p.name.startswith(".")]) == 1
 
 

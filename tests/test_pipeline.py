@@ -3,18 +3,19 @@ runs every stage, a second one skips them all without touching the store, and ch
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from analysis.corpora import load_corpus
-from flows.cli import main
-from flows.pipeline import EXTRACTION_DEFAULTS, STAGES, run_pipeline
+from flows.cli import main, parse_settings
+from flows.pipeline import STAGES, run_pipeline
+from flows.settings import EXTRACTION_SHAPE, ExtractSettings, PipelineSettings
 from storage_schemas.attention_store import AttentionStoreError, completed_shards, open_attention_store
 from storage_schemas.efficient_store import efficient_completed_shards
-from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, run_name
+from storage_schemas.causal_results import open_causal_results
+from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, local_input_fingerprint, run_name
 from tests.conftest import write_reviews_csv
 
 # 6 of the 10 reviews, shards of 4 (two shards), texts cut at 16 tokens (> head dim 8 of the tiny models).
@@ -35,12 +36,19 @@ def first_run(tmp_path_factory, tiny_bert_folder):
     folder = tmp_path_factory.mktemp("pipeline")
     corpus = write_reviews_csv(folder / "reviews.csv")
     arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(folder / "runs"), **RUN)
-    return arguments, run_pipeline(**arguments)
+    return arguments, run_pipeline(PipelineSettings(**arguments))
 
 
-def test_extraction_defaults_are_the_flows_defaults():
-    defaults = {name: parameter.default for name, parameter in inspect.signature(run_pipeline.fn).parameters.items()}
-    assert {name: defaults[name] for name in EXTRACTION_DEFAULTS} == EXTRACTION_DEFAULTS
+def test_store_names_are_unchanged_by_the_settings_objects():
+    """The non-default extraction settings name the store: a run with the defaults gets no digest, and one with
+    --max-length 16 the digest that the code before the settings objects gave it (so a rerun finds its store)."""
+    assert PipelineSettings().non_default_extraction_shape() == {}
+    shape = PipelineSettings(max_length=16, split="all").non_default_extraction_shape()
+    assert shape == {"max_length": 16, "split": "all"}
+    assert run_name("rt-sentiment", "minilm", 300, shape) == "rt-sentiment-minilm-300-40d55ba0"
+    # the extraction stage's defaults are the pipeline's
+    assert {name: ExtractSettings.model_fields[name].default for name in EXTRACTION_SHAPE} == \
+        PipelineSettings().extraction_shape()
 
 
 def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
@@ -70,7 +78,7 @@ def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
 def test_second_call_skips_train_extract_and_efficient_and_touches_nothing(first_run):
     arguments, first = first_run
     before = file_mtimes(first["store"])
-    record = run_pipeline(**arguments)
+    record = run_pipeline(PipelineSettings(**arguments))
     status = statuses(record)
     assert {stage: status[stage] for stage in ("train", "extract", "efficient")} == {
         "train": "skipped", "extract": "skipped", "efficient": "skipped"
@@ -84,7 +92,7 @@ def test_second_call_skips_train_extract_and_efficient_and_touches_nothing(first
 def test_second_call_skips_causal_and_report_until_the_results_change(first_run):
     arguments, first = first_run
     report_files = file_mtimes(str(Path(first["report"]).parent))
-    record = run_pipeline(**arguments)
+    record = run_pipeline(PipelineSettings(**arguments))
     assert statuses(record)["causal"] == "skipped" and statuses(record)["report"] == "skipped"
     assert statuses(record)["explain"] == "skipped"
     assert file_mtimes(str(Path(first["report"]).parent)) == report_files
@@ -93,7 +101,7 @@ def test_second_call_skips_causal_and_report_until_the_results_change(first_run)
     from storage_schemas.causal_results import open_causal_results
 
     open_causal_results(first["results"], mode="r+").attrs["created"] = "2000-01-01T00:00:00+00:00"
-    assert statuses(run_pipeline(**arguments))["report"] == "ran"
+    assert statuses(run_pipeline(PipelineSettings(**arguments)))["report"] == "ran"
 
 
 def test_effattn_run_prints_the_stages_the_summary_and_the_paths(first_run, capsys):
@@ -115,13 +123,13 @@ def test_changed_inputs_are_not_skipped(first_run):
     arguments, first = first_run
     first_store_files = file_mtimes(first["store"])
     # another limit: another store, every stage runs
-    more = run_pipeline(**{**arguments, "limit": 8})
+    more = run_pipeline(PipelineSettings(**{**arguments, "limit": 8}))
     assert more["store"] != first["store"] and "-8-" in more["store"]
     assert statuses(more)["extract"] == "ran" and statuses(more)["efficient"] == "ran"
     assert completed_shards(open_attention_store(more["store"])) == [0, 1]
     # one more variant: the extraction is skipped, only the new variant is computed
     effective_files = file_mtimes(f"{more['store']}/efficient/effective")
-    wider = run_pipeline(**{**arguments, "limit": 8, "variants": ["effective", "stochastic"]})
+    wider = run_pipeline(PipelineSettings(**{**arguments, "limit": 8, "variants": ["effective", "stochastic"]}))
     assert statuses(wider)["extract"] == "skipped" and statuses(wider)["efficient"] == "ran"
     assert efficient_completed_shards(open_attention_store(more["store"]), "stochastic") == [0, 1]
     assert file_mtimes(f"{more['store']}/efficient/effective") == effective_files
@@ -139,24 +147,75 @@ def test_results_of_other_causal_settings_are_refused_with_what_to_do_and_kept(f
     before = file_mtimes(first["results"])
     with pytest.raises(ValueError, match=re.escape(f"{first['results']} holds causal results made with other "
                                                    "settings") + r".*delete it to measure again.*--results PATH"):
-        run_pipeline(**{**arguments, "scope_examples": 1})
+        run_pipeline(PipelineSettings(**{**arguments, "scope_examples": 1}))
     assert file_mtimes(first["results"]) == before
+
+
+def test_a_run_recorded_before_the_settings_objects_is_skipped_not_refused(first_run):
+    """The store and results of the first run get the settings attributes as the code before flows/settings.py
+    wrote them (spelled out here by hand); rerunning the same run skips every stage instead of recomputing the
+    store or refusing the results."""
+    arguments, first = first_run
+    group = open_attention_store(first["store"], mode="r+")
+    group.attrs[EXTRACTION_INPUTS_ATTRIBUTE] = {
+        "corpus": arguments["corpus"], "corpus_fingerprint": local_input_fingerprint(arguments["corpus"]),
+        "model": arguments["model"], "model_fingerprint": local_input_fingerprint(arguments["model"]), "limit": 6,
+        "max_length": 16, "seed": 0, "dtype": "float32", "task": "classification", "top_k": 10, "split": None,
+        "train": True, "epochs": 1, "text_column": None, "label_column": None,
+    }
+    group["efficient/effective"].attrs["settings"] = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
+    results = open_causal_results(first["results"], mode="r+")
+    recorded = results.attrs["settings"]
+    # the keys and values the earlier causal_settings(store, variants=..., scopes=..., ...) recorded
+    assert set(recorded) == {"interventions", "scopes", "scope_interventions", "scope_examples", "targets", "seed",
+                             "store_identity"}
+    names = recorded["interventions"]
+    old = {
+        "interventions": names,
+        "scopes": ["all", "layer", "head"],
+        "scope_interventions": {
+            "all": names,
+            "layer": [name for name in names if name.split(":")[0] in ("efficient", "null", "uniform", "ablate")],
+            "head": ["ablate"],
+        },
+        "scope_examples": 32,
+        "targets": [{"name": "all", "scope": "all", "layer": -1, "head": -1}]
+        + [{"name": f"layer {layer}", "scope": "layer", "layer": layer, "head": -1} for layer in range(2)]
+        + [{"name": f"layer {layer} head {head}", "scope": "head", "layer": layer, "head": head}
+           for layer in range(2) for head in range(4)],
+        "seed": 0,
+        "store_identity": {
+            "weights_digest": group.attrs["model"]["weights_digest"], "corpus_digest": group.attrs["corpus"]["digest"],
+            "examples": 6, "dtype": "float32",
+            "efficient_settings": {"effective": {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}},
+        },
+    }
+    results.attrs["settings"] = old
+    record = run_pipeline(PipelineSettings(**arguments))
+    assert {stage: entry["status"] for stage, entry in record["stages"].items()} == {
+        "train": "skipped", "extract": "skipped", "efficient": "skipped", "causal": "skipped", "explain": "skipped",
+        "report": "skipped"}
+    _, (settings,) = parse_settings(["run", "--corpus", arguments["corpus"], "--model", arguments["model"],
+                                     "--run-dir", arguments["run_dir"], "--limit", "6", "--max-length", "16",
+                                     "--shard-size", "4", "--batch-size", "3", "--variants", "effective",
+                                     "--workers", "1"])
+    assert settings == PipelineSettings(**arguments)  # the same command as the run above
 
 
 def test_other_settings_into_an_explicit_store_are_refused_not_skipped(first_run):
     arguments, first = first_run
     with pytest.raises(AttentionStoreError, match=re.escape("extraction.requested_max_length: store has 16, "
                                                             "this run has 20")):
-        run_pipeline(**{**arguments, "max_length": 20, "store": first["store"]})
+        run_pipeline(PipelineSettings(**{**arguments, "max_length": 20, "store": first["store"]}))
 
 
 def test_an_edited_corpus_file_gets_a_new_store(tmp_path, tiny_bert_folder):
     corpus = write_reviews_csv(tmp_path / "reviews.csv")
     arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(tmp_path / "runs"), **RUN)
-    first = run_pipeline(**arguments)
+    first = run_pipeline(PipelineSettings(**arguments))
     first_files = file_mtimes(first["store"])
     corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))  # same size, new content
-    edited = run_pipeline(**arguments)
+    edited = run_pipeline(PipelineSettings(**arguments))
     assert edited["store"] != first["store"]
     assert statuses(edited)["extract"] == "ran" and statuses(edited)["efficient"] == "ran"
     digests = [open_attention_store(record["store"]).attrs["corpus"]["digest"] for record in (first, edited)]
@@ -169,7 +228,7 @@ def test_an_explicit_store_refuses_an_edited_corpus_file(tmp_path, first_run):
     corpus = write_reviews_csv(tmp_path / "reviews.csv")
     corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))
     with pytest.raises(AttentionStoreError, match=re.escape("corpus.digest: store has")):
-        run_pipeline(**{**arguments, "corpus": str(corpus), "store": first["store"]})
+        run_pipeline(PipelineSettings(**{**arguments, "corpus": str(corpus), "store": first["store"]}))
 
 
 def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_run(first_run, tmp_path, capsys):
@@ -201,7 +260,7 @@ def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_r
     zarr.open_group(copied["results"], mode="r+")["agreement"][...] = 7.0  # a mark: a shard measured again loses it
     zarr.open_group(copied["explanations"], mode="r+")["full_probability"][...] = 7.0  # likewise
 
-    record = run_pipeline(**{**arguments, "run_dir": run_dir})
+    record = run_pipeline(PipelineSettings(**{**arguments, "run_dir": run_dir}))
     status = statuses(record)
     assert {stage: status[stage] for stage in ("extract", "efficient", "causal", "explain", "report")} == {
         "extract": "ran", "efficient": "ran", "causal": "ran", "explain": "ran", "report": "ran"}

@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from flows import preflight
+from flows.settings import CausalSettings, EfficientSettings, ExtractSettings, ReportSettings
 from flows.preflight import (
     check_command,
     check_device,
@@ -97,20 +98,19 @@ def test_a_live_scheduler_passes():
 def test_extract_checks_the_store_location_before_the_corpus(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
-    options = {"store": str(afile / "s.zarr"), "corpus": str(tmp_path / "missing.csv"), "model": "minilm"}
+    settings = ExtractSettings(store=str(afile / "s.zarr"), corpus=str(tmp_path / "missing.csv"), model="minilm")
     with pytest.raises(ValueError, match="is a file, not a folder"):
-        check_command("extract", options)
-    options["store"] = str(tmp_path / "s.zarr")
+        check_command("extract", settings)
     with pytest.raises(FileNotFoundError, match="corpus file not found"):
-        check_command("extract", options)
+        check_command("extract", settings.model_copy(update={"store": str(tmp_path / "s.zarr")}))
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
 def test_commands_on_a_missing_store_are_refused(tmp_path):
     store = str(tmp_path / "nothing.zarr")
-    for command, options in (("efficient", {"store": store}),
-                             ("causal", {"store": store, "results": str(tmp_path / "r.zarr")}),
-                             ("report", {"results": str(tmp_path / "r.zarr"), "out": str(tmp_path / "rep")})):
+    for command, settings in (("efficient", EfficientSettings(store=store)),
+                              ("causal", CausalSettings(store=store, results=str(tmp_path / "r.zarr"))),
+                              ("report", ReportSettings(results=str(tmp_path / "r.zarr"), out=str(tmp_path / "rep")))):
         with pytest.raises(ValueError, match="there (is no attention store|are no causal results) at"):
-            check_command(command, options)
+            check_command(command, settings)
     assert os.listdir(tmp_path) == []

@@ -36,6 +36,13 @@ from flows.causal import causal
 from flows.efficient import efficient
 from flows.extract import extract
 from flows.report import report
+from flows.settings import (
+    CausalSettings,
+    EfficientSettings,
+    ExplainSettings,
+    ExtractSettings,
+    ReportSettings,
+)
 from storage_schemas.attention_store import open_attention_store
 from storage_schemas.causal_results import CausalResultsError
 from tasks.report import load_report_inputs
@@ -50,10 +57,11 @@ def causal_run(tmp_path_factory, tiny_bert_folder) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("report")
     store = str(folder / "store.zarr")
     results = str(folder / "results.zarr")
-    extract(corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=store,
-            shard_size=4, batch_size=4, train=False)
-    efficient(store=store, variants=VARIANTS, workers=1)
-    causal(store, results, scope_examples=4, minimality_directions=(1, 2))
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=store,
+        shard_size=4, batch_size=4, train=False))
+    efficient(EfficientSettings(store=store, variants=VARIANTS, workers=1))
+    causal(CausalSettings(store=store, results=results, scope_examples=4, minimality_directions=(1, 2)))
     return {"store": store, "results": results, "folder": str(folder)}
 
 
@@ -63,7 +71,8 @@ def image_sources(page: str) -> list[str]:
 
 def test_report_writes_index_and_every_figure(causal_run, tmp_path):
     out = tmp_path / "report"
-    index = Path(report(results=causal_run["results"], out=str(out)))  # store: the one recorded in the results
+    # store: the one recorded in the results
+    index = Path(report(ReportSettings(results=causal_run["results"], out=str(out))))
     assert index == out / "index.html" and index.is_file()
     page = index.read_text(encoding="utf-8")
 
@@ -140,8 +149,8 @@ def test_report_reads_stores_at_fsspec_urls(causal_run, tmp_path):
             np.testing.assert_array_equal(mine.attention, theirs.attention)
             assert mine.labels == theirs.labels
         xr.testing.assert_identical(remote.aggregates, local.aggregates)
-        index = report(results="memory://report-test/results.zarr", out=str(tmp_path / "remote"),
-                       store="memory://report-test/store.zarr")
+        index = report(ReportSettings(results="memory://report-test/results.zarr", out=str(tmp_path / "remote"),
+                       store="memory://report-test/store.zarr"))
         page = Path(index).read_text(encoding="utf-8")
         assert "memory://report-test/store.zarr" in page
         assert sorted(image_sources(page)) == sorted(path.name for path in (tmp_path / "remote").glob("*.png"))
@@ -175,11 +184,11 @@ def test_missing_results_and_wrong_store_are_clear_errors(causal_run, tmp_path, 
                                                  r"results 'sha256:other', store 'sha256:"):
         load_report_inputs(str(moved), store=causal_run["store"])
     with pytest.raises(ValueError, match="--out must be a local folder, got s3://bucket/report"):
-        report(results=causal_run["results"], out="s3://bucket/report")
+        report(ReportSettings(results=causal_run["results"], out="s3://bucket/report"))
     a_file = tmp_path / "rep.html"
     a_file.write_text("<html>")
     with pytest.raises(ValueError, match=f"^--out {a_file} is a file, not a folder: --out names a folder"):
-        report(results=causal_run["results"], out=str(a_file))
+        report(ReportSettings(results=causal_run["results"], out=str(a_file)))
     assert a_file.read_text() == "<html>"
 
 
@@ -296,10 +305,12 @@ def test_report_shows_explanation_results_and_their_claims(causal_run, tmp_path)
     from flows.explain import explain
 
     explanations = str(tmp_path / "explanations.zarr")
-    claims = explain(store=causal_run["store"], results=explanations, examples=2, integrated_gradients_steps=4,
-                     minimality_rows=2, methods=["attention:rollout", "simplex:rollout", "leave-one-out", "random"])
+    claims = explain(ExplainSettings(
+        store=causal_run["store"], results=explanations, examples=2, integrated_gradients_steps=4,
+        minimality_rows=2, methods=["attention:rollout", "simplex:rollout", "leave-one-out", "random"]))
     out = tmp_path / "report"
-    page = Path(report(results=causal_run["results"], out=str(out), explanations=explanations)).read_text("utf-8")
+    page = Path(report(ReportSettings(
+        results=causal_run["results"], out=str(out), explanations=explanations))).read_text("utf-8")
     assert "Does attention explain the prediction?" in page and (out / "explanation-faithfulness.png").is_file()
     assert "explanation-faithfulness.png" in image_sources(page)
     for row in claims:  # the explanation claims join the claims table

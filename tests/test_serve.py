@@ -243,7 +243,7 @@ def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_b
         assert group_is_gone(serve), "effattn serve's process group survived SIGTERM and SIGKILL"
 
     assert completed["auto_scheduled"] is True  # created by the schedule, not triggered by hand
-    assert completed["parameters"]["run_dir"] == str(run_dir)  # made absolute by effattn serve
+    assert completed["parameters"]["settings"]["run_dir"] == str(run_dir)  # made absolute by effattn serve
     stores = sorted(path for path in run_dir.glob("*.zarr")
                     if not path.name.endswith((".results.zarr", ".explanations.zarr")))
     assert len(stores) == 1

@@ -277,13 +277,14 @@ def test_task_rejects_an_unlabelled_corpus_before_loading_a_model(tmp_path):
 
 @pytest.mark.end_to_end
 def test_train_flow_through_prefect(base_folder, cue_csv, tmp_path, monkeypatch, one_thread):
+    from flows.settings import TrainSettings
     from flows.train import train
 
     monkeypatch.setenv("EFFATTN_CACHE", str(tmp_path / "cache"))
-    folder = train(
+    folder = train(TrainSettings(
         corpus=str(cue_csv), model=str(base_folder), epochs=SETTINGS.epochs, seed=SETTINGS.seed,
         batch_size=SETTINGS.batch_size, learning_rate=SETTINGS.learning_rate, max_length=SETTINGS.max_length,
-    )
+    ))
     folder = Path(folder)
     assert folder.parent == tmp_path / "cache" / "heads"
     card = cached_model_card(folder)

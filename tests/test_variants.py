@@ -161,18 +161,21 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
     from flows.efficient import efficient
     from flows.extract import extract
     from flows.report import report
+    from flows.settings import CausalSettings, EfficientSettings, ExtractSettings, ReportSettings
     from storage_schemas.attention_store import open_attention_store
     from storage_schemas.verification import verify_store
     from tests.conftest import write_reviews_csv
 
     store, results = str(tmp_path / "store.zarr"), str(tmp_path / "results.zarr")
-    extract(corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=store,
-            shard_size=4, batch_size=4, train=False)
+    extract(ExtractSettings(
+        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=store,
+        shard_size=4, batch_size=4, train=False))
     threads = torch.get_num_threads()
     with registered_variant(MIDPOINT):
         try:
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-                efficient(store=store, variants=["stochastic", "midpoint"], dask_address=cluster.scheduler_address)
+                efficient(EfficientSettings(
+                    store=store, variants=["stochastic", "midpoint"], dask_address=cluster.scheduler_address))
         finally:
             torch.set_num_threads(threads)  # the in-process worker set it to 1
         group = open_attention_store(store)
@@ -198,7 +201,7 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
         writable[0, 0, 0, 0] = row
         assert verify_store(store).ok
 
-        causal(store, results, scope_examples=4, minimality_directions=())
+        causal(CausalSettings(store=store, results=results, scope_examples=4, minimality_directions=()))
         dataset = xr.open_zarr(results, consolidated=False).load()
         interventions = dataset["intervention"].values.tolist()
         for kind in ("efficient", "null", "efficient+null-noise", "colspace-noise"):
@@ -211,7 +214,7 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
         assert moved > 10 * TOLERANCE
 
         out = tmp_path / "report"
-        page = Path(report(results=results, out=str(out))).read_text(encoding="utf-8")
+        page = Path(report(ReportSettings(results=results, out=str(out)))).read_text(encoding="utf-8")
         assert html.escape("midpoint rows sum to 1 but can be negative") in page
         assert "<td>midpoint</td>" in page  # the per-variant diagnostics table
         with Image.open(out / "null-norm-ratio.png") as image:

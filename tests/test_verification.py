@@ -13,6 +13,7 @@ import zarr
 
 from analysis import store_checks
 from flows.cli import main
+from flows.settings import CausalSettings
 from storage_schemas.attention_store import completed_shards, open_attention_store
 from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.storage_faults import shard_file_paths
@@ -240,7 +241,7 @@ def test_repair_then_rerun_recomputes_every_efficient_and_causal_shard_computed_
     _, corpus, digests = pristine
     results = str(tmp_path / "results.zarr")
     interventions = ["replay", "efficient:effective", "efficient:simplex"]
-    causal(store=store, results=results, interventions=interventions, scopes=["all"])
+    causal(CausalSettings(store=store, results=results, interventions=interventions, scopes=["all"]))
     reference = {name: zarr.open_group(results)[name][:] for name in ("agreement", "stored_logit_difference")}
     group = zarr.open_group(store, mode="r")
     (attention_file,) = shard_file_paths(group, ["attention"], 0)
@@ -258,7 +259,7 @@ def test_repair_then_rerun_recomputes_every_efficient_and_causal_shard_computed_
     assert content_digests(store) == digests
     # the causal shards' inputs were written again: new identities, so shards 0 and 2 are stale, not done
     assert causal_completed_shards(open_causal_results(results), open_attention_store(store)) == [1]
-    causal(store=store, results=results, interventions=interventions, scopes=["all"])
+    causal(CausalSettings(store=store, results=results, interventions=interventions, scopes=["all"]))
     after = zarr.open_group(results)
     for name, values in reference.items():
         np.testing.assert_array_equal(after[name][:, :, :4], values[:, :, :4])  # shard 0: measured again
