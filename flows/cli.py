@@ -13,7 +13,7 @@ import sys
 
 from pydantic import ValidationError
 
-from flows.interrupts import name_the_command, stops_cleanly_on_signals
+from flows.interrupts import interrupted, name_the_command, stops_cleanly_on_signals
 from flows.settings import (
     CausalSettings,
     EfficientSettings,
@@ -287,7 +287,7 @@ def refuse_bad_input(arguments: argparse.Namespace, settings: StageSettings) -> 
         check_command(arguments.command, settings)
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
         problem = one_line_problem(arguments, error)
-        if problem is None:
+        if problem is None or interrupted():
             raise
         print(f"effattn {arguments.command}: error: {problem}", file=sys.stderr)
         return 2
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         return RUNNERS[arguments.command](*settings)
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
         problem = one_line_problem(arguments, error)
-        if problem is None:
+        if problem is None or interrupted():  # stops_cleanly_on_signals reports an interruption
             raise
         print(f"effattn {arguments.command}: error: {problem}", file=sys.stderr)
         return 2

@@ -51,6 +51,12 @@ class Interruption:
 _interruption = Interruption()
 
 
+def interrupted() -> bool:
+    """Whether a SIGINT or SIGTERM has arrived: whatever is raised then is its consequence (Prefect may turn the
+    KeyboardInterrupt into another error), and the wrapper of `main` reports the interruption, not that error."""
+    return _interruption.signal_number is not None
+
+
 def interruption_message(interruption: Interruption) -> str:
     """The one line printed when `interruption.command` stops on a signal."""
     prefix = f"{interruption.program}: interrupted by {interruption.signal_name}"

@@ -122,6 +122,41 @@ def test_a_stop_that_hangs_ends_after_the_shutdown_limit(tmp_path):
     assert not marker.exists()  # ended without its cleanup: the kernel releases a store's flock
 
 
+TURNED_INTERRUPT_SCRIPT = """
+import sys, time
+from flows import cli
+
+def runner(*settings):
+    try:
+        print("ready", flush=True)
+        while True:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        raise ValueError("Task run is not set")  # what Prefect's task engine made of one Ctrl-C
+
+cli.RUNNERS["inspect"] = runner
+sys.exit(cli.main(["inspect", "no-store.zarr"]))
+"""
+
+
+def test_an_error_raised_by_the_interruption_is_reported_as_the_interruption(tmp_path):
+    """An interruption that the stage's machinery turns into another error (one the CLI would otherwise print as
+    `error: ...` with status 2) still ends as the interruption: its one line and status 130."""
+    process = subprocess.Popen([sys.executable, "-c", TURNED_INTERRUPT_SCRIPT], cwd=REPOSITORY,
+                               env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130
+    assert stderr.splitlines() == [
+        "effattn inspect: interrupted by SIGINT: run the same command again to start over"]
+
+
 # --- real runs ---
 
 
