@@ -277,11 +277,17 @@ def forget_stale_causal_shards(group: zarr.Group, store_group: zarr.Group) -> li
     """Record the stale shards of the results as not done (and drop the claims table, which they entered); returns
     them. Only from the driver that holds the results' lock."""
     stale = _causal_shard_states(group, store_group)[1]
-    if stale:
-        group.attrs.update(removal_update(group.attrs.asdict(), stale))
+    forget_result_shards(group, stale)
+    return stale
+
+
+def forget_result_shards(group: zarr.Group, shards: list[int]) -> None:
+    """Record `shards` of a results dataset (causal or explanation) as not done, and drop its claims, which they
+    entered. Only from the driver that holds the results' lock."""
+    if shards:
+        group.attrs.update(removal_update(group.attrs.asdict(), shards))
         if "claims" in group.attrs:
             del group.attrs["claims"]
-    return stale
 
 
 def mark_causal_shard_completed(group: zarr.Group, shard_index: int, inputs: dict[str, str]) -> None:
@@ -296,6 +302,8 @@ def mark_causal_shard_completed(group: zarr.Group, shard_index: int, inputs: dic
 
 
 def shard_region(group: zarr.Group, shard_index: int) -> slice:
+    """The examples of one shard of a results dataset (causal or explanation: both have `example` and the
+    attribute `shard_size`); an IndexError for a shard that does not exist."""
     examples = group["example"].shape[0]
     size = int(group.attrs["shard_size"])
     n_shards = -(-examples // size)

@@ -55,11 +55,10 @@ from storage_schemas.attention_store import (
     open_attention_store,
     recorded_identities,
     recorded_inputs,
-    removal_update,
     shard_is_current,
     store_layout,
 )
-from storage_schemas.causal_results import causal_input_identities
+from storage_schemas.causal_results import causal_input_identities, forget_result_shards, shard_region
 from storage_schemas.efficient_store import EXTRACTION_INPUT, efficient_array_path, efficient_stale_shards
 
 SCHEMA_NAME = "effattn.explanation_results"
@@ -323,10 +322,7 @@ def forget_stale_explanation_shards(group: zarr.Group, store_group: zarr.Group) 
     """Record the stale shards of the results as not done (and drop the claims, which they entered); returns them.
     Only from the driver that holds the results' lock."""
     stale = _explanation_shard_states(group, store_group)[1]
-    if stale:
-        group.attrs.update(removal_update(group.attrs.asdict(), stale))
-        if "claims" in group.attrs:
-            del group.attrs["claims"]
+    forget_result_shards(group, stale)
     return stale
 
 
@@ -341,12 +337,7 @@ def mark_explanation_shard_completed(group: zarr.Group, shard_index: int, inputs
 
 
 def explanation_shard_region(group: zarr.Group, shard_index: int) -> slice:
-    examples = group["example"].shape[0]
-    size = int(group.attrs["shard_size"])
-    n_shards = explanation_shard_count(group)
-    if not 0 <= shard_index < n_shards:
-        raise IndexError(f"shard {shard_index} does not exist: the results have shards 0..{n_shards - 1}")
-    return slice(shard_index * size, min((shard_index + 1) * size, examples))
+    return shard_region(group, shard_index)
 
 
 def write_explanation_shard(group: zarr.Group, shard_index: int, arrays: dict[str, np.ndarray]) -> None:
