@@ -23,7 +23,8 @@ from storage_schemas.attention_store import open_attention_store, store_layout, 
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
 from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
 from storage_schemas.store_lock import hold_store_lock
-from tasks.causal import prepare_results, run_causal_shard, summarise_results
+from tasks.causal import causal_shard_on_worker, prepare_results, run_causal_shard, summarise_results
+from tasks.dask_cluster import dask_client, run_shard_tasks, task_resources, use_stage_cluster
 
 
 def causal_plan(settings: CausalSettings) -> CausalPlan:
@@ -110,8 +111,18 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
     with hold_store_lock(results, "causal"):  # one writer per results dataset (the store is only read)
         todo = prepare_results(store, results, plan)
         group = open_causal_results(results, mode="r+")
-        for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-            inputs = run_causal_shard(store, results, shard_index, plan, settings.model, settings.device,
-                                      settings.batch_size, forward_rows)
-            mark_causal_shard_completed(group, shard_index, inputs)
+        arguments = (plan, settings.model, settings.device, settings.batch_size, forward_rows)
+        if use_stage_cluster(settings.dask_address, settings.workers) and todo:
+            # One Dask task per shard (the worker measures it and writes it whole to the results' URL); this
+            # process records each shard as its task returns, so a rerun resumes.
+            with dask_client(settings.dask_address, settings.workers) as client:
+                run_shard_tasks(
+                    client, [(shard, causal_shard_on_worker, (store, results, shard, *arguments)) for shard in todo],
+                    lambda shard, inputs: mark_causal_shard_completed(group, shard, inputs), "causal shards",
+                    resources=task_resources(settings.device),
+                )
+        else:
+            for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
+                inputs = run_causal_shard(store, results, shard_index, *arguments)
+                mark_causal_shard_completed(group, shard_index, inputs)
         return summarise_results(store, results)

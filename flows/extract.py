@@ -12,7 +12,8 @@ from flows.preflight import check_device
 from flows.settings import ExtractSettings
 from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_chunk_codec_batches
 from storage_schemas.store_lock import hold_store_lock
-from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+from tasks.dask_cluster import dask_client, run_shard_tasks, task_resources, use_stage_cluster
+from tasks.extraction import capture_shard, extract_shard_on_worker, prepare_store, write_captured_shard
 from tasks.training import train_head
 
 
@@ -47,6 +48,9 @@ def extract(settings: ExtractSettings) -> str:
             label_column, settings.shard_size, seed, task, settings.top_k, split,
         )
         group = open_attention_store(store, mode="r+")
+        if use_stage_cluster(settings.dask_address, settings.workers):
+            _extract_on_cluster(settings, todo, model, num_labels, group)
+            return store
         # Pipelined: shard k is written (a submitted task, in a thread) while shard k+1 is computed; a shard is
         # recorded as completed only once its write has returned.
         pending_write = None
@@ -64,3 +68,18 @@ def extract(settings: ExtractSettings) -> str:
             if pending_write is not None:  # a failure elsewhere: let the write end before the lock is released
                 pending_write.wait()
         return store
+
+
+def _extract_on_cluster(settings: ExtractSettings, todo: list[int], model: str, num_labels: int, group) -> None:
+    """One Dask task per pending shard (`extract_shard_on_worker`: the worker captures the shard and writes it
+    whole to the store's URL); this process records each shard as its task returns, so a rerun resumes. With
+    --device cuda each task asks for one GPU (a Dask resource)."""
+    if not todo:
+        return
+    arguments = (model, num_labels, settings.device, settings.seed, settings.batch_size, settings.task)
+    with dask_client(settings.dask_address, settings.workers) as client:
+        run_shard_tasks(
+            client, [(shard, extract_shard_on_worker, (settings.store, shard, *arguments)) for shard in todo],
+            lambda shard, _: mark_shard_completed(group, shard), "extract shards",
+            resources=task_resources(settings.device),
+        )

@@ -84,6 +84,9 @@ Variants = Annotated[Names | None, option(
           "analysis/variants.py)")]
 DaskAddress = Annotated[str | None, option(None, "scheduler of an existing Dask cluster, tcp://HOST:PORT")]
 Workers = Annotated[PositiveInt | None, option(None, "LocalCluster processes (default: cores)")]
+# A stage that also runs in-process: on Dask only with an address or a worker count (tasks.dask_cluster).
+StageWorkers = Annotated[PositiveInt | None, option(
+    None, "run on a LocalCluster of this many processes (default: in this process, unless --dask-address)")]
 SimplexMaxIterations = Annotated[PositiveInt, option(200, "iterations of the simplex variant's solver")]
 SimplexTolerance = Annotated[PositiveFloat, option(
     1e-10, "convergence tolerance of the simplex variant's solver")]
@@ -119,6 +122,8 @@ class ExtractSettings(StageSettings):
     train: Train
     epochs: Epochs
     cache_root: CacheRoot
+    dask_address: DaskAddress
+    workers: StageWorkers
 
 
 # The settings that shape an attention store besides corpus, model and limit (which name it): a pipeline run that
@@ -184,6 +189,8 @@ class CausalSettings(StageSettings):
     batch_size: BatchSize
     forward_rows: Annotated[PositiveInt | None, option(
         None, "rows of one intervened forward pass (default 64; 8 for next-token stores)", cli=False)]
+    dask_address: DaskAddress
+    workers: StageWorkers
 
 
 class ExplainSettings(StageSettings):

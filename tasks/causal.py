@@ -56,6 +56,8 @@ from storage_schemas.efficient_store import (
     diagnostic_array_path,
     efficient_array_path,
 )
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
+from tasks.dask_cluster import prepare_worker_process
 from tasks.extraction import retry_on_io_error
 from tasks.models import cached_model
 
@@ -223,15 +225,13 @@ def compute_causal_shard(
     return {**metrics, "injected_change_ratio": change_ratio, "original_correct": original_correct}
 
 
-@task(name="causal-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_on_io_error)
-def run_causal_shard(
+def measure_and_write_causal_shard(
     store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None,
     device: str, batch_size: int, forward_rows: int,
 ) -> dict[str, str]:
-    """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten). Returns the
-    identities of the store's shards it read (input name -> identity), read before the data: a shard written again
-    meanwhile gets a new identity, so these results would be stale, not silently wrong."""
+    """Compute one shard and write it whole. Returns the identities of the store's shards it read (input name ->
+    identity), read before the data: a shard written again meanwhile gets a new identity, so these results would
+    be stale, not silently wrong. Runs in the driver or on a Dask worker (which keeps the model loaded)."""
     inputs = causal_input_identities(open_attention_store(store, mode="r"), plan.efficient_variants())[shard_index]
     if any(identity is None for identity in inputs.values()):
         raise CausalResultsError(
@@ -247,6 +247,28 @@ def run_causal_shard(
         computed["original_correct"],
     )
     return inputs
+
+
+def causal_shard_on_worker(
+    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None,
+    device: str, batch_size: int, forward_rows: int,
+) -> dict[str, str]:
+    """`measure_and_write_causal_shard` as a Dask task: transient I/O errors are retried (the whole shard is
+    measured and rewritten), anything else fails at once; the driver records completion."""
+    prepare_worker_process()
+    return retry_transient_io(measure_and_write_causal_shard, store, results, shard_index, plan, model_override,
+                              device, batch_size, forward_rows, delays=DEFAULT_RETRY_DELAYS)
+
+
+@task(name="causal-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_on_io_error)
+def run_causal_shard(
+    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None,
+    device: str, batch_size: int, forward_rows: int,
+) -> dict[str, str]:
+    """`measure_and_write_causal_shard` in this process (an I/O error is retried: the whole shard is rewritten)."""
+    return measure_and_write_causal_shard(store, results, shard_index, plan, model_override, device, batch_size,
+                                          forward_rows)
 
 
 def summarise_results(store: str, results: str) -> list[dict[str, Any]]:

@@ -3,7 +3,16 @@ every stage that runs on a cluster use it). No Prefect import here."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 # How long to wait for a Dask scheduler to answer (seconds); distributed's own default is 30 s per attempt.
 DASK_TIMEOUT_ENV_VAR = "EFFATTN_DASK_TIMEOUT"
@@ -43,3 +52,93 @@ def connect_dask_scheduler(address: str, timeout: float | None = None):
             f"one there (`dask scheduler`, then `dask worker {address}`), correct --dask-address, or leave it out to "
             f"run on a local cluster; set {DASK_TIMEOUT_ENV_VAR}=SECONDS to wait longer"
         ) from None
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None, workers: int | None) -> Iterator:
+    """A distributed Client: to the cluster at `address`, or to a new LocalCluster of `workers` processes
+    (default: one per core) with one thread each, closed on exit."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        with connect_dask_scheduler(address) as client:  # waits $EFFATTN_DASK_TIMEOUT s (10) for the scheduler
+            yield client
+        return
+    n_workers = workers or os.cpu_count() or 1
+    # The LocalCluster's scheduler and nannies live in this process and log every start and stop at INFO, which
+    # Prefect's handler would print among the stage's progress: only their warnings and errors are shown. Workers
+    # log nothing below CRITICAL: a failed task's exception reaches this process, which reports it (in one line,
+    # or with its traceback when unexpected), so their "Compute Failed" traceback would only repeat it.
+    distributed_logger = logging.getLogger("distributed")
+    level = distributed_logger.level
+    distributed_logger.setLevel(max(level, logging.WARNING))
+    try:
+        with LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.CRITICAL, preload=[__name__],  # dask_setup below, in every worker process
+        ) as cluster, Client(cluster) as client:
+            yield client
+    finally:
+        distributed_logger.setLevel(level)
+
+
+def dask_setup(worker) -> None:
+    """Dask preload of the LocalCluster's workers, run in each worker process: a terminal's Ctrl-C reaches the whole
+    process group, and a worker then ends at once and silently, as on SIGTERM (the driver records what is done and
+    stops, flows/interrupts.py), instead of printing a KeyboardInterrupt traceback or finishing its task first."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def use_stage_cluster(address: str | None, workers: int | None) -> bool:
+    """Whether a stage that can run in-process runs on Dask: an address or a worker count was given."""
+    return bool(address) or workers is not None
+
+
+def task_resources(device: str) -> dict[str, int] | None:
+    """The Dask resources of a task placing a model on `device`: one GPU for "cuda" (a worker started with
+    `--resources GPU=1`, or by `dask cuda worker`, runs one such task at a time); none for the CPU, so that any
+    worker runs it."""
+    return {"GPU": 1} if device.startswith("cuda") else None
+
+
+def run_shard_tasks(
+    client, submissions: Sequence[tuple[int, Callable, tuple]], record: Callable[[int, Any], None], desc: str,
+    resources: dict[str, int] | None = None,
+) -> int:
+    """Submit one task per shard (`submissions`: (shard, function, arguments)) to `client` and call
+    `record(shard, result)` in this process as each one finishes, so that a rerun skips what finished even when
+    another shard fails. The first failure is raised once every other task has ended, its message prefixed with
+    named by a note and a log line when its message does not name the shard. Returns the number of shards run."""
+    from distributed import as_completed
+
+    futures = {
+        client.submit(function, *arguments, pure=False, resources=resources): shard
+        for shard, function, arguments in submissions
+    }
+    first_error: BaseException | None = None
+    with tqdm(total=len(futures), desc=desc, unit="shard", disable=not futures) as progress:
+        for future in as_completed(futures):
+            shard = futures[future]
+            try:
+                result = future.result()
+            except Exception as error:  # noqa: BLE001 - raised below, once the other shards are recorded
+                if first_error is None:
+                    first_error = error
+                    if f"shard {shard}" not in str(error):  # the worker's message may not say which one
+                        error.add_note(f"(in the task of shard {shard})")
+                        logger.error("%s: shard %d failed on a Dask worker", desc, shard)
+                continue
+            record(shard, result)
+            progress.update()
+    if first_error is not None:
+        raise first_error
+    return len(futures)
+
+
+
+def prepare_worker_process() -> None:
+    """What a stage's task does first on a Dask worker, a process with entry point of its own: the store's fast
+    codec setting (the driver's own call does not reach it). Cheap and safe to call for every task."""
+    from storage_schemas.attention_store import use_chunk_codec_batches
+
+    use_chunk_codec_batches()

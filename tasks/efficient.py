@@ -11,11 +11,8 @@ its URL: they can run anywhere that can reach it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from prefect import task
@@ -41,6 +38,7 @@ from storage_schemas.efficient_store import (
 )
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
 from storage_schemas.store_lock import hold_store_lock
+from tasks.dask_cluster import dask_client
 
 logger = logging.getLogger(__name__)
 
@@ -206,43 +204,6 @@ def compute_efficient_shard(
         for layers in shard_pieces(variants, store_layout(group).layers)
     ]
     return write_efficient_pieces(store, shard_index, pieces, retry_delays)
-
-
-@contextlib.contextmanager
-def dask_client(address: str | None, workers: int | None) -> Iterator:
-    """A distributed Client: to the cluster at `address`, or to a new LocalCluster of `workers` processes
-    (default: one per core) with one thread each, closed on exit."""
-    from distributed import Client, LocalCluster
-
-    if address:
-        from tasks.dask_cluster import connect_dask_scheduler
-
-        with connect_dask_scheduler(address) as client:  # waits $EFFATTN_DASK_TIMEOUT s (10) for the scheduler
-            yield client
-        return
-    n_workers = workers or os.cpu_count() or 1
-    # The LocalCluster's scheduler and nannies live in this process and log every start and stop at INFO, which
-    # Prefect's handler would print among the stage's progress: only their warnings and errors are shown. Workers
-    # log nothing below CRITICAL: a failed task's exception reaches this process, which reports it (in one line,
-    # or with its traceback when unexpected), so their "Compute Failed" traceback would only repeat it.
-    distributed_logger = logging.getLogger("distributed")
-    level = distributed_logger.level
-    distributed_logger.setLevel(max(level, logging.WARNING))
-    try:
-        with LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.CRITICAL, preload=[__name__],  # dask_setup below, in every worker process
-        ) as cluster, Client(cluster) as client:
-            yield client
-    finally:
-        distributed_logger.setLevel(level)
-
-
-def dask_setup(worker) -> None:
-    """Dask preload of the LocalCluster's workers, run in each worker process: a terminal's Ctrl-C reaches the whole
-    process group, and a worker then ends at once and silently, as on SIGTERM (the driver records what is done and
-    stops, flows/interrupts.py), instead of printing a KeyboardInterrupt traceback or finishing its task first."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:

@@ -31,7 +31,8 @@ from storage_schemas.attention_store import (
     write_example_metadata,
     write_shard,
 )
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_transient_io_error
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_transient_io_error, retry_transient_io
+from tasks.dask_cluster import prepare_worker_process
 from tasks.models import cached_model
 
 
@@ -171,4 +172,40 @@ def write_captured_shard(store: str, shard_index: int, captured: CapturedShard) 
     group = open_attention_store(store, mode="r+")
     write_shard(group, shard_index, captured.attention, captured.value, captured.logits,
                 captured.logit_ids, captured.logsumexp)
+    return shard_index
+
+
+def extract_shard_on_worker(
+    store: str,
+    shard_index: int,
+    model: str,
+    num_labels: int,
+    device: str,
+    seed: int,
+    batch_size: int,
+    task: str = "classification",
+) -> int:
+    """Capture one shard and write it whole to the store at its URL; returns the shard index. Runs on a Dask
+    worker, which keeps the model loaded for the next shard (tasks.models.cached_model: one model per process).
+    The loaded model's weights digest must be the store's: a worker never writes a shard from other weights (a
+    model folder changed meanwhile, or differing between machines). Transient I/O errors of the write are retried
+    (the whole shard is rewritten); the driver records completion."""
+    prepare_worker_process()
+    loaded = cached_model(model, num_labels, device, seed, task)
+    group = open_attention_store(store, mode="r+")
+    expected = group.attrs["model"]["weights_digest"]
+    if loaded.weights_digest != expected:
+        raise AttentionStoreError(
+            f"{store}, shard {shard_index}: the worker's model {model} has weights digest "
+            f"{loaded.weights_digest[:16]}…, the store was prepared with {expected[:16]}…: give every worker the "
+            "same model files (a path they share, or the same copy on each machine)"
+        )
+    layout = store_layout(group)
+    region = layout.shard_slice(shard_index)
+    captured = capture_examples(
+        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
+        top_k=max(layout.top_k, 1),
+    )
+    retry_transient_io(write_shard, group, shard_index, captured.attention, captured.value, captured.logits,
+                       captured.logit_ids, captured.logsumexp, delays=DEFAULT_RETRY_DELAYS)
     return shard_index

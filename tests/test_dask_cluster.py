@@ -1,11 +1,33 @@
-"""tasks/dask_cluster.py: the scheduler timeout and the message when no scheduler answers."""
+"""tasks/dask_cluster.py: the scheduler timeout and the message when no scheduler answers; extraction and the
+causal stage on a real cluster give the in-process results, and a worker killed mid-run loses nothing."""
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
+import pytest
+import xarray as xr
+
+from flows.settings import CausalSettings, ExtractSettings
+from storage_schemas.attention_store import completed_shards, open_attention_store
+from storage_schemas.verification import content_digests
 from tasks import dask_cluster
-from tasks.dask_cluster import DaskSchedulerUnreachableError, connect_dask_scheduler, dask_timeout_seconds
+from tasks.dask_cluster import (
+    DaskSchedulerUnreachableError,
+    connect_dask_scheduler,
+    dask_timeout_seconds,
+    task_resources,
+    use_stage_cluster,
+)
 from tests.test_preflight import free_loopback_address
 
 
@@ -35,3 +57,126 @@ def test_no_scheduler_at_the_address_is_refused_within_the_timeout(monkeypatch):
         f"correct --dask-address, or leave it out to run on a local cluster; set EFFATTN_DASK_TIMEOUT=SECONDS to wait "
         "longer"
     )
+
+
+# ---- extraction and the causal stage on a real cluster: `dask scheduler` + two `dask worker` on loopback ----
+
+RUN = dict(limit=9, shard_size=2, batch_size=2, max_length=16, seed=0, train=False)
+
+
+@contextlib.contextmanager
+def loopback_cluster(folder: Path, workers: int = 2) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """A real `dask scheduler` and `workers` nanny-less `dask worker` processes on 127.0.0.1 (so that a worker's
+    process id is the worker itself), importing this checkout; yields (address, [scheduler, *workers]) and stops
+    every process by its id."""
+    dask = str(Path(sys.executable).parent / "dask")
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    scheduler_file = folder / "scheduler.json"
+
+    def start(command: list[str], log: str) -> subprocess.Popen:
+        return subprocess.Popen(command, stdout=(folder / log).open("w"), stderr=subprocess.STDOUT, env=environment)
+
+    processes = [start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                        "--scheduler-file", str(scheduler_file)], "scheduler.log")]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for index in range(workers):
+            processes.append(start([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--no-nanny",
+                                    "--host", "127.0.0.1", "--name", f"worker-{index}"], f"worker-{index}.log"))
+        from distributed import Client
+
+        with Client(address) as client:
+            client.wait_for_workers(workers, timeout=60)
+        yield address, processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _extract_settings(folder: Path, model_folder: Path, corpus: Path, name: str, **options) -> ExtractSettings:
+    return ExtractSettings(corpus=str(corpus), model=str(model_folder), store=str(folder / name), **RUN, **options)
+
+
+@pytest.mark.end_to_end
+def test_extraction_and_causal_on_a_cluster_equal_the_in_process_run(tmp_path, tiny_bert_folder, small_corpus_csv):
+    from flows.causal import causal
+    from flows.extract import extract
+
+    local = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "local.zarr")
+    extract(local)
+    causal_options = dict(interventions=["replay", "uniform", "ablate"], scopes=["all", "layer"], scope_examples=4,
+                          batch_size=2)
+    causal(CausalSettings(store=local.store, results=str(tmp_path / "local-results.zarr"), **causal_options))
+    with loopback_cluster(tmp_path) as (address, _):
+        remote = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "remote.zarr", dask_address=address)
+        extract(remote)
+        causal(CausalSettings(store=local.store, results=str(tmp_path / "remote-results.zarr"),
+                              dask_address=address, **causal_options))
+        from distributed import Client
+
+        with Client(address) as client:  # both workers took shards: the work was spread
+            ran = client.run(lambda: __import__("tasks.models", fromlist=["x"]).cached_model.cache_info().currsize)
+        assert sorted(ran.values()) == [1, 1]
+    assert completed_shards(open_attention_store(remote.store)) == [0, 1, 2, 3, 4]
+    assert content_digests(remote.store) == content_digests(local.store)
+    local_results = xr.open_zarr(str(tmp_path / "local-results.zarr"), consolidated=False).load()
+    remote_results = xr.open_zarr(str(tmp_path / "remote-results.zarr"), consolidated=False).load()
+    measured = [name for name, array in local_results.data_vars.items() if "example" in array.dims]
+    assert "agreement" in measured and "max_abs_logit_change" in measured
+    for name in measured:
+        np.testing.assert_array_equal(remote_results[name].values, local_results[name].values)
+    assert remote_results.attrs["claims"] == local_results.attrs["claims"]
+
+
+@pytest.mark.end_to_end
+def test_a_worker_killed_during_an_extraction_loses_nothing(tmp_path, tiny_bert_folder, small_corpus_csv,
+                                                             monkeypatch):
+    """Worker 1 is killed (SIGKILL, by its process id) as the first shard is recorded: the scheduler gives its
+    shards to worker 0, or the run fails naming what failed; either way a rerun completes a store equal to the
+    in-process one."""
+    import flows.extract
+    from flows.extract import extract
+
+    local = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "local.zarr")
+    extract(local)
+    record = flows.extract.mark_shard_completed
+    with loopback_cluster(tmp_path) as (address, processes):
+        victim = processes[2]
+
+        def record_then_kill(group, shard):
+            record(group, shard)
+            if victim.poll() is None:
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait()
+
+        monkeypatch.setattr(flows.extract, "mark_shard_completed", record_then_kill)
+        remote = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "remote.zarr", dask_address=address)
+        try:
+            extract(remote)
+        except Exception as error:  # noqa: BLE001 - a clean failure is allowed; the rerun below must complete
+            print(f"first run failed: {type(error).__name__}: {error}")
+        assert victim.poll() is not None  # the kill happened during the run
+        recorded = completed_shards(open_attention_store(remote.store))
+        assert recorded and recorded == sorted(set(recorded))
+        monkeypatch.setattr(flows.extract, "mark_shard_completed", record)
+        extract(remote)  # the surviving worker does what is left
+    assert completed_shards(open_attention_store(remote.store)) == [0, 1, 2, 3, 4]
+    assert content_digests(remote.store) == content_digests(local.store)
+
+
+def test_gpu_tasks_ask_for_one_gpu_and_cpu_tasks_for_nothing():
+    assert task_resources("cuda") == {"GPU": 1}
+    assert task_resources("cuda:1") == {"GPU": 1}
+    assert task_resources("cpu") is None
+    assert not use_stage_cluster(None, None)
+    assert use_stage_cluster("tcp://127.0.0.1:8786", None) and use_stage_cluster(None, 2)

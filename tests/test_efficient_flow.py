@@ -300,7 +300,7 @@ def test_a_damaged_shard_is_named_with_what_to_do(tmp_path, tiny_bert_folder):
 
 def test_no_scheduler_at_the_dask_address_is_said_within_the_timeout(monkeypatch):
     from tasks.dask_cluster import DaskSchedulerUnreachableError
-    from tasks.efficient import dask_client
+    from tasks.dask_cluster import dask_client
     from tests.test_preflight import free_loopback_address
 
     monkeypatch.setenv("EFFATTN_DASK_TIMEOUT", "1")
