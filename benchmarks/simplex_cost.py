@@ -1,0 +1,118 @@
+"""Cost per example of the simplex variant against the closed-form variants (effective + stochastic), by length.
+
+Real inputs: the bundled MiniLM (`minilm`) over bbc-topic articles, captured at each L in --lengths (articles are
+long, so every example is truncated to exactly L tokens). One example = every layer x head of its L x L attention.
+For each L it times, on the same captured tensors, in one process (single-threaded torch unless --threads):
+
+  closed   efficient_attention(..., variants=("effective", "stochastic"))       s / example
+  simplex  efficient_attention(..., variants=("simplex",)) with this checkout's solver
+  before   the same with the solver of --before-commit (default: the commit before the fast path, loaded from git
+           into a separate module), and the largest entry difference between the two solutions
+
+and prints L, closed s/example, simplex s/example, ratio simplex/closed, and the 'before' figures.
+Target (issue 17): simplex within 5x of closed-form at L = 512.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/simplex_cost.py [--examples 2] [--lengths 64 128 256 512]
+        [--before-commit REV | --no-before]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning OpenMP threads on a shared machine
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from analysis.corpora import load_corpus  # noqa: E402
+from analysis.efficient_attention import efficient_attention  # noqa: E402
+from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
+from analysis.models import load_model, output_projection_slices  # noqa: E402
+
+DEFAULT_BEFORE = "83b7cf9"  # main when issue 17's simplex work began
+
+
+def load_engine_at(commit: str):
+    """analysis/efficient_attention.py as it was at `commit`, imported as a separate module (the 'before' solver)."""
+    source = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:analysis/efficient_attention.py"],
+                            check=True, capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(prefix="effattn-before-"), "efficient_attention_before.py")
+    with open(path, "w") as handle:
+        handle.write(source)
+    spec = importlib.util.spec_from_file_location("efficient_attention_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def capture(loaded, texts, length: int, examples: int):
+    """Examples of exactly `length` tokens: attention [n, layer, head, L, L], value, lengths (float32 capture)."""
+    plan = plan_extraction(texts, loaded.tokenizer, length, limit=None)
+    full = np.nonzero(plan.length == length)[0][:examples]
+    if len(full) < examples:
+        raise SystemExit(f"only {len(full)} bbc-topic articles reach {length} tokens; pass fewer --examples")
+    captured = capture_examples(loaded, plan.tokens[full], plan.length[full], examples)
+    return captured.attention, captured.value, plan.length[full].astype(np.int64)
+
+
+def timed(function, *arguments, **keywords):
+    start = time.perf_counter()
+    result = function(*arguments, **keywords)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--before-commit", default=DEFAULT_BEFORE)
+    parser.add_argument("--no-before", action="store_true", help="skip the (slow) 'before' solver")
+    parser.add_argument("--before-max-length", type=int, default=512,
+                        help="time the 'before' solver only up to this L (it is slow at 512)")
+    parser.add_argument("--threads", type=int, default=1)
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+
+    before = None if arguments.no_before else load_engine_at(arguments.before_commit)
+    loaded = load_model("minilm", num_labels=5)
+    w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
+    texts = load_corpus("bbc-topic").texts
+    print(f"minilm over bbc-topic, {arguments.examples} example(s) per L, torch threads {arguments.threads}; "
+          f"'before' = {arguments.before_commit}")
+    header = (f"{'L':>5} {'closed s/ex':>12} {'simplex s/ex':>13} {'ratio':>7} "
+              f"{'before s/ex':>12} {'before ratio':>13} {'speed-up':>9} {'max |diff|':>11} {'iters':>6}")
+    print(header)
+    for length in arguments.lengths:
+        attention, value, lengths = capture(loaded, texts, length, arguments.examples)
+        n = len(lengths)
+        closed_time, _ = timed(efficient_attention, attention, value, w_out, lengths, causal=False,
+                               variants=("effective", "stochastic"))
+        simplex_time, simplex = timed(efficient_attention, attention, value, w_out, lengths, causal=False,
+                                      variants=("simplex",))
+        simplex = simplex["simplex"]
+        row = (f"{length:>5} {closed_time / n:>12.3f} {simplex_time / n:>13.3f} "
+               f"{simplex_time / closed_time:>7.1f}")
+        if before is not None and length <= arguments.before_max_length:
+            before_time, reference = timed(before.efficient_attention, attention, value, w_out, lengths,
+                                           causal=False, variants=("simplex",))
+            difference = np.abs(reference["simplex"].efficient - simplex.efficient).max()
+            row += (f" {before_time / n:>12.3f} {before_time / closed_time:>13.1f} "
+                    f"{before_time / simplex_time:>9.1f} {difference:>11.2e}")
+        else:
+            row += f" {'-':>12} {'-':>13} {'-':>9} {'-':>11}"
+        row += f" {int(simplex.diagnostics['iterations'].max()):>6}"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
