@@ -76,7 +76,8 @@ class StoreSelection:
         if self.model_heads % self.model_kv_heads:
             raise SelectionError(f"model heads ({self.model_heads}) must be a multiple of kv heads "
                                  f"({self.model_kv_heads})")
-        for what, chosen, count in (("layers", self.layers, self.model_layers), ("heads", self.heads, self.model_heads)):
+        for what, chosen, count in (("layers", self.layers, self.model_layers),
+                                    ("heads", self.heads, self.model_heads)):
             if not chosen:
                 raise SelectionError(f"a selection needs at least one of the model's {what}")
             if list(chosen) != sorted(set(chosen)) or not all(0 <= index < count for index in chosen):
@@ -154,6 +155,7 @@ def selection_of_store(attrs: dict, layers: int, heads: int, kv_heads: int) -> S
     stored = (len(selection.layers), len(selection.heads), len(selection.kv_heads))
     if stored != (layers, heads, kv_heads):
         raise SelectionError(f"the store's selection ({selection.describe()}, {len(selection.kv_heads)} kv heads) "
-                             f"does not match its arrays' counts (layers, heads, kv_heads) = {(layers, heads, kv_heads)}; "
+                             f"does not match its arrays' counts (layers, heads, kv_heads) = "
+                             f"{(layers, heads, kv_heads)}; "
                              "the store is damaged: re-extract it")
     return selection
