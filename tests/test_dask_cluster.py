@@ -24,7 +24,9 @@ from tasks import dask_cluster
 from tasks.dask_cluster import (
     DaskSchedulerUnreachableError,
     connect_dask_scheduler,
+    dask_client,
     dask_timeout_seconds,
+    run_cluster,
     task_resources,
     use_stage_cluster,
 )
@@ -62,6 +64,47 @@ def test_no_scheduler_at_the_address_is_refused_within_the_timeout(monkeypatch):
 # ---- extraction and the causal stage on a real cluster: `dask scheduler` + two `dask worker` on loopback ----
 
 RUN = dict(limit=9, shard_size=2, batch_size=2, max_length=16, seed=0, train=False)
+
+
+def test_a_run_cluster_is_started_on_first_use_kept_and_closed_on_exit(monkeypatch):
+    """The stages of one run share one LocalCluster (started by the first that asks for it, or in the background
+    beforehand); a run given an address, or whose stages never ask, starts none."""
+    def no_local_cluster(workers):
+        raise AssertionError("no LocalCluster should start")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dask_cluster, "local_cluster", no_local_cluster)
+        with run_cluster("tcp://127.0.0.1:8786", None) as cluster:
+            cluster.start_in_background(["json"])
+            assert cluster.address() == "tcp://127.0.0.1:8786"
+        with run_cluster(None, 1):
+            pass
+    for in_background in (False, True):
+        with run_cluster(None, 1) as cluster:
+            if in_background:
+                cluster.start_in_background(["xarray"])
+            address = cluster.address()
+            assert cluster.address() == address  # the same cluster for the next stage
+            with dask_client(address, None) as client:
+                assert len(client.scheduler_info()["workers"]) == 1
+                worker_pid = next(iter(client.run(os.getpid).values()))
+                imported = next(iter(client.run(lambda: "xarray" in sys.modules).values()))
+                assert imported == in_background
+            with dask_client(address, None) as client:  # the worker process is kept, its imports too
+                assert next(iter(client.run(os.getpid).values())) == worker_pid
+        with pytest.raises(DaskSchedulerUnreachableError):
+            connect_dask_scheduler(address, timeout=1)
+
+
+def test_a_run_cluster_that_failed_to_start_in_the_background_says_why_when_asked(monkeypatch):
+    def failing_local_cluster(workers):
+        raise OSError("no room for workers")
+
+    monkeypatch.setattr(dask_cluster, "local_cluster", failing_local_cluster)
+    with run_cluster(None, 1) as cluster:
+        cluster.start_in_background([])
+        with pytest.raises(OSError, match="no room for workers"):
+            cluster.address()
 
 
 @contextlib.contextmanager
