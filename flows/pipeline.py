@@ -21,7 +21,7 @@ from flows.causal import causal, recorded_causal_settings
 from flows.efficient import efficient
 from flows.extract import extract
 from flows.report import report
-from flows.settings import CausalSettings, ExtractSettings, PipelineSettings, ReportSettings
+from flows.settings import CausalSettings, ExplainSettings, ExtractSettings, PipelineSettings, ReportSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import open_causal_results
 from storage_schemas.pipeline_runs import (
@@ -48,7 +48,7 @@ from storage_schemas.pipeline_runs import StageCheck
 from tasks.dask_cluster import RunCluster, run_cluster, use_stage_cluster
 from tasks.training import train_head
 
-StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings)
+StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings, ExplainSettings)
 
 STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 
@@ -188,7 +188,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
             else:
                 logger.info("stage explain needed: %s", check.reason)
                 started = time.perf_counter()
-                explain(explain_stage)
+                explain(on_run_cluster(explain_stage, cluster))
                 finished("explain", "ran", started, explanations)
 
         # --- report ---
@@ -221,8 +221,8 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
 
 
 def on_run_cluster(stage_settings: StageSettingsT, cluster: RunCluster) -> StageSettingsT:
-    """`stage_settings` of a stage that runs in this process unless given a cluster (extract, causal), sent to the
-    run's cluster when the run was given one (--dask-address or --workers)."""
+    """`stage_settings` of a stage that runs in this process unless given a cluster (extract, causal, explain), sent
+    to the run's cluster when the run was given one (--dask-address or --workers)."""
     if not use_stage_cluster(stage_settings.dask_address, stage_settings.workers):
         return stage_settings
     return stage_settings.model_copy(update={"dask_address": cluster.address()})
