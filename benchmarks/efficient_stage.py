@@ -3,9 +3,11 @@
   1. the batched engine against a per-matrix loop written the way published implementations do it (full SVD of
      each head's T, null basis N, A - A N N^T), `effective` variant, same matrices;   target >= 10x
   2. the Dask stage with 1 vs 2 workers (effective + stochastic);                      target >= 1.6x
-  3. the stage's wall time for one variant (effective, then stochastic) against pure I/O through the same
-     cluster: read `attention`, write an array of the same size with the same codecs, shard by shard; target <= 1.5x
-     (workers are warmed up first: imports are a one-off cost of a worker, not of the stage's work)
+  3. the stage's wall time (effective + stochastic) against its own necessary I/O through the same cluster, one
+     task per shard as the stage runs them: read `attention`, `value`, `w_out` and `length`, write both variants'
+     efficient arrays and diagnostics with the same codecs, computing nothing;           target <= 1.3x
+     (workers are warmed up first: imports are a one-off cost of a worker, not of the stage's work); for
+     reference, the same against a bare copy of `attention` (read it, write an array of the same size)
   and the cost of `simplex` on its own.
 
     .venv/bin/python benchmarks/efficient_stage.py [--examples 256] [--loop-examples 8]
@@ -73,27 +75,30 @@ def copy_io_shard(store: str, shard: int) -> int:
     return shard
 
 
-def copy_stage_io_shard(store: str, shard: int) -> int:
-    """The stage's own I/O for one shard and one closed-form variant (one task per shard, as the stage runs them),
-    without computing anything: read attention, value, w_out and length, write the attention as
-    `efficient/effective` with zero diagnostics (synced, as the stage writes)."""
+def copy_stage_io_shard(store: str, shard: int, variants: list[str]) -> int:
+    """The stage's own I/O for one shard and closed-form `variants` (one task per shard, as the stage runs them),
+    without computing anything: read attention, value, w_out and length once, write the attention as each
+    variant's efficient array with zero diagnostics (synced, as the stage writes)."""
     group = open_attention_store(store, mode="r+")
     layout = store_layout(group)
     attention, _, _, _ = _read_piece_inputs(group, layout.shard_slice(shard), slice(None))
     zeros = np.zeros(attention.shape[:3])
-    write_efficient_shard(group, layout, "effective", shard, attention, {name: zeros for name in DIAGNOSTIC_ARRAYS})
+    for variant in variants:
+        write_efficient_shard(group, layout, variant, shard, attention, {name: zeros for name in DIAGNOSTIC_ARRAYS})
     return shard
 
 
-def timed_stage_io(store: str, client) -> float:
+def timed_stage_io(store: str, client, variants: list[str]) -> float:
     group = open_attention_store(store, mode="r+")
-    for path in ("efficient/effective", "diagnostics/effective"):
-        if path in group:
-            del group[path]
-    prepare_efficient_arrays(group, store, "effective", SETTINGS)
+    for variant in variants:
+        for path in (f"efficient/{variant}", f"diagnostics/{variant}"):
+            if path in group:
+                del group[path]
+        prepare_efficient_arrays(group, store, variant, SETTINGS)
     n_shards = store_layout(group).n_shards
     start = time.perf_counter()
-    client.gather(client.map(copy_stage_io_shard, [store] * n_shards, range(n_shards), pure=False))
+    client.gather(client.map(copy_stage_io_shard, [store] * n_shards, range(n_shards), [variants] * n_shards,
+                             pure=False))
     return time.perf_counter() - start
 
 
@@ -183,11 +188,7 @@ def main() -> None:
                 results[f"stage_seconds_{workers}_workers"] = timed_stage(url, client, variants)
                 if workers == 2:
                     results["io_seconds_2_workers"] = timed_io(url, client)
-                    for variant in ("effective", "stochastic"):  # one variant writes one array, like the I/O run
-                        variant_url = os.path.join(folder, f"{variant}.zarr")
-                        shutil.copytree(base, variant_url)
-                        results[f"{variant}_seconds_2_workers"] = timed_stage(variant_url, client, [variant])
-                    results["stage_io_seconds_2_workers"] = timed_stage_io(url, client)
+                    results["stage_io_seconds_2_workers"] = timed_stage_io(url, client, variants)
                     if arguments.no_simplex:
                         continue
                     simplex_url = os.path.join(folder, "simplex.zarr")
@@ -202,16 +203,14 @@ def main() -> None:
         io = results["io_seconds_2_workers"]
         print(f"2. stage (effective + stochastic): 1 worker {one:.2f} s, 2 workers {two:.2f} s, "
               f"speed-up {one / two:.2f}x (target >= 1.6x)")
-        for variant in ("effective", "stochastic"):
-            seconds = results[f"{variant}_seconds_2_workers"]
-            results[f"{variant}_over_io"] = seconds / io
-            print(f"3. stage, {variant} alone, on 2 workers {seconds:.2f} s vs pure I/O on 2 workers {io:.2f} s: "
-                  f"ratio {seconds / io:.2f} (target <= 1.5)")
-        print(f"   (both variants in one run: {two:.2f} s, {two / io:.2f}x pure I/O; that run writes two arrays)")
+        results["worker_speedup"] = one / two
         stage_io = results["stage_io_seconds_2_workers"]
-        results["stage_io_over_io"] = stage_io / io
-        print(f"   the stage's own I/O without any computation (read attention and value, write one variant's "
-              f"efficient array and diagnostics, synced): {stage_io:.2f} s, {stage_io / io:.2f}x pure I/O")
+        results.update(stage_over_stage_io=two / stage_io, stage_io_over_io=stage_io / io)
+        print(f"3. stage (effective + stochastic) on 2 workers {two:.2f} s vs its own necessary I/O (read attention, "
+              f"value, w_out, length; write both efficient arrays and diagnostics; no computation) {stage_io:.2f} s: "
+              f"ratio {two / stage_io:.2f} (target <= 1.3)")
+        print(f"   for reference, a bare copy of `attention` on 2 workers: {io:.2f} s (the stage's I/O is "
+              f"{stage_io / io:.2f}x that, the stage {two / io:.2f}x)")
         if arguments.no_simplex:
             print(json.dumps(results))
             return
@@ -219,7 +218,6 @@ def main() -> None:
               f"({results['simplex_seconds_2_workers'] / io:.1f}x pure I/O); heads with every row converged: "
               f"{100 * results['simplex_converged_fraction']:.2f}%, median of per-head max iterations "
               f"{results['simplex_median_max_iterations']:.0f}")
-        results.update(worker_speedup=one / two, both_variants_over_io=two / io)
         print(json.dumps(results))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

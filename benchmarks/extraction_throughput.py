@@ -8,7 +8,13 @@ The two alternate over --rounds rounds (each extraction into a fresh store) so t
 alike; the best round of each is reported, the usual estimator on a shared, noisy machine. Then the peak RSS of a fresh process
 extracting N and 4N examples, and the bytes on disk per example.
 
+With --end-to-end N1,N2: `effattn extract` as a user runs it (a subprocess, default settings, the head cached by a
+first call), at --limit N1 and N2; the marginal cost per example (t2 - t1) / (N2 - N1) excludes the start-up
+(imports, Prefect server, model load) and keeps the per-shard orchestration. The bare forward pass runs on the
+very tokens each store holds, and its marginal cost per example is taken the same way.
+
     .venv/bin/python benchmarks/extraction_throughput.py [--examples 256] [--batch-size 16] [--max-length 128]
+    .venv/bin/python benchmarks/extraction_throughput.py --end-to-end 64,320
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from storage_schemas.attention_store import (  # noqa: E402
     default_shard_size,
     mark_prepared,
     mark_shard_completed,
+    open_attention_store,
     use_chunk_codec_batches,
     write_example_metadata,
     write_shard,
@@ -109,6 +116,47 @@ def peak_rss_mib(examples, batch_size, max_length, dtype, folder) -> float:
     return int(output.strip().splitlines()[-1]) / 1024
 
 
+def effattn_extract_seconds(limit: int, folder: str) -> tuple[float, str]:
+    """Wall seconds of `effattn extract --corpus rt-sentiment --model minilm --limit LIMIT` (default settings) in a
+    fresh process, and its store."""
+    store = os.path.join(folder, f"end-to-end-{limit}.zarr")
+    command = [os.path.join(os.path.dirname(sys.executable), "effattn"), "extract", "--corpus", "rt-sentiment",
+               "--model", "minilm", "--limit", str(limit), "--store", store]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, store
+
+
+def end_to_end(limits: tuple[int, int], batch_size: int, folder: str) -> dict[str, float]:
+    """Marginal seconds per example of `effattn extract` between two corpus sizes, against the bare forward pass
+    on the same tokens (each store's own `tokens` and `length`)."""
+    print("end to end: a first `effattn extract` call caches the fine-tuned head (minutes if it is not cached yet)")
+    effattn_extract_seconds(4, folder)
+    bare_model = load_model("minilm", num_labels=2).model
+    bare_model.set_attn_implementation("eager")
+    extract_seconds, bare_seconds = [], []
+    for limit in limits:
+        seconds, store = effattn_extract_seconds(limit, folder)
+        group = open_attention_store(store)
+        tokens, length = group["tokens"][:], group["length"][:]
+        bare_forward(bare_model, tokens[:32], length[:32], batch_size)  # warm-up
+        start = time.perf_counter()
+        bare_forward(bare_model, tokens, length, batch_size)
+        bare_seconds.append(time.perf_counter() - start)
+        extract_seconds.append(seconds)
+        print(f"  --limit {limit}: effattn extract {seconds:.1f} s, bare forward on its tokens "
+              f"{bare_seconds[-1]:.1f} s")
+    examples = limits[1] - limits[0]
+    extract_ms = 1000 * (extract_seconds[1] - extract_seconds[0]) / examples
+    bare_ms = 1000 * (bare_seconds[1] - bare_seconds[0]) / examples
+    print(f"end to end, marginal cost per example between --limit {limits[0]} and {limits[1]}: effattn extract "
+          f"{extract_ms:.1f} ms, bare forward {bare_ms:.1f} ms; ratio bare/extract {bare_ms / extract_ms:.2f} "
+          f"(target >= 0.8); start-up of effattn extract (its time at --limit {limits[0]} minus the marginal cost "
+          f"of those examples) {extract_seconds[0] - extract_ms * limits[0] / 1000:.1f} s")
+    return {"end_to_end_extract_ms_per_example": extract_ms, "end_to_end_bare_ms_per_example": bare_ms,
+            "end_to_end_ratio": bare_ms / extract_ms}
+
+
 def main() -> None:
     use_chunk_codec_batches()  # as the stages do
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,8 +166,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--end-to-end", metavar="N1,N2", help="only the end-to-end measurement, at these limits")
     arguments = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if arguments.end_to_end:
+        limits = tuple(int(item) for item in arguments.end_to_end.split(","))
+        if len(limits) != 2 or not 0 < limits[0] < limits[1]:
+            parser.error(f"--end-to-end {arguments.end_to_end}: give two corpus sizes, smaller first, e.g. 64,320")
+        folder = tempfile.mkdtemp(prefix="effattn-bench-")
+        try:
+            print(json.dumps(end_to_end(limits, arguments.batch_size, folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
 
     corpus = load_corpus("rt-sentiment")
     loaded = load_model("minilm", num_labels=2)

@@ -15,9 +15,11 @@ from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
 from storage_schemas.store_lock import hold_store_lock
+from tasks.dask_cluster import dask_client, run_shard_tasks, task_resources, use_stage_cluster
 from tasks.explain import (
     choose_examples,
     efficient_sources,
+    explanation_shard_on_worker,
     prepare_explanations,
     run_explanation_shard,
     store_identity,
@@ -56,7 +58,8 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     flows.settings.ExplainSettings). Resumable: done shards are skipped; other settings into the same results are
     refused; examples in store shards that are unfinished are refused, and shards computed from store shards
     written again since are computed again. `model` overrides the store's model (same
-    weights); `forward_rows` bounds the rows of one removal forward pass. Returns the explanation claims."""
+    weights); `forward_rows` bounds the rows of one removal forward pass. With `dask_address` or `workers` each
+    pending shard is one Dask task (as in flows.causal). Returns the explanation claims."""
     store, results = settings.store, settings.results
     recorded = recorded_explanation_settings(settings)
     store_layout(open_attention_store(store, mode="r"))  # a clear error for a store that is not one
@@ -64,8 +67,19 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
         todo = prepare_explanations(store, results, recorded)
         group = open_explanation_results(results, mode="r+")
-        for shard_index in tqdm(todo, desc="explanation shards", unit="shard", disable=not todo):
-            inputs = run_explanation_shard(store, results, shard_index, recorded, settings.model, settings.device,
-                                           settings.forward_rows)
-            mark_explanation_shard_completed(group, shard_index, inputs)
+        arguments = (recorded, settings.model, settings.device, settings.forward_rows)
+        if use_stage_cluster(settings.dask_address, settings.workers) and todo:
+            # One Dask task per shard (the worker explains it and writes it whole to the results' URL); this
+            # process records each shard as its task returns, so a rerun resumes.
+            with dask_client(settings.dask_address, settings.workers) as client:
+                run_shard_tasks(
+                    client,
+                    [(shard, explanation_shard_on_worker, (store, results, shard, *arguments)) for shard in todo],
+                    lambda shard, inputs: mark_explanation_shard_completed(group, shard, inputs),
+                    "explanation shards", resources=task_resources(settings.device),
+                )
+        else:
+            for shard_index in tqdm(todo, desc="explanation shards", unit="shard", disable=not todo):
+                inputs = run_explanation_shard(store, results, shard_index, *arguments)
+                mark_explanation_shard_completed(group, shard_index, inputs)
         return summarise_explanations(store, results)

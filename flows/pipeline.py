@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger
 
@@ -21,7 +21,7 @@ from flows.causal import causal, recorded_causal_settings
 from flows.efficient import efficient
 from flows.extract import extract
 from flows.report import report
-from flows.settings import PipelineSettings, ReportSettings
+from flows.settings import CausalSettings, ExplainSettings, ExtractSettings, PipelineSettings, ReportSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import open_causal_results
 from storage_schemas.pipeline_runs import (
@@ -45,7 +45,10 @@ from storage_schemas.explanation_results import (
     open_explanation_results,
 )
 from storage_schemas.pipeline_runs import StageCheck
+from tasks.dask_cluster import RunCluster, run_cluster, use_stage_cluster
 from tasks.training import train_head
+
+StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings, ExplainSettings)
 
 STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 
@@ -108,93 +111,98 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         stages[stage] = {"status": status, "seconds": seconds, "detail": detail}
         logger.info("stage %s: %s%s (%s)", stage, status, f" in {seconds:.1f} s" if status == "ran" else "", detail)
 
-    # --- train (if needed) and extract ---
-    extraction_inputs = {
-        "corpus": corpus, "corpus_fingerprint": local_input_fingerprint(corpus),
-        "model": model, "model_fingerprint": local_input_fingerprint(model), "limit": limit,
-        **settings.extraction_shape(),
-    }
-    check = extraction_status(store, extraction_inputs)
-    if check.complete:
-        finished("train", "skipped", None, "the extraction is complete")
-        finished("extract", "skipped", None, check.reason)
-    else:
-        logger.info("stage extract needed: %s", check.reason)
-        extraction_model, extraction_split = model, settings.split
-        reason = head_not_needed_reason(corpus, model, settings.task, settings.train, text_column, label_column)
-        if reason is None:
-            started = time.perf_counter()
-            training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=settings.seed)
-            extraction_model = train_head(model, corpus, text_column, label_column, training.as_dict(),
-                                          settings.cache_root)
-            extraction_split = settings.split or "held_out"
-            finished("train", "ran", started, f"trained head (or cache hit): {extraction_model}")
-        else:
-            finished("train", "not needed", None, reason)
-        started = time.perf_counter()
-        extract(settings.extract_settings(store, extraction_model, extraction_split))
-        with hold_store_lock(store, "pipeline"):
-            record_extraction_inputs(store, extraction_inputs)
-        finished("extract", "ran", started, store)
-
-    # --- efficient ---
-    efficient_settings = settings.efficient_settings(store, tuple(variants))
-    check = efficient_status(store, variants, efficient_settings.recorded())
-    if check.complete:
-        finished("efficient", "skipped", None, check.reason)
-    else:
-        logger.info("stage efficient needed: %s", check.reason)
-        started = time.perf_counter()
-        efficient(efficient_settings)
-        finished("efficient", "ran", started, f"{', '.join(variants)} in {store}")
-
-    # --- causal ---
-    causal_stage = settings.causal_settings(store, results, tuple(variants))
-    check = causal_status(results, recorded_causal_settings(causal_stage), store)
-    if check.conflicting:
-        raise ValueError(
-            f"{results} holds causal results made with other settings (by an earlier effattn version or other "
-            "options; its attribute `settings` holds them): delete it to measure again with this run's settings, "
-            "or pass --results PATH to keep both"
-        )
-    if check.complete:
-        finished("causal", "skipped", None, check.reason)
-    else:
-        logger.info("stage causal needed: %s", check.reason)
-        started = time.perf_counter()
-        causal(causal_stage)
-        finished("causal", "ran", started, results)
-
-    # --- explain ---
-    explanations = explanation_results_path(results) if settings.explain_examples else None
-    if explanations is None:
-        finished("explain", "not needed", None, "explain_examples is 0")
-    else:
-        explain_stage = settings.explain_settings(store, explanations, tuple(default_methods(variants)))
-        check = explanation_status(explanations, recorded_explanation_settings(explain_stage), store)
-        if check.conflicting:
-            raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
-                             "explain again with this run's settings, or pass --explain-examples 0")
+    with run_cluster(settings.dask_address, settings.workers) as cluster:
+        # --- train (if needed) and extract ---
+        extraction_inputs = {
+            "corpus": corpus, "corpus_fingerprint": local_input_fingerprint(corpus),
+            "model": model, "model_fingerprint": local_input_fingerprint(model), "limit": limit,
+            **settings.extraction_shape(),
+        }
+        check = extraction_status(store, extraction_inputs)
+        efficient_settings = settings.efficient_settings(store, tuple(variants))
+        if not check.complete or not efficient_status(store, variants, efficient_settings.recorded()).complete:
+            # the efficient stage will run on Dask: its cluster starts meanwhile, its workers import its code
+            cluster.start_in_background(["tasks.efficient"])
         if check.complete:
-            finished("explain", "skipped", None, check.reason)
+            finished("train", "skipped", None, "the extraction is complete")
+            finished("extract", "skipped", None, check.reason)
         else:
-            logger.info("stage explain needed: %s", check.reason)
+            logger.info("stage extract needed: %s", check.reason)
+            extraction_model, extraction_split = model, settings.split
+            reason = head_not_needed_reason(corpus, model, settings.task, settings.train, text_column, label_column)
+            if reason is None:
+                started = time.perf_counter()
+                training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=settings.seed)
+                extraction_model = train_head(model, corpus, text_column, label_column, training.as_dict(),
+                                              settings.cache_root)
+                extraction_split = settings.split or "held_out"
+                finished("train", "ran", started, f"trained head (or cache hit): {extraction_model}")
+            else:
+                finished("train", "not needed", None, reason)
             started = time.perf_counter()
-            explain(explain_stage)
-            finished("explain", "ran", started, explanations)
+            extract(on_run_cluster(settings.extract_settings(store, extraction_model, extraction_split),
+                                   cluster))
+            with hold_store_lock(store, "pipeline"):
+                record_extraction_inputs(store, extraction_inputs)
+            finished("extract", "ran", started, store)
 
-    # --- report ---
-    check = report_status(report_dir, results)
-    if check.complete and stages["explain"]["status"] == "ran":  # new explanations, redraw
-        check = StageCheck(False, "the explanation results were recomputed")
-    if check.complete:
-        finished("report", "skipped", None, check.reason)
-    else:
-        logger.info("stage report needed: %s", check.reason)
-        started = time.perf_counter()
-        report(ReportSettings(results=results, out=report_dir, store=store, explanations=explanations))
-        record_report_source(report_dir, results)
-        finished("report", "ran", started, report_dir)
+        # --- efficient ---
+        check = efficient_status(store, variants, efficient_settings.recorded())
+        if check.complete:
+            finished("efficient", "skipped", None, check.reason)
+        else:
+            logger.info("stage efficient needed: %s", check.reason)
+            started = time.perf_counter()
+            efficient(efficient_settings.model_copy(update={"dask_address": cluster.address()}))
+            finished("efficient", "ran", started, f"{', '.join(variants)} in {store}")
+
+        # --- causal ---
+        causal_stage = settings.causal_settings(store, results, tuple(variants))
+        check = causal_status(results, recorded_causal_settings(causal_stage), store)
+        if check.conflicting:
+            raise ValueError(
+                f"{results} holds causal results made with other settings (by an earlier effattn version or other "
+                "options; its attribute `settings` holds them): delete it to measure again with this run's settings, "
+                "or pass --results PATH to keep both"
+            )
+        if check.complete:
+            finished("causal", "skipped", None, check.reason)
+        else:
+            logger.info("stage causal needed: %s", check.reason)
+            started = time.perf_counter()
+            causal(on_run_cluster(causal_stage, cluster))
+            finished("causal", "ran", started, results)
+
+        # --- explain ---
+        explanations = explanation_results_path(results) if settings.explain_examples else None
+        if explanations is None:
+            finished("explain", "not needed", None, "explain_examples is 0")
+        else:
+            explain_stage = settings.explain_settings(store, explanations, tuple(default_methods(variants)))
+            check = explanation_status(explanations, recorded_explanation_settings(explain_stage), store)
+            if check.conflicting:
+                raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
+                                 "explain again with this run's settings, or pass --explain-examples 0")
+            if check.complete:
+                finished("explain", "skipped", None, check.reason)
+            else:
+                logger.info("stage explain needed: %s", check.reason)
+                started = time.perf_counter()
+                explain(on_run_cluster(explain_stage, cluster))
+                finished("explain", "ran", started, explanations)
+
+        # --- report ---
+        check = report_status(report_dir, results)
+        if check.complete and stages["explain"]["status"] == "ran":  # new explanations, redraw
+            check = StageCheck(False, "the explanation results were recomputed")
+        if check.complete:
+            finished("report", "skipped", None, check.reason)
+        else:
+            logger.info("stage report needed: %s", check.reason)
+            started = time.perf_counter()
+            report(ReportSettings(results=results, out=report_dir, store=store, explanations=explanations))
+            record_report_source(report_dir, results)
+            finished("report", "ran", started, report_dir)
 
     summaries = {variant: summarize_variant(read_diagnostics(store, variant)) for variant in variants}
     record = {
@@ -210,6 +218,14 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     }
     logger.info("pipeline finished:\n%s\n\n%s", stage_table(record), summary_table(summaries))
     return record
+
+
+def on_run_cluster(stage_settings: StageSettingsT, cluster: RunCluster) -> StageSettingsT:
+    """`stage_settings` of a stage that runs in this process unless given a cluster (extract, causal, explain), sent
+    to the run's cluster when the run was given one (--dask-address or --workers)."""
+    if not use_stage_cluster(stage_settings.dask_address, stage_settings.workers):
+        return stage_settings
+    return stage_settings.model_copy(update={"dask_address": cluster.address()})
 
 
 def stage_table(record: dict[str, Any]) -> str:

@@ -108,6 +108,7 @@ def check_command(command: str, settings: Any) -> None:
         check_corpus_and_model(settings.corpus, settings.model, settings.text_column, settings.label_column,
                                settings.task, settings.train)
         check_device(settings.device)
+        check_dask_scheduler(settings.dask_address)
     elif command == "train":
         from analysis.corpora import load_corpus
         from analysis.models import check_model
@@ -127,6 +128,7 @@ def check_command(command: str, settings: Any) -> None:
 
             check_model(settings.model)
         check_device(settings.device)
+        check_dask_scheduler(settings.dask_address)
     elif command == "report":
         check_writable_location(settings.out, "--out")
         check_causal_results(settings.results)

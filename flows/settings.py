@@ -212,6 +212,8 @@ class ExplainSettings(StageSettings):
     seed: Annotated[int, option(0, "seed of the random ranking and the row sample")]
     model: Annotated[str | None, option(None, "the model, if it moved since extraction (same weights)")]
     device: DeviceOption
+    dask_address: DaskAddress
+    workers: StageWorkers
     percents: Annotated[tuple[PositiveInt, ...] | None, option(
         None, "ERASER's bins: percent of the tokens removed (default: analysis.explanations.PERCENTS)", cli=False)]
     minimality_tolerance: Annotated[PositiveFloat, option(
@@ -311,9 +313,9 @@ class PipelineSettings(StageSettings):
         return EfficientSettings(**self._shared_with(EfficientSettings, store=store, variants=variants))
 
     def explain_settings(self, store: str, results: str, methods: Names) -> ExplainSettings:
-        """The explanation of `explain_examples` examples with `methods` (the causal stage's device)."""
+        """The explanation of `explain_examples` examples with `methods` (the causal stage's device and cluster)."""
         return ExplainSettings(store=store, results=results, methods=methods, examples=self.explain_examples,
-                               device=self.device)
+                               device=self.device, dask_address=self.dask_address, workers=self.workers)
 
     def causal_settings(self, store: str, results: str, variants: Names) -> CausalSettings:
         # `seed` here is the extraction's and `model` the base model: the causal stage keeps its own defaults

@@ -4,9 +4,11 @@ every stage that runs on a cluster use it). No Prefect import here."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -55,16 +57,10 @@ def connect_dask_scheduler(address: str, timeout: float | None = None):
 
 
 @contextlib.contextmanager
-def dask_client(address: str | None, workers: int | None) -> Iterator:
-    """A distributed Client: to the cluster at `address`, or to a new LocalCluster of `workers` processes
-    (default: one per core) with one thread each, closed on exit."""
-    from distributed import Client, LocalCluster
+def local_cluster(workers: int | None) -> Iterator:
+    """A new LocalCluster of `workers` processes (default: one per core) with one thread each, closed on exit."""
+    from distributed import LocalCluster
 
-    if address:
-        with connect_dask_scheduler(address) as client:  # waits $EFFATTN_DASK_TIMEOUT s (10) for the scheduler
-            yield client
-        return
-    n_workers = workers or os.cpu_count() or 1
     # The LocalCluster's scheduler and nannies live in this process and log every start and stop at INFO, which
     # Prefect's handler would print among the stage's progress: only their warnings and errors are shown. Workers
     # log nothing below CRITICAL: a failed task's exception reaches this process, which reports it (in one line,
@@ -74,12 +70,93 @@ def dask_client(address: str | None, workers: int | None) -> Iterator:
     distributed_logger.setLevel(max(level, logging.WARNING))
     try:
         with LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None,
             silence_logs=logging.CRITICAL, preload=[__name__],  # dask_setup below, in every worker process
-        ) as cluster, Client(cluster) as client:
-            yield client
+        ) as cluster:
+            yield cluster
     finally:
         distributed_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None, workers: int | None) -> Iterator:
+    """A distributed Client: to the cluster at `address`, or to a new LocalCluster of `workers` processes
+    (default: one per core) with one thread each, closed on exit."""
+    from distributed import Client
+
+    if address:
+        with connect_dask_scheduler(address) as client:  # waits $EFFATTN_DASK_TIMEOUT s (10) for the scheduler
+            yield client
+        return
+    with local_cluster(workers) as cluster, Client(cluster) as client:
+        yield client
+
+
+class RunCluster:
+    """The Dask cluster shared by the stages of one run: `address()` is the scheduler's address, the given one, else
+    that of a LocalCluster of `workers` processes started on the first call (or by `start_in_background`) and kept
+    for every later stage: its workers keep torch, the model's code and the stage modules imported. Closed by the
+    `run_cluster` context that made it. A run whose stages never ask starts nothing."""
+
+    def __init__(self, address: str | None, workers: int | None, stack: contextlib.ExitStack) -> None:
+        self._given, self._workers, self._stack = address, workers, stack
+        self._cluster = None
+        self._error: BaseException | None = None
+        self._starting: threading.Thread | None = None
+
+    def start_in_background(self, modules: Sequence[str]) -> None:
+        """Start the LocalCluster now in a thread, its workers importing `modules` once up, for a stage that asks
+        for it later (the start-up then overlaps this process's own work). Nothing to do with an address."""
+        if self._given or self._cluster is not None or self._starting is not None:
+            return
+        self._starting = threading.Thread(target=self._start, args=(tuple(modules),), name="effattn-run-cluster",
+                                          daemon=True)
+        self._starting.start()
+
+    def _start(self, modules: tuple[str, ...] = ()) -> None:
+        from distributed import Client
+
+        try:
+            cluster = self._stack.enter_context(local_cluster(self._workers))
+            if modules:
+                with Client(cluster) as client:
+                    client.run(import_modules, modules)
+            self._cluster = cluster
+        except BaseException as error:  # noqa: BLE001 - raised by address(), in the stage that needs the cluster
+            self._error = error
+
+    def address(self) -> str:
+        if self._given:
+            return self._given
+        self.wait()
+        if self._cluster is None and self._error is None:
+            self._start()
+        if self._error is not None:
+            raise self._error
+        return self._cluster.scheduler_address
+
+    def wait(self) -> None:
+        """Wait for a start in the background to end (before the cluster is closed, or used)."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+
+
+@contextlib.contextmanager
+def run_cluster(address: str | None, workers: int | None) -> Iterator[RunCluster]:
+    """The RunCluster of one run (a LocalCluster of `workers` processes unless `address`), closed on exit."""
+    with contextlib.ExitStack() as stack:
+        cluster = RunCluster(address, workers, stack)
+        try:
+            yield cluster
+        finally:
+            cluster.wait()
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import `modules` (run on each worker: the first task then finds them imported)."""
+    for module in modules:
+        importlib.import_module(module)
 
 
 def dask_setup(worker) -> None:

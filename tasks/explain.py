@@ -47,7 +47,9 @@ from storage_schemas.explanation_results import (
     write_explanation_aggregates,
     write_explanation_shard,
 )
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
 from tasks.causal import PROVENANCE_KEYS, _load_store_model
+from tasks.dask_cluster import prepare_worker_process
 from tasks.extraction import retry_on_io_error
 
 logger = logging.getLogger(__name__)
@@ -194,13 +196,11 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
     return arrays
 
 
-@task(name="explain-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_on_io_error)
-def run_explanation_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
-                          model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
-    """Compute one shard and write it whole (an I/O error is retried: the whole shard is rewritten). Returns the
-    identities of the store's shards it read (input name -> identity), read before the data: a store shard written
-    again meanwhile gets a new identity, so this shard would be stale, not silently wrong."""
+def explain_and_write_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
+                            model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
+    """Compute one shard and write it whole. Returns the identities of the store's shards it read (input name ->
+    identity), read before the data: a store shard written again meanwhile gets a new identity, so this shard would
+    be stale, not silently wrong."""
     inputs = explanation_shard_inputs(open_explanation_results(results, mode="r"),
                                       open_attention_store(store, mode="r"), shard_index)
     unfinished = [name for name, identity in inputs.items() if identity is None]
@@ -213,6 +213,23 @@ def run_explanation_shard(store: str, results: str, shard_index: int, settings: 
     arrays = compute_explanation_shard(store, results, shard_index, settings, model_override, device, forward_rows)
     write_explanation_shard(open_explanation_results(results, mode="r+"), shard_index, arrays)
     return inputs
+
+
+@task(name="explain-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_on_io_error)
+def run_explanation_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
+                          model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
+    """`explain_and_write_shard` in this process (an I/O error is retried: the whole shard is rewritten)."""
+    return explain_and_write_shard(store, results, shard_index, settings, model_override, device, forward_rows)
+
+
+def explanation_shard_on_worker(store: str, results: str, shard_index: int, settings: dict[str, Any],
+                                model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
+    """`explain_and_write_shard` as a Dask task: transient I/O errors are retried (the whole shard is computed and
+    rewritten), anything else fails at once; the driver records completion."""
+    prepare_worker_process()
+    return retry_transient_io(explain_and_write_shard, store, results, shard_index, settings, model_override,
+                              device, forward_rows, delays=DEFAULT_RETRY_DELAYS)
 
 
 def summarise_explanations(store: str, results: str) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
-"""tasks/dask_cluster.py: the scheduler timeout and the message when no scheduler answers; extraction and the
-causal stage on a real cluster give the in-process results, and a worker killed mid-run loses nothing."""
+"""tasks/dask_cluster.py: the scheduler timeout and the message when no scheduler answers; one cluster per run;
+extraction, the causal stage and the explanations on a real cluster give the in-process results, and a worker killed
+mid-run loses nothing."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from flows.settings import CausalSettings, ExtractSettings
+from flows.settings import CausalSettings, ExplainSettings, ExtractSettings
 from storage_schemas.attention_store import completed_shards, open_attention_store
 from storage_schemas.verification import content_digests
 from tasks import dask_cluster
 from tasks.dask_cluster import (
     DaskSchedulerUnreachableError,
     connect_dask_scheduler,
+    dask_client,
     dask_timeout_seconds,
+    run_cluster,
     task_resources,
     use_stage_cluster,
 )
@@ -62,6 +65,47 @@ def test_no_scheduler_at_the_address_is_refused_within_the_timeout(monkeypatch):
 # ---- extraction and the causal stage on a real cluster: `dask scheduler` + two `dask worker` on loopback ----
 
 RUN = dict(limit=9, shard_size=2, batch_size=2, max_length=16, seed=0, train=False)
+
+
+def test_a_run_cluster_is_started_on_first_use_kept_and_closed_on_exit(monkeypatch):
+    """The stages of one run share one LocalCluster (started by the first that asks for it, or in the background
+    beforehand); a run given an address, or whose stages never ask, starts none."""
+    def no_local_cluster(workers):
+        raise AssertionError("no LocalCluster should start")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dask_cluster, "local_cluster", no_local_cluster)
+        with run_cluster("tcp://127.0.0.1:8786", None) as cluster:
+            cluster.start_in_background(["json"])
+            assert cluster.address() == "tcp://127.0.0.1:8786"
+        with run_cluster(None, 1):
+            pass
+    for in_background in (False, True):
+        with run_cluster(None, 1) as cluster:
+            if in_background:
+                cluster.start_in_background(["xarray"])
+            address = cluster.address()
+            assert cluster.address() == address  # the same cluster for the next stage
+            with dask_client(address, None) as client:
+                assert len(client.scheduler_info()["workers"]) == 1
+                worker_pid = next(iter(client.run(os.getpid).values()))
+                imported = next(iter(client.run(lambda: "xarray" in sys.modules).values()))
+                assert imported == in_background
+            with dask_client(address, None) as client:  # the worker process is kept, its imports too
+                assert next(iter(client.run(os.getpid).values())) == worker_pid
+        with pytest.raises(DaskSchedulerUnreachableError):
+            connect_dask_scheduler(address, timeout=1)
+
+
+def test_a_run_cluster_that_failed_to_start_in_the_background_says_why_when_asked(monkeypatch):
+    def failing_local_cluster(workers):
+        raise OSError("no room for workers")
+
+    monkeypatch.setattr(dask_cluster, "local_cluster", failing_local_cluster)
+    with run_cluster(None, 1) as cluster:
+        cluster.start_in_background([])
+        with pytest.raises(OSError, match="no room for workers"):
+            cluster.address()
 
 
 @contextlib.contextmanager
@@ -108,8 +152,10 @@ def _extract_settings(folder: Path, model_folder: Path, corpus: Path, name: str,
 
 
 @pytest.mark.end_to_end
-def test_extraction_and_causal_on_a_cluster_equal_the_in_process_run(tmp_path, tiny_bert_folder, small_corpus_csv):
+def test_extraction_causal_and_explain_on_a_cluster_equal_the_in_process_run(tmp_path, tiny_bert_folder,
+                                                                            small_corpus_csv):
     from flows.causal import causal
+    from flows.explain import explain
     from flows.extract import extract
 
     local = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "local.zarr")
@@ -117,15 +163,20 @@ def test_extraction_and_causal_on_a_cluster_equal_the_in_process_run(tmp_path, t
     causal_options = dict(interventions=["replay", "uniform", "ablate"], scopes=["all", "layer"], scope_examples=4,
                           batch_size=2)
     causal(CausalSettings(store=local.store, results=str(tmp_path / "local-results.zarr"), **causal_options))
+    explain_options = dict(methods=["attention:rollout", "leave-one-out", "random"], examples=4, shard_size=2,
+                           minimality_rows=0)
+    explain(ExplainSettings(store=local.store, results=str(tmp_path / "local-explanations.zarr"), **explain_options))
     with loopback_cluster(tmp_path) as (address, _):
         remote = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "remote.zarr", dask_address=address)
         extract(remote)
         causal(CausalSettings(store=local.store, results=str(tmp_path / "remote-results.zarr"),
                               dask_address=address, **causal_options))
+        explain(ExplainSettings(store=local.store, results=str(tmp_path / "remote-explanations.zarr"),
+                                dask_address=address, **explain_options))
         from distributed import Client
 
         with Client(address) as client:  # both workers took shards: the work was spread
-            ran = client.run(lambda: __import__("tasks.models", fromlist=["x"]).cached_model.cache_info().currsize)
+            ran = client.run(lambda: __import__("tasks.models", fromlist=["x"]).load_model_once.cache_info().currsize)
         assert sorted(ran.values()) == [1, 1]
     assert completed_shards(open_attention_store(remote.store)) == [0, 1, 2, 3, 4]
     assert content_digests(remote.store) == content_digests(local.store)
@@ -136,6 +187,12 @@ def test_extraction_and_causal_on_a_cluster_equal_the_in_process_run(tmp_path, t
     for name in measured:
         np.testing.assert_array_equal(remote_results[name].values, local_results[name].values)
     assert remote_results.attrs["claims"] == local_results.attrs["claims"]
+    local_explanations = xr.open_zarr(str(tmp_path / "local-explanations.zarr"), consolidated=False).load()
+    remote_explanations = xr.open_zarr(str(tmp_path / "remote-explanations.zarr"), consolidated=False).load()
+    assert remote_explanations.attrs["completed_shards"] == [0, 1]
+    for name in ("faithfulness", "aopc", "kendall_tau", "attribution", "target", "full_probability"):
+        np.testing.assert_array_equal(remote_explanations[name].values, local_explanations[name].values)
+    assert remote_explanations.attrs["claims"] == local_explanations.attrs["claims"]
 
 
 @pytest.mark.end_to_end

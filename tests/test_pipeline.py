@@ -16,6 +16,7 @@ from storage_schemas.attention_store import AttentionStoreError, completed_shard
 from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.causal_results import open_causal_results
 from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, local_input_fingerprint, run_name
+from tasks import dask_cluster
 from tests.conftest import write_reviews_csv
 
 # 6 of the 10 reviews, shards of 4 (two shards), texts cut at 16 tokens (> head dim 8 of the tiny models).
@@ -36,7 +37,17 @@ def first_run(tmp_path_factory, tiny_bert_folder):
     folder = tmp_path_factory.mktemp("pipeline")
     corpus = write_reviews_csv(folder / "reviews.csv")
     arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(folder / "runs"), **RUN)
-    return arguments, run_pipeline(PipelineSettings(**arguments))
+    started_clusters = []
+    start_local_cluster = dask_cluster.local_cluster
+
+    def counted_local_cluster(workers):
+        started_clusters.append(workers)
+        return start_local_cluster(workers)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dask_cluster, "local_cluster", counted_local_cluster)
+        record = run_pipeline(PipelineSettings(**arguments))
+    return arguments, {**record, "started_clusters": started_clusters}
 
 
 def test_store_names_are_unchanged_by_the_settings_objects():
@@ -59,6 +70,8 @@ def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
     assert status["train"] == "not needed"
     assert status["extract"] == "ran" and status["efficient"] == "ran"
     assert status["causal"] == "ran" and status["report"] == "ran"
+    # --workers 1: extract, efficient and causal ran on one LocalCluster, started once for the run
+    assert record["started_clusters"] == [1]
     assert Path(record["report"]).is_file() and record["report"].endswith("index.html")
     assert {row["claim"] for row in record["claims"]} >= {"sufficient (effective)", "necessary (effective)"}
     digest = load_corpus(arguments["corpus"]).digest  # a corpus file's content is part of the name
