@@ -39,7 +39,7 @@ from storage_schemas.attention_store import (  # noqa: E402
     default_shard_size,
     mark_prepared,
     mark_shard_completed,
-    use_chunk_codec_batches,
+    use_fast_codec_pipeline,
     write_example_metadata,
     write_shard,
 )
@@ -110,7 +110,7 @@ def peak_rss_mib(examples, batch_size, max_length, dtype, folder) -> float:
 
 
 def main() -> None:
-    use_chunk_codec_batches()  # as the stages do
+    use_fast_codec_pipeline()  # as the stages do
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)

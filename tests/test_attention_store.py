@@ -721,7 +721,7 @@ def test_chunks_pass_the_codec_pipeline_in_batches_unless_the_user_chose_otherwi
     entry_point = f"{imports}; from flows.cli import main; main(['inspect', 'no-such-store.zarr']); {report}"
     assert batch_size(entry_point) == str(CHUNK_CODEC_BATCH_SIZE)
     assert batch_size(entry_point, ZARR_CODEC_PIPELINE__BATCH_SIZE="3") == "3"
-    called = f"{imports}; storage_schemas.attention_store.use_chunk_codec_batches(); {report}"
+    called = f"{imports}; storage_schemas.attention_store.use_fast_codec_pipeline(); {report}"
     assert batch_size(called) == str(CHUNK_CODEC_BATCH_SIZE)
 
 

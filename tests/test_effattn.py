@@ -40,7 +40,7 @@ def test_every_name_is_the_object_of_its_home_module():
         "ExplainSettings": ("flows.settings", "ExplainSettings"),
         "ReportSettings": ("flows.settings", "ReportSettings"),
         "PipelineSettings": ("flows.settings", "PipelineSettings"),
-        "use_chunk_codec_batches": ("storage_schemas.attention_store", "use_chunk_codec_batches"),
+        "use_fast_codec_pipeline": ("storage_schemas.attention_store", "use_fast_codec_pipeline"),
     }
     assert sorted(effattn.__all__) == sorted(homes)
     for name, (module, attribute) in homes.items():
