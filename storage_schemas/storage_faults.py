@@ -119,8 +119,8 @@ def explain_storage_error(error: BaseException, url: str) -> AttentionStoreError
 
 @contextlib.contextmanager
 def storage_errors_explained(url: str) -> Iterator[None]:
-    """Re-raise "no space" and "not writable" OSErrors (also as zarrs raises them) of the block as `StoreFullError` / `StoreNotWritableError`
-    (chained to the original); any other exception passes unchanged."""
+    """Re-raise "no space" and "not writable" OSErrors of the block (also zarrs's, `as_os_error`) as
+    `StoreFullError` / `StoreNotWritableError` (chained to the original); any other exception passes unchanged."""
     try:
         yield
     except Exception as error:  # an OSError, or zarrs's RuntimeError carrying one (as_os_error)
