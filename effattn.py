@@ -8,7 +8,7 @@
     extract, efficient, causal, explain, report   the stages (Prefect flows), each taking its settings object:
     ExtractSettings, EfficientSettings, CausalSettings, ExplainSettings, ReportSettings   (flows/settings.py)
     run_pipeline, PipelineSettings           the whole pipeline (extract -> efficient -> causal -> explain -> report)
-    use_chunk_codec_batches()                zarr's faster whole-shard reads for this process (the stages call it)
+    use_fast_codec_pipeline()                the zarrs codec pipeline for this process (the stages call it)
 
 Each name is the object of its home module (analysis/, storage_schemas/, flows/), imported when first used, so
 that `import effattn` is quick and loads torch or Prefect only for what is used. Importing changes no process-wide
@@ -43,7 +43,7 @@ _HOMES: dict[str, str] = {
     "ExplainSettings": "flows.settings",
     "ReportSettings": "flows.settings",
     "PipelineSettings": "flows.settings",
-    "use_chunk_codec_batches": "storage_schemas.attention_store",
+    "use_fast_codec_pipeline": "storage_schemas.attention_store",
 }
 # the public name where it differs from the home module's
 _NAMES_AT_HOME = {"open_store": "open_attention_store"}

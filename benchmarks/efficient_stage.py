@@ -41,7 +41,7 @@ from storage_schemas.attention_store import (  # noqa: E402
     mark_shard_completed,
     open_attention_store,
     store_layout,
-    use_chunk_codec_batches,
+    use_fast_codec_pipeline,
     write_shard,
 )
 from storage_schemas.efficient_store import (  # noqa: E402
@@ -140,7 +140,7 @@ def timed_io(store: str, client) -> float:
 def main() -> None:
     from distributed import Client, LocalCluster
 
-    use_chunk_codec_batches()  # as the stages do
+    use_fast_codec_pipeline()  # as the stages do
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=256)

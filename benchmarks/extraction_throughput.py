@@ -46,7 +46,7 @@ from storage_schemas.attention_store import (  # noqa: E402
     mark_prepared,
     mark_shard_completed,
     open_attention_store,
-    use_chunk_codec_batches,
+    use_fast_codec_pipeline,
     write_example_metadata,
     write_shard,
 )
@@ -158,7 +158,7 @@ def end_to_end(limits: tuple[int, int], batch_size: int, folder: str) -> dict[st
 
 
 def main() -> None:
-    use_chunk_codec_batches()  # as the stages do
+    use_fast_codec_pipeline()  # as the stages do
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -37,7 +37,7 @@ from storage_schemas.attention_store import (  # noqa: E402
     mark_shard_completed,
     open_attention_store,
     store_layout,
-    use_chunk_codec_batches,
+    use_fast_codec_pipeline,
     write_shard,
 )
 from storage_schemas.causal_results import open_causal_results  # noqa: E402
@@ -79,7 +79,7 @@ def claim(results: str, name: str) -> str:
 
 
 def main() -> None:
-    use_chunk_codec_batches()  # as the stages do
+    use_fast_codec_pipeline()  # as the stages do
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=64, help="rt-sentiment examples of the two pipeline runs")
     parser.add_argument("--size-examples", type=int, default=16, help="examples of each bytes-on-disk store")

@@ -19,7 +19,7 @@ from analysis.interventions import (
 )
 from flows.preflight import check_device
 from flows.settings import CausalSettings
-from storage_schemas.attention_store import open_attention_store, store_layout, use_chunk_codec_batches
+from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
 from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
 from storage_schemas.store_lock import hold_store_lock
@@ -101,7 +101,7 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
     rows of one intervened forward pass (targets x examples; default 64, 8 for next-token stores whose logits
     span the vocabulary). Returns the claims table (analysis.claims).
     """
-    use_chunk_codec_batches()
+    use_fast_codec_pipeline()
     store, results, forward_rows = settings.store, settings.results, settings.forward_rows
     plan = causal_plan(settings)
     if forward_rows is None:

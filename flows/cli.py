@@ -447,9 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     if refused is not None:
         return refused
     hide_prefect_tracebacks_of_reported_errors(arguments)
-    from storage_schemas.attention_store import use_chunk_codec_batches
+    from storage_schemas.attention_store import use_fast_codec_pipeline
 
-    use_chunk_codec_batches()  # also for the commands that run no flow (inspect, verify)
+    use_fast_codec_pipeline()  # also for the commands that run no flow (inspect, verify)
 
     try:
         if arguments.command in FLOW_COMMANDS:

@@ -7,7 +7,7 @@ from prefect import flow
 
 from analysis.efficient_attention import VARIANTS
 from flows.settings import EfficientSettings
-from storage_schemas.attention_store import use_chunk_codec_batches
+from storage_schemas.attention_store import use_fast_codec_pipeline
 from tasks.efficient import run_efficient_shards
 
 
@@ -18,7 +18,7 @@ def efficient(settings: EfficientSettings) -> str:
     `settings.store` on a Dask cluster (`dask_address`, or a LocalCluster of `workers` processes). Resumable:
     finished shards are skipped. Returns the store's URL."""
     variants = list(VARIANTS) if settings.variants is None else settings.variants
-    use_chunk_codec_batches()
+    use_fast_codec_pipeline()
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variants {unknown or list(variants)}: choose from {list(VARIANTS)}")

@@ -10,7 +10,7 @@ from analysis.models import has_trained_head
 from analysis.training import TrainingSettings, head_to_train
 from flows.preflight import check_device
 from flows.settings import ExtractSettings
-from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_chunk_codec_batches
+from storage_schemas.attention_store import mark_shard_completed, open_attention_store, use_fast_codec_pipeline
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import dask_client, run_shard_tasks, task_resources, use_stage_cluster
 from tasks.extraction import capture_shard, extract_shard_on_worker, prepare_store, write_captured_shard
@@ -30,7 +30,7 @@ def extract(settings: ExtractSettings) -> str:
     its default is "held_out" when this run trained the head and "all" otherwise. A rerun of the same call
     resumes: completed shards are skipped. Returns the store's URL.
     """
-    use_chunk_codec_batches()
+    use_fast_codec_pipeline()
     corpus, model, store, text_column, label_column = (settings.corpus, settings.model, settings.store,
                                                          settings.text_column, settings.label_column)
     task, split, seed, device = settings.task, settings.split, settings.seed, settings.device

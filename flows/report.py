@@ -6,7 +6,7 @@ from prefect import flow
 
 from flows.preflight import check_writable_location
 from flows.settings import ReportSettings
-from storage_schemas.attention_store import use_chunk_codec_batches
+from storage_schemas.attention_store import use_fast_codec_pipeline
 from storage_schemas.remote import is_remote
 from tasks.report import draw_report, read_report_inputs
 
@@ -21,7 +21,7 @@ def report(settings: ReportSettings) -> str:
     `explanations`: explanation results (effattn explain) whose curves, table and claims the report shows too.
     Returns the path of index.html.
     """
-    use_chunk_codec_batches()
+    use_fast_codec_pipeline()
     out = settings.out
     if is_remote(out):
         raise ValueError(f"--out must be a local folder, got {out}: write the report locally, then copy it")

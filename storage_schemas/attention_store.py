@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,21 +32,38 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas.remote import is_storage_access_error
 
-# A shard holds hundreds of small chunks (one example x one layer each). zarr-python passes them through its codec
-# pipeline one at a time by default (`codec_pipeline.batch_size` 1), and that per-chunk overhead, not Zstandard,
-# dominates reading and writing a shard. Batches of 8 chunks read `value` shards about 1.8x faster and `attention`
-# shards about 1.3x faster on 2 cores (same bytes, same codecs). The setting is process-wide (every zarr user in the
-# process), so importing this module leaves it alone: the entry points (the CLI, the stage flows, the efficient
-# stage's Dask tasks) call `use_chunk_codec_batches`.
+# A shard holds hundreds of small chunks (one example x one layer each); per-chunk overhead in zarr-python's codec
+# pipeline, not Zstandard, dominates reading and writing a shard (benchmarks/store_codecs.py measures the options).
+# These settings are process-wide (every zarr user in the process), so importing this module leaves them alone: the
+# entry points (the CLI, the stage flows, the efficient stage's Dask tasks) call `use_fast_codec_pipeline`.
 CHUNK_CODEC_BATCH_SIZE = 8
+ZARR_DEFAULT_CODEC_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+FAST_CODEC_PIPELINE = "storage_schemas.zarrs_pipeline.ChecksumValidatingZarrsPipeline"
+_warned_no_zarrs = False
 
 
-def use_chunk_codec_batches() -> None:
-    """Pass chunks through zarr's codec pipeline CHUNK_CODEC_BATCH_SIZE at a time in this process (faster whole-shard
-    reads and writes; the bytes are the same). Only zarr's default changes: a batch size set through
-    ZARR_CODEC_PIPELINE__BATCH_SIZE, or to a value other than 1 in zarr.config, is kept. Safe to call repeatedly."""
+def use_fast_codec_pipeline() -> None:
+    """Read and write chunks through the `zarrs` (Rust) codec pipeline in this process, and pass chunks through
+    zarr's own pipeline CHUNK_CODEC_BATCH_SIZE at a time wherever zarr's pipeline still runs (stores zarrs cannot
+    open, such as fsspec's S3, fall back to it per array). The bytes written are the same. Only zarr's defaults
+    change: a pipeline or batch size set through ZARR_CODEC_PIPELINE__PATH / ZARR_CODEC_PIPELINE__BATCH_SIZE, or to
+    another value in zarr.config, is kept. Without zarrs installed, zarr's pipeline stays (warned once). Safe to call
+    repeatedly."""
+    global _warned_no_zarrs
     if "ZARR_CODEC_PIPELINE__BATCH_SIZE" not in os.environ and zarr.config.get("codec_pipeline.batch_size") == 1:
         zarr.config.set({"codec_pipeline.batch_size": CHUNK_CODEC_BATCH_SIZE})
+    if ("ZARR_CODEC_PIPELINE__PATH" in os.environ
+            or zarr.config.get("codec_pipeline.path") != ZARR_DEFAULT_CODEC_PIPELINE):
+        return
+    try:
+        import storage_schemas.zarrs_pipeline  # noqa: F401 - imports zarrs
+    except ImportError as error:
+        if not _warned_no_zarrs:
+            _warned_no_zarrs = True
+            warnings.warn(f"zarrs cannot be imported ({error}): stores are read and written with zarr's slower "
+                          "codec pipeline. Install zarrs (see requirements.txt) for the fast one", stacklevel=2)
+        return
+    zarr.config.set({"codec_pipeline.path": FAST_CODEC_PIPELINE})
 
 SCHEMA_NAME = "effattn.attention_store"
 SCHEMA_VERSION = 1

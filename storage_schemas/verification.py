@@ -51,6 +51,7 @@ from storage_schemas.efficient_store import (
     efficient_completed_shards,
     unmark_efficient_shards,
 )
+from storage_schemas.storage_faults import is_corrupt_chunk_error
 from storage_schemas.store_lock import hold_store_lock
 
 # Arrays the extraction writes shard by shard (their shard's completion is `completed_shards`).
@@ -175,7 +176,7 @@ def _read(array: zarr.Array, name: str, region: slice | None, shard: int | None,
     try:
         data = array[region] if region is not None else array[...]
     except Exception as error:  # noqa: BLE001 - any failure to decode is damage
-        kind = "checksum" if "checksum" in str(error).lower() else "unreadable"
+        kind = "checksum" if is_corrupt_chunk_error(error) else "unreadable"
         detail = f"{type(error).__name__}: {error}"
         if region is not None:
             chunks = _damaged_chunks(array, region)

@@ -216,6 +216,6 @@ def run_shard_tasks(
 def prepare_worker_process() -> None:
     """What a stage's task does first on a Dask worker, a process with entry point of its own: the store's fast
     codec setting (the driver's own call does not reach it). Cheap and safe to call for every task."""
-    from storage_schemas.attention_store import use_chunk_codec_batches
+    from storage_schemas.attention_store import use_fast_codec_pipeline
 
-    use_chunk_codec_batches()
+    use_fast_codec_pipeline()

@@ -27,7 +27,7 @@ from storage_schemas.attention_store import (
     open_attention_store,
     require_extracted,
     store_layout,
-    use_chunk_codec_batches,
+    use_fast_codec_pipeline,
 )
 from storage_schemas.efficient_store import (
     efficient_completed_shards,
@@ -36,7 +36,7 @@ from storage_schemas.efficient_store import (
     prepare_efficient_arrays,
     write_efficient_shard,
 )
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_corrupt_chunk_error, retry_transient_io
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import dask_client
 
@@ -51,8 +51,8 @@ def _read_piece_inputs(group, store: str, shard_index: int, region: slice, layer
     for name, selection in selections.items():
         try:
             read.append(group[name][selection])
-        except ValueError as error:
-            if "checksum" not in str(error).lower():
+        except Exception as error:  # only a damaged chunk is reported here; anything else passes unchanged
+            if not is_corrupt_chunk_error(error):
                 raise
             raise AttentionStoreError(
                 f"{store}: array {name}, shard {shard_index} (examples {region.start} to {region.stop - 1}) is "
@@ -113,7 +113,7 @@ def compute_efficient_piece(
 
     torch.set_num_threads(torch_threads)
     keep_freed_memory_for_reuse()
-    use_chunk_codec_batches()  # a worker process is an entry point of its own
+    use_fast_codec_pipeline()  # a worker process is an entry point of its own
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
@@ -156,7 +156,7 @@ def write_efficient_pieces(
     """Join the pieces of one shard (in layer order, together covering every layer) and write whole shards of
     each variant; returns (shard_index, variants written). Runs on a worker. Writes are retried on transient I/O
     errors only; a full disk or a store this process may not write fails at once."""
-    use_chunk_codec_batches()
+    use_fast_codec_pipeline()
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
     covered = sum(next(iter(piece.values())).efficient.shape[1] for piece in pieces)  # layers of every piece

@@ -28,11 +28,11 @@ atexit.register(shutil.rmtree, PREFECT_HOME, ignore_errors=True)
 # without this, logging prints a harmless traceback for that one message.
 logging.raiseExceptions = False
 torch.set_num_threads(2)
-# zarr's codec batches as the stages' entry points set them, whatever test runs first (the tests read and write
+# zarr's codec pipeline as the stages' entry points set it, whatever test runs first (the tests read and write
 # stores through plain functions too).
-from storage_schemas.attention_store import use_chunk_codec_batches  # noqa: E402
+from storage_schemas.attention_store import use_fast_codec_pipeline  # noqa: E402
 
-use_chunk_codec_batches()
+use_fast_codec_pipeline()
 
 TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 

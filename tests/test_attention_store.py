@@ -43,6 +43,11 @@ from storage_schemas.attention_store import (
     write_example_metadata,
     write_shard,
 )
+from storage_schemas.attention_store import (
+    CHUNK_CODEC_BATCH_SIZE,
+    FAST_CODEC_PIPELINE,
+    ZARR_DEFAULT_CODEC_PIPELINE,
+)
 
 # 7 examples in shards of 3: shards 0 and 1 hold 3 examples, the last one holds 1.
 LAYOUT = AttentionStoreLayout(
@@ -701,28 +706,137 @@ def test_write_shard_touches_only_its_shard(url):
 
 
 @pytest.mark.end_to_end
-def test_chunks_pass_the_codec_pipeline_in_batches_unless_the_user_chose_otherwise():
-    """The entry points (here the CLI) batch chunks through zarr's codec pipeline (faster whole-shard reads and
-    writes); importing the project's modules leaves zarr's process-wide setting alone; a batch size the user set in
-    the environment is kept."""
-    from storage_schemas.attention_store import CHUNK_CODEC_BATCH_SIZE
-
+def test_the_entry_points_select_the_zarrs_pipeline_unless_the_user_chose_otherwise():
+    """The entry points (here the CLI) switch zarr to the zarrs codec pipeline and batch chunks through zarr's own
+    pipeline where it still runs; importing the project's modules leaves zarr's process-wide settings alone; a
+    pipeline or batch size the user set in the environment is kept, even one equal to zarr's default."""
     imports = "import storage_schemas.attention_store, flows.cli, flows.pipeline, effattn, zarr"
-    report = "print(zarr.config.get('codec_pipeline.batch_size'))"
+    report = "print(zarr.config.get('codec_pipeline.path'), zarr.config.get('codec_pipeline.batch_size'))"
     root = Path(__file__).parent.parent
 
-    def batch_size(code: str, **environment) -> str:
-        base = {key: value for key, value in os.environ.items() if key != "ZARR_CODEC_PIPELINE__BATCH_SIZE"}
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
-                              env={**base, **environment}).stdout.strip().splitlines()[-1]
+    def settings(code: str, **environment) -> str:
+        base = {key: value for key, value in os.environ.items() if not key.startswith("ZARR_CODEC_PIPELINE__")}
+        return subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True,
+                              text=True, check=True, cwd=root, env={**base, **environment}).stdout.strip() \
+            .splitlines()[-1]
 
     assert CHUNK_CODEC_BATCH_SIZE > 1
-    assert batch_size(f"{imports}; {report}") == "1"
+    fast = f"{FAST_CODEC_PIPELINE} {CHUNK_CODEC_BATCH_SIZE}"
+    assert settings(f"{imports}; {report}") == f"{ZARR_DEFAULT_CODEC_PIPELINE} 1"
     entry_point = f"{imports}; from flows.cli import main; main(['inspect', 'no-such-store.zarr']); {report}"
-    assert batch_size(entry_point) == str(CHUNK_CODEC_BATCH_SIZE)
-    assert batch_size(entry_point, ZARR_CODEC_PIPELINE__BATCH_SIZE="3") == "3"
-    called = f"{imports}; storage_schemas.attention_store.use_chunk_codec_batches(); {report}"
-    assert batch_size(called) == str(CHUNK_CODEC_BATCH_SIZE)
+    assert settings(entry_point) == fast
+    users_choice = {"ZARR_CODEC_PIPELINE__BATCH_SIZE": "3", "ZARR_CODEC_PIPELINE__PATH": ZARR_DEFAULT_CODEC_PIPELINE}
+    assert settings(entry_point, **users_choice) == f"{ZARR_DEFAULT_CODEC_PIPELINE} 3"
+    call = "import zarr, storage_schemas.attention_store; storage_schemas.attention_store.use_fast_codec_pipeline()"
+    assert settings(f"{call}; {report}") == fast
+    chosen = "zarr.config.set({'codec_pipeline.path': 'zarrs.ZarrsCodecPipeline'})"  # in zarr.config, not the env
+    assert settings(f"import zarr; {chosen}; {call}; {report}") == f"zarrs.ZarrsCodecPipeline {CHUNK_CODEC_BATCH_SIZE}"
+
+
+def test_without_zarrs_zarr_s_pipeline_stays_with_one_warning():
+    code = ("import sys, warnings; sys.modules['zarrs'] = None; import zarr; "
+            "from storage_schemas.attention_store import use_fast_codec_pipeline\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    use_fast_codec_pipeline(); use_fast_codec_pipeline()\n"
+            "print(len(caught), zarr.config.get('codec_pipeline.path'))\n"
+            "print(caught[0].message)")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("ZARR_CODEC_PIPELINE__")}
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent.parent, env=environment).stdout.splitlines()
+    assert printed[0] == f"1 {ZARR_DEFAULT_CODEC_PIPELINE}"
+    assert printed[1].startswith("zarrs cannot be imported (")
+    assert printed[1].endswith("stores are read and written with zarr's slower codec pipeline. Install zarrs "
+                               "(see requirements.txt) for the fast one")
+
+
+PIPELINES = {"zarrs": FAST_CODEC_PIPELINE, "zarr": ZARR_DEFAULT_CODEC_PIPELINE}
+
+
+def stored_chunks(url: str) -> dict[str, bytes]:
+    """Every encoded chunk of the store at `url` by file and position in the shard (the order of chunks inside a
+    shard file is free, and zarr-python's depends on timing), and every other file's bytes; root attributes left
+    out (they hold random shard identities)."""
+    group = zarr.open_group(url, mode="r")
+    sharded = {name: array for name, array in group.arrays() if array.shards is not None}
+    found = {}
+    for path in sorted(Path(url).rglob("*")):
+        key = str(path.relative_to(url))
+        if not path.is_file() or key == "zarr.json":
+            continue
+        content, array = path.read_bytes(), sharded.get(key.split("/c/")[0])
+        if array is None or "/c/" not in key:
+            found[key] = content
+            continue
+        n_chunks = int(np.prod([s // c for s, c in zip(array.shards, array.chunks)]))
+        index = np.frombuffer(content[-(16 * n_chunks + 4):-4], dtype="<u8").reshape(n_chunks, 2)
+        for position, (offset, size) in enumerate(index):
+            found[f"{key}#{position}"] = b"" if offset == 2**64 - 1 else content[offset:offset + size]
+    return found
+
+
+def test_the_pipelines_write_the_same_chunks_and_read_each_other_s_stores(tmp_path):
+    """A store stays readable by any Zarr v3 implementation: zarrs and zarr-python encode every chunk to the same
+    bytes (only the order of chunks inside a shard file may differ), and each reads what the other wrote."""
+    data = make_data(LAYOUT)
+    urls = {}
+    for name, path in PIPELINES.items():
+        with zarr.config.set({"codec_pipeline.path": path}):
+            urls[name] = str(tmp_path / f"{name}.zarr")
+            group, _ = build_store(urls[name], data=data)
+            assert type(group["attention"]._async_array.codec_pipeline).__module__ == path.rsplit(".", 1)[0]
+    chunks = {name: stored_chunks(url) for name, url in urls.items()}
+    assert chunks["zarr"] == chunks["zarrs"]
+    assert sum(key.startswith("attention/c/") and len(chunk) > 0 for key, chunk in chunks["zarrs"].items()) \
+        == LAYOUT.n_examples * LAYOUT.layers
+    for writer, reader in (("zarrs", "zarr"), ("zarr", "zarrs")):
+        with zarr.config.set({"codec_pipeline.path": PIPELINES[reader]}):
+            group = open_attention_store(urls[writer])
+            assert_store_holds(group, data)
+            np.testing.assert_array_equal(group["attention"][1:5, 1, :, :3], data["attention"][1:5, 1, :, :3])
+
+
+def damage_first_chunk(url: str, where: str = "data") -> None:
+    """Flip one bit of attention example 0, layer 0 (the first chunk of shard 0): in its compressed data, or in its
+    stored CRC32C (the data still decode). Either way its checksum fails."""
+    path = Path(url) / "attention" / "c" / "0" / "0" / "0" / "0" / "0"
+    damaged = bytearray(path.read_bytes())
+    n_chunks = LAYOUT.shard_size * LAYOUT.layers
+    offset, size = np.frombuffer(bytes(damaged[-(16 * n_chunks + 4):-4]), dtype="<u8").reshape(n_chunks, 2)[0]
+    damaged[int(offset) + (int(size) // 2 if where == "data" else int(size) - 1)] ^= 0x01
+    path.write_bytes(bytes(damaged))
+
+
+@pytest.mark.parametrize("where", ["data", "checksum"])
+@pytest.mark.parametrize("selection", [np.s_[0:3], np.s_[0], np.s_[0:3, 0], np.s_[0:3, :, :, :4], np.s_[0, 0, 1]],
+                         ids=["whole shard", "one example", "one layer", "first positions", "one head"])
+def test_every_read_of_a_damaged_chunk_fails_its_checksum(url, selection, where):
+    """With zarrs selected, whole-shard reads and reads of part of a shard alike raise an error that
+    is_corrupt_chunk_error recognises, never the damaged numbers."""
+    from storage_schemas.storage_faults import is_corrupt_chunk_error
+
+    build_store(url)
+    damage_first_chunk(url, where)
+    with zarr.config.set({"codec_pipeline.path": FAST_CODEC_PIPELINE}):
+        attention = open_attention_store(url)["attention"]
+        with pytest.raises(Exception) as raised:
+            attention[selection]
+        assert is_corrupt_chunk_error(raised.value), raised.value
+        np.testing.assert_array_equal(attention[3:7], make_data(LAYOUT)["attention"][3:7])  # other shards read
+
+
+def test_plain_zarrs_does_not_check_the_checksum_of_part_of_a_shard(url):
+    """Why FAST_CODEC_PIPELINE is not plain `zarrs.ZarrsCodecPipeline`: zarrs 0.2.3 returns the damaged numbers of
+    a partial shard read without error. When this test fails, zarrs checks them: ChecksumValidatingZarrsPipeline
+    can go."""
+    build_store(url)
+    damage_first_chunk(url, where="checksum")
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        attention = open_attention_store(url)["attention"]
+        with pytest.raises(RuntimeError, match="the checksum is invalid"):
+            attention[0:3]
+        read = attention[0:3, 0]  # part of shard 0, its damaged chunk included: no error
+    np.testing.assert_array_equal(read, make_data(LAYOUT)["attention"][0:3, 0])
 
 
 def test_every_completed_shard_gets_a_fresh_identity_and_loses_it_when_unmarked(url):

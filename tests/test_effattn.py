@@ -40,7 +40,7 @@ def test_every_name_is_the_object_of_its_home_module():
         "ExplainSettings": ("flows.settings", "ExplainSettings"),
         "ReportSettings": ("flows.settings", "ReportSettings"),
         "PipelineSettings": ("flows.settings", "PipelineSettings"),
-        "use_chunk_codec_batches": ("storage_schemas.attention_store", "use_chunk_codec_batches"),
+        "use_fast_codec_pipeline": ("storage_schemas.attention_store", "use_fast_codec_pipeline"),
     }
     assert sorted(effattn.__all__) == sorted(homes)
     for name, (module, attribute) in homes.items():
@@ -55,11 +55,11 @@ def test_every_name_is_the_object_of_its_home_module():
 def test_importing_effattn_loads_neither_torch_nor_prefect_and_leaves_zarr_alone():
     code = ("import sys, effattn, zarr; "
             "print(sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules), "
-            "zarr.config.get('codec_pipeline.batch_size'))")
-    environment = {key: value for key, value in os.environ.items() if key != "ZARR_CODEC_PIPELINE__BATCH_SIZE"}
+            "zarr.config.get('codec_pipeline.batch_size'), zarr.config.get('codec_pipeline.path'))")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("ZARR_CODEC_PIPELINE__")}
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                              env=environment).stdout.strip()
-    assert printed == "[] 1"
+    assert printed == "[] 1 zarr.core.codec_pipeline.BatchedCodecPipeline"
 
 
 def readme_python_session() -> str:

@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -238,6 +239,27 @@ def test_the_efficient_stage_wrote_to_s3_what_recomputing_from_the_local_store_g
     np.testing.assert_array_equal(read["simplex__null_dim"], expected["simplex"].diagnostics["null_dim"])
     assert read["simplex__null_dim"].max() > 0  # sequences longer than the head dim: something was removed
     assert read["simplex__converged"].dtype == bool
+
+
+def test_s3_arrays_use_zarr_s_pipeline_where_zarrs_cannot_open_the_store(stores, s3_endpoint):
+    """zarrs opens no fsspec S3 store: zarr falls back to its own pipeline for those arrays, silently and in
+    batches, while local arrays of the same process go through zarrs (the CLI runs above did the same)."""
+    from zarr.core.codec_pipeline import BatchedCodecPipeline
+
+    from storage_schemas.attention_store import CHUNK_CODEC_BATCH_SIZE, FAST_CODEC_PIPELINE
+    from storage_schemas.zarrs_pipeline import ChecksumValidatingZarrsPipeline
+
+    assert zarr.config.get("codec_pipeline.path") == FAST_CODEC_PIPELINE  # as the entry points set it (conftest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        remote = open_attention_store(STORE, storage_options=storage_options(s3_endpoint))
+        pipeline = remote["attention"]._async_array.codec_pipeline
+        assert type(pipeline) is BatchedCodecPipeline and pipeline.batch_size == CHUNK_CODEC_BATCH_SIZE
+        local = open_attention_store(stores["local"])
+        assert type(local["attention"]._async_array.codec_pipeline) is ChecksumValidatingZarrsPipeline
+        for name in ("attention", "value"):
+            np.testing.assert_allclose(remote[name][:], local[name][:], rtol=0, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(remote[name][4:6, 1], local[name][4:6, 1], rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_everything_written_to_s3_is_portable(stores, s3_endpoint):

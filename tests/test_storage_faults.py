@@ -1,5 +1,6 @@
-"""storage_schemas.storage_faults: which storage errors are retried, the messages of the others, durable and
-rewritable shard writes, and the efficient stage's selective retries (its per-shard function, without Dask)."""
+"""storage_schemas.storage_faults: which storage errors are retried, the messages of the others (as zarr-python and
+zarrs raise them), damaged chunks, durable and rewritable shard writes, and the efficient stage's selective retries
+(its per-shard function, without Dask)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from storage_schemas.storage_faults import (
     StoreFullError,
     StoreNotWritableError,
     discard_shard_files,
+    as_os_error,
     explain_storage_error,
+    is_corrupt_chunk_error,
     is_transient_io_error,
     retry_transient_io,
     shard_file_paths,
@@ -56,6 +59,48 @@ def test_not_writable_is_a_store_not_writable_error(error):
     )
 
 
+# What zarrs (Rust) raises for these failures: a RuntimeError carrying the OS error's text and number.
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("File too large (os error 27)"), StoreFullError),
+    (RuntimeError("No space left on device (os error 28)"), StoreFullError),
+    (RuntimeError("Disk quota exceeded (os error 122)"), StoreFullError),
+    (RuntimeError("Permission denied (os error 13)"), StoreNotWritableError),
+    (RuntimeError("Read-only file system (os error 30)"), StoreNotWritableError),
+])
+def test_zarrs_os_errors_are_explained_by_their_number(error, expected):
+    explained = explain_storage_error(error, "/data/store.zarr")
+    assert type(explained) is expected
+    number = int(str(error).rsplit("os error ", 1)[1].rstrip(")"))
+    assert f"({os.strerror(number)})" in str(explained)
+    with pytest.raises(expected) as raised, storage_errors_explained("/data/store.zarr"):
+        raise error
+    assert raised.value.__cause__ is error
+    assert as_os_error(error).errno == number
+
+
+def test_a_runtime_error_without_an_os_error_number_is_not_an_os_error():
+    for error in (RuntimeError("the checksum is invalid"), RuntimeError("os error 28 happened elsewhere"),
+                  RuntimeError("Non-native byte order not supported")):
+        assert as_os_error(error) is None and explain_storage_error(error, "s") is None
+        with pytest.raises(RuntimeError), storage_errors_explained("s"):
+            raise error
+
+
+@pytest.mark.parametrize("error, corrupt", [
+    (ValueError("Stored and computed checksum do not match. Stored: b'1234'. Computed: b'5678'."), True),  # zarr
+    (RuntimeError("the checksum is invalid"), True),  # zarrs, a CRC32C mismatch
+    (OSError("Data corruption detected"), True),  # zarrs, Zstandard finding corrupt data
+    (OSError(errno.EIO, "Input/output error: checksum of the block"), False),  # a real I/O error, by number
+    (RuntimeError("Input/output error (os error 5)"), False),
+    (ValueError("shard 1: 'value' has shape (3,), expected (4,)"), False),
+    (KeyError("checksum"), False),
+])
+def test_damaged_chunks_are_recognised_as_either_pipeline_raises_them(error, corrupt):
+    assert is_corrupt_chunk_error(error) is corrupt
+    if corrupt:
+        assert not is_transient_io_error(error)  # re-reading damaged bytes gives the same damage
+
+
 def test_a_wrapped_cause_is_found_and_other_errors_pass_unchanged():
     try:
         try:
@@ -75,6 +120,12 @@ def test_a_wrapped_cause_is_found_and_other_errors_pass_unchanged():
 
 @pytest.mark.parametrize("error, transient", [
     (OSError(errno.EIO, "Input/output error"), True),
+    (RuntimeError("Input/output error (os error 5)"), True),  # zarrs
+    (RuntimeError("Connection reset by peer (os error 104)"), True),
+    (RuntimeError("No space left on device (os error 28)"), False),
+    (RuntimeError("Permission denied (os error 13)"), False),
+    (RuntimeError("No such file or directory (os error 2)"), False),
+    (RuntimeError("the checksum is invalid"), False),
     (OSError("a flaky object store"), True),
     (ConnectionResetError("connection reset by peer"), True),
     (TimeoutError("read timed out"), True),
@@ -214,8 +265,9 @@ def test_a_damaged_unfinished_shard_is_rewritten_and_its_files_are_synced(store_
     with path.open("r+b") as handle:  # garble the shard index at the end of the file
         handle.seek(size - 12)
         handle.write(b"\xff" * 8)
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(Exception, match="checksum") as raised:
         group["efficient/effective"][0:4]
+    assert is_corrupt_chunk_error(raised.value)
     compute_efficient_shard(store_with_variant, 0, ["effective"], SETTINGS)  # not marked done: rewritten whole
     np.testing.assert_array_equal(open_attention_store(store_with_variant)["efficient/effective"][0:4], before)
 
