@@ -361,6 +361,13 @@ def store_schema_version(group: zarr.Group) -> int:
     return int(group.attrs["schema_version"])
 
 
+def store_array_dimensions(group: zarr.Group, task: str) -> dict[str, tuple[str, ...]]:
+    """Every array of the schema version the store at `group` records, for `task`, and its dimension names; the
+    current version's when the store records no readable version (a damaged store: checked against the newest)."""
+    version = group.attrs.get("schema_version")
+    return array_dimensions(task, version if version in READABLE_SCHEMA_VERSIONS else SCHEMA_VERSION)
+
+
 def readable_by_every_reader(group: zarr.Group) -> bool:
     """Whether this store's schema keeps to the Zarr v3 core data types, so that every reader opens every array
     (v2; a v1 store's `text` is a `string` array, which TensorStore does not open)."""

@@ -57,9 +57,9 @@ def test_a_clean_store_verifies_clean(store, capsys):
     report = verify_store(store)
     assert report.ok, report.text()
     assert report.problems == [] and report.notes == []
-    n_arrays = 11 + len(VARIANTS) * 11  # schema arrays + per variant: efficient and 10 diagnostics
+    n_arrays = 12 + len(VARIANTS) * 11  # schema arrays + per variant: efficient and 10 diagnostics
     assert len(report.arrays_checked) == n_arrays
-    assert report.shards_read == 2 + 3 * (n_arrays - 2)  # w_out and out_bias whole, the rest per shard
+    assert report.shards_read == 4 + 3 * (n_arrays - 4)  # w_out, out_bias and the texts whole, the rest per shard
     assert main(["verify", store]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{store}: OK: {n_arrays} arrays, {report.shards_read} shards read; checksums, schema and invariants hold"
@@ -84,8 +84,9 @@ def test_flipped_bytes_in_a_shard_file_name_that_array_and_shard(store, capsys):
     flip_bytes(path, path.stat().st_size // 3)
     report = verify_store(store)
     assert [(p.array, p.shard, p.kind) for p in report.problems] == [("attention", 1, "checksum")]
-    chunks = re.findall(r"example (\d+) layer (\d+)", report.problems[0].detail)
-    assert chunks and all(4 <= int(example) < 8 for example, _ in chunks), report.problems[0].detail
+    chunks = re.findall(r"example (\d+)", report.problems[0].detail)  # a chunk holds an example's every layer
+    assert chunks and all(4 <= int(example) < 8 for example in chunks), report.problems[0].detail
+    assert " layer" not in report.problems[0].detail.split("(")[0]
     assert "Stored and computed checksum do not match" in report.problems[0].detail
     assert main(["verify", store]) == 1
     lines = capsys.readouterr().out.splitlines()
@@ -159,8 +160,8 @@ def test_a_wrong_schema_version_is_a_schema_problem(store, capsys):
     group.attrs["schema_version"] = 99
     report = verify_store(store)
     assert report.problems[0] == Problem("", None, "schema", (
-        f"{store} has attention store schema version 99, but this effattn reads version 1: extract again into a new "
-        "store, or use the effattn release that wrote it"
+        f"{store} has attention store schema version 99, but this effattn reads versions [1, 2]: extract again into "
+        "a new store, or use the effattn release that wrote it"
     ))
     assert main(["verify", store]) == 1
     out = capsys.readouterr().out
