@@ -272,8 +272,10 @@ def compute_shards(store: str, work: dict[int, list[str]], settings: dict, clien
 
     Shards start longest examples first. A shard cut in one piece (`shard_pieces`) is one task
     (`compute_efficient_shard`); a shard cut by layer has a task per piece (`compute_efficient_piece`, reading
-    only that layer's chunks) and one more that joins them and writes the whole shard (`write_efficient_pieces`),
-    at a higher priority so that finished shards leave memory first.
+    that layer) and one more that joins them and writes the whole shard (`write_efficient_pieces`), at a higher
+    priority so that finished shards leave memory first. In a v2 store a layer's read decodes the shard's chunks of
+    every layer; next to the simplex solve of the layer that is negligible (measured: 0.02 s against about 10 s per
+    example and layer at L = 128), so the pieces stay separate tasks.
     """
     from distributed import as_completed
 
