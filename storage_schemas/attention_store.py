@@ -625,27 +625,20 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_texts(group: zarr.Group, indices=None) -> list[str]:
-    """The source texts of the stored examples `indices` (a sequence of ints, a slice, or None for all), in that
-    order, from a store of any readable schema version."""
-    if "text" in group.array_keys():  # a v1 store: one `string` array
-        texts = group["text"]
-        if indices is None or isinstance(indices, slice):
-            return [str(item) for item in texts[indices if indices is not None else slice(None)]]
-        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return [str(item) for item in texts.get_orthogonal_selection(wanted)] if wanted.size else []
-    offsets = group["text_offsets"][:]
-    n = len(offsets) - 1
-    if indices is None:
-        indices = slice(None)
-    if isinstance(indices, slice):
-        wanted = np.arange(n)[indices]
-    else:
-        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+    """The source texts of the stored examples `indices` (a sequence of ints, negative ones counting from the end, a
+    slice, or None for all), in that order, from a store of any readable schema version."""
+    v1 = "text" in group.array_keys()  # a v1 store: one `string` array
+    n = group["text"].shape[0] if v1 else group["text_offsets"].shape[0] - 1
+    wanted = np.arange(n)[indices if indices is not None else slice(None)] if indices is None or \
+        isinstance(indices, slice) else np.asarray(indices, dtype=np.int64).reshape(-1)
     if not wanted.size:
         return []
     if wanted.min() < -n or wanted.max() >= n:
         raise IndexError(f"example indices must be in 0..{n - 1}, got {wanted.tolist()}")
     wanted = wanted % n
+    if v1:
+        return [str(item) for item in group["text"].get_orthogonal_selection(wanted)]
+    offsets = group["text_offsets"][:]
     starts, stops = offsets[wanted], offsets[wanted + 1]
     first, last = int(starts.min()), int(stops.max())
     needed = int((stops - starts).sum())

@@ -857,9 +857,11 @@ def test_a_v1_store_has_the_v1_layout_and_stays_readable(url):
     assert not readable_by_every_reader(opened)
     assert_store_holds(opened, data)
     texts = list(data["text"])
-    assert read_texts(opened, [5, 1]) == [texts[5], texts[1]]
+    assert read_texts(opened, [5, 1, -1]) == [texts[5], texts[1], texts[-1]]
     assert read_texts(opened, slice(0, 2)) == texts[:2]
     assert read_texts(opened, []) == []
+    with pytest.raises(IndexError, match=re.escape("example indices must be in 0..6, got [7]")):
+        read_texts(opened, [7])
     build_store(url + "-v2")
     assert readable_by_every_reader(open_attention_store(url + "-v2"))
 
