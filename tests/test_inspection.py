@@ -60,10 +60,13 @@ ATTRIBUTES = {
 
 @pytest.fixture()
 def store(tmp_path) -> str:
-    url = str(tmp_path / "store.zarr")
+    return make_store(str(tmp_path / "store.zarr"))
+
+
+def make_store(url: str, schema_version: int = 2) -> str:
     rng = np.random.default_rng(0)
     E, L = LAYOUT.n_examples, LAYOUT.max_length
-    group = create_attention_store(url, LAYOUT, ATTRIBUTES)
+    group = create_attention_store(url, LAYOUT, ATTRIBUTES, schema_version=schema_version)
     write_example_metadata(
         group,
         tokens=rng.integers(0, 1000, size=(E, L)),
@@ -197,3 +200,12 @@ def test_describe_of_nothing(tmp_path):
     url = str(Path(tmp_path) / "missing.zarr")
     with pytest.raises(FileNotFoundError, match=re.escape(f"there is no attention store at {url}")):
         describe_attention_store(url)
+
+
+def test_describe_a_v1_store_names_its_version_text_array_and_chunks(tmp_path):
+    url = make_store(str(tmp_path / "v1.zarr"), schema_version=1)
+    lines = describe_attention_store(url).splitlines()
+    assert "  schema: effattn.attention_store v1, created 2026-01-02T03:04:05+00:00" in lines
+    by_name = {line.split()[0]: line for line in lines[lines.index("  arrays:") + 1:]}
+    assert "text_bytes" not in by_name and by_name["text"].startswith("  text                 (example=5) ")
+    assert by_name["attention"].endswith("chunks=(1, 1, 4, 6, 6) shards=(3, 2, 4, 6, 6)")
