@@ -1,11 +1,18 @@
-"""The attention store, schema v1: a Zarr v3 group holding per-example attention and value tensors.
+"""The attention store, schema v2: a Zarr v3 group holding per-example attention and value tensors.
 
 Layout (DESIGN.md, "The attention store"): every array carries `dimension_names`, so the group opens with plain
 `xarray.open_zarr(url, consolidated=False)` or `zarr.open_group(url)` without this project installed.
 Examples are stored in length-sorted order (so that a shard pads little); `source_index` maps each stored
-example back to its row in the corpus. Big arrays are chunked one example x one layer (all heads) and sharded
+example back to its row in the corpus. Big arrays are chunked one example x all layers (all heads) and sharded
 by `shard_size` examples: the shard is the unit of work, and every writer writes whole shards only (concurrent
-writes into one shard lose data silently in Zarr). Everything beyond an example's `length` is zero.
+writes into one shard lose data silently in Zarr). Everything beyond an example's `length` is zero. Texts are UTF-8
+bytes in the uint8 array `text_bytes`, example i's between `text_offsets[i]` and `text_offsets[i + 1]` (`read_texts`):
+only core data types, so that every Zarr v3 reader (TensorStore included) opens every array.
+
+Schema v1 stores (written before v2) stay readable: their `attention` and `value` chunks are one example x one
+layer, and their texts are one `string` array `text` (a registered extension TensorStore does not read). A v1
+store being extracted again keeps its v1 layout (the arrays exist already). Code outside this module asks the
+functions here (`read_texts`, `readable_by_every_reader`) instead of looking at the version.
 
 Extraction completion is recorded in the root attribute `completed_shards`, written only after a shard's data
 has been written, by the single driver process; a shard not listed there is treated as absent. With it, the root
@@ -66,7 +73,11 @@ def use_fast_codec_pipeline() -> None:
     zarr.config.set({"codec_pipeline.path": FAST_CODEC_PIPELINE})
 
 SCHEMA_NAME = "effattn.attention_store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what new stores are written as
+READABLE_SCHEMA_VERSIONS = (1, 2)
+
+# Texts of schema v2: bytes in chunks of 1 MiB (a text is read with one or two chunks; the whole corpus with few).
+TEXT_BYTES_CHUNK = 2**20
 
 ARRAY_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "tokens": ("example", "position"),
@@ -74,7 +85,8 @@ ARRAY_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "untruncated_length": ("example",),
     "source_index": ("example",),
     "label": ("example",),
-    "text": ("example",),
+    "text_bytes": ("text_byte",),
+    "text_offsets": ("example_boundary",),
     "logits": ("example", "class"),
     "attention": ("example", "layer", "head", "query", "key"),
     "value": ("example", "layer", "kv_head", "position", "head_dim"),
@@ -88,7 +100,11 @@ ARRAY_DESCRIPTIONS: dict[str, str] = {
     "untruncated_length": "number of tokens before truncation (greater than `length` when the text was truncated)",
     "source_index": "row of each stored example in the corpus (examples are stored sorted by length)",
     "label": "class id of each example (see attribute class_names), -1 when unknown",
-    "text": "the source text",
+    "text": "the source text (schema v1)",
+    "text_bytes": "the source texts, UTF-8 encoded, one after another: example i's text is "
+    "text_bytes[text_offsets[i]:text_offsets[i + 1]].decode('utf-8')",
+    "text_offsets": "where each example's text starts in text_bytes (example i: text_offsets[i] to "
+    "text_offsets[i + 1]); the last entry is the length of text_bytes",
     "logits": "the unmodified model's output logits (next-token: the top_k largest logits at every position)",
     "logit_ids": "next-token: the vocabulary ids of the top_k logits at every position (largest first)",
     "logsumexp": "next-token: log-sum-exp of all logits at every position (log-probability = logit - logsumexp)",
@@ -108,13 +124,33 @@ TASKS = ("classification", "next-token")
 FLOAT_DTYPES = ("float32", "float16")
 
 
-def array_dimensions(task: str) -> dict[str, tuple[str, ...]]:
-    """Every array of schema v1 for `task` and its dimension names."""
-    if task == "classification":
-        return dict(ARRAY_DIMENSIONS)
+# Schema v1 held the texts in one `string` array instead of text_bytes + text_offsets.
+V1_TEXT_ARRAY_DIMENSIONS: dict[str, tuple[str, ...]] = {"text": ("example",)}
+V2_TEXT_ARRAYS = ("text_bytes", "text_offsets")
+
+
+def _check_version(schema_version: int) -> None:
+    if schema_version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"attention store schema version must be one of {READABLE_SCHEMA_VERSIONS}, "
+                         f"got {schema_version!r}")
+
+
+def array_dimensions(task: str, schema_version: int = SCHEMA_VERSION) -> dict[str, tuple[str, ...]]:
+    """Every array of schema `schema_version` for `task` and its dimension names."""
+    _check_version(schema_version)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
+    dimensions = dict(ARRAY_DIMENSIONS)
+    if schema_version == 1:
+        dimensions = {}
+        for name, dims in ARRAY_DIMENSIONS.items():
+            if name == "text_bytes":
+                dimensions.update(V1_TEXT_ARRAY_DIMENSIONS)
+            elif name != "text_offsets":
+                dimensions[name] = dims
     if task == "next-token":
-        return {**ARRAY_DIMENSIONS, **NEXT_TOKEN_ARRAY_DIMENSIONS}
-    raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
+        dimensions.update(NEXT_TOKEN_ARRAY_DIMENSIONS)
+    return dimensions
 
 
 class AttentionStoreError(ValueError):
@@ -168,9 +204,21 @@ class AttentionStoreLayout:
         start = shard_index * self.shard_size
         return slice(start, min(start + self.shard_size, self.n_examples))
 
-    def array_specs(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...], tuple[int, ...] | None]]:
-        """name -> (shape, dtype, chunks, shards or None)."""
+    def array_specs(self, schema_version: int = SCHEMA_VERSION
+                    ) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...] | None, tuple[int, ...] | None]]:
+        """name -> (shape, dtype, chunks (None: one chunk), shards or None) of every array of schema
+        `schema_version`. `text_bytes` (v2) is created empty: its length, the texts' total bytes, is known only
+        when they are written (`write_example_metadata`)."""
+        _check_version(schema_version)
         E, L, S = self.n_examples, self.max_length, self.shard_size
+        layers_per_chunk = 1 if schema_version == 1 else self.layers
+        if schema_version == 1:
+            texts = {"text": ((E,), "string", (S,), None)}
+        else:
+            texts = {
+                "text_bytes": ((0,), "uint8", (TEXT_BYTES_CHUNK,), None),
+                "text_offsets": ((E + 1,), "int64", (S,), None),
+            }
         if self.task == "next-token":
             K = self.top_k
             predictions = {
@@ -186,18 +234,18 @@ class AttentionStoreLayout:
             "untruncated_length": ((E,), "int32", (S,), None),
             "source_index": ((E,), "int64", (S,), None),
             "label": ((E,), "int64", (S,), None),
-            "text": ((E,), "string", (S,), None),
+            **texts,
             **predictions,
             "attention": (
                 (E, self.layers, self.heads, L, L),
                 self.dtype,
-                (1, 1, self.heads, L, L),
+                (1, layers_per_chunk, self.heads, L, L),
                 (S, self.layers, self.heads, L, L),
             ),
             "value": (
                 (E, self.layers, self.kv_heads, L, self.head_dim),
                 self.dtype,
-                (1, 1, self.kv_heads, L, self.head_dim),
+                (1, layers_per_chunk, self.kv_heads, L, self.head_dim),
                 (S, self.layers, self.kv_heads, L, self.head_dim),
             ),
             "w_out": ((self.layers, self.heads, self.head_dim, self.hidden), "float32", None, None),
@@ -224,14 +272,17 @@ def create_attention_store(
     layout: AttentionStoreLayout,
     attributes: dict[str, Any],
     storage_options: dict | None = None,
+    schema_version: int = SCHEMA_VERSION,
 ) -> zarr.Group:
     """Create an empty attention store at `url` (an error if anything exists there).
 
     `attributes` are provenance (model, tokenizer, corpus, ...) written as root attributes beside the schema name
-    and version, the layout and an empty `completed_shards` list.
+    and version, the layout and an empty `completed_shards` list. `schema_version` 1 writes the earlier layout
+    (for compatibility tests; effattn writes new stores as SCHEMA_VERSION).
     """
+    _check_version(schema_version)
     group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options)
-    return _fill_new_store(group, layout, attributes)
+    return _fill_new_store(group, layout, attributes, schema_version)
 
 
 def recreate_unprepared_store(
@@ -248,9 +299,10 @@ def recreate_unprepared_store(
     return _fill_new_store(group, layout, attributes)
 
 
-def _fill_new_store(group: zarr.Group, layout: AttentionStoreLayout, attributes: dict[str, Any]) -> zarr.Group:
-    dimensions = array_dimensions(layout.task)
-    for name, (shape, dtype, chunks, shards) in layout.array_specs().items():
+def _fill_new_store(group: zarr.Group, layout: AttentionStoreLayout, attributes: dict[str, Any],
+                    schema_version: int = SCHEMA_VERSION) -> zarr.Group:
+    dimensions = array_dimensions(layout.task, schema_version)
+    for name, (shape, dtype, chunks, shards) in layout.array_specs(schema_version).items():
         group.create_array(
             name,
             shape=shape,
@@ -266,7 +318,7 @@ def _fill_new_store(group: zarr.Group, layout: AttentionStoreLayout, attributes:
         {
             **attributes,
             "schema": SCHEMA_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": schema_version,
             "layout": asdict(layout),
             "completed_shards": [],
             "prepared": False,
@@ -322,8 +374,27 @@ def store_layout(group: zarr.Group) -> AttentionStoreLayout:
     return AttentionStoreLayout(**group.attrs["layout"])
 
 
+def store_schema_version(group: zarr.Group) -> int:
+    """The schema version of a validated store (1 or 2)."""
+    return int(group.attrs["schema_version"])
+
+
+def store_array_dimensions(group: zarr.Group, task: str) -> dict[str, tuple[str, ...]]:
+    """Every array of the schema version the store at `group` records, for `task`, and its dimension names; the
+    current version's when the store records no readable version (a damaged store: checked against the newest)."""
+    version = group.attrs.get("schema_version")
+    return array_dimensions(task, version if version in READABLE_SCHEMA_VERSIONS else SCHEMA_VERSION)
+
+
+def readable_by_every_reader(group: zarr.Group) -> bool:
+    """Whether this store's schema keeps to the Zarr v3 core data types, so that every reader opens every array
+    (v2; a v1 store's `text` is a `string` array, which TensorStore does not open)."""
+    return store_schema_version(group) >= 2
+
+
 def validate_attention_store(group: zarr.Group, url: str) -> None:
-    """Check schema name and version, the presence, dims, shapes and dtypes of every array of schema v1."""
+    """Check schema name and version, the presence, dims, shapes and dtypes of every array of the store's schema
+    version (READABLE_SCHEMA_VERSIONS), and the chunks and shards of `attention` and `value`."""
     attributes = group.attrs.asdict()
     schema = attributes.get("schema")
     if schema != SCHEMA_NAME:
@@ -332,10 +403,11 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
             f"expected {SCHEMA_NAME!r}): point --store at a store written by `effattn extract`"
         )
     version = attributes.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS or isinstance(version, bool):
         raise AttentionStoreError(
-            f"{url} has attention store schema version {version!r}, but this effattn reads version "
-            f"{SCHEMA_VERSION}: extract again into a new store, or use the effattn release that wrote it"
+            f"{url} has attention store schema version {version!r}, but this effattn reads versions "
+            f"{list(READABLE_SCHEMA_VERSIONS)}: extract again into a new store, or use the effattn release that "
+            "wrote it"
         )
     if not attributes.get("prepared"):
         raise AttentionStoreError(
@@ -350,27 +422,37 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
             "extract again into a new store"
         ) from None
     present = set(group.array_keys())
-    dimensions = array_dimensions(layout.task)
+    dimensions = array_dimensions(layout.task, version)
     missing = [name for name in dimensions if name not in present]
     if missing:
         raise AttentionStoreError(
             f"{url} is missing the arrays {missing}: the store is incomplete or damaged; "
             "extract again into a new store"
         )
-    for name, (shape, dtype, _, _) in layout.array_specs().items():
+    for name, (shape, dtype, chunks, shards) in layout.array_specs(version).items():
         array = group[name]
         dims = tuple(array.metadata.dimension_names or ())
         if dims != dimensions[name]:
             raise AttentionStoreError(
-                f"{url}: array '{name}' has dimensions {dims}, but schema v1 expects {dimensions[name]}"
+                f"{url}: array '{name}' has dimensions {dims}, but schema v{version} expects {dimensions[name]}"
             )
+        if name == "text_bytes":
+            shape = (int(group["text_offsets"][-1]),)  # the texts' total bytes
         if tuple(array.shape) != shape:
             raise AttentionStoreError(
                 f"{url}: array '{name}' has shape {tuple(array.shape)}, but the store's layout implies {shape}"
             )
         stored_dtype = "string" if array.dtype.kind in ("O", "T", "U") else str(array.dtype)
         if stored_dtype != dtype:
-            raise AttentionStoreError(f"{url}: array '{name}' has dtype {stored_dtype}, but schema v1 expects {dtype}")
+            raise AttentionStoreError(
+                f"{url}: array '{name}' has dtype {stored_dtype}, but schema v{version} expects {dtype}"
+            )
+        if name in ("attention", "value") and (tuple(array.chunks), array.shards) != (chunks, shards):
+            raise AttentionStoreError(
+                f"{url}: array '{name}' has chunks {tuple(array.chunks)} and shards {array.shards}, but schema "
+                f"v{version} expects chunks {chunks} and shards {shards}: the store is damaged or was written by "
+                "another program; extract again into a new store"
+            )
 
 
 def check_same_run(group: zarr.Group, url: str, expected: dict[str, Any]) -> None:
@@ -529,9 +611,10 @@ def write_example_metadata(
     untruncated_length: np.ndarray,
     source_index: np.ndarray,
     label: np.ndarray,
-    text: np.ndarray,
+    text,
 ) -> None:
-    """Write the per-example arrays that are known before any model runs (all examples at once).
+    """Write the per-example arrays that are known before any model runs (all examples at once), in the layout of
+    the store's schema version (v2: `text_bytes` + `text_offsets`; v1: the `string` array `text`).
 
     tokens: [example, position] int; length, untruncated_length, source_index, label: [example]; text: [example] str.
     """
@@ -540,7 +623,48 @@ def write_example_metadata(
     group["untruncated_length"][:] = untruncated_length.astype(np.int32)
     group["source_index"][:] = source_index.astype(np.int64)
     group["label"][:] = label.astype(np.int64)
-    group["text"][:] = np.asarray(text, dtype=object).astype(str)
+    if "text" in group.array_keys():  # a v1 store
+        group["text"][:] = np.asarray(text, dtype=object).astype(str)
+        return
+    encoded, offsets = encode_texts([str(item) for item in text])
+    if len(offsets) != group["text_offsets"].shape[0]:
+        raise ValueError(f"{len(offsets) - 1} texts for a store of {group['text_offsets'].shape[0] - 1} examples")
+    group["text_bytes"].resize((len(encoded),))
+    group["text_bytes"][:] = encoded
+    group["text_offsets"][:] = offsets
+
+
+def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """texts -> (UTF-8 bytes of all of them one after another [total bytes] uint8, offsets [texts + 1] int64)."""
+    pieces = [text.encode("utf-8") for text in texts]
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([len(piece) for piece in pieces], out=offsets[1:])
+    return np.frombuffer(b"".join(pieces), dtype=np.uint8), offsets
+
+
+def read_texts(group: zarr.Group, indices=None) -> list[str]:
+    """The source texts of the stored examples `indices` (a sequence of ints, negative ones counting from the end, a
+    slice, or None for all), in that order, from a store of any readable schema version."""
+    v1 = "text" in group.array_keys()  # a v1 store: one `string` array
+    n = group["text"].shape[0] if v1 else group["text_offsets"].shape[0] - 1
+    wanted = np.arange(n)[indices if indices is not None else slice(None)] if indices is None or \
+        isinstance(indices, slice) else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if not wanted.size:
+        return []
+    if wanted.min() < -n or wanted.max() >= n:
+        raise IndexError(f"example indices must be in 0..{n - 1}, got {wanted.tolist()}")
+    wanted = wanted % n
+    if v1:
+        return [str(item) for item in group["text"].get_orthogonal_selection(wanted)]
+    offsets = group["text_offsets"][:]
+    starts, stops = offsets[wanted], offsets[wanted + 1]
+    first, last = int(starts.min()), int(stops.max())
+    needed = int((stops - starts).sum())
+    data = group["text_bytes"]
+    if last - first <= 4 * needed + TEXT_BYTES_CHUNK:  # one read of the span costs little more than the texts
+        span = data[first:last].tobytes()
+        return [span[start - first:stop - first].decode("utf-8") for start, stop in zip(starts, stops)]
+    return [data[int(start):int(stop)].tobytes().decode("utf-8") for start, stop in zip(starts, stops)]
 
 
 def write_shard(

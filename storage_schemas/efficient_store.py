@@ -1,7 +1,7 @@
 """The efficient stage's part of an attention store: `efficient/<variant>` and `diagnostics/<variant>/<name>`.
 
-`efficient/<variant>` has the layout of `attention` (example, layer, head, query, key; chunk one example x one
-layer; shards of `shard_size` examples), float32, zero outside each example's real block. The null part of a
+`efficient/<variant>` has the layout of `attention` (example, layer, head, query, key; the chunks of `attention`:
+one example x all layers, or one layer in a schema v1 store; shards of `shard_size` examples), float32, zero outside each example's real block. The null part of a
 variant is `attention - efficient/<variant>`. `diagnostics/<variant>/<name>` are (example, layer, head) arrays,
 one chunk per shard. Completion is recorded per variant in the attribute `completed_shards` of
 `efficient/<variant>`, written by the driver only after the shard's data is written; the settings that shaped the
@@ -98,7 +98,7 @@ def prepare_efficient_arrays(group: zarr.Group, url: str, variant: str, settings
         path,
         shape=attention_shape,
         dtype="float32",
-        chunks=(1, 1, layout.heads, layout.max_length, layout.max_length),
+        chunks=tuple(group["attention"].chunks),  # as the attention it is read beside (schema v1 or v2)
         shards=(S, *attention_shape[1:]),
         compressors=_compressors(),
         fill_value=0,

@@ -16,6 +16,13 @@ numpy unicode array), `null_terminated_bytes` (numpy `S`), `raw_bytes` (numpy `V
 structured types. None of them passes this check. `with_portable_strings` turns the unicode variables of an xarray
 Dataset into variable-length strings, which zarr-python writes as `string` + `vlen-utf8`.
 
+A registered extension is not core, and not every reader implements it: `READER_EXTENSION_DATA_TYPES` says which
+extension data types each reader checked here opens (TensorStore 0.1.86 refuses `string`: "string data type is not
+one of the supported data types"). `reader_problems` names the arrays a reader cannot open. An attention store of
+schema v2 or later promises that every reader opens every array (its texts are bytes + offsets), so for one
+`portability_problems` also counts any array a reader of the table cannot open; results datasets (causal,
+explanations) keep `string` coordinates, which zarr-python and xarray read and TensorStore does not.
+
 The check reads the metadata documents themselves (through fsspec), as another implementation would, and not
 zarr-python's parsed view of them.
 """
@@ -28,6 +35,8 @@ import re
 import fsspec
 import xarray as xr
 import zarr
+
+from storage_schemas.attention_store import READABLE_SCHEMA_VERSIONS, SCHEMA_NAME, readable_by_every_reader
 
 # Data types of the Zarr v3 core specification (https://zarr-specs.readthedocs.io/en/latest/v3/core/index.html),
 # besides the raw bit types "r8", "r16", ... (`_RAW_BITS`).
@@ -54,6 +63,13 @@ REGISTERED_DATA_TYPES: dict[str, tuple[str, str]] = {
 CORE_CODECS = frozenset({"bytes", "transpose", "gzip", "blosc", "sharding_indexed", "crc32c", "zstd"})
 REGISTERED_CODECS: dict[str, str] = {"vlen-utf8": f"{_EXTENSIONS}/codecs/vlen-utf8"}
 
+# Reader -> the registered extension data types it opens (every reader opens the core ones). Checked by reading
+# stores in tests/test_zarr_portability.py; TensorStore: version 0.1.86, zarr3 driver.
+READER_EXTENSION_DATA_TYPES: dict[str, frozenset[str]] = {
+    "zarr-python": frozenset({"string"}),
+    "TensorStore": frozenset(),
+}
+
 CHUNK_GRIDS = frozenset({"regular"})
 CHUNK_KEY_ENCODINGS = frozenset({"default", "v2"})
 
@@ -64,6 +80,12 @@ _ADVICE = {
     "raw_bytes": "store the bytes in a uint8 array with an extra dimension",
     "variable_length_bytes": "store the bytes in a uint8 array with offsets, or as strings",
 }
+
+
+def _data_type_name(metadata: dict) -> str | None:
+    data_type = metadata.get("data_type")
+    name = data_type.get("name") if isinstance(data_type, dict) else data_type
+    return name if isinstance(name, str) else None
 
 
 def _node_paths(url: str, storage_options: dict | None) -> list[tuple[str, int]]:
@@ -138,14 +160,10 @@ def array_metadata_problems(where: str, metadata: dict) -> list[str]:
     return problems
 
 
-def portability_problems(url: str, storage_options: dict | None = None) -> list[str]:
-    """Everything in the Zarr hierarchy at `url` that another Zarr v3 implementation may not read; [] if none.
-
-    `url`: a local path or fsspec URL (s3://...) of a Zarr group; `storage_options` go to its fsspec filesystem.
-    Each problem names the node (its path inside the store, "/" for the root) and what to change.
-    """
+def _array_documents(url: str, storage_options: dict | None) -> tuple[list[str], dict[str, dict]]:
+    """(problems of nodes not in Zarr format 3, path inside the store -> the zarr.json of every array)."""
     filesystem, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    problems = []
+    problems, arrays = [], {}
     for path, zarr_format in _node_paths(url, storage_options):
         where = f"/{path}"
         if zarr_format != 3:
@@ -156,8 +174,65 @@ def portability_problems(url: str, storage_options: dict | None = None) -> list[
         if metadata.get("zarr_format") != 3:
             problems.append(f"{where}: zarr.json has zarr_format {metadata.get('zarr_format')!r}, not 3")
         if metadata.get("node_type") == "array":
-            problems += array_metadata_problems(where, metadata)
+            arrays[where] = metadata
+    return problems, arrays
+
+
+def _reader_problems(arrays: dict[str, dict], readers) -> list[str]:
+    problems = []
+    for where, metadata in arrays.items():
+        name = _data_type_name(metadata)
+        if name not in REGISTERED_DATA_TYPES:
+            continue  # core (or reported as unspecified by array_metadata_problems)
+        refusing = [reader for reader in readers if name not in READER_EXTENSION_DATA_TYPES[reader]]
+        if refusing:
+            problems.append(
+                f"{where}: data type {name!r} is a registered extension, not core, and {' and '.join(refusing)} "
+                f"cannot open it: store it with core data types (text: UTF-8 bytes in a uint8 array plus int64 "
+                "offsets)"
+            )
     return problems
+
+
+def _check_readers(readers) -> tuple[str, ...]:
+    readers = tuple(readers)
+    unknown = [reader for reader in readers if reader not in READER_EXTENSION_DATA_TYPES]
+    if unknown:
+        raise ValueError(f"unknown readers {unknown}: choose from {sorted(READER_EXTENSION_DATA_TYPES)}")
+    return readers
+
+
+def reader_problems(url: str, storage_options: dict | None = None,
+                    readers=tuple(READER_EXTENSION_DATA_TYPES)) -> list[str]:
+    """The arrays of the Zarr hierarchy at `url` that one of `readers` (names of READER_EXTENSION_DATA_TYPES;
+    default all) cannot open, each with the readers and what to change; [] if every reader opens every array."""
+    readers = _check_readers(readers)
+    return _reader_problems(_array_documents(url, storage_options)[1], readers)
+
+
+def _promises_every_reader(url: str, storage_options: dict | None) -> bool:
+    """Whether the group at `url` is an attention store whose schema promises that every reader opens every array."""
+    group = zarr.open_group(url, mode="r", storage_options=storage_options)
+    attributes = group.attrs.asdict()
+    return (attributes.get("schema") == SCHEMA_NAME and attributes.get("schema_version") in READABLE_SCHEMA_VERSIONS
+            and readable_by_every_reader(group))
+
+
+def portability_problems(url: str, storage_options: dict | None = None, readers=()) -> list[str]:
+    """Everything in the Zarr hierarchy at `url` that another Zarr v3 implementation may not read; [] if none.
+
+    `url`: a local path or fsspec URL (s3://...) of a Zarr group; `storage_options` go to its fsspec filesystem.
+    Each problem names the node (its path inside the store, "/" for the root) and what to change. Arrays that one
+    of `readers` (READER_EXTENSION_DATA_TYPES) cannot open are problems too; for an attention store of a schema
+    that promises every reader (v2 on), every reader of the table is checked whatever `readers` says.
+    """
+    readers = _check_readers(readers)
+    problems, arrays = _array_documents(url, storage_options)
+    for where, metadata in arrays.items():
+        problems += array_metadata_problems(where, metadata)
+    if _promises_every_reader(url, storage_options):
+        readers = tuple(READER_EXTENSION_DATA_TYPES)
+    return problems + _reader_problems(arrays, readers)
 
 
 def with_portable_strings(dataset: xr.Dataset) -> xr.Dataset:
@@ -184,9 +259,11 @@ def with_portable_strings(dataset: xr.Dataset) -> xr.Dataset:
 __all__ = [
     "CORE_CODECS",
     "CORE_DATA_TYPES",
+    "READER_EXTENSION_DATA_TYPES",
     "REGISTERED_CODECS",
     "REGISTERED_DATA_TYPES",
     "array_metadata_problems",
     "portability_problems",
+    "reader_problems",
     "with_portable_strings",
 ]

@@ -4,7 +4,8 @@ Checks, in order:
 
 * schema: `validate_attention_store` (schema name and version, arrays, dims, shapes, dtypes);
 * every chunk of every array decodes: each chunk carries a CRC32C checksum (Zarr v3 `crc32c` codec), so flipped
-  bytes show up as a checksum failure, located to the array, the shard and the damaged (example, layer) chunks;
+  bytes show up as a checksum failure, located to the array, the shard and the damaged chunks (by example; v1
+  stores, chunked by layer too: by example and layer);
 * no file is missing for a shard recorded as done (Zarr reads a missing chunk as zeros, silently);
 * no NaN or infinite value in a floating-point array;
 * the numeric invariants of analysis.store_checks on every completed shard: attention rows sum to 1 over the real
@@ -39,7 +40,7 @@ from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
     AttentionStoreNotFoundError,
-    array_dimensions,
+    store_array_dimensions,
     completed_shards,
     unmark_shards,
     validate_attention_store,
@@ -58,6 +59,9 @@ from storage_schemas.store_lock import hold_store_lock
 SHARD_ARRAYS = ("attention", "value", "logits", "logit_ids", "logsumexp")
 # Arrays whose every completed shard must exist on disk (never entirely the fill value in a sound store).
 NEVER_EMPTY = ("tokens", "length", "attention", "value")
+# Arrays read whole, not by shard of examples: the model constants, and the texts (v2: their bytes and offsets do
+# not run along the example dimension).
+WHOLE_ARRAYS = ("w_out", "out_bias", "text_bytes", "text_offsets")
 # How many damaged chunks a problem lists by name.
 CHUNKS_NAMED = 8
 
@@ -156,19 +160,27 @@ def _shard_regions(layout: AttentionStoreLayout) -> list[slice]:
     return [layout.shard_slice(index) for index in range(layout.n_shards)]
 
 
-def _damaged_chunks(array: zarr.Array, region: slice) -> list[str]:
-    """The (example, layer) chunks of a sharded array's shard that do not decode (all, when the shard index is
-    damaged)."""
+def _damaged_chunks(array: zarr.Array, region: slice) -> tuple[list[str], int]:
+    """The chunks of a sharded array's shard that do not decode (all, when the shard index is damaged), named by
+    example (and layer, where a chunk holds one layer: schema v1), and how many chunks the shard has."""
     if array.shards is None or array.ndim < 2:
-        return []
+        return [], 0
+    layers_per_chunk = array.chunks[1]
+    starts = range(0, array.shape[1], layers_per_chunk)
     damaged = []
     for example in range(region.start, region.stop):
-        for layer in range(array.shape[1]):
+        for layer in starts:
             try:
-                array[example, layer]
+                array[example, layer:layer + layers_per_chunk]
             except Exception:  # noqa: BLE001 - any failure to decode is damage
-                damaged.append(f"example {example} layer {layer}")
-    return damaged
+                if layers_per_chunk >= array.shape[1]:
+                    damaged.append(f"example {example}")
+                elif layers_per_chunk == 1:
+                    damaged.append(f"example {example} layer {layer}")
+                else:
+                    damaged.append(f"example {example} layers {layer} to "
+                                   f"{min(layer + layers_per_chunk, array.shape[1]) - 1}")
+    return damaged, (region.stop - region.start) * len(starts)
 
 
 def _read(array: zarr.Array, name: str, region: slice | None, shard: int | None, report: VerificationReport):
@@ -179,8 +191,8 @@ def _read(array: zarr.Array, name: str, region: slice | None, shard: int | None,
         kind = "checksum" if is_corrupt_chunk_error(error) else "unreadable"
         detail = f"{type(error).__name__}: {error}"
         if region is not None:
-            chunks = _damaged_chunks(array, region)
-            if chunks and len(chunks) == (region.stop - region.start) * array.shape[1]:
+            chunks, in_shard = _damaged_chunks(array, region)
+            if chunks and len(chunks) == in_shard:
                 detail = f"none of its {len(chunks)} chunks decodes: the shard's index or file is damaged ({detail})"
             elif chunks:
                 named = ", ".join(chunks[:CHUNKS_NAMED]) + (f" and {len(chunks) - CHUNKS_NAMED} more"
@@ -262,7 +274,7 @@ def verify_store(url: str, storage_options: dict | None = None,
     report.arrays_checked = sorted(arrays)
 
     constants = {}
-    for name in ("w_out", "out_bias"):
+    for name in WHOLE_ARRAYS:
         if name in arrays:
             constants[name] = _read(arrays[name], name, None, None, report)
 
@@ -301,7 +313,7 @@ def verify_store(url: str, storage_options: dict | None = None,
 
 def _open_arrays(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport) -> dict:
     """name -> array for every array of the schema and of the efficient stage that opens."""
-    names = list(array_dimensions(layout.task))
+    names = list(store_array_dimensions(group, layout.task))
     for variant in VARIANTS:
         try:
             present = efficient_array_path(variant) in group

@@ -18,7 +18,12 @@ from prefect.cache_policies import NO_CACHE
 from analysis.report_figures import choose_examples, choose_head, load_local_tokenizer, token_labels
 from analysis.report_html import ExampleView, ReportInputs, write_report
 from analysis.variants import VARIANTS
-from storage_schemas.attention_store import AttentionStoreNotFoundError, open_attention_store, store_layout
+from storage_schemas.attention_store import (
+    AttentionStoreNotFoundError,
+    open_attention_store,
+    read_texts,
+    store_layout,
+)
 from storage_schemas.causal_results import AGGREGATES, CausalResultsError, open_causal_results
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import load_explanation_dataset
@@ -116,7 +121,7 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
             views.append(ExampleView(
                 index=index, layer=layer, head=head,
                 labels=token_labels(store_group["tokens"][index, :n], tokenizer),
-                text=str(store_group["text"][index]),
+                text=read_texts(store_group, [index])[0],
                 label=class_names[label] if 0 <= label < len(class_names) else ("none" if label < 0 else str(label)),
                 attention=np.asarray(store_group["attention"][index, layer, head, :n, :n], dtype=np.float64),
                 efficient={variant: np.asarray(store_group[efficient_array_path(variant)][index, layer, head, :n, :n],

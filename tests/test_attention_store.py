@@ -38,6 +38,8 @@ from storage_schemas.attention_store import (
     mark_prepared,
     mark_shard_completed,
     open_attention_store,
+    read_texts,
+    readable_by_every_reader,
     recreate_unprepared_store,
     store_layout,
     write_example_metadata,
@@ -55,20 +57,24 @@ LAYOUT = AttentionStoreLayout(
     shard_size=3, dtype="float32",
 )
 
-# Schema v1 written out literally: a reader who never installed effattn relies on exactly these names.
+# Schema v2 written out literally: a reader who never installed effattn relies on exactly these names.
 EXPECTED_DIMS = {
     "tokens": ("example", "position"),
     "length": ("example",),
     "untruncated_length": ("example",),
     "source_index": ("example",),
     "label": ("example",),
-    "text": ("example",),
+    "text_bytes": ("text_byte",),
+    "text_offsets": ("example_boundary",),
     "logits": ("example", "class"),
     "attention": ("example", "layer", "head", "query", "key"),
     "value": ("example", "layer", "kv_head", "position", "head_dim"),
     "w_out": ("layer", "head", "head_dim", "hidden"),
     "out_bias": ("layer", "hidden"),
 }
+# Schema v1: the texts were one `string` array.
+EXPECTED_V1_DIMS = {**{name: dims for name, dims in EXPECTED_DIMS.items() if not name.startswith("text_")},
+                    "text": ("example",)}
 
 ATTRIBUTES = {
     "model": {"name": "tiny", "weights_digest": "sha256:aaa", "layers": 2},
@@ -110,10 +116,12 @@ def build_store(
     data: dict[str, np.ndarray] | None = None,
     prepared: bool = True,
     shards: list[int] | None = None,
+    schema_version: int = 2,
 ) -> tuple[zarr.Group, dict[str, np.ndarray]]:
-    """Create a store the way the extraction stage does; `shards` (default: all) are written and marked done."""
+    """Create a store the way the extraction stage does (in the layout of `schema_version`); `shards` (default:
+    all) are written and marked done."""
     data = make_data(layout) if data is None else data
-    group = create_attention_store(url, layout, ATTRIBUTES)
+    group = create_attention_store(url, layout, ATTRIBUTES, schema_version=schema_version)
     write_example_metadata(
         group,
         tokens=data["tokens"],
@@ -142,10 +150,10 @@ def url(tmp_path) -> str:
 
 def assert_store_holds(group, data: dict[str, np.ndarray]) -> None:
     for name, expected in data.items():
-        stored = group[name][:]
         if name == "text":
-            assert [str(item) for item in stored] == list(expected)
+            assert read_texts(group) == list(expected)
         else:
+            stored = group[name][:]
             assert stored.dtype == expected.dtype, name
             np.testing.assert_array_equal(stored, expected, err_msg=name)
 
@@ -166,7 +174,7 @@ def test_round_trip_every_array_exactly(url, dtype):
     assert completed_shards(group) == [0, 1, 2]
     attributes = group.attrs.asdict()
     assert attributes["schema"] == "effattn.attention_store"
-    assert attributes["schema_version"] == 1
+    assert attributes["schema_version"] == 2
     assert attributes["prepared"] is True
     assert attributes["layout"] == asdict(layout)
     for key, value in ATTRIBUTES.items():
@@ -195,15 +203,18 @@ def test_round_trip_through_an_fsspec_url(tmp_path):
 SHARD_ONLY = ("attention", "value", "logits")
 
 
-def test_chunks_are_one_example_one_layer_and_shards_whole_units_of_work(url):
+def test_chunks_are_one_example_all_layers_and_shards_whole_units_of_work(url):
     build_store(url)
     group = zarr.open_group(url, mode="r")
     S, L = LAYOUT.shard_size, LAYOUT.max_length
-    assert group["attention"].chunks == (1, 1, LAYOUT.heads, L, L)
+    assert group["attention"].chunks == (1, LAYOUT.layers, LAYOUT.heads, L, L)
     assert group["attention"].shards == (S, LAYOUT.layers, LAYOUT.heads, L, L)
-    assert group["value"].chunks == (1, 1, LAYOUT.kv_heads, L, LAYOUT.head_dim)
+    assert group["value"].chunks == (1, LAYOUT.layers, LAYOUT.kv_heads, L, LAYOUT.head_dim)
     assert group["value"].shards == (S, LAYOUT.layers, LAYOUT.kv_heads, L, LAYOUT.head_dim)
     assert group["tokens"].chunks == (S, L)
+    assert group["text_bytes"].dtype == np.uint8 and group["text_bytes"].chunks == (2**20,)
+    assert group["text_bytes"].shards is None
+    assert group["text_offsets"].dtype == np.int64 and group["text_offsets"].shape == (LAYOUT.n_examples + 1,)
     # One shard file per shard of examples: a writer of shard i touches nothing of shard j.
     shard_files = sorted(os.listdir(Path(url) / "attention" / "c"))
     assert shard_files == ["0", "1", "2"]
@@ -215,13 +226,14 @@ def test_plain_xarray_reads_every_array_with_its_dims(url):
     assert set(dataset.data_vars) == set(EXPECTED_DIMS)
     for name, dims in EXPECTED_DIMS.items():
         assert dataset[name].dims == dims, name
-        if name == "text":
-            assert [str(item) for item in dataset[name].values] == list(data[name])
-        else:
+        if name not in ("text_bytes", "text_offsets"):
             np.testing.assert_array_equal(dataset[name].values, data[name], err_msg=name)
+    offsets, text_bytes = dataset["text_offsets"].values, dataset["text_bytes"].values.tobytes()
+    assert [text_bytes[offsets[i]:offsets[i + 1]].decode() for i in range(7)] == list(data["text"])
+    total_bytes = sum(len(text.encode()) for text in data["text"])
     assert dict(dataset.sizes) == {
         "example": 7, "position": 6, "query": 6, "key": 6, "class": 3, "layer": 2, "head": 4, "kv_head": 2,
-        "head_dim": 3, "hidden": 5,
+        "head_dim": 3, "hidden": 5, "text_byte": total_bytes, "example_boundary": 8,
     }
     assert dataset.attrs["schema"] == "effattn.attention_store"
     assert dataset.attrs["completed_shards"] == [0, 1, 2]
@@ -236,7 +248,7 @@ def test_plain_zarr_reads_every_array_with_its_dimension_names(url):
         assert group[name].attrs["description"], name
     np.testing.assert_array_equal(group["attention"][:], data["attention"])
     np.testing.assert_array_equal(group["value"][2:5], data["value"][2:5])
-    assert group.attrs["schema_version"] == 1
+    assert group.attrs["schema_version"] == 2
 
 
 def test_a_reader_without_effattn_opens_the_store(url):
@@ -248,8 +260,10 @@ def test_a_reader_without_effattn_opens_the_store(url):
         "ds = xarray.open_zarr(url, consolidated=False)\n"
         "g = zarr.open_group(url, mode='r')\n"
         "assert not any(m.split('.')[0] in ('storage_schemas', 'analysis', 'tasks', 'flows') for m in sys.modules)\n"
+        "b, o = g['text_bytes'][:].tobytes(), g['text_offsets'][:]\n"
         "print(json.dumps({'dims': list(ds['attention'].dims), 'attention': ds['attention'].values.tolist(),\n"
-        "                  'value': g['value'][:].tolist(), 'text': [str(t) for t in ds['text'].values]}))\n"
+        "                  'value': g['value'][:].tolist(),\n"
+        "                  'text': [b[o[i]:o[i + 1]].decode('utf-8') for i in range(len(o) - 1)]}))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, url], capture_output=True, text=True, cwd=Path(url).parent, check=False
@@ -358,9 +372,9 @@ def test_a_foreign_zarr_group_is_not_an_attention_store(url):
 
 def test_wrong_schema_version(url):
     group, _ = build_store(url)
-    group.attrs["schema_version"] = 2
+    group.attrs["schema_version"] = 3
     message = (
-        f"{url} has attention store schema version 2, but this effattn reads version 1: "
+        f"{url} has attention store schema version 3, but this effattn reads versions [1, 2]: "
         "extract again into a new store, or use the effattn release that wrote it"
     )
     with pytest.raises(AttentionStoreError, match=re.escape(message)):
@@ -407,18 +421,18 @@ def _replace_array(url: str, name: str, **spec) -> None:
         (
             "length",
             dict(shape=(7,), dtype="int32", dimension_names=("sample",)),
-            "array 'length' has dimensions ('sample',), but schema v1 expects ('example',)",
+            "array 'length' has dimensions ('sample',), but schema v2 expects ('example',)",
         ),
         (
             "attention",
             dict(shape=(7, 2, 4, 6, 6), dtype="float32", dimension_names=("example", "layer", "head", "key", "query")),
             "array 'attention' has dimensions ('example', 'layer', 'head', 'key', 'query'), "
-            "but schema v1 expects ('example', 'layer', 'head', 'query', 'key')",
+            "but schema v2 expects ('example', 'layer', 'head', 'query', 'key')",
         ),
         (
             "logits",
             dict(shape=(7, 3), dtype="float32"),
-            "array 'logits' has dimensions (), but schema v1 expects ('example', 'class')",
+            "array 'logits' has dimensions (), but schema v2 expects ('example', 'class')",
         ),
         (
             "tokens",
@@ -428,12 +442,12 @@ def _replace_array(url: str, name: str, **spec) -> None:
         (
             "length",
             dict(shape=(7,), dtype="int64", dimension_names=("example",)),
-            "array 'length' has dtype int64, but schema v1 expects int32",
+            "array 'length' has dtype int64, but schema v2 expects int32",
         ),
         (
             "value",
             dict(shape=(7, 2, 2, 6, 3), dtype="float16", dimension_names=EXPECTED_DIMS["value"]),
-            "array 'value' has dtype float16, but schema v1 expects float32",
+            "array 'value' has dtype float16, but schema v2 expects float32",
         ),
     ],
 )
@@ -890,3 +904,130 @@ def test_describe_shards_joins_neighbours_and_names_single_examples():
     assert describe_shards([2], layout) == "shard [2] (example 6)"
     assert describe_shards([1, 0], layout) == "shards [0, 1] (examples 0 to 5)"
     assert describe_shards([0, 2], layout) == "shards [0, 2] (examples 0 to 2, 6)"
+
+
+# ------------------------------------------------------------------------------------------
+# texts (v2: bytes + offsets) and schema v1 stores
+
+
+def test_read_texts_of_any_examples_in_any_order(url):
+    _, data = build_store(url)
+    group = open_attention_store(url)
+    texts = list(data["text"])
+    assert read_texts(group) == texts
+    assert read_texts(group, [6, 0, 3, 3]) == [texts[6], texts[0], texts[3], texts[3]]
+    assert read_texts(group, np.array([1])) == [texts[1]]
+    assert read_texts(group, slice(2, 5)) == texts[2:5]
+    assert read_texts(group, []) == []
+    assert read_texts(group, [-1]) == [texts[-1]]
+    offsets = group["text_offsets"][:]
+    assert offsets[0] == 0 and offsets[-1] == group["text_bytes"].shape[0]
+    assert (np.diff(offsets) == [len(text.encode("utf-8")) for text in texts]).all()
+    with pytest.raises(IndexError, match=re.escape("example indices must be in 0..6, got [7]")):
+        read_texts(group, [7])
+
+
+def test_read_texts_far_apart_reads_each_text_alone(url):
+    """Texts far apart in a big corpus are read one by one (not the bytes between them): same result."""
+    layout = AttentionStoreLayout(**{**asdict(LAYOUT), "n_examples": 3, "shard_size": 1})
+    data = make_data(layout)
+    data["text"] = np.array(["first", "é" * 1_500_000, "last"], dtype=object)  # 3 MB between them
+    build_store(url, layout, data)
+    group = open_attention_store(url)
+    assert read_texts(group, [2, 0]) == ["last", "first"]
+    assert read_texts(group, [1]) == ["é" * 1_500_000]
+
+
+def test_all_empty_texts(url):
+    data = make_data(LAYOUT)
+    data["text"] = np.array([""] * LAYOUT.n_examples, dtype=object)
+    build_store(url, data=data)
+    group = open_attention_store(url)
+    assert group["text_bytes"].shape == (0,)
+    assert read_texts(group) == [""] * LAYOUT.n_examples
+
+
+def test_text_bytes_not_matching_the_offsets_is_refused(url):
+    group, _ = build_store(url)
+    group["text_bytes"].resize((group["text_bytes"].shape[0] - 1,))
+    total = int(group["text_offsets"][-1])
+    message = f"{url}: array 'text_bytes' has shape ({total - 1},), but the store's layout implies ({total},)"
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+
+
+def test_a_v1_store_has_the_v1_layout_and_stays_readable(url):
+    """A store written by schema v1: texts in a `string` array, chunks of one example x one layer."""
+    _, data = build_store(url, schema_version=1)
+    group = zarr.open_group(url, mode="r")
+    assert set(group.array_keys()) == set(EXPECTED_V1_DIMS)
+    for name, dims in EXPECTED_V1_DIMS.items():
+        assert tuple(group[name].metadata.dimension_names) == dims, name
+    assert json.loads((Path(url) / "text" / "zarr.json").read_text())["data_type"] == "string"
+    assert group["attention"].chunks == (1, 1, LAYOUT.heads, 6, 6)
+    assert group["value"].chunks == (1, 1, LAYOUT.kv_heads, 6, LAYOUT.head_dim)
+    opened = open_attention_store(url)
+    assert opened.attrs["schema_version"] == 1
+    assert not readable_by_every_reader(opened)
+    assert_store_holds(opened, data)
+    texts = list(data["text"])
+    assert read_texts(opened, [5, 1, -1]) == [texts[5], texts[1], texts[-1]]
+    assert read_texts(opened, slice(0, 2)) == texts[:2]
+    assert read_texts(opened, []) == []
+    with pytest.raises(IndexError, match=re.escape("example indices must be in 0..6, got [7]")):
+        read_texts(opened, [7])
+    build_store(url + "-v2")
+    assert readable_by_every_reader(open_attention_store(url + "-v2"))
+
+
+def test_the_same_data_reads_the_same_from_v1_and_v2(tmp_path):
+    _, data = build_store(str(tmp_path / "v1.zarr"), schema_version=1)
+    build_store(str(tmp_path / "v2.zarr"), data=data)
+    v1, v2 = open_attention_store(str(tmp_path / "v1.zarr")), open_attention_store(str(tmp_path / "v2.zarr"))
+    assert read_texts(v1) == read_texts(v2) == list(data["text"])
+    for name in ("attention", "value", "tokens", "logits"):
+        np.testing.assert_array_equal(v1[name][:], v2[name][:], err_msg=name)
+        np.testing.assert_array_equal(v1[name][1:5, ...], v2[name][1:5, ...], err_msg=name)
+    np.testing.assert_array_equal(v1["attention"][:, 1], v2["attention"][:, 1])  # one layer of every example
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_validation_checks_the_arrays_of_the_stores_own_version(url, version):
+    build_store(url, schema_version=version)
+    group = zarr.open_group(url, mode="r+")
+    if version == 1:
+        group.create_array("text_offsets", shape=(8,), dtype="int64", dimension_names=("example_boundary",))
+        open_attention_store(url)  # an extra array is no problem; a missing one is
+        del group["text"]
+        missing = ["text"]
+    else:
+        del group["text_offsets"]
+        missing = ["text_offsets"]
+    message = f"{url} is missing the arrays {missing}: the store is incomplete or damaged; extract again into a new store"
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+
+
+@pytest.mark.parametrize("version, wrong_layers", [(1, 2), (2, 1)])
+def test_attention_chunks_of_the_other_version_are_refused(url, version, wrong_layers):
+    build_store(url, schema_version=version)
+    S, L = LAYOUT.shard_size, LAYOUT.max_length
+    _replace_array(url, "attention", shape=(7, 2, 4, L, L), dtype="float32", chunks=(1, wrong_layers, 4, L, L),
+                   shards=(S, 2, 4, L, L), dimension_names=EXPECTED_DIMS["attention"])
+    expected = (1, 3 - wrong_layers, 4, L, L)
+    message = (f"{url}: array 'attention' has chunks (1, {wrong_layers}, 4, 6, 6) and shards ({S}, 2, 4, 6, 6), but "
+               f"schema v{version} expects chunks {expected} and shards ({S}, 2, 4, 6, 6): the store is damaged or "
+               "was written by another program; extract again into a new store")
+    with pytest.raises(AttentionStoreError, match=re.escape(message)):
+        open_attention_store(url)
+
+
+def test_a_v1_store_takes_shards_in_its_own_layout(url):
+    """Writing shards into a v1 store (extraction resuming) keeps its v1 chunks and version."""
+    group, data = build_store(url, schema_version=1, shards=[0])
+    region = LAYOUT.shard_slice(2)
+    write_shard(group, 2, *_shard_arrays(data, region))
+    mark_shard_completed(group, 2)
+    reopened = open_attention_store(url)
+    assert reopened.attrs["schema_version"] == 1 and reopened["attention"].chunks[1] == 1
+    np.testing.assert_array_equal(reopened["attention"][region], data["attention"][region])

@@ -227,6 +227,35 @@ def test_layer_pieces_on_workers_equal_the_whole_shard_in_one_process(bert_store
             )
 
 
+def test_one_process_reads_a_shard_once_for_every_layer_piece(bert_store, tmp_path, monkeypatch):
+    """An inner chunk holds every layer of an example (schema v2): the one-process path reads the shard's layers in
+    one read instead of one read per layer piece, and stores the same as computing the pieces separately."""
+    import tasks.efficient
+    from tasks.efficient import compute_efficient_piece, shard_pieces, write_efficient_pieces
+
+    url, separately = str(tmp_path / "once.zarr"), str(tmp_path / "separately.zarr")
+    shutil.copytree(bert_store, url)
+    shutil.copytree(bert_store, separately)
+    layers = store_layout(open_attention_store(url)).layers
+    assert len(shard_pieces(["simplex"], layers)) == layers > 1
+    for target in (url, separately):
+        prepare_variants(target, ["simplex"], SETTINGS)
+    reads = []
+    real_read = tasks.efficient._read_piece_inputs
+    monkeypatch.setattr(tasks.efficient, "_read_piece_inputs",
+                        lambda *args: reads.append(args[4]) or real_read(*args))
+    compute_efficient_shard(url, 1, ["simplex"], SETTINGS)
+    assert reads == [slice(0, layers)]
+    pieces = [compute_efficient_piece(separately, 1, cut, ["simplex"], SETTINGS) for cut in shard_pieces(["simplex"],
+                                                                                                         layers)]
+    assert len(reads) == 1 + layers  # each piece on its own reads its layer
+    write_efficient_pieces(separately, 1, pieces)
+    once, apart = open_attention_store(url), open_attention_store(separately)
+    region = store_layout(once).shard_slice(1)
+    np.testing.assert_array_equal(once["efficient/simplex"][region], apart["efficient/simplex"][region])
+    assert once["efficient/simplex"][region].any()
+
+
 def test_shards_with_the_longest_examples_are_started_first(bert_store):
     from tasks.efficient import shards_by_cost
 

@@ -263,3 +263,41 @@ def test_a_store_of_the_same_weights_with_another_tokenizer_is_refused(tmp_path,
                f"{replacement}): use another --store, or delete {url} to start over")
     with pytest.raises(AttentionStoreError, match=re.escape(message)):
         prepare_store.fn(url, str(corpus), str(other), 24, None, "float32", "cpu", None, None, 4, 0)
+
+
+def test_extraction_resuming_into_a_v1_store_keeps_its_v1_layout(tmp_path, tiny_bert_folder):
+    """A store written by schema v1, its last shards unfinished: the same extract command finishes them in the v1
+    layout (chunks of one example x one layer, texts in `text`), with the data a v2 store of the same run holds."""
+    import json
+    from pathlib import Path
+
+    from storage_schemas.attention_store import (
+        completed_shards,
+        mark_shard_completed,
+        read_texts,
+        unmark_shards,
+    )
+    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+    from tests.store_builders import build_real_store, build_v1_store, write_corpus
+
+    corpus = write_corpus(tmp_path / "reviews.csv")
+    v1 = build_v1_store(str(tmp_path / "v1.zarr"), tiny_bert_folder, corpus, variants=())
+    v2 = build_real_store(str(tmp_path / "v2.zarr"), tiny_bert_folder, corpus, variants=())
+    group = open_attention_store(v1, mode="r+")
+    unmark_shards(group, [1, 2])
+    group["attention"][4:] = 0  # what an unfinished extraction leaves: nothing of those shards
+    todo, num_labels = prepare_store.fn(v1, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None,
+                                        None, 4, 0)
+    assert todo == [1, 2]
+    for shard in todo:
+        captured = capture_shard.fn(v1, shard, str(tiny_bert_folder), num_labels, "cpu", 0, 4)
+        mark_shard_completed(group, write_captured_shard.fn(v1, shard, captured))
+    resumed, fresh = open_attention_store(v1), open_attention_store(v2)
+    assert resumed.attrs["schema_version"] == 1 and completed_shards(resumed) == [0, 1, 2]
+    assert resumed["attention"].chunks[1] == 1 and fresh["attention"].chunks[1] == fresh["attention"].shape[1]
+    assert json.loads((Path(v1) / "text" / "zarr.json").read_text())["data_type"] == "string"
+    assert "text_bytes" not in resumed.array_keys()
+    assert read_texts(resumed) == read_texts(fresh)
+    for name in ("attention", "value", "logits", "tokens"):
+        np.testing.assert_allclose(resumed[name][:], fresh[name][:], rtol=0, atol=1e-6, err_msg=name)
+    assert resumed["attention"][4:].any()

@@ -60,10 +60,13 @@ ATTRIBUTES = {
 
 @pytest.fixture()
 def store(tmp_path) -> str:
-    url = str(tmp_path / "store.zarr")
+    return make_store(str(tmp_path / "store.zarr"))
+
+
+def make_store(url: str, schema_version: int = 2) -> str:
     rng = np.random.default_rng(0)
     E, L = LAYOUT.n_examples, LAYOUT.max_length
-    group = create_attention_store(url, LAYOUT, ATTRIBUTES)
+    group = create_attention_store(url, LAYOUT, ATTRIBUTES, schema_version=schema_version)
     write_example_metadata(
         group,
         tokens=rng.integers(0, 1000, size=(E, L)),
@@ -117,7 +120,7 @@ def test_describe_names_model_corpus_shards_and_schema(store):
     text = describe_attention_store(store)
     lines = text.splitlines()
     assert lines[0] == f"attention store {store}"
-    assert "  schema: effattn.attention_store v1, created 2026-01-02T03:04:05+00:00" in lines
+    assert "  schema: effattn.attention_store v2, created 2026-01-02T03:04:05+00:00" in lines
     assert (
         "  model: tiny-llama (LlamaForSequenceClassification, 2 layers x 4 heads, 2 kv heads, head dim 3, "
         "hidden 5, causal)"
@@ -149,17 +152,17 @@ def test_describe_lists_every_array_with_dims_dtype_chunks_and_shards(store):
     lines = describe_attention_store(store).splitlines()
     arrays = lines[lines.index("  arrays:") + 1 :]
     assert [line.split()[0] for line in arrays] == sorted(
-        ["tokens", "length", "untruncated_length", "source_index", "label", "text", "logits", "attention",
-         "value", "w_out", "out_bias"]
+        ["tokens", "length", "untruncated_length", "source_index", "label", "text_bytes", "text_offsets", "logits",
+         "attention", "value", "w_out", "out_bias"]
     )
     by_name = {line.split()[0]: line for line in arrays}
     assert by_name["attention"] == (
         "  attention            (example=5, layer=2, head=4, query=6, key=6) float16 "
-        "chunks=(1, 1, 4, 6, 6) shards=(3, 2, 4, 6, 6)"
+        "chunks=(1, 2, 4, 6, 6) shards=(3, 2, 4, 6, 6)"
     )
     assert by_name["value"] == (
         "  value                (example=5, layer=2, kv_head=2, position=6, head_dim=3) float16 "
-        "chunks=(1, 1, 2, 6, 3) shards=(3, 2, 2, 6, 3)"
+        "chunks=(1, 2, 2, 6, 3) shards=(3, 2, 2, 6, 3)"
     )
     assert by_name["tokens"] == "  tokens               (example=5, position=6) int32 chunks=(3, 6)"
     assert by_name["length"] == "  length               (example=5) int32 chunks=(3,)"
@@ -168,8 +171,8 @@ def test_describe_lists_every_array_with_dims_dtype_chunks_and_shards(store):
         "  w_out                (layer=2, head=4, head_dim=3, hidden=5) float32 chunks=(2, 4, 3, 5)"
     )
     assert by_name["out_bias"] == "  out_bias             (layer=2, hidden=5) float32 chunks=(2, 5)"
-    assert by_name["text"].startswith("  text                 (example=5) ")
-    assert "shards=" not in by_name["text"]
+    assert re.fullmatch(r"  text_bytes           \(text_byte=\d+\) uint8 chunks=\(1048576,\)", by_name["text_bytes"])
+    assert by_name["text_offsets"] == "  text_offsets         (example_boundary=6) int64 chunks=(3,)"
 
 
 def test_describe_reports_the_size_on_disk(store):
@@ -188,8 +191,8 @@ def test_describe_counts_every_completed_shard(store):
 
 
 def test_describe_refuses_an_invalid_store(store):
-    zarr.open_group(store, mode="r+").attrs["schema_version"] = 2
-    with pytest.raises(AttentionStoreError, match=re.escape(f"{store} has attention store schema version 2")):
+    zarr.open_group(store, mode="r+").attrs["schema_version"] = 3
+    with pytest.raises(AttentionStoreError, match=re.escape(f"{store} has attention store schema version 3")):
         describe_attention_store(store)
 
 
@@ -197,3 +200,12 @@ def test_describe_of_nothing(tmp_path):
     url = str(Path(tmp_path) / "missing.zarr")
     with pytest.raises(FileNotFoundError, match=re.escape(f"there is no attention store at {url}")):
         describe_attention_store(url)
+
+
+def test_describe_a_v1_store_names_its_version_text_array_and_chunks(tmp_path):
+    url = make_store(str(tmp_path / "v1.zarr"), schema_version=1)
+    lines = describe_attention_store(url).splitlines()
+    assert "  schema: effattn.attention_store v1, created 2026-01-02T03:04:05+00:00" in lines
+    by_name = {line.split()[0]: line for line in lines[lines.index("  arrays:") + 1:]}
+    assert "text_bytes" not in by_name and by_name["text"].startswith("  text                 (example=5) ")
+    assert by_name["attention"].endswith("chunks=(1, 1, 4, 6, 6) shards=(3, 2, 4, 6, 6)")

@@ -43,7 +43,7 @@ from flows.settings import (
     ExtractSettings,
     ReportSettings,
 )
-from storage_schemas.attention_store import open_attention_store
+from storage_schemas.attention_store import open_attention_store, read_texts
 from storage_schemas.causal_results import CausalResultsError
 from tasks.report import load_report_inputs
 from tests.conftest import write_reviews_csv
@@ -129,7 +129,7 @@ def test_report_inputs_match_the_stores(causal_run):
         tokens = group["tokens"][example.index, :n]
         assert example.labels[0] == "[CLS]" and example.labels[-1] == "[SEP]" and len(example.labels) == n
         assert example.labels != [str(token) for token in tokens]  # strings, not ids
-        assert example.text == group["text"][example.index]
+        assert example.text == read_texts(group, [example.index])[0]
     aggregates = xr.open_zarr(causal_run["results"], consolidated=False)
     for name in ("agreement_rate", "flip_rate", "examples_measured"):
         np.testing.assert_array_equal(inputs.aggregates[name].values, aggregates[name].values)

@@ -29,7 +29,7 @@ import s3fs
 import zarr
 
 from analysis.efficient_attention import VARIANTS, efficient_attention
-from storage_schemas.attention_store import attention_store_state, open_attention_store
+from storage_schemas.attention_store import attention_store_state, open_attention_store, read_texts
 from storage_schemas.efficient_store import DIAGNOSTIC_ARRAYS
 from storage_schemas.inspection import size_on_disk
 from storage_schemas.portability import portability_problems
@@ -42,8 +42,8 @@ BUCKET = "effattn-sharing"
 STORE = f"s3://{BUCKET}/reviews-tiny-bert.zarr"
 # 9 of the 10 review rows, shards of 4 (the last holds 1), truncated to 16 tokens (longer than head dim 8).
 EXTRACT_OPTIONS = ["--limit", "9", "--shard-size", "4", "--batch-size", "3", "--max-length", "16", "--no-train"]
-ARRAYS = ("tokens", "length", "untruncated_length", "source_index", "label", "text", "logits", "attention", "value",
-          "w_out", "out_bias")
+ARRAYS = ("tokens", "length", "untruncated_length", "source_index", "label", "text_bytes", "text_offsets", "logits",
+          "attention", "value", "w_out", "out_bias")
 
 
 def storage_options(endpoint: str) -> dict:
@@ -169,7 +169,8 @@ READER = textwrap.dedent(
     efficient = xr.open_zarr(url, group="efficient", consolidated=False, storage_options=options)
     simplex = xr.open_zarr(url, group="diagnostics/simplex", consolidated=False, storage_options=options)
     arrays = {name: root[name].values for name in root.data_vars}
-    arrays["text"] = np.array([str(text) for text in arrays["text"]])
+    data, offsets = arrays["text_bytes"].tobytes(), arrays["text_offsets"]
+    arrays["text"] = np.array([data[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)])
     arrays.update({"efficient__" + name: efficient[name].values for name in efficient.data_vars})
     arrays.update({"simplex__" + name: simplex[name].values for name in simplex.data_vars})
     np.savez(out, **arrays)
@@ -207,13 +208,13 @@ def test_a_plain_xarray_reader_sees_the_same_extraction_as_the_local_store(store
     assert facts["completed_shards"] == [0, 1, 2]
     assert facts["dims"]["attention"] == ["example", "layer", "head", "query", "key"]
     assert facts["dims"]["value"] == ["example", "layer", "kv_head", "position", "head_dim"]
-    assert facts["dims"]["text"] == ["example"]
+    assert facts["dims"]["text_bytes"] == ["text_byte"] and facts["dims"]["text_offsets"] == ["example_boundary"]
 
     local = zarr.open_group(stores["local"], mode="r")
     assert set(ARRAYS) <= set(read)
     for name in ("tokens", "length", "untruncated_length", "source_index", "label"):
         np.testing.assert_array_equal(read[name], local[name][:], err_msg=name)
-    assert read["text"].tolist() == [str(text) for text in local["text"][:]]
+    assert read["text"].tolist() == read_texts(local)
     assert len(set(read["text"].tolist())) == 9
     for name in ("logits", "attention", "value", "w_out", "out_bias"):
         assert read[name].dtype == np.float32 and read[name].shape == local[name].shape, name
@@ -279,7 +280,7 @@ def test_inspect_a_remote_store_configured_through_fsspec(stores, s3_endpoint):
     environment = {**base_environment(stores["tmp"]), "FSSPEC_S3": json.dumps(storage_options(s3_endpoint))}
     lines = run_ok(effattn(["inspect", STORE], environment)).splitlines()
     assert lines[0] == f"attention store {STORE}"
-    assert "  schema: effattn.attention_store v1" in lines[1]
+    assert "  schema: effattn.attention_store v2" in lines[1]
     assert "  shards: 3 of 3 completed (4 examples each)" in lines
     assert any(line.startswith("    simplex     3 of 3 shards completed") for line in lines)
     size = s3fs.S3FileSystem(**storage_options(s3_endpoint), skip_instance_cache=True).du(STORE, total=True)

@@ -18,7 +18,7 @@ from storage_schemas.attention_store import completed_shards, open_attention_sto
 from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.storage_faults import shard_file_paths
 from storage_schemas.verification import Problem, content_digests, verify_store
-from tests.store_builders import build_real_store, write_corpus
+from tests.store_builders import build_real_store, build_v1_store, write_corpus
 
 VARIANTS = ("effective", "stochastic", "simplex")
 
@@ -57,9 +57,9 @@ def test_a_clean_store_verifies_clean(store, capsys):
     report = verify_store(store)
     assert report.ok, report.text()
     assert report.problems == [] and report.notes == []
-    n_arrays = 11 + len(VARIANTS) * 11  # schema arrays + per variant: efficient and 10 diagnostics
+    n_arrays = 12 + len(VARIANTS) * 11  # schema arrays + per variant: efficient and 10 diagnostics
     assert len(report.arrays_checked) == n_arrays
-    assert report.shards_read == 2 + 3 * (n_arrays - 2)  # w_out and out_bias whole, the rest per shard
+    assert report.shards_read == 4 + 3 * (n_arrays - 4)  # w_out, out_bias and the texts whole, the rest per shard
     assert main(["verify", store]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{store}: OK: {n_arrays} arrays, {report.shards_read} shards read; checksums, schema and invariants hold"
@@ -84,8 +84,9 @@ def test_flipped_bytes_in_a_shard_file_name_that_array_and_shard(store, capsys):
     flip_bytes(path, path.stat().st_size // 3)
     report = verify_store(store)
     assert [(p.array, p.shard, p.kind) for p in report.problems] == [("attention", 1, "checksum")]
-    chunks = re.findall(r"example (\d+) layer (\d+)", report.problems[0].detail)
-    assert chunks and all(4 <= int(example) < 8 for example, _ in chunks), report.problems[0].detail
+    chunks = re.findall(r"example (\d+)", report.problems[0].detail)  # a chunk holds an example's every layer
+    assert chunks and all(4 <= int(example) < 8 for example in chunks), report.problems[0].detail
+    assert " layer" not in report.problems[0].detail.split("(")[0]
     # the whole-shard read's error, as zarrs (the default) or zarr-python words it
     assert re.search("the checksum is invalid|Stored and computed checksum do not match", report.problems[0].detail)
     assert main(["verify", store]) == 1
@@ -104,7 +105,8 @@ def test_a_damaged_shard_index_is_named_too(store):
     flip_bytes(path, path.stat().st_size - 12)  # the shard index sits at the end of the file
     report = verify_store(store)
     assert [(p.array, p.shard, p.kind) for p in report.problems] == [("efficient/simplex", 2, "checksum")]
-    assert report.problems[0].detail.startswith("none of its 4 chunks decodes: the shard's index or file is damaged")
+    # shard 2 holds 2 examples, one chunk each (every layer of an example in one chunk)
+    assert report.problems[0].detail.startswith("none of its 2 chunks decodes: the shard's index or file is damaged")
 
 
 def test_nan_in_a_stored_tensor_is_reported(store):
@@ -160,8 +162,8 @@ def test_a_wrong_schema_version_is_a_schema_problem(store, capsys):
     group.attrs["schema_version"] = 99
     report = verify_store(store)
     assert report.problems[0] == Problem("", None, "schema", (
-        f"{store} has attention store schema version 99, but this effattn reads version 1: extract again into a new "
-        "store, or use the effattn release that wrote it"
+        f"{store} has attention store schema version 99, but this effattn reads versions [1, 2]: extract again into "
+        "a new store, or use the effattn release that wrote it"
     ))
     assert main(["verify", store]) == 1
     out = capsys.readouterr().out
@@ -298,3 +300,21 @@ def test_weight_outside_a_recorded_key_band_is_reported(tmp_path):
     assert {(p.array, p.shard, p.kind) for p in problems} == {("efficient/effective", 2, "invariant")}
     assert any(p.detail.startswith("|weight| on keys outside the layer's key band is 0.25 (tolerance 1e-06) at "
                                    "(example, layer, head) (9, 1, 0)") for p in problems), problems
+
+
+def test_a_v1_store_verifies_clean_and_its_damage_is_named_by_example_and_layer(tmp_path, tiny_bert_folder):
+    """A store of schema v1 (texts in a `string` array, chunks of one example x one layer), efficient variants
+    computed by this version: clean; flipped bytes are located to (example, layer) chunks."""
+    url = build_v1_store(str(tmp_path / "v1.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),
+                         variants=("effective", "simplex"))
+    group = open_attention_store(url)
+    assert group.attrs["schema_version"] == 1 and group["efficient/simplex"].chunks[1] == 1
+    report = verify_store(url)
+    assert report.ok, report.text()
+    assert "text" in report.arrays_checked and "text_bytes" not in report.arrays_checked
+    (path,) = shard_file_paths(zarr.open_group(url, mode="r"), ["attention"], 1)
+    flip_bytes(path, path.stat().st_size // 3)
+    problems = verify_store(url).problems
+    assert [(p.array, p.shard, p.kind) for p in problems] == [("attention", 1, "checksum")]
+    chunks = re.findall(r"example (\d+) layer (\d+)", problems[0].detail)
+    assert chunks and all(4 <= int(example) < 8 for example, _ in chunks), problems[0].detail

@@ -27,6 +27,8 @@ from storage_schemas.attention_store import (
     create_attention_store,
     mark_prepared,
     mark_shard_completed,
+    open_attention_store,
+    read_texts,
     write_example_metadata,
     write_shard,
 )
@@ -37,15 +39,23 @@ from storage_schemas.efficient_store import (
     prepare_efficient_arrays,
     write_efficient_shard,
 )
-from storage_schemas.portability import array_metadata_problems, portability_problems, with_portable_strings
+from storage_schemas.portability import (
+    READER_EXTENSION_DATA_TYPES,
+    array_metadata_problems,
+    portability_problems,
+    reader_problems,
+    with_portable_strings,
+)
+from tests.conftest import REVIEW_ROWS
+from tests.store_builders import build_real_store, build_v1_store, write_corpus
 
 # The Zarr v3 core data types and codecs, written out here rather than taken from the module under test.
 CORE_DATA_TYPES = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
                    "float32", "float64", "complex64", "complex128"}
 CORE_CODECS = {"bytes", "transpose", "gzip", "blosc", "sharding_indexed", "crc32c", "zstd"}
-# The one registered extension the attention store uses: the `text` array (zarr-extensions data-types/string with
-# codecs/vlen-utf8).
-EXTENSION_DATA_TYPES = {"text": ("string", "vlen-utf8")}
+# Registered extensions an attention store of schema v2 uses: none (v1 had its `text` array of zarr-extensions'
+# data-types/string with codecs/vlen-utf8; TensorStore does not open that).
+EXTENSION_DATA_TYPES: dict[str, tuple[str, str]] = {}
 
 LAYOUT = AttentionStoreLayout(n_examples=5, max_length=6, n_classes=3, layers=2, heads=4, kv_heads=2, head_dim=3,
                               hidden=5, shard_size=2, dtype="float32")
@@ -57,11 +67,12 @@ def layout_variant(**change) -> AttentionStoreLayout:
     return AttentionStoreLayout(**{**asdict(LAYOUT), **change})
 
 
-def write_full_store(url: str, layout: AttentionStoreLayout) -> None:
+def write_full_store(url: str, layout: AttentionStoreLayout, schema_version: int = 2) -> None:
     """A complete store as extraction + the efficient stage write it (every shard, every variant), random data."""
     rng = np.random.default_rng(0)
     E, L = layout.n_examples, layout.max_length
-    group = create_attention_store(url, layout, {"model": {"name": "tiny", "causal": False}})
+    group = create_attention_store(url, layout, {"model": {"name": "tiny", "causal": False}},
+                                   schema_version=schema_version)
     write_example_metadata(
         group, tokens=rng.integers(0, 1000, (E, L)), length=np.array([2, 3, 4, 6, 6]),
         untruncated_length=np.array([2, 3, 4, 6, 9]), source_index=np.arange(E), label=np.array([0, 1, 2, -1, 0]),
@@ -94,7 +105,7 @@ def write_full_store(url: str, layout: AttentionStoreLayout) -> None:
 
 
 def expected_arrays(layout: AttentionStoreLayout) -> dict[str, tuple[str, ...]]:
-    """Every array path of a complete store -> its dimension names (schema v1 + the efficient stage)."""
+    """Every array path of a complete store -> its dimension names (schema v2 + the efficient stage)."""
     arrays = dict(array_dimensions(layout.task))
     for variant in VARIANTS:
         arrays[f"efficient/{variant}"] = ("example", "layer", "head", "query", "key")
@@ -163,7 +174,8 @@ def test_the_store_opens_with_plain_xarray_groups(tmp_path):
     url = str(tmp_path / "store.zarr")
     write_full_store(url, LAYOUT)
     root = xr.open_zarr(url, consolidated=False)
-    assert [str(text) for text in root["text"].values] == TEXTS
+    data, offsets = root["text_bytes"].values.tobytes(), root["text_offsets"].values
+    assert [data[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(TEXTS))] == TEXTS
     efficient = xr.open_zarr(url, group="efficient", consolidated=False)
     assert set(efficient.data_vars) == set(VARIANTS)
     diagnostics = xr.open_zarr(url, group="diagnostics/simplex", consolidated=False)
@@ -325,3 +337,92 @@ def test_the_plotting_example_of_docs_datasets_runs(tmp_path):
                             env={**os.environ, "MPLBACKEND": "Agg"}, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "head.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ------------------------------------------------------------------------------------------
+# named readers: TensorStore opens every array of a v2 store; `string` arrays are named for it
+
+
+def _tensorstore_read(path: Path) -> np.ndarray:
+    """The whole array at `path` (a folder holding its zarr.json), read by TensorStore's zarr3 driver."""
+    import tensorstore  # pinned in requirements-test.txt
+
+    opened = tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
+                              open=True, read=True).result()
+    return opened.read().result()
+
+
+def test_tensorstore_opens_every_array_of_a_real_v2_store(tmp_path, tiny_bert_folder):
+    """A store written by extraction and the efficient stage from a tiny model: TensorStore reads every array with
+    the same values as zarr-python, and the texts decoded from its bytes and offsets are the corpus texts."""
+    url = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),
+                           variants=("effective", "simplex"))
+    assert portability_problems(url) == [] and reader_problems(url) == []
+    group = zarr.open_group(url, mode="r")
+    arrays = sorted(path for path, doc in metadata_documents(url).items() if doc["node_type"] == "array")
+    assert {"text_bytes", "text_offsets", "attention", "value", "efficient/simplex"} <= set(arrays)
+    for path in arrays:
+        by_tensorstore = _tensorstore_read(Path(url) / path)
+        by_zarr = group[path][...]
+        assert by_tensorstore.dtype == by_zarr.dtype, path
+        np.testing.assert_array_equal(by_tensorstore, by_zarr, err_msg=path)
+    assert group["attention"][...].any() and group["text_bytes"].shape[0] > 100  # real data, not fill values
+    data = _tensorstore_read(Path(url) / "text_bytes").tobytes()
+    offsets = _tensorstore_read(Path(url) / "text_offsets")
+    source_index = _tensorstore_read(Path(url) / "source_index")
+    texts = [data[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+    assert texts == [REVIEW_ROWS[row][0] for row in source_index]
+    assert texts == read_texts(open_attention_store(url))
+
+
+def test_tensorstore_refuses_the_string_array_of_a_v1_store_and_the_check_names_it(tmp_path, tiny_bert_folder):
+    """What a v1 store cannot offer, found by the check before any reader fails on it."""
+    url = build_v1_store(str(tmp_path / "v1.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),
+                         variants=())
+    import tensorstore
+
+    with pytest.raises(ValueError, match=re.escape("string data type is not one of the supported data types")):
+        _tensorstore_read(Path(url) / "text")
+    np.testing.assert_array_equal(_tensorstore_read(Path(url) / "attention"), zarr.open_group(url)["attention"][...])
+    assert tensorstore is not None
+    problem = ("/text: data type 'string' is a registered extension, not core, and TensorStore cannot open it: store "
+               "it with core data types (text: UTF-8 bytes in a uint8 array plus int64 offsets)")
+    assert reader_problems(url) == [problem]
+    assert reader_problems(url, readers=["zarr-python"]) == []
+    assert portability_problems(url) == []  # v1 promised registered data types only
+    assert portability_problems(url, readers=["TensorStore"]) == [problem]
+
+
+def test_a_v2_attention_store_with_a_string_array_is_refused(tmp_path):
+    url = str(tmp_path / "store.zarr")
+    write_full_store(url, LAYOUT)
+    group = zarr.open_group(url, mode="r+")
+    group.create_array("notes", shape=(2,), dtype=str, fill_value="", dimension_names=("note",))
+    assert portability_problems(url) == [
+        "/notes: data type 'string' is a registered extension, not core, and TensorStore cannot open it: store it "
+        "with core data types (text: UTF-8 bytes in a uint8 array plus int64 offsets)"
+    ]
+
+
+def test_the_string_coordinates_of_results_datasets_are_named_for_tensorstore(tmp_path):
+    """Causal and explanation results keep `string` coordinates (labels for xarray): portable by the spec, but not
+    for TensorStore; the report names each of them."""
+    from storage_schemas.causal_results import create_causal_results
+
+    url = str(tmp_path / "results.zarr")
+    interventions = [{"name": "replay", "kind": "replay", "variant": "", "removed_directions": 0}]
+    targets = [{"name": "all", "scope": "all", "layer": -1, "head": -1}]
+    examples = {"source_index": np.array([1, 0]), "length": np.array([3, 4]), "label": np.array([0, 1])}
+    create_causal_results(url, interventions, targets, examples, shard_size=2, metrics={"agreement": "kept"},
+                          attributes={"model": {"name": "tiny"}})
+    assert portability_problems(url) == []
+    named = [problem.split(":")[0] for problem in reader_problems(url)]
+    assert named == ["/intervention", "/intervention_kind", "/target", "/target_scope", "/variant"]
+    assert reader_problems(url, readers=["zarr-python"]) == []
+
+
+def test_readers_are_named_from_the_table():
+    assert set(READER_EXTENSION_DATA_TYPES) == {"zarr-python", "TensorStore"}
+    with pytest.raises(ValueError, match=re.escape("unknown readers ['zarrita']: choose from ['TensorStore', "
+                                                   "'zarr-python']")):
+        reader_problems("unused", readers=["zarrita"])
