@@ -46,6 +46,7 @@ def extract(settings: ExtractSettings) -> str:
         todo, num_labels = prepare_store(
             store, corpus, model, settings.max_length, settings.limit, settings.dtype, device, text_column,
             label_column, settings.shard_size, seed, task, settings.top_k, split,
+            layers=settings.layers, heads=settings.heads,
         )
         group = open_attention_store(store, mode="r+")
         if use_stage_cluster(settings.dask_address, settings.workers):

@@ -22,6 +22,7 @@ from storage_schemas.attention_store import AttentionStoreNotFoundError, open_at
 from storage_schemas.causal_results import AGGREGATES, CausalResultsError, open_causal_results
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import load_explanation_dataset
+from storage_schemas.selection import selection_of_group
 from tasks.extraction import retry_on_io_error
 
 REPORT_DIAGNOSTICS = ("null_dim", "null_norm_ratio", "row_sum_error", "negative_mass", "rank")
@@ -94,6 +95,7 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
     else:
         store_group = open_attention_store(store, mode="r")
     layout = store_layout(store_group)
+    selection = selection_of_group(store_group)
     store_attributes = store_group.attrs.asdict()
     _check_same_store(attributes, store_attributes, results, store, layout.n_examples)
 
@@ -113,8 +115,8 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
             layer, head = choose_head(reference["null_norm_ratio"][index])
             n = int(length[index])
             label = int(store_group["label"][index])
-            views.append(ExampleView(
-                index=index, layer=layer, head=head,
+            views.append(ExampleView(  # labelled with the model's layer and head numbers
+                index=index, layer=selection.layers[layer], head=selection.heads[head],
                 labels=token_labels(store_group["tokens"][index, :n], tokenizer),
                 text=str(store_group["text"][index]),
                 label=class_names[label] if 0 <= label < len(class_names) else ("none" if label < 0 else str(label)),
@@ -126,7 +128,8 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
             ))
     return ReportInputs(
         results_url=results, store_url=store, attributes=attributes, aggregates=aggregates, diagnostics=diagnostics,
-        length=length, layers=layout.layers, heads=layout.heads, head_dim=layout.head_dim, examples=views,
+        length=length, layers=selection.layers, heads=selection.heads, head_dim=layout.head_dim, examples=views,
+        captured=selection.describe(),
         tokenizer_loaded=tokenizer is not None,
         explanations=None if explanations is None else load_explanation_dataset(explanations),
     )
