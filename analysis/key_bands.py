@@ -110,13 +110,12 @@ def store_key_bands(model_attributes: dict, layers: int | Sequence[int]) -> tupl
     stored = model_attributes.get("key_bands")
     if stored is None:
         return (default_band(bool(model_attributes.get("causal", False))),) * len(chosen)
-    model_layers = int(model_attributes.get("layers", len(stored)))
+    # one band per model layer (a store without a selection: one per stored layer)
+    model_layers = int(layers) if isinstance(layers, (int, np.integer)) else \
+        int(model_attributes.get("layers", len(stored)))
     if len(stored) != model_layers or (chosen and max(chosen) >= len(stored)):
         raise ValueError(f"model.key_bands has {len(stored)} entries for {model_layers} layers: the store's "
                          "attributes are damaged; extract the store again")
-    if isinstance(layers, (int, np.integer)) and len(stored) != layers:
-        raise ValueError(f"model.key_bands has {len(stored)} entries for {layers} layers: the store's attributes are "
-                         "damaged; extract the store again")
     return tuple(KeyBand.from_attribute(stored[layer]) for layer in chosen)
 
 

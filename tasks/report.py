@@ -22,7 +22,7 @@ from storage_schemas.attention_store import AttentionStoreNotFoundError, open_at
 from storage_schemas.causal_results import AGGREGATES, CausalResultsError, open_causal_results
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import load_explanation_dataset
-from storage_schemas.selection import selection_of_group
+from storage_schemas.selection import selection_of_group, selection_of_store
 from tasks.extraction import retry_on_io_error
 
 REPORT_DIAGNOSTICS = ("null_dim", "null_norm_ratio", "row_sum_error", "negative_mass", "rank")
@@ -67,6 +67,13 @@ def _check_same_store(results_attributes: dict[str, Any], store_attributes: dict
     }
     differences = [f"{key}: results {identity[key]!r}, store {found[key]!r}" for key in found
                    if key in identity and identity[key] != found[key]]
+    # results of a store of selected layers / heads record them (flows.causal.causal_plan); of a full store, none
+    layout = store_attributes.get("layout", {})
+    selection = selection_of_store(store_attributes, layout.get("layers", 0), layout.get("heads", 0),
+                                   layout.get("kv_heads", 1))
+    stored = None if selection.is_everything else selection.to_attribute()
+    if identity.get("selection") != stored:
+        differences.append(f"selection: results {identity.get('selection')!r}, store {stored!r}")
     if differences:
         raise CausalResultsError(
             f"{results} were not computed from the attention store {store} ({'; '.join(differences)}): pass the "
