@@ -113,9 +113,12 @@ def store_key_bands(model_attributes: dict, layers: int | Sequence[int]) -> tupl
     # one band per model layer (a store without a selection: one per stored layer)
     model_layers = int(layers) if isinstance(layers, (int, np.integer)) else \
         int(model_attributes.get("layers", len(stored)))
-    if len(stored) != model_layers or (chosen and max(chosen) >= len(stored)):
+    if len(stored) != model_layers:
         raise ValueError(f"model.key_bands has {len(stored)} entries for {model_layers} layers: the store's "
                          "attributes are damaged; extract the store again")
+    if chosen and max(chosen) >= len(stored):
+        raise ValueError(f"model.key_bands has {len(stored)} entries, but the store's selection names layer "
+                         f"{max(chosen)}: the store's attributes are damaged; extract the store again")
     return tuple(KeyBand.from_attribute(stored[layer]) for layer in chosen)
 
 
