@@ -267,14 +267,7 @@ def test_a_store_of_the_same_weights_with_another_tokenizer_is_refused(tmp_path,
 
 def test_capture_keeps_only_the_selected_layers_heads_and_kv_heads(plan):
     """The tiny Llama has 3 layers here and 4 query heads over 2 kv heads: heads 2, 3 read kv head 1 only."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from tests.conftest import TINY_SIZES
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, max_position_embeddings=512, num_key_value_heads=2, pad_token_id=0,
-                         **{**TINY_SIZES, "num_hidden_layers": 3})
-    loaded = wrap_model(LlamaForSequenceClassification(config).eval(), bundled_tokenizer(), name="tiny-llama-3")
+    loaded = wrap_model(tiny_llama(layers=3), bundled_tokenizer(), name="tiny-llama-3")
     everything = capture_examples(loaded, plan.tokens, plan.length, batch_size=2)
     chosen = capture_examples(loaded, plan.tokens, plan.length, batch_size=2, layers=(0, 2), heads=(2, 3),
                               kv_heads=(1,))
