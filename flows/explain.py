@@ -59,9 +59,9 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     written again since are computed again. `model` overrides the store's model (same
     weights); `forward_rows` bounds the rows of one removal forward pass. Returns the explanation claims."""
     store, results = settings.store, settings.results
-    recorded = recorded_explanation_settings(settings)
     # a clear error for a store that is not one, or that holds only some layers or heads
     require_everything(open_attention_store(store, mode="r"), store, "explain")
+    recorded = recorded_explanation_settings(settings)
     check_device(settings.device)  # before the lock or any results folder exists
     with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
         todo = prepare_explanations(store, results, recorded)

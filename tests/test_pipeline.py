@@ -397,3 +397,16 @@ def test_a_selection_is_reported_with_the_models_numbers_and_not_explained(selec
     html = Path(chosen["report"]).read_text(encoding="utf-8")
     assert "2 of 3 layers (0, 2), 2 of 4 heads (2, 3)" in html
     assert chosen["stages"]["report"]["status"] == "ran"
+
+
+def test_explain_refuses_a_store_of_some_layers(selection_runs, tmp_path):
+    from flows.explain import explain
+    from flows.settings import ExplainSettings
+    from storage_schemas.selection import SelectionError
+
+    _, _, chosen = selection_runs
+    results = tmp_path / "explanations.zarr"
+    with pytest.raises(SelectionError, match=r"holds 2 of 3 layers \(0, 2\), 2 of 4 heads \(2, 3\); `effattn explain` "
+                                             "needs every layer and head"):
+        explain(ExplainSettings(store=chosen["store"], results=str(results)))
+    assert not results.exists()
