@@ -104,7 +104,9 @@ def prepare_store(
         group = open_attention_store(store, mode="r+")
         expected = resume_keys(attributes)
         if SELECTION_ATTRIBUTE in group.attrs or not selection.is_everything:  # a store without one holds all
-            expected[SELECTION_ATTRIBUTE] = attributes[SELECTION_ATTRIBUTE]
+            # the model indices stored (another model's counts are named by its weights digest already)
+            expected[f"{SELECTION_ATTRIBUTE}.layers"] = list(selection.layers)
+            expected[f"{SELECTION_ATTRIBUTE}.heads"] = list(selection.heads)
         check_same_run(group, store, expected)
     elif state in ("absent", "unprepared"):
         layout = AttentionStoreLayout(

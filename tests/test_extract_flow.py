@@ -386,8 +386,9 @@ def test_a_selection_is_stored_resumed_and_a_different_one_refused(tmp_path, tin
     open_attention_store(url, mode="r+").attrs["completed_shards"] = [0, 2]
     extract(ExtractSettings(**arguments, layers="1", heads="1,2"))  # the same selection, spelt otherwise: resumed
     assert_same_arrays(snapshot(url)[0], first_arrays)
-    with pytest.raises(AttentionStoreError, match=r"was written by a different run \(selection: store has "
-                                                  r"\{'layers': \[1\], 'heads': \[1, 2\]"):
+    with pytest.raises(AttentionStoreError, match=re.escape(
+            "was written by a different run (selection.layers: store has [1], this run has [0, 1]; selection.heads: "
+            "store has [1, 2], this run has [0, 1, 2, 3])")):
         extract(ExtractSettings(**arguments))  # everything, into a store of one layer
 
 
