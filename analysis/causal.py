@@ -46,9 +46,15 @@ METRICS: dict[str, str] = {
 }
 
 
+def _indices(chosen: int | Sequence[int]) -> list[int]:
+    """Model indices of the stored layers (or heads): a count means all of them, 0..count-1."""
+    return list(range(chosen)) if isinstance(chosen, (int, np.integer)) else [int(index) for index in chosen]
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where an intervention is injected: scope 'all' (layer = head = -1), 'layer' (head = -1) or 'head'."""
+    """Where an intervention is injected: scope 'all' (layer = head = -1), 'layer' (head = -1) or 'head'.
+    `layer` and `head` are model indices (in a store of selected layers and heads, the model's numbers)."""
 
     scope: str
     layer: int = -1
@@ -62,15 +68,17 @@ class Target:
             return f"layer {self.layer}"
         return f"layer {self.layer} head {self.head}"
 
-    def mask(self, layers: int, heads: int) -> np.ndarray:
-        """[layer, head] bool: the heads replaced."""
-        chosen = np.zeros((layers, heads), dtype=bool)
+    def mask(self, layers: int | Sequence[int], heads: int | Sequence[int]) -> np.ndarray:
+        """[stored layer, stored head] bool: the heads replaced. layers, heads: the model indices of the stored
+        layers and heads (a store's selection), or counts when every one is stored."""
+        layers, heads = _indices(layers), _indices(heads)
+        chosen = np.zeros((len(layers), len(heads)), dtype=bool)
         if self.scope == "all":
             chosen[:] = True
         elif self.scope == "layer":
-            chosen[self.layer] = True
+            chosen[layers.index(self.layer)] = True
         else:
-            chosen[self.layer, self.head] = True
+            chosen[layers.index(self.layer), heads.index(self.head)] = True
         return chosen
 
 
@@ -79,8 +87,10 @@ def target_attribute(target: Target) -> dict[str, Any]:
     return {"name": target.name, "scope": target.scope, "layer": target.layer, "head": target.head}
 
 
-def targets_for(scopes: Sequence[str], layers: int, heads: int) -> list[Target]:
-    """Every target of the given scopes, in the order all, layer 0.., layer 0 head 0.."""
+def targets_for(scopes: Sequence[str], layers: int | Sequence[int], heads: int | Sequence[int]) -> list[Target]:
+    """Every target of the given scopes, in the order all, layer 0.., layer 0 head 0..; layers, heads: the model
+    indices of the stored layers and heads (a store's selection), or counts when every one is stored."""
+    layers, heads = _indices(layers), _indices(heads)
     unknown = [scope for scope in scopes if scope not in SCOPES]
     if unknown or not scopes:
         raise ValueError(f"unknown scopes {unknown or list(scopes)}: choose from {list(SCOPES)}")
@@ -88,9 +98,9 @@ def targets_for(scopes: Sequence[str], layers: int, heads: int) -> list[Target]:
     if "all" in scopes:
         targets.append(Target("all"))
     if "layer" in scopes:
-        targets += [Target("layer", layer) for layer in range(layers)]
+        targets += [Target("layer", layer) for layer in layers]
     if "head" in scopes:
-        targets += [Target("head", layer, head) for layer in range(layers) for head in range(heads)]
+        targets += [Target("head", layer, head) for layer in layers for head in heads]
     return targets
 
 
@@ -106,30 +116,47 @@ def plain_logits(loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray) ->
 
 @torch.inference_mode()
 def intervened_logits(
-    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, replacement: np.ndarray, target_masks: np.ndarray
+    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, replacement: np.ndarray, target_masks: np.ndarray,
+    layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Logits with `replacement` injected at each target, all targets in one forward pass.
 
     tokens: [batch, >= Lb] right-padded ids; length: [batch]; replacement: [batch, layer, head, >= Lb, >= Lb]
-    matrices (zero outside the real block); target_masks: [target, layer, head] bool.
+    matrices (zero outside the real block); target_masks: [target, layer, head] bool; layer and head count the
+    stored ones, whose model indices are `layers` and `heads` (a store's selection; None: every one of the model).
+    The model's other layers and heads run unchanged.
     Returns [target, batch, class] or [target, batch, Lb, vocab] (next-token), float32 on the CPU.
     """
     batch_length = int(np.max(length))
-    copies, layers, heads = target_masks.shape
+    copies, stored_layers, stored_heads = target_masks.shape
+    layers = list(range(stored_layers)) if layers is None else [int(layer) for layer in layers]
+    heads = list(range(stored_heads)) if heads is None else [int(head) for head in heads]
+    if (len(layers), len(heads)) != (stored_layers, stored_heads):
+        raise ValueError(f"target masks for {stored_layers} layers x {stored_heads} heads, but the selection names "
+                         f"{len(layers)} layers and {len(heads)} heads")
+    model_heads = loaded.shape.heads
     batch = len(length)
     device = loaded.device
     input_ids = torch.as_tensor(tokens[:, :batch_length], dtype=torch.long, device=device).repeat(copies, 1)
     real_tokens = torch.as_tensor(real_token_mask(length, batch_length), device=device)
     attention_mask = real_tokens.long().repeat(copies, 1)
     real_block = (real_tokens[:, :, None] & real_tokens[:, None, :])[:, None]  # [batch, 1, Lb, Lb]
-    replace = torch.as_tensor(target_masks, device=device)
+    everything = heads == list(range(model_heads))
     injection = AttentionInjection()
-    for layer in range(layers):
-        if not target_masks[:, layer].any():
+    for stored, layer in enumerate(layers):
+        if not target_masks[:, stored].any():
             continue
+        matrices = replacement[:, stored, :, :batch_length, :batch_length]
+        replace = target_masks[:, stored, :]
+        if not everything:  # the model's unstored heads keep their own attention
+            full = np.zeros((batch, model_heads, *matrices.shape[2:]), dtype=matrices.dtype)
+            full[:, heads] = matrices
+            full_replace = np.zeros((copies, model_heads), dtype=bool)
+            full_replace[:, heads] = replace
+            matrices, replace = full, full_replace
         injection.layers[layer] = LayerInjection(
-            replacement=torch.as_tensor(replacement[:, layer, :, :batch_length, :batch_length], device=device),
-            replace=replace[:, None, layer, :].expand(copies, batch, heads),
+            replacement=torch.as_tensor(matrices, device=device),
+            replace=torch.as_tensor(replace, device=device)[:, None, :].expand(copies, batch, model_heads),
             real=real_block,
         )
     with inject_attention(injection):
@@ -306,8 +333,9 @@ class CausalPlan:
         """The variants whose stored efficient attention the interventions read, sorted."""
         return sorted({item.variant_name for item in self.interventions if item.needs_efficient})
 
-    def target_masks(self, layers: int, heads: int) -> np.ndarray:
-        """[target, layer, head] bool: the heads each target replaces."""
+    def target_masks(self, layers: int | Sequence[int], heads: int | Sequence[int]) -> np.ndarray:
+        """[target, stored layer, stored head] bool: the heads each target replaces (layers, heads: as in
+        Target.mask)."""
         return np.stack([target.mask(layers, heads) for target in self.targets])
 
     def as_attribute(self) -> dict[str, Any]:

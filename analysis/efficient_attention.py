@@ -21,7 +21,8 @@ projected with the prefix T[:i+1] (a different projector per row; the result sta
 Layers with a key band (analysis.key_bands; a sliding window shorter than the block): row i may only use the keys
 S_i its band lets it see, so it is projected with T[S_i] (`project_rows_in_band`, `_simplex_band`; rows grouped by
 |S_i| and batched); the result is zero outside the band. Layers without one take the paths below unchanged.
-Grouped-query attention: query head h uses kv head h // (heads // kv_heads).
+Grouped-query attention: query head h uses kv head h // (heads // kv_heads) (in a store of selected heads too:
+each stored kv head serves as many stored heads, storage_schemas.selection.StoreSelection.check_storable).
 
 How it is computed (all float64, batched over many matrices, torch):
 

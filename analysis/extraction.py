@@ -154,19 +154,27 @@ def capture_examples(
     batch_size: int,
     dtype: str = "float32",
     top_k: int = 10,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    kv_heads: Sequence[int] | None = None,
 ) -> CapturedShard:
     """Run the model over one shard's examples in batches; results padded to L = tokens.shape[1].
 
     tokens: [example, L] int (right-padded); length: [example]. Examples should be sorted by length so that
     batches pad little (the store keeps them so). Only each example's real block is copied out of the model's
     tensors, so everything beyond its length stays exactly zero.
+    layers, heads, kv_heads: model indices of what is kept (a store's selection; None: all), in that order along
+    the captured layer / head / kv_head dims; the rest is dropped on the model's device, never copied off it.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     n_examples, L = tokens.shape
     shape = loaded.shape
-    attention = np.zeros((n_examples, shape.layers, shape.heads, L, L), dtype=dtype)
-    value = np.zeros((n_examples, shape.layers, shape.kv_heads, L, shape.head_dim), dtype=dtype)
+    layers = list(range(shape.layers)) if layers is None else list(layers)
+    heads = list(range(shape.heads)) if heads is None else list(heads)
+    kv_heads = list(range(shape.kv_heads)) if kv_heads is None else list(kv_heads)
+    attention = np.zeros((n_examples, len(layers), len(heads), L, L), dtype=dtype)
+    value = np.zeros((n_examples, len(layers), len(kv_heads), L, shape.head_dim), dtype=dtype)
     if loaded.task == "next-token":
         predictions = {
             "logits": np.zeros((n_examples, L, top_k), dtype=np.float32),
@@ -177,10 +185,13 @@ def capture_examples(
         predictions = {"logits": np.zeros((n_examples, loaded.model.config.num_labels), dtype=np.float32)}
     for start in range(0, n_examples, batch_size):
         batch_lengths = length[start : start + batch_size]
-        layers, logits = forward_with_capture(loaded, tokens[start : start + batch_size], batch_lengths)
-        for layer_index, layer in enumerate(layers):
-            layer_attention = layer.attention.float().cpu().numpy()
-            layer_value = layer.value.float().cpu().numpy()
+        captured, logits = forward_with_capture(loaded, tokens[start : start + batch_size], batch_lengths)
+        for layer_index, model_layer in enumerate(layers):
+            layer = captured[model_layer]
+            head_index = torch.as_tensor(heads, device=layer.attention.device)
+            kv_index = torch.as_tensor(kv_heads, device=layer.value.device)
+            layer_attention = layer.attention.index_select(1, head_index).float().cpu().numpy()
+            layer_value = layer.value.index_select(1, kv_index).float().cpu().numpy()
             for offset, n in enumerate(batch_lengths):
                 attention[start + offset, layer_index, :, :n, :n] = layer_attention[offset, :, :n, :n]
                 value[start + offset, layer_index, :, :n] = layer_value[offset, :, :n]

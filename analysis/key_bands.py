@@ -101,16 +101,25 @@ def band_of_visible(visible: np.ndarray) -> KeyBand:
     return band
 
 
-def store_key_bands(model_attributes: dict, layers: int) -> tuple[KeyBand, ...]:
-    """Each layer's band from a store's `model` attribute; stores without `key_bands` (written before they were
-    recorded) get `default_band(causal)` for every layer, the rule they were computed with."""
+def store_key_bands(model_attributes: dict, layers: int | Sequence[int]) -> tuple[KeyBand, ...]:
+    """Each stored layer's band from a store's `model` attribute, which records one per model layer; `layers`:
+    the model indices of the stored layers (a store's selection), or a count for all of them. Stores without
+    `key_bands` (written before they were recorded) get `default_band(causal)` for every layer, the rule they were
+    computed with."""
+    chosen = list(range(layers)) if isinstance(layers, (int, np.integer)) else [int(layer) for layer in layers]
     stored = model_attributes.get("key_bands")
     if stored is None:
-        return (default_band(bool(model_attributes.get("causal", False))),) * layers
-    if len(stored) != layers:
-        raise ValueError(f"model.key_bands has {len(stored)} entries for {layers} layers: the store's attributes are "
-                         "damaged; extract the store again")
-    return tuple(KeyBand.from_attribute(value) for value in stored)
+        return (default_band(bool(model_attributes.get("causal", False))),) * len(chosen)
+    # one band per model layer (a store without a selection: one per stored layer)
+    model_layers = int(layers) if isinstance(layers, (int, np.integer)) else \
+        int(model_attributes.get("layers", len(stored)))
+    if len(stored) != model_layers:
+        raise ValueError(f"model.key_bands has {len(stored)} entries for {model_layers} layers: the store's "
+                         "attributes are damaged; extract the store again")
+    if chosen and max(chosen) >= len(stored):
+        raise ValueError(f"model.key_bands has {len(stored)} entries, but the store's selection names layer "
+                         f"{max(chosen)}: the store's attributes are damaged; extract the store again")
+    return tuple(KeyBand.from_attribute(stored[layer]) for layer in chosen)
 
 
 def outside_band_magnitude(matrices: np.ndarray, length: np.ndarray, bands: Sequence[KeyBand]) -> np.ndarray:

@@ -269,16 +269,24 @@ def diagnostic_distributions_figure(
 # --- causal results: per head, per layer, minimality -----------------------------------------------------------
 
 
-def layer_head_grid(aggregates: xr.Dataset, metric: str, intervention: str, layers: int, heads: int) -> np.ndarray:
-    """[layer, head] of `metric` (an aggregate, e.g. agreement_rate) for `intervention` at the targets of scope
-    "head"; NaN where a head was not measured. aggregates: Dataset [intervention, target] with the coordinates
-    target_scope, target_layer, target_head and examples_measured."""
-    grid = np.full((layers, heads), np.nan)
+def model_indices(chosen: int | Sequence[int]) -> list[int]:
+    """The model indices of the stored layers (or heads): a count stands for all of them, 0..count-1."""
+    return list(range(chosen)) if isinstance(chosen, (int, np.integer)) else [int(index) for index in chosen]
+
+
+def layer_head_grid(aggregates: xr.Dataset, metric: str, intervention: str, layers: int | Sequence[int],
+                    heads: int | Sequence[int]) -> np.ndarray:
+    """[stored layer, stored head] of `metric` (an aggregate, e.g. agreement_rate) for `intervention` at the
+    targets of scope "head"; NaN where a head was not measured. aggregates: Dataset [intervention, target] with the
+    coordinates target_scope, target_layer, target_head (model indices) and examples_measured; layers, heads: the
+    model indices of the stored ones (counts: all of them)."""
+    layers, heads = model_indices(layers), model_indices(heads)
+    grid = np.full((len(layers), len(heads)), np.nan)
     row = aggregates.sel(intervention=intervention)
     for index in np.flatnonzero(np.asarray(aggregates["target_scope"].values) == "head"):
         if float(row["examples_measured"].values[index]) > 0:
-            grid[int(aggregates["target_layer"].values[index]), int(aggregates["target_head"].values[index])] = \
-                float(row[metric].values[index])
+            grid[layers.index(int(aggregates["target_layer"].values[index])),
+                 heads.index(int(aggregates["target_head"].values[index]))] = float(row[metric].values[index])
     return grid
 
 
@@ -315,20 +323,23 @@ def _annotated_heatmap(axes, grid: np.ndarray, cmap: str, fontsize: float, limit
     return image
 
 
-def head_scope_figure(aggregates: xr.Dataset, layers: int, heads: int,
+def head_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], heads: int | Sequence[int],
                       metrics: Sequence[str] = ("agreement_rate", "flip_rate")) -> Figure | None:
     """Per intervention measured at scope "head" (one head replaced at a time), a layer × head heatmap of each of
     `metrics` (shares in %, written in the cells; grey: not measured; one colour scale per metric, see
-    percent_limits). None when no head was measured."""
+    percent_limits), labelled with the model's layer and head numbers (layers, heads: the stored ones' model
+    indices, or counts). None when no head was measured."""
     interventions = scope_interventions(aggregates, "head")
     if not interventions:
         return None
+    layer_numbers, head_numbers = model_indices(layers), model_indices(heads)
+    layers, heads = len(layer_numbers), len(head_numbers)
     cmaps = {"agreement_rate": "Greens", "flip_rate": "Reds"}
     height = max(3.0, len(interventions) * (0.42 * layers + 1.3) + 0.3)  # at least 3 in: titles and colour bars fit
     figure = Figure(figsize=(13, height), layout="constrained")
     grid = figure.subplots(len(interventions), len(metrics), squeeze=False)
     cell_font = float(np.clip(110 / max(heads, 1), 5.5, 9.0))
-    values = {(intervention, metric): layer_head_grid(aggregates, metric, intervention, layers, heads)
+    values = {(intervention, metric): layer_head_grid(aggregates, metric, intervention, layer_numbers, head_numbers)
               for intervention in interventions for metric in metrics}
     limits = {metric: percent_limits(metric, [values[key] for key in values if key[1] == metric]) for metric in metrics}
     for row, intervention in enumerate(interventions):
@@ -337,8 +348,8 @@ def head_scope_figure(aggregates: xr.Dataset, layers: int, heads: int,
             image = _annotated_heatmap(axes, values[intervention, metric], cmaps.get(metric, "viridis"), cell_font,
                                        limits[metric])
             axes.set_title(f"{intervention}: {metric.replace('_', ' ')} (%)", fontsize=11)
-            axes.set_xticks(range(heads))
-            axes.set_yticks(range(layers))
+            axes.set_xticks(range(heads), [str(head) for head in head_numbers])
+            axes.set_yticks(range(layers), [str(layer) for layer in layer_numbers])
             axes.set_xlabel("head", fontsize=10)
             axes.set_ylabel("layer", fontsize=10)
             axes.tick_params(labelsize=9)
@@ -347,25 +358,30 @@ def head_scope_figure(aggregates: xr.Dataset, layers: int, heads: int,
     return figure
 
 
-def layer_scope_figure(aggregates: xr.Dataset, layers: int, metric: str = "flip_rate") -> Figure | None:
+def layer_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], metric: str = "flip_rate"
+                       ) -> Figure | None:
     """Interventions × layers heatmap of `metric` for the targets of scope "layer" (every head of one layer
-    replaced at once). None when no layer was measured."""
+    replaced at once), labelled with the model's layer numbers (layers: the stored ones' model indices, or a
+    count). None when no layer was measured."""
     interventions = scope_interventions(aggregates, "layer")
     if not interventions:
         return None
+    layer_numbers = model_indices(layers)
+    layers = len(layer_numbers)
     values = np.full((len(interventions), layers), np.nan)
     scoped = np.flatnonzero(np.asarray(aggregates["target_scope"].values) == "layer")
     for row, intervention in enumerate(interventions):
         selected = aggregates.sel(intervention=intervention)
         for index in scoped:
             if float(selected["examples_measured"].values[index]) > 0:
-                values[row, int(aggregates["target_layer"].values[index])] = float(selected[metric].values[index])
+                column = layer_numbers.index(int(aggregates["target_layer"].values[index]))
+                values[row, column] = float(selected[metric].values[index])
     figure = Figure(figsize=(12, 0.45 * len(interventions) + 1.6), layout="constrained")
     axes = figure.subplots()
     image = _annotated_heatmap(axes, values, "Reds" if metric == "flip_rate" else "Greens", 10,
                                percent_limits(metric, [values]))
     axes.set_xticks(range(layers))
-    axes.set_xticklabels([f"layer {layer}" for layer in range(layers)])
+    axes.set_xticklabels([f"layer {layer}" for layer in layer_numbers])
     axes.set_yticks(range(len(interventions)))
     axes.set_yticklabels(interventions)
     axes.tick_params(labelsize=10)

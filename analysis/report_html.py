@@ -68,12 +68,13 @@ class ReportInputs:
     aggregates: xr.Dataset
     diagnostics: dict[str, dict[str, np.ndarray]]
     length: np.ndarray
-    layers: int
-    heads: int
+    layers: int | Sequence[int]  # model indices of the stored layers (a count: all of them)
+    heads: int | Sequence[int]  # model indices of the stored heads (a count: all of them)
     head_dim: int
     examples: list[ExampleView] = field(default_factory=list)
     tokenizer_loaded: bool = True
     explanations: xr.Dataset | None = None  # explanation results (storage_schemas.explanation_results), if any
+    captured: str = ""  # what the store holds of the model, e.g. "2 of 6 layers (0, 3), all 12 heads"
 
 
 # --- formatting -------------------------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ def provenance_rows(inputs: ReportInputs) -> list[tuple[str, str]]:
     rows = [
         ("model", model_description(model)),
         ("weights", str(model.get("weights_digest", "?"))),
+        *([("captured", inputs.captured)] if inputs.captured else []),
         ("corpus", f"{corpus.get('name', '?')}, split {corpus.get('split', '?')}, "
                    f"{corpus.get('example_count', len(inputs.length))} examples of {corpus.get('corpus_size', '?')}"
                    f"; classes {', '.join(map(str, corpus.get('class_names', []))) or '—'}"),

@@ -22,6 +22,7 @@ from flows.settings import CausalSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
 from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
 from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
+from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import causal_shard_on_worker, prepare_results, run_causal_shard, summarise_results
 from tasks.dask_cluster import dask_client, run_shard_tasks, task_resources, use_stage_cluster
@@ -60,6 +61,7 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
     else:
         chosen = parse_interventions(interventions)
     attributes = group.attrs.asdict()
+    selection = selection_of_group(group)
     return CausalPlan(
         interventions=tuple(chosen),
         scopes=tuple(scopes),
@@ -68,13 +70,15 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
         head_interventions=tuple(default_head_interventions(chosen) if head_interventions is None
                                  else map(Intervention.parse, head_interventions)),
         scope_examples=None if scope_examples is None else int(scope_examples),
-        targets=tuple(targets_for(list(scopes), layout.layers, layout.heads)),
+        targets=tuple(targets_for(list(scopes), selection.layers, selection.heads)),  # model indices
         seed=int(settings.seed),
         store_identity={
             "weights_digest": attributes["model"]["weights_digest"],
             "corpus_digest": attributes["corpus"]["digest"],
             "examples": layout.n_examples,
             "dtype": layout.dtype,
+            # a store of selected layers / heads (stores of everything keep the identity they always had)
+            **({} if selection.is_everything else {"selection": selection.to_attribute()}),
             # efficient attention recomputed with other settings makes these results stale
             "efficient_settings": {
                 variant: group[efficient_array_path(variant)].attrs.get("settings")

@@ -11,7 +11,8 @@ from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
 from flows.preflight import check_device
 from flows.settings import ExplainSettings
-from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.attention_store import open_attention_store
+from storage_schemas.selection import require_everything
 from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
 from storage_schemas.store_lock import hold_store_lock
@@ -61,8 +62,9 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     weights); `forward_rows` bounds the rows of one removal forward pass. With `dask_address` or `workers` each
     pending shard is one Dask task (as in flows.causal). Returns the explanation claims."""
     store, results = settings.store, settings.results
+    # a clear error for a store that is not one, or that holds only some layers or heads
+    require_everything(open_attention_store(store, mode="r"), store, "explain")
     recorded = recorded_explanation_settings(settings)
-    store_layout(open_attention_store(store, mode="r"))  # a clear error for a store that is not one
     check_device(settings.device)  # before the lock or any results folder exists
     with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
         todo = prepare_explanations(store, results, recorded)

@@ -27,8 +27,9 @@ def extract(settings: ExtractSettings) -> str:
     no trained head (e.g. `minilm`), a head is first fine-tuned on the corpus's train split (`epochs`, `seed`,
     `max_length`; cached under `cache_root`, see flows.train) unless `train` is False (then the head is random,
     drawn from `seed`: for smoke tests only). `split` ("all", "train", "held_out") chooses the corpus rows;
-    its default is "held_out" when this run trained the head and "all" otherwise. A rerun of the same call
-    resumes: completed shards are skipped. Returns the store's URL.
+    its default is "held_out" when this run trained the head and "all" otherwise. `layers` / `heads` (text such
+    as "0,3,5" or "0-2"; None: all) choose the model layers and heads stored (storage_schemas.selection). A rerun
+    of the same call resumes: completed shards are skipped. Returns the store's URL.
     """
     use_fast_codec_pipeline()
     corpus, model, store, text_column, label_column = (settings.corpus, settings.model, settings.store,
@@ -46,6 +47,7 @@ def extract(settings: ExtractSettings) -> str:
         todo, num_labels = prepare_store(
             store, corpus, model, settings.max_length, settings.limit, settings.dtype, device, text_column,
             label_column, settings.shard_size, seed, task, settings.top_k, split,
+            layers=settings.layers, heads=settings.heads,
         )
         group = open_attention_store(store, mode="r+")
         if use_stage_cluster(settings.dask_address, settings.workers):

@@ -36,6 +36,7 @@ from storage_schemas.pipeline_runs import (
     run_name,
     run_paths,
 )
+from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
 from analysis.explanations import default_methods
 from flows.explain import explain, recorded_explanation_settings
@@ -175,8 +176,12 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
 
         # --- explain ---
         explanations = explanation_results_path(results) if settings.explain_examples else None
+        captured = selection_of_group(open_attention_store(store, mode="r"))
         if explanations is None:
             finished("explain", "not needed", None, "explain_examples is 0")
+        elif not captured.is_everything:  # its attributions roll attention through every layer (flows.explain)
+            explanations = None
+            finished("explain", "not needed", None, f"the store holds {captured.describe()}; explain needs all")
         else:
             explain_stage = settings.explain_settings(store, explanations, tuple(default_methods(variants)))
             check = explanation_status(explanations, recorded_explanation_settings(explain_stage), store)

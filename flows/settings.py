@@ -95,6 +95,12 @@ Scopes = Annotated[Names | None, option(
 ScopeExamples = Annotated[PositiveInt | None, option(
     32, "examples (spread over the store) measured one layer and one head at a time",
     unset=("--all-scope-examples", "measure every example at the layer and head scopes too"))]
+LayerSelection = Annotated[str | None, option(
+    None, "model layers to store, e.g. 0,3,5 or 0-2,5 (default: all); later stages work on the stored ones",
+    metavar="LAYERS")]
+HeadSelection = Annotated[str | None, option(
+    None, "attention heads to store in each stored layer, e.g. 0-3 (default: all; with grouped-query attention "
+          "the same number from each kv head used)", metavar="HEADS")]
 MinimalityDirections = Annotated[tuple[PositiveInt, ...] | None, option(
     None, "directions removed by the minimality probe, comma-separated (default: 1,2,4,8,16; those < head dim)",
     flag="--minimality-k")]
@@ -121,6 +127,8 @@ class ExtractSettings(StageSettings):
     split: Split
     train: Train
     epochs: Epochs
+    layers: LayerSelection
+    heads: HeadSelection
     cache_root: CacheRoot
     dask_address: DaskAddress
     workers: StageWorkers
@@ -129,7 +137,7 @@ class ExtractSettings(StageSettings):
 # The settings that shape an attention store besides corpus, model and limit (which name it): a pipeline run that
 # changes any of them from its default gets its own store name, and they are part of the recorded inputs.
 EXTRACTION_SHAPE = ("max_length", "seed", "dtype", "task", "top_k", "split", "train", "epochs", "text_column",
-                    "label_column")
+                    "label_column", "layers", "heads")
 
 
 class TrainSettings(StageSettings):
@@ -277,6 +285,8 @@ class PipelineSettings(StageSettings):
     epochs: Epochs
     text_column: TextColumn
     label_column: LabelColumn
+    layers: LayerSelection
+    heads: HeadSelection
     device: DeviceOption
     batch_size: BatchSize
     shard_size: ShardSize

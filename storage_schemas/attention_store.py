@@ -38,6 +38,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas.remote import is_storage_access_error
+from storage_schemas.selection import SelectionError, selection_of_store
 
 # A shard holds hundreds of small chunks (one example x one layer each); per-chunk overhead in zarr-python's codec
 # pipeline, not Zstandard, dominates reading and writing a shard (benchmarks/store_codecs.py measures the options).
@@ -421,6 +422,10 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
             f"{url} has a missing or malformed 'layout' attribute ({error}): the store is damaged; "
             "extract again into a new store"
         ) from None
+    try:  # the stored layers and heads must be the ones the `selection` attribute names
+        selection_of_store(attributes, layout.layers, layout.heads, layout.kv_heads)
+    except SelectionError as error:
+        raise AttentionStoreError(f"{url}: {error}") from None
     present = set(group.array_keys())
     dimensions = array_dimensions(layout.task, version)
     missing = [name for name in dimensions if name not in present]

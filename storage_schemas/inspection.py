@@ -8,6 +8,7 @@ import zarr
 from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
 from analysis.variants import VARIANTS
 from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
+from storage_schemas.selection import selection_of_group
 
 
 def size_on_disk(url: str, storage_options: dict | None = None) -> int:
@@ -68,6 +69,7 @@ def describe_attention_store(url: str, storage_options: dict | None = None) -> s
         f"{'causal' if model['causal'] else 'bidirectional'})",
         *_architecture_lines(model),
         f"         weights {model['weights_digest'][:23]}...",
+        f"  captured: {selection_of_group(group).describe()}",
         f"  corpus: {corpus['name']} ({corpus['source']}), {corpus['example_count']} of {corpus['corpus_size']} "
         f"examples stored, classes {corpus['class_names']}, digest {corpus['digest'][:23]}...",
         f"  max length: {attributes['max_length']} tokens "

@@ -118,6 +118,19 @@ class StoreSelection:
         position = {kv: i for i, kv in enumerate(self.kv_heads)}
         return tuple(position[head // self.group_size] for head in self.heads)
 
+    def check_storable(self) -> None:
+        """Refuse a head selection whose stored kv heads serve unequal numbers of stored heads (grouped-query
+        attention only): every stage maps stored head h to stored kv head h // (heads // kv_heads), which equals
+        `head_kv` exactly when each stored kv head serves the same number of stored heads."""
+        regular = tuple(i // (len(self.heads) // len(self.kv_heads)) for i in range(len(self.heads)))
+        if len(self.heads) % len(self.kv_heads) or regular != self.head_kv:
+            served = {kv: sum(1 for h in self.heads if h // self.group_size == kv) for kv in self.kv_heads}
+            raise SelectionError(
+                f"--heads {','.join(map(str, self.heads))}: with grouped-query attention ({self.model_heads} heads "
+                f"over {self.model_kv_heads} kv heads, {self.group_size} per kv head) select the same number of "
+                f"heads from each kv head used; this selection takes {served} (kv head: heads); e.g. add or drop "
+                "heads until the counts are equal")
+
     def stored_layer(self, model_layer: int) -> int | None:
         """The stored position of a model layer, or None when it is not stored."""
         return self.layers.index(model_layer) if model_layer in self.layers else None
@@ -159,3 +172,21 @@ def selection_of_store(attrs: dict, layers: int, heads: int, kv_heads: int) -> S
                              f"{(layers, heads, kv_heads)}; "
                              "the store is damaged: re-extract it")
     return selection
+
+
+def selection_of_group(group) -> StoreSelection:
+    """The selection of an opened attention store (a zarr group with the root attributes `layout` and, for stores
+    written since selections exist, `selection`)."""
+    attrs = group.attrs.asdict()
+    layout = attrs["layout"]
+    return selection_of_store(attrs, int(layout["layers"]), int(layout["heads"]), int(layout["kv_heads"]))
+
+
+def require_everything(group, url: str, stage: str) -> None:
+    """Refuse (SelectionError) to run `stage` on a store holding only some layers or heads: used by stages whose
+    methods combine every layer of the model (attention rollout, last-layer attention)."""
+    selection = selection_of_group(group)
+    if not selection.is_everything:
+        raise SelectionError(
+            f"{url} holds {selection.describe()}; `effattn {stage}` needs every layer and head of the model (its "
+            "attributions roll attention through all layers): extract a store without --layers / --heads for it")

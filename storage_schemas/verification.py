@@ -52,6 +52,7 @@ from storage_schemas.efficient_store import (
     efficient_completed_shards,
     unmark_efficient_shards,
 )
+from storage_schemas.selection import SelectionError, selection_of_group
 from storage_schemas.storage_faults import is_corrupt_chunk_error
 from storage_schemas.store_lock import hold_store_lock
 
@@ -265,6 +266,13 @@ def verify_store(url: str, storage_options: dict | None = None,
     except Exception:  # noqa: BLE001 - already reported by the schema check
         return report
 
+    try:
+        selection = selection_of_group(group)
+        if not selection.is_everything:
+            report.notes.append(f"the store holds {selection.describe()}: the layer and head numbers above count "
+                                "the stored ones (the `selection` attribute maps them to the model's)")
+    except SelectionError:
+        pass  # reported by the schema check
     arrays = _open_arrays(group, layout, report)
     extracted = set(completed_shards(group))
     causal = bool(group.attrs.get("model", {}).get("causal", False))
@@ -365,7 +373,7 @@ def _stored_key_bands(group: zarr.Group, layout: AttentionStoreLayout, report: V
     if model.get("key_bands") is None:
         return None
     try:
-        return key_bands.store_key_bands(model, layout.layers)
+        return key_bands.store_key_bands(model, selection_of_group(group).layers)
     except (ValueError, TypeError) as error:
         report.problems.append(Problem("", None, "schema",
                                        f"the root attribute model.key_bands does not read: {error}"))

@@ -56,6 +56,7 @@ from storage_schemas.efficient_store import (
     diagnostic_array_path,
     efficient_array_path,
 )
+from storage_schemas.selection import StoreSelection, selection_of_group
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
 from tasks.dask_cluster import prepare_worker_process
 from tasks.extraction import retry_on_io_error
@@ -154,7 +155,7 @@ def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequenc
 def measure_batch(
     loaded: LoadedModel, batch: CausalBatch, plan: CausalPlan, batch_metrics: BatchMetrics, w_out: np.ndarray,
     causal: bool, scoped: set[int], forward_rows: int, on_intervention: Callable[[], Any] | None = None,
-    key_bands: Sequence[KeyBand] | None = None,
+    key_bands: Sequence[KeyBand] | None = None, selection: StoreSelection | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every planned intervention of one batch, injected at every target of its scopes, `forward_rows` rows
     (targets x examples) at most per forward pass.
@@ -162,11 +163,14 @@ def measure_batch(
     w_out: [layer, head, head_dim, hidden]; scoped: the store indices of the examples the layer and head scopes
     measure (analysis.causal.measured_examples). Returns ({metric: [intervention, target, batch]},
     injected_change_ratio [intervention, batch]), NaN where not measured; calls `on_intervention()` after each
-    intervention. key_bands: per layer, the keys each query sees (analysis.key_bands; None: the prefix rule)."""
+    intervention. key_bands: per layer, the keys each query sees (analysis.key_bands; None: the prefix rule).
+    selection: the model layers and heads the store holds (None: all of them); injection goes into those."""
     shape = (len(plan.interventions), len(plan.targets), len(batch.length))
     measured = {name: np.full(shape, np.nan, np.float32) for name in METRICS}
     change_ratio = np.full((shape[0], shape[2]), np.nan, np.float32)
-    masks = plan.target_masks(*w_out.shape[:2])  # [target, layer, head]
+    if selection is None:
+        selection = StoreSelection.everything(w_out.shape[0], w_out.shape[1], batch.value.shape[2])
+    masks = plan.target_masks(selection.layers, selection.heads)  # [target, stored layer, stored head]
     shared = SharedBases()  # decompositions the interventions of this batch share
     for intervention, scopes in plan.scope_plan():
         matrices = intervention_matrices(
@@ -179,7 +183,7 @@ def measure_batch(
         for scope, target_indices in scopes:
             for examples, targets in forward_groups(batch.examples_at(scope, scoped), target_indices, forward_rows):
                 logits = intervened_logits(loaded, batch.tokens[examples], batch.length[examples], matrices[examples],
-                                           masks[targets])
+                                           masks[targets], selection.layers, selection.heads)
                 for name, values in batch_metrics.measure(logits, examples).items():
                     measured[name][index, targets[:, None], examples[None, :]] = values
         if on_intervention is not None:
@@ -207,7 +211,8 @@ def compute_causal_shard(
     scoped = set(measured_examples(layout.n_examples, plan.scope_examples).tolist())
     w_out = group["w_out"][:]
     causal = bool(group.attrs["model"]["causal"])
-    key_bands = store_key_bands(group.attrs["model"], layout.layers)  # the noise stays on the keys each query sees
+    selection = selection_of_group(group)
+    key_bands = store_key_bands(group.attrs["model"], selection.layers)  # the noise stays on the keys each query sees
     starts = range(region.start, region.stop, batch_size)
     progress = tqdm(total=len(starts) * len(planned), desc=f"causal shard {shard_index}", unit="intervention",
                     leave=False)
@@ -217,7 +222,8 @@ def compute_causal_shard(
         batch_metrics = BatchMetrics.for_batch(loaded, batch, layout.task)
         original_correct[rows] = batch_metrics.original_correct()
         measured, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, scoped, forward_rows,
-                                        on_intervention=progress.update, key_bands=key_bands)
+                                        on_intervention=progress.update, key_bands=key_bands,
+                                        selection=selection)
         for name in METRICS:
             metrics[name][:, :, rows] = measured[name]
         change_ratio[:, rows] = ratio

@@ -36,6 +36,7 @@ from storage_schemas.efficient_store import (
     prepare_efficient_arrays,
     write_efficient_shard,
 )
+from storage_schemas.selection import selection_of_group
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_corrupt_chunk_error, retry_transient_io
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import dask_client
@@ -153,7 +154,8 @@ def _compute_piece(group, store: str, shard_index: int, layers: tuple[int, int],
             w_out,
             length,
             causal=bool(model["causal"]),
-            key_bands=store_key_bands(model, layout.layers)[first:stop],  # stores without bands: the default rule
+            # the stored layers' bands (stores without bands: the default rule)
+            key_bands=store_key_bands(model, selection_of_group(group).layers)[first:stop],
             variants=variants,
             simplex_max_iterations=settings["simplex_max_iterations"],
             simplex_tolerance=settings["simplex_tolerance"],

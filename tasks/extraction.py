@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -31,6 +32,7 @@ from storage_schemas.attention_store import (
     write_example_metadata,
     write_shard,
 )
+from storage_schemas.selection import SELECTION_ATTRIBUTE, StoreSelection, selection_of_group
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_transient_io_error, retry_transient_io
 from tasks.dask_cluster import prepare_worker_process
 from tasks.models import cached_model
@@ -70,15 +72,22 @@ def prepare_store(
     top_k: int = 10,
     split: str = "all",
     held_out_fraction: float = 0.2,
+    layers: str | None = None,
+    heads: str | None = None,
 ) -> tuple[list[int], int]:
     """Create the store (tokens, texts, labels, model constants) or check that an existing one is this run's.
 
     `split` ("all", "train", "held_out") chooses the corpus rows (see analysis.splits; `seed` and
-    `held_out_fraction` fix the split as in training). Returns (shards still to extract, classes of the head).
+    `held_out_fraction` fix the split as in training). `layers` / `heads`: the --layers / --heads text (None: all);
+    the store holds only those (storage_schemas.selection) and records them as its `selection` attribute.
+    Returns (shards still to extract, classes of the head).
     """
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     num_labels = max(len(loaded_corpus.class_names), 2)
     loaded = cached_model(model, num_labels, device, seed, task)
+    shape = loaded.shape
+    selection = StoreSelection.parse(layers, heads, shape.layers, shape.heads, shape.kv_heads)
+    selection.check_storable()
     rows = select_split(len(loaded_corpus), loaded_corpus.labels, split, seed, held_out_fraction,
                         groups=loaded_corpus.groups)
     plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, usable_max_length(loaded.model, max_length),
@@ -89,22 +98,28 @@ def prepare_store(
         loaded, loaded_corpus, plan, requested_max_length=max_length, limit=limit, dtype=dtype, seed=seed,
         top_k=top_k, split=split, head=head,
     )
+    attributes[SELECTION_ATTRIBUTE] = selection.to_attribute()
     state = attention_store_state(store)
     if state == "prepared":
         group = open_attention_store(store, mode="r+")
-        check_same_run(group, store, resume_keys(attributes))
+        expected = resume_keys(attributes)
+        if SELECTION_ATTRIBUTE in group.attrs or not selection.is_everything:  # a store without one holds all
+            # the model indices stored (another model's counts are named by its weights digest already)
+            expected[f"{SELECTION_ATTRIBUTE}.layers"] = list(selection.layers)
+            expected[f"{SELECTION_ATTRIBUTE}.heads"] = list(selection.heads)
+        check_same_run(group, store, expected)
     elif state in ("absent", "unprepared"):
         layout = AttentionStoreLayout(
             n_examples=len(plan.length),
             max_length=plan.max_length,
             n_classes=num_labels if task == "classification" else int(loaded.model.config.vocab_size),
-            layers=loaded.shape.layers,
-            heads=loaded.shape.heads,
-            kv_heads=loaded.shape.kv_heads,
-            head_dim=loaded.shape.head_dim,
-            hidden=loaded.shape.hidden,
+            layers=len(selection.layers),  # the stored counts; `selection` maps them to the model's
+            heads=len(selection.heads),
+            kv_heads=len(selection.kv_heads),
+            head_dim=shape.head_dim,
+            hidden=shape.hidden,
             shard_size=shard_size
-            or default_shard_size(plan.max_length, loaded.shape.layers, loaded.shape.heads, dtype),
+            or default_shard_size(plan.max_length, len(selection.layers), len(selection.heads), dtype),
             dtype=dtype,
             task=task,
             top_k=top_k,
@@ -121,8 +136,8 @@ def prepare_store(
             text=[loaded_corpus.texts[row] for row in plan.source_index],
         )
         w_out, out_bias = output_projection_slices(loaded.model, loaded.adapter)
-        group["w_out"][:] = w_out
-        group["out_bias"][:] = out_bias
+        group["w_out"][:] = w_out[np.ix_(selection.layers, selection.heads)]
+        group["out_bias"][:] = out_bias[list(selection.layers)]
         mark_prepared(group)
     else:
         raise AttentionStoreError(
@@ -130,6 +145,16 @@ def prepare_store(
         )
     done = set(completed_shards(group))
     return [index for index in range(store_layout(group).n_shards) if index not in done], num_labels
+
+
+def _capture_stored_selection(loaded, group, region: slice, batch_size: int) -> CapturedShard:
+    """capture_examples over the examples `region` of the store, keeping the layers and heads the store holds."""
+    layout = store_layout(group)
+    selection = selection_of_group(group)
+    return capture_examples(
+        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
+        top_k=max(layout.top_k, 1), layers=selection.layers, heads=selection.heads, kv_heads=selection.kv_heads,
+    )
 
 
 def retry_on_io_error(task, task_run, state) -> bool:
@@ -159,10 +184,7 @@ def capture_shard(
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
-    return capture_examples(
-        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
-        top_k=max(layout.top_k, 1),
-    )
+    return _capture_stored_selection(loaded, group, region, batch_size)
 
 
 @task(name="write-shard", cache_policy=NO_CACHE, retries=len(DEFAULT_RETRY_DELAYS),
@@ -202,10 +224,7 @@ def extract_shard_on_worker(
         )
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
-    captured = capture_examples(
-        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
-        top_k=max(layout.top_k, 1),
-    )
+    captured = _capture_stored_selection(loaded, group, region, batch_size)
     retry_transient_io(write_shard, group, shard_index, captured.attention, captured.value, captured.logits,
                        captured.logit_ids, captured.logsumexp, delays=DEFAULT_RETRY_DELAYS)
     return shard_index

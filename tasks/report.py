@@ -27,6 +27,7 @@ from storage_schemas.attention_store import (
 from storage_schemas.causal_results import AGGREGATES, CausalResultsError, open_causal_results
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import load_explanation_dataset
+from storage_schemas.selection import selection_of_group, selection_of_store
 from tasks.extraction import retry_on_io_error
 
 REPORT_DIAGNOSTICS = ("null_dim", "null_norm_ratio", "row_sum_error", "negative_mass", "rank")
@@ -71,6 +72,13 @@ def _check_same_store(results_attributes: dict[str, Any], store_attributes: dict
     }
     differences = [f"{key}: results {identity[key]!r}, store {found[key]!r}" for key in found
                    if key in identity and identity[key] != found[key]]
+    # results of a store of selected layers / heads record them (flows.causal.causal_plan); of a full store, none
+    layout = store_attributes.get("layout", {})
+    selection = selection_of_store(store_attributes, layout.get("layers", 0), layout.get("heads", 0),
+                                   layout.get("kv_heads", 1))
+    stored = None if selection.is_everything else selection.to_attribute()
+    if identity.get("selection") != stored:
+        differences.append(f"selection: results {identity.get('selection')!r}, store {stored!r}")
     if differences:
         raise CausalResultsError(
             f"{results} were not computed from the attention store {store} ({'; '.join(differences)}): pass the "
@@ -99,6 +107,7 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
     else:
         store_group = open_attention_store(store, mode="r")
     layout = store_layout(store_group)
+    selection = selection_of_group(store_group)
     store_attributes = store_group.attrs.asdict()
     _check_same_store(attributes, store_attributes, results, store, layout.n_examples)
 
@@ -118,8 +127,8 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
             layer, head = choose_head(reference["null_norm_ratio"][index])
             n = int(length[index])
             label = int(store_group["label"][index])
-            views.append(ExampleView(
-                index=index, layer=layer, head=head,
+            views.append(ExampleView(  # labelled with the model's layer and head numbers
+                index=index, layer=selection.layers[layer], head=selection.heads[head],
                 labels=token_labels(store_group["tokens"][index, :n], tokenizer),
                 text=read_texts(store_group, [index])[0],
                 label=class_names[label] if 0 <= label < len(class_names) else ("none" if label < 0 else str(label)),
@@ -131,7 +140,8 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
             ))
     return ReportInputs(
         results_url=results, store_url=store, attributes=attributes, aggregates=aggregates, diagnostics=diagnostics,
-        length=length, layers=layout.layers, heads=layout.heads, head_dim=layout.head_dim, examples=views,
+        length=length, layers=selection.layers, heads=selection.heads, head_dim=layout.head_dim, examples=views,
+        captured=selection.describe(),
         tokenizer_loaded=tokenizer is not None,
         explanations=None if explanations is None else load_explanation_dataset(explanations),
     )

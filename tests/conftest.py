@@ -52,14 +52,14 @@ def tiny_bert(num_labels: int = 2, seed: int = 0):
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_llama(num_labels: int = 2, seed: int = 0):
+def tiny_llama(num_labels: int = 2, seed: int = 0, layers: int = TINY_SIZES["num_hidden_layers"]):
     """Llama with grouped-query attention: 4 query heads share 2 kv heads (head dim 8)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=30522, max_position_embeddings=512, num_key_value_heads=2, num_labels=num_labels,
-        pad_token_id=0, **TINY_SIZES,
+        pad_token_id=0, **{**TINY_SIZES, "num_hidden_layers": layers},
     )
     return LlamaForSequenceClassification(config).eval()
 

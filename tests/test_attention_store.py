@@ -360,6 +360,20 @@ def test_wrong_schema_name(url):
     )
 
 
+def test_a_selection_that_does_not_match_the_arrays_is_refused(url):
+    group, _ = build_store(url)
+    open_attention_store(url)  # no selection attribute: the store holds every layer and head
+    group.attrs["selection"] = {"layers": [0, 3, 5], "heads": [0, 1, 2, 3], "kv_heads": [0, 1], "model_layers": 6,
+                                "model_heads": 4, "model_kv_heads": 2}
+    with pytest.raises(AttentionStoreError, match=re.escape(
+            f"{url}: the store's selection (3 of 6 layers (0, 3, 5), all 4 heads, 2 kv heads) does not match its "
+            "arrays' counts (layers, heads, kv_heads) = (2, 4, 2)")):
+        open_attention_store(url)
+    group.attrs["selection"] = {"layers": [0, 5], "heads": [0, 1, 2, 3], "kv_heads": [0, 1], "model_layers": 6,
+                                "model_heads": 4, "model_kv_heads": 2}
+    assert open_attention_store(url) is not None  # model layers 0 and 5 of 6
+
+
 def test_a_foreign_zarr_group_is_not_an_attention_store(url):
     zarr.open_group(url, mode="w", zarr_format=3).create_array("x", shape=(3,), dtype="int32")
     message = (

@@ -288,3 +288,32 @@ def test_next_token_batch_metrics_compare_with_the_original_model():
         np.testing.assert_array_equal(measured[name], expected[name])
     np.testing.assert_allclose(measured["agreement"], [[0.5]])  # position 0 changed, position 1 kept
     np.testing.assert_allclose(measured["correct"], [[0.0]])
+
+
+def test_targets_of_a_selection_carry_the_models_layer_and_head_numbers():
+    targets = targets_for(["all", "layer", "head"], (0, 3), (1, 2))
+    assert [target.name for target in targets] == [
+        "all", "layer 0", "layer 3", "layer 0 head 1", "layer 0 head 2", "layer 3 head 1", "layer 3 head 2"]
+    # masks are over the stored layers and heads: model layer 3 is stored layer 1, model head 2 stored head 1
+    assert Target("layer", 3).mask((0, 3), (1, 2)).tolist() == [[False, False], [True, True]]
+    assert Target("head", 3, 2).mask((0, 3), (1, 2)).tolist() == [[False, False], [False, True]]
+    assert Target("all").mask((0, 3), (1, 2)).all()
+
+
+def test_injection_into_a_selection_is_the_same_injection_into_the_model():
+    """Stored (layer 1; heads 2, 3) of the tiny Llama: injecting there changes the logits exactly as injecting the
+    same matrices at those model heads with everything stored; the model's other layer and heads run unchanged."""
+    loaded, tokens, shard, w_out, efficient = captured(tiny_llama)
+    matrices = intervention_matrices(Intervention("uniform"), shard.attention, shard.value, w_out, LENGTHS, True)
+    full_masks = np.zeros((2, 2, 4), dtype=bool)
+    full_masks[0, 1, 2:] = True  # both heads of the selection
+    full_masks[1, 1, 3] = True  # one of them
+    expected = intervened_logits(loaded, tokens, LENGTHS, matrices, full_masks)
+    stored = matrices[:, [1]][:, :, [2, 3]]  # what a store of --layers 1 --heads 2,3 holds
+    masks = np.stack([Target("layer", 1).mask((1,), (2, 3)), Target("head", 1, 3).mask((1,), (2, 3))])
+    chosen = intervened_logits(loaded, tokens, LENGTHS, stored, masks, layers=(1,), heads=(2, 3))
+    torch.testing.assert_close(chosen, expected, atol=1e-6, rtol=0)
+    assert (chosen - torch.as_tensor(shard.logits)).abs().max() > 1e-4  # the injection does change the logits
+    with pytest.raises(ValueError, match="target masks for 1 layers x 2 heads, but the selection names 1 layers "
+                                         "and 3 heads"):
+        intervened_logits(loaded, tokens, LENGTHS, stored, masks, layers=(1,), heads=(1, 2, 3))

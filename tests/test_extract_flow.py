@@ -371,3 +371,30 @@ def test_write_retries_only_io_errors():
 
     assert retry_on_io_error(None, None, Failed(data=OSError("disk hiccup"))) is True
     assert retry_on_io_error(None, None, Failed(data=ValueError("shard 1: 'value' has shape ..."))) is False
+
+
+def test_a_selection_is_stored_resumed_and_a_different_one_refused(tmp_path, tiny_bert_folder, small_corpus_csv):
+    url = str(tmp_path / "store.zarr")
+    arguments = dict(corpus=str(small_corpus_csv), model=str(tiny_bert_folder), store=url, **RUN)
+    extract(ExtractSettings(**arguments, layers="1", heads="1-2"))
+    group = open_attention_store(url)
+    assert group.attrs["selection"]["layers"] == [1] and group.attrs["selection"]["heads"] == [1, 2]
+    assert group["attention"].shape[1:3] == (1, 2) and group["w_out"].shape[:2] == (1, 2)
+    first_arrays, _ = snapshot(url)
+    open_attention_store(url, mode="r+").attrs["completed_shards"] = [0, 2]
+    extract(ExtractSettings(**arguments, layers="1", heads="1,2"))  # the same selection, spelt otherwise: resumed
+    assert_same_arrays(snapshot(url)[0], first_arrays)
+    with pytest.raises(AttentionStoreError, match=re.escape(
+            "was written by a different run (selection.layers: store has [1], this run has [0, 1]; selection.heads: "
+            "store has [1, 2], this run has [0, 1, 2, 3])")):
+        extract(ExtractSettings(**arguments))  # everything, into a store of one layer
+
+
+def test_cli_a_bad_selection_ends_in_one_line(tmp_path, tiny_bert_folder, small_corpus_csv, capsys):
+    store = tmp_path / "store.zarr"
+    code = main(["extract", "--corpus", str(small_corpus_csv), "--model", str(tiny_bert_folder), "--store",
+                 str(store), "--limit", "2", "--layers", "0,5"])
+    assert code == 2
+    lines = [line for line in error_lines(capsys) if line.startswith("effattn extract: error: ")]
+    assert lines == ["effattn extract: error: --layers '0,5': index 5 is out of range; the model has 2 layers (0..1)"]
+    assert not (store / "zarr.json").exists()  # no store was created

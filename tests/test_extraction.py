@@ -301,3 +301,16 @@ def test_extraction_resuming_into_a_v1_store_keeps_its_v1_layout(tmp_path, tiny_
     for name in ("attention", "value", "logits", "tokens"):
         np.testing.assert_allclose(resumed[name][:], fresh[name][:], rtol=0, atol=1e-6, err_msg=name)
     assert resumed["attention"][4:].any()
+
+
+def test_capture_keeps_only_the_selected_layers_heads_and_kv_heads(plan):
+    """The tiny Llama has 3 layers here and 4 query heads over 2 kv heads: heads 2, 3 read kv head 1 only."""
+    loaded = wrap_model(tiny_llama(layers=3), bundled_tokenizer(), name="tiny-llama-3")
+    everything = capture_examples(loaded, plan.tokens, plan.length, batch_size=2)
+    chosen = capture_examples(loaded, plan.tokens, plan.length, batch_size=2, layers=(0, 2), heads=(2, 3),
+                              kv_heads=(1,))
+    assert chosen.attention.shape == (len(TEXTS), 2, 2, plan.max_length, plan.max_length)
+    assert chosen.value.shape == (len(TEXTS), 2, 1, plan.max_length, 8)
+    np.testing.assert_array_equal(chosen.attention, everything.attention[:, [0, 2]][:, :, [2, 3]])
+    np.testing.assert_array_equal(chosen.value, everything.value[:, [0, 2]][:, :, [1]])
+    np.testing.assert_array_equal(chosen.logits, everything.logits)  # the model ran whole

@@ -132,6 +132,17 @@ def test_describe_names_model_corpus_shards_and_schema(store):
     ) in lines
     assert "  max length: 6 tokens (2 examples truncated), dtype float16" in lines
     assert "  shards: 1 of 2 completed (3 examples each)" in lines
+    assert "  captured: all 2 layers, all 4 heads" in lines  # a store without a selection holds everything
+
+
+def test_describe_says_which_layers_and_heads_a_store_holds(store):
+    import zarr
+
+    group = zarr.open_group(store, mode="r+")
+    # the fixture's 2 stored layers x 4 heads x 2 kv heads are model layers 1, 3 of 4 and heads 0-3 of 8 (4 kv)
+    group.attrs["selection"] = {"layers": [1, 3], "heads": [0, 1, 2, 3], "kv_heads": [0, 1], "model_layers": 4,
+                                "model_heads": 8, "model_kv_heads": 4}
+    assert "  captured: 2 of 4 layers (1, 3), 4 of 8 heads (0, 1, 2, 3)" in describe_attention_store(store).splitlines()
 
 
 def test_describe_names_the_architecture_record_of_newer_stores(store):

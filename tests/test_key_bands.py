@@ -77,3 +77,12 @@ def test_outside_band_magnitude_finds_the_weight_a_query_may_not_see():
     assert found[1, 0, 0] == 0.125 and found.sum() == 0.125
     with pytest.raises(ValueError, match="1 key bands for 2 layers"):
         outside_band_magnitude(matrices, np.array([6, 6]), bands[:1])
+
+
+def test_the_bands_of_a_stores_selected_layers():
+    stored = {"causal": True, "layers": 3,
+              "key_bands": [KeyBand(3, 0).to_attribute(), CAUSAL_BAND.to_attribute(), KeyBand(1, 0).to_attribute()]}
+    assert store_key_bands(stored, (0, 2)) == (KeyBand(3, 0), KeyBand(1, 0))
+    assert store_key_bands({"causal": False}, (1, 4)) == (FULL_BAND, FULL_BAND)  # no bands: the default rule
+    with pytest.raises(ValueError, match="model.key_bands has 3 entries, but the store's selection names layer 3"):
+        store_key_bands(stored, (3,))

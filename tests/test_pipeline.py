@@ -299,3 +299,127 @@ def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first
     assert "efficient attention (effective) explains at least as faithfully as raw attention (rollout)" in {
         row["claim"] for row in record["claims"]}
     assert "Does attention explain the prediction?" in Path(record["report"]).read_text(encoding="utf-8")
+
+
+# --- --layers / --heads: a store of two of three layers (and two of four heads) through every stage -----------------
+# The tiny Llama with 3 layers; heads 2 and 3 read kv head 1 only, so the stored kv head is not the model's first.
+SELECTION_RUN = dict(limit=4, max_length=16, shard_size=4, batch_size=4, variants=["effective"], workers=1,
+                     scope_examples=None)
+LAYER_METRICS = ("agreement", "max_abs_logit_change", "kl_divergence")
+
+
+@pytest.fixture(scope="module")
+def selection_runs(tmp_path_factory):
+    """(full run, --layers 0,2 run, --layers 0,2 --heads 2,3 run) of the same examples."""
+    from tests.conftest import save_model_folder, tiny_llama
+
+    folder = tmp_path_factory.mktemp("selection")
+    model = save_model_folder(tiny_llama(layers=3), folder / "tiny-llama-3")
+    corpus = write_reviews_csv(folder / "reviews.csv")
+    common = dict(corpus=str(corpus), model=str(model), run_dir=str(folder / "runs"), **SELECTION_RUN)
+    full = run_pipeline(PipelineSettings(**common, explain_examples=0))
+    layers = run_pipeline(PipelineSettings(**common, layers="0,2", explain_examples=0))
+    heads = run_pipeline(PipelineSettings(**common, layers="0,2", heads="2,3"))
+    return full, layers, heads
+
+
+def _results(record):
+    import xarray as xr
+
+    return xr.open_zarr(record["results"], consolidated=False)
+
+
+def test_a_selection_store_holds_exactly_the_chosen_layers_and_heads(selection_runs):
+    import numpy as np
+
+    from storage_schemas.inspection import describe_attention_store
+    from storage_schemas.verification import verify_store
+
+    full, _, chosen = selection_runs
+    assert len({record["store"] for record in selection_runs}) == 3  # a selection gets its own store name
+    whole, part = open_attention_store(full["store"]), open_attention_store(chosen["store"])
+    assert part.attrs["selection"] == {"layers": [0, 2], "heads": [2, 3], "kv_heads": [1], "model_layers": 3,
+                                       "model_heads": 4, "model_kv_heads": 2}
+    assert whole.attrs["selection"]["layers"] == [0, 1, 2]  # recorded for every new store
+    assert part.attrs["layout"]["layers"] == 2 and part.attrs["layout"]["heads"] == 2
+    assert part.attrs["layout"]["kv_heads"] == 1
+    np.testing.assert_array_equal(part["attention"][:], whole["attention"][:][:, [0, 2]][:, :, [2, 3]])
+    np.testing.assert_array_equal(part["value"][:], whole["value"][:][:, [0, 2]][:, :, [1]])
+    np.testing.assert_array_equal(part["w_out"][:], whole["w_out"][:][[0, 2]][:, [2, 3]])
+    np.testing.assert_array_equal(part["out_bias"][:], whole["out_bias"][:][[0, 2]])
+    # efficient attention of each stored head used its own kv head (kv head 1 of the model, the only one stored)
+    np.testing.assert_allclose(part["efficient/effective"][:],
+                               whole["efficient/effective"][:][:, [0, 2]][:, :, [2, 3]], atol=1e-6, rtol=0)
+    assert chosen["efficient_summary"]["effective"]["blocks"] == 4 * 2 * 2
+    assert chosen["efficient_summary"]["effective"]["max_output_residual"] < 1e-6
+    assert "  captured: 2 of 3 layers (0, 2), 2 of 4 heads (2, 3)\n" in describe_attention_store(chosen["store"])
+    report = verify_store(chosen["store"])
+    assert report.ok, report.text()
+    assert "the store holds 2 of 3 layers (0, 2), 2 of 4 heads (2, 3)" in report.text()
+
+
+def test_causal_targets_of_a_selection_are_the_models_layers_and_heads(selection_runs):
+    _, layers, chosen = selection_runs
+    part = _results(chosen)
+    scope, layer, head = (part[name].values.tolist() for name in ("target_scope", "target_layer", "target_head"))
+    assert [l for s, l in zip(scope, layer) if s == "layer"] == [0, 2]
+    assert [(l, h) for s, l, h in zip(scope, layer, head) if s == "head"] == [(0, 2), (0, 3), (2, 2), (2, 3)]
+    assert "layer 2 head 3" in part["target"].values.tolist()
+    assert [l for s, l in zip(*(_results(layers)[name].values.tolist() for name in ("target_scope", "target_layer")))
+            if s == "layer"] == [0, 2]
+    # replaying the stored heads' own attention changes nothing; their effective attention keeps the output too
+    for intervention in ("replay", "efficient:effective"):
+        change = part["max_abs_logit_change"].sel(intervention=intervention)
+        assert float(change.max()) < 1e-4, intervention
+
+
+def test_injection_into_stored_layers_and_heads_equals_the_full_stores_at_those_model_indices(selection_runs):
+    """Per example: a stored layer (every head) or a stored head replaced in the selection run changes the logits
+    exactly as the same replacement at that model layer / head of the full run."""
+    import numpy as np
+
+    full, layers, chosen = selection_runs
+    whole = _results(full)
+    compared = 0
+    for record, scope in ((layers, "layer"), (chosen, "head")):
+        part = _results(record)
+        targets = [name for name, kind in zip(part["target"].values.tolist(), part["target_scope"].values.tolist())
+                   if kind == scope]
+        interventions = [name for name in part["intervention"].values.tolist()
+                         if not np.isnan(part["agreement"].sel(intervention=name, target=targets[0]).values).all()]
+        deterministic = [name for name in interventions if "noise" not in name]  # the noise is drawn per shape
+        assert ("uniform" in deterministic or scope == "head") and "ablate" in deterministic
+        for intervention in deterministic:
+            for target in targets:
+                for metric in LAYER_METRICS:
+                    np.testing.assert_allclose(
+                        part[metric].sel(intervention=intervention, target=target).values,
+                        whole[metric].sel(intervention=intervention, target=target).values,
+                        atol=1e-5, rtol=0, err_msg=f"{scope} {intervention} {target} {metric}")
+                    compared += 1
+    # the comparisons can fail: ablating a stored layer does change the logits
+    assert float(_results(layers)["max_abs_logit_change"].sel(intervention="ablate", target="layer 2").max()) > 1e-4
+    assert compared >= 2 * 2 * 3 + 4 * 3
+
+
+def test_a_selection_is_reported_with_the_models_numbers_and_not_explained(selection_runs):
+    _, _, chosen = selection_runs
+    assert chosen["stages"]["explain"]["status"] == "not needed"
+    assert "explain needs all" in chosen["stages"]["explain"]["detail"]
+    assert chosen["explanations"] is None
+    html = Path(chosen["report"]).read_text(encoding="utf-8")
+    assert "2 of 3 layers (0, 2), 2 of 4 heads (2, 3)" in html
+    assert chosen["stages"]["report"]["status"] == "ran"
+
+
+def test_explain_refuses_a_store_of_some_layers(selection_runs, tmp_path):
+    from flows.explain import explain
+    from flows.settings import ExplainSettings
+    from storage_schemas.selection import SelectionError
+
+    _, _, chosen = selection_runs
+    results = tmp_path / "explanations.zarr"
+    with pytest.raises(SelectionError, match=r"holds 2 of 3 layers \(0, 2\), 2 of 4 heads \(2, 3\); `effattn explain` "
+                                             "needs every layer and head"):
+        explain(ExplainSettings(store=chosen["store"], results=str(results)))
+    assert not results.exists()

@@ -223,6 +223,9 @@ def test_choose_head_and_layer_head_grid():
     assert np.isnan(layer_head_grid(aggregates, "agreement_rate", "replay", 2, 2)).all()  # not measured
     assert scope_interventions(aggregates, "head") == ["ablate"]
     assert scope_interventions(aggregates, "all") == ["ablate", "replay"]
+    # a store of model layers 0, 1 of 4 and heads 0, 1, 5: the grid's rows and columns are those, in that order
+    grid = layer_head_grid(aggregates, "agreement_rate", "ablate", layers=(0, 1), heads=(0, 1, 5))
+    np.testing.assert_array_equal(grid, [[0.25, 0.75, np.nan], [np.nan, 0.125, np.nan]])
 
 
 def test_minimality_curve_reads_the_recorded_parts_of_each_intervention():

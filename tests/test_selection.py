@@ -75,3 +75,32 @@ def test_a_selection_must_be_distinct_ascending_and_in_range():
         StoreSelection((), (0,), 2, 2, 2)
     with pytest.raises(SelectionError, match="multiple of kv heads"):
         StoreSelection((0,), (0,), 2, 3, 2)
+
+
+def test_a_storable_head_selection_takes_as_many_heads_from_each_kv_head():
+    # every stage maps stored head h to stored kv head h // (heads // kv_heads): that must be head_kv
+    for heads in ("0-3", "2,3", "1,5", "0,1,6,7", None):
+        selection = StoreSelection.parse("1", heads, model_layers=2, model_heads=8, model_kv_heads=2)
+        selection.check_storable()
+        group = len(selection.heads) // len(selection.kv_heads)
+        assert selection.head_kv == tuple(i // group for i in range(len(selection.heads)))
+    with pytest.raises(SelectionError, match=r"same number of heads from each kv head used.*\{0: 1, 1: 2\}"):
+        StoreSelection.parse(None, "1,6,7", 2, 8, 2).check_storable()
+    StoreSelection.parse(None, "1,6,7", 2, 8, 8).check_storable()  # no grouped-query attention: any heads
+
+
+def test_the_selection_of_an_opened_store_and_the_stages_that_need_everything(tmp_path):
+    import zarr
+
+    from storage_schemas.selection import require_everything, selection_of_group
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=3)
+    group.attrs.update({"layout": {"layers": 3, "heads": 4, "kv_heads": 2}})
+    assert selection_of_group(group).is_everything
+    require_everything(group, "g.zarr", "explain")
+    group.attrs.update({"layout": {"layers": 1, "heads": 4, "kv_heads": 2},
+                        SELECTION_ATTRIBUTE: StoreSelection.parse("2", None, 3, 4, 2).to_attribute()})
+    assert selection_of_group(group).layers == (2,)
+    with pytest.raises(SelectionError, match=r"g.zarr holds 1 of 3 layers \(2\), all 4 heads; `effattn explain` "
+                                             "needs every layer and head"):
+        require_everything(group, "g.zarr", "explain")

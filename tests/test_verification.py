@@ -318,3 +318,20 @@ def test_a_v1_store_verifies_clean_and_its_damage_is_named_by_example_and_layer(
     assert [(p.array, p.shard, p.kind) for p in problems] == [("attention", 1, "checksum")]
     chunks = re.findall(r"example (\d+) layer (\d+)", problems[0].detail)
     assert chunks and all(4 <= int(example) < 8 for example, _ in chunks), problems[0].detail
+
+
+def test_a_store_of_selected_layers_is_verified_on_them_and_a_wrong_selection_is_damage(store):
+    group = zarr.open_group(store, mode="r+")
+    # the 2 stored layers as model layers 1, 2 of 3 (every head): the same checks, and a note saying so
+    group.attrs["selection"] = {"layers": [1, 2], "heads": [0, 1, 2, 3], "kv_heads": [0, 1, 2, 3],
+                                "model_layers": 3, "model_heads": 4, "model_kv_heads": 4}
+    group.attrs["model"] = {**group.attrs["model"], "layers": 3,
+                            "key_bands": [*group.attrs["model"]["key_bands"], {"left": None, "right": None}]}
+    report = verify_store(store)
+    assert report.ok, report.text()
+    assert report.notes == ["the store holds 2 of 3 layers (1, 2), all 4 heads: the layer and head numbers above "
+                            "count the stored ones (the `selection` attribute maps them to the model's)"]
+    group.attrs["selection"] = {**group.attrs["selection"], "layers": [2]}  # one layer named, two stored
+    problems = verify_store(store).problems
+    assert [(p.array, p.kind) for p in problems][:1] == [("", "schema")]
+    assert "does not match its arrays' counts" in problems[0].detail
