@@ -51,6 +51,7 @@ def load_engine_at(commit: str):
         handle.write(source)
     spec = importlib.util.spec_from_file_location("efficient_attention_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
