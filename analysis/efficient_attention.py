@@ -420,8 +420,6 @@ def project_rows_in_band(rows, matrix, hidden_size: int, band: KeyBand) -> torch
 def _cholesky_solve_psd(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """Solve matrix x = right for symmetric positive (semi)definite matrices (R, s, s), right (R, s).
 
-    Only the lower triangle of `matrix` is read (the upper one may hold anything, e.g. zeros).
-
     Rows whose Cholesky factorisation fails get a growing multiple of the identity added (ridge 1e-14 ... 1e-2
     relative to the diagonal's size); as a last resort a least-squares solve.
     """
@@ -448,9 +446,7 @@ def _cholesky_solve_psd(matrix: torch.Tensor, right: torch.Tensor) -> torch.Tens
         solution[todo[good]] = solve(factor[good], right[todo[good]])
         todo = todo[~good]
     if len(todo):
-        lower = torch.tril(matrix[todo])
-        symmetric = lower + torch.tril(lower, diagonal=-1).mT
-        solution[todo] = torch.linalg.lstsq(symmetric, right[todo, :, None]).solution[..., 0]
+        solution[todo] = torch.linalg.lstsq(matrix[todo], right[todo, :, None]).solution[..., 0]
     return solution
 
 
@@ -512,9 +508,9 @@ def _jacobian_solve(
         support_full[which, query] = support.to(basis.dtype)
         lower = (support_full @ outer)[which, query]  # (R, k(k+1)/2)
         rows, columns = torch.tril_indices(k, k)
-        # Only the lower triangle is filled (one index_copy, cheaper than two scatters): the solve reads no more.
-        jacobian = torch.zeros((len(which), k * k), dtype=basis.dtype).index_copy_(1, rows * k + columns, lower)
-        jacobian = jacobian.view(len(which), k, k)
+        jacobian = torch.zeros((len(which), k, k), dtype=basis.dtype)
+        jacobian[:, rows, columns] = lower
+        jacobian[:, columns, rows] = lower
     jacobian.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
     return _cholesky_solve_psd(jacobian, right)
 
@@ -562,29 +558,12 @@ def _exact_line_search(combination: torch.Tensor, step: torch.Tensor, step_targe
     return torch.where(slope0 < 0, root, torch.zeros_like(root))  # not a descent direction: no step
 
 
-def _packed_rows(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The True entries of active (M, q), packed per matrix so that products with a shared basis stay matrix products.
-
-    Returns which, query (R,) (the rows, ordered by matrix), matrices (m,) the matrices with a row, slot_matrix (R,)
-    each row's index into `matrices`, slot (R,) its place among its matrix's rows, and width, the most rows of one
-    matrix. A (m, width, ·) array with row r at [slot_matrix[r], slot[r]] holds only rows that still work.
-    """
-    which, query = torch.nonzero(active, as_tuple=True)
-    matrices, slot_matrix, counts = torch.unique_consecutive(which, return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(which)) - starts[slot_matrix]
-    return which, query, matrices, slot_matrix, slot, int(counts.max()) if len(counts) else 0
-
-
 def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int, tolerance: float):
     """Semismooth Newton on the dual for one chunk: rows (M, q, L) share basis (M, L, k) per matrix.
 
-    Each iteration works on the rows still iterating only, packed per matrix (`_packed_rows`): a matrix with one
-    slow row costs one row, not q (the iterates are those of a loop over all rows).
     Returns solution (M, q, L), iterations (M, q), converged (M, q), residual (M, q).
     """
     count, queries, length = rows.shape
-    k = basis.shape[-1]
     target = rows @ basis  # Uᵀa per row, (M, q, k)
     scale = torch.clamp(target.norm(dim=-1), min=_tiny(target))  # (M, q)
     gram_diagonal = basis.square().sum(-2)  # diag(UᵀU), (M, k)
@@ -595,52 +574,56 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
     polish_steps = torch.zeros((count, queries), dtype=torch.int64)  # steps taken after reaching the tolerance
     polish_tolerance = min(tolerance, POLISH_TOLERANCE)
 
-    outer = basis_outer_products(basis) if _use_outer_products(queries, length, k) else None
+    outer = basis_outer_products(basis) if _use_outer_products(queries, length, basis.shape[-1]) else None
+    matrices = torch.arange(count)  # matrices that still have active rows
+    basis_now, lam_now, target_now, outer_now = basis, lam.clone(), target, outer
     for step in range(max_iterations + 1):
-        if not active.any():
-            break
-        which, query, matrices, slot_matrix, slot, width = _packed_rows(active)
-        basis_now = basis[matrices]  # (m, L, k)
-        outer_now = None if outer is None else outer[matrices]
-
-        def times_basis(values: torch.Tensor, transposed: bool) -> torch.Tensor:
-            """Row r's values (R, k) times its Uᵀ -> (R, L) (transposed), or (R, L) times its U -> (R, k)."""
-            packed = torch.zeros((len(matrices), width, values.shape[-1]), dtype=values.dtype)
-            packed[slot_matrix, slot] = values
-            return (packed @ (basis_now.mT if transposed else basis_now))[slot_matrix, slot]
-
-        row_lam, row_target = lam[which, query], target[which, query]
-        combination = times_basis(row_lam, True)  # Uλ, (R, L)
-        gradient = times_basis(torch.clamp(combination, min=0), False) - row_target  # F(λ), (R, k)
-        residual_now = gradient.norm(dim=-1) / scale[which, query]
-        residual[which, query] = residual_now
+        combination = lam_now @ basis_now.mT  # Uλ, (m, q, L)
+        gradient = torch.clamp(combination, min=0) @ basis_now - target_now  # F(λ), (m, q, k)
+        gradient_norm = gradient.norm(dim=-1)
+        residual_now = gradient_norm / scale[matrices]
+        active_now = active[matrices]
+        residual[matrices] = torch.where(active_now, residual_now, residual[matrices])
+        lam[matrices] = lam_now
         # Rows within the tolerance take up to POLISH_STEPS more steps towards round-off level: the exact support
         # (entries of size ~ residual) makes the final feasibility correction possible.
         polishing = (residual_now <= tolerance) & (residual_now > polish_tolerance)
-        polish_now = polish_steps[which, query] + polishing
-        polish_steps[which, query] = polish_now
-        keep = (residual_now > tolerance) | (polishing & (polish_now <= POLISH_STEPS))
-        active[which[~keep], query[~keep]] = False
-        if step == max_iterations or not keep.any():
+        polish_now = polish_steps[matrices] + (active_now & polishing)
+        polish_steps[matrices] = polish_now
+        active_now &= (residual_now > tolerance) | (polishing & (polish_now <= POLISH_STEPS))
+        active[matrices] = active_now
+        if step == max_iterations or not active_now.any():
             break
+        keep = active_now.any(-1)
         if not keep.all():
-            which, query, slot_matrix, slot = which[keep], query[keep], slot_matrix[keep], slot[keep]
-            row_lam, row_target, combination, gradient = row_lam[keep], row_target[keep], combination[keep], gradient[keep]
+            matrices, basis_now, lam_now, target_now = matrices[keep], basis_now[keep], lam_now[keep], target_now[keep]
+            outer_now = None if outer is None else outer_now[keep]
+            combination, gradient, gradient_norm, active_now = (
+                combination[keep], gradient[keep], gradient_norm[keep], active_now[keep]
+            )
+        which, query = torch.nonzero(active_now, as_tuple=True)  # the active rows: (matrix, query)
 
         # Newton direction with the generalised Jacobian Uᵀ diag(1[Uλ > 0]) U and a tiny ridge.
-        ridge = torch.full((len(which),), NEWTON_RIDGE, dtype=torch.float64)
+        row_combination, row_gradient = combination[which, query], gradient[which, query]
+        ridge = torch.full_like(gradient_norm[which, query], NEWTON_RIDGE)
+        row_gram = gram_diagonal[matrices][which]
+        jacobian_support = row_combination > 0
         direction = _jacobian_solve(
-            basis_now, outer_now, slot_matrix, slot, width, combination > 0, gram_diagonal[which], -gradient, ridge
+            basis_now, outer_now, which, query, queries, jacobian_support, row_gram, -row_gradient, ridge
         )
-        combination_step = times_basis(direction, True)  # U d, (R, L)
+        direction_full = torch.zeros_like(lam_now)
+        direction_full[which, query] = direction
+        combination_step = (direction_full @ basis_now.mT)[which, query]  # U d, (R', L)
 
         # Exact line search on the piecewise quadratic dual objective.
-        step_size = _exact_line_search(combination, combination_step, (direction * row_target).sum(-1))
+        row_lam, row_target = lam_now[which, query], target_now[which, query]
+        step_size = _exact_line_search(row_combination, combination_step, (direction * row_target).sum(-1))
         accepted = step_size > 0
-        lam[which, query] = row_lam + (step_size * accepted)[:, None] * direction
-        iterations[which, query] += 1
+        lam_now[which, query] = row_lam + (step_size * accepted)[:, None] * direction
+        iterations[matrices[which], query] += 1
         # Rows whose line search found no decrease stop here (they are flagged unconverged below).
-        active[which[~accepted], query[~accepted]] = False
+        active[matrices[which[~accepted]], query[~accepted]] = False
+        active_now[which[~accepted], query[~accepted]] = False
 
     solution, moved = _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal)
     converged = (residual <= tolerance) & (moved <= REPAIR_ALLOWANCE * tolerance * scale)

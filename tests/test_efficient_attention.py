@@ -551,8 +551,8 @@ def test_simplex_rows_match_enumerated_supports(seed, sharpness):
 
 
 def test_simplex_rows_do_not_depend_on_the_batch():
-    """Rows are iterated packed per matrix with the other rows still working: each row's solution and iteration count
-    are those of its matrix solved alone with its rows reversed (a mix-up of rows between matrices or slots would
+    """Rows of many matrices are iterated together, each stopping on its own: each row's solution and iteration count
+    are those of its matrix solved alone with its rows reversed (a mix-up of rows between matrices or queries would
     change them)."""
     rng = np.random.default_rng(5)
     value = rng.normal(size=(4, 20, 4))
