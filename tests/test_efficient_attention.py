@@ -130,6 +130,24 @@ def slsqp_simplex_row(a: np.ndarray, t: np.ndarray) -> np.ndarray:
     return solution.x
 
 
+def enumerated_simplex_row(a: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """argmin ½‖b‖² s.t. Uᵀb = Uᵀa, b ≥ 0, exactly, by trying every support (independent of the module; L ≤ 12).
+
+    For a support S the least-norm b with Uᵀb = Uᵀa and b = 0 off S is pinv((U⊙1_S)ᵀ)·Uᵀa. The optimum b* is that
+    point for S = support(b*) (b* > 0 there, so it is the least-norm point of its face's affine set), and every
+    feasible candidate has norm ≥ ‖b*‖: the answer is the feasible candidate of least norm.
+    """
+    size = len(a)
+    target = basis.T @ a
+    masks = ((np.arange(1, 2 ** size)[:, None] >> np.arange(size)[None, :]) & 1).astype(np.float64)  # (S, L)
+    restricted = basis[None, :, :] * masks[:, :, None]  # (S, L, k)
+    candidates = (np.linalg.pinv(restricted.transpose(0, 2, 1), rcond=1e-10) @ target[None, :, None])[..., 0]
+    defect = np.linalg.norm(candidates @ basis - target[None, :], axis=-1)
+    feasible = (candidates.min(-1) >= -1e-13) & (defect <= 1e-11 * np.linalg.norm(target))
+    norms = np.where(feasible, np.linalg.norm(candidates, axis=-1), np.inf)
+    return np.clip(candidates[int(np.argmin(norms))], 0.0, None)
+
+
 def relative_output_error(efficient_block, attention_block, t):
     return np.linalg.norm((efficient_block - attention_block) @ t) / np.linalg.norm(attention_block @ t)
 
@@ -509,6 +527,44 @@ def test_unconverged_rows_are_still_feasible():
     full = simplex_rows(rows, basis)
     assert full.converged.all()
     assert (full.iterations > 1).any()
+
+
+@pytest.mark.parametrize("seed, sharpness", [(0, 1.0), (1, 4.0), (2, 12.0)])
+def test_simplex_rows_match_enumerated_supports(seed, sharpness):
+    """The solver's rows equal the exact minimiser (every support tried, `enumerated_simplex_row`) to 1e-9, on random
+    rows (L 11, k = rank([T|1]) = 4) and sharp ones whose minimisers are vertices (support k), the rows that take the
+    solver the most Newton iterations."""
+    rng = np.random.default_rng(seed)
+    size = 11
+    value = rng.normal(size=(3, size, 3))
+    w_out = rng.normal(size=(3, 3, 8))
+    basis, rank = value_output_basis(value, w_out, append_ones=True)
+    assert (rank == 4).all()
+    rows = softmax_rows(rng.normal(size=(3, size, size)) * sharpness, causal=False)
+    found = simplex_rows(rows, basis)
+    assert found.converged.all()
+    expected = np.stack([np.stack([enumerated_simplex_row(rows[m, q], basis[m].numpy()) for q in range(size)])
+                         for m in range(3)])
+    np.testing.assert_allclose(found.solution.numpy(), expected, atol=1e-9)
+    if sharpness > 1:
+        assert (found.support_size == 4).any()  # vertex minimisers are among the cases
+
+
+def test_simplex_rows_do_not_depend_on_the_batch():
+    """Rows of many matrices are iterated together, each stopping on its own: each row's solution and iteration count
+    are those of its matrix solved alone with its rows reversed (a mix-up of rows between matrices or queries would
+    change them)."""
+    rng = np.random.default_rng(5)
+    value = rng.normal(size=(4, 20, 4))
+    w_out = rng.normal(size=(4, 4, 10))
+    basis, _ = value_output_basis(value, w_out, append_ones=True)
+    rows = softmax_rows(rng.normal(size=(4, 20, 20)) * rng.uniform(1, 8, size=(4, 20, 1)), causal=False)
+    together = simplex_rows(rows, basis)
+    assert len(set(together.iterations.flatten().tolist())) > 3  # rows stop at different iterations
+    for matrix in range(4):  # alone, and with its rows in reverse order (other slots)
+        alone = simplex_rows(rows[matrix:matrix + 1, ::-1].copy(), basis[matrix:matrix + 1])
+        np.testing.assert_array_equal(alone.iterations[0].flip(0).numpy(), together.iterations[matrix].numpy())
+        np.testing.assert_allclose(alone.solution[0].flip(0).numpy(), together.solution[matrix].numpy(), atol=1e-12)
 
 
 def test_simplex_rows_rejects_negative_rows():
