@@ -81,7 +81,7 @@ def copy_stage_io_shard(store: str, shard: int, variants: list[str]) -> int:
     variant's efficient array with zero diagnostics (synced, as the stage writes)."""
     group = open_attention_store(store, mode="r+")
     layout = store_layout(group)
-    attention, _, _, _ = _read_piece_inputs(group, layout.shard_slice(shard), slice(None))
+    attention, _, _, _ = _read_piece_inputs(group, store, shard, layout.shard_slice(shard), slice(0, layout.layers))
     zeros = np.zeros(attention.shape[:3])
     for variant in variants:
         write_efficient_shard(group, layout, variant, shard, attention, {name: zeros for name in DIAGNOSTIC_ARRAYS})

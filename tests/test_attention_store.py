@@ -815,8 +815,9 @@ def test_the_pipelines_write_the_same_chunks_and_read_each_other_s_stores(tmp_pa
             assert type(group["attention"]._async_array.codec_pipeline).__module__ == path.rsplit(".", 1)[0]
     chunks = {name: stored_chunks(url) for name, url in urls.items()}
     assert chunks["zarr"] == chunks["zarrs"]
+    # schema v2: one inner chunk per example, holding all its layers
     assert sum(key.startswith("attention/c/") and len(chunk) > 0 for key, chunk in chunks["zarrs"].items()) \
-        == LAYOUT.n_examples * LAYOUT.layers
+        == LAYOUT.n_examples
     for writer, reader in (("zarrs", "zarr"), ("zarr", "zarrs")):
         with zarr.config.set({"codec_pipeline.path": PIPELINES[reader]}):
             group = open_attention_store(urls[writer])
@@ -825,11 +826,12 @@ def test_the_pipelines_write_the_same_chunks_and_read_each_other_s_stores(tmp_pa
 
 
 def damage_first_chunk(url: str, where: str = "data") -> None:
-    """Flip one bit of attention example 0, layer 0 (the first chunk of shard 0): in its compressed data, or in its
-    stored CRC32C (the data still decode). Either way its checksum fails."""
+    """Flip one bit of attention example 0 (the first chunk of shard 0; schema v2: all its layers): in its
+    compressed data, or in its stored CRC32C (the data still decode). Either way its checksum fails."""
     path = Path(url) / "attention" / "c" / "0" / "0" / "0" / "0" / "0"
     damaged = bytearray(path.read_bytes())
-    n_chunks = LAYOUT.shard_size * LAYOUT.layers
+    attention = open_attention_store(url)["attention"]
+    n_chunks = int(np.prod([shard // chunk for shard, chunk in zip(attention.shards, attention.chunks)]))
     offset, size = np.frombuffer(bytes(damaged[-(16 * n_chunks + 4):-4]), dtype="<u8").reshape(n_chunks, 2)[0]
     damaged[int(offset) + (int(size) // 2 if where == "data" else int(size) - 1)] ^= 0x01
     path.write_bytes(bytes(damaged))
