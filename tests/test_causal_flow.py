@@ -173,9 +173,9 @@ def test_no_forward_pass_exceeds_forward_rows(llama_store, tmp_path, monkeypatch
     rows = []
     original = tasks.causal.intervened_logits
 
-    def counting(loaded, tokens, length, replacement, target_masks):
+    def counting(loaded, tokens, length, replacement, target_masks, *selection):  # selection: layers, heads
         rows.append(len(length) * len(target_masks))
-        return original(loaded, tokens, length, replacement, target_masks)
+        return original(loaded, tokens, length, replacement, target_masks, *selection)
 
     monkeypatch.setattr(tasks.causal, "intervened_logits", counting)
     causal(CausalSettings(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
