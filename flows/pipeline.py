@@ -119,7 +119,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
             "model": model, "model_fingerprint": local_input_fingerprint(model), "limit": limit,
             **settings.extraction_shape(),
         }
-        check = extraction_status(store, extraction_inputs)
+        check = extraction_status(store, extraction_inputs, settings.extraction_shape_defaults())
         efficient_settings = settings.efficient_settings(store, tuple(variants))
         if not check.complete or not efficient_status(store, variants, efficient_settings.recorded()).complete:
             # the efficient stage will run on Dask: its cluster starts meanwhile, its workers import its code

@@ -305,10 +305,15 @@ class PipelineSettings(StageSettings):
         """The settings of EXTRACTION_SHAPE: name -> value."""
         return {name: getattr(self, name) for name in EXTRACTION_SHAPE}
 
+    @classmethod
+    def extraction_shape_defaults(cls) -> dict[str, Any]:
+        """The default of every EXTRACTION_SHAPE setting."""
+        return {name: cls.model_fields[name].default for name in EXTRACTION_SHAPE}
+
     def non_default_extraction_shape(self) -> dict[str, Any]:
         """The EXTRACTION_SHAPE settings that differ from their defaults (they name the store: run_name)."""
-        return {name: value for name, value in self.extraction_shape().items()
-                if value != type(self).model_fields[name].default}
+        defaults = self.extraction_shape_defaults()
+        return {name: value for name, value in self.extraction_shape().items() if value != defaults[name]}
 
     def _shared_with(self, stage: type[StageSettings], **given: Any) -> dict[str, Any]:
         """The fields of `stage` that this class has too (same name, same meaning), with `given` instead."""

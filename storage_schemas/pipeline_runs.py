@@ -127,8 +127,10 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def extraction_status(url: str, inputs: dict[str, Any]) -> StageCheck:
-    """Whether the attention store at `url` is completely extracted for exactly these extraction `inputs`."""
+def extraction_status(url: str, inputs: dict[str, Any], defaults: dict[str, Any] | None = None) -> StageCheck:
+    """Whether the attention store at `url` is completely extracted for exactly these extraction `inputs`.
+    `defaults`: the default of inputs that later versions added (e.g. layers, heads): a store recorded before one
+    existed lacks it, and was extracted with its default."""
     state = attention_store_state(url)
     if state == "absent":
         return StageCheck(False, f"no attention store at {url} yet")
@@ -147,6 +149,7 @@ def extraction_status(url: str, inputs: dict[str, Any]) -> StageCheck:
     recorded = group.attrs.get(EXTRACTION_INPUTS_ATTRIBUTE)
     if recorded is None:
         return StageCheck(False, "the store has no record of the pipeline inputs that wrote it")
+    recorded = {**_canonical({name: value for name, value in (defaults or {}).items() if name in inputs}), **recorded}
     expected = _canonical(inputs)
     if recorded != expected:
         keys = sorted(key for key in set(recorded) | set(expected) if recorded.get(key) != expected.get(key))
@@ -154,8 +157,8 @@ def extraction_status(url: str, inputs: dict[str, Any]) -> StageCheck:
     return StageCheck(True, f"all {n_shards} shards extracted for the same inputs")
 
 
-def extraction_complete(url: str, inputs: dict[str, Any]) -> bool:
-    return extraction_status(url, inputs).complete
+def extraction_complete(url: str, inputs: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
+    return extraction_status(url, inputs, defaults).complete
 
 
 def record_extraction_inputs(url: str, inputs: dict[str, Any]) -> None:

@@ -166,6 +166,17 @@ def test_other_inputs_are_not_complete_and_are_named(store):
     assert not extraction_complete(store, {**INPUTS, "epochs": 2})  # an input the record does not have
 
 
+def test_an_input_added_later_matches_a_record_without_it_only_at_its_default(store):
+    """A store recorded before `layers` existed was extracted with every layer: the default."""
+    complete_extraction(store)
+    record_extraction_inputs(store, INPUTS)
+    defaults = {"layers": None, "heads": None}
+    assert extraction_status(store, {**INPUTS, "layers": None}, defaults).complete
+    assert not extraction_status(store, {**INPUTS, "layers": None}).complete  # no default given: another input
+    check = extraction_status(store, {**INPUTS, "layers": "0,1"}, defaults)
+    assert not check.complete and check.reason == "it was extracted with other inputs (layers)"
+
+
 def test_record_refuses_an_unfinished_extraction(store):
     mark_shard_completed(open_attention_store(store, mode="r+"), 1)
     expected = (f"{store}: shards [0, 2] are not extracted yet, so the store cannot be recorded as complete: "
