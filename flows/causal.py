@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from tqdm.auto import tqdm
 
 from analysis.causal import SCOPES, CausalPlan, targets_for
 from analysis.efficient_attention import VARIANTS
@@ -25,7 +24,7 @@ from storage_schemas.efficient_store import efficient_array_path, efficient_comp
 from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import causal_shard_on_worker, prepare_results, run_causal_shard, summarise_results
-from tasks.dask_cluster import dask_client, run_shard_tasks, task_resources, use_stage_cluster
+from tasks.dask_cluster import run_model_stage_shards
 
 
 def causal_plan(settings: CausalSettings) -> CausalPlan:
@@ -116,17 +115,9 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
         todo = prepare_results(store, results, plan)
         group = open_causal_results(results, mode="r+")
         arguments = (plan, settings.model, settings.device, settings.batch_size, forward_rows)
-        if use_stage_cluster(settings.dask_address, settings.workers) and todo:
-            # One Dask task per shard (the worker measures it and writes it whole to the results' URL); this
-            # process records each shard as its task returns, so a rerun resumes.
-            with dask_client(settings.dask_address, settings.workers) as client:
-                run_shard_tasks(
-                    client, [(shard, causal_shard_on_worker, (store, results, shard, *arguments)) for shard in todo],
-                    lambda shard, inputs: mark_causal_shard_completed(group, shard, inputs), "causal shards",
-                    resources=task_resources(settings.device),
-                )
-        else:
-            for shard_index in tqdm(todo, desc="causal shards", unit="shard", disable=not todo):
-                inputs = run_causal_shard(store, results, shard_index, *arguments)
-                mark_causal_shard_completed(group, shard_index, inputs)
+        run_model_stage_shards(
+            settings, todo, causal_shard_on_worker, run_causal_shard,
+            lambda shard: (store, results, shard, *arguments),
+            lambda shard, inputs: mark_causal_shard_completed(group, shard, inputs), "causal shards",
+        )
         return summarise_results(store, results)

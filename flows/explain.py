@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from tqdm.auto import tqdm
 
 from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
@@ -16,7 +15,7 @@ from storage_schemas.selection import require_everything
 from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
 from storage_schemas.store_lock import hold_store_lock
-from tasks.dask_cluster import dask_client, run_shard_tasks, task_resources, use_stage_cluster
+from tasks.dask_cluster import run_model_stage_shards
 from tasks.explain import (
     choose_examples,
     efficient_sources,
@@ -70,18 +69,9 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
         todo = prepare_explanations(store, results, recorded)
         group = open_explanation_results(results, mode="r+")
         arguments = (recorded, settings.model, settings.device, settings.forward_rows)
-        if use_stage_cluster(settings.dask_address, settings.workers) and todo:
-            # One Dask task per shard (the worker explains it and writes it whole to the results' URL); this
-            # process records each shard as its task returns, so a rerun resumes.
-            with dask_client(settings.dask_address, settings.workers) as client:
-                run_shard_tasks(
-                    client,
-                    [(shard, explanation_shard_on_worker, (store, results, shard, *arguments)) for shard in todo],
-                    lambda shard, inputs: mark_explanation_shard_completed(group, shard, inputs),
-                    "explanation shards", resources=task_resources(settings.device),
-                )
-        else:
-            for shard_index in tqdm(todo, desc="explanation shards", unit="shard", disable=not todo):
-                inputs = run_explanation_shard(store, results, shard_index, *arguments)
-                mark_explanation_shard_completed(group, shard_index, inputs)
+        run_model_stage_shards(
+            settings, todo, explanation_shard_on_worker, run_explanation_shard,
+            lambda shard: (store, results, shard, *arguments),
+            lambda shard, inputs: mark_explanation_shard_completed(group, shard, inputs), "explanation shards",
+        )
         return summarise_explanations(store, results)
