@@ -60,6 +60,9 @@ class Variant:
     colour: its colour in every figure of the report.
     extra_temporaries: (columns m of X, causal) -> how many more L×L float64 temporaries per matrix it holds than
         the projections (the chunk size of the batched computation shrinks by that).
+    default_max_length: stores of more positions than this leave the variant out of the default variant list
+        (`default_variants`; None: always in it): its cost grows too steeply with the length for a default run.
+        Named in --variants, it is computed at any length.
     """
 
     name: str
@@ -72,6 +75,7 @@ class Variant:
     description: str
     colour: str
     extra_temporaries: Callable[[int, bool], int] = _no_extra_temporaries
+    default_max_length: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or any(character in self.name for character in ":/,= "):
@@ -79,6 +83,10 @@ class Variant:
                              "(it names arrays, interventions and command-line lists)")
         if self.cost not in COST_CLASSES:
             raise ValueError(f"variant {self.name!r}: cost {self.cost!r} must be one of {COST_CLASSES}")
+        if self.default_max_length is not None and (
+                not isinstance(self.default_max_length, int) or self.default_max_length < 1):
+            raise ValueError(f"variant {self.name!r}: default_max_length must be a positive number of positions or "
+                             f"None, got {self.default_max_length!r}")
         if not callable(self.compute):
             raise ValueError(f"variant {self.name!r}: compute must be a function (inputs, with_ones) -> "
                              "(efficient, statistics)")
@@ -202,6 +210,9 @@ REGISTRY = VariantRegistry((
         colour="#2ca02c",
         # causal: the prefix bases of every row, (L - c) x L x c per matrix, and their QR
         extra_temporaries=lambda columns, causal: columns + 2 if causal else 0,
+        # its solver's cost per example grows far faster with the length than the closed forms'
+        # (benchmarks/simplex_cost.py; README, "Efficient attention at length")
+        default_max_length=256,
     ),
 ))
 
@@ -212,6 +223,25 @@ VARIANTS: Sequence[str] = REGISTRY.names
 def variant_record(name: str) -> Variant:
     """The record of the variant called `name` (a KeyError names the registered ones)."""
     return REGISTRY[name]
+
+
+def default_variants(positions: int) -> list[str]:
+    """The variants computed when none are named, for a store of `positions` positions: every registered one
+    whose `default_max_length` allows that length, in registration order."""
+    return [record.name for record in REGISTRY.records()
+            if record.default_max_length is None or positions <= record.default_max_length]
+
+
+def left_out_by_default(positions: int) -> str | None:
+    """Why `default_variants(positions)` leaves variants out, in one sentence that says how to compute them
+    anyway; None when it leaves none out."""
+    left_out = [record for record in REGISTRY.records()
+                if record.default_max_length is not None and positions > record.default_max_length]
+    if not left_out:
+        return None
+    names = ", ".join(f"{record.name} (up to {record.default_max_length})" for record in left_out)
+    return (f"the store holds {positions} positions, more than the default lengths of {names}: not computed by "
+            f"default, because their cost grows steeply with the length; name them in --variants to compute them")
 
 
 def variant_records() -> tuple[Variant, ...]:

@@ -3,24 +3,37 @@ and per layer of a shard for the simplex variant; tasks/efficient.py)."""
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from analysis.efficient_attention import VARIANTS
+from analysis.variants import default_variants, left_out_by_default
 from flows.settings import EfficientSettings
-from storage_schemas.attention_store import use_fast_codec_pipeline
+from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
 from tasks.efficient import run_efficient_shards
 
 
 @flow(name="effattn-efficient")
 def efficient(settings: EfficientSettings) -> str:
-    """Compute the efficient-attention `settings.variants` (None: every registered variant,
-    analysis/variants.py) of every shard of the store at
+    """Compute the efficient-attention `settings.variants` (None: every registered variant that the store's length
+    allows, analysis.variants.default_variants) of every shard of the store at
     `settings.store` on a Dask cluster (`dask_address`, or a LocalCluster of `workers` processes). Resumable:
     finished shards are skipped. Returns the store's URL."""
-    variants = list(VARIANTS) if settings.variants is None else settings.variants
     use_fast_codec_pipeline()
+    variants = settings.variants
+    if variants is None:
+        variants = stage_default_variants(settings.store)
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variants {unknown or list(variants)}: choose from {list(VARIANTS)}")
     run_efficient_shards(settings.store, list(variants), settings.recorded(), settings.dask_address, settings.workers)
     return settings.store
+
+
+def stage_default_variants(store: str) -> list[str]:
+    """The variants computed by default for the store at `store` (analysis.variants.default_variants of its
+    length); says in the run's log which it leaves out and why."""
+    positions = store_layout(open_attention_store(store, mode="r")).max_length
+    reason = left_out_by_default(positions)
+    if reason is not None:
+        get_run_logger().warning("%s: %s", store, reason)
+    return default_variants(positions)

@@ -17,8 +17,9 @@ from analysis.efficient_attention import VARIANTS
 from analysis.models import has_trained_head
 from analysis.run_summary import summarize_variant, summary_table, text_table
 from analysis.training import TrainingSettings, head_to_train
+from analysis.variants import default_variants
 from flows.causal import causal, recorded_causal_settings
-from flows.efficient import efficient
+from flows.efficient import efficient, stage_default_variants
 from flows.extract import extract
 from flows.report import report
 from flows.settings import CausalSettings, ExplainSettings, ExtractSettings, PipelineSettings, ReportSettings
@@ -98,9 +99,11 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     unknown = [variant for variant in settings.variants or () if variant not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
+    # without --variants: those the store's length allows (analysis.variants.default_variants), settled once the
+    # store exists; until then those that --max-length allows
     variants = ([variant for variant in VARIANTS if variant in settings.variants] if settings.variants
-                else list(VARIANTS))
-    analysis_label = "+".join(variants) if variants != list(VARIANTS) else None
+                else default_variants(settings.max_length))
+    analysis_label = "+".join(variants) if settings.variants and variants != list(VARIANTS) else None
     paths = run_paths(settings.run_dir, run_name(corpus, model, limit, name_settings), analysis_label)
     store = settings.store or paths.store
     results = settings.results or paths.results
@@ -132,6 +135,8 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
             extraction_model, extraction_split = model, settings.split
             reason = head_not_needed_reason(corpus, model, settings.task, settings.train, text_column, label_column)
             if reason is None:
+                logger.info("stage train needed: a fine-tuned head for %s on %s (trained, or found cached)", model,
+                            corpus)
                 started = time.perf_counter()
                 training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=settings.seed)
                 extraction_model = train_head(model, corpus, text_column, label_column, training.as_dict(),
@@ -148,6 +153,9 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
             finished("extract", "ran", started, store)
 
         # --- efficient ---
+        if not settings.variants:
+            variants = stage_default_variants(store)
+            efficient_settings = settings.efficient_settings(store, tuple(variants))
         check = efficient_status(store, variants, efficient_settings.recorded())
         if check.complete:
             finished("efficient", "skipped", None, check.reason)

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from analysis.variants import VARIANTS
+from analysis.variants import VARIANTS, variant_records
 
 
 def option(default: Any = ..., description: str = "", *, flag: str | None = None, positional: bool = False,
@@ -80,8 +80,10 @@ CacheRoot = Annotated[str | None, option(
     None, "cache of trained heads (default: $EFFATTN_CACHE or ~/.cache/effattn)", flag="--cache")]
 Limit = Annotated[PositiveInt | None, option(None, "use this many examples (seeded sample; default: all)")]
 Variants = Annotated[Names | None, option(
-    None, f"comma-separated efficient-attention variants: {','.join(VARIANTS)} (default: every registered one, "
-          "analysis/variants.py)")]
+    None, f"comma-separated efficient-attention variants: {','.join(VARIANTS)} (default: every registered one "
+          "that the store's length allows, analysis/variants.py: " + ", ".join(
+              f"{record.name} up to {record.default_max_length} positions" for record in variant_records()
+              if record.default_max_length is not None) + ")")]
 DaskAddress = Annotated[str | None, option(None, "scheduler of an existing Dask cluster, tcp://HOST:PORT")]
 Workers = Annotated[PositiveInt | None, option(None, "LocalCluster processes (default: cores)")]
 # A stage that also runs in-process: on Dask only with an address or a worker count (tasks.dask_cluster).

@@ -3,6 +3,7 @@ results satisfy the invariants when T is recomputed from the stored values and o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -94,6 +95,26 @@ def test_local_cluster_run_writes_every_variant_and_resumes(bert_store, tmp_path
     assert pending_work(group, VARIANTS) == {1: ["simplex"]}
     efficient(EfficientSettings(store=url, workers=1))
     np.testing.assert_array_equal(open_attention_store(url)["efficient/simplex"][:], expected)
+
+
+def test_by_default_a_variant_is_left_out_of_stores_longer_than_its_default_length(bert_store, tmp_path,
+                                                                                   monkeypatch):
+    from analysis import variants
+    from flows.efficient import efficient
+
+    url = str(tmp_path / "copy.zarr")
+    shutil.copytree(bert_store, url)
+    positions = store_layout(open_attention_store(url)).max_length
+    shorter = dataclasses.replace(variants.variant_record("simplex"), default_max_length=positions - 1)
+    monkeypatch.setitem(variants.REGISTRY._records, "simplex", shorter)
+    efficient(EfficientSettings(store=url, workers=1))
+    group = open_attention_store(url)
+    n_shards = store_layout(group).n_shards
+    assert "efficient/simplex" not in group
+    assert all(efficient_completed_shards(group, variant) == list(range(n_shards))
+               for variant in ("effective", "stochastic"))
+    efficient(EfficientSettings(store=url, workers=1, variants=["simplex"]))  # named: computed at any length
+    assert efficient_completed_shards(open_attention_store(url), "simplex") == list(range(n_shards))
 
 
 def test_unknown_variant_and_changed_settings_are_refused(bert_store, tmp_path):
@@ -342,8 +363,6 @@ def test_no_scheduler_at_the_dask_address_is_said_within_the_timeout(monkeypatch
 def test_shards_are_cut_by_the_cost_class_of_their_variants():
     """Closed-form variants: whole shards; any iterative one (simplex, or one registered with that cost class):
     one piece per layer."""
-    import dataclasses
-
     from analysis.variants import ITERATIVE, registered_variant, variant_record
     from tasks.efficient import shard_pieces
 

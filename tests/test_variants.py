@@ -25,6 +25,8 @@ from analysis.variants import (
     ITERATIVE,
     VARIANTS,
     Variant,
+    default_variants,
+    left_out_by_default,
     register_variant,
     registered_variant,
     unknown_variants,
@@ -112,6 +114,21 @@ def test_records_with_bad_fields_are_refused():
         dataclasses.replace(MIDPOINT, name="null:x")
     with pytest.raises(ValueError, match="cost 'slow' must be one of"):
         dataclasses.replace(MIDPOINT, cost="slow")
+
+
+def test_the_default_variants_leave_out_those_too_slow_at_the_stores_length():
+    assert variant_record("simplex").default_max_length == 256
+    assert variant_record("effective").default_max_length is None is variant_record("stochastic").default_max_length
+    assert default_variants(256) == ["effective", "stochastic", "simplex"] and left_out_by_default(256) is None
+    assert default_variants(257) == default_variants(512) == ["effective", "stochastic"]
+    reason = left_out_by_default(512)
+    assert "512 positions" in reason and "simplex (up to 256)" in reason and "--variants" in reason
+    with registered_variant(dataclasses.replace(MIDPOINT, default_max_length=8)):
+        assert default_variants(8) == ["effective", "stochastic", "simplex", "midpoint"]
+        assert default_variants(9) == ["effective", "stochastic", "simplex"]
+        assert "midpoint (up to 8)" in left_out_by_default(300) and "simplex (up to 256)" in left_out_by_default(300)
+    with pytest.raises(ValueError, match="default_max_length must be a positive number of positions"):
+        dataclasses.replace(MIDPOINT, default_max_length=0)
 
 
 def test_a_registered_variant_is_computed_with_its_null_space_diagnostics():
