@@ -225,18 +225,21 @@ def variant_record(name: str) -> Variant:
     return REGISTRY[name]
 
 
+def _in_default_run(record: Variant, positions: int) -> bool:
+    """Whether `record`'s `default_max_length` allows a store of `positions` positions."""
+    return record.default_max_length is None or positions <= record.default_max_length
+
+
 def default_variants(positions: int) -> list[str]:
     """The variants computed when none are named, for a store of `positions` positions: every registered one
     whose `default_max_length` allows that length, in registration order."""
-    return [record.name for record in REGISTRY.records()
-            if record.default_max_length is None or positions <= record.default_max_length]
+    return [record.name for record in REGISTRY.records() if _in_default_run(record, positions)]
 
 
 def left_out_by_default(positions: int) -> str | None:
     """Why `default_variants(positions)` leaves variants out, in one sentence that says how to compute them
     anyway; None when it leaves none out."""
-    left_out = [record for record in REGISTRY.records()
-                if record.default_max_length is not None and positions > record.default_max_length]
+    left_out = [record for record in REGISTRY.records() if not _in_default_run(record, positions)]
     if not left_out:
         return None
     names = ", ".join(f"{record.name} (up to {record.default_max_length})" for record in left_out)
