@@ -453,11 +453,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if arguments.command in FLOW_COMMANDS:
-            from flows.interrupts import quiet_prefect_console_when_interrupted
+            from flows.interrupts import quiet_prefect_console_when_interrupted, record_signals_that_prefect_handles
             from flows.prefect_server import use_prefect_api
 
             use_prefect_api(arguments.command)  # a generous startup limit; a dead PREFECT_API_URL reported in seconds
             quiet_prefect_console_when_interrupted()
+            record_signals_that_prefect_handles()
         return RUNNERS[arguments.command](*settings)
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
         problem = one_line_problem(arguments, error)

@@ -32,6 +32,7 @@ class Interruption:
 
     command: str = ""
     signal_number: int | None = None
+    watching: bool = False  # inside `stops_cleanly_on_signals` on the main thread
 
     @property
     def signal_name(self) -> str:
@@ -101,13 +102,41 @@ def _exit_if_still_running(interruption: Interruption, shutdown_seconds: float) 
     os._exit(interruption.exit_status)
 
 
-def _on_signal(signal_number: int, frame, shutdown_seconds: float) -> None:
+def _record_first_signal(signal_number: int, shutdown_seconds: float) -> bool:
+    """Record the first signal and start the shutdown deadline; False when already stopping (a second Ctrl-C
+    must not break the cleanup of the first)."""
     if _interruption.signal_number is not None:
-        return  # already stopping: a second Ctrl-C must not break the cleanup of the first
+        return False
     _interruption.signal_number = signal_number
     threading.Thread(target=_exit_if_still_running, args=(_interruption, shutdown_seconds), daemon=True,
                      name="effattn-shutdown-deadline").start()
-    raise KeyboardInterrupt
+    return True
+
+
+def _on_signal(signal_number: int, frame, shutdown_seconds: float) -> None:
+    if _record_first_signal(signal_number, shutdown_seconds):
+        raise KeyboardInterrupt
+
+
+def record_signals_that_prefect_handles() -> None:
+    """While a flow or task runs, Prefect's own SIGTERM handler replaces ours and raises its TerminationSignal.
+    A task engine caught between states turns that into another error (`ValueError: Task run is not set`), which
+    would end the command as `error: ...`, status 2, with no deadline on the stop. Prefect's handler is wrapped
+    so that, inside `stops_cleanly_on_signals`, it records the signal first (the wrapper then reports the
+    interruption, whatever it became) and ignores a second one as ours does."""
+    import prefect.utilities.engine as engine  # capture_sigterm installs this module's `_prefect_sigterm_handler`
+
+    prefect_handler = engine._prefect_sigterm_handler
+    if getattr(prefect_handler, "records_the_interruption", False):
+        return
+
+    @functools.wraps(prefect_handler)
+    def recording_handler(signal_number: int, *arguments: object) -> None:
+        if not _interruption.watching or _record_first_signal(signal_number, SHUTDOWN_SECONDS):
+            prefect_handler(signal_number, *arguments)
+
+    recording_handler.records_the_interruption = True
+    engine._prefect_sigterm_handler = recording_handler
 
 
 def name_the_command(command: str) -> None:
@@ -125,7 +154,7 @@ def stops_cleanly_on_signals(main: Callable[..., int]) -> Callable[..., int]:
     def wrapped(*arguments, **options) -> int:
         if threading.current_thread() is not threading.main_thread():
             return main(*arguments, **options)  # signals reach only the main thread
-        _interruption.command, _interruption.signal_number = "", None
+        _interruption.command, _interruption.signal_number, _interruption.watching = "", None, True
         handler = functools.partial(_on_signal, shutdown_seconds=SHUTDOWN_SECONDS)
         previous = {number: signal.signal(number, handler) for number in HANDLED_SIGNALS}
         try:
@@ -137,6 +166,7 @@ def stops_cleanly_on_signals(main: Callable[..., int]) -> Callable[..., int]:
             return _interruption.exit_status
         finally:
             if _interruption.signal_number is None:  # once stopping, further signals stay ignored until exit
+                _interruption.watching = False
                 for number, handler in previous.items():
                     signal.signal(number, handler)
 

@@ -157,6 +157,39 @@ def test_an_error_raised_by_the_interruption_is_reported_as_the_interruption(tmp
         "effattn inspect: interrupted by SIGINT: run the same command again to start over"]
 
 
+PREFECT_SIGTERM_SCRIPT = """
+import os, signal, sys, time
+from prefect.utilities.engine import capture_sigterm
+from flows import interrupts
+
+@interrupts.stops_cleanly_on_signals
+def main():
+    interrupts.name_the_command("extract")
+    interrupts.record_signals_that_prefect_handles()
+    with capture_sigterm():  # what a Prefect flow or task run does around its work
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except BaseException as error:
+            print(type(error).__name__, flush=True)
+            raise ValueError("Task run is not set")  # what a task engine between states made of it
+
+sys.exit(main())
+"""
+
+
+def test_a_sigterm_that_prefects_handler_receives_and_a_task_engine_turns_into_an_error_is_the_interruption():
+    """While Prefect's SIGTERM handler is installed ours does not see the signal; the one that replaces Prefect's
+    records it, so the TerminationSignal turned into a ValueError ends as the interruption, status 143."""
+    process = subprocess.run([sys.executable, "-c", PREFECT_SIGTERM_SCRIPT], cwd=REPOSITORY,
+                             env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, capture_output=True, text=True,
+                             timeout=120)
+    assert process.stdout.splitlines() == ["TerminationSignal"]  # Prefect's handler raised, not ours
+    assert process.returncode == 143, process.stderr
+    assert process.stderr.splitlines()[-1] == (
+        "effattn extract: interrupted by SIGTERM: completed shards are kept; run the same command again to finish")
+
+
 # --- real runs ---
 
 
