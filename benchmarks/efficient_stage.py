@@ -106,9 +106,9 @@ def warm_up_worker() -> None:
     """Import what a shard task imports and run one tiny computation (the linear algebra libraries initialise
     lazily), so that no timing pays a worker's one-off start-up."""
     import analysis.efficient_attention as engine
-    import tasks.efficient
+    import tasks.dask_cluster
 
-    tasks.efficient.keep_freed_memory_for_reuse()
+    tasks.dask_cluster.keep_freed_memory_for_reuse()
     generator = np.random.default_rng(0)
     attention = generator.random((1, 1, 2, 40, 40))
     attention /= attention.sum(-1, keepdims=True)

@@ -34,7 +34,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from storage_schemas.inspection import size_on_disk  # noqa: E402
-from tests.test_dask_cluster import loopback_cluster  # noqa: E402
+from tests.loopback_cluster import loopback_cluster  # noqa: E402
 
 STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 STAGE_NEEDED = re.compile(r"stage (\w+) needed:")

@@ -38,6 +38,7 @@ from storage_schemas.efficient_store import (
 )
 from storage_schemas.selection import selection_of_group
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_corrupt_chunk_error, retry_transient_io
+from tasks.dask_cluster import keep_freed_memory_for_reuse
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import dask_client
 
@@ -61,32 +62,6 @@ def _read_piece_inputs(group, store: str, shard_index: int, region: slice, layer
                 f"then `effattn verify --repair {store}` and the stage that wrote it again"
             ) from None
     return tuple(read)
-
-
-def keep_freed_memory_for_reuse() -> bool:
-    """Let glibc reuse freed memory in this process instead of returning it to the system at once.
-
-    Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Setting that fixes glibc's mmap threshold at
-    128 KiB, so every large temporary of the batched linear algebra is a fresh mmap whose pages fault in one by
-    one: measured on a MiniLM shard, the computation takes three times as long. This restores thresholds like
-    glibc's adaptive ones (mmap from 32 MiB, trim above 256 MiB); a worker may then keep up to about 256 MiB of
-    freed memory, which Dask's memory monitor reports as unmanaged. Returns False where there is no glibc (nothing
-    to do there). Safe to call repeatedly.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not name.startswith("libc.so"):
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        mmap_set = bool(libc.mallopt(m_mmap_threshold, 32 << 20))
-        trim_set = bool(libc.mallopt(m_trim_threshold, 256 << 20))
-        return mmap_set and trim_set
-    except (OSError, AttributeError):
-        return False
 
 
 def _log_retry(attempt: int, error: BaseException, delay: float) -> None:

@@ -18,6 +18,7 @@ from analysis.causal import (
     aggregate_metrics,
     classification_metrics,
     forward_groups,
+    injected_change_ratio,
     intervened_logits,
     measured_examples,
     next_token_metrics,
@@ -317,3 +318,16 @@ def test_injection_into_a_selection_is_the_same_injection_into_the_model():
     with pytest.raises(ValueError, match="target masks for 1 layers x 2 heads, but the selection names 1 layers "
                                          "and 3 heads"):
         intervened_logits(loaded, tokens, LENGTHS, stored, masks, layers=(1,), heads=(1, 2, 3))
+
+
+def test_the_injected_change_ratio_is_the_frobenius_distance_over_every_layer_and_head_relative_to_attention():
+    generator = np.random.default_rng(3)
+    attention = generator.random((3, 2, 4, 7, 7)).astype(np.float16)  # as a float16 store holds it
+    attention[2] = 0  # no attention at all: the ratio is the distance itself
+    injected = (attention + generator.normal(scale=0.1, size=attention.shape)).astype(np.float32)
+    injected[0] = attention[0]  # replay
+    expected = [np.linalg.norm((injected[e].astype(np.float64) - attention[e]).ravel())
+                / (np.linalg.norm(attention[e].astype(np.float64).ravel()) or 1.0) for e in range(3)]
+    ratio = injected_change_ratio(injected, attention)
+    assert ratio.dtype == np.float32 and ratio[0] == 0
+    np.testing.assert_allclose(ratio, expected, rtol=1e-6)

@@ -1,17 +1,12 @@
 """tasks/dask_cluster.py: the scheduler timeout and the message when no scheduler answers; one cluster per run;
 extraction, the causal stage and the explanations on a real cluster give the in-process results, and a worker killed
-mid-run loses nothing."""
+mid-run loses nothing (the loopback cluster: tests/loopback_cluster.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +26,7 @@ from tasks.dask_cluster import (
     task_resources,
     use_stage_cluster,
 )
+from tests.loopback_cluster import loopback_cluster
 from tests.test_preflight import free_loopback_address
 
 
@@ -106,45 +102,6 @@ def test_a_run_cluster_that_failed_to_start_in_the_background_says_why_when_aske
         cluster.start_in_background([])
         with pytest.raises(OSError, match="no room for workers"):
             cluster.address()
-
-
-@contextlib.contextmanager
-def loopback_cluster(folder: Path, workers: int = 2) -> Iterator[tuple[str, list[subprocess.Popen]]]:
-    """A real `dask scheduler` and `workers` nanny-less `dask worker` processes on 127.0.0.1 (so that a worker's
-    process id is the worker itself), importing this checkout; yields (address, [scheduler, *workers]) and stops
-    every process by its id."""
-    dask = str(Path(sys.executable).parent / "dask")
-    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    scheduler_file = folder / "scheduler.json"
-
-    def start(command: list[str], log: str) -> subprocess.Popen:
-        return subprocess.Popen(command, stdout=(folder / log).open("w"), stderr=subprocess.STDOUT, env=environment)
-
-    processes = [start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                        "--scheduler-file", str(scheduler_file)], "scheduler.log")]
-    try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for index in range(workers):
-            processes.append(start([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--no-nanny",
-                                    "--host", "127.0.0.1", "--name", f"worker-{index}"], f"worker-{index}.log"))
-        from distributed import Client
-
-        with Client(address) as client:
-            client.wait_for_workers(workers, timeout=60)
-        yield address, processes
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _extract_settings(folder: Path, model_folder: Path, corpus: Path, name: str, **options) -> ExtractSettings:

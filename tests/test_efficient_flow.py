@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from storage_schemas.efficient_store import (
     prepare_efficient_arrays,
 )
 from tasks.efficient import compute_efficient_shard, pending_work, prepare_variants
+from tests.loopback_cluster import loopback_cluster
 
 SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
 
@@ -146,21 +146,6 @@ def test_causal_grouped_query_store(tmp_path, tiny_llama_folder):
     check_invariants(url)
 
 
-def _start(command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def test_distributed_scheduler_and_two_workers_give_the_local_result(bert_store, tmp_path):
     """A real `dask scheduler` and two `dask worker` processes on loopback, stopped by their process ids."""
     from flows.efficient import efficient
@@ -168,34 +153,13 @@ def test_distributed_scheduler_and_two_workers_give_the_local_result(bert_store,
     local, remote = str(tmp_path / "local.zarr"), str(tmp_path / "remote.zarr")
     shutil.copytree(bert_store, local)
     shutil.copytree(bert_store, remote)
-    dask = str(Path(sys.executable).parent / "dask")
-    scheduler_file = tmp_path / "scheduler.json"
-    processes = [
-        _start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")
-    ]
-    try:
-        deadline = time.time() + 60
-        while not scheduler_file.exists() and time.time() < deadline:
-            time.sleep(0.2)
-        import json
-
-        address = json.loads(scheduler_file.read_text())["address"]
+    with loopback_cluster(tmp_path) as (address, processes):
         assert address.startswith("tcp://127.0.0.1:")
-        for index in range(2):
-            processes.append(
-                _start([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
-                        "--name", f"worker-{index}"], tmp_path / f"worker-{index}.log")
-            )
+        efficient(EfficientSettings(store=remote, dask_address=address))
         from distributed import Client
 
         with Client(address) as client:
-            client.wait_for_workers(2, timeout=60)
-        efficient(EfficientSettings(store=remote, dask_address=address))
-        with Client(address) as client:
             assert len(client.scheduler_info()["workers"]) == 2
-    finally:
-        _stop(processes)
     assert all(process.poll() is not None for process in processes)
     efficient(EfficientSettings(store=local, workers=1))
     local_group, remote_group = open_attention_store(local), open_attention_store(remote)
