@@ -242,14 +242,15 @@ def injected_change_ratio(injected: np.ndarray, attention: np.ndarray) -> np.nda
     """||injected - A||_F / ||A||_F over every layer and head of each example: how far the injected matrices are
     from the real ones. injected, attention: [example, layer, head, L, L]. Returns [example] float32.
     Summed in float64 one layer of one example at a time: temporaries of the whole batch in float64 are GBs at
-    512 tokens, freshly mapped for every intervention."""
+    512 tokens, freshly mapped for every intervention. einsum, not BLAS: BLAS threads left spinning after a dot
+    product slow the model's own threads down."""
     squared_change, squared_norm = np.zeros(len(injected)), np.zeros(len(injected))
     for example in range(injected.shape[0]):
         for layer in range(injected.shape[1]):
             real = attention[example, layer].astype(np.float64)
             change = np.subtract(injected[example, layer], real, dtype=np.float64)
-            squared_change[example] += np.vdot(change, change)
-            squared_norm[example] += np.vdot(real, real)
+            squared_change[example] += np.einsum("hqk,hqk->", change, change)
+            squared_norm[example] += np.einsum("hqk,hqk->", real, real)
     norm = np.sqrt(squared_norm)
     return (np.sqrt(squared_change) / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
