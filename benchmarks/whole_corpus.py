@@ -38,6 +38,7 @@ from tests.loopback_cluster import loopback_cluster  # noqa: E402
 
 STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 STAGE_NEEDED = re.compile(r"stage (\w+) needed:")
+STAGE_RESUMED = re.compile(r"stage (\w+) needed: (\d+) of (\d+) shards")  # a rerun that finishes a stage
 STAGE_FINISHED = re.compile(r"stage (\w+): (ran|skipped|not needed)(?: in ([0-9.]+) s)?")
 
 
@@ -86,9 +87,10 @@ class MemorySampler:
         return peaks
 
 
-def run_pipeline(arguments, address: str, worker_pids: list[int], log_path: Path) -> tuple[dict, dict, float]:
+def run_pipeline(arguments, address: str, worker_pids: list[int],
+                 log_path: Path) -> tuple[dict, dict, dict, float]:
     """`effattn run ... --dask-address address` in a subprocess; returns ({stage: (status, seconds)}, memory
-    peaks per stage, wall seconds)."""
+    peaks per stage, {stage: share of its shards this run computed} for stages it resumed, wall seconds)."""
     effattn = str(Path(sys.executable).parent / "effattn")
     command = [effattn, "run", "--corpus", arguments.corpus, "--model", arguments.model,
                "--max-length", str(arguments.max_length), "--dtype", arguments.dtype,
@@ -99,6 +101,7 @@ def run_pipeline(arguments, address: str, worker_pids: list[int], log_path: Path
             command += [f"--{option}", getattr(arguments, option)]
     print("running:", " ".join(command), flush=True)
     stages: dict[str, tuple[str, float]] = {}
+    pending: dict[str, float] = {}
     running: list[str] = []
     started = time.perf_counter()
     with log_path.open("w") as log:
@@ -110,6 +113,9 @@ def run_pipeline(arguments, address: str, worker_pids: list[int], log_path: Path
                 # extraction was announced, and the extraction follows)
                 if (needed := STAGE_NEEDED.search(line)) and needed.group(1) in STAGES:
                     running.append(needed.group(1))
+                    if resumed := STAGE_RESUMED.search(line):
+                        done, shards = int(resumed.group(2)), int(resumed.group(3))
+                        pending[resumed.group(1)] = (shards - done) / shards
                     print(f"  {time.perf_counter() - started:7.1f} s: stage {running[-1]} started", flush=True)
                 elif (done := STAGE_FINISHED.search(line)) and done.group(1) in STAGES:
                     stages[done.group(1)] = (done.group(2), float(done.group(3) or 0.0))
@@ -120,7 +126,7 @@ def run_pipeline(arguments, address: str, worker_pids: list[int], log_path: Path
             process.wait()
     if process.returncode != 0:
         raise SystemExit(f"effattn run failed (exit {process.returncode}); its log: {log_path}")
-    return stages, (sampler.peaks, sampler.first_quarter_peaks()), time.perf_counter() - started
+    return stages, (sampler.peaks, sampler.first_quarter_peaks()), pending, time.perf_counter() - started
 
 
 def worker_peaks_mib(address: str) -> list[float]:
@@ -182,8 +188,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cluster_folder, \
                 loopback_cluster(Path(cluster_folder), arguments.workers) as (address, processes):
             worker_pids = [process.pid for process in processes[1:]]
-            stages, (peaks, quarter_peaks), wall = run_pipeline(arguments, address, worker_pids,
-                                               Path(arguments.run_dir) / "effattn-run.log")
+            stages, (peaks, quarter_peaks), pending, wall = run_pipeline(
+                arguments, address, worker_pids, Path(arguments.run_dir) / "effattn-run.log")
             worker_peaks = worker_peaks_mib(address)
         disk = outputs(arguments.run_dir)
         store = next(str(Path(arguments.run_dir) / name) for name in disk
@@ -206,14 +212,18 @@ def main() -> None:
         peak = peaks.get(stage, {"driver": 0.0, "worker": 0.0})
         quarter = quarter_peaks.get(stage, {"driver": 0.0, "worker": 0.0})
         ran = status == "ran" and seconds > 0
+        computed = examples * pending.get(stage, 1.0)  # a resumed stage computed only its pending shards
+        if stage in pending:
+            status = f"resumed {pending[stage]:.0%}"
         rows[stage] = {"status": status, "seconds": seconds, "share": seconds / total if total else 0.0,
-                       "examples_per_second": examples / seconds if ran else None,
-                       "times_bare_forward": seconds / bare_seconds if ran else None,
+                       "examples_per_second": computed / seconds if ran else None,
+                       "times_bare_forward": seconds / (bare_seconds * computed / examples) if ran else None,
                        "driver_peak_mib": peak["driver"], "worker_peak_mib": peak["worker"],
                        "first_quarter_driver_peak_mib": quarter["driver"],
                        "first_quarter_worker_peak_mib": quarter["worker"]}
         print(f"{stage:<10} {status:<11} {seconds:8.1f} {rows[stage]['share']:6.1%} "
-              f"{examples / seconds if ran else float('nan'):8.2f} {seconds / bare_seconds if ran else float('nan'):7.1f} "
+              f"{computed / seconds if ran else float('nan'):8.2f} "
+              f"{rows[stage]['times_bare_forward'] if ran else float('nan'):7.1f} "
               f"{peak['driver']:10.0f} {peak['worker']:10.0f} {quarter['driver']:22.0f} {quarter['worker']:9.0f}")
     for other in sorted(set(peaks) - set(STAGES)):
         print(f"{other}: driver peak {peaks[other]['driver']:.0f} MiB, worker peak {peaks[other]['worker']:.0f} MiB")

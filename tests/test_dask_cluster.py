@@ -1,11 +1,13 @@
-"""tasks/dask_cluster.py: the scheduler timeout and the message when no scheduler answers; one cluster per run;
-extraction, the causal stage and the explanations on a real cluster give the in-process results, and a worker killed
-mid-run loses nothing (the loopback cluster: tests/loopback_cluster.py)."""
+"""tasks/dask_cluster.py: the scheduler timeout and the message when no scheduler answers; glibc's thresholds for
+freed memory on workers; one cluster per run; extraction, the causal stage and the explanations on a real cluster
+give the in-process results, and a worker killed mid-run loses nothing (the loopback cluster:
+tests/loopback_cluster.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,6 +58,23 @@ def test_no_scheduler_at_the_address_is_refused_within_the_timeout(monkeypatch):
         f"correct --dask-address, or leave it out to run on a local cluster; set EFFATTN_DASK_TIMEOUT=SECONDS to wait "
         "longer"
     )
+
+
+def test_workers_keep_freed_memory_for_reuse_despite_dasks_trim_setting():
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which makes every large temporary a fresh mmap; every
+    stage's shard tasks reset glibc's thresholds (mallopt accepts them on glibc)."""
+    import ctypes.util
+
+    from tasks.dask_cluster import keep_freed_memory_for_reuse
+
+    code = "from tasks.dask_cluster import keep_freed_memory_for_reuse as f; print(f())"
+    environment = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                            cwd=Path(__file__).parent.parent, check=True).stdout.strip()
+    if (ctypes.util.find_library("c") or "").startswith("libc.so"):
+        assert output == "True" and keep_freed_memory_for_reuse() is True
+    else:  # no glibc: nothing to change
+        assert output == "False"
 
 
 # ---- extraction and the causal stage on a real cluster: `dask scheduler` + two `dask worker` on loopback ----

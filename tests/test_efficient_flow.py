@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,23 +248,6 @@ def test_shards_with_the_longest_examples_are_started_first(bert_store):
     costs = [float((length[layout.shard_slice(shard)].astype(float) ** 3).sum()) for shard in order]
     assert costs == sorted(costs, reverse=True) and sorted(order) == list(range(layout.n_shards))
     assert shards_by_cost(group, {0: ["simplex"]}) == [0]
-
-
-def test_workers_keep_freed_memory_for_reuse_despite_dasks_trim_setting():
-    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which makes every large temporary a fresh mmap; the shard
-    tasks reset glibc's thresholds (mallopt accepts them on glibc)."""
-    import ctypes.util
-
-    from tasks.efficient import keep_freed_memory_for_reuse
-
-    code = "from tasks.efficient import keep_freed_memory_for_reuse as f; print(f())"
-    environment = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
-                            cwd=Path(__file__).parent.parent, check=True).stdout.strip()
-    if (ctypes.util.find_library("c") or "").startswith("libc.so"):
-        assert output == "True" and keep_freed_memory_for_reuse() is True
-    else:  # no glibc: nothing to change
-        assert output == "False"
 
 
 def test_a_shard_is_written_only_from_pieces_covering_every_layer(bert_store, tmp_path):
