@@ -16,7 +16,7 @@ each forward pass).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,30 +255,46 @@ def injected_change_ratio(injected: np.ndarray, attention: np.ndarray) -> np.nda
     return (np.sqrt(squared_change) / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
+# The aggregates of the per-example metrics: a mean over the examples measured, or the largest value.
+MEAN_AGGREGATES = {"agreement_rate": "agreement", "flip_rate": "flipped", "mean_kl_divergence": "kl_divergence",
+                   "accuracy": "correct"}
+LARGEST_AGGREGATES = {"largest_logit_change": "max_abs_logit_change",
+                      "largest_stored_logit_difference": "stored_logit_difference"}
+
+
 def aggregate_metrics(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-(intervention, target) aggregates of per-example metrics {name: [intervention, target, example]}
     (NaN: not measured). Returns the arrays of storage_schemas.causal_results.AGGREGATES, [intervention, target]."""
-    measured = ~np.isnan(metrics["agreement"])
-    count = measured.sum(-1)
+    return aggregate_metric_parts([metrics])
 
-    def reduce(values: np.ndarray, how) -> np.ndarray:
-        values = values.astype(np.float64)
-        result = np.full(values.shape[:2], np.nan)
-        has = ~np.isnan(values)
-        rows = has.any(-1)
-        with np.errstate(invalid="ignore"):
-            result[rows] = how(np.where(has, values, np.nan)[rows], axis=-1)
-        return result
 
-    return {
-        "agreement_rate": reduce(metrics["agreement"], np.nanmean),
-        "flip_rate": reduce(metrics["flipped"], np.nanmean),
-        "largest_logit_change": reduce(metrics["max_abs_logit_change"], np.nanmax),
-        "mean_kl_divergence": reduce(metrics["kl_divergence"], np.nanmean),
-        "accuracy": reduce(metrics["correct"], np.nanmean),
-        "largest_stored_logit_difference": reduce(metrics["stored_logit_difference"], np.nanmax),
-        "examples_measured": count.astype(np.float64),
-    }
+def aggregate_metric_parts(parts: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`aggregate_metrics` of metrics given in parts along the example axis (each {name: [intervention, target,
+    examples of the part]}, e.g. one results shard at a time), so that memory does not grow with the corpus."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    largest: dict[str, np.ndarray] = {}
+    examples_measured = None
+    for metrics in parts:
+        for name, metric in {**MEAN_AGGREGATES, **LARGEST_AGGREGATES}.items():
+            values = metrics[metric].astype(np.float64)
+            has = ~np.isnan(values)
+            if name in MEAN_AGGREGATES:
+                sums[name] = sums.get(name, 0.0) + np.where(has, values, 0.0).sum(-1)
+                counts[name] = counts.get(name, 0) + has.sum(-1)
+            else:
+                part = np.where(has, values, -np.inf).max(-1, initial=-np.inf)
+                largest[name] = np.maximum(largest[name], part) if name in largest else part
+        measured = (~np.isnan(metrics["agreement"])).sum(-1)
+        examples_measured = measured if examples_measured is None else examples_measured + measured
+    if examples_measured is None:
+        raise ValueError("no metrics to aggregate: give at least one part")
+    aggregates = {name: np.where(counts[name] > 0, sums[name] / np.maximum(counts[name], 1), np.nan)
+                  for name in MEAN_AGGREGATES}
+    aggregates.update({name: np.where(np.isneginf(largest[name]), np.nan, largest[name])
+                       for name in LARGEST_AGGREGATES})
+    aggregates["examples_measured"] = examples_measured.astype(np.float64)
+    return aggregates
 
 
 def measured_examples(n_examples: int, count: int | None) -> np.ndarray:

@@ -26,7 +26,7 @@ from analysis.causal import (
     BatchMetrics,
     CausalBatch,
     CausalPlan,
-    aggregate_metrics,
+    aggregate_metric_parts,
     forward_groups,
     injected_change_ratio,
     intervened_logits,
@@ -285,8 +285,9 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     layout = store_layout(store_group)
     if len(causal_completed_shards(group, store_group)) < layout.n_shards:
         raise CausalResultsError(f"{results} is not complete yet: run `effattn causal` again to finish it")
-    metrics = {name: group[name][:] for name in METRICS}
-    aggregates = aggregate_metrics(metrics)
+    per_shard = ({name: group[name][:, :, layout.shard_slice(shard)] for name in METRICS}
+                 for shard in range(layout.n_shards))  # one shard at a time: the driver's memory stays flat
+    aggregates = aggregate_metric_parts(per_shard)
     write_aggregates(group, aggregates)
     named = set(group["variant"][:].tolist())
     variants = [variant for variant in VARIANTS if variant in named]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from analysis.causal import (
     CausalBatch,
     CausalPlan,
     Target,
+    aggregate_metric_parts,
     aggregate_metrics,
     classification_metrics,
     forward_groups,
@@ -331,3 +333,28 @@ def test_the_injected_change_ratio_is_the_frobenius_distance_over_every_layer_an
     ratio = injected_change_ratio(injected, attention)
     assert ratio.dtype == np.float32 and ratio[0] == 0
     np.testing.assert_allclose(ratio, expected, rtol=1e-6)
+
+
+def test_aggregates_of_parts_along_the_examples_equal_those_of_the_whole():
+    generator = np.random.default_rng(5)
+    names = ("agreement", "flipped", "max_abs_logit_change", "kl_divergence", "correct", "stored_logit_difference")
+    metrics = {name: generator.random((3, 4, 10)).astype(np.float32) for name in names}
+    for values in metrics.values():
+        values[generator.random(values.shape) < 0.4] = np.nan  # unmeasured examples
+        values[1, 2] = np.nan  # a target never measured
+    metrics["correct"][0, 0, :5] = np.nan  # a metric with fewer examples than agreement
+    parts = [{name: values[:, :, part] for name, values in metrics.items()}
+             for part in (slice(0, 3), slice(3, 4), slice(4, 10))]
+    aggregates = aggregate_metric_parts(parts)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        expected = {"agreement_rate": np.nanmean(metrics["agreement"].astype(np.float64), -1),
+                    "accuracy": np.nanmean(metrics["correct"].astype(np.float64), -1),
+                    "largest_logit_change": np.nanmax(metrics["max_abs_logit_change"], -1),
+                    "examples_measured": (~np.isnan(metrics["agreement"])).sum(-1)}
+    for name, values in expected.items():
+        np.testing.assert_allclose(aggregates[name], values, rtol=1e-12, equal_nan=True)
+    assert np.isnan(aggregates["agreement_rate"][1, 2]) and np.isnan(aggregates["largest_logit_change"][1, 2])
+    whole = aggregate_metrics(metrics)
+    for name in whole:
+        np.testing.assert_allclose(aggregates[name], whole[name], rtol=1e-12, equal_nan=True)
