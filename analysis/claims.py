@@ -7,7 +7,7 @@ the row's `test` text, so a reader can check it against the numbers. Interventio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,25 +29,57 @@ def efficient_diagnostics_summary(
     largest row-sum error, mean ||null|| / ||A||, share solved to convergence and the mean support per row as a
     share of L. diagnostics: {variant: {name: [example, layer, head]}} (storage_schemas.efficient_store);
     length: [example]."""
+    return efficient_diagnostics_summary_of_parts([(diagnostics, length)])
+
+
+# Summary entries that are means over the chosen matrices, and the per-matrix values they average.
+_DIAGNOSTIC_MEANS = ("probability_distribution_share", "mean_negative_mass", "mean_null_norm_ratio",
+                     "converged_share", "mean_support_share")
+
+
+def efficient_diagnostics_summary_of_parts(
+    parts: Iterable[tuple[dict[str, dict[str, np.ndarray]], np.ndarray]]
+) -> dict[str, dict[str, float]]:
+    """`efficient_diagnostics_summary` of (diagnostics, length) given in parts along the example axis (e.g. one
+    store shard at a time), so that memory does not grow with the corpus. Sums are float64."""
+    totals: dict[str, dict[str, float]] = {}
+    for diagnostics, length in parts:
+        length = np.asarray(length)
+        for variant, values in diagnostics.items():
+            total = totals.setdefault(variant, {"matrices": 0, "matrices_with_null_space": 0,
+                                                "largest_row_sum_error": -np.inf,
+                                                **dict.fromkeys(_DIAGNOSTIC_MEANS, 0.0)})
+            real = (length > 0)[:, None, None] & np.ones(values["null_dim"].shape, dtype=bool)
+            chosen = real & (values["null_dim"] > 0)
+            total["matrices"] += int(real.sum())
+            total["matrices_with_null_space"] += int(chosen.sum())
+            if not chosen.any():
+                continue
+            distribution = ((values["row_sum_error"] <= PROBABILITY_TOLERANCE)
+                            & (values["negative_mass"] <= NEGATIVE_TOLERANCE))
+            support = values["support_size"] / np.maximum(length, 1)[:, None, None]
+            per_matrix = {"probability_distribution_share": distribution, "mean_negative_mass": values["negative_mass"],
+                          "mean_null_norm_ratio": values["null_norm_ratio"], "converged_share": values["converged"],
+                          "mean_support_share": support}
+            for name, matrix_values in per_matrix.items():
+                total[name] += float(np.asarray(matrix_values)[chosen].sum(dtype=np.float64))
+            total["largest_row_sum_error"] = max(total["largest_row_sum_error"],
+                                                 float(values["row_sum_error"][chosen].max()))
     summary = {}
-    for variant, values in diagnostics.items():
-        real = (np.asarray(length) > 0)[:, None, None] & np.ones(values["null_dim"].shape, dtype=bool)
-        chosen = real & (values["null_dim"] > 0)
-        count = int(chosen.sum())
+    for variant, total in totals.items():
+        count = total["matrices_with_null_space"]
         if count == 0:
-            summary[variant] = {"matrices_with_null_space": 0, "matrices": int(real.sum())}
+            summary[variant] = {"matrices_with_null_space": 0, "matrices": total["matrices"]}
             continue
-        distribution = (values["row_sum_error"] <= PROBABILITY_TOLERANCE) & (values["negative_mass"] <= NEGATIVE_TOLERANCE)
-        support = values["support_size"] / np.maximum(np.asarray(length), 1)[:, None, None]
         summary[variant] = {
-            "matrices": int(real.sum()),
+            "matrices": total["matrices"],
             "matrices_with_null_space": count,
-            "probability_distribution_share": float(distribution[chosen].mean()),
-            "mean_negative_mass": float(values["negative_mass"][chosen].mean()),
-            "largest_row_sum_error": float(values["row_sum_error"][chosen].max()),
-            "mean_null_norm_ratio": float(values["null_norm_ratio"][chosen].mean()),
-            "converged_share": float(values["converged"][chosen].mean()),
-            "mean_support_share": float(support[chosen].mean()),
+            "probability_distribution_share": total["probability_distribution_share"] / count,
+            "mean_negative_mass": total["mean_negative_mass"] / count,
+            "largest_row_sum_error": total["largest_row_sum_error"],
+            "mean_null_norm_ratio": total["mean_null_norm_ratio"] / count,
+            "converged_share": total["converged_share"] / count,
+            "mean_support_share": total["mean_support_share"] / count,
         }
     return summary
 

@@ -33,12 +33,12 @@ from analysis.causal import (
     measured_examples,
     target_attribute,
 )
-from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary
+from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary_of_parts
 from analysis.efficient_attention import VARIANTS
 from analysis.interventions import SharedBases, intervention_matrices, parse_interventions
 from analysis.key_bands import KeyBand, store_key_bands
 from analysis.models import LoadedModel
-from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.attention_store import AttentionStoreLayout, open_attention_store, store_layout
 from storage_schemas.causal_results import (
     CausalResultsError,
     causal_completed_shards,
@@ -277,6 +277,17 @@ def run_causal_shard(
                                           forward_rows)
 
 
+# Examples read at once by the summary of a causal run (whole shards of the store).
+SUMMARY_PART_EXAMPLES = 128
+
+
+def summary_parts(layout: AttentionStoreLayout) -> list[slice]:
+    """The store's examples as consecutive runs of whole shards, about SUMMARY_PART_EXAMPLES each (a few MiB of
+    per-example metrics)."""
+    step = max(1, SUMMARY_PART_EXAMPLES // layout.shard_size) * layout.shard_size
+    return [slice(start, min(start + step, layout.n_examples)) for start in range(0, layout.n_examples, step)]
+
+
 def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     """Write the aggregates and the claims table (root attribute `claims`) once every shard is done; returns the
     claims table."""
@@ -285,18 +296,18 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     layout = store_layout(store_group)
     if len(causal_completed_shards(group, store_group)) < layout.n_shards:
         raise CausalResultsError(f"{results} is not complete yet: run `effattn causal` again to finish it")
-    per_shard = ({name: group[name][:, :, layout.shard_slice(shard)] for name in METRICS}
-                 for shard in range(layout.n_shards))  # one shard at a time: the driver's memory stays flat
-    aggregates = aggregate_metric_parts(per_shard)
+    parts = summary_parts(layout)  # a hundred examples or so at a time: the driver's memory stays flat
+    aggregates = aggregate_metric_parts({name: group[name][:, :, part] for name in METRICS} for part in parts)
     write_aggregates(group, aggregates)
     named = set(group["variant"][:].tolist())
     variants = [variant for variant in VARIANTS if variant in named]
-    diagnostics = {
-        variant: {name: store_group[diagnostic_array_path(variant, name)][:] for name in DIAGNOSTIC_ARRAYS}
-        for variant in variants
-        if efficient_array_path(variant) in store_group
-    }
-    summary = efficient_diagnostics_summary(diagnostics, store_group["length"][:])
+    stored = [variant for variant in variants if efficient_array_path(variant) in store_group]
+
+    def diagnostics_of(part: slice) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+        return ({variant: {name: store_group[diagnostic_array_path(variant, name)][part] for name in DIAGNOSTIC_ARRAYS}
+                 for variant in stored}, store_group["length"][part])
+
+    summary = efficient_diagnostics_summary_of_parts(diagnostics_of(part) for part in parts)
     claims = claims_table(
         interventions=parse_interventions(group["intervention"][:].tolist()),
         targets=group["target"][:].tolist(),

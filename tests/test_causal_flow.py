@@ -72,6 +72,29 @@ def test_causal_run_measures_every_intervention_and_answers_the_claims(llama_sto
         "store_identity"]["weights_digest"]
 
 
+
+def test_the_summary_read_in_parts_of_whole_shards_equals_the_summary_read_at_once(llama_store, tmp_path,
+                                                                                   monkeypatch):
+    from storage_schemas.attention_store import open_attention_store, store_layout
+    from tasks import causal as causal_tasks
+
+    layout = store_layout(open_attention_store(llama_store))
+    monkeypatch.setattr(causal_tasks, "SUMMARY_PART_EXAMPLES", 1)  # one shard per part: 4 + 4 + 2 examples
+    assert causal_tasks.summary_parts(layout) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    results = str(tmp_path / "results.zarr")
+    causal(CausalSettings(store=llama_store, results=results, scope_examples=4))
+    in_parts = xr.open_zarr(results, consolidated=False).load()
+    monkeypatch.setattr(causal_tasks, "SUMMARY_PART_EXAMPLES", 10**6)
+    assert causal_tasks.summary_parts(layout) == [slice(0, 10)]
+    causal_tasks.summarise_results(llama_store, results)
+    at_once = xr.open_zarr(results, consolidated=False).load()
+    for name in ("agreement_rate", "largest_logit_change", "mean_kl_divergence", "examples_measured"):
+        np.testing.assert_allclose(in_parts[name].values, at_once[name].values, rtol=1e-12)
+    assert in_parts.attrs["claims"] == at_once.attrs["claims"]
+    for variant, summary in at_once.attrs["efficient_diagnostics"].items():
+        np.testing.assert_allclose(list(in_parts.attrs["efficient_diagnostics"][variant].values()),
+                                   list(summary.values()), rtol=1e-12)
+
 def test_a_rerun_skips_done_shards_and_recomputes_a_lost_one_identically(llama_store, tmp_path):
     results = str(tmp_path / "results.zarr")
     options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective"],

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.claims import claims_table, efficient_diagnostics_summary, format_claims_table
+from analysis.claims import (
+    claims_table,
+    efficient_diagnostics_summary,
+    efficient_diagnostics_summary_of_parts,
+    format_claims_table,
+)
 from analysis.interventions import parse_interventions
 
 INTERVENTIONS = ["replay", "efficient:effective", "null:effective", "efficient+null-noise:effective",
@@ -109,3 +114,28 @@ def test_claims_across_studies_keep_each_studys_verdict():
     text = format_claims_by_study(rows, ["rt", "lm"]).splitlines()
     assert text[1].split() == ["sufficient", "(effective)", "holds", "does", "not", "hold"]
     assert text[2].split() == ["minimal", "(effective)", "—", "holds"]
+
+
+def test_the_diagnostics_summary_of_parts_along_the_examples_equals_that_of_the_whole():
+    generator = np.random.default_rng(2)
+    shape = (9, 2, 3)  # example, layer, head
+    length = generator.integers(4, 12, shape[0])
+    length[4] = 0  # an empty row of the store
+    values = {"null_dim": generator.integers(0, 3, shape), "row_sum_error": generator.random(shape) * 2e-6,
+              "negative_mass": np.where(generator.random(shape) < 0.5, 0.0, generator.random(shape)),
+              "null_norm_ratio": generator.random(shape).astype(np.float32), "converged": generator.random(shape) < 0.8,
+              "support_size": generator.integers(1, 4, shape).astype(np.float32)}
+    no_null_space = {**values, "null_dim": np.zeros(shape, int)}
+    whole = efficient_diagnostics_summary({"simplex": values, "effective": no_null_space}, length)
+    parts = efficient_diagnostics_summary_of_parts(
+        ({"simplex": {name: array[part] for name, array in values.items()},
+          "effective": {name: array[part] for name, array in no_null_space.items()}}, length[part])
+        for part in (slice(0, 2), slice(2, 5), slice(5, 9)))
+    assert parts["effective"] == whole["effective"] == {"matrices_with_null_space": 0, "matrices": 8 * 6}
+    chosen = (length > 0)[:, None, None] & (values["null_dim"] > 0)
+    assert parts["simplex"]["matrices_with_null_space"] == int(chosen.sum())
+    assert parts["simplex"]["largest_row_sum_error"] == values["row_sum_error"][chosen].max()
+    np.testing.assert_allclose(parts["simplex"]["mean_null_norm_ratio"],
+                               values["null_norm_ratio"][chosen].astype(np.float64).mean(), rtol=1e-12)
+    for name, number in whole["simplex"].items():
+        np.testing.assert_allclose(parts["simplex"][name], number, rtol=1e-12)
