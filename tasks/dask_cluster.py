@@ -235,12 +235,11 @@ def keep_freed_memory_for_reuse() -> bool:
 
     Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536. Setting that fixes glibc's mmap threshold at
     128 KiB, so every large temporary of the batched linear algebra is a fresh mmap whose pages fault in one by
-    one: measured on a MiniLM shard, the computation takes three times as long. Without it glibc's adaptive
-    thresholds still return the model stages' temporaries at long lengths (a batch's attention at 512 tokens is
-    tens of MiB) to the system after each layer. This sets the mmap threshold to glibc's largest (32 MiB) and
-    trims only above 256 MiB; a worker may then keep up to about 256 MiB of freed memory, which Dask's memory
-    monitor reports as unmanaged. Returns False where there is no glibc (nothing to do there). Safe to call
-    repeatedly.
+    one: measured on a MiniLM shard, the computation takes three times as long. The model stages pay it too at
+    long lengths (a batch's attention at 512 tokens is tens of MiB; docs/SCALE.md). This sets the mmap threshold
+    to glibc's largest (32 MiB) and trims only above 256 MiB; a worker may then keep up to about 256 MiB of freed
+    memory, which Dask's memory monitor reports as unmanaged. Returns False where there is no glibc (nothing to
+    do there). Safe to call repeatedly.
     """
     import ctypes
     import ctypes.util
