@@ -38,9 +38,8 @@ from storage_schemas.efficient_store import (
 )
 from storage_schemas.selection import selection_of_group
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_corrupt_chunk_error, retry_transient_io
-from tasks.dask_cluster import keep_freed_memory_for_reuse
 from storage_schemas.store_lock import hold_store_lock
-from tasks.dask_cluster import dask_client
+from tasks.dask_cluster import dask_client, prepare_worker_process
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +100,7 @@ def _open_shard(store: str, shard_index: int, torch_threads: int, retry_delays: 
     import torch
 
     torch.set_num_threads(torch_threads)
-    keep_freed_memory_for_reuse()
-    use_fast_codec_pipeline()  # a worker process is an entry point of its own
+    prepare_worker_process()
     group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
     layout = store_layout(group)
     return group, layout, layout.shard_slice(shard_index)
