@@ -276,15 +276,14 @@ def aggregate_metric_parts(parts: Iterable[dict[str, np.ndarray]]) -> dict[str, 
     largest: dict[str, np.ndarray] = {}
     examples_measured = None
     for metrics in parts:
-        for name, metric in {**MEAN_AGGREGATES, **LARGEST_AGGREGATES}.items():
+        for name, metric in MEAN_AGGREGATES.items():
             values = metrics[metric].astype(np.float64)
             has = ~np.isnan(values)
-            if name in MEAN_AGGREGATES:
-                sums[name] = sums.get(name, 0.0) + np.where(has, values, 0.0).sum(-1)
-                counts[name] = counts.get(name, 0) + has.sum(-1)
-            else:
-                part = np.where(has, values, -np.inf).max(-1, initial=-np.inf)
-                largest[name] = np.maximum(largest[name], part) if name in largest else part
+            sums[name] = sums.get(name, 0.0) + np.where(has, values, 0.0).sum(-1)
+            counts[name] = counts.get(name, 0) + has.sum(-1)
+        for name, metric in LARGEST_AGGREGATES.items():
+            part = np.fmax.reduce(metrics[metric].astype(np.float64), axis=-1, initial=-np.inf)  # NaN skipped
+            largest[name] = np.maximum(largest[name], part) if name in largest else part
         measured = (~np.isnan(metrics["agreement"])).sum(-1)
         examples_measured = measured if examples_measured is None else examples_measured + measured
     if examples_measured is None:
