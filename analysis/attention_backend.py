@@ -219,6 +219,19 @@ def inject_attention(injection: AttentionInjection) -> Iterator[AttentionInjecti
         _active.injection = previous
 
 
+@contextlib.contextmanager
+def attention_held_constant() -> Iterator[None]:
+    """Within this context, the backend's attention function computes the same probabilities but cuts their
+    gradient: a backward pass flows through the values only (conservative propagation's rule for the softmax,
+    analysis.conservative_propagation)."""
+    previous = getattr(_active, "hold_constant", False)
+    _active.hold_constant = True
+    try:
+        yield
+    finally:
+        _active.hold_constant = previous
+
+
 def _repeat_kv_heads(states: torch.Tensor, n_groups: int) -> torch.Tensor:
     """[batch, kv_heads, seq, head_dim] -> [batch, kv_heads * n_groups, seq, head_dim]; query head h uses kv head
     h // n_groups, as in every grouped-query model of transformers."""
@@ -284,6 +297,9 @@ def effattn_attention(
     injection: AttentionInjection | None = getattr(_active, "injection", None)
     if injection is not None and layer_index in injection.layers:
         weights = injection.layers[layer_index].apply(weights)
+
+    if getattr(_active, "hold_constant", False):
+        weights = weights.detach()
 
     recorder: AttentionRecorder | None = getattr(_active, "recorder", None)
     if recorder is not None:
