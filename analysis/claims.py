@@ -105,6 +105,21 @@ def _number(number: float | None) -> str:
     return "not measured" if number is None else f"{number:.3g}"
 
 
+NULL_ABLATE_TOLERANCE = 0.01  # the null part acts as ablation: their changed shares agree within 1 point
+
+
+def not_testable(reason: str) -> str:
+    """The verdict of a claim the data cannot decide, with why."""
+    return f"not testable ({reason})"
+
+
+def _no_null_space(summary: dict[str, float] | None) -> str | None:
+    """Why a variant's claims cannot be tested when no matrix has a null space (there E = A), else None."""
+    if summary is None or summary.get("matrices_with_null_space"):
+        return None
+    return f"no null space: E = A in all {summary.get('matrices', 0)} matrices"
+
+
 def claims_table(
     interventions: Sequence[Intervention],
     targets: Sequence[str],
@@ -113,57 +128,86 @@ def claims_table(
     original_accuracy: float,
     replay_tolerance: float = 1e-4,
 ) -> list[dict[str, Any]]:
-    """The claims table: one row per claim and variant. aggregates: {name: [intervention, target]}
-    (analysis.causal.aggregate_metrics) with `interventions` (parsed: analysis.interventions.parse_interventions)
-    and `targets` naming their rows and columns;
-    replay_tolerance: the largest difference to the stored logits that replay may show (REPLAY_TOLERANCE of the
-    store's dtype)."""
+    """The claims table: one row per claim and variant, {"claim", "kind", "test", "measured", "verdict"} and, for
+    identity checks, "precision". Rows of kind "finding" are empirical; rows of kind "identity" hold by construction
+    (linear algebra) and check storage precision and the pipeline; findings come first. A claim whose test needs
+    what the data lacks (a null space, a measured intervention) says "not testable (why)".
+
+    aggregates: {name: [intervention, target]} (analysis.causal.aggregate_metrics) with `interventions` (parsed:
+    analysis.interventions.parse_interventions) and `targets` naming their rows and columns; diagnostics_summary:
+    `efficient_diagnostics_summary`; replay_tolerance: the largest difference to the stored logits that replay may
+    show (REPLAY_TOLERANCE of the store's dtype)."""
+    from analysis.variants import variant_record
+
     value = _lookup(interventions, targets, aggregates)
     variants = [item.variant for item in interventions if item.kind.name == "efficient"]
-    rows = []
-    for variant in variants:
-        agreement = value("agreement_rate", Intervention("efficient", variant))
-        change = value("largest_logit_change", Intervention("efficient", variant))
-        rows.append({
-            "claim": f"sufficient ({variant.name})",
-            "test": f"inject efficient:{variant.name} into every head of every layer; holds when >= "
-                    f"{100 * SUFFICIENT_AGREEMENT:.1f} % of predictions are kept (E·T = A·T by construction: this "
-                    "checks that the stored E carries the model's computation through storage precision)",
-            "measured": f"agreement {_percent(agreement)}, largest |Δlogit| {_number(change)}",
-            "verdict": "—" if agreement is None else ("holds" if agreement >= SUFFICIENT_AGREEMENT else "does not hold"),
-        })
+    findings, identities = [], []
+
     def changed(intervention: Intervention) -> float | None:
         agreement = value("agreement_rate", intervention)
         return None if agreement is None else 1.0 - agreement
 
     ablate, uniform = Intervention("ablate"), Intervention("uniform")
     for variant in variants:
+        agreement = value("agreement_rate", Intervention("efficient", variant))
+        change = value("largest_logit_change", Intervention("efficient", variant))
+        empty = _no_null_space(diagnostics_summary.get(variant.name))
+        identities.append({
+            "claim": f"sufficient ({variant.name})",
+            "kind": "identity", "precision": f"largest |Δlogit| {_number(change)}",
+            "test": f"inject efficient:{variant.name} into every head of every layer; holds when >= "
+                    f"{100 * SUFFICIENT_AGREEMENT:.1f} % of predictions are kept. E·T = A·T by construction: this "
+                    "checks that the stored E carries the model's computation through storage precision",
+            "measured": f"agreement {_percent(agreement)}, largest |Δlogit| {_number(change)}",
+            "verdict": not_testable(empty) if empty else "—" if agreement is None else (
+                "holds" if agreement >= SUFFICIENT_AGREEMENT else "does not hold"),
+        })
+    for variant in variants:
         share = changed(Intervention("null", variant))
         null_change = value("largest_logit_change", Intervention("null", variant))
-        rows.append({
+        ablated = changed(ablate)
+        empty = _no_null_space(diagnostics_summary.get(variant.name))
+        if empty:
+            verdict = not_testable(empty)
+        elif share is None or ablated is None:
+            verdict = "—"
+        else:
+            verdict = "holds" if abs(share - ablated) <= NULL_ABLATE_TOLERANCE else "does not hold"
+        identities.append({
             "claim": f"necessary ({variant.name})",
-            "test": f"inject only the null part A - E everywhere; holds when >= {100 * NECESSARY_FLIP_RATE:.0f} % of "
-                    "predictions change. By construction (A - E)·T = 0: within one layer the null part does exactly "
-                    "what ablating the layer's heads does, so compare ablate (zero attention) and uniform attention",
-            "measured": f"predictions changed {_percent(share)} (ablate {_percent(changed(ablate))}, uniform "
+            "kind": "identity", "precision": f"changed shares within {100 * NULL_ABLATE_TOLERANCE:g} point",
+            "test": "inject only the null part A - E everywhere. By construction (A - E)·T = 0: every head's output is "
+                    "zero, exactly what ablating the heads does, so the predictions it changes are ablation's; holds "
+                    f"when the shares of changed predictions agree within {100 * NULL_ABLATE_TOLERANCE:g} point "
+                    "(uniform attention for comparison)",
+            "measured": f"predictions changed {_percent(share)} (ablate {_percent(ablated)}, uniform "
                         f"{_percent(changed(uniform))}), largest |Δlogit| {_number(null_change)}",
-            "verdict": "—" if share is None else ("holds" if share >= NECESSARY_FLIP_RATE else "does not hold"),
+            "verdict": verdict,
         })
     for variant in variants:
         kept = value("agreement_rate", Intervention("efficient+null-noise", variant))
         noise_change = value("largest_logit_change", Intervention("efficient+null-noise", variant))
         colspace_change = value("largest_logit_change", Intervention("colspace-noise", variant))
         colspace_flips = value("flip_rate", Intervention("colspace-noise", variant))
-        holds = (kept is not None and colspace_change is not None and kept >= SUFFICIENT_AGREEMENT
-                 and colspace_change > 10 * (noise_change or 0.0))
-        rows.append({
+        empty = _no_null_space(diagnostics_summary.get(variant.name))
+        if empty:
+            verdict = not_testable(f"{empty}, so the noise has norm ||A - E|| = 0")
+        elif kept is None or colspace_change is None:
+            verdict = "—"
+        elif colspace_change == 0:
+            verdict = not_testable("the col(T) control did not move the logits: the noise norm is 0")
+        else:
+            holds = kept >= SUFFICIENT_AGREEMENT and colspace_change > 10 * (noise_change or 0.0)
+            verdict = "holds" if holds else "does not hold"
+        identities.append({
             "claim": f"the null part does not reach the output ({variant.name})",
-            "test": "E + random left-null noise of the removed norm must keep the predictions; the same norm inside "
-                    "col(T) must move the logits (holds when noise keeps >= 99.9 % and col(T) noise moves the "
-                    "logits 10x more)",
+            "kind": "identity", "precision": f"null noise largest |Δlogit| {_number(noise_change)}",
+            "test": "E + random left-null noise of the removed norm must keep the predictions (by construction it "
+                    "adds nothing to the output); the same norm inside col(T) must move the logits (holds when noise "
+                    "keeps >= 99.9 % and col(T) noise moves the logits 10x more)",
             "measured": f"null noise: agreement {_percent(kept)}, largest |Δlogit| {_number(noise_change)}; col(T) "
                         f"noise: flip rate {_percent(colspace_flips)}, largest |Δlogit| {_number(colspace_change)}",
-            "verdict": "—" if kept is None or colspace_change is None else ("holds" if holds else "does not hold"),
+            "verdict": verdict,
         })
     probes = sorted(item.removed_directions for item in interventions if item.kind.removes_directions)
     if probes:
@@ -171,8 +215,9 @@ def claims_table(
         first_k, first_agreement = agreements[0]
         sufficient = value("agreement_rate", Intervention("efficient", "effective"))
         decided = first_agreement is not None and sufficient is not None and sufficient >= SUFFICIENT_AGREEMENT
-        rows.append({
+        findings.append({
             "claim": "minimal (effective)",
+            "kind": "finding",
             "test": "drop the k weakest directions of col(T) from the effective projection; holds when the effective "
                     f"attention itself is sufficient and dropping even k = {first_k} loses predictions (agreement < "
                     f"{100 * SUFFICIENT_AGREEMENT:.1f} %)",
@@ -181,36 +226,67 @@ def claims_table(
             "verdict": "—" if not decided else ("holds" if first_agreement < SUFFICIENT_AGREEMENT else "does not hold"),
         })
     for variant, summary in diagnostics_summary.items():
-        if not summary.get("matrices_with_null_space"):
-            continue
-        share = summary["probability_distribution_share"]
-        rows.append({
-            "claim": f"probability distributions ({variant})",
-            "test": "every row non-negative and summing to 1 (within 1e-4), over the matrices with a null space; "
-                    "holds when all are",
-            "measured": f"{_percent(share)} of {summary['matrices_with_null_space']} matrices; mean negative mass "
-                        f"{summary['mean_negative_mass']:.3g}, largest row-sum error "
-                        f"{summary['largest_row_sum_error']:.3g}, ||null||/||A|| {summary['mean_null_norm_ratio']:.3g}",
-            "verdict": "holds" if share == 1.0 else "does not hold",
-        })
+        try:
+            guaranteed = variant_record(variant).keeps_row_sums and variant_record(variant).non_negative
+        except (KeyError, ValueError):  # a variant registered in another process: its record is not known here
+            guaranteed = False
+        rule = ("every row non-negative and summing to 1 (within 1e-4), over the matrices with a null space; holds "
+                "when all are")
+        empty = _no_null_space(summary)
+        if empty:
+            row = {"measured": f"0 of {summary.get('matrices', 0)} matrices have a null space",
+                   "verdict": not_testable(empty)}
+        else:
+            share = summary["probability_distribution_share"]
+            row = {"measured": f"{_percent(share)} of {summary['matrices_with_null_space']} matrices; mean negative "
+                               f"mass {summary['mean_negative_mass']:.3g}, largest row-sum error "
+                               f"{summary['largest_row_sum_error']:.3g}, ||null||/||A|| "
+                               f"{summary['mean_null_norm_ratio']:.3g}",
+                   "verdict": "holds" if share == 1.0 else "does not hold"}
+        if guaranteed:
+            identities.append({"claim": f"probability distributions ({variant})", "kind": "identity",
+                               "precision": f"largest row-sum error {summary.get('largest_row_sum_error', 0):.3g}",
+                               "test": f"{rule} (the variant's constraints: it checks the solver)", **row})
+        else:
+            findings.append({"claim": f"probability distributions ({variant})", "kind": "finding", "test": rule,
+                             **row})
     replay = value("largest_stored_logit_difference", Intervention("replay"))
-    rows.append({
+    identities.append({
         "claim": "replay reproduces the stored model",
+        "kind": "identity", "precision": f"largest |Δ| {_number(replay)}, tolerance {replay_tolerance:g}",
         "test": "inject the stored attention everywhere; holds when every stored logit is reproduced within "
                 f"{replay_tolerance:g} (set by the storage dtype)",
         "measured": f"largest |Δ| to the stored logits {_number(replay)}; original accuracy "
                     f"{_percent(original_accuracy if not np.isnan(original_accuracy) else None)}",
         "verdict": "—" if replay is None else ("holds" if replay <= replay_tolerance else "does not hold"),
     })
-    return rows
+    return findings + identities
+
+
+def findings_first(claims: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with the findings first and the identity checks after, each group in its order."""
+    return ([row for row in claims if row.get("kind", "finding") != "identity"]
+            + [row for row in claims if row.get("kind") == "identity"])
+
+
+IDENTITY_HEADING = ("identity checks: these hold by construction (linear algebra); they check storage precision and "
+                    "the pipeline, not the claims")
 
 
 def format_claims_table(claims: Sequence[dict[str, Any]]) -> str:
-    """The claims table as aligned plain text (what `effattn causal` and `make run` print)."""
+    """The claims table as aligned plain text (what `effattn causal` and `make run` print): the findings, then the
+    identity checks under their own heading, with the precision they were checked to."""
+    claims = findings_first(claims)
     width = max(len(row["claim"]) for row in claims) if claims else 0
     verdict_width = max(len(row["verdict"]) for row in claims) if claims else 0
-    lines = [f"{'claim':<{width}}  {'verdict':<{verdict_width}}  measured"]
-    lines += [f"{row['claim']:<{width}}  {row['verdict']:<{verdict_width}}  {row['measured']}" for row in claims]
+    lines = [f"{'finding':<{width}}  {'verdict':<{verdict_width}}  measured"]
+    heading_done = False
+    for row in claims:
+        if row.get("kind") == "identity" and not heading_done:
+            lines += ["", IDENTITY_HEADING, f"{'identity check':<{width}}  {'verdict':<{verdict_width}}  precision"]
+            heading_done = True
+        detail = row["precision"] if row.get("kind") == "identity" else row["measured"]
+        lines.append(f"{row['claim']:<{width}}  {row['verdict']:<{verdict_width}}  {detail}")
     return "\n".join(lines)
 
 

@@ -139,3 +139,58 @@ def test_the_diagnostics_summary_of_parts_along_the_examples_equals_that_of_the_
                                values["null_norm_ratio"][chosen].astype(np.float64).mean(), rtol=1e-12)
     for name, number in whole["simplex"].items():
         np.testing.assert_allclose(parts["simplex"][name], number, rtol=1e-12)
+
+
+def _summary(matrices_with_null_space: int, matrices: int = 12) -> dict:
+    if not matrices_with_null_space:
+        return {"matrices_with_null_space": 0, "matrices": matrices}
+    return {"matrices": matrices, "matrices_with_null_space": matrices_with_null_space,
+            "probability_distribution_share": 1.0, "mean_negative_mass": 0.0, "largest_row_sum_error": 1e-9,
+            "mean_null_norm_ratio": 0.3, "converged_share": 1.0, "mean_support_share": 0.5}
+
+
+def test_without_a_null_space_the_claims_that_need_one_are_not_testable():
+    """The case of a store whose texts are no longer than the head dim: E = A, the noise has norm 0, and a claim
+    that compares 0 with 10 x 0 must not say "does not hold" (nor "holds")."""
+    numbers = aggregates(
+        agreement_rate={"efficient:effective": 1.0, "efficient+null-noise:effective": 1.0, "null:effective": 0.6,
+                        "ablate": 0.6, "uniform": 0.8},
+        flip_rate={"colspace-noise:effective": 0.0},
+        largest_logit_change={"efficient:effective": 0.0, "efficient+null-noise:effective": 0.0,
+                              "colspace-noise:effective": 0.0},
+        largest_stored_logit_difference={"replay": 0.0})
+    table = claims_table(PARSED, TARGETS, numbers, {"effective": _summary(0)}, original_accuracy=0.8)
+    found = verdicts(table)
+    reason = "no null space: E = A in all 12 matrices"
+    assert found["sufficient (effective)"] == f"not testable ({reason})"
+    assert found["necessary (effective)"] == f"not testable ({reason})"
+    assert found["the null part does not reach the output (effective)"] == (
+        f"not testable ({reason}, so the noise has norm ||A - E|| = 0)")
+    assert found["probability distributions (effective)"] == f"not testable ({reason})"
+    assert found["replay reproduces the stored model"] == "holds"  # needs no null space
+    # with a null space the same numbers decide (and the col(T) control that moved nothing cannot decide)
+    with_null = verdicts(claims_table(PARSED, TARGETS, numbers, {"effective": _summary(5)}, 0.8))
+    assert with_null["sufficient (effective)"] == "holds"
+    assert with_null["the null part does not reach the output (effective)"].startswith("not testable (the col(T)")
+
+
+def test_identities_come_after_the_findings_labelled_with_their_precision():
+    numbers = aggregates(agreement_rate={"efficient:effective": 1.0, "minimality:effective:k=1": 0.9},
+                         largest_logit_change={"efficient:effective": 3e-7},
+                         largest_stored_logit_difference={"replay": 0.0})
+    summary = {"effective": _summary(5), "simplex": _summary(5)}
+    table = claims_table(PARSED, TARGETS, numbers, summary, 0.8)
+    kinds = [row["kind"] for row in table]
+    assert kinds == sorted(kinds, key=lambda kind: kind == "identity")  # findings first
+    by_claim = {row["claim"]: row for row in table}
+    assert by_claim["sufficient (effective)"]["kind"] == "identity"
+    assert by_claim["sufficient (effective)"]["precision"] == "largest |Δlogit| 3e-07"
+    assert by_claim["minimal (effective)"]["kind"] == "finding"
+    # simplex rows are distributions by the variant's constraints; effective's are an empirical question
+    assert by_claim["probability distributions (simplex)"]["kind"] == "identity"
+    assert by_claim["probability distributions (effective)"]["kind"] == "finding"
+    lines = format_claims_table(table).splitlines()
+    heading = lines.index(next(line for line in lines if line.startswith("identity checks")))
+    assert all("sufficient" not in line for line in lines[:heading])
+    assert any(line.startswith("sufficient (effective)") and "largest |Δlogit| 3e-07" in line
+               for line in lines[heading:])
