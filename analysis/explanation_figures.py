@@ -20,22 +20,27 @@ from analysis.report_figures import save_figure, variant_colour
 FIGURE_NAME = "explanation-faithfulness.png"
 SOURCE_COLOURS = {ATTENTION_SOURCE: "#d62728", "model": "#000000", "random": "#7f7f7f"}
 AGGREGATION_STYLES = {"last-layer": "-", "all-layers": "--", "rollout": ":"}
-MODEL_STYLES = {"input-x-gradient": "-.", "integrated-gradients": "-", "leave-one-out": "--"}
+MODEL_STYLES = {"input-x-gradient": "-.", "integrated-gradients": "-", "leave-one-out": "--",
+                "conservative-lrp": ":"}
 
 
 def _method_style(name: str, index: int) -> dict:
     method = ExplanationMethod.parse(name)
-    if method.kind == "matrices":
+    if method.reads_matrices:  # norm-based twins: the same colour and line, thinner, with square markers
         colour = SOURCE_COLOURS.get(method.source) or variant_colour(method.source, index)
-        return {"color": colour, "linestyle": AGGREGATION_STYLES[method.aggregation]}
+        style = {"color": colour, "linestyle": AGGREGATION_STYLES[method.aggregation]}
+        return style if method.kind == "matrices" else {**style, "linewidth": 0.8, "marker": "s"}
     if method.kind == "model":
-        return {"color": SOURCE_COLOURS["model"], "linestyle": MODEL_STYLES[method.name]}
+        return {"color": SOURCE_COLOURS["model"], "linestyle": MODEL_STYLES.get(method.name, "-")}
     return {"color": SOURCE_COLOURS["random"], "linestyle": "-", "linewidth": 2.5, "alpha": 0.6}
 
 
 def mean_curves(dataset: xr.Dataset) -> dict[str, np.ndarray]:
-    """{metric: [method, k]} the faithfulness curves averaged over the examples (NaN ignored)."""
+    """{metric: [method, k]} the faithfulness curves averaged over the examples where each method is testable (an
+    efficient method only where its matrices differ from A; NaN ignored)."""
     values = dataset["faithfulness"].values  # [method, metric, k, example]
+    if "testable" in dataset:
+        values = np.where((dataset["testable"].values != 0)[:, None, None, :], values, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a method with no measured example
         means = np.nanmean(values, axis=-1)
@@ -65,33 +70,65 @@ def faithfulness_curves_figure(dataset: xr.Dataset) -> Figure:
     return figure
 
 
-def explanation_table_rows(dataset: xr.Dataset) -> list[list[str]]:
-    """One row per method: name, mean AOPC comprehensiveness, sufficiency, mean Kendall τ against each reference
-    (formatted; '—' where not measured)."""
-    aopc = dataset["aopc"].values  # [method, metric, example]
-    tau = dataset["kendall_tau"].values  # [method, reference, example]
+def _missing(number) -> bool:
+    return number is None or (isinstance(number, float) and np.isnan(number))
 
-    def mean(values: np.ndarray) -> str:
-        values = values[~np.isnan(values)]
-        return f"{values.mean():.4f}" if len(values) else "—"
 
+def _interval(item: dict | None) -> str:
+    if not item or _missing(item.get("mean")):
+        return "—"
+    if _missing(item.get("low")):
+        return f"{item['mean']:.4f}"
+    return f"{item['mean']:.4f} [{item['low']:.4f}, {item['high']:.4f}]"
+
+
+def ranking_table_rows(ranking: list[dict], metrics: list[str], references: list[str]) -> list[list[str]]:
+    """One row per explainer, as the explanation stage ranked them (the results' `ranking` attribute): name, n, AOPC
+    of each metric and Kendall τ against each reference with 95 % intervals, and comprehensiveness split by length
+    against the head dim (with n)."""
     rows = []
-    for index, name in enumerate(dataset["explainer"].values):
-        rows.append([str(name)] + [mean(aopc[index, m]) for m in range(aopc.shape[1])]
-                    + [mean(tau[index, r]) for r in range(tau.shape[1])])
+    for entry in ranking:
+        split = [f"{_interval(value)} (n = {value['n']})" for value in entry["by_length"].values()]
+        rows.append([entry["method"], str(entry["n"])] + [_interval(entry.get(metric)) for metric in metrics]
+                    + [_interval(entry["kendall_tau"].get(reference)) for reference in references] + split)
     return rows
 
 
+def comparison_table_rows(comparisons: list[dict]) -> list[list[str]]:
+    """One row per efficient method against its raw twin (the results' `comparisons`)."""
+    return [[item["method"], item["twin"], str(item["n"]), str(item["not_testable"]),
+             "—" if _missing(item.get("low")) else f"{item['mean']:+.4f} [{item['low']:+.4f}, {item['high']:+.4f}]",
+             item["answer"]] for item in comparisons]
+
+
+def _html_table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in headers)
+    body = "".join("<tr>" + "".join(f'<td{" class=num" if column else ""}>{html.escape(cell)}</td>'
+                                    for column, cell in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def explanation_section_html(dataset: xr.Dataset, out: str | Path) -> str:
-    """Draw the curves into `out` and return the report's explanation section (figure, table, minimality)."""
+    """Draw the curves into `out` and return the report's explanation section: which examples were explained, the
+    comparisons of efficient methods with their raw twins, the ranking of every explainer (both as the explanation
+    stage wrote them into the results' attributes), the figure and minimality."""
     save_figure(faithfulness_curves_figure(dataset), Path(out) / FIGURE_NAME)
     metrics = [str(metric) for metric in dataset["metric"].values]
     references = [str(reference) for reference in dataset["reference"].values]
-    headers = ["method"] + [f"AOPC {metric}" for metric in metrics] + [f"Kendall τ vs {r}" for r in references]
-    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in headers)
-    body = "".join("<tr>" + "".join(f'<td{" class=num" if column else ""}>{html.escape(cell)}</td>'
-                                    for column, cell in enumerate(row)) + "</tr>"
-                   for row in explanation_table_rows(dataset))
+    attributes = dataset.attrs
+    ranking, comparisons = attributes.get("ranking") or [], attributes.get("comparisons") or []
+    lengths = list(ranking[0]["by_length"]) if ranking else []
+    ranking_html = _html_table(
+        ["method", "n"] + [f"AOPC {metric} [95 % CI]" for metric in metrics]
+        + [f"Kendall τ vs {r} [95 % CI]" for r in references] + [f"AOPC comprehensiveness, {g}" for g in lengths],
+        ranking_table_rows(ranking, metrics, references))
+    comparison_html = _html_table(
+        ["efficient method", "raw twin", "n (E ≠ A)", "explained with E = A", "Δ AOPC comprehensiveness [95 % CI]",
+         "answer"], comparison_table_rows(comparisons))
+    draw = (attributes.get("settings") or {}).get("draw") or {}
+    drawn = (f"{draw.get('drawn')} examples explained, drawn (seeded) from the {draw.get('testable')} "
+             f"{draw.get('rule', '')}; {draw.get('not_testable')} examples of the store are not testable (there E = A, "
+             "so every efficient attribution is raw attention's)." if draw else "")
     share = dataset["minimal_share"].values if "minimal_share" in dataset else np.array([])
     minimality = ("" if not np.isfinite(share).any() else
                   "<p>Simplex rows whose support is minimal, per layer: "
@@ -100,12 +137,19 @@ def explanation_section_html(dataset: xr.Dataset, out: str | Path) -> str:
     examples = dataset.sizes["example"]
     return (
         "<h2>Does attention explain the prediction?</h2>"
+        f"<p>{html.escape(drawn)}</p>"
+        "<h3>Efficient attention against raw and norm-based attention</h3>"
+        "<p>Paired over the examples where the efficient matrices differ from A in the layers the aggregation reads; "
+        "a positive difference means efficient attention's top tokens matter more to the prediction.</p>"
+        + comparison_html +
+        "<h3>Every explainer</h3>" + ranking_html +
         f'<figure><a href="{FIGURE_NAME}"><img src="{FIGURE_NAME}" alt="ERASER curves"></a><figcaption>ERASER '
-        f"faithfulness over {examples} examples (DeYoung et al. 2020): the drop of the predicted class's probability "
+        f"faithfulness over {examples} examples (DeYoung et al. 2020; efficient methods over the examples where they "
+        "differ from A): the drop of the predicted class's probability "
         "when the top k % tokens of each method are removed (comprehensiveness) or are the only ones kept "
         "(sufficiency). A removed token is replaced by the mask token with attention kept off it; special tokens "
         "are never removed. Red: raw attention; colours: efficient variants; line style: aggregation (solid last "
-        "layer, dashed all layers, dotted rollout); black: gradient and occlusion baselines; grey: random."
-        "</figcaption></figure>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" + minimality
+        "layer, dashed all layers, dotted rollout), thin with squares: norm-based; black: gradient, occlusion and "
+        "conservative-propagation baselines; grey: random."
+        "</figcaption></figure>" + minimality
     )

@@ -11,10 +11,21 @@ Attributions, one score per token ([L] float64):
   rollout (Abnar & Zuidema 2020) over layers, R = Â_{n-1} ··· Â_0 with Â = ½(Ā + I) and Ā the head mean
   (`rollout`; for A, whose rows sum to 1, this is Abnar & Zuidema's row-normalised rollout; E's rows are not
   renormalised, they need not sum to 1);
+- norm-based (`attention-norm:AGG`, Kobayashi et al. 2020, and its efficient twin `<variant>-norm:AGG`, E in place
+  of A), from the stored A (or E), V and W_O: token j's contribution to position i is ‖Σ_h A^h_ij t^h_j‖ with
+  t^h_j = v^h_j W_O^h (T's row, value bias included); the same three aggregations, rollout over the row-normalised
+  norm matrices;
 - from the model: input × gradient and integrated gradients (Captum) of the target probability with respect to the
-  input embeddings (IG's baseline replaces every removable token's embedding by the removal token's), and
-  leave-one-out occlusion (one forward per token, batched);
+  input embeddings (IG's baseline replaces every removable token's embedding by the removal token's), leave-one-out
+  occlusion (one forward per token, batched), and conservative propagation (`conservative-lrp`,
+  analysis.conservative_propagation: gradient × input of the target logit with attention probabilities,
+  normalisation scales and activation gates held constant, the LRP-class rules of Ali et al. 2022 / AttnLRP);
 - `random`: a seeded random ranking, the floor.
+
+Where the question exists: an efficient variant's attribution can differ from raw attention's only where E ≠ A,
+i.e. in a block with a null space (L > rank(T), or rank([T|1])) and |E − A| above the storage precision
+(DIFFERENCE_TOLERANCE). `efficient_differences` measures that for the layers an aggregation reads; an example is
+testable for a comparison of an efficient method with its raw twin only where it differs.
 
 Removing a token (ERASER, DeYoung et al. 2020): its id is replaced by the mask token (the pad token when the
 tokenizer has none) and the attention mask is 0 there, so no query attends to it. Special tokens and the pooled
@@ -48,7 +59,12 @@ MODEL_METHODS: dict[str, str] = {
     "input-x-gradient": "input embeddings x gradient of the target probability, summed over the hidden dim",
     "integrated-gradients": "Captum integrated gradients of the target probability from the removal-token baseline",
     "leave-one-out": "p(x) - p(x without the token), one forward per removable token",
+    "conservative-lrp": "conservative propagation (LRP class): gradient x input of the target logit with attention, "
+                        "normalisation scales and activation gates held constant (Ali et al. 2022, AttnLRP's rules)",
 }
+NORM_SUFFIX = "-norm"  # `attention-norm:rollout`: norm-based attention (Kobayashi et al. 2020) of a source
+# |E - A| at or below this (probabilities, stored as float32) is storage precision, not a difference
+DIFFERENCE_TOLERANCE = 1e-5
 RANDOM_METHOD = "random"
 REFERENCES: tuple[str, ...] = ("leave-one-out", "integrated-gradients")  # what Kendall τ is measured against
 ATTENTION_SOURCE = "attention"
@@ -57,7 +73,8 @@ ATTENTION_SOURCE = "attention"
 @dataclass(frozen=True)
 class ExplanationMethod:
     """One attribution method. kind: 'matrices' (from stored attention: source 'attention' or an efficient variant,
-    with an aggregation), 'model' (forward / backward passes) or 'random'."""
+    with an aggregation), 'norms' (norm-based: the same sources weighted by what the values carry), 'model'
+    (forward / backward passes) or 'random'."""
 
     name: str
     kind: str
@@ -72,12 +89,31 @@ class ExplanationMethod:
         if name == RANDOM_METHOD:
             return cls(name, "random")
         source, _, aggregation = name.partition(":")
+        kind = "matrices"
+        if source.endswith(NORM_SUFFIX):
+            source, kind = source[: -len(NORM_SUFFIX)], "norms"
         if aggregation not in AGGREGATIONS or not source:
             raise ValueError(
-                f"unknown explanation method {name!r}: use SOURCE:AGGREGATION (SOURCE attention or an efficient "
-                f"variant, AGGREGATION one of {list(AGGREGATIONS)}), or one of {[*MODEL_METHODS, RANDOM_METHOD]}"
+                f"unknown explanation method {name!r}: use SOURCE:AGGREGATION or SOURCE-norm:AGGREGATION (SOURCE "
+                f"attention or an efficient variant, AGGREGATION one of {list(AGGREGATIONS)}), or one of "
+                f"{[*MODEL_METHODS, RANDOM_METHOD]}"
             )
-        return cls(name, "matrices", source, aggregation)
+        return cls(name, kind, source, aggregation)
+
+    @property
+    def reads_matrices(self) -> bool:
+        """True for methods computed from the stored attention (or efficient attention) matrices."""
+        return self.kind in ("matrices", "norms")
+
+    @property
+    def is_efficient(self) -> bool:
+        """True for methods that read an efficient variant (whose twin on raw attention is `raw_twin`)."""
+        return self.reads_matrices and self.source != ATTENTION_SOURCE
+
+    @property
+    def raw_twin(self) -> str:
+        """The same method on raw attention: `attention:AGG` or `attention-norm:AGG`."""
+        return f"{ATTENTION_SOURCE}{NORM_SUFFIX if self.kind == 'norms' else ''}:{self.aggregation}"
 
     @property
     def description(self) -> str:
@@ -86,14 +122,18 @@ class ExplanationMethod:
         if self.kind == "random":
             return "a seeded random ranking (the floor)"
         what = "raw attention A" if self.source == ATTENTION_SOURCE else f"efficient attention ({self.source})"
+        if self.kind == "norms":
+            what = f"norm-based {what}, ||sum_h weight_ij t_j^h|| (Kobayashi et al. 2020)"
         return f"{what}: {AGGREGATIONS[self.aggregation]}"
 
 
 def default_methods(variants: Sequence[str]) -> list[str]:
-    """Raw attention and every given variant in every aggregation, the model baselines, then random."""
+    """Raw attention and every given variant in every aggregation, their norm-based twins, the model baselines,
+    then random."""
     sources = [ATTENTION_SOURCE, *variants]
-    return [f"{source}:{aggregation}" for source in sources for aggregation in AGGREGATIONS] + [
-        *MODEL_METHODS, RANDOM_METHOD]
+    return ([f"{source}:{aggregation}" for source in sources for aggregation in AGGREGATIONS]
+            + [f"{source}{NORM_SUFFIX}:{aggregation}" for source in sources for aggregation in AGGREGATIONS]
+            + [*MODEL_METHODS, RANDOM_METHOD])
 
 
 @dataclass(frozen=True)
@@ -179,6 +219,75 @@ def matrix_attributions(matrices: np.ndarray, pooled: int, aggregation: str) -> 
     if aggregation == "rollout":
         return attention_rollout(matrices.mean(1))[pooled]
     raise ValueError(f"unknown aggregation {aggregation!r}: choose from {list(AGGREGATIONS)}")
+
+
+def head_vectors(value: np.ndarray, w_out: np.ndarray) -> np.ndarray:
+    """value: [kv_head, L, d] one layer's values (bias included) on the real tokens; w_out: [head, d, D] the heads'
+    output projections. Returns T [head, L, D] float64, t^h_j = v^{kv(h)}_j W_O^h (query head h reads kv head
+    h // (heads / kv_heads), as in every grouped-query model)."""
+    value, w_out = np.asarray(value, dtype=np.float64), np.asarray(w_out, dtype=np.float64)
+    groups = w_out.shape[0] // value.shape[0]
+    return np.einsum("hld,hdo->hlo", np.repeat(value, groups, axis=0), w_out)
+
+
+def norm_matrix(weights: np.ndarray, value: np.ndarray, w_out: np.ndarray, rows: np.ndarray | None = None,
+                chunk_rows: int = 64) -> np.ndarray:
+    """Norm-based attention of one layer (Kobayashi et al. 2020): N[i, j] = ||sum_h weights[h, i, j] t^h_j||.
+
+    weights: [head, L, L] A (or E) on the real block; value: [kv_head, L, d]; w_out: [head, d, D]; rows: the query
+    rows wanted (default all). Returns [rows, L] float64. The heads x L x L x D tensor is never formed:
+    ||sum_h w_h t^h_j||^2 = sum_{h,h'} w_h w_h' <t^h_j, t^h'_j>, from the per-token Gram matrices [L, head, head],
+    `chunk_rows` query rows at a time (memory heads x chunk_rows x L)."""
+    vectors = head_vectors(value, w_out)
+    gram = np.einsum("hjo,kjo->jhk", vectors, vectors)
+    weights = np.asarray(weights, dtype=np.float64)
+    rows = np.arange(weights.shape[1]) if rows is None else np.asarray(rows)
+    result = np.empty((len(rows), weights.shape[2]))
+    for start in range(0, len(rows), chunk_rows):
+        block = weights[:, rows[start:start + chunk_rows]]  # [head, chunk, L]
+        squared = np.einsum("hij,jhk,kij->ij", block, gram, block, optimize=True)
+        result[start:start + chunk_rows] = np.sqrt(np.maximum(squared, 0.0))
+    return result
+
+
+def norm_attributions(weights: np.ndarray, value: np.ndarray, w_out: np.ndarray, pooled: int,
+                      aggregation: str) -> np.ndarray:
+    """weights: [layer, head, L, L] A or E on the real block; value: [layer, kv_head, L, d]; w_out: [layer, head, d,
+    D]. Returns [L] float64: the pooled row of the norm matrices, aggregated as AGGREGATIONS says (rollout over the
+    row-normalised norm matrices; a row of zeros stays zero)."""
+    layers = weights.shape[0]
+    if aggregation == "last-layer":
+        return norm_matrix(weights[-1], value[-1], w_out[-1], rows=np.array([pooled]))[0]
+    if aggregation == "all-layers":
+        return np.mean([norm_matrix(weights[layer], value[layer], w_out[layer], rows=np.array([pooled]))[0]
+                        for layer in range(layers)], axis=0)
+    if aggregation == "rollout":
+        matrices = np.stack([norm_matrix(weights[layer], value[layer], w_out[layer]) for layer in range(layers)])
+        sums = matrices.sum(-1, keepdims=True)
+        return attention_rollout(np.divide(matrices, sums, out=np.zeros_like(matrices), where=sums > 0))[pooled]
+    raise ValueError(f"unknown aggregation {aggregation!r}: choose from {list(AGGREGATIONS)}")
+
+
+def aggregation_layers(aggregation: str, layers: int) -> list[int]:
+    """The layers an aggregation reads: the last one, or all."""
+    return [layers - 1] if aggregation == "last-layer" else list(range(layers))
+
+
+def efficient_differences(attention: np.ndarray, efficient: np.ndarray, null_dim: np.ndarray) -> np.ndarray:
+    """attention, efficient: [layer, head, L, L] A and E on the real block; null_dim: [layer, head] the stored
+    diagnostics. Returns [layer] float64: the largest |E - A| over the heads of each layer that have a null space
+    (0 where none has: there E is A by construction)."""
+    difference = np.abs(np.asarray(efficient, np.float64) - np.asarray(attention, np.float64)).max(axis=(2, 3))
+    return np.where(np.asarray(null_dim) > 0, difference, 0.0).max(axis=1)
+
+
+def draw_examples(candidates: np.ndarray, count: int | None, seed: int) -> np.ndarray:
+    """candidates: [example] bool, where the question exists. Returns the sorted indices of `count` of them drawn
+    without replacement by a generator seeded with `seed` (all of them when count is None or there are no more)."""
+    chosen = np.flatnonzero(np.asarray(candidates, dtype=bool))
+    if count is None or count >= len(chosen):
+        return chosen
+    return np.sort(np.random.default_rng([int(seed), 0x5EED]).choice(chosen, size=int(count), replace=False))
 
 
 def random_attributions(length: int, seed: int, example_index: int) -> np.ndarray:
@@ -387,7 +496,10 @@ class ExampleExplanation:
 
     attributions: [method, L] (NaN where a token may not be removed); faithfulness: {metric: [method, k]};
     kendall_tau: [method, reference]; target: the predicted class / token; full_probability, empty_probability;
-    integrated_gradients_delta: NaN when IG was not run; removable: [L] bool."""
+    integrated_gradients_delta: NaN when IG was not run; removable: [L] bool; largest_difference: [method] the
+    largest |E − A| over the blocks with a null space in the layers the method's aggregation reads (NaN for methods
+    that read no efficient variant); testable: [method] 1 where that exceeds DIFFERENCE_TOLERANCE (the method can
+    differ from its raw twin), 0 where it cannot, -1 for methods that read no efficient variant."""
 
     attributions: np.ndarray
     faithfulness: dict[str, np.ndarray]
@@ -397,16 +509,38 @@ class ExampleExplanation:
     empty_probability: float
     integrated_gradients_delta: float
     removable: np.ndarray
+    largest_difference: np.ndarray
+    testable: np.ndarray
+
+
+def conservative_attributions(loaded: LoadedModel, tokens: np.ndarray, pooled: int, target: int) -> np.ndarray:
+    """[L] conservative propagation's relevances of the target logit at the pooled position
+    (analysis.conservative_propagation)."""
+    from analysis.conservative_propagation import conservative_relevance
+
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=loaded.device)[None]
+    mask = torch.ones_like(ids)
+
+    def logit(inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return pooled_logits(loaded, pooled, inputs_embeds=inputs_embeds, attention_mask=mask)[0, target]
+
+    with torch.no_grad():
+        embeddings = loaded.model.get_input_embeddings()(ids)
+    return conservative_relevance(loaded.model, logit, embeddings)[0]
 
 
 def explain_example(
     loaded: LoadedModel, tokens: np.ndarray, matrices: dict[str, np.ndarray], settings: ExplanationSettings,
-    example_index: int, causal: bool, rows: int = 64,
+    example_index: int, causal: bool, rows: int = 64, value: np.ndarray | None = None,
+    w_out: np.ndarray | None = None, null_dims: dict[str, np.ndarray] | None = None,
 ) -> ExampleExplanation:
     """Every method of `settings.methods`: attributions, faithfulness and rank agreement for one example.
 
     tokens: [L] the real ids; matrices: {source: [layer, head, L, L]} raw attention ('attention') and each
-    efficient variant on the real block; example_index: the store's index (seeds the random ranking)."""
+    efficient variant on the real block; example_index: the store's index (seeds the random ranking); value:
+    [layer, kv_head, L, d] and w_out: [layer, head, d, D] (norm-based methods); null_dims: {variant: [layer, head]}
+    the stored diagnostics (testability of the efficient methods; without them every head counts as having a null
+    space)."""
     tokens = np.asarray(tokens)
     length = len(tokens)
     pooled = pooled_position(length, causal)
@@ -427,11 +561,32 @@ def explain_example(
         gradients = gradient_attributions(loaded, tokens, removable, pooled, target, replacement,
                                           settings.integrated_gradients_steps)
         delta = gradients.delta
+    differences = {}
+    for source in {method.source for method in parsed if method.is_efficient}:
+        if source not in matrices or ATTENTION_SOURCE not in matrices:
+            raise ValueError(f"efficient methods of {source!r} need the stored matrices of {source!r} and of "
+                             f"{ATTENTION_SOURCE!r}")
+        null_dim = (null_dims or {}).get(source, np.ones(matrices[source].shape[:2], dtype=np.int64))
+        differences[source] = efficient_differences(matrices[ATTENTION_SOURCE], matrices[source], null_dim)
+    largest_difference = np.full(len(parsed), np.nan)
+    testable = np.full(len(parsed), -1, dtype=np.int8)
+    for row, method in enumerate(parsed):
+        if method.is_efficient:
+            layers = aggregation_layers(method.aggregation, len(differences[method.source]))
+            largest_difference[row] = differences[method.source][layers].max()
+            testable[row] = int(largest_difference[row] > DIFFERENCE_TOLERANCE)
     for method in parsed:
+        if method.reads_matrices and method.source not in matrices:
+            raise ValueError(f"method {method.name} needs the stored matrices of {method.source!r}")
         if method.kind == "matrices":
-            if method.source not in matrices:
-                raise ValueError(f"method {method.name} needs the stored matrices of {method.source!r}")
             attributions[method.name] = matrix_attributions(matrices[method.source], pooled, method.aggregation)
+        elif method.kind == "norms":
+            if value is None or w_out is None:
+                raise ValueError(f"method {method.name} needs the stored values and output projections")
+            attributions[method.name] = norm_attributions(matrices[method.source], value, w_out, pooled,
+                                                          method.aggregation)
+        elif method.name == "conservative-lrp":
+            attributions[method.name] = conservative_attributions(loaded, tokens, pooled, target)
         elif method.name == "input-x-gradient":
             attributions[method.name] = gradients.input_x_gradient
         elif method.name == "integrated-gradients":
@@ -450,5 +605,6 @@ def explain_example(
     return ExampleExplanation(
         attributions=stacked, faithfulness={metric: measured[metric] for metric in FAITHFULNESS_METRICS},
         kendall_tau=taus, target=target, full_probability=full, empty_probability=measured["empty"],
-        integrated_gradients_delta=delta, removable=removable,
+        integrated_gradients_delta=delta, removable=removable, largest_difference=largest_difference,
+        testable=testable,
     )

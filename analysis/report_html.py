@@ -163,11 +163,29 @@ def provenance_html(rows: Sequence[tuple[str, str]]) -> str:
     return f'<table class="provenance"><tbody>{body}</tbody></table>'
 
 
+def verdict_class(verdict: str) -> str:
+    """The CSS class of a verdict: holds, fails, untestable (not testable: the data cannot decide) or unknown."""
+    return "untestable" if verdict.startswith("not testable") else VERDICT_CLASSES.get(verdict, "unknown")
+
+
 def claims_html(claims: Sequence[Mapping[str, Any]]) -> str:
+    """The findings first, then the identity checks in a table of their own, labelled as such, with the precision
+    they were checked to (analysis.claims)."""
+    findings = [row for row in claims if row.get("kind", "finding") != "identity"]
+    identities = [row for row in claims if row.get("kind") == "identity"]
     rows = [[_escape(row["claim"]), f"<b>{_escape(row['verdict'])}</b>", _escape(row["measured"]),
-             _escape(row["test"])] for row in claims]
-    classes = [VERDICT_CLASSES.get(row["verdict"], "unknown") for row in claims]
-    return _table(["claim", "verdict", "measured", "test (rule of the verdict)"], rows, classes)
+             _escape(row["test"])] for row in findings]
+    page = ("<h3>Findings</h3>" + _table(["claim", "verdict", "measured", "test (rule of the verdict)"], rows,
+                                           [verdict_class(row["verdict"]) for row in findings]))
+    if identities:
+        rows = [[_escape(row["claim"]), f"<b>{_escape(row['verdict'])}</b>", _escape(row.get("precision", "")),
+                 _escape(row["measured"]), _escape(row["test"])] for row in identities]
+        page += ("<h3>Identity checks</h3><p class=\"note\">These hold by construction (linear algebra: E·T = A·T, "
+                 "(A − E)·T = 0, null-space noise adds nothing to the output). They check storage precision and "
+                 "the pipeline, not the claims of SEED.md; each is shown with the precision it was checked to.</p>"
+                 + _table(["identity", "verdict", "precision", "measured", "test"], rows,
+                          [verdict_class(row["verdict"]) for row in identities]))
+    return page
 
 
 def aggregate_rows(aggregates: xr.Dataset, target: str = "all") -> list[list[str]]:
@@ -221,6 +239,7 @@ table.provenance th { width: 170px; } table.provenance td { word-break: break-al
 tr.holds td:nth-child(2) { background: #c8ecc9; color: #0b4d12; }
 tr.fails td:nth-child(2) { background: #f6c6c6; color: #7a0c0c; }
 tr.unknown td:nth-child(2) { background: #e6e6e6; color: #444; }
+tr.untestable td:nth-child(2) { background: #fff1c2; color: #5c4400; }
 figure { margin: 18px 0 30px; } figure img { width: 100%; height: auto; border: 1px solid #e3e3e3; }
 figcaption { font-size: 15px; color: #333; margin-top: 6px; }
 .note { color: #555; font-size: 14px; }
@@ -381,14 +400,48 @@ their last column. Click a figure to open it at full size.</p>
     return index
 
 
+def _difference(item: Mapping[str, Any]) -> str:
+    if item.get("mean") is None or item.get("low") is None:
+        return "—"
+    return f"{item['mean']:+.4f} [{item['low']:+.4f}, {item['high']:+.4f}]"
+
+
+def comparisons_html(studies: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """The answer in one table: per study, variant and aggregation, does efficient attention explain the prediction
+    more faithfully than raw attention, and than norm-based attention? The paired AOPC comprehensiveness
+    differences with their 95 % intervals, as each study's explanation stage wrote them (its results' attribute
+    `comparisons`, analysis.explanation_claims.faithfulness_comparisons); nothing is recomputed here."""
+    rows, classes = [], []
+    for study, comparisons in studies.items():
+        by_key: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+        for item in comparisons:
+            by_key.setdefault((item["variant"], item["aggregation"]), {})[item["baseline"]] = item
+        for (variant, aggregation), found in by_key.items():
+            cells = [_escape(study), _escape(variant), _escape(aggregation)]
+            for baseline in ("raw attention", "norm-based attention"):
+                item = found.get(baseline)
+                cells.append("not measured" if item is None else
+                             f"<b>{_escape(item['answer'])}</b><br>{_escape(_difference(item))}, n = {item['n']}")
+            rows.append(cells)
+            answer = (found.get("raw attention") or {}).get("answer", "")
+            classes.append({"more faithful": "holds", "less faithful": "fails"}.get(answer, verdict_class(answer)))
+    if not rows:
+        return '<p class="note">No study explained its predictions (explain_examples 0).</p>'
+    return _table(["study", "variant", "aggregation", "than raw attention (Δ AOPC [95 % CI])",
+                   "than norm-based attention (Δ AOPC [95 % CI])"], rows, classes)
+
+
 def write_studies_page(out: str | Path, rows: Sequence[Mapping[str, Any]], studies: Mapping[str, Mapping[str, Any]]
                        ) -> Path:
-    """`out/index.html`: the claims of SEED.md (rows, from analysis.claims.claims_by_study) against every study
-    (columns: verdict and the numbers behind it), with a link to each study's own report.
+    """`out/index.html`: the explanation question answered per study (`comparisons_html`, from each study's
+    explanation results), then the claims of SEED.md (rows, from analysis.claims.claims_by_study) against every
+    study (columns: verdict and the numbers behind it), with a link to each study's own report.
 
-    studies: {study name: {"description", "report" (path of its index.html), "examples"}}. Returns the path."""
+    studies: {study name: {"description", "report" (path of its index.html), "examples", "comparisons"
+    (optional: the explanation results' `comparisons`)}}. Returns the path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    answers = comparisons_html({name: info.get("comparisons") or [] for name, info in studies.items()})
     names = list(studies)
     headers = ["claim"] + [_escape(name) for name in names]
     body = []
@@ -399,7 +452,7 @@ def write_studies_page(out: str | Path, rows: Sequence[Mapping[str, Any]], studi
             if entry is None:
                 cells.append('<td class="unknown">not measured</td>')
                 continue
-            css = VERDICT_CLASSES.get(entry["verdict"], "unknown")
+            css = verdict_class(entry["verdict"])
             cells.append(f'<td class="{css}"><b>{_escape(entry["verdict"])}</b><br>'
                          f'<span class="note">{_escape(entry["measured"])}</span></td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
@@ -414,9 +467,17 @@ def write_studies_page(out: str | Path, rows: Sequence[Mapping[str, Any]], studi
 <html lang="en"><head><meta charset="utf-8"><title>effattn: the claims over the study datasets</title>
 <style>{STYLE}
 td.holds {{ background: #e3f5e4; }} td.fails {{ background: #fbe3e3; }} td.unknown {{ background: #f0f0f0; }}
+td.untestable {{ background: #fff6d6; }}
 </style></head>
 <body><main>
 <h1>The claims of SEED.md over the study datasets</h1>
+<h2>Does efficient attention explain the prediction more faithfully?</h2>
+<p class="lead">Paired over the examples where efficient attention differs from raw attention (a block with a null
+space: on shorter texts E = A and there is nothing to compare), the difference of ERASER AOPC comprehensiveness
+(higher is more faithful), efficient minus raw, with its 95 % bootstrap interval: "more faithful" when the interval
+lies above 0, "less faithful" below, "not testable" with fewer than 20 such examples.</p>
+{answers}
+<h2>The claims of SEED.md</h2>
 <p class="lead">Each column is one study: its attention store, efficient attention and causal tests made by
 <code>effattn studies</code>. A verdict follows the rule written in the study's own report (claims table,
 last column); the numbers behind it are under each verdict. Interventions replace every head of every layer at

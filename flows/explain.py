@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
 from flows.preflight import check_device
 from flows.settings import ExplainSettings
-from storage_schemas.attention_store import open_attention_store
+from storage_schemas.attention_store import IncompleteInputError, open_attention_store, store_layout
 from storage_schemas.selection import require_everything
 from storage_schemas.efficient_store import efficient_array_path
-from storage_schemas.explanation_results import mark_explanation_shard_completed, open_explanation_results
+from storage_schemas.explanation_results import (
+    mark_explanation_shard_completed,
+    open_explanation_results,
+    require_explanation_inputs,
+)
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import run_model_stage_shards
 from tasks.explain import (
@@ -28,27 +32,46 @@ from tasks.explain import (
 
 
 def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
-    """The run's settings record (analysis.explanations.ExplanationSettings plus the store's identity), as the
-    results record it (attribute `settings`; a rerun with other settings is refused).
+    """The run's settings record (analysis.explanations.ExplanationSettings plus the store's identity and the
+    draw's record), as the results record it (attribute `settings`; a rerun with other settings is refused).
 
     Default methods: raw attention and every variant the efficient stage was run for (the store holds
-    `efficient/<variant>`), each in every aggregation, then the model baselines and random. `examples` are spread
-    over the whole store (None: all); the stage refuses them while a store shard holding one is unfinished.
+    `efficient/<variant>`), each in every aggregation, their norm-based twins, then the model baselines and random;
+    a store without efficient attention is refused (there is nothing to compare). `examples` are drawn with the
+    seed from those where every variant read differs from A (tasks.explain.choose_examples; None: all of them).
     """
     store, methods = settings.store, settings.methods
     if methods is None:
         group = open_attention_store(store, mode="r")
-        methods = default_methods([variant for variant in VARIANTS if efficient_array_path(variant) in group])
+        require_explanation_inputs(group, store, range(store_layout(group).n_examples), [])  # extraction first
+        variants = [variant for variant in VARIANTS if efficient_array_path(variant) in group]
+        if not variants:
+            raise IncompleteInputError(
+                f"{store} holds no efficient attention, and `effattn explain` compares efficient attention with raw "
+                f"attention: run `effattn efficient --store {store}` first (or name --methods without efficient "
+                "variants)")
+        methods = default_methods(variants)
     methods = list(methods)
     variants = efficient_sources(methods)
+    examples, draw = choose_examples(store, settings.examples, variants, settings.seed)
     chosen = ExplanationSettings(
-        methods=tuple(methods), examples=tuple(choose_examples(store, settings.examples)),
+        methods=tuple(methods), examples=tuple(examples),
         percents=PERCENTS if settings.percents is None else tuple(settings.percents),
         integrated_gradients_steps=settings.integrated_gradients_steps,
         leave_one_out_max_tokens=settings.leave_one_out_max_tokens, minimality_rows=settings.minimality_rows,
         minimality_tolerance=settings.minimality_tolerance, seed=settings.seed, shard_size=settings.shard_size,
     )
-    return {**chosen.record(), "store_identity": store_identity(store, variants)}
+    return {**chosen.record(), "store_identity": store_identity(store, variants), "draw": draw}
+
+
+def describe_draw(draw: dict[str, Any]) -> str:
+    """One line on which examples are explained, and how many could not be."""
+    asked = "every" if draw["asked"] is None else f"{draw['asked']} asked for"
+    line = (f"explaining {draw['drawn']} examples ({asked}) drawn from the {draw['testable']} {draw['rule']}; "
+            f"{draw['not_testable']} examples of the store are not testable (there E = A)")
+    if draw["asked"] is not None and draw["drawn"] < draw["asked"]:
+        line += f"; only {draw['drawn']} exist, so fewer than asked are explained"
+    return line
 
 
 @flow(name="effattn-explain")
@@ -64,6 +87,7 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     # a clear error for a store that is not one, or that holds only some layers or heads
     require_everything(open_attention_store(store, mode="r"), store, "explain")
     recorded = recorded_explanation_settings(settings)
+    get_run_logger().info(describe_draw(recorded["draw"]))
     check_device(settings.device)  # before the lock or any results folder exists
     with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
         todo = prepare_explanations(store, results, recorded)

@@ -227,6 +227,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         "claims": open_causal_results(results).attrs["claims"]
         + (open_explanation_results(explanations).attrs["claims"] if explanations else []),
         "explanations": explanations,
+        "comparisons": open_explanation_results(explanations).attrs.get("comparisons", []) if explanations else [],
         "examples": store_layout(open_attention_store(store)).n_examples,
     }
     logger.info("pipeline finished:\n%s\n\n%s", stage_table(record), summary_table(summaries))

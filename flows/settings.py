@@ -74,6 +74,9 @@ TextColumn = Annotated[str | None, option(None, "text column of a user file (def
 LabelColumn = Annotated[str | None, option(
     None, "label column of a user file (default: label if present; none: unlabelled)")]
 DeviceOption = Annotated[Device, option("cpu", "where the model runs")]
+# Explained examples by default: enough for an explanation claim to be decided (analysis.explanation_claims
+# MIN_TESTABLE_EXAMPLES is 20, counted over the examples where efficient attention differs from A).
+EXPLAINED_EXAMPLES = 32
 BatchSize = Annotated[PositiveInt, option(16, "examples per forward pass")]
 ShardSize = Annotated[PositiveInt | None, option(None, "examples per shard (default: fit 256 MiB)")]
 CacheRoot = Annotated[str | None, option(
@@ -209,12 +212,12 @@ class ExplainSettings(StageSettings):
     store: Annotated[str, option(description="attention store (with efficient attention; path or URL)")]
     results: Annotated[str, option(description="explanation results to write (Zarr v3; path or URL)")]
     methods: Annotated[Names | None, option(
-        None, "comma-separated, e.g. attention:rollout,simplex:last-layer,integrated-gradients,leave-one-out,random "
-              "(default: attention and every variant the store holds, in every aggregation, the model baselines, "
-              "random)")]
+        None, "comma-separated, e.g. attention:rollout,simplex:last-layer,attention-norm:rollout,"
+              "integrated-gradients,leave-one-out,conservative-lrp,random (default: attention and every variant the "
+              "store holds, in every aggregation, and their norm-based twins, the model baselines, random)")]
     examples: Annotated[PositiveInt | None, option(
-        16, "examples explained, spread over the store",
-        unset=("--all-examples", "explain every example of the store"))]
+        EXPLAINED_EXAMPLES, "examples explained, drawn (seeded) from those where efficient attention differs from A",
+        unset=("--all-examples", "explain every example where efficient attention differs from A"))]
     integrated_gradients_steps: Annotated[PositiveInt, option(32, "integrated gradients steps", flag="--ig-steps")]
     leave_one_out_max_tokens: Annotated[PositiveInt, option(
         128, "leave-one-out only for examples with at most this many removable tokens", flag="--loo-max-tokens")]
@@ -301,7 +304,9 @@ class PipelineSettings(StageSettings):
     scope_examples: ScopeExamples
     scopes: Scopes
     minimality_directions: MinimalityDirections
-    explain_examples: Annotated[NonNegativeInt, option(2, "examples explained by the explanation stage (0: skip it)")]
+    explain_examples: Annotated[NonNegativeInt, option(
+        EXPLAINED_EXAMPLES, "examples explained by the explanation stage, drawn from those where efficient attention "
+                            "differs from A (0: skip it)")]
 
     def extraction_shape(self) -> dict[str, Any]:
         """The settings of EXTRACTION_SHAPE: name -> value."""
@@ -354,6 +359,9 @@ class StudiesSettings(StageSettings):
         32, "examples of the decoder study (each costs 30 layers x 9 heads x 128^2)")]
     next_token_variants: Annotated[Names, option(
         ("effective", "stochastic"), "variants of the decoder study (simplex is slow there)")]
+    explain_examples: Annotated[PositiveInt, option(
+        200, "examples explained per study, drawn from those where efficient attention differs from A (all of them "
+             "when fewer exist)")]
     workers: Workers
     cache_root: CacheRoot
 

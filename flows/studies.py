@@ -55,11 +55,12 @@ def run_studies(settings: StudiesSettings) -> dict[str, Any]:
         records[name] = run_pipeline(PipelineSettings(
             **arguments, variants=settings.next_token_variants if name == "next-token" else None,
             scopes=DEFAULT_SCOPES.get(name), minimality_directions=DEFAULT_MINIMALITY.get(name),
-            scope_examples=settings.scope_examples, workers=settings.workers, cache_root=settings.cache_root))
+            scope_examples=settings.scope_examples, workers=settings.workers, cache_root=settings.cache_root,
+            explain_examples=settings.explain_examples))
     rows = claims_by_study({name: record["claims"] for name, record in records.items()})
     page = write_studies_page(run_dir, rows, {
         name: {"description": get_study(name).description(), "report": record["report"],
-               "examples": record["examples"]}
+               "examples": record["examples"], "comparisons": record["comparisons"]}
         for name, record in records.items()
     })
     logger.info("claims across the studies:\n%s", format_claims_by_study(rows, list(records)))

@@ -1,4 +1,4 @@
-"""The explanation results dataset, schema v1: a Zarr v3 group that opens as one xarray Dataset.
+"""The explanation results dataset, schema v2 (v1, before testability was recorded, is refused with how to redo it): a Zarr v3 group that opens as one xarray Dataset.
 
     xarray.open_zarr(url, consolidated=False)
 
@@ -19,13 +19,16 @@ UTF-8 (Zarr v3 `string`).
 | `target`, `full_probability`, `empty_probability`, `integrated_gradients_delta`, `removable_tokens` | example | |
 | `minimality_tested`, `minimality_minimal`, `minimality_untestable` | example, layer | sampled simplex rows |
 | `minimality_support_size` | example, layer | mean support of the judged rows |
+| `testable` | method, example | 1: the method's efficient matrices differ from A in the layers it reads (E ≠ A), 0: they do not, -1: the method reads no efficient variant |
+| `largest_difference` | method, example | the largest |E − A| over the blocks with a null space in those layers |
 | each of AGGREGATES | | written by `write_explanation_aggregates` once every shard is done |
 
 Per-example arrays are chunked by the results' own shards (`shard_size` examples); the stage writes whole shards and
 records them in the root attribute `completed_shards` after the data is written. Root attributes: schema name and
 version, the attention store's URL and provenance, `settings` (a rerun with other settings is refused),
-`completed_shards`, `shard_identities`, `shard_inputs`, `created`, and after aggregation `claims`
-(analysis.explanation_claims).
+`completed_shards`, `shard_identities`, `shard_inputs`, `created`, and after aggregation `claims`, `ranking` and
+`comparisons` (analysis.explanation_claims: the claims rows, every explainer's AOPC and Kendall τ with bootstrap
+intervals, and each efficient method against its raw twin over the testable examples).
 
 Every completed shard records the identities of the attention-store shards its examples were read from (root
 attribute `shard_inputs`: shard -> {"extraction[k]": identity, "efficient/<variant>[k]": identity} for every store
@@ -62,7 +65,7 @@ from storage_schemas.causal_results import causal_input_identities, forget_resul
 from storage_schemas.efficient_store import EXTRACTION_INPUT, efficient_array_path, efficient_stale_shards
 
 SCHEMA_NAME = "effattn.explanation_results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # name -> (dims, dtype, fill, description) of the per-example arrays, written shard by shard.
 PER_EXAMPLE_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any, str]] = {
@@ -84,12 +87,18 @@ PER_EXAMPLE_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any, str]] = {
     "minimality_untestable": (("example", "layer"), "int32", -1,
                               "sampled rows whose support does not reproduce the output within the tolerance"),
     "minimality_support_size": (("example", "layer"), "float32", float("nan"), "mean support size of the judged rows"),
+    "testable": (("explainer", "example"), "int8", -1,
+                 "1: the method's efficient matrices differ from A in the layers it reads, 0: they equal A there, "
+                 "-1: the method reads no efficient variant"),
+    "largest_difference": (("explainer", "example"), "float32", float("nan"),
+                           "largest |E - A| over the blocks with a null space in the layers the method reads"),
 }
 
 # name -> (dims, description); float64, written once every shard is done.
 AGGREGATES: dict[str, tuple[tuple[str, ...], str]] = {
-    "mean_aopc": (("explainer", "metric"), "mean AOPC over the examples"),
-    "mean_kendall_tau": (("explainer", "reference"), "mean Kendall tau over the examples where it is defined"),
+    "mean_aopc": (("explainer", "metric"), "mean AOPC over the examples where the explainer is testable"),
+    "mean_kendall_tau": (("explainer", "reference"),
+                         "mean Kendall tau over the examples where the explainer is testable and tau is defined"),
     "minimal_share": (("layer",), "share of the judged simplex rows whose support is minimal"),
 }
 
@@ -187,7 +196,9 @@ def open_explanation_results(url: str, mode: str = "r", storage_options: dict | 
     if attributes.get("schema_version") != SCHEMA_VERSION:
         raise ExplanationResultsError(
             f"{url} has explanation results schema version {attributes.get('schema_version')!r}, but this effattn "
-            f"reads version {SCHEMA_VERSION}: run `effattn explain` again into a new --results path"
+            f"reads version {SCHEMA_VERSION} (version 2 records which examples can tell efficient attention from "
+            "A): delete it, or choose a new --results path, and run `effattn explain` again (explanations are "
+            "recomputed from the attention store)"
         )
     missing = [name for name in (*PER_EXAMPLE_ARRAYS, "explainer", "example") if name not in group]
     if missing:

@@ -20,19 +20,21 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from analysis.efficient_attention import VARIANTS
-from analysis.explanation_claims import explanation_claims
+from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
 from analysis.explanations import (
     ATTENTION_SOURCE,
+    DIFFERENCE_TOLERANCE,
     FAITHFULNESS_METRICS,
     REFERENCES,
     ExplanationMethod,
     ExplanationSettings,
     aopc,
+    draw_examples,
     explain_example,
 )
 from analysis.support_minimality import layer_minimality, minimal_share_by_layer
 from storage_schemas.attention_store import open_attention_store, store_layout
-from storage_schemas.efficient_store import efficient_array_path
+from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import (
     ExplanationResultsError,
     check_same_explanation_settings,
@@ -58,8 +60,11 @@ MINIMALITY_VARIANT = "simplex"
 
 
 def matrix_sources(methods: list[str]) -> list[str]:
-    """The stored matrices the methods read: 'attention' and efficient variants, in VARIANTS order."""
-    sources = {method.source for method in map(ExplanationMethod.parse, methods) if method.kind == "matrices"}
+    """The stored matrices the methods read: 'attention' and efficient variants, in VARIANTS order (an efficient
+    method reads raw attention too: its testability is measured against it)."""
+    parsed = [method for method in map(ExplanationMethod.parse, methods) if method.reads_matrices]
+    sources = {method.source for method in parsed} | ({ATTENTION_SOURCE} if any(m.is_efficient for m in parsed)
+                                                      else set())
     unknown = sorted(sources - {ATTENTION_SOURCE, *VARIANTS})
     if unknown:
         raise ValueError(
@@ -67,26 +72,41 @@ def matrix_sources(methods: list[str]) -> list[str]:
     return [source for source in (ATTENTION_SOURCE, *VARIANTS) if source in sources]
 
 
-def spread_sample(n: int, count: int | None) -> np.ndarray:
-    """`count` of n indices at the centres of equal parts, (i + ½)·n / count (all when count is None or >= n). The
-    store is length-sorted, so these are the lengths' quantiles without the extremes: 2 examples are the lower
-    and upper quartile, not the shortest and the longest (whose leave-one-out costs the most)."""
-    if count is None or count >= n:
-        return np.arange(n)
-    return np.floor((np.arange(count) + 0.5) * n / count).astype(np.int64)
-
-
-def choose_examples(store: str, count: int | None) -> list[int]:
-    """`count` examples spread over the whole store (`spread_sample`); None: all. Spread over every example, not
-    only the finished ones, so that the sample is the same however far the store's stages have got (preparing
-    refuses examples in unfinished shards)."""
-    return [int(index) for index in spread_sample(store_layout(open_attention_store(store, mode="r")).n_examples,
-                                                  count)]
-
-
 def efficient_sources(methods: list[str]) -> list[str]:
     """The efficient variants whose stored matrices the methods read, in VARIANTS order."""
     return [source for source in matrix_sources(methods) if source in VARIANTS]
+
+
+def examples_where_efficient_differs(group, variants: list[str]) -> np.ndarray:
+    """[example] bool: every one of `variants` differs from A in the store's last layer (the layer every
+    aggregation reads): some head has a null space and ||A - E|| / ||A|| above DIFFERENCE_TOLERANCE, by the stored
+    diagnostics. All True without variants."""
+    n = store_layout(group).n_examples
+    differs = np.ones(n, dtype=bool)
+    for variant in variants:
+        null_dim = group[diagnostic_array_path(variant, "null_dim")][:, -1, :]
+        ratio = group[diagnostic_array_path(variant, "null_norm_ratio")][:, -1, :]
+        differs &= ((null_dim > 0) & (ratio > DIFFERENCE_TOLERANCE)).any(-1)
+    return differs
+
+
+def choose_examples(store: str, count: int | None, variants: list[str], seed: int) -> tuple[list[int], dict]:
+    """`count` examples (None: all) drawn with `seed` from those where every variant's efficient attention differs
+    from A (`examples_where_efficient_differs`): only there can an efficient explanation differ from raw attention's.
+    Refuses (IncompleteInputError) a store whose extraction, or efficient stage for `variants`, is unfinished (the
+    draw reads every example's diagnostics). Returns (store
+    indices, the draw's record: {"asked", "drawn", "testable", "not_testable", "rule"})."""
+    group = open_attention_store(store, mode="r")
+    # the draw reads every example's diagnostics: refuse an unfinished store, naming the shards and the commands
+    require_explanation_inputs(group, store, range(store_layout(group).n_examples), variants)
+    candidates = examples_where_efficient_differs(group, variants)
+    drawn = draw_examples(candidates, count, seed)
+    rule = ("every example" if not variants else
+            f"examples where {', '.join(variants)} {'differs' if len(variants) == 1 else 'differ'} from A in the last layer (a head with a null space and "
+            f"||A - E|| / ||A|| > {DIFFERENCE_TOLERANCE:g})")
+    record = {"asked": count, "drawn": len(drawn), "testable": int(candidates.sum()),
+              "not_testable": int((~candidates).sum()), "rule": rule}
+    return [int(index) for index in drawn], record
 
 
 def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
@@ -148,7 +168,7 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
     region = explanation_shard_region(results_group, shard_index)
     examples = np.asarray(settings["examples"][region], dtype=np.int64)
     options = ExplanationSettings(**{key: tuple(value) if isinstance(value, list) else value
-                                     for key, value in settings.items() if key != "store_identity"})
+                                     for key, value in settings.items() if key not in ("store_identity", "draw")})
     loaded = _load_store_model(group, model_override, device)
     causal = bool(group.attrs["model"]["causal"])
     sources = matrix_sources(settings["methods"])
@@ -158,6 +178,7 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
         "aopc": np.full((M, len(FAITHFULNESS_METRICS), N), np.nan),
         "kendall_tau": np.full((M, R, N), np.nan),
         "attribution": np.full((M, N, P), np.nan),
+        "testable": np.full((M, N), -1), "largest_difference": np.full((M, N), np.nan),
         "target": np.full(N, -1), "full_probability": np.full(N, np.nan), "empty_probability": np.full(N, np.nan),
         "integrated_gradients_delta": np.full(N, np.nan), "removable_tokens": np.full(N, -1),
         **{name: np.full((N, layout.layers), -1) for name in
@@ -166,12 +187,17 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
     }
     w_out = group["w_out"][:]
     measure_minimality = options.minimality_rows > 0 and MINIMALITY_VARIANT in sources
+    norms = any(method.kind == "norms" for method in map(ExplanationMethod.parse, options.methods))
     for row, index in enumerate(examples):
         length = int(group["length"][index])
         tokens = group["tokens"][index, :length]
         matrices = {source: group["attention" if source == ATTENTION_SOURCE else efficient_array_path(source)][
             index, :, :, :length, :length] for source in sources}
-        found = explain_example(loaded, tokens, matrices, options, int(index), causal, forward_rows)
+        value = group["value"][index, :, :, :length] if norms or measure_minimality else None
+        null_dims = {source: group[diagnostic_array_path(source, "null_dim")][index]
+                     for source in sources if source in VARIANTS}
+        found = explain_example(loaded, tokens, matrices, options, int(index), causal, forward_rows, value=value,
+                                w_out=w_out, null_dims=null_dims)
         for metric_index, metric in enumerate(FAITHFULNESS_METRICS):
             arrays["faithfulness"][:, metric_index, :, row] = found.faithfulness[metric]
             arrays["aopc"][:, metric_index, row] = aopc(found.faithfulness[metric])
@@ -182,8 +208,9 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
         arrays["empty_probability"][row] = found.empty_probability
         arrays["integrated_gradients_delta"][row] = found.integrated_gradients_delta
         arrays["removable_tokens"][row] = int(found.removable.sum())
+        arrays["testable"][:, row] = found.testable
+        arrays["largest_difference"][:, row] = found.largest_difference
         if measure_minimality:
-            value = group["value"][index, :, :, :length]
             counts = layer_minimality(matrices[ATTENTION_SOURCE] if ATTENTION_SOURCE in matrices else
                                       group["attention"][index, :, :, :length, :length],
                                       matrices[MINIMALITY_VARIANT], value, w_out, options.minimality_rows,
@@ -241,15 +268,31 @@ def summarise_explanations(store: str, results: str) -> list[dict[str, Any]]:
         raise ExplanationResultsError(f"{results} is not complete yet: run `effattn explain` again to finish it")
     per_example_aopc = group["aopc"][:]
     taus = group["kendall_tau"][:]
+    testable = group["testable"][:]
     tested, minimal = group["minimality_tested"][:], group["minimality_minimal"][:]
+    counted = (testable != 0)  # an efficient method counts only where its matrices differ from A
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: a reference that was not run
-        aggregates = {"mean_aopc": np.nanmean(per_example_aopc, -1), "mean_kendall_tau": np.nanmean(taus, -1),
+        aggregates = {"mean_aopc": np.nanmean(np.where(counted[:, None], per_example_aopc, np.nan), -1),
+                      "mean_kendall_tau": np.nanmean(np.where(counted[:, None], taus, np.nan), -1),
                       "minimal_share": minimal_share_by_layer(minimal, tested)}
+        methods, metrics = group["explainer"][:].tolist(), group["metric"][:].tolist()
+        seed = int(group.attrs["settings"]["seed"])
+        comparisons = faithfulness_comparisons(methods, metrics, per_example_aopc, testable, seed)
+        ranking = explainer_ranking(methods, metrics, group["reference"][:].tolist(), per_example_aopc, taus,
+                                    testable, group["length"][:], int(group.attrs["model"]["head_dim"]), seed)
     write_explanation_aggregates(group, aggregates)
-    claims = explanation_claims(
-        methods=group["explainer"][:].tolist(), metrics=group["metric"][:].tolist(), aopc=per_example_aopc,
-        minimality_tested=tested, minimality_minimal=minimal, seed=int(group.attrs["settings"]["seed"]),
-    )
-    group.attrs["claims"] = claims
+    claims = explanation_claims(comparisons, tested, minimal)
+    group.attrs.update(json_safe({"claims": claims, "comparisons": comparisons, "ranking": ranking}))
     return claims
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every float NaN or infinity as None (zarr attributes are JSON)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from flows.explain import explain
 from flows.settings import ExplainSettings
 from storage_schemas.explanation_results import ExplanationResultsError, open_explanation_results
-from tasks.explain import choose_examples, spread_sample
+from tasks.explain import choose_examples, examples_where_efficient_differs
+from tests.conftest import save_model_folder
 from tests.store_builders import build_real_store, write_corpus
 
 FEW_METHODS = ["attention:rollout", "simplex:last-layer", "integrated-gradients", "leave-one-out", "random"]
@@ -39,9 +40,21 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     dataset = xr.open_zarr(results, consolidated=False).load()
     methods = dataset["explainer"].values.tolist()
     assert methods[:3] == ["attention:last-layer", "attention:all-layers", "attention:rollout"]
-    assert {"effective:rollout", "stochastic:all-layers", "simplex:last-layer", "random"} <= set(methods)
+    assert {"effective:rollout", "stochastic:all-layers", "simplex:last-layer", "attention-norm:rollout",
+            "simplex-norm:last-layer", "conservative-lrp", "random"} <= set(methods)
     assert dataset.sizes["example"] == 3 and dataset.attrs["completed_shards"] == [0]
-    assert dataset["store_example"].values.tolist() == [1, 5, 8]  # centres of thirds of the length-sorted store
+    # drawn (seeded) from the examples where every variant differs from A, the same on every run
+    drawn = dataset["store_example"].values.tolist()
+    group = __import__("zarr").open_group(bert_store, mode="r")
+    differs = examples_where_efficient_differs(group, ["effective", "stochastic", "simplex"])
+    assert differs[drawn].all() and drawn == choose_examples(bert_store, 3, ["effective", "stochastic", "simplex"],
+                                                             0)[0]
+    assert dataset.attrs["settings"]["draw"]["testable"] == int(differs.sum())
+    efficient = [index for index, name in enumerate(methods) if name.split(":")[0].split("-")[0] in
+                 ("effective", "stochastic", "simplex")]
+    assert (dataset["testable"].values[efficient] == 1).all()  # E differs from A on every drawn example
+    assert (dataset["largest_difference"].values[efficient] > 1e-5).all()
+    assert (dataset["testable"].values[methods.index("attention:rollout")] == -1).all()
     assert np.isfinite(dataset["faithfulness"].values).all()
     np.testing.assert_allclose(dataset["aopc"].values, dataset["faithfulness"].mean("k").values, atol=1e-6)
     tau = dataset["kendall_tau"].sel(explainer="leave-one-out", reference="leave-one-out").values
@@ -57,8 +70,11 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     assert (tested == 8).all() and (dataset["minimality_minimal"] <= dataset["minimality_tested"]).all()
     np.testing.assert_allclose(dataset["mean_aopc"].values, dataset["aopc"].mean("example").values, rtol=1e-6)
     claims = {row["claim"]: row["verdict"] for row in dataset.attrs["claims"]}
-    assert "efficient attention (simplex) explains at least as faithfully as raw attention (rollout)" in claims
-    assert set(claims.values()) <= {"holds", "does not hold", "—"}
+    assert claims["efficient attention (simplex) explains at least as faithfully as raw attention (rollout)"] == (
+        "not testable (n = 3 examples where E differs from A, 20 needed)")  # 3 examples decide nothing
+    assert "norm-based efficient attention (simplex) explains at least as faithfully as norm-based attention " \
+           "(rollout)" in claims
+    assert {row["method"] for row in dataset.attrs["ranking"]} == set(methods)
     # other settings into the same results: refused with what to do, exit status 2
     assert main(["explain", "--store", bert_store, "--results", results, "--examples", "3", "--ig-steps", "9"]) == 2
     error = capsys.readouterr().err
@@ -91,10 +107,33 @@ def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_setti
         ExplainSettings(store=bert_store, results=results, **{**options, "examples": -2})
 
 
-def test_the_sample_is_spread_over_the_lengths_without_the_extremes():
-    assert spread_sample(10, 2).tolist() == [2, 7]
-    assert spread_sample(10, 5).tolist() == [1, 3, 5, 7, 9]
-    assert spread_sample(3, 8).tolist() == [0, 1, 2] and spread_sample(4, None).tolist() == [0, 1, 2, 3]
+def test_a_store_of_short_texts_explains_nothing_and_decides_no_claim(tmp_path, capsys):
+    """Every text no longer than the head dim (64 here): E = A everywhere, so no example can tell an efficient
+    explanation from raw attention's; every explanation claim is "not testable", none "holds"."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from flows.cli import main
+
+    import torch
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=128, num_attention_heads=2,
+                                                     num_hidden_layers=2, intermediate_size=64)).eval()
+    folder = save_model_folder(model, tmp_path / "wide-heads")
+    store = build_real_store(str(tmp_path / "store.zarr"), folder, write_corpus(tmp_path / "reviews.csv"),
+                             variants=("effective", "stochastic"))
+    results = str(tmp_path / "results.zarr")
+    assert main(["explain", "--store", store, "--results", results, "--examples", "5", "--ig-steps", "4"]) == 0
+    printed = capsys.readouterr().out
+    dataset = xr.open_zarr(results, consolidated=False).load()
+    assert dataset.sizes["example"] == 0
+    assert dataset.attrs["settings"]["draw"] == {
+        "asked": 5, "drawn": 0, "testable": 0, "not_testable": 10,
+        "rule": "examples where effective, stochastic differ from A in the last layer (a head with a null space "
+                "and ||A - E|| / ||A|| > 1e-05)"}
+    verdicts = [row["verdict"] for row in dataset.attrs["claims"]]
+    assert len(verdicts) == 12 and all(verdict.startswith("not testable (n = 0") for verdict in verdicts)
+    assert "holds" not in printed
 
 
 def test_an_unfinished_extraction_is_refused_naming_the_shards_and_the_command(tmp_path, tiny_bert_folder, capsys):
@@ -110,7 +149,6 @@ def test_an_unfinished_extraction_is_refused_naming_the_shards_and_the_command(t
     assert todo == [0, 1, 2]
     captured = capture_shard.fn(store, 0, str(tiny_bert_folder), num_labels, "cpu", 0, 4)
     mark_shard_completed(open_attention_store(store, mode="r+"), write_captured_shard.fn(store, 0, captured))
-    assert choose_examples(store, 4) == [1, 3, 6, 8]  # spread over all 10 examples, finished or not
     results = str(tmp_path / "results.zarr")
     assert main(["explain", "--store", store, "--results", results, "--examples", "4"]) == 2
     error = capsys.readouterr().err
@@ -140,11 +178,11 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
     store = str(tmp_path / "store.zarr")
     shutil.copytree(bert_store, store)
     results = str(tmp_path / "results.zarr")
-    # results shard 0: examples 1, 3 (store shard 0); results shard 1: examples 6, 8 (store shards 1 and 2)
+    # results shard 0: examples 1, 4 (store shards 0 and 1); results shard 1: examples 5, 9 (store shards 1 and 2)
     options = dict(methods=FEW_METHODS, examples=4, shard_size=2, integrated_gradients_steps=8, minimality_rows=4)
     explain(ExplainSettings(store=store, results=results, **options))
     group = open_explanation_results(results)
-    assert group["store_example"][:].tolist() == [1, 3, 6, 8]
+    assert group["store_example"][:].tolist() == [1, 4, 5, 9]  # the seeded draw
     before = {name: group[name][:] for name in PER_EXAMPLE_ARRAYS}
     (attention_file,) = shard_file_paths(zarr.open_group(store), ["attention"], 0)
     with open(attention_file, "r+b") as handle:

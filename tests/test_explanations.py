@@ -14,14 +14,19 @@ from analysis.explanations import (
     AGGREGATIONS,
     ExplanationMethod,
     ExplanationSettings,
+    aggregation_layers,
     attention_rollout,
     default_methods,
+    draw_examples,
+    efficient_differences,
     explain_example,
     faithfulness,
     gradient_attributions,
     kendall_tau,
     kept_token_probabilities,
     matrix_attributions,
+    norm_attributions,
+    norm_matrix,
     predicted_target,
     random_attributions,
     ranked_removable,
@@ -85,9 +90,75 @@ def test_methods_parse_and_refuse_unknown_names():
     assert ExplanationMethod.parse("random").kind == "random"
     with pytest.raises(ValueError, match="unknown explanation method 'attention:middle'"):
         ExplanationMethod.parse("attention:middle")
+    norm = ExplanationMethod.parse("simplex-norm:last-layer")
+    assert (norm.kind, norm.source, norm.aggregation, norm.raw_twin) == ("norms", "simplex", "last-layer",
+                                                                         "attention-norm:last-layer")
+    assert norm.is_efficient and not ExplanationMethod.parse("attention-norm:rollout").is_efficient
+    assert ExplanationMethod.parse("effective:rollout").raw_twin == "attention:rollout"
+    with pytest.raises(ValueError, match="unknown explanation method '-norm:rollout'"):
+        ExplanationMethod.parse("-norm:rollout")
     names = default_methods(["effective"])
     assert names[:3] == [f"attention:{aggregation}" for aggregation in AGGREGATIONS]
-    assert names[-4:] == ["input-x-gradient", "integrated-gradients", "leave-one-out", "random"]
+    assert names[6:9] == [f"attention-norm:{aggregation}" for aggregation in AGGREGATIONS]
+    assert names[9:12] == [f"effective-norm:{aggregation}" for aggregation in AGGREGATIONS]
+    assert names[-5:] == ["input-x-gradient", "integrated-gradients", "leave-one-out", "conservative-lrp", "random"]
+
+
+def _direct_norm_matrix(weights, value, w_out):
+    """N[i, j] = ||sum_h weights[h, i, j] v^{kv(h)}_j W_O^h||, one head and one pair of tokens at a time."""
+    heads, length, _ = weights.shape
+    groups = heads // value.shape[0]
+    result = np.zeros((length, length))
+    for i in range(length):
+        for j in range(length):
+            total = np.zeros(w_out.shape[-1])
+            for head in range(heads):
+                total += weights[head, i, j] * (value[head // groups, j] @ w_out[head])
+            result[i, j] = np.linalg.norm(total)
+    return result
+
+
+def test_norm_based_attention_equals_a_direct_loop_and_chunks_change_nothing():
+    rng = np.random.default_rng(4)
+    layers, heads, kv_heads, length, head_dim, hidden = 2, 4, 2, 9, 3, 5
+    scores = rng.normal(size=(layers, heads, length, length))
+    weights = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+    weights[..., 0, 1] -= 0.3  # E can be negative: the norm does not care
+    value = rng.normal(size=(layers, kv_heads, length, head_dim))
+    w_out = rng.normal(size=(layers, heads, head_dim, hidden))
+    direct = np.stack([_direct_norm_matrix(weights[layer], value[layer], w_out[layer]) for layer in range(layers)])
+    for chunk_rows in (1, 4, 64):
+        chunked = norm_matrix(weights[1], value[1], w_out[1], chunk_rows=chunk_rows)
+        np.testing.assert_allclose(chunked, direct[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(norm_matrix(weights[0], value[0], w_out[0], rows=np.array([3])), direct[0][[3]],
+                               rtol=1e-10)
+    np.testing.assert_allclose(norm_attributions(weights, value, w_out, 2, "last-layer"), direct[1][2], rtol=1e-10)
+    np.testing.assert_allclose(norm_attributions(weights, value, w_out, 2, "all-layers"), direct[:, 2].mean(0),
+                               rtol=1e-10)
+    normalised = direct / direct.sum(-1, keepdims=True)
+    np.testing.assert_allclose(norm_attributions(weights, value, w_out, 2, "rollout"),
+                               attention_rollout(normalised)[2], rtol=1e-10)
+
+
+def test_efficient_differences_count_only_heads_with_a_null_space():
+    attention = np.full((2, 2, 3, 3), 1 / 3)
+    efficient = attention.copy()
+    efficient[0, 1, 0, 0] += 0.2  # layer 0, head 1 differs
+    efficient[1, 0, 2, 2] += 0.5  # layer 1, head 0 differs but has no null space: storage noise by definition
+    null_dim = np.array([[0, 1], [0, 3]])
+    np.testing.assert_allclose(efficient_differences(attention, efficient, null_dim), [0.2, 0.0])
+    assert aggregation_layers("last-layer", 3) == [2] and aggregation_layers("rollout", 3) == [0, 1, 2]
+
+
+def test_the_draw_is_seeded_reproducible_and_takes_only_candidates():
+    candidates = np.zeros(100, dtype=bool)
+    candidates[::3] = True
+    drawn = draw_examples(candidates, 10, seed=7)
+    assert len(drawn) == 10 and candidates[drawn].all() and (np.diff(drawn) > 0).all()
+    assert draw_examples(candidates, 10, seed=7).tolist() == drawn.tolist()
+    assert draw_examples(candidates, 10, seed=8).tolist() != drawn.tolist()
+    assert draw_examples(candidates, 500, seed=7).tolist() == np.flatnonzero(candidates).tolist()
+    assert draw_examples(candidates, None, seed=7).tolist() == np.flatnonzero(candidates).tolist()
 
 
 def test_special_tokens_and_the_pooled_position_are_never_removable(tokenizer):
