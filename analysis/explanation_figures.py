@@ -57,7 +57,8 @@ def faithfulness_curves_figure(dataset: xr.Dataset) -> Figure:
     axes = figure.subplots(1, 2)
     for panel, (metric, curve) in zip(axes, curves.items()):
         for index, name in enumerate(methods):
-            panel.plot(percents, curve[index], marker="o", markersize=3, label=name, **_method_style(name, index))
+            panel.plot(percents, curve[index], label=name, **{"marker": "o", "markersize": 3,
+                                                               **_method_style(name, index)})
         panel.set_xscale("log")
         panel.set_xticks(percents, [f"{k:g}" for k in percents])
         panel.set_xlabel("k: % of removable tokens " + ("removed" if metric == "comprehensiveness" else "kept"))

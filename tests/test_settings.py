@@ -73,7 +73,7 @@ def test_the_simplex_defaults_are_declared_once():
         assert (fields["simplex_max_iterations"].default, fields["simplex_tolerance"].default) == (200, 1e-10)
     assert EfficientSettings(store="s").recorded() == {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
     text = Path(settings_module.__file__).read_text()
-    assert text.count("200") == 1 and text.count("1e-10") == 1
+    assert text.count("option(200,") == 1 and text.count("1e-10") == 1
     cli = (ROOT / "flows" / "cli.py").read_text() + (ROOT / "flows" / "pipeline.py").read_text()
     assert "200" not in cli and "1e-10" not in cli
 

@@ -33,3 +33,27 @@ def test_studies_page_has_every_verdict_and_links_each_report(tmp_path):
     assert '<td class="fails"><b>does not hold</b>' in text
     assert text.count('<td class="unknown">not measured</td>') == 2  # lm measured neither claim
     assert '<a href="rt-report/index.html">rt</a>' in text
+
+
+def test_studies_page_answers_the_explanation_question_from_the_stored_comparisons(tmp_path):
+    """The table shows each study's stored comparisons as they are (nothing recomputed): a sentinel number
+    written into one comes out on the page."""
+    def comparison(variant, baseline, mean, low, high, n, answer):
+        return {"method": f"{variant}:rollout", "twin": "attention:rollout", "variant": variant,
+                "aggregation": "rollout", "baseline": baseline, "mean": mean, "low": low, "high": high, "n": n,
+                "not_testable": 3, "efficient_aopc": 0.2, "twin_aopc": 0.1, "answer": answer}
+
+    studies = {
+        "rt": {"description": "rt-sentiment", "report": str(tmp_path / "rt" / "index.html"), "examples": 8,
+               "comparisons": [comparison("simplex", "raw attention", 0.1234, 0.05, 0.2, 41, "more faithful"),
+                               comparison("simplex", "norm-based attention", -0.0042, -0.01, 0.002, 41,
+                                          "no difference detected")]},
+        "lm": {"description": "next-token", "report": str(tmp_path / "lm" / "index.html"), "examples": 8,
+               "comparisons": [comparison("effective", "raw attention", 0.0, None, None, 4,
+                                          "not testable (n = 4)")]},
+    }
+    text = write_studies_page(tmp_path, [], studies).read_text()
+    assert "<b>more faithful</b><br>+0.1234 [+0.0500, +0.2000], n = 41" in text
+    assert "<b>no difference detected</b><br>-0.0042 [-0.0100, +0.0020], n = 41" in text
+    assert "<b>not testable (n = 4)</b><br>—, n = 4" in text
+    assert text.index("more faithful") < text.index("<h2>The claims of SEED.md")  # the answer comes first
