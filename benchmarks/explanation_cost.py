@@ -5,9 +5,11 @@ the explanation stage runs them (analysis.explanations), best of --rounds rounds
 examples:
   * forward: one plain forward pass of the example (the unit of every ratio);
   * <source>:<aggregation>: the attribution from stored matrices (no forward pass);
+  * attention-norm:<aggregation>: norm-based attention from the stored A, V and W_O (no forward pass);
   * ERASER per method: comprehensiveness and sufficiency at k = 1, 5, 10, 20, 50 % for one method (batched);
   * gradients: input x gradient and integrated gradients together (Captum, --ig-steps steps);
   * leave-one-out: one forward per removable token, batched;
+  * conservative-lrp: conservative propagation, one forward and one backward pass under its rules;
   * minimality: the simplex rows' support test, --minimality-rows sampled rows per layer (needs the simplex rows,
     whose cost is the efficient stage's and is printed apart).
 
@@ -33,11 +35,13 @@ from analysis.efficient_attention import efficient_attention  # noqa: E402
 from analysis.explanations import (  # noqa: E402
     AGGREGATIONS,
     PERCENTS,
+    conservative_attributions,
     faithfulness,
     gradient_attributions,
     kept_token_probabilities,
     leave_one_out,
     matrix_attributions,
+    norm_attributions,
     pooled_position,
     predicted_target,
     removable_tokens,
@@ -99,10 +103,15 @@ def main() -> None:
         for aggregation in AGGREGATIONS:
             add(f"attention:{aggregation}", best_of(arguments.rounds,
                                                     lambda a=aggregation: matrix_attributions(attention, pooled, a)))
+        for aggregation in AGGREGATIONS:
+            add(f"attention-norm:{aggregation}", best_of(arguments.rounds, lambda a=aggregation: norm_attributions(
+                attention, value, w_out, pooled, a)))
         scores = {"attention:rollout": matrix_attributions(attention, pooled, "rollout")}
         add("ERASER per method", best_of(arguments.rounds, lambda: faithfulness(score, scores, removable, PERCENTS)))
         add("gradients (IxG + IG)", best_of(arguments.rounds, lambda: gradient_attributions(
             loaded, tokens, removable, pooled, target, replacement, arguments.ig_steps)))
+        add("conservative-lrp", best_of(arguments.rounds, lambda: conservative_attributions(
+            loaded, tokens, pooled, target)))
         full = float(score(np.ones((1, length), dtype=bool))[0])
         add("leave-one-out", best_of(arguments.rounds, lambda: leave_one_out(score, full, removable, 10**6)))
         began = time.perf_counter()
