@@ -99,11 +99,17 @@ def test_report_writes_index_and_every_figure(causal_run, tmp_path):
     for row in claims:  # every claim row, its verdict and its numbers are in the page
         for key in ("claim", "verdict", "measured", "test"):
             assert html.escape(row[key], quote=True) in page, (key, row[key])
-    verdict_cells = re.findall(r'<tr class="(holds|fails|unknown)"><td>([^<]*)</td><td><b>([^<]*)</b>', page)
-    assert [(html.unescape(claim), verdict) for _, claim, verdict in verdict_cells] == \
+    verdict_cells = re.findall(r'<tr class="(holds|fails|unknown|untestable)"><td>([^<]*)</td><td><b>([^<]*)</b>',
+                               page)
+    assert [(html.unescape(claim), html.unescape(verdict)) for _, claim, verdict in verdict_cells] == \
         [(row["claim"], row["verdict"]) for row in claims]
-    assert all(css == {"holds": "holds", "does not hold": "fails"}.get(verdict, "unknown")
+    assert all(css == ("untestable" if verdict.startswith("not testable") else
+                       {"holds": "holds", "does not hold": "fails"}.get(verdict, "unknown"))
                for css, _, verdict in verdict_cells)
+    # the findings first, then the identity checks in a table of their own
+    kinds = [row["kind"] for row in claims]
+    assert kinds == sorted(kinds, key=lambda kind: kind == "identity") and "identity" in kinds
+    assert page.index("<h3>Findings</h3>") < page.index("<h3>Identity checks</h3>")
     for intervention in results["intervention"][:].tolist():  # the target-"all" table has every intervention
         assert f"<td>{html.escape(intervention)}</td>" in page
     attributes = results.attrs.asdict()
