@@ -28,6 +28,7 @@ from flows.settings import (
     TrainSettings,
     UnlockSettings,
     VerifySettings,
+    ViewSettings,
     cli_spelling,
     field_annotation,
     value_kind,
@@ -51,6 +52,7 @@ COMMANDS: dict[str, tuple[str, tuple[type[StageSettings], ...]]] = {
     "studies": ("the pipeline on the four study datasets, and one page answering the claims across them",
                 (StudiesSettings,)),
     "serve": ("serve the pipeline on a schedule from a Prefect server", (ServeSettings, PipelineSettings)),
+    "view": ("browse a store (and its results) in a web browser: a local server, read-only", (ViewSettings,)),
 }
 
 
@@ -421,9 +423,17 @@ def _run_serve(schedule: ServeSettings, pipeline: PipelineSettings) -> int:
     return 0
 
 
+def _run_view(settings: ViewSettings) -> int:
+    from flows.view import serve_view
+
+    serve_view(settings)
+    return 0
+
+
 RUNNERS = {"extract": _run_extract, "train": _run_train, "efficient": _run_efficient, "causal": _run_causal,
            "explain": _run_explain, "inspect": _run_inspect, "report": _run_report, "verify": _run_verify,
-           "unlock": _run_unlock, "run": _run_pipeline, "studies": _run_studies, "serve": _run_serve}
+           "unlock": _run_unlock, "run": _run_pipeline, "studies": _run_studies, "serve": _run_serve,
+           "view": _run_view}
 
 
 # Commands that run flows (serve checks its server itself: it needs a real one).
