@@ -354,8 +354,13 @@ def _run_inspect(settings: InspectSettings) -> int:
 
 def _run_report(settings: ReportSettings) -> int:
     from flows.report import report
+    from flows.view import view_command
+    from storage_schemas.causal_results import open_causal_results
 
     print(f"report: {report(settings)}")
+    store = settings.store or open_causal_results(settings.results).attrs.get("attention_store")
+    if store:
+        print(f"browse it: {view_command(store, settings.results, settings.explanations)}")
     return 0
 
 
@@ -403,6 +408,9 @@ def _run_pipeline(settings: PipelineSettings) -> int:
     print(f"causal results:  {record['results']}")
     print(f"explanations:    {record['explanations']}")
     print(f"report:          {record['report']}")
+    from flows.view import view_command
+
+    print(f"browse it:       {view_command(record['store'], record['results'], record['explanations'])}")
     return 0
 
 

@@ -160,3 +160,38 @@ def build_causal_results(url: str, store_url: str, interventions: list[tuple[str
                            np.zeros((len(interventions), size)), np.ones(size))
         mark_causal_shard_completed(group, shard, identities[shard])
     return url
+
+
+def build_explanation_results(url: str, store_url: str, store_examples: list[int], attributions: dict) -> str:
+    """Explanation results of the store at `store_url` written with their own writers (no model runs): explainers
+    `attributions` {name: [len(store_examples), max_length] token scores}, every other array at its fill value, one
+    shard holding every example, recorded as complete from the store's current shards."""
+    import numpy as np
+
+    from storage_schemas.explanation_results import (
+        PER_EXAMPLE_ARRAYS,
+        create_explanation_results,
+        explanation_shard_inputs,
+        mark_explanation_shard_completed,
+        write_explanation_shard,
+    )
+
+    store = open_attention_store(store_url)
+    layout = store_layout(store)
+    attributes = store.attrs.asdict()
+    examples = np.asarray(store_examples)
+    group = create_explanation_results(
+        url, [{"name": name, "kind": "matrices", "source": "attention", "aggregation": "last-layer"}
+              for name in attributions], ["comprehensiveness"], [10.0], ["leave-one-out"],
+        {"store_example": examples, "length": store["length"][:][examples], "label": store["label"][:][examples]},
+        layout.layers, layout.max_length, len(examples),
+        {"attention_store": store_url, "settings": {"store_identity": {
+            "weights_digest": attributes["model"]["weights_digest"], "corpus_digest": attributes["corpus"]["digest"],
+            "examples": layout.n_examples}}})
+    arrays = {}
+    for name, (dims, dtype, fill, _) in PER_EXAMPLE_ARRAYS.items():
+        arrays[name] = np.full(group[name].shape, fill, dtype=dtype)
+    arrays["attribution"] = np.stack([np.asarray(values, dtype=np.float32) for values in attributions.values()])
+    write_explanation_shard(group, 0, arrays)
+    mark_explanation_shard_completed(group, 0, explanation_shard_inputs(group, store, 0))
+    return url
