@@ -126,11 +126,13 @@ def main() -> None:
         reads, renders = [], []
         for repeat in range(arguments.repeats):
             started = time.perf_counter()
-            data = view.example(repeat % arguments.examples, repeat % 6, 3)
+            data = view.example(repeat % arguments.examples, (repeat + 1) % 6, 3)
             reads.append(time.perf_counter() - started)
             started = time.perf_counter()
             example_body(data, "simplex", {})
             renders.append(time.perf_counter() - started)
+        print(f"load average of this machine (1, 5, 15 min): {', '.join(f'{load:.1f}' for load in os.getloadavg())} "
+              f"on {os.cpu_count()} cores")
         print(f"example view at 512 tokens (A, 3 x E, A - E), {arguments.repeats} requests over "
               f"{arguments.examples} examples and several (layer, head):")
         print(f"  server-side time: median {statistics.median(server):.3f} s (first {server[0]:.3f} s, max "

@@ -20,6 +20,7 @@ against the store (`ViewRequestError`, status 404 for an index out of range, 400
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -395,22 +396,32 @@ class StoreView:
         layer_at, head_at = self.layer_position(layer), self.head_position(head)
         n = int(self.group["length"][index])
         shard = self.shard_of(index)
-        efficient, ratios = {}, {}
-        for variant in self.variants:
-            if shard in self.variant_shards[variant]:
-                efficient[variant] = np.asarray(
-                    self.group[efficient_array_path(variant)][index, layer_at, head_at, :n, :n], dtype=np.float64)
-                ratios[variant] = float(self.group[diagnostic_array_path(variant, "null_norm_ratio")][
-                    index, layer_at, head_at])
+        variants = [variant for variant in self.variants if shard in self.variant_shards[variant]]
+        paths = ["attention", *(efficient_array_path(variant) for variant in variants)]
+        blocks = self._blocks_of(paths, index, layer_at, head_at, n)
+        efficient = dict(zip(variants, blocks[1:]))
+        ratios = {variant: float(self.group[diagnostic_array_path(variant, "null_norm_ratio")][index, layer_at,
+                                                                                               head_at])
+                  for variant in variants}
         label = int(self.group["label"][index])
         prediction = self.column("prediction", np.array([index]))[0]
         return ExampleData(
             index=index, layer=layer, head=head, tokens=self.token_labels(index),
             text=read_texts(self.group, [index])[0], label=self.label_name(label),
             prediction="—" if np.isnan(prediction) else self.label_name(int(prediction)),
-            attention=np.asarray(self.group["attention"][index, layer_at, head_at, :n, :n], dtype=np.float64),
+            attention=blocks[0],
             efficient=efficient, null_norm_ratio=ratios, attributions=self.attributions(index, n),
         )
+
+    def _blocks_of(self, paths: list[str], index: int, layer_at: int, head_at: int, n: int) -> list[np.ndarray]:
+        """Each array of `paths` at example `index`, stored layer `layer_at` and head `head_at`: [n, n] float64.
+        The arrays are read in parallel threads (each read decodes one chunk; measured faster than keeping whole
+        decoded chunks, which costs a copy of every layer and head: benchmarks/view_latency.py)."""
+        def read(path: str) -> np.ndarray:
+            return np.asarray(self.group[path][index, layer_at, head_at, :n, :n], dtype=np.float64)
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            return list(pool.map(read, paths))
 
     def attributions(self, index: int, n: int) -> dict[str, np.ndarray]:
         """explainer -> token attribution [n] of example `index` (empty when it was not explained, or its results
