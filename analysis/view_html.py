@@ -6,8 +6,9 @@ A heatmap is an `<svg class="heatmap">` holding its colours as one PNG image (on
 smoothing) and its numbers in the attribute `data-matrix`: the [rows, cols] values as little-endian float32, base64.
 One element per cell would be 262,144 elements per matrix at 512 tokens (seven matrices per example view); the PNG
 keeps a page small, and the page's script reads `data-matrix` to show the value under the pointer (as tests do to
-read the matrix back). Attention A is drawn on a sequential scale from 0; efficient attention E and A - E on a
-diverging scale centred at 0 (E has negative entries), A and every E with one shared range so they compare.
+read the matrix back). A, E and A - E are drawn on a diverging scale centred at 0 (E has negative entries), A and
+every E with one shared range so that the same colour is the same value in each; A - E has its own range. The
+overview's grid of ||A - E||/||A|| (never negative) uses a sequential scale from 0.
 
 The page's only script is `VIEW_SCRIPT` below (hover and keyboard), hand-written: no third-party JavaScript.
 """
@@ -373,7 +374,7 @@ def example_body(example: Any, variant: str | None, navigation: Mapping[str, str
     info = (f"<p id='text'>{_escape(example.text)}</p><p>label <b>{_escape(example.label)}</b> · prediction "
             f"<b>{_escape(example.prediction)}</b> · {len(example.tokens)} tokens</p>")
     vmax = symmetric_range(example.attention, *example.efficient.values())
-    maps = [heatmap_svg(example.attention, example.tokens, "A (attention)", "attention", "sequential", vmax)]
+    maps = [heatmap_svg(example.attention, example.tokens, "A (attention)", "attention", "diverging", vmax)]
     for name, matrix in example.efficient.items():
         ratio = example.null_norm_ratio.get(name, float("nan"))
         maps.append(heatmap_svg(matrix, example.tokens, f"E ({name}), ||A−E||/||A|| = {ratio:.3g}", "efficient",

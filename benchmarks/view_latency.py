@@ -5,9 +5,11 @@
   2. the example view `/example/I?layer=&head=&variant=` served by the real app (flows/view.py, in process through
      Starlette's test client): the server-side time of each request (its `Server-Timing` header), split into
      reading (StoreView.example: one example's chunks) and rendering (analysis/view_html.py), and the page's bytes;
-  3. the heatmap form: one PNG + `data-matrix` per matrix (what the pages use) against one SVG <rect> per cell with
+  3. one array of one example: reading one (layer, head) block against reading its whole chunk (what keeping the
+     decoded chunks of the example on view would cost);
+  4. the heatmap form: one PNG + `data-matrix` per matrix (what the pages use) against one SVG <rect> per cell with
      its value in a data attribute, for one 512 x 512 matrix: bytes and time to render;
-  4. the command's refusals (a missing store, a busy port): seconds from start to the one-line error.
+  5. the command's refusals (a missing store, a busy port): seconds from start to the one-line error.
 
     .venv/bin/python benchmarks/view_latency.py [--examples 2] [--repeats 5]
 """
@@ -140,6 +142,20 @@ def main() -> None:
         print(f"  of which reading one example's blocks: median {statistics.median(reads):.3f} s; rendering: "
               f"median {statistics.median(renders):.3f} s")
         print(f"  page: {page_bytes / 2**20:.2f} MiB")
+
+        import zarr
+
+        attention = zarr.open_group(url, mode="r")["attention"]
+        one_head, whole = [], []
+        for repeat in range(arguments.repeats):
+            started = time.perf_counter()
+            attention[repeat % arguments.examples, 2, 7, :, :]
+            one_head.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            attention[repeat % arguments.examples]
+            whole.append(time.perf_counter() - started)
+        print(f"one array of one example: one (layer, head) block median {statistics.median(one_head):.3f} s; its "
+              f"whole chunk (every layer and head, to keep) median {statistics.median(whole):.3f} s")
 
         matrix = data.attention
         started = time.perf_counter()
