@@ -185,3 +185,15 @@ def test_causal_outcomes_and_results_of_another_store(real_store, tmp_path):
     with pytest.raises(CausalResultsError, match=r"were not computed from the attention store .*other.zarr "
                                                  r"\(weights_digest: results .*: give the store they came from"):
         StoreView(other, results)
+
+
+def test_a_schema_v1_store_is_viewed_the_same(real_store, tiny_bert_folder, tmp_path):
+    from tests.store_builders import build_v1_store
+
+    v1 = build_v1_store(str(tmp_path / "v1.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"))
+    old, new = StoreView(v1), StoreView(real_store)
+    assert old.table(TableQuery(limit=10)).rows == new.table(TableQuery(limit=10)).rows
+    before, after = old.example(4, 1, 3), new.example(4, 1, 3)
+    np.testing.assert_array_equal(before.attention, after.attention)
+    for variant in ("effective", "stochastic"):
+        np.testing.assert_allclose(before.efficient[variant], after.efficient[variant], atol=1e-6)
