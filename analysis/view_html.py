@@ -285,7 +285,8 @@ def overview_body(provenance: Sequence[tuple[str, str]], claims: Sequence[Mappin
         parts += ["<h2>Claims</h2>", table_html(["claim", "verdict", "measured", "test"], rows, classes, "claims")]
     parts.append("<h2>Heads: how much of A efficient attention removes</h2>")
     if not grids:
-        parts.append("<p>No efficient attention is computed in this store yet (run <code>effattn efficient</code>).</p>")
+        parts.append("<p>No efficient attention is computed in this store yet (run <code>effattn efficient</code>)."
+                     "</p>")
     vmax = symmetric_range(*(grid for grid, _ in grids.values()))
     for variant, (grid, count) in grids.items():
         parts.append(grid_html(variant, grid, layers, heads, vmax, example, count))

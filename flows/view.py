@@ -85,7 +85,8 @@ def create_app(view: StoreView) -> Starlette:
         if order not in ("asc", "desc"):
             raise ViewRequestError(400, f"order must be asc or desc, got {order!r}")
         query = TableQuery(
-            offset=parse_int(parameters.get("offset"), "offset", 0), limit=parse_int(parameters.get("limit"), "limit", 25),
+            offset=parse_int(parameters.get("offset"), "offset", 0),
+            limit=parse_int(parameters.get("limit"), "limit", 25),
             sort=parameters.get("sort") or "index", descending=order == "desc", search=parameters.get("search") or "",
             label=parse_int(parameters.get("label"), "label"), correct=parse_bool(parameters.get("correct"), "correct"),
             outcome=parameters.get("outcome") or None,
