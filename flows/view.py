@@ -29,8 +29,6 @@ from analysis import view_html
 from flows.settings import ViewSettings
 from storage_schemas.store_view import StoreView, TableQuery, ViewRequestError, parse_bool, parse_int
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)  # one line
@@ -185,7 +183,13 @@ def check_port_free(host: str, port: int) -> None:
 
 def host_warning(host: str) -> str | None:
     """The warning printed for a host other than loopback (None for loopback)."""
-    if host in LOOPBACK_HOSTS:
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if loopback:
         return None
     return (f"warning: serving on {host}: the store (texts, attention, results) becomes readable by anyone who can "
             "reach this port; use --host 127.0.0.1 to keep it local")

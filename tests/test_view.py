@@ -263,8 +263,11 @@ def test_ctrl_c_stops_with_one_line_and_status_130(stores):
 def test_other_hosts_are_warned_about_and_run_and_report_print_the_command():
     from flows.view import host_warning, view_command
 
-    assert host_warning("127.0.0.1") is None and host_warning("::1") is None
-    assert "readable by anyone who can reach this port" in host_warning("0.0.0.0")
+    assert host_warning("127.0.0.1") is None and host_warning("::1") is None and host_warning("localhost") is None
+    for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
+        assert host_warning(host) == (f"warning: serving on {host}: the store (texts, attention, results) becomes "
+                                      "readable by anyone who can reach this port; use --host 127.0.0.1 to keep it "
+                                      "local")
     assert view_command("runs/a b.zarr", "runs/r.zarr", None) == "effattn view 'runs/a b.zarr' --results runs/r.zarr"
     assert view_command("s3://bucket/s.zarr", None, "x.zarr") == "effattn view s3://bucket/s.zarr --explanations x.zarr"
 
