@@ -28,6 +28,7 @@ from flows.settings import (
     TrainSettings,
     UnlockSettings,
     VerifySettings,
+    ViewSettings,
     cli_spelling,
     field_annotation,
     value_kind,
@@ -51,6 +52,7 @@ COMMANDS: dict[str, tuple[str, tuple[type[StageSettings], ...]]] = {
     "studies": ("the pipeline on the four study datasets, and one page answering the claims across them",
                 (StudiesSettings,)),
     "serve": ("serve the pipeline on a schedule from a Prefect server", (ServeSettings, PipelineSettings)),
+    "view": ("browse a store (and its results) in a web browser: a local server, read-only", (ViewSettings,)),
 }
 
 
@@ -352,8 +354,13 @@ def _run_inspect(settings: InspectSettings) -> int:
 
 def _run_report(settings: ReportSettings) -> int:
     from flows.report import report
+    from flows.view import view_command
+    from storage_schemas.causal_results import open_causal_results
 
     print(f"report: {report(settings)}")
+    store = settings.store or open_causal_results(settings.results).attrs.get("attention_store")
+    if store:
+        print(f"browse it: {view_command(store, settings.results, settings.explanations)}")
     return 0
 
 
@@ -401,6 +408,9 @@ def _run_pipeline(settings: PipelineSettings) -> int:
     print(f"causal results:  {record['results']}")
     print(f"explanations:    {record['explanations']}")
     print(f"report:          {record['report']}")
+    from flows.view import view_command
+
+    print(f"browse it:       {view_command(record['store'], record['results'], record['explanations'])}")
     return 0
 
 
@@ -421,9 +431,17 @@ def _run_serve(schedule: ServeSettings, pipeline: PipelineSettings) -> int:
     return 0
 
 
+def _run_view(settings: ViewSettings) -> int:
+    from flows.view import serve_view
+
+    serve_view(settings)
+    return 0
+
+
 RUNNERS = {"extract": _run_extract, "train": _run_train, "efficient": _run_efficient, "causal": _run_causal,
            "explain": _run_explain, "inspect": _run_inspect, "report": _run_report, "verify": _run_verify,
-           "unlock": _run_unlock, "run": _run_pipeline, "studies": _run_studies, "serve": _run_serve}
+           "unlock": _run_unlock, "run": _run_pipeline, "studies": _run_studies, "serve": _run_serve,
+           "view": _run_view}
 
 
 # Commands that run flows (serve checks its server itself: it needs a real one).

@@ -85,6 +85,17 @@ def check_causal_results(url: str) -> None:
     open_causal_results(url, mode="r")
 
 
+def check_view(store: str, results: str | None, explanations: str | None, host: str, port: int) -> None:
+    """`effattn view`: the store opens, the results and explanations are of that store, and the port is free."""
+    from flows.view import check_port_free
+    from storage_schemas.store_view import StoreView
+
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port must be 1..65535, got {port}")
+    StoreView(store, results, explanations)
+    check_port_free(host, port)
+
+
 def check_corpus_and_model(corpus: str, model: str, text_column: str | None, label_column: str | None,
                            task: str = "classification", train: bool = True) -> None:
     """The corpus parses, the model resolves and is supported for `task`, and a head can be trained where one
@@ -134,6 +145,8 @@ def check_command(command: str, settings: Any) -> None:
         check_causal_results(settings.results)
         if settings.store:
             check_attention_store(settings.store)
+    elif command == "view":
+        check_view(settings.store, settings.results, settings.explanations, settings.host, settings.port)
     elif command in ("run", "serve"):
         for flag, name in (("--run-dir", "run_dir"), ("--store", "store"), ("--results", "results"),
                            ("--report-dir", "report_dir")):

@@ -266,6 +266,18 @@ class UnlockSettings(StageSettings):
     store: Annotated[str, option(description="path or fsspec URL of the store", positional=True)]
 
 
+class ViewSettings(StageSettings):
+    """`effattn view` / flows.view.serve_view: browse a store in a web browser, served read-only."""
+
+    store: Annotated[str, option(description="path or fsspec URL of the attention store", positional=True)]
+    results: Annotated[str | None, option(None, "causal results of the store (effattn causal): claims and outcomes")]
+    explanations: Annotated[str | None, option(
+        None, "explanation results of the store (effattn explain): token attributions")]
+    host: Annotated[str, option("127.0.0.1", "address to listen on (another than loopback prints a warning: anyone "
+                                             "who can reach the port reads the store)")]
+    port: Annotated[PositiveInt, option(8050, "port to listen on")]
+
+
 class PipelineSettings(StageSettings):
     """`effattn run` / flows.pipeline.run_pipeline: (train) -> extract -> efficient -> causal -> report.
 

@@ -661,8 +661,10 @@ def read_texts(group: zarr.Group, indices=None) -> list[str]:
     wanted = wanted % n
     if v1:
         return [str(item) for item in group["text"].get_orthogonal_selection(wanted)]
-    offsets = group["text_offsets"][:]
-    starts, stops = offsets[wanted], offsets[wanted + 1]
+    # only the offsets' chunks that hold these examples (a page of a large corpus reads one or two of them)
+    bounds = np.unique(np.concatenate([wanted, wanted + 1]))
+    offsets = np.asarray(group["text_offsets"].get_orthogonal_selection(bounds), dtype=np.int64)
+    starts, stops = offsets[np.searchsorted(bounds, wanted)], offsets[np.searchsorted(bounds, wanted + 1)]
     first, last = int(starts.min()), int(stops.max())
     needed = int((stops - starts).sum())
     data = group["text_bytes"]

@@ -61,6 +61,7 @@ from storage_schemas.efficient_store import (
     efficient_identities,
     efficient_stale_shards,
 )
+from storage_schemas.selection import selection_of_store
 
 SCHEMA_NAME = "effattn.causal_results"
 SCHEMA_VERSION = 1
@@ -187,6 +188,34 @@ def open_causal_results(url: str, mode: str = "r", storage_options: dict | None 
         raise CausalResultsError(f"{url} lacks the arrays {missing}: it was not completely created; delete it and "
                                  "run `effattn causal` again")
     return group
+
+
+def check_results_of_store(results_attributes: dict[str, Any], store_attributes: dict[str, Any], results: str,
+                           store: str, n_examples: int, advice: str = "pass the store they came from with --store",
+                           check_selection: bool = True) -> None:
+    """Refuse (`CausalResultsError`) results whose recorded `settings.store_identity` (model weights, corpus, example
+    count and, with `check_selection`, the stored layers and heads) differs from the attention store's; every
+    difference is named, then `advice`. Causal and explanation results record the same identity."""
+    identity = results_attributes.get("settings", {}).get("store_identity", {})
+    found = {
+        "weights_digest": store_attributes.get("model", {}).get("weights_digest"),
+        "corpus_digest": store_attributes.get("corpus", {}).get("digest"),
+        "examples": n_examples,
+    }
+    differences = [f"{key}: results {identity[key]!r}, store {found[key]!r}" for key in found
+                   if key in identity and identity[key] != found[key]]
+    if check_selection:
+        # results of a store of selected layers / heads record them (flows.causal.causal_plan); of a full store, none
+        layout = store_attributes.get("layout", {})
+        selection = selection_of_store(store_attributes, layout.get("layers", 0), layout.get("heads", 0),
+                                       layout.get("kv_heads", 1))
+        stored = None if selection.is_everything else selection.to_attribute()
+        if identity.get("selection") != stored:
+            differences.append(f"selection: results {identity.get('selection')!r}, store {stored!r}")
+    if differences:
+        raise CausalResultsError(
+            f"{results} were not computed from the attention store {store} ({'; '.join(differences)}): {advice}"
+        )
 
 
 def check_same_settings(group: zarr.Group, url: str, settings: dict[str, Any]) -> None:

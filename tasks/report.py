@@ -24,10 +24,15 @@ from storage_schemas.attention_store import (
     read_texts,
     store_layout,
 )
-from storage_schemas.causal_results import AGGREGATES, CausalResultsError, open_causal_results
+from storage_schemas.causal_results import (
+    AGGREGATES,
+    CausalResultsError,
+    check_results_of_store,
+    open_causal_results,
+)
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import load_explanation_dataset
-from storage_schemas.selection import selection_of_group, selection_of_store
+from storage_schemas.selection import selection_of_group
 from tasks.extraction import retry_on_io_error
 
 REPORT_DIAGNOSTICS = ("null_dim", "null_norm_ratio", "row_sum_error", "negative_mass", "rank")
@@ -62,30 +67,6 @@ def read_aggregates(group) -> xr.Dataset:
     return xr.Dataset(data, coords=coordinates)
 
 
-def _check_same_store(results_attributes: dict[str, Any], store_attributes: dict[str, Any], results: str,
-                      store: str, n_examples: int) -> None:
-    identity = results_attributes.get("settings", {}).get("store_identity", {})
-    found = {
-        "weights_digest": store_attributes.get("model", {}).get("weights_digest"),
-        "corpus_digest": store_attributes.get("corpus", {}).get("digest"),
-        "examples": n_examples,
-    }
-    differences = [f"{key}: results {identity[key]!r}, store {found[key]!r}" for key in found
-                   if key in identity and identity[key] != found[key]]
-    # results of a store of selected layers / heads record them (flows.causal.causal_plan); of a full store, none
-    layout = store_attributes.get("layout", {})
-    selection = selection_of_store(store_attributes, layout.get("layers", 0), layout.get("heads", 0),
-                                   layout.get("kv_heads", 1))
-    stored = None if selection.is_everything else selection.to_attribute()
-    if identity.get("selection") != stored:
-        differences.append(f"selection: results {identity.get('selection')!r}, store {stored!r}")
-    if differences:
-        raise CausalResultsError(
-            f"{results} were not computed from the attention store {store} ({'; '.join(differences)}): pass the "
-            "store they came from with --store"
-        )
-
-
 def load_report_inputs(results: str, store: str | None = None, examples: int = 3,
                        explanations: str | None = None) -> ReportInputs:
     """Read everything the report shows. `store` defaults to the results' `attention_store` attribute; `examples`
@@ -109,7 +90,7 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
     layout = store_layout(store_group)
     selection = selection_of_group(store_group)
     store_attributes = store_group.attrs.asdict()
-    _check_same_store(attributes, store_attributes, results, store, layout.n_examples)
+    check_results_of_store(attributes, store_attributes, results, store, layout.n_examples)
 
     length = np.asarray(store_group["length"][...])
     variants = [variant for variant in VARIANTS if efficient_array_path(variant) in store_group]

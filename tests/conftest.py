@@ -129,15 +129,15 @@ MODULE_TIERS = {
         "test_extraction", "test_inspection", "test_interventions", "test_key_bands", "test_model_cache",
         "test_models",
         "test_pipeline_runs", "test_preflight", "test_run_summary", "test_settings", "test_selection", "test_splits",
-        "test_storage_faults", "test_store_lock", "test_support_minimality", "test_training", "test_variants",
-        "test_verification", "test_zarr_portability",
+        "test_storage_faults", "test_store_lock", "test_store_view", "test_support_minimality", "test_training",
+        "test_variants", "test_verification", "test_view_html", "test_zarr_portability",
     ),
     # tiny models of every supported architecture: minutes, not seconds
     "integration": ("test_architectures",),
     "end_to_end": (
         "test_causal_flow", "test_cli", "test_crash_resume", "test_effattn", "test_efficient_flow",
         "test_explain_flow", "test_extract_flow", "test_interrupts", "test_pipeline", "test_prefect_server",
-        "test_report", "test_s3_sharing", "test_serve", "test_studies",
+        "test_report", "test_s3_sharing", "test_serve", "test_studies", "test_view",
     ),
 }
 TIERS = tuple(MODULE_TIERS)

@@ -88,3 +88,110 @@ def build_v1_store(url: str, model_folder: Path, corpus: Path, shard_size: int =
     shutil.rmtree(source)
     compute_variants(url, variants)
     return url
+
+
+def build_text_store(url: str, texts: list[str], labels, shard_size: int = 64, completed=None) -> str:
+    """An attention store of `texts` (one layer, one head, 4 positions; no model): the per-example arrays written,
+    attention left at zero, shards `completed` (default: all) recorded as extracted. For tests of what reads texts
+    and per-example columns (the example table of `effattn view`)."""
+    import numpy as np
+
+    from storage_schemas.attention_store import AttentionStoreLayout, completion_update
+
+    n = len(texts)
+    layout = AttentionStoreLayout(n_examples=n, max_length=4, n_classes=2, layers=1, heads=1, kv_heads=1,
+                                  head_dim=2, hidden=2, shard_size=shard_size, dtype="float32")
+    group = create_attention_store(url, layout, {"corpus": {"name": "synthetic", "digest": "none",
+                                                            "class_names": ["bad", "good"]},
+                                                 "model": {"name": "none", "weights_digest": "none"}})
+    length = np.full(n, 4)
+    write_example_metadata(group, np.ones((n, 4), dtype=np.int32), length, length, np.arange(n),
+                           np.asarray(labels), texts)
+    logits = np.zeros((n, 2), dtype=np.float32)
+    logits[np.arange(n), np.arange(n) % 2] = 1.0  # prediction: example index mod 2
+    group["logits"][:] = logits
+    mark_prepared(group)
+    attributes = group.attrs.asdict()
+    for shard in (range(layout.n_shards) if completed is None else completed):
+        attributes.update(completion_update(attributes, shard))
+    group.attrs.update({key: attributes[key] for key in ("completed_shards", "shard_identities")})
+    return url
+
+
+def build_causal_results(url: str, store_url: str, interventions: list[tuple[str, str, str]], flipped,
+                         shards=None, claims=None) -> str:
+    """Causal results of the store at `store_url` written with the results' own writers (no model runs): every
+    metric NaN but `flipped` [intervention, example] at the target `all` (and `layer 0`, left NaN); shards `shards`
+    (default: all) recorded as complete from the store's current shards. interventions: (name, kind, variant)."""
+    import numpy as np
+
+    from storage_schemas.causal_results import (
+        causal_input_identities,
+        create_causal_results,
+        mark_causal_shard_completed,
+        shard_region,
+        write_causal_shard,
+    )
+
+    store = open_attention_store(store_url)
+    layout = store_layout(store)
+    attributes = store.attrs.asdict()
+    metrics = {"flipped": "1 when the prediction changed", "agreement": "share of predictions kept"}
+    group = create_causal_results(
+        url, [{"name": name, "kind": kind, "variant": variant, "removed_directions": 0}
+              for name, kind, variant in interventions],
+        [{"name": "all", "scope": "all", "layer": -1, "head": -1}, {"name": "layer 0", "scope": "layer", "layer": 0,
+                                                                    "head": -1}],
+        {"source_index": store["source_index"][:], "length": store["length"][:], "label": store["label"][:]},
+        layout.shard_size, metrics,
+        {"attention_store": store_url, "claims": claims or [],
+         "settings": {"store_identity": {"weights_digest": attributes["model"]["weights_digest"],
+                                         "corpus_digest": attributes["corpus"]["digest"],
+                                         "examples": layout.n_examples}}})
+    variants = sorted({variant for _, _, variant in interventions if variant})
+    identities = causal_input_identities(store, variants)
+    flipped = np.asarray(flipped, dtype=np.float32)
+    for shard in (range(layout.n_shards) if shards is None else shards):
+        region = shard_region(group, shard)
+        size = region.stop - region.start
+        values = np.full((len(interventions), 2, size), np.nan, dtype=np.float32)
+        values[:, 0] = flipped[:, region]
+        write_causal_shard(group, shard, {"flipped": values, "agreement": 1 - values},
+                           np.zeros((len(interventions), size)), np.ones(size))
+        mark_causal_shard_completed(group, shard, identities[shard])
+    return url
+
+
+def build_explanation_results(url: str, store_url: str, store_examples: list[int], attributions: dict) -> str:
+    """Explanation results of the store at `store_url` written with their own writers (no model runs): explainers
+    `attributions` {name: [len(store_examples), max_length] token scores}, every other array at its fill value, one
+    shard holding every example, recorded as complete from the store's current shards."""
+    import numpy as np
+
+    from storage_schemas.explanation_results import (
+        PER_EXAMPLE_ARRAYS,
+        create_explanation_results,
+        explanation_shard_inputs,
+        mark_explanation_shard_completed,
+        write_explanation_shard,
+    )
+
+    store = open_attention_store(store_url)
+    layout = store_layout(store)
+    attributes = store.attrs.asdict()
+    examples = np.asarray(store_examples)
+    group = create_explanation_results(
+        url, [{"name": name, "kind": "matrices", "source": "attention", "aggregation": "last-layer"}
+              for name in attributions], ["comprehensiveness"], [10.0], ["leave-one-out"],
+        {"store_example": examples, "length": store["length"][:][examples], "label": store["label"][:][examples]},
+        layout.layers, layout.max_length, len(examples),
+        {"attention_store": store_url, "settings": {"store_identity": {
+            "weights_digest": attributes["model"]["weights_digest"], "corpus_digest": attributes["corpus"]["digest"],
+            "examples": layout.n_examples}}})
+    arrays = {}
+    for name, (dims, dtype, fill, _) in PER_EXAMPLE_ARRAYS.items():
+        arrays[name] = np.full(group[name].shape, fill, dtype=dtype)
+    arrays["attribution"] = np.stack([np.asarray(values, dtype=np.float32) for values in attributions.values()])
+    write_explanation_shard(group, 0, arrays)
+    mark_explanation_shard_completed(group, 0, explanation_shard_inputs(group, store, 0))
+    return url

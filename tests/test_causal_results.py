@@ -201,3 +201,22 @@ def test_unfinished_or_stale_inputs_are_refused_naming_shards_and_commands(tmp_p
             "effective`; then")):
         require_causal_inputs(store, url, ["effective"])
     require_causal_inputs(store, url, [])  # replay alone needs only the extraction
+
+
+def test_results_of_another_store_are_refused_naming_each_difference():
+    from storage_schemas.causal_results import CausalResultsError, check_results_of_store
+
+    store = {"model": {"weights_digest": "sha256:a"}, "corpus": {"digest": "c"},
+             "layout": {"layers": 2, "heads": 4, "kv_heads": 4}}
+    results = {"settings": {"store_identity": {"weights_digest": "sha256:a", "corpus_digest": "c", "examples": 10}}}
+    check_results_of_store(results, store, "r.zarr", "s.zarr", 10)  # the same store
+    with pytest.raises(CausalResultsError, match=re.escape(
+            "r.zarr were not computed from the attention store s.zarr (corpus_digest: results 'c', store 'd'; "
+            "examples: results 10, store 12): pass the store they came from with --store")):
+        check_results_of_store(results, {**store, "corpus": {"digest": "d"}}, "r.zarr", "s.zarr", 12)
+    selected = {**store, "layout": {**store["layout"], "layers": 1},
+                "selection": {"layers": [1], "heads": [0, 1, 2, 3], "model_layers": 2, "model_heads": 4,
+                              "model_kv_heads": 4}}
+    with pytest.raises(CausalResultsError, match=r"selection: results None, store .*: give the store"):
+        check_results_of_store(results, selected, "r.zarr", "s.zarr", 10, advice="give the store")
+    check_results_of_store(results, selected, "r.zarr", "s.zarr", 10, check_selection=False)

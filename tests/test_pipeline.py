@@ -12,6 +12,7 @@ from analysis.corpora import load_corpus
 from flows.cli import main, parse_settings
 from flows.pipeline import STAGES, run_pipeline
 from flows.settings import EXTRACTION_SHAPE, ExtractSettings, PipelineSettings
+from flows.view import view_command
 from storage_schemas.attention_store import AttentionStoreError, completed_shards, open_attention_store
 from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.causal_results import open_causal_results
@@ -131,6 +132,7 @@ def test_effattn_run_prints_the_stages_the_summary_and_the_paths(first_run, caps
     identities = printed.index("identity checks: these hold by construction")
     assert re.search(r"^sufficient \(effective\) +holds +largest \|Δlogit\| ", printed[identities:], re.MULTILINE)
     assert f"report:          {first['report']}\n" in printed
+    assert f"browse it:       {view_command(first['store'], first['results'], first['explanations'])}\n" in printed
 
 
 def test_changed_inputs_are_not_skipped(first_run):

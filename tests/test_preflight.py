@@ -114,3 +114,21 @@ def test_commands_on_a_missing_store_are_refused(tmp_path):
         with pytest.raises(ValueError, match="there (is no attention store|are no causal results) at"):
             check_command(command, settings)
     assert os.listdir(tmp_path) == []
+
+
+def test_view_refuses_a_missing_store_a_bad_port_and_a_busy_port(tmp_path):
+    from flows.settings import ViewSettings
+    from tests.store_builders import build_text_store
+
+    with pytest.raises(ValueError, match="there is no attention store at"):
+        check_command("view", ViewSettings(store=str(tmp_path / "nothing.zarr")))
+    store = build_text_store(str(tmp_path / "s.zarr"), ["a", "b"], [0, 1], shard_size=2)
+    with pytest.raises(ValueError, match="--port must be 1..65535, got 70000"):
+        check_command("view", ViewSettings(store=store, port=70000))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port} .*choose another with --port"):
+            check_command("view", ViewSettings(store=store, port=port))
+    check_command("view", ViewSettings(store=store, port=port))  # free again

@@ -363,3 +363,35 @@ def test_storage_access_problem_tells_access_errors_from_missing_stores():
     assert storage_access_problem("s3://b/x.zarr", NoCredentialsError()).startswith(
         "cannot access s3://b/x.zarr (NoCredentialsError: Unable to locate credentials): "
     )
+
+
+def test_view_serves_a_remote_store(stores, s3_endpoint):
+    """`effattn view s3://...` (options from FSSPEC_S3) serves the same texts and matrices as the local extraction."""
+    import signal
+    import socket
+
+    import httpx
+
+    from analysis.view_html import decode_matrix
+    from storage_schemas.attention_store import open_attention_store, read_texts
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {**base_environment(stores["tmp"]), "FSSPEC_S3": json.dumps(storage_options(s3_endpoint))}
+    process = effattn(["view", STORE, "--port", str(port)], environment)
+    try:
+        line = process.stdout.readline()
+        assert line.strip() == f"serving {STORE} at http://127.0.0.1:{port}/ (Ctrl-C stops)", process.stderr.read()
+        local = open_attention_store(stores["local"])
+        table = httpx.get(f"http://127.0.0.1:{port}/examples", timeout=60)
+        assert table.status_code == 200 and read_texts(local, [3])[0] in table.text
+        page = httpx.get(f"http://127.0.0.1:{port}/example/5?layer=1&head=2", timeout=60).text
+        n = int(local["length"][5])
+        found = re.search(r'data-kind="attention"[^>]*data-matrix="([^"]+)"', page)
+        np.testing.assert_array_equal(decode_matrix(found.group(1), n, n), local["attention"][5, 1, 2, :n, :n])
+        assert 'data-variant="simplex"' in page  # the efficient stage ran on the s3 store
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    assert process.returncode == 130

@@ -40,6 +40,7 @@ REQUIRED = {
     "run": [],
     "studies": [],
     "serve": ["--interval", "5"],
+    "view": ["s.zarr"],
 }
 
 
