@@ -25,6 +25,7 @@ rules without exact conservation.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -56,7 +57,7 @@ def _linear_layer_norm(module: torch.nn.LayerNorm, inputs, output: torch.Tensor)
     return output.detach() + centred / sigma * scale
 
 
-def _linear_scale(inputs, output: torch.Tensor) -> torch.Tensor:
+def _linear_scale(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     """y = x · s(x) with the ratio s = y / x held constant (0 where x is 0: there y is 0 too for every rule here)."""
     x = inputs[0]
     ratio = torch.where(x.detach() != 0, output.detach() / torch.where(x.detach() != 0, x.detach(), 1.0),
@@ -64,15 +65,27 @@ def _linear_scale(inputs, output: torch.Tensor) -> torch.Tensor:
     return output.detach() + (x - x.detach()) * ratio
 
 
-def _held_constant(inputs, output: torch.Tensor) -> torch.Tensor:
+def _held_constant(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     return output.detach()
+
+
+_active = threading.local()
+
+
+def _in_this_thread(rule):
+    """The hook applies `rule` only in a thread inside `conservative_rules`: a model cached and shared by a Dask
+    worker's threads keeps its plain gradients in the others."""
+    def hook(module, inputs, output):
+        return rule(module, inputs, output) if getattr(_active, "depth", 0) else None
+    return hook
 
 
 @contextlib.contextmanager
 def conservative_rules(model: torch.nn.Module) -> Iterator[int]:
-    """Within this context, `model`'s forward passes compute the same values, and their backward passes follow the
-    conservative rules (module docstring). Yields the number of modules given a rule. The model must use the effattn
-    attention backend (analysis.attention_backend.use_capture_backend; analysis.models.wrap_model does it)."""
+    """Within this context, `model`'s forward passes in this thread compute the same values, and their backward
+    passes follow the conservative rules (module docstring). Yields the number of modules given a rule. The model
+    must use the effattn attention backend (analysis.attention_backend.use_capture_backend; analysis.models.wrap_model
+    does it). The rules are idempotent, so two threads in this context on one model give the same gradients."""
     handles = []
     gates = set()
     for module in model.modules():
@@ -80,16 +93,20 @@ def conservative_rules(model: torch.nn.Module) -> Iterator[int]:
             gates.update(id(child) for child in module.children() if _is_activation(child))
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
-            handles.append(module.register_forward_hook(_linear_layer_norm))
+            rule = _linear_layer_norm
         elif _is_rms_norm(module):
-            handles.append(module.register_forward_hook(lambda m, inputs, output: _linear_scale(inputs, output)))
+            rule = _linear_scale
         elif _is_activation(module):
             rule = _held_constant if id(module) in gates else _linear_scale
-            handles.append(module.register_forward_hook(lambda m, inputs, output, rule=rule: rule(inputs, output)))
+        else:
+            continue
+        handles.append(module.register_forward_hook(_in_this_thread(rule)))
+    _active.depth = getattr(_active, "depth", 0) + 1
     try:
         with attention_held_constant():
             yield len(handles)
     finally:
+        _active.depth -= 1
         for handle in handles:
             handle.remove()
 

@@ -79,3 +79,37 @@ def test_the_rules_keep_the_forward_values_and_reach_every_norm_and_activation(l
     norms = sum(isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
                 for module in loaded.model.modules())
     assert ruled >= norms + loaded.model.config.num_hidden_layers  # every norm and each layer's activation
+
+
+def test_the_rules_reach_only_the_thread_that_asked_for_them(loaded):
+    """A model shared by a Dask worker's threads: while one thread is inside the rules, another thread's
+    backward pass keeps the plain gradients."""
+    import threading
+
+    ids = torch.as_tensor(TOKENS)[None]
+
+    def plain_gradient():
+        embeddings = loaded.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = loaded.model(inputs_embeds=embeddings).logits
+        (logits[0, -1, 1] if logits.ndim == 3 else logits[0, 1]).backward()
+        return embeddings.grad.clone()
+
+    expected = plain_gradient()
+    found = {}
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def hold_the_rules():
+        with conservative_rules(loaded.model):
+            inside.set()
+            leave.wait(timeout=30)
+
+    holder = threading.Thread(target=hold_the_rules)
+    holder.start()
+    inside.wait(timeout=30)
+    try:
+        found["gradient"] = plain_gradient()
+    finally:
+        leave.set()
+        holder.join()
+    torch.testing.assert_close(found["gradient"], expected)
