@@ -175,7 +175,9 @@ def claims_table(
             verdict = "holds" if abs(share - ablated) <= NULL_ABLATE_TOLERANCE else "does not hold"
         identities.append({
             "claim": f"necessary ({variant.name})",
-            "kind": "identity", "precision": f"changed shares within {100 * NULL_ABLATE_TOLERANCE:g} point",
+            "kind": "identity", "precision": "not measured" if share is None or ablated is None else
+                f"changed shares differ by {100 * abs(share - ablated):.2f} points (tolerance "
+                f"{100 * NULL_ABLATE_TOLERANCE:g})",
             "test": "inject only the null part A - E everywhere. By construction (A - E)·T = 0: every head's output is "
                     "zero, exactly what ablating the heads does, so the predictions it changes are ablation's; holds "
                     f"when the shares of changed predictions agree within {100 * NULL_ABLATE_TOLERANCE:g} point "
