@@ -280,9 +280,13 @@ def keep_freed_memory_for_reuse() -> bool:
 
 def prepare_worker_process() -> None:
     """What a stage's task does first on a Dask worker, a process with entry point of its own: the store's fast
-    codec setting (the driver's own call does not reach it) and glibc's thresholds for reusing freed memory
-    (`keep_freed_memory_for_reuse`). Cheap and safe to call for every task."""
+    codec setting (the driver's own call does not reach it), the object-store time limits
+    (storage_schemas.remote.apply_storage_time_limits: $EFFATTN_STORAGE_TIMEOUT, read in the worker's environment)
+    and glibc's thresholds for reusing freed memory (`keep_freed_memory_for_reuse`). Cheap and safe to call for
+    every task."""
     from storage_schemas.attention_store import use_fast_codec_pipeline
+    from storage_schemas.remote import apply_storage_time_limits
 
     use_fast_codec_pipeline()
+    apply_storage_time_limits()
     keep_freed_memory_for_reuse()

@@ -245,3 +245,15 @@ def test_a_local_cluster_starts_from_a_script_read_from_standard_input():
     assert ours.stdout.splitlines() == ["main file: <stdin>", "sum on a worker: 6", "main file after: <stdin>"]
     plain = run("plain")  # the failure the hiding avoids
     assert plain.returncode != 0 and "sum on a worker" not in plain.stdout
+
+
+def test_a_worker_process_gets_the_object_store_time_limits(monkeypatch):
+    import fsspec.config
+
+    from tasks.dask_cluster import prepare_worker_process
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    monkeypatch.setenv("EFFATTN_STORAGE_TIMEOUT", "7")
+    prepare_worker_process()
+    limits = fsspec.config.conf["s3"]["config_kwargs"]
+    assert (limits["connect_timeout"], limits["read_timeout"]) == (7.0, 7.0)
