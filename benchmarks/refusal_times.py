@@ -177,8 +177,8 @@ def main() -> None:
         finally:
             holder.kill()
             holder.wait()
-    print("st: exit status (-9: killed after --limit s); ln: stderr lines; width: the longest stderr line's characters; "
-          "tb: a traceback printed; pf: the temporary Prefect server started")
+    print("st: exit status (-9: killed after --limit s); ln: stderr lines; width: the longest stderr line's "
+          "characters; tb: a traceback printed; pf: the temporary Prefect server started")
 
 
 if __name__ == "__main__":
