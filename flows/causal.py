@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from analysis.causal import SCOPES, CausalPlan, targets_for
-from analysis.efficient_attention import VARIANTS
+from analysis.variants import require_known_variants
 from analysis.interventions import (
     DEFAULT_MINIMALITY_DIRECTIONS,
     Intervention,
@@ -19,8 +19,8 @@ from analysis.interventions import (
 from flows.preflight import check_device
 from flows.settings import CausalSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
-from storage_schemas.causal_results import mark_causal_shard_completed, open_causal_results
-from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
+from storage_schemas.causal_results import causal_variants, mark_causal_shard_completed, open_causal_results
+from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import causal_shard_on_worker, prepare_results, run_causal_shard, summarise_results
@@ -45,15 +45,9 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
     scope_examples = settings.scope_examples
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
-    if variants is None:  # the variants the efficient stage has finished
-        variants = [variant for variant in VARIANTS
-                    if len(efficient_completed_shards(group, variant)) == layout.n_shards]
-    variants = list(variants)
-    if not variants and interventions is None:
-        raise ValueError(
-            f"{store} has no finished efficient attention: run `effattn efficient --store {store}` first (or name "
-            "--interventions that need none, e.g. replay,uniform,ablate)"
-        )
+    if variants is not None:
+        require_known_variants(variants)
+    variants = causal_variants(group, store, variants, interventions)  # default: those the efficient stage finished
     if interventions is None:
         directions = [k for k in minimality_directions if k < layout.head_dim]
         chosen = default_interventions(variants, directions)

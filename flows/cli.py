@@ -45,7 +45,8 @@ COMMANDS: dict[str, tuple[str, tuple[type[StageSettings], ...]]] = {
                 (ExplainSettings,)),
     "inspect": ("print what is in a store", (InspectSettings,)),
     "report": ("write an HTML report (index.html + PNG figures) of causal results", (ReportSettings,)),
-    "verify": ("read every chunk of a store: checksums, schema, invariants; exit status 1 when damaged",
+    "verify": ("read every chunk of a store: checksums, schema, invariants; exit status 0 when sound, 1 when "
+               "damaged, 3 when incomplete (a stage has not finished), 2 when absent or unreachable",
                (VerifySettings,)),
     "unlock": ("remove the writer lock of a store whose run died on another host", (UnlockSettings,)),
     "run": ("the whole pipeline: (train) -> extract -> efficient -> causal -> report", (PipelineSettings,)),
@@ -284,8 +285,10 @@ def refuse_bad_input(arguments: argparse.Namespace, settings: StageSettings) -> 
     """Run the command's pre-flight checks (flows/preflight.py) on its settings, before Prefect is imported: 2
     after printing the one-line refusal, None when the command may start."""
     from flows.preflight import check_command
+    from storage_schemas.remote import apply_storage_time_limits
 
     try:
+        apply_storage_time_limits()  # a silent object store: an error after $EFFATTN_STORAGE_TIMEOUT s, not a hang
         check_command(arguments.command, settings)
     except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
         problem = one_line_problem(arguments, error)
@@ -374,7 +377,7 @@ def _run_verify(settings: VerifySettings) -> int:
         for stage, shards in unmarked.items():
             print(f"marked as not done: {'extraction' if stage == 'extract' else 'efficient/' + stage} "
                   f"shards {shards}")
-    return 0 if report.ok else 1
+    return report.exit_status
 
 
 def _run_unlock(settings: UnlockSettings) -> int:

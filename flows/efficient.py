@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from analysis.efficient_attention import VARIANTS
-from analysis.variants import default_variants, left_out_by_default
+from analysis.variants import default_variants, left_out_by_default, require_known_variants
 from flows.settings import EfficientSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
 from tasks.efficient import run_efficient_shards
@@ -22,9 +21,7 @@ def efficient(settings: EfficientSettings) -> str:
     variants = settings.variants
     if variants is None:
         variants = stage_default_variants(settings.store)
-    unknown = [variant for variant in variants if variant not in VARIANTS]
-    if unknown or not variants:
-        raise ValueError(f"unknown variants {unknown or list(variants)}: choose from {list(VARIANTS)}")
+    require_known_variants(variants)
     run_efficient_shards(settings.store, list(variants), settings.recorded(), settings.dask_address, settings.workers)
     return settings.store
 

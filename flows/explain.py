@@ -6,17 +6,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from analysis.efficient_attention import VARIANTS
 from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
 from flows.preflight import check_device
 from flows.settings import ExplainSettings
-from storage_schemas.attention_store import IncompleteInputError, open_attention_store, store_layout
+from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.selection import require_everything
-from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.explanation_results import (
     mark_explanation_shard_completed,
     open_explanation_results,
     require_explanation_inputs,
+    require_stored_variants,
 )
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import run_model_stage_shards
@@ -44,13 +43,7 @@ def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
     if methods is None:
         group = open_attention_store(store, mode="r")
         require_explanation_inputs(group, store, range(store_layout(group).n_examples), [])  # extraction first
-        variants = [variant for variant in VARIANTS if efficient_array_path(variant) in group]
-        if not variants:
-            raise IncompleteInputError(
-                f"{store} holds no efficient attention, and `effattn explain` compares efficient attention with raw "
-                f"attention: run `effattn efficient --store {store}` first (or name --methods without efficient "
-                "variants)")
-        methods = default_methods(variants)
+        methods = default_methods(require_stored_variants(group, store))
     methods = list(methods)
     variants = efficient_sources(methods)
     examples, draw = choose_examples(store, settings.examples, variants, settings.seed)

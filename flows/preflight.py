@@ -18,8 +18,10 @@ from typing import Any
 
 import fsspec
 
-from storage_schemas.remote import is_remote
+from analysis.variants import require_known_variants
+from storage_schemas.remote import check_store_reachable, is_remote
 from tasks.dask_cluster import connect_dask_scheduler
+
 
 def check_writable_location(url: str, flag: str) -> None:
     """Refuse a local path where nothing can be created: the path itself or a parent folder is a regular file, or
@@ -71,11 +73,127 @@ def check_dask_scheduler(address: str | None) -> None:
         connect_dask_scheduler(address).close()
 
 
-def check_attention_store(url: str) -> None:
-    """Refuse a store that is absent or not a valid attention store (the message says how to make one)."""
+def check_writable_store(url: str, flag: str) -> None:
+    """Refuse an existing local store whose folder accepts no new files (a read-only disk or mount, missing
+    permissions): a stage that writes into it would fail after starting. Tried by creating and removing an empty
+    folder inside it. Remote URLs and stores not there yet pass (check_writable_location checks a new one)."""
+    if is_remote(url):
+        return
+    path = Path(fsspec.core.url_to_fs(url)[1])
+    if not path.is_dir():
+        return
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".effattn-write-check-", dir=path))
+    except OSError as error:
+        raise ValueError(
+            f"cannot write into {flag} {url}: the store's folder does not accept new files "
+            f"({error.strerror or error}; a read-only disk or mount, or missing permissions): copy the store to a "
+            f"place this user may write to and pass that as {flag}, or fix the permissions. Nothing was written"
+        ) from None
+
+
+def check_unlocked(url: str) -> None:
+    """Refuse a store whose writer lock a live run holds (storage_schemas.store_lock), without taking the lock."""
+    from storage_schemas.store_lock import check_store_unlocked
+
+    check_store_unlocked(url)
+
+
+def check_attention_store(url: str):
+    """Refuse a store that is unreachable, absent or not a valid attention store (the message says how to make
+    one). Returns the opened zarr group."""
     from storage_schemas.attention_store import open_attention_store
 
-    open_attention_store(url, mode="r")
+    check_store_reachable(url)
+    return open_attention_store(url, mode="r")
+
+
+def check_max_length(max_length: int) -> None:
+    """Refuse a `--max-length` below 2 (a special token and one real token; analysis.extraction.plan_extraction
+    refuses it too, but only once the model has loaded)."""
+    if max_length < 2:
+        raise ValueError(f"--max-length must be at least 2 tokens, got {max_length}: give a larger --max-length "
+                         "(default 128). Nothing was written")
+
+
+def check_existing_store_matches(settings: Any) -> None:
+    """`effattn extract` into an existing store: refuse one written from another corpus (content digest), with
+    another --max-length, --dtype or --task (the store's attributes against the settings and the corpus file; the
+    model's weights are compared when the stage loads it). Nothing to do for a new store."""
+    from analysis.corpora import load_corpus
+    from storage_schemas.attention_store import attention_store_state, check_same_run, open_attention_store
+
+    if attention_store_state(settings.store) != "prepared":
+        return
+    group = open_attention_store(settings.store, mode="r")
+    corpus = load_corpus(settings.corpus, text_column=settings.text_column, label_column=settings.label_column)
+    check_same_run(group, settings.store, {
+        "corpus.digest": corpus.digest,
+        "extraction.requested_max_length": int(settings.max_length),
+        "dtype": settings.dtype,
+        "extraction.task": settings.task,
+    })
+
+
+def check_model_name(model: str) -> None:
+    """Refuse a model that names neither a bundled model nor a local model folder, before torch is imported."""
+    from analysis.model_sources import resolve_model_source
+
+    resolve_model_source(model)
+
+
+def _flagged(flag: str, check, *arguments):  # noqa: ANN001, ANN202 - a check and its arguments
+    """`check(*arguments)`, its ValueError prefixed with the flag whose value it refuses."""
+    try:
+        return check(*arguments)
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+
+
+def check_interventions(settings: Any) -> list[str] | None:
+    """Parse the causal command's intervention names (--interventions, --layer-interventions,
+    --head-interventions; imports torch, so only when some are given): an unknown one is refused naming its flag.
+    Returns the variants the --interventions read from the store (None when they are not given)."""
+    given = {flag: names for flag, names in (("--interventions", settings.interventions),
+                                             ("--layer-interventions", settings.layer_interventions),
+                                             ("--head-interventions", settings.head_interventions)) if names}
+    if not given:
+        return None
+    from analysis.interventions import parse_interventions
+
+    parsed = {flag: _flagged(flag, parse_interventions, list(names)) for flag, names in given.items()}
+    if "--interventions" not in parsed:
+        return None
+    return sorted({item.variant_name for item in parsed["--interventions"] if item.needs_efficient})
+
+
+def check_causal_inputs(settings: Any) -> None:
+    """`effattn causal`: the names of the variants and interventions, and a store whose extraction and needed
+    efficient attention are finished (what flows.causal refuses once it runs), from the store's attributes."""
+    from storage_schemas.attention_store import require_extracted
+    from storage_schemas.causal_results import causal_variants, require_causal_inputs
+
+    group = check_attention_store(settings.store)
+    require_extracted(group, settings.store, "causal")
+    if settings.variants:
+        require_known_variants(settings.variants)
+    needed = check_interventions(settings)
+    if needed is None:
+        needed = causal_variants(group, settings.store, settings.variants, settings.interventions)
+    require_causal_inputs(group, settings.store, needed)
+
+
+def check_explain_inputs(settings: Any) -> None:
+    """`effattn explain`: a store whose extraction is finished in every shard (its examples are drawn from all of
+    them, tasks.explain.choose_examples) and, without --methods, that holds finished efficient attention."""
+    from storage_schemas.attention_store import store_layout
+    from storage_schemas.explanation_results import require_explanation_inputs, require_stored_variants
+
+    group = check_attention_store(settings.store)
+    examples = range(store_layout(group).n_examples)
+    require_explanation_inputs(group, settings.store, examples, [])
+    if settings.methods is None:
+        require_explanation_inputs(group, settings.store, examples, require_stored_variants(group, settings.store))
 
 
 def check_causal_results(url: str) -> None:
@@ -103,6 +221,7 @@ def check_corpus_and_model(corpus: str, model: str, text_column: str | None, lab
     from analysis.corpora import load_corpus
 
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
+    check_model_name(model)  # before torch and transformers are imported (seconds)
     from analysis.models import check_model, has_trained_head
     from analysis.training import head_to_train
 
@@ -112,10 +231,21 @@ def check_corpus_and_model(corpus: str, model: str, text_column: str | None, lab
 
 def check_command(command: str, settings: Any) -> None:
     """Run the checks of `effattn <command>` on its settings (flows.settings: ExtractSettings for extract, ...;
-    PipelineSettings for run and serve). Commands that start no Prefect flow (inspect, verify, unlock) need none;
-    studies checks its own datasets."""
-    if command == "extract":
+    PipelineSettings for run, ServeSettings for serve, whose pipeline's are checked as run's). inspect, verify and
+    unlock: a remote store must answer; studies checks its own datasets. Checks that need only the arguments, the
+    store's attributes, its lock or the corpus file come first; those that import torch or reach a cluster last."""
+    if command in ("inspect", "verify", "unlock"):
+        check_store_reachable(settings.store)
+        if command == "verify" and settings.repair:
+            check_writable_store(settings.store, "STORE")
+            check_unlocked(settings.store)
+    elif command == "extract":
         check_writable_location(settings.store, "--store")
+        check_max_length(settings.max_length)
+        check_store_reachable(settings.store)
+        check_writable_store(settings.store, "--store")
+        check_unlocked(settings.store)
+        check_existing_store_matches(settings)
         check_corpus_and_model(settings.corpus, settings.model, settings.text_column, settings.label_column,
                                settings.task, settings.train)
         check_device(settings.device)
@@ -129,12 +259,26 @@ def check_command(command: str, settings: Any) -> None:
                                     label_column=settings.label_column))
         check_model(settings.model)
     elif command == "efficient":
-        check_attention_store(settings.store)
+        if settings.variants is not None:
+            require_known_variants(settings.variants)
+        group = check_attention_store(settings.store)
+        from storage_schemas.attention_store import require_extracted
+
+        require_extracted(group, settings.store, "efficient")
+        check_writable_store(settings.store, "--store")
+        check_unlocked(settings.store)
         check_dask_scheduler(settings.dask_address)
     elif command in ("causal", "explain"):
         check_writable_location(settings.results, "--results")
-        check_attention_store(settings.store)
+        check_store_reachable(settings.results)
+        check_writable_store(settings.results, "--results")
+        check_unlocked(settings.results)
+        if command == "causal":
+            check_causal_inputs(settings)
+        else:
+            check_explain_inputs(settings)
         if settings.model:
+            check_model_name(settings.model)
             from analysis.models import check_model
 
             check_model(settings.model)
@@ -148,6 +292,13 @@ def check_command(command: str, settings: Any) -> None:
     elif command == "view":
         check_view(settings.store, settings.results, settings.explanations, settings.host, settings.port)
     elif command in ("run", "serve"):
+        if command == "serve":  # without a server that answers, nothing else matters
+            from flows.serve import check_serving_server
+
+            check_serving_server()
+        if settings.variants is not None:
+            require_known_variants(settings.variants)
+        check_max_length(settings.max_length)
         for flag, name in (("--run-dir", "run_dir"), ("--store", "store"), ("--results", "results"),
                            ("--report-dir", "report_dir")):
             if getattr(settings, name):

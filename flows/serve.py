@@ -41,6 +41,16 @@ def check_server(api_url: str, timeout_seconds: float = 10.0) -> None:
         raise ServeError(f"no Prefect server answers at PREFECT_API_URL={api_url} ({failure}): {START_SERVER}")
 
 
+def check_serving_server() -> None:
+    """The pre-flight of `effattn serve` (flows/preflight.py): a ServeError unless PREFECT_API_URL is set and a
+    Prefect server answers there. Reads the variable itself, so that Prefect is imported only when it is not set
+    (the active Prefect profile may still name a server)."""
+    import os
+
+    api_url = os.environ.get("PREFECT_API_URL", "").rstrip("/") or prefect_api_url()
+    check_server(api_url)
+
+
 def schedule_arguments(cron: str | None, interval: float | None) -> dict[str, Any]:
     """The schedule keyword of `Flow.serve`: {"cron": cron} or {"interval": seconds}; exactly one must be given."""
     if (cron is None) == (interval is None):

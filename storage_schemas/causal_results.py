@@ -58,6 +58,7 @@ from storage_schemas.attention_store import (
 from storage_schemas.efficient_store import (
     EXTRACTION_INPUT,
     efficient_array_path,
+    efficient_completed_shards,
     efficient_identities,
     efficient_stale_shards,
 )
@@ -246,9 +247,36 @@ def causal_input_identities(store_group: zarr.Group, variants) -> dict[int, dict
     }
 
 
+def causal_variants(store_group: zarr.Group, store_url: str, variants: Sequence[str] | None,
+                    interventions: Sequence[str] | None) -> list[str]:
+    """The variants of the causal stage's default interventions: `variants` (--variants), else those the efficient
+    stage has finished in every shard of the store; refused (ValueError) when there are none and no --interventions
+    are named (the default interventions need efficient attention)."""
+    from analysis.variants import VARIANTS
+
+    if variants is None:
+        layout = store_layout(store_group)
+        variants = [variant for variant in VARIANTS
+                    if efficient_array_path(variant) in store_group
+                    and len(efficient_completed_shards(store_group, variant)) == layout.n_shards]
+    if not variants and interventions is None:
+        raise ValueError(
+            f"{store_url} has no finished efficient attention: run `effattn efficient --store {store_url}` first (or "
+            "name --interventions that need none, e.g. replay,uniform,ablate)"
+        )
+    return list(variants)
+
+
 def require_causal_inputs(store_group: zarr.Group, store_url: str, variants) -> None:
     """Refuse (`IncompleteInputError`) to measure over a store whose extraction, or efficient attention of one of
-    `variants`, is not complete and current in every shard, naming the shards and the commands that complete them."""
+    `variants`, is not complete and current in every shard (CausalResultsError when a variant was never computed),
+    naming the shards and the commands that complete them."""
+    absent = [variant for variant in variants if efficient_array_path(variant) not in store_group]
+    if absent:
+        raise CausalResultsError(
+            f"{store_url} lacks finished efficient attention for the variants {absent}: run "
+            f"`effattn efficient --store {store_url} --variants {','.join(absent)}` first"
+        )
     layout = store_layout(store_group)
     identities = causal_input_identities(store_group, variants)
     problems = []

@@ -301,6 +301,19 @@ def require_explanation_inputs(store_group: zarr.Group, store_url: str, store_ex
         )
 
 
+def require_stored_variants(store_group: zarr.Group, store_url: str) -> list[str]:
+    """The efficient variants the store holds (`efficient/<variant>`), in VARIANTS order: what `effattn explain`
+    compares with raw attention by default. None is refused (IncompleteInputError) with the command that computes
+    them."""
+    variants = [variant for variant in VARIANTS if efficient_array_path(variant) in store_group]
+    if not variants:
+        raise IncompleteInputError(
+            f"{store_url} holds no efficient attention, and `effattn explain` compares efficient attention with raw "
+            f"attention: run `effattn efficient --store {store_url}` first (or name --methods without efficient "
+            "variants)")
+    return variants
+
+
 def _explanation_shard_states(group: zarr.Group, store_group: zarr.Group) -> tuple[list[int], list[int]]:
     """(current, stale) recorded shards of the results: stale ones were computed from store shards that are not
     complete now, or were written again since."""

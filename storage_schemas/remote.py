@@ -10,6 +10,9 @@ variable `FSSPEC_S3` holding a JSON object of `s3fs.S3FileSystem` options (e.g. 
 
 from __future__ import annotations
 
+import os
+import threading
+
 import fsspec
 
 _REMOTE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "google", "azure")
@@ -51,3 +54,77 @@ def storage_access_problem(url: str, error: BaseException) -> str | None:
         f"cannot access {url} ({what}): check that the object store is running and reachable, and that its "
         f"endpoint and credentials are configured in this process's environment; {STORAGE_CONFIGURATION_HINT}"
     )
+
+
+# How long one request to an object store may wait for the connection and for an answer (seconds): without a limit,
+# an endpoint that accepts the connection and never answers hangs a command for ever.
+STORAGE_TIMEOUT_ENV_VAR = "EFFATTN_STORAGE_TIMEOUT"
+DEFAULT_STORAGE_TIMEOUT_SECONDS = 10.0
+
+
+class StoreUnreachableError(ValueError):
+    """A remote store's object store cannot be reached, does not answer in time, or refuses access: not a missing
+    store and not a damaged one."""
+
+
+def storage_timeout_seconds() -> float:
+    """Seconds one object-store request may wait: $EFFATTN_STORAGE_TIMEOUT, default 10."""
+    text = os.environ.get(STORAGE_TIMEOUT_ENV_VAR)
+    if text is None:
+        return DEFAULT_STORAGE_TIMEOUT_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{STORAGE_TIMEOUT_ENV_VAR}={text!r}: give the seconds an object-store request may wait, "
+                         f"e.g. {STORAGE_TIMEOUT_ENV_VAR}=30")
+    return seconds
+
+
+def apply_storage_time_limits() -> None:
+    """Give S3 requests of this process a connect and a read time limit of `storage_timeout_seconds()` (and two
+    attempts), as fsspec defaults: options the user set (FSSPEC_S3's `config_kwargs`, or given to a call) win."""
+    seconds = storage_timeout_seconds()
+    defaults = fsspec.config.conf.setdefault("s3", {})
+    config = dict(defaults.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", seconds)
+    config.setdefault("read_timeout", seconds)
+    config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+    defaults["config_kwargs"] = config
+
+
+def check_store_reachable(url: str, storage_options: dict | None = None) -> None:
+    """Refuse (`StoreUnreachableError`, one line naming the URL) a remote store whose object store does not answer
+    within `storage_timeout_seconds()` or refuses access. Local paths and a store that is simply absent pass (the
+    caller says what is missing). The probe runs in a daemon thread, so that a silent endpoint cannot hold the
+    caller past the limit."""
+    if not is_remote(url):
+        return
+    seconds = storage_timeout_seconds()
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            filesystem, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            filesystem.exists(path.rstrip("/") + "/zarr.json")
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=probe, name="effattn-store-probe", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise StoreUnreachableError(
+            f"cannot reach {url}: its object store did not answer within {seconds:g} s (set "
+            f"{STORAGE_TIMEOUT_ENV_VAR}=SECONDS to wait longer): check that the object store is running and "
+            f"reachable; {STORAGE_CONFIGURATION_HINT}"
+        )
+    error = outcome[0]
+    if error is None or isinstance(error, FileNotFoundError):
+        return
+    problem = storage_access_problem(url, error)
+    if problem is None:
+        raise error
+    raise StoreUnreachableError(problem) from None

@@ -127,6 +127,18 @@ def hold_store_lock(url: str, stage: str, storage_options: dict | None = None) -
         lock.release(record)
 
 
+def check_store_unlocked(url: str, storage_options: dict | None = None) -> None:
+    """Refuse (`StoreLockedError`, the message `hold_store_lock` would give) a store whose lock is held by a live run
+    or by a run on another host, without taking the lock or writing anything (for the CLI's pre-flight; the stage
+    takes the lock itself when it starts)."""
+    holder = read_store_lock(url, storage_options)
+    if holder is None:
+        return
+    verdict = _verdict(holder)
+    if verdict != "dead":
+        raise _refuse(url, holder, verdict, lock_location(url, storage_options)[1])
+
+
 def break_store_lock(url: str, storage_options: dict | None = None) -> tuple[bool, LockHolder | None]:
     """Remove the store's lock (`effattn unlock STORE`): for a run that died on another host, whose lock cannot be
     taken over automatically. Refuses (`StoreLockedError`) while the holder is seen running. Returns (whether a

@@ -52,6 +52,12 @@ from storage_schemas.efficient_store import (
     efficient_completed_shards,
     unmark_efficient_shards,
 )
+from storage_schemas.remote import (
+    StoreUnreachableError,
+    check_store_reachable,
+    is_storage_access_error,
+    storage_access_problem,
+)
 from storage_schemas.selection import SelectionError, selection_of_group
 from storage_schemas.storage_faults import is_corrupt_chunk_error
 from storage_schemas.store_lock import hold_store_lock
@@ -84,6 +90,10 @@ class Problem:
         return f"{where}: {self.kind}: {self.detail}"
 
 
+# `effattn verify`'s exit status per report status (2, as for every command: no store, or it cannot be reached).
+VERIFY_EXIT_STATUS = {"ok": 0, "damaged": 1, "incomplete": 3}
+
+
 @dataclass
 class VerificationReport:
     url: str
@@ -92,9 +102,25 @@ class VerificationReport:
     shards_read: int = 0  # (array, shard) pairs decoded
     notes: list[str] = field(default_factory=list)
 
+    unfinished: list[str] = field(default_factory=list)  # shards no stage has finished yet, one line per array
+
     @property
     def ok(self) -> bool:
+        """No damage found (an unfinished store can be ok: see `status`)."""
         return not self.problems
+
+    @property
+    def status(self) -> str:
+        """"damaged" (a problem was found), "incomplete" (sound, but shards of the extraction or of an efficient
+        variant are not finished: an interrupted run) or "ok"."""
+        if self.problems:
+            return "damaged"
+        return "incomplete" if self.unfinished else "ok"
+
+    @property
+    def exit_status(self) -> int:
+        """`effattn verify`'s exit status: 0 ok, 1 damaged, 3 incomplete (2: no store, or it cannot be reached)."""
+        return VERIFY_EXIT_STATUS[self.status]
 
     def damaged(self) -> dict[str, list[int | None]]:
         """array -> its damaged shards (None: the whole array), in report order."""
@@ -106,11 +132,15 @@ class VerificationReport:
         return found
 
     def text(self) -> str:
-        if self.ok:
+        if self.status == "ok":
             lines = [
                 f"{self.url}: OK: {len(self.arrays_checked)} arrays, {self.shards_read} shards read; checksums, "
                 "schema and invariants hold"
             ]
+        elif self.status == "incomplete":
+            lines = [f"{self.url}: INCOMPLETE: {len(self.arrays_checked)} arrays, {self.shards_read} shards read; "
+                     "the finished shards are sound, but a stage has not finished:"]
+            lines += [f"  {line}" for line in self.unfinished]
         else:
             places = "; ".join(
                 f"{array or 'store'} " + ("(whole array)" if shards == [None] else
@@ -120,6 +150,7 @@ class VerificationReport:
             count = f"{len(self.problems)} problem" + ("s" if len(self.problems) > 1 else "")
             lines = [f"{self.url}: DAMAGED: {count} in {places}"]
             lines += [f"  {problem.line()}" for problem in self.problems]
+            lines += [f"  unfinished: {line}" for line in self.unfinished]
         lines += [f"  note: {note}" for note in self.notes]
         if not self.ok:
             lines.append(f"  what to do: {advice(self)}")
@@ -247,12 +278,15 @@ def verify_store(url: str, storage_options: dict | None = None,
     Raises `AttentionStoreNotFoundError` when there is no store at all; everything else is a `Problem` of the
     report (the report is complete: one problem does not stop the other checks).
     """
+    check_store_reachable(url, storage_options)  # a silent object store: one error after the time limit, no hang
     report = VerificationReport(url)
     try:
         group = zarr.open_group(url, mode="r", storage_options=storage_options)
     except FileNotFoundError:
         raise AttentionStoreNotFoundError(f"there is no store at {url}: nothing to verify") from None
-    except Exception as error:  # noqa: BLE001 - an unreadable root is damage
+    except Exception as error:  # noqa: BLE001 - an unreadable root is damage, an unreachable store is not
+        if is_storage_access_error(error):
+            raise StoreUnreachableError(storage_access_problem(url, error)) from None
         report.problems.append(Problem("", None, "unreadable", f"the group metadata does not load: {error}"))
         return report
     try:
@@ -288,11 +322,13 @@ def verify_store(url: str, storage_options: dict | None = None,
 
     not_done = sorted(set(range(layout.n_shards)) - extracted)
     if not_done:
-        report.notes.append(f"extraction shards {not_done} are not completed: rerun `effattn extract` to finish them")
+        report.unfinished.append(f"extraction shards {not_done} are not completed: run the `effattn extract` command "
+                                 "that created the store again to finish them")
     for variant in variants:
         missing = sorted(set(range(layout.n_shards)) - variants_done[variant])
         if missing:
-            report.notes.append(f"efficient/{variant} shards {missing} are not completed: rerun `effattn efficient`")
+            report.unfinished.append(f"efficient/{variant} shards {missing} are not completed: run `effattn "
+                                     f"efficient --store {url} --variants {variant}` to finish them")
 
     for shard, region in enumerate(_shard_regions(layout)):
         data = {}

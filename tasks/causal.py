@@ -73,14 +73,7 @@ def prepare_results(store: str, results: str, plan: CausalPlan) -> list[int]:
     shards still to do."""
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
-    needed = plan.efficient_variants()
-    unfinished = [variant for variant in needed if efficient_array_path(variant) not in group]
-    if unfinished:
-        raise CausalResultsError(
-            f"{store} lacks finished efficient attention for the variants {unfinished}: run "
-            f"`effattn efficient --store {store} --variants {','.join(unfinished)}` first"
-        )
-    require_causal_inputs(group, store, needed)
+    require_causal_inputs(group, store, plan.efficient_variants())
     try:
         results_group = open_causal_results(results, mode="r+")
     except CausalResultsError as error:

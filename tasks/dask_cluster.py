@@ -57,6 +57,27 @@ def connect_dask_scheduler(address: str, timeout: float | None = None):
 
 
 @contextlib.contextmanager
+def main_script_hidden_from_workers() -> Iterator[None]:
+    """While the block runs, hide the main module's `__file__` from the worker processes that multiprocessing
+    spawns when it names no file they could import again: `python - < script.py` (`<stdin>`), or code run by
+    `exec` under a made-up name. A spawned process runs the main module's file again before it starts, and with
+    such a name it fails ("Nanny failed to start"). Main scripts that exist and notebooks (no `__file__`) are left
+    alone: a script's stages belong under `if __name__ == "__main__":`, as the README shows."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
+@contextlib.contextmanager
 def local_cluster(workers: int | None) -> Iterator:
     """A new LocalCluster of `workers` processes (default: one per core) with one thread each, closed on exit."""
     from distributed import LocalCluster
@@ -69,7 +90,7 @@ def local_cluster(workers: int | None) -> Iterator:
     level = distributed_logger.level
     distributed_logger.setLevel(max(level, logging.WARNING))
     try:
-        with LocalCluster(
+        with main_script_hidden_from_workers(), LocalCluster(
             n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None,
             silence_logs=logging.CRITICAL, preload=[__name__],  # dask_setup below, in every worker process
         ) as cluster:
@@ -259,9 +280,13 @@ def keep_freed_memory_for_reuse() -> bool:
 
 def prepare_worker_process() -> None:
     """What a stage's task does first on a Dask worker, a process with entry point of its own: the store's fast
-    codec setting (the driver's own call does not reach it) and glibc's thresholds for reusing freed memory
-    (`keep_freed_memory_for_reuse`). Cheap and safe to call for every task."""
+    codec setting (the driver's own call does not reach it), the object-store time limits
+    (storage_schemas.remote.apply_storage_time_limits: $EFFATTN_STORAGE_TIMEOUT, read in the worker's environment)
+    and glibc's thresholds for reusing freed memory (`keep_freed_memory_for_reuse`). Cheap and safe to call for
+    every task."""
     from storage_schemas.attention_store import use_fast_codec_pipeline
+    from storage_schemas.remote import apply_storage_time_limits
 
     use_fast_codec_pipeline()
+    apply_storage_time_limits()
     keep_freed_memory_for_reuse()

@@ -220,3 +220,23 @@ def test_results_of_another_store_are_refused_naming_each_difference():
     with pytest.raises(CausalResultsError, match=r"selection: results None, store .*: give the store"):
         check_results_of_store(results, selected, "r.zarr", "s.zarr", 10, advice="give the store")
     check_results_of_store(results, selected, "r.zarr", "s.zarr", 10, check_selection=False)
+
+
+def test_the_default_variants_are_the_finished_ones_and_a_variant_never_computed_is_refused(tmp_path):
+    from storage_schemas.causal_results import causal_variants, require_causal_inputs
+    from storage_schemas.efficient_store import unmark_efficient_shards
+
+    url = str(tmp_path / "store.zarr")
+    store = store_with_effective(url)
+    assert causal_variants(store, url, None, None) == ["effective"]
+    assert causal_variants(store, url, ("simplex",), None) == ["simplex"]  # named: checked by require_causal_inputs
+    with pytest.raises(CausalResultsError) as refused:
+        require_causal_inputs(store, url, ["effective", "simplex"])
+    assert str(refused.value) == (f"{url} lacks finished efficient attention for the variants ['simplex']: run "
+                                  f"`effattn efficient --store {url} --variants simplex` first")
+    unmark_efficient_shards(store, "effective", [0])
+    assert causal_variants(store, url, None, ("replay",)) == []
+    with pytest.raises(ValueError) as refused:
+        causal_variants(store, url, None, None)
+    assert str(refused.value) == (f"{url} has no finished efficient attention: run `effattn efficient --store {url}` "
+                                  "first (or name --interventions that need none, e.g. replay,uniform,ablate)")

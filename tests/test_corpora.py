@@ -175,12 +175,41 @@ def test_user_file_unlabelled(tmp_path, ext):
     assert "no label column" in c.source
 
 
-def test_csv_keeps_literal_na_strings(tmp_path):
+def test_csv_keeps_literal_na_texts_and_reads_missing_label_spellings_as_unknown(tmp_path):
     path = tmp_path / "na.csv"
-    path.write_text('text,label\nNA,null\n"quoted, comma",b\n', encoding="utf-8")
+    path.write_text('text,label\nNA,null\n"quoted, comma",b\nNaN,NaN\nx,nan\ny, N/A \nz,None\nw,#N/A\nv,a\n',
+                    encoding="utf-8")
     c = load_corpus(str(path))
-    assert c.texts == ("NA", "quoted, comma")
-    assert c.class_names == ("b", "null")
+    assert c.texts == ("NA", "quoted, comma", "NaN", "x", "y", "z", "w", "v")  # a text is never "missing"
+    assert c.class_names == ("a", "b")  # not a third class 'NaN' (or 'null', 'None', ...)
+    assert c.labels.tolist() == [-1, 1, -1, -1, -1, -1, -1, 0]
+    jsonl = tmp_path / "na.jsonl"
+    jsonl.write_text('{"text": "p", "label": "NULL"}\n{"text": "q", "label": "b"}\n{"text": "r", "label": null}\n')
+    assert load_corpus(str(jsonl)).labels.tolist() == [-1, 0, -1]
+
+
+def test_a_file_of_nul_bytes_is_refused_in_one_short_line(tmp_path):
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"\0" * 16384)
+    with pytest.raises(ValueError) as refused:
+        load_corpus(str(path))
+    assert str(refused.value) == (f"{path} holds 16384 NUL bytes (the first at byte offset 0): it is not a text file "
+                                  "(a binary file, or one saved as UTF-16). Save the corpus as a UTF-8 CSV or JSONL "
+                                  "file.")
+
+
+def test_column_names_quoted_from_a_file_are_escaped_and_shortened(tmp_path):
+    from analysis.corpora import quoted
+
+    assert quoted("body") == "'body'"
+    assert quoted("a\x1b[2Jb" * 20) == repr(("a\x1b[2Jb" * 20)[:60]) + "... (120 characters)"
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(f"c{index}\x07" + "w" * 100 for index in range(30)) + "\n" + "x," * 29 + "x\n")
+    with pytest.raises(ValueError) as refused:
+        load_corpus(str(path))
+    message = str(refused.value)
+    assert len(message) < 1500 and "\x07" not in message and "\\x07" in message
+    assert message.endswith("... (30 columns)]. Choose one with --text-column COLUMN (text_column= in Python).")
 
 
 def test_csv_with_utf8_bom(tmp_path):

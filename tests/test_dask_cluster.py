@@ -213,3 +213,47 @@ def test_gpu_tasks_ask_for_one_gpu_and_cpu_tasks_for_nothing():
     assert task_resources("cpu") is None
     assert not use_stage_cluster(None, None)
     assert use_stage_cluster("tcp://127.0.0.1:8786", None) and use_stage_cluster(None, 2)
+
+
+CLUSTER_FROM_STDIN = """
+import sys
+from distributed import Client, LocalCluster
+
+from tasks.dask_cluster import local_cluster
+
+if __name__ == "__main__":
+    print("main file:", __file__, flush=True)
+    cluster = local_cluster(1) if sys.argv[1] == "effattn" else LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster as started, Client(started) as client:
+        print("sum on a worker:", client.submit(sum, [1, 2, 3]).result(timeout=60), flush=True)
+    print("main file after:", __file__, flush=True)
+"""
+
+
+def test_a_local_cluster_starts_from_a_script_read_from_standard_input():
+    """`python - < script.py`: spawned worker processes would run the main module's file `<stdin>` again, which
+    does not exist (a plain LocalCluster's nanny fails to start); effattn's local cluster hides it from them."""
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def run(which: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-", which], input=CLUSTER_FROM_STDIN, capture_output=True,
+                              text=True, timeout=300, env=environment)
+
+    ours = run("effattn")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert ours.stdout.splitlines() == ["main file: <stdin>", "sum on a worker: 6", "main file after: <stdin>"]
+    plain = run("plain")  # the failure the hiding avoids
+    assert plain.returncode != 0 and "sum on a worker" not in plain.stdout
+
+
+def test_a_worker_process_gets_the_object_store_time_limits(monkeypatch):
+    import fsspec.config
+
+    from tasks.dask_cluster import prepare_worker_process
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    monkeypatch.setenv("EFFATTN_STORAGE_TIMEOUT", "7")
+    prepare_worker_process()
+    limits = fsspec.config.conf["s3"]["config_kwargs"]
+    assert (limits["connect_timeout"], limits["read_timeout"]) == (7.0, 7.0)

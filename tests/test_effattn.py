@@ -71,15 +71,24 @@ def readme_python_session() -> str:
     return blocks[0]
 
 
-@pytest.mark.integration
-def test_the_readme_python_session_runs(tmp_path):
-    """As written, in a fresh interpreter (`-c`: Dask's worker processes do not import a main script), in an
-    empty folder (the session writes runs/notebook.zarr)."""
+def run_readme_session(folder: Path, stdin: bool) -> subprocess.CompletedProcess:
+    """The README's block saved as `example.py` in the empty `folder` and run there as a user would: `python
+    example.py`, or `python - < example.py` (a fresh Prefect home: its own temporary server)."""
     session = readme_python_session()
     assert "import effattn" in session and "effattn.efficient_attention(" in session
-    completed = subprocess.run([sys.executable, "-c", session], capture_output=True, text=True, cwd=tmp_path,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    script = folder / "example.py"
+    script.write_text(session, encoding="utf-8")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    environment.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(folder / "prefect-home"))
+    with script.open(encoding="utf-8") as handle:
+        return subprocess.run([sys.executable, "-"] if stdin else [sys.executable, "example.py"],
+                              stdin=handle if stdin else subprocess.DEVNULL, capture_output=True, text=True,
+                              cwd=folder, env=environment, timeout=900)
+
+
+def check_readme_session(completed: subprocess.CompletedProcess, folder: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
     lines = completed.stdout.splitlines()
     assert lines[:3] == [
         "effective E can be negative and its rows need not sum to 1; null dimension 8",  # 12 tokens - rank 4
@@ -87,4 +96,18 @@ def test_the_readme_python_session_runs(tmp_path):
         "simplex rows are probability distributions; null dimension 7",
     ]
     assert lines[-1] == "(2, 6, 12, 24, 24)"
-    assert (tmp_path / "runs" / "notebook.zarr" / "efficient" / "stochastic").is_dir()
+    assert (folder / "runs" / "notebook.zarr" / "efficient" / "stochastic").is_dir()
+
+
+@pytest.mark.integration
+def test_the_readme_python_session_runs_as_a_script(tmp_path):
+    """Saved as example.py and run with `python example.py`: the efficient stage's Dask workers import the script
+    again, and its `if __name__ == "__main__":` keeps them from running the session a second time."""
+    check_readme_session(run_readme_session(tmp_path, stdin=False), tmp_path)
+
+
+@pytest.mark.integration
+def test_the_readme_python_session_runs_from_standard_input(tmp_path):
+    """`python - < example.py`: the main module's `__file__` is `<stdin>`, which the workers cannot import again
+    (tasks.dask_cluster.main_script_hidden_from_workers)."""
+    check_readme_session(run_readme_session(tmp_path, stdin=True), tmp_path)

@@ -116,7 +116,8 @@ def test_by_default_a_variant_is_left_out_of_stores_longer_than_its_default_leng
 def test_unknown_variant_and_changed_settings_are_refused(bert_store, tmp_path):
     from flows.efficient import efficient
 
-    with pytest.raises(ValueError, match=r"unknown variants \['sparse'\]: choose from \['effective', 'stochastic'"):
+    with pytest.raises(ValueError, match=r"^--variants sparse: unknown efficient-attention variants \['sparse'\]: "
+                                         "choose from effective,stochastic,simplex"):
         efficient(EfficientSettings(store=bert_store, variants=["sparse"]))
     url = str(tmp_path / "copy.zarr")
     shutil.copytree(bert_store, url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import pytest
@@ -132,3 +133,61 @@ def test_view_refuses_a_missing_store_a_bad_port_and_a_busy_port(tmp_path):
         with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port} .*choose another with --port"):
             check_command("view", ViewSettings(store=store, port=port))
     check_command("view", ViewSettings(store=store, port=port))  # free again
+
+
+def test_a_max_length_below_two_is_refused():
+    preflight.check_max_length(2)
+    with pytest.raises(ValueError) as refused:
+        preflight.check_max_length(1)
+    assert str(refused.value) == ("--max-length must be at least 2 tokens, got 1: give a larger --max-length "
+                                  "(default 128). Nothing was written")
+
+
+def test_a_store_folder_that_accepts_no_files_is_refused(tmp_path, monkeypatch):
+    store = tmp_path / "store.zarr"
+    preflight.check_writable_store(str(store), "--store")  # not there yet: nothing to check here
+    store.mkdir()
+    preflight.check_writable_store(str(store), "--store")
+    assert list(store.iterdir()) == []
+
+    def refuse(prefix, dir):  # noqa: A002, ANN001, ANN202 - tempfile.mkdtemp's keywords
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(preflight.tempfile, "mkdtemp", refuse)
+    with pytest.raises(ValueError) as refused:
+        preflight.check_writable_store(str(store), "--store")
+    assert str(refused.value) == (
+        f"cannot write into --store {store}: the store's folder does not accept new files (Read-only file system; a "
+        "read-only disk or mount, or missing permissions): copy the store to a place this user may write to and pass "
+        "that as --store, or fix the permissions. Nothing was written"
+    )
+    preflight.check_writable_store("s3://bucket/s.zarr", "--store")  # remote: the stage finds out
+
+
+def test_interventions_are_parsed_only_when_named_and_refused_naming_their_flag(tmp_path):
+    settings = CausalSettings(store="s.zarr", results="r.zarr")
+    assert preflight.check_interventions(settings) is None
+    named = settings.model_copy(update={"interventions": ("replay", "null:simplex", "efficient+null-noise:effective",
+                                                          "minimality:effective:k=2")})
+    assert preflight.check_interventions(named) == ["effective", "simplex"]  # what they read from the store
+    layer_only = settings.model_copy(update={"layer_interventions": ("ablate",)})
+    assert preflight.check_interventions(layer_only) is None
+    with pytest.raises(ValueError, match=r"^--layer-interventions: cannot read intervention 'a:b:c:d'"):
+        preflight.check_interventions(settings.model_copy(update={"layer_interventions": ("a:b:c:d",)}))
+
+
+def test_extract_into_an_existing_store_compares_what_it_can_without_the_model(tmp_path, tiny_bert_folder):
+    from tests.conftest import write_reviews_csv
+    from tests.store_builders import build_real_store
+
+    corpus = write_reviews_csv(tmp_path / "reviews.csv")
+    store = build_real_store(str(tmp_path / "s.zarr"), tiny_bert_folder, corpus, variants=())
+    same = ExtractSettings(store=store, corpus=str(corpus), model=str(tiny_bert_folder), max_length=24)
+    preflight.check_existing_store_matches(same)
+    preflight.check_existing_store_matches(same.model_copy(update={"store": str(tmp_path / "new.zarr")}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{store} was written by a different run (extraction.requested_max_length: store has 24, this run has "
+            f"128): use another --store, or delete {store} to start over")):
+        preflight.check_existing_store_matches(same.model_copy(update={"max_length": 128}))
+    with pytest.raises(ValueError, match=r"\(extraction.task: store has 'classification', this run has 'next-token'"):
+        preflight.check_existing_store_matches(same.model_copy(update={"task": "next-token"}))

@@ -395,3 +395,63 @@ def test_view_serves_a_remote_store(stores, s3_endpoint):
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
     assert process.returncode == 130
+
+
+def test_verify_of_an_unreachable_store_is_one_line_not_damage(tmp_path):
+    """Credentials set, no endpoint answering: an unreachable store (exit 2), not a damaged one (exit 1)."""
+    endpoint = _closed_loopback_endpoint()
+    code, out, err = finish(effattn(["verify", "s3://nonexistent-bucket/x.zarr"], aws_environment(tmp_path, endpoint)),
+                            timeout=120)
+    assert (code, out) == (2, ""), err
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("effattn verify: error: cannot access s3://nonexistent-bucket/x.zarr "
+                           "(EndpointConnectionError: ")
+    assert "DAMAGED" not in err
+
+
+def test_verify_on_s3_reads_a_sound_store_and_says_when_there_is_none(stores, s3_endpoint, tmp_path):
+    environment = aws_environment(tmp_path, s3_endpoint)
+    code, out, err = finish(effattn(["verify", STORE], environment), timeout=300)
+    assert code == 0, out + err
+    assert out.splitlines()[0].startswith(f"{STORE}: OK: ")
+    code, out, err = finish(effattn(["verify", f"s3://{BUCKET}/nothing-here.zarr"], environment), timeout=120)
+    assert (code, out, err.splitlines()) == (
+        2, "", [f"effattn verify: error: there is no store at s3://{BUCKET}/nothing-here.zarr: nothing to verify"])
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_a_silent_endpoint_ends_in_one_line_after_the_time_limit(command, tmp_path):
+    """An endpoint that accepts connections and never answers: one line naming the URL once
+    $EFFATTN_STORAGE_TIMEOUT (here 2 s) has passed, instead of a hang."""
+    from tests.silent_server import silent_server
+
+    with silent_server() as port:
+        environment = {**aws_environment(tmp_path, f"http://127.0.0.1:{port}"), "EFFATTN_STORAGE_TIMEOUT": "2"}
+        code, out, err = finish(effattn([command, STORE], environment), timeout=120)
+    assert (code, out) == (2, ""), err
+    assert err.splitlines() == [
+        f"effattn {command}: error: cannot reach {STORE}: its object store did not answer within 2 s (set "
+        "EFFATTN_STORAGE_TIMEOUT=SECONDS to wait longer): check that the object store is running and reachable; for "
+        "S3, set AWS_ENDPOINT_URL (an S3-compatible server), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+        "AWS_DEFAULT_REGION, or put s3fs options in FSSPEC_S3 as a JSON object, e.g. "
+        "FSSPEC_S3='{\"endpoint_url\": \"http://127.0.0.1:9000\", \"key\": \"...\", \"secret\": \"...\"}'"
+    ]
+
+
+def test_the_storage_time_limit_reaches_s3_requests(monkeypatch):
+    import fsspec.config
+
+    from storage_schemas.remote import STORAGE_TIMEOUT_ENV_VAR, apply_storage_time_limits, storage_timeout_seconds
+
+    monkeypatch.setattr(fsspec.config, "conf", {"s3": {"config_kwargs": {"read_timeout": 60}}})
+    monkeypatch.setenv(STORAGE_TIMEOUT_ENV_VAR, "3")
+    apply_storage_time_limits()
+    assert fsspec.config.conf["s3"]["config_kwargs"] == {  # the user's read_timeout is kept
+        "read_timeout": 60, "connect_timeout": 3.0, "retries": {"max_attempts": 2, "mode": "standard"}}
+    filesystem = s3fs.S3FileSystem(anon=True, skip_instance_cache=True)
+    assert filesystem.config_kwargs["connect_timeout"] == 3.0
+    monkeypatch.setenv(STORAGE_TIMEOUT_ENV_VAR, "soon")
+    with pytest.raises(ValueError, match="^EFFATTN_STORAGE_TIMEOUT='soon': give the seconds an object-store request "
+                                         "may wait, e.g. EFFATTN_STORAGE_TIMEOUT=30$"):
+        storage_timeout_seconds()

@@ -297,3 +297,23 @@ def test_object_store_stale_and_remote_records(memory_url):
     removed, holder = break_store_lock(memory_url)
     assert removed and holder.host == "gpu-node-7"
     assert not memory.exists(path)
+
+
+def test_checking_for_a_lock_takes_none_and_refuses_a_live_or_remote_holder(url):
+    from storage_schemas.store_lock import check_store_unlocked
+
+    check_store_unlocked(url)  # no lock file: nothing written either
+    assert not lock_file(url).exists()
+    write_record(url, pid=os.getpid())  # alive, on this host
+    with pytest.raises(StoreLockedError, match=re.escape(f"{url} is locked by effattn extract (host {HOST}, pid "
+                                                         f"{os.getpid()}, started 2026-01-02T03:04:05+00:00), which "
+                                                         "is still running and writing into it")):
+        check_store_unlocked(url)
+    write_record(url, host="gpu-node-7", pid=4242)
+    with pytest.raises(StoreLockedError, match="on another host, so whether it is still running cannot be checked"):
+        check_store_unlocked(url)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_record(url, pid=dead.pid)  # a holder that is gone: the stage takes such a lock over
+    check_store_unlocked(url)
+    assert lock_file(url).exists()  # left for the stage to take over

@@ -239,3 +239,15 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
         colour = np.array([int(MIDPOINT_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
         assert (np.abs(pixels - colour).sum(-1) < 30).sum() > 50  # the midpoint's curve, in its colour
     assert "midpoint" not in VARIANTS
+
+
+def test_unknown_variant_names_are_refused_naming_the_flag():
+    from analysis.variants import require_known_variants
+
+    require_known_variants(["effective", "simplex"])
+    with pytest.raises(ValueError) as refused:
+        require_known_variants(["effective", "nosuch"])
+    assert str(refused.value) == ("--variants effective,nosuch: unknown efficient-attention variants ['nosuch']: "
+                                  "choose from effective,stochastic,simplex (comma-separated)")
+    with pytest.raises(ValueError, match=r"^--next-token-variants : unknown efficient-attention variants \[\]"):
+        require_known_variants([], "--next-token-variants")

@@ -335,3 +335,26 @@ def test_a_store_of_selected_layers_is_verified_on_them_and_a_wrong_selection_is
     problems = verify_store(store).problems
     assert [(p.array, p.kind) for p in problems][:1] == [("", "schema")]
     assert "does not match its arrays' counts" in problems[0].detail
+
+
+def test_an_unfinished_store_is_incomplete_not_ok_and_not_damaged(store, capsys):
+    from storage_schemas.attention_store import unmark_shards
+    from storage_schemas.efficient_store import unmark_efficient_shards
+
+    assert (verify_store(store).status, verify_store(store).exit_status) == ("ok", 0)
+    unmark_efficient_shards(open_attention_store(store, mode="r+"), "simplex", [2])
+    report = verify_store(store)
+    assert (report.ok, report.status, report.exit_status) == (True, "incomplete", 3)
+    assert report.unfinished == [f"efficient/simplex shards [2] are not completed: run `effattn efficient --store "
+                                 f"{store} --variants simplex` to finish them"]
+    assert report.text().splitlines()[1:] == [f"  {report.unfinished[0]}"]
+    unmark_shards(open_attention_store(store, mode="r+"), [1])
+    assert main(["verify", store]) == 3
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"{store}: INCOMPLETE: ")
+    assert printed[1] == ("  extraction shards [1] are not completed: run the `effattn extract` command that "
+                          "created the store again to finish them")
+    set_entry(store, "attention", (0, 0, 0, 0, 0), float("nan"))  # damage wins over unfinished shards
+    report = verify_store(store)
+    assert (report.status, report.exit_status) == ("damaged", 1)
+    assert report.text().splitlines()[0].startswith(f"{store}: DAMAGED: ")
