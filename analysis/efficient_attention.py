@@ -37,7 +37,8 @@ How it is computed (all float64, batched over many matrices, torch):
   first min(L, c) rows, which covers every prefix (`full_rank_certificate`; then one nested left-null basis
   serves all prefixes, `nested_left_null_basis`). The others take the exact SVD path (per prefix when causal).
 * simplex: the dual of the row problem, b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa (U an orthonormal basis of
-  col([T|1])), solved by semismooth Newton with an exact line search (`simplex_rows`); every returned row is
+  col([T|1])), solved by semismooth Newton (the full step where it decreases the dual enough, else an exact line
+  search; each iteration works on the rows still iterating only, `simplex_rows`); every returned row is
   feasible (equalities to float precision, b ≥ 0) even when the solver does not converge.
 """
 
@@ -733,9 +734,10 @@ def simplex_rows(
     basis: (..., L, k) orthonormal columns (zero columns allowed), e.g. of col([T|1]) so that Σb = Σa.
     The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton, starting from λ = Uᵀa
     (b = P a, optimal when already non-negative): the generalised Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny
-    ridge (through a Woodbury identity when few entries are zero), then an exact line search on the piecewise
-    quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa. Rows within the tolerance take a few more steps towards
-    round-off level. Every returned row is feasible: the last iterate is corrected on its support until the
+    ridge (through a Woodbury identity when few entries are zero), then the full step where it meets the Armijo
+    condition on the piecewise quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa, else an exact line search on it.
+    Each row stops on its own, and an iteration's work covers the rows still iterating only (`RowLayout`).
+    Rows within the tolerance take a few more steps towards round-off level. Every returned row is feasible: the last iterate is corrected on its support until the
     equalities hold to float precision; where that fails (degenerate, almost one-hot rows) it is projected
     onto the affine set and moved from a towards it only as far as non-negativity allows.
     Chunked over the leading dims. Returns a SimplexRowsResult (solution (..., q, L), per-row fields (..., q)).
