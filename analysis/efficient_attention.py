@@ -505,7 +505,7 @@ class RowLayout:
             self.groups.append((rows, chosen, packed_matrix[which[rows]], slot[rows], 2 ** group))
 
     def rows_times(self, values: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """values[r] @ right[which[r]] for each selected row r. values (R, x); right (matrices, x, y). Returns (R, y)."""
+        """values[r] @ right[which[r]] for each selected row r: values (R, x), right (matrices, x, y) -> (R, y)."""
         result = torch.empty((self.rows, right.shape[-1]), dtype=values.dtype)
         for rows, chosen, packed_matrix, slot, width in self.groups:
             packed = torch.zeros((len(chosen), width, values.shape[-1]), dtype=values.dtype)
@@ -523,13 +523,12 @@ def _jacobian_solve(
 
     basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); outer (M, L, k(k+1)/2) its
     `basis_outer_products` (or None); row r belongs to matrix which[r] (`layout` packs the rows per matrix);
-    support (R, L) bool; gram_diagonal (R, k); right (R, k);
-    ridge (R,). Returns (R, k).
+    support (R, L) bool; gram_diagonal (R, k); right (R, k); ridge (R,). Returns (R, k).
     With Z the rows outside the support, UᵀDU = UᵀU - U_ZᵀU_Z: when |Z| ≤ k/2 the Woodbury identity needs only
     a |Z|×|Z| system; otherwise the k×k matrices U_SᵀU_S are formed, by one matrix product per basis from
     `outer` when given, else from the gathered support rows.
     """
-    count, length, k = basis.shape
+    k = basis.shape[-1]
     outside = int((~support).sum(-1).max()) if len(support) else 0
     if outside <= k // 2:
         diagonal = gram_diagonal + ridge[:, None]  # (R, k)
@@ -698,8 +697,8 @@ def _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal):
         which, query = torch.nonzero(needs, as_tuple=True)
         correction = torch.zeros_like(lam)
         correction[which, query] = _jacobian_solve(
-            basis, outer, which, RowLayout(which, count), support[which, query], gram_diagonal[which], missing[which, query],
-            torch.full((len(which),), 1e-14, dtype=torch.float64),
+            basis, outer, which, RowLayout(which, count), support[which, query], gram_diagonal[which],
+            missing[which, query], torch.full((len(which),), 1e-14, dtype=torch.float64),
         )
         candidate = torch.where(needs[..., None], candidate + support * (correction @ basis.mT), candidate)
         support &= ~(needs[..., None] & (candidate < -NEGATIVE_ROUND_OFF))
@@ -734,12 +733,13 @@ def simplex_rows(
     basis: (..., L, k) orthonormal columns (zero columns allowed), e.g. of col([T|1]) so that Σb = Σa.
     The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton, starting from λ = Uᵀa
     (b = P a, optimal when already non-negative): the generalised Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny
-    ridge (through a Woodbury identity when few entries are zero), then the full step where it meets the Armijo
-    condition on the piecewise quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa, else an exact line search on it.
-    Each row stops on its own, and an iteration's work covers the rows still iterating only (`RowLayout`).
-    Rows within the tolerance take a few more steps towards round-off level. Every returned row is feasible: the last iterate is corrected on its support until the
-    equalities hold to float precision; where that fails (degenerate, almost one-hot rows) it is projected
-    onto the affine set and moved from a towards it only as far as non-negativity allows.
+    ridge (through a Woodbury identity when few entries are zero), then the full step where it meets the
+    Armijo condition on the piecewise quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa, else an exact line
+    search on it. Each row stops on its own, and an iteration's work covers the rows still iterating only
+    (`RowLayout`). Rows within the tolerance take a few more steps towards round-off level. Every returned row
+    is feasible: the last iterate is corrected on its support until the equalities hold to float precision;
+    where that fails (degenerate, almost one-hot rows) it is projected onto the affine set and moved from a
+    towards it only as far as non-negativity allows.
     Chunked over the leading dims. Returns a SimplexRowsResult (solution (..., q, L), per-row fields (..., q)).
     """
     rows = _as_float64_tensor(rows)

@@ -16,7 +16,8 @@ one process (single-threaded torch unless --threads):
            into a separate module), and the largest entry difference between the two solutions
 
 and prints L, closed s/example, simplex s/example, ratio simplex/closed, the 'before' figures, the most Newton
-iterations of a row (iters) and the mean over heads of each head's most (h-mean). Target (issue 29): simplex within 5x of the closed forms on both.
+iterations of a row (iters) and the mean over heads of each head's most (h-mean).
+Target (issue 29): simplex within 5x of the closed forms on both.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/simplex_cost.py [--corpus bbc-topic|rt-sentiment] [--examples 2]
         [--lengths 64 128 256 512] [--before-commit REV | --no-before] [--cpu-time]
