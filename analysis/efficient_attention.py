@@ -37,7 +37,8 @@ How it is computed (all float64, batched over many matrices, torch):
   first min(L, c) rows, which covers every prefix (`full_rank_certificate`; then one nested left-null basis
   serves all prefixes, `nested_left_null_basis`). The others take the exact SVD path (per prefix when causal).
 * simplex: the dual of the row problem, b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa (U an orthonormal basis of
-  col([T|1])), solved by semismooth Newton with an exact line search (`simplex_rows`); every returned row is
+  col([T|1])), solved by semismooth Newton (the full step where it decreases the dual enough, else an exact line
+  search; each iteration works on the rows still iterating only, `simplex_rows`); every returned row is
   feasible (equalities to float precision, b ≥ 0) even when the solver does not converge.
 """
 
@@ -72,6 +73,8 @@ POLISH_TOLERANCE = 64 * EPS
 REPAIR_ALLOWANCE = 100.0
 # Ridge added to the simplex Newton system (the generalised Jacobian has eigenvalues in [0, 1]).
 NEWTON_RIDGE = 1e-14
+# A full Newton step is taken when it decreases the dual objective by at least this fraction of the slope's promise.
+ARMIJO = 1e-4
 # Tolerance for "attention is lower-triangular" when causal=True.
 CAUSAL_UPPER_TOLERANCE = 1e-6
 
@@ -478,20 +481,54 @@ def _use_outer_products(queries: int, length: int, k: int) -> bool:
     return queries >= 8 and length - k > k // 2
 
 
+class RowLayout:
+    """Rows selected from a batch of matrices, packed per matrix for batched products (`rows_times`).
+
+    which (R,) sorted indices of each row's matrix in [0, matrices). Matrices are grouped by how many rows they have
+    selected (up to 1, 2, 4, 8, ...), and each group's rows are packed into (group matrices, group width) slots, so
+    a product costs at most twice the selected rows' own work however unevenly they spread over the matrices.
+    """
+
+    def __init__(self, which: torch.Tensor, matrices: int) -> None:
+        self.rows = len(which)
+        counts = torch.bincount(which, minlength=matrices)
+        slot = torch.arange(len(which)) - (torch.cumsum(counts, 0) - counts)[which]
+        group_of_matrix = torch.ceil(torch.log2(counts.clamp(min=1).to(torch.float64))).to(torch.int64)
+        group_of_matrix[counts == 0] = -1
+        group_of_row = group_of_matrix[which]
+        self.groups = []  # (rows of the group (R_g,), its matrices (M_g,), row -> packed matrix (R_g,), slot, width)
+        for group in torch.unique(group_of_matrix[counts > 0]).tolist():
+            chosen = torch.nonzero(group_of_matrix == group).flatten()
+            rows = torch.nonzero(group_of_row == group).flatten()
+            packed_matrix = torch.zeros(matrices, dtype=torch.int64)
+            packed_matrix[chosen] = torch.arange(len(chosen))
+            self.groups.append((rows, chosen, packed_matrix[which[rows]], slot[rows], 2 ** group))
+
+    def rows_times(self, values: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """values[r] @ right[which[r]] for each selected row r: values (R, x), right (matrices, x, y) -> (R, y)."""
+        result = torch.empty((self.rows, right.shape[-1]), dtype=values.dtype)
+        for rows, chosen, packed_matrix, slot, width in self.groups:
+            packed = torch.zeros((len(chosen), width, values.shape[-1]), dtype=values.dtype)
+            packed[packed_matrix, slot] = values[rows]
+            right_of_group = right if len(chosen) == right.shape[0] else right[chosen]
+            result[rows] = (packed @ right_of_group)[packed_matrix, slot]
+        return result
+
+
 def _jacobian_solve(
-    basis: torch.Tensor, outer: torch.Tensor | None, which: torch.Tensor, query: torch.Tensor, queries: int,
+    basis: torch.Tensor, outer: torch.Tensor | None, which: torch.Tensor, layout: RowLayout,
     support: torch.Tensor, gram_diagonal: torch.Tensor, right: torch.Tensor, ridge: torch.Tensor,
 ) -> torch.Tensor:
     """Solve (Uᵀ diag(support) U + ridge I) x = right for each row.
 
-    basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); outer (M, L, k·k) its
-    `basis_outer_products` (or None); row r is query[r] of matrix which[r] (q = queries rows per matrix);
+    basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); outer (M, L, k(k+1)/2) its
+    `basis_outer_products` (or None); row r belongs to matrix which[r] (`layout` packs the rows per matrix);
     support (R, L) bool; gram_diagonal (R, k); right (R, k); ridge (R,). Returns (R, k).
     With Z the rows outside the support, UᵀDU = UᵀU - U_ZᵀU_Z: when |Z| ≤ k/2 the Woodbury identity needs only
     a |Z|×|Z| system; otherwise the k×k matrices U_SᵀU_S are formed, by one matrix product per basis from
     `outer` when given, else from the gathered support rows.
     """
-    count, length, k = basis.shape
+    k = basis.shape[-1]
     outside = int((~support).sum(-1).max()) if len(support) else 0
     if outside <= k // 2:
         diagonal = gram_diagonal + ridge[:, None]  # (R, k)
@@ -505,9 +542,7 @@ def _jacobian_solve(
         support_rows = _gather_rows(basis, which, support)  # (R, s, k)
         jacobian = support_rows.mT @ support_rows
     else:
-        support_full = torch.zeros((count, queries, length), dtype=basis.dtype)
-        support_full[which, query] = support.to(basis.dtype)
-        lower = (support_full @ outer)[which, query]  # (R, k(k+1)/2)
+        lower = layout.rows_times(support.to(basis.dtype), outer)  # (R, k(k+1)/2)
         rows, columns = torch.tril_indices(k, k)
         jacobian = torch.zeros((len(which), k, k), dtype=basis.dtype)
         jacobian[:, rows, columns] = lower
@@ -562,6 +597,8 @@ def _exact_line_search(combination: torch.Tensor, step: torch.Tensor, step_targe
 def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int, tolerance: float):
     """Semismooth Newton on the dual for one chunk: rows (M, q, L) share basis (M, L, k) per matrix.
 
+    Each iteration works on the rows still iterating only (packed per matrix, `RowLayout`), so a few slow rows
+    do not make their matrix's other rows pay for every extra iteration.
     Returns solution (M, q, L), iterations (M, q), converged (M, q), residual (M, q).
     """
     count, queries, length = rows.shape
@@ -577,54 +614,59 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
 
     outer = basis_outer_products(basis) if _use_outer_products(queries, length, basis.shape[-1]) else None
     matrices = torch.arange(count)  # matrices that still have active rows
-    basis_now, lam_now, target_now, outer_now = basis, lam.clone(), target, outer
+    basis_now, outer_now = basis, outer
     for step in range(max_iterations + 1):
-        combination = lam_now @ basis_now.mT  # Uλ, (m, q, L)
-        gradient = torch.clamp(combination, min=0) @ basis_now - target_now  # F(λ), (m, q, k)
-        gradient_norm = gradient.norm(dim=-1)
-        residual_now = gradient_norm / scale[matrices]
-        active_now = active[matrices]
-        residual[matrices] = torch.where(active_now, residual_now, residual[matrices])
-        lam[matrices] = lam_now
+        which, query = torch.nonzero(active[matrices], as_tuple=True)  # the active rows, (matrix in `matrices`, query)
+        if len(which) == 0:
+            break
+        matrix_of_row = matrices[which]
+        layout = RowLayout(which, len(matrices))
+        row_lam, row_target = lam[matrix_of_row, query], target[matrix_of_row, query]
+        combination = layout.rows_times(row_lam, basis_now.mT)  # Uλ, (R, L)
+        gradient = layout.rows_times(torch.clamp(combination, min=0), basis_now) - row_target  # F(λ), (R, k)
+        residual_now = gradient.norm(dim=-1) / scale[matrix_of_row, query]
+        residual[matrix_of_row, query] = residual_now
         # Rows within the tolerance take up to POLISH_STEPS more steps towards round-off level: the exact support
         # (entries of size ~ residual) makes the final feasibility correction possible.
         polishing = (residual_now <= tolerance) & (residual_now > polish_tolerance)
-        polish_now = polish_steps[matrices] + (active_now & polishing)
-        polish_steps[matrices] = polish_now
-        active_now &= (residual_now > tolerance) | (polishing & (polish_now <= POLISH_STEPS))
-        active[matrices] = active_now
-        if step == max_iterations or not active_now.any():
+        polish_now = polish_steps[matrix_of_row, query] + polishing
+        polish_steps[matrix_of_row, query] = polish_now
+        going = (residual_now > tolerance) | (polishing & (polish_now <= POLISH_STEPS))
+        active[matrix_of_row, query] = going
+        if step == max_iterations or not going.any():
             break
-        keep = active_now.any(-1)
-        if not keep.all():
-            matrices, basis_now, lam_now, target_now = matrices[keep], basis_now[keep], lam_now[keep], target_now[keep]
+        which, query, matrix_of_row = which[going], query[going], matrix_of_row[going]
+        combination, gradient = combination[going], gradient[going]
+        row_lam, row_target = row_lam[going], row_target[going]
+        keep = torch.bincount(which, minlength=len(matrices)) > 0
+        if not keep.all():  # drop the matrices whose rows have all stopped
+            matrices, basis_now = matrices[keep], basis_now[keep]
             outer_now = None if outer is None else outer_now[keep]
-            combination, gradient, gradient_norm, active_now = (
-                combination[keep], gradient[keep], gradient_norm[keep], active_now[keep]
-            )
-        which, query = torch.nonzero(active_now, as_tuple=True)  # the active rows: (matrix, query)
+            which = (torch.cumsum(keep, 0) - 1)[which]
+        layout = RowLayout(which, len(matrices))
 
         # Newton direction with the generalised Jacobian Uᵀ diag(1[Uλ > 0]) U and a tiny ridge.
-        row_combination, row_gradient = combination[which, query], gradient[which, query]
-        ridge = torch.full_like(gradient_norm[which, query], NEWTON_RIDGE)
-        row_gram = gram_diagonal[matrices][which]
-        jacobian_support = row_combination > 0
+        ridge = torch.full((len(which),), NEWTON_RIDGE, dtype=torch.float64)
         direction = _jacobian_solve(
-            basis_now, outer_now, which, query, queries, jacobian_support, row_gram, -row_gradient, ridge
+            basis_now, outer_now, which, layout, combination > 0, gram_diagonal[matrix_of_row], -gradient, ridge
         )
-        direction_full = torch.zeros_like(lam_now)
-        direction_full[which, query] = direction
-        combination_step = (direction_full @ basis_now.mT)[which, query]  # U d, (R', L)
+        combination_step = layout.rows_times(direction, basis_now.mT)  # U d, (R, L)
 
-        # Exact line search on the piecewise quadratic dual objective.
-        row_lam, row_target = lam_now[which, query], target_now[which, query]
-        step_size = _exact_line_search(row_combination, combination_step, (direction * row_target).sum(-1))
+        # The full Newton step where it decreases the dual objective enough (Armijo), else the exact line search.
+        step_target = (direction * row_target).sum(-1)
+        step_size = torch.ones_like(step_target)
+        full_step = combination + combination_step
+        change = 0.5 * (torch.clamp(full_step, min=0).square() - torch.clamp(combination, min=0).square()).sum(-1)
+        slope = (combination_step * torch.clamp(combination, min=0)).sum(-1) - step_target  # φ'(0) < 0
+        search = ~((slope < 0) & (change - step_target <= ARMIJO * slope))
+        if search.any():
+            step_size[search] = _exact_line_search(
+                combination[search], combination_step[search], step_target[search])
         accepted = step_size > 0
-        lam_now[which, query] = row_lam + (step_size * accepted)[:, None] * direction
-        iterations[matrices[which], query] += 1
+        lam[matrix_of_row, query] = row_lam + (step_size * accepted)[:, None] * direction
+        iterations[matrix_of_row, query] += 1
         # Rows whose line search found no decrease stop here (they are flagged unconverged below).
-        active[matrices[which[~accepted]], query[~accepted]] = False
-        active_now[which[~accepted], query[~accepted]] = False
+        active[matrix_of_row[~accepted], query[~accepted]] = False
 
     solution, moved = _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal)
     converged = (residual <= tolerance) & (moved <= REPAIR_ALLOWANCE * tolerance * scale)
@@ -655,8 +697,8 @@ def _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal):
         which, query = torch.nonzero(needs, as_tuple=True)
         correction = torch.zeros_like(lam)
         correction[which, query] = _jacobian_solve(
-            basis, outer, which, query, queries, support[which, query], gram_diagonal[which], missing[which, query],
-            torch.full((len(which),), 1e-14, dtype=torch.float64),
+            basis, outer, which, RowLayout(which, count), support[which, query], gram_diagonal[which],
+            missing[which, query], torch.full((len(which),), 1e-14, dtype=torch.float64),
         )
         candidate = torch.where(needs[..., None], candidate + support * (correction @ basis.mT), candidate)
         support &= ~(needs[..., None] & (candidate < -NEGATIVE_ROUND_OFF))
@@ -691,11 +733,13 @@ def simplex_rows(
     basis: (..., L, k) orthonormal columns (zero columns allowed), e.g. of col([T|1]) so that Σb = Σa.
     The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton, starting from λ = Uᵀa
     (b = P a, optimal when already non-negative): the generalised Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny
-    ridge (through a Woodbury identity when few entries are zero), then an exact line search on the piecewise
-    quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa. Rows within the tolerance take a few more steps towards
-    round-off level. Every returned row is feasible: the last iterate is corrected on its support until the
-    equalities hold to float precision; where that fails (degenerate, almost one-hot rows) it is projected
-    onto the affine set and moved from a towards it only as far as non-negativity allows.
+    ridge (through a Woodbury identity when few entries are zero), then the full step where it meets the
+    Armijo condition on the piecewise quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa, else an exact line
+    search on it. Each row stops on its own, and an iteration's work covers the rows still iterating only
+    (`RowLayout`). Rows within the tolerance take a few more steps towards round-off level. Every returned row
+    is feasible: the last iterate is corrected on its support until the equalities hold to float precision;
+    where that fails (degenerate, almost one-hot rows) it is projected onto the affine set and moved from a
+    towards it only as far as non-negativity allows.
     Chunked over the leading dims. Returns a SimplexRowsResult (solution (..., q, L), per-row fields (..., q)).
     """
     rows = _as_float64_tensor(rows)

@@ -1,24 +1,32 @@
-"""Cost per example of the simplex variant against the closed-form variants (effective + stochastic), by length.
+"""Cost of the simplex variant against the closed-form variants (effective + stochastic), on the same examples.
 
-Real inputs: the bundled MiniLM (`minilm`) over bbc-topic articles, captured at each L in --lengths (articles are
-long, so every example is truncated to exactly L tokens). One example = every layer x head of its L x L attention.
-For each L it times, on the same captured tensors, in one process (single-threaded torch unless --threads):
+Real inputs, the bundled MiniLM, two kinds of shard (--corpus):
+
+  bbc-topic     articles captured at each L in --lengths (articles are long, so every example is truncated to exactly
+                L tokens)
+  rt-sentiment  the --examples longest snippets of the corpus (natural lengths, about 60-80 tokens): the examples of
+                a store's longest shard (extraction sorts examples by length)
+
+One example = every layer x head of its L x L attention. For each shard it times, on the same captured tensors, in
+one process (single-threaded torch unless --threads):
 
   closed   efficient_attention(..., variants=("effective", "stochastic"))       s / example
   simplex  efficient_attention(..., variants=("simplex",)) with this checkout's solver
-  before   the same with the solver of --before-commit (default: the commit before the fast path, loaded from git
+  before   the same with the solver of --before-commit (default: main before issue 29's solver work, loaded from git
            into a separate module), and the largest entry difference between the two solutions
 
-and prints L, closed s/example, simplex s/example, ratio simplex/closed, and the 'before' figures.
-Target (issue 17): simplex within 5x of closed-form at L = 512.
+and prints L, closed s/example, simplex s/example, ratio simplex/closed, the 'before' figures, the most Newton
+iterations of a row (iters) and the mean over heads of each head's most (h-mean).
+Target (issue 29): simplex within 5x of the closed forms on both.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/simplex_cost.py [--examples 2] [--lengths 64 128 256 512]
-        [--before-commit REV | --no-before] [--cpu-time]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/simplex_cost.py [--corpus bbc-topic|rt-sentiment] [--examples 2]
+        [--lengths 64 128 256 512] [--before-commit REV | --no-before] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 
@@ -38,8 +46,9 @@ from analysis.corpora import load_corpus  # noqa: E402
 from analysis.efficient_attention import efficient_attention  # noqa: E402
 from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
 from analysis.models import load_model, output_projection_slices  # noqa: E402
+from analysis.variants import registered_variant, variant_record  # noqa: E402
 
-DEFAULT_BEFORE = "83b7cf9"  # main when issue 17's simplex work began
+DEFAULT_BEFORE = "90e9b18"  # main when issue 29's simplex work began (issue 17's solver: 83b7cf9)
 
 
 def load_engine_at(commit: str):
@@ -56,6 +65,19 @@ def load_engine_at(commit: str):
     return module
 
 
+def before_simplex(before, attention, value, w_out, lengths):
+    """The simplex variant computed by the 'before' module's own solver. (Variants are computed by their record's
+    function, which imports this checkout's module: the 'before' solver is registered as a variant of its own. A
+    module from before the variant records computes the simplex variant itself.)"""
+    if not hasattr(before, "simplex_projection"):
+        return before.efficient_attention(attention, value, w_out, lengths, causal=False,
+                                          variants=("simplex",))["simplex"]
+    record = dataclasses.replace(variant_record("simplex"), name="simplex-before", compute=before.simplex_projection)
+    with registered_variant(record):
+        return before.efficient_attention(attention, value, w_out, lengths, causal=False,
+                                          variants=(record.name,))[record.name]
+
+
 def capture(loaded, texts, length: int, examples: int):
     """Examples of exactly `length` tokens: attention [n, layer, head, L, L], value, lengths (float32 capture)."""
     plan = plan_extraction(texts, loaded.tokenizer, length, limit=None)
@@ -64,6 +86,14 @@ def capture(loaded, texts, length: int, examples: int):
         raise SystemExit(f"only {len(full)} bbc-topic articles reach {length} tokens; pass fewer --examples")
     captured = capture_examples(loaded, plan.tokens[full], plan.length[full], examples)
     return captured.attention, captured.value, plan.length[full].astype(np.int64)
+
+
+def capture_longest(loaded, texts, examples: int, max_length: int = 128):
+    """The `examples` longest texts (at most `max_length` tokens), padded to the longest: attention, value, lengths."""
+    plan = plan_extraction(texts, loaded.tokenizer, max_length, limit=None)
+    longest = np.arange(len(plan.length) - examples, len(plan.length))  # the plan is sorted by length
+    captured = capture_examples(loaded, plan.tokens[longest], plan.length[longest], examples)
+    return captured.attention, captured.value, plan.length[longest].astype(np.int64)
 
 
 def timed(function, *arguments, **keywords):
@@ -79,8 +109,10 @@ CPU_TIME = False
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", choices=("bbc-topic", "rt-sentiment"), default="bbc-topic")
     parser.add_argument("--examples", type=int, default=2)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512],
+                        help="bbc-topic: the lengths L to capture at")
     parser.add_argument("--before-commit", default=DEFAULT_BEFORE)
     parser.add_argument("--no-before", action="store_true", help="skip the (slow) 'before' solver")
     parser.add_argument("--before-max-length", type=int, default=512,
@@ -94,33 +126,39 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
 
     before = None if arguments.no_before else load_engine_at(arguments.before_commit)
-    loaded = load_model("minilm", num_labels=5)
+    loaded = load_model("minilm", num_labels=5 if arguments.corpus == "bbc-topic" else 2)
     w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
-    texts = load_corpus("bbc-topic").texts
-    print(f"minilm over bbc-topic, {arguments.examples} example(s) per L, torch threads {arguments.threads}; "
-          f"'before' = {arguments.before_commit}, {'CPU' if CPU_TIME else 'wall'} seconds")
-    header = (f"{'L':>5} {'closed s/ex':>12} {'simplex s/ex':>13} {'ratio':>7} "
-              f"{'before s/ex':>12} {'before ratio':>13} {'speed-up':>9} {'max |diff|':>11} {'iters':>6}")
+    texts = load_corpus(arguments.corpus).texts
+    print(f"minilm over {arguments.corpus}, {arguments.examples} example(s) per shard, torch threads "
+          f"{arguments.threads}; 'before' = {arguments.before_commit}, {'CPU' if CPU_TIME else 'wall'} seconds")
+    header = (f"{'L':>7} {'closed s/ex':>12} {'simplex s/ex':>13} {'ratio':>7} {'before s/ex':>12} "
+              f"{'before ratio':>13} {'speed-up':>9} {'max |diff|':>11} {'iters':>6} {'h-mean':>6}")
     print(header)
-    for length in arguments.lengths:
-        attention, value, lengths = capture(loaded, texts, length, arguments.examples)
+    if arguments.corpus == "bbc-topic":
+        shards = ((str(length), lambda length=length: capture(loaded, texts, length, arguments.examples))
+                  for length in arguments.lengths)
+    else:
+        shards = [("longest", lambda: capture_longest(loaded, texts, arguments.examples))]
+    for label, captured in shards:
+        attention, value, lengths = captured()
+        if label == "longest":
+            label = f"{lengths.min()}-{lengths.max()}"
         n = len(lengths)
         closed_time, _ = timed(efficient_attention, attention, value, w_out, lengths, causal=False,
                                variants=("effective", "stochastic"))
         simplex_time, simplex = timed(efficient_attention, attention, value, w_out, lengths, causal=False,
                                       variants=("simplex",))
         simplex = simplex["simplex"]
-        row = (f"{length:>5} {closed_time / n:>12.3f} {simplex_time / n:>13.3f} "
-               f"{simplex_time / closed_time:>7.1f}")
-        if before is not None and length <= arguments.before_max_length:
-            before_time, reference = timed(before.efficient_attention, attention, value, w_out, lengths,
-                                           causal=False, variants=("simplex",))
-            difference = np.abs(reference["simplex"].efficient - simplex.efficient).max()
+        row = f"{label:>7} {closed_time / n:>12.3f} {simplex_time / n:>13.3f} {simplex_time / closed_time:>7.1f}"
+        if before is not None and lengths.max() <= arguments.before_max_length:
+            before_time, reference = timed(before_simplex, before, attention, value, w_out, lengths)
+            difference = np.abs(reference.efficient - simplex.efficient).max()
             row += (f" {before_time / n:>12.3f} {before_time / closed_time:>13.1f} "
                     f"{before_time / simplex_time:>9.1f} {difference:>11.2e}")
         else:
             row += f" {'-':>12} {'-':>13} {'-':>9} {'-':>11}"
-        row += f" {int(simplex.diagnostics['iterations'].max()):>6}"
+        iterations = simplex.diagnostics["iterations"]
+        row += f" {int(iterations.max()):>6} {float(iterations.mean()):>6.1f}"
         print(row, flush=True)
 
 

@@ -26,6 +26,7 @@ from analysis.efficient_attention import (
     project_rows,
     project_rows_causal,
     projector,
+    RowLayout,
     simplex_rows,
     value_output_basis,
 )
@@ -565,6 +566,37 @@ def test_simplex_rows_do_not_depend_on_the_batch():
         alone = simplex_rows(rows[matrix:matrix + 1, ::-1].copy(), basis[matrix:matrix + 1])
         np.testing.assert_array_equal(alone.iterations[0].flip(0).numpy(), together.iterations[matrix].numpy())
         np.testing.assert_allclose(alone.solution[0].flip(0).numpy(), together.solution[matrix].numpy(), atol=1e-12)
+
+
+def test_row_layout_products_are_each_rows_own_product():
+    """Rows spread unevenly over matrices (1, 6, none, 3 and 4 rows: packing groups of widths 1, 8 and 4, the last
+    with two matrices) are multiplied by their own matrix: each result equals values[r] @ right[which[r]] (a row
+    packed into another matrix or slot would differ)."""
+    rng = np.random.default_rng(3)
+    which = torch.tensor([0, 1, 1, 1, 1, 1, 1, 3, 3, 3, 4, 4, 4, 4])
+    right = torch.from_numpy(rng.normal(size=(5, 4, 7)))
+    values = torch.from_numpy(rng.normal(size=(len(which), 4)))
+    layout = RowLayout(which, 5)
+    assert sorted(group[-1] for group in layout.groups) == [1, 4, 8]
+    expected = torch.stack([values[row] @ right[which[row]] for row in range(len(which))])
+    np.testing.assert_allclose(layout.rows_times(values, right).numpy(), expected.numpy(), rtol=1e-13, atol=1e-13)
+
+
+def test_slow_rows_do_not_change_the_others_iterations():
+    """Rows stop on their own: a row's iteration count is the same when its matrix also holds rows that take many
+    more iterations (the sharp rows) as when it is solved among easy rows only."""
+    rng = np.random.default_rng(8)
+    value = rng.normal(size=(1, 24, 4))
+    w_out = rng.normal(size=(1, 4, 12))
+    basis, _ = value_output_basis(value, w_out, append_ones=True)
+    easy = softmax_rows(rng.normal(size=(1, 24, 24)), causal=False)
+    sharp = softmax_rows(rng.normal(size=(1, 24, 24)) * 30, causal=False)
+    mixed = simplex_rows(np.concatenate([easy, sharp], axis=1), basis)
+    alone = simplex_rows(easy, basis)
+    assert mixed.converged.all() and alone.converged.all()
+    assert mixed.iterations[0, 24:].max() > alone.iterations.max()
+    np.testing.assert_array_equal(mixed.iterations[0, :24].numpy(), alone.iterations[0].numpy())
+    np.testing.assert_allclose(mixed.solution[0, :24].numpy(), alone.solution[0].numpy(), atol=1e-12)
 
 
 def test_simplex_rows_rejects_negative_rows():
