@@ -94,15 +94,16 @@ def choose_examples(store: str, count: int | None, variants: list[str], seed: in
     """`count` examples (None: all) drawn with `seed` from those where every variant's efficient attention differs
     from A (`examples_where_efficient_differs`): only there can an efficient explanation differ from raw attention's.
     Refuses (IncompleteInputError) a store whose extraction, or efficient stage for `variants`, is unfinished (the
-    draw reads every example's diagnostics). Returns (store
-    indices, the draw's record: {"asked", "drawn", "testable", "not_testable", "rule"})."""
+    draw reads every example's diagnostics). Returns (store indices, the draw's record: {"asked", "drawn",
+    "testable", "not_testable", "rule"})."""
     group = open_attention_store(store, mode="r")
     # the draw reads every example's diagnostics: refuse an unfinished store, naming the shards and the commands
     require_explanation_inputs(group, store, range(store_layout(group).n_examples), variants)
     candidates = examples_where_efficient_differs(group, variants)
     drawn = draw_examples(candidates, count, seed)
+    verb = "differs" if len(variants) == 1 else "differ"
     rule = ("every example" if not variants else
-            f"examples where {', '.join(variants)} {'differs' if len(variants) == 1 else 'differ'} from A in the last layer (a head with a null space and "
+            f"examples where {', '.join(variants)} {verb} from A in the last layer (a head with a null space and "
             f"||A - E|| / ||A|| > {DIFFERENCE_TOLERANCE:g})")
     record = {"asked": count, "drawn": len(drawn), "testable": int(candidates.sum()),
               "not_testable": int((~candidates).sum()), "rule": rule}

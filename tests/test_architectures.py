@@ -518,7 +518,7 @@ def test_effattn_run_on_a_saved_tiny_model(model_type, task, tmp_path, capsys):
             "--variants", "effective", "--workers", "1", "--scope-examples", "2", "--task", task]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^sufficient \(effective\) +holds +agreement 100.00 %", printed, re.MULTILINE), printed
+    assert re.search(r"^sufficient \(effective\) +holds +largest \|Δlogit\| ", printed, re.MULTILINE), printed
     store = re.search(r"^attention store: (.+)$", printed, re.MULTILINE).group(1)
     model = open_attention_store(store).attrs["model"]
     assert model["model_type"] == model_type and model["adapter"] == adapter_for(model_type).name

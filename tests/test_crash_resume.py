@@ -132,8 +132,9 @@ def test_a_disk_that_fills_up_mid_shard_loses_nothing_and_a_rerun_completes(work
     assert 0 < done < N_SHARDS
     report = verify_store(store)
     assert report.ok, report.text()  # what is recorded as done is sound; the rest is only "not completed"
-    assert report.notes[0] == f"extraction shards {list(range(done, N_SHARDS))} are not completed: rerun " \
-                              "`effattn extract` to finish them"
+    assert report.status == "incomplete"
+    assert report.unfinished[0] == f"extraction shards {list(range(done, N_SHARDS))} are not completed: run the " \
+                                   "`effattn extract` command that created the store again to finish them"
     kept = {name: mtime for name, mtime in shard_files(store).items()
             if name.startswith(("attention/", "value/")) and int(name.split("/")[2]) < done}
     assert len(kept) == 2 * done
