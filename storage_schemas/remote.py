@@ -67,19 +67,25 @@ class StoreUnreachableError(ValueError):
     store and not a damaged one."""
 
 
-def storage_timeout_seconds() -> float:
-    """Seconds one object-store request may wait: $EFFATTN_STORAGE_TIMEOUT, default 10."""
-    text = os.environ.get(STORAGE_TIMEOUT_ENV_VAR)
+def seconds_from_environment(variable: str, default: float, what: str) -> float:
+    """A positive number of seconds from the environment variable `variable` (`default` when unset); any other value
+    is refused naming the variable and `what` the seconds are for."""
+    text = os.environ.get(variable)
     if text is None:
-        return DEFAULT_STORAGE_TIMEOUT_SECONDS
+        return default
     try:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise ValueError(f"{STORAGE_TIMEOUT_ENV_VAR}={text!r}: give the seconds an object-store request may wait, "
-                         f"e.g. {STORAGE_TIMEOUT_ENV_VAR}=30")
+        raise ValueError(f"{variable}={text!r}: give the seconds {what}, e.g. {variable}=30")
     return seconds
+
+
+def storage_timeout_seconds() -> float:
+    """Seconds one object-store request may wait: $EFFATTN_STORAGE_TIMEOUT, default 10."""
+    return seconds_from_environment(STORAGE_TIMEOUT_ENV_VAR, DEFAULT_STORAGE_TIMEOUT_SECONDS,
+                                    "an object-store request may wait")
 
 
 def apply_storage_time_limits() -> None:

@@ -27,17 +27,9 @@ class DaskSchedulerUnreachableError(ValueError):
 
 def dask_timeout_seconds() -> float:
     """Seconds to wait for a Dask scheduler: $EFFATTN_DASK_TIMEOUT, default 10."""
-    text = os.environ.get(DASK_TIMEOUT_ENV_VAR)
-    if text is None:
-        return DEFAULT_DASK_TIMEOUT_SECONDS
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{DASK_TIMEOUT_ENV_VAR}={text!r}: give the seconds to wait for a Dask scheduler, e.g. "
-                         f"{DASK_TIMEOUT_ENV_VAR}=30")
-    return seconds
+    from storage_schemas.remote import seconds_from_environment
+
+    return seconds_from_environment(DASK_TIMEOUT_ENV_VAR, DEFAULT_DASK_TIMEOUT_SECONDS, "to wait for a Dask scheduler")
 
 
 def connect_dask_scheduler(address: str, timeout: float | None = None):
