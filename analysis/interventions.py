@@ -36,10 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.efficient_attention import (
-    VARIANTS,
+from analysis.efficient_attention import VARIANTS, equal_length_blocks
+from analysis.projections import (
     column_space_basis,
-    equal_length_blocks,
     output_factor,
     prefix_column_space_bases,
     project_rows,

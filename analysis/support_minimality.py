@@ -7,7 +7,7 @@ and the row sum). That is a non-negative least-squares problem per dropped token
 with M = [X | s·1] and X = V·factor (analysis.efficient_attention.output_factor: the column space and singular
 values of T = V W_O^h without forming it); its relative residual above the tolerance for every j ⇒ minimal. A
 support of more than rank(M) tokens is never minimal (its rows are linearly dependent). The simplex solver
-(efficient_attention.simplex_rows) cannot answer this itself: it needs a feasible starting row, and whether the
+(analysis.simplex_solver.simplex_rows) cannot answer this itself: it needs a feasible starting row, and whether the
 smaller support has one is the question.
 
 Decoder rows use only their prefix (row i has keys ≤ i), which the support already respects.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from analysis.efficient_attention import output_factor, with_ones_column
+from analysis.projections import output_factor, with_ones_column
 
 
 def _relative_residual(rows: np.ndarray, target: np.ndarray) -> float:

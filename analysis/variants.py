@@ -4,8 +4,8 @@ Everything that treats variants differently reads these records: the computation
 the noise interventions (analysis.interventions: which null space), the efficient stage's scheduling
 (tasks/efficient.py: the cost class), the arrays' descriptions (storage_schemas/efficient_store.py), `effattn
 verify` (storage_schemas/verification.py: the guaranteed invariants), the report (order and colours) and the CLI.
-This module imports no torch (storage_schemas reads it): the built-in compute functions import
-analysis.efficient_attention when they are first called.
+This module imports no torch (storage_schemas reads it): the built-in compute functions import their kernels
+(analysis.projections, analysis.simplex_solver, which import no registry) when they are first called.
 
 Adding a variant: one `Variant` record in REGISTRY below, plus its tests (or `register_variant(Variant(...))` at
 run time, e.g. in a notebook). A variant registered at run time exists in this process only: Dask workers in other
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch only for the annotations
     import torch
 
-    from analysis.efficient_attention import VariantInputs
+    from analysis.projections import VariantInputs
 
 # Cost classes, for scheduling: a closed-form variant costs about the same per shard (reading and writing
 # dominate) and is computed a whole shard at a time; an iterative one's solver cost grows steeply with the length,
@@ -33,7 +33,7 @@ ITERATIVE = "iterative"
 COST_CLASSES = (CLOSED_FORM, ITERATIVE)
 
 # compute(inputs, with_ones) -> (efficient (n, L, L) float64, {statistic: (n,)}), inputs an
-# analysis.efficient_attention.VariantInputs (a chunk of n equal-length real blocks and their shared bases),
+# analysis.projections.VariantInputs (a chunk of n equal-length real blocks and their shared bases),
 # with_ones the record's `projects_with_ones`. The statistics override the solver-free diagnostics of the same
 # name (e.g. the simplex solver's iterations); closed forms return {}.
 ComputeFunction = Callable[["VariantInputs", bool], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -167,13 +167,13 @@ class VariantNames(Sequence[str]):
 
 
 def _orthogonal_projection(inputs: VariantInputs, with_ones: bool) -> tuple[Any, dict]:
-    from analysis.efficient_attention import orthogonal_projection
+    from analysis.projections import orthogonal_projection
 
     return orthogonal_projection(inputs, with_ones)
 
 
 def _simplex_projection(inputs: VariantInputs, with_ones: bool) -> tuple[Any, dict]:
-    from analysis.efficient_attention import simplex_projection
+    from analysis.simplex_solver import simplex_projection
 
     return simplex_projection(inputs, with_ones)
 

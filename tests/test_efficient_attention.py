@@ -16,20 +16,17 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 
 from analysis import efficient_attention as ea
-from analysis.efficient_attention import (
-    DIAGNOSTICS,
-    VARIANTS,
-    efficient_attention,
-    effective_attention_reference_loop,
+from analysis import projections
+from analysis.efficient_attention import DIAGNOSTICS, VARIANTS, effective_attention_reference_loop, efficient_attention
+from analysis.projections import (
     full_rank_certificate,
     nested_left_null_basis,
     project_rows,
     project_rows_causal,
     projector,
-    RowLayout,
-    simplex_rows,
     value_output_basis,
 )
+from analysis.simplex_solver import RowLayout, simplex_rows
 from analysis.key_bands import CAUSAL_BAND, KeyBand, default_band
 
 EPS = np.finfo(np.float64).eps
@@ -284,9 +281,9 @@ def test_projection_skips_only_the_bases_that_span_everything():
     partial = torch.linalg.qr(torch.from_numpy(rng.normal(size=(6, 6)))).Q * torch.tensor([1, 1, 1, 0, 0, 0.0])
     basis = torch.stack([full, partial, full])
     rank = torch.tensor([6, 3, 5])  # the third claims rank 5 < L: projected, even with a full basis
-    result = ea.project_rows_unless_identity(rows, basis, rank)
+    result = projections.project_rows_unless_identity(rows, basis, rank)
     assert torch.equal(result[0], rows[0])
-    torch.testing.assert_close(result[1], ea.project_rows(rows[1], partial), rtol=0, atol=1e-15)
+    torch.testing.assert_close(result[1], projections.project_rows(rows[1], partial), rtol=0, atol=1e-15)
     assert not torch.equal(result[2], rows[2])
     torch.testing.assert_close(result[2], rows[2], rtol=0, atol=1e-12)
 
@@ -614,7 +611,7 @@ def test_certificate_falls_back_to_svd_for_rank_deficient_values():
     size, head_dim = 12, 5
     attention, value, w_out, lengths = make_problem(21, examples=1, heads=1, positions=size, head_dim=head_dim)
     value[0, 0, 0] = rng.normal(size=(size, 2)) @ rng.normal(size=(2, head_dim))
-    matrix = torch.from_numpy(value[0, 0] @ ea.output_factor(w_out[0]).numpy())
+    matrix = torch.from_numpy(value[0, 0] @ projections.output_factor(w_out[0]).numpy())
     assert not full_rank_certificate(matrix, 16).item()
     assert full_rank_certificate(torch.from_numpy(rng.normal(size=(1, size, head_dim))), 16).item()
     for causal in (False, True):
@@ -640,7 +637,7 @@ def test_project_rows_causal_matches_prefix_projectors():
             basis = svd_basis(matrix[index, : query + 1], 3)
             expected = rows[index, query, : query + 1] @ basis @ basis.T
             np.testing.assert_allclose(result[index, query, : query + 1], expected, atol=1e-12)
-    full_basis, _ = ea.column_space_basis(matrix, 3)
+    full_basis, _ = projections.column_space_basis(matrix, 3)
     assert not np.allclose(result, np.tril(project_rows(rows, full_basis).numpy()))
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.efficient_attention import simplex_rows, value_output_basis
+from analysis.projections import value_output_basis
+from analysis.simplex_solver import simplex_rows
 from analysis.support_minimality import (
     drop_residuals,
     layer_minimality,

@@ -18,7 +18,8 @@ import pytest
 import xarray as xr
 from PIL import Image
 
-from analysis.efficient_attention import efficient_attention, orthogonal_projection
+from analysis.efficient_attention import efficient_attention
+from analysis.projections import orthogonal_projection
 from analysis.interventions import Intervention, intervention_matrices
 from analysis.variants import (
     CLOSED_FORM,
