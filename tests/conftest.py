@@ -125,7 +125,7 @@ MODULE_TIERS = {
         "test_attention_backend", "test_attention_store", "test_causal", "test_causal_results", "test_claims",
         "test_conservative_propagation",
         "test_corpora", "test_dask_cluster", "test_efficient_attention", "test_efficient_store",
-        "test_explanation_claims", "test_explanation_figures", "test_explanation_results", "test_explanations",
+        "test_explainers", "test_explanation_claims", "test_explanation_figures", "test_explanation_results", "test_explanations",
         "test_extraction", "test_inspection", "test_interventions", "test_key_bands", "test_model_cache",
         "test_model_sources", "test_models",
         "test_pipeline_runs", "test_preflight", "test_run_summary", "test_settings", "test_selection", "test_splits",
