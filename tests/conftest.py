@@ -130,6 +130,7 @@ MODULE_TIERS = {
         "test_model_sources", "test_models",
         "test_pipeline_runs", "test_preflight", "test_run_summary", "test_settings", "test_selection", "test_splits",
         "test_storage_faults", "test_store_lock", "test_store_view", "test_support_minimality", "test_training",
+        "test_training_settings",
         "test_variants", "test_verification", "test_view_html", "test_zarr_portability",
     ),
     # tiny models of every supported architecture: minutes, not seconds
