@@ -4,8 +4,9 @@ Everything that treats methods differently reads these records: the computation 
 `explain_example` calls each record's `compute`), the validation of `--methods` (flows/settings.py: an unknown name
 is refused when the command line is parsed, with the names that exist), the results' description of each method
 (tasks/explain.py, storage_schemas/explanation_results.py), the claims and the ranking (analysis.explanation_claims:
-which methods read attention, which are efficient and what their raw twin is), the Kendall τ references and the
-figure's line styles (analysis.explanation_figures).
+which methods read attention, which are efficient and what their raw twin is), the Kendall τ references, and the
+report's line styles and list of what each method is (analysis.explanation_figures). The options of one explanation
+run (`ExplanationSettings`, which names the methods) are declared here too, with their defaults.
 
 Two sorts of records:
 - the fixed ones, in REGISTRY below (the model baselines, random) and any added with `register_explainer`;
@@ -102,7 +103,7 @@ class Explainer:
     """One token-attribution method.
 
     name: its name on the command line and in the results (`explainer` coordinate).
-    kind: one of KINDS (what it reads; stored in the results' `methods` attribute).
+    kind: one of KINDS (what it reads; the results' `explainer_kind`).
     description: one line, stored with the results and shown in the report.
     compute: see ComputeFunction.
     style: its line in the report's figures (matplotlib keywords: color, linestyle, linewidth, marker, alpha).
@@ -149,7 +150,8 @@ class Explainer:
         return f"{ATTENTION_SOURCE}{NORM_SUFFIX if self.kind == 'norms' else ''}:{self.aggregation}"
 
     def stored(self) -> dict[str, str]:
-        """What the results record of it (attribute `methods`)."""
+        """What the results record of it: their `explainer`, `explainer_kind`, `explainer_source` and
+        `explainer_aggregation` (storage_schemas.explanation_results.create_explanation_results's `methods`)."""
         return {"name": self.name, "kind": self.kind, "source": self.source, "aggregation": self.aggregation}
 
 
