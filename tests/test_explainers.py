@@ -90,6 +90,17 @@ def test_bad_records_and_settings_are_refused():
         ExplanationSettings(methods=("random",), examples=(0,), minimality_rows=-1)
 
 
+def test_the_command_line_refuses_an_unknown_method_when_it_parses(capsys):
+    from flows.cli import parse_settings
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_settings(["explain", "--store", "s.zarr", "--results", "r.zarr", "--methods", "attention:rollout,nope"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "effattn explain: error:" in error and "unknown explanation method 'nope'" in error
+    assert "leave-one-out" in error and "simplex" in error  # the names that exist
+
+
 def test_the_command_line_defaults_are_the_analysis_defaults():
     settings = ExplainSettings(store="s.zarr", results="r.zarr")
     chosen = settings.explanation_settings(["random"], [3, 1])
