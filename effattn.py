@@ -3,6 +3,7 @@
     open_store(url)                          an attention store as a zarr group (schema checked)
     efficient_attention(attention, value, w_out, length, causal)   efficient attention of arrays
     VARIANTS, Variant, variant_record, register_variant            the efficient-attention variants
+    Explainer, explainer_record, register_explainer               the attribution methods (explanations)
     Intervention, intervention_matrices     what the causal stage injects, on arrays
     verify_store(url)                        read every chunk of a store and report damage
     extract, efficient, causal, explain, report   the stages (Prefect flows), each taking its settings object:
@@ -28,6 +29,9 @@ _HOMES: dict[str, str] = {
     "Variant": "analysis.variants",
     "variant_record": "analysis.variants",
     "register_variant": "analysis.variants",
+    "Explainer": "analysis.explainers",
+    "explainer_record": "analysis.explainers",
+    "register_explainer": "analysis.explainers",
     "Intervention": "analysis.interventions",
     "intervention_matrices": "analysis.interventions",
     "verify_store": "storage_schemas.verification",

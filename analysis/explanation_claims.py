@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from analysis.claims import not_testable
-from analysis.explanations import ExplanationMethod
+from analysis.explainers import explainer_record
 
 FAITHFULNESS_MARGIN = 0.01  # AOPC comprehensiveness is a probability drop: 1 percentage point
 MINIMAL_SHARE = 0.99
@@ -70,7 +70,7 @@ def faithfulness_comparisons(methods: Sequence[str], metrics: Sequence[str], aop
     names = list(methods)
     comprehensiveness = list(metrics).index("comprehensiveness")
     rows = []
-    for row, method in enumerate(map(ExplanationMethod.parse, names)):
+    for row, method in enumerate(map(explainer_record, names)):
         if not method.is_efficient or method.raw_twin not in names:
             continue
         twin = names.index(method.raw_twin)

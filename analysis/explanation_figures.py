@@ -1,7 +1,8 @@
 """The explanation results in the report: ERASER curves per method (one figure) and a table of AOPC and Kendall τ.
 
 Plain functions on the results as an xarray Dataset (xarray.open_zarr of storage_schemas.explanation_results);
-`explanation_section_html` draws the figure into the report folder and returns the report's HTML section.
+`explanation_section_html` draws the figure into the report folder and returns the report's HTML section. Each
+method's line is drawn as its record says (analysis.explainers, `style`).
 """
 
 from __future__ import annotations
@@ -14,25 +15,10 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from analysis.explanations import ATTENTION_SOURCE, ExplanationMethod
-from analysis.report_figures import save_figure, variant_colour
+from analysis.explainers import explainer_record
+from analysis.report_figures import save_figure
 
 FIGURE_NAME = "explanation-faithfulness.png"
-SOURCE_COLOURS = {ATTENTION_SOURCE: "#d62728", "model": "#000000", "random": "#7f7f7f"}
-AGGREGATION_STYLES = {"last-layer": "-", "all-layers": "--", "rollout": ":"}
-MODEL_STYLES = {"input-x-gradient": "-.", "integrated-gradients": "-", "leave-one-out": "--",
-                "conservative-lrp": ":"}
-
-
-def _method_style(name: str, index: int) -> dict:
-    method = ExplanationMethod.parse(name)
-    if method.reads_matrices:  # norm-based twins: the same colour and line, thinner, with square markers
-        colour = SOURCE_COLOURS.get(method.source) or variant_colour(method.source, index)
-        style = {"color": colour, "linestyle": AGGREGATION_STYLES[method.aggregation]}
-        return style if method.kind == "matrices" else {**style, "linewidth": 0.8, "marker": "s"}
-    if method.kind == "model":
-        return {"color": SOURCE_COLOURS["model"], "linestyle": MODEL_STYLES.get(method.name, "-")}
-    return {"color": SOURCE_COLOURS["random"], "linestyle": "-", "linewidth": 2.5, "alpha": 0.6}
 
 
 def mean_curves(dataset: xr.Dataset) -> dict[str, np.ndarray]:
@@ -58,7 +44,7 @@ def faithfulness_curves_figure(dataset: xr.Dataset) -> Figure:
     for panel, (metric, curve) in zip(axes, curves.items()):
         for index, name in enumerate(methods):
             panel.plot(percents, curve[index], label=name, **{"marker": "o", "markersize": 3,
-                                                               **_method_style(name, index)})
+                                                               **explainer_record(name).style})
         panel.set_xscale("log")
         panel.set_xticks(percents, [f"{k:g}" for k in percents])
         panel.set_xlabel("k: % of removable tokens " + ("removed" if metric == "comprehensiveness" else "kept"))
@@ -123,6 +109,9 @@ def explanation_section_html(dataset: xr.Dataset, out: str | Path) -> str:
         ["method", "n"] + [f"AOPC {metric} [95 % CI]" for metric in metrics]
         + [f"Kendall τ vs {r} [95 % CI]" for r in references] + [f"AOPC comprehensiveness, {g}" for g in lengths],
         ranking_table_rows(ranking, metrics, references))
+    methods_html = "<dl>" + "".join(
+        f"<dt>{html.escape(name)}</dt><dd>{html.escape(explainer_record(name).description)}</dd>"
+        for name in (str(name) for name in dataset["explainer"].values)) + "</dl>"
     comparison_html = _html_table(
         ["efficient method", "raw twin", "n (E ≠ A)", "explained with E = A", "Δ AOPC comprehensiveness [95 % CI]",
          "answer"], comparison_table_rows(comparisons))
@@ -143,7 +132,8 @@ def explanation_section_html(dataset: xr.Dataset, out: str | Path) -> str:
         "<p>Paired over the examples where the efficient matrices differ from A in the layers the aggregation reads; "
         "a positive difference means efficient attention's top tokens matter more to the prediction.</p>"
         + comparison_html +
-        "<h3>Every explainer</h3>" + ranking_html +
+        "<h3>Every explainer</h3>" + ranking_html + "<details><summary>What each method is</summary>"
+        + methods_html + "</details>" +
         f'<figure><a href="{FIGURE_NAME}"><img src="{FIGURE_NAME}" alt="ERASER curves"></a><figcaption>ERASER '
         f"faithfulness over {examples} examples (DeYoung et al. 2020; efficient methods over the examples where they "
         "differ from A): the drop of the predicted class's probability "

@@ -21,6 +21,8 @@ Attributions, one score per token ([L] float64):
   analysis.conservative_propagation: gradient × input of the target logit with attention probabilities,
   normalisation scales and activation gates held constant, the LRP-class rules of Ali et al. 2022 / AttnLRP);
 - `random`: a seeded random ranking, the floor.
+Each method is one record of analysis.explainers (name, kind, description, compute function, figure style); the
+functions below are what the built-in records compute, and `explain_example` calls every record a run names.
 
 Where the question exists: an efficient variant's attribution can differ from raw attention's only where E ≠ A,
 i.e. in a block with a null space (L > rank(T), or rank([T|1])) and |E − A| above the storage precision
@@ -38,135 +40,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from analysis.explainers import (
+    AGGREGATIONS,
+    ATTENTION_SOURCE,
+    ExampleInputs,
+    ExplanationSettings,
+    explainer_record,
+    references,
+)
 from analysis.models import LoadedModel
 
-PERCENTS: tuple[int, ...] = (1, 5, 10, 20, 50)  # ERASER's bins
 FAITHFULNESS_METRICS: dict[str, str] = {
     "comprehensiveness": "p(x) - p(x without the top k % tokens): the drop when the explanation's tokens are removed",
     "sufficiency": "p(x) - p(only the top k % tokens): the drop when only the explanation's tokens are kept",
 }
-AGGREGATIONS: dict[str, str] = {
-    "last-layer": "the pooled row averaged over the heads of the last layer",
-    "all-layers": "the pooled row averaged over every layer and head",
-    "rollout": "the pooled row of attention rollout, prod over layers of (head mean + I) / 2 (Abnar & Zuidema 2020)",
-}
-MODEL_METHODS: dict[str, str] = {
-    "input-x-gradient": "input embeddings x gradient of the target probability, summed over the hidden dim",
-    "integrated-gradients": "Captum integrated gradients of the target probability from the removal-token baseline",
-    "leave-one-out": "p(x) - p(x without the token), one forward per removable token",
-    "conservative-lrp": "conservative propagation (LRP class): gradient x input of the target logit with attention, "
-                        "normalisation scales and activation gates held constant (Ali et al. 2022, AttnLRP's rules)",
-}
-NORM_SUFFIX = "-norm"  # `attention-norm:rollout`: norm-based attention (Kobayashi et al. 2020) of a source
 # |E - A| at or below this (probabilities, stored as float32) is storage precision, not a difference
 DIFFERENCE_TOLERANCE = 1e-5
-RANDOM_METHOD = "random"
-REFERENCES: tuple[str, ...] = ("leave-one-out", "integrated-gradients")  # what Kendall τ is measured against
-ATTENTION_SOURCE = "attention"
-
-
-@dataclass(frozen=True)
-class ExplanationMethod:
-    """One attribution method. kind: 'matrices' (from stored attention: source 'attention' or an efficient variant,
-    with an aggregation), 'norms' (norm-based: the same sources weighted by what the values carry), 'model'
-    (forward / backward passes) or 'random'."""
-
-    name: str
-    kind: str
-    source: str = ""
-    aggregation: str = ""
-
-    @classmethod
-    def parse(cls, name: str) -> ExplanationMethod:
-        """'attention:rollout', 'simplex:last-layer', 'integrated-gradients', 'random', ..."""
-        if name in MODEL_METHODS:
-            return cls(name, "model")
-        if name == RANDOM_METHOD:
-            return cls(name, "random")
-        source, _, aggregation = name.partition(":")
-        kind = "matrices"
-        if source.endswith(NORM_SUFFIX):
-            source, kind = source[: -len(NORM_SUFFIX)], "norms"
-        if aggregation not in AGGREGATIONS or not source:
-            raise ValueError(
-                f"unknown explanation method {name!r}: use SOURCE:AGGREGATION or SOURCE-norm:AGGREGATION (SOURCE "
-                f"attention or an efficient variant, AGGREGATION one of {list(AGGREGATIONS)}), or one of "
-                f"{[*MODEL_METHODS, RANDOM_METHOD]}"
-            )
-        return cls(name, kind, source, aggregation)
-
-    @property
-    def reads_matrices(self) -> bool:
-        """True for methods computed from the stored attention (or efficient attention) matrices."""
-        return self.kind in ("matrices", "norms")
-
-    @property
-    def is_efficient(self) -> bool:
-        """True for methods that read an efficient variant (whose twin on raw attention is `raw_twin`)."""
-        return self.reads_matrices and self.source != ATTENTION_SOURCE
-
-    @property
-    def raw_twin(self) -> str:
-        """The same method on raw attention: `attention:AGG` or `attention-norm:AGG`."""
-        return f"{ATTENTION_SOURCE}{NORM_SUFFIX if self.kind == 'norms' else ''}:{self.aggregation}"
-
-    @property
-    def description(self) -> str:
-        if self.kind == "model":
-            return MODEL_METHODS[self.name]
-        if self.kind == "random":
-            return "a seeded random ranking (the floor)"
-        what = "raw attention A" if self.source == ATTENTION_SOURCE else f"efficient attention ({self.source})"
-        if self.kind == "norms":
-            what = f"norm-based {what}, ||sum_h weight_ij t_j^h|| (Kobayashi et al. 2020)"
-        return f"{what}: {AGGREGATIONS[self.aggregation]}"
-
-
-def default_methods(variants: Sequence[str]) -> list[str]:
-    """Raw attention and every given variant in every aggregation, their norm-based twins, the model baselines,
-    then random."""
-    sources = [ATTENTION_SOURCE, *variants]
-    return ([f"{source}:{aggregation}" for source in sources for aggregation in AGGREGATIONS]
-            + [f"{source}{NORM_SUFFIX}:{aggregation}" for source in sources for aggregation in AGGREGATIONS]
-            + [*MODEL_METHODS, RANDOM_METHOD])
-
-
-@dataclass(frozen=True)
-class ExplanationSettings:
-    """Everything that shapes the numbers of an explanation run (stored as the results' `settings`; a rerun with
-    other settings is refused)."""
-
-    methods: tuple[str, ...]
-    examples: tuple[int, ...]  # indices into the attention store
-    percents: tuple[int, ...] = PERCENTS
-    integrated_gradients_steps: int = 32
-    leave_one_out_max_tokens: int = 128  # longer examples get no leave-one-out (NaN): its cost is one forward a token
-    minimality_rows: int = 8  # sampled simplex rows per example and layer (0: no minimality test)
-    minimality_tolerance: float = 1e-8
-    seed: int = 0
-    shard_size: int = 8
-
-    def __post_init__(self) -> None:
-        for name in self.methods:
-            ExplanationMethod.parse(name)  # an unknown name is refused here, with the names that exist
-        repeated = sorted({name for name in self.methods if self.methods.count(name) > 1})
-        if repeated or not self.methods:
-            raise ValueError(f"explanation methods must be given once each and at least one; got {list(self.methods)}")
-        if not self.percents or any(not 0 < k <= 100 for k in self.percents):
-            raise ValueError(f"percents must be in (0, 100], got {list(self.percents)}")
-        for name in ("integrated_gradients_steps", "leave_one_out_max_tokens", "shard_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.minimality_rows < 0:
-            raise ValueError(f"minimality_rows must be 0 (no test) or more, got {self.minimality_rows}")
-
-    def record(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -552,59 +446,40 @@ def explain_example(
     def score(keep: np.ndarray) -> np.ndarray:
         return kept_token_probabilities(loaded, tokens, keep, pooled, target, replacement, rows)
 
-    parsed = [ExplanationMethod.parse(name) for name in settings.methods]
-    full = float(score(np.ones((1, length), dtype=bool))[0])
-    attributions: dict[str, np.ndarray] = {}
-    delta = float("nan")
-    gradients = None
-    if any(method.name in ("input-x-gradient", "integrated-gradients") for method in parsed):
-        gradients = gradient_attributions(loaded, tokens, removable, pooled, target, replacement,
-                                          settings.integrated_gradients_steps)
-        delta = gradients.delta
+    records = [explainer_record(name) for name in settings.methods]
+    for record in records:
+        if record.reads_matrices and record.source not in matrices:
+            raise ValueError(f"method {record.name} needs the stored matrices of {record.source!r}")
     differences = {}
-    for source in {method.source for method in parsed if method.is_efficient}:
-        if source not in matrices or ATTENTION_SOURCE not in matrices:
+    for source in {record.source for record in records if record.is_efficient}:
+        if ATTENTION_SOURCE not in matrices:
             raise ValueError(f"efficient methods of {source!r} need the stored matrices of {source!r} and of "
                              f"{ATTENTION_SOURCE!r}")
         null_dim = (null_dims or {}).get(source, np.ones(matrices[source].shape[:2], dtype=np.int64))
         differences[source] = efficient_differences(matrices[ATTENTION_SOURCE], matrices[source], null_dim)
-    largest_difference = np.full(len(parsed), np.nan)
-    testable = np.full(len(parsed), -1, dtype=np.int8)
-    for row, method in enumerate(parsed):
-        if method.is_efficient:
-            layers = aggregation_layers(method.aggregation, len(differences[method.source]))
-            largest_difference[row] = differences[method.source][layers].max()
+    largest_difference = np.full(len(records), np.nan)
+    testable = np.full(len(records), -1, dtype=np.int8)
+    for row, record in enumerate(records):
+        if record.is_efficient:
+            layers = aggregation_layers(record.aggregation, len(differences[record.source]))
+            largest_difference[row] = differences[record.source][layers].max()
             testable[row] = int(largest_difference[row] > DIFFERENCE_TOLERANCE)
-    for method in parsed:
-        if method.reads_matrices and method.source not in matrices:
-            raise ValueError(f"method {method.name} needs the stored matrices of {method.source!r}")
-        if method.kind == "matrices":
-            attributions[method.name] = matrix_attributions(matrices[method.source], pooled, method.aggregation)
-        elif method.kind == "norms":
-            if value is None or w_out is None:
-                raise ValueError(f"method {method.name} needs the stored values and output projections")
-            attributions[method.name] = norm_attributions(matrices[method.source], value, w_out, pooled,
-                                                          method.aggregation)
-        elif method.name == "conservative-lrp":
-            attributions[method.name] = conservative_attributions(loaded, tokens, pooled, target)
-        elif method.name == "input-x-gradient":
-            attributions[method.name] = gradients.input_x_gradient
-        elif method.name == "integrated-gradients":
-            attributions[method.name] = gradients.integrated_gradients
-        elif method.name == "leave-one-out":
-            attributions[method.name] = leave_one_out(score, full, removable, settings.leave_one_out_max_tokens)
-        else:
-            attributions[method.name] = random_attributions(length, settings.seed, example_index)
+    example = ExampleInputs(
+        loaded=loaded, tokens=tokens, pooled=pooled, target=target, removable=removable, replacement_id=replacement,
+        matrices=matrices, value=value, w_out=w_out, settings=settings, example_index=example_index, score=score,
+        full_probability=float(score(np.ones((1, length), dtype=bool))[0]),
+    )
+    attributions = {record.name: np.asarray(record.compute(example, record), dtype=np.float64) for record in records}
     measured = faithfulness(score, attributions, removable, settings.percents)
-    taus = np.full((len(parsed), len(REFERENCES)), np.nan)
-    for column, reference in enumerate(REFERENCES):
+    taus = np.full((len(records), len(references())), np.nan)
+    for column, reference in enumerate(references()):
         if reference in attributions:
             for row, name in enumerate(attributions):
                 taus[row, column] = kendall_tau(attributions[name], attributions[reference], removable)
     stacked = np.stack([np.where(removable, attributions[name], np.nan) for name in attributions])
     return ExampleExplanation(
         attributions=stacked, faithfulness={metric: measured[metric] for metric in FAITHFULNESS_METRICS},
-        kendall_tau=taus, target=target, full_probability=full, empty_probability=measured["empty"],
-        integrated_gradients_delta=delta, removable=removable, largest_difference=largest_difference,
-        testable=testable,
+        kendall_tau=taus, target=target, full_probability=example.full_probability,
+        empty_probability=measured["empty"], integrated_gradients_delta=example.integrated_gradients_delta,
+        removable=removable, largest_difference=largest_difference, testable=testable,
     )

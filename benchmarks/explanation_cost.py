@@ -32,9 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis.corpora import load_corpus  # noqa: E402
 from analysis.efficient_attention import efficient_attention  # noqa: E402
+from analysis.explainers import AGGREGATIONS, PERCENTS  # noqa: E402
 from analysis.explanations import (  # noqa: E402
-    AGGREGATIONS,
-    PERCENTS,
     conservative_attributions,
     faithfulness,
     gradient_attributions,

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from analysis.explanations import PERCENTS, ExplanationSettings, default_methods
+from analysis.explainers import default_methods
 from flows.preflight import check_device
 from flows.settings import ExplainSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
@@ -31,7 +31,7 @@ from tasks.explain import (
 
 
 def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
-    """The run's settings record (analysis.explanations.ExplanationSettings plus the store's identity and the
+    """The run's settings record (analysis.explainers.ExplanationSettings plus the store's identity and the
     draw's record), as the results record it (attribute `settings`; a rerun with other settings is refused).
 
     Default methods: raw attention and every variant the efficient stage was run for (the store holds
@@ -47,13 +47,7 @@ def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
     methods = list(methods)
     variants = efficient_sources(methods)
     examples, draw = choose_examples(store, settings.examples, variants, settings.seed)
-    chosen = ExplanationSettings(
-        methods=tuple(methods), examples=tuple(examples),
-        percents=PERCENTS if settings.percents is None else tuple(settings.percents),
-        integrated_gradients_steps=settings.integrated_gradients_steps,
-        leave_one_out_max_tokens=settings.leave_one_out_max_tokens, minimality_rows=settings.minimality_rows,
-        minimality_tolerance=settings.minimality_tolerance, seed=settings.seed, shard_size=settings.shard_size,
-    )
+    chosen = settings.explanation_settings(methods, examples)
     return {**chosen.record(), "store_identity": store_identity(store, variants), "draw": draw}
 
 

@@ -39,7 +39,7 @@ from storage_schemas.pipeline_runs import (
 )
 from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
-from analysis.explanations import default_methods
+from analysis.explainers import default_methods
 from flows.explain import explain, recorded_explanation_settings
 from storage_schemas.explanation_results import (
     explanation_results_path,

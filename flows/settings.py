@@ -12,18 +12,27 @@ An option used by several commands is declared once below as an `Annotated` alia
 a command with another default for it assigns that default in its class (e.g. `batch_size: BatchSize = 32`).
 Defaults that stand for "all of a list declared elsewhere" (the registered variants, the scopes, the minimality
 directions, ERASER's percents) are None here and resolved where the list lives (analysis/variants.py,
-analysis/causal.py, analysis/interventions.py, analysis/explanations.py), so that this module imports neither
+analysis/causal.py, analysis/interventions.py, analysis/explainers.py), so that this module imports neither
 torch nor Prefect (the CLI parses and runs its pre-flight checks before either is imported).
+
+Two commands hand their options to an analysis object: `effattn train` (analysis.training_settings.TrainingSettings,
+built by `TrainSettings.training()`) and `effattn explain` (analysis.explainers.ExplanationSettings, built by
+`ExplainSettings.explanation_settings()`). Those dataclasses are the one declaration of their options' defaults; the
+fields here read them, so that a Python caller and the command line train and explain alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
+from analysis.explainers import PERCENTS, ExplanationSettings, require_known_explainers
+from analysis.training_settings import TrainingSettings
 from analysis.variants import VARIANTS, variant_records
 
 
@@ -69,7 +78,7 @@ Split = Annotated[Literal["all", "train", "held_out"] | None, option(
     None, "corpus rows to extract (default: held_out when a head is trained here, else all)")]
 Train = Annotated[bool, option(True, "fine-tune a classification head where the model has none", negation=(
     "--no-train", "keep a random head instead of fine-tuning one (smoke tests only)"))]
-Epochs = Annotated[PositiveInt, option(1, "epochs of the automatic fine-tuning")]
+Epochs = Annotated[PositiveInt, option(TrainingSettings.default("epochs"), "epochs of the automatic fine-tuning")]
 TextColumn = Annotated[str | None, option(None, "text column of a user file (default: text)")]
 LabelColumn = Annotated[str | None, option(
     None, "label column of a user file (default: label if present; none: unlabelled)")]
@@ -151,15 +160,23 @@ class TrainSettings(StageSettings):
     corpus: Annotated[str, option(description="a labelled corpus: bundled name or file")]
     model: ModelOption = "minilm"
     epochs: Epochs
-    seed: Annotated[int, option(0, "seed of the split and of every other random choice")]
-    batch_size: BatchSize = 32
-    learning_rate: Annotated[PositiveFloat, option(5e-5, "peak AdamW learning rate")]
-    max_length: MaxLength
+    seed: Annotated[int, option(TrainingSettings.default("seed"), "seed of the split and of every other random choice")]
+    batch_size: BatchSize = TrainingSettings.default("batch_size")
+    learning_rate: Annotated[PositiveFloat, option(
+        TrainingSettings.default("learning_rate"), "peak AdamW learning rate")]
+    max_length: MaxLength = TrainingSettings.default("max_length")
     max_train_examples: Annotated[PositiveInt | None, option(
-        None, "train on a seeded sample of at most this many examples (default: all)")]
+        TrainingSettings.default("max_train_examples"),
+        "train on a seeded sample of at most this many examples (default: all)")]
     text_column: TextColumn
     label_column: Annotated[str | None, option(None, "label column of a user file (default: label)")]
     cache_root: CacheRoot
+
+    def training(self) -> TrainingSettings:
+        """How the head is trained (analysis.training_settings.TrainingSettings): the fields of the same name; the
+        others (weight decay, warmup, held-out share) keep their one default."""
+        return TrainingSettings(**{field.name: getattr(self, field.name) for field in dataclasses.fields(
+            TrainingSettings) if field.name in type(self).model_fields})
 
 
 class EfficientSettings(StageSettings):
@@ -218,21 +235,42 @@ class ExplainSettings(StageSettings):
     examples: Annotated[PositiveInt | None, option(
         EXPLAINED_EXAMPLES, "examples explained, drawn (seeded) from those where efficient attention differs from A",
         unset=("--all-examples", "explain every example where efficient attention differs from A"))]
-    integrated_gradients_steps: Annotated[PositiveInt, option(32, "integrated gradients steps", flag="--ig-steps")]
+    integrated_gradients_steps: Annotated[PositiveInt, option(
+        ExplanationSettings.default("integrated_gradients_steps"), "integrated gradients steps", flag="--ig-steps")]
     leave_one_out_max_tokens: Annotated[PositiveInt, option(
-        128, "leave-one-out only for examples with at most this many removable tokens", flag="--loo-max-tokens")]
-    minimality_rows: Annotated[NonNegativeInt, option(8, "simplex rows tested per example and layer (0: none)")]
-    seed: Annotated[int, option(0, "seed of the random ranking and the row sample")]
+        ExplanationSettings.default("leave_one_out_max_tokens"),
+        "leave-one-out only for examples with at most this many removable tokens", flag="--loo-max-tokens")]
+    minimality_rows: Annotated[NonNegativeInt, option(
+        ExplanationSettings.default("minimality_rows"), "simplex rows tested per example and layer (0: none)")]
+    seed: Annotated[int, option(ExplanationSettings.default("seed"), "seed of the random ranking and the row sample")]
     model: Annotated[str | None, option(None, "the model, if it moved since extraction (same weights)")]
     device: DeviceOption
     dask_address: DaskAddress
     workers: StageWorkers
     percents: Annotated[tuple[PositiveInt, ...] | None, option(
-        None, "ERASER's bins: percent of the tokens removed (default: analysis.explanations.PERCENTS)", cli=False)]
+        None, "ERASER's bins: percent of the tokens removed (default: analysis.explainers.PERCENTS)", cli=False)]
     minimality_tolerance: Annotated[PositiveFloat, option(
-        1e-8, "tolerance of the simplex rows' minimality test", cli=False)]
-    shard_size: Annotated[PositiveInt, option(8, "examples per shard of the results", cli=False)]
+        ExplanationSettings.default("minimality_tolerance"), "tolerance of the simplex rows' minimality test",
+        cli=False)]
+    shard_size: Annotated[PositiveInt, option(
+        ExplanationSettings.default("shard_size"), "examples per shard of the results", cli=False)]
     forward_rows: Annotated[PositiveInt, option(64, "rows of one removal forward pass", cli=False)]
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: Names | None) -> Names | None:
+        """An unknown method is refused when the command line is parsed, with the names that exist."""
+        if methods is not None:
+            require_known_explainers(methods)
+        return methods
+
+    def explanation_settings(self, methods: Sequence[str], examples: Sequence[int]) -> ExplanationSettings:
+        """The analysis options of this run (analysis.explainers.ExplanationSettings): the fields of the same name,
+        with the methods and the store indices of the explained examples resolved."""
+        shared = {field.name: getattr(self, field.name) for field in dataclasses.fields(ExplanationSettings)
+                  if field.name not in ("methods", "examples", "percents")}
+        return ExplanationSettings(methods=tuple(methods), examples=tuple(examples),
+                                   percents=PERCENTS if self.percents is None else tuple(self.percents), **shared)
 
 
 class ReportSettings(StageSettings):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prefect import flow
 
-from analysis.training import TrainingSettings
 from flows.settings import TrainSettings
 from tasks.training import train_head
 
@@ -22,13 +21,5 @@ def train(settings: TrainSettings) -> str:
         ValueError: an unlabelled or single-class corpus ("cannot train a classifier on an unlabelled corpus ..."),
             invalid settings, an unknown corpus or model.
     """
-    training = TrainingSettings(
-        epochs=settings.epochs,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        max_length=settings.max_length,
-        max_train_examples=settings.max_train_examples,
-    )
     return train_head(settings.model, settings.corpus, settings.text_column, settings.label_column,
-                      training.as_dict(), settings.cache_root)
+                      settings.training().as_dict(), settings.cache_root)

@@ -21,17 +21,8 @@ from prefect.cache_policies import NO_CACHE
 
 from analysis.efficient_attention import VARIANTS
 from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
-from analysis.explanations import (
-    ATTENTION_SOURCE,
-    DIFFERENCE_TOLERANCE,
-    FAITHFULNESS_METRICS,
-    REFERENCES,
-    ExplanationMethod,
-    ExplanationSettings,
-    aopc,
-    draw_examples,
-    explain_example,
-)
+from analysis.explainers import ATTENTION_SOURCE, ExplanationSettings, explainer_record, references
+from analysis.explanations import DIFFERENCE_TOLERANCE, FAITHFULNESS_METRICS, aopc, draw_examples, explain_example
 from analysis.support_minimality import layer_minimality, minimal_share_by_layer
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
@@ -62,7 +53,7 @@ MINIMALITY_VARIANT = "simplex"
 def matrix_sources(methods: list[str]) -> list[str]:
     """The stored matrices the methods read: 'attention' and efficient variants, in VARIANTS order (an efficient
     method reads raw attention too: its testability is measured against it)."""
-    parsed = [method for method in map(ExplanationMethod.parse, methods) if method.reads_matrices]
+    parsed = [method for method in map(explainer_record, methods) if method.reads_matrices]
     sources = {method.source for method in parsed} | ({ATTENTION_SOURCE} if any(m.is_efficient for m in parsed)
                                                       else set())
     unknown = sorted(sources - {ATTENTION_SOURCE, *VARIANTS})
@@ -139,9 +130,8 @@ def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> 
         chosen = np.asarray(settings["examples"], dtype=np.int64)
         results_group = create_explanation_results(
             results,
-            methods=[{"name": m.name, "kind": m.kind, "source": m.source, "aggregation": m.aggregation}
-                     for m in map(ExplanationMethod.parse, settings["methods"])],
-            metrics=list(FAITHFULNESS_METRICS), percents=settings["percents"], references=list(REFERENCES),
+            methods=[explainer_record(name).stored() for name in settings["methods"]],
+            metrics=list(FAITHFULNESS_METRICS), percents=settings["percents"], references=list(references()),
             examples={"store_example": chosen, "length": group["length"].get_orthogonal_selection(chosen),
                       "label": group["label"].get_orthogonal_selection(chosen)},
             layers=layout.layers, positions=layout.max_length, shard_size=settings["shard_size"],
@@ -173,7 +163,7 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
     loaded = _load_store_model(group, model_override, device)
     causal = bool(group.attrs["model"]["causal"])
     sources = matrix_sources(settings["methods"])
-    M, K, R, N, P = len(options.methods), len(options.percents), len(REFERENCES), len(examples), layout.max_length
+    M, K, R, N, P = len(options.methods), len(options.percents), len(references()), len(examples), layout.max_length
     arrays = {
         "faithfulness": np.full((M, len(FAITHFULNESS_METRICS), K, N), np.nan),
         "aopc": np.full((M, len(FAITHFULNESS_METRICS), N), np.nan),
@@ -188,7 +178,7 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
     }
     w_out = group["w_out"][:]
     measure_minimality = options.minimality_rows > 0 and MINIMALITY_VARIANT in sources
-    norms = any(method.kind == "norms" for method in map(ExplanationMethod.parse, options.methods))
+    norms = any(explainer_record(name).kind == "norms" for name in options.methods)
     for row, index in enumerate(examples):
         length = int(group["length"][index])
         tokens = group["tokens"][index, :length]

@@ -18,14 +18,7 @@ from scipy.optimize import minimize
 from analysis import efficient_attention as ea
 from analysis import projections
 from analysis.efficient_attention import DIAGNOSTICS, VARIANTS, effective_attention_reference_loop, efficient_attention
-from analysis.projections import (
-    full_rank_certificate,
-    nested_left_null_basis,
-    project_rows,
-    project_rows_causal,
-    projector,
-    value_output_basis,
-)
+from analysis.projections import full_rank_certificate, value_output_basis
 from analysis.simplex_solver import RowLayout, simplex_rows
 from analysis.key_bands import CAUSAL_BAND, KeyBand, default_band
 
@@ -188,27 +181,6 @@ def test_every_variant_keeps_the_head_output(sizes):
 
 
 @PROPERTY
-@given(problem_sizes, st.booleans())
-def test_projectors_are_idempotent_symmetric_and_contain_the_output(sizes, append_ones):
-    rng = np.random.default_rng(sizes["seed"])
-    size, head_dim, hidden = sizes["positions"], sizes["head_dim"], sizes["hidden"]
-    value = rng.normal(size=(3, size, head_dim))
-    w_out = rng.normal(size=(3, head_dim, hidden))
-    basis, rank = value_output_basis(value, w_out, append_ones=append_ones)
-    p = projector(basis).numpy()
-    assert np.abs(p @ p - p).max() <= 1e-12
-    assert np.abs(p - p.transpose(0, 2, 1)).max() <= 1e-12
-    for index in range(3):
-        t = value[index] @ w_out[index]
-        assert np.abs(p[index] @ t - t).max() <= 1e-12 * np.abs(t).max()
-        assert np.allclose(p[index], reference_projector(t, "stochastic" if append_ones else "effective"), atol=1e-10)
-        expected_rank = min(size, head_dim) + (1 if append_ones and size > head_dim else 0)
-        assert rank[index] == expected_rank
-        if append_ones:
-            assert np.allclose(p[index] @ np.ones(size), np.ones(size), atol=1e-12)
-
-
-@PROPERTY
 @given(problem_sizes)
 def test_closed_form_variants_match_an_svd_reference(sizes):
     """Effective and stochastic attention equal A·P from a numpy SVD (per prefix row when causal)."""
@@ -271,21 +243,6 @@ def test_no_null_space_means_no_change(seed, positions, causal):
             np.testing.assert_array_equal(results[variant].efficient, attention)
             assert not results[variant].diagnostics["output_residual"].any()
             assert not results[variant].diagnostics["null_norm_ratio"].any()
-
-
-def test_projection_skips_only_the_bases_that_span_everything():
-    """`project_rows_unless_identity`: rank = L keeps the rows bit for bit; other ranks are projected."""
-    rng = np.random.default_rng(3)
-    rows = torch.from_numpy(rng.random((3, 4, 6)))
-    full = torch.linalg.qr(torch.from_numpy(rng.normal(size=(6, 6)))).Q
-    partial = torch.linalg.qr(torch.from_numpy(rng.normal(size=(6, 6)))).Q * torch.tensor([1, 1, 1, 0, 0, 0.0])
-    basis = torch.stack([full, partial, full])
-    rank = torch.tensor([6, 3, 5])  # the third claims rank 5 < L: projected, even with a full basis
-    result = projections.project_rows_unless_identity(rows, basis, rank)
-    assert torch.equal(result[0], rows[0])
-    torch.testing.assert_close(result[1], projections.project_rows(rows[1], partial), rtol=0, atol=1e-15)
-    assert not torch.equal(result[2], rows[2])
-    torch.testing.assert_close(result[2], rows[2], rtol=0, atol=1e-12)
 
 
 @PROPERTY
@@ -390,17 +347,6 @@ def test_causal_attention_with_future_weight_is_rejected():
     attention, value, w_out, lengths = make_problem(1, positions=6, causal=False)
     with pytest.raises(ValueError, match="causal=True but attention has weight .* on future keys"):
         efficient_attention(attention, value, w_out, lengths, causal=True)
-
-
-def test_nested_left_null_basis_has_the_staircase_form():
-    rng = np.random.default_rng(2)
-    matrix = torch.from_numpy(rng.normal(size=(3, 11, 4)))
-    null = nested_left_null_basis(matrix).numpy()
-    assert null.shape == (3, 11, 7)
-    np.testing.assert_allclose(null.transpose(0, 2, 1) @ null, np.broadcast_to(np.eye(7), (3, 7, 7)), atol=1e-12)
-    assert np.abs(null.transpose(0, 2, 1) @ matrix.numpy()).max() <= 1e-12
-    for column in range(7):
-        assert (null[:, 4 + column + 1 :, column] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------ heads, padding
@@ -625,20 +571,6 @@ def test_certificate_falls_back_to_svd_for_rank_deficient_values():
             np.testing.assert_allclose(results[variant].efficient, expected, atol=1e-10)
         assert (results["simplex"].diagnostics["output_residual"] <= 1e-8).all()
         assert (results["simplex"].efficient >= 0).all()
-
-
-def test_project_rows_causal_matches_prefix_projectors():
-    rng = np.random.default_rng(3)
-    matrix = rng.normal(size=(2, 9, 3))
-    rows = softmax_rows(rng.normal(size=(2, 9, 9)), causal=True)
-    result = project_rows_causal(rows, matrix, hidden_size=3).numpy()
-    for index in range(2):
-        for query in range(9):
-            basis = svd_basis(matrix[index, : query + 1], 3)
-            expected = rows[index, query, : query + 1] @ basis @ basis.T
-            np.testing.assert_allclose(result[index, query, : query + 1], expected, atol=1e-12)
-    full_basis, _ = projections.column_space_basis(matrix, 3)
-    assert not np.allclose(result, np.tril(project_rows(rows, full_basis).numpy()))
 
 
 # ------------------------------------------------------------------------------------------------ realistic

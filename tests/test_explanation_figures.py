@@ -24,12 +24,11 @@ METHODS = ["attention:last-layer", "simplex:last-layer", "leave-one-out", "rando
 
 @pytest.fixture()
 def dataset(tmp_path):
-    from analysis.explanations import ExplanationMethod
+    from analysis.explainers import explainer_record
 
     url = str(tmp_path / "results.zarr")
     group = create_explanation_results(
-        url, [{"name": m.name, "kind": m.kind, "source": m.source, "aggregation": m.aggregation}
-              for m in map(ExplanationMethod.parse, METHODS)],
+        url, [explainer_record(name).stored() for name in METHODS],
         ["comprehensiveness", "sufficiency"], [1, 5, 10, 20, 50], ["leave-one-out", "integrated-gradients"],
         {"store_example": np.arange(3), "length": np.full(3, 8), "label": np.zeros(3)}, layers=2, positions=8,
         shard_size=3, attributes={"settings": {}},

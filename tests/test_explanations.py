@@ -10,13 +10,10 @@ import pytest
 import torch
 
 from analysis.architectures import adapter_for
+from analysis.explainers import ExplanationSettings
 from analysis.explanations import (
-    AGGREGATIONS,
-    ExplanationMethod,
-    ExplanationSettings,
     aggregation_layers,
     attention_rollout,
-    default_methods,
     draw_examples,
     efficient_differences,
     explain_example,
@@ -81,27 +78,6 @@ def bert(tokenizer) -> LoadedModel:
 
 def encode(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer(text)["input_ids"])
-
-
-def test_methods_parse_and_refuse_unknown_names():
-    assert ExplanationMethod.parse("simplex:rollout") == ExplanationMethod("simplex:rollout", "matrices", "simplex",
-                                                                           "rollout")
-    assert ExplanationMethod.parse("leave-one-out").kind == "model"
-    assert ExplanationMethod.parse("random").kind == "random"
-    with pytest.raises(ValueError, match="unknown explanation method 'attention:middle'"):
-        ExplanationMethod.parse("attention:middle")
-    norm = ExplanationMethod.parse("simplex-norm:last-layer")
-    assert (norm.kind, norm.source, norm.aggregation, norm.raw_twin) == ("norms", "simplex", "last-layer",
-                                                                         "attention-norm:last-layer")
-    assert norm.is_efficient and not ExplanationMethod.parse("attention-norm:rollout").is_efficient
-    assert ExplanationMethod.parse("effective:rollout").raw_twin == "attention:rollout"
-    with pytest.raises(ValueError, match="unknown explanation method '-norm:rollout'"):
-        ExplanationMethod.parse("-norm:rollout")
-    names = default_methods(["effective"])
-    assert names[:3] == [f"attention:{aggregation}" for aggregation in AGGREGATIONS]
-    assert names[6:9] == [f"attention-norm:{aggregation}" for aggregation in AGGREGATIONS]
-    assert names[9:12] == [f"effective-norm:{aggregation}" for aggregation in AGGREGATIONS]
-    assert names[-5:] == ["input-x-gradient", "integrated-gradients", "leave-one-out", "conservative-lrp", "random"]
 
 
 def _direct_norm_matrix(weights, value, w_out):
@@ -295,14 +271,6 @@ def test_a_method_without_scores_gets_no_faithfulness_and_settings_are_checked()
     # one call over the distinct masks: full, empty, and "ranked" at 1 % (at 100 % its masks are the empty and the
     # full input again)
     assert calls == [4]
-    with pytest.raises(ValueError, match="given once each"):
-        ExplanationSettings(methods=("random", "random"), examples=(0,))
-    with pytest.raises(ValueError, match="unknown explanation method"):
-        ExplanationSettings(methods=("attention:first",), examples=(0,))
-    with pytest.raises(ValueError, match=r"percents must be in \(0, 100\]"):
-        ExplanationSettings(methods=("random",), examples=(0,), percents=(0, 5))
-    with pytest.raises(ValueError, match="minimality_rows must be 0"):
-        ExplanationSettings(methods=("random",), examples=(0,), minimality_rows=-1)
 
 
 def test_a_language_model_scores_only_the_pooled_last_position_with_the_same_logits(tokenizer):

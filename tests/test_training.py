@@ -84,23 +84,6 @@ def first_run(base_folder, cue_csv, tmp_path_factory) -> tuple[Path, dict]:
 # settings, keys, cache folders (no training)
 
 
-def test_settings_defaults_and_validation():
-    settings = TrainingSettings()
-    assert settings.as_dict() == dict(
-        epochs=2, batch_size=32, learning_rate=5e-5, max_length=128, weight_decay=0.01, warmup_fraction=0.1,
-        held_out_fraction=0.2, seed=0, max_train_examples=None,
-    )
-    assert TrainingSettings.from_dict(settings.as_dict()) == settings
-    with pytest.raises(ValueError, match="TrainingSettings.epochs must be an integer >= 1, got 0"):
-        TrainingSettings(epochs=0)
-    with pytest.raises(ValueError, match="held_out_fraction must be strictly between 0 and 1"):
-        TrainingSettings(held_out_fraction=1.0)
-    with pytest.raises(ValueError, match="learning_rate must be positive"):
-        TrainingSettings(learning_rate=0)
-    with pytest.raises(ValueError, match=r"unknown training settings \['epoch'\]"):
-        TrainingSettings.from_dict({"epoch": 3})
-
-
 def test_cache_key_is_canonical_and_covers_every_input():
     key = head_cache_key("sha256:base", "sha256:corpus", TrainingSettings())
     assert key == head_cache_key("sha256:base", "sha256:corpus", TrainingSettings())
