@@ -55,7 +55,7 @@ from storage_schemas.efficient_store import (
     store_input_problems,
 )
 from storage_schemas.errors import CausalResultsError, IncompleteInputError
-from storage_schemas.results_dataset import NAN, ResultArray, ResultsSchema, forget_shards
+from storage_schemas.results_dataset import NAN, ResultArray, ResultsSchema, forget_shards, text_coordinate
 from storage_schemas.shard_records import InputsNow
 
 SCHEMA_NAME = "effattn.causal_results"
@@ -95,10 +95,6 @@ def _causal_inputs_now(group: zarr.Group, store_group: zarr.Group):
     return inputs_now
 
 
-def _text(dim: str, description: str) -> ResultArray:
-    return ResultArray((dim,), "string", description, fill="")
-
-
 CAUSAL_RESULTS = ResultsSchema(
     kind="causal",
     name=SCHEMA_NAME,
@@ -107,13 +103,13 @@ CAUSAL_RESULTS = ResultsSchema(
     version_advice=": run `effattn causal` again into a new --results path",
     error=CausalResultsError,
     coordinates={
-        "intervention": _text("intervention", "intervention name"),
-        "intervention_kind": _text("intervention", "kind of intervention"),
-        "variant": _text("intervention", "efficient-attention variant, or ''"),
+        "intervention": text_coordinate("intervention", "intervention name"),
+        "intervention_kind": text_coordinate("intervention", "kind of intervention"),
+        "variant": text_coordinate("intervention", "efficient-attention variant, or ''"),
         "removed_directions": ResultArray(("intervention",), "int32",
                                           "minimality probe: weakest directions of col(T) removed (0 otherwise)"),
-        "target": _text("target", "where the intervention was injected"),
-        "target_scope": _text("target", "all, layer or head"),
+        "target": text_coordinate("target", "where the intervention was injected"),
+        "target_scope": text_coordinate("target", "all, layer or head"),
         "target_layer": ResultArray(("target",), "int32", "layer replaced (-1: every layer)"),
         "target_head": ResultArray(("target",), "int32", "head replaced (-1: every head of the scope)"),
         "example": ResultArray(("example",), "int64", "index of the example in the attention store"),

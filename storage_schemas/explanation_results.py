@@ -60,7 +60,7 @@ from storage_schemas.efficient_store import (
     store_input_problems,
 )
 from storage_schemas.errors import ExplanationResultsError, IncompleteInputError
-from storage_schemas.results_dataset import NAN, ResultArray, ResultsSchema
+from storage_schemas.results_dataset import NAN, ResultArray, ResultsSchema, text_coordinate
 from storage_schemas.shard_records import InputsNow
 
 SCHEMA_NAME = "effattn.explanation_results"
@@ -143,10 +143,6 @@ def _explanation_inputs_now(group: zarr.Group, store_group: zarr.Group):
     return inputs_now
 
 
-def _text(dim: str, description: str) -> ResultArray:
-    return ResultArray((dim,), "string", description, fill="")
-
-
 EXPLANATION_RESULTS = ResultsSchema(
     kind="explanation",
     name=SCHEMA_NAME,
@@ -157,12 +153,12 @@ EXPLANATION_RESULTS = ResultsSchema(
                     "attention store)"),
     error=ExplanationResultsError,
     coordinates={
-        "explainer": _text("explainer", "attribution method"),
-        "explainer_kind": _text("explainer", "matrices, model or random"),
-        "explainer_source": _text("explainer", "attention or an efficient variant ('' otherwise)"),
-        "explainer_aggregation": _text("explainer", "how stored matrices become token scores ('' otherwise)"),
-        "metric": _text("metric", "faithfulness metric"),
-        "reference": _text("reference", "reference of Kendall tau"),
+        "explainer": text_coordinate("explainer", "attribution method"),
+        "explainer_kind": text_coordinate("explainer", "matrices, model or random"),
+        "explainer_source": text_coordinate("explainer", "attention or an efficient variant ('' otherwise)"),
+        "explainer_aggregation": text_coordinate("explainer", "how stored matrices become token scores ('' otherwise)"),
+        "metric": text_coordinate("metric", "faithfulness metric"),
+        "reference": text_coordinate("reference", "reference of Kendall tau"),
         "k": ResultArray(("k",), "float64",
                          "percent of the removable tokens removed (comprehensiveness) or kept (sufficiency)"),
         "layer": ResultArray(("layer",), "int32", "layer index"),

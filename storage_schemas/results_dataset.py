@@ -55,6 +55,11 @@ class ResultArray:
     fill: Any = 0
 
 
+def text_coordinate(dim: str, description: str) -> ResultArray:
+    """A coordinate of strings along `dim` ("" where unwritten)."""
+    return ResultArray((dim,), "string", description, fill="")
+
+
 # (results group, attention store group) -> for each recorded shard of the results, what it reads now
 # (storage_schemas.shard_records.InputsNow).
 CurrentInputs = Callable[[zarr.Group, zarr.Group], Callable[[int], InputsNow]]
