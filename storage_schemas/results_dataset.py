@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -99,25 +99,26 @@ class ResultsSchema:
         """Create an empty dataset at `url` (an error if anything exists there): every coordinate with its values
         (`coordinates`: name -> values), the per-example arrays (`metrics`: metric name -> description, for a
         dataset with metric arrays) and the root attributes. `sizes` gives the dims that have no coordinate."""
+        missing = sorted(set(self.coordinates) - set(coordinates))
+        if missing:
+            raise ValueError(f"{self.noun}: the coordinates {missing} are missing")
+        if metrics and self.metric_array is None:
+            raise ValueError(f"{self.noun} have no metric arrays, but metrics {list(metrics)} were given")
         try:
             group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options)
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             raise self.error(
                 f"something already exists at {url}: choose a new --results path, or delete it to start over"
             ) from None
-        missing = sorted(set(self.coordinates) - set(coordinates))
-        if missing:
-            raise ValueError(f"{self.noun}: the coordinates {missing} are missing")
         all_sizes = {**(sizes or {}), **{spec.dims[0]: len(coordinates[name])
                                          for name, spec in self.coordinates.items()}}
         for name, spec in self.coordinates.items():
             values = np.asarray(coordinates[name], dtype=object if spec.dtype == "string" else spec.dtype)
-            _create_array(group, name, spec, values.shape, values.shape).__setitem__(..., values)
-        per_example = dict(self.per_example_arrays(list(metrics or {})))
-        for name, description in (metrics or {}).items():
-            per_example[name] = ResultArray(self.metric_array.dims, self.metric_array.dtype, description,
-                                            self.metric_array.fill)
-        for name, spec in per_example.items():
+            array = _create_array(group, name, spec, values.shape, values.shape)
+            array[...] = values
+        metric_arrays = {name: replace(self.metric_array, description=description)
+                         for name, description in (metrics or {}).items()}
+        for name, spec in {**metric_arrays, **self.per_example}.items():
             shape = tuple(all_sizes[dim] for dim in spec.dims)
             chunks = tuple(shard_size if dim == "example" else n for dim, n in zip(spec.dims, shape))
             _create_array(group, name, spec, shape, chunks)

@@ -100,6 +100,10 @@ def test_a_declared_dataset_is_created_as_its_record_says_and_opens_with_xarray(
     assert dataset["item"].values.tolist() == ["a", "b"]
     with pytest.raises(DummyResultsError, match="something already exists at .*: choose a new --results path"):
         dummy_results(url)
+    other = tmp_path / "other.zarr"
+    with pytest.raises(ValueError, match=re.escape("dummy results: the coordinates ['item'] are missing")):
+        DUMMY.create(str(other), {"example": np.arange(5)}, shard_size=2, attributes={})
+    assert not other.exists()  # refused before anything is written
 
 
 def test_shards_are_written_whole_recorded_with_their_inputs_and_go_stale_when_an_input_is_written_again(tmp_path):
