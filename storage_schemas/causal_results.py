@@ -27,7 +27,7 @@ other settings is refused), `completed_shards`, `created`, and after aggregation
 
 Every completed shard records the identities of the attention-store shards it was computed from (root attribute
 `shard_inputs`: shard -> {"extraction": identity, "efficient/<variant>": identity} for each variant whose efficient
-attention it read; storage_schemas.attention_store). A shard counts as completed (`causal_completed_shards`) only
+attention it read; storage_schemas.shard_records). A shard counts as completed (`causal_completed_shards`) only
 while those inputs are still complete with the same identities: extraction or efficient shards written again make
 it stale, and the causal stage measures it again. Results written before inputs were recorded were computed from
 `legacy` inputs (extraction and every efficient variant the results name that the store holds).

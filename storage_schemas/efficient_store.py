@@ -10,7 +10,7 @@ is refused.
 
 Every completed shard of a variant records the identity of the extraction shard it was computed from
 (`shard_inputs`: shard -> {"extraction": identity}) and gets its own identity (`shard_identities`, read by the causal
-stage); see storage_schemas.attention_store. A shard counts as completed (`efficient_completed_shards`) only while
+stage); see storage_schemas.shard_records. A shard counts as completed (`efficient_completed_shards`) only while
 its extraction shard is complete with that same identity: an extraction shard written again makes the efficient
 shard stale, and the efficient stage computes it again. Shards completed before inputs were recorded were computed
 from `legacy` inputs: they stay completed exactly while their extraction shard keeps its legacy identity.

@@ -33,7 +33,7 @@ intervals, and each efficient method against its raw twin over the testable exam
 Every completed shard records the identities of the attention-store shards its examples were read from (root
 attribute `shard_inputs`: shard -> {"extraction[k]": identity, "efficient/<variant>[k]": identity} for every store
 shard k holding one of its examples and every variant whose matrices its methods read; see
-storage_schemas.attention_store). A shard counts as completed (`explanation_completed_shards`) only while those
+storage_schemas.shard_records). A shard counts as completed (`explanation_completed_shards`) only while those
 inputs are still complete with the same identities: store shards written again make it stale, and the explanation
 stage computes it again. Results written before inputs were recorded were computed from `legacy` inputs
 (extraction and every variant the methods read that the store holds), as the causal results are.
