@@ -43,8 +43,9 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 
 import tasks.efficient  # noqa: E402
+from storage_schemas.durable_writes import shard_file_paths  # noqa: E402
 from storage_schemas.efficient_store import write_efficient_shard  # noqa: E402
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, shard_file_paths  # noqa: E402
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS  # noqa: E402
 from storage_schemas.store_lock import hold_store_lock  # noqa: E402
 from storage_schemas.verification import content_digests, unmark_damaged_shards, verify_store  # noqa: E402
 from tests import crash_harness  # noqa: E402

@@ -20,7 +20,7 @@ from flows.preflight import check_device
 from flows.settings import CausalSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
 from storage_schemas.causal_results import causal_variants, mark_causal_shard_completed, open_causal_results
-from storage_schemas.efficient_store import efficient_array_path
+from storage_schemas.results_dataset import results_store_identity
 from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
 from tasks.causal import causal_shard_on_worker, prepare_results, run_causal_shard, summarise_results
@@ -53,7 +53,6 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
         chosen = default_interventions(variants, directions)
     else:
         chosen = parse_interventions(interventions)
-    attributes = group.attrs.asdict()
     selection = selection_of_group(group)
     return CausalPlan(
         interventions=tuple(chosen),
@@ -65,20 +64,8 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
         scope_examples=None if scope_examples is None else int(scope_examples),
         targets=tuple(targets_for(list(scopes), selection.layers, selection.heads)),  # model indices
         seed=int(settings.seed),
-        store_identity={
-            "weights_digest": attributes["model"]["weights_digest"],
-            "corpus_digest": attributes["corpus"]["digest"],
-            "examples": layout.n_examples,
-            "dtype": layout.dtype,
-            # a store of selected layers / heads (stores of everything keep the identity they always had)
-            **({} if selection.is_everything else {"selection": selection.to_attribute()}),
-            # efficient attention recomputed with other settings makes these results stale
-            "efficient_settings": {
-                variant: group[efficient_array_path(variant)].attrs.get("settings")
-                for variant in sorted({item.variant_name for item in chosen if item.variant})
-                if efficient_array_path(variant) in group
-            },
-        },
+        # what ties the results to the store: weights, corpus, examples, dtype, selection, efficient settings
+        store_identity=results_store_identity(group, sorted({item.variant_name for item in chosen if item.variant})),
     )
 
 

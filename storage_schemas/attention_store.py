@@ -19,7 +19,7 @@ has been written, by the single driver process; a shard not listed there is trea
 attribute `shard_identities` gives every completed shard a fresh random token (its identity), written in the same
 metadata update: a shard written again (extract rerun after `effattn verify --repair`) gets a new identity. The stages
 that read a shard (efficient attention, causal results) record the identities of the shards they read in their own
-`shard_inputs` attribute, and their shard counts as done only while those still match (`shard_is_current`).
+`shard_inputs` attribute, and their shard counts as done only while those still match (`storage_schemas.shard_records).
 Stores written before identities existed have none: their completed shards have the identity `legacy`.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,8 +36,11 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from storage_schemas.durable_writes import write_whole_shard
+from storage_schemas.errors import AttentionStoreError, AttentionStoreNotFoundError, IncompleteInputError
 from storage_schemas.remote import is_storage_access_error
 from storage_schemas.selection import SelectionError, selection_of_store
+from storage_schemas.shard_records import completion_update, recorded_identities, removal_update
 
 # A shard holds hundreds of small chunks (one example x one layer each); per-chunk overhead in zarr-python's codec
 # pipeline, not Zstandard, dominates reading and writing a shard (benchmarks/store_codecs.py measures the options).
@@ -152,14 +154,6 @@ def array_dimensions(task: str, schema_version: int = SCHEMA_VERSION) -> dict[st
     if task == "next-token":
         dimensions.update(NEXT_TOKEN_ARRAY_DIMENSIONS)
     return dimensions
-
-
-class AttentionStoreError(ValueError):
-    """A store that is not a valid attention store of this schema, or does not match the run using it."""
-
-
-class AttentionStoreNotFoundError(AttentionStoreError, FileNotFoundError):
-    """Nothing exists at the store's URL."""
 
 
 @dataclass(frozen=True)
@@ -481,64 +475,6 @@ def check_same_run(group: zarr.Group, url: str, expected: dict[str, Any]) -> Non
         )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# completion records and shard identities, shared by every store whose writers work shard by shard: an attribute
-# set (of a group or an array) holding `completed_shards`, `shard_identities` and, for a stage that reads shards of
-# another stage, `shard_inputs`.
-
-LEGACY_SHARD_IDENTITY = "legacy"  # the identity of a shard completed by an effattn that recorded none
-# Attributes that differ between two runs writing the same data (fresh tokens): content digests leave them out.
-SHARD_IDENTITY_ATTRIBUTES = ("shard_identities", "shard_inputs")
-
-
-def recorded_identities(attributes: dict[str, Any]) -> dict[int, str]:
-    """Every shard of `attributes["completed_shards"]` -> its identity (`legacy` when none is recorded)."""
-    tokens = attributes.get("shard_identities") or {}
-    return {int(shard): tokens.get(str(int(shard)), LEGACY_SHARD_IDENTITY)
-            for shard in attributes.get("completed_shards", [])}
-
-
-def recorded_inputs(attributes: dict[str, Any], shard_index: int, keys: list[str]) -> dict[str, str]:
-    """The identities of the inputs a completed shard was computed from, input name -> identity; a shard completed
-    before inputs were recorded was computed from `legacy` inputs (`keys` names them)."""
-    inputs = (attributes.get("shard_inputs") or {}).get(str(int(shard_index)))
-    return dict(inputs) if inputs is not None else {key: LEGACY_SHARD_IDENTITY for key in keys}
-
-
-def shard_is_current(recorded: dict[str, str], current: dict[str, str | None]) -> bool:
-    """Whether a shard computed from the inputs `recorded` (name -> identity) is still valid now that the inputs'
-    identities are `current` (None: that input shard is not complete)."""
-    return all(current.get(name) is not None and current.get(name) == identity for name, identity in recorded.items())
-
-
-def completion_update(attributes: dict[str, Any], shard_index: int,
-                      inputs: dict[str, str] | None = None) -> dict[str, Any]:
-    """The attribute values that record `shard_index` as completed with a fresh identity (and, for a consuming
-    stage, the identities of its `inputs`); write them in one update, so that no completed shard lacks them."""
-    shard = int(shard_index)
-    update: dict[str, Any] = {
-        "completed_shards": sorted({*map(int, attributes.get("completed_shards", [])), shard}),
-        "shard_identities": {**(attributes.get("shard_identities") or {}), str(shard): uuid.uuid4().hex},
-    }
-    if inputs is not None:
-        update["shard_inputs"] = {**(attributes.get("shard_inputs") or {}), str(shard): dict(inputs)}
-    return update
-
-
-def removal_update(attributes: dict[str, Any], shards) -> dict[str, Any]:
-    """The attribute values that record `shards` as not completed (their identities and inputs forgotten)."""
-    gone = {int(shard) for shard in shards}
-    update: dict[str, Any] = {
-        "completed_shards": sorted(set(map(int, attributes.get("completed_shards", []))) - gone),
-        "shard_identities": {key: value for key, value in (attributes.get("shard_identities") or {}).items()
-                             if int(key) not in gone},
-    }
-    if "shard_inputs" in attributes:
-        update["shard_inputs"] = {key: value for key, value in (attributes.get("shard_inputs") or {}).items()
-                                  if int(key) not in gone}
-    return update
-
-
 SHARDS_NAMED = 16  # how many shards a message lists by number
 
 
@@ -557,11 +493,6 @@ def describe_shards(shards, layout: AttentionStoreLayout) -> str:
     named = str(shards) if len(shards) <= SHARDS_NAMED else \
         f"[{', '.join(map(str, shards[:SHARDS_NAMED]))}, ... and {len(shards) - SHARDS_NAMED} more]"
     return f"shard{'s' if len(shards) > 1 else ''} {named} (example{'s' if several else ''} {examples})"
-
-
-class IncompleteInputError(AttentionStoreError):
-    """A stage was asked to read shards that their producer has not recorded as complete (or that were written
-    again since the stage computed from them)."""
 
 
 def completed_shards(group: zarr.Group) -> list[int]:
@@ -689,7 +620,7 @@ def write_shard(
     head_dim]; logits: [shard examples, class], or for next-token [shard examples, position, top_k] with
     logit_ids [shard examples, position, top_k] and logsumexp [shard examples, position].
     When this returns, the shard's files are on disk; a full disk or a store this process may not write raises
-    `StoreFullError` / `StoreNotWritableError` (storage_schemas.storage_faults).
+    `StoreFullError` / `StoreNotWritableError` (storage_schemas.durable_writes).
     """
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
@@ -703,17 +634,5 @@ def write_shard(
         expected = (n, *group[name].shape[1:])
         if array.shape != expected:
             raise ValueError(f"shard {shard_index}: '{name}' has shape {array.shape}, expected {expected}")
-    # imported here: storage_faults builds on this module's AttentionStoreError
-    from storage_schemas.storage_faults import (
-        discard_shard_files,
-        storage_errors_explained,
-        store_location,
-        sync_shard_files,
-    )
-
-    with storage_errors_explained(store_location(group)):
-        if shard_index not in completed_shards(group):  # a leftover of an interrupted or damaged write
-            discard_shard_files(group, [name for name, _ in arrays], shard_index)
-        for name, array in arrays:
-            group[name][region] = array
-        sync_shard_files(group, [name for name, _ in arrays], shard_index)  # durable before it can be marked done
+    write_whole_shard(group, shard_index, [(name, region, array) for name, array in arrays],
+                      recorded_done=shard_index in completed_shards(group))

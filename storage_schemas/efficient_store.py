@@ -10,7 +10,7 @@ is refused.
 
 Every completed shard of a variant records the identity of the extraction shard it was computed from
 (`shard_inputs`: shard -> {"extraction": identity}) and gets its own identity (`shard_identities`, read by the causal
-stage); see storage_schemas.attention_store. A shard counts as completed (`efficient_completed_shards`) only while
+stage); see storage_schemas.shard_records. A shard counts as completed (`efficient_completed_shards`) only while
 its extraction shard is complete with that same identity: an extraction shard written again makes the efficient
 shard stale, and the efficient stage computes it again. Shards completed before inputs were recorded were computed
 from `legacy` inputs: they stay completed exactly while their extraction shard keeps its legacy identity.
@@ -25,24 +25,20 @@ import zarr
 
 from analysis.variants import variant_record
 from storage_schemas.attention_store import (
-    AttentionStoreError,
     AttentionStoreLayout,
-    IncompleteInputError,
     _compressors,
-    completion_update,
     describe_shards,
+    extract_again_advice,
     extraction_identities,
-    recorded_identities,
-    recorded_inputs,
-    removal_update,
-    shard_is_current,
     store_layout,
 )
-from storage_schemas.storage_faults import (
-    discard_shard_files,
-    storage_errors_explained,
-    store_location,
-    sync_shard_files,
+from storage_schemas.durable_writes import write_whole_shard
+from storage_schemas.errors import AttentionStoreError, IncompleteInputError
+from storage_schemas.shard_records import (
+    completion_update,
+    current_and_stale_shards,
+    recorded_identities,
+    removal_update,
 )
 
 # name -> (storage dtype, description)
@@ -117,13 +113,9 @@ def _shard_states(group: zarr.Group, variant: str) -> tuple[list[int], list[int]
     path = efficient_array_path(variant)
     if path not in group:
         return [], []
-    attributes = group[path].attrs.asdict()
     extracted = extraction_identities(group)
-    current, stale = [], []
-    for shard in sorted(recorded_identities(attributes)):
-        inputs = recorded_inputs(attributes, shard, [EXTRACTION_INPUT])
-        (current if shard_is_current(inputs, {EXTRACTION_INPUT: extracted.get(shard)}) else stale).append(shard)
-    return current, stale
+    return current_and_stale_shards(group[path].attrs.asdict(),
+                                    lambda shard: ([EXTRACTION_INPUT], {EXTRACTION_INPUT: extracted.get(shard)}))
 
 
 def efficient_completed_shards(group: zarr.Group, variant: str) -> list[int]:
@@ -196,11 +188,45 @@ def write_efficient_shard(
     missing = sorted(set(DIAGNOSTIC_ARRAYS) - set(diagnostics))
     if missing:
         raise ValueError(f"shard {shard_index}: diagnostics {missing} of {variant} are missing")
-    paths = [diagnostic_array_path(variant, name) for name in DIAGNOSTIC_ARRAYS] + [efficient_array_path(variant)]
-    with storage_errors_explained(store_location(group)):
-        if shard_index not in efficient_completed_shards(group, variant):  # a leftover of an interrupted write
-            discard_shard_files(group, paths, shard_index)
-        for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items():
-            group[diagnostic_array_path(variant, name)][region] = np.asarray(diagnostics[name]).astype(dtype)
-        group[efficient_array_path(variant)][region] = np.asarray(efficient, dtype=np.float32)
-        sync_shard_files(group, paths, shard_index)  # durable before the driver can mark it done
+    writes = [(diagnostic_array_path(variant, name), region, np.asarray(diagnostics[name]).astype(dtype))
+              for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()]
+    writes.append((efficient_array_path(variant), region, np.asarray(efficient, dtype=np.float32)))
+    write_whole_shard(group, shard_index, writes,
+                      recorded_done=shard_index in efficient_completed_shards(group, variant))
+
+
+def store_input_identities(group: zarr.Group, variants) -> dict[int, dict[str, str | None]]:
+    """For every shard of the attention store: the current identities of what a consumer of extraction and the
+    efficient attention of `variants` reads there, input name ("extraction", "efficient/<variant>") -> identity,
+    None where that shard is not complete (or is stale)."""
+    layout = store_layout(group)
+    extracted = extraction_identities(group)
+    efficient = {variant: efficient_identities(group, variant) for variant in variants}
+    return {
+        shard: {EXTRACTION_INPUT: extracted.get(shard),
+                **{efficient_array_path(variant): efficient[variant].get(shard) for variant in variants}}
+        for shard in range(layout.n_shards)
+    }
+
+
+def store_input_problems(group: zarr.Group, url: str, shards, variants) -> list[str]:
+    """What keeps a consumer from reading `shards` of the store at `url` (extraction and the efficient attention
+    of `variants`): one sentence per unfinished input, naming its shards and the command that completes them."""
+    layout = store_layout(group)
+    current = store_input_identities(group, variants)
+    problems = []
+    missing = [shard for shard in shards if current[shard][EXTRACTION_INPUT] is None]
+    if missing:
+        problems.append(f"extraction {describe_shards(missing, layout)} {'is' if len(missing) == 1 else 'are'} not "
+                        f"complete: {extract_again_advice(group, url)}")
+    for variant in variants:
+        path = efficient_array_path(variant)
+        lacking = [shard for shard in shards if current[shard][path] is None]
+        if not lacking:
+            continue
+        stale = set(lacking) & set(efficient_stale_shards(group, variant))
+        why = " (computed from extraction shards that were written again since, or are not complete)" if stale else ""
+        problems.append(f"{path} {describe_shards(lacking, layout)} {'is' if len(lacking) == 1 else 'are'} not "
+                        f"computed{why}: run `effattn efficient --store {url} --variants {variant}`"
+                        + (" after the extraction is complete" if missing else ""))
+    return problems

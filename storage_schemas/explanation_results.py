@@ -33,10 +33,14 @@ intervals, and each efficient method against its raw twin over the testable exam
 Every completed shard records the identities of the attention-store shards its examples were read from (root
 attribute `shard_inputs`: shard -> {"extraction[k]": identity, "efficient/<variant>[k]": identity} for every store
 shard k holding one of its examples and every variant whose matrices its methods read; see
-storage_schemas.attention_store). A shard counts as completed (`explanation_completed_shards`) only while those
+storage_schemas.shard_records). A shard counts as completed (`explanation_completed_shards`) only while those
 inputs are still complete with the same identities: store shards written again make it stale, and the explanation
 stage computes it again. Results written before inputs were recorded were computed from `legacy` inputs
 (extraction and every variant the methods read that the store holds), as the causal results are.
+
+The dataset is declared by `EXPLANATION_RESULTS` (storage_schemas.results_dataset implements it); this module adds
+what only the explanation results do: their inputs (the store shards holding a shard's examples) and its
+coordinates.
 """
 
 from __future__ import annotations
@@ -48,21 +52,16 @@ import numpy as np
 import zarr
 
 from analysis.variants import VARIANTS
-from storage_schemas.attention_store import (
-    AttentionStoreError,
-    IncompleteInputError,
-    _compressors,
-    completion_update,
-    describe_shards,
-    extract_again_advice,
-    open_attention_store,
-    recorded_identities,
-    recorded_inputs,
-    shard_is_current,
-    store_layout,
+from storage_schemas.attention_store import store_layout
+from storage_schemas.efficient_store import (
+    EXTRACTION_INPUT,
+    efficient_array_path,
+    store_input_identities,
+    store_input_problems,
 )
-from storage_schemas.causal_results import causal_input_identities, forget_result_shards, shard_region
-from storage_schemas.efficient_store import EXTRACTION_INPUT, efficient_array_path, efficient_stale_shards
+from storage_schemas.errors import ExplanationResultsError, IncompleteInputError
+from storage_schemas.results_dataset import NAN, ResultArray, ResultsSchema, text_coordinate
+from storage_schemas.shard_records import InputsNow
 
 SCHEMA_NAME = "effattn.explanation_results"
 SCHEMA_VERSION = 2
@@ -103,136 +102,6 @@ AGGREGATES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-class ExplanationResultsError(AttentionStoreError):
-    """An explanation results dataset that is not valid, or does not match the run using it."""
-
-
-def _array(group: zarr.Group, name: str, values, shape, dtype, chunks, dims, description, fill_value: Any = 0):
-    array = group.create_array(
-        name, shape=shape, dtype=str if dtype == "string" else dtype, chunks=chunks, compressors=_compressors(),
-        fill_value=fill_value, dimension_names=dims, attributes={"description": description},
-    )
-    if values is not None:
-        array[...] = values
-
-
-def create_explanation_results(
-    url: str,
-    methods: Sequence[dict[str, str]],
-    metrics: Sequence[str],
-    percents: Sequence[float],
-    references: Sequence[str],
-    examples: dict[str, np.ndarray],
-    layers: int,
-    positions: int,
-    shard_size: int,
-    attributes: dict[str, Any],
-    storage_options: dict | None = None,
-) -> zarr.Group:
-    """Create an empty results dataset at `url` (an error if anything exists there).
-
-    methods: [{"name", "kind", "source", "aggregation"}]; examples: {"store_example", "length", "label"} arrays
-    [example]; positions: the store's max length; attributes: provenance and `settings`."""
-    try:
-        group = zarr.open_group(url, mode="w-", zarr_format=3, storage_options=storage_options)
-    except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
-        raise ExplanationResultsError(
-            f"something already exists at {url}: choose a new --results path, or delete it to start over"
-        ) from None
-    sizes = {"explainer": len(methods), "metric": len(metrics), "k": len(percents), "reference": len(references),
-             "example": len(examples["store_example"]), "position": int(positions), "layer": int(layers)}
-    for field, description in (("name", "attribution method"), ("kind", "matrices, model or random"),
-                               ("source", "attention or an efficient variant ('' otherwise)"),
-                               ("aggregation", "how stored matrices become token scores ('' otherwise)")):
-        name = "explainer" if field == "name" else f"explainer_{field}"
-        _array(group, name, np.asarray([item[field] for item in methods], dtype=object), (sizes["explainer"],), "string",
-               (sizes["explainer"],), ("explainer",), description, fill_value="")
-    for name, values, description in (("metric", list(metrics), "faithfulness metric"),
-                                      ("reference", list(references), "reference of Kendall tau")):
-        _array(group, name, np.asarray(values, dtype=object), (len(values),), "string", (len(values),), (name,),
-               description, fill_value="")
-    _array(group, "k", np.asarray(percents, dtype=np.float64), (sizes["k"],), "float64", (sizes["k"],), ("k",),
-           "percent of the removable tokens removed (comprehensiveness) or kept (sufficiency)")
-    _array(group, "layer", np.arange(layers, dtype=np.int32), (layers,), "int32", (max(layers, 1),), ("layer",),
-           "layer index")
-    E = sizes["example"]
-    for name, dtype, description in (("store_example", "int64", "index of the example in the attention store"),
-                                     ("length", "int32", "real tokens of the example"),
-                                     ("label", "int64", "class id, -1 when unknown")):
-        _array(group, name, np.asarray(examples[name], dtype=dtype), (E,), dtype, (max(E, 1),), ("example",),
-               description)
-    _array(group, "example", np.arange(E, dtype=np.int64), (E,), "int64", (max(E, 1),), ("example",),
-           "index of the explained example")
-    for name, (dims, dtype, fill, description) in PER_EXAMPLE_ARRAYS.items():
-        shape = tuple(sizes[dim] for dim in dims)
-        chunks = tuple(shard_size if dim == "example" else max(sizes[dim], 1) for dim in dims)
-        _array(group, name, None, shape, dtype, chunks, dims, description, fill_value=fill)
-    group.attrs.update({**attributes, "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION,
-                        "shard_size": int(shard_size), "completed_shards": []})
-    return group
-
-
-def open_explanation_results(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
-    """Open a results dataset; `ExplanationResultsError` says what is wrong and what to do."""
-    try:
-        group = zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options)
-    except FileNotFoundError:
-        raise ExplanationResultsError(
-            f"there are no explanation results at {url}: create them with `effattn explain --store STORE --results "
-            f"{url}`"
-        ) from None
-    attributes = group.attrs.asdict()
-    if "schema" not in attributes and "explainer" in group:
-        raise ExplanationResultsError(
-            f"{url} was never completely created (its creation stopped before the attributes were written): delete "
-            "it and run `effattn explain` again"
-        )
-    if attributes.get("schema") != SCHEMA_NAME:
-        raise ExplanationResultsError(
-            f"{url} is not an effattn explanation results dataset (its 'schema' attribute is "
-            f"{attributes.get('schema')!r}, expected {SCHEMA_NAME!r}): point --results at a dataset written by "
-            "`effattn explain`"
-        )
-    if attributes.get("schema_version") != SCHEMA_VERSION:
-        raise ExplanationResultsError(
-            f"{url} has explanation results schema version {attributes.get('schema_version')!r}, but this effattn "
-            f"reads version {SCHEMA_VERSION} (version 2 records which examples can tell efficient attention from "
-            "A): delete it, or choose a new --results path, and run `effattn explain` again (explanations are "
-            "recomputed from the attention store)"
-        )
-    missing = [name for name in (*PER_EXAMPLE_ARRAYS, "explainer", "example") if name not in group]
-    if missing:
-        raise ExplanationResultsError(f"{url} lacks the arrays {missing}: it was not completely created; delete it "
-                                      "and run `effattn explain` again")
-    return group
-
-
-def load_explanation_dataset(url: str, storage_options: dict | None = None):
-    """The whole results as an in-memory xarray Dataset (small: per-example numbers), after validation."""
-    import xarray as xr
-
-    open_explanation_results(url, storage_options=storage_options)
-    return xr.open_zarr(url, consolidated=False, storage_options=storage_options).load()
-
-
-def check_same_explanation_settings(group: zarr.Group, url: str, settings: dict[str, Any]) -> None:
-    """Refuse to resume a results dataset made with other settings, naming every difference."""
-    stored = group.attrs.get("settings", {})
-    differences = [
-        f"{key}: stored {stored.get(key)!r}, requested {settings.get(key)!r}"
-        for key in sorted(set(stored) | set(settings)) if stored.get(key) != settings.get(key)
-    ]
-    if differences:
-        raise ExplanationResultsError(
-            f"{url} holds explanation results of another run ({'; '.join(differences)}): use the same settings to "
-            "resume it, or choose a new --results path"
-        )
-
-
-def explanation_shard_count(group: zarr.Group) -> int:
-    return -(-group["example"].shape[0] // int(group.attrs["shard_size"]))
-
-
 def explanation_variants(group: zarr.Group) -> list[str]:
     """The efficient variants whose stored matrices the results' methods read (their `explainer_source`), in VARIANTS
     order."""
@@ -257,11 +126,103 @@ def _identities_of(current: dict[int, dict[str, str | None]], store_shards, vari
                                                                                                   variants)}
 
 
+def _explanation_inputs_now(group: zarr.Group, store_group: zarr.Group):
+    """For each recorded shard: its legacy inputs (extraction and every variant the methods read that the store
+    holds, of the store shards holding its examples) and the identities of those inputs now."""
+    variants = explanation_variants(group)
+    legacy_variants = [variant for variant in variants if efficient_array_path(variant) in store_group]
+    current = store_input_identities(store_group, variants)
+    store_examples = group["store_example"][:]
+
+    def inputs_now(shard: int) -> InputsNow:
+        store_shards = store_shards_holding(store_group,
+                                            store_examples[EXPLANATION_RESULTS.shard_region(group, shard)])
+        legacy_keys = [recorded for _, _, recorded in _input_names(store_shards, legacy_variants)]
+        return legacy_keys, _identities_of(current, store_shards, variants)
+
+    return inputs_now
+
+
+EXPLANATION_RESULTS = ResultsSchema(
+    kind="explanation",
+    name=SCHEMA_NAME,
+    version=SCHEMA_VERSION,
+    command="effattn explain",
+    version_advice=(" (version 2 records which examples can tell efficient attention from A): delete it, or choose "
+                    "a new --results path, and run `effattn explain` again (explanations are recomputed from the "
+                    "attention store)"),
+    error=ExplanationResultsError,
+    coordinates={
+        "explainer": text_coordinate("explainer", "attribution method"),
+        "explainer_kind": text_coordinate("explainer", "matrices, model or random"),
+        "explainer_source": text_coordinate("explainer", "attention or an efficient variant ('' otherwise)"),
+        "explainer_aggregation": text_coordinate("explainer", "how stored matrices become token scores ('' otherwise)"),
+        "metric": text_coordinate("metric", "faithfulness metric"),
+        "reference": text_coordinate("reference", "reference of Kendall tau"),
+        "k": ResultArray(("k",), "float64",
+                         "percent of the removable tokens removed (comprehensiveness) or kept (sufficiency)"),
+        "layer": ResultArray(("layer",), "int32", "layer index"),
+        "store_example": ResultArray(("example",), "int64", "index of the example in the attention store"),
+        "length": ResultArray(("example",), "int32", "real tokens of the example"),
+        "label": ResultArray(("example",), "int64", "class id, -1 when unknown"),
+        "example": ResultArray(("example",), "int64", "index of the explained example"),
+    },
+    per_example={name: ResultArray(dims, dtype, description, fill)
+                 for name, (dims, dtype, fill, description) in PER_EXAMPLE_ARRAYS.items()},
+    aggregates={name: ResultArray(dims, "float64", description, fill=NAN)
+                for name, (dims, description) in AGGREGATES.items()},
+    required=(*PER_EXAMPLE_ARRAYS, "explainer", "example"),
+    current_inputs=_explanation_inputs_now,
+)
+
+
+def create_explanation_results(
+    url: str,
+    methods: Sequence[dict[str, str]],
+    metrics: Sequence[str],
+    percents: Sequence[float],
+    references: Sequence[str],
+    examples: dict[str, np.ndarray],
+    layers: int,
+    positions: int,
+    shard_size: int,
+    attributes: dict[str, Any],
+    storage_options: dict | None = None,
+) -> zarr.Group:
+    """Create an empty results dataset at `url` (an error if anything exists there).
+
+    methods: [{"name", "kind", "source", "aggregation"}]; examples: {"store_example", "length", "label"} arrays
+    [example]; positions: the store's max length; attributes: provenance and `settings`."""
+    coordinates = {
+        **{name: [item[field] for item in methods] for name, field in (
+            ("explainer", "name"), ("explainer_kind", "kind"), ("explainer_source", "source"),
+            ("explainer_aggregation", "aggregation"))},
+        "metric": list(metrics), "reference": list(references), "k": list(percents), "layer": np.arange(layers),
+        **{name: examples[name] for name in ("store_example", "length", "label")},
+        "example": np.arange(len(examples["store_example"])),
+    }
+    return EXPLANATION_RESULTS.create(url, coordinates, shard_size, attributes, sizes={"position": int(positions)},
+                                      storage_options=storage_options)
+
+
+open_explanation_results = EXPLANATION_RESULTS.open
+load_explanation_dataset = EXPLANATION_RESULTS.load
+check_same_explanation_settings = EXPLANATION_RESULTS.check_same_settings
+explanation_shard_count = EXPLANATION_RESULTS.shard_count
+explanation_shard_region = EXPLANATION_RESULTS.shard_region
+explanation_completed_shards = EXPLANATION_RESULTS.completed_shards
+forget_stale_explanation_shards = EXPLANATION_RESULTS.forget_stale_shards
+mark_explanation_shard_completed = EXPLANATION_RESULTS.mark_shard_completed
+write_explanation_shard = EXPLANATION_RESULTS.write_shard
+write_explanation_aggregates = EXPLANATION_RESULTS.write_aggregates
+explanation_status = EXPLANATION_RESULTS.status
+
+
 def explanation_input_identities(store_group: zarr.Group, store_examples, variants) -> dict[str, str | None]:
     """The current identities of what explaining `store_examples` reads: for every store shard k holding one of them,
     `extraction[k]` and `efficient/<variant>[k]` for each of `variants` -> identity (None: that shard is not
     complete, or is stale)."""
-    return _identities_of(causal_input_identities(store_group, variants),
+    return _identities_of(store_input_identities(store_group, variants),
                           store_shards_holding(store_group, store_examples), variants)
 
 
@@ -275,24 +236,8 @@ def require_explanation_inputs(store_group: zarr.Group, store_url: str, store_ex
     """Refuse (`IncompleteInputError`) to explain `store_examples` while a store shard holding one of them is not
     extracted, or lacks current efficient attention of one of `variants`, naming the shards and the commands that
     complete them."""
-    layout = store_layout(store_group)
-    shards = store_shards_holding(store_group, store_examples)
-    current = causal_input_identities(store_group, variants)
-    problems = []
-    missing = [shard for shard in shards if current[shard][EXTRACTION_INPUT] is None]
-    if missing:
-        problems.append(f"extraction {describe_shards(missing, layout)} {'is' if len(missing) == 1 else 'are'} not "
-                        f"complete: {extract_again_advice(store_group, store_url)}")
-    for variant in variants:
-        path = efficient_array_path(variant)
-        lacking = [shard for shard in shards if current[shard][path] is None]
-        if not lacking:
-            continue
-        stale = set(lacking) & set(efficient_stale_shards(store_group, variant))
-        why = " (computed from extraction shards that were written again since, or are not complete)" if stale else ""
-        problems.append(f"{path} {describe_shards(lacking, layout)} {'is' if len(lacking) == 1 else 'are'} not "
-                        f"computed{why}: run `effattn efficient --store {store_url} --variants {variant}`"
-                        + (" after the extraction is complete" if missing else ""))
+    problems = store_input_problems(store_group, store_url, store_shards_holding(store_group, store_examples),
+                                    variants)
     if problems:
         raise IncompleteInputError(
             f"{store_url} is not ready for `effattn explain` (the examples to explain lie in unfinished shards, "
@@ -314,115 +259,9 @@ def require_stored_variants(store_group: zarr.Group, store_url: str) -> list[str
     return variants
 
 
-def _explanation_shard_states(group: zarr.Group, store_group: zarr.Group) -> tuple[list[int], list[int]]:
-    """(current, stale) recorded shards of the results: stale ones were computed from store shards that are not
-    complete now, or were written again since."""
-    attributes = group.attrs.asdict()
-    variants = explanation_variants(group)
-    legacy_variants = [variant for variant in variants if efficient_array_path(variant) in store_group]
-    current = causal_input_identities(store_group, variants)
-    store_examples = group["store_example"][:]
-    n_shards = explanation_shard_count(group)
-    fresh, stale = [], []
-    for shard in sorted(recorded_identities(attributes)):
-        if not 0 <= shard < n_shards:
-            stale.append(shard)
-            continue
-        store_shards = store_shards_holding(store_group, store_examples[explanation_shard_region(group, shard)])
-        legacy_keys = [recorded for _, _, recorded in _input_names(store_shards, legacy_variants)]
-        recorded = recorded_inputs(attributes, shard, legacy_keys)
-        now = _identities_of(current, store_shards, variants)
-        (fresh if shard_is_current(recorded, now) else stale).append(shard)
-    return fresh, stale
-
-
-def explanation_completed_shards(group: zarr.Group, store_group: zarr.Group) -> list[int]:
-    """The shards of the results `group` that are computed and still current: computed from the shards of the
-    attention store `store_group` as they are now."""
-    return _explanation_shard_states(group, store_group)[0]
-
-
-def forget_stale_explanation_shards(group: zarr.Group, store_group: zarr.Group) -> list[int]:
-    """Record the stale shards of the results as not done (and drop the claims, which they entered); returns them.
-    Only from the driver that holds the results' lock."""
-    stale = _explanation_shard_states(group, store_group)[1]
-    forget_result_shards(group, stale)
-    return stale
-
-
-def mark_explanation_shard_completed(group: zarr.Group, shard_index: int, inputs: dict[str, str]) -> None:
-    """Record a shard as done, computed from the store's shards of these identities (as `explanation_shard_inputs`
-    gave them before the shard's examples were read); only after its data is written, only from the driver."""
-    explanation_shard_region(group, shard_index)  # an IndexError for a shard that does not exist
-    if not inputs or any(identity is None for identity in inputs.values()):
-        raise IncompleteInputError(f"explanation shard {shard_index} cannot be recorded as done: its inputs "
-                                   f"{inputs} were not all complete")
-    group.attrs.update(completion_update(group.attrs.asdict(), shard_index, inputs))
-
-
-def explanation_shard_region(group: zarr.Group, shard_index: int) -> slice:
-    return shard_region(group, shard_index)
-
-
-def write_explanation_shard(group: zarr.Group, shard_index: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write one whole shard: every array of PER_EXAMPLE_ARRAYS, shaped as stored with `example` cut to the
-    shard's examples."""
-    region = explanation_shard_region(group, shard_index)
-    missing = sorted(set(PER_EXAMPLE_ARRAYS) - set(arrays))
-    if missing:
-        raise ValueError(f"shard {shard_index}: arrays {missing} are missing")
-    for name, (dims, dtype, _, _) in PER_EXAMPLE_ARRAYS.items():
-        axis = dims.index("example")
-        expected = tuple(region.stop - region.start if i == axis else n for i, n in enumerate(group[name].shape))
-        values = np.asarray(arrays[name])
-        if values.shape != expected:
-            raise ValueError(f"shard {shard_index}: {name} has shape {values.shape}, expected {expected}")
-        index = tuple(region if i == axis else slice(None) for i in range(len(dims)))
-        group[name][index] = values.astype(dtype)
-
-
-def write_explanation_aggregates(group: zarr.Group, aggregates: dict[str, np.ndarray]) -> None:
-    """Write (or overwrite) every array of AGGREGATES."""
-    for name, (dims, description) in AGGREGATES.items():
-        values = np.asarray(aggregates[name], dtype=np.float64)
-        shape = tuple(group[dim].shape[0] for dim in dims)
-        if values.shape != shape:
-            raise ValueError(f"aggregate {name} has shape {values.shape}, expected {shape}")
-        if name in group:
-            group[name][...] = values
-        else:
-            _array(group, name, values, shape, "float64", tuple(max(n, 1) for n in shape), dims, description,
-                   fill_value=float("nan"))
-
-
 def explanation_results_path(causal_results: str) -> str:
     """Where the pipeline puts the explanation results of a run: next to its causal results,
     `<name>.results.zarr` -> `<name>.explanations.zarr`."""
     base = causal_results.rstrip("/")
     base = base[: -len(".results.zarr")] if base.endswith(".results.zarr") else base
     return f"{base}.explanations.zarr"
-
-
-def explanation_status(url: str, settings: dict[str, Any], store: str):
-    """The pipeline's check (storage_schemas.pipeline_runs.StageCheck): complete when the results at `url` were
-    made with `settings`, every shard is done and still current for the attention store at `store` (computed from
-    its shards as they are now), and the claims are written; conflicting when made with other settings."""
-    import json
-
-    from storage_schemas.pipeline_runs import StageCheck
-
-    try:
-        group = open_explanation_results(url, mode="r")
-    except ExplanationResultsError as error:
-        return StageCheck(False, str(error))
-    attributes = group.attrs.asdict()
-    if attributes.get("settings") != json.loads(json.dumps(settings)):
-        return StageCheck(False, f"{url} holds explanation results of other settings", conflicting=True)
-    try:
-        done = len(explanation_completed_shards(group, open_attention_store(store, mode="r")))
-    except AttentionStoreError as error:
-        return StageCheck(False, str(error))
-    shards = explanation_shard_count(group)
-    if done < shards or "claims" not in attributes:
-        return StageCheck(False, f"{done} of {shards} shards of {url} are done")
-    return StageCheck(True, f"{url} is complete ({shards} shards, claims written)")

@@ -51,17 +51,9 @@ from storage_schemas.efficient_store import (
     efficient_array_path,
     efficient_completed_shards,
 )
+from storage_schemas.stage_checks import StageCheck
 
 EXTRACTION_INPUTS_ATTRIBUTE = "pipeline_extraction_inputs"
-
-
-@dataclass(frozen=True)
-class StageCheck:
-    """Whether a stage's output is complete for this run's inputs, and why (or why not), in words."""
-
-    complete: bool
-    reason: str
-    conflicting: bool = False  # the output exists but was made with other settings: it must not be overwritten
 
 
 def name_part(name_or_path: str) -> str:
@@ -218,24 +210,9 @@ def causal_status(url: str, settings: dict[str, Any], store: str) -> StageCheck:
     """Complete when the causal results at `url` were made with `settings`, every shard is done and still current
     for the attention store at `store` (measured on its shards as they are now), and the claims table is written
     (storage_schemas.causal_results)."""
-    from storage_schemas.causal_results import CausalResultsError, causal_completed_shards, open_causal_results
+    from storage_schemas.causal_results import CAUSAL_RESULTS
 
-    try:
-        group = open_causal_results(url, mode="r")
-    except CausalResultsError as error:
-        return StageCheck(False, str(error))
-    attributes = group.attrs.asdict()
-    if attributes.get("settings") != _canonical(settings):
-        return StageCheck(False, f"{url} holds causal results of other settings", conflicting=True)
-    examples = group["example"].shape[0]
-    shards = -(-examples // int(attributes["shard_size"]))
-    try:
-        done = len(causal_completed_shards(group, open_attention_store(store, mode="r")))
-    except AttentionStoreError as error:
-        return StageCheck(False, str(error))
-    if done < shards or "claims" not in attributes:
-        return StageCheck(False, f"{done} of {shards} shards of {url} are done")
-    return StageCheck(True, f"{url} is complete ({shards} shards, claims written)")
+    return CAUSAL_RESULTS.status(url, settings, store)
 
 
 REPORT_SOURCE_FILE = "report-source.json"

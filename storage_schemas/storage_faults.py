@@ -1,8 +1,8 @@
-"""Storage failures: which are transient (retry them), which are not (say what to do), and durable shard writes.
+"""Storage failures: which are transient (retry them), which are not (say what to do).
 
 A failed write never costs stored data: every writer writes whole shards, and a shard is recorded as done only
-after its write has returned and its files are on disk (`sync_shard_files`). What this module adds is the
-classification and the messages:
+after its write has returned and its files are on disk (storage_schemas.durable_writes). What this module adds is
+the classification and the messages:
 
 * `is_transient_io_error`: a flaky disk or network (EIO, a dropped connection, a timeout) is worth retrying; a full
   disk, a missing permission, a missing file or any non-I/O error is not, and retrying it only delays the message.
@@ -22,13 +22,9 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TypeVar
 
-import zarr
-from zarr.storage import LocalStore
-
-from storage_schemas.attention_store import AttentionStoreError
+from storage_schemas.errors import AttentionStoreError, StoreFullError, StoreNotWritableError
 
 # Out of space: the disk, the user's quota, or the process's file-size limit (RLIMIT_FSIZE).
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -40,14 +36,6 @@ NOT_FOUND_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.EN
 DEFAULT_RETRY_DELAYS = (0.5, 2.0, 8.0)
 
 Result = TypeVar("Result")
-
-
-class StoreFullError(AttentionStoreError):
-    """A write into a store failed for lack of space (disk full, quota exceeded, file size limit)."""
-
-
-class StoreNotWritableError(AttentionStoreError):
-    """This process may not write where the store is (permissions, a read-only filesystem)."""
 
 
 # zarrs (the Rust codec pipeline) reports an operating-system error as a RuntimeError "<strerror> (os error N)".
@@ -164,65 +152,3 @@ def retry_transient_io(
                 on_retry(attempt, error, delay)
             sleep(delay)
     raise AssertionError("unreachable")
-
-
-def shard_file_paths(group: zarr.Group, array_paths: Sequence[str], shard_index: int) -> list[Path]:
-    """The files holding shard `shard_index` of each array (arrays chunked or sharded by the store's shard size
-    along `example`), for a store on the local disk; [] for other stores. Files not written (all fill value) are
-    left out."""
-    store = group.store
-    if not isinstance(store, LocalStore):
-        return []
-    paths = []
-    for name in array_paths:
-        array = group[name]
-        key = array.metadata.encode_chunk_key((shard_index,) + (0,) * (array.ndim - 1))
-        path = Path(store.root) / array.path / key
-        if path.is_file():
-            paths.append(path)
-    return paths
-
-
-def sync_shard_files(group: zarr.Group, array_paths: Sequence[str], shard_index: int) -> None:
-    """Make the shard files of a just-written shard durable (fsync of each file and of its folder, so that the
-    rename that put it in place survives a power cut too). Object stores need nothing: a finished upload is durable.
-    Call before recording the shard as done."""
-    folders = set()
-    for path in shard_file_paths(group, array_paths, shard_index):
-        _fsync_path(path, os.O_RDONLY)
-        folders.add(path.parent)
-    for folder in folders:
-        _fsync_path(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-
-
-def _fsync_path(path: Path, flags: int) -> None:
-    descriptor = os.open(path, flags)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def store_location(group: zarr.Group) -> str:
-    """Where the store of `group` is, for messages: a local folder, or protocol://path."""
-    store = group.store
-    if isinstance(store, LocalStore):
-        return str(store.root)
-    path, filesystem = getattr(store, "path", None), getattr(store, "fs", None)
-    protocol = getattr(filesystem, "protocol", None)
-    protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
-    return f"{protocol}://{path}" if path and protocol else str(store)
-
-
-def discard_shard_files(group: zarr.Group, array_paths: Sequence[str], shard_index: int) -> None:
-    """Delete the files of shard `shard_index` of each array, before a writer writes that whole shard again.
-
-    Zarr merges a shard write into the shard already on disk (it reads the old file first), so a damaged leftover
-    of an interrupted or corrupted shard would make every rewrite fail. Call only for shards not recorded as done.
-    """
-    from zarr.core.sync import sync  # zarr's own bridge from sync code to its async store API
-
-    for name in array_paths:
-        array = group[name]
-        key = array.metadata.encode_chunk_key((shard_index,) + (0,) * (array.ndim - 1))
-        sync(group.store.delete(f"{array.path}/{key}"))

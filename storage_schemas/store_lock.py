@@ -40,7 +40,7 @@ import fsspec
 import psutil
 from fsspec.implementations.local import LocalFileSystem
 
-from storage_schemas.attention_store import AttentionStoreError
+from storage_schemas.errors import StoreLockedError
 from storage_schemas.storage_faults import storage_errors_explained
 
 LOCK_SUFFIX = ".effattn-lock.json"
@@ -51,10 +51,6 @@ START_TIME_SLACK_SECONDS = 1.0
 RECORD_WAIT_SECONDS = 2.0
 
 logger = logging.getLogger(__name__)
-
-
-class StoreLockedError(AttentionStoreError):
-    """Another run holds the store's writer lock (or may: a holder on another host cannot be checked)."""
 
 
 @dataclass(frozen=True)

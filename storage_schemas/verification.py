@@ -36,7 +36,6 @@ import zarr
 from analysis import key_bands, store_checks
 from analysis.variants import VARIANTS, variant_record
 from storage_schemas.attention_store import (
-    SHARD_IDENTITY_ATTRIBUTES,
     AttentionStoreError,
     AttentionStoreLayout,
     AttentionStoreNotFoundError,
@@ -59,6 +58,7 @@ from storage_schemas.remote import (
     storage_access_problem,
 )
 from storage_schemas.selection import SelectionError, selection_of_group
+from storage_schemas.shard_records import SHARD_IDENTITY_ATTRIBUTES
 from storage_schemas.storage_faults import is_corrupt_chunk_error
 from storage_schemas.store_lock import hold_store_lock
 

@@ -40,6 +40,7 @@ from storage_schemas.explanation_results import (
     write_explanation_aggregates,
     write_explanation_shard,
 )
+from storage_schemas.results_dataset import results_store_identity
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
 from tasks.causal import PROVENANCE_KEYS, _load_store_model
 from tasks.dask_cluster import prepare_worker_process
@@ -102,16 +103,9 @@ def choose_examples(store: str, count: int | None, variants: list[str], seed: in
 
 
 def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
-    """What ties results to a store: changed weights, corpus or efficient settings make them stale."""
-    group = open_attention_store(store, mode="r")
-    attributes = group.attrs.asdict()
-    return {
-        "weights_digest": attributes["model"]["weights_digest"],
-        "corpus_digest": attributes["corpus"]["digest"],
-        "examples": store_layout(group).n_examples,
-        "efficient_settings": {variant: group[efficient_array_path(variant)].attrs.get("settings")
-                               for variant in variants if efficient_array_path(variant) in group},
-    }
+    """What ties results to a store: changed weights, corpus or efficient settings make them stale (explanation
+    results record no dtype, as they never did)."""
+    return results_store_identity(open_attention_store(store, mode="r"), variants, with_dtype=False)
 
 
 def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> list[int]:

@@ -134,6 +134,7 @@ MODULE_TIERS = {
         "test_storage_faults", "test_store_lock", "test_store_view", "test_support_minimality", "test_training",
         "test_training_settings",
         "test_variants", "test_verification", "test_view_html", "test_zarr_portability",
+        "test_imports", "test_results_dataset", "test_durable_writes", "test_shard_records",
     ),
     # tiny models of every supported architecture: minutes, not seconds
     "integration": ("test_architectures",),

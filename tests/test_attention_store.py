@@ -20,12 +20,10 @@ import xarray as xr
 import zarr
 
 from storage_schemas.attention_store import (
-    LEGACY_SHARD_IDENTITY,
     IncompleteInputError,
     describe_shards,
     extraction_identities,
     require_extracted,
-    shard_is_current,
     unmark_shards,
     AttentionStoreError,
     AttentionStoreLayout,
@@ -50,6 +48,7 @@ from storage_schemas.attention_store import (
     FAST_CODEC_PIPELINE,
     ZARR_DEFAULT_CODEC_PIPELINE,
 )
+from storage_schemas.shard_records import LEGACY_SHARD_IDENTITY, shard_is_current
 
 # 7 examples in shards of 3: shards 0 and 1 hold 3 examples, the last one holds 1.
 LAYOUT = AttentionStoreLayout(

@@ -16,7 +16,7 @@ import zarr
 
 from flows import preflight
 from flows.cli import _HideTracebacksOfReportedErrors, build_parser, main
-from storage_schemas.storage_faults import shard_file_paths
+from storage_schemas.durable_writes import shard_file_paths
 from tasks import dask_cluster
 from tests.conftest import write_reviews_csv
 from tests.store_builders import build_real_store

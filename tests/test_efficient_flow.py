@@ -270,7 +270,7 @@ def test_a_shard_is_written_only_from_pieces_covering_every_layer(bert_store, tm
 
 
 def test_a_damaged_shard_is_named_with_what_to_do(tmp_path, tiny_bert_folder):
-    from storage_schemas.storage_faults import shard_file_paths
+    from storage_schemas.durable_writes import shard_file_paths
     from tests.store_builders import build_real_store, write_corpus
 
     url = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),

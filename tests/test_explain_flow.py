@@ -170,7 +170,7 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
     from flows.cli import main
     from storage_schemas.attention_store import IncompleteInputError, open_attention_store
     from storage_schemas.explanation_results import PER_EXAMPLE_ARRAYS, explanation_completed_shards
-    from storage_schemas.storage_faults import shard_file_paths
+    from storage_schemas.durable_writes import shard_file_paths
 
     def rows(name: str, values: np.ndarray, examples: list[int]) -> np.ndarray:
         return np.take(values, examples, axis=PER_EXAMPLE_ARRAYS[name][0].index("example"))

@@ -259,7 +259,7 @@ def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_r
 
     from storage_schemas.causal_results import causal_completed_shards, open_causal_results
     from storage_schemas.explanation_results import explanation_completed_shards, open_explanation_results
-    from storage_schemas.storage_faults import shard_file_paths
+    from storage_schemas.durable_writes import shard_file_paths
 
     arguments, first = first_run
     run_dir = str(tmp_path / "runs")

@@ -13,17 +13,16 @@ import pytest
 
 import tasks.efficient
 from storage_schemas.attention_store import AttentionStoreError, open_attention_store, store_layout
+from storage_schemas.durable_writes import discard_shard_files, shard_file_paths
 from storage_schemas.efficient_store import write_efficient_shard
 from storage_schemas.storage_faults import (
     StoreFullError,
     StoreNotWritableError,
-    discard_shard_files,
     as_os_error,
     explain_storage_error,
     is_corrupt_chunk_error,
     is_transient_io_error,
     retry_transient_io,
-    shard_file_paths,
     storage_errors_explained,
 )
 from tasks.efficient import compute_efficient_piece, compute_efficient_shard

@@ -16,7 +16,7 @@ from flows.cli import main
 from flows.settings import CausalSettings
 from storage_schemas.attention_store import completed_shards, open_attention_store
 from storage_schemas.efficient_store import efficient_completed_shards
-from storage_schemas.storage_faults import shard_file_paths
+from storage_schemas.durable_writes import shard_file_paths
 from storage_schemas.verification import Problem, content_digests, verify_store
 from tests.store_builders import build_real_store, build_v1_store, write_corpus
 
