@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from analysis.aggregations import AGGREGATIONS
 from analysis.variants import VARIANTS, variant_record
 
 if TYPE_CHECKING:  # numpy arrays and the model only in the annotations
@@ -36,11 +37,6 @@ if TYPE_CHECKING:  # numpy arrays and the model only in the annotations
     from analysis.models import LoadedModel
 
 PERCENTS: tuple[int, ...] = (1, 5, 10, 20, 50)  # ERASER's bins
-AGGREGATIONS: dict[str, str] = {
-    "last-layer": "the pooled row averaged over the heads of the last layer",
-    "all-layers": "the pooled row averaged over every layer and head",
-    "rollout": "the pooled row of attention rollout, prod over layers of (head mean + I) / 2 (Abnar & Zuidema 2020)",
-}
 ATTENTION_SOURCE = "attention"
 NORM_SUFFIX = "-norm"  # `attention-norm:rollout`: norm-based attention (Kobayashi et al. 2020) of a source
 # kind: what a method reads. 'matrices' and 'norms' read the stored attention of `source` (raw attention or an
@@ -159,7 +155,7 @@ class Explainer:
 
 
 def _matrix_scores(example: ExampleInputs, record: Explainer) -> np.ndarray:
-    from analysis.explanations import matrix_attributions
+    from analysis.aggregations import matrix_attributions
 
     return matrix_attributions(example.matrices[record.source], example.pooled, record.aggregation)
 

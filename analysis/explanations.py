@@ -22,7 +22,8 @@ Attributions, one score per token ([L] float64):
   normalisation scales and activation gates held constant, the LRP-class rules of Ali et al. 2022 / AttnLRP);
 - `random`: a seeded random ranking, the floor.
 Each method is one record of analysis.explainers (name, kind, description, compute function, figure style); the
-functions below are what the built-in records compute, and `explain_example` calls every record a run names.
+functions below (and the aggregations of analysis.aggregations) are what the built-in records compute, and
+analysis.example_explanation.explain_example calls every record a run names. Neither imports the registry.
 
 Where the question exists: an efficient variant's attribution can differ from raw attention's only where E ≠ A,
 i.e. in a block with a null space (L > rank(T), or rank([T|1])) and |E − A| above the storage precision
@@ -45,14 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.explainers import (
-    AGGREGATIONS,
-    ATTENTION_SOURCE,
-    ExampleInputs,
-    ExplanationSettings,
-    explainer_record,
-    references,
-)
+from analysis.aggregations import AGGREGATIONS, attention_rollout
 from analysis.models import LoadedModel
 
 FAITHFULNESS_METRICS: dict[str, str] = {
@@ -89,30 +83,6 @@ def removal_token_id(tokenizer) -> int:
 
 # --------------------------------------------------------------------------------------------------------------
 # attributions from stored matrices
-
-
-def attention_rollout(head_mean: np.ndarray) -> np.ndarray:
-    """head_mean: [layer, L, L] each layer's attention averaged over heads. Returns [L, L] = Â_{n-1} ··· Â_0 with
-    Â = ½(Ā + I): how much each position of the last layer draws from each input token, through the residual."""
-    layers, length, _ = head_mean.shape
-    identity = np.eye(length)
-    rollout = identity.copy()
-    for layer in range(layers):
-        rollout = (0.5 * head_mean[layer].astype(np.float64) + 0.5 * identity) @ rollout
-    return rollout
-
-
-def matrix_attributions(matrices: np.ndarray, pooled: int, aggregation: str) -> np.ndarray:
-    """matrices: [layer, head, L, L] one example's attention (or efficient attention) on its real block.
-    Returns [L] float64: the pooled row aggregated as AGGREGATIONS says."""
-    matrices = np.asarray(matrices, dtype=np.float64)
-    if aggregation == "last-layer":
-        return matrices[-1].mean(0)[pooled]
-    if aggregation == "all-layers":
-        return matrices.mean((0, 1))[pooled]
-    if aggregation == "rollout":
-        return attention_rollout(matrices.mean(1))[pooled]
-    raise ValueError(f"unknown aggregation {aggregation!r}: choose from {list(AGGREGATIONS)}")
 
 
 def head_vectors(value: np.ndarray, w_out: np.ndarray) -> np.ndarray:
@@ -160,11 +130,6 @@ def norm_attributions(weights: np.ndarray, value: np.ndarray, w_out: np.ndarray,
         sums = matrices.sum(-1, keepdims=True)
         return attention_rollout(np.divide(matrices, sums, out=np.zeros_like(matrices), where=sums > 0))[pooled]
     raise ValueError(f"unknown aggregation {aggregation!r}: choose from {list(AGGREGATIONS)}")
-
-
-def aggregation_layers(aggregation: str, layers: int) -> list[int]:
-    """The layers an aggregation reads: the last one, or all."""
-    return [layers - 1] if aggregation == "last-layer" else list(range(layers))
 
 
 def efficient_differences(attention: np.ndarray, efficient: np.ndarray, null_dim: np.ndarray) -> np.ndarray:
@@ -380,31 +345,6 @@ def kendall_tau(attributions: np.ndarray, reference: np.ndarray, removable: np.n
     return float(kendalltau(first, second).statistic)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# one example, every method
-
-
-@dataclass
-class ExampleExplanation:
-    """Everything measured for one example (methods in the given order; k in `percents` order).
-
-    attributions: [method, L] (NaN where a token may not be removed); faithfulness: {metric: [method, k]};
-    kendall_tau: [method, reference]; target: the predicted class / token; full_probability, empty_probability;
-    integrated_gradients_delta: NaN when IG was not run; removable: [L] bool; largest_difference: [method] the
-    largest |E − A| over the blocks with a null space in the layers the method's aggregation reads (NaN for methods
-    that read no efficient variant); testable: [method] 1 where that exceeds DIFFERENCE_TOLERANCE (the method can
-    differ from its raw twin), 0 where it cannot, -1 for methods that read no efficient variant."""
-
-    attributions: np.ndarray
-    faithfulness: dict[str, np.ndarray]
-    kendall_tau: np.ndarray
-    target: int
-    full_probability: float
-    empty_probability: float
-    integrated_gradients_delta: float
-    removable: np.ndarray
-    largest_difference: np.ndarray
-    testable: np.ndarray
 
 
 def conservative_attributions(loaded: LoadedModel, tokens: np.ndarray, pooled: int, target: int) -> np.ndarray:
@@ -421,65 +361,3 @@ def conservative_attributions(loaded: LoadedModel, tokens: np.ndarray, pooled: i
     with torch.no_grad():
         embeddings = loaded.model.get_input_embeddings()(ids)
     return conservative_relevance(loaded.model, logit, embeddings)[0]
-
-
-def explain_example(
-    loaded: LoadedModel, tokens: np.ndarray, matrices: dict[str, np.ndarray], settings: ExplanationSettings,
-    example_index: int, causal: bool, rows: int = 64, value: np.ndarray | None = None,
-    w_out: np.ndarray | None = None, null_dims: dict[str, np.ndarray] | None = None,
-) -> ExampleExplanation:
-    """Every method of `settings.methods`: attributions, faithfulness and rank agreement for one example.
-
-    tokens: [L] the real ids; matrices: {source: [layer, head, L, L]} raw attention ('attention') and each
-    efficient variant on the real block; example_index: the store's index (seeds the random ranking); value:
-    [layer, kv_head, L, d] and w_out: [layer, head, d, D] (norm-based methods); null_dims: {variant: [layer, head]}
-    the stored diagnostics (testability of the efficient methods; without them every head counts as having a null
-    space)."""
-    tokens = np.asarray(tokens)
-    length = len(tokens)
-    pooled = pooled_position(length, causal)
-    special = getattr(loaded.tokenizer, "all_special_ids", [])
-    removable = removable_tokens(tokens, special, pooled)
-    replacement = removal_token_id(loaded.tokenizer)
-    target = predicted_target(loaded, tokens, pooled)
-
-    def score(keep: np.ndarray) -> np.ndarray:
-        return kept_token_probabilities(loaded, tokens, keep, pooled, target, replacement, rows)
-
-    records = [explainer_record(name) for name in settings.methods]
-    for record in records:
-        if record.reads_matrices and record.source not in matrices:
-            raise ValueError(f"method {record.name} needs the stored matrices of {record.source!r}")
-    differences = {}
-    for source in {record.source for record in records if record.is_efficient}:
-        if ATTENTION_SOURCE not in matrices:
-            raise ValueError(f"efficient methods of {source!r} need the stored matrices of {source!r} and of "
-                             f"{ATTENTION_SOURCE!r}")
-        null_dim = (null_dims or {}).get(source, np.ones(matrices[source].shape[:2], dtype=np.int64))
-        differences[source] = efficient_differences(matrices[ATTENTION_SOURCE], matrices[source], null_dim)
-    largest_difference = np.full(len(records), np.nan)
-    testable = np.full(len(records), -1, dtype=np.int8)
-    for row, record in enumerate(records):
-        if record.is_efficient:
-            layers = aggregation_layers(record.aggregation, len(differences[record.source]))
-            largest_difference[row] = differences[record.source][layers].max()
-            testable[row] = int(largest_difference[row] > DIFFERENCE_TOLERANCE)
-    example = ExampleInputs(
-        loaded=loaded, tokens=tokens, pooled=pooled, target=target, removable=removable, replacement_id=replacement,
-        matrices=matrices, value=value, w_out=w_out, settings=settings, example_index=example_index, score=score,
-        full_probability=float(score(np.ones((1, length), dtype=bool))[0]),
-    )
-    attributions = {record.name: np.asarray(record.compute(example, record), dtype=np.float64) for record in records}
-    measured = faithfulness(score, attributions, removable, settings.percents)
-    taus = np.full((len(records), len(references())), np.nan)
-    for column, reference in enumerate(references()):
-        if reference in attributions:
-            for row, name in enumerate(attributions):
-                taus[row, column] = kendall_tau(attributions[name], attributions[reference], removable)
-    stacked = np.stack([np.where(removable, attributions[name], np.nan) for name in attributions])
-    return ExampleExplanation(
-        attributions=stacked, faithfulness={metric: measured[metric] for metric in FAITHFULNESS_METRICS},
-        kendall_tau=taus, target=target, full_probability=example.full_probability,
-        empty_probability=measured["empty"], integrated_gradients_delta=example.integrated_gradients_delta,
-        removable=removable, largest_difference=largest_difference, testable=testable,
-    )

@@ -32,14 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis.corpora import load_corpus  # noqa: E402
 from analysis.efficient_attention import efficient_attention  # noqa: E402
-from analysis.explainers import AGGREGATIONS, PERCENTS  # noqa: E402
+from analysis.aggregations import AGGREGATIONS, matrix_attributions  # noqa: E402
+from analysis.explainers import PERCENTS  # noqa: E402
 from analysis.explanations import (  # noqa: E402
     conservative_attributions,
     faithfulness,
     gradient_attributions,
     kept_token_probabilities,
     leave_one_out,
-    matrix_attributions,
     norm_attributions,
     pooled_position,
     predicted_target,

@@ -195,3 +195,38 @@ def use_prefect_api(command: str) -> None:
             f"no Prefect server answers at PREFECT_API_URL={api_url} ({failure}): {start_server_hint(command)}; or "
             "unset PREFECT_API_URL to let effattn start a temporary one"
         )
+
+
+# `effattn serve`'s server checks (its pre-flight, flows/preflight.py, reads them without importing the pipeline).
+START_SERVER = start_server_hint("serve")
+
+
+class ServeError(ValueError):
+    """`effattn serve` cannot start: the message says why and what to do."""
+
+
+def prefect_api_url() -> str:
+    """The Prefect API URL of the current settings (PREFECT_API_URL or the active profile); a ServeError if none."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise ServeError(f"PREFECT_API_URL is not set, and scheduled runs need a real Prefect server: {START_SERVER}")
+    return str(url).rstrip("/")
+
+
+def check_server(api_url: str, timeout_seconds: float = 10.0) -> None:
+    """A ServeError unless the Prefect server at `api_url` answers its health check."""
+    failure = health_check_failure(api_url, timeout_seconds)
+    if failure is not None:
+        raise ServeError(f"no Prefect server answers at PREFECT_API_URL={api_url} ({failure}): {START_SERVER}")
+
+
+def check_serving_server() -> None:
+    """The pre-flight of `effattn serve` (flows/preflight.py): a ServeError unless PREFECT_API_URL is set and a
+    Prefect server answers there. Reads the variable itself, so that Prefect is imported only when it is not set
+    (the active Prefect profile may still name a server)."""
+    import os
+
+    api_url = os.environ.get("PREFECT_API_URL", "").rstrip("/") or prefect_api_url()
+    check_server(api_url)

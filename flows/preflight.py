@@ -293,7 +293,7 @@ def check_command(command: str, settings: Any) -> None:
         check_view(settings.store, settings.results, settings.explanations, settings.host, settings.port)
     elif command in ("run", "serve"):
         if command == "serve":  # without a server that answers, nothing else matters
-            from flows.serve import check_serving_server
+            from flows.prefect_server import check_serving_server
 
             check_serving_server()
         if settings.variants is not None:

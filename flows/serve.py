@@ -11,44 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flows.prefect_server import health_check_failure, start_server_hint
+from flows.prefect_server import ServeError, check_server, prefect_api_url
 from flows.settings import PipelineSettings, ServeSettings
 
-START_SERVER = start_server_hint("serve")
 # Parameters of run_pipeline that name local files or folders: made absolute, so that the deployment's parameters
 # (shown by the server) say exactly what a scheduled run reads and writes.
 PATH_PARAMETERS = ("run_dir", "store", "results", "report_dir", "corpus", "model", "cache_root")
-
-
-class ServeError(ValueError):
-    """`effattn serve` cannot start: the message says why and what to do."""
-
-
-def prefect_api_url() -> str:
-    """The Prefect API URL of the current settings (PREFECT_API_URL or the active profile); a ServeError if none."""
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    if not url:
-        raise ServeError(f"PREFECT_API_URL is not set, and scheduled runs need a real Prefect server: {START_SERVER}")
-    return str(url).rstrip("/")
-
-
-def check_server(api_url: str, timeout_seconds: float = 10.0) -> None:
-    """A ServeError unless the Prefect server at `api_url` answers its health check."""
-    failure = health_check_failure(api_url, timeout_seconds)
-    if failure is not None:
-        raise ServeError(f"no Prefect server answers at PREFECT_API_URL={api_url} ({failure}): {START_SERVER}")
-
-
-def check_serving_server() -> None:
-    """The pre-flight of `effattn serve` (flows/preflight.py): a ServeError unless PREFECT_API_URL is set and a
-    Prefect server answers there. Reads the variable itself, so that Prefect is imported only when it is not set
-    (the active Prefect profile may still name a server)."""
-    import os
-
-    api_url = os.environ.get("PREFECT_API_URL", "").rstrip("/") or prefect_api_url()
-    check_server(api_url)
 
 
 def schedule_arguments(cron: str | None, interval: float | None) -> dict[str, Any]:

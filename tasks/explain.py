@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 from analysis.efficient_attention import VARIANTS
 from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
 from analysis.explainers import ATTENTION_SOURCE, ExplanationSettings, explainer_record, references
-from analysis.explanations import DIFFERENCE_TOLERANCE, FAITHFULNESS_METRICS, aopc, draw_examples, explain_example
+from analysis.example_explanation import explain_example
+from analysis.explanations import DIFFERENCE_TOLERANCE, FAITHFULNESS_METRICS, aopc, draw_examples
 from analysis.support_minimality import layer_minimality, minimal_share_by_layer
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from analysis.aggregations import AGGREGATIONS
 from analysis.explainers import (
-    AGGREGATIONS,
     Explainer,
     ExplanationSettings,
     default_methods,

@@ -11,17 +11,15 @@ import torch
 
 from analysis.architectures import adapter_for
 from analysis.explainers import ExplanationSettings
+from analysis.aggregations import aggregation_layers, attention_rollout, matrix_attributions
+from analysis.example_explanation import explain_example
 from analysis.explanations import (
-    aggregation_layers,
-    attention_rollout,
     draw_examples,
     efficient_differences,
-    explain_example,
     faithfulness,
     gradient_attributions,
     kendall_tau,
     kept_token_probabilities,
-    matrix_attributions,
     norm_attributions,
     norm_matrix,
     predicted_target,

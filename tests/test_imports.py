@@ -144,45 +144,12 @@ def _cycle_within(graph: dict[str, set[str]], group: set[str]) -> list[str]:
     raise AssertionError(f"no cycle within {sorted(group)}")
 
 
-# A circle known and reported (flows/ is being restructured; see the notes of issue 27): the pre-flight of `serve`
-# imports flows.serve, whose `serve` imports flows.pipeline, whose stages import the pre-flight. Listed by its
-# modules so that no other circle, and no module added to this one, passes unnoticed. Remove it once broken.
-KNOWN_CIRCLES = (frozenset({"flows.causal", "flows.explain", "flows.extract", "flows.pipeline", "flows.preflight",
-                            "flows.report", "flows.serve"}),)
-
-
-def circle_groups(graph: dict[str, set[str]]) -> list[frozenset[str]]:
-    """The groups of modules that reach each other through imports (the members of each circle)."""
-    groups = []
-    reach = {module: _reachable(graph, module) for module in graph}
-    for cycle in import_cycles(graph):
-        groups.append(frozenset(module for module in graph
-                                if cycle[0] in reach[module] and module in reach[cycle[0]]))
-    return groups
-
-
-def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
-    seen, pending = set(), [start]
-    while pending:
-        for child in graph.get(pending.pop(), ()):
-            if child not in seen:
-                seen.add(child)
-                pending.append(child)
-    return seen
-
-
 def test_the_first_party_modules_import_each_other_without_a_circle():
     graph = import_graph()
     assert "storage_schemas.results_dataset" in graph and "effattn" in graph  # the walk found the modules
-    cycles = [cycle for cycle, group in zip(import_cycles(graph), circle_groups(graph)) if group not in KNOWN_CIRCLES]
+    cycles = import_cycles(graph)
     assert not cycles, "import circles (module -> module it imports):\n" + "\n".join(
         " -> ".join(cycle) for cycle in cycles)
-
-
-def test_storage_analysis_and_tasks_are_in_no_circle():
-    graph = import_graph()
-    inside = [cycle for cycle in import_cycles(graph) if not all(module.startswith("flows.") for module in cycle)]
-    assert not inside, "import circles:\n" + "\n".join(" -> ".join(cycle) for cycle in inside)
 
 
 def test_the_storage_errors_live_in_a_leaf_module():
