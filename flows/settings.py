@@ -258,6 +258,9 @@ class VerifySettings(StageSettings):
     store: Annotated[str, option(description="path or fsspec URL of the store", positional=True)]
     repair: Annotated[bool, option(
         False, "mark the damaged shards as not done, so that rerunning the stage rewrites them")]
+    # the shards are checked in parallel (tasks.verification); a store of one shard in this process
+    dask_address: DaskAddress
+    workers: Workers
 
 
 class UnlockSettings(StageSettings):

@@ -358,3 +358,28 @@ def test_an_unfinished_store_is_incomplete_not_ok_and_not_damaged(store, capsys)
     report = verify_store(store)
     assert (report.status, report.exit_status) == ("damaged", 1)
     assert report.text().splitlines()[0].startswith(f"{store}: DAMAGED: ")
+
+
+def test_the_shards_checked_on_dask_workers_find_the_same_damage_as_in_one_process(store, capsys):
+    """Damage of three kinds in three shards: the report of the shards checked on a LocalCluster of two workers,
+    and of shards run in any order, is the report of one process, line for line."""
+    from tasks.verification import verify_store_in_parallel
+
+    group = zarr.open_group(store, mode="r")
+    (path,) = shard_file_paths(group, ["attention"], 1)
+    flip_bytes(path, path.stat().st_size // 3)
+    set_entry(store, "value", (1, 1, 2, 3, 4), np.nan)
+    set_entry(store, "efficient/stochastic", (9, 0, 3, 2, 1), 0.5)
+    serial = verify_store(store)
+    assert {(p.array, p.shard, p.kind) for p in serial.problems} == {
+        ("attention", 1, "checksum"), ("value", 0, "non-finite"), ("efficient/stochastic", 2, "invariant")}
+    parallel = verify_store_in_parallel(store, workers=2)
+    assert parallel.problems == serial.problems
+    assert (parallel.text(), parallel.shards_read, parallel.exit_status) == (serial.text(), serial.shards_read, 1)
+
+    def backwards(function, submissions):  # the shards finish in another order than they were given
+        return {shard: function(*arguments) for shard, arguments in reversed(submissions)}
+
+    assert verify_store(store, run_shards=backwards).text() == serial.text()
+    assert main(["verify", store, "--workers", "2"]) == 1
+    assert capsys.readouterr().out.rstrip("\n") == serial.text()
