@@ -201,7 +201,8 @@ class CausalSettings(StageSettings):
     device: DeviceOption
     batch_size: BatchSize
     forward_rows: Annotated[PositiveInt | None, option(
-        None, "rows of one intervened forward pass (default 64; 8 for next-token stores)", cli=False)]
+        None, "rows of one intervened forward pass up to 128 positions; longer passes take fewer, keeping rows x "
+              "length² (analysis.causal.rows_per_pass; default 64; 8 for next-token stores)", cli=False)]
     dask_address: DaskAddress
     workers: StageWorkers
 
