@@ -5,6 +5,8 @@ this module only decides where the shards run."""
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -33,7 +35,9 @@ def parallel_shard_runner(dask_address: str | None, workers: int | None) -> Iter
                 return run_in_process(function, submissions)
             from distributed import as_completed
 
-            client = stack.enter_context(dask_client(dask_address, workers))
+            with warnings.catch_warnings():  # verify's output is its report: not distributed's note on a busy port
+                warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+                client = stack.enter_context(dask_client(dask_address, workers))
             futures = {client.submit(verify_shards_on_worker, function, *arguments, pure=False): shard
                        for shard, arguments in submissions}
             found: dict[int, Any] = {}
@@ -47,9 +51,9 @@ def parallel_shard_runner(dask_address: str | None, workers: int | None) -> Iter
 
 def verify_store_in_parallel(url: str, storage_options: dict | None = None, dask_address: str | None = None,
                              workers: int | None = None) -> VerificationReport:
-    """`verify_store`, its shards checked on Dask workers (see parallel_shard_runner); one worker and no address:
-    in this process. The report is the same as in one process."""
-    if workers == 1 and not dask_address:
+    """`verify_store`, its shards checked on Dask workers (see parallel_shard_runner); one worker (or one core)
+    and no address: in this process. The report is the same as in one process."""
+    if (workers or os.cpu_count() or 1) == 1 and not dask_address:
         return verify_store(url, storage_options)
     with parallel_shard_runner(dask_address, workers) as runner:
         return verify_store(url, storage_options, run_shards=runner)
