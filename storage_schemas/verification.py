@@ -361,11 +361,13 @@ class _StoreContext:
     bands: Any  # the recorded key bands (analysis.key_bands), or None
 
 
-def _store_context(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport) -> _StoreContext:
+def _store_context(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport,
+                   whole: Sequence[str] = WHOLE_ARRAYS) -> _StoreContext:
+    """The context, its problems added to `report`; of the WHOLE_ARRAYS, `whole` are read."""
     arrays = _open_arrays(group, layout, report)
     bands = _stored_key_bands(group, layout, report)
     variants = [variant for variant in VARIANTS if efficient_array_path(variant) in arrays]
-    constants = {name: _read(arrays[name], name, None, None, report) for name in WHOLE_ARRAYS if name in arrays}
+    constants = {name: _read(arrays[name], name, None, None, report) for name in whole if name in arrays}
     return _StoreContext(
         layout=layout, arrays=arrays, constants=constants, extracted=set(completed_shards(group)), variants=variants,
         variants_done={variant: set(efficient_completed_shards(group, variant)) for variant in variants},
@@ -380,13 +382,14 @@ def verify_shards(url: str, storage_options: dict | None, output_tolerance: floa
     any process; what the store as a whole holds is checked (and reported) by verify_store, not here."""
     group = zarr.open_group(url, mode="r", storage_options=storage_options)
     layout = AttentionStoreLayout(**group.attrs["layout"])
-    context = _store_context(group, layout, VerificationReport(url))  # its problems are verify_store's to report
+    # its problems are verify_store's to report; of the whole arrays only w_out is needed (not the texts)
+    context = _store_context(group, layout, VerificationReport(url), whole=("w_out",))
     report = VerificationReport(url)
     region = layout.shard_slice(shard)
     data = {}
     for name, array in context.arrays.items():
-        if name in context.constants:
-            continue
+        if name in WHOLE_ARRAYS:
+            continue  # read whole by verify_store
         stage = _stage_of(name)
         if stage == "extract" and shard not in context.extracted:
             continue  # unfinished work is not damage: a rerun rewrites the whole shard
