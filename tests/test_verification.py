@@ -383,3 +383,25 @@ def test_the_shards_checked_on_dask_workers_find_the_same_damage_as_in_one_proce
     assert verify_store(store, run_shards=backwards).text() == serial.text()
     assert main(["verify", store, "--workers", "2"]) == 1
     assert capsys.readouterr().out.rstrip("\n") == serial.text()
+
+
+def test_output_residual_on_the_real_block_is_the_padded_one_and_damaged_padding_still_counts():
+    generator = np.random.default_rng(3)
+    length = np.array([4, 6])
+    inside = store_checks.real_block_mask(length, 6)[:, None, None]  # [example, 1, 1, query, key]
+    attention = np.where(inside, generator.random((2, 1, 2, 6, 6)), 0.0)
+    efficient = np.where(inside, attention + 0.1 * generator.normal(size=attention.shape), 0.0)
+    value = np.where(store_checks.real_row_mask(length, 6)[:, None, None, :, None],
+                     generator.normal(size=(2, 1, 1, 6, 3)), 0.0)
+    w_out = generator.normal(size=(1, 2, 3, 5))
+    factors = store_checks.output_factors(w_out)  # F·Fᵀ = W·Wᵀ
+    assert np.allclose(factors @ np.swapaxes(factors, -1, -2), w_out @ np.swapaxes(w_out, -1, -2))
+    padded = store_checks.output_residual(efficient, attention, value, w_out)
+    assert padded.min() > 1e-3
+    assert np.allclose(store_checks.output_residual(efficient, attention, value, w_out, factors, length), padded,
+                       rtol=1e-12, atol=0)
+    efficient[0, 0, 1, 5, 0] = 0.5  # a padding row of example 0 with weight: it changes A_eff·T, and must count
+    damaged = store_checks.output_residual(efficient, attention, value, w_out)
+    assert damaged[0, 0, 1] > padded[0, 0, 1]
+    assert np.allclose(store_checks.output_residual(efficient, attention, value, w_out, factors, length), damaged,
+                       rtol=1e-12, atol=0)
