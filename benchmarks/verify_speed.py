@@ -46,8 +46,7 @@ def plain_read(url: str) -> int:
     group = open_attention_store(url)
     layout = store_layout(group)
     total = 0
-    for _, array in sorted(group.arrays(), key=lambda item: item[0]) + [
-            item for _, sub in group.groups() for item in _all_arrays(sub)]:
+    for _, array in _all_arrays(group):
         if array.ndim and array.shape[0] == layout.n_examples:
             for shard in range(layout.n_shards):
                 total += array[layout.shard_slice(shard)].nbytes
@@ -57,7 +56,8 @@ def plain_read(url: str) -> int:
 
 
 def _all_arrays(group: zarr.Group) -> list:
-    arrays = list(group.arrays())
+    """(name, array) of every array in `group` and its subgroups."""
+    arrays = sorted(group.arrays(), key=lambda item: item[0])
     for _, sub in group.groups():
         arrays += _all_arrays(sub)
     return arrays
