@@ -457,13 +457,33 @@ class BatchMetrics:
         return self.measure(original[None], everything)["correct"][0]
 
 
-def forward_groups(examples: np.ndarray, target_indices: Sequence[int],
-                   forward_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+# The length up to which an intervened forward pass takes its full `forward_rows` rows. A pass's attention is
+# rows x heads x L x L per layer (the scores, the probabilities and the injected copy of them are each that size):
+# longer passes take fewer rows, so that rows x L² stays within forward_rows x REFERENCE_LENGTH² (at 512 positions,
+# 64 rows become 4: 50 MB per attention tensor of MiniLM instead of 805 MB). benchmarks/causal_forward.py measures it.
+REFERENCE_LENGTH = 128
+
+
+def rows_per_pass(forward_rows: int, length: int) -> int:
+    """The rows (targets x examples) of one intervened forward pass over `length` positions: `forward_rows` up to
+    REFERENCE_LENGTH positions, beyond it as many as keep rows x length² within forward_rows x REFERENCE_LENGTH²
+    (one at least)."""
+    if length <= REFERENCE_LENGTH:
+        return forward_rows
+    return max(1, forward_rows * REFERENCE_LENGTH ** 2 // length ** 2)
+
+
+def forward_groups(examples: np.ndarray, target_indices: Sequence[int], forward_rows: int,
+                   length: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(examples, targets) of one intervened forward pass each: every (target, example) pair exactly once, at most
-    `forward_rows` rows (targets x examples) per pass, as many targets per pass as fit (one at least).
+    `rows_per_pass(forward_rows, L)` rows (targets x examples) per pass, L the longest of `examples` (`length`:
+    [batch] the batch's lengths; None: `forward_rows` rows), as many targets per pass as fit (one at least).
     examples: [k] positions in the batch; target_indices: indices into the plan's targets."""
+    examples = np.asarray(examples)
+    if length is not None and len(examples):
+        forward_rows = rows_per_pass(forward_rows, int(np.max(np.asarray(length)[examples])))
     for part in range(0, len(examples), forward_rows):
-        chosen = np.asarray(examples[part:part + forward_rows])
+        chosen = examples[part:part + forward_rows]
         copies = max(1, forward_rows // len(chosen))
         for first in range(0, len(target_indices), copies):
             yield chosen, np.asarray(target_indices[first:first + copies])

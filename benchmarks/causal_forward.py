@@ -8,7 +8,15 @@ depend on it), all timed in alternation over --rounds rounds, best round reporte
   * intervened (heads): 4 targets of single heads in one pass (4 copies of the batch), cost per copy;
 and, separately, the cost of building the injected matrices (analysis.interventions) for the same batches.
 
+Then the rows of a pass (analysis.causal.rows_per_pass), at 512 tokens (the longest bbc-topic articles, 5 classes)
+and at rt-sentiment's lengths (up to 128): the same (targets x examples) rows, timed as
+  * plain: the same number of rows as plain forward passes (batches of --batch-size examples, once per target);
+  * fixed rows (before): intervened passes of `forward_rows` (64) rows whatever the length;
+  * budget (after): intervened passes of rows_per_pass(64, L) rows (64 up to 128 positions, 4 at 512);
+each with its ratio to plain (target <= 1.3 at 512 tokens). Targets: every head, and one layer at a time.
+
     .venv/bin/python benchmarks/causal_forward.py [--examples 128] [--batch-size 16] [--rounds 5]
+    .venv/bin/python benchmarks/causal_forward.py --rows-only [--long-examples 16] [--targets 4]
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis.causal import Target, intervened_logits, plain_logits  # noqa: E402
+from analysis.causal import Target, forward_groups, intervened_logits, plain_logits, rows_per_pass  # noqa: E402
 from analysis.corpora import load_corpus  # noqa: E402
 from analysis.efficient_attention import efficient_attention  # noqa: E402
 from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
@@ -50,8 +58,81 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows-only", action="store_true", help="only the rows of a pass, before and after")
+    parser.add_argument("--long-examples", type=int, default=16, help="bbc-topic articles at 512 tokens")
+    parser.add_argument("--targets", type=int, default=4, help="targets per example: all, then layers")
+    parser.add_argument("--forward-rows", type=int, default=64)
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
+    if not arguments.rows_only:
+        compare_backends(arguments)
+    print(f"rows of a pass: {arguments.targets} targets, forward_rows {arguments.forward_rows}, "
+          f"{arguments.threads} torch threads, best of {arguments.rounds} rounds")
+    rt = load_corpus("rt-sentiment")
+    bbc = load_corpus("bbc-topic")
+    for corpus, labels, max_length, examples in (
+            (bbc, 5, 512, arguments.long_examples), (rt, 2, 128, arguments.examples)):
+        compare_rows(arguments, corpus, labels, max_length, examples)
+
+
+def compare_rows(arguments, corpus, labels: int, max_length: int, examples: int) -> None:
+    """Plain passes against intervened passes of fixed rows and of budgeted rows, on the same rows (the longest
+    `examples` texts of `corpus` at `max_length`, in batches of --batch-size examples as the causal stage reads
+    them). The stored attention is injected (replay): what is injected does not change the cost."""
+    loaded = load_model("minilm", num_labels=labels)
+    plan = plan_extraction(corpus.texts, loaded.tokenizer, max_length)
+    chosen = np.sort(np.argsort(plan.length, kind="stable")[-examples:])
+    tokens, length = plan.tokens[chosen], plan.length[chosen]
+    layers, heads = loaded.shape.layers, loaded.shape.heads
+    targets = [Target("all")] + [Target("layer", layer) for layer in range(layers)]
+    masks = np.stack([target.mask(layers, heads) for target in targets[:arguments.targets]])
+    batches = []
+    for start in range(0, len(length), arguments.batch_size):
+        batch = slice(start, start + arguments.batch_size)
+        captured = capture_examples(loaded, tokens[batch], length[batch], arguments.batch_size)
+        batches.append((tokens[batch], length[batch], captured.attention))
+
+    def plain() -> None:
+        for batch_tokens, batch_length, _ in batches:
+            for _ in masks:
+                plain_logits(loaded, batch_tokens, batch_length)
+
+    def intervened(budget: bool) -> int:
+        passes = 0
+        for batch_tokens, batch_length, attention in batches:
+            everything = np.arange(len(batch_length))
+            for examples, group in forward_groups(everything, list(range(len(masks))), arguments.forward_rows,
+                                                  batch_length if budget else None):
+                intervened_logits(loaded, batch_tokens[examples], batch_length[examples], attention[examples],
+                                  masks[group])
+                passes += 1
+        return passes
+
+    runs = {"plain": plain, "fixed rows (before)": lambda: intervened(False),
+            "budget (after)": lambda: intervened(True)}
+    best = {name: float("inf") for name in runs}
+    for _ in range(arguments.rounds):
+        for name, run in runs.items():
+            best[name] = min(best[name], timed(run))
+    rows = len(masks) * len(length)
+    longest = int(length.max())
+    print(f"  {corpus.name}: {len(length)} examples, lengths {int(length.min())}..{longest}, {rows} rows")
+    for name, budget in (("plain", None), ("fixed rows (before)", False), ("budget (after)", True)):
+        detail = "" if budget is None else (
+            f"  {intervened_passes(batches, len(masks), arguments.forward_rows, budget)} passes of at most "
+            f"{rows_per_pass(arguments.forward_rows, longest) if budget else arguments.forward_rows} rows")
+        print(f"    {name:<22} {best[name]:8.2f} s   ratio to plain {best[name] / best['plain']:5.2f}{detail}",
+              flush=True)
+
+
+def intervened_passes(batches, targets: int, forward_rows: int, budget: bool) -> int:
+    return sum(len(list(forward_groups(np.arange(len(batch_length)), list(range(targets)), forward_rows,
+                                       batch_length if budget else None)))
+               for _, batch_length, _ in batches)
+
+
+def compare_backends(arguments) -> None:
+    """The eager model, the effattn backend and intervened passes on the same rt-sentiment batches."""
 
     corpus = load_corpus("rt-sentiment")
     loaded = load_model("minilm", num_labels=2)

@@ -83,7 +83,8 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
 
     `model` overrides the model named in the store (it must have the same weights). `forward_rows` bounds the
     rows of one intervened forward pass (targets x examples; default 64, 8 for next-token stores whose logits
-    span the vocabulary). Returns the claims table (analysis.claims).
+    span the vocabulary) up to 128 positions; longer passes take fewer rows (analysis.causal.rows_per_pass).
+    Returns the claims table (analysis.claims).
     """
     use_fast_codec_pipeline()
     store, results, forward_rows = settings.store, settings.results, settings.forward_rows

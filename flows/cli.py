@@ -368,9 +368,10 @@ def _run_report(settings: ReportSettings) -> int:
 
 
 def _run_verify(settings: VerifySettings) -> int:
-    from storage_schemas.verification import unmark_damaged_shards, verify_store
+    from storage_schemas.verification import unmark_damaged_shards
+    from tasks.verification import verify_store_in_parallel
 
-    report = verify_store(settings.store)
+    report = verify_store_in_parallel(settings.store, dask_address=settings.dask_address, workers=settings.workers)
     print(report.text())
     if settings.repair and not report.ok:
         unmarked = unmark_damaged_shards(settings.store, report)

@@ -239,6 +239,8 @@ def check_command(command: str, settings: Any) -> None:
         if command == "verify" and settings.repair:
             check_writable_store(settings.store, "STORE")
             check_unlocked(settings.store)
+        if command == "verify":
+            check_dask_scheduler(settings.dask_address)
     elif command == "extract":
         check_writable_location(settings.store, "--store")
         check_max_length(settings.max_length)

@@ -218,7 +218,8 @@ class CausalSettings(StageSettings):
     device: DeviceOption
     batch_size: BatchSize
     forward_rows: Annotated[PositiveInt | None, option(
-        None, "rows of one intervened forward pass (default 64; 8 for next-token stores)", cli=False)]
+        None, "rows of one intervened forward pass up to 128 positions; longer passes take fewer, keeping rows x "
+              "length² (analysis.causal.rows_per_pass; default 64; 8 for next-token stores)", cli=False)]
     dask_address: DaskAddress
     workers: StageWorkers
 
@@ -296,6 +297,9 @@ class VerifySettings(StageSettings):
     store: Annotated[str, option(description="path or fsspec URL of the store", positional=True)]
     repair: Annotated[bool, option(
         False, "mark the damaged shards as not done, so that rerunning the stage rewrites them")]
+    # the shards are checked in parallel (tasks.verification); a store of one shard in this process
+    dask_address: DaskAddress
+    workers: Workers
 
 
 class UnlockSettings(StageSettings):

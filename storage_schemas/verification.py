@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import numpy as np
 import zarr
+from tqdm.auto import tqdm
 
 from analysis import key_bands, store_checks
 from analysis.variants import VARIANTS, variant_record
@@ -272,8 +274,13 @@ def _invariant(report: VerificationReport, name: str, shard: int, region: slice,
 
 
 def verify_store(url: str, storage_options: dict | None = None,
-                 output_tolerance: float = store_checks.OUTPUT_TOLERANCE) -> VerificationReport:
+                 output_tolerance: float = store_checks.OUTPUT_TOLERANCE,
+                 run_shards: ShardRunner | None = None) -> VerificationReport:
     """Read every chunk of the store at `url` and check schema, checksums, finiteness and invariants.
+
+    The whole arrays and the store's records are read here; the shards (their chunks and checks, most of the work)
+    by `run_shards(verify_shards, submissions)` (see ShardRunner; default `run_in_process`, one shard after the
+    other): tasks.verification runs them on Dask workers. The report is the same either way.
 
     Raises `AttentionStoreNotFoundError` when there is no store at all; everything else is a `Problem` of the
     report (the report is complete: one problem does not stop the other checks).
@@ -307,52 +314,109 @@ def verify_store(url: str, storage_options: dict | None = None,
                                 "the stored ones (the `selection` attribute maps them to the model's)")
     except SelectionError:
         pass  # reported by the schema check
-    arrays = _open_arrays(group, layout, report)
-    extracted = set(completed_shards(group))
-    causal = bool(group.attrs.get("model", {}).get("causal", False))
-    bands = _stored_key_bands(group, layout, report)
-    variants = [variant for variant in VARIANTS if efficient_array_path(variant) in arrays]
-    variants_done = {variant: set(efficient_completed_shards(group, variant)) for variant in variants}
-    report.arrays_checked = sorted(arrays)
+    context = _store_context(group, layout, report)
+    report.arrays_checked = sorted(context.arrays)
 
-    constants = {}
-    for name in WHOLE_ARRAYS:
-        if name in arrays:
-            constants[name] = _read(arrays[name], name, None, None, report)
-
-    not_done = sorted(set(range(layout.n_shards)) - extracted)
+    not_done = sorted(set(range(layout.n_shards)) - context.extracted)
     if not_done:
         report.unfinished.append(f"extraction shards {not_done} are not completed: run the `effattn extract` command "
                                  "that created the store again to finish them")
-    for variant in variants:
-        missing = sorted(set(range(layout.n_shards)) - variants_done[variant])
+    for variant in context.variants:
+        missing = sorted(set(range(layout.n_shards)) - context.variants_done[variant])
         if missing:
             report.unfinished.append(f"efficient/{variant} shards {missing} are not completed: run `effattn "
                                      f"efficient --store {url} --variants {variant}` to finish them")
 
-    for shard, region in enumerate(_shard_regions(layout)):
-        data = {}
-        for name, array in arrays.items():
-            if name in constants:
-                continue
-            stage = _stage_of(name)
-            if stage == "extract" and shard not in extracted:
-                continue  # unfinished work is not damage: a rerun rewrites the whole shard
-            if stage and stage != "extract" and shard not in variants_done[stage.split(":")[1]]:
-                continue
-            if name in (*NEVER_EMPTY, *(efficient_array_path(v) for v in variants)) \
-                    and _shard_file_missing(url, storage_options, array, shard):
-                report.problems.append(Problem(name, shard, "missing",
-                                               "the shard is recorded as done but its file is missing"))
-                continue
-            data[name] = _read(array, name, region, shard, report)
-        if shard in extracted:
-            _check_extracted_shard(report, shard, region, data, layout, causal, bands)
-        for variant in variants:
-            if shard in variants_done[variant]:
-                _check_efficient_shard(report, variant, shard, region, data, constants.get("w_out"), causal,
-                                       output_tolerance, bands)
+    submissions = [(shard, (url, storage_options, output_tolerance, shard)) for shard in range(layout.n_shards)]
+    findings = (run_shards or run_in_process)(verify_shards, submissions)
+    for shard, _ in submissions:  # in shard order, whatever order the shards finished in
+        problems, shards_read = findings[shard]
+        report.problems += problems
+        report.shards_read += shards_read
     return report
+
+
+# run_shards(function, [(shard, arguments), ...]) -> {shard: function(*arguments)}: how verify_store runs the
+# shards' work (in this process, or on workers: tasks.verification).
+ShardRunner = Callable[[Callable, Sequence[tuple[int, tuple]]], dict[int, Any]]
+
+
+def run_in_process(function: Callable, submissions: Sequence[tuple[int, tuple]]) -> dict[int, Any]:
+    """The ShardRunner of one process: one shard after the other, with a progress bar on a terminal."""
+    return {shard: function(*arguments)
+            for shard, arguments in tqdm(submissions, desc="verify", unit="shard", disable=None)}
+
+
+@dataclass
+class _StoreContext:
+    """What the check of every shard needs from the store as a whole."""
+
+    layout: AttentionStoreLayout
+    arrays: dict[str, zarr.Array]  # name -> array, of those that open
+    constants: dict[str, np.ndarray | None]  # the WHOLE_ARRAYS, read (None: damaged)
+    extracted: set[int]
+    variants: list[str]
+    variants_done: dict[str, set[int]]
+    causal: bool
+    bands: Any  # the recorded key bands (analysis.key_bands), or None
+
+
+def _store_context(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport,
+                   whole: Sequence[str] = WHOLE_ARRAYS) -> _StoreContext:
+    """The context, its problems added to `report`; of the WHOLE_ARRAYS, `whole` are read."""
+    arrays = _open_arrays(group, layout, report)
+    bands = _stored_key_bands(group, layout, report)
+    variants = [variant for variant in VARIANTS if efficient_array_path(variant) in arrays]
+    constants = {name: _read(arrays[name], name, None, None, report) for name in whole if name in arrays}
+    return _StoreContext(
+        layout=layout, arrays=arrays, constants=constants, extracted=set(completed_shards(group)), variants=variants,
+        variants_done={variant: set(efficient_completed_shards(group, variant)) for variant in variants},
+        causal=bool(group.attrs.get("model", {}).get("causal", False)), bands=bands,
+    )
+
+
+def verify_shards(url: str, storage_options: dict | None, output_tolerance: float,
+                  shard: int) -> tuple[list[Problem], int]:
+    """Read and check every finished array of shard `shard` (its chunks, missing files, finiteness, invariants);
+    returns its problems and how many (array, shard) pairs were decoded. Opens the store itself, so that it runs in
+    any process; what the store as a whole holds is checked (and reported) by verify_store, not here."""
+    group = zarr.open_group(url, mode="r", storage_options=storage_options)
+    layout = AttentionStoreLayout(**group.attrs["layout"])
+    # its problems are verify_store's to report; of the whole arrays only w_out is needed (not the texts)
+    context = _store_context(group, layout, VerificationReport(url), whole=("w_out",))
+    report = VerificationReport(url)
+    region = layout.shard_slice(shard)
+    data = {}
+    for name, array in context.arrays.items():
+        if name in WHOLE_ARRAYS:
+            continue  # read whole by verify_store
+        stage = _stage_of(name)
+        if stage == "extract" and shard not in context.extracted:
+            continue  # unfinished work is not damage: a rerun rewrites the whole shard
+        if stage and stage != "extract" and shard not in context.variants_done[stage.split(":")[1]]:
+            continue
+        if name in (*NEVER_EMPTY, *(efficient_array_path(v) for v in context.variants)) \
+                and _shard_file_missing(url, storage_options, array, shard):
+            report.problems.append(Problem(name, shard, "missing",
+                                           "the shard is recorded as done but its file is missing"))
+            continue
+        data[name] = _read(array, name, region, shard, report)
+    # what the checks below share, computed once per shard
+    if data.get("attention") is not None:
+        data["attention row sums"] = store_checks.row_sums(data["attention"])  # [example, layer, head, query]
+    w_out = context.constants.get("w_out")
+    done = [variant for variant in context.variants if shard in context.variants_done[variant]]
+    non_finite = {problem.array for problem in report.problems if problem.kind == "non-finite"}  # found by _read
+    inputs_sound = bool(done) and all(data.get(name) is not None and name not in non_finite
+                                      for name in ("attention", "value")) \
+        and w_out is not None and bool(np.isfinite(w_out).all())
+    factors = store_checks.output_factors(w_out) if inputs_sound else None  # [layer, head, head_dim, m]
+    if shard in context.extracted:
+        _check_extracted_shard(report, shard, region, data, layout, context.causal, context.bands)
+    for variant in done:
+        _check_efficient_shard(report, variant, shard, region, data, w_out, context.causal, output_tolerance,
+                               context.bands, factors)
+    return report.problems, report.shards_read
 
 
 def _open_arrays(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport) -> dict:
@@ -385,7 +449,7 @@ def _check_extracted_shard(report, shard, region, data, layout, causal, bands=No
     tolerance = store_checks.ROW_SUM_TOLERANCE[layout.dtype]
     if attention is not None:
         _invariant(report, "attention", shard, region, "|row sum - 1| over the real tokens",
-                   store_checks.row_sum_error(attention, length), tolerance)
+                   store_checks.row_sum_error_of_sums(data["attention row sums"], length), tolerance)
         _invariant(report, "attention", shard, region, "|entry| outside the real block",
                    store_checks.outside_block_magnitude(attention, length), 0.0)
         _invariant(report, "attention", shard, region, "the most negative entry (negated)",
@@ -417,7 +481,10 @@ def _stored_key_bands(group: zarr.Group, layout: AttentionStoreLayout, report: V
 
 
 def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, output_tolerance,
-                           bands=None) -> None:
+                           bands=None, factors=None) -> None:
+    """The invariants of `variant`'s efficient attention in the shard; its relations to the attention only with
+    `factors` (store_checks.output_factors of w_out), given when the inputs are sound (else damaged, and reported:
+    the relations to them cannot be checked)."""
     name = efficient_array_path(variant)
     efficient, attention, value, length = (data.get(key) for key in (name, "attention", "value", "length"))
     if efficient is None or length is None:
@@ -434,14 +501,15 @@ def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, 
     if guaranteed.non_negative:
         _invariant(report, name, shard, region, "the most negative entry (negated)",
                    store_checks.most_negative(efficient), store_checks.NEGATIVE_TOLERANCE)
-    if any(array is None or not np.isfinite(array).all() for array in (attention, value, w_out)):
+    if factors is None:
         return  # the inputs are damaged (reported): the relations to them cannot be checked
     if guaranteed.keeps_row_sums:
         _invariant(report, name, shard, region, "|row sum - row sum of the attention|",
-                   store_checks.row_sum_error(efficient, length, attention.astype(np.float64).sum(-1)), 1e-4)
+                   store_checks.row_sum_error(efficient, length, data["attention row sums"]), 1e-4)
     if guaranteed.keeps_output:
         _invariant(report, name, shard, region, "||(A_eff - A) T|| / ||A T||",
-                   store_checks.output_residual(efficient, attention, value, w_out), output_tolerance)
+                   store_checks.output_residual(efficient, attention, value, w_out, factors, length),
+                   output_tolerance)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def measure_batch(
         index = plan.interventions.index(intervention)
         change_ratio[index] = injected_change_ratio(matrices, batch.attention)
         for scope, target_indices in scopes:
-            for examples, targets in forward_groups(batch.examples_at(scope, scoped), target_indices, forward_rows):
+            for examples, targets in forward_groups(batch.examples_at(scope, scoped), target_indices, forward_rows,
+                                                    batch.length):
                 logits = intervened_logits(loaded, batch.tokens[examples], batch.length[examples], matrices[examples],
                                            masks[targets], selection.layers, selection.heads)
                 for name, values in batch_metrics.measure(logits, examples).items():

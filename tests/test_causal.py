@@ -12,6 +12,7 @@ import torch
 
 from analysis.causal import (
     METRICS,
+    REFERENCE_LENGTH,
     BatchMetrics,
     CausalBatch,
     CausalPlan,
@@ -25,6 +26,7 @@ from analysis.causal import (
     measured_examples,
     next_token_metrics,
     plain_logits,
+    rows_per_pass,
     targets_for,
 )
 from analysis.efficient_attention import efficient_attention
@@ -233,6 +235,20 @@ def test_forward_groups_cover_every_pair_once_within_the_rows():
         assert sorted(pairs) == sorted((e, t) for e in examples for t in targets)
     assert [(c.tolist(), t.tolist()) for c, t in forward_groups(np.arange(3), [0, 1, 2, 3], 6)] == [
         ([0, 1, 2], [0, 1]), ([0, 1, 2], [2, 3])]  # as many targets per pass as fit
+
+
+def test_long_passes_take_fewer_rows_within_the_same_attention_budget():
+    assert [rows_per_pass(64, length) for length in (12, 128, 129, 256, 512, 4096)] == [64, 64, 63, 16, 4, 1]
+    for length in (200, 300, 512, 1000):  # rows x L² stays within forward_rows x REFERENCE_LENGTH²
+        assert rows_per_pass(64, length) * length ** 2 <= 64 * REFERENCE_LENGTH ** 2
+    length = np.array([30, 40, 512, 500, 128])
+    passes = list(forward_groups(np.array([0, 1, 4]), list(range(10)), 64, length))  # short: 3 examples x 10 targets
+    assert [(c.tolist(), len(t)) for c, t in passes] == [([0, 1, 4], 10)]
+    passes = list(forward_groups(np.array([0, 2, 3]), list(range(10)), 64, length))  # 512 positions: 4 rows a pass
+    assert all(len(c) * len(t) <= 4 for c, t in passes)
+    assert [(c.tolist(), t.tolist()) for c, t in passes][:2] == [([0, 2, 3], [0]), ([0, 2, 3], [1])]
+    assert sorted((int(e), int(t)) for c, ts in passes for t in ts for e in c) == sorted(
+        (e, t) for e in (0, 2, 3) for t in range(10))
 
 
 def hand_batch(**changes) -> CausalBatch:

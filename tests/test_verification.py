@@ -358,3 +358,50 @@ def test_an_unfinished_store_is_incomplete_not_ok_and_not_damaged(store, capsys)
     report = verify_store(store)
     assert (report.status, report.exit_status) == ("damaged", 1)
     assert report.text().splitlines()[0].startswith(f"{store}: DAMAGED: ")
+
+
+def test_the_shards_checked_on_dask_workers_find_the_same_damage_as_in_one_process(store, capsys):
+    """Damage of three kinds in three shards: the report of the shards checked on a LocalCluster of two workers,
+    and of shards run in any order, is the report of one process, line for line."""
+    from tasks.verification import verify_store_in_parallel
+
+    group = zarr.open_group(store, mode="r")
+    (path,) = shard_file_paths(group, ["attention"], 1)
+    flip_bytes(path, path.stat().st_size // 3)
+    set_entry(store, "value", (1, 1, 2, 3, 4), np.nan)
+    set_entry(store, "efficient/stochastic", (9, 0, 3, 2, 1), 0.5)
+    serial = verify_store(store)
+    assert {(p.array, p.shard, p.kind) for p in serial.problems} == {
+        ("attention", 1, "checksum"), ("value", 0, "non-finite"), ("efficient/stochastic", 2, "invariant")}
+    parallel = verify_store_in_parallel(store, workers=2)
+    assert parallel.problems == serial.problems
+    assert (parallel.text(), parallel.shards_read, parallel.exit_status) == (serial.text(), serial.shards_read, 1)
+
+    def backwards(function, submissions):  # the shards finish in another order than they were given
+        return {shard: function(*arguments) for shard, arguments in reversed(submissions)}
+
+    assert verify_store(store, run_shards=backwards).text() == serial.text()
+    assert main(["verify", store, "--workers", "2"]) == 1
+    assert capsys.readouterr().out.rstrip("\n") == serial.text()
+
+
+def test_output_residual_on_the_real_block_is_the_padded_one_and_damaged_padding_still_counts():
+    generator = np.random.default_rng(3)
+    length = np.array([4, 6])
+    inside = store_checks.real_block_mask(length, 6)[:, None, None]  # [example, 1, 1, query, key]
+    attention = np.where(inside, generator.random((2, 1, 2, 6, 6)), 0.0)
+    efficient = np.where(inside, attention + 0.1 * generator.normal(size=attention.shape), 0.0)
+    value = np.where(store_checks.real_row_mask(length, 6)[:, None, None, :, None],
+                     generator.normal(size=(2, 1, 1, 6, 3)), 0.0)
+    w_out = generator.normal(size=(1, 2, 3, 5))
+    factors = store_checks.output_factors(w_out)  # F·Fᵀ = W·Wᵀ
+    assert np.allclose(factors @ np.swapaxes(factors, -1, -2), w_out @ np.swapaxes(w_out, -1, -2))
+    padded = store_checks.output_residual(efficient, attention, value, w_out)
+    assert padded.min() > 1e-3
+    assert np.allclose(store_checks.output_residual(efficient, attention, value, w_out, factors, length), padded,
+                       rtol=1e-12, atol=0)
+    efficient[0, 0, 1, 5, 0] = 0.5  # a padding row of example 0 with weight: it changes A_eff·T, and must count
+    damaged = store_checks.output_residual(efficient, attention, value, w_out)
+    assert damaged[0, 0, 1] > padded[0, 0, 1]
+    assert np.allclose(store_checks.output_residual(efficient, attention, value, w_out, factors, length), damaged,
+                       rtol=1e-12, atol=0)
