@@ -225,24 +225,6 @@ def run_shard_tasks(
     return len(futures)
 
 
-def run_model_stage_shards(
-    settings, todo: Sequence[int], on_worker: Callable, in_process: Callable, arguments: Callable[[int], tuple],
-    record: Callable[[int, Any], None], desc: str,
-) -> None:
-    """Run a model stage's pending shards (`todo`) and `record(shard, result)` each in this process: with
-    `settings.dask_address` or `settings.workers`, one Dask task per shard, `on_worker(*arguments(shard))` (the
-    worker writes the shard whole to its URL; with --device cuda the task asks for one GPU), recorded as each
-    returns so that a rerun resumes; otherwise `in_process(*arguments(shard))`, one shard after the other."""
-    if use_stage_cluster(settings.dask_address, settings.workers) and todo:
-        with dask_client(settings.dask_address, settings.workers) as client:
-            run_shard_tasks(client, [(shard, on_worker, arguments(shard)) for shard in todo], record, desc,
-                            resources=task_resources(settings.device))
-        return
-    keep_freed_memory_for_reuse()
-    for shard in tqdm(todo, desc=desc, unit="shard", disable=not todo):
-        record(shard, in_process(*arguments(shard)))
-
-
 def keep_freed_memory_for_reuse() -> bool:
     """Let glibc reuse freed memory in this process instead of returning it to the system at once.
 

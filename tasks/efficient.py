@@ -40,6 +40,7 @@ from storage_schemas.selection import selection_of_group
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_corrupt_chunk_error, retry_transient_io
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import dask_client, prepare_worker_process
+from tasks.stages import log_retry
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ def _read_piece_inputs(group, store: str, shard_index: int, region: slice, layer
                 f"then `effattn verify --repair {store}` and the stage that wrote it again"
             ) from None
     return tuple(read)
-
-
-def _log_retry(attempt: int, error: BaseException, delay: float) -> None:
-    logger.warning("transient I/O error (%s: %s); retry %d in %.1f s", type(error).__name__, error, attempt + 1, delay)
 
 
 def compute_efficient_piece(
@@ -90,7 +87,7 @@ def compute_efficient_piece(
         raise ValueError(f"layers ({first}, {stop}) must satisfy 0 <= start < stop <= {layout.layers}")
     inputs = retry_transient_io(
         _read_piece_inputs, group, store, shard_index, region, slice(first, stop), delays=retry_delays,
-        on_retry=_log_retry,
+        on_retry=log_retry,
     )
     return _compute_piece(group, store, shard_index, (first, stop), inputs, variants, settings)
 
@@ -101,7 +98,7 @@ def _open_shard(store: str, shard_index: int, torch_threads: int, retry_delays: 
 
     torch.set_num_threads(torch_threads)
     prepare_worker_process()
-    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
+    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=log_retry)
     layout = store_layout(group)
     return group, layout, layout.shard_slice(shard_index)
 
@@ -148,7 +145,7 @@ def write_efficient_pieces(
     each variant; returns (shard_index, variants written). Runs on a worker. Writes are retried on transient I/O
     errors only; a full disk or a store this process may not write fails at once."""
     use_fast_codec_pipeline()
-    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
+    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=log_retry)
     layout = store_layout(group)
     covered = sum(next(iter(piece.values())).efficient.shape[1] for piece in pieces)  # layers of every piece
     if covered != layout.layers:
@@ -163,7 +160,7 @@ def write_efficient_pieces(
         }
         retry_transient_io(
             write_efficient_shard, group, layout, variant, shard_index, efficient, diagnostics,
-            delays=retry_delays, on_retry=_log_retry,
+            delays=retry_delays, on_retry=log_retry,
         )
     return shard_index, variants
 
@@ -195,7 +192,7 @@ def compute_efficient_shard(
     group, layout, region = _open_shard(store, shard_index, torch_threads, retry_delays)
     attention, value, w_out, length = retry_transient_io(
         _read_piece_inputs, group, store, shard_index, region, slice(0, layout.layers), delays=retry_delays,
-        on_retry=_log_retry,
+        on_retry=log_retry,
     )
     pieces = []
     for cut in shard_pieces(variants, layout.layers):
