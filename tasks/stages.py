@@ -26,7 +26,7 @@ from tasks.dask_cluster import (
     dask_client,
     keep_freed_memory_for_reuse,
     prepare_worker_process,
-    run_shard_tasks,
+    record_shard_futures,
     task_resources,
     use_stage_cluster,
 )
@@ -124,6 +124,11 @@ class Stage:
       (input name -> identity). A module-level function: it is sent to Dask workers by name.
     - `mark_completed(output, shard, inputs)`: record the shard as done from those inputs.
     - `summarise(store, results)`: aggregates and claims once every shard is done; what the stage returns.
+
+    A stage whose shards always run on Dask (`runs_in_process` False: a LocalCluster without an address) may submit
+    them its own way: `submit_shards(client, run, todo, output)` returns {future: shard}, each future's result what
+    `mark_completed` records (the efficient stage: longest shards first, cut by layer for an iterative variant).
+    By default each pending shard is one task, `compute_shard(job)` retried by `retry` on the worker.
     """
 
     name: str  # the command, the lock's owner
@@ -134,10 +139,12 @@ class Stage:
     completed_shards: Callable[[Any, Any], Sequence[int]]
     forget_stale_shards: Callable[[Any, Any], Sequence[int]]
     compute_shard: Callable[[ShardJob], dict[str, str]]
-    mark_completed: Callable[[Any, int, dict[str, str]], None]
+    mark_completed: Callable[[Any, int, Any], None]
     summarise: Callable[[str, str], Any]
     open_input: Callable[[str], Any] = field(default=read_attention_store)
     retry: RetryPolicy = field(default=RETRY_POLICY)
+    runs_in_process: bool = True
+    submit_shards: Callable[[Any, StageRun, list[int], Any], dict[Any, int]] | None = None
 
 
 def pending_shards(stage: Stage, run: StageRun) -> list[int]:
@@ -159,23 +166,30 @@ def compute_shard_on_worker(compute_shard: Callable[[ShardJob], Any], job: Shard
     return retry.call(compute_shard, job)
 
 
+def submit_shard_jobs(stage: Stage, client, run: StageRun, todo: list[int]) -> dict[Any, int]:
+    """One Dask task per pending shard, `compute_shard_on_worker` (with --device cuda each asks for one GPU)."""
+    return {client.submit(compute_shard_on_worker, stage.compute_shard, run.job(shard), stage.retry, pure=False,
+                          resources=task_resources(run.device)): shard
+            for shard in todo}
+
+
 def run_stage(stage: Stage, run: StageRun) -> Any:
     """Run `stage` (one writer: the output's lock is held throughout): its pending shards in this process, one after
-    the other, or with `run.dask_address` / `run.workers` one Dask task each (with --device cuda a task asks for one
-    GPU); each shard recorded in this process as it returns, so that a rerun resumes. Returns the stage's summary.
-    The first failure of a shard is raised once every other shard has ended and been recorded."""
-    with hold_store_lock(run.results, stage.name):  # one writer per output (the store is only read)
+    the other, or with `run.dask_address` / `run.workers` (or a stage that always runs on Dask) as Dask tasks; each
+    shard recorded in this process as it returns, so that a rerun resumes. Returns the stage's summary. The first
+    failure of a shard is raised once every other shard has ended and been recorded."""
+    with hold_store_lock(run.results, stage.name):  # one writer per output
         todo = pending_shards(stage, run)
         output = stage.open_output(run.results, "r+")
 
-        def record(shard: int, inputs: dict[str, str]) -> None:
-            stage.mark_completed(output, shard, inputs)
+        def record(shard: int, result: Any) -> None:
+            stage.mark_completed(output, shard, result)
 
-        if use_stage_cluster(run.dask_address, run.workers) and todo:
+        if todo and (not stage.runs_in_process or use_stage_cluster(run.dask_address, run.workers)):
             with dask_client(run.dask_address, run.workers) as client:
-                submissions = [(shard, compute_shard_on_worker, (stage.compute_shard, run.job(shard), stage.retry))
-                               for shard in todo]
-                run_shard_tasks(client, submissions, record, stage.shards, resources=task_resources(run.device))
+                futures = (submit_shard_jobs(stage, client, run, todo) if stage.submit_shards is None
+                           else stage.submit_shards(client, run, todo, output))
+                record_shard_futures(futures, record, stage.shards)
         else:
             keep_freed_memory_for_reuse()
             for shard in tqdm(todo, desc=stage.shards, unit="shard", disable=not todo):
