@@ -54,8 +54,6 @@ from tasks.training import train_head
 
 StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings, ExplainSettings)
 
-STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
-
 
 def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text_column: str | None,
                            label_column: str | None) -> str | None:
@@ -318,6 +316,7 @@ PIPELINE_STAGES = (
     ),
     PipelineStage("report", status=report_check, run_stage=run_report),
 )
+STAGES = tuple(stage.name for stage in PIPELINE_STAGES)
 
 
 def on_run_cluster(stage_settings: StageSettingsT, cluster: RunCluster) -> StageSettingsT:
