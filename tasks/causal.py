@@ -1,12 +1,13 @@
-"""The causal stage's work: one Prefect task per shard of examples, plus preparing and summarising the results.
+"""The causal stage, declared (`CAUSAL_STAGE`, run by tasks.stages.run_stage): its plan (`causal_plan`), preparing
+the results, one shard's measurement, and the summary.
 
-A shard task reads the shard's stored attention, values and efficient attention batch by batch
-(`read_causal_batch`), builds each intervention's matrices (analysis.interventions), runs the intervened forward
-passes for every target of the scopes that intervention is measured at (`measure_batch`, in the groups of
-analysis.causal.forward_groups), measures them for the store's task (analysis.causal.BatchMetrics) and writes the
-shard's metrics whole (storage_schemas.causal_results). The driver records completion after the write, so a rerun
-skips done shards. What is run is an analysis.causal.CausalPlan: interventions are objects here, names only in the
-results dataset.
+A shard (`measure_and_write_causal_shard`, given a tasks.stages.ShardJob) reads the shard's stored attention, values
+and efficient attention batch by batch (`read_causal_batch`), builds each intervention's matrices
+(analysis.interventions), runs the intervened forward passes for every target of the scopes that intervention is
+measured at (`measure_batch`, in the groups of analysis.causal.forward_groups), measures them for the store's task
+(analysis.causal.BatchMetrics) and writes the shard's metrics whole (storage_schemas.causal_results). The runner
+records completion after the write, so a rerun skips done shards. What is run is an analysis.causal.CausalPlan:
+interventions are objects here, names only in the results dataset.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""The explanation stage's work: one Prefect task per shard of explained examples, plus preparing and summarising.
+"""The explanation stage, declared (`EXPLAIN_STAGE`, run by tasks.stages.run_stage): choosing the examples, preparing
+the results, one shard of explained examples, and the summary.
 
-A shard task reads each example's tokens, stored attention and efficient attention (preparing refuses store shards
-that are not complete and current), computes every method's attributions, faithfulness and rank agreement
-(analysis.explanations) and the simplex rows' minimality (analysis.support_minimality), and writes the shard
-whole (storage_schemas.explanation_results). The driver records completion after the write, with the identities of
-the store shards the task read, so that store shards written again later make the shard stale.
+A shard (`explain_and_write_shard`, given a tasks.stages.ShardJob) reads each example's tokens, stored attention and
+efficient attention (preparing refuses store shards that are not complete and current), computes every method's
+attributions, faithfulness and rank agreement (analysis.explanations) and the simplex rows' minimality
+(analysis.support_minimality), and writes the shard whole (storage_schemas.explanation_results). The runner records
+completion after the write, with the identities of the store shards the task read, so that store shards written
+again later make the shard stale.
 """
 
 from __future__ import annotations
