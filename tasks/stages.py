@@ -176,8 +176,8 @@ def submit_shard_jobs(stage: Stage, client, run: StageRun, todo: list[int]) -> d
 def run_stage(stage: Stage, run: StageRun) -> Any:
     """Run `stage` (one writer: the output's lock is held throughout): its pending shards in this process, one after
     the other, or with `run.dask_address` / `run.workers` (or a stage that always runs on Dask) as Dask tasks; each
-    shard recorded in this process as it returns, so that a rerun resumes. Returns the stage's summary. The first
-    failure of a shard is raised once every other shard has ended and been recorded."""
+    shard recorded in this process as it returns, so that a rerun resumes. Returns the stage's summary. A failed shard
+    stops an in-process run at once; on Dask it is raised once every other shard has ended and been recorded."""
     with hold_store_lock(run.results, stage.name):  # one writer per output
         todo = pending_shards(stage, run)
         output = stage.open_output(run.results, "r+")
