@@ -310,7 +310,7 @@ def measured_examples(n_examples: int, count: int | None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CausalPlan:
-    """Everything that shapes the numbers of a causal run, resolved (flows.causal.causal_plan builds it): the
+    """Everything that shapes the numbers of a causal run, resolved (tasks.causal.causal_plan builds it): the
     interventions, which of them are also measured one layer / one head at a time, the targets of the scopes, how
     many examples the layer and head scopes measure (None: all), the noise seed and the identity of the store.
 

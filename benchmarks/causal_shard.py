@@ -31,11 +31,11 @@ def main() -> None:
 
     import torch
 
-    from flows.causal import causal_plan
     from flows.settings import CausalSettings
     from storage_schemas.attention_store import use_fast_codec_pipeline
-    from tasks.causal import compute_causal_shard
+    from tasks.causal import causal_plan, compute_causal_shard
     from tasks.dask_cluster import keep_freed_memory_for_reuse
+    from tasks.stages import ShardJob
 
     torch.set_num_threads(arguments.threads)
     use_fast_codec_pipeline()
@@ -45,8 +45,8 @@ def main() -> None:
     plan = causal_plan(CausalSettings(store=arguments.store, results=unused_results))
     for repeat in range(arguments.repeats):
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        compute_causal_shard(arguments.store, unused_results, arguments.shard, plan,
-                             forward_rows=arguments.forward_rows)
+        compute_causal_shard(ShardJob(arguments.store, unused_results, arguments.shard, plan,
+                                      forward_rows=arguments.forward_rows))
         after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
         print(f"shard {arguments.shard}, repeat {repeat + 1}: {seconds:.1f} s, user "
               f"{after.ru_utime - before.ru_utime:.1f} s, sys {after.ru_stime - before.ru_stime:.1f} s, "

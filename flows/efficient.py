@@ -8,7 +8,8 @@ from prefect import flow, get_run_logger
 from analysis.variants import default_variants, left_out_by_default, require_known_variants
 from flows.settings import EfficientSettings
 from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
-from tasks.efficient import run_efficient_shards
+from tasks.efficient import EfficientWork, efficient_stage
+from tasks.stages import StageRun, run_stage
 
 
 @flow(name="effattn-efficient")
@@ -22,8 +23,10 @@ def efficient(settings: EfficientSettings) -> str:
     if variants is None:
         variants = stage_default_variants(settings.store)
     require_known_variants(variants)
-    run_efficient_shards(settings.store, list(variants), settings.recorded(), settings.dask_address, settings.workers)
-    return settings.store
+    return run_stage(efficient_stage(variants), StageRun(
+        store=settings.store, results=settings.store, plan=EfficientWork(tuple(variants), settings.recorded()),
+        dask_address=settings.dask_address, workers=settings.workers,
+    ))
 
 
 def stage_default_variants(store: str) -> list[str]:

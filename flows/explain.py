@@ -11,23 +11,9 @@ from flows.preflight import check_device
 from flows.settings import ExplainSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.selection import require_everything
-from storage_schemas.explanation_results import (
-    mark_explanation_shard_completed,
-    open_explanation_results,
-    require_explanation_inputs,
-    require_stored_variants,
-)
-from storage_schemas.store_lock import hold_store_lock
-from tasks.dask_cluster import run_model_stage_shards
-from tasks.explain import (
-    choose_examples,
-    efficient_sources,
-    explanation_shard_on_worker,
-    prepare_explanations,
-    run_explanation_shard,
-    store_identity,
-    summarise_explanations,
-)
+from storage_schemas.explanation_results import require_explanation_inputs, require_stored_variants
+from tasks.explain import EXPLAIN_STAGE, choose_examples, efficient_sources, store_identity
+from tasks.stages import StageRun, run_stage
 
 
 def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
@@ -76,13 +62,7 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     recorded = recorded_explanation_settings(settings)
     get_run_logger().info(describe_draw(recorded["draw"]))
     check_device(settings.device)  # before the lock or any results folder exists
-    with hold_store_lock(results, "explain"):  # one writer per results dataset (the store is only read)
-        todo = prepare_explanations(store, results, recorded)
-        group = open_explanation_results(results, mode="r+")
-        arguments = (recorded, settings.model, settings.device, settings.forward_rows)
-        run_model_stage_shards(
-            settings, todo, explanation_shard_on_worker, run_explanation_shard,
-            lambda shard: (store, results, shard, *arguments),
-            lambda shard, inputs: mark_explanation_shard_completed(group, shard, inputs), "explanation shards",
-        )
-        return summarise_explanations(store, results)
+    return run_stage(EXPLAIN_STAGE, StageRun(
+        store=store, results=results, plan=recorded, model_override=settings.model, device=settings.device,
+        forward_rows=settings.forward_rows, dask_address=settings.dask_address, workers=settings.workers,
+    ))

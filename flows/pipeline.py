@@ -7,6 +7,8 @@ and resumes where it stopped otherwise. The outputs go under `run_dir`, named af
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,8 +53,6 @@ from tasks.dask_cluster import RunCluster, run_cluster, use_stage_cluster
 from tasks.training import train_head
 
 StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings, ExplainSettings)
-
-STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 
 
 def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text_column: str | None,
@@ -108,114 +108,17 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     store = settings.store or paths.store
     results = settings.results or paths.results
     report_dir = settings.report_dir or paths.report
-    stages: dict[str, dict[str, Any]] = {}
-
-    def finished(stage: str, status: str, started: float | None, detail: str) -> None:
-        seconds = round(time.perf_counter() - started, 2) if started is not None else 0.0
-        stages[stage] = {"status": status, "seconds": seconds, "detail": detail}
-        logger.info("stage %s: %s%s (%s)", stage, status, f" in {seconds:.1f} s" if status == "ran" else "", detail)
-
+    run = PipelineRun(settings=settings, store=store, results=results, report_dir=report_dir, variants=variants,
+                      logger=logger)
     with run_cluster(settings.dask_address, settings.workers) as cluster:
-        # --- train (if needed) and extract ---
-        extraction_inputs = {
-            "corpus": corpus, "corpus_fingerprint": local_input_fingerprint(corpus),
-            "model": model, "model_fingerprint": local_input_fingerprint(model), "limit": limit,
-            **settings.extraction_shape(),
-        }
-        check = extraction_status(store, extraction_inputs, settings.extraction_shape_defaults())
-        efficient_settings = settings.efficient_settings(store, tuple(variants))
-        if not check.complete or not efficient_status(store, variants, efficient_settings.recorded()).complete:
+        run.cluster = cluster
+        if (not extraction_check(run).complete
+                or not efficient_status(store, variants, run.efficient_settings().recorded()).complete):
             # the efficient stage will run on Dask: its cluster starts meanwhile, its workers import its code
             cluster.start_in_background(["tasks.efficient"])
-        if check.complete:
-            finished("train", "skipped", None, "the extraction is complete")
-            finished("extract", "skipped", None, check.reason)
-        else:
-            logger.info("stage extract needed: %s", check.reason)
-            extraction_model, extraction_split = model, settings.split
-            reason = head_not_needed_reason(corpus, model, settings.task, settings.train, text_column, label_column)
-            if reason is None:
-                logger.info("stage train needed: a fine-tuned head for %s on %s (trained, or found cached)", model,
-                            corpus)
-                started = time.perf_counter()
-                training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=settings.seed)
-                extraction_model = train_head(model, corpus, text_column, label_column, training.as_dict(),
-                                              settings.cache_root)
-                extraction_split = settings.split or "held_out"
-                finished("train", "ran", started, f"trained head (or cache hit): {extraction_model}")
-            else:
-                finished("train", "not needed", None, reason)
-            started = time.perf_counter()
-            extract(on_run_cluster(settings.extract_settings(store, extraction_model, extraction_split),
-                                   cluster))
-            with hold_store_lock(store, "pipeline"):
-                record_extraction_inputs(store, extraction_inputs)
-            finished("extract", "ran", started, store)
-
-        # --- efficient ---
-        if not settings.variants:
-            variants = stage_default_variants(store)
-            efficient_settings = settings.efficient_settings(store, tuple(variants))
-        check = efficient_status(store, variants, efficient_settings.recorded())
-        if check.complete:
-            finished("efficient", "skipped", None, check.reason)
-        else:
-            logger.info("stage efficient needed: %s", check.reason)
-            started = time.perf_counter()
-            efficient(efficient_settings.model_copy(update={"dask_address": cluster.address()}))
-            finished("efficient", "ran", started, f"{', '.join(variants)} in {store}")
-
-        # --- causal ---
-        causal_stage = settings.causal_settings(store, results, tuple(variants))
-        check = causal_status(results, recorded_causal_settings(causal_stage), store)
-        if check.conflicting:
-            raise ValueError(
-                f"{results} holds causal results made with other settings (by an earlier effattn version or other "
-                "options; its attribute `settings` holds them): delete it to measure again with this run's settings, "
-                "or pass --results PATH to keep both"
-            )
-        if check.complete:
-            finished("causal", "skipped", None, check.reason)
-        else:
-            logger.info("stage causal needed: %s", check.reason)
-            started = time.perf_counter()
-            causal(on_run_cluster(causal_stage, cluster))
-            finished("causal", "ran", started, results)
-
-        # --- explain ---
-        explanations = explanation_results_path(results) if settings.explain_examples else None
-        captured = selection_of_group(open_attention_store(store, mode="r"))
-        if explanations is None:
-            finished("explain", "not needed", None, "explain_examples is 0")
-        elif not captured.is_everything:  # its attributions roll attention through every layer (flows.explain)
-            explanations = None
-            finished("explain", "not needed", None, f"the store holds {captured.describe()}; explain needs all")
-        else:
-            explain_stage = settings.explain_settings(store, explanations, tuple(default_methods(variants)))
-            check = explanation_status(explanations, recorded_explanation_settings(explain_stage), store)
-            if check.conflicting:
-                raise ValueError(f"{explanations} holds explanation results made with other settings: delete it to "
-                                 "explain again with this run's settings, or pass --explain-examples 0")
-            if check.complete:
-                finished("explain", "skipped", None, check.reason)
-            else:
-                logger.info("stage explain needed: %s", check.reason)
-                started = time.perf_counter()
-                explain(on_run_cluster(explain_stage, cluster))
-                finished("explain", "ran", started, explanations)
-
-        # --- report ---
-        check = report_status(report_dir, results)
-        if check.complete and stages["explain"]["status"] == "ran":  # new explanations, redraw
-            check = StageCheck(False, "the explanation results were recomputed")
-        if check.complete:
-            finished("report", "skipped", None, check.reason)
-        else:
-            logger.info("stage report needed: %s", check.reason)
-            started = time.perf_counter()
-            report(ReportSettings(results=results, out=report_dir, store=store, explanations=explanations))
-            record_report_source(report_dir, results)
-            finished("report", "ran", started, report_dir)
+        for stage in PIPELINE_STAGES:
+            run_pipeline_stage(stage, run)
+    variants, explanations, stages = run.variants, run.explanations, run.stages
 
     summaries = {variant: summarize_variant(read_diagnostics(store, variant)) for variant in variants}
     record = {
@@ -232,6 +135,188 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     }
     logger.info("pipeline finished:\n%s\n\n%s", stage_table(record), summary_table(summaries))
     return record
+
+
+@dataclass
+class PipelineRun:
+    """The state of one `run_pipeline` call that its stages share: the outputs, the variants (settled once the store
+    exists), the explanation results (None: not explained), the run's cluster and what each stage did."""
+
+    settings: PipelineSettings
+    store: str
+    results: str
+    report_dir: str
+    variants: list[str]
+    logger: Any
+    cluster: RunCluster | None = None
+    explanations: str | None = None
+    extraction_model: str = ""
+    extraction_split: str | None = None
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def extraction_inputs(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "corpus": settings.corpus, "corpus_fingerprint": local_input_fingerprint(settings.corpus),
+            "model": settings.model, "model_fingerprint": local_input_fingerprint(settings.model),
+            "limit": settings.limit, **settings.extraction_shape(),
+        }
+
+    def efficient_settings(self):
+        return self.settings.efficient_settings(self.store, tuple(self.variants))
+
+    def finished(self, stage: str, status: str, started: float | None, detail: str) -> None:
+        seconds = round(time.perf_counter() - started, 2) if started is not None else 0.0
+        self.stages[stage] = {"status": status, "seconds": seconds, "detail": detail}
+        self.logger.info("stage %s: %s%s (%s)", stage, status, f" in {seconds:.1f} s" if status == "ran" else "",
+                         detail)
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """A stage of the pipeline, declared: `not_needed(run)` says why it is not run at all (None: it is needed);
+    `status(run)` whether its output is complete for this run's inputs (storage_schemas.pipeline_runs), or holds
+    other settings (refused with `conflict(run)`); `run_stage(run)` runs it and returns the detail line."""
+
+    name: str
+    status: Callable[[PipelineRun], StageCheck]
+    run_stage: Callable[[PipelineRun], str]
+    not_needed: Callable[[PipelineRun], str | None] = lambda run: None
+    conflict: Callable[[PipelineRun], str] = lambda run: ""
+
+
+def run_pipeline_stage(stage: PipelineStage, run: PipelineRun) -> None:
+    """Not needed, conflicting, complete (skipped) or run: the one rule every stage of the pipeline follows."""
+    reason = stage.not_needed(run)
+    if reason is not None:
+        run.finished(stage.name, "not needed", None, reason)
+        return
+    check = stage.status(run)
+    if check.conflicting:
+        raise ValueError(stage.conflict(run))
+    if check.complete:
+        run.finished(stage.name, "skipped", None, check.reason)
+        return
+    run.logger.info("stage %s needed: %s", stage.name, check.reason)
+    started = time.perf_counter()
+    detail = stage.run_stage(run)
+    run.finished(stage.name, "ran", started, detail)
+
+
+def extraction_check(run: PipelineRun) -> StageCheck:
+    return extraction_status(run.store, run.extraction_inputs(), run.settings.extraction_shape_defaults())
+
+
+def train_not_needed(run: PipelineRun) -> str | None:
+    """Why no head is trained: the extraction is complete (then the stage is skipped), or the rule of flows.extract
+    says none has to be."""
+    settings = run.settings
+    run.extraction_model, run.extraction_split = settings.model, settings.split
+    if extraction_check(run).complete:
+        return None
+    return head_not_needed_reason(settings.corpus, settings.model, settings.task, settings.train,
+                                  settings.text_column, settings.label_column)
+
+
+def train_status(run: PipelineRun) -> StageCheck:
+    if extraction_check(run).complete:
+        return StageCheck(True, "the extraction is complete")
+    return StageCheck(False, f"a fine-tuned head for {run.settings.model} on {run.settings.corpus} (trained, or "
+                             "found cached)")
+
+
+def run_train(run: PipelineRun) -> str:
+    settings = run.settings
+    training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=settings.seed)
+    run.extraction_model = train_head(settings.model, settings.corpus, settings.text_column, settings.label_column,
+                                      training.as_dict(), settings.cache_root)
+    run.extraction_split = settings.split or "held_out"
+    return f"trained head (or cache hit): {run.extraction_model}"
+
+
+def run_extract(run: PipelineRun) -> str:
+    extract(on_run_cluster(run.settings.extract_settings(run.store, run.extraction_model, run.extraction_split),
+                           run.cluster))
+    with hold_store_lock(run.store, "pipeline"):
+        record_extraction_inputs(run.store, run.extraction_inputs())
+    return run.store
+
+
+def efficient_check(run: PipelineRun) -> StageCheck:
+    if not run.settings.variants:  # without --variants: those the store's length allows, now that it exists
+        run.variants = stage_default_variants(run.store)
+    return efficient_status(run.store, run.variants, run.efficient_settings().recorded())
+
+
+def run_efficient(run: PipelineRun) -> str:
+    efficient(run.efficient_settings().model_copy(update={"dask_address": run.cluster.address()}))
+    return f"{', '.join(run.variants)} in {run.store}"
+
+
+def causal_settings(run: PipelineRun) -> CausalSettings:
+    return run.settings.causal_settings(run.store, run.results, tuple(run.variants))
+
+
+def run_causal(run: PipelineRun) -> str:
+    causal(on_run_cluster(causal_settings(run), run.cluster))
+    return run.results
+
+
+def explain_not_needed(run: PipelineRun) -> str | None:
+    if not run.settings.explain_examples:
+        return "explain_examples is 0"
+    captured = selection_of_group(open_attention_store(run.store, mode="r"))
+    if not captured.is_everything:  # its attributions roll attention through every layer (flows.explain)
+        return f"the store holds {captured.describe()}; explain needs all"
+    run.explanations = explanation_results_path(run.results)
+    return None
+
+
+def explain_settings(run: PipelineRun) -> ExplainSettings:
+    return run.settings.explain_settings(run.store, run.explanations, tuple(default_methods(run.variants)))
+
+
+def run_explain(run: PipelineRun) -> str:
+    explain(on_run_cluster(explain_settings(run), run.cluster))
+    return run.explanations
+
+
+def report_check(run: PipelineRun) -> StageCheck:
+    check = report_status(run.report_dir, run.results)
+    if check.complete and run.stages["explain"]["status"] == "ran":  # new explanations, redraw
+        return StageCheck(False, "the explanation results were recomputed")
+    return check
+
+
+def run_report(run: PipelineRun) -> str:
+    report(ReportSettings(results=run.results, out=run.report_dir, store=run.store, explanations=run.explanations))
+    record_report_source(run.report_dir, run.results)
+    return run.report_dir
+
+
+PIPELINE_STAGES = (
+    PipelineStage("train", status=train_status, run_stage=run_train, not_needed=train_not_needed),
+    PipelineStage("extract", status=extraction_check, run_stage=run_extract),
+    PipelineStage("efficient", status=efficient_check, run_stage=run_efficient),
+    PipelineStage(
+        "causal", status=lambda run: causal_status(run.results, recorded_causal_settings(causal_settings(run)),
+                                                   run.store),
+        run_stage=run_causal,
+        conflict=lambda run: (
+            f"{run.results} holds causal results made with other settings (by an earlier effattn version or other "
+            "options; its attribute `settings` holds them): delete it to measure again with this run's settings, "
+            "or pass --results PATH to keep both"),
+    ),
+    PipelineStage(
+        "explain", status=lambda run: explanation_status(
+            run.explanations, recorded_explanation_settings(explain_settings(run)), run.store),
+        run_stage=run_explain, not_needed=explain_not_needed,
+        conflict=lambda run: (f"{run.explanations} holds explanation results made with other settings: delete it "
+                              "to explain again with this run's settings, or pass --explain-examples 0"),
+    ),
+    PipelineStage("report", status=report_check, run_stage=run_report),
+)
+STAGES = tuple(stage.name for stage in PIPELINE_STAGES)
 
 
 def on_run_cluster(stage_settings: StageSettingsT, cluster: RunCluster) -> StageSettingsT:

@@ -1,12 +1,13 @@
-"""The causal stage's work: one Prefect task per shard of examples, plus preparing and summarising the results.
+"""The causal stage, declared (`CAUSAL_STAGE`, run by tasks.stages.run_stage): its plan (`causal_plan`), preparing
+the results, one shard's measurement, and the summary.
 
-A shard task reads the shard's stored attention, values and efficient attention batch by batch
-(`read_causal_batch`), builds each intervention's matrices (analysis.interventions), runs the intervened forward
-passes for every target of the scopes that intervention is measured at (`measure_batch`, in the groups of
-analysis.causal.forward_groups), measures them for the store's task (analysis.causal.BatchMetrics) and writes the
-shard's metrics whole (storage_schemas.causal_results). The driver records completion after the write, so a rerun
-skips done shards. What is run is an analysis.causal.CausalPlan: interventions are objects here, names only in the
-results dataset.
+A shard (`measure_and_write_causal_shard`, given a tasks.stages.ShardJob) reads the shard's stored attention, values
+and efficient attention batch by batch (`read_causal_batch`), builds each intervention's matrices
+(analysis.interventions), runs the intervened forward passes for every target of the scopes that intervention is
+measured at (`measure_batch`, in the groups of analysis.causal.forward_groups), measures them for the store's task
+(analysis.causal.BatchMetrics) and writes the shard's metrics whole (storage_schemas.causal_results). The runner
+records completion after the write, so a rerun skips done shards. What is run is an analysis.causal.CausalPlan:
+interventions are objects here, names only in the results dataset.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from analysis.causal import (
     METRICS,
+    SCOPES,
     BatchMetrics,
     CausalBatch,
     CausalPlan,
@@ -32,20 +33,33 @@ from analysis.causal import (
     intervened_logits,
     measured_examples,
     target_attribute,
+    targets_for,
 )
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary_of_parts
 from analysis.efficient_attention import VARIANTS
-from analysis.interventions import SharedBases, intervention_matrices, parse_interventions
+from analysis.interventions import (
+    DEFAULT_MINIMALITY_DIRECTIONS,
+    Intervention,
+    SharedBases,
+    default_head_interventions,
+    default_interventions,
+    default_layer_interventions,
+    intervention_matrices,
+    parse_interventions,
+)
 from analysis.key_bands import KeyBand, store_key_bands
 from analysis.models import LoadedModel
+from analysis.variants import require_known_variants
 from storage_schemas.attention_store import AttentionStoreLayout, open_attention_store, store_layout
 from storage_schemas.causal_results import (
     CausalResultsError,
     causal_completed_shards,
+    causal_variants,
     causal_input_identities,
     check_same_settings,
     create_causal_results,
     forget_stale_causal_shards,
+    mark_causal_shard_completed,
     open_causal_results,
     require_causal_inputs,
     write_aggregates,
@@ -56,21 +70,65 @@ from storage_schemas.efficient_store import (
     diagnostic_array_path,
     efficient_array_path,
 )
+from storage_schemas.results_dataset import results_store_identity
 from storage_schemas.selection import StoreSelection, selection_of_group
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
-from tasks.dask_cluster import prepare_worker_process
-from tasks.extraction import retry_on_io_error
-from tasks.models import cached_model
+from tasks.models import load_store_model
+from tasks.stages import ShardJob, Stage, StageRun
+
+if TYPE_CHECKING:
+    from flows.settings import CausalSettings
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_KEYS = ("model", "tokenizer", "corpus", "extraction", "max_length", "dtype", "package_versions")
 
 
-def prepare_results(store: str, results: str, plan: CausalPlan) -> list[int]:
-    """Refuse a store whose extraction or needed efficient attention is unfinished; create the results dataset (or
-    check that it belongs to this run) and forget shards measured on store shards written again since; returns the
-    shards still to do."""
+def causal_plan(settings: CausalSettings) -> CausalPlan:
+    """Everything that shapes the numbers of a causal run (a rerun with another plan is refused); the names are
+    parsed here, once.
+
+    Defaults: the variants the efficient stage has finished in the store; every intervention for them at scope
+    "all"; those whose kind is measured per layer (efficient, null, uniform, ablate) at scope "layer"; ablate at
+    scope "head" (which heads matter; within one head null:<v> is ablation by construction, (A - E)·T = 0, and
+    the layer scope already shows that); the layer and head scopes on `scope_examples` examples spread over the
+    store (None: all).
+    """
+    store, variants, interventions = settings.store, settings.variants, settings.interventions
+    layer_interventions, head_interventions = settings.layer_interventions, settings.head_interventions
+    scopes = SCOPES if settings.scopes is None else settings.scopes
+    minimality_directions = (DEFAULT_MINIMALITY_DIRECTIONS if settings.minimality_directions is None
+                             else settings.minimality_directions)
+    scope_examples = settings.scope_examples
+    group = open_attention_store(store, mode="r")
+    layout = store_layout(group)
+    if variants is not None:
+        require_known_variants(variants)
+    variants = causal_variants(group, store, variants, interventions)  # default: those the efficient stage finished
+    if interventions is None:
+        directions = [k for k in minimality_directions if k < layout.head_dim]
+        chosen = default_interventions(variants, directions)
+    else:
+        chosen = parse_interventions(interventions)
+    selection = selection_of_group(group)
+    return CausalPlan(
+        interventions=tuple(chosen),
+        scopes=tuple(scopes),
+        layer_interventions=tuple(default_layer_interventions(chosen) if layer_interventions is None
+                                  else map(Intervention.parse, layer_interventions)),
+        head_interventions=tuple(default_head_interventions(chosen) if head_interventions is None
+                                 else map(Intervention.parse, head_interventions)),
+        scope_examples=None if scope_examples is None else int(scope_examples),
+        targets=tuple(targets_for(list(scopes), selection.layers, selection.heads)),  # model indices
+        seed=int(settings.seed),
+        # what ties the results to the store: weights, corpus, examples, dtype, selection, efficient settings
+        store_identity=results_store_identity(group, sorted({item.variant_name for item in chosen if item.variant})),
+    )
+
+
+def create_results(run: StageRun) -> None:
+    """Refuse a store whose extraction or needed efficient attention is unfinished; create the results dataset of
+    `run.plan` (an analysis.causal.CausalPlan), or check that it belongs to this run."""
+    store, results, plan = run.store, run.results, run.plan
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
     require_causal_inputs(group, store, plan.efficient_variants())
@@ -81,9 +139,7 @@ def prepare_results(store: str, results: str, plan: CausalPlan) -> list[int]:
             raise
         attributes = group.attrs.asdict()
         provenance = {key: attributes[key] for key in PROVENANCE_KEYS if key in attributes}
-        from datetime import datetime, timezone
-
-        results_group = create_causal_results(
+        create_causal_results(
             results,
             interventions=[item.results_row() for item in plan.interventions],
             targets=[target_attribute(target) for target in plan.targets],
@@ -96,34 +152,6 @@ def prepare_results(store: str, results: str, plan: CausalPlan) -> list[int]:
         )
     else:
         check_same_settings(results_group, results, plan.as_attribute())
-        stale = forget_stale_causal_shards(results_group, group)
-        if stale:
-            logger.warning("%s: causal shards %s were measured on store shards that were unfinished then or "
-                           "written again since: measuring them again", results, stale)
-    done = set(causal_completed_shards(results_group, group))
-    return [shard for shard in range(layout.n_shards) if shard not in done]
-
-
-def _load_store_model(group, model_override: str | None, device: str):
-    attributes = group.attrs.asdict()
-    model = attributes["model"]
-    task_name = attributes["extraction"]["task"]
-    loaded = cached_model(model_override or model["name"], int(model["num_labels"] or 1), device,
-                          int(model["head_seed"]), task_name)
-    tokenizer = attributes["tokenizer"]
-    if (type(loaded.tokenizer).__name__, len(loaded.tokenizer)) != (tokenizer["class"], tokenizer["vocab_size"]):
-        raise CausalResultsError(
-            f"the tokenizer of {model_override or model['name']} ({type(loaded.tokenizer).__name__}, "
-            f"{len(loaded.tokenizer)} tokens) is not the one that wrote the store ({tokenizer['class']}, "
-            f"{tokenizer['vocab_size']} tokens): pass --model with the model that wrote the store"
-        )
-    if loaded.weights_digest != model["weights_digest"]:
-        raise CausalResultsError(
-            f"the model {model_override or model['name']} has weights digest {loaded.weights_digest[:16]}…, but the "
-            f"store was extracted with {model['weights_digest'][:16]}… ({model['name']}): pass --model with the "
-            "model that wrote the store"
-        )
-    return loaded
 
 
 def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequence[str]) -> CausalBatch:
@@ -185,15 +213,14 @@ def measure_batch(
     return measured, change_ratio
 
 
-def compute_causal_shard(
-    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None = None,
-    device: str = "cpu", batch_size: int = 16, forward_rows: int = 64,
-) -> dict[str, np.ndarray]:
-    """Every metric of one shard: {metric: [intervention, target, shard examples]} plus 'injected_change_ratio'
-    [intervention, shard examples] and 'original_correct' [shard examples]."""
-    group = open_attention_store(store, mode="r")
+def compute_causal_shard(job: ShardJob) -> dict[str, np.ndarray]:
+    """Every metric of shard `job.shard_index` under `job.plan` (an analysis.causal.CausalPlan): {metric:
+    [intervention, target, shard examples]} plus 'injected_change_ratio' [intervention, shard examples] and
+    'original_correct' [shard examples]. Writes nothing."""
+    plan, batch_size, shard_index = job.plan, job.batch_size, job.shard_index
+    group = open_attention_store(job.store, mode="r")
     layout = store_layout(group)
-    loaded = _load_store_model(group, model_override, device)
+    loaded = load_store_model(group.attrs.asdict(), job.model_override, job.device)
     region = layout.shard_slice(shard_index)
     n_examples = region.stop - region.start
     shape = (len(plan.interventions), len(plan.targets), n_examples)
@@ -215,7 +242,7 @@ def compute_causal_shard(
         rows = slice(start - region.start, start - region.start + len(batch.length))
         batch_metrics = BatchMetrics.for_batch(loaded, batch, layout.task)
         original_correct[rows] = batch_metrics.original_correct()
-        measured, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, scoped, forward_rows,
+        measured, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, scoped, job.forward_rows,
                                         on_intervention=progress.update, key_bands=key_bands,
                                         selection=selection)
         for name in METRICS:
@@ -225,50 +252,25 @@ def compute_causal_shard(
     return {**metrics, "injected_change_ratio": change_ratio, "original_correct": original_correct}
 
 
-def measure_and_write_causal_shard(
-    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None,
-    device: str, batch_size: int, forward_rows: int,
-) -> dict[str, str]:
+def measure_and_write_causal_shard(job: ShardJob) -> dict[str, str]:
     """Compute one shard and write it whole. Returns the identities of the store's shards it read (input name ->
     identity), read before the data: a shard written again meanwhile gets a new identity, so these results would
     be stale, not silently wrong. Runs in the driver or on a Dask worker (which keeps the model loaded)."""
-    inputs = causal_input_identities(open_attention_store(store, mode="r"), plan.efficient_variants())[shard_index]
+    store, shard_index = job.store, job.shard_index
+    inputs = causal_input_identities(open_attention_store(store, mode="r"), job.plan.efficient_variants())[shard_index]
     if any(identity is None for identity in inputs.values()):
         raise CausalResultsError(
             f"{store}, shard {shard_index}: its inputs stopped being complete while the causal stage ran "
             f"({', '.join(name for name, identity in inputs.items() if identity is None)}): finish them "
             "(`effattn extract` / `effattn efficient`), then run `effattn causal` again"
         )
-    computed = compute_causal_shard(store, results, shard_index, plan, model_override, device, batch_size,
-                                    forward_rows)
-    group = open_causal_results(results, mode="r+")
+    computed = compute_causal_shard(job)
+    group = open_causal_results(job.results, mode="r+")
     write_causal_shard(
         group, shard_index, {name: computed[name] for name in METRICS}, computed["injected_change_ratio"],
         computed["original_correct"],
     )
     return inputs
-
-
-def causal_shard_on_worker(
-    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None,
-    device: str, batch_size: int, forward_rows: int,
-) -> dict[str, str]:
-    """`measure_and_write_causal_shard` as a Dask task: transient I/O errors are retried (the whole shard is
-    measured and rewritten), anything else fails at once; the driver records completion."""
-    prepare_worker_process()
-    return retry_transient_io(measure_and_write_causal_shard, store, results, shard_index, plan, model_override,
-                              device, batch_size, forward_rows, delays=DEFAULT_RETRY_DELAYS)
-
-
-@task(name="causal-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_on_io_error)
-def run_causal_shard(
-    store: str, results: str, shard_index: int, plan: CausalPlan, model_override: str | None,
-    device: str, batch_size: int, forward_rows: int,
-) -> dict[str, str]:
-    """`measure_and_write_causal_shard` in this process (an I/O error is retried: the whole shard is rewritten)."""
-    return measure_and_write_causal_shard(store, results, shard_index, plan, model_override, device, batch_size,
-                                          forward_rows)
 
 
 # Examples read at once by the summary of a causal run (whole shards of the store).
@@ -312,3 +314,22 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     )
     group.attrs.update({"claims": claims, "efficient_diagnostics": summary})
     return claims
+
+
+def store_shard_count(results_group, store_group) -> int:
+    """The causal results have one shard per shard of the store."""
+    return store_layout(store_group).n_shards
+
+
+CAUSAL_STAGE = Stage(
+    name="causal",
+    shards="causal shards",
+    prepare=create_results,
+    open_output=open_causal_results,
+    shard_count=store_shard_count,
+    completed_shards=causal_completed_shards,
+    forget_stale_shards=forget_stale_causal_shards,
+    compute_shard=measure_and_write_causal_shard,
+    mark_completed=mark_causal_shard_completed,
+    summarise=summarise_results,
+)

@@ -195,16 +195,22 @@ def run_shard_tasks(
     client, submissions: Sequence[tuple[int, Callable, tuple]], record: Callable[[int, Any], None], desc: str,
     resources: dict[str, int] | None = None,
 ) -> int:
-    """Submit one task per shard (`submissions`: (shard, function, arguments)) to `client` and call
-    `record(shard, result)` in this process as each one finishes, so that a rerun skips what finished even when
-    another shard fails. The first failure is raised once every other task has ended, its message prefixed with
-    named by a note and a log line when its message does not name the shard. Returns the number of shards run."""
-    from distributed import as_completed
-
+    """Submit one task per shard (`submissions`: (shard, function, arguments)) to `client` and record each as it
+    finishes (`record_shard_futures`). Returns the number of shards run."""
     futures = {
         client.submit(function, *arguments, pure=False, resources=resources): shard
         for shard, function, arguments in submissions
     }
+    return record_shard_futures(futures, record, desc)
+
+
+def record_shard_futures(futures: dict[Any, int], record: Callable[[int, Any], None], desc: str) -> int:
+    """Call `record(shard, result)` in this process as each Dask future (future -> the shard it computes) finishes,
+    so that a rerun skips what finished even when another shard fails. The first failure is raised once every
+    other task has ended, named by a note and a log line when its message does not name the shard. Returns the
+    number of shards."""
+    from distributed import as_completed
+
     first_error: BaseException | None = None
     with tqdm(total=len(futures), desc=desc, unit="shard", disable=not futures) as progress:
         for future in as_completed(futures):
@@ -223,24 +229,6 @@ def run_shard_tasks(
     if first_error is not None:
         raise first_error
     return len(futures)
-
-
-def run_model_stage_shards(
-    settings, todo: Sequence[int], on_worker: Callable, in_process: Callable, arguments: Callable[[int], tuple],
-    record: Callable[[int, Any], None], desc: str,
-) -> None:
-    """Run a model stage's pending shards (`todo`) and `record(shard, result)` each in this process: with
-    `settings.dask_address` or `settings.workers`, one Dask task per shard, `on_worker(*arguments(shard))` (the
-    worker writes the shard whole to its URL; with --device cuda the task asks for one GPU), recorded as each
-    returns so that a rerun resumes; otherwise `in_process(*arguments(shard))`, one shard after the other."""
-    if use_stage_cluster(settings.dask_address, settings.workers) and todo:
-        with dask_client(settings.dask_address, settings.workers) as client:
-            run_shard_tasks(client, [(shard, on_worker, arguments(shard)) for shard in todo], record, desc,
-                            resources=task_resources(settings.device))
-        return
-    keep_freed_memory_for_reuse()
-    for shard in tqdm(todo, desc=desc, unit="shard", disable=not todo):
-        record(shard, in_process(*arguments(shard)))
 
 
 def keep_freed_memory_for_reuse() -> bool:

@@ -1,4 +1,5 @@
-"""The efficient stage's work: functions run on Dask workers, and the Prefect task that drives them.
+"""The efficient stage's work: functions run on Dask workers, and the stage's declaration (`efficient_stage`, run
+by tasks.stages.run_stage).
 
 A shard is one Dask task (`compute_efficient_shard`): it reads the shard's attention, values and lengths from the
 store, computes the requested variants with analysis.efficient_attention and writes whole shards of
@@ -11,13 +12,13 @@ its URL: they can run anywhere that can reach it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from tqdm.auto import tqdm
 
 from analysis.efficient_attention import EfficientAttentionResult, efficient_attention
 from analysis.key_bands import store_key_bands
@@ -38,8 +39,8 @@ from storage_schemas.efficient_store import (
 )
 from storage_schemas.selection import selection_of_group
 from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_corrupt_chunk_error, retry_transient_io
-from storage_schemas.store_lock import hold_store_lock
-from tasks.dask_cluster import dask_client, prepare_worker_process
+from tasks.dask_cluster import prepare_worker_process, record_shard_futures
+from tasks.stages import ShardJob, Stage, StageRun, log_retry
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ def _read_piece_inputs(group, store: str, shard_index: int, region: slice, layer
                 f"then `effattn verify --repair {store}` and the stage that wrote it again"
             ) from None
     return tuple(read)
-
-
-def _log_retry(attempt: int, error: BaseException, delay: float) -> None:
-    logger.warning("transient I/O error (%s: %s); retry %d in %.1f s", type(error).__name__, error, attempt + 1, delay)
 
 
 def compute_efficient_piece(
@@ -90,7 +87,7 @@ def compute_efficient_piece(
         raise ValueError(f"layers ({first}, {stop}) must satisfy 0 <= start < stop <= {layout.layers}")
     inputs = retry_transient_io(
         _read_piece_inputs, group, store, shard_index, region, slice(first, stop), delays=retry_delays,
-        on_retry=_log_retry,
+        on_retry=log_retry,
     )
     return _compute_piece(group, store, shard_index, (first, stop), inputs, variants, settings)
 
@@ -101,7 +98,7 @@ def _open_shard(store: str, shard_index: int, torch_threads: int, retry_delays: 
 
     torch.set_num_threads(torch_threads)
     prepare_worker_process()
-    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
+    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=log_retry)
     layout = store_layout(group)
     return group, layout, layout.shard_slice(shard_index)
 
@@ -148,7 +145,7 @@ def write_efficient_pieces(
     each variant; returns (shard_index, variants written). Runs on a worker. Writes are retried on transient I/O
     errors only; a full disk or a store this process may not write fails at once."""
     use_fast_codec_pipeline()
-    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=_log_retry)
+    group = retry_transient_io(open_attention_store, store, mode="r+", delays=retry_delays, on_retry=log_retry)
     layout = store_layout(group)
     covered = sum(next(iter(piece.values())).efficient.shape[1] for piece in pieces)  # layers of every piece
     if covered != layout.layers:
@@ -163,7 +160,7 @@ def write_efficient_pieces(
         }
         retry_transient_io(
             write_efficient_shard, group, layout, variant, shard_index, efficient, diagnostics,
-            delays=retry_delays, on_retry=_log_retry,
+            delays=retry_delays, on_retry=log_retry,
         )
     return shard_index, variants
 
@@ -195,7 +192,7 @@ def compute_efficient_shard(
     group, layout, region = _open_shard(store, shard_index, torch_threads, retry_delays)
     attention, value, w_out, length = retry_transient_io(
         _read_piece_inputs, group, store, shard_index, region, slice(0, layout.layers), delays=retry_delays,
-        on_retry=_log_retry,
+        on_retry=log_retry,
     )
     pieces = []
     for cut in shard_pieces(variants, layout.layers):
@@ -218,13 +215,30 @@ def pending_work(group, variants: Sequence[str]) -> dict[int, list[str]]:
     return work
 
 
+@dataclass(frozen=True)
+class EfficientWork:
+    """What the efficient stage computes: `variants` (analysis.variants names) with the recorded `settings`
+    (flows.settings.EfficientSettings.recorded): the plan of a run, or of one shard (its variants still to do)."""
+
+    variants: tuple[str, ...]
+    settings: dict
+
+
+def prepare_efficient_output(run: StageRun) -> None:
+    """Refuse a store whose extraction is not complete; create (or check) the arrays of every variant of
+    `run.plan` (an EfficientWork)."""
+    group = open_attention_store(run.store, mode="r+")
+    require_extracted(group, run.store, "efficient")
+    for variant in run.plan.variants:
+        prepare_efficient_arrays(group, run.store, variant, run.plan.settings)
+
+
 def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dict[int, list[str]]:
     """Refuse a store whose extraction is not complete; create (or check) the arrays of every variant and forget
     shards computed from extraction shards written again since; returns the pending work, shard -> variants."""
+    prepare_efficient_output(StageRun(store=store, results=store, plan=EfficientWork(tuple(variants), settings)))
     group = open_attention_store(store, mode="r+")
-    require_extracted(group, store, "efficient")
     for variant in variants:
-        prepare_efficient_arrays(group, store, variant, settings)
         stale = forget_stale_efficient_shards(group, variant)
         if stale:
             logger.warning("%s: efficient/%s shards %s were computed from extraction shards that were unfinished "
@@ -241,9 +255,14 @@ def shards_by_cost(group, work: dict[int, list[str]]) -> list[int]:
     return sorted(work, key=lambda shard: (-cost[shard], shard))
 
 
-def compute_shards(store: str, work: dict[int, list[str]], settings: dict, client) -> int:
-    """Run `work` (shard -> variants) on the Dask `client`, recording completion as results arrive.
-    Returns the number of shards computed.
+def compute_efficient_job(job: ShardJob) -> tuple[int, list[str]]:
+    """`compute_efficient_shard` of one shard's job (its plan an EfficientWork of the shard's pending variants)."""
+    return compute_efficient_shard(job.store, job.shard_index, list(job.plan.variants), job.plan.settings)
+
+
+def submit_efficient_work(client, store: str, work: dict[int, list[str]], settings: dict, group) -> dict[Any, int]:
+    """Submit `work` (shard -> variants) to the Dask `client`; returns {future: shard}, each future's result
+    (shard, variants written).
 
     Shards start longest examples first. A shard cut in one piece (`shard_pieces`) is one task
     (`compute_efficient_shard`); a shard cut by layer has a task per piece (`compute_efficient_piece`, reading
@@ -252,46 +271,78 @@ def compute_shards(store: str, work: dict[int, list[str]], settings: dict, clien
     every layer; next to the simplex solve of the layer that is negligible (measured: 0.02 s against about 10 s per
     example and layer at L = 128), so the pieces stay separate tasks.
     """
-    from distributed import as_completed
-
-    group = open_attention_store(store, mode="r+")
     layers = store_layout(group).layers
-    futures = []
+    futures = {}
     for shard in shards_by_cost(group, work):
         cuts = shard_pieces(work[shard], layers)
         if cuts == [None]:
-            futures.append(client.submit(compute_efficient_shard, store, shard, work[shard], settings, pure=False))
+            job = ShardJob(store, store, shard, EfficientWork(tuple(work[shard]), settings))
+            futures[client.submit(compute_efficient_job, job, pure=False)] = shard
             continue
         pieces = [
             client.submit(compute_efficient_piece, store, shard, piece_layers, work[shard], settings, pure=False)
             for piece_layers in cuts
         ]
-        futures.append(client.submit(write_efficient_pieces, store, shard, pieces, pure=False, priority=1))
-    first_error = None
-    with tqdm(total=len(futures), desc="efficient shards", unit="shard", disable=not futures) as progress:
-        for future in as_completed(futures):
-            try:
-                shard, written = future.result()
-            except Exception as error:  # noqa: BLE001 - raised below, once the other shards are recorded
-                first_error = first_error or error
-                continue
-            for variant in written:
-                mark_efficient_shard_completed(group, variant, shard)
-            progress.update()
-    if first_error is not None:  # every shard that did finish is recorded: a rerun does only the rest
-        raise first_error
-    return len(work)
+        futures[client.submit(write_efficient_pieces, store, shard, pieces, pure=False, priority=1)] = shard
+    return futures
 
 
-@task(name="efficient-attention-shards", cache_policy=NO_CACHE)
-def run_efficient_shards(
-    store: str, variants: list[str], settings: dict, dask_address: str | None, workers: int | None
-) -> int:
-    """Run every pending shard of the store on Dask (an existing cluster or a LocalCluster)."""
-    # One writer per store: a second run into it is refused, naming this one, until this one ends.
-    with hold_store_lock(store, "efficient"):
-        work = prepare_variants(store, variants, settings)
-        if not work:
-            return 0
-        with dask_client(dask_address, workers) as client:
-            return compute_shards(store, work, settings, client)
+def compute_shards(store: str, work: dict[int, list[str]], settings: dict, client) -> int:
+    """Run `work` (shard -> variants) on the Dask `client` (`submit_efficient_work`), recording completion as
+    results arrive. Returns the number of shards computed."""
+    group = open_attention_store(store, mode="r+")
+    futures = submit_efficient_work(client, store, work, settings, group)
+    return record_shard_futures(futures, lambda shard, result: mark_variants_completed(group, shard, result),
+                                "efficient shards")
+
+
+def submit_efficient_shards(client, run: StageRun, todo: list[int], group) -> dict[Any, int]:
+    """The efficient stage's own submission of its pending shards `todo` (`submit_efficient_work`)."""
+    work = pending_work(group, run.plan.variants)
+    return submit_efficient_work(client, run.store, {shard: work[shard] for shard in todo}, run.plan.settings, group)
+
+
+def mark_variants_completed(group, shard: int, result: tuple[int, list[str]]) -> None:
+    """Record shard `shard` of every variant written (`result`: (shard, variants written))."""
+    for variant in result[1]:
+        mark_efficient_shard_completed(group, variant, shard)
+
+
+def completed_for_every_variant(variants: Sequence[str], group, store_group) -> list[int]:
+    """The shards every one of `variants` has completed."""
+    work = pending_work(group, variants)
+    return [shard for shard in range(store_layout(group).n_shards) if shard not in work]
+
+
+def forget_stale_variant_shards(variants: Sequence[str], group, store_group) -> list[int]:
+    """Forget, for every one of `variants`, the shards computed from extraction shards written again since;
+    returns the shards forgotten for any of them."""
+    return sorted({shard for variant in variants for shard in forget_stale_efficient_shards(group, variant)})
+
+
+def store_shard_count(group, store_group) -> int:
+    return store_layout(group).n_shards
+
+
+def computed_store(store: str, results: str) -> str:
+    """The efficient stage's summary: the store's URL (its diagnostics are summarised by the report)."""
+    return store
+
+
+def efficient_stage(variants: Sequence[str]) -> Stage:
+    """The efficient stage for `variants`, declared: it writes into the attention store (its lock is the store's),
+    on Dask always, with its own submission (`submit_efficient_shards`); a shard is done when every variant is."""
+    return Stage(
+        name="efficient",
+        shards="efficient shards",
+        prepare=prepare_efficient_output,
+        open_output=open_attention_store,
+        shard_count=store_shard_count,
+        completed_shards=functools.partial(completed_for_every_variant, tuple(variants)),
+        forget_stale_shards=functools.partial(forget_stale_variant_shards, tuple(variants)),
+        compute_shard=compute_efficient_job,
+        mark_completed=mark_variants_completed,
+        summarise=computed_store,
+        runs_in_process=False,
+        submit_shards=submit_efficient_shards,
+    )

@@ -1,10 +1,12 @@
-"""The explanation stage's work: one Prefect task per shard of explained examples, plus preparing and summarising.
+"""The explanation stage, declared (`EXPLAIN_STAGE`, run by tasks.stages.run_stage): choosing the examples, preparing
+the results, one shard of explained examples, and the summary.
 
-A shard task reads each example's tokens, stored attention and efficient attention (preparing refuses store shards
-that are not complete and current), computes every method's attributions, faithfulness and rank agreement
-(analysis.explanations) and the simplex rows' minimality (analysis.support_minimality), and writes the shard
-whole (storage_schemas.explanation_results). The driver records completion after the write, with the identities of
-the store shards the task read, so that store shards written again later make the shard stale.
+A shard (`explain_and_write_shard`, given a tasks.stages.ShardJob) reads each example's tokens, stored attention and
+efficient attention (preparing refuses store shards that are not complete and current), computes every method's
+attributions, faithfulness and rank agreement (analysis.explanations) and the simplex rows' minimality
+(analysis.support_minimality), and writes the shard whole (storage_schemas.explanation_results). The runner records
+completion after the write, with the identities of the store shards the task read, so that store shards written
+again later make the shard stale.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from analysis.efficient_attention import VARIANTS
 from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
@@ -36,16 +36,16 @@ from storage_schemas.explanation_results import (
     explanation_shard_inputs,
     explanation_shard_region,
     forget_stale_explanation_shards,
+    mark_explanation_shard_completed,
     open_explanation_results,
     require_explanation_inputs,
     write_explanation_aggregates,
     write_explanation_shard,
 )
 from storage_schemas.results_dataset import results_store_identity
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
-from tasks.causal import PROVENANCE_KEYS, _load_store_model
-from tasks.dask_cluster import prepare_worker_process
-from tasks.extraction import retry_on_io_error
+from tasks.causal import PROVENANCE_KEYS
+from tasks.models import load_store_model
+from tasks.stages import ShardJob, Stage, StageRun
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,11 @@ def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
     return results_store_identity(open_attention_store(store, mode="r"), variants, with_dtype=False)
 
 
-def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> list[int]:
+def create_explanations(run: StageRun) -> None:
     """Refuse a store whose shards holding the examples are not extracted, or lack current efficient attention of a
-    variant the methods read; create the results dataset (or check that it belongs to this run) and forget shards
-    computed from store shards written again since; returns the shards still to do."""
+    variant the methods read; create the results dataset of the recorded settings `run.plan`
+    (flows.explain.recorded_explanation_settings), or check that it belongs to this run."""
+    store, results, settings = run.store, run.results, run.plan
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
     require_explanation_inputs(group, store, settings["examples"], efficient_sources(settings["methods"]))
@@ -123,7 +124,7 @@ def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> 
             raise
         attributes = group.attrs.asdict()
         chosen = np.asarray(settings["examples"], dtype=np.int64)
-        results_group = create_explanation_results(
+        create_explanation_results(
             results,
             methods=[explainer_record(name).stored() for name in settings["methods"]],
             metrics=list(FAITHFULNESS_METRICS), percents=settings["percents"], references=list(references()),
@@ -136,26 +137,20 @@ def prepare_explanations(store: str, results: str, settings: dict[str, Any]) -> 
         )
     else:
         check_same_explanation_settings(results_group, results, settings)
-        stale = forget_stale_explanation_shards(results_group, group)
-        if stale:
-            logger.warning("%s: explanation shards %s were computed from store shards that were unfinished then or "
-                           "written again since: computing them again", results, stale)
-    done = set(explanation_completed_shards(results_group, group))
-    return [shard for shard in range(explanation_shard_count(results_group)) if shard not in done]
 
 
-def compute_explanation_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
-                              model_override: str | None = None, device: str = "cpu",
-                              forward_rows: int = 64) -> dict[str, np.ndarray]:
-    """Every per-example array of one results shard (storage_schemas.explanation_results.PER_EXAMPLE_ARRAYS)."""
-    group = open_attention_store(store, mode="r")
+def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
+    """Every per-example array of results shard `job.shard_index` under the recorded settings `job.plan`
+    (storage_schemas.explanation_results.PER_EXAMPLE_ARRAYS). Writes nothing."""
+    settings, forward_rows = job.plan, job.forward_rows
+    group = open_attention_store(job.store, mode="r")
     layout = store_layout(group)
-    results_group = open_explanation_results(results, mode="r")
-    region = explanation_shard_region(results_group, shard_index)
+    results_group = open_explanation_results(job.results, mode="r")
+    region = explanation_shard_region(results_group, job.shard_index)
     examples = np.asarray(settings["examples"][region], dtype=np.int64)
     options = ExplanationSettings(**{key: tuple(value) if isinstance(value, list) else value
                                      for key, value in settings.items() if key not in ("store_identity", "draw")})
-    loaded = _load_store_model(group, model_override, device)
+    loaded = load_store_model(group.attrs.asdict(), job.model_override, job.device)
     causal = bool(group.attrs["model"]["causal"])
     sources = matrix_sources(settings["methods"])
     M, K, R, N, P = len(options.methods), len(options.percents), len(references()), len(examples), layout.max_length
@@ -209,11 +204,11 @@ def compute_explanation_shard(store: str, results: str, shard_index: int, settin
     return arrays
 
 
-def explain_and_write_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
-                            model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
+def explain_and_write_shard(job: ShardJob) -> dict[str, str]:
     """Compute one shard and write it whole. Returns the identities of the store's shards it read (input name ->
     identity), read before the data: a store shard written again meanwhile gets a new identity, so this shard would
-    be stale, not silently wrong."""
+    be stale, not silently wrong. Runs in the driver or on a Dask worker (which keeps the model loaded)."""
+    store, results, shard_index = job.store, job.results, job.shard_index
     inputs = explanation_shard_inputs(open_explanation_results(results, mode="r"),
                                       open_attention_store(store, mode="r"), shard_index)
     unfinished = [name for name, identity in inputs.items() if identity is None]
@@ -223,26 +218,9 @@ def explain_and_write_shard(store: str, results: str, shard_index: int, settings
             f"stage ran ({', '.join(unfinished)}): finish them (`effattn extract` / `effattn efficient`), then run "
             "`effattn explain` again"
         )
-    arrays = compute_explanation_shard(store, results, shard_index, settings, model_override, device, forward_rows)
+    arrays = compute_explanation_shard(job)
     write_explanation_shard(open_explanation_results(results, mode="r+"), shard_index, arrays)
     return inputs
-
-
-@task(name="explain-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_on_io_error)
-def run_explanation_shard(store: str, results: str, shard_index: int, settings: dict[str, Any],
-                          model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
-    """`explain_and_write_shard` in this process (an I/O error is retried: the whole shard is rewritten)."""
-    return explain_and_write_shard(store, results, shard_index, settings, model_override, device, forward_rows)
-
-
-def explanation_shard_on_worker(store: str, results: str, shard_index: int, settings: dict[str, Any],
-                                model_override: str | None, device: str, forward_rows: int) -> dict[str, str]:
-    """`explain_and_write_shard` as a Dask task: transient I/O errors are retried (the whole shard is computed and
-    rewritten), anything else fails at once; the driver records completion."""
-    prepare_worker_process()
-    return retry_transient_io(explain_and_write_shard, store, results, shard_index, settings, model_override,
-                              device, forward_rows, delays=DEFAULT_RETRY_DELAYS)
 
 
 def summarise_explanations(store: str, results: str) -> list[dict[str, Any]]:
@@ -282,3 +260,22 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def results_shard_count(results_group, store_group) -> int:
+    """The explanation results have their own shards (of explained examples)."""
+    return explanation_shard_count(results_group)
+
+
+EXPLAIN_STAGE = Stage(
+    name="explain",
+    shards="explanation shards",
+    prepare=create_explanations,
+    open_output=open_explanation_results,
+    shard_count=results_shard_count,
+    completed_shards=explanation_completed_shards,
+    forget_stale_shards=forget_stale_explanation_shards,
+    compute_shard=explain_and_write_shard,
+    mark_completed=mark_explanation_shard_completed,
+    summarise=summarise_explanations,
+)

@@ -33,9 +33,10 @@ from storage_schemas.attention_store import (
     write_shard,
 )
 from storage_schemas.selection import SELECTION_ATTRIBUTE, StoreSelection, selection_of_group
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, is_transient_io_error, retry_transient_io
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
 from tasks.dask_cluster import prepare_worker_process
 from tasks.models import cached_model
+from tasks.stages import retry_on_io_error
 
 
 def resume_keys(attributes: dict) -> dict:
@@ -155,16 +156,6 @@ def _capture_stored_selection(loaded, group, region: slice, batch_size: int) -> 
         loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
         top_k=max(layout.top_k, 1), layers=selection.layers, heads=selection.heads, kv_heads=selection.kv_heads,
     )
-
-
-def retry_on_io_error(task, task_run, state) -> bool:
-    """Retry only transient I/O failures (a flaky disk or object store: `is_transient_io_error`); a full disk, a
-    store this process may not write, a wrong shape or a bad store fail at once."""
-    try:
-        state.result()
-    except Exception as error:  # noqa: BLE001 - classified, not handled
-        return is_transient_io_error(error)
-    return False
 
 
 @task(name="capture-shard", cache_policy=NO_CACHE, retries=len(DEFAULT_RETRY_DELAYS),

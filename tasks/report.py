@@ -33,7 +33,7 @@ from storage_schemas.causal_results import (
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import load_explanation_dataset
 from storage_schemas.selection import selection_of_group
-from tasks.extraction import retry_on_io_error
+from tasks.stages import retry_on_io_error
 
 REPORT_DIAGNOSTICS = ("null_dim", "null_norm_ratio", "row_sum_error", "negative_mass", "rank")
 AGGREGATE_COORDINATES = ("intervention_kind", "variant", "removed_directions")

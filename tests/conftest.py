@@ -130,7 +130,7 @@ MODULE_TIERS = {
         "test_extraction", "test_inspection", "test_interventions", "test_key_bands", "test_model_cache",
         "test_model_sources", "test_models",
         "test_pipeline_runs", "test_preflight", "test_projections", "test_run_summary", "test_settings",
-        "test_selection", "test_splits",
+        "test_selection", "test_splits", "test_stages",
         "test_storage_faults", "test_store_lock", "test_store_view", "test_support_minimality", "test_training",
         "test_training_settings",
         "test_variants", "test_verification", "test_view_html", "test_zarr_portability",

@@ -297,7 +297,7 @@ def test_stored_settings_and_names_keep_the_layout_of_earlier_results(llama_stor
 
 def test_the_plan_parses_the_names_once(llama_store):
     from analysis.variants import variant_record
-    from flows.causal import causal_plan
+    from tasks.causal import causal_plan
 
     plan = causal_plan(CausalSettings(store=llama_store, results="unused.zarr",
                                       interventions=["null:simplex", "ablate"], scopes=["layer"],

@@ -432,3 +432,27 @@ def test_explain_refuses_a_store_of_some_layers(selection_runs, tmp_path):
                                              "needs every layer and head"):
         explain(ExplainSettings(store=chosen["store"], results=str(results)))
     assert not results.exists()
+
+
+def test_every_stage_of_the_pipeline_follows_one_rule_not_needed_conflict_skip_or_run():
+    import logging
+
+    from flows.pipeline import PipelineRun, PipelineStage, run_pipeline_stage
+    from storage_schemas.pipeline_runs import StageCheck
+
+    ran = []
+    run = PipelineRun(settings=None, store="s.zarr", results="r.zarr", report_dir="report", variants=[],
+                      logger=logging.getLogger("test"))
+
+    def stage(name: str, check: StageCheck, not_needed: str | None = None) -> PipelineStage:
+        return PipelineStage(name, status=lambda run: check, run_stage=lambda run: ran.append(name) or f"{name} done",
+                             not_needed=lambda run: not_needed, conflict=lambda run: f"{run.results} is another's")
+
+    run_pipeline_stage(stage("a", StageCheck(False, "missing")), run)
+    run_pipeline_stage(stage("b", StageCheck(True, "complete for the same inputs")), run)
+    run_pipeline_stage(stage("c", StageCheck(False, "missing"), not_needed="nothing to do"), run)
+    with pytest.raises(ValueError, match="r.zarr is another's"):
+        run_pipeline_stage(stage("d", StageCheck(False, "other settings", conflicting=True)), run)
+    assert ran == ["a"]
+    assert {name: (entry["status"], entry["detail"]) for name, entry in run.stages.items()} == {
+        "a": ("ran", "a done"), "b": ("skipped", "complete for the same inputs"), "c": ("not needed", "nothing to do")}
