@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 RUN_LIMIT ?= 300
 RUN_VARIANTS ?= effective,stochastic,simplex
 
-.PHONY: install run test test-unit benchmark clean
+.PHONY: install run lint test test-unit benchmark clean
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-test.txt pyproje
 run: install
 	$(BIN)/effattn run --corpus rt-sentiment --model minilm --limit $(RUN_LIMIT) --variants $(RUN_VARIANTS)
 
-test: install
+# Lint and format checks first (seconds), then the suite.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 # The unit tier alone (no bundled model, no server): about a minute.

@@ -67,41 +67,88 @@ _DECODER_LAYOUT = dict(layers="layers", attention="self_attn", output_projection
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     ArchitectureAdapter(
-        "bert-encoder", ("bert", "roberta", "xlm-roberta", "electra", "camembert"),
-        layers="encoder.layer", attention="attention.self", output_projection="attention.output.dense", causal=False,
+        "bert-encoder",
+        ("bert", "roberta", "xlm-roberta", "electra", "camembert"),
+        layers="encoder.layer",
+        attention="attention.self",
+        output_projection="attention.output.dense",
+        causal=False,
     ),
     ArchitectureAdapter(
-        "distilbert-encoder", ("distilbert",),
-        layers="transformer.layer", attention="attention", output_projection="attention.out_lin", causal=False,
+        "distilbert-encoder",
+        ("distilbert",),
+        layers="transformer.layer",
+        attention="attention",
+        output_projection="attention.out_lin",
+        causal=False,
         layer_index="assigned",
     ),
     ArchitectureAdapter(
-        "modernbert-encoder", ("modernbert",),
-        layers="layers", attention="attn", output_projection="attn.Wo", causal=False,
+        "modernbert-encoder",
+        ("modernbert",),
+        layers="layers",
+        attention="attn",
+        output_projection="attn.Wo",
+        causal=False,
     ),
     ArchitectureAdapter(
-        "gpt2-decoder", ("gpt2",),
-        layers="h", attention="attn", output_projection="attn.c_proj", causal=True, weight_layout="conv1d",
+        "gpt2-decoder",
+        ("gpt2",),
+        layers="h",
+        attention="attn",
+        output_projection="attn.c_proj",
+        causal=True,
+        weight_layout="conv1d",
     ),
     ArchitectureAdapter(
-        "gptj-decoder", ("gptj",), layers="h", attention="attn", output_projection="attn.out_proj", causal=True,
+        "gptj-decoder",
+        ("gptj",),
+        layers="h",
+        attention="attn",
+        output_projection="attn.out_proj",
+        causal=True,
     ),
     ArchitectureAdapter(
-        "gpt-neox-decoder", ("gpt_neox",),
-        layers="layers", attention="attention", output_projection="attention.dense", causal=True,
+        "gpt-neox-decoder",
+        ("gpt_neox",),
+        layers="layers",
+        attention="attention",
+        output_projection="attention.dense",
+        causal=True,
     ),
     ArchitectureAdapter(
-        "opt-decoder", ("opt",),
-        layers="decoder.layers", attention="self_attn", output_projection="self_attn.out_proj", causal=True,
+        "opt-decoder",
+        ("opt",),
+        layers="decoder.layers",
+        attention="self_attn",
+        output_projection="self_attn.out_proj",
+        causal=True,
     ),
     ArchitectureAdapter(
-        "phi-decoder", ("phi",), layers="layers", attention="self_attn", output_projection="self_attn.dense",
+        "phi-decoder",
+        ("phi",),
+        layers="layers",
+        attention="self_attn",
+        output_projection="self_attn.dense",
         causal=True,
     ),
     ArchitectureAdapter(
         "llama-decoder",
-        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "smollm3",
-         "granite", "starcoder2", "phi3"),
+        (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo2",
+            "smollm3",
+            "granite",
+            "starcoder2",
+            "phi3",
+        ),
         **_DECODER_LAYOUT,
     ),
 )
@@ -240,6 +287,7 @@ def observe_layout(model: torch.nn.Module, length: int = PROBE_LENGTH) -> Observ
     consumers: dict[int, torch.nn.Module] = {}  # call index -> the first module whose input is its output
 
     with torch.no_grad(), observe_attention_calls() as calls:
+
         def watch(module, inputs):
             if not calls or not inputs or not isinstance(inputs[0], torch.Tensor) or len(calls) - 1 in consumers:
                 return
@@ -247,8 +295,11 @@ def observe_layout(model: torch.nn.Module, length: int = PROBE_LENGTH) -> Observ
             if inputs[0].numel() == output.numel() and torch.equal(inputs[0].reshape(-1), output.reshape(-1)):
                 consumers[len(calls) - 1] = module
 
-        handles = [module.register_forward_pre_hook(watch) for module in model.modules()
-                   if isinstance(module, (torch.nn.Linear, Conv1D))]
+        handles = [
+            module.register_forward_pre_hook(watch)
+            for module in model.modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D))
+        ]
         try:
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
         finally:
@@ -310,8 +361,10 @@ def check_observed_layout(model: torch.nn.Module, adapter: ArchitectureAdapter, 
             problem = f"layer {layer.index}'s attention was called by {type(module).__name__}, not the record's module"
         elif consumer is not layer.projection:
             found = "no module" if consumer is None else type(consumer).__name__
-            problem = (f"layer {layer.index}'s attention output was consumed unchanged by {found}, not by the "
-                       f"record's output projection .{adapter.output_projection}")
+            problem = (
+                f"layer {layer.index}'s attention output was consumed unchanged by {found}, not by the "
+                f"record's output projection .{adapter.output_projection}"
+            )
         elif causal != adapter.causal:
             kind = "causal" if causal else "bidirectional"
             problem = f"layer {layer.index}'s attention is {kind}, the record says otherwise"
@@ -322,8 +375,15 @@ def check_observed_layout(model: torch.nn.Module, adapter: ArchitectureAdapter, 
             )
 
 
-def check_uniform_shape(model: torch.nn.Module, adapter: ArchitectureAdapter, observed: ObservedLayout,
-                        heads: int, kv_heads: int, head_dim: int, hidden: int) -> None:
+def check_uniform_shape(
+    model: torch.nn.Module,
+    adapter: ArchitectureAdapter,
+    observed: ObservedLayout,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    hidden: int,
+) -> None:
     """The sizes the store is laid out by (from the config) must be every layer's, as the probe saw them, and every
     output projection must map heads * head_dim -> hidden."""
     model_type = model.config.model_type
@@ -367,8 +427,10 @@ def discover_adapter(model: torch.nn.Module, observed: ObservedLayout | None = N
     if not observed.modules:
         raise refuse("its attention does not go through transformers' AttentionInterface")
     if len(observed.modules) != n_layers or len({id(m) for m in observed.modules}) != n_layers:
-        raise refuse(f"a forward pass made {len(observed.modules)} attention calls by "
-                     f"{len({id(m) for m in observed.modules})} modules for {n_layers} layers")
+        raise refuse(
+            f"a forward pass made {len(observed.modules)} attention calls by "
+            f"{len({id(m) for m in observed.modules})} modules for {n_layers} layers"
+        )
     indexed = list(observed.layer_indices) != [None] * n_layers
     if indexed and list(observed.layer_indices) != list(range(n_layers)):
         raise refuse(f"the attention modules' layer_idx are {list(observed.layer_indices)}, not 0..{n_layers - 1}")
@@ -382,9 +444,16 @@ def discover_adapter(model: torch.nn.Module, observed: ObservedLayout | None = N
         projection_match = _LAYER_PATH.match(names.get(id(consumer), ""))
         if not attention_match or not projection_match:
             raise refuse(f"layer {index}'s attention or projection is not inside a numbered layer list")
-        layouts.add((attention_match["layers"], attention_match["index"] == projection_match["index"] == str(index),
-                     attention_match["rest"], projection_match["layers"], projection_match["rest"],
-                     "conv1d" if isinstance(consumer, Conv1D) else "linear"))
+        layouts.add(
+            (
+                attention_match["layers"],
+                attention_match["index"] == projection_match["index"] == str(index),
+                attention_match["rest"],
+                projection_match["layers"],
+                projection_match["rest"],
+                "conv1d" if isinstance(consumer, Conv1D) else "linear",
+            )
+        )
     if len(layouts) != 1:
         raise refuse("the layers do not all have the same layout")
     layers, same_index, attention, projection_layers, projection, layout = layouts.pop()
@@ -392,9 +461,15 @@ def discover_adapter(model: torch.nn.Module, observed: ObservedLayout | None = N
         raise refuse("an attention's output is projected in another layer")
     # without layer_idx the index is the layer's place in its list, which must be the order of the calls
     adapter = ArchitectureAdapter(
-        name=f"discovered:{model_type}", model_types=(model_type,), layers=layers, attention=attention,
-        output_projection=projection, causal=observed.causal[0], weight_layout=layout,
-        layer_index="module" if indexed else "assigned", discovered=True,
+        name=f"discovered:{model_type}",
+        model_types=(model_type,),
+        layers=layers,
+        attention=attention,
+        output_projection=projection,
+        causal=observed.causal[0],
+        weight_layout=layout,
+        layer_index="module" if indexed else "assigned",
+        discovered=True,
     )
     check_observed_layout(model, adapter, observed)
     return adapter
@@ -412,7 +487,7 @@ def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, O
         observed = observe_layout(model)
     except UnsupportedAttentionError as error:
         raise ArchitectureError(str(error)) from error
-    except Exception as error:  # noqa: BLE001 - a model that does not run on token ids alone cannot be captured
+    except Exception as error:
         raise ArchitectureError(
             f"model type '{model_type}': a probe forward pass on token ids failed ({type(error).__name__}: "
             f"{error}); effattn captures text models that run on input_ids and an attention mask"
@@ -425,8 +500,20 @@ def prepare_architecture(model: torch.nn.Module) -> tuple[ArchitectureAdapter, O
 
 
 __all__ = [
-    "ADAPTERS", "REFUSED_ARCHITECTURES", "ArchitectureAdapter", "ArchitectureError", "AttentionLayer",
-    "adapter_for", "attention_layers", "check_not_refused", "check_uniform_shape", "discover_adapter", "key_bands_of",
+    "ADAPTERS",
+    "REFUSED_ARCHITECTURES",
+    "ArchitectureAdapter",
+    "ArchitectureError",
+    "AttentionLayer",
+    "adapter_for",
+    "attention_layers",
+    "check_not_refused",
+    "check_uniform_shape",
+    "discover_adapter",
+    "key_bands_of",
     "observe_layout",
-    "prepare_architecture", "projection_weight", "refusal_reason", "supported_model_types",
+    "prepare_architecture",
+    "projection_weight",
+    "refusal_reason",
+    "supported_model_types",
 ]

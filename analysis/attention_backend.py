@@ -30,11 +30,21 @@ ATTENTION_IMPLEMENTATION = "effattn"
 
 # Keyword arguments models pass that do not change the attention the eager reference computes (cache and position
 # bookkeeping, flash-attention-only switches). Anything else with a value is either honoured below or refused.
-INERT_ATTENTION_ARGUMENTS = frozenset({
-    "position_ids", "cache_position", "use_cache", "output_attentions", "past_key_values", "past_key_value",
-    "encoder_hidden_states", "deterministic", "output_router_logits", "output_hidden_states",
-    "return_dict",
-})
+INERT_ATTENTION_ARGUMENTS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "past_key_values",
+        "past_key_value",
+        "encoder_hidden_states",
+        "deterministic",
+        "output_router_logits",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
 # Arguments honoured by this backend: `softcap` (tanh capping of the scores, Gemma 2), `sliding_window` and
 # `is_causal` (applied by the mask function; checked to have reached a mask).
 HONOURED_ATTENTION_ARGUMENTS = frozenset({"softcap", "sliding_window", "is_causal"})
@@ -308,10 +318,17 @@ def effattn_attention(
     weights_after_dropout = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights_after_dropout, value_states).transpose(1, 2).contiguous()
     if observer is not None:
-        observer.append(AttentionCall(module=module, layer_index=layer_index, weights=weights.detach(),
-                                      output=output.detach(), kv_heads=value.shape[1],
-                                      sliding_window=sliding_window,
-                                      visible=visible_keys(attention_mask, query.shape[-2], key_states.shape[-2])))
+        observer.append(
+            AttentionCall(
+                module=module,
+                layer_index=layer_index,
+                weights=weights.detach(),
+                output=output.detach(),
+                kv_heads=value.shape[1],
+                sliding_window=sliding_window,
+                visible=visible_keys(attention_mask, query.shape[-2], key_states.shape[-2]),
+            )
+        )
     return output, weights
 
 

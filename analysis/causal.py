@@ -116,8 +116,13 @@ def plain_logits(loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray) ->
 
 @torch.inference_mode()
 def intervened_logits(
-    loaded: LoadedModel, tokens: np.ndarray, length: np.ndarray, replacement: np.ndarray, target_masks: np.ndarray,
-    layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    length: np.ndarray,
+    replacement: np.ndarray,
+    target_masks: np.ndarray,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Logits with `replacement` injected at each target, all targets in one forward pass.
 
@@ -132,8 +137,10 @@ def intervened_logits(
     layers = list(range(stored_layers)) if layers is None else [int(layer) for layer in layers]
     heads = list(range(stored_heads)) if heads is None else [int(head) for head in heads]
     if (len(layers), len(heads)) != (stored_layers, stored_heads):
-        raise ValueError(f"target masks for {stored_layers} layers x {stored_heads} heads, but the selection names "
-                         f"{len(layers)} layers and {len(heads)} heads")
+        raise ValueError(
+            f"target masks for {stored_layers} layers x {stored_heads} heads, but the selection names "
+            f"{len(layers)} layers and {len(heads)} heads"
+        )
     model_heads = loaded.shape.heads
     batch = len(length)
     device = loaded.device
@@ -256,10 +263,16 @@ def injected_change_ratio(injected: np.ndarray, attention: np.ndarray) -> np.nda
 
 
 # The aggregates of the per-example metrics: a mean over the examples measured, or the largest value.
-MEAN_AGGREGATES = {"agreement_rate": "agreement", "flip_rate": "flipped", "mean_kl_divergence": "kl_divergence",
-                   "accuracy": "correct"}
-LARGEST_AGGREGATES = {"largest_logit_change": "max_abs_logit_change",
-                      "largest_stored_logit_difference": "stored_logit_difference"}
+MEAN_AGGREGATES = {
+    "agreement_rate": "agreement",
+    "flip_rate": "flipped",
+    "mean_kl_divergence": "kl_divergence",
+    "accuracy": "correct",
+}
+LARGEST_AGGREGATES = {
+    "largest_logit_change": "max_abs_logit_change",
+    "largest_stored_logit_difference": "stored_logit_difference",
+}
 
 
 def aggregate_metrics(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -288,10 +301,12 @@ def aggregate_metric_parts(parts: Iterable[dict[str, np.ndarray]]) -> dict[str, 
         examples_measured = measured if examples_measured is None else examples_measured + measured
     if examples_measured is None:
         raise ValueError("no metrics to aggregate: give at least one part")
-    aggregates = {name: np.where(counts[name] > 0, sums[name] / np.maximum(counts[name], 1), np.nan)
-                  for name in MEAN_AGGREGATES}
-    aggregates.update({name: np.where(np.isneginf(largest[name]), np.nan, largest[name])
-                       for name in LARGEST_AGGREGATES})
+    aggregates = {
+        name: np.where(counts[name] > 0, sums[name] / np.maximum(counts[name], 1), np.nan) for name in MEAN_AGGREGATES
+    }
+    aggregates.update(
+        {name: np.where(np.isneginf(largest[name]), np.nan, largest[name]) for name in LARGEST_AGGREGATES}
+    )
     aggregates["examples_measured"] = examples_measured.astype(np.float64)
     return aggregates
 
@@ -331,8 +346,10 @@ class CausalPlan:
         for scope, listed in (("layer", self.layer_interventions), ("head", self.head_interventions)):
             unknown = [item.name for item in listed if item not in self.interventions]
             if unknown:
-                raise ValueError(f"--{scope}-interventions {unknown} are not among the interventions run: "
-                                 f"{[item.name for item in self.interventions]}")
+                raise ValueError(
+                    f"--{scope}-interventions {unknown} are not among the interventions run: "
+                    f"{[item.name for item in self.interventions]}"
+                )
 
     @property
     def scope_interventions(self) -> dict[str, tuple[Intervention, ...]]:
@@ -346,7 +363,8 @@ class CausalPlan:
         for intervention in self.interventions:
             scopes = [
                 (scope, [index for index, target in enumerate(self.targets) if target.scope == scope])
-                for scope in self.scopes if intervention in self.scope_interventions[scope]
+                for scope in self.scopes
+                if intervention in self.scope_interventions[scope]
             ]
             if scopes:
                 plan.append((intervention, scopes))
@@ -367,8 +385,9 @@ class CausalPlan:
         return {
             "interventions": names,
             "scopes": list(self.scopes),
-            "scope_interventions": {scope: [item.name for item in listed]
-                                    for scope, listed in self.scope_interventions.items()},
+            "scope_interventions": {
+                scope: [item.name for item in listed] for scope, listed in self.scope_interventions.items()
+            },
             "scope_examples": None if self.scope_examples is None else int(self.scope_examples),
             "targets": [target_attribute(target) for target in self.targets],
             "seed": int(self.seed),
@@ -420,8 +439,9 @@ class CausalBatch:
         `scoped` (store indices: measured_examples) at the layer and head scopes."""
         if scope == "all":
             return np.arange(len(self.length))
-        return np.array([offset for offset, index in enumerate(self.example_indices) if int(index) in scoped],
-                        dtype=np.int64)
+        return np.array(
+            [offset for offset, index in enumerate(self.example_indices) if int(index) in scoped], dtype=np.int64
+        )
 
 
 @dataclass
@@ -444,11 +464,17 @@ class BatchMetrics:
         Lb', vocab]) of the batch's examples at positions `chosen`."""
         batch = self.batch
         if self.task == "next-token":
-            return next_token_metrics(self.original[chosen], batch.stored_logits[chosen],
-                                      batch.stored_logit_ids[chosen], intervened, batch.tokens[chosen],
-                                      batch.length[chosen])
-        return classification_metrics(batch.stored_logits[chosen], batch.stored_logits[chosen], intervened,
-                                      batch.label[chosen])
+            return next_token_metrics(
+                self.original[chosen],
+                batch.stored_logits[chosen],
+                batch.stored_logit_ids[chosen],
+                intervened,
+                batch.tokens[chosen],
+                batch.length[chosen],
+            )
+        return classification_metrics(
+            batch.stored_logits[chosen], batch.stored_logits[chosen], intervened, batch.label[chosen]
+        )
 
     def original_correct(self) -> np.ndarray:
         """[batch] whether the unmodified model's prediction is right (next-token: the share of positions)."""
@@ -470,11 +496,12 @@ def rows_per_pass(forward_rows: int, length: int) -> int:
     (one at least)."""
     if length <= REFERENCE_LENGTH:
         return forward_rows
-    return max(1, forward_rows * REFERENCE_LENGTH ** 2 // length ** 2)
+    return max(1, forward_rows * REFERENCE_LENGTH**2 // length**2)
 
 
-def forward_groups(examples: np.ndarray, target_indices: Sequence[int], forward_rows: int,
-                   length: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def forward_groups(
+    examples: np.ndarray, target_indices: Sequence[int], forward_rows: int, length: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(examples, targets) of one intervened forward pass each: every (target, example) pair exactly once, at most
     `rows_per_pass(forward_rows, L)` rows (targets x examples) per pass, L the longest of `examples` (`length`:
     [batch] the batch's lengths; None: `forward_rows` rows), as many targets per pass as fit (one at least).
@@ -483,7 +510,7 @@ def forward_groups(examples: np.ndarray, target_indices: Sequence[int], forward_
     if length is not None and len(examples):
         forward_rows = rows_per_pass(forward_rows, int(np.max(np.asarray(length)[examples])))
     for part in range(0, len(examples), forward_rows):
-        chosen = examples[part:part + forward_rows]
+        chosen = examples[part : part + forward_rows]
         copies = max(1, forward_rows // len(chosen))
         for first in range(0, len(target_indices), copies):
-            yield chosen, np.asarray(target_indices[first:first + copies])
+            yield chosen, np.asarray(target_indices[first : first + copies])

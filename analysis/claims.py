@@ -33,12 +33,17 @@ def efficient_diagnostics_summary(
 
 
 # Summary entries that are means over the chosen matrices, and the per-matrix values they average.
-_DIAGNOSTIC_MEANS = ("probability_distribution_share", "mean_negative_mass", "mean_null_norm_ratio",
-                     "converged_share", "mean_support_share")
+_DIAGNOSTIC_MEANS = (
+    "probability_distribution_share",
+    "mean_negative_mass",
+    "mean_null_norm_ratio",
+    "converged_share",
+    "mean_support_share",
+)
 
 
 def efficient_diagnostics_summary_of_parts(
-    parts: Iterable[tuple[dict[str, dict[str, np.ndarray]], np.ndarray]]
+    parts: Iterable[tuple[dict[str, dict[str, np.ndarray]], np.ndarray]],
 ) -> dict[str, dict[str, float]]:
     """`efficient_diagnostics_summary` of (diagnostics, length) given in parts along the example axis (e.g. one
     store shard at a time), so that memory does not grow with the corpus. Sums are float64."""
@@ -46,25 +51,37 @@ def efficient_diagnostics_summary_of_parts(
     for diagnostics, length in parts:
         length = np.asarray(length)
         for variant, values in diagnostics.items():
-            total = totals.setdefault(variant, {"matrices": 0, "matrices_with_null_space": 0,
-                                                "largest_row_sum_error": -np.inf,
-                                                **dict.fromkeys(_DIAGNOSTIC_MEANS, 0.0)})
+            total = totals.setdefault(
+                variant,
+                {
+                    "matrices": 0,
+                    "matrices_with_null_space": 0,
+                    "largest_row_sum_error": -np.inf,
+                    **dict.fromkeys(_DIAGNOSTIC_MEANS, 0.0),
+                },
+            )
             real = (length > 0)[:, None, None] & np.ones(values["null_dim"].shape, dtype=bool)
             chosen = real & (values["null_dim"] > 0)
             total["matrices"] += int(real.sum())
             total["matrices_with_null_space"] += int(chosen.sum())
             if not chosen.any():
                 continue
-            distribution = ((values["row_sum_error"] <= PROBABILITY_TOLERANCE)
-                            & (values["negative_mass"] <= NEGATIVE_TOLERANCE))
+            distribution = (values["row_sum_error"] <= PROBABILITY_TOLERANCE) & (
+                values["negative_mass"] <= NEGATIVE_TOLERANCE
+            )
             support = values["support_size"] / np.maximum(length, 1)[:, None, None]
-            per_matrix = {"probability_distribution_share": distribution, "mean_negative_mass": values["negative_mass"],
-                          "mean_null_norm_ratio": values["null_norm_ratio"], "converged_share": values["converged"],
-                          "mean_support_share": support}
+            per_matrix = {
+                "probability_distribution_share": distribution,
+                "mean_negative_mass": values["negative_mass"],
+                "mean_null_norm_ratio": values["null_norm_ratio"],
+                "converged_share": values["converged"],
+                "mean_support_share": support,
+            }
             for name, matrix_values in per_matrix.items():
                 total[name] += float(np.asarray(matrix_values)[chosen].sum(dtype=np.float64))
-            total["largest_row_sum_error"] = max(total["largest_row_sum_error"],
-                                                 float(values["row_sum_error"][chosen].max()))
+            total["largest_row_sum_error"] = max(
+                total["largest_row_sum_error"], float(values["row_sum_error"][chosen].max())
+            )
     summary = {}
     for variant, total in totals.items():
         count = total["matrices_with_null_space"]
@@ -152,16 +169,22 @@ def claims_table(
         agreement = value("agreement_rate", Intervention("efficient", variant))
         change = value("largest_logit_change", Intervention("efficient", variant))
         empty = _no_null_space(diagnostics_summary.get(variant.name))
-        identities.append({
-            "claim": f"sufficient ({variant.name})",
-            "kind": "identity", "precision": f"largest |Δlogit| {_number(change)}",
-            "test": f"inject efficient:{variant.name} into every head of every layer; holds when >= "
-                    f"{100 * SUFFICIENT_AGREEMENT:.1f} % of predictions are kept. E·T = A·T by construction: this "
-                    "checks that the stored E carries the model's computation through storage precision",
-            "measured": f"agreement {_percent(agreement)}, largest |Δlogit| {_number(change)}",
-            "verdict": not_testable(empty) if empty else "—" if agreement is None else (
-                "holds" if agreement >= SUFFICIENT_AGREEMENT else "does not hold"),
-        })
+        identities.append(
+            {
+                "claim": f"sufficient ({variant.name})",
+                "kind": "identity",
+                "precision": f"largest |Δlogit| {_number(change)}",
+                "test": f"inject efficient:{variant.name} into every head of every layer; holds when >= "
+                f"{100 * SUFFICIENT_AGREEMENT:.1f} % of predictions are kept. E·T = A·T by construction: this "
+                "checks that the stored E carries the model's computation through storage precision",
+                "measured": f"agreement {_percent(agreement)}, largest |Δlogit| {_number(change)}",
+                "verdict": not_testable(empty)
+                if empty
+                else "—"
+                if agreement is None
+                else ("holds" if agreement >= SUFFICIENT_AGREEMENT else "does not hold"),
+            }
+        )
     for variant in variants:
         share = changed(Intervention("null", variant))
         null_change = value("largest_logit_change", Intervention("null", variant))
@@ -173,19 +196,24 @@ def claims_table(
             verdict = "—"
         else:
             verdict = "holds" if abs(share - ablated) <= NULL_ABLATE_TOLERANCE else "does not hold"
-        identities.append({
-            "claim": f"necessary ({variant.name})",
-            "kind": "identity", "precision": "not measured" if share is None or ablated is None else
-                f"changed shares differ by {100 * abs(share - ablated):.2f} points (tolerance "
+        identities.append(
+            {
+                "claim": f"necessary ({variant.name})",
+                "kind": "identity",
+                "precision": "not measured"
+                if share is None or ablated is None
+                else f"changed shares differ by {100 * abs(share - ablated):.2f} points (tolerance "
                 f"{100 * NULL_ABLATE_TOLERANCE:g})",
-            "test": "inject only the null part A - E everywhere. By construction (A - E)·T = 0: every head's output is "
-                    "zero, exactly what ablating the heads does, so the predictions it changes are ablation's; holds "
-                    f"when the shares of changed predictions agree within {100 * NULL_ABLATE_TOLERANCE:g} point "
-                    "(uniform attention for comparison)",
-            "measured": f"predictions changed {_percent(share)} (ablate {_percent(ablated)}, uniform "
-                        f"{_percent(changed(uniform))}), largest |Δlogit| {_number(null_change)}",
-            "verdict": verdict,
-        })
+                "test": "inject only the null part A - E everywhere. By construction (A - E)·T = 0: every head's "
+                "output is "
+                "zero, exactly what ablating the heads does, so the predictions it changes are ablation's; holds "
+                f"when the shares of changed predictions agree within {100 * NULL_ABLATE_TOLERANCE:g} point "
+                "(uniform attention for comparison)",
+                "measured": f"predictions changed {_percent(share)} (ablate {_percent(ablated)}, uniform "
+                f"{_percent(changed(uniform))}), largest |Δlogit| {_number(null_change)}",
+                "verdict": verdict,
+            }
+        )
     for variant in variants:
         kept = value("agreement_rate", Intervention("efficient+null-noise", variant))
         noise_change = value("largest_logit_change", Intervention("efficient+null-noise", variant))
@@ -201,78 +229,103 @@ def claims_table(
         else:
             holds = kept >= SUFFICIENT_AGREEMENT and colspace_change > 10 * (noise_change or 0.0)
             verdict = "holds" if holds else "does not hold"
-        identities.append({
-            "claim": f"the null part does not reach the output ({variant.name})",
-            "kind": "identity", "precision": f"null noise largest |Δlogit| {_number(noise_change)}",
-            "test": "E + random left-null noise of the removed norm must keep the predictions (by construction it "
-                    "adds nothing to the output); the same norm inside col(T) must move the logits (holds when noise "
-                    "keeps >= 99.9 % and col(T) noise moves the logits 10x more)",
-            "measured": f"null noise: agreement {_percent(kept)}, largest |Δlogit| {_number(noise_change)}; col(T) "
-                        f"noise: flip rate {_percent(colspace_flips)}, largest |Δlogit| {_number(colspace_change)}",
-            "verdict": verdict,
-        })
+        identities.append(
+            {
+                "claim": f"the null part does not reach the output ({variant.name})",
+                "kind": "identity",
+                "precision": f"null noise largest |Δlogit| {_number(noise_change)}",
+                "test": "E + random left-null noise of the removed norm must keep the predictions (by construction it "
+                "adds nothing to the output); the same norm inside col(T) must move the logits (holds when noise "
+                "keeps >= 99.9 % and col(T) noise moves the logits 10x more)",
+                "measured": f"null noise: agreement {_percent(kept)}, largest |Δlogit| {_number(noise_change)}; col(T) "
+                f"noise: flip rate {_percent(colspace_flips)}, largest |Δlogit| {_number(colspace_change)}",
+                "verdict": verdict,
+            }
+        )
     probes = sorted(item.removed_directions for item in interventions if item.kind.removes_directions)
     if probes:
         agreements = [(k, value("agreement_rate", Intervention("minimality", "effective", k))) for k in probes]
         first_k, first_agreement = agreements[0]
         sufficient = value("agreement_rate", Intervention("efficient", "effective"))
         decided = first_agreement is not None and sufficient is not None and sufficient >= SUFFICIENT_AGREEMENT
-        findings.append({
-            "claim": "minimal (effective)",
-            "kind": "finding",
-            "test": "drop the k weakest directions of col(T) from the effective projection; holds when the effective "
-                    f"attention itself is sufficient and dropping even k = {first_k} loses predictions (agreement < "
-                    f"{100 * SUFFICIENT_AGREEMENT:.1f} %)",
-            "measured": ", ".join(f"k={k}: {_percent(agreement)}" for k, agreement in agreements)
-                        + f" (k=0: {_percent(sufficient)})",
-            "verdict": "—" if not decided else ("holds" if first_agreement < SUFFICIENT_AGREEMENT else "does not hold"),
-        })
+        findings.append(
+            {
+                "claim": "minimal (effective)",
+                "kind": "finding",
+                "test": "drop the k weakest directions of col(T) from the effective projection; holds when the "
+                "effective "
+                f"attention itself is sufficient and dropping even k = {first_k} loses predictions (agreement < "
+                f"{100 * SUFFICIENT_AGREEMENT:.1f} %)",
+                "measured": ", ".join(f"k={k}: {_percent(agreement)}" for k, agreement in agreements)
+                + f" (k=0: {_percent(sufficient)})",
+                "verdict": "—"
+                if not decided
+                else ("holds" if first_agreement < SUFFICIENT_AGREEMENT else "does not hold"),
+            }
+        )
     for variant, summary in diagnostics_summary.items():
         try:
             guaranteed = variant_record(variant).keeps_row_sums and variant_record(variant).non_negative
         except (KeyError, ValueError):  # a variant registered in another process: its record is not known here
             guaranteed = False
-        rule = ("every row non-negative and summing to 1 (within 1e-4), over the matrices with a null space; holds "
-                "when all are")
+        rule = (
+            "every row non-negative and summing to 1 (within 1e-4), over the matrices with a null space; holds "
+            "when all are"
+        )
         empty = _no_null_space(summary)
         if empty:
-            row = {"measured": f"0 of {summary.get('matrices', 0)} matrices have a null space",
-                   "verdict": not_testable(empty)}
+            row = {
+                "measured": f"0 of {summary.get('matrices', 0)} matrices have a null space",
+                "verdict": not_testable(empty),
+            }
         else:
             share = summary["probability_distribution_share"]
-            row = {"measured": f"{_percent(share)} of {summary['matrices_with_null_space']} matrices; mean negative "
-                               f"mass {summary['mean_negative_mass']:.3g}, largest row-sum error "
-                               f"{summary['largest_row_sum_error']:.3g}, ||null||/||A|| "
-                               f"{summary['mean_null_norm_ratio']:.3g}",
-                   "verdict": "holds" if share == 1.0 else "does not hold"}
+            row = {
+                "measured": f"{_percent(share)} of {summary['matrices_with_null_space']} matrices; mean negative "
+                f"mass {summary['mean_negative_mass']:.3g}, largest row-sum error "
+                f"{summary['largest_row_sum_error']:.3g}, ||null||/||A|| "
+                f"{summary['mean_null_norm_ratio']:.3g}",
+                "verdict": "holds" if share == 1.0 else "does not hold",
+            }
         if guaranteed:
-            identities.append({"claim": f"probability distributions ({variant})", "kind": "identity",
-                               "precision": f"largest row-sum error {summary.get('largest_row_sum_error', 0):.3g}",
-                               "test": f"{rule} (the variant's constraints: it checks the solver)", **row})
+            identities.append(
+                {
+                    "claim": f"probability distributions ({variant})",
+                    "kind": "identity",
+                    "precision": f"largest row-sum error {summary.get('largest_row_sum_error', 0):.3g}",
+                    "test": f"{rule} (the variant's constraints: it checks the solver)",
+                    **row,
+                }
+            )
         else:
-            findings.append({"claim": f"probability distributions ({variant})", "kind": "finding", "test": rule,
-                             **row})
+            findings.append({"claim": f"probability distributions ({variant})", "kind": "finding", "test": rule, **row})
     replay = value("largest_stored_logit_difference", Intervention("replay"))
-    identities.append({
-        "claim": "replay reproduces the stored model",
-        "kind": "identity", "precision": f"largest |Δ| {_number(replay)}, tolerance {replay_tolerance:g}",
-        "test": "inject the stored attention everywhere; holds when every stored logit is reproduced within "
-                f"{replay_tolerance:g} (set by the storage dtype)",
-        "measured": f"largest |Δ| to the stored logits {_number(replay)}; original accuracy "
-                    f"{_percent(original_accuracy if not np.isnan(original_accuracy) else None)}",
-        "verdict": "—" if replay is None else ("holds" if replay <= replay_tolerance else "does not hold"),
-    })
+    identities.append(
+        {
+            "claim": "replay reproduces the stored model",
+            "kind": "identity",
+            "precision": f"largest |Δ| {_number(replay)}, tolerance {replay_tolerance:g}",
+            "test": "inject the stored attention everywhere; holds when every stored logit is reproduced within "
+            f"{replay_tolerance:g} (set by the storage dtype)",
+            "measured": f"largest |Δ| to the stored logits {_number(replay)}; original accuracy "
+            f"{_percent(original_accuracy if not np.isnan(original_accuracy) else None)}",
+            "verdict": "—" if replay is None else ("holds" if replay <= replay_tolerance else "does not hold"),
+        }
+    )
     return findings + identities
 
 
 def findings_first(claims: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows with the findings first and the identity checks after, each group in its order."""
-    return ([row for row in claims if row.get("kind", "finding") != "identity"]
-            + [row for row in claims if row.get("kind") == "identity"])
+    return [row for row in claims if row.get("kind", "finding") != "identity"] + [
+        row for row in claims if row.get("kind") == "identity"
+    ]
 
 
-IDENTITY_HEADING = ("identity checks: these hold by construction (linear algebra); they check storage precision and "
-                    "the pipeline, not the claims")
+IDENTITY_HEADING = (
+    "identity checks: these hold by construction (linear algebra); they check storage precision and "
+    "the pipeline, not the claims"
+)
 
 
 def format_claims_table(claims: Sequence[dict[str, Any]]) -> str:

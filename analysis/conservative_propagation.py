@@ -60,8 +60,9 @@ def _linear_layer_norm(module: torch.nn.LayerNorm, inputs, output: torch.Tensor)
 def _linear_scale(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     """y = x · s(x) with the ratio s = y / x held constant (0 where x is 0: there y is 0 too for every rule here)."""
     x = inputs[0]
-    ratio = torch.where(x.detach() != 0, output.detach() / torch.where(x.detach() != 0, x.detach(), 1.0),
-                        torch.zeros_like(output))
+    ratio = torch.where(
+        x.detach() != 0, output.detach() / torch.where(x.detach() != 0, x.detach(), 1.0), torch.zeros_like(output)
+    )
     return output.detach() + (x - x.detach()) * ratio
 
 
@@ -75,8 +76,10 @@ _active = threading.local()
 def _in_this_thread(rule):
     """The hook applies `rule` only in a thread inside `conservative_rules`: a model cached and shared by a Dask
     worker's threads keeps its plain gradients in the others."""
+
     def hook(module, inputs, output):
         return rule(module, inputs, output) if getattr(_active, "depth", 0) else None
+
     return hook
 
 

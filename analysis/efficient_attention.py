@@ -62,16 +62,31 @@ from analysis.projections import (
 from analysis.variants import VARIANTS, unknown_variants, variant_record
 
 DIAGNOSTICS: tuple[str, ...] = (
-    "rank", "null_dim", "output_residual", "row_sum_error", "negative_mass",
-    "null_norm_ratio", "iterations", "converged", "support_size", "optimality_residual",
+    "rank",
+    "null_dim",
+    "output_residual",
+    "row_sum_error",
+    "negative_mass",
+    "null_norm_ratio",
+    "iterations",
+    "converged",
+    "support_size",
+    "optimality_residual",
 )
 # Tolerance for "attention is lower-triangular" when causal=True.
 CAUSAL_UPPER_TOLERANCE = 1e-6
 
 _DIAGNOSTIC_DTYPES = {
-    "rank": np.int64, "null_dim": np.int64, "output_residual": np.float64, "row_sum_error": np.float64,
-    "negative_mass": np.float64, "null_norm_ratio": np.float64, "iterations": np.int64,
-    "converged": np.bool_, "support_size": np.float64, "optimality_residual": np.float64,
+    "rank": np.int64,
+    "null_dim": np.int64,
+    "output_residual": np.float64,
+    "row_sum_error": np.float64,
+    "negative_mass": np.float64,
+    "null_norm_ratio": np.float64,
+    "iterations": np.int64,
+    "converged": np.bool_,
+    "support_size": np.float64,
+    "optimality_residual": np.float64,
 }
 
 
@@ -137,9 +152,7 @@ def effective_attention_reference_loop(attention, value, w_out, length) -> np.nd
 
 def _check_inputs(attention, value, w_out, length, variants) -> tuple[np.ndarray, int]:
     if attention.ndim != 5:
-        raise ValueError(
-            f"attention must have 5 dims [example, layer, head, query, key]; got shape {attention.shape}"
-        )
+        raise ValueError(f"attention must have 5 dims [example, layer, head, query, key]; got shape {attention.shape}")
     if value.ndim != 5:
         raise ValueError(
             f"value must have 5 dims [example, layer, kv_head, position, head_dim]; got shape {value.shape}"
@@ -154,9 +167,7 @@ def _check_inputs(attention, value, w_out, length, variants) -> tuple[np.ndarray
             f"value's [example, layer] dims {value.shape[:2]} do not match attention's {(examples, layers)}"
         )
     if w_out.shape[0] != layers or w_out.shape[1] != heads:
-        raise ValueError(
-            f"w_out's [layer, head] dims {w_out.shape[:2]} do not match attention's {(layers, heads)}"
-        )
+        raise ValueError(f"w_out's [layer, head] dims {w_out.shape[:2]} do not match attention's {(layers, heads)}")
     if w_out.shape[2] != value.shape[4]:
         raise ValueError(f"w_out's head_dim {w_out.shape[2]} does not match value's head_dim {value.shape[4]}")
     kv_heads = value.shape[2]
@@ -201,8 +212,10 @@ def _check_key_bands(key_bands, layers: int, causal: bool) -> tuple[KeyBand, ...
     if len(bands) != layers or not all(isinstance(band, KeyBand) for band in bands):
         raise ValueError(f"key_bands must hold one analysis.key_bands.KeyBand per layer ({layers}); got {bands!r}")
     if causal and any(band.right != 0 for band in bands):
-        raise ValueError(f"causal=True but the key bands {[band for band in bands if band.right != 0]} let queries see "
-                         "later keys: a causal model's bands have right reach 0 (pass causal=False for encoders)")
+        raise ValueError(
+            f"causal=True but the key bands {[band for band in bands if band.right != 0]} let queries see "
+            "later keys: a causal model's bands have right reach 0 (pass causal=False for encoders)"
+        )
     return bands
 
 
@@ -216,7 +229,8 @@ def _band_groups(layer: np.ndarray, bands: tuple[KeyBand, ...], size: int, causa
         yield None, None if distinct[0] == default else distinct[0]
         return
     of_layer = np.array([within[index] == band for index in range(len(bands)) for band in distinct]).reshape(
-        len(bands), len(distinct))
+        len(bands), len(distinct)
+    )
     for column, band in enumerate(distinct):
         chosen = of_layer[layer, column]
         if chosen.any():
@@ -268,8 +282,14 @@ def _diagnostics_of(
 
 
 def _efficient_block(
-    attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, causal: bool, variants: Sequence[str],
-    simplex_max_iterations: int, simplex_tolerance: float, band: KeyBand | None = None,
+    attention: torch.Tensor,
+    matrix: torch.Tensor,
+    hidden_size: int,
+    causal: bool,
+    variants: Sequence[str],
+    simplex_max_iterations: int,
+    simplex_tolerance: float,
+    band: KeyBand | None = None,
 ) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """All requested variants for a chunk of equal-length matrices, each by its record's compute function.
 
@@ -389,8 +409,11 @@ def efficient_attention(
             )
         for chosen, band in _band_groups(layer, bands, size, causal):
             where = (example, layer, head) if chosen is None else (example[chosen], layer[chosen], head[chosen])
-            part, part_matrix = (block, matrix) if chosen is None else (
-                block[torch.from_numpy(chosen)], matrix[torch.from_numpy(chosen)])
+            part, part_matrix = (
+                (block, matrix)
+                if chosen is None
+                else (block[torch.from_numpy(chosen)], matrix[torch.from_numpy(chosen)])
+            )
             if band is not None:
                 part = _restricted_to_band(part, band, where)
             results = _efficient_block(

@@ -57,12 +57,17 @@ class ExampleExplanation:
     testable: np.ndarray
 
 
-
-
 def explain_example(
-    loaded: LoadedModel, tokens: np.ndarray, matrices: dict[str, np.ndarray], settings: ExplanationSettings,
-    example_index: int, causal: bool, rows: int = 64, value: np.ndarray | None = None,
-    w_out: np.ndarray | None = None, null_dims: dict[str, np.ndarray] | None = None,
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    matrices: dict[str, np.ndarray],
+    settings: ExplanationSettings,
+    example_index: int,
+    causal: bool,
+    rows: int = 64,
+    value: np.ndarray | None = None,
+    w_out: np.ndarray | None = None,
+    null_dims: dict[str, np.ndarray] | None = None,
 ) -> ExampleExplanation:
     """Every method of `settings.methods`: attributions, faithfulness and rank agreement for one example.
 
@@ -89,8 +94,9 @@ def explain_example(
     differences = {}
     for source in {record.source for record in records if record.is_efficient}:
         if ATTENTION_SOURCE not in matrices:
-            raise ValueError(f"efficient methods of {source!r} need the stored matrices of {source!r} and of "
-                             f"{ATTENTION_SOURCE!r}")
+            raise ValueError(
+                f"efficient methods of {source!r} need the stored matrices of {source!r} and of {ATTENTION_SOURCE!r}"
+            )
         null_dim = (null_dims or {}).get(source, np.ones(matrices[source].shape[:2], dtype=np.int64))
         differences[source] = efficient_differences(matrices[ATTENTION_SOURCE], matrices[source], null_dim)
     largest_difference = np.full(len(records), np.nan)
@@ -101,8 +107,18 @@ def explain_example(
             largest_difference[row] = differences[record.source][layers].max()
             testable[row] = int(largest_difference[row] > DIFFERENCE_TOLERANCE)
     example = ExampleInputs(
-        loaded=loaded, tokens=tokens, pooled=pooled, target=target, removable=removable, replacement_id=replacement,
-        matrices=matrices, value=value, w_out=w_out, settings=settings, example_index=example_index, score=score,
+        loaded=loaded,
+        tokens=tokens,
+        pooled=pooled,
+        target=target,
+        removable=removable,
+        replacement_id=replacement,
+        matrices=matrices,
+        value=value,
+        w_out=w_out,
+        settings=settings,
+        example_index=example_index,
+        score=score,
         full_probability=float(score(np.ones((1, length), dtype=bool))[0]),
     )
     attributions = {record.name: np.asarray(record.compute(example, record), dtype=np.float64) for record in records}
@@ -114,8 +130,14 @@ def explain_example(
                 taus[row, column] = kendall_tau(attributions[name], attributions[reference], removable)
     stacked = np.stack([np.where(removable, attributions[name], np.nan) for name in attributions])
     return ExampleExplanation(
-        attributions=stacked, faithfulness={metric: measured[metric] for metric in FAITHFULNESS_METRICS},
-        kendall_tau=taus, target=target, full_probability=example.full_probability,
-        empty_probability=measured["empty"], integrated_gradients_delta=example.integrated_gradients_delta,
-        removable=removable, largest_difference=largest_difference, testable=testable,
+        attributions=stacked,
+        faithfulness={metric: measured[metric] for metric in FAITHFULNESS_METRICS},
+        kendall_tau=taus,
+        target=target,
+        full_probability=example.full_probability,
+        empty_probability=measured["empty"],
+        integrated_gradients_delta=example.integrated_gradients_delta,
+        removable=removable,
+        largest_difference=largest_difference,
+        testable=testable,
     )

@@ -78,9 +78,15 @@ class ExampleInputs:
         if self._gradients is None:
             from analysis.explanations import gradient_attributions
 
-            self._gradients = gradient_attributions(self.loaded, self.tokens, self.removable, self.pooled,
-                                                    self.target, self.replacement_id,
-                                                    self.settings.integrated_gradients_steps)
+            self._gradients = gradient_attributions(
+                self.loaded,
+                self.tokens,
+                self.removable,
+                self.pooled,
+                self.target,
+                self.replacement_id,
+                self.settings.integrated_gradients_steps,
+            )
         return self._gradients
 
     @property
@@ -120,13 +126,17 @@ class Explainer:
 
     def __post_init__(self) -> None:
         if not self.name or any(character in self.name for character in ", \t\n"):
-            raise ValueError(f"explainer name {self.name!r} must be non-empty without ',' or spaces (it names a "
-                             "coordinate value and command-line lists)")
+            raise ValueError(
+                f"explainer name {self.name!r} must be non-empty without ',' or spaces (it names a "
+                "coordinate value and command-line lists)"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"explainer {self.name!r}: kind {self.kind!r} must be one of {KINDS}")
         if self.reads_matrices and (not self.source or self.aggregation not in AGGREGATIONS):
-            raise ValueError(f"explainer {self.name!r} reads stored attention: give its source ({ATTENTION_SOURCE} "
-                             f"or a variant) and an aggregation of {list(AGGREGATIONS)}")
+            raise ValueError(
+                f"explainer {self.name!r} reads stored attention: give its source ({ATTENTION_SOURCE} "
+                f"or a variant) and an aggregation of {list(AGGREGATIONS)}"
+            )
         if not callable(self.compute):
             raise ValueError(f"explainer {self.name!r}: compute must be a function (example, record) -> [L] scores")
 
@@ -165,8 +175,9 @@ def _norm_scores(example: ExampleInputs, record: Explainer) -> np.ndarray:
 
     if example.value is None or example.w_out is None:
         raise ValueError(f"method {record.name} needs the stored values and output projections")
-    return norm_attributions(example.matrices[record.source], example.value, example.w_out, example.pooled,
-                             record.aggregation)
+    return norm_attributions(
+        example.matrices[record.source], example.value, example.w_out, example.pooled, record.aggregation
+    )
 
 
 def _input_x_gradient(example: ExampleInputs, record: Explainer) -> np.ndarray:
@@ -180,8 +191,9 @@ def _integrated_gradients(example: ExampleInputs, record: Explainer) -> np.ndarr
 def _leave_one_out(example: ExampleInputs, record: Explainer) -> np.ndarray:
     from analysis.explanations import leave_one_out
 
-    return leave_one_out(example.score, example.full_probability, example.removable,
-                         example.settings.leave_one_out_max_tokens)
+    return leave_one_out(
+        example.score, example.full_probability, example.removable, example.settings.leave_one_out_max_tokens
+    )
 
 
 def _conservative_lrp(example: ExampleInputs, record: Explainer) -> np.ndarray:
@@ -206,9 +218,13 @@ def attention_explainer(source: str, aggregation: str, norms: bool = False) -> E
     colour = ATTENTION_COLOUR if source == ATTENTION_SOURCE else variant_record(source).colour
     style = {"color": colour, "linestyle": AGGREGATION_LINES[aggregation]}
     return Explainer(
-        name=f"{source}{NORM_SUFFIX if norms else ''}:{aggregation}", kind="norms" if norms else "matrices",
-        description=f"{what}: {AGGREGATIONS[aggregation]}", compute=_norm_scores if norms else _matrix_scores,
-        style={**style, "linewidth": 0.8, "marker": "s"} if norms else style, source=source, aggregation=aggregation,
+        name=f"{source}{NORM_SUFFIX if norms else ''}:{aggregation}",
+        kind="norms" if norms else "matrices",
+        description=f"{what}: {AGGREGATIONS[aggregation]}",
+        compute=_norm_scores if norms else _matrix_scores,
+        style={**style, "linewidth": 0.8, "marker": "s"} if norms else style,
+        source=source,
+        aggregation=aggregation,
     )
 
 
@@ -253,39 +269,55 @@ class ExplainerRegistry:
         return self._records.pop(name)
 
 
-REGISTRY = ExplainerRegistry((
-    Explainer(
-        name="input-x-gradient", kind="model",
-        description="input embeddings x gradient of the target probability, summed over the hidden dim",
-        compute=_input_x_gradient, style={"color": MODEL_COLOUR, "linestyle": "-."},
-    ),
-    Explainer(
-        name="integrated-gradients", kind="model",
-        description="Captum integrated gradients of the target probability from the removal-token baseline",
-        compute=_integrated_gradients, style={"color": MODEL_COLOUR, "linestyle": "-"}, reference=1,
-    ),
-    Explainer(
-        name="leave-one-out", kind="model",
-        description="p(x) - p(x without the token), one forward per removable token",
-        compute=_leave_one_out, style={"color": MODEL_COLOUR, "linestyle": "--"}, reference=0,
-    ),
-    Explainer(
-        name="conservative-lrp", kind="model",
-        description="conservative propagation (LRP class): gradient x input of the target logit with attention, "
-                    "normalisation scales and activation gates held constant (Ali et al. 2022, AttnLRP's rules)",
-        compute=_conservative_lrp, style={"color": MODEL_COLOUR, "linestyle": ":"},
-    ),
-    Explainer(
-        name="random", kind="random", description="a seeded random ranking (the floor)", compute=_random,
-        style={"color": RANDOM_COLOUR, "linestyle": "-", "linewidth": 2.5, "alpha": 0.6},
-    ),
-))
+REGISTRY = ExplainerRegistry(
+    (
+        Explainer(
+            name="input-x-gradient",
+            kind="model",
+            description="input embeddings x gradient of the target probability, summed over the hidden dim",
+            compute=_input_x_gradient,
+            style={"color": MODEL_COLOUR, "linestyle": "-."},
+        ),
+        Explainer(
+            name="integrated-gradients",
+            kind="model",
+            description="Captum integrated gradients of the target probability from the removal-token baseline",
+            compute=_integrated_gradients,
+            style={"color": MODEL_COLOUR, "linestyle": "-"},
+            reference=1,
+        ),
+        Explainer(
+            name="leave-one-out",
+            kind="model",
+            description="p(x) - p(x without the token), one forward per removable token",
+            compute=_leave_one_out,
+            style={"color": MODEL_COLOUR, "linestyle": "--"},
+            reference=0,
+        ),
+        Explainer(
+            name="conservative-lrp",
+            kind="model",
+            description="conservative propagation (LRP class): gradient x input of the target logit with attention, "
+            "normalisation scales and activation gates held constant (Ali et al. 2022, AttnLRP's rules)",
+            compute=_conservative_lrp,
+            style={"color": MODEL_COLOUR, "linestyle": ":"},
+        ),
+        Explainer(
+            name="random",
+            kind="random",
+            description="a seeded random ranking (the floor)",
+            compute=_random,
+            style={"color": RANDOM_COLOUR, "linestyle": "-", "linewidth": 2.5, "alpha": 0.6},
+        ),
+    )
+)
 
 
 def attention_method_names(sources: Sequence[str]) -> list[str]:
     """`SOURCE:AGG` of every source in every aggregation, then the norm-based twins in the same order."""
-    return ([f"{source}:{aggregation}" for source in sources for aggregation in AGGREGATIONS]
-            + [f"{source}{NORM_SUFFIX}:{aggregation}" for source in sources for aggregation in AGGREGATIONS])
+    return [f"{source}:{aggregation}" for source in sources for aggregation in AGGREGATIONS] + [
+        f"{source}{NORM_SUFFIX}:{aggregation}" for source in sources for aggregation in AGGREGATIONS
+    ]
 
 
 def default_methods(variants: Sequence[str]) -> list[str]:

@@ -43,14 +43,17 @@ def faithfulness_curves_figure(dataset: xr.Dataset) -> Figure:
     axes = figure.subplots(1, 2)
     for panel, (metric, curve) in zip(axes, curves.items()):
         for index, name in enumerate(methods):
-            panel.plot(percents, curve[index], label=name, **{"marker": "o", "markersize": 3,
-                                                               **explainer_record(name).style})
+            panel.plot(
+                percents, curve[index], label=name, **{"marker": "o", "markersize": 3, **explainer_record(name).style}
+            )
         panel.set_xscale("log")
         panel.set_xticks(percents, [f"{k:g}" for k in percents])
         panel.set_xlabel("k: % of removable tokens " + ("removed" if metric == "comprehensiveness" else "kept"))
         panel.set_ylabel(f"{metric} (probability drop)")
-        panel.set_title(metric + (" (higher is more faithful)" if metric == "comprehensiveness"
-                                  else " (lower is more faithful)"), fontsize=10)
+        panel.set_title(
+            metric + (" (higher is more faithful)" if metric == "comprehensiveness" else " (lower is more faithful)"),
+            fontsize=10,
+        )
         panel.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
@@ -76,22 +79,38 @@ def ranking_table_rows(ranking: list[dict], metrics: list[str], references: list
     rows = []
     for entry in ranking:
         split = [f"{_interval(value)} (n = {value['n']})" for value in entry["by_length"].values()]
-        rows.append([entry["method"], str(entry["n"])] + [_interval(entry.get(metric)) for metric in metrics]
-                    + [_interval(entry["kendall_tau"].get(reference)) for reference in references] + split)
+        rows.append(
+            [entry["method"], str(entry["n"])]
+            + [_interval(entry.get(metric)) for metric in metrics]
+            + [_interval(entry["kendall_tau"].get(reference)) for reference in references]
+            + split
+        )
     return rows
 
 
 def comparison_table_rows(comparisons: list[dict]) -> list[list[str]]:
     """One row per efficient method against its raw twin (the results' `comparisons`)."""
-    return [[item["method"], item["twin"], str(item["n"]), str(item["not_testable"]),
-             "—" if _missing(item.get("low")) else f"{item['mean']:+.4f} [{item['low']:+.4f}, {item['high']:+.4f}]",
-             item["answer"]] for item in comparisons]
+    return [
+        [
+            item["method"],
+            item["twin"],
+            str(item["n"]),
+            str(item["not_testable"]),
+            "—" if _missing(item.get("low")) else f"{item['mean']:+.4f} [{item['low']:+.4f}, {item['high']:+.4f}]",
+            item["answer"],
+        ]
+        for item in comparisons
+    ]
 
 
 def _html_table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(cell)}</th>" for cell in headers)
-    body = "".join("<tr>" + "".join(f'<td{" class=num" if column else ""}>{html.escape(cell)}</td>'
-                                    for column, cell in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td{' class=num' if column else ''}>{html.escape(cell)}</td>" for column, cell in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -106,24 +125,49 @@ def explanation_section_html(dataset: xr.Dataset, out: str | Path) -> str:
     ranking, comparisons = attributes.get("ranking") or [], attributes.get("comparisons") or []
     lengths = list(ranking[0]["by_length"]) if ranking else []
     ranking_html = _html_table(
-        ["method", "n"] + [f"AOPC {metric} [95 % CI]" for metric in metrics]
-        + [f"Kendall τ vs {r} [95 % CI]" for r in references] + [f"AOPC comprehensiveness, {g}" for g in lengths],
-        ranking_table_rows(ranking, metrics, references))
-    methods_html = "<dl>" + "".join(
-        f"<dt>{html.escape(name)}</dt><dd>{html.escape(explainer_record(name).description)}</dd>"
-        for name in (str(name) for name in dataset["explainer"].values)) + "</dl>"
+        ["method", "n"]
+        + [f"AOPC {metric} [95 % CI]" for metric in metrics]
+        + [f"Kendall τ vs {r} [95 % CI]" for r in references]
+        + [f"AOPC comprehensiveness, {g}" for g in lengths],
+        ranking_table_rows(ranking, metrics, references),
+    )
+    methods_html = (
+        "<dl>"
+        + "".join(
+            f"<dt>{html.escape(name)}</dt><dd>{html.escape(explainer_record(name).description)}</dd>"
+            for name in (str(name) for name in dataset["explainer"].values)
+        )
+        + "</dl>"
+    )
     comparison_html = _html_table(
-        ["efficient method", "raw twin", "n (E ≠ A)", "explained with E = A", "Δ AOPC comprehensiveness [95 % CI]",
-         "answer"], comparison_table_rows(comparisons))
+        [
+            "efficient method",
+            "raw twin",
+            "n (E ≠ A)",
+            "explained with E = A",
+            "Δ AOPC comprehensiveness [95 % CI]",
+            "answer",
+        ],
+        comparison_table_rows(comparisons),
+    )
     draw = (attributes.get("settings") or {}).get("draw") or {}
-    drawn = (f"{draw.get('drawn')} examples explained, drawn (seeded) from the {draw.get('testable')} "
-             f"{draw.get('rule', '')}; {draw.get('not_testable')} examples of the store are not testable (there E = A, "
-             "so every efficient attribution is raw attention's)." if draw else "")
+    drawn = (
+        f"{draw.get('drawn')} examples explained, drawn (seeded) from the {draw.get('testable')} "
+        f"{draw.get('rule', '')}; {draw.get('not_testable')} examples of the store are not testable (there E = A, "
+        "so every efficient attribution is raw attention's)."
+        if draw
+        else ""
+    )
     share = dataset["minimal_share"].values if "minimal_share" in dataset else np.array([])
-    minimality = ("" if not np.isfinite(share).any() else
-                  "<p>Simplex rows whose support is minimal, per layer: "
-                  + ", ".join(f"layer {layer}: {'—' if np.isnan(value) else f'{100 * value:.1f} %'}"
-                              for layer, value in enumerate(share)) + ".</p>")
+    minimality = (
+        ""
+        if not np.isfinite(share).any()
+        else "<p>Simplex rows whose support is minimal, per layer: "
+        + ", ".join(
+            f"layer {layer}: {'—' if np.isnan(value) else f'{100 * value:.1f} %'}" for layer, value in enumerate(share)
+        )
+        + ".</p>"
+    )
     examples = dataset.sizes["example"]
     return (
         "<h2>Does attention explain the prediction?</h2>"
@@ -131,10 +175,13 @@ def explanation_section_html(dataset: xr.Dataset, out: str | Path) -> str:
         "<h3>Efficient attention against raw and norm-based attention</h3>"
         "<p>Paired over the examples where the efficient matrices differ from A in the layers the aggregation reads; "
         "a positive difference means efficient attention's top tokens matter more to the prediction.</p>"
-        + comparison_html +
-        "<h3>Every explainer</h3>" + ranking_html + "<details><summary>What each method is</summary>"
-        + methods_html + "</details>" +
-        f'<figure><a href="{FIGURE_NAME}"><img src="{FIGURE_NAME}" alt="ERASER curves"></a><figcaption>ERASER '
+        + comparison_html
+        + "<h3>Every explainer</h3>"
+        + ranking_html
+        + "<details><summary>What each method is</summary>"
+        + methods_html
+        + "</details>"
+        + f'<figure><a href="{FIGURE_NAME}"><img src="{FIGURE_NAME}" alt="ERASER curves"></a><figcaption>ERASER '
         f"faithfulness over {examples} examples (DeYoung et al. 2020; efficient methods over the examples where they "
         "differ from A): the drop of the predicted class's probability "
         "when the top k % tokens of each method are removed (comprehensiveness) or are the only ones kept "

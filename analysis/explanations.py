@@ -94,8 +94,9 @@ def head_vectors(value: np.ndarray, w_out: np.ndarray) -> np.ndarray:
     return np.einsum("hld,hdo->hlo", np.repeat(value, groups, axis=0), w_out)
 
 
-def norm_matrix(weights: np.ndarray, value: np.ndarray, w_out: np.ndarray, rows: np.ndarray | None = None,
-                chunk_rows: int = 64) -> np.ndarray:
+def norm_matrix(
+    weights: np.ndarray, value: np.ndarray, w_out: np.ndarray, rows: np.ndarray | None = None, chunk_rows: int = 64
+) -> np.ndarray:
     """Norm-based attention of one layer (Kobayashi et al. 2020): N[i, j] = ||sum_h weights[h, i, j] t^h_j||.
 
     weights: [head, L, L] A (or E) on the real block; value: [kv_head, L, d]; w_out: [head, d, D]; rows: the query
@@ -108,14 +109,15 @@ def norm_matrix(weights: np.ndarray, value: np.ndarray, w_out: np.ndarray, rows:
     rows = np.arange(weights.shape[1]) if rows is None else np.asarray(rows)
     result = np.empty((len(rows), weights.shape[2]))
     for start in range(0, len(rows), chunk_rows):
-        block = weights[:, rows[start:start + chunk_rows]]  # [head, chunk, L]
+        block = weights[:, rows[start : start + chunk_rows]]  # [head, chunk, L]
         squared = np.einsum("hij,jhk,kij->ij", block, gram, block, optimize=True)
-        result[start:start + chunk_rows] = np.sqrt(np.maximum(squared, 0.0))
+        result[start : start + chunk_rows] = np.sqrt(np.maximum(squared, 0.0))
     return result
 
 
-def norm_attributions(weights: np.ndarray, value: np.ndarray, w_out: np.ndarray, pooled: int,
-                      aggregation: str) -> np.ndarray:
+def norm_attributions(
+    weights: np.ndarray, value: np.ndarray, w_out: np.ndarray, pooled: int, aggregation: str
+) -> np.ndarray:
     """weights: [layer, head, L, L] A or E on the real block; value: [layer, kv_head, L, d]; w_out: [layer, head, d,
     D]. Returns [L] float64: the pooled row of the norm matrices, aggregated as AGGREGATIONS says (rollout over the
     row-normalised norm matrices; a row of zeros stays zero)."""
@@ -123,8 +125,13 @@ def norm_attributions(weights: np.ndarray, value: np.ndarray, w_out: np.ndarray,
     if aggregation == "last-layer":
         return norm_matrix(weights[-1], value[-1], w_out[-1], rows=np.array([pooled]))[0]
     if aggregation == "all-layers":
-        return np.mean([norm_matrix(weights[layer], value[layer], w_out[layer], rows=np.array([pooled]))[0]
-                        for layer in range(layers)], axis=0)
+        return np.mean(
+            [
+                norm_matrix(weights[layer], value[layer], w_out[layer], rows=np.array([pooled]))[0]
+                for layer in range(layers)
+            ],
+            axis=0,
+        )
     if aggregation == "rollout":
         matrices = np.stack([norm_matrix(weights[layer], value[layer], w_out[layer]) for layer in range(layers)])
         sums = matrices.sum(-1, keepdims=True)
@@ -169,7 +176,11 @@ def pooled_logits(loaded: LoadedModel, pooled: int, **inputs) -> torch.Tensor:
 
 
 def target_probabilities(
-    loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooled: int, target: int,
+    loaded: LoadedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooled: int,
+    target: int,
     rows: int = 64,
 ) -> np.ndarray:
     """input_ids, attention_mask: [n, L]. Returns [n] float64: the probability of `target` at the pooled position,
@@ -177,14 +188,23 @@ def target_probabilities(
     found = []
     with torch.inference_mode():
         for start in range(0, input_ids.shape[0], rows):
-            logits = pooled_logits(loaded, pooled, input_ids=input_ids[start:start + rows].to(loaded.device),
-                                   attention_mask=attention_mask[start:start + rows].to(loaded.device))
+            logits = pooled_logits(
+                loaded,
+                pooled,
+                input_ids=input_ids[start : start + rows].to(loaded.device),
+                attention_mask=attention_mask[start : start + rows].to(loaded.device),
+            )
             found.append(torch.softmax(logits.double(), -1)[:, target].cpu().numpy())
     return np.concatenate(found) if found else np.zeros(0)
 
 
 def kept_token_probabilities(
-    loaded: LoadedModel, tokens: np.ndarray, keep: np.ndarray, pooled: int, target: int, replacement_id: int,
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    keep: np.ndarray,
+    pooled: int,
+    target: int,
+    replacement_id: int,
     rows: int = 64,
 ) -> np.ndarray:
     """tokens: [L] real ids; keep: [n, L] bool (False = removed: replaced by `replacement_id`, attention off).
@@ -197,8 +217,9 @@ def kept_token_probabilities(
 def predicted_target(loaded: LoadedModel, tokens: np.ndarray, pooled: int) -> int:
     """The class (or next token) the unmodified model predicts at the pooled position."""
     with torch.inference_mode():
-        logits = pooled_logits(loaded, pooled,
-                               input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None].to(loaded.device))
+        logits = pooled_logits(
+            loaded, pooled, input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long)[None].to(loaded.device)
+        )
     return int(logits[0].argmax())
 
 
@@ -230,7 +251,7 @@ def faithfulness_masks(
             continue
         order = ranked_removable(scores, removable)
         for index, percent in enumerate(percents):
-            top = order[:removal_count(percent, len(order))]
+            top = order[: removal_count(percent, len(order))]
             comprehensive = np.ones_like(removable)
             comprehensive[top] = False
             sufficient = ~removable
@@ -241,7 +262,9 @@ def faithfulness_masks(
 
 
 def faithfulness(
-    score: Callable[[np.ndarray], np.ndarray], attributions: dict[str, np.ndarray], removable: np.ndarray,
+    score: Callable[[np.ndarray], np.ndarray],
+    attributions: dict[str, np.ndarray],
+    removable: np.ndarray,
     percents: Sequence[float],
 ) -> dict[str, np.ndarray | float]:
     """ERASER comprehensiveness and sufficiency of every method at every k, in one batched call of `score`
@@ -296,7 +319,12 @@ class GradientAttributions:
 
 
 def gradient_attributions(
-    loaded: LoadedModel, tokens: np.ndarray, removable: np.ndarray, pooled: int, target: int, replacement_id: int,
+    loaded: LoadedModel,
+    tokens: np.ndarray,
+    removable: np.ndarray,
+    pooled: int,
+    target: int,
+    replacement_id: int,
     steps: int = 32,
 ) -> GradientAttributions:
     """Input × gradient and integrated gradients (Captum) of the target probability for one example (tokens [L],
@@ -315,21 +343,28 @@ def gradient_attributions(
     attention_mask = torch.ones_like(ids)
 
     def probability(embeddings: torch.Tensor) -> torch.Tensor:
-        logits = pooled_logits(loaded, pooled, inputs_embeds=embeddings,
-                               attention_mask=attention_mask.expand(embeddings.shape[0], -1))
+        logits = pooled_logits(
+            loaded, pooled, inputs_embeds=embeddings, attention_mask=attention_mask.expand(embeddings.shape[0], -1)
+        )
         return torch.softmax(logits.float(), -1)[:, target]
 
     with torch.enable_grad():
         ixg = InputXGradient(probability).attribute(inputs.clone().requires_grad_(True))
         ig, delta = IntegratedGradients(probability).attribute(
-            inputs, baselines=baseline, n_steps=int(steps), internal_batch_size=int(steps),
-            return_convergence_delta=True)
+            inputs,
+            baselines=baseline,
+            n_steps=int(steps),
+            internal_batch_size=int(steps),
+            return_convergence_delta=True,
+        )
     with torch.no_grad():
         f_input, f_baseline = probability(torch.cat([inputs, baseline])).tolist()
     return GradientAttributions(
         input_x_gradient=ixg.sum(-1)[0].detach().double().cpu().numpy(),
         integrated_gradients=ig.sum(-1)[0].detach().double().cpu().numpy(),
-        delta=float(delta.reshape(-1)[0]), f_input=float(f_input), f_baseline=float(f_baseline),
+        delta=float(delta.reshape(-1)[0]),
+        f_input=float(f_input),
+        f_baseline=float(f_baseline),
     )
 
 
@@ -343,8 +378,6 @@ def kendall_tau(attributions: np.ndarray, reference: np.ndarray, removable: np.n
     if len(first) < 2 or np.isnan(first).any() or np.isnan(second).any() or np.ptp(first) == 0 or np.ptp(second) == 0:
         return float("nan")
     return float(kendalltau(first, second).statistic)
-
-
 
 
 def conservative_attributions(loaded: LoadedModel, tokens: np.ndarray, pooled: int, target: int) -> np.ndarray:

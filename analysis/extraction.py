@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC
 
 import numpy as np
 import torch
@@ -243,7 +244,7 @@ def store_attributes(
     head: dict | None = None,
 ) -> dict:
     """Provenance for the root attributes of an attention store (JSON-serialisable)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     config = loaded.model.config
     tokenizer = loaded.tokenizer
@@ -293,6 +294,6 @@ def store_attributes(
         },
         "max_length": int(plan.max_length),
         "dtype": dtype,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "package_versions": package_versions(),
     }

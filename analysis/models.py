@@ -31,7 +31,7 @@ from analysis.architectures import (
     prepare_architecture,
     projection_weight,
 )
-from analysis.model_sources import (  # noqa: F401 - BUNDLED_MODELS is read from here too
+from analysis.model_sources import (
     BUNDLED_MODEL_TYPES,
     BUNDLED_MODELS,
     resolve_model_source,
@@ -181,15 +181,13 @@ def load_model(
     auto_class = AutoModelForCausalLM if task == "next-token" else AutoModelForSequenceClassification
     if type(config) not in auto_class._model_mapping:
         raise ValueError(
-            f"model type '{config.model_type}' has no {auto_class.__name__[len('AutoModelFor'):]} class in "
+            f"model type '{config.model_type}' has no {auto_class.__name__[len('AutoModelFor') :]} class in "
             f"transformers: " + ("use --task next-token" if task == "classification" else "use a decoder model")
         )
     if task == "next-token":
         model = auto_class.from_pretrained(folder, **extra)
     else:
-        model = auto_class.from_pretrained(
-            folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **extra
-        )
+        model = auto_class.from_pretrained(folder, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **extra)
     source = folder + (f" ({extra['gguf_file']})" if extra else "")
     return wrap_model(model, tokenizer, name_or_path, device=device, task=task, source=source)
 

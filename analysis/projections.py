@@ -257,7 +257,7 @@ def project_rows_causal(rows, matrix, hidden_size: int) -> torch.Tensor:
     uncertified = torch.nonzero(~certified).flatten()
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, length * length * max(columns, 1)))
     for start in range(0, len(uncertified), per_chunk):
-        chosen = uncertified[start:start + per_chunk]
+        chosen = uncertified[start : start + per_chunk]
         bases, _ = prefix_column_space_bases(matrix[chosen], hidden_size)  # (k, L, L, r)
         coefficients = torch.einsum("nil,nilr->nir", rows[chosen], bases)
         result[chosen] = torch.einsum("nir,nilr->nil", coefficients, bases)
@@ -317,8 +317,16 @@ class VariantInputs:
     column-space bases are computed once per chunk, when a variant first asks, and shared by all variants.
     """
 
-    def __init__(self, attention: torch.Tensor, matrix: torch.Tensor, hidden_size: int, causal: bool,
-                 simplex_max_iterations: int, simplex_tolerance: float, band: KeyBand | None = None) -> None:
+    def __init__(
+        self,
+        attention: torch.Tensor,
+        matrix: torch.Tensor,
+        hidden_size: int,
+        causal: bool,
+        simplex_max_iterations: int,
+        simplex_tolerance: float,
+        band: KeyBand | None = None,
+    ) -> None:
         self.attention = attention
         self.matrix = matrix
         self.hidden_size = hidden_size

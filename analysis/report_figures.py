@@ -133,8 +133,9 @@ def attention_comparison_figure(
     variants = list(efficient)
     L = attention.shape[0]
     if attention.shape != (L, L) or len(labels) != L:
-        raise ValueError(f"attention has shape {attention.shape} and there are {len(labels)} labels: expected "
-                         f"[L, L] and L labels")
+        raise ValueError(
+            f"attention has shape {attention.shape} and there are {len(labels)} labels: expected [L, L] and L labels"
+        )
     nulls = {variant: attention - efficient[variant] for variant in variants}
     limit = float(max(np.abs(block).max() for block in [attention, *efficient.values(), *nulls.values()]))
     limit = limit if limit > 0 else 1.0
@@ -146,16 +147,18 @@ def attention_comparison_figure(
     grid = figure.subplots(rows, 3, squeeze=False, sharex=True, sharey=True)
     image = None
     for row, variant in enumerate(variants):
-        panels = ((attention, "attention A"), (efficient[variant], f"efficient E ({variant})"),
-                  (nulls[variant], f"null part A − E ({variant})"))
+        panels = (
+            (attention, "attention A"),
+            (efficient[variant], f"efficient E ({variant})"),
+            (nulls[variant], f"null part A − E ({variant})"),
+        )
         for column, (matrix, heading) in enumerate(panels):
             axes = grid[row, column]
             image = axes.imshow(matrix, cmap="RdBu_r", norm=norm, interpolation="nearest", aspect="equal")
             axes.set_title(heading, fontsize=11)
             axes.set_xticks(range(L))
             axes.set_yticks(range(L))
-            axes.tick_params(length=0, pad=1, labelsize=label_size, labelbottom=row == rows - 1,
-                             labelleft=column == 0)
+            axes.tick_params(length=0, pad=1, labelsize=label_size, labelbottom=row == rows - 1, labelleft=column == 0)
     grid[-1, 0].set_xticklabels(labels, rotation=90)
     grid[0, 0].set_yticklabels(labels)
     for axes in grid[-1]:
@@ -163,14 +166,16 @@ def attention_comparison_figure(
         axes.set_xlabel("key", fontsize=10)
     for axes in grid[:, 0]:
         axes.set_ylabel("query", fontsize=10)
-    colorbar = figure.colorbar(image, ax=grid, shrink=0.5, aspect=40, pad=0.01,
-                               label="weight (linear up to 1/L, logarithmic beyond)")
-    decades = [10.0 ** k for k in range(-6, 2) if 1.5 / max(L, 1) < 10.0 ** k < limit / 1.5]
+    colorbar = figure.colorbar(
+        image, ax=grid, shrink=0.5, aspect=40, pad=0.01, label="weight (linear up to 1/L, logarithmic beyond)"
+    )
+    decades = [10.0**k for k in range(-6, 2) if 1.5 / max(L, 1) < 10.0**k < limit / 1.5]
     positive = sorted({1.0 / max(L, 1), *decades, limit})
     colorbar.minorticks_off()
     colorbar.set_ticks([-value for value in reversed(positive)] + [0.0] + positive)
-    colorbar.set_ticklabels([f"{-value:.2g}" for value in reversed(positive)] + ["0"]
-                            + [f"{value:.2g}" for value in positive])
+    colorbar.set_ticklabels(
+        [f"{-value:.2g}" for value in reversed(positive)] + ["0"] + [f"{value:.2g}" for value in positive]
+    )
     figure.suptitle(title, fontsize=13)
     return figure
 
@@ -206,8 +211,15 @@ def null_norm_ratio_figure(length: np.ndarray, null_norm_ratio: Mapping[str, np.
         stats = null_norm_ratio_by_length(length, ratio)
         colour = variant_colour(variant, index)
         axes.fill_between(stats["length"], stats["p10"], stats["p90"], color=colour, alpha=0.18, linewidth=0)
-        axes.plot(stats["length"], stats["median"], color=colour, linewidth=2, marker="o", markersize=3,
-                  label=f"{variant}: median (band: 10th–90th percentile)")
+        axes.plot(
+            stats["length"],
+            stats["median"],
+            color=colour,
+            linewidth=2,
+            marker="o",
+            markersize=3,
+            label=f"{variant}: median (band: 10th–90th percentile)",
+        )
     axes.axvline(head_dim, color="black", linestyle="--", linewidth=1.2)
     top = axes.get_ylim()[1]
     axes.text(head_dim, top * 0.97, f"  head dim d = {head_dim}", va="top", ha="left", fontsize=11)
@@ -230,7 +242,8 @@ def _log_values(values: np.ndarray) -> np.ndarray:
 
 
 def diagnostic_distributions_figure(
-    diagnostics: Mapping[str, Mapping[str, np.ndarray]], length: np.ndarray,
+    diagnostics: Mapping[str, Mapping[str, np.ndarray]],
+    length: np.ndarray,
     names: Sequence[str] = ("row_sum_error", "negative_mass"),
 ) -> Figure:
     """Histograms (log10 of the value, log-scale counts) of the per-matrix diagnostics `names` per variant, over
@@ -243,8 +256,11 @@ def diagnostic_distributions_figure(
     }
     figure = Figure(figsize=(12, 4.8), layout="constrained")
     panels = figure.subplots(1, len(names), squeeze=False)[0]
-    all_logs = [_log_values(values[name][(values["null_dim"] > 0) & (np.asarray(length) > 0)[:, None, None]])
-                for values in diagnostics.values() for name in names]
+    all_logs = [
+        _log_values(values[name][(values["null_dim"] > 0) & (np.asarray(length) > 0)[:, None, None]])
+        for values in diagnostics.values()
+        for name in names
+    ]
     finite = np.concatenate(all_logs) if all_logs else np.array([0.0])
     low = np.log10(LOG_FLOOR) if finite.size == 0 else min(np.floor(finite.min()), 0.0)
     high = 1.0 if finite.size == 0 else max(np.ceil(finite.max()) + 0.5, 1.0)
@@ -254,8 +270,14 @@ def diagnostic_distributions_figure(
             chosen = (values["null_dim"] > 0) & (np.asarray(length) > 0)[:, None, None]
             logs = _log_values(values[name][chosen])
             zeros = int((logs <= np.log10(LOG_FLOOR)).sum())
-            axes.hist(logs, bins=bins, histtype="step", linewidth=2, color=variant_colour(variant, index),
-                      label=f"{variant}: {logs.size} matrices ({zeros} of them ≤ 1e-16)")
+            axes.hist(
+                logs,
+                bins=bins,
+                histtype="step",
+                linewidth=2,
+                color=variant_colour(variant, index),
+                label=f"{variant}: {logs.size} matrices ({zeros} of them ≤ 1e-16)",
+            )
         axes.set_yscale("log")
         axes.set_xlabel(f"log10 {name.replace('_', ' ')}  (leftmost bin: ≤ 1e-16, including 0)", fontsize=11)
         axes.set_ylabel("matrices (example, layer, head)", fontsize=11)
@@ -274,8 +296,9 @@ def model_indices(chosen: int | Sequence[int]) -> list[int]:
     return list(range(chosen)) if isinstance(chosen, (int, np.integer)) else [int(index) for index in chosen]
 
 
-def layer_head_grid(aggregates: xr.Dataset, metric: str, intervention: str, layers: int | Sequence[int],
-                    heads: int | Sequence[int]) -> np.ndarray:
+def layer_head_grid(
+    aggregates: xr.Dataset, metric: str, intervention: str, layers: int | Sequence[int], heads: int | Sequence[int]
+) -> np.ndarray:
     """[stored layer, stored head] of `metric` (an aggregate, e.g. agreement_rate) for `intervention` at the
     targets of scope "head"; NaN where a head was not measured. aggregates: Dataset [intervention, target] with the
     coordinates target_scope, target_layer, target_head (model indices) and examples_measured; layers, heads: the
@@ -285,8 +308,10 @@ def layer_head_grid(aggregates: xr.Dataset, metric: str, intervention: str, laye
     row = aggregates.sel(intervention=intervention)
     for index in np.flatnonzero(np.asarray(aggregates["target_scope"].values) == "head"):
         if float(row["examples_measured"].values[index]) > 0:
-            grid[layers.index(int(aggregates["target_layer"].values[index])),
-                 heads.index(int(aggregates["target_head"].values[index]))] = float(row[metric].values[index])
+            grid[
+                layers.index(int(aggregates["target_layer"].values[index])),
+                heads.index(int(aggregates["target_head"].values[index])),
+            ] = float(row[metric].values[index])
     return grid
 
 
@@ -313,18 +338,30 @@ def _annotated_heatmap(axes, grid: np.ndarray, cmap: str, fontsize: float, limit
     """Heatmap of shares [rows, columns] drawn in % between `limits`, each cell labelled with its value in %."""
     percent = 100 * grid
     low, high = limits
-    image = axes.imshow(np.ma.masked_invalid(percent), cmap=cmap, vmin=low, vmax=high, aspect="auto",
-                        interpolation="nearest")
+    image = axes.imshow(
+        np.ma.masked_invalid(percent), cmap=cmap, vmin=low, vmax=high, aspect="auto", interpolation="nearest"
+    )
     for (row, column), value in np.ndenumerate(percent):
         if np.isfinite(value):
             dark = (value - low) / max(high - low, 1e-12) > 0.6
-            axes.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=fontsize,
-                      color="white" if dark else "black")
+            axes.text(
+                column,
+                row,
+                f"{value:.0f}",
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="white" if dark else "black",
+            )
     return image
 
 
-def head_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], heads: int | Sequence[int],
-                      metrics: Sequence[str] = ("agreement_rate", "flip_rate")) -> Figure | None:
+def head_scope_figure(
+    aggregates: xr.Dataset,
+    layers: int | Sequence[int],
+    heads: int | Sequence[int],
+    metrics: Sequence[str] = ("agreement_rate", "flip_rate"),
+) -> Figure | None:
     """Per intervention measured at scope "head" (one head replaced at a time), a layer × head heatmap of each of
     `metrics` (shares in %, written in the cells; grey: not measured; one colour scale per metric, see
     percent_limits), labelled with the model's layer and head numbers (layers, heads: the stored ones' model
@@ -339,14 +376,18 @@ def head_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], heads
     figure = Figure(figsize=(13, height), layout="constrained")
     grid = figure.subplots(len(interventions), len(metrics), squeeze=False)
     cell_font = float(np.clip(110 / max(heads, 1), 5.5, 9.0))
-    values = {(intervention, metric): layer_head_grid(aggregates, metric, intervention, layer_numbers, head_numbers)
-              for intervention in interventions for metric in metrics}
+    values = {
+        (intervention, metric): layer_head_grid(aggregates, metric, intervention, layer_numbers, head_numbers)
+        for intervention in interventions
+        for metric in metrics
+    }
     limits = {metric: percent_limits(metric, [values[key] for key in values if key[1] == metric]) for metric in metrics}
     for row, intervention in enumerate(interventions):
         for column, metric in enumerate(metrics):
             axes = grid[row, column]
-            image = _annotated_heatmap(axes, values[intervention, metric], cmaps.get(metric, "viridis"), cell_font,
-                                       limits[metric])
+            image = _annotated_heatmap(
+                axes, values[intervention, metric], cmaps.get(metric, "viridis"), cell_font, limits[metric]
+            )
             axes.set_title(f"{intervention}: {metric.replace('_', ' ')} (%)", fontsize=11)
             axes.set_xticks(range(heads), [str(head) for head in head_numbers])
             axes.set_yticks(range(layers), [str(layer) for layer in layer_numbers])
@@ -358,8 +399,7 @@ def head_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], heads
     return figure
 
 
-def layer_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], metric: str = "flip_rate"
-                       ) -> Figure | None:
+def layer_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], metric: str = "flip_rate") -> Figure | None:
     """Interventions × layers heatmap of `metric` for the targets of scope "layer" (every head of one layer
     replaced at once), labelled with the model's layer numbers (layers: the stored ones' model indices, or a
     count). None when no layer was measured."""
@@ -378,8 +418,9 @@ def layer_scope_figure(aggregates: xr.Dataset, layers: int | Sequence[int], metr
                 values[row, column] = float(selected[metric].values[index])
     figure = Figure(figsize=(12, 0.45 * len(interventions) + 1.6), layout="constrained")
     axes = figure.subplots()
-    image = _annotated_heatmap(axes, values, "Reds" if metric == "flip_rate" else "Greens", 10,
-                               percent_limits(metric, [values]))
+    image = _annotated_heatmap(
+        axes, values, "Reds" if metric == "flip_rate" else "Greens", 10, percent_limits(metric, [values])
+    )
     axes.set_xticks(range(layers))
     axes.set_xticklabels([f"layer {layer}" for layer in layer_numbers])
     axes.set_yticks(range(len(interventions)))
@@ -427,18 +468,24 @@ def minimality_figure(aggregates: xr.Dataset, head_dim: int, bar: float = 0.999)
     figure = Figure(figsize=(12, 4.6), layout="constrained")
     axes = figure.subplots()
     positions = np.arange(len(curve["k"]))
-    axes.plot(positions, 100 * curve["agreement_rate"], marker="o", linewidth=2, color="#2ca02c",
-              label="agreement with the original predictions")
+    axes.plot(
+        positions,
+        100 * curve["agreement_rate"],
+        marker="o",
+        linewidth=2,
+        color="#2ca02c",
+        label="agreement with the original predictions",
+    )
     axes.plot(positions, 100 * curve["flip_rate"], marker="s", linewidth=2, color="#d62728", label="flip rate")
     axes.axhline(100 * bar, color="black", linestyle="--", linewidth=1, label=f"sufficiency bar {100 * bar:.1f} %")
     axes.set_xticks(positions)
     axes.set_xticklabels([str(k) for k in curve["k"]])
-    axes.set_xlabel(f"k: weakest directions of col(T) removed ({curve['variant']}; head dim {head_dim})",
-                    fontsize=11)
+    axes.set_xlabel(f"k: weakest directions of col(T) removed ({curve['variant']}; head dim {head_dim})", fontsize=11)
     axes.set_ylabel("% of examples", fontsize=11)
     axes.set_ylim(-3, 103)
-    axes.set_title("Minimality probe: every head of every layer gets A·P_k, col(T) without its k weakest "
-                   "directions", fontsize=12)
+    axes.set_title(
+        "Minimality probe: every head of every layer gets A·P_k, col(T) without its k weakest directions", fontsize=12
+    )
     axes.tick_params(labelsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=10, loc="center right")

@@ -12,7 +12,7 @@ import html
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,15 +97,20 @@ def _format(value: Any, kind: str) -> str:
     return f"{number:.3g}"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] | None = None,
-           numeric_from: int | None = None) -> str:
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    row_classes: Sequence[str] | None = None,
+    numeric_from: int | None = None,
+) -> str:
     """An HTML table from already escaped cells; columns from `numeric_from` on are right-aligned."""
     head = "".join(f"<th>{cell}</th>" for cell in headers)
     body = []
     for index, row in enumerate(rows):
         css = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ""
         cells = "".join(
-            f'<td class="num">{cell}</td>' if numeric_from is not None and column >= numeric_from
+            f'<td class="num">{cell}</td>'
+            if numeric_from is not None and column >= numeric_from
             else f"<td>{cell}</td>"
             for column, cell in enumerate(row)
         )
@@ -119,9 +124,11 @@ def model_description(model: Mapping[str, Any]) -> str:
     head = model.get("head") or {}
     name = head.get("base_model") or model.get("name", "unknown model")
     trained = " with a fine-tuned classification head" if head.get("trained") else ""
-    sizes = (f"{model.get('architecture', '?')}, {model.get('layers', '?')} layers × {model.get('heads', '?')} "
-             f"heads ({model.get('kv_heads', '?')} kv heads), head dim {model.get('head_dim', '?')}, hidden "
-             f"{model.get('hidden', '?')}")
+    sizes = (
+        f"{model.get('architecture', '?')}, {model.get('layers', '?')} layers × {model.get('heads', '?')} "
+        f"heads ({model.get('kv_heads', '?')} kv heads), head dim {model.get('head_dim', '?')}, hidden "
+        f"{model.get('hidden', '?')}"
+    )
     return f"{name}{trained} ({sizes})"
 
 
@@ -135,18 +142,24 @@ def provenance_rows(inputs: ReportInputs) -> list[tuple[str, str]]:
         ("model", model_description(model)),
         ("weights", str(model.get("weights_digest", "?"))),
         *([("captured", inputs.captured)] if inputs.captured else []),
-        ("corpus", f"{corpus.get('name', '?')}, split {corpus.get('split', '?')}, "
-                   f"{corpus.get('example_count', len(inputs.length))} examples of {corpus.get('corpus_size', '?')}"
-                   f"; classes {', '.join(map(str, corpus.get('class_names', []))) or '—'}"),
+        (
+            "corpus",
+            f"{corpus.get('name', '?')}, split {corpus.get('split', '?')}, "
+            f"{corpus.get('example_count', len(inputs.length))} examples of {corpus.get('corpus_size', '?')}"
+            f"; classes {', '.join(map(str, corpus.get('class_names', []))) or '—'}",
+        ),
         ("corpus source", str(corpus.get("source", "?"))),
-        ("examples", f"{len(inputs.length)} (lengths {int(inputs.length.min()) if len(inputs.length) else 0}–"
-                     f"{int(inputs.length.max()) if len(inputs.length) else 0} tokens, head dim {inputs.head_dim}); "
-                     f"scopes {', '.join(settings.get('scopes', []))}; layer and head scopes on "
-                     f"{settings.get('scope_examples') or 'all'} examples; seed {settings.get('seed', '?')}"),
+        (
+            "examples",
+            f"{len(inputs.length)} (lengths {int(inputs.length.min()) if len(inputs.length) else 0}–"
+            f"{int(inputs.length.max()) if len(inputs.length) else 0} tokens, head dim {inputs.head_dim}); "
+            f"scopes {', '.join(settings.get('scopes', []))}; layer and head scopes on "
+            f"{settings.get('scope_examples') or 'all'} examples; seed {settings.get('seed', '?')}",
+        ),
         ("attention store", inputs.store_url),
         ("causal results", inputs.results_url),
         ("results created", str(attributes.get("created", "?"))),
-        ("report created", datetime.now(timezone.utc).isoformat(timespec="seconds")),
+        ("report created", datetime.now(UTC).isoformat(timespec="seconds")),
         ("package versions", ", ".join(f"{name} {version}" for name, version in versions.items()) or "?"),
     ]
     try:
@@ -173,18 +186,36 @@ def claims_html(claims: Sequence[Mapping[str, Any]]) -> str:
     they were checked to (analysis.claims)."""
     findings = [row for row in claims if row.get("kind", "finding") != "identity"]
     identities = [row for row in claims if row.get("kind") == "identity"]
-    rows = [[_escape(row["claim"]), f"<b>{_escape(row['verdict'])}</b>", _escape(row["measured"]),
-             _escape(row["test"])] for row in findings]
-    page = ("<h3>Findings</h3>" + _table(["claim", "verdict", "measured", "test (rule of the verdict)"], rows,
-                                           [verdict_class(row["verdict"]) for row in findings]))
+    rows = [
+        [_escape(row["claim"]), f"<b>{_escape(row['verdict'])}</b>", _escape(row["measured"]), _escape(row["test"])]
+        for row in findings
+    ]
+    page = "<h3>Findings</h3>" + _table(
+        ["claim", "verdict", "measured", "test (rule of the verdict)"],
+        rows,
+        [verdict_class(row["verdict"]) for row in findings],
+    )
     if identities:
-        rows = [[_escape(row["claim"]), f"<b>{_escape(row['verdict'])}</b>", _escape(row.get("precision", "")),
-                 _escape(row["measured"]), _escape(row["test"])] for row in identities]
-        page += ("<h3>Identity checks</h3><p class=\"note\">These hold by construction (linear algebra: E·T = A·T, "
-                 "(A − E)·T = 0, null-space noise adds nothing to the output). They check storage precision and "
-                 "the pipeline, not the claims of SEED.md; each is shown with the precision it was checked to.</p>"
-                 + _table(["identity", "verdict", "precision", "measured", "test"], rows,
-                          [verdict_class(row["verdict"]) for row in identities]))
+        rows = [
+            [
+                _escape(row["claim"]),
+                f"<b>{_escape(row['verdict'])}</b>",
+                _escape(row.get("precision", "")),
+                _escape(row["measured"]),
+                _escape(row["test"]),
+            ]
+            for row in identities
+        ]
+        page += (
+            '<h3>Identity checks</h3><p class="note">These hold by construction (linear algebra: E·T = A·T, '
+            "(A − E)·T = 0, null-space noise adds nothing to the output). They check storage precision and "
+            "the pipeline, not the claims of SEED.md; each is shown with the precision it was checked to.</p>"
+            + _table(
+                ["identity", "verdict", "precision", "measured", "test"],
+                rows,
+                [verdict_class(row["verdict"]) for row in identities],
+            )
+        )
     return page
 
 
@@ -195,11 +226,19 @@ def aggregate_rows(aggregates: xr.Dataset, target: str = "all") -> list[list[str
     for index, name in enumerate(str(name) for name in aggregates["intervention"].values):
         if float(selected["examples_measured"].values[index]) <= 0:
             continue
-        kind = (str(aggregates["intervention_kind"].values[index]) if "intervention_kind" in aggregates
-                else name.split(":", 1)[0])  # results written before the coordinate
-        rows.append([name, KIND_DESCRIPTIONS.get(kind, kind)]
-                    + [_format(selected[metric].values[index], kind_) for metric, _, kind_ in TABLE_METRICS
-                       if metric in selected])
+        kind = (
+            str(aggregates["intervention_kind"].values[index])
+            if "intervention_kind" in aggregates
+            else name.split(":", 1)[0]
+        )  # results written before the coordinate
+        rows.append(
+            [name, KIND_DESCRIPTIONS.get(kind, kind)]
+            + [
+                _format(selected[metric].values[index], kind_)
+                for metric, _, kind_ in TABLE_METRICS
+                if metric in selected
+            ]
+        )
     return rows
 
 
@@ -219,8 +258,10 @@ def diagnostics_html(summary: Mapping[str, Mapping[str, float]]) -> str:
         ("converged_share", "solved to convergence", "percent"),
         ("mean_support_share", "mean support / L", "percent"),
     )
-    rows = [[_escape(variant)] + [_format(values.get(key), kind) for key, _, kind in columns]
-            for variant, values in summary.items()]
+    rows = [
+        [_escape(variant)] + [_format(values.get(key), kind) for key, _, kind in columns]
+        for variant, values in summary.items()
+    ]
     return _table(["variant"] + [label for _, label, _ in columns], rows, numeric_from=1)
 
 
@@ -254,14 +295,18 @@ def scope_examples(aggregates: xr.Dataset, scope: str) -> int:
 
 
 def _figure_html(file_name: str, caption: str) -> str:
-    return (f'<figure><a href="{_escape(file_name)}"><img src="{_escape(file_name)}" alt="{_escape(caption[:120])}">'
-            f"</a><figcaption>{caption}</figcaption></figure>")
+    return (
+        f'<figure><a href="{_escape(file_name)}"><img src="{_escape(file_name)}" alt="{_escape(caption[:120])}">'
+        f"</a><figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def _example_title(example: ExampleView) -> str:
     ratios = ", ".join(f"{variant} {ratio:.2f}" for variant, ratio in example.null_norm_ratio.items())
-    return (f"Example {example.index} ({len(example.labels)} tokens, label {example.label}), layer {example.layer}, "
-            f"head {example.head};  ‖A − E‖/‖A‖: {ratios}")
+    return (
+        f"Example {example.index} ({len(example.labels)} tokens, label {example.label}), layer {example.layer}, "
+        f"head {example.head};  ‖A − E‖/‖A‖: {ratios}"
+    )
 
 
 def _guarantees(variants: Sequence[str]) -> str:
@@ -286,82 +331,148 @@ def write_report(inputs: ReportInputs, out: str | Path) -> Path:
     for example in inputs.examples:
         name = f"attention-example-{example.index}.png"
         figure = figures.attention_comparison_figure(
-            example.attention, example.efficient, example.labels,
+            example.attention,
+            example.efficient,
+            example.labels,
             title=_example_title(example),
         )
         figures.save_figure(figure, out / name)
         text = example.text if len(example.text) <= 500 else example.text[:500] + " …"
-        parts.append(_figure_html(name, (
-            f"<b>Example {example.index}</b> ({len(example.labels)} tokens, label {_escape(example.label)}): "
-            f"“{_escape(text)}” — layer {example.layer}, head {example.head}, chosen as the head of this example "
-            "whose null part is largest. One row per variant: the model's attention A, the efficient attention E, "
-            "and the null part A − E that the variant removes; rows of each matrix are queries, columns keys. Red is "
-            "positive, blue negative, white zero; all panels share one colour scale, linear up to the uniform "
-            "weight 1/L and logarithmic beyond. A and E give the head exactly the same output (E·T = A·T), so "
-            f"whatever differs between them is invisible to the model. {_guarantees(example.efficient)}")))
-    tokenizer_note = "" if inputs.tokenizer_loaded else (
-        '<p class="note">The tokenizer recorded in the store could not be loaded from local files: the axes show '
-        "token ids.</p>")
+        parts.append(
+            _figure_html(
+                name,
+                (
+                    f"<b>Example {example.index}</b> ({len(example.labels)} tokens, label {_escape(example.label)}): "
+                    f"“{_escape(text)}” — layer {example.layer}, head {example.head}, chosen as the head of this "
+                    "example "
+                    "whose null part is largest. One row per variant: the model's attention A, the efficient attention "
+                    "E, "
+                    "and the null part A − E that the variant removes; rows of each matrix are queries, columns keys. "
+                    "Red is "
+                    "positive, blue negative, white zero; all panels share one colour scale, linear up to the uniform "
+                    "weight 1/L and logarithmic beyond. A and E give the head exactly the same output (E·T = A·T), so "
+                    f"whatever differs between them is invisible to the model. {_guarantees(example.efficient)}"
+                ),
+            )
+        )
+    tokenizer_note = (
+        ""
+        if inputs.tokenizer_loaded
+        else (
+            '<p class="note">The tokenizer recorded in the store could not be loaded from local files: the axes show '
+            "token ids.</p>"
+        )
+    )
     sections.append(
-        "<h2>Attention, efficient attention and the null part</h2>" + tokenizer_note
-        + ("".join(parts) if parts else '<p class="note">No example to draw.</p>'))
+        "<h2>Attention, efficient attention and the null part</h2>"
+        + tokenizer_note
+        + ("".join(parts) if parts else '<p class="note">No example to draw.</p>')
+    )
 
     # null-norm ratio vs length
     ratios = {variant: values["null_norm_ratio"] for variant, values in inputs.diagnostics.items()}
     if ratios:
-        figures.save_figure(figures.null_norm_ratio_figure(inputs.length, ratios, inputs.head_dim),
-                            out / "null-norm-ratio.png")
+        figures.save_figure(
+            figures.null_norm_ratio_figure(inputs.length, ratios, inputs.head_dim), out / "null-norm-ratio.png"
+        )
         heading = "<h2>How much attention lies in the null space</h2>"
-        sections.append(heading + _figure_html("null-norm-ratio.png", (
-            "The null-norm ratio ‖A − E‖<sub>F</sub> / ‖A‖<sub>F</sub> of every (example, layer, head) "
-            "against the example's length L: the line is the median of each length, the band the 10th–90th "
-            f"percentile. Left of the dashed line (L ≤ head dim d = {inputs.head_dim}) the value matrix T has "
-            "full row rank, its left null space is empty and E = A. Right of it, the larger the ratio, the more "
-            "of the attention weights could be changed without changing the output.")))
-        figures.save_figure(figures.diagnostic_distributions_figure(inputs.diagnostics, inputs.length),
-                            out / "diagnostics.png")
-        sections.append("<h2>Are efficient attention matrices probability distributions?</h2>"
-                        + _figure_html("diagnostics.png", (
-                            "Distributions, over every (example, layer, head) whose null space is not empty, of the "
-                            "row-sum error (largest |Σ<sub>j</sub> E[i, j] − 1| over the rows; left) and of the "
-                            "negative mass (Σ of |negative entries| of E, divided by L; right), per variant, on log "
-                            "scales. Values near 1e-7 and below are float rounding: a matrix there is a probability "
-                            "distribution. The leftmost bin collects values ≤ 1e-16, exact zeros included.")))
+        sections.append(
+            heading
+            + _figure_html(
+                "null-norm-ratio.png",
+                (
+                    "The null-norm ratio ‖A − E‖<sub>F</sub> / ‖A‖<sub>F</sub> of every (example, layer, head) "
+                    "against the example's length L: the line is the median of each length, the band the 10th–90th "
+                    f"percentile. Left of the dashed line (L ≤ head dim d = {inputs.head_dim}) the value matrix T has "
+                    "full row rank, its left null space is empty and E = A. Right of it, the larger the ratio, the "
+                    "more "
+                    "of the attention weights could be changed without changing the output."
+                ),
+            )
+        )
+        figures.save_figure(
+            figures.diagnostic_distributions_figure(inputs.diagnostics, inputs.length), out / "diagnostics.png"
+        )
+        sections.append(
+            "<h2>Are efficient attention matrices probability distributions?</h2>"
+            + _figure_html(
+                "diagnostics.png",
+                (
+                    "Distributions, over every (example, layer, head) whose null space is not empty, of the "
+                    "row-sum error (largest |Σ<sub>j</sub> E[i, j] − 1| over the rows; left) and of the "
+                    "negative mass (Σ of |negative entries| of E, divided by L; right), per variant, on log "
+                    "scales. Values near 1e-7 and below are float rounding: a matrix there is a probability "
+                    "distribution. The leftmost bin collects values ≤ 1e-16, exact zeros included."
+                ),
+            )
+        )
         summary = attributes.get("efficient_diagnostics")
         if summary:
-            sections.append("<p>The same, summarised per variant (from the results' "
-                            "<code>efficient_diagnostics</code>):</p>" + diagnostics_html(summary))
+            sections.append(
+                "<p>The same, summarised per variant (from the results' "
+                "<code>efficient_diagnostics</code>):</p>" + diagnostics_html(summary)
+            )
 
     # causal: per head, per layer, minimality
     head_figure = figures.head_scope_figure(inputs.aggregates, inputs.layers, inputs.heads)
     if head_figure is not None:
         figures.save_figure(head_figure, out / "head-scope.png")
         head_examples = scope_examples(inputs.aggregates, "head")
-        sections.append("<h2>One head at a time</h2>" + _figure_html("head-scope.png", (
-            "Each intervention replaced the attention of a single head (all other heads untouched), one head at a "
-            "time. Cells: the share of examples whose prediction is kept (agreement, green) or changed (flip rate, "
-            "red), in %, for that layer (row) and head (column), over the "
-            f"{head_examples} examples measured at this scope (one example is {100 / max(head_examples, 1):.1f} %); "
-            "grey cells were not measured. Each metric has one colour scale for all its panels. For classification "
-            "agreement + flip rate = 100 %.")))
+        sections.append(
+            "<h2>One head at a time</h2>"
+            + _figure_html(
+                "head-scope.png",
+                (
+                    "Each intervention replaced the attention of a single head (all other heads untouched), one head "
+                    "at a "
+                    "time. Cells: the share of examples whose prediction is kept (agreement, green) or changed (flip "
+                    "rate, "
+                    "red), in %, for that layer (row) and head (column), over the "
+                    f"{head_examples} examples measured at this scope (one example is "
+                    f"{100 / max(head_examples, 1):.1f} %); "
+                    "grey cells were not measured. Each metric has one colour scale for all its panels. For "
+                    "classification "
+                    "agreement + flip rate = 100 %."
+                ),
+            )
+        )
     else:
-        sections.append('<h2>One head at a time</h2><p class="note">These results have no head-scope targets '
-                        "(run <code>effattn causal</code> with the scope <code>head</code>).</p>")
+        sections.append(
+            '<h2>One head at a time</h2><p class="note">These results have no head-scope targets '
+            "(run <code>effattn causal</code> with the scope <code>head</code>).</p>"
+        )
     layer_figure = figures.layer_scope_figure(inputs.aggregates, inputs.layers)
     if layer_figure is not None:
         figures.save_figure(layer_figure, out / "layer-scope.png")
-        sections.append("<h2>One layer at a time</h2>" + _figure_html("layer-scope.png", (
-            "Each row is an intervention that replaced every head of one layer (column) at once; cells give the flip "
-            f"rate in %: the share of the {scope_examples(inputs.aggregates, 'layer')} examples measured at this "
-            "scope whose prediction changed. Grey: not measured.")))
+        sections.append(
+            "<h2>One layer at a time</h2>"
+            + _figure_html(
+                "layer-scope.png",
+                (
+                    "Each row is an intervention that replaced every head of one layer (column) at once; cells give "
+                    "the flip "
+                    f"rate in %: the share of the {scope_examples(inputs.aggregates, 'layer')} examples measured at "
+                    "this "
+                    "scope whose prediction changed. Grey: not measured."
+                ),
+            )
+        )
     minimality = figures.minimality_figure(inputs.aggregates, inputs.head_dim)
     if minimality is not None:
         figures.save_figure(minimality, out / "minimality.png")
-        sections.append("<h2>Minimality</h2>" + _figure_html("minimality.png", (
-            "Every head of every layer receives A projected on col(T) with its k weakest directions (smallest "
-            "singular values) removed; k = 0 is the effective attention itself. If efficient attention is minimal, "
-            "removing even one direction should lose predictions: agreement should drop below the dashed "
-            "sufficiency bar at k = 1.")))
+        sections.append(
+            "<h2>Minimality</h2>"
+            + _figure_html(
+                "minimality.png",
+                (
+                    "Every head of every layer receives A projected on col(T) with its k weakest directions (smallest "
+                    "singular values) removed; k = 0 is the effective attention itself. If efficient attention is "
+                    "minimal, "
+                    "removing even one direction should lose predictions: agreement should drop below the dashed "
+                    "sufficiency bar at k = 1."
+                ),
+            )
+        )
 
     claims = attributes.get("claims") or []
     if inputs.explanations is not None:  # the explanation stage's section and claims rows
@@ -369,14 +480,18 @@ def write_report(inputs: ReportInputs, out: str | Path) -> Path:
 
         sections.append(explanation_section_html(inputs.explanations, out))
         claims = [*claims, *inputs.explanations.attrs.get("claims", [])]
-    claims_section = (claims_html(claims) if claims else
-                      '<p class="note">The results hold no claims table yet: the causal run did not finish.</p>')
+    claims_section = (
+        claims_html(claims)
+        if claims
+        else '<p class="note">The results hold no claims table yet: the causal run did not finish.</p>'
+    )
     model = attributes.get("model", {})
     model_name = (model.get("head") or {}).get("base_model") or model.get("name", "?")
     title = f"effattn report: {corpus.get('name', '?')} × {model_name}"
     has_all = "all" in [str(target) for target in inputs.aggregates["target"].values]
-    all_section = (aggregates_html(inputs.aggregates) if has_all
-                   else '<p class="note">No target "all" in these results.</p>')
+    all_section = (
+        aggregates_html(inputs.aggregates) if has_all else '<p class="note">No target "all" in these results.</p>'
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
@@ -392,7 +507,7 @@ their last column. Click a figure to open it at full size.</p>
 {claims_section}
 <h2>Every head of every layer replaced (target “all”)</h2>
 {all_section}
-{''.join(sections)}
+{"".join(sections)}
 </main></body></html>
 """
     index = out / "index.html"
@@ -420,19 +535,32 @@ def comparisons_html(studies: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
             cells = [_escape(study), _escape(variant), _escape(aggregation)]
             for baseline in ("raw attention", "norm-based attention"):
                 item = found.get(baseline)
-                cells.append("not measured" if item is None else
-                             f"<b>{_escape(item['answer'])}</b><br>{_escape(_difference(item))}, n = {item['n']}")
+                cells.append(
+                    "not measured"
+                    if item is None
+                    else f"<b>{_escape(item['answer'])}</b><br>{_escape(_difference(item))}, n = {item['n']}"
+                )
             rows.append(cells)
             answer = (found.get("raw attention") or {}).get("answer", "")
             classes.append({"more faithful": "holds", "less faithful": "fails"}.get(answer, verdict_class(answer)))
     if not rows:
         return '<p class="note">No study explained its predictions (explain_examples 0).</p>'
-    return _table(["study", "variant", "aggregation", "than raw attention (Δ AOPC [95 % CI])",
-                   "than norm-based attention (Δ AOPC [95 % CI])"], rows, classes)
+    return _table(
+        [
+            "study",
+            "variant",
+            "aggregation",
+            "than raw attention (Δ AOPC [95 % CI])",
+            "than norm-based attention (Δ AOPC [95 % CI])",
+        ],
+        rows,
+        classes,
+    )
 
 
-def write_studies_page(out: str | Path, rows: Sequence[Mapping[str, Any]], studies: Mapping[str, Mapping[str, Any]]
-                       ) -> Path:
+def write_studies_page(
+    out: str | Path, rows: Sequence[Mapping[str, Any]], studies: Mapping[str, Mapping[str, Any]]
+) -> Path:
     """`out/index.html`: the explanation question answered per study (`comparisons_html`, from each study's
     explanation results), then the claims of SEED.md (rows, from analysis.claims.claims_by_study) against every
     study (columns: verdict and the numbers behind it), with a link to each study's own report.
@@ -453,14 +581,16 @@ def write_studies_page(out: str | Path, rows: Sequence[Mapping[str, Any]], studi
                 cells.append('<td class="unknown">not measured</td>')
                 continue
             css = verdict_class(entry["verdict"])
-            cells.append(f'<td class="{css}"><b>{_escape(entry["verdict"])}</b><br>'
-                         f'<span class="note">{_escape(entry["measured"])}</span></td>')
+            cells.append(
+                f'<td class="{css}"><b>{_escape(entry["verdict"])}</b><br>'
+                f'<span class="note">{_escape(entry["measured"])}</span></td>'
+            )
         body.append(f"<tr>{''.join(cells)}</tr>")
     head = "".join(f"<th>{cell}</th>" for cell in headers)
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     links = "".join(
         f'<li><a href="{_escape(os.path.relpath(info["report"], out))}">{_escape(name)}</a>: '
-        f'{_escape(info["description"])}, {_escape(info["examples"])} examples</li>'
+        f"{_escape(info['description'])}, {_escape(info['examples'])} examples</li>"
         for name, info in studies.items()
     )
     page = f"""<!DOCTYPE html>

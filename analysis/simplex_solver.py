@@ -145,7 +145,7 @@ class RowLayout:
             rows = torch.nonzero(group_of_row == group).flatten()
             packed_matrix = torch.zeros(matrices, dtype=torch.int64)
             packed_matrix[chosen] = torch.arange(len(chosen))
-            self.groups.append((rows, chosen, packed_matrix[which[rows]], slot[rows], 2 ** group))
+            self.groups.append((rows, chosen, packed_matrix[which[rows]], slot[rows], 2**group))
 
     def rows_times(self, values: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """values[r] @ right[which[r]] for each selected row r: values (R, x), right (matrices, x, y) -> (R, y)."""
@@ -159,8 +159,14 @@ class RowLayout:
 
 
 def _jacobian_solve(
-    basis: torch.Tensor, outer: torch.Tensor | None, which: torch.Tensor, layout: RowLayout,
-    support: torch.Tensor, gram_diagonal: torch.Tensor, right: torch.Tensor, ridge: torch.Tensor,
+    basis: torch.Tensor,
+    outer: torch.Tensor | None,
+    which: torch.Tensor,
+    layout: RowLayout,
+    support: torch.Tensor,
+    gram_diagonal: torch.Tensor,
+    right: torch.Tensor,
+    ridge: torch.Tensor,
 ) -> torch.Tensor:
     """Solve (Uᵀ diag(support) U + ridge I) x = right for each row.
 
@@ -223,7 +229,8 @@ def _exact_line_search(combination: torch.Tensor, step: torch.Tensor, step_targe
     piece_end = torch.cat([sorted_breakpoint, torch.full((rows, 1), torch.inf, dtype=w.dtype)], dim=-1)
     finite_end = torch.isfinite(piece_end)
     derivative_at_end = torch.where(
-        finite_end, piece_alpha + piece_beta * torch.where(finite_end, piece_end, 0.0),
+        finite_end,
+        piece_alpha + piece_beta * torch.where(finite_end, piece_end, 0.0),
         torch.where(piece_beta > 0, torch.inf, piece_alpha),
     )
     reaches_zero = derivative_at_end >= 0
@@ -303,8 +310,7 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
         slope = (combination_step * torch.clamp(combination, min=0)).sum(-1) - step_target  # φ'(0) < 0
         search = ~((slope < 0) & (change - step_target <= ARMIJO * slope))
         if search.any():
-            step_size[search] = _exact_line_search(
-                combination[search], combination_step[search], step_target[search])
+            step_size[search] = _exact_line_search(combination[search], combination_step[search], step_target[search])
         accepted = step_size > 0
         lam[matrix_of_row, query] = row_lam + (step_size * accepted)[:, None] * direction
         iterations[matrix_of_row, query] += 1
@@ -340,8 +346,14 @@ def _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal):
         which, query = torch.nonzero(needs, as_tuple=True)
         correction = torch.zeros_like(lam)
         correction[which, query] = _jacobian_solve(
-            basis, outer, which, RowLayout(which, count), support[which, query], gram_diagonal[which],
-            missing[which, query], torch.full((len(which),), 1e-14, dtype=torch.float64),
+            basis,
+            outer,
+            which,
+            RowLayout(which, count),
+            support[which, query],
+            gram_diagonal[which],
+            missing[which, query],
+            torch.full((len(which),), 1e-14, dtype=torch.float64),
         )
         candidate = torch.where(needs[..., None], candidate + support * (correction @ basis.mT), candidate)
         support &= ~(needs[..., None] & (candidate < -NEGATIVE_ROUND_OFF))
@@ -425,8 +437,14 @@ def simplex_rows(
 
 
 def _simplex_block(
-    attention: torch.Tensor, with_ones: torch.Tensor, hidden_size: int, causal: bool,
-    max_iterations: int, tolerance: float, basis: torch.Tensor | None = None, rank: torch.Tensor | None = None,
+    attention: torch.Tensor,
+    with_ones: torch.Tensor,
+    hidden_size: int,
+    causal: bool,
+    max_iterations: int,
+    tolerance: float,
+    basis: torch.Tensor | None = None,
+    rank: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Simplex variant for a chunk of matrices.
 
@@ -462,19 +480,33 @@ def _simplex_block(
             prefixes = with_ones[chosen][:, None] * keep_rows[None, :, :, None]  # (n', L-c, L, c)
             bases = torch.linalg.qr(prefixes).Q * keep_rows[None, :, :, None]
             found = simplex_rows(attention[chosen, columns:, None, :], bases, max_iterations, tolerance)
-            found = SimplexRowsResult(*(field[..., 0, :] if field.ndim == 4 else field[..., 0]
-                                        for field in (found.solution, found.iterations, found.converged,
-                                                      found.optimality_residual, found.support_size)))
+            found = SimplexRowsResult(
+                *(
+                    field[..., 0, :] if field.ndim == 4 else field[..., 0]
+                    for field in (
+                        found.solution,
+                        found.iterations,
+                        found.converged,
+                        found.optimality_residual,
+                        found.support_size,
+                    )
+                )
+            )
             store(chosen[:, None], torch.arange(columns, length)[None, :], found)
         for matrix_index in torch.nonzero(~certified).flatten().tolist():  # the exact per-prefix path (rare)
-            bases, ranks = prefix_column_space_bases(with_ones[matrix_index:matrix_index + 1], hidden_size)
+            bases, ranks = prefix_column_space_bases(with_ones[matrix_index : matrix_index + 1], hidden_size)
             solve = torch.nonzero(ranks[0] < torch.arange(1, length + 1)).flatten()
             if len(solve):
                 found = simplex_rows(
                     attention[matrix_index, solve, None, :], bases[0, solve], max_iterations, tolerance
                 )
-                found = SimplexRowsResult(found.solution[:, 0], found.iterations[:, 0], found.converged[:, 0],
-                                          found.optimality_residual[:, 0], found.support_size[:, 0])
+                found = SimplexRowsResult(
+                    found.solution[:, 0],
+                    found.iterations[:, 0],
+                    found.converged[:, 0],
+                    found.optimality_residual[:, 0],
+                    found.support_size[:, 0],
+                )
                 store(matrix_index, solve, found)
         result = torch.tril(result)
     statistics = {
@@ -487,8 +519,12 @@ def _simplex_block(
 
 
 def _simplex_band(
-    attention: torch.Tensor, with_ones: torch.Tensor, hidden_size: int, band: KeyBand,
-    max_iterations: int, tolerance: float,
+    attention: torch.Tensor,
+    with_ones: torch.Tensor,
+    hidden_size: int,
+    band: KeyBand,
+    max_iterations: int,
+    tolerance: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Simplex variant restricted to a band: row i solved on the keys S_i it sees, against col([X|s·1][S_i]).
 
@@ -535,10 +571,22 @@ def _simplex_band(
 def simplex_projection(inputs: VariantInputs, with_ones: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The simplex variant (`_simplex_block`, banded: `_simplex_band`): (n, L, L) and the solver's statistics (n,)."""
     if inputs.banded:
-        return _simplex_band(inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones),
-                             inputs.band, inputs.simplex_max_iterations, inputs.simplex_tolerance)
+        return _simplex_band(
+            inputs.attention,
+            inputs.space(with_ones),
+            inputs.space_hidden_size(with_ones),
+            inputs.band,
+            inputs.simplex_max_iterations,
+            inputs.simplex_tolerance,
+        )
     basis, rank = inputs.basis(with_ones)
     return _simplex_block(
-        inputs.attention, inputs.space(with_ones), inputs.space_hidden_size(with_ones), inputs.causal,
-        inputs.simplex_max_iterations, inputs.simplex_tolerance, basis, rank,
+        inputs.attention,
+        inputs.space(with_ones),
+        inputs.space_hidden_size(with_ones),
+        inputs.causal,
+        inputs.simplex_max_iterations,
+        inputs.simplex_tolerance,
+        basis,
+        rank,
     )

@@ -90,8 +90,12 @@ def output_factors(w_out: np.ndarray) -> np.ndarray:
 
 
 def output_residual(
-    efficient: np.ndarray, attention: np.ndarray, value: np.ndarray, w_out: np.ndarray,
-    factors: np.ndarray | None = None, length: np.ndarray | None = None,
+    efficient: np.ndarray,
+    attention: np.ndarray,
+    value: np.ndarray,
+    w_out: np.ndarray,
+    factors: np.ndarray | None = None,
+    length: np.ndarray | None = None,
 ) -> np.ndarray:
     """[example, layer, head] ‖(A_eff - A)·T‖_F / ‖A·T‖_F with T = V_kv(h)·W_O^h (0 where both are 0, inf where
     only A·T is, NaN where an input is). Padding is included as stored (it is zero in a sound store and checked
@@ -105,8 +109,9 @@ def output_residual(
     residual = np.zeros((examples, layers, heads))
     for example in range(examples):  # one example at a time bounds memory: [layer, head, L, m] float64
         block = slice(None)
-        if length is not None and _padding_is_zero(efficient[example], attention[example], value[example],
-                                                    int(length[example])):
+        if length is not None and _padding_is_zero(
+            efficient[example], attention[example], value[example], int(length[example])
+        ):
             block = slice(0, int(length[example]))
         values = np.repeat(value[example, :, :, block].astype(np.float64), group, axis=1)  # [layer, head, L, d]
         projected = values @ factors  # [layer, head, L, m]
@@ -124,9 +129,12 @@ def _padding_is_zero(efficient: np.ndarray, attention: np.ndarray, value: np.nda
     """Whether one example's A and A_eff [layer, head, L, L] are exactly zero outside the real length x length
     block and its values [layer, kv_head, L, d] finite beyond the length: the padding then adds nothing to
     output_residual's products (a non-finite value would: 0 x inf is NaN)."""
-    return not (efficient[..., length:, :].any() or efficient[..., :length, length:].any()
-                or attention[..., length:, :].any() or attention[..., :length, length:].any()) \
-        and bool(np.isfinite(value[:, :, length:]).all())
+    return not (
+        efficient[..., length:, :].any()
+        or efficient[..., :length, length:].any()
+        or attention[..., length:, :].any()
+        or attention[..., :length, length:].any()
+    ) and bool(np.isfinite(value[:, :, length:]).all())
 
 
 def worst(values: np.ndarray) -> tuple[float, tuple[int, ...]]:

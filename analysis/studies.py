@@ -24,7 +24,10 @@ class Study:
     target: str  # what the model must reach for the study to be meaningful, and why
 
     def description(self) -> str:
-        return f"{self.name}: {self.task} of {self.corpus} with {self.model}, {self.split} split, max {self.max_length} tokens"
+        return (
+            f"{self.name}: {self.task} of {self.corpus} with {self.model}, {self.split} split, "
+            f"max {self.max_length} tokens"
+        )
 
 
 STUDIES: dict[str, Study] = {

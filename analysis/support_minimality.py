@@ -39,8 +39,9 @@ def drop_residuals(support_rows: np.ndarray, target: np.ndarray) -> tuple[float,
     support_rows = np.asarray(support_rows, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     whole = _relative_residual(support_rows, target)
-    dropped = np.array([_relative_residual(np.delete(support_rows, j, axis=0), target)
-                        for j in range(support_rows.shape[0])])
+    dropped = np.array(
+        [_relative_residual(np.delete(support_rows, j, axis=0), target) for j in range(support_rows.shape[0])]
+    )
     return whole, dropped
 
 
@@ -56,8 +57,9 @@ class RowMinimality:
     smallest_drop_residual: float
 
 
-def row_minimality(attention_row: np.ndarray, simplex_row: np.ndarray, output_rows: np.ndarray,
-                   tolerance: float) -> RowMinimality:
+def row_minimality(
+    attention_row: np.ndarray, simplex_row: np.ndarray, output_rows: np.ndarray, tolerance: float
+) -> RowMinimality:
     """attention_row, simplex_row: [L]; output_rows: [L, c] = M = [X | s·1]."""
     support = np.flatnonzero(np.asarray(simplex_row) > 0)
     target = np.asarray(attention_row, dtype=np.float64) @ np.asarray(output_rows, dtype=np.float64)
@@ -75,8 +77,13 @@ def output_rows(value: np.ndarray, w_out: np.ndarray) -> np.ndarray:
 
 
 def layer_minimality(
-    attention: np.ndarray, simplex: np.ndarray, value: np.ndarray, w_out: np.ndarray, rows: int,
-    rng: np.random.Generator, tolerance: float,
+    attention: np.ndarray,
+    simplex: np.ndarray,
+    value: np.ndarray,
+    w_out: np.ndarray,
+    rows: int,
+    rng: np.random.Generator,
+    tolerance: float,
 ) -> dict[str, np.ndarray]:
     """Sampled rows of one example, layer by layer.
 
@@ -110,7 +117,7 @@ def layer_minimality(
 def minimal_share_by_layer(minimal: np.ndarray, tested: np.ndarray) -> np.ndarray:
     """minimal, tested: [example, layer] counts (negative: not measured). Returns [layer] the share of the judged
     rows that are minimal (NaN where none was judged)."""
-    measured = (np.asarray(tested) >= 0)
+    measured = np.asarray(tested) >= 0
     minimal_sum = np.where(measured, minimal, 0).sum(0).astype(np.float64)
     tested_sum = np.where(measured, tested, 0).sum(0).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +278,7 @@ def _train(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     class_names = tuple(corpus.class_names)
     labels = np.asarray(corpus.labels, dtype=np.int64)
 

@@ -57,7 +57,7 @@ class TrainingSettings:
             )
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainingSettings":
+    def from_dict(cls, values: dict[str, Any]) -> TrainingSettings:
         """Settings from a dict (e.g. a model card's "settings"); unknown keys are an error that names them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)

@@ -79,17 +79,23 @@ class Variant:
 
     def __post_init__(self) -> None:
         if not self.name or any(character in self.name for character in ":/,= "):
-            raise ValueError(f"variant name {self.name!r} must be non-empty without ':', '/', ',', '=' or spaces "
-                             "(it names arrays, interventions and command-line lists)")
+            raise ValueError(
+                f"variant name {self.name!r} must be non-empty without ':', '/', ',', '=' or spaces "
+                "(it names arrays, interventions and command-line lists)"
+            )
         if self.cost not in COST_CLASSES:
             raise ValueError(f"variant {self.name!r}: cost {self.cost!r} must be one of {COST_CLASSES}")
         if self.default_max_length is not None and (
-                not isinstance(self.default_max_length, int) or self.default_max_length < 1):
-            raise ValueError(f"variant {self.name!r}: default_max_length must be a positive number of positions or "
-                             f"None, got {self.default_max_length!r}")
+            not isinstance(self.default_max_length, int) or self.default_max_length < 1
+        ):
+            raise ValueError(
+                f"variant {self.name!r}: default_max_length must be a positive number of positions or "
+                f"None, got {self.default_max_length!r}"
+            )
         if not callable(self.compute):
-            raise ValueError(f"variant {self.name!r}: compute must be a function (inputs, with_ones) -> "
-                             "(efficient, statistics)")
+            raise ValueError(
+                f"variant {self.name!r}: compute must be a function (inputs, with_ones) -> (efficient, statistics)"
+            )
 
     @property
     def guarantees(self) -> str:
@@ -121,8 +127,10 @@ class VariantRegistry:
         try:
             return self._records[name]
         except KeyError:
-            raise KeyError(f"unknown efficient-attention variant {name!r}: choose from {list(self._records)}, "
-                           "or register it with analysis.variants.register_variant(Variant(...))") from None
+            raise KeyError(
+                f"unknown efficient-attention variant {name!r}: choose from {list(self._records)}, "
+                "or register it with analysis.variants.register_variant(Variant(...))"
+            ) from None
 
     def records(self) -> tuple[Variant, ...]:
         return tuple(self._records.values())
@@ -178,43 +186,53 @@ def _simplex_projection(inputs: VariantInputs, with_ones: bool) -> tuple[Any, di
     return simplex_projection(inputs, with_ones)
 
 
-REGISTRY = VariantRegistry((
-    Variant(
-        name="effective",
-        compute=_orthogonal_projection,
-        projects_with_ones=False,
-        keeps_output=True, keeps_row_sums=False, non_negative=False,
-        cost=CLOSED_FORM,
-        description="A P_T: projection of each attention row on col(T), T = V W_O^h (Brunner's effective "
-                    "attention); keeps A T, rows need not sum to 1 and entries can be negative",
-        colour="#1f77b4",
-    ),
-    Variant(
-        name="stochastic",
-        compute=_orthogonal_projection,
-        projects_with_ones=True,
-        keeps_output=True, keeps_row_sums=True, non_negative=False,
-        cost=CLOSED_FORM,
-        description="A P_[T|1]: projection on col([T|1]); keeps A T and every row sums to 1; entries can be negative",
-        colour="#ff7f0e",
-    ),
-    Variant(
-        name="simplex",
-        compute=_simplex_projection,
-        projects_with_ones=True,
-        keeps_output=True, keeps_row_sums=True, non_negative=True,
-        cost=ITERATIVE,
-        description="per row the minimum-norm b with b T = a T, sum(b) = 1, b >= 0: a probability distribution that "
-                    "keeps the output (dual semismooth Newton; rows are feasible even where the solver did not "
-                    "converge)",
-        colour="#2ca02c",
-        # causal: the prefix bases of every row, (L - c) x L x c per matrix, and their QR
-        extra_temporaries=lambda columns, causal: columns + 2 if causal else 0,
-        # its solver costs 15-50x the closed forms per example, 30 CPU s per example of 512 tokens: hours for a
-        # corpus of long texts (benchmarks/simplex_cost.py; README, "Efficient attention at length")
-        default_max_length=256,
-    ),
-))
+REGISTRY = VariantRegistry(
+    (
+        Variant(
+            name="effective",
+            compute=_orthogonal_projection,
+            projects_with_ones=False,
+            keeps_output=True,
+            keeps_row_sums=False,
+            non_negative=False,
+            cost=CLOSED_FORM,
+            description="A P_T: projection of each attention row on col(T), T = V W_O^h (Brunner's effective "
+            "attention); keeps A T, rows need not sum to 1 and entries can be negative",
+            colour="#1f77b4",
+        ),
+        Variant(
+            name="stochastic",
+            compute=_orthogonal_projection,
+            projects_with_ones=True,
+            keeps_output=True,
+            keeps_row_sums=True,
+            non_negative=False,
+            cost=CLOSED_FORM,
+            description="A P_[T|1]: projection on col([T|1]); keeps A T and every row sums to 1; entries can be "
+            "negative",
+            colour="#ff7f0e",
+        ),
+        Variant(
+            name="simplex",
+            compute=_simplex_projection,
+            projects_with_ones=True,
+            keeps_output=True,
+            keeps_row_sums=True,
+            non_negative=True,
+            cost=ITERATIVE,
+            description="per row the minimum-norm b with b T = a T, sum(b) = 1, b >= 0: a probability distribution "
+            "that "
+            "keeps the output (dual semismooth Newton; rows are feasible even where the solver did not "
+            "converge)",
+            colour="#2ca02c",
+            # causal: the prefix bases of every row, (L - c) x L x c per matrix, and their QR
+            extra_temporaries=lambda columns, causal: columns + 2 if causal else 0,
+            # its solver costs 15-50x the closed forms per example, 30 CPU s per example of 512 tokens: hours for a
+            # corpus of long texts (benchmarks/simplex_cost.py; README, "Efficient attention at length")
+            default_max_length=256,
+        ),
+    )
+)
 
 # The names of the registered variants (a live sequence, see VariantRegistry).
 VARIANTS: Sequence[str] = REGISTRY.names
@@ -243,8 +261,10 @@ def left_out_by_default(positions: int) -> str | None:
     if not left_out:
         return None
     names = ", ".join(f"{record.name} (up to {record.default_max_length})" for record in left_out)
-    return (f"the store holds {positions} positions, more than the default lengths of {names}: not computed by "
-            f"default, because their cost grows steeply with the length; name them in --variants to compute them")
+    return (
+        f"the store holds {positions} positions, more than the default lengths of {names}: not computed by "
+        f"default, because their cost grows steeply with the length; name them in --variants to compute them"
+    )
 
 
 def variant_records() -> tuple[Variant, ...]:
@@ -261,8 +281,10 @@ def require_known_variants(names, flag: str = "--variants") -> None:
     """Refuse (ValueError naming `flag`) a list of variant names with an unknown or no name in it."""
     unknown = unknown_variants(names)
     if unknown or not names:
-        raise ValueError(f"{flag} {','.join(names)}: unknown efficient-attention variants {unknown or list(names)}: "
-                         f"choose from {','.join(VARIANTS)} (comma-separated)")
+        raise ValueError(
+            f"{flag} {','.join(names)}: unknown efficient-attention variants {unknown or list(names)}: "
+            f"choose from {','.join(VARIANTS)} (comma-separated)"
+        )
 
 
 def register_variant(record: Variant) -> Variant:

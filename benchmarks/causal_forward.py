@@ -33,12 +33,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis.causal import Target, forward_groups, intervened_logits, plain_logits, rows_per_pass  # noqa: E402
-from analysis.corpora import load_corpus  # noqa: E402
-from analysis.efficient_attention import efficient_attention  # noqa: E402
-from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
-from analysis.interventions import Intervention, intervention_matrices  # noqa: E402
-from analysis.models import load_model, output_projection_slices  # noqa: E402
+from analysis.causal import Target, forward_groups, intervened_logits, plain_logits, rows_per_pass
+from analysis.corpora import load_corpus
+from analysis.efficient_attention import efficient_attention
+from analysis.extraction import capture_examples, plan_extraction
+from analysis.interventions import Intervention, intervention_matrices
+from analysis.models import load_model, output_projection_slices
 
 
 def batches(plan, batch_size):
@@ -66,12 +66,16 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
     if not arguments.rows_only:
         compare_backends(arguments)
-    print(f"rows of a pass: {arguments.targets} targets, forward_rows {arguments.forward_rows}, "
-          f"{arguments.threads} torch threads, best of {arguments.rounds} rounds")
+    print(
+        f"rows of a pass: {arguments.targets} targets, forward_rows {arguments.forward_rows}, "
+        f"{arguments.threads} torch threads, best of {arguments.rounds} rounds"
+    )
     rt = load_corpus("rt-sentiment")
     bbc = load_corpus("bbc-topic")
     for corpus, labels, max_length, examples in (
-            (bbc, 5, 512, arguments.long_examples), (rt, 2, 128, arguments.examples)):
+        (bbc, 5, 512, arguments.long_examples),
+        (rt, 2, 128, arguments.examples),
+    ):
         compare_rows(arguments, corpus, labels, max_length, examples)
 
 
@@ -85,7 +89,7 @@ def compare_rows(arguments, corpus, labels: int, max_length: int, examples: int)
     tokens, length = plan.tokens[chosen], plan.length[chosen]
     layers, heads = loaded.shape.layers, loaded.shape.heads
     targets = [Target("all")] + [Target("layer", layer) for layer in range(layers)]
-    masks = np.stack([target.mask(layers, heads) for target in targets[:arguments.targets]])
+    masks = np.stack([target.mask(layers, heads) for target in targets[: arguments.targets]])
     batches = []
     for start in range(0, len(length), arguments.batch_size):
         batch = slice(start, start + arguments.batch_size)
@@ -101,15 +105,20 @@ def compare_rows(arguments, corpus, labels: int, max_length: int, examples: int)
         passes = 0
         for batch_tokens, batch_length, attention in batches:
             everything = np.arange(len(batch_length))
-            for examples, group in forward_groups(everything, list(range(len(masks))), arguments.forward_rows,
-                                                  batch_length if budget else None):
-                intervened_logits(loaded, batch_tokens[examples], batch_length[examples], attention[examples],
-                                  masks[group])
+            for examples, group in forward_groups(
+                everything, list(range(len(masks))), arguments.forward_rows, batch_length if budget else None
+            ):
+                intervened_logits(
+                    loaded, batch_tokens[examples], batch_length[examples], attention[examples], masks[group]
+                )
                 passes += 1
         return passes
 
-    runs = {"plain": plain, "fixed rows (before)": lambda: intervened(False),
-            "budget (after)": lambda: intervened(True)}
+    runs = {
+        "plain": plain,
+        "fixed rows (before)": lambda: intervened(False),
+        "budget (after)": lambda: intervened(True),
+    }
     best = {name: float("inf") for name in runs}
     for _ in range(arguments.rounds):
         for name, run in runs.items():
@@ -118,17 +127,30 @@ def compare_rows(arguments, corpus, labels: int, max_length: int, examples: int)
     longest = int(length.max())
     print(f"  {corpus.name}: {len(length)} examples, lengths {int(length.min())}..{longest}, {rows} rows")
     for name, budget in (("plain", None), ("fixed rows (before)", False), ("budget (after)", True)):
-        detail = "" if budget is None else (
-            f"  {intervened_passes(batches, len(masks), arguments.forward_rows, budget)} passes of at most "
-            f"{rows_per_pass(arguments.forward_rows, longest) if budget else arguments.forward_rows} rows")
-        print(f"    {name:<22} {best[name]:8.2f} s   ratio to plain {best[name] / best['plain']:5.2f}{detail}",
-              flush=True)
+        detail = (
+            ""
+            if budget is None
+            else (
+                f"  {intervened_passes(batches, len(masks), arguments.forward_rows, budget)} passes of at most "
+                f"{rows_per_pass(arguments.forward_rows, longest) if budget else arguments.forward_rows} rows"
+            )
+        )
+        print(
+            f"    {name:<22} {best[name]:8.2f} s   ratio to plain {best[name] / best['plain']:5.2f}{detail}", flush=True
+        )
 
 
 def intervened_passes(batches, targets: int, forward_rows: int, budget: bool) -> int:
-    return sum(len(list(forward_groups(np.arange(len(batch_length)), list(range(targets)), forward_rows,
-                                       batch_length if budget else None)))
-               for _, batch_length, _ in batches)
+    return sum(
+        len(
+            list(
+                forward_groups(
+                    np.arange(len(batch_length)), list(range(targets)), forward_rows, batch_length if budget else None
+                )
+            )
+        )
+        for _, batch_length, _ in batches
+    )
 
 
 def compare_backends(arguments) -> None:
@@ -148,28 +170,45 @@ def compare_backends(arguments) -> None:
     build_seconds = 0.0
     for tokens, length in batches(plan, arguments.batch_size):
         shard = capture_examples(loaded, tokens, length, arguments.batch_size)
-        efficient = efficient_attention(shard.attention, shard.value, w_out, length, causal=False,
-                                        variants=["effective"])["effective"].efficient
+        efficient = efficient_attention(
+            shard.attention, shard.value, w_out, length, causal=False, variants=["effective"]
+        )["effective"].efficient
         began = time.perf_counter()
-        matrices = intervention_matrices(Intervention("efficient", "effective"), shard.attention, shard.value,
-                                         w_out, length, False, efficient=efficient)
+        matrices = intervention_matrices(
+            Intervention("efficient", "effective"),
+            shard.attention,
+            shard.value,
+            w_out,
+            length,
+            False,
+            efficient=efficient,
+        )
         build_seconds += time.perf_counter() - began
         prepared.append((tokens, length, matrices))
     began = time.perf_counter()
-    for tokens, length, matrices in prepared[:2]:
+    for tokens, length, _matrices in prepared[:2]:
         shard = capture_examples(loaded, tokens, length, arguments.batch_size)
-        efficient = efficient_attention(shard.attention, shard.value, w_out, length, causal=False,
-                                        variants=["stochastic"])["stochastic"].efficient
-        intervention_matrices(Intervention("efficient+null-noise", "stochastic"), shard.attention, shard.value,
-                              w_out, length, False, efficient=efficient)
+        efficient = efficient_attention(
+            shard.attention, shard.value, w_out, length, causal=False, variants=["stochastic"]
+        )["stochastic"].efficient
+        intervention_matrices(
+            Intervention("efficient+null-noise", "stochastic"),
+            shard.attention,
+            shard.value,
+            w_out,
+            length,
+            False,
+            efficient=efficient,
+        )
     noise_seconds = (time.perf_counter() - began) / min(2, len(prepared))
 
     runs = {
         "eager": lambda: [plain_logits(eager, t, n) for t, n, _ in prepared],
         "backend": lambda: [plain_logits(loaded, t, n) for t, n, _ in prepared],
         "intervened (all)": lambda: [intervened_logits(loaded, t, n, m, everything) for t, n, m in prepared],
-        "intervened (4 heads, per copy)": lambda: [intervened_logits(loaded, t, n, m, single_heads)
-                                                   for t, n, m in prepared],
+        "intervened (4 heads, per copy)": lambda: [
+            intervened_logits(loaded, t, n, m, single_heads) for t, n, m in prepared
+        ],
     }
     best = {name: float("inf") for name in runs}
     for _ in range(arguments.rounds):
@@ -177,11 +216,15 @@ def compare_backends(arguments) -> None:
             best[name] = min(best[name], timed(run))
     best["intervened (4 heads, per copy)"] /= len(single_heads)
     mean_length = float(plan.length.mean())
-    print(f"MiniLM, {len(plan.length)} rt-sentiment examples (mean length {mean_length:.1f}), batch "
-          f"{arguments.batch_size}, {arguments.threads} torch threads, best of {arguments.rounds} rounds")
+    print(
+        f"MiniLM, {len(plan.length)} rt-sentiment examples (mean length {mean_length:.1f}), batch "
+        f"{arguments.batch_size}, {arguments.threads} torch threads, best of {arguments.rounds} rounds"
+    )
     for name, seconds in best.items():
-        print(f"  {name:<32} {seconds:7.3f} s   {len(plan.length) / seconds:7.1f} examples/s   "
-              f"ratio to eager {seconds / best['eager']:.2f}")
+        print(
+            f"  {name:<32} {seconds:7.3f} s   {len(plan.length) / seconds:7.1f} examples/s   "
+            f"ratio to eager {seconds / best['eager']:.2f}"
+        )
     print(f"  building efficient matrices      {build_seconds:7.3f} s (once per batch and intervention)")
     print(f"  building null-noise matrices     {noise_seconds:7.3f} s per batch of {arguments.batch_size}")
 

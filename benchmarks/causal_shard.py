@@ -25,8 +25,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--forward-rows", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="set glibc's thresholds as a stage's Dask task does (tasks.dask_cluster)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="set glibc's thresholds as a stage's Dask task does (tasks.dask_cluster)",
+    )
     arguments = parser.parse_args()
 
     import torch
@@ -45,12 +48,16 @@ def main() -> None:
     plan = causal_plan(CausalSettings(store=arguments.store, results=unused_results))
     for repeat in range(arguments.repeats):
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        compute_causal_shard(ShardJob(arguments.store, unused_results, arguments.shard, plan,
-                                      forward_rows=arguments.forward_rows))
+        compute_causal_shard(
+            ShardJob(arguments.store, unused_results, arguments.shard, plan, forward_rows=arguments.forward_rows)
+        )
         after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
-        print(f"shard {arguments.shard}, repeat {repeat + 1}: {seconds:.1f} s, user "
-              f"{after.ru_utime - before.ru_utime:.1f} s, sys {after.ru_stime - before.ru_stime:.1f} s, "
-              f"page faults {after.ru_minflt - before.ru_minflt:,}", flush=True)
+        print(
+            f"shard {arguments.shard}, repeat {repeat + 1}: {seconds:.1f} s, user "
+            f"{after.ru_utime - before.ru_utime:.1f} s, sys {after.ru_stime - before.ru_stime:.1f} s, "
+            f"page faults {after.ru_minflt - before.ru_minflt:,}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,14 @@ def main() -> None:
         import zarr
 
         examples = zarr.open_group(str(store), mode="r")["length"].shape[0]
-        output = subprocess.run([sys.executable, "-c", MEASURE, str(store), str(results)], capture_output=True,
-                                text=True, cwd=REPOSITORY, env={**os.environ, "PYTHONPATH": REPOSITORY}, check=True)
+        output = subprocess.run(
+            [sys.executable, "-c", MEASURE, str(store), str(results)],
+            capture_output=True,
+            text=True,
+            cwd=REPOSITORY,
+            env={**os.environ, "PYTHONPATH": REPOSITORY},
+            check=True,
+        )
         added, seconds = output.stdout.split()[-2:]
         print(f"| {run_dir} | {examples:,} | {float(added):,.0f} | {seconds} |")
 

@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis.corpora import load_corpus  # noqa: E402
-from analysis.splits import split_indices  # noqa: E402
-from analysis.studies import STUDIES, Study  # noqa: E402
+from analysis.corpora import load_corpus
+from analysis.splits import split_indices
+from analysis.studies import STUDIES, Study
 
 # Head dimension of each bundled model (see analysis.models.BUNDLED_MODELS): L > d is needed for a non-trivial
 # null space, i.e. for efficient attention to differ from attention.
@@ -156,12 +156,16 @@ def _percent(share: float) -> str:
 
 
 def print_card(card: dict) -> None:
-    print(f"== {card['study']} ({card['task']}; corpus {card['corpus']}, model {card['model']}, "
-          f"head dim {card['head_dim']}, max_length {card['max_length']})")
+    print(
+        f"== {card['study']} ({card['task']}; corpus {card['corpus']}, model {card['model']}, "
+        f"head dim {card['head_dim']}, max_length {card['max_length']})"
+    )
     print(f"   source: {card['source']}")
     groups = f", {card['groups']} groups" if card["groups"] is not None else ""
-    print(f"   size {card['size']}{groups}, dropped empty {card['dropped_empty']}, "
-          f"classes {', '.join(card['class_names'])}")
+    print(
+        f"   size {card['size']}{groups}, dropped empty {card['dropped_empty']}, "
+        f"classes {', '.join(card['class_names'])}"
+    )
     split = card["split"]
     how = "whole groups, " if split["by_group"] else ""
     print(f"   split ({how}stratified, held_out_fraction {split['held_out_fraction']}, seed {split['seed']}):")
@@ -173,26 +177,38 @@ def print_card(card: dict) -> None:
         print(f"     {name:<8} {total:>6}{groups}: {dist}")
     base = card["majority_baseline"]
     if base is not None:
-        print(f"   majority baseline (train-majority class {base['class']!r}) on held_out: "
-              f"{base['held_out_accuracy']:.3f}")
-    header = (f"   {'tokens':<9}" + "".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
-              + f"{'max':>7}{'mean':>8}  {'L>d':>7}  {'trunc':>7}  {'stored>d':>8}")
+        print(
+            f"   majority baseline (train-majority class {base['class']!r}) on held_out: "
+            f"{base['held_out_accuracy']:.3f}"
+        )
+    header = (
+        f"   {'tokens':<9}"
+        + "".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
+        + f"{'max':>7}{'mean':>8}  {'L>d':>7}  {'trunc':>7}  {'stored>d':>8}"
+    )
     print(header)
     for name, fig in card["tokens"].items():
-        print(f"   {name:<9}" + "".join(f"{fig['p' + str(p)]:>7.0f}" for p in PERCENTILES)
-              + f"{fig['max']:>7}{fig['mean']:>8.1f}  {_percent(fig['share_untruncated_gt_head_dim'])}"
-              + f"  {_percent(fig['share_truncated'])}  {_percent(fig['share_stored_gt_head_dim']):>8}"
-              + f"   (counts {fig['n_untruncated_gt_head_dim']} / {fig['n_truncated']} / {fig['n_stored_gt_head_dim']}"
-              + f" of {fig['n']})")
+        print(
+            f"   {name:<9}"
+            + "".join(f"{fig['p' + str(p)]:>7.0f}" for p in PERCENTILES)
+            + f"{fig['max']:>7}{fig['mean']:>8.1f}  {_percent(fig['share_untruncated_gt_head_dim'])}"
+            + f"  {_percent(fig['share_truncated'])}  {_percent(fig['share_stored_gt_head_dim']):>8}"
+            + f"   (counts {fig['n_untruncated_gt_head_dim']} / {fig['n_truncated']} / {fig['n_stored_gt_head_dim']}"
+            + f" of {fig['n']})"
+        )
     if card["tokens"]["held_out"]["n_stored_gt_head_dim"] == 0:
         if card["max_length"] <= card["head_dim"]:
             why = f"max_length {card['max_length']} <= head dim {card['head_dim']}"
         else:
             why = "every held-out text is short"
-        print(f"   NOTE: no stored held-out example is longer than the head dim ({why}): the null space is trivial "
-              "and efficient attention equals attention on every example of this study")
-    print(f"   (L>d: untruncated length > head dim {card['head_dim']}; trunc: > max_length {card['max_length']}; "
-          f"stored>d: min(L, max_length) > head dim)  [{card['seconds']:.1f} s]")
+        print(
+            f"   NOTE: no stored held-out example is longer than the head dim ({why}): the null space is trivial "
+            "and efficient attention equals attention on every example of this study"
+        )
+    print(
+        f"   (L>d: untruncated length > head dim {card['head_dim']}; trunc: > max_length {card['max_length']}; "
+        f"stored>d: min(L, max_length) > head dim)  [{card['seconds']:.1f} s]"
+    )
     print()
 
 

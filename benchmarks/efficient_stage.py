@@ -1,16 +1,16 @@
 """Efficient-attention benchmark, in one run on the same stored data (real MiniLM over rt-sentiment):
 
-  1. the batched engine against a per-matrix loop written the way published implementations do it (full SVD of
-     each head's T, null basis N, A - A N N^T), `effective` variant, same matrices;   target >= 10x
-  2. the Dask stage with 1 vs 2 workers (effective + stochastic);                      target >= 1.6x
-  3. the stage's wall time (effective + stochastic) against its own necessary I/O through the same cluster, one
-     task per shard as the stage runs them: read `attention`, `value`, `w_out` and `length`, write both variants'
-     efficient arrays and diagnostics with the same codecs, computing nothing;           target <= 1.3x
-     (workers are warmed up first: imports are a one-off cost of a worker, not of the stage's work); for
-     reference, the same against a bare copy of `attention` (read it, write an array of the same size)
-  and the cost of `simplex` on its own.
+1. the batched engine against a per-matrix loop written the way published implementations do it (full SVD of
+   each head's T, null basis N, A - A N N^T), `effective` variant, same matrices;   target >= 10x
+2. the Dask stage with 1 vs 2 workers (effective + stochastic);                      target >= 1.6x
+3. the stage's wall time (effective + stochastic) against its own necessary I/O through the same cluster, one
+   task per shard as the stage runs them: read `attention`, `value`, `w_out` and `length`, write both variants'
+   efficient arrays and diagnostics with the same codecs, computing nothing;           target <= 1.3x
+   (workers are warmed up first: imports are a one-off cost of a worker, not of the stage's work); for
+   reference, the same against a bare copy of `attention` (read it, write an array of the same size)
+and the cost of `simplex` on its own.
 
-    .venv/bin/python benchmarks/efficient_stage.py [--examples 256] [--loop-examples 8]
+  .venv/bin/python benchmarks/efficient_stage.py [--examples 256] [--loop-examples 8]
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis.corpora import load_corpus  # noqa: E402
-from analysis.efficient_attention import effective_attention_reference_loop, efficient_attention  # noqa: E402
-from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
-from analysis.models import load_model  # noqa: E402
-from benchmarks.extraction_throughput import build_store  # noqa: E402
-from flows.settings import EfficientSettings  # noqa: E402
-from storage_schemas.attention_store import (  # noqa: E402
+from analysis.corpora import load_corpus
+from analysis.efficient_attention import effective_attention_reference_loop, efficient_attention
+from analysis.extraction import capture_examples, plan_extraction
+from analysis.models import load_model
+from benchmarks.extraction_throughput import build_store
+from flows.settings import EfficientSettings
+from storage_schemas.attention_store import (
     _compressors,
     mark_shard_completed,
     open_attention_store,
@@ -44,12 +44,12 @@ from storage_schemas.attention_store import (  # noqa: E402
     use_fast_codec_pipeline,
     write_shard,
 )
-from storage_schemas.efficient_store import (  # noqa: E402
+from storage_schemas.efficient_store import (
     DIAGNOSTIC_ARRAYS,
     prepare_efficient_arrays,
     write_efficient_shard,
 )
-from tasks.efficient import _read_piece_inputs, compute_shards, prepare_variants  # noqa: E402
+from tasks.efficient import _read_piece_inputs, compute_shards, prepare_variants
 
 SETTINGS = EfficientSettings(store="unused").recorded()  # the stage's defaults
 
@@ -97,8 +97,9 @@ def timed_stage_io(store: str, client, variants: list[str]) -> float:
         prepare_efficient_arrays(group, store, variant, SETTINGS)
     n_shards = store_layout(group).n_shards
     start = time.perf_counter()
-    client.gather(client.map(copy_stage_io_shard, [store] * n_shards, range(n_shards), [variants] * n_shards,
-                             pure=False))
+    client.gather(
+        client.map(copy_stage_io_shard, [store] * n_shards, range(n_shards), [variants] * n_shards, pure=False)
+    )
     return time.perf_counter() - start
 
 
@@ -127,12 +128,20 @@ def timed_io(store: str, client) -> float:
     attention = group["attention"]
     if "io_benchmark" in group:
         del group["io_benchmark"]
-    group.create_array("io_benchmark", shape=attention.shape, dtype=attention.dtype, chunks=attention.chunks,
-                       shards=attention.shards, compressors=_compressors(), fill_value=0,
-                       dimension_names=attention.metadata.dimension_names)
+    group.create_array(
+        "io_benchmark",
+        shape=attention.shape,
+        dtype=attention.dtype,
+        chunks=attention.chunks,
+        shards=attention.shards,
+        compressors=_compressors(),
+        fill_value=0,
+        dimension_names=attention.metadata.dimension_names,
+    )
     start = time.perf_counter()
-    futures = client.map(copy_io_shard, [store] * store_layout(group).n_shards,
-                         range(store_layout(group).n_shards), pure=False)
+    futures = client.map(
+        copy_io_shard, [store] * store_layout(group).n_shards, range(store_layout(group).n_shards), pure=False
+    )
     client.gather(futures)
     return time.perf_counter() - start
 
@@ -155,8 +164,10 @@ def main() -> None:
         make_store(base, arguments.examples, arguments.max_length)
         group = open_attention_store(base)
         layout = store_layout(group)
-        print(f"store: {layout.n_examples} examples, max length {layout.max_length}, mean length "
-              f"{group['length'][:].mean():.1f}, {layout.n_shards} shards of {layout.shard_size}")
+        print(
+            f"store: {layout.n_examples} examples, max length {layout.max_length}, mean length "
+            f"{group['length'][:].mean():.1f}, {layout.n_shards} shards of {layout.shard_size}"
+        )
 
         # 1. batched engine vs per-matrix loop, same matrices, one thread each
         torch.set_num_threads(1)
@@ -172,16 +183,25 @@ def main() -> None:
         loop_seconds = time.perf_counter() - start
         difference = float(np.abs(batched["effective"].efficient - looped).max())
         matrices = n * layout.layers * layout.heads
-        results.update(engine_seconds=engine_seconds, loop_seconds=loop_seconds, engine_speedup=loop_seconds / engine_seconds)
-        print(f"1. effective, {matrices} matrices (L {length.min()}..{length.max()}), one thread: batched engine "
-              f"{engine_seconds:.2f} s, per-matrix loop {loop_seconds:.2f} s, speed-up {loop_seconds / engine_seconds:.1f}x "
-              f"(target >= 10x; max |difference| {difference:.1e})")
+        results.update(
+            engine_seconds=engine_seconds, loop_seconds=loop_seconds, engine_speedup=loop_seconds / engine_seconds
+        )
+        print(
+            f"1. effective, {matrices} matrices (L {length.min()}..{length.max()}), one thread: batched engine "
+            f"{engine_seconds:.2f} s, per-matrix loop {loop_seconds:.2f} s, speed-up "
+            f"{loop_seconds / engine_seconds:.1f}x "
+            f"(target >= 10x; max |difference| {difference:.1e})"
+        )
 
         # 2 and 3. the stage on 1 and 2 workers, and pure I/O on 2 workers
         variants = ["effective", "stochastic"]
         for workers in (1, 2):
-            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                              silence_logs=40) as cluster, Client(cluster) as client:
+            with (
+                LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+                ) as cluster,
+                Client(cluster) as client,
+            ):
                 client.run(warm_up_worker)
                 url = os.path.join(folder, f"stage-{workers}.zarr")
                 shutil.copytree(base, url)
@@ -201,23 +221,31 @@ def main() -> None:
                     results["simplex_median_max_iterations"] = float(np.median(iterations))
         one, two = results["stage_seconds_1_workers"], results["stage_seconds_2_workers"]
         io = results["io_seconds_2_workers"]
-        print(f"2. stage (effective + stochastic): 1 worker {one:.2f} s, 2 workers {two:.2f} s, "
-              f"speed-up {one / two:.2f}x (target >= 1.6x)")
+        print(
+            f"2. stage (effective + stochastic): 1 worker {one:.2f} s, 2 workers {two:.2f} s, "
+            f"speed-up {one / two:.2f}x (target >= 1.6x)"
+        )
         results["worker_speedup"] = one / two
         stage_io = results["stage_io_seconds_2_workers"]
         results.update(stage_over_stage_io=two / stage_io, stage_io_over_io=stage_io / io)
-        print(f"3. stage (effective + stochastic) on 2 workers {two:.2f} s vs its own necessary I/O (read attention, "
-              f"value, w_out, length; write both efficient arrays and diagnostics; no computation) {stage_io:.2f} s: "
-              f"ratio {two / stage_io:.2f} (target <= 1.3)")
-        print(f"   for reference, a bare copy of `attention` on 2 workers: {io:.2f} s (the stage's I/O is "
-              f"{stage_io / io:.2f}x that, the stage {two / io:.2f}x)")
+        print(
+            f"3. stage (effective + stochastic) on 2 workers {two:.2f} s vs its own necessary I/O (read attention, "
+            f"value, w_out, length; write both efficient arrays and diagnostics; no computation) {stage_io:.2f} s: "
+            f"ratio {two / stage_io:.2f} (target <= 1.3)"
+        )
+        print(
+            f"   for reference, a bare copy of `attention` on 2 workers: {io:.2f} s (the stage's I/O is "
+            f"{stage_io / io:.2f}x that, the stage {two / io:.2f}x)"
+        )
         if arguments.no_simplex:
             print(json.dumps(results))
             return
-        print(f"   simplex alone on 2 workers: {results['simplex_seconds_2_workers']:.2f} s "
-              f"({results['simplex_seconds_2_workers'] / io:.1f}x pure I/O); heads with every row converged: "
-              f"{100 * results['simplex_converged_fraction']:.2f}%, median of per-head max iterations "
-              f"{results['simplex_median_max_iterations']:.0f}")
+        print(
+            f"   simplex alone on 2 workers: {results['simplex_seconds_2_workers']:.2f} s "
+            f"({results['simplex_seconds_2_workers'] / io:.1f}x pure I/O); heads with every row converged: "
+            f"{100 * results['simplex_converged_fraction']:.2f}%, median of per-head max iterations "
+            f"{results['simplex_median_max_iterations']:.0f}"
+        )
         print(json.dumps(results))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

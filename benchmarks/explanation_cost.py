@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis.corpora import load_corpus  # noqa: E402
-from analysis.efficient_attention import efficient_attention  # noqa: E402
-from analysis.aggregations import AGGREGATIONS, matrix_attributions  # noqa: E402
-from analysis.explainers import PERCENTS  # noqa: E402
-from analysis.explanations import (  # noqa: E402
+from analysis.aggregations import AGGREGATIONS, matrix_attributions
+from analysis.corpora import load_corpus
+from analysis.efficient_attention import efficient_attention
+from analysis.explainers import PERCENTS
+from analysis.explanations import (
     conservative_attributions,
     faithfulness,
     gradient_attributions,
@@ -46,9 +46,9 @@ from analysis.explanations import (  # noqa: E402
     removable_tokens,
     removal_token_id,
 )
-from analysis.extraction import forward_with_capture, plan_extraction  # noqa: E402
-from analysis.models import load_model, output_projection_slices  # noqa: E402
-from analysis.support_minimality import layer_minimality  # noqa: E402
+from analysis.extraction import forward_with_capture, plan_extraction
+from analysis.models import load_model, output_projection_slices
+from analysis.support_minimality import layer_minimality
 
 
 def best_of(rounds: int, function) -> float:
@@ -73,8 +73,9 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
 
     loaded = load_model(arguments.model, num_labels=2)
-    plan = plan_extraction(load_corpus("rt-sentiment").texts, loaded.tokenizer, arguments.max_length,
-                           limit=arguments.examples)
+    plan = plan_extraction(
+        load_corpus("rt-sentiment").texts, loaded.tokenizer, arguments.max_length, limit=arguments.examples
+    )
     w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
     special = loaded.tokenizer.all_special_ids
     replacement = removal_token_id(loaded.tokenizer)
@@ -100,36 +101,61 @@ def main() -> None:
 
         add("forward", best_of(arguments.rounds, lambda: score(np.ones((1, length), dtype=bool))))
         for aggregation in AGGREGATIONS:
-            add(f"attention:{aggregation}", best_of(arguments.rounds,
-                                                    lambda a=aggregation: matrix_attributions(attention, pooled, a)))
+            add(
+                f"attention:{aggregation}",
+                best_of(arguments.rounds, lambda a=aggregation: matrix_attributions(attention, pooled, a)),
+            )
         for aggregation in AGGREGATIONS:
-            add(f"attention-norm:{aggregation}", best_of(arguments.rounds, lambda a=aggregation: norm_attributions(
-                attention, value, w_out, pooled, a)))
+            add(
+                f"attention-norm:{aggregation}",
+                best_of(arguments.rounds, lambda a=aggregation: norm_attributions(attention, value, w_out, pooled, a)),
+            )
         scores = {"attention:rollout": matrix_attributions(attention, pooled, "rollout")}
         add("ERASER per method", best_of(arguments.rounds, lambda: faithfulness(score, scores, removable, PERCENTS)))
-        add("gradients (IxG + IG)", best_of(arguments.rounds, lambda: gradient_attributions(
-            loaded, tokens, removable, pooled, target, replacement, arguments.ig_steps)))
-        add("conservative-lrp", best_of(arguments.rounds, lambda: conservative_attributions(
-            loaded, tokens, pooled, target)))
+        add(
+            "gradients (IxG + IG)",
+            best_of(
+                arguments.rounds,
+                lambda: gradient_attributions(
+                    loaded, tokens, removable, pooled, target, replacement, arguments.ig_steps
+                ),
+            ),
+        )
+        add(
+            "conservative-lrp",
+            best_of(arguments.rounds, lambda: conservative_attributions(loaded, tokens, pooled, target)),
+        )
         full = float(score(np.ones((1, length), dtype=bool))[0])
         add("leave-one-out", best_of(arguments.rounds, lambda: leave_one_out(score, full, removable, 10**6)))
         began = time.perf_counter()
-        simplex = efficient_attention(attention[None], value[None], w_out, np.array([length]), loaded.causal,
-                                      variants=["simplex"])["simplex"].efficient[0]
+        simplex = efficient_attention(
+            attention[None], value[None], w_out, np.array([length]), loaded.causal, variants=["simplex"]
+        )["simplex"].efficient[0]
         simplex_seconds += time.perf_counter() - began
-        add("minimality", best_of(arguments.rounds, lambda: layer_minimality(
-            attention, simplex, value, w_out, arguments.minimality_rows, np.random.default_rng(0), 1e-8)))
+        add(
+            "minimality",
+            best_of(
+                arguments.rounds,
+                lambda: layer_minimality(
+                    attention, simplex, value, w_out, arguments.minimality_rows, np.random.default_rng(0), 1e-8
+                ),
+            ),
+        )
 
     forward = costs["forward"]
     count = len(plan.length)
-    print(f"{arguments.model}, {count} rt-sentiment examples (mean length {plan.length.mean():.1f}), "
-          f"{arguments.threads} torch threads, best of {arguments.rounds} rounds, IG {arguments.ig_steps} steps, "
-          f"{arguments.minimality_rows} minimality rows per layer")
+    print(
+        f"{arguments.model}, {count} rt-sentiment examples (mean length {plan.length.mean():.1f}), "
+        f"{arguments.threads} torch threads, best of {arguments.rounds} rounds, IG {arguments.ig_steps} steps, "
+        f"{arguments.minimality_rows} minimality rows per layer"
+    )
     print(f"  {'method':<26} {'ms / example':>13} {'ratio to forward':>17}")
     for name, seconds in costs.items():
         print(f"  {name:<26} {1000 * seconds / count:13.2f} {seconds / forward:17.1f}")
-    print(f"  (simplex rows for the minimality test: {1000 * simplex_seconds / count:.1f} ms / example, the efficient "
-          "stage's cost)")
+    print(
+        f"  (simplex rows for the minimality test: {1000 * simplex_seconds / count:.1f} ms / example, the efficient "
+        "stage's cost)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ In one run, on the same batches of real rt-sentiment examples through MiniLM:
   * extract: capture + pad + write whole shards to a Zarr attention store, pipelined as the extract flow does it
     (shard k is written in a second thread while shard k+1 is computed).
 The two alternate over --rounds rounds (each extraction into a fresh store) so that machine noise hits both
-alike; the best round of each is reported, the usual estimator on a shared, noisy machine. Then the peak RSS of a fresh process
-extracting N and 4N examples, and the bytes on disk per example.
+alike; the best round of each is reported, the usual estimator on a shared, noisy machine. Then the peak RSS of a
+fresh process extracting N and 4N examples, and the bytes on disk per example.
 
 With --end-to-end N1,N2: `effattn extract` as a user runs it (a subprocess, default settings, the head cached by a
 first call), at --limit N1 and N2; the marginal cost per example (t2 - t1) / (N2 - N1) excludes the start-up
@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis.corpora import load_corpus  # noqa: E402
-from analysis.extraction import capture_examples, plan_extraction, real_token_mask  # noqa: E402
-from analysis.models import load_model, output_projection_slices  # noqa: E402
-from storage_schemas.attention_store import (  # noqa: E402
+from analysis.corpora import load_corpus
+from analysis.extraction import capture_examples, plan_extraction, real_token_mask
+from analysis.models import load_model, output_projection_slices
+from storage_schemas.attention_store import (
     AttentionStoreLayout,
     create_attention_store,
     default_shard_size,
@@ -50,19 +50,33 @@ from storage_schemas.attention_store import (  # noqa: E402
     write_example_metadata,
     write_shard,
 )
-from storage_schemas.inspection import size_on_disk  # noqa: E402
+from storage_schemas.inspection import size_on_disk
 
 
 def build_store(url, loaded, plan, dtype, corpus):
     shape = loaded.shape
     layout = AttentionStoreLayout(
-        n_examples=len(plan.length), max_length=plan.max_length, n_classes=2, layers=shape.layers,
-        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, hidden=shape.hidden,
-        shard_size=default_shard_size(plan.max_length, shape.layers, shape.heads, dtype), dtype=dtype,
+        n_examples=len(plan.length),
+        max_length=plan.max_length,
+        n_classes=2,
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        hidden=shape.hidden,
+        shard_size=default_shard_size(plan.max_length, shape.layers, shape.heads, dtype),
+        dtype=dtype,
     )
     group = create_attention_store(url, layout, {"benchmark": True})
-    write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
-                           corpus.labels[plan.source_index], np.array([corpus.texts[i] for i in plan.source_index]))
+    write_example_metadata(
+        group,
+        plan.tokens,
+        plan.length,
+        plan.untruncated_length,
+        plan.source_index,
+        corpus.labels[plan.source_index],
+        np.array([corpus.texts[i] for i in plan.source_index]),
+    )
     group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.adapter)
     mark_prepared(group)
     return group, layout
@@ -107,11 +121,12 @@ def extract_all(examples: int, batch_size: int, max_length: int, dtype: str, url
 def peak_rss_mib(examples, batch_size, max_length, dtype, folder) -> float:
     url = os.path.join(folder, f"rss-{examples}.zarr")
     code = (
-        "import resource, sys; sys.path.insert(0, %r); import torch; torch.set_num_threads(%d);"
+        f"import resource, sys; sys.path.insert(0, {os.getcwd()!r}); import torch; "
+        f"torch.set_num_threads({torch.get_num_threads()});"
         "from benchmarks.extraction_throughput import extract_all;"
-        "extract_all(%d, %d, %d, %r, %r);"
+        f"extract_all({examples}, {batch_size}, {max_length}, {dtype!r}, {url!r});"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    ) % (os.getcwd(), torch.get_num_threads(), examples, batch_size, max_length, dtype, url)
+    )
     output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return int(output.strip().splitlines()[-1]) / 1024
 
@@ -120,8 +135,18 @@ def effattn_extract_seconds(limit: int, folder: str) -> tuple[float, str]:
     """Wall seconds of `effattn extract --corpus rt-sentiment --model minilm --limit LIMIT` (default settings) in a
     fresh process, and its store."""
     store = os.path.join(folder, f"end-to-end-{limit}.zarr")
-    command = [os.path.join(os.path.dirname(sys.executable), "effattn"), "extract", "--corpus", "rt-sentiment",
-               "--model", "minilm", "--limit", str(limit), "--store", store]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "effattn"),
+        "extract",
+        "--corpus",
+        "rt-sentiment",
+        "--model",
+        "minilm",
+        "--limit",
+        str(limit),
+        "--store",
+        store,
+    ]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
     return time.perf_counter() - start, store
@@ -145,16 +170,23 @@ def end_to_end(limits: tuple[int, int], batch_size: int, folder: str) -> dict[st
         bare_forward(bare_model, tokens, length, batch_size)
         bare_seconds.append(time.perf_counter() - start)
         extract_seconds.append(seconds)
-        print(f"  --limit {limit}: {examples[-1]} examples, effattn extract {seconds:.1f} s, bare forward on its "
-              f"tokens {bare_seconds[-1]:.1f} s")
+        print(
+            f"  --limit {limit}: {examples[-1]} examples, effattn extract {seconds:.1f} s, bare forward on its "
+            f"tokens {bare_seconds[-1]:.1f} s"
+        )
     extract_ms = 1000 * (extract_seconds[1] - extract_seconds[0]) / (examples[1] - examples[0])
     bare_ms = 1000 * (bare_seconds[1] - bare_seconds[0]) / (examples[1] - examples[0])
-    print(f"end to end, marginal cost per example between --limit {limits[0]} and {limits[1]}: effattn extract "
-          f"{extract_ms:.1f} ms, bare forward {bare_ms:.1f} ms; ratio bare/extract {bare_ms / extract_ms:.2f} "
-          f"(target >= 0.8); start-up of effattn extract (its time at --limit {limits[0]} minus the marginal cost "
-          f"of those examples) {extract_seconds[0] - extract_ms * examples[0] / 1000:.1f} s")
-    return {"end_to_end_extract_ms_per_example": extract_ms, "end_to_end_bare_ms_per_example": bare_ms,
-            "end_to_end_ratio": bare_ms / extract_ms}
+    print(
+        f"end to end, marginal cost per example between --limit {limits[0]} and {limits[1]}: effattn extract "
+        f"{extract_ms:.1f} ms, bare forward {bare_ms:.1f} ms; ratio bare/extract {bare_ms / extract_ms:.2f} "
+        f"(target >= 0.8); start-up of effattn extract (its time at --limit {limits[0]} minus the marginal cost "
+        f"of those examples) {extract_seconds[0] - extract_ms * examples[0] / 1000:.1f} s"
+    )
+    return {
+        "end_to_end_extract_ms_per_example": extract_ms,
+        "end_to_end_bare_ms_per_example": bare_ms,
+        "end_to_end_ratio": bare_ms / extract_ms,
+    }
 
 
 def main() -> None:
@@ -215,8 +247,10 @@ def main() -> None:
             "throughput_ratio": bare_seconds / extract_seconds,
             "bytes_on_disk_per_example": disk / n,
         }
-        print(f"examples {n}, stored max length {plan.max_length}, mean length {plan.length.mean():.1f}, "
-              f"shard size {layout.shard_size}, torch threads {torch.get_num_threads()}")
+        print(
+            f"examples {n}, stored max length {plan.max_length}, mean length {plan.length.mean():.1f}, "
+            f"shard size {layout.shard_size}, torch threads {torch.get_num_threads()}"
+        )
         print(f"bare eager forward (output_attentions=True): {results['bare_forward_examples_per_s']:.1f} examples/s")
         print(f"extraction (capture + write):               {results['extract_examples_per_s']:.1f} examples/s")
         print(f"throughput ratio extraction/bare:            {results['throughput_ratio']:.2f}  (target >= 0.8)")
@@ -225,8 +259,10 @@ def main() -> None:
             small = peak_rss_mib(n, arguments.batch_size, arguments.max_length, arguments.dtype, folder)
             large = peak_rss_mib(4 * n, arguments.batch_size, arguments.max_length, arguments.dtype, folder)
             results.update(peak_rss_mib_n=small, peak_rss_mib_4n=large, rss_ratio=large / small)
-            print(f"peak RSS, {n} examples: {small:.0f} MiB; {4 * n} examples: {large:.0f} MiB; "
-                  f"ratio {large / small:.2f}  (target <= 1.1)")
+            print(
+                f"peak RSS, {n} examples: {small:.0f} MiB; {4 * n} examples: {large:.0f} MiB; "
+                f"ratio {large / small:.2f}  (target <= 1.1)"
+            )
         print(json.dumps(results))
     finally:
         shutil.rmtree(folder, ignore_errors=True)

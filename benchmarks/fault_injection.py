@@ -39,23 +39,25 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import zarr  # noqa: E402
+import numpy as np
+import zarr
 
-import tasks.efficient  # noqa: E402
-from storage_schemas.durable_writes import shard_file_paths  # noqa: E402
-from storage_schemas.efficient_store import write_efficient_shard  # noqa: E402
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS  # noqa: E402
-from storage_schemas.store_lock import hold_store_lock  # noqa: E402
-from storage_schemas.verification import content_digests, unmark_damaged_shards, verify_store  # noqa: E402
-from tests import crash_harness  # noqa: E402
-from tests.conftest import save_model_folder, tiny_bert  # noqa: E402
-from tests.store_builders import SETTINGS, write_corpus  # noqa: E402
+import tasks.efficient
+from storage_schemas.durable_writes import shard_file_paths
+from storage_schemas.efficient_store import write_efficient_shard
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS
+from storage_schemas.store_lock import hold_store_lock
+from storage_schemas.verification import content_digests, unmark_damaged_shards, verify_store
+from tests import crash_harness
+from tests.conftest import save_model_folder, tiny_bert
+from tests.store_builders import SETTINGS, write_corpus
 
 N_SHARDS = 12
-SHARD_ARRAYS = ["attention", "value", "logits"] + [
-    f"efficient/{variant}" for variant in ("effective", "stochastic", "simplex")
-] + [f"diagnostics/simplex/{name}" for name in ("rank", "output_residual", "converged")]
+SHARD_ARRAYS = (
+    ["attention", "value", "logits"]
+    + [f"efficient/{variant}" for variant in ("effective", "stochastic", "simplex")]
+    + [f"diagnostics/simplex/{name}" for name in ("rank", "output_residual", "converged")]
+)
 
 
 def lost(store: str, reference: dict) -> int:
@@ -68,13 +70,16 @@ class Table:
         self.rows = []
 
     def add(self, fault: str, injected: int, handled: int, lost_items: list[int], recovery: list[float], note: str):
-        self.rows.append((fault, injected, handled, sum(lost_items), statistics.median(recovery) if recovery else 0.0,
-                          note))
+        self.rows.append(
+            (fault, injected, handled, sum(lost_items), statistics.median(recovery) if recovery else 0.0, note)
+        )
 
     def print(self):
         header = ("fault", "injected", "handled", "data lost", "median recovery (s)", "notes")
-        cells = [header] + [(fault, str(injected), str(handled), str(data_lost), f"{recovery:.3g}", note)
-                            for fault, injected, handled, data_lost, recovery, note in self.rows]
+        cells = [header] + [
+            (fault, str(injected), str(handled), str(data_lost), f"{recovery:.3g}", note)
+            for fault, injected, handled, data_lost, recovery, note in self.rows
+        ]
         widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
         for index, row in enumerate(cells):
             print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -93,10 +98,23 @@ def main() -> None:
     try:
         model = save_model_folder(tiny_bert(), work / "tiny-bert")
         corpus = write_corpus(work / "reviews.csv", copies=6)
-        extract = ["extract", "--corpus", str(corpus), "--model", str(model), "--no-train", "--shard-size", "5",
-                   "--batch-size", "5", "--max-length", "32"]
+        extract = [
+            "extract",
+            "--corpus",
+            str(corpus),
+            "--model",
+            str(model),
+            "--no-train",
+            "--shard-size",
+            "5",
+            "--batch-size",
+            "5",
+            "--max-length",
+            "32",
+        ]
         efficient = ["efficient", "--workers", "1"]
         with crash_harness.prefect_server(work) as environment:
+
             def cli(arguments, name, **options):
                 return crash_harness.run(arguments, environment, work / name, **options)
 
@@ -115,8 +133,11 @@ def main() -> None:
                     store = str(work / f"kill-{stage}-{trial}.zarr")
                     prepare(store)
                     kill = crash_harness.kill_when(
-                        [*command, "--store", store], environment, work / f"kill-{stage}-{trial}",
-                        lambda: progress_of(store), chance.randrange(first_progress, N_SHARDS - 2),
+                        [*command, "--store", store],
+                        environment,
+                        work / f"kill-{stage}-{trial}",
+                        lambda: progress_of(store),
+                        chance.randrange(first_progress, N_SHARDS - 2),
                         chance.uniform(0, 0.3),
                     )
                     began = time.monotonic()
@@ -124,16 +145,33 @@ def main() -> None:
                     recovery.append(time.monotonic() - began)
                     handled += rerun.returncode == 0 and not kill.survivors and verify_store(store).ok
                     lost_items.append(lost(store, reference))
-                    print(f"kill {stage} {trial}: killed at {kill.progress_at_kill} shards done, rerun "
-                          f"{recovery[-1]:.1f} s", flush=True)
+                    print(
+                        f"kill {stage} {trial}: killed at {kill.progress_at_kill} shards done, rerun "
+                        f"{recovery[-1]:.1f} s",
+                        flush=True,
+                    )
                 table.add(fault, options.times, handled, lost_items, recovery, note)
 
-            kill_and_rerun("extract", extract, crash_harness.extraction_progress, -1, extracted_digests,
-                           lambda store: None, "SIGKILL extract",
-                           "rerun of the same command; killed anywhere from store creation to the last shard")
-            kill_and_rerun("efficient", efficient, crash_harness.efficient_progress, 0, efficient_digests,
-                           lambda store: shutil.copytree(clean, store), "SIGKILL efficient (+ Dask workers)",
-                           "rerun of the same command")
+            kill_and_rerun(
+                "extract",
+                extract,
+                crash_harness.extraction_progress,
+                -1,
+                extracted_digests,
+                lambda store: None,
+                "SIGKILL extract",
+                "rerun of the same command; killed anywhere from store creation to the last shard",
+            )
+            kill_and_rerun(
+                "efficient",
+                efficient,
+                crash_harness.efficient_progress,
+                0,
+                efficient_digests,
+                lambda store: shutil.copytree(clean, store),
+                "SIGKILL efficient (+ Dask workers)",
+                "rerun of the same command",
+            )
 
             # corrupt chunk
             lost_items, recovery, handled = [], [], 0
@@ -158,10 +196,18 @@ def main() -> None:
                 recovery.append(time.monotonic() - began)
                 handled += found == [(array, shard)] and verify_store(store).ok
                 lost_items.append(lost(store, efficient_digests))
-                print(f"corrupt {array} shard {shard} at byte {offset}: found {found}, recovered in "
-                      f"{recovery[-1]:.1f} s", flush=True)
-            table.add("corrupt chunk (4 bytes)", options.times, handled, lost_items, recovery,
-                      "handled = verify named exactly that array and shard; verify --repair + rerun")
+                print(
+                    f"corrupt {array} shard {shard} at byte {offset}: found {found}, recovered in {recovery[-1]:.1f} s",
+                    flush=True,
+                )
+            table.add(
+                "corrupt chunk (4 bytes)",
+                options.times,
+                handled,
+                lost_items,
+                recovery,
+                "handled = verify named exactly that array and shard; verify --repair + rerun",
+            )
 
             # disk full
             sizes = sorted(p.stat().st_size for p in (Path(clean) / "attention" / "c").rglob("*") if p.is_file())
@@ -174,13 +220,25 @@ def main() -> None:
                 began = time.monotonic()
                 rerun = cli([*extract, "--store", store], f"full-{trial}-rerun")
                 recovery.append(time.monotonic() - began)
-                handled += (failed.returncode == 2 and "no space left while writing" in failed.stderr
-                            and done < N_SHARDS and rerun.returncode == 0)
+                handled += (
+                    failed.returncode == 2
+                    and "no space left while writing" in failed.stderr
+                    and done < N_SHARDS
+                    and rerun.returncode == 0
+                )
                 lost_items.append(lost(store, extracted_digests))
-                print(f"disk full at {limit} bytes per file: stopped with {done} shards done, rerun "
-                      f"{recovery[-1]:.1f} s", flush=True)
-            table.add("disk full mid-shard (EFBIG)", options.times, handled, lost_items, recovery,
-                      "message says free space and rerun; rerun without the limit")
+                print(
+                    f"disk full at {limit} bytes per file: stopped with {done} shards done, rerun {recovery[-1]:.1f} s",
+                    flush=True,
+                )
+            table.add(
+                "disk full mid-shard (EFBIG)",
+                options.times,
+                handled,
+                lost_items,
+                recovery,
+                "message says free space and rerun; rerun without the limit",
+            )
 
         # transient I/O errors in the efficient stage's writes (in process, real back-off delays)
         lost_items, recovery, handled = [], [], 0
@@ -204,22 +262,37 @@ def main() -> None:
             tasks.efficient.write_efficient_shard = write_efficient_shard
             mine, reference = zarr.open_group(store, mode="r"), zarr.open_group(clean_efficient, mode="r")
             region = slice(shard * 5, shard * 5 + 5)
-            differ = sum(not np.array_equal(mine[f"efficient/{v}"][region], reference[f"efficient/{v}"][region])
-                         for v in ("effective", "stochastic", "simplex"))
+            differ = sum(
+                not np.array_equal(mine[f"efficient/{v}"][region], reference[f"efficient/{v}"][region])
+                for v in ("effective", "stochastic", "simplex")
+            )
             handled += len(calls) == failures + 3  # the failures, then the three variants' writes
             lost_items.append(differ)
             print(f"transient: {failures} failures, shard {shard} done in {recovery[-1]:.1f} s", flush=True)
-        table.add("transient OSError on write", options.times, handled, lost_items, recovery,
-                  f"retried after {', '.join(str(d) for d in DEFAULT_RETRY_DELAYS)} s; a ValueError is not retried")
+        table.add(
+            "transient OSError on write",
+            options.times,
+            handled,
+            lost_items,
+            recovery,
+            f"retried after {', '.join(str(d) for d in DEFAULT_RETRY_DELAYS)} s; a ValueError is not retried",
+        )
 
         # stale lock
         lost_items, recovery, handled = [], [], 0
         for trial in range(options.times):
             store = str(work / f"lock-{trial}.zarr")
             holder = subprocess.Popen(
-                [sys.executable, "-c", "import sys, time\nfrom storage_schemas.store_lock import hold_store_lock\n"
-                 "with hold_store_lock(sys.argv[1], 'extract'):\n    print('held', flush=True)\n    time.sleep(600)",
-                 store], cwd=crash_harness.REPOSITORY, stdout=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys, time\nfrom storage_schemas.store_lock import hold_store_lock\n"
+                    "with hold_store_lock(sys.argv[1], 'extract'):\n    print('held', flush=True)\n    time.sleep(600)",
+                    store,
+                ],
+                cwd=crash_harness.REPOSITORY,
+                stdout=subprocess.PIPE,
+                text=True,
                 env={**os.environ, "PYTHONPATH": str(crash_harness.REPOSITORY)},
             )
             assert holder.stdout.readline().strip() == "held"
@@ -230,8 +303,14 @@ def main() -> None:
                 recovery.append(time.monotonic() - began)
                 handled += lock.taken_over is not None and lock.taken_over.pid == holder.pid
             lost_items.append(0)
-        table.add("stale lock (holder SIGKILLed)", options.times, handled, lost_items, recovery,
-                  "taken over by the next writer (flock released by the kernel; pid checked)")
+        table.add(
+            "stale lock (holder SIGKILLed)",
+            options.times,
+            handled,
+            lost_items,
+            recovery,
+            "taken over by the next writer (flock released by the kernel; pid checked)",
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()

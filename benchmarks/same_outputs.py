@@ -29,13 +29,45 @@ import zarr
 
 ROOT = Path(__file__).resolve().parent.parent
 # Attribute keys whose values differ between any two runs of one command.
-VOLATILE_KEYS = frozenset({
-    "created", "updated", "shard_identities", "shard_inputs", "inputs", "store", "store_url", "results", "path",
-    "url", "seconds", "started", "finished", "elapsed", "duration", "wall_seconds", "run_dir", "report_dir",
-})
+VOLATILE_KEYS = frozenset(
+    {
+        "created",
+        "updated",
+        "shard_identities",
+        "shard_inputs",
+        "inputs",
+        "store",
+        "store_url",
+        "results",
+        "path",
+        "url",
+        "seconds",
+        "started",
+        "finished",
+        "elapsed",
+        "duration",
+        "wall_seconds",
+        "run_dir",
+        "report_dir",
+    }
+)
 COMMAND = [
-    "run", "--corpus", "rt-sentiment", "--model", "minilm", "--limit", "24", "--no-train", "--explain-examples", "8",
-    "--variants", "effective,stochastic,simplex", "--batch-size", "8", "--shard-size", "8",
+    "run",
+    "--corpus",
+    "rt-sentiment",
+    "--model",
+    "minilm",
+    "--limit",
+    "24",
+    "--no-train",
+    "--explain-examples",
+    "8",
+    "--variants",
+    "effective,stochastic,simplex",
+    "--batch-size",
+    "8",
+    "--shard-size",
+    "8",
 ]
 
 
@@ -71,14 +103,19 @@ def compare_stores(before: Path, after: Path) -> list[str]:
     left_members, right_members = dict(left.members(max_depth=None)), dict(right.members(max_depth=None))
     for name in sorted(set(left_members) ^ set(right_members)):
         differences.append(f"{name}: only in {'before' if name in left_members else 'after'}")
-    pairs = [("", left, right)] + [(name, left_members[name], right_members[name])
-                                  for name in sorted(set(left_members) & set(right_members))]
+    pairs = [("", left, right)] + [
+        (name, left_members[name], right_members[name]) for name in sorted(set(left_members) & set(right_members))
+    ]
     for name, one, other in pairs:
         label = name or "/"
         if without_volatile(dict(one.attrs), folders) != without_volatile(dict(other.attrs), folders):
             keys = sorted(set(one.attrs) | set(other.attrs))
-            changed = [key for key in keys if without_volatile(one.attrs.get(key), folders)
-                       != without_volatile(other.attrs.get(key), folders) and key not in VOLATILE_KEYS]
+            changed = [
+                key
+                for key in keys
+                if without_volatile(one.attrs.get(key), folders) != without_volatile(other.attrs.get(key), folders)
+                and key not in VOLATILE_KEYS
+            ]
             differences.append(f"{label}: attributes differ: {changed}")
         if isinstance(one, zarr.Array) != isinstance(other, zarr.Array):
             differences.append(f"{label}: an array in one store and a group in the other")
@@ -127,8 +164,9 @@ def run_command(tree: Path, run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", type=Path, help="RUN_DIR_BEFORE RUN_DIR_AFTER")
-    parser.add_argument("--run", type=Path, metavar="BEFORE_TREE",
-                        help="make both runs: the earlier version's checkout, then this one")
+    parser.add_argument(
+        "--run", type=Path, metavar="BEFORE_TREE", help="make both runs: the earlier version's checkout, then this one"
+    )
     arguments = parser.parse_args(argv)
     if arguments.run:
         work = Path(tempfile.mkdtemp(prefix="same-outputs-"))

@@ -53,8 +53,12 @@ DEFAULT_BEFORE = "90e9b18"  # main when issue 29's simplex work began (issue 17'
 
 def load_engine_at(commit: str):
     """analysis/efficient_attention.py as it was at `commit`, imported as a separate module (the 'before' solver)."""
-    source = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:analysis/efficient_attention.py"],
-                            check=True, capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "-C", ROOT, "show", f"{commit}:analysis/efficient_attention.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = os.path.join(tempfile.mkdtemp(prefix="effattn-before-"), "efficient_attention_before.py")
     with open(path, "w") as handle:
         handle.write(source)
@@ -70,12 +74,14 @@ def before_simplex(before, attention, value, w_out, lengths):
     function, which imports this checkout's module: the 'before' solver is registered as a variant of its own. A
     module from before the variant records computes the simplex variant itself.)"""
     if not hasattr(before, "simplex_projection"):
-        return before.efficient_attention(attention, value, w_out, lengths, causal=False,
-                                          variants=("simplex",))["simplex"]
+        return before.efficient_attention(attention, value, w_out, lengths, causal=False, variants=("simplex",))[
+            "simplex"
+        ]
     record = dataclasses.replace(variant_record("simplex"), name="simplex-before", compute=before.simplex_projection)
     with registered_variant(record):
-        return before.efficient_attention(attention, value, w_out, lengths, causal=False,
-                                          variants=(record.name,))[record.name]
+        return before.efficient_attention(attention, value, w_out, lengths, causal=False, variants=(record.name,))[
+            record.name
+        ]
 
 
 def capture(loaded, texts, length: int, examples: int):
@@ -111,15 +117,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", choices=("bbc-topic", "rt-sentiment"), default="bbc-topic")
     parser.add_argument("--examples", type=int, default=2)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512],
-                        help="bbc-topic: the lengths L to capture at")
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="bbc-topic: the lengths L to capture at"
+    )
     parser.add_argument("--before-commit", default=DEFAULT_BEFORE)
     parser.add_argument("--no-before", action="store_true", help="skip the (slow) 'before' solver")
-    parser.add_argument("--before-max-length", type=int, default=512,
-                        help="time the 'before' solver only up to this L (it is slow at 512)")
+    parser.add_argument(
+        "--before-max-length",
+        type=int,
+        default=512,
+        help="time the 'before' solver only up to this L (it is slow at 512)",
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="time by this process's CPU seconds instead of wall seconds (for a loaded machine)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by this process's CPU seconds instead of wall seconds (for a loaded machine)",
+    )
     arguments = parser.parse_args()
     global CPU_TIME
     CPU_TIME = arguments.cpu_time
@@ -129,14 +143,20 @@ def main() -> None:
     loaded = load_model("minilm", num_labels=5 if arguments.corpus == "bbc-topic" else 2)
     w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
     texts = load_corpus(arguments.corpus).texts
-    print(f"minilm over {arguments.corpus}, {arguments.examples} example(s) per shard, torch threads "
-          f"{arguments.threads}; 'before' = {arguments.before_commit}, {'CPU' if CPU_TIME else 'wall'} seconds")
-    header = (f"{'L':>7} {'closed s/ex':>12} {'simplex s/ex':>13} {'ratio':>7} {'before s/ex':>12} "
-              f"{'before ratio':>13} {'speed-up':>9} {'max |diff|':>11} {'iters':>6} {'h-mean':>6}")
+    print(
+        f"minilm over {arguments.corpus}, {arguments.examples} example(s) per shard, torch threads "
+        f"{arguments.threads}; 'before' = {arguments.before_commit}, {'CPU' if CPU_TIME else 'wall'} seconds"
+    )
+    header = (
+        f"{'L':>7} {'closed s/ex':>12} {'simplex s/ex':>13} {'ratio':>7} {'before s/ex':>12} "
+        f"{'before ratio':>13} {'speed-up':>9} {'max |diff|':>11} {'iters':>6} {'h-mean':>6}"
+    )
     print(header)
     if arguments.corpus == "bbc-topic":
-        shards = ((str(length), lambda length=length: capture(loaded, texts, length, arguments.examples))
-                  for length in arguments.lengths)
+        shards = (
+            (str(length), lambda length=length: capture(loaded, texts, length, arguments.examples))
+            for length in arguments.lengths
+        )
     else:
         shards = [("longest", lambda: capture_longest(loaded, texts, arguments.examples))]
     for label, captured in shards:
@@ -144,17 +164,21 @@ def main() -> None:
         if label == "longest":
             label = f"{lengths.min()}-{lengths.max()}"
         n = len(lengths)
-        closed_time, _ = timed(efficient_attention, attention, value, w_out, lengths, causal=False,
-                               variants=("effective", "stochastic"))
-        simplex_time, simplex = timed(efficient_attention, attention, value, w_out, lengths, causal=False,
-                                      variants=("simplex",))
+        closed_time, _ = timed(
+            efficient_attention, attention, value, w_out, lengths, causal=False, variants=("effective", "stochastic")
+        )
+        simplex_time, simplex = timed(
+            efficient_attention, attention, value, w_out, lengths, causal=False, variants=("simplex",)
+        )
         simplex = simplex["simplex"]
         row = f"{label:>7} {closed_time / n:>12.3f} {simplex_time / n:>13.3f} {simplex_time / closed_time:>7.1f}"
         if before is not None and lengths.max() <= arguments.before_max_length:
             before_time, reference = timed(before_simplex, before, attention, value, w_out, lengths)
             difference = np.abs(reference.efficient - simplex.efficient).max()
-            row += (f" {before_time / n:>12.3f} {before_time / closed_time:>13.1f} "
-                    f"{before_time / simplex_time:>9.1f} {difference:>11.2e}")
+            row += (
+                f" {before_time / n:>12.3f} {before_time / closed_time:>13.1f} "
+                f"{before_time / simplex_time:>9.1f} {difference:>11.2e}"
+            )
         else:
             row += f" {'-':>12} {'-':>13} {'-':>9} {'-':>11}"
         iterations = simplex.diagnostics["iterations"]

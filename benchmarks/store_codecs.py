@@ -32,21 +32,26 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from storage_schemas.attention_store import (  # noqa: E402
+from storage_schemas.attention_store import (
     CHUNK_CODEC_BATCH_SIZE,
     FAST_CODEC_PIPELINE,
     open_attention_store,
 )
-from storage_schemas.inspection import size_on_disk  # noqa: E402
+from storage_schemas.inspection import size_on_disk
 
 PIPELINES = {
-    "default": {"codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline",
-                "codec_pipeline.batch_size": CHUNK_CODEC_BATCH_SIZE},
+    "default": {
+        "codec_pipeline.path": "zarr.core.codec_pipeline.BatchedCodecPipeline",
+        "codec_pipeline.batch_size": CHUNK_CODEC_BATCH_SIZE,
+    },
     "zarrs": {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"},
     "effattn": {"codec_pipeline.path": FAST_CODEC_PIPELINE, "codec_pipeline.batch_size": CHUNK_CODEC_BATCH_SIZE},
 }
-COMPRESSIONS = {"zstd1": [ZstdCodec(level=1), Crc32cCodec()], "zstd3": [ZstdCodec(level=3), Crc32cCodec()],
-                "none": [Crc32cCodec()]}
+COMPRESSIONS = {
+    "zstd1": [ZstdCodec(level=1), Crc32cCodec()],
+    "zstd3": [ZstdCodec(level=3), Crc32cCodec()],
+    "none": [Crc32cCodec()],
+}
 
 
 def real_store(folder: str, corpus: str, examples: int, max_length: int, dtype: str) -> str:
@@ -65,8 +70,9 @@ def real_store(folder: str, corpus: str, examples: int, max_length: int, dtype: 
     return url
 
 
-def measure(data: np.ndarray, name: str, folder: str, pipeline: str, per_layer: bool, compression: str,
-            rounds: int) -> tuple[float, float, float, int]:
+def measure(
+    data: np.ndarray, name: str, folder: str, pipeline: str, per_layer: bool, compression: str, rounds: int
+) -> tuple[float, float, float, int]:
     """Best write and read seconds of one whole shard `data` [S, layers, ...], best read seconds of its layer 0,
     and its bytes on disk."""
     chunks = (1, 1 if per_layer else data.shape[1], *data.shape[2:])
@@ -76,8 +82,15 @@ def measure(data: np.ndarray, name: str, folder: str, pipeline: str, per_layer: 
     with zarr.config.set(PIPELINES[pipeline]):
         for round_index in range(rounds):
             path = os.path.join(folder, f"{name}-{pipeline}-{per_layer}-{compression}-{round_index}.zarr")
-            array = zarr.create_array(path, shape=data.shape, dtype=data.dtype, chunks=chunks, shards=data.shape,
-                                      compressors=COMPRESSIONS[compression], fill_value=0)
+            array = zarr.create_array(
+                path,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=chunks,
+                shards=data.shape,
+                compressors=COMPRESSIONS[compression],
+                fill_value=0,
+            )
             start = time.perf_counter()
             array[:] = data
             best_write = min(best_write, time.perf_counter() - start)
@@ -108,22 +121,29 @@ def codec_table(examples: int, max_length: int, rounds: int) -> None:
         group = open_attention_store(real_store(folder, "rt-sentiment", examples, max_length, "float32"))
         shard = slice(0, min(examples, group["attention"].shards[0]))
         arrays = {name: group[name][shard] for name in ("attention", "value")}
-        print(f"{shard.stop} real rt-sentiment examples through MiniLM, max_length {max_length}, float32; "
-              f"best of {rounds}; MiB/s of uncompressed data")
-        print(f"{'array':9} {'pipeline':8} {'chunk':13} {'codec':6} {'write MiB/s':>11} {'read MiB/s':>10} "
-              f"{'layer 0 MiB/s':>13} {'write ex/s':>10} {'read ex/s':>9} {'MiB on disk':>11}")
+        print(
+            f"{shard.stop} real rt-sentiment examples through MiniLM, max_length {max_length}, float32; "
+            f"best of {rounds}; MiB/s of uncompressed data"
+        )
+        print(
+            f"{'array':9} {'pipeline':8} {'chunk':13} {'codec':6} {'write MiB/s':>11} {'read MiB/s':>10} "
+            f"{'layer 0 MiB/s':>13} {'write ex/s':>10} {'read ex/s':>9} {'MiB on disk':>11}"
+        )
         for name, data in arrays.items():
             mib = data.nbytes / 2**20
             for per_layer in (True, False):
                 for compression in COMPRESSIONS:
                     for pipeline in PIPELINES:
-                        write, read, layer, on_disk = measure(data, name, folder, pipeline, per_layer, compression,
-                                                              rounds)
+                        write, read, layer, on_disk = measure(
+                            data, name, folder, pipeline, per_layer, compression, rounds
+                        )
                         chunk = "ex x layer" if per_layer else "ex x all"
-                        print(f"{name:9} {pipeline:8} {chunk:13} {compression:6} {mib / write:11.0f} "
-                              f"{mib / read:10.0f} {mib / data.shape[1] / layer:13.0f} {len(data) / write:10.0f} "
-                              f"{len(data) / read:9.0f} "
-                              f"{on_disk / 2**20:11.1f}")
+                        print(
+                            f"{name:9} {pipeline:8} {chunk:13} {compression:6} {mib / write:11.0f} "
+                            f"{mib / read:10.0f} {mib / data.shape[1] / layer:13.0f} {len(data) / write:10.0f} "
+                            f"{len(data) / read:9.0f} "
+                            f"{on_disk / 2**20:11.1f}"
+                        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -137,8 +157,10 @@ def bytes_per_example(examples: int, max_length: int) -> None:
                 url = real_store(folder, corpus, examples, max_length, dtype)
                 group = open_attention_store(url)
                 stored = int(group["length"][:].shape[0])
-                print(f"{corpus:13} {dtype:8} {size_on_disk(url) / stored / 2**20:8.2f} MiB/example "
-                      f"(mean length {float(np.mean(group['length'][:])):.0f} tokens)")
+                print(
+                    f"{corpus:13} {dtype:8} {size_on_disk(url) / stored / 2**20:8.2f} MiB/example "
+                    f"(mean length {float(np.mean(group['length'][:])):.0f} tokens)"
+                )
                 shutil.rmtree(url)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,7 @@ import zarr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline  # noqa: E402
+from storage_schemas.attention_store import open_attention_store, store_layout, use_fast_codec_pipeline
 
 
 def build_store(url: str, examples: int, max_length: int) -> None:
@@ -97,15 +97,21 @@ def main() -> None:
         serial_seconds = time.perf_counter() - start
         assert parallel.text() == serial.text(), (parallel.text(), serial.text())
         megabytes = size / 1e6
-        print(f"store: {layout.n_examples} examples in {layout.n_shards} shards, {megabytes:.0f} MB decoded; "
-              f"verify: {parallel.status}")
-        rows = [("plain read (no checks, one process)", read_seconds),
-                (f"verify on a running cluster of {arguments.workers} workers", parallel_seconds),
-                ("  the same with the LocalCluster's start", parallel_seconds + started_seconds),
-                ("verify in one process", serial_seconds)]
+        print(
+            f"store: {layout.n_examples} examples in {layout.n_shards} shards, {megabytes:.0f} MB decoded; "
+            f"verify: {parallel.status}"
+        )
+        rows = [
+            ("plain read (no checks, one process)", read_seconds),
+            (f"verify on a running cluster of {arguments.workers} workers", parallel_seconds),
+            ("  the same with the LocalCluster's start", parallel_seconds + started_seconds),
+            ("verify in one process", serial_seconds),
+        ]
         for name, seconds in rows:
-            print(f"{name:<44} {seconds:7.2f} s  {megabytes / seconds:7.1f} MB/s  "
-                  f"speed / plain read speed {read_seconds / seconds:5.2f}")
+            print(
+                f"{name:<44} {seconds:7.2f} s  {megabytes / seconds:7.1f} MB/s  "
+                f"speed / plain read speed {read_seconds / seconds:5.2f}"
+            )
         print("target: verify in parallel >= 0.67 of the plain read speed")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -33,8 +33,8 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from storage_schemas.inspection import size_on_disk  # noqa: E402
-from tests.loopback_cluster import loopback_cluster  # noqa: E402
+from storage_schemas.inspection import size_on_disk
+from tests.loopback_cluster import loopback_cluster
 
 STAGES = ("train", "extract", "efficient", "causal", "explain", "report")
 STAGE_NEEDED = re.compile(r"stage (\w+) needed:")
@@ -87,14 +87,26 @@ class MemorySampler:
         return peaks
 
 
-def run_pipeline(arguments, address: str, worker_pids: list[int],
-                 log_path: Path) -> tuple[dict, dict, dict, float]:
+def run_pipeline(arguments, address: str, worker_pids: list[int], log_path: Path) -> tuple[dict, dict, dict, float]:
     """`effattn run ... --dask-address address` in a subprocess; returns ({stage: (status, seconds)}, memory
     peaks per stage, {stage: share of its shards this run computed} for stages it resumed, wall seconds)."""
     effattn = str(Path(sys.executable).parent / "effattn")
-    command = [effattn, "run", "--corpus", arguments.corpus, "--model", arguments.model,
-               "--max-length", str(arguments.max_length), "--dtype", arguments.dtype,
-               "--run-dir", arguments.run_dir, "--dask-address", address]
+    command = [
+        effattn,
+        "run",
+        "--corpus",
+        arguments.corpus,
+        "--model",
+        arguments.model,
+        "--max-length",
+        str(arguments.max_length),
+        "--dtype",
+        arguments.dtype,
+        "--run-dir",
+        arguments.run_dir,
+        "--dask-address",
+        address,
+    ]
     command += ["--all"] if arguments.all else ["--limit", str(arguments.limit)]
     for option in ("variants", "layers", "heads"):
         if getattr(arguments, option):
@@ -119,8 +131,9 @@ def run_pipeline(arguments, address: str, worker_pids: list[int],
                     print(f"  {time.perf_counter() - started:7.1f} s: stage {running[-1]} started", flush=True)
                 elif (done := STAGE_FINISHED.search(line)) and done.group(1) in STAGES:
                     stages[done.group(1)] = (done.group(2), float(done.group(3) or 0.0))
-                    print(f"  {time.perf_counter() - started:7.1f} s: stage {done.group(1)} {done.group(2)}",
-                          flush=True)
+                    print(
+                        f"  {time.perf_counter() - started:7.1f} s: stage {done.group(1)} {done.group(2)}", flush=True
+                    )
                     running = [stage for stage in running if stage != done.group(1)]
                 sampler.stage = running[-1] if running else "between"
             process.wait()
@@ -185,26 +198,36 @@ def main() -> None:
     Path(arguments.run_dir).mkdir(parents=True, exist_ok=True)
     print(f"free disk under {arguments.run_dir}: {shutil.disk_usage(arguments.run_dir).free / 2**30:.1f} GiB")
     try:
-        with tempfile.TemporaryDirectory() as cluster_folder, \
-                loopback_cluster(Path(cluster_folder), arguments.workers) as (address, processes):
+        with (
+            tempfile.TemporaryDirectory() as cluster_folder,
+            loopback_cluster(Path(cluster_folder), arguments.workers) as (address, processes),
+        ):
             worker_pids = [process.pid for process in processes[1:]]
             stages, (peaks, quarter_peaks), pending, wall = run_pipeline(
-                arguments, address, worker_pids, Path(arguments.run_dir) / "effattn-run.log")
+                arguments, address, worker_pids, Path(arguments.run_dir) / "effattn-run.log"
+            )
             worker_peaks = worker_peaks_mib(address)
         disk = outputs(arguments.run_dir)
-        store = next(str(Path(arguments.run_dir) / name) for name in disk
-                     if name.endswith(".zarr") and not name.endswith((".results.zarr", ".explanations.zarr")))
+        store = next(
+            str(Path(arguments.run_dir) / name)
+            for name in disk
+            if name.endswith(".zarr") and not name.endswith((".results.zarr", ".explanations.zarr"))
+        )
         bare_seconds, examples = bare_forward_seconds(store, arguments.model, arguments.batch_size)
     finally:
         if temporary and not arguments.keep:
             shutil.rmtree(arguments.run_dir, ignore_errors=True)
 
     total = sum(seconds for _, seconds in stages.values())
-    print(f"\n{arguments.corpus}, {examples} examples, max length {arguments.max_length}, {arguments.dtype}, "
-          f"{arguments.workers} workers; wall {wall:.1f} s (stages {total:.1f} s, the rest is start-up); bare "
-          f"forward over the stored tokens {bare_seconds:.1f} s ({examples / bare_seconds:.1f} examples/s)")
-    header = f"{'stage':<10} {'status':<11} {'seconds':>8} {'share':>6} {'ex/s':>8} {'x bare':>7} " \
-             f"{'driver MiB':>10} {'worker MiB':>10} {'(first quarter: driver, worker)':>32}"
+    print(
+        f"\n{arguments.corpus}, {examples} examples, max length {arguments.max_length}, {arguments.dtype}, "
+        f"{arguments.workers} workers; wall {wall:.1f} s (stages {total:.1f} s, the rest is start-up); bare "
+        f"forward over the stored tokens {bare_seconds:.1f} s ({examples / bare_seconds:.1f} examples/s)"
+    )
+    header = (
+        f"{'stage':<10} {'status':<11} {'seconds':>8} {'share':>6} {'ex/s':>8} {'x bare':>7} "
+        f"{'driver MiB':>10} {'worker MiB':>10} {'(first quarter: driver, worker)':>32}"
+    )
     print(header)
     rows = {}
     for stage in STAGES:
@@ -215,28 +238,46 @@ def main() -> None:
         computed = examples * pending.get(stage, 1.0)  # a resumed stage computed only its pending shards
         if stage in pending:
             status = f"resumed {pending[stage]:.0%}"
-        rows[stage] = {"status": status, "seconds": seconds, "share": seconds / total if total else 0.0,
-                       "examples_per_second": computed / seconds if ran else None,
-                       "times_bare_forward": seconds / (bare_seconds * computed / examples) if ran else None,
-                       "driver_peak_mib": peak["driver"], "worker_peak_mib": peak["worker"],
-                       "first_quarter_driver_peak_mib": quarter["driver"],
-                       "first_quarter_worker_peak_mib": quarter["worker"]}
-        print(f"{stage:<10} {status:<11} {seconds:8.1f} {rows[stage]['share']:6.1%} "
-              f"{computed / seconds if ran else float('nan'):8.2f} "
-              f"{rows[stage]['times_bare_forward'] if ran else float('nan'):7.1f} "
-              f"{peak['driver']:10.0f} {peak['worker']:10.0f} {quarter['driver']:22.0f} {quarter['worker']:9.0f}")
+        rows[stage] = {
+            "status": status,
+            "seconds": seconds,
+            "share": seconds / total if total else 0.0,
+            "examples_per_second": computed / seconds if ran else None,
+            "times_bare_forward": seconds / (bare_seconds * computed / examples) if ran else None,
+            "driver_peak_mib": peak["driver"],
+            "worker_peak_mib": peak["worker"],
+            "first_quarter_driver_peak_mib": quarter["driver"],
+            "first_quarter_worker_peak_mib": quarter["worker"],
+        }
+        print(
+            f"{stage:<10} {status:<11} {seconds:8.1f} {rows[stage]['share']:6.1%} "
+            f"{computed / seconds if ran else float('nan'):8.2f} "
+            f"{rows[stage]['times_bare_forward'] if ran else float('nan'):7.1f} "
+            f"{peak['driver']:10.0f} {peak['worker']:10.0f} {quarter['driver']:22.0f} {quarter['worker']:9.0f}"
+        )
     for other in sorted(set(peaks) - set(STAGES)):
         print(f"{other}: driver peak {peaks[other]['driver']:.0f} MiB, worker peak {peaks[other]['worker']:.0f} MiB")
     print(f"workers' own peaks (ru_maxrss, MiB): {', '.join(f'{peak:.0f}' for peak in worker_peaks)}")
     for name, size in disk.items():
         print(f"on disk: {name} {size / 2**20:.1f} MiB ({size / 2**20 / examples:.3f} MiB per example)")
     if arguments.json:
-        Path(arguments.json).write_text(json.dumps({
-            "corpus": arguments.corpus, "examples": examples, "max_length": arguments.max_length,
-            "dtype": arguments.dtype, "workers": arguments.workers, "wall_seconds": wall,
-            "bare_forward_seconds": bare_seconds, "stages": rows, "worker_peaks_mib": worker_peaks,
-            "bytes_on_disk": disk,
-        }, indent=2))
+        Path(arguments.json).write_text(
+            json.dumps(
+                {
+                    "corpus": arguments.corpus,
+                    "examples": examples,
+                    "max_length": arguments.max_length,
+                    "dtype": arguments.dtype,
+                    "workers": arguments.workers,
+                    "wall_seconds": wall,
+                    "bare_forward_seconds": bare_seconds,
+                    "stages": rows,
+                    "worker_peaks_mib": worker_peaks,
+                    "bytes_on_disk": disk,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,17 @@ def causal(settings: CausalSettings) -> list[dict[str, Any]]:
         task_name = open_attention_store(store).attrs["extraction"]["task"]
         forward_rows = 8 if task_name == "next-token" else 64
     check_device(settings.device)  # before the lock or any results folder exists
-    return run_stage(CAUSAL_STAGE, StageRun(
-        store=store, results=results, plan=plan, model_override=settings.model, device=settings.device,
-        batch_size=settings.batch_size, forward_rows=forward_rows, dask_address=settings.dask_address,
-        workers=settings.workers,
-    ))
+    return run_stage(
+        CAUSAL_STAGE,
+        StageRun(
+            store=store,
+            results=results,
+            plan=plan,
+            model_override=settings.model,
+            device=settings.device,
+            batch_size=settings.batch_size,
+            forward_rows=forward_rows,
+            dask_address=settings.dask_address,
+            workers=settings.workers,
+        ),
+    )

@@ -39,19 +39,27 @@ COMMANDS: dict[str, tuple[str, tuple[type[StageSettings], ...]]] = {
     "extract": ("capture attention and values of a model over a corpus into a store", (ExtractSettings,)),
     "train": ("fine-tune a classifier on a labelled corpus (cached)", (TrainSettings,)),
     "efficient": ("compute efficient attention from a store (Dask)", (EfficientSettings,)),
-    "causal": ("re-inject attention, efficient attention and controls into the model; write results",
-               (CausalSettings,)),
-    "explain": ("token attributions of attention, efficient attention and baselines; ERASER faithfulness",
-                (ExplainSettings,)),
+    "causal": (
+        "re-inject attention, efficient attention and controls into the model; write results",
+        (CausalSettings,),
+    ),
+    "explain": (
+        "token attributions of attention, efficient attention and baselines; ERASER faithfulness",
+        (ExplainSettings,),
+    ),
     "inspect": ("print what is in a store", (InspectSettings,)),
     "report": ("write an HTML report (index.html + PNG figures) of causal results", (ReportSettings,)),
-    "verify": ("read every chunk of a store: checksums, schema, invariants; exit status 0 when sound, 1 when "
-               "damaged, 3 when incomplete (a stage has not finished), 2 when absent or unreachable",
-               (VerifySettings,)),
+    "verify": (
+        "read every chunk of a store: checksums, schema, invariants; exit status 0 when sound, 1 when "
+        "damaged, 3 when incomplete (a stage has not finished), 2 when absent or unreachable",
+        (VerifySettings,),
+    ),
     "unlock": ("remove the writer lock of a store whose run died on another host", (UnlockSettings,)),
     "run": ("the whole pipeline: (train) -> extract -> efficient -> causal -> report", (PipelineSettings,)),
-    "studies": ("the pipeline on the four study datasets, and one page answering the claims across them",
-                (StudiesSettings,)),
+    "studies": (
+        "the pipeline on the four study datasets, and one page answering the claims across them",
+        (StudiesSettings,),
+    ),
     "serve": ("serve the pipeline on a schedule from a Prefect server", (ServeSettings, PipelineSettings)),
     "view": ("browse a store (and its results) in a web browser: a local server, read-only", (ViewSettings,)),
 }
@@ -91,16 +99,24 @@ def _comma_positive_ints(text: str) -> tuple[int, ...]:
 
 
 # How a value of each kind (flows.settings.value_kind) is read from its command-line text.
-VALUE_PARSERS = {"int": int, "positive int": _positive_int, "non-negative int": _non_negative_int, "float": float,
-                 "positive float": _positive_float, "str": str, "choice": str, "list of str": _comma_list,
-                 "list of positive int": _comma_positive_ints}
+VALUE_PARSERS = {
+    "int": int,
+    "positive int": _positive_int,
+    "non-negative int": _non_negative_int,
+    "float": float,
+    "positive float": _positive_float,
+    "str": str,
+    "choice": str,
+    "list of str": _comma_list,
+    "list of positive int": _comma_positive_ints,
+}
 
 
-def format_default(value) -> str:  # noqa: ANN001 - any default
+def format_default(value) -> str:
     return ",".join(str(item) for item in value) if isinstance(value, tuple) else str(value)
 
 
-def option_help(field) -> str:  # noqa: ANN001 - a pydantic FieldInfo
+def option_help(field) -> str:
     """The field's description, with its default unless the description already says it (or there is none)."""
     text = field.description or ""
     if field.is_required() or field.default is None or isinstance(field.default, bool) or "default" in text:
@@ -152,7 +168,7 @@ class _CommandLineParser(argparse.ArgumentParser):
 
     command_parsers: dict[str, argparse.ArgumentParser] = {}
 
-    def parse_args(self, args=None, namespace=None):  # noqa: ANN001 - argparse's signature
+    def parse_args(self, args=None, namespace=None):
         arguments, unknown = self.parse_known_args(args, namespace)
         if unknown:
             parser = self.command_parsers.get(getattr(arguments, "command", None), self)
@@ -190,9 +206,13 @@ def parse_settings(argv: list[str] | None = None) -> tuple[argparse.Namespace, t
 def cli_reference() -> str:
     """docs/CLI.md: every command and its options, generated from the settings objects (a test keeps the file in
     step: `python -m flows.cli --reference > docs/CLI.md` rewrites it)."""
-    lines = ["# Command-line reference", "",
-             "Generated from the settings objects of `flows/settings.py` by `python -m flows.cli --reference`; "
-             "`tests/test_settings.py` checks that this file is up to date. `effattn CMD --help` prints the same.", ""]
+    lines = [
+        "# Command-line reference",
+        "",
+        "Generated from the settings objects of `flows/settings.py` by `python -m flows.cli --reference`; "
+        "`tests/test_settings.py` checks that this file is up to date. `effattn CMD --help` prints the same.",
+        "",
+    ]
     for command, (summary, settings_classes) in COMMANDS.items():
         lines += [f"## effattn {command}", "", summary[0].upper() + summary[1:] + ".", ""]
         lines += [f"Settings: {', '.join(f'`flows.settings.{cls.__name__}`' for cls in settings_classes)}.", ""]
@@ -214,8 +234,11 @@ def cli_reference() -> str:
                 else:
                     default = "-" if field.default is None else format_default(field.default)
                 if kind == "bool":
-                    flag, value, text = (spelling["negation"][0], "switch", spelling["negation"][1]) \
-                        if spelling.get("negation") else (flag, "switch", field.description)
+                    flag, value, text = (
+                        (spelling["negation"][0], "switch", spelling["negation"][1])
+                        if spelling.get("negation")
+                        else (flag, "switch", field.description)
+                    )
                     default = "off"
                 else:
                     text = field.description
@@ -290,7 +313,7 @@ def refuse_bad_input(arguments: argparse.Namespace, settings: StageSettings) -> 
     try:
         apply_storage_time_limits()  # a silent object store: an error after $EFFATTN_STORAGE_TIMEOUT s, not a hang
         check_command(arguments.command, settings)
-    except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
+    except Exception as error:
         problem = one_line_problem(arguments, error)
         if problem is None or interrupted():
             raise
@@ -317,8 +340,10 @@ def _run_train(settings: TrainSettings) -> int:
     folder = train(settings)
     card = json.loads((Path(folder) / "model_card.json").read_text())
     print(f"trained model: {folder}")
-    print(f"held-out accuracy {card['held_out_accuracy']:.3f} "
-          f"(majority baseline {card['majority_baseline']['held_out_accuracy']:.3f})")
+    print(
+        f"held-out accuracy {card['held_out_accuracy']:.3f} "
+        f"(majority baseline {card['majority_baseline']['held_out_accuracy']:.3f})"
+    )
     return 0
 
 
@@ -376,8 +401,7 @@ def _run_verify(settings: VerifySettings) -> int:
     if settings.repair and not report.ok:
         unmarked = unmark_damaged_shards(settings.store, report)
         for stage, shards in unmarked.items():
-            print(f"marked as not done: {'extraction' if stage == 'extract' else 'efficient/' + stage} "
-                  f"shards {shards}")
+            print(f"marked as not done: {'extraction' if stage == 'extract' else 'efficient/' + stage} shards {shards}")
     return report.exit_status
 
 
@@ -388,8 +412,10 @@ def _run_unlock(settings: UnlockSettings) -> int:
     if not removed:
         print(f"{settings.store} is not locked")
     else:
-        print(f"removed the lock of {holder.describe() if holder else 'an unknown holder (unreadable record)'} "
-              f"from {settings.store}")
+        print(
+            f"removed the lock of {holder.describe() if holder else 'an unknown holder (unreadable record)'} "
+            f"from {settings.store}"
+        )
     return 0
 
 
@@ -442,10 +468,21 @@ def _run_view(settings: ViewSettings) -> int:
     return 0
 
 
-RUNNERS = {"extract": _run_extract, "train": _run_train, "efficient": _run_efficient, "causal": _run_causal,
-           "explain": _run_explain, "inspect": _run_inspect, "report": _run_report, "verify": _run_verify,
-           "unlock": _run_unlock, "run": _run_pipeline, "studies": _run_studies, "serve": _run_serve,
-           "view": _run_view}
+RUNNERS = {
+    "extract": _run_extract,
+    "train": _run_train,
+    "efficient": _run_efficient,
+    "causal": _run_causal,
+    "explain": _run_explain,
+    "inspect": _run_inspect,
+    "report": _run_report,
+    "verify": _run_verify,
+    "unlock": _run_unlock,
+    "run": _run_pipeline,
+    "studies": _run_studies,
+    "serve": _run_serve,
+    "view": _run_view,
+}
 
 
 # Commands that run flows (serve checks its server itself: it needs a real one).
@@ -482,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet_prefect_console_when_interrupted()
             record_signals_that_prefect_handles()
         return RUNNERS[arguments.command](*settings)
-    except Exception as error:  # noqa: BLE001 - reported in one line when it is a known problem, else re-raised
+    except Exception as error:
         problem = one_line_problem(arguments, error)
         if problem is None or interrupted():  # stops_cleanly_on_signals reports an interruption
             raise

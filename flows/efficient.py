@@ -23,10 +23,16 @@ def efficient(settings: EfficientSettings) -> str:
     if variants is None:
         variants = stage_default_variants(settings.store)
     require_known_variants(variants)
-    return run_stage(efficient_stage(variants), StageRun(
-        store=settings.store, results=settings.store, plan=EfficientWork(tuple(variants), settings.recorded()),
-        dask_address=settings.dask_address, workers=settings.workers,
-    ))
+    return run_stage(
+        efficient_stage(variants),
+        StageRun(
+            store=settings.store,
+            results=settings.store,
+            plan=EfficientWork(tuple(variants), settings.recorded()),
+            dask_address=settings.dask_address,
+            workers=settings.workers,
+        ),
+    )
 
 
 def stage_default_variants(store: str) -> list[str]:

@@ -10,8 +10,8 @@ from analysis.explainers import default_methods
 from flows.preflight import check_device
 from flows.settings import ExplainSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
-from storage_schemas.selection import require_everything
 from storage_schemas.explanation_results import require_explanation_inputs, require_stored_variants
+from storage_schemas.selection import require_everything
 from tasks.explain import EXPLAIN_STAGE, choose_examples, efficient_sources, store_identity
 from tasks.stages import StageRun, run_stage
 
@@ -40,8 +40,10 @@ def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
 def describe_draw(draw: dict[str, Any]) -> str:
     """One line on which examples are explained, and how many could not be."""
     asked = "every" if draw["asked"] is None else f"{draw['asked']} asked for"
-    line = (f"explaining {draw['drawn']} examples ({asked}) drawn from the {draw['testable']} {draw['rule']}; "
-            f"{draw['not_testable']} examples of the store are not testable (there E = A)")
+    line = (
+        f"explaining {draw['drawn']} examples ({asked}) drawn from the {draw['testable']} {draw['rule']}; "
+        f"{draw['not_testable']} examples of the store are not testable (there E = A)"
+    )
     if draw["asked"] is not None and draw["drawn"] < draw["asked"]:
         line += f"; only {draw['drawn']} exist, so fewer than asked are explained"
     return line
@@ -62,7 +64,16 @@ def explain(settings: ExplainSettings) -> list[dict[str, Any]]:
     recorded = recorded_explanation_settings(settings)
     get_run_logger().info(describe_draw(recorded["draw"]))
     check_device(settings.device)  # before the lock or any results folder exists
-    return run_stage(EXPLAIN_STAGE, StageRun(
-        store=store, results=results, plan=recorded, model_override=settings.model, device=settings.device,
-        forward_rows=settings.forward_rows, dask_address=settings.dask_address, workers=settings.workers,
-    ))
+    return run_stage(
+        EXPLAIN_STAGE,
+        StageRun(
+            store=store,
+            results=results,
+            plan=recorded,
+            model_override=settings.model,
+            device=settings.device,
+            forward_rows=settings.forward_rows,
+            dask_address=settings.dask_address,
+            workers=settings.workers,
+        ),
+    )

@@ -32,8 +32,13 @@ def extract(settings: ExtractSettings) -> str:
     of the same call resumes: completed shards are skipped. Returns the store's URL.
     """
     use_fast_codec_pipeline()
-    corpus, model, store, text_column, label_column = (settings.corpus, settings.model, settings.store,
-                                                         settings.text_column, settings.label_column)
+    corpus, model, store, text_column, label_column = (
+        settings.corpus,
+        settings.model,
+        settings.store,
+        settings.text_column,
+        settings.label_column,
+    )
     task, split, seed, device = settings.task, settings.split, settings.seed, settings.device
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
     # One writer per store: a second run into it is refused, naming this one, until this one ends.
@@ -45,9 +50,22 @@ def extract(settings: ExtractSettings) -> str:
             split = split or "held_out"
         split = split or "all"
         todo, num_labels = prepare_store(
-            store, corpus, model, settings.max_length, settings.limit, settings.dtype, device, text_column,
-            label_column, settings.shard_size, seed, task, settings.top_k, split,
-            layers=settings.layers, heads=settings.heads,
+            store,
+            corpus,
+            model,
+            settings.max_length,
+            settings.limit,
+            settings.dtype,
+            device,
+            text_column,
+            label_column,
+            settings.shard_size,
+            seed,
+            task,
+            settings.top_k,
+            split,
+            layers=settings.layers,
+            heads=settings.heads,
         )
         group = open_attention_store(store, mode="r+")
         if use_stage_cluster(settings.dask_address, settings.workers):
@@ -58,8 +76,7 @@ def extract(settings: ExtractSettings) -> str:
         pending_write = None
         try:
             for shard_index in tqdm(todo, desc="extract shards", unit="shard", disable=not todo):
-                captured = capture_shard(store, shard_index, model, num_labels, device, seed,
-                                         settings.batch_size, task)
+                captured = capture_shard(store, shard_index, model, num_labels, device, seed, settings.batch_size, task)
                 if pending_write is not None:
                     mark_shard_completed(group, pending_write.result())
                 pending_write = write_captured_shard.submit(store, shard_index, captured)
@@ -81,7 +98,9 @@ def _extract_on_cluster(settings: ExtractSettings, todo: list[int], model: str, 
     arguments = (model, num_labels, settings.device, settings.seed, settings.batch_size, settings.task)
     with dask_client(settings.dask_address, settings.workers) as client:
         run_shard_tasks(
-            client, [(shard, extract_shard_on_worker, (settings.store, shard, *arguments)) for shard in todo],
-            lambda shard, _: mark_shard_completed(group, shard), "extract shards",
+            client,
+            [(shard, extract_shard_on_worker, (settings.store, shard, *arguments)) for shard in todo],
+            lambda shard, _: mark_shard_completed(group, shard),
+            "extract shards",
             resources=task_resources(settings.device),
         )

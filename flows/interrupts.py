@@ -87,15 +87,20 @@ def quiet_prefect_console_when_interrupted() -> None:
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
             if isinstance(handler, PrefectConsoleHandler) and not any(
-                    isinstance(existing, _QuietWhileInterrupted) for existing in handler.filters):
+                isinstance(existing, _QuietWhileInterrupted) for existing in handler.filters
+            ):
                 handler.addFilter(_QuietWhileInterrupted())
 
 
 def _exit_if_still_running(interruption: Interruption, shutdown_seconds: float) -> None:
     """In a daemon thread: after `shutdown_seconds`, end the process (stopping the temporary server first)."""
     threading.Event().wait(shutdown_seconds)
-    print(f"{interruption.program}: did not stop within {shutdown_seconds:g} s of {interruption.signal_name}; "
-          "exiting now", file=sys.stderr, flush=True)
+    print(
+        f"{interruption.program}: did not stop within {shutdown_seconds:g} s of {interruption.signal_name}; "
+        "exiting now",
+        file=sys.stderr,
+        flush=True,
+    )
     from flows.prefect_server import kill_temporary_server
 
     kill_temporary_server()
@@ -108,8 +113,12 @@ def _record_first_signal(signal_number: int, shutdown_seconds: float) -> bool:
     if _interruption.signal_number is not None:
         return False
     _interruption.signal_number = signal_number
-    threading.Thread(target=_exit_if_still_running, args=(_interruption, shutdown_seconds), daemon=True,
-                     name="effattn-shutdown-deadline").start()
+    threading.Thread(
+        target=_exit_if_still_running,
+        args=(_interruption, shutdown_seconds),
+        daemon=True,
+        name="effattn-shutdown-deadline",
+    ).start()
     return True
 
 

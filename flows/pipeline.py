@@ -16,18 +16,26 @@ from prefect import flow, get_run_logger
 
 from analysis.corpora import load_corpus
 from analysis.efficient_attention import VARIANTS
+from analysis.explainers import default_methods
 from analysis.models import has_trained_head
 from analysis.run_summary import summarize_variant, summary_table, text_table
 from analysis.training import TrainingSettings, head_to_train
 from analysis.variants import default_variants
 from flows.causal import causal, recorded_causal_settings
 from flows.efficient import efficient, stage_default_variants
+from flows.explain import explain, recorded_explanation_settings
 from flows.extract import extract
 from flows.report import report
 from flows.settings import CausalSettings, ExplainSettings, ExtractSettings, PipelineSettings, ReportSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.causal_results import open_causal_results
+from storage_schemas.explanation_results import (
+    explanation_results_path,
+    explanation_status,
+    open_explanation_results,
+)
 from storage_schemas.pipeline_runs import (
+    StageCheck,
     causal_status,
     efficient_status,
     extraction_status,
@@ -41,22 +49,15 @@ from storage_schemas.pipeline_runs import (
 )
 from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
-from analysis.explainers import default_methods
-from flows.explain import explain, recorded_explanation_settings
-from storage_schemas.explanation_results import (
-    explanation_results_path,
-    explanation_status,
-    open_explanation_results,
-)
-from storage_schemas.pipeline_runs import StageCheck
 from tasks.dask_cluster import RunCluster, run_cluster, use_stage_cluster
 from tasks.training import train_head
 
 StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings, ExplainSettings)
 
 
-def head_not_needed_reason(corpus: str, model: str, task: str, train: bool, text_column: str | None,
-                           label_column: str | None) -> str | None:
+def head_not_needed_reason(
+    corpus: str, model: str, task: str, train: bool, text_column: str | None, label_column: str | None
+) -> str | None:
     """Why no head has to be fine-tuned before extraction, or None when one has to (the rule of flows.extract)."""
     if not train:
         return "training switched off (random head)"
@@ -101,19 +102,25 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         raise ValueError(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
     # without --variants: those the store's length allows (analysis.variants.default_variants), settled once the
     # store exists; until then those that --max-length allows
-    variants = ([variant for variant in VARIANTS if variant in settings.variants] if settings.variants
-                else default_variants(settings.max_length))
+    variants = (
+        [variant for variant in VARIANTS if variant in settings.variants]
+        if settings.variants
+        else default_variants(settings.max_length)
+    )
     analysis_label = "+".join(variants) if settings.variants and variants != list(VARIANTS) else None
     paths = run_paths(settings.run_dir, run_name(corpus, model, limit, name_settings), analysis_label)
     store = settings.store or paths.store
     results = settings.results or paths.results
     report_dir = settings.report_dir or paths.report
-    run = PipelineRun(settings=settings, store=store, results=results, report_dir=report_dir, variants=variants,
-                      logger=logger)
+    run = PipelineRun(
+        settings=settings, store=store, results=results, report_dir=report_dir, variants=variants, logger=logger
+    )
     with run_cluster(settings.dask_address, settings.workers) as cluster:
         run.cluster = cluster
-        if (not extraction_check(run).complete
-                or not efficient_status(store, variants, run.efficient_settings().recorded()).complete):
+        if (
+            not extraction_check(run).complete
+            or not efficient_status(store, variants, run.efficient_settings().recorded()).complete
+        ):
             # the efficient stage will run on Dask: its cluster starts meanwhile, its workers import its code
             cluster.start_in_background(["tasks.efficient"])
         for stage in PIPELINE_STAGES:
@@ -157,9 +164,12 @@ class PipelineRun:
     def extraction_inputs(self) -> dict[str, Any]:
         settings = self.settings
         return {
-            "corpus": settings.corpus, "corpus_fingerprint": local_input_fingerprint(settings.corpus),
-            "model": settings.model, "model_fingerprint": local_input_fingerprint(settings.model),
-            "limit": settings.limit, **settings.extraction_shape(),
+            "corpus": settings.corpus,
+            "corpus_fingerprint": local_input_fingerprint(settings.corpus),
+            "model": settings.model,
+            "model_fingerprint": local_input_fingerprint(settings.model),
+            "limit": settings.limit,
+            **settings.extraction_shape(),
         }
 
     def efficient_settings(self):
@@ -168,8 +178,9 @@ class PipelineRun:
     def finished(self, stage: str, status: str, started: float | None, detail: str) -> None:
         seconds = round(time.perf_counter() - started, 2) if started is not None else 0.0
         self.stages[stage] = {"status": status, "seconds": seconds, "detail": detail}
-        self.logger.info("stage %s: %s%s (%s)", stage, status, f" in {seconds:.1f} s" if status == "ran" else "",
-                         detail)
+        self.logger.info(
+            "stage %s: %s%s (%s)", stage, status, f" in {seconds:.1f} s" if status == "ran" else "", detail
+        )
 
 
 @dataclass(frozen=True)
@@ -214,29 +225,40 @@ def train_not_needed(run: PipelineRun) -> str | None:
     run.extraction_model, run.extraction_split = settings.model, settings.split
     if extraction_check(run).complete:
         return None
-    return head_not_needed_reason(settings.corpus, settings.model, settings.task, settings.train,
-                                  settings.text_column, settings.label_column)
+    return head_not_needed_reason(
+        settings.corpus, settings.model, settings.task, settings.train, settings.text_column, settings.label_column
+    )
 
 
 def train_status(run: PipelineRun) -> StageCheck:
     if extraction_check(run).complete:
         return StageCheck(True, "the extraction is complete")
-    return StageCheck(False, f"a fine-tuned head for {run.settings.model} on {run.settings.corpus} (trained, or "
-                             "found cached)")
+    return StageCheck(
+        False, f"a fine-tuned head for {run.settings.model} on {run.settings.corpus} (trained, or found cached)"
+    )
 
 
 def run_train(run: PipelineRun) -> str:
     settings = run.settings
     training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=settings.seed)
-    run.extraction_model = train_head(settings.model, settings.corpus, settings.text_column, settings.label_column,
-                                      training.as_dict(), settings.cache_root)
+    run.extraction_model = train_head(
+        settings.model,
+        settings.corpus,
+        settings.text_column,
+        settings.label_column,
+        training.as_dict(),
+        settings.cache_root,
+    )
     run.extraction_split = settings.split or "held_out"
     return f"trained head (or cache hit): {run.extraction_model}"
 
 
 def run_extract(run: PipelineRun) -> str:
-    extract(on_run_cluster(run.settings.extract_settings(run.store, run.extraction_model, run.extraction_split),
-                           run.cluster))
+    extract(
+        on_run_cluster(
+            run.settings.extract_settings(run.store, run.extraction_model, run.extraction_split), run.cluster
+        )
+    )
     with hold_store_lock(run.store, "pipeline"):
         record_extraction_inputs(run.store, run.extraction_inputs())
     return run.store
@@ -299,20 +321,26 @@ PIPELINE_STAGES = (
     PipelineStage("extract", status=extraction_check, run_stage=run_extract),
     PipelineStage("efficient", status=efficient_check, run_stage=run_efficient),
     PipelineStage(
-        "causal", status=lambda run: causal_status(run.results, recorded_causal_settings(causal_settings(run)),
-                                                   run.store),
+        "causal",
+        status=lambda run: causal_status(run.results, recorded_causal_settings(causal_settings(run)), run.store),
         run_stage=run_causal,
         conflict=lambda run: (
             f"{run.results} holds causal results made with other settings (by an earlier effattn version or other "
             "options; its attribute `settings` holds them): delete it to measure again with this run's settings, "
-            "or pass --results PATH to keep both"),
+            "or pass --results PATH to keep both"
+        ),
     ),
     PipelineStage(
-        "explain", status=lambda run: explanation_status(
-            run.explanations, recorded_explanation_settings(explain_settings(run)), run.store),
-        run_stage=run_explain, not_needed=explain_not_needed,
-        conflict=lambda run: (f"{run.explanations} holds explanation results made with other settings: delete it "
-                              "to explain again with this run's settings, or pass --explain-examples 0"),
+        "explain",
+        status=lambda run: explanation_status(
+            run.explanations, recorded_explanation_settings(explain_settings(run)), run.store
+        ),
+        run_stage=run_explain,
+        not_needed=explain_not_needed,
+        conflict=lambda run: (
+            f"{run.explanations} holds explanation results made with other settings: delete it "
+            "to explain again with this run's settings, or pass --explain-examples 0"
+        ),
     ),
     PipelineStage("report", status=report_check, run_stage=run_report),
 )

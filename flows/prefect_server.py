@@ -104,12 +104,33 @@ def _temporary_server_class() -> type:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as log:
                 return subprocess.Popen(
-                    [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-                     "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
-                     str(self.port), "--log-level", "error", "--lifespan", "on"],
-                    env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                         "PREFECT__SERVER_FINAL": "1", **settings.to_environment_variables(exclude_unset=True)},
-                    stdout=log, stderr=subprocess.STDOUT, process_group=0,
+                    [
+                        sys.executable,
+                        "-m",
+                        "uvicorn",
+                        "--app-dir",
+                        str(prefect.__module_path__.parent),
+                        "--factory",
+                        "prefect.server.api.server:create_app",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(self.port),
+                        "--log-level",
+                        "error",
+                        "--lifespan",
+                        "on",
+                    ],
+                    env={
+                        **os.environ,
+                        "PREFECT_UI_ENABLED": "0",
+                        "PREFECT__SERVER_EPHEMERAL": "1",
+                        "PREFECT__SERVER_FINAL": "1",
+                        **settings.to_environment_variables(exclude_unset=True),
+                    },
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    process_group=0,
                     # The parent-death signal follows the thread that starts the child: only the main thread
                     # lives as long as the process.
                     preexec_fn=_parent_death_signal() if on_main_thread else None,

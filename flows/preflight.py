@@ -61,10 +61,15 @@ def check_device(device: str) -> None:
 
     if torch.cuda.is_available():
         return
-    why = (f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda is None
-           else "no CUDA device is visible to torch")
-    raise ValueError(f"--device cuda: {why}: run with --device cpu, or on a machine with a GPU and a CUDA build of "
-                     "torch. Nothing was written")
+    why = (
+        f"this torch ({torch.__version__}) was built without CUDA"
+        if torch.version.cuda is None
+        else "no CUDA device is visible to torch"
+    )
+    raise ValueError(
+        f"--device cuda: {why}: run with --device cpu, or on a machine with a GPU and a CUDA build of "
+        "torch. Nothing was written"
+    )
 
 
 def check_dask_scheduler(address: str | None) -> None:
@@ -112,8 +117,10 @@ def check_max_length(max_length: int) -> None:
     """Refuse a `--max-length` below 2 (a special token and one real token; analysis.extraction.plan_extraction
     refuses it too, but only once the model has loaded)."""
     if max_length < 2:
-        raise ValueError(f"--max-length must be at least 2 tokens, got {max_length}: give a larger --max-length "
-                         "(default 128). Nothing was written")
+        raise ValueError(
+            f"--max-length must be at least 2 tokens, got {max_length}: give a larger --max-length "
+            "(default 128). Nothing was written"
+        )
 
 
 def check_existing_store_matches(settings: Any) -> None:
@@ -127,12 +134,16 @@ def check_existing_store_matches(settings: Any) -> None:
         return
     group = open_attention_store(settings.store, mode="r")
     corpus = load_corpus(settings.corpus, text_column=settings.text_column, label_column=settings.label_column)
-    check_same_run(group, settings.store, {
-        "corpus.digest": corpus.digest,
-        "extraction.requested_max_length": int(settings.max_length),
-        "dtype": settings.dtype,
-        "extraction.task": settings.task,
-    })
+    check_same_run(
+        group,
+        settings.store,
+        {
+            "corpus.digest": corpus.digest,
+            "extraction.requested_max_length": int(settings.max_length),
+            "dtype": settings.dtype,
+            "extraction.task": settings.task,
+        },
+    )
 
 
 def check_model_name(model: str) -> None:
@@ -142,7 +153,7 @@ def check_model_name(model: str) -> None:
     resolve_model_source(model)
 
 
-def _flagged(flag: str, check, *arguments):  # noqa: ANN001, ANN202 - a check and its arguments
+def _flagged(flag: str, check, *arguments):
     """`check(*arguments)`, its ValueError prefixed with the flag whose value it refuses."""
     try:
         return check(*arguments)
@@ -154,9 +165,15 @@ def check_interventions(settings: Any) -> list[str] | None:
     """Parse the causal command's intervention names (--interventions, --layer-interventions,
     --head-interventions; imports torch, so only when some are given): an unknown one is refused naming its flag.
     Returns the variants the --interventions read from the store (None when they are not given)."""
-    given = {flag: names for flag, names in (("--interventions", settings.interventions),
-                                             ("--layer-interventions", settings.layer_interventions),
-                                             ("--head-interventions", settings.head_interventions)) if names}
+    given = {
+        flag: names
+        for flag, names in (
+            ("--interventions", settings.interventions),
+            ("--layer-interventions", settings.layer_interventions),
+            ("--head-interventions", settings.head_interventions),
+        )
+        if names
+    }
     if not given:
         return None
     from analysis.interventions import parse_interventions
@@ -214,8 +231,14 @@ def check_view(store: str, results: str | None, explanations: str | None, host: 
     check_port_free(host, port)
 
 
-def check_corpus_and_model(corpus: str, model: str, text_column: str | None, label_column: str | None,
-                           task: str = "classification", train: bool = True) -> None:
+def check_corpus_and_model(
+    corpus: str,
+    model: str,
+    text_column: str | None,
+    label_column: str | None,
+    task: str = "classification",
+    train: bool = True,
+) -> None:
     """The corpus parses, the model resolves and is supported for `task`, and a head can be trained where one
     would be (a single-class corpus is refused instead of silently keeping a random head)."""
     from analysis.corpora import load_corpus
@@ -248,8 +271,9 @@ def check_command(command: str, settings: Any) -> None:
         check_writable_store(settings.store, "--store")
         check_unlocked(settings.store)
         check_existing_store_matches(settings)
-        check_corpus_and_model(settings.corpus, settings.model, settings.text_column, settings.label_column,
-                               settings.task, settings.train)
+        check_corpus_and_model(
+            settings.corpus, settings.model, settings.text_column, settings.label_column, settings.task, settings.train
+        )
         check_device(settings.device)
         check_dask_scheduler(settings.dask_address)
     elif command == "train":
@@ -257,8 +281,9 @@ def check_command(command: str, settings: Any) -> None:
         from analysis.models import check_model
         from analysis.training import check_trainable
 
-        check_trainable(load_corpus(settings.corpus, text_column=settings.text_column,
-                                    label_column=settings.label_column))
+        check_trainable(
+            load_corpus(settings.corpus, text_column=settings.text_column, label_column=settings.label_column)
+        )
         check_model(settings.model)
     elif command == "efficient":
         if settings.variants is not None:
@@ -301,11 +326,16 @@ def check_command(command: str, settings: Any) -> None:
         if settings.variants is not None:
             require_known_variants(settings.variants)
         check_max_length(settings.max_length)
-        for flag, name in (("--run-dir", "run_dir"), ("--store", "store"), ("--results", "results"),
-                           ("--report-dir", "report_dir")):
+        for flag, name in (
+            ("--run-dir", "run_dir"),
+            ("--store", "store"),
+            ("--results", "results"),
+            ("--report-dir", "report_dir"),
+        ):
             if getattr(settings, name):
                 check_writable_location(getattr(settings, name), flag)
-        check_corpus_and_model(settings.corpus, settings.model, settings.text_column, settings.label_column,
-                               settings.task, settings.train)
+        check_corpus_and_model(
+            settings.corpus, settings.model, settings.text_column, settings.label_column, settings.task, settings.train
+        )
         check_device(settings.device)
         check_dask_scheduler(settings.dask_address)

@@ -22,7 +22,7 @@ PATH_PARAMETERS = ("run_dir", "store", "results", "report_dir", "corpus", "model
 def schedule_arguments(cron: str | None, interval: float | None) -> dict[str, Any]:
     """The schedule keyword of `Flow.serve`: {"cron": cron} or {"interval": seconds}; exactly one must be given."""
     if (cron is None) == (interval is None):
-        raise ServeError("give exactly one schedule: --cron \"MIN HOUR DAY MONTH WEEKDAY\" or --interval SECONDS")
+        raise ServeError('give exactly one schedule: --cron "MIN HOUR DAY MONTH WEEKDAY" or --interval SECONDS')
     if interval is not None:
         if interval <= 0:
             raise ServeError(f"--interval must be a positive number of seconds, got {interval}")
@@ -35,7 +35,7 @@ def schedule_arguments(cron: str | None, interval: float | None) -> dict[str, An
         detail = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
         raise ServeError(
             f"--cron {cron!r} is not a valid cron expression (five fields: minute hour day month weekday, "
-            f"e.g. \"0 3 * * *\" for 03:00 every day): {detail}"
+            f'e.g. "0 3 * * *" for 03:00 every day): {detail}'
         ) from None
     return {"cron": cron}
 

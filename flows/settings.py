@@ -36,9 +36,18 @@ from analysis.training_settings import TrainingSettings
 from analysis.variants import VARIANTS, variant_records
 
 
-def option(default: Any = ..., description: str = "", *, flag: str | None = None, positional: bool = False,
-           negation: tuple[str, str] | None = None, unset: tuple[str, str] | None = None, group: str | None = None,
-           metavar: str | None = None, cli: bool = True) -> Any:
+def option(
+    default: Any = ...,
+    description: str = "",
+    *,
+    flag: str | None = None,
+    positional: bool = False,
+    negation: tuple[str, str] | None = None,
+    unset: tuple[str, str] | None = None,
+    group: str | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
     """A settings field with its command-line spelling (read by flows/cli.py).
 
     flag: the option's name (default `--` + the field name with dashes); positional: an argument without a flag;
@@ -48,10 +57,20 @@ def option(default: Any = ..., description: str = "", *, flag: str | None = None
     (default: the flag's); cli: False for a Python-only setting.
     The spelling is kept in the field's JSON schema (plain JSON values), where Prefect's parameter schema shows it.
     """
-    spelling = {"flag": flag, "positional": positional, "negation": list(negation) if negation else None,
-                "unset": list(unset) if unset else None, "group": group, "metavar": metavar, "cli": cli}
-    return Field(default, description=description,
-                 json_schema_extra={"cli": {key: value for key, value in spelling.items() if value or key == "cli"}})
+    spelling = {
+        "flag": flag,
+        "positional": positional,
+        "negation": list(negation) if negation else None,
+        "unset": list(unset) if unset else None,
+        "group": group,
+        "metavar": metavar,
+        "cli": cli,
+    }
+    return Field(
+        default,
+        description=description,
+        json_schema_extra={"cli": {key: value for key, value in spelling.items() if value or key == "cli"}},
+    )
 
 
 class StageSettings(BaseModel):
@@ -64,60 +83,108 @@ Names = tuple[str, ...]
 Device = Literal["cpu", "cuda"]
 
 # --- shared options (each declared once) -------------------------------------------------------------------------
-CorpusOption = Annotated[str, option(description=(
-    "a bundled corpus (rt-sentiment, bbc-topic, political-party, ...) or a .csv/.jsonl/.parquet file"))]
+CorpusOption = Annotated[
+    str,
+    option(
+        description=("a bundled corpus (rt-sentiment, bbc-topic, political-party, ...) or a .csv/.jsonl/.parquet file")
+    ),
+]
 ModelOption = Annotated[str, option(description="minilm, smollm2, or a local Hugging Face model folder")]
 StoreOption = Annotated[str, option(description="path or fsspec URL of the attention store (Zarr v3)")]
 MaxLength = Annotated[PositiveInt, option(128, "truncate texts to this many tokens")]
 Seed = Annotated[int, option(0, "seed of the example sample and of untrained heads")]
 StorageDtype = Annotated[Literal["float32", "float16"], option("float32", "storage dtype of tensors")]
-Task = Annotated[Literal["classification", "next-token"], option(
-    "classification", "classification logits per example, or next-token logits per position (decoders)")]
+Task = Annotated[
+    Literal["classification", "next-token"],
+    option("classification", "classification logits per example, or next-token logits per position (decoders)"),
+]
 TopK = Annotated[PositiveInt, option(10, "next-token logits kept per position")]
-Split = Annotated[Literal["all", "train", "held_out"] | None, option(
-    None, "corpus rows to extract (default: held_out when a head is trained here, else all)")]
-Train = Annotated[bool, option(True, "fine-tune a classification head where the model has none", negation=(
-    "--no-train", "keep a random head instead of fine-tuning one (smoke tests only)"))]
+Split = Annotated[
+    Literal["all", "train", "held_out"] | None,
+    option(None, "corpus rows to extract (default: held_out when a head is trained here, else all)"),
+]
+Train = Annotated[
+    bool,
+    option(
+        True,
+        "fine-tune a classification head where the model has none",
+        negation=("--no-train", "keep a random head instead of fine-tuning one (smoke tests only)"),
+    ),
+]
 Epochs = Annotated[PositiveInt, option(TrainingSettings.default("epochs"), "epochs of the automatic fine-tuning")]
 TextColumn = Annotated[str | None, option(None, "text column of a user file (default: text)")]
-LabelColumn = Annotated[str | None, option(
-    None, "label column of a user file (default: label if present; none: unlabelled)")]
+LabelColumn = Annotated[
+    str | None, option(None, "label column of a user file (default: label if present; none: unlabelled)")
+]
 DeviceOption = Annotated[Device, option("cpu", "where the model runs")]
 # Explained examples by default: enough for an explanation claim to be decided (analysis.explanation_claims
 # MIN_TESTABLE_EXAMPLES is 20, counted over the examples where efficient attention differs from A).
 EXPLAINED_EXAMPLES = 32
 BatchSize = Annotated[PositiveInt, option(16, "examples per forward pass")]
 ShardSize = Annotated[PositiveInt | None, option(None, "examples per shard (default: fit 256 MiB)")]
-CacheRoot = Annotated[str | None, option(
-    None, "cache of trained heads (default: $EFFATTN_CACHE or ~/.cache/effattn)", flag="--cache")]
+CacheRoot = Annotated[
+    str | None, option(None, "cache of trained heads (default: $EFFATTN_CACHE or ~/.cache/effattn)", flag="--cache")
+]
 Limit = Annotated[PositiveInt | None, option(None, "use this many examples (seeded sample; default: all)")]
-Variants = Annotated[Names | None, option(
-    None, f"comma-separated efficient-attention variants: {','.join(VARIANTS)} (default: every registered one "
-          "that the store's length allows, analysis/variants.py: " + ", ".join(
-              f"{record.name} up to {record.default_max_length} positions" for record in variant_records()
-              if record.default_max_length is not None) + ")")]
+Variants = Annotated[
+    Names | None,
+    option(
+        None,
+        f"comma-separated efficient-attention variants: {','.join(VARIANTS)} (default: every registered one "
+        "that the store's length allows, analysis/variants.py: "
+        + ", ".join(
+            f"{record.name} up to {record.default_max_length} positions"
+            for record in variant_records()
+            if record.default_max_length is not None
+        )
+        + ")",
+    ),
+]
 DaskAddress = Annotated[str | None, option(None, "scheduler of an existing Dask cluster, tcp://HOST:PORT")]
 Workers = Annotated[PositiveInt | None, option(None, "LocalCluster processes (default: cores)")]
 # A stage that also runs in-process: on Dask only with an address or a worker count (tasks.dask_cluster).
-StageWorkers = Annotated[PositiveInt | None, option(
-    None, "run on a LocalCluster of this many processes (default: in this process, unless --dask-address)")]
+StageWorkers = Annotated[
+    PositiveInt | None,
+    option(None, "run on a LocalCluster of this many processes (default: in this process, unless --dask-address)"),
+]
 SimplexMaxIterations = Annotated[PositiveInt, option(200, "iterations of the simplex variant's solver")]
-SimplexTolerance = Annotated[PositiveFloat, option(
-    1e-10, "convergence tolerance of the simplex variant's solver")]
-Scopes = Annotated[Names | None, option(
-    None, "comma-separated scopes of the causal measures: all,layer,head (default: all three)")]
-ScopeExamples = Annotated[PositiveInt | None, option(
-    32, "examples (spread over the store) measured one layer and one head at a time",
-    unset=("--all-scope-examples", "measure every example at the layer and head scopes too"))]
-LayerSelection = Annotated[str | None, option(
-    None, "model layers to store, e.g. 0,3,5 or 0-2,5 (default: all); later stages work on the stored ones",
-    metavar="LAYERS")]
-HeadSelection = Annotated[str | None, option(
-    None, "attention heads to store in each stored layer, e.g. 0-3 (default: all; with grouped-query attention "
-          "the same number from each kv head used)", metavar="HEADS")]
-MinimalityDirections = Annotated[tuple[PositiveInt, ...] | None, option(
-    None, "directions removed by the minimality probe, comma-separated (default: 1,2,4,8,16; those < head dim)",
-    flag="--minimality-k")]
+SimplexTolerance = Annotated[PositiveFloat, option(1e-10, "convergence tolerance of the simplex variant's solver")]
+Scopes = Annotated[
+    Names | None, option(None, "comma-separated scopes of the causal measures: all,layer,head (default: all three)")
+]
+ScopeExamples = Annotated[
+    PositiveInt | None,
+    option(
+        32,
+        "examples (spread over the store) measured one layer and one head at a time",
+        unset=("--all-scope-examples", "measure every example at the layer and head scopes too"),
+    ),
+]
+LayerSelection = Annotated[
+    str | None,
+    option(
+        None,
+        "model layers to store, e.g. 0,3,5 or 0-2,5 (default: all); later stages work on the stored ones",
+        metavar="LAYERS",
+    ),
+]
+HeadSelection = Annotated[
+    str | None,
+    option(
+        None,
+        "attention heads to store in each stored layer, e.g. 0-3 (default: all; with grouped-query attention "
+        "the same number from each kv head used)",
+        metavar="HEADS",
+    ),
+]
+MinimalityDirections = Annotated[
+    tuple[PositiveInt, ...] | None,
+    option(
+        None,
+        "directions removed by the minimality probe, comma-separated (default: 1,2,4,8,16; those < head dim)",
+        flag="--minimality-k",
+    ),
+]
 
 
 # --- one class per command ------------------------------------------------------------------------------------------
@@ -150,8 +217,20 @@ class ExtractSettings(StageSettings):
 
 # The settings that shape an attention store besides corpus, model and limit (which name it): a pipeline run that
 # changes any of them from its default gets its own store name, and they are part of the recorded inputs.
-EXTRACTION_SHAPE = ("max_length", "seed", "dtype", "task", "top_k", "split", "train", "epochs", "text_column",
-                    "label_column", "layers", "heads")
+EXTRACTION_SHAPE = (
+    "max_length",
+    "seed",
+    "dtype",
+    "task",
+    "top_k",
+    "split",
+    "train",
+    "epochs",
+    "text_column",
+    "label_column",
+    "layers",
+    "heads",
+)
 
 
 class TrainSettings(StageSettings):
@@ -162,12 +241,17 @@ class TrainSettings(StageSettings):
     epochs: Epochs
     seed: Annotated[int, option(TrainingSettings.default("seed"), "seed of the split and of every other random choice")]
     batch_size: BatchSize = TrainingSettings.default("batch_size")
-    learning_rate: Annotated[PositiveFloat, option(
-        TrainingSettings.default("learning_rate"), "peak AdamW learning rate")]
+    learning_rate: Annotated[
+        PositiveFloat, option(TrainingSettings.default("learning_rate"), "peak AdamW learning rate")
+    ]
     max_length: MaxLength = TrainingSettings.default("max_length")
-    max_train_examples: Annotated[PositiveInt | None, option(
-        TrainingSettings.default("max_train_examples"),
-        "train on a seeded sample of at most this many examples (default: all)")]
+    max_train_examples: Annotated[
+        PositiveInt | None,
+        option(
+            TrainingSettings.default("max_train_examples"),
+            "train on a seeded sample of at most this many examples (default: all)",
+        ),
+    ]
     text_column: TextColumn
     label_column: Annotated[str | None, option(None, "label column of a user file (default: label)")]
     cache_root: CacheRoot
@@ -175,8 +259,13 @@ class TrainSettings(StageSettings):
     def training(self) -> TrainingSettings:
         """How the head is trained (analysis.training_settings.TrainingSettings): the fields of the same name; the
         others (weight decay, warmup, held-out share) keep their one default."""
-        return TrainingSettings(**{field.name: getattr(self, field.name) for field in dataclasses.fields(
-            TrainingSettings) if field.name in type(self).model_fields})
+        return TrainingSettings(
+            **{
+                field.name: getattr(self, field.name)
+                for field in dataclasses.fields(TrainingSettings)
+                if field.name in type(self).model_fields
+            }
+        )
 
 
 class EfficientSettings(StageSettings):
@@ -192,8 +281,10 @@ class EfficientSettings(StageSettings):
     def recorded(self) -> dict[str, Any]:
         """What the store records of these settings (attribute `settings` of efficient/<variant>): the ones that
         shape the numbers. The same shape as before the settings objects, so older stores are not recomputed."""
-        return {"simplex_max_iterations": int(self.simplex_max_iterations),
-                "simplex_tolerance": float(self.simplex_tolerance)}
+        return {
+            "simplex_max_iterations": int(self.simplex_max_iterations),
+            "simplex_tolerance": float(self.simplex_tolerance),
+        }
 
 
 class CausalSettings(StageSettings):
@@ -201,25 +292,40 @@ class CausalSettings(StageSettings):
 
     store: Annotated[str, option(description="attention store with efficient attention (path or URL)")]
     results: Annotated[str, option(description="results dataset to write (Zarr v3; path or URL)")]
-    interventions: Annotated[Names | None, option(
-        None, "comma-separated, e.g. replay,efficient:effective,null:simplex,ablate,minimality:effective:k=4 "
-              "(default: every one for the chosen variants)")]
-    variants: Annotated[Names | None, option(
-        None, "variants of the default interventions (default: those finished in the store)")]
+    interventions: Annotated[
+        Names | None,
+        option(
+            None,
+            "comma-separated, e.g. replay,efficient:effective,null:simplex,ablate,minimality:effective:k=4 "
+            "(default: every one for the chosen variants)",
+        ),
+    ]
+    variants: Annotated[
+        Names | None, option(None, "variants of the default interventions (default: those finished in the store)")
+    ]
     scopes: Scopes
-    layer_interventions: Annotated[Names | None, option(
-        None, "interventions also run one layer at a time (default: efficient, null, uniform, ablate)")]
-    head_interventions: Annotated[Names | None, option(
-        None, "interventions also run one head at a time (default: ablate)")]
+    layer_interventions: Annotated[
+        Names | None,
+        option(None, "interventions also run one layer at a time (default: efficient, null, uniform, ablate)"),
+    ]
+    head_interventions: Annotated[
+        Names | None, option(None, "interventions also run one head at a time (default: ablate)")
+    ]
     scope_examples: ScopeExamples
     minimality_directions: MinimalityDirections
     seed: Annotated[int, option(0, "seed of the random noise interventions")]
     model: Annotated[str | None, option(None, "the model, if it moved since extraction (same weights)")]
     device: DeviceOption
     batch_size: BatchSize
-    forward_rows: Annotated[PositiveInt | None, option(
-        None, "rows of one intervened forward pass up to 128 positions; longer passes take fewer, keeping rows x "
-              "length² (analysis.causal.rows_per_pass; default 64; 8 for next-token stores)", cli=False)]
+    forward_rows: Annotated[
+        PositiveInt | None,
+        option(
+            None,
+            "rows of one intervened forward pass up to 128 positions; longer passes take fewer, keeping rows x "
+            "length² (analysis.causal.rows_per_pass; default 64; 8 for next-token stores)",
+            cli=False,
+        ),
+    ]
     dask_address: DaskAddress
     workers: StageWorkers
 
@@ -229,32 +335,61 @@ class ExplainSettings(StageSettings):
 
     store: Annotated[str, option(description="attention store (with efficient attention; path or URL)")]
     results: Annotated[str, option(description="explanation results to write (Zarr v3; path or URL)")]
-    methods: Annotated[Names | None, option(
-        None, "comma-separated, e.g. attention:rollout,simplex:last-layer,attention-norm:rollout,"
-              "integrated-gradients,leave-one-out,conservative-lrp,random (default: attention and every variant the "
-              "store holds, in every aggregation, and their norm-based twins, the model baselines, random)")]
-    examples: Annotated[PositiveInt | None, option(
-        EXPLAINED_EXAMPLES, "examples explained, drawn (seeded) from those where efficient attention differs from A",
-        unset=("--all-examples", "explain every example where efficient attention differs from A"))]
-    integrated_gradients_steps: Annotated[PositiveInt, option(
-        ExplanationSettings.default("integrated_gradients_steps"), "integrated gradients steps", flag="--ig-steps")]
-    leave_one_out_max_tokens: Annotated[PositiveInt, option(
-        ExplanationSettings.default("leave_one_out_max_tokens"),
-        "leave-one-out only for examples with at most this many removable tokens", flag="--loo-max-tokens")]
-    minimality_rows: Annotated[NonNegativeInt, option(
-        ExplanationSettings.default("minimality_rows"), "simplex rows tested per example and layer (0: none)")]
+    methods: Annotated[
+        Names | None,
+        option(
+            None,
+            "comma-separated, e.g. attention:rollout,simplex:last-layer,attention-norm:rollout,"
+            "integrated-gradients,leave-one-out,conservative-lrp,random (default: attention and every variant the "
+            "store holds, in every aggregation, and their norm-based twins, the model baselines, random)",
+        ),
+    ]
+    examples: Annotated[
+        PositiveInt | None,
+        option(
+            EXPLAINED_EXAMPLES,
+            "examples explained, drawn (seeded) from those where efficient attention differs from A",
+            unset=("--all-examples", "explain every example where efficient attention differs from A"),
+        ),
+    ]
+    integrated_gradients_steps: Annotated[
+        PositiveInt,
+        option(
+            ExplanationSettings.default("integrated_gradients_steps"), "integrated gradients steps", flag="--ig-steps"
+        ),
+    ]
+    leave_one_out_max_tokens: Annotated[
+        PositiveInt,
+        option(
+            ExplanationSettings.default("leave_one_out_max_tokens"),
+            "leave-one-out only for examples with at most this many removable tokens",
+            flag="--loo-max-tokens",
+        ),
+    ]
+    minimality_rows: Annotated[
+        NonNegativeInt,
+        option(ExplanationSettings.default("minimality_rows"), "simplex rows tested per example and layer (0: none)"),
+    ]
     seed: Annotated[int, option(ExplanationSettings.default("seed"), "seed of the random ranking and the row sample")]
     model: Annotated[str | None, option(None, "the model, if it moved since extraction (same weights)")]
     device: DeviceOption
     dask_address: DaskAddress
     workers: StageWorkers
-    percents: Annotated[tuple[PositiveInt, ...] | None, option(
-        None, "ERASER's bins: percent of the tokens removed (default: analysis.explainers.PERCENTS)", cli=False)]
-    minimality_tolerance: Annotated[PositiveFloat, option(
-        ExplanationSettings.default("minimality_tolerance"), "tolerance of the simplex rows' minimality test",
-        cli=False)]
-    shard_size: Annotated[PositiveInt, option(
-        ExplanationSettings.default("shard_size"), "examples per shard of the results", cli=False)]
+    percents: Annotated[
+        tuple[PositiveInt, ...] | None,
+        option(None, "ERASER's bins: percent of the tokens removed (default: analysis.explainers.PERCENTS)", cli=False),
+    ]
+    minimality_tolerance: Annotated[
+        PositiveFloat,
+        option(
+            ExplanationSettings.default("minimality_tolerance"),
+            "tolerance of the simplex rows' minimality test",
+            cli=False,
+        ),
+    ]
+    shard_size: Annotated[
+        PositiveInt, option(ExplanationSettings.default("shard_size"), "examples per shard of the results", cli=False)
+    ]
     forward_rows: Annotated[PositiveInt, option(64, "rows of one removal forward pass", cli=False)]
 
     @field_validator("methods")
@@ -268,10 +403,17 @@ class ExplainSettings(StageSettings):
     def explanation_settings(self, methods: Sequence[str], examples: Sequence[int]) -> ExplanationSettings:
         """The analysis options of this run (analysis.explainers.ExplanationSettings): the fields of the same name,
         with the methods and the store indices of the explained examples resolved."""
-        shared = {field.name: getattr(self, field.name) for field in dataclasses.fields(ExplanationSettings)
-                  if field.name not in ("methods", "examples", "percents")}
-        return ExplanationSettings(methods=tuple(methods), examples=tuple(examples),
-                                   percents=PERCENTS if self.percents is None else tuple(self.percents), **shared)
+        shared = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(ExplanationSettings)
+            if field.name not in ("methods", "examples", "percents")
+        }
+        return ExplanationSettings(
+            methods=tuple(methods),
+            examples=tuple(examples),
+            percents=PERCENTS if self.percents is None else tuple(self.percents),
+            **shared,
+        )
 
 
 class ReportSettings(StageSettings):
@@ -279,8 +421,9 @@ class ReportSettings(StageSettings):
 
     results: Annotated[str, option(description="path or fsspec URL of the causal results (effattn causal)")]
     out: Annotated[str, option(description="local folder for index.html and the figures (created)")]
-    store: Annotated[str | None, option(
-        None, "the attention store of the results (default: the one recorded in the results)")]
+    store: Annotated[
+        str | None, option(None, "the attention store of the results (default: the one recorded in the results)")
+    ]
     examples: Annotated[PositiveInt, option(3, "examples drawn as heatmaps")]
     explanations: Annotated[str | None, option(None, "explanation results to show too (effattn explain)")]
 
@@ -295,8 +438,9 @@ class VerifySettings(StageSettings):
     """`effattn verify`: read every chunk of a store."""
 
     store: Annotated[str, option(description="path or fsspec URL of the store", positional=True)]
-    repair: Annotated[bool, option(
-        False, "mark the damaged shards as not done, so that rerunning the stage rewrites them")]
+    repair: Annotated[
+        bool, option(False, "mark the damaged shards as not done, so that rerunning the stage rewrites them")
+    ]
     # the shards are checked in parallel (tasks.verification); a store of one shard in this process
     dask_address: DaskAddress
     workers: Workers
@@ -313,10 +457,17 @@ class ViewSettings(StageSettings):
 
     store: Annotated[str, option(description="path or fsspec URL of the attention store", positional=True)]
     results: Annotated[str | None, option(None, "causal results of the store (effattn causal): claims and outcomes")]
-    explanations: Annotated[str | None, option(
-        None, "explanation results of the store (effattn explain): token attributions")]
-    host: Annotated[str, option("127.0.0.1", "address to listen on (another than loopback prints a warning: anyone "
-                                             "who can reach the port reads the store)")]
+    explanations: Annotated[
+        str | None, option(None, "explanation results of the store (effattn explain): token attributions")
+    ]
+    host: Annotated[
+        str,
+        option(
+            "127.0.0.1",
+            "address to listen on (another than loopback prints a warning: anyone "
+            "who can reach the port reads the store)",
+        ),
+    ]
     port: Annotated[PositiveInt, option(8050, "port to listen on")]
 
 
@@ -358,9 +509,14 @@ class PipelineSettings(StageSettings):
     scope_examples: ScopeExamples
     scopes: Scopes
     minimality_directions: MinimalityDirections
-    explain_examples: Annotated[NonNegativeInt, option(
-        EXPLAINED_EXAMPLES, "examples explained by the explanation stage, drawn from those where efficient attention "
-                            "differs from A (0: skip it)")]
+    explain_examples: Annotated[
+        NonNegativeInt,
+        option(
+            EXPLAINED_EXAMPLES,
+            "examples explained by the explanation stage, drawn from those where efficient attention "
+            "differs from A (0: skip it)",
+        ),
+    ]
 
     def extraction_shape(self) -> dict[str, Any]:
         """The settings of EXTRACTION_SHAPE: name -> value."""
@@ -390,32 +546,59 @@ class PipelineSettings(StageSettings):
 
     def explain_settings(self, store: str, results: str, methods: Names) -> ExplainSettings:
         """The explanation of `explain_examples` examples with `methods` (the causal stage's device and cluster)."""
-        return ExplainSettings(store=store, results=results, methods=methods, examples=self.explain_examples,
-                               device=self.device, dask_address=self.dask_address, workers=self.workers)
+        return ExplainSettings(
+            store=store,
+            results=results,
+            methods=methods,
+            examples=self.explain_examples,
+            device=self.device,
+            dask_address=self.dask_address,
+            workers=self.workers,
+        )
 
     def causal_settings(self, store: str, results: str, variants: Names) -> CausalSettings:
         # `seed` here is the extraction's and `model` the base model: the causal stage keeps its own defaults
         # (noise seed 0, the model recorded in the store)
-        return CausalSettings(**self._shared_with(CausalSettings, store=store, results=results, variants=variants,
-                                                  seed=CausalSettings.model_fields["seed"].default, model=None))
+        return CausalSettings(
+            **self._shared_with(
+                CausalSettings,
+                store=store,
+                results=results,
+                variants=variants,
+                seed=CausalSettings.model_fields["seed"].default,
+                model=None,
+            )
+        )
 
 
 class StudiesSettings(StageSettings):
     """`effattn studies` / flows.studies.run_studies: the pipeline on the study datasets, one page of claims."""
 
-    studies: Annotated[Names | None, option(
-        None, "comma-separated (default: all four, rt-sentiment,bbc-topic,political-party,next-token; see "
-              "analysis/studies.py)")]
+    studies: Annotated[
+        Names | None,
+        option(
+            None,
+            "comma-separated (default: all four, rt-sentiment,bbc-topic,political-party,next-token; see "
+            "analysis/studies.py)",
+        ),
+    ]
     limit: Annotated[PositiveInt | None, option(100, "held-out examples per study")]
     run_dir: Annotated[str, option("runs/studies", "folder of the outputs")]
     scope_examples: ScopeExamples = 16
-    next_token_limit: Annotated[PositiveInt, option(
-        32, "examples of the decoder study (each costs 30 layers x 9 heads x 128^2)")]
-    next_token_variants: Annotated[Names, option(
-        ("effective", "stochastic"), "variants of the decoder study (simplex is slow there)")]
-    explain_examples: Annotated[PositiveInt, option(
-        200, "examples explained per study, drawn from those where efficient attention differs from A (all of them "
-             "when fewer exist)")]
+    next_token_limit: Annotated[
+        PositiveInt, option(32, "examples of the decoder study (each costs 30 layers x 9 heads x 128^2)")
+    ]
+    next_token_variants: Annotated[
+        Names, option(("effective", "stochastic"), "variants of the decoder study (simplex is slow there)")
+    ]
+    explain_examples: Annotated[
+        PositiveInt,
+        option(
+            200,
+            "examples explained per study, drawn from those where efficient attention differs from A (all of them "
+            "when fewer exist)",
+        ),
+    ]
     workers: Workers
     cache_root: CacheRoot
 

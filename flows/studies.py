@@ -26,8 +26,12 @@ def study_pipeline_arguments(name: str, limit: int | None, run_dir: str) -> dict
     """The PipelineSettings fields of study `name` (analysis.studies) that differ between studies."""
     study = get_study(name)
     arguments: dict[str, Any] = {
-        "corpus": study.corpus, "model": study.model, "limit": limit, "run_dir": run_dir,
-        "max_length": study.max_length, "task": study.task,
+        "corpus": study.corpus,
+        "model": study.model,
+        "limit": limit,
+        "run_dir": run_dir,
+        "max_length": study.max_length,
+        "task": study.task,
     }
     if study.training is not None:
         arguments["epochs"] = study.training.epochs  # the head is trained on the train split; held_out extracted
@@ -52,16 +56,31 @@ def run_studies(settings: StudiesSettings) -> dict[str, Any]:
         limit = settings.next_token_limit if name == "next-token" else settings.limit
         arguments = study_pipeline_arguments(name, limit, run_dir)
         logger.info("study %s: %s", name, get_study(name).description())
-        records[name] = run_pipeline(PipelineSettings(
-            **arguments, variants=settings.next_token_variants if name == "next-token" else None,
-            scopes=DEFAULT_SCOPES.get(name), minimality_directions=DEFAULT_MINIMALITY.get(name),
-            scope_examples=settings.scope_examples, workers=settings.workers, cache_root=settings.cache_root,
-            explain_examples=settings.explain_examples))
+        records[name] = run_pipeline(
+            PipelineSettings(
+                **arguments,
+                variants=settings.next_token_variants if name == "next-token" else None,
+                scopes=DEFAULT_SCOPES.get(name),
+                minimality_directions=DEFAULT_MINIMALITY.get(name),
+                scope_examples=settings.scope_examples,
+                workers=settings.workers,
+                cache_root=settings.cache_root,
+                explain_examples=settings.explain_examples,
+            )
+        )
     rows = claims_by_study({name: record["claims"] for name, record in records.items()})
-    page = write_studies_page(run_dir, rows, {
-        name: {"description": get_study(name).description(), "report": record["report"],
-               "examples": record["examples"], "comparisons": record["comparisons"]}
-        for name, record in records.items()
-    })
+    page = write_studies_page(
+        run_dir,
+        rows,
+        {
+            name: {
+                "description": get_study(name).description(),
+                "report": record["report"],
+                "examples": record["examples"],
+                "comparisons": record["comparisons"],
+            }
+            for name, record in records.items()
+        },
+    )
     logger.info("claims across the studies:\n%s", format_claims_by_study(rows, list(records)))
     return {"records": records, "claims": rows, "index": str(Path(page))}

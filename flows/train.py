@@ -21,5 +21,11 @@ def train(settings: TrainSettings) -> str:
         ValueError: an unlabelled or single-class corpus ("cannot train a classifier on an unlabelled corpus ..."),
             invalid settings, an unknown corpus or model.
     """
-    return train_head(settings.model, settings.corpus, settings.text_column, settings.label_column,
-                      settings.training().as_dict(), settings.cache_root)
+    return train_head(
+        settings.model,
+        settings.corpus,
+        settings.text_column,
+        settings.label_column,
+        settings.training().as_dict(),
+        settings.cache_root,
+    )

@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import numpy as np
-
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -46,8 +45,11 @@ def provenance_rows(view: StoreView) -> list[tuple[str, str]]:
         ("model", model_description(attributes.get("model") or {})),
         ("tokenizer", str((attributes.get("tokenizer") or {}).get("name_or_path", "unknown"))),
         ("corpus", f"{corpus.get('name', 'unknown')} ({corpus.get('digest', 'no digest')})"),
-        ("examples", f"{layout.n_examples} ({len(view.visible_examples())} extracted: {len(view.shards)} of "
-                     f"{layout.n_shards} shards of {layout.shard_size})"),
+        (
+            "examples",
+            f"{layout.n_examples} ({len(view.visible_examples())} extracted: {len(view.shards)} of "
+            f"{layout.n_shards} shards of {layout.shard_size})",
+        ),
         ("task", layout.task),
         ("max length", str(layout.max_length)),
         ("stored layers / heads", view.selection.describe()),
@@ -73,8 +75,9 @@ def create_app(view: StoreView) -> Starlette:
             grids = {variant: view.null_norm_grid(variant) for variant in view.variants}
             visible = view.visible_examples()
             example = int(visible[len(visible) // 2]) if len(visible) else None  # a middle length: stored by length
-            body = view_html.overview_body(provenance_rows(view), view.claims(), grids, view.selection.layers,
-                                           view.selection.heads, example)
+            body = view_html.overview_body(
+                provenance_rows(view), view.claims(), grids, view.selection.layers, view.selection.heads, example
+            )
         return HTMLResponse(view_html.page(f"effattn view: {view.url}", body))
 
     def examples(request: Request) -> Response:
@@ -85,8 +88,11 @@ def create_app(view: StoreView) -> Starlette:
         query = TableQuery(
             offset=parse_int(parameters.get("offset"), "offset", 0),
             limit=parse_int(parameters.get("limit"), "limit", 25),
-            sort=parameters.get("sort") or "index", descending=order == "desc", search=parameters.get("search") or "",
-            label=parse_int(parameters.get("label"), "label"), correct=parse_bool(parameters.get("correct"), "correct"),
+            sort=parameters.get("sort") or "index",
+            descending=order == "desc",
+            search=parameters.get("search") or "",
+            label=parse_int(parameters.get("label"), "label"),
+            correct=parse_bool(parameters.get("correct"), "correct"),
             outcome=parameters.get("outcome") or None,
             outcome_value=parse_bool(parameters.get("outcome_value"), "outcome_value"),
         )
@@ -94,9 +100,15 @@ def create_app(view: StoreView) -> Starlette:
             view.refresh()
             table = view.table(query)
             outcomes = [column for column in view.columns if column.startswith("flipped by ")]
-            body = view_html.examples_body(table.rows, table.columns, {**dict(parameters), "offset": query.offset,
-                                                                      "limit": query.limit}, table.total, table.more,
-                                           view.class_names(), outcomes)
+            body = view_html.examples_body(
+                table.rows,
+                table.columns,
+                {**dict(parameters), "offset": query.offset, "limit": query.limit},
+                table.total,
+                table.more,
+                view.class_names(),
+                outcomes,
+            )
         return HTMLResponse(view_html.page(f"examples of {view.url}", body))
 
     def example(request: Request) -> Response:
@@ -110,14 +122,18 @@ def create_app(view: StoreView) -> Starlette:
             data = view.example(index, layer, head)
             variant = parameters.get("variant") or (next(iter(data.efficient), None))
             if variant is not None and variant not in data.efficient:
-                raise ViewRequestError(404, f"variant {variant!r} is not computed for example {index}: it has "
-                                            f"{list(data.efficient) or 'none'}")
+                raise ViewRequestError(
+                    404,
+                    f"variant {variant!r} is not computed for example {index}: it has {list(data.efficient) or 'none'}",
+                )
             visible = view.visible_examples()
             position = int(np.searchsorted(visible, index))
 
             def at(**changes: Any) -> str:
-                return view_html.link(f"/example/{changes.pop('index', index)}",
-                                      **{"layer": layer, "head": head, "variant": variant, **changes})
+                return view_html.link(
+                    f"/example/{changes.pop('index', index)}",
+                    **{"layer": layer, "head": head, "variant": variant, **changes},
+                )
 
             li, hi = layers.index(layer), heads.index(head)
             navigation = {
@@ -137,8 +153,12 @@ def create_app(view: StoreView) -> Starlette:
 
     async def http_error(request: Request, error: Exception) -> Response:
         status = getattr(error, "status_code", 500)
-        return _error(status, f"no page at {request.url.path}: the pages are /, /examples and /example/INDEX"
-                      if status == 404 else getattr(error, "detail", "error"))
+        return _error(
+            status,
+            f"no page at {request.url.path}: the pages are /, /examples and /example/INDEX"
+            if status == 404
+            else getattr(error, "detail", "error"),
+        )
 
     return Starlette(
         routes=[Route("/", overview), Route("/examples", examples), Route("/example/{index}", example)],
@@ -150,16 +170,16 @@ def create_app(view: StoreView) -> Starlette:
 class ServerTiming:
     """ASGI middleware: every response says how long the server took to make it (`Server-Timing: view;dur=MS`)."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001 - an ASGI app
+    def __init__(self, app) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - the ASGI signature
+    async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
 
-        async def timed_send(message) -> None:  # noqa: ANN001
+        async def timed_send(message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"server-timing", f"view;dur={1000 * (time.perf_counter() - started):.1f}".encode()))
@@ -177,8 +197,10 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}): another program uses the "
-                             "port; choose another with --port") from None
+            raise ValueError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}): another program uses the "
+                "port; choose another with --port"
+            ) from None
 
 
 def host_warning(host: str) -> str | None:
@@ -191,8 +213,10 @@ def host_warning(host: str) -> str | None:
         loopback = False
     if loopback:
         return None
-    return (f"warning: serving on {host}: the store (texts, attention, results) becomes readable by anyone who can "
-            "reach this port; use --host 127.0.0.1 to keep it local")
+    return (
+        f"warning: serving on {host}: the store (texts, attention, results) becomes readable by anyone who can "
+        "reach this port; use --host 127.0.0.1 to keep it local"
+    )
 
 
 def view_command(store: str, results: str | None = None, explanations: str | None = None) -> str:
@@ -218,8 +242,9 @@ def serve_view(settings: ViewSettings) -> None:
     warning = host_warning(settings.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    config = uvicorn.Config(create_app(view), host=settings.host, port=settings.port, log_level="warning",
-                            access_log=False)
+    config = uvicorn.Config(
+        create_app(view), host=settings.host, port=settings.port, log_level="warning", access_log=False
+    )
     server = uvicorn.Server(config)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"serving {settings.store} at http://{shown_host}:{settings.port}/ (Ctrl-C stops)", flush=True)

@@ -62,18 +62,24 @@ def use_fast_codec_pipeline() -> None:
     global _warned_no_zarrs
     if "ZARR_CODEC_PIPELINE__BATCH_SIZE" not in os.environ and zarr.config.get("codec_pipeline.batch_size") == 1:
         zarr.config.set({"codec_pipeline.batch_size": CHUNK_CODEC_BATCH_SIZE})
-    if ("ZARR_CODEC_PIPELINE__PATH" in os.environ
-            or zarr.config.get("codec_pipeline.path") != ZARR_DEFAULT_CODEC_PIPELINE):
+    if (
+        "ZARR_CODEC_PIPELINE__PATH" in os.environ
+        or zarr.config.get("codec_pipeline.path") != ZARR_DEFAULT_CODEC_PIPELINE
+    ):
         return
     try:
         import storage_schemas.zarrs_pipeline  # noqa: F401 - imports zarrs
     except ImportError as error:
         if not _warned_no_zarrs:
             _warned_no_zarrs = True
-            warnings.warn(f"zarrs cannot be imported ({error}): stores are read and written with zarr's slower "
-                          "codec pipeline. Install zarrs (see requirements.txt) for the fast one", stacklevel=2)
+            warnings.warn(
+                f"zarrs cannot be imported ({error}): stores are read and written with zarr's slower "
+                "codec pipeline. Install zarrs (see requirements.txt) for the fast one",
+                stacklevel=2,
+            )
         return
     zarr.config.set({"codec_pipeline.path": FAST_CODEC_PIPELINE})
+
 
 SCHEMA_NAME = "effattn.attention_store"
 SCHEMA_VERSION = 2  # what new stores are written as
@@ -134,8 +140,9 @@ V2_TEXT_ARRAYS = ("text_bytes", "text_offsets")
 
 def _check_version(schema_version: int) -> None:
     if schema_version not in READABLE_SCHEMA_VERSIONS:
-        raise ValueError(f"attention store schema version must be one of {READABLE_SCHEMA_VERSIONS}, "
-                         f"got {schema_version!r}")
+        raise ValueError(
+            f"attention store schema version must be one of {READABLE_SCHEMA_VERSIONS}, got {schema_version!r}"
+        )
 
 
 def array_dimensions(task: str, schema_version: int = SCHEMA_VERSION) -> dict[str, tuple[str, ...]]:
@@ -180,9 +187,13 @@ class AttentionStoreLayout:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.task == "next-token" and not 1 <= self.top_k <= self.n_classes:
-            raise ValueError(f"a next-token store needs 1 <= top_k <= vocabulary size {self.n_classes}, got {self.top_k}")
+            raise ValueError(
+                f"a next-token store needs 1 <= top_k <= vocabulary size {self.n_classes}, got {self.top_k}"
+            )
         if self.task == "classification" and self.top_k != 0:
-            raise ValueError(f"top_k is for next-token stores only; a classification store has top_k 0, got {self.top_k}")
+            raise ValueError(
+                f"top_k is for next-token stores only; a classification store has top_k 0, got {self.top_k}"
+            )
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
         if self.heads % self.kv_heads:
@@ -199,8 +210,9 @@ class AttentionStoreLayout:
         start = shard_index * self.shard_size
         return slice(start, min(start + self.shard_size, self.n_examples))
 
-    def array_specs(self, schema_version: int = SCHEMA_VERSION
-                    ) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...] | None, tuple[int, ...] | None]]:
+    def array_specs(
+        self, schema_version: int = SCHEMA_VERSION
+    ) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...] | None, tuple[int, ...] | None]]:
         """name -> (shape, dtype, chunks (None: one chunk), shards or None) of every array of schema
         `schema_version`. `text_bytes` (v2) is created empty: its length, the texts' total bytes, is known only
         when they are written (`write_example_metadata`)."""
@@ -294,8 +306,9 @@ def recreate_unprepared_store(
     return _fill_new_store(group, layout, attributes)
 
 
-def _fill_new_store(group: zarr.Group, layout: AttentionStoreLayout, attributes: dict[str, Any],
-                    schema_version: int = SCHEMA_VERSION) -> zarr.Group:
+def _fill_new_store(
+    group: zarr.Group, layout: AttentionStoreLayout, attributes: dict[str, Any], schema_version: int = SCHEMA_VERSION
+) -> zarr.Group:
     dimensions = array_dimensions(layout.task, schema_version)
     for name, (shape, dtype, chunks, shards) in layout.array_specs(schema_version).items():
         group.create_array(
@@ -331,7 +344,7 @@ def attention_store_state(url: str, storage_options: dict | None = None) -> str:
         # No Zarr group there, but a file or a folder of files is not "absent": creating a store would fail
         # (or mix with someone's files), so the caller must refuse it like any other foreign thing.
         return "something else" if _holds_files(url, storage_options) else "absent"
-    except Exception as error:  # noqa: BLE001 - any unreadable thing at the URL is "something else"
+    except Exception as error:
         if is_storage_access_error(error):
             raise  # an unreachable or forbidden store is not "something else": say so instead of refusing it
         return "something else"
@@ -425,8 +438,7 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
     missing = [name for name in dimensions if name not in present]
     if missing:
         raise AttentionStoreError(
-            f"{url} is missing the arrays {missing}: the store is incomplete or damaged; "
-            "extract again into a new store"
+            f"{url} is missing the arrays {missing}: the store is incomplete or damaged; extract again into a new store"
         )
     for name, (shape, dtype, chunks, shards) in layout.array_specs(version).items():
         array = group[name]
@@ -490,8 +502,11 @@ def describe_shards(shards, layout: AttentionStoreLayout) -> str:
     spans = [(layout.shard_slice(run[0]).start, layout.shard_slice(run[-1]).stop - 1) for run in runs]
     examples = ", ".join(f"{first} to {last}" if last > first else f"{first}" for first, last in spans)
     several = len(spans) > 1 or spans[0][1] > spans[0][0]
-    named = str(shards) if len(shards) <= SHARDS_NAMED else \
-        f"[{', '.join(map(str, shards[:SHARDS_NAMED]))}, ... and {len(shards) - SHARDS_NAMED} more]"
+    named = (
+        str(shards)
+        if len(shards) <= SHARDS_NAMED
+        else f"[{', '.join(map(str, shards[:SHARDS_NAMED]))}, ... and {len(shards) - SHARDS_NAMED} more]"
+    )
     return f"shard{'s' if len(shards) > 1 else ''} {named} (example{'s' if several else ''} {examples})"
 
 
@@ -522,8 +537,10 @@ def extract_again_advice(group: zarr.Group, url: str) -> str:
     attributes = group.attrs.asdict()
     corpus = attributes.get("corpus", {}).get("name", "CORPUS")
     model = attributes.get("model", {}).get("name", "MODEL")
-    return (f"finish them by running the `effattn extract --corpus {corpus} --model {model} --store {url} ...` command "
-            "that created the store again, with the same options (it resumes and writes only the missing shards)")
+    return (
+        f"finish them by running the `effattn extract --corpus {corpus} --model {model} --store {url} ...` command "
+        "that created the store again, with the same options (it resumes and writes only the missing shards)"
+    )
 
 
 def require_extracted(group: zarr.Group, url: str, stage: str) -> None:
@@ -583,8 +600,11 @@ def read_texts(group: zarr.Group, indices=None) -> list[str]:
     slice, or None for all), in that order, from a store of any readable schema version."""
     v1 = "text" in group.array_keys()  # a v1 store: one `string` array
     n = group["text"].shape[0] if v1 else group["text_offsets"].shape[0] - 1
-    wanted = np.arange(n)[indices if indices is not None else slice(None)] if indices is None or \
-        isinstance(indices, slice) else np.asarray(indices, dtype=np.int64).reshape(-1)
+    wanted = (
+        np.arange(n)[indices if indices is not None else slice(None)]
+        if indices is None or isinstance(indices, slice)
+        else np.asarray(indices, dtype=np.int64).reshape(-1)
+    )
     if not wanted.size:
         return []
     if wanted.min() < -n or wanted.max() >= n:
@@ -601,8 +621,8 @@ def read_texts(group: zarr.Group, indices=None) -> list[str]:
     data = group["text_bytes"]
     if last - first <= 4 * needed + TEXT_BYTES_CHUNK:  # one read of the span costs little more than the texts
         span = data[first:last].tobytes()
-        return [span[start - first:stop - first].decode("utf-8") for start, stop in zip(starts, stops)]
-    return [data[int(start):int(stop)].tobytes().decode("utf-8") for start, stop in zip(starts, stops)]
+        return [span[start - first : stop - first].decode("utf-8") for start, stop in zip(starts, stops)]
+    return [data[int(start) : int(stop)].tobytes().decode("utf-8") for start, stop in zip(starts, stops)]
 
 
 def write_shard(
@@ -634,5 +654,9 @@ def write_shard(
         expected = (n, *group[name].shape[1:])
         if array.shape != expected:
             raise ValueError(f"shard {shard_index}: '{name}' has shape {array.shape}, expected {expected}")
-    write_whole_shard(group, shard_index, [(name, region, array) for name, array in arrays],
-                      recorded_done=shard_index in completed_shards(group))
+    write_whole_shard(
+        group,
+        shard_index,
+        [(name, region, array) for name, array in arrays],
+        recorded_done=shard_index in completed_shards(group),
+    )

@@ -85,8 +85,9 @@ def _causal_inputs_now(group: zarr.Group, store_group: zarr.Group):
     legacy_variants = [variant for variant in named if efficient_array_path(variant) in store_group]
     legacy_keys = [EXTRACTION_INPUT, *(efficient_array_path(variant) for variant in legacy_variants)]
     recorded = {name for inputs in (attributes.get("shard_inputs") or {}).values() for name in inputs}
-    variants = sorted({*legacy_variants, *(name.split("/", 1)[1] for name in recorded
-                                           if name.startswith("efficient/"))})
+    variants = sorted(
+        {*legacy_variants, *(name.split("/", 1)[1] for name in recorded if name.startswith("efficient/"))}
+    )
     identities = store_input_identities(store_group, variants)
 
     def inputs_now(shard: int) -> InputsNow:
@@ -106,8 +107,9 @@ CAUSAL_RESULTS = ResultsSchema(
         "intervention": text_coordinate("intervention", "intervention name"),
         "intervention_kind": text_coordinate("intervention", "kind of intervention"),
         "variant": text_coordinate("intervention", "efficient-attention variant, or ''"),
-        "removed_directions": ResultArray(("intervention",), "int32",
-                                          "minimality probe: weakest directions of col(T) removed (0 otherwise)"),
+        "removed_directions": ResultArray(
+            ("intervention",), "int32", "minimality probe: weakest directions of col(T) removed (0 otherwise)"
+        ),
         "target": text_coordinate("target", "where the intervention was injected"),
         "target_scope": text_coordinate("target", "all, layer or head"),
         "target_layer": ResultArray(("target",), "int32", "layer replaced (-1: every layer)"),
@@ -120,15 +122,22 @@ CAUSAL_RESULTS = ResultsSchema(
     metric_array=ResultArray(PER_EXAMPLE_DIMENSIONS, "float32", "", fill=NAN),  # each of analysis.causal.METRICS
     per_example={
         "original_correct": ResultArray(
-            ("example",), "float32",
+            ("example",),
+            "float32",
             "the unmodified model's prediction is right (share of positions for next-token; NaN without label)",
-            fill=NAN),
+            fill=NAN,
+        ),
         "injected_change_ratio": ResultArray(
-            ("intervention", "example"), "float32",
-            "||injected - A||_F / ||A||_F over every layer and head of the example", fill=NAN),
+            ("intervention", "example"),
+            "float32",
+            "||injected - A||_F / ||A||_F over every layer and head of the example",
+            fill=NAN,
+        ),
     },
-    aggregates={name: ResultArray(AGGREGATE_DIMENSIONS, "float64", description, fill=NAN)
-                for name, description in AGGREGATES.items()},
+    aggregates={
+        name: ResultArray(AGGREGATE_DIMENSIONS, "float64", description, fill=NAN)
+        for name, description in AGGREGATES.items()
+    },
     required=("intervention", "target", "example"),
     current_inputs=_causal_inputs_now,
 )
@@ -151,16 +160,30 @@ def create_causal_results(
     description; attributes: provenance and `settings`.
     """
     coordinates = {
-        **{name: [item[field] for item in interventions] for name, field in (
-            ("intervention", "name"), ("intervention_kind", "kind"), ("variant", "variant"),
-            ("removed_directions", "removed_directions"))},
-        **{name: [item[field] for item in targets] for name, field in (
-            ("target", "name"), ("target_scope", "scope"), ("target_layer", "layer"), ("target_head", "head"))},
+        **{
+            name: [item[field] for item in interventions]
+            for name, field in (
+                ("intervention", "name"),
+                ("intervention_kind", "kind"),
+                ("variant", "variant"),
+                ("removed_directions", "removed_directions"),
+            )
+        },
+        **{
+            name: [item[field] for item in targets]
+            for name, field in (
+                ("target", "name"),
+                ("target_scope", "scope"),
+                ("target_layer", "layer"),
+                ("target_head", "head"),
+            )
+        },
         "example": np.arange(len(examples["length"])),
         **{name: examples[name] for name in ("source_index", "length", "label")},
     }
-    return CAUSAL_RESULTS.create(url, coordinates, shard_size, attributes, metrics=metrics,
-                                 storage_options=storage_options)
+    return CAUSAL_RESULTS.create(
+        url, coordinates, shard_size, attributes, metrics=metrics, storage_options=storage_options
+    )
 
 
 open_causal_results = CAUSAL_RESULTS.open
@@ -177,8 +200,9 @@ causal_input_identities = store_input_identities
 check_results_of_store = partial(results_dataset.check_results_of_store, error=CausalResultsError)
 
 
-def causal_variants(store_group: zarr.Group, store_url: str, variants: Sequence[str] | None,
-                    interventions: Sequence[str] | None) -> list[str]:
+def causal_variants(
+    store_group: zarr.Group, store_url: str, variants: Sequence[str] | None, interventions: Sequence[str] | None
+) -> list[str]:
     """The variants of the causal stage's default interventions: `variants` (--variants), else those the efficient
     stage has finished in every shard of the store; refused (ValueError) when there are none and no --interventions
     are named (the default interventions need efficient attention)."""
@@ -186,9 +210,12 @@ def causal_variants(store_group: zarr.Group, store_url: str, variants: Sequence[
 
     if variants is None:
         layout = store_layout(store_group)
-        variants = [variant for variant in VARIANTS
-                    if efficient_array_path(variant) in store_group
-                    and len(efficient_completed_shards(store_group, variant)) == layout.n_shards]
+        variants = [
+            variant
+            for variant in VARIANTS
+            if efficient_array_path(variant) in store_group
+            and len(efficient_completed_shards(store_group, variant)) == layout.n_shards
+        ]
     if not variants and interventions is None:
         raise ValueError(
             f"{store_url} has no finished efficient attention: run `effattn efficient --store {store_url}` first (or "
@@ -228,6 +255,12 @@ def write_causal_shard(
     missing = sorted(set(group.attrs["metrics"]) - set(metrics))
     if missing:
         raise ValueError(f"shard {shard_index}: metrics {missing} are missing")
-    CAUSAL_RESULTS.write_shard(group, shard_index, {**{name: metrics[name] for name in group.attrs["metrics"]},
-                                                    "injected_change_ratio": injected_change_ratio,
-                                                    "original_correct": original_correct})
+    CAUSAL_RESULTS.write_shard(
+        group,
+        shard_index,
+        {
+            **{name: metrics[name] for name in group.attrs["metrics"]},
+            "injected_change_ratio": injected_change_ratio,
+            "original_correct": original_correct,
+        },
+    )

@@ -96,8 +96,9 @@ def discard_shard_files(group: zarr.Group, array_paths: Sequence[str], shard_ind
         sync(group.store.delete(_shard_chunk_key(group[name], shard_index)))
 
 
-def write_whole_shard(group: zarr.Group, shard_index: int, writes: Sequence[tuple[str, Any, np.ndarray]],
-                      recorded_done: bool) -> None:
+def write_whole_shard(
+    group: zarr.Group, shard_index: int, writes: Sequence[tuple[str, Any, np.ndarray]], recorded_done: bool
+) -> None:
     """Write one whole shard durably: `writes` are (array path, the shard's region of that array, values), every
     array of the shard. Leftovers of an earlier write are deleted first unless the shard is `recorded_done` (a
     shard rewritten in place, e.g. by a repair, keeps its files until overwritten). When this returns the shard's

@@ -1,12 +1,12 @@
 """The efficient stage's part of an attention store: `efficient/<variant>` and `diagnostics/<variant>/<name>`.
 
-`efficient/<variant>` has the layout of `attention` (example, layer, head, query, key; the chunks of `attention`:
-one example x all layers, or one layer in a schema v1 store; shards of `shard_size` examples), float32, zero outside each example's real block. The null part of a
-variant is `attention - efficient/<variant>`. `diagnostics/<variant>/<name>` are (example, layer, head) arrays,
-one chunk per shard. Completion is recorded per variant in the attribute `completed_shards` of
-`efficient/<variant>`, written by the driver only after the shard's data is written; the settings that shaped the
-numbers (simplex tolerance and iteration limit) are in its attribute `settings`, and a rerun with other settings
-is refused.
+`efficient/<variant>` has the layout of `attention` (example, layer, head, query, key; the chunks of `attention`: one
+example x all layers, or one layer in a schema v1 store; shards of `shard_size` examples), float32, zero outside each
+example's real block. The null part of a variant is `attention - efficient/<variant>`. `diagnostics/<variant>/<name>`
+are (example, layer, head) arrays, one chunk per shard. Completion is recorded per variant in the attribute
+`completed_shards` of `efficient/<variant>`, written by the driver only after the shard's data is written; the settings
+that shaped the numbers (simplex tolerance and iteration limit) are in its attribute `settings`, and a rerun with other
+settings is refused.
 
 Every completed shard of a variant records the identity of the extraction shard it was computed from
 (`shard_inputs`: shard -> {"extraction": identity}) and gets its own identity (`shard_identities`, read by the causal
@@ -114,8 +114,9 @@ def _shard_states(group: zarr.Group, variant: str) -> tuple[list[int], list[int]
     if path not in group:
         return [], []
     extracted = extraction_identities(group)
-    return current_and_stale_shards(group[path].attrs.asdict(),
-                                    lambda shard: ([EXTRACTION_INPUT], {EXTRACTION_INPUT: extracted.get(shard)}))
+    return current_and_stale_shards(
+        group[path].attrs.asdict(), lambda shard: ([EXTRACTION_INPUT], {EXTRACTION_INPUT: extracted.get(shard)})
+    )
 
 
 def efficient_completed_shards(group: zarr.Group, variant: str) -> list[int]:
@@ -188,11 +189,14 @@ def write_efficient_shard(
     missing = sorted(set(DIAGNOSTIC_ARRAYS) - set(diagnostics))
     if missing:
         raise ValueError(f"shard {shard_index}: diagnostics {missing} of {variant} are missing")
-    writes = [(diagnostic_array_path(variant, name), region, np.asarray(diagnostics[name]).astype(dtype))
-              for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()]
+    writes = [
+        (diagnostic_array_path(variant, name), region, np.asarray(diagnostics[name]).astype(dtype))
+        for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()
+    ]
     writes.append((efficient_array_path(variant), region, np.asarray(efficient, dtype=np.float32)))
-    write_whole_shard(group, shard_index, writes,
-                      recorded_done=shard_index in efficient_completed_shards(group, variant))
+    write_whole_shard(
+        group, shard_index, writes, recorded_done=shard_index in efficient_completed_shards(group, variant)
+    )
 
 
 def store_input_identities(group: zarr.Group, variants) -> dict[int, dict[str, str | None]]:
@@ -203,8 +207,10 @@ def store_input_identities(group: zarr.Group, variants) -> dict[int, dict[str, s
     extracted = extraction_identities(group)
     efficient = {variant: efficient_identities(group, variant) for variant in variants}
     return {
-        shard: {EXTRACTION_INPUT: extracted.get(shard),
-                **{efficient_array_path(variant): efficient[variant].get(shard) for variant in variants}}
+        shard: {
+            EXTRACTION_INPUT: extracted.get(shard),
+            **{efficient_array_path(variant): efficient[variant].get(shard) for variant in variants},
+        }
         for shard in range(layout.n_shards)
     }
 
@@ -217,8 +223,10 @@ def store_input_problems(group: zarr.Group, url: str, shards, variants) -> list[
     problems = []
     missing = [shard for shard in shards if current[shard][EXTRACTION_INPUT] is None]
     if missing:
-        problems.append(f"extraction {describe_shards(missing, layout)} {'is' if len(missing) == 1 else 'are'} not "
-                        f"complete: {extract_again_advice(group, url)}")
+        problems.append(
+            f"extraction {describe_shards(missing, layout)} {'is' if len(missing) == 1 else 'are'} not "
+            f"complete: {extract_again_advice(group, url)}"
+        )
     for variant in variants:
         path = efficient_array_path(variant)
         lacking = [shard for shard in shards if current[shard][path] is None]
@@ -226,7 +234,9 @@ def store_input_problems(group: zarr.Group, url: str, shards, variants) -> list[
             continue
         stale = set(lacking) & set(efficient_stale_shards(group, variant))
         why = " (computed from extraction shards that were written again since, or are not complete)" if stale else ""
-        problems.append(f"{path} {describe_shards(lacking, layout)} {'is' if len(lacking) == 1 else 'are'} not "
-                        f"computed{why}: run `effattn efficient --store {url} --variants {variant}`"
-                        + (" after the extraction is complete" if missing else ""))
+        problems.append(
+            f"{path} {describe_shards(lacking, layout)} {'is' if len(lacking) == 1 else 'are'} not "
+            f"computed{why}: run `effattn efficient --store {url} --variants {variant}`"
+            + (" after the extraction is complete" if missing else "")
+        )
     return problems

@@ -1,4 +1,5 @@
-"""The explanation results dataset, schema v2 (v1, before testability was recorded, is refused with how to redo it): a Zarr v3 group that opens as one xarray Dataset.
+"""The explanation results dataset, schema v2 (v1, before testability was recorded, is refused with how to redo it):
+a Zarr v3 group that opens as one xarray Dataset.
 
     xarray.open_zarr(url, consolidated=False)
 
@@ -19,7 +20,8 @@ UTF-8 (Zarr v3 `string`).
 | `target`, `full_probability`, `empty_probability`, `integrated_gradients_delta`, `removable_tokens` | example | |
 | `minimality_tested`, `minimality_minimal`, `minimality_untestable` | example, layer | sampled simplex rows |
 | `minimality_support_size` | example, layer | mean support of the judged rows |
-| `testable` | method, example | 1: the method's efficient matrices differ from A in the layers it reads (E ≠ A), 0: they do not, -1: the method reads no efficient variant |
+| `testable` | method, example | 1: its efficient matrices differ from A (E ≠ A) in the layers it reads, 0: they do |
+|            |                 | not, -1: the method reads no efficient variant |
 | `largest_difference` | method, example | the largest |E − A| over the blocks with a null space in those layers |
 | each of AGGREGATES | | written by `write_explanation_aggregates` once every shard is done |
 
@@ -68,36 +70,71 @@ SCHEMA_VERSION = 2
 
 # name -> (dims, dtype, fill, description) of the per-example arrays, written shard by shard.
 PER_EXAMPLE_ARRAYS: dict[str, tuple[tuple[str, ...], str, Any, str]] = {
-    "faithfulness": (("explainer", "metric", "k", "example"), "float32", float("nan"),
-                     "ERASER comprehensiveness / sufficiency of the target probability"),
-    "aopc": (("explainer", "metric", "example"), "float32", float("nan"), "area over the perturbation curve: mean over k"),
-    "kendall_tau": (("explainer", "reference", "example"), "float32", float("nan"),
-                    "Kendall tau-b with the reference method over the removable tokens"),
-    "attribution": (("explainer", "example", "position"), "float32", float("nan"),
-                    "per-token attribution (NaN where the token may not be removed)"),
+    "faithfulness": (
+        ("explainer", "metric", "k", "example"),
+        "float32",
+        float("nan"),
+        "ERASER comprehensiveness / sufficiency of the target probability",
+    ),
+    "aopc": (
+        ("explainer", "metric", "example"),
+        "float32",
+        float("nan"),
+        "area over the perturbation curve: mean over k",
+    ),
+    "kendall_tau": (
+        ("explainer", "reference", "example"),
+        "float32",
+        float("nan"),
+        "Kendall tau-b with the reference method over the removable tokens",
+    ),
+    "attribution": (
+        ("explainer", "example", "position"),
+        "float32",
+        float("nan"),
+        "per-token attribution (NaN where the token may not be removed)",
+    ),
     "target": (("example",), "int64", -1, "the class (or next token) the unmodified model predicts"),
     "full_probability": (("example",), "float32", float("nan"), "p(target | x)"),
     "empty_probability": (("example",), "float32", float("nan"), "p(target | every removable token removed)"),
-    "integrated_gradients_delta": (("example",), "float32", float("nan"),
-                                   "Captum's convergence delta: sum of IG attributions - (f(x) - f(baseline))"),
+    "integrated_gradients_delta": (
+        ("example",),
+        "float32",
+        float("nan"),
+        "Captum's convergence delta: sum of IG attributions - (f(x) - f(baseline))",
+    ),
     "removable_tokens": (("example",), "int32", -1, "tokens that may be removed (not special, not pooled)"),
     "minimality_tested": (("example", "layer"), "int32", -1, "sampled simplex rows judged (-1: not measured)"),
     "minimality_minimal": (("example", "layer"), "int32", -1, "of those, rows whose support is minimal"),
-    "minimality_untestable": (("example", "layer"), "int32", -1,
-                              "sampled rows whose support does not reproduce the output within the tolerance"),
+    "minimality_untestable": (
+        ("example", "layer"),
+        "int32",
+        -1,
+        "sampled rows whose support does not reproduce the output within the tolerance",
+    ),
     "minimality_support_size": (("example", "layer"), "float32", float("nan"), "mean support size of the judged rows"),
-    "testable": (("explainer", "example"), "int8", -1,
-                 "1: the method's efficient matrices differ from A in the layers it reads, 0: they equal A there, "
-                 "-1: the method reads no efficient variant"),
-    "largest_difference": (("explainer", "example"), "float32", float("nan"),
-                           "largest |E - A| over the blocks with a null space in the layers the method reads"),
+    "testable": (
+        ("explainer", "example"),
+        "int8",
+        -1,
+        "1: the method's efficient matrices differ from A in the layers it reads, 0: they equal A there, "
+        "-1: the method reads no efficient variant",
+    ),
+    "largest_difference": (
+        ("explainer", "example"),
+        "float32",
+        float("nan"),
+        "largest |E - A| over the blocks with a null space in the layers the method reads",
+    ),
 }
 
 # name -> (dims, description); float64, written once every shard is done.
 AGGREGATES: dict[str, tuple[tuple[str, ...], str]] = {
     "mean_aopc": (("explainer", "metric"), "mean AOPC over the examples where the explainer is testable"),
-    "mean_kendall_tau": (("explainer", "reference"),
-                         "mean Kendall tau over the examples where the explainer is testable and tau is defined"),
+    "mean_kendall_tau": (
+        ("explainer", "reference"),
+        "mean Kendall tau over the examples where the explainer is testable and tau is defined",
+    ),
     "minimal_share": (("layer",), "share of the judged simplex rows whose support is minimal"),
 }
 
@@ -122,8 +159,9 @@ def _input_names(store_shards, variants) -> list[tuple[int, str, str]]:
 
 
 def _identities_of(current: dict[int, dict[str, str | None]], store_shards, variants) -> dict[str, str | None]:
-    return {recorded: current.get(shard, {}).get(name) for shard, name, recorded in _input_names(store_shards,
-                                                                                                  variants)}
+    return {
+        recorded: current.get(shard, {}).get(name) for shard, name, recorded in _input_names(store_shards, variants)
+    }
 
 
 def _explanation_inputs_now(group: zarr.Group, store_group: zarr.Group):
@@ -135,8 +173,7 @@ def _explanation_inputs_now(group: zarr.Group, store_group: zarr.Group):
     store_examples = group["store_example"][:]
 
     def inputs_now(shard: int) -> InputsNow:
-        store_shards = store_shards_holding(store_group,
-                                            store_examples[EXPLANATION_RESULTS.shard_region(group, shard)])
+        store_shards = store_shards_holding(store_group, store_examples[EXPLANATION_RESULTS.shard_region(group, shard)])
         legacy_keys = [recorded for _, _, recorded in _input_names(store_shards, legacy_variants)]
         return legacy_keys, _identities_of(current, store_shards, variants)
 
@@ -148,9 +185,11 @@ EXPLANATION_RESULTS = ResultsSchema(
     name=SCHEMA_NAME,
     version=SCHEMA_VERSION,
     command="effattn explain",
-    version_advice=(" (version 2 records which examples can tell efficient attention from A): delete it, or choose "
-                    "a new --results path, and run `effattn explain` again (explanations are recomputed from the "
-                    "attention store)"),
+    version_advice=(
+        " (version 2 records which examples can tell efficient attention from A): delete it, or choose "
+        "a new --results path, and run `effattn explain` again (explanations are recomputed from the "
+        "attention store)"
+    ),
     error=ExplanationResultsError,
     coordinates={
         "explainer": text_coordinate("explainer", "attribution method"),
@@ -159,18 +198,22 @@ EXPLANATION_RESULTS = ResultsSchema(
         "explainer_aggregation": text_coordinate("explainer", "how stored matrices become token scores ('' otherwise)"),
         "metric": text_coordinate("metric", "faithfulness metric"),
         "reference": text_coordinate("reference", "reference of Kendall tau"),
-        "k": ResultArray(("k",), "float64",
-                         "percent of the removable tokens removed (comprehensiveness) or kept (sufficiency)"),
+        "k": ResultArray(
+            ("k",), "float64", "percent of the removable tokens removed (comprehensiveness) or kept (sufficiency)"
+        ),
         "layer": ResultArray(("layer",), "int32", "layer index"),
         "store_example": ResultArray(("example",), "int64", "index of the example in the attention store"),
         "length": ResultArray(("example",), "int32", "real tokens of the example"),
         "label": ResultArray(("example",), "int64", "class id, -1 when unknown"),
         "example": ResultArray(("example",), "int64", "index of the explained example"),
     },
-    per_example={name: ResultArray(dims, dtype, description, fill)
-                 for name, (dims, dtype, fill, description) in PER_EXAMPLE_ARRAYS.items()},
-    aggregates={name: ResultArray(dims, "float64", description, fill=NAN)
-                for name, (dims, description) in AGGREGATES.items()},
+    per_example={
+        name: ResultArray(dims, dtype, description, fill)
+        for name, (dims, dtype, fill, description) in PER_EXAMPLE_ARRAYS.items()
+    },
+    aggregates={
+        name: ResultArray(dims, "float64", description, fill=NAN) for name, (dims, description) in AGGREGATES.items()
+    },
     required=(*PER_EXAMPLE_ARRAYS, "explainer", "example"),
     current_inputs=_explanation_inputs_now,
 )
@@ -194,15 +237,25 @@ def create_explanation_results(
     methods: [{"name", "kind", "source", "aggregation"}]; examples: {"store_example", "length", "label"} arrays
     [example]; positions: the store's max length; attributes: provenance and `settings`."""
     coordinates = {
-        **{name: [item[field] for item in methods] for name, field in (
-            ("explainer", "name"), ("explainer_kind", "kind"), ("explainer_source", "source"),
-            ("explainer_aggregation", "aggregation"))},
-        "metric": list(metrics), "reference": list(references), "k": list(percents), "layer": np.arange(layers),
+        **{
+            name: [item[field] for item in methods]
+            for name, field in (
+                ("explainer", "name"),
+                ("explainer_kind", "kind"),
+                ("explainer_source", "source"),
+                ("explainer_aggregation", "aggregation"),
+            )
+        },
+        "metric": list(metrics),
+        "reference": list(references),
+        "k": list(percents),
+        "layer": np.arange(layers),
         **{name: examples[name] for name in ("store_example", "length", "label")},
         "example": np.arange(len(examples["store_example"])),
     }
-    return EXPLANATION_RESULTS.create(url, coordinates, shard_size, attributes, sizes={"position": int(positions)},
-                                      storage_options=storage_options)
+    return EXPLANATION_RESULTS.create(
+        url, coordinates, shard_size, attributes, sizes={"position": int(positions)}, storage_options=storage_options
+    )
 
 
 open_explanation_results = EXPLANATION_RESULTS.open
@@ -222,8 +275,9 @@ def explanation_input_identities(store_group: zarr.Group, store_examples, varian
     """The current identities of what explaining `store_examples` reads: for every store shard k holding one of them,
     `extraction[k]` and `efficient/<variant>[k]` for each of `variants` -> identity (None: that shard is not
     complete, or is stale)."""
-    return _identities_of(store_input_identities(store_group, variants),
-                          store_shards_holding(store_group, store_examples), variants)
+    return _identities_of(
+        store_input_identities(store_group, variants), store_shards_holding(store_group, store_examples), variants
+    )
 
 
 def explanation_shard_inputs(group: zarr.Group, store_group: zarr.Group, shard_index: int) -> dict[str, str | None]:
@@ -236,8 +290,7 @@ def require_explanation_inputs(store_group: zarr.Group, store_url: str, store_ex
     """Refuse (`IncompleteInputError`) to explain `store_examples` while a store shard holding one of them is not
     extracted, or lacks current efficient attention of one of `variants`, naming the shards and the commands that
     complete them."""
-    problems = store_input_problems(store_group, store_url, store_shards_holding(store_group, store_examples),
-                                    variants)
+    problems = store_input_problems(store_group, store_url, store_shards_holding(store_group, store_examples), variants)
     if problems:
         raise IncompleteInputError(
             f"{store_url} is not ready for `effattn explain` (the examples to explain lie in unfinished shards, "
@@ -255,7 +308,8 @@ def require_stored_variants(store_group: zarr.Group, store_url: str) -> list[str
         raise IncompleteInputError(
             f"{store_url} holds no efficient attention, and `effattn explain` compares efficient attention with raw "
             f"attention: run `effattn efficient --store {store_url}` first (or name --methods without efficient "
-            "variants)")
+            "variants)"
+        )
     return variants
 
 

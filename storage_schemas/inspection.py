@@ -5,8 +5,8 @@ from __future__ import annotations
 import fsspec
 import zarr
 
-from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
 from analysis.variants import VARIANTS
+from storage_schemas.attention_store import completed_shards, open_attention_store, store_layout
 from storage_schemas.efficient_store import efficient_array_path, efficient_completed_shards
 from storage_schemas.selection import selection_of_group
 

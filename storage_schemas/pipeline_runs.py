@@ -94,8 +94,9 @@ def run_paths(run_dir: str, name: str, analysis_label: str | None = None) -> Run
     them) is appended to the results' and the report's names: one attention store can hold several analyses."""
     base = str(run_dir).rstrip("/")
     analysis = f"{name}-{analysis_label}" if analysis_label else name
-    return RunPaths(store=f"{base}/{name}.zarr", results=f"{base}/{analysis}.results.zarr",
-                    report=f"{base}/{analysis}-report")
+    return RunPaths(
+        store=f"{base}/{name}.zarr", results=f"{base}/{analysis}.results.zarr", report=f"{base}/{analysis}-report"
+    )
 
 
 def local_input_fingerprint(name_or_path: str) -> str | None:
@@ -222,8 +223,11 @@ def _report_source(results: str) -> dict[str, Any]:
     from storage_schemas.causal_results import open_causal_results
 
     attributes = open_causal_results(results, mode="r").attrs.asdict()
-    return {"results": results, "created": attributes.get("created"),
-            "claims_digest": settings_digest({"claims": attributes.get("claims")})}
+    return {
+        "results": results,
+        "created": attributes.get("created"),
+        "claims_digest": settings_digest({"claims": attributes.get("claims")}),
+    }
 
 
 def report_status(report_dir: str, results: str) -> StageCheck:

@@ -43,10 +43,19 @@ from storage_schemas.attention_store import READABLE_SCHEMA_VERSIONS, SCHEMA_NAM
 CORE_DATA_TYPES = frozenset(
     {
         "bool",
-        "int8", "int16", "int32", "int64",
-        "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64",
-        "complex64", "complex128",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
     }
 )
 _RAW_BITS = re.compile(r"^r([1-9][0-9]*)$")
@@ -202,8 +211,9 @@ def _check_readers(readers) -> tuple[str, ...]:
     return readers
 
 
-def reader_problems(url: str, storage_options: dict | None = None,
-                    readers=tuple(READER_EXTENSION_DATA_TYPES)) -> list[str]:
+def reader_problems(
+    url: str, storage_options: dict | None = None, readers=tuple(READER_EXTENSION_DATA_TYPES)
+) -> list[str]:
     """The arrays of the Zarr hierarchy at `url` that one of `readers` (names of READER_EXTENSION_DATA_TYPES;
     default all) cannot open, each with the readers and what to change; [] if every reader opens every array."""
     readers = _check_readers(readers)
@@ -214,8 +224,11 @@ def _promises_every_reader(url: str, storage_options: dict | None) -> bool:
     """Whether the group at `url` is an attention store whose schema promises that every reader opens every array."""
     group = zarr.open_group(url, mode="r", storage_options=storage_options)
     attributes = group.attrs.asdict()
-    return (attributes.get("schema") == SCHEMA_NAME and attributes.get("schema_version") in READABLE_SCHEMA_VERSIONS
-            and readable_by_every_reader(group))
+    return (
+        attributes.get("schema") == SCHEMA_NAME
+        and attributes.get("schema_version") in READABLE_SCHEMA_VERSIONS
+        and readable_by_every_reader(group)
+    )
 
 
 def portability_problems(url: str, storage_options: dict | None = None, readers=()) -> list[str]:

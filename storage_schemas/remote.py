@@ -84,8 +84,9 @@ def seconds_from_environment(variable: str, default: float, what: str) -> float:
 
 def storage_timeout_seconds() -> float:
     """Seconds one object-store request may wait: $EFFATTN_STORAGE_TIMEOUT, default 10."""
-    return seconds_from_environment(STORAGE_TIMEOUT_ENV_VAR, DEFAULT_STORAGE_TIMEOUT_SECONDS,
-                                    "an object-store request may wait")
+    return seconds_from_environment(
+        STORAGE_TIMEOUT_ENV_VAR, DEFAULT_STORAGE_TIMEOUT_SECONDS, "an object-store request may wait"
+    )
 
 
 def apply_storage_time_limits() -> None:

@@ -93,9 +93,16 @@ class ResultsSchema:
         named = {name: self.metric_array for name in metrics} if self.metric_array is not None else {}
         return {**named, **self.per_example}
 
-    def create(self, url: str, coordinates: Mapping[str, Any], shard_size: int, attributes: dict[str, Any],
-               sizes: Mapping[str, int] | None = None, metrics: Mapping[str, str] | None = None,
-               storage_options: dict | None = None) -> zarr.Group:
+    def create(
+        self,
+        url: str,
+        coordinates: Mapping[str, Any],
+        shard_size: int,
+        attributes: dict[str, Any],
+        sizes: Mapping[str, int] | None = None,
+        metrics: Mapping[str, str] | None = None,
+        storage_options: dict | None = None,
+    ) -> zarr.Group:
         """Create an empty dataset at `url` (an error if anything exists there): every coordinate with its values
         (`coordinates`: name -> values), the per-example arrays (`metrics`: metric name -> description, for a
         dataset with metric arrays) and the root attributes. `sizes` gives the dims that have no coordinate."""
@@ -110,22 +117,31 @@ class ResultsSchema:
             raise self.error(
                 f"something already exists at {url}: choose a new --results path, or delete it to start over"
             ) from None
-        all_sizes = {**(sizes or {}), **{spec.dims[0]: len(coordinates[name])
-                                         for name, spec in self.coordinates.items()}}
+        all_sizes = {
+            **(sizes or {}),
+            **{spec.dims[0]: len(coordinates[name]) for name, spec in self.coordinates.items()},
+        }
         for name, spec in self.coordinates.items():
             values = np.asarray(coordinates[name], dtype=object if spec.dtype == "string" else spec.dtype)
             array = _create_array(group, name, spec, values.shape, values.shape)
             array[...] = values
-        metric_arrays = {name: replace(self.metric_array, description=description)
-                         for name, description in (metrics or {}).items()}
+        metric_arrays = {
+            name: replace(self.metric_array, description=description) for name, description in (metrics or {}).items()
+        }
         for name, spec in {**metric_arrays, **self.per_example}.items():
             shape = tuple(all_sizes[dim] for dim in spec.dims)
             chunks = tuple(shard_size if dim == "example" else n for dim, n in zip(spec.dims, shape))
             _create_array(group, name, spec, shape, chunks)
-        group.attrs.update({**attributes, "schema": self.name, "schema_version": self.version,
-                            "shard_size": int(shard_size),
-                            **({"metrics": list(metrics or {})} if self.metric_array is not None else {}),
-                            "completed_shards": []})
+        group.attrs.update(
+            {
+                **attributes,
+                "schema": self.name,
+                "schema_version": self.version,
+                "shard_size": int(shard_size),
+                **({"metrics": list(metrics or {})} if self.metric_array is not None else {}),
+                "completed_shards": [],
+            }
+        )
         return group
 
     def open(self, url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
@@ -154,8 +170,10 @@ class ResultsSchema:
             )
         missing = [name for name in (*attributes.get("metrics", []), *self.required) if name not in group]
         if missing:
-            raise self.error(f"{url} lacks the arrays {missing}: it was not completely created; delete it and run "
-                             f"`{self.command}` again")
+            raise self.error(
+                f"{url} lacks the arrays {missing}: it was not completely created; delete it and run "
+                f"`{self.command}` again"
+            )
         return group
 
     def load(self, url: str, storage_options: dict | None = None):
@@ -170,7 +188,8 @@ class ResultsSchema:
         stored = group.attrs.get("settings", {})
         differences = [
             f"{key}: stored {stored.get(key)!r}, requested {settings.get(key)!r}"
-            for key in sorted(set(stored) | set(settings)) if stored.get(key) != settings.get(key)
+            for key in sorted(set(stored) | set(settings))
+            if stored.get(key) != settings.get(key)
         ]
         if differences:
             raise self.error(
@@ -197,8 +216,9 @@ class ResultsSchema:
         or were written again since (or lie beyond the dataset's shards)."""
         n_shards = self.shard_count(group)
         inputs_now = self.current_inputs(group, store_group)
-        return current_and_stale_shards(group.attrs.asdict(),
-                                        lambda shard: inputs_now(shard) if 0 <= shard < n_shards else None)
+        return current_and_stale_shards(
+            group.attrs.asdict(), lambda shard: inputs_now(shard) if 0 <= shard < n_shards else None
+        )
 
     def completed_shards(self, group: zarr.Group, store_group: zarr.Group) -> list[int]:
         """The shards of the results `group` that are computed and still current: computed from the shards of the
@@ -217,8 +237,9 @@ class ResultsSchema:
         taken before the shard's inputs were read); only after its data is written, only from the driver."""
         self.shard_region(group, shard_index)  # an IndexError for a shard that does not exist
         if not inputs or any(identity is None for identity in inputs.values()):
-            raise IncompleteInputError(f"{self.kind} shard {shard_index} cannot be recorded as done: its inputs "
-                                       f"{inputs} were not all complete")
+            raise IncompleteInputError(
+                f"{self.kind} shard {shard_index} cannot be recorded as done: its inputs {inputs} were not all complete"
+            )
         group.attrs.update(completion_update(group.attrs.asdict(), shard_index, inputs))
 
     def write_shard(self, group: zarr.Group, shard_index: int, arrays: Mapping[str, np.ndarray]) -> None:
@@ -239,8 +260,9 @@ class ResultsSchema:
                 raise ValueError(f"shard {shard_index}: {name} has shape {values.shape}, expected {expected}")
             index = tuple(region if i == axis else slice(None) for i in range(len(spec.dims)))
             writes.append((name, index, values.astype(spec.dtype)))
-        write_whole_shard(group, shard_index, writes,
-                          recorded_done=shard_index in group.attrs.get("completed_shards", []))
+        write_whole_shard(
+            group, shard_index, writes, recorded_done=shard_index in group.attrs.get("completed_shards", [])
+        )
 
     # -- once every shard is done ----------------------------------------------------------------------------------
 
@@ -280,9 +302,14 @@ class ResultsSchema:
 def _create_array(group: zarr.Group, name: str, spec: ResultArray, shape, chunks) -> zarr.Array:
     """An array of `spec`, every chunk dim at least 1 (an empty dim still has a chunk)."""
     return group.create_array(
-        name, shape=tuple(shape), dtype=str if spec.dtype == "string" else spec.dtype,
-        chunks=tuple(max(int(n), 1) for n in chunks), compressors=_compressors(), fill_value=spec.fill,
-        dimension_names=spec.dims, attributes={"description": spec.description},
+        name,
+        shape=tuple(shape),
+        dtype=str if spec.dtype == "string" else spec.dtype,
+        chunks=tuple(max(int(n), 1) for n in chunks),
+        compressors=_compressors(),
+        fill_value=spec.fill,
+        dimension_names=spec.dims,
+        attributes={"description": spec.description},
     )
 
 
@@ -314,13 +341,13 @@ def _store_facts(store_attributes: dict[str, Any], n_examples: int) -> dict[str,
 def _stored_selection(store_attributes: dict[str, Any]) -> dict[str, Any] | None:
     """The store's selection of layers and heads as an attribute; None for a store of every layer and head."""
     layout = store_attributes.get("layout", {})
-    selection = selection_of_store(store_attributes, layout.get("layers", 0), layout.get("heads", 0),
-                                   layout.get("kv_heads", 1))
+    selection = selection_of_store(
+        store_attributes, layout.get("layers", 0), layout.get("heads", 0), layout.get("kv_heads", 1)
+    )
     return None if selection.is_everything else selection.to_attribute()
 
 
-def results_store_identity(store_group: zarr.Group, variants: Sequence[str], with_dtype: bool = True
-                           ) -> dict[str, Any]:
+def results_store_identity(store_group: zarr.Group, variants: Sequence[str], with_dtype: bool = True) -> dict[str, Any]:
     """The `store_identity` results of the store `store_group` record: model weights, corpus, example count,
     storage dtype (left out `with_dtype=False`: the explanation results have never recorded it, and a rerun must
     record what they did to resume them), the selection of layers and heads (a store of everything records none)
@@ -333,22 +360,34 @@ def results_store_identity(store_group: zarr.Group, variants: Sequence[str], wit
     return {
         **facts,
         **({} if selection is None else {"selection": selection}),
-        "efficient_settings": {variant: store_group[efficient_array_path(variant)].attrs.get("settings")
-                               for variant in variants if efficient_array_path(variant) in store_group},
+        "efficient_settings": {
+            variant: store_group[efficient_array_path(variant)].attrs.get("settings")
+            for variant in variants
+            if efficient_array_path(variant) in store_group
+        },
     }
 
 
-def check_results_of_store(results_attributes: dict[str, Any], store_attributes: dict[str, Any], results: str,
-                           store: str, n_examples: int, advice: str = "pass the store they came from with --store",
-                           check_selection: bool = True, error: type[ResultsDatasetError] = ResultsDatasetError
-                           ) -> None:
+def check_results_of_store(
+    results_attributes: dict[str, Any],
+    store_attributes: dict[str, Any],
+    results: str,
+    store: str,
+    n_examples: int,
+    advice: str = "pass the store they came from with --store",
+    check_selection: bool = True,
+    error: type[ResultsDatasetError] = ResultsDatasetError,
+) -> None:
     """Refuse (`error`) results whose recorded `settings.store_identity` (model weights, corpus,
     example count, storage dtype where recorded and, with `check_selection`, the stored layers and heads) differs
     from the attention store's; every difference is named, then `advice`."""
     identity = results_attributes.get("settings", {}).get("store_identity", {})
     found = _store_facts(store_attributes, n_examples)
-    differences = [f"{key}: results {identity[key]!r}, store {found[key]!r}" for key in found
-                   if key in identity and identity[key] != found[key]]
+    differences = [
+        f"{key}: results {identity[key]!r}, store {found[key]!r}"
+        for key in found
+        if key in identity and identity[key] != found[key]
+    ]
     if check_selection:
         stored = _stored_selection(store_attributes)
         if identity.get("selection") != stored:

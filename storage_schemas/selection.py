@@ -41,16 +41,19 @@ def parse_index_selection(text: str | None, count: int, what: str) -> tuple[int,
     for item in text.split(","):
         match = _ITEM.match(item)
         if match is None:
-            raise SelectionError(f"--{what} {text!r}: {item.strip()!r} is not an index or a range like 2-4 "
-                                 f"(write e.g. '0,3,5' or '0-2,5', indices 0..{count - 1})")
+            raise SelectionError(
+                f"--{what} {text!r}: {item.strip()!r} is not an index or a range like 2-4 "
+                f"(write e.g. '0,3,5' or '0-2,5', indices 0..{count - 1})"
+            )
         start = int(match.group(1))
         stop = int(match.group(2)) if match.group(2) is not None else start
         if stop < start:
             raise SelectionError(f"--{what} {text!r}: range {item.strip()!r} runs backwards; write {stop}-{start}")
         for index in range(start, stop + 1):
             if index >= count:
-                raise SelectionError(f"--{what} {text!r}: index {index} is out of range; the model has {count} "
-                                     f"{what} (0..{count - 1})")
+                raise SelectionError(
+                    f"--{what} {text!r}: index {index} is out of range; the model has {count} {what} (0..{count - 1})"
+                )
             if index in indices:
                 raise SelectionError(f"--{what} {text!r}: index {index} is given twice; give each once")
             indices.append(index)
@@ -74,29 +77,38 @@ class StoreSelection:
 
     def __post_init__(self) -> None:
         if self.model_heads % self.model_kv_heads:
-            raise SelectionError(f"model heads ({self.model_heads}) must be a multiple of kv heads "
-                                 f"({self.model_kv_heads})")
-        for what, chosen, count in (("layers", self.layers, self.model_layers),
-                                    ("heads", self.heads, self.model_heads)):
+            raise SelectionError(
+                f"model heads ({self.model_heads}) must be a multiple of kv heads ({self.model_kv_heads})"
+            )
+        for what, chosen, count in (
+            ("layers", self.layers, self.model_layers),
+            ("heads", self.heads, self.model_heads),
+        ):
             if not chosen:
                 raise SelectionError(f"a selection needs at least one of the model's {what}")
             if list(chosen) != sorted(set(chosen)) or not all(0 <= index < count for index in chosen):
-                raise SelectionError(f"selected {what} {list(chosen)} must be distinct, ascending and in "
-                                     f"0..{count - 1}")
+                raise SelectionError(
+                    f"selected {what} {list(chosen)} must be distinct, ascending and in 0..{count - 1}"
+                )
 
     @classmethod
     def everything(cls, layers: int, heads: int, kv_heads: int) -> StoreSelection:
         return cls(tuple(range(layers)), tuple(range(heads)), layers, heads, kv_heads)
 
     @classmethod
-    def parse(cls, layers_text: str | None, heads_text: str | None, model_layers: int, model_heads: int,
-              model_kv_heads: int) -> StoreSelection:
+    def parse(
+        cls, layers_text: str | None, heads_text: str | None, model_layers: int, model_heads: int, model_kv_heads: int
+    ) -> StoreSelection:
         """The selection that --layers / --heads text describes for a model of these counts."""
         layers = parse_index_selection(layers_text, model_layers, "layers")
         heads = parse_index_selection(heads_text, model_heads, "heads")
-        return cls(layers if layers is not None else tuple(range(model_layers)),
-                   heads if heads is not None else tuple(range(model_heads)),
-                   model_layers, model_heads, model_kv_heads)
+        return cls(
+            layers if layers is not None else tuple(range(model_layers)),
+            heads if heads is not None else tuple(range(model_heads)),
+            model_layers,
+            model_heads,
+            model_kv_heads,
+        )
 
     @property
     def is_everything(self) -> bool:
@@ -129,7 +141,8 @@ class StoreSelection:
                 f"--heads {','.join(map(str, self.heads))}: with grouped-query attention ({self.model_heads} heads "
                 f"over {self.model_kv_heads} kv heads, {self.group_size} per kv head) select the same number of "
                 f"heads from each kv head used; this selection takes {served} (kv head: heads); e.g. add or drop "
-                "heads until the counts are equal")
+                "heads until the counts are equal"
+            )
 
     def stored_layer(self, model_layer: int) -> int | None:
         """The stored position of a model layer, or None when it is not stored."""
@@ -137,16 +150,23 @@ class StoreSelection:
 
     def to_attribute(self) -> dict:
         """The JSON root attribute a store records (model indices; counts so a reader can check them)."""
-        return {"layers": list(self.layers), "heads": list(self.heads), "kv_heads": list(self.kv_heads),
-                "model_layers": self.model_layers, "model_heads": self.model_heads,
-                "model_kv_heads": self.model_kv_heads}
+        return {
+            "layers": list(self.layers),
+            "heads": list(self.heads),
+            "kv_heads": list(self.kv_heads),
+            "model_layers": self.model_layers,
+            "model_heads": self.model_heads,
+            "model_kv_heads": self.model_kv_heads,
+        }
 
     def describe(self) -> str:
         """One line for inspect and the reports: what 'all layers' means in this store."""
+
         def span(chosen: tuple[int, ...], count: int, what: str) -> str:
             if len(chosen) == count:
                 return f"all {count} {what}"
             return f"{len(chosen)} of {count} {what} ({', '.join(map(str, chosen))})"
+
         return f"{span(self.layers, self.model_layers, 'layers')}, {span(self.heads, self.model_heads, 'heads')}"
 
 
@@ -160,17 +180,25 @@ def selection_of_store(attrs: dict, layers: int, heads: int, kv_heads: int) -> S
     if recorded is None:
         return StoreSelection.everything(layers, heads, kv_heads)
     try:
-        selection = StoreSelection(tuple(recorded["layers"]), tuple(recorded["heads"]), int(recorded["model_layers"]),
-                                   int(recorded["model_heads"]), int(recorded["model_kv_heads"]))
+        selection = StoreSelection(
+            tuple(recorded["layers"]),
+            tuple(recorded["heads"]),
+            int(recorded["model_layers"]),
+            int(recorded["model_heads"]),
+            int(recorded["model_kv_heads"]),
+        )
     except (KeyError, TypeError) as error:
-        raise SelectionError(f"the store's {SELECTION_ATTRIBUTE!r} attribute {recorded!r} is incomplete ({error}); "
-                             "re-extract the store") from error
+        raise SelectionError(
+            f"the store's {SELECTION_ATTRIBUTE!r} attribute {recorded!r} is incomplete ({error}); re-extract the store"
+        ) from error
     stored = (len(selection.layers), len(selection.heads), len(selection.kv_heads))
     if stored != (layers, heads, kv_heads):
-        raise SelectionError(f"the store's selection ({selection.describe()}, {len(selection.kv_heads)} kv heads) "
-                             f"does not match its arrays' counts (layers, heads, kv_heads) = "
-                             f"{(layers, heads, kv_heads)}; "
-                             "the store is damaged: re-extract it")
+        raise SelectionError(
+            f"the store's selection ({selection.describe()}, {len(selection.kv_heads)} kv heads) "
+            f"does not match its arrays' counts (layers, heads, kv_heads) = "
+            f"{(layers, heads, kv_heads)}; "
+            "the store is damaged: re-extract it"
+        )
     return selection
 
 
@@ -189,4 +217,5 @@ def require_everything(group, url: str, stage: str) -> None:
     if not selection.is_everything:
         raise SelectionError(
             f"{url} holds {selection.describe()}; `effattn {stage}` needs every layer and head of the model (its "
-            "attributions roll attention through all layers): extract a store without --layers / --heads for it")
+            "attributions roll attention through all layers): extract a store without --layers / --heads for it"
+        )

@@ -26,8 +26,10 @@ SHARD_IDENTITY_ATTRIBUTES = ("shard_identities", "shard_inputs")
 def recorded_identities(attributes: dict[str, Any]) -> dict[int, str]:
     """Every shard of `attributes["completed_shards"]` -> its identity (`legacy` when none is recorded)."""
     tokens = attributes.get("shard_identities") or {}
-    return {int(shard): tokens.get(str(int(shard)), LEGACY_SHARD_IDENTITY)
-            for shard in attributes.get("completed_shards", [])}
+    return {
+        int(shard): tokens.get(str(int(shard)), LEGACY_SHARD_IDENTITY)
+        for shard in attributes.get("completed_shards", [])
+    }
 
 
 def recorded_inputs(attributes: dict[str, Any], shard_index: int, keys: list[str]) -> dict[str, str]:
@@ -43,8 +45,9 @@ def shard_is_current(recorded: dict[str, str], current: dict[str, str | None]) -
     return all(current.get(name) is not None and current.get(name) == identity for name, identity in recorded.items())
 
 
-def completion_update(attributes: dict[str, Any], shard_index: int,
-                      inputs: dict[str, str] | None = None) -> dict[str, Any]:
+def completion_update(
+    attributes: dict[str, Any], shard_index: int, inputs: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The attribute values that record `shard_index` as completed with a fresh identity (and, for a consuming
     stage, the identities of its `inputs`); write them in one update, so that no completed shard lacks them."""
     shard = int(shard_index)
@@ -62,12 +65,14 @@ def removal_update(attributes: dict[str, Any], shards) -> dict[str, Any]:
     gone = {int(shard) for shard in shards}
     update: dict[str, Any] = {
         "completed_shards": sorted(set(map(int, attributes.get("completed_shards", []))) - gone),
-        "shard_identities": {key: value for key, value in (attributes.get("shard_identities") or {}).items()
-                             if int(key) not in gone},
+        "shard_identities": {
+            key: value for key, value in (attributes.get("shard_identities") or {}).items() if int(key) not in gone
+        },
     }
     if "shard_inputs" in attributes:
-        update["shard_inputs"] = {key: value for key, value in (attributes.get("shard_inputs") or {}).items()
-                                  if int(key) not in gone}
+        update["shard_inputs"] = {
+            key: value for key, value in (attributes.get("shard_inputs") or {}).items() if int(key) not in gone
+        }
     return update
 
 
@@ -76,8 +81,9 @@ def removal_update(attributes: dict[str, Any], shards) -> dict[str, Any]:
 InputsNow = tuple[list[str], dict[str, "str | None"]] | None
 
 
-def current_and_stale_shards(attributes: dict[str, Any],
-                             inputs_now: Callable[[int], InputsNow]) -> tuple[list[int], list[int]]:
+def current_and_stale_shards(
+    attributes: dict[str, Any], inputs_now: Callable[[int], InputsNow]
+) -> tuple[list[int], list[int]]:
     """(current, stale) shards of those `attributes` record as completed, in order: a shard is current while every
     input it recorded (or, for a shard that recorded none, every input `inputs_now` names as legacy) is complete
     with that same identity now."""

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import fsspec
 import psutil
@@ -175,7 +175,7 @@ def _new_record(url: str, stage: str) -> LockHolder:
         host=_this_host(),
         pid=pid,
         process_started=_process_started(pid),
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
         token=uuid.uuid4().hex,
     )
 

@@ -143,8 +143,14 @@ class StoreView:
     """A read-only view of the attention store at `url` (path or fsspec URL), with its causal `results` and
     `explanations` when given. `group`: an already opened store (tests pass one wrapped to count reads)."""
 
-    def __init__(self, url: str, results: str | None = None, explanations: str | None = None,
-                 group: zarr.Group | None = None, tokenizer: Any | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        results: str | None = None,
+        explanations: str | None = None,
+        group: zarr.Group | None = None,
+        tokenizer: Any | None = None,
+    ) -> None:
         self.url = url
         self.group = group if group is not None else open_attention_store(url, mode="r")
         self.layout = store_layout(self.group)
@@ -154,13 +160,25 @@ class StoreView:
         self.results = self.explanations = None
         if results is not None:
             self.results = open_causal_results(results, mode="r")
-            check_results_of_store(self.results.attrs.asdict(), self.attributes, results, url,
-                                   self.layout.n_examples, advice="give the store they came from")
+            check_results_of_store(
+                self.results.attrs.asdict(),
+                self.attributes,
+                results,
+                url,
+                self.layout.n_examples,
+                advice="give the store they came from",
+            )
         if explanations is not None:
             self.explanations = open_explanation_results(explanations, mode="r")
-            check_results_of_store(self.explanations.attrs.asdict(), self.attributes, explanations, url,
-                                   self.layout.n_examples, advice="give the store they came from",
-                                   check_selection=False)
+            check_results_of_store(
+                self.explanations.attrs.asdict(),
+                self.attributes,
+                explanations,
+                url,
+                self.layout.n_examples,
+                advice="give the store they came from",
+                check_selection=False,
+            )
         self._columns: dict[tuple, np.ndarray] = {}
         self._grid: dict[str, tuple[tuple[int, ...], np.ndarray, int]] = {}
         self._outcomes = self._outcome_columns()
@@ -180,12 +198,17 @@ class StoreView:
         if self.explanations is not None:
             self.explanations = zarr.open_group(self.explanations.store_path, mode="r")
         self.shards = completed_shards(self.group)
-        self.variant_shards = {variant: set(efficient_completed_shards(self.group, variant))
-                               for variant in VARIANTS if efficient_array_path(variant) in self.group}
-        self.result_shards = set(causal_completed_shards(self.results, self.group)) if self.results is not None \
-            else set()
-        self.explanation_shards = set(explanation_completed_shards(self.explanations, self.group)) \
-            if self.explanations is not None else set()
+        self.variant_shards = {
+            variant: set(efficient_completed_shards(self.group, variant))
+            for variant in VARIANTS
+            if efficient_array_path(variant) in self.group
+        }
+        self.result_shards = (
+            set(causal_completed_shards(self.results, self.group)) if self.results is not None else set()
+        )
+        self.explanation_shards = (
+            set(explanation_completed_shards(self.explanations, self.group)) if self.explanations is not None else set()
+        )
 
     @property
     def variants(self) -> list[str]:
@@ -194,9 +217,10 @@ class StoreView:
 
     def visible_examples(self) -> np.ndarray:
         """Store indices of the examples of completed extraction shards, in store order [examples shown]."""
-        pieces = [np.arange(start * self.layout.shard_size,
-                            min(stop * self.layout.shard_size, self.layout.n_examples)) for start, stop in
-                  _runs(self.shards)]
+        pieces = [
+            np.arange(start * self.layout.shard_size, min(stop * self.layout.shard_size, self.layout.n_examples))
+            for start, stop in _runs(self.shards)
+        ]
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
     def shard_of(self, index: int) -> int:
@@ -204,23 +228,25 @@ class StoreView:
 
     def check_example(self, index: int) -> None:
         if not 0 <= index < self.layout.n_examples:
-            raise ViewRequestError(404, f"example {index} does not exist: the store has examples 0.."
-                                        f"{self.layout.n_examples - 1}")
+            raise ViewRequestError(
+                404, f"example {index} does not exist: the store has examples 0..{self.layout.n_examples - 1}"
+            )
         if self.shard_of(index) not in self.shards:
-            raise ViewRequestError(404, f"example {index} is not extracted yet (its shard {self.shard_of(index)} "
-                                        "is not complete)")
+            raise ViewRequestError(
+                404, f"example {index} is not extracted yet (its shard {self.shard_of(index)} is not complete)"
+            )
 
     def layer_position(self, layer: int) -> int:
         """The stored position of the model's layer `layer` (404 when it is not stored)."""
         if layer not in self.selection.layers:
-            raise ViewRequestError(404, f"layer {layer} is not in the store: it holds layers "
-                                        f"{list(self.selection.layers)}")
+            raise ViewRequestError(
+                404, f"layer {layer} is not in the store: it holds layers {list(self.selection.layers)}"
+            )
         return list(self.selection.layers).index(layer)
 
     def head_position(self, head: int) -> int:
         if head not in self.selection.heads:
-            raise ViewRequestError(404, f"head {head} is not in the store: it holds heads "
-                                        f"{list(self.selection.heads)}")
+            raise ViewRequestError(404, f"head {head} is not in the store: it holds heads {list(self.selection.heads)}")
         return list(self.selection.heads).index(head)
 
     # --- overview ----------------------------------------------------------------------------------------------
@@ -237,7 +263,7 @@ class StoreView:
             for start, stop in _runs(list(shards)):
                 for first in range(start, stop, GRID_SHARDS_PER_READ):
                     last = min(stop, first + GRID_SHARDS_PER_READ)
-                    block = np.asarray(array[first * size:min(last * size, self.layout.n_examples)])
+                    block = np.asarray(array[first * size : min(last * size, self.layout.n_examples)])
                     total += block.sum(axis=0)
                     count += block.shape[0]
             cached = self._grid[variant] = (shards, total / count if count else np.full_like(total, np.nan), count)
@@ -266,8 +292,11 @@ class StoreView:
         if OUTCOME_TARGET not in targets:
             return {}
         target = targets.index(OUTCOME_TARGET)
-        return {f"flipped by {name}": (position, target) for position, (name, kind) in
-                enumerate(zip(interventions, kinds)) if kind in OUTCOME_KINDS}
+        return {
+            f"flipped by {name}": (position, target)
+            for position, (name, kind) in enumerate(zip(interventions, kinds))
+            if kind in OUTCOME_KINDS
+        }
 
     @property
     def columns(self) -> list[str]:
@@ -290,8 +319,10 @@ class StoreView:
             return np.where(np.isnan(prediction) | (label < 0), np.nan, (prediction == label).astype(np.float64))
         if name in self._outcomes:
             intervention, target = self._outcomes[name]
-            values = np.asarray(self.results[OUTCOME_METRIC].get_orthogonal_selection(
-                ([intervention], [target], indices))[0, 0], dtype=np.float64)
+            values = np.asarray(
+                self.results[OUTCOME_METRIC].get_orthogonal_selection(([intervention], [target], indices))[0, 0],
+                dtype=np.float64,
+            )
             measured = np.array([self.shard_of(int(index)) in self.result_shards for index in indices], dtype=bool)
             return np.where(measured, values, np.nan)
         raise ViewRequestError(400, f"unknown column {name!r}: choose from {self.columns}")
@@ -341,7 +372,7 @@ class StoreView:
             page, more = self._search(order, query.search.lower(), query.offset, query.limit)
             total = None if more else query.offset + len(page)
         else:
-            page = order[query.offset:query.offset + query.limit]
+            page = order[query.offset : query.offset + query.limit]
             total, more = len(order), query.offset + query.limit < len(order)
         return TablePage(rows=self._rows(page), total=total, more=more, columns=self.columns)
 
@@ -350,13 +381,13 @@ class StoreView:
         block and stops once one match past the page is found (whether there is more)."""
         found: list[int] = []
         for start in range(0, len(order), SEARCH_BLOCK):
-            block = order[start:start + SEARCH_BLOCK]
+            block = order[start : start + SEARCH_BLOCK]
             texts = read_texts(self.group, np.sort(block))
             by_index = dict(zip(np.sort(block).tolist(), texts))
             found += [int(index) for index in block if needle in by_index[int(index)].lower()]
             if len(found) > offset + limit:
                 break
-        return np.asarray(found[offset:offset + limit], dtype=np.int64), len(found) > offset + limit
+        return np.asarray(found[offset : offset + limit], dtype=np.int64), len(found) > offset + limit
 
     def _rows(self, page: np.ndarray) -> list[dict[str, Any]]:
         if not len(page):
@@ -367,12 +398,17 @@ class StoreView:
         rows = []
         for position, index in enumerate(page.tolist()):
             text = texts[index]
-            row: dict[str, Any] = {"index": index, "text": text[:SNIPPET_CHARACTERS] + (
-                "…" if len(text) > SNIPPET_CHARACTERS else "")}
+            row: dict[str, Any] = {
+                "index": index,
+                "text": text[:SNIPPET_CHARACTERS] + ("…" if len(text) > SNIPPET_CHARACTERS else ""),
+            }
             for name in self.columns[1:]:
                 value = values[name][position]
-                row[name] = None if np.isnan(value) else (int(value) if name in ("length", "label", "prediction")
-                                                           else bool(value))
+                row[name] = (
+                    None
+                    if np.isnan(value)
+                    else (int(value) if name in ("length", "label", "prediction") else bool(value))
+                )
             row["label"] = None if row["label"] is None else self.label_name(row["label"])
             row["prediction"] = None if row["prediction"] is None else self.label_name(row["prediction"])
             rows.append(row)
@@ -400,23 +436,31 @@ class StoreView:
         paths = ["attention", *(efficient_array_path(variant) for variant in variants)]
         blocks = self._blocks_of(paths, index, layer_at, head_at, n)
         efficient = dict(zip(variants, blocks[1:]))
-        ratios = {variant: float(self.group[diagnostic_array_path(variant, "null_norm_ratio")][index, layer_at,
-                                                                                               head_at])
-                  for variant in variants}
+        ratios = {
+            variant: float(self.group[diagnostic_array_path(variant, "null_norm_ratio")][index, layer_at, head_at])
+            for variant in variants
+        }
         label = int(self.group["label"][index])
         prediction = self.column("prediction", np.array([index]))[0]
         return ExampleData(
-            index=index, layer=layer, head=head, tokens=self.token_labels(index),
-            text=read_texts(self.group, [index])[0], label=self.label_name(label),
+            index=index,
+            layer=layer,
+            head=head,
+            tokens=self.token_labels(index),
+            text=read_texts(self.group, [index])[0],
+            label=self.label_name(label),
             prediction="—" if np.isnan(prediction) else self.label_name(int(prediction)),
             attention=blocks[0],
-            efficient=efficient, null_norm_ratio=ratios, attributions=self.attributions(index, n),
+            efficient=efficient,
+            null_norm_ratio=ratios,
+            attributions=self.attributions(index, n),
         )
 
     def _blocks_of(self, paths: list[str], index: int, layer_at: int, head_at: int, n: int) -> list[np.ndarray]:
         """Each array of `paths` at example `index`, stored layer `layer_at` and head `head_at`: [n, n] float64.
         The arrays are read in parallel threads (each read decodes one chunk; measured faster than keeping whole
         decoded chunks, which costs a copy of every layer and head: benchmarks/view_latency.py)."""
+
         def read(path: str) -> np.ndarray:
             return np.asarray(self.group[path][index, layer_at, head_at, :n, :n], dtype=np.float64)
 
@@ -429,8 +473,10 @@ class StoreView:
         if self.explanations is None:
             return {}
         if self._explained is None:
-            self._explained = {int(example): position for position, example in
-                               enumerate(np.asarray(self.explanations["store_example"][...]).tolist())}
+            self._explained = {
+                int(example): position
+                for position, example in enumerate(np.asarray(self.explanations["store_example"][...]).tolist())
+            }
         position = self._explained.get(index)
         shard_size = int(self.explanations.attrs["shard_size"])
         if position is None or position // shard_size not in self.explanation_shards:
@@ -440,12 +486,23 @@ class StoreView:
         return dict(zip(names, values))
 
 
-def open_store_view(url: str, results: str | None = None, explanations: str | None = None,
-                    tokenizer: Any | None = None) -> StoreView:
+def open_store_view(
+    url: str, results: str | None = None, explanations: str | None = None, tokenizer: Any | None = None
+) -> StoreView:
     """`StoreView(url, results, explanations)`: an `AttentionStoreError` (a `CausalResultsError` for results of
     another store) says what is wrong and what to do."""
     return StoreView(url, results, explanations, tokenizer=tokenizer)
 
 
-__all__ = ["AttentionStoreError", "CausalResultsError", "ExampleData", "StoreView", "TablePage", "TableQuery",
-           "ViewRequestError", "open_store_view", "parse_bool", "parse_int"]
+__all__ = [
+    "AttentionStoreError",
+    "CausalResultsError",
+    "ExampleData",
+    "StoreView",
+    "TablePage",
+    "TableQuery",
+    "ViewRequestError",
+    "open_store_view",
+    "parse_bool",
+    "parse_int",
+]

@@ -41,8 +41,8 @@ from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
     AttentionStoreNotFoundError,
-    store_array_dimensions,
     completed_shards,
+    store_array_dimensions,
     unmark_shards,
     validate_attention_store,
 )
@@ -113,7 +113,7 @@ class VerificationReport:
 
     @property
     def status(self) -> str:
-        """"damaged" (a problem was found), "incomplete" (sound, but shards of the extraction or of an efficient
+        """ "damaged" (a problem was found), "incomplete" (sound, but shards of the extraction or of an efficient
         variant are not finished: an interrupted run) or "ok"."""
         if self.problems:
             return "damaged"
@@ -140,13 +140,19 @@ class VerificationReport:
                 "schema and invariants hold"
             ]
         elif self.status == "incomplete":
-            lines = [f"{self.url}: INCOMPLETE: {len(self.arrays_checked)} arrays, {self.shards_read} shards read; "
-                     "the finished shards are sound, but a stage has not finished:"]
+            lines = [
+                f"{self.url}: INCOMPLETE: {len(self.arrays_checked)} arrays, {self.shards_read} shards read; "
+                "the finished shards are sound, but a stage has not finished:"
+            ]
             lines += [f"  {line}" for line in self.unfinished]
         else:
             places = "; ".join(
-                f"{array or 'store'} " + ("(whole array)" if shards == [None] else
-                                          "shards " + ", ".join(str(s) for s in shards if s is not None))
+                f"{array or 'store'} "
+                + (
+                    "(whole array)"
+                    if shards == [None]
+                    else "shards " + ", ".join(str(s) for s in shards if s is not None)
+                )
                 for array, shards in self.damaged().items()
             )
             count = f"{len(self.problems)} problem" + ("s" if len(self.problems) > 1 else "")
@@ -160,8 +166,9 @@ class VerificationReport:
 
 
 def advice(report: VerificationReport) -> str:
-    repairable = {problem.array for problem in report.problems
-                  if problem.shard is not None and _stage_of(problem.array)}
+    repairable = {
+        problem.array for problem in report.problems if problem.shard is not None and _stage_of(problem.array)
+    }
     fatal = sorted({problem.array or "store" for problem in report.problems} - repairable)
     if fatal:
         return (
@@ -205,15 +212,16 @@ def _damaged_chunks(array: zarr.Array, region: slice) -> tuple[list[str], int]:
     for example in range(region.start, region.stop):
         for layer in starts:
             try:
-                array[example, layer:layer + layers_per_chunk]
+                array[example, layer : layer + layers_per_chunk]
             except Exception:  # noqa: BLE001 - any failure to decode is damage
                 if layers_per_chunk >= array.shape[1]:
                     damaged.append(f"example {example}")
                 elif layers_per_chunk == 1:
                     damaged.append(f"example {example} layer {layer}")
                 else:
-                    damaged.append(f"example {example} layers {layer} to "
-                                   f"{min(layer + layers_per_chunk, array.shape[1]) - 1}")
+                    damaged.append(
+                        f"example {example} layers {layer} to {min(layer + layers_per_chunk, array.shape[1]) - 1}"
+                    )
     return damaged, (region.stop - region.start) * len(starts)
 
 
@@ -229,8 +237,9 @@ def _read(array: zarr.Array, name: str, region: slice | None, shard: int | None,
             if chunks and len(chunks) == in_shard:
                 detail = f"none of its {len(chunks)} chunks decodes: the shard's index or file is damaged ({detail})"
             elif chunks:
-                named = ", ".join(chunks[:CHUNKS_NAMED]) + (f" and {len(chunks) - CHUNKS_NAMED} more"
-                                                            if len(chunks) > CHUNKS_NAMED else "")
+                named = ", ".join(chunks[:CHUNKS_NAMED]) + (
+                    f" and {len(chunks) - CHUNKS_NAMED} more" if len(chunks) > CHUNKS_NAMED else ""
+                )
                 detail = f"chunks {named} do not decode ({detail})"
         report.problems.append(Problem(name, shard, kind, detail))
         return None
@@ -241,10 +250,14 @@ def _read(array: zarr.Array, name: str, region: slice | None, shard: int | None,
             first = tuple(int(i) for i in np.argwhere(~finite)[0])
             if region is not None:
                 first = (first[0] + region.start, *first[1:])
-            report.problems.append(Problem(
-                name, shard, "non-finite",
-                f"{int((~finite).sum())} NaN or infinite values, the first at index {first}",
-            ))
+            report.problems.append(
+                Problem(
+                    name,
+                    shard,
+                    "non-finite",
+                    f"{int((~finite).sum())} NaN or infinite values, the first at index {first}",
+                )
+            )
     return data
 
 
@@ -254,8 +267,16 @@ def _shard_file_missing(url: str, storage_options: dict | None, array: zarr.Arra
     return not filesystem.exists(f"{root.rstrip('/')}/{array.path}/{key}")
 
 
-def _invariant(report: VerificationReport, name: str, shard: int, region: slice, what: str, values: np.ndarray,
-               tolerance: float, dims: str = "(example, layer, head)") -> None:
+def _invariant(
+    report: VerificationReport,
+    name: str,
+    shard: int,
+    region: slice,
+    what: str,
+    values: np.ndarray,
+    tolerance: float,
+    dims: str = "(example, layer, head)",
+) -> None:
     """Report when the worst of `values` [shard example, ...] exceeds `tolerance`."""
     if values.size == 0:
         return
@@ -263,19 +284,26 @@ def _invariant(report: VerificationReport, name: str, shard: int, region: slice,
     if not largest <= tolerance:
         over = int(np.sum(~(values <= tolerance)))
         place = (index[0] + region.start, *index[1:])
-        report.problems.append(Problem(
-            name, shard, "invariant",
-            f"{what} is {largest:.3g} (tolerance {tolerance:g}) at {dims} {place}, {over} such places in the shard",
-        ))
+        report.problems.append(
+            Problem(
+                name,
+                shard,
+                "invariant",
+                f"{what} is {largest:.3g} (tolerance {tolerance:g}) at {dims} {place}, {over} such places in the shard",
+            )
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # the check
 
 
-def verify_store(url: str, storage_options: dict | None = None,
-                 output_tolerance: float = store_checks.OUTPUT_TOLERANCE,
-                 run_shards: ShardRunner | None = None) -> VerificationReport:
+def verify_store(
+    url: str,
+    storage_options: dict | None = None,
+    output_tolerance: float = store_checks.OUTPUT_TOLERANCE,
+    run_shards: ShardRunner | None = None,
+) -> VerificationReport:
     """Read every chunk of the store at `url` and check schema, checksums, finiteness and invariants.
 
     The whole arrays and the store's records are read here; the shards (their chunks and checks, most of the work)
@@ -310,8 +338,10 @@ def verify_store(url: str, storage_options: dict | None = None,
     try:
         selection = selection_of_group(group)
         if not selection.is_everything:
-            report.notes.append(f"the store holds {selection.describe()}: the layer and head numbers above count "
-                                "the stored ones (the `selection` attribute maps them to the model's)")
+            report.notes.append(
+                f"the store holds {selection.describe()}: the layer and head numbers above count "
+                "the stored ones (the `selection` attribute maps them to the model's)"
+            )
     except SelectionError:
         pass  # reported by the schema check
     context = _store_context(group, layout, report)
@@ -319,13 +349,17 @@ def verify_store(url: str, storage_options: dict | None = None,
 
     not_done = sorted(set(range(layout.n_shards)) - context.extracted)
     if not_done:
-        report.unfinished.append(f"extraction shards {not_done} are not completed: run the `effattn extract` command "
-                                 "that created the store again to finish them")
+        report.unfinished.append(
+            f"extraction shards {not_done} are not completed: run the `effattn extract` command "
+            "that created the store again to finish them"
+        )
     for variant in context.variants:
         missing = sorted(set(range(layout.n_shards)) - context.variants_done[variant])
         if missing:
-            report.unfinished.append(f"efficient/{variant} shards {missing} are not completed: run `effattn "
-                                     f"efficient --store {url} --variants {variant}` to finish them")
+            report.unfinished.append(
+                f"efficient/{variant} shards {missing} are not completed: run `effattn "
+                f"efficient --store {url} --variants {variant}` to finish them"
+            )
 
     submissions = [(shard, (url, storage_options, output_tolerance, shard)) for shard in range(layout.n_shards)]
     findings = (run_shards or run_in_process)(verify_shards, submissions)
@@ -343,8 +377,9 @@ ShardRunner = Callable[[Callable, Sequence[tuple[int, tuple]]], dict[int, Any]]
 
 def run_in_process(function: Callable, submissions: Sequence[tuple[int, tuple]]) -> dict[int, Any]:
     """The ShardRunner of one process: one shard after the other, with a progress bar on a terminal."""
-    return {shard: function(*arguments)
-            for shard, arguments in tqdm(submissions, desc="verify", unit="shard", disable=None)}
+    return {
+        shard: function(*arguments) for shard, arguments in tqdm(submissions, desc="verify", unit="shard", disable=None)
+    }
 
 
 @dataclass
@@ -361,22 +396,29 @@ class _StoreContext:
     bands: Any  # the recorded key bands (analysis.key_bands), or None
 
 
-def _store_context(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport,
-                   whole: Sequence[str] = WHOLE_ARRAYS) -> _StoreContext:
+def _store_context(
+    group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport, whole: Sequence[str] = WHOLE_ARRAYS
+) -> _StoreContext:
     """The context, its problems added to `report`; of the WHOLE_ARRAYS, `whole` are read."""
     arrays = _open_arrays(group, layout, report)
     bands = _stored_key_bands(group, layout, report)
     variants = [variant for variant in VARIANTS if efficient_array_path(variant) in arrays]
     constants = {name: _read(arrays[name], name, None, None, report) for name in whole if name in arrays}
     return _StoreContext(
-        layout=layout, arrays=arrays, constants=constants, extracted=set(completed_shards(group)), variants=variants,
+        layout=layout,
+        arrays=arrays,
+        constants=constants,
+        extracted=set(completed_shards(group)),
+        variants=variants,
         variants_done={variant: set(efficient_completed_shards(group, variant)) for variant in variants},
-        causal=bool(group.attrs.get("model", {}).get("causal", False)), bands=bands,
+        causal=bool(group.attrs.get("model", {}).get("causal", False)),
+        bands=bands,
     )
 
 
-def verify_shards(url: str, storage_options: dict | None, output_tolerance: float,
-                  shard: int) -> tuple[list[Problem], int]:
+def verify_shards(
+    url: str, storage_options: dict | None, output_tolerance: float, shard: int
+) -> tuple[list[Problem], int]:
     """Read and check every finished array of shard `shard` (its chunks, missing files, finiteness, invariants);
     returns its problems and how many (array, shard) pairs were decoded. Opens the store itself, so that it runs in
     any process; what the store as a whole holds is checked (and reported) by verify_store, not here."""
@@ -395,10 +437,12 @@ def verify_shards(url: str, storage_options: dict | None, output_tolerance: floa
             continue  # unfinished work is not damage: a rerun rewrites the whole shard
         if stage and stage != "extract" and shard not in context.variants_done[stage.split(":")[1]]:
             continue
-        if name in (*NEVER_EMPTY, *(efficient_array_path(v) for v in context.variants)) \
-                and _shard_file_missing(url, storage_options, array, shard):
-            report.problems.append(Problem(name, shard, "missing",
-                                           "the shard is recorded as done but its file is missing"))
+        if name in (*NEVER_EMPTY, *(efficient_array_path(v) for v in context.variants)) and _shard_file_missing(
+            url, storage_options, array, shard
+        ):
+            report.problems.append(
+                Problem(name, shard, "missing", "the shard is recorded as done but its file is missing")
+            )
             continue
         data[name] = _read(array, name, region, shard, report)
     # what the checks below share, computed once per shard
@@ -407,15 +451,19 @@ def verify_shards(url: str, storage_options: dict | None, output_tolerance: floa
     w_out = context.constants.get("w_out")
     done = [variant for variant in context.variants if shard in context.variants_done[variant]]
     non_finite = {problem.array for problem in report.problems if problem.kind == "non-finite"}  # found by _read
-    inputs_sound = bool(done) and all(data.get(name) is not None and name not in non_finite
-                                      for name in ("attention", "value")) \
-        and w_out is not None and bool(np.isfinite(w_out).all())
+    inputs_sound = (
+        bool(done)
+        and all(data.get(name) is not None and name not in non_finite for name in ("attention", "value"))
+        and w_out is not None
+        and bool(np.isfinite(w_out).all())
+    )
     factors = store_checks.output_factors(w_out) if inputs_sound else None  # [layer, head, head_dim, m]
     if shard in context.extracted:
         _check_extracted_shard(report, shard, region, data, layout, context.causal, context.bands)
     for variant in done:
-        _check_efficient_shard(report, variant, shard, region, data, w_out, context.causal, output_tolerance,
-                               context.bands, factors)
+        _check_efficient_shard(
+            report, variant, shard, region, data, w_out, context.causal, output_tolerance, context.bands, factors
+        )
     return report.problems, report.shards_read
 
 
@@ -448,22 +496,64 @@ def _check_extracted_shard(report, shard, region, data, layout, causal, bands=No
     attention = data.get("attention")
     tolerance = store_checks.ROW_SUM_TOLERANCE[layout.dtype]
     if attention is not None:
-        _invariant(report, "attention", shard, region, "|row sum - 1| over the real tokens",
-                   store_checks.row_sum_error_of_sums(data["attention row sums"], length), tolerance)
-        _invariant(report, "attention", shard, region, "|entry| outside the real block",
-                   store_checks.outside_block_magnitude(attention, length), 0.0)
-        _invariant(report, "attention", shard, region, "the most negative entry (negated)",
-                   store_checks.most_negative(attention), store_checks.NEGATIVE_TOLERANCE)
+        _invariant(
+            report,
+            "attention",
+            shard,
+            region,
+            "|row sum - 1| over the real tokens",
+            store_checks.row_sum_error_of_sums(data["attention row sums"], length),
+            tolerance,
+        )
+        _invariant(
+            report,
+            "attention",
+            shard,
+            region,
+            "|entry| outside the real block",
+            store_checks.outside_block_magnitude(attention, length),
+            0.0,
+        )
+        _invariant(
+            report,
+            "attention",
+            shard,
+            region,
+            "the most negative entry (negated)",
+            store_checks.most_negative(attention),
+            store_checks.NEGATIVE_TOLERANCE,
+        )
         if causal:
-            _invariant(report, "attention", shard, region, "|weight| on future keys",
-                       store_checks.future_magnitude(attention), 1e-6)
+            _invariant(
+                report,
+                "attention",
+                shard,
+                region,
+                "|weight| on future keys",
+                store_checks.future_magnitude(attention),
+                1e-6,
+            )
         if bands is not None:
-            _invariant(report, "attention", shard, region, "|weight| on keys outside the layer's key band",
-                       key_bands.outside_band_magnitude(attention, length, bands), 1e-6)
+            _invariant(
+                report,
+                "attention",
+                shard,
+                region,
+                "|weight| on keys outside the layer's key band",
+                key_bands.outside_band_magnitude(attention, length, bands),
+                1e-6,
+            )
     if data.get("value") is not None:
-        _invariant(report, "value", shard, region, "|value| beyond the length",
-                   store_checks.value_padding_magnitude(data["value"], length), 0.0,
-                   dims="(example, layer, kv_head)")
+        _invariant(
+            report,
+            "value",
+            shard,
+            region,
+            "|value| beyond the length",
+            store_checks.value_padding_magnitude(data["value"], length),
+            0.0,
+            dims="(example, layer, kv_head)",
+        )
 
 
 def _stored_key_bands(group: zarr.Group, layout: AttentionStoreLayout, report: VerificationReport):
@@ -475,13 +565,15 @@ def _stored_key_bands(group: zarr.Group, layout: AttentionStoreLayout, report: V
     try:
         return key_bands.store_key_bands(model, selection_of_group(group).layers)
     except (ValueError, TypeError) as error:
-        report.problems.append(Problem("", None, "schema",
-                                       f"the root attribute model.key_bands does not read: {error}"))
+        report.problems.append(
+            Problem("", None, "schema", f"the root attribute model.key_bands does not read: {error}")
+        )
         return None
 
 
-def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, output_tolerance,
-                           bands=None, factors=None) -> None:
+def _check_efficient_shard(
+    report, variant, shard, region, data, w_out, causal, output_tolerance, bands=None, factors=None
+) -> None:
     """The invariants of `variant`'s efficient attention in the shard; its relations to the attention only with
     `factors` (store_checks.output_factors of w_out), given when the inputs are sound (else damaged, and reported:
     the relations to them cannot be checked)."""
@@ -489,27 +581,62 @@ def _check_efficient_shard(report, variant, shard, region, data, w_out, causal, 
     efficient, attention, value, length = (data.get(key) for key in (name, "attention", "value", "length"))
     if efficient is None or length is None:
         return
-    _invariant(report, name, shard, region, "|entry| outside the real block",
-               store_checks.outside_block_magnitude(efficient, length), 0.0)
+    _invariant(
+        report,
+        name,
+        shard,
+        region,
+        "|entry| outside the real block",
+        store_checks.outside_block_magnitude(efficient, length),
+        0.0,
+    )
     if causal:
-        _invariant(report, name, shard, region, "|weight| on future keys", store_checks.future_magnitude(efficient),
-                   1e-6)
+        _invariant(
+            report, name, shard, region, "|weight| on future keys", store_checks.future_magnitude(efficient), 1e-6
+        )
     if bands is not None:  # no weight on a key the model's mask hid from the query
-        _invariant(report, name, shard, region, "|weight| on keys outside the layer's key band",
-                   key_bands.outside_band_magnitude(efficient, length, bands), 1e-6)
+        _invariant(
+            report,
+            name,
+            shard,
+            region,
+            "|weight| on keys outside the layer's key band",
+            key_bands.outside_band_magnitude(efficient, length, bands),
+            1e-6,
+        )
     guaranteed = variant_record(variant)  # the invariants this variant guarantees
     if guaranteed.non_negative:
-        _invariant(report, name, shard, region, "the most negative entry (negated)",
-                   store_checks.most_negative(efficient), store_checks.NEGATIVE_TOLERANCE)
+        _invariant(
+            report,
+            name,
+            shard,
+            region,
+            "the most negative entry (negated)",
+            store_checks.most_negative(efficient),
+            store_checks.NEGATIVE_TOLERANCE,
+        )
     if factors is None:
         return  # the inputs are damaged (reported): the relations to them cannot be checked
     if guaranteed.keeps_row_sums:
-        _invariant(report, name, shard, region, "|row sum - row sum of the attention|",
-                   store_checks.row_sum_error(efficient, length, data["attention row sums"]), 1e-4)
+        _invariant(
+            report,
+            name,
+            shard,
+            region,
+            "|row sum - row sum of the attention|",
+            store_checks.row_sum_error(efficient, length, data["attention row sums"]),
+            1e-4,
+        )
     if guaranteed.keeps_output:
-        _invariant(report, name, shard, region, "||(A_eff - A) T|| / ||A T||",
-                   store_checks.output_residual(efficient, attention, value, w_out, factors, length),
-                   output_tolerance)
+        _invariant(
+            report,
+            name,
+            shard,
+            region,
+            "||(A_eff - A) T|| / ||A T||",
+            store_checks.output_residual(efficient, attention, value, w_out, factors, length),
+            output_tolerance,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -549,8 +676,9 @@ def _unmark_damaged_shards(url: str, report: VerificationReport, storage_options
     return {key: sorted(shards) for key, shards in undone.items()}
 
 
-def content_digests(url: str, storage_options: dict | None = None,
-                    ignore_attributes: Iterable[str] = ("created",)) -> dict[str, str]:
+def content_digests(
+    url: str, storage_options: dict | None = None, ignore_attributes: Iterable[str] = ("created",)
+) -> dict[str, str]:
     """sha256 of every array's decoded values (dtype, shape and bytes; text as UTF-8) and of every array's and
     group's attributes (less the root's `ignore_attributes`, and everywhere the shard identities, fresh tokens that
     differ between two runs writing the same data), keyed by path: two stores with equal digests hold the same data,
@@ -558,8 +686,9 @@ def content_digests(url: str, storage_options: dict | None = None,
     root = zarr.open_group(url, mode="r", storage_options=storage_options)
     digests = {}
     for path, member in [("", root), *sorted(root.members(max_depth=None), key=lambda item: item[0])]:
-        attributes = {key: value for key, value in member.attrs.asdict().items()
-                      if key not in SHARD_IDENTITY_ATTRIBUTES}
+        attributes = {
+            key: value for key, value in member.attrs.asdict().items() if key not in SHARD_IDENTITY_ATTRIBUTES
+        }
         if path == "":
             attributes = {key: value for key, value in attributes.items() if key not in set(ignore_attributes)}
         digests[f"{path or '/'}@attributes"] = hashlib.sha256(

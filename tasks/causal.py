@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,8 +54,8 @@ from storage_schemas.attention_store import AttentionStoreLayout, open_attention
 from storage_schemas.causal_results import (
     CausalResultsError,
     causal_completed_shards,
-    causal_variants,
     causal_input_identities,
+    causal_variants,
     check_same_settings,
     create_causal_results,
     forget_stale_causal_shards,
@@ -96,8 +96,9 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
     store, variants, interventions = settings.store, settings.variants, settings.interventions
     layer_interventions, head_interventions = settings.layer_interventions, settings.head_interventions
     scopes = SCOPES if settings.scopes is None else settings.scopes
-    minimality_directions = (DEFAULT_MINIMALITY_DIRECTIONS if settings.minimality_directions is None
-                             else settings.minimality_directions)
+    minimality_directions = (
+        DEFAULT_MINIMALITY_DIRECTIONS if settings.minimality_directions is None else settings.minimality_directions
+    )
     scope_examples = settings.scope_examples
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
@@ -113,10 +114,16 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
     return CausalPlan(
         interventions=tuple(chosen),
         scopes=tuple(scopes),
-        layer_interventions=tuple(default_layer_interventions(chosen) if layer_interventions is None
-                                  else map(Intervention.parse, layer_interventions)),
-        head_interventions=tuple(default_head_interventions(chosen) if head_interventions is None
-                                 else map(Intervention.parse, head_interventions)),
+        layer_interventions=tuple(
+            default_layer_interventions(chosen)
+            if layer_interventions is None
+            else map(Intervention.parse, layer_interventions)
+        ),
+        head_interventions=tuple(
+            default_head_interventions(chosen)
+            if head_interventions is None
+            else map(Intervention.parse, head_interventions)
+        ),
         scope_examples=None if scope_examples is None else int(scope_examples),
         targets=tuple(targets_for(list(scopes), selection.layers, selection.heads)),  # model indices
         seed=int(settings.seed),
@@ -146,9 +153,12 @@ def create_results(run: StageRun) -> None:
             examples={name: group[name][:] for name in ("source_index", "length", "label")},
             shard_size=layout.shard_size,
             metrics=METRICS,
-            attributes={**provenance, "attention_store": store if "://" in store else os.path.abspath(store),
-                        "settings": plan.as_attribute(),
-                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            attributes={
+                **provenance,
+                "attention_store": store if "://" in store else os.path.abspath(store),
+                "settings": plan.as_attribute(),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
         )
     else:
         check_same_settings(results_group, results, plan.as_attribute())
@@ -168,15 +178,25 @@ def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequenc
         stored_logits=np.asarray(group["logits"][start:stop]),
         label=np.asarray(group["label"][start:stop]) if task != "next-token" else None,
         stored_logit_ids=np.asarray(group["logit_ids"][start:stop]) if task == "next-token" else None,
-        efficient={variant: np.asarray(group[efficient_array_path(variant)][start:stop, :, :, :size, :size])
-                   for variant in variants},
+        efficient={
+            variant: np.asarray(group[efficient_array_path(variant)][start:stop, :, :, :size, :size])
+            for variant in variants
+        },
     )
 
 
 def measure_batch(
-    loaded: LoadedModel, batch: CausalBatch, plan: CausalPlan, batch_metrics: BatchMetrics, w_out: np.ndarray,
-    causal: bool, scoped: set[int], forward_rows: int, on_intervention: Callable[[], Any] | None = None,
-    key_bands: Sequence[KeyBand] | None = None, selection: StoreSelection | None = None,
+    loaded: LoadedModel,
+    batch: CausalBatch,
+    plan: CausalPlan,
+    batch_metrics: BatchMetrics,
+    w_out: np.ndarray,
+    causal: bool,
+    scoped: set[int],
+    forward_rows: int,
+    on_intervention: Callable[[], Any] | None = None,
+    key_bands: Sequence[KeyBand] | None = None,
+    selection: StoreSelection | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every planned intervention of one batch, injected at every target of its scopes, `forward_rows` rows
     (targets x examples) at most per forward pass.
@@ -195,17 +215,33 @@ def measure_batch(
     shared = SharedBases()  # decompositions the interventions of this batch share
     for intervention, scopes in plan.scope_plan():
         matrices = intervention_matrices(
-            intervention, batch.attention, batch.value, w_out, batch.length, causal,
-            efficient=batch.efficient.get(intervention.variant_name), example_indices=batch.example_indices,
-            seed=plan.seed, shared=shared, key_bands=key_bands,
+            intervention,
+            batch.attention,
+            batch.value,
+            w_out,
+            batch.length,
+            causal,
+            efficient=batch.efficient.get(intervention.variant_name),
+            example_indices=batch.example_indices,
+            seed=plan.seed,
+            shared=shared,
+            key_bands=key_bands,
         )
         index = plan.interventions.index(intervention)
         change_ratio[index] = injected_change_ratio(matrices, batch.attention)
         for scope, target_indices in scopes:
-            for examples, targets in forward_groups(batch.examples_at(scope, scoped), target_indices, forward_rows,
-                                                    batch.length):
-                logits = intervened_logits(loaded, batch.tokens[examples], batch.length[examples], matrices[examples],
-                                           masks[targets], selection.layers, selection.heads)
+            for examples, targets in forward_groups(
+                batch.examples_at(scope, scoped), target_indices, forward_rows, batch.length
+            ):
+                logits = intervened_logits(
+                    loaded,
+                    batch.tokens[examples],
+                    batch.length[examples],
+                    matrices[examples],
+                    masks[targets],
+                    selection.layers,
+                    selection.heads,
+                )
                 for name, values in batch_metrics.measure(logits, examples).items():
                     measured[name][index, targets[:, None], examples[None, :]] = values
         if on_intervention is not None:
@@ -235,16 +271,27 @@ def compute_causal_shard(job: ShardJob) -> dict[str, np.ndarray]:
     selection = selection_of_group(group)
     key_bands = store_key_bands(group.attrs["model"], selection.layers)  # the noise stays on the keys each query sees
     starts = range(region.start, region.stop, batch_size)
-    progress = tqdm(total=len(starts) * len(planned), desc=f"causal shard {shard_index}", unit="intervention",
-                    leave=False)
+    progress = tqdm(
+        total=len(starts) * len(planned), desc=f"causal shard {shard_index}", unit="intervention", leave=False
+    )
     for start in starts:
         batch = read_causal_batch(group, start, min(start + batch_size, region.stop), layout.task, variants)
         rows = slice(start - region.start, start - region.start + len(batch.length))
         batch_metrics = BatchMetrics.for_batch(loaded, batch, layout.task)
         original_correct[rows] = batch_metrics.original_correct()
-        measured, ratio = measure_batch(loaded, batch, plan, batch_metrics, w_out, causal, scoped, job.forward_rows,
-                                        on_intervention=progress.update, key_bands=key_bands,
-                                        selection=selection)
+        measured, ratio = measure_batch(
+            loaded,
+            batch,
+            plan,
+            batch_metrics,
+            w_out,
+            causal,
+            scoped,
+            job.forward_rows,
+            on_intervention=progress.update,
+            key_bands=key_bands,
+            selection=selection,
+        )
         for name in METRICS:
             metrics[name][:, :, rows] = measured[name]
         change_ratio[:, rows] = ratio
@@ -267,7 +314,10 @@ def measure_and_write_causal_shard(job: ShardJob) -> dict[str, str]:
     computed = compute_causal_shard(job)
     group = open_causal_results(job.results, mode="r+")
     write_causal_shard(
-        group, shard_index, {name: computed[name] for name in METRICS}, computed["injected_change_ratio"],
+        group,
+        shard_index,
+        {name: computed[name] for name in METRICS},
+        computed["injected_change_ratio"],
         computed["original_correct"],
     )
     return inputs
@@ -300,8 +350,13 @@ def summarise_results(store: str, results: str) -> list[dict[str, Any]]:
     stored = [variant for variant in variants if efficient_array_path(variant) in store_group]
 
     def diagnostics_of(part: slice) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
-        return ({variant: {name: store_group[diagnostic_array_path(variant, name)][part] for name in DIAGNOSTIC_ARRAYS}
-                 for variant in stored}, store_group["length"][part])
+        return (
+            {
+                variant: {name: store_group[diagnostic_array_path(variant, name)][part] for name in DIAGNOSTIC_ARRAYS}
+                for variant in stored
+            },
+            store_group["length"][part],
+        )
 
     summary = efficient_diagnostics_summary_of_parts(diagnostics_of(part) for part in parts)
     claims = claims_table(

@@ -82,10 +82,17 @@ def local_cluster(workers: int | None) -> Iterator:
     level = distributed_logger.level
     distributed_logger.setLevel(max(level, logging.WARNING))
     try:
-        with main_script_hidden_from_workers(), LocalCluster(
-            n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.CRITICAL, preload=[__name__],  # dask_setup below, in every worker process
-        ) as cluster:
+        with (
+            main_script_hidden_from_workers(),
+            LocalCluster(
+                n_workers=workers or os.cpu_count() or 1,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.CRITICAL,
+                preload=[__name__],  # dask_setup below, in every worker process
+            ) as cluster,
+        ):
             yield cluster
     finally:
         distributed_logger.setLevel(level)
@@ -122,8 +129,9 @@ class RunCluster:
         for it later (the start-up then overlaps this process's own work). Nothing to do with an address."""
         if self._given or self._cluster is not None or self._starting is not None:
             return
-        self._starting = threading.Thread(target=self._start, args=(tuple(modules),), name="effattn-run-cluster",
-                                          daemon=True)
+        self._starting = threading.Thread(
+            target=self._start, args=(tuple(modules),), name="effattn-run-cluster", daemon=True
+        )
         self._starting.start()
 
     def _start(self, modules: tuple[str, ...] = ()) -> None:
@@ -192,7 +200,10 @@ def task_resources(device: str) -> dict[str, int] | None:
 
 
 def run_shard_tasks(
-    client, submissions: Sequence[tuple[int, Callable, tuple]], record: Callable[[int, Any], None], desc: str,
+    client,
+    submissions: Sequence[tuple[int, Callable, tuple]],
+    record: Callable[[int, Any], None],
+    desc: str,
     resources: dict[str, int] | None = None,
 ) -> int:
     """Submit one task per shard (`submissions`: (shard, function, arguments)) to `client` and record each as it

@@ -86,7 +86,13 @@ def compute_efficient_piece(
     if not 0 <= first < stop <= layout.layers:
         raise ValueError(f"layers ({first}, {stop}) must satisfy 0 <= start < stop <= {layout.layers}")
     inputs = retry_transient_io(
-        _read_piece_inputs, group, store, shard_index, region, slice(first, stop), delays=retry_delays,
+        _read_piece_inputs,
+        group,
+        store,
+        shard_index,
+        region,
+        slice(first, stop),
+        delays=retry_delays,
         on_retry=log_retry,
     )
     return _compute_piece(group, store, shard_index, (first, stop), inputs, variants, settings)
@@ -103,8 +109,9 @@ def _open_shard(store: str, shard_index: int, torch_threads: int, retry_delays: 
     return group, layout, layout.shard_slice(shard_index)
 
 
-def _compute_piece(group, store: str, shard_index: int, layers: tuple[int, int], inputs: tuple,
-                   variants: Sequence[str], settings: dict) -> dict[str, EfficientAttentionResult]:
+def _compute_piece(
+    group, store: str, shard_index: int, layers: tuple[int, int], inputs: tuple, variants: Sequence[str], settings: dict
+) -> dict[str, EfficientAttentionResult]:
     """`variants` for layers [start, stop) from `inputs` = (attention, value, w_out, length) of exactly those
     layers (`_read_piece_inputs`)."""
     attention, value, w_out, length = inputs
@@ -149,8 +156,10 @@ def write_efficient_pieces(
     layout = store_layout(group)
     covered = sum(next(iter(piece.values())).efficient.shape[1] for piece in pieces)  # layers of every piece
     if covered != layout.layers:
-        raise ValueError(f"{store}, shard {shard_index}: the pieces cover {covered} layers, the store has "
-                         f"{layout.layers}; pass one piece per layer range, together covering every layer once")
+        raise ValueError(
+            f"{store}, shard {shard_index}: the pieces cover {covered} layers, the store has "
+            f"{layout.layers}; pass one piece per layer range, together covering every layer once"
+        )
     variants = list(pieces[0])
     for variant in variants:
         efficient = np.concatenate([piece[variant].efficient for piece in pieces], axis=1)
@@ -159,8 +168,15 @@ def write_efficient_pieces(
             for name in pieces[0][variant].diagnostics
         }
         retry_transient_io(
-            write_efficient_shard, group, layout, variant, shard_index, efficient, diagnostics,
-            delays=retry_delays, on_retry=log_retry,
+            write_efficient_shard,
+            group,
+            layout,
+            variant,
+            shard_index,
+            efficient,
+            diagnostics,
+            delays=retry_delays,
+            on_retry=log_retry,
         )
     return shard_index, variants
 
@@ -191,14 +207,24 @@ def compute_efficient_shard(
     reading it layer by layer would decode each chunk once per layer."""
     group, layout, region = _open_shard(store, shard_index, torch_threads, retry_delays)
     attention, value, w_out, length = retry_transient_io(
-        _read_piece_inputs, group, store, shard_index, region, slice(0, layout.layers), delays=retry_delays,
+        _read_piece_inputs,
+        group,
+        store,
+        shard_index,
+        region,
+        slice(0, layout.layers),
+        delays=retry_delays,
         on_retry=log_retry,
     )
     pieces = []
     for cut in shard_pieces(variants, layout.layers):
         first, stop = cut if cut is not None else (0, layout.layers)
-        inputs = (np.ascontiguousarray(attention[:, first:stop]), np.ascontiguousarray(value[:, first:stop]),
-                  np.ascontiguousarray(w_out[first:stop]), length)
+        inputs = (
+            np.ascontiguousarray(attention[:, first:stop]),
+            np.ascontiguousarray(value[:, first:stop]),
+            np.ascontiguousarray(w_out[first:stop]),
+            length,
+        )
         pieces.append(_compute_piece(group, store, shard_index, (first, stop), inputs, variants, settings))
     return write_efficient_pieces(store, shard_index, pieces, retry_delays)
 
@@ -241,8 +267,13 @@ def prepare_variants(store: str, variants: Sequence[str], settings: dict) -> dic
     for variant in variants:
         stale = forget_stale_efficient_shards(group, variant)
         if stale:
-            logger.warning("%s: efficient/%s shards %s were computed from extraction shards that were unfinished "
-                           "then or written again since: computing them again", store, variant, stale)
+            logger.warning(
+                "%s: efficient/%s shards %s were computed from extraction shards that were unfinished "
+                "then or written again since: computing them again",
+                store,
+                variant,
+                stale,
+            )
     return pending_work(group, variants)
 
 
@@ -292,8 +323,9 @@ def compute_shards(store: str, work: dict[int, list[str]], settings: dict, clien
     results arrive. Returns the number of shards computed."""
     group = open_attention_store(store, mode="r+")
     futures = submit_efficient_work(client, store, work, settings, group)
-    return record_shard_futures(futures, lambda shard, result: mark_variants_completed(group, shard, result),
-                                "efficient shards")
+    return record_shard_futures(
+        futures, lambda shard, result: mark_variants_completed(group, shard, result), "efficient shards"
+    )
 
 
 def submit_efficient_shards(client, run: StageRun, todo: list[int], group) -> dict[Any, int]:

@@ -14,15 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from analysis.efficient_attention import VARIANTS
-from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
-from analysis.explainers import ATTENTION_SOURCE, ExplanationSettings, explainer_record, references
 from analysis.example_explanation import explain_example
+from analysis.explainers import ATTENTION_SOURCE, ExplanationSettings, explainer_record, references
+from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
 from analysis.explanations import DIFFERENCE_TOLERANCE, FAITHFULNESS_METRICS, aopc, draw_examples
 from analysis.support_minimality import layer_minimality, minimal_share_by_layer
 from storage_schemas.attention_store import open_attention_store, store_layout
@@ -56,12 +56,14 @@ def matrix_sources(methods: list[str]) -> list[str]:
     """The stored matrices the methods read: 'attention' and efficient variants, in VARIANTS order (an efficient
     method reads raw attention too: its testability is measured against it)."""
     parsed = [method for method in map(explainer_record, methods) if method.reads_matrices]
-    sources = {method.source for method in parsed} | ({ATTENTION_SOURCE} if any(m.is_efficient for m in parsed)
-                                                      else set())
+    sources = {method.source for method in parsed} | (
+        {ATTENTION_SOURCE} if any(m.is_efficient for m in parsed) else set()
+    )
     unknown = sorted(sources - {ATTENTION_SOURCE, *VARIANTS})
     if unknown:
         raise ValueError(
-            f"explanation methods read unknown matrices {unknown}: use attention or one of {list(VARIANTS)}")
+            f"explanation methods read unknown matrices {unknown}: use attention or one of {list(VARIANTS)}"
+        )
     return [source for source in (ATTENTION_SOURCE, *VARIANTS) if source in sources]
 
 
@@ -95,11 +97,19 @@ def choose_examples(store: str, count: int | None, variants: list[str], seed: in
     candidates = examples_where_efficient_differs(group, variants)
     drawn = draw_examples(candidates, count, seed)
     verb = "differs" if len(variants) == 1 else "differ"
-    rule = ("every example" if not variants else
-            f"examples where {', '.join(variants)} {verb} from A in the last layer (a head with a null space and "
-            f"||A - E|| / ||A|| > {DIFFERENCE_TOLERANCE:g})")
-    record = {"asked": count, "drawn": len(drawn), "testable": int(candidates.sum()),
-              "not_testable": int((~candidates).sum()), "rule": rule}
+    rule = (
+        "every example"
+        if not variants
+        else f"examples where {', '.join(variants)} {verb} from A in the last layer (a head with a null space and "
+        f"||A - E|| / ||A|| > {DIFFERENCE_TOLERANCE:g})"
+    )
+    record = {
+        "asked": count,
+        "drawn": len(drawn),
+        "testable": int(candidates.sum()),
+        "not_testable": int((~candidates).sum()),
+        "rule": rule,
+    }
     return [int(index) for index in drawn], record
 
 
@@ -127,13 +137,23 @@ def create_explanations(run: StageRun) -> None:
         create_explanation_results(
             results,
             methods=[explainer_record(name).stored() for name in settings["methods"]],
-            metrics=list(FAITHFULNESS_METRICS), percents=settings["percents"], references=list(references()),
-            examples={"store_example": chosen, "length": group["length"].get_orthogonal_selection(chosen),
-                      "label": group["label"].get_orthogonal_selection(chosen)},
-            layers=layout.layers, positions=layout.max_length, shard_size=settings["shard_size"],
-            attributes={**{key: attributes[key] for key in PROVENANCE_KEYS if key in attributes},
-                        "attention_store": store if "://" in store else os.path.abspath(store),
-                        "settings": settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            metrics=list(FAITHFULNESS_METRICS),
+            percents=settings["percents"],
+            references=list(references()),
+            examples={
+                "store_example": chosen,
+                "length": group["length"].get_orthogonal_selection(chosen),
+                "label": group["label"].get_orthogonal_selection(chosen),
+            },
+            layers=layout.layers,
+            positions=layout.max_length,
+            shard_size=settings["shard_size"],
+            attributes={
+                **{key: attributes[key] for key in PROVENANCE_KEYS if key in attributes},
+                "attention_store": store if "://" in store else os.path.abspath(store),
+                "settings": settings,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
         )
     else:
         check_same_explanation_settings(results_group, results, settings)
@@ -148,8 +168,13 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
     results_group = open_explanation_results(job.results, mode="r")
     region = explanation_shard_region(results_group, job.shard_index)
     examples = np.asarray(settings["examples"][region], dtype=np.int64)
-    options = ExplanationSettings(**{key: tuple(value) if isinstance(value, list) else value
-                                     for key, value in settings.items() if key not in ("store_identity", "draw")})
+    options = ExplanationSettings(
+        **{
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in settings.items()
+            if key not in ("store_identity", "draw")
+        }
+    )
     loaded = load_store_model(group.attrs.asdict(), job.model_override, job.device)
     causal = bool(group.attrs["model"]["causal"])
     sources = matrix_sources(settings["methods"])
@@ -159,11 +184,17 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
         "aopc": np.full((M, len(FAITHFULNESS_METRICS), N), np.nan),
         "kendall_tau": np.full((M, R, N), np.nan),
         "attribution": np.full((M, N, P), np.nan),
-        "testable": np.full((M, N), -1), "largest_difference": np.full((M, N), np.nan),
-        "target": np.full(N, -1), "full_probability": np.full(N, np.nan), "empty_probability": np.full(N, np.nan),
-        "integrated_gradients_delta": np.full(N, np.nan), "removable_tokens": np.full(N, -1),
-        **{name: np.full((N, layout.layers), -1) for name in
-           ("minimality_tested", "minimality_minimal", "minimality_untestable")},
+        "testable": np.full((M, N), -1),
+        "largest_difference": np.full((M, N), np.nan),
+        "target": np.full(N, -1),
+        "full_probability": np.full(N, np.nan),
+        "empty_probability": np.full(N, np.nan),
+        "integrated_gradients_delta": np.full(N, np.nan),
+        "removable_tokens": np.full(N, -1),
+        **{
+            name: np.full((N, layout.layers), -1)
+            for name in ("minimality_tested", "minimality_minimal", "minimality_untestable")
+        },
         "minimality_support_size": np.full((N, layout.layers), np.nan),
     }
     w_out = group["w_out"][:]
@@ -172,13 +203,28 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
     for row, index in enumerate(examples):
         length = int(group["length"][index])
         tokens = group["tokens"][index, :length]
-        matrices = {source: group["attention" if source == ATTENTION_SOURCE else efficient_array_path(source)][
-            index, :, :, :length, :length] for source in sources}
+        matrices = {
+            source: group["attention" if source == ATTENTION_SOURCE else efficient_array_path(source)][
+                index, :, :, :length, :length
+            ]
+            for source in sources
+        }
         value = group["value"][index, :, :, :length] if norms or measure_minimality else None
-        null_dims = {source: group[diagnostic_array_path(source, "null_dim")][index]
-                     for source in sources if source in VARIANTS}
-        found = explain_example(loaded, tokens, matrices, options, int(index), causal, forward_rows, value=value,
-                                w_out=w_out, null_dims=null_dims)
+        null_dims = {
+            source: group[diagnostic_array_path(source, "null_dim")][index] for source in sources if source in VARIANTS
+        }
+        found = explain_example(
+            loaded,
+            tokens,
+            matrices,
+            options,
+            int(index),
+            causal,
+            forward_rows,
+            value=value,
+            w_out=w_out,
+            null_dims=null_dims,
+        )
         for metric_index, metric in enumerate(FAITHFULNESS_METRICS):
             arrays["faithfulness"][:, metric_index, :, row] = found.faithfulness[metric]
             arrays["aopc"][:, metric_index, row] = aopc(found.faithfulness[metric])
@@ -192,11 +238,17 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
         arrays["testable"][:, row] = found.testable
         arrays["largest_difference"][:, row] = found.largest_difference
         if measure_minimality:
-            counts = layer_minimality(matrices[ATTENTION_SOURCE] if ATTENTION_SOURCE in matrices else
-                                      group["attention"][index, :, :, :length, :length],
-                                      matrices[MINIMALITY_VARIANT], value, w_out, options.minimality_rows,
-                                      np.random.default_rng([options.seed, int(index), 1]),
-                                      options.minimality_tolerance)
+            counts = layer_minimality(
+                matrices[ATTENTION_SOURCE]
+                if ATTENTION_SOURCE in matrices
+                else group["attention"][index, :, :, :length, :length],
+                matrices[MINIMALITY_VARIANT],
+                value,
+                w_out,
+                options.minimality_rows,
+                np.random.default_rng([options.seed, int(index), 1]),
+                options.minimality_tolerance,
+            )
             arrays["minimality_tested"][row] = counts["tested"]
             arrays["minimality_minimal"][row] = counts["minimal"]
             arrays["minimality_untestable"][row] = counts["untestable"]
@@ -209,8 +261,9 @@ def explain_and_write_shard(job: ShardJob) -> dict[str, str]:
     identity), read before the data: a store shard written again meanwhile gets a new identity, so this shard would
     be stale, not silently wrong. Runs in the driver or on a Dask worker (which keeps the model loaded)."""
     store, results, shard_index = job.store, job.results, job.shard_index
-    inputs = explanation_shard_inputs(open_explanation_results(results, mode="r"),
-                                      open_attention_store(store, mode="r"), shard_index)
+    inputs = explanation_shard_inputs(
+        open_explanation_results(results, mode="r"), open_attention_store(store, mode="r"), shard_index
+    )
     unfinished = [name for name, identity in inputs.items() if identity is None]
     if unfinished:
         raise ExplanationResultsError(
@@ -234,17 +287,28 @@ def summarise_explanations(store: str, results: str) -> list[dict[str, Any]]:
     taus = group["kendall_tau"][:]
     testable = group["testable"][:]
     tested, minimal = group["minimality_tested"][:], group["minimality_minimal"][:]
-    counted = (testable != 0)  # an efficient method counts only where its matrices differ from A
+    counted = testable != 0  # an efficient method counts only where its matrices differ from A
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: a reference that was not run
-        aggregates = {"mean_aopc": np.nanmean(np.where(counted[:, None], per_example_aopc, np.nan), -1),
-                      "mean_kendall_tau": np.nanmean(np.where(counted[:, None], taus, np.nan), -1),
-                      "minimal_share": minimal_share_by_layer(minimal, tested)}
+        aggregates = {
+            "mean_aopc": np.nanmean(np.where(counted[:, None], per_example_aopc, np.nan), -1),
+            "mean_kendall_tau": np.nanmean(np.where(counted[:, None], taus, np.nan), -1),
+            "minimal_share": minimal_share_by_layer(minimal, tested),
+        }
         methods, metrics = group["explainer"][:].tolist(), group["metric"][:].tolist()
         seed = int(group.attrs["settings"]["seed"])
         comparisons = faithfulness_comparisons(methods, metrics, per_example_aopc, testable, seed)
-        ranking = explainer_ranking(methods, metrics, group["reference"][:].tolist(), per_example_aopc, taus,
-                                    testable, group["length"][:], int(group.attrs["model"]["head_dim"]), seed)
+        ranking = explainer_ranking(
+            methods,
+            metrics,
+            group["reference"][:].tolist(),
+            per_example_aopc,
+            taus,
+            testable,
+            group["length"][:],
+            int(group.attrs["model"]["head_dim"]),
+            seed,
+        )
     write_explanation_aggregates(group, aggregates)
     claims = explanation_claims(comparisons, tested, minimal)
     group.attrs.update(json_safe({"claims": claims, "comparisons": comparisons, "ranking": ranking}))

@@ -89,15 +89,30 @@ def prepare_store(
     shape = loaded.shape
     selection = StoreSelection.parse(layers, heads, shape.layers, shape.heads, shape.kv_heads)
     selection.check_storable()
-    rows = select_split(len(loaded_corpus), loaded_corpus.labels, split, seed, held_out_fraction,
-                        groups=loaded_corpus.groups)
-    plan = plan_extraction(loaded_corpus.texts, loaded.tokenizer, usable_max_length(loaded.model, max_length),
-                           limit=limit, seed=seed, candidate_rows=rows)
+    rows = select_split(
+        len(loaded_corpus), loaded_corpus.labels, split, seed, held_out_fraction, groups=loaded_corpus.groups
+    )
+    plan = plan_extraction(
+        loaded_corpus.texts,
+        loaded.tokenizer,
+        usable_max_length(loaded.model, max_length),
+        limit=limit,
+        seed=seed,
+        candidate_rows=rows,
+    )
     top_k = top_k if task == "next-token" else 0
     head = trained_head_provenance(model) if task == "classification" else {"trained": False}
     attributes = store_attributes(
-        loaded, loaded_corpus, plan, requested_max_length=max_length, limit=limit, dtype=dtype, seed=seed,
-        top_k=top_k, split=split, head=head,
+        loaded,
+        loaded_corpus,
+        plan,
+        requested_max_length=max_length,
+        limit=limit,
+        dtype=dtype,
+        seed=seed,
+        top_k=top_k,
+        split=split,
+        head=head,
     )
     attributes[SELECTION_ATTRIBUTE] = selection.to_attribute()
     state = attention_store_state(store)
@@ -153,13 +168,25 @@ def _capture_stored_selection(loaded, group, region: slice, batch_size: int) -> 
     layout = store_layout(group)
     selection = selection_of_group(group)
     return capture_examples(
-        loaded, group["tokens"][region], group["length"][region], batch_size=batch_size, dtype=layout.dtype,
-        top_k=max(layout.top_k, 1), layers=selection.layers, heads=selection.heads, kv_heads=selection.kv_heads,
+        loaded,
+        group["tokens"][region],
+        group["length"][region],
+        batch_size=batch_size,
+        dtype=layout.dtype,
+        top_k=max(layout.top_k, 1),
+        layers=selection.layers,
+        heads=selection.heads,
+        kv_heads=selection.kv_heads,
     )
 
 
-@task(name="capture-shard", cache_policy=NO_CACHE, retries=len(DEFAULT_RETRY_DELAYS),
-      retry_delay_seconds=list(DEFAULT_RETRY_DELAYS), retry_condition_fn=retry_on_io_error)
+@task(
+    name="capture-shard",
+    cache_policy=NO_CACHE,
+    retries=len(DEFAULT_RETRY_DELAYS),
+    retry_delay_seconds=list(DEFAULT_RETRY_DELAYS),
+    retry_condition_fn=retry_on_io_error,
+)
 def capture_shard(
     store: str,
     shard_index: int,
@@ -178,13 +205,19 @@ def capture_shard(
     return _capture_stored_selection(loaded, group, region, batch_size)
 
 
-@task(name="write-shard", cache_policy=NO_CACHE, retries=len(DEFAULT_RETRY_DELAYS),
-      retry_delay_seconds=list(DEFAULT_RETRY_DELAYS), retry_condition_fn=retry_on_io_error)
+@task(
+    name="write-shard",
+    cache_policy=NO_CACHE,
+    retries=len(DEFAULT_RETRY_DELAYS),
+    retry_delay_seconds=list(DEFAULT_RETRY_DELAYS),
+    retry_condition_fn=retry_on_io_error,
+)
 def write_captured_shard(store: str, shard_index: int, captured: CapturedShard) -> int:
     """Write one whole shard of captured tensors (an I/O error is retried: it rewrites the same whole shard)."""
     group = open_attention_store(store, mode="r+")
-    write_shard(group, shard_index, captured.attention, captured.value, captured.logits,
-                captured.logit_ids, captured.logsumexp)
+    write_shard(
+        group, shard_index, captured.attention, captured.value, captured.logits, captured.logit_ids, captured.logsumexp
+    )
     return shard_index
 
 
@@ -216,6 +249,15 @@ def extract_shard_on_worker(
     layout = store_layout(group)
     region = layout.shard_slice(shard_index)
     captured = _capture_stored_selection(loaded, group, region, batch_size)
-    retry_transient_io(write_shard, group, shard_index, captured.attention, captured.value, captured.logits,
-                       captured.logit_ids, captured.logsumexp, delays=DEFAULT_RETRY_DELAYS)
+    retry_transient_io(
+        write_shard,
+        group,
+        shard_index,
+        captured.attention,
+        captured.value,
+        captured.logits,
+        captured.logit_ids,
+        captured.logsumexp,
+        delays=DEFAULT_RETRY_DELAYS,
+    )
     return shard_index

@@ -33,8 +33,9 @@ def load_store_model(store_attributes: dict, model_override: str | None, device:
     weights would be silently wrong."""
     model = store_attributes["model"]
     task_name = store_attributes["extraction"]["task"]
-    loaded = cached_model(model_override or model["name"], int(model["num_labels"] or 1), device,
-                          int(model["head_seed"]), task_name)
+    loaded = cached_model(
+        model_override or model["name"], int(model["num_labels"] or 1), device, int(model["head_seed"]), task_name
+    )
     tokenizer = store_attributes["tokenizer"]
     if (type(loaded.tokenizer).__name__, len(loaded.tokenizer)) != (tokenizer["class"], tokenizer["vocab_size"]):
         raise CausalResultsError(

@@ -58,8 +58,10 @@ def read_aggregates(group) -> xr.Dataset:
     }
     for name in AGGREGATE_COORDINATES:
         values = group[name][...]
-        coordinates[name] = ("intervention", _strings(group[name]) if np.asarray(values).dtype.kind in "OTU"
-                             else np.asarray(values))
+        coordinates[name] = (
+            "intervention",
+            _strings(group[name]) if np.asarray(values).dtype.kind in "OTU" else np.asarray(values),
+        )
     coordinates["target_scope"] = ("target", _strings(group["target_scope"]))
     coordinates["target_layer"] = ("target", np.asarray(group["target_layer"][...]))
     coordinates["target_head"] = ("target", np.asarray(group["target_head"][...]))
@@ -67,8 +69,9 @@ def read_aggregates(group) -> xr.Dataset:
     return xr.Dataset(data, coords=coordinates)
 
 
-def load_report_inputs(results: str, store: str | None = None, examples: int = 3,
-                       explanations: str | None = None) -> ReportInputs:
+def load_report_inputs(
+    results: str, store: str | None = None, examples: int = 3, explanations: str | None = None
+) -> ReportInputs:
     """Read everything the report shows. `store` defaults to the results' `attention_store` attribute; `examples`
     is how many examples are drawn as heatmaps; `explanations`: explanation results to show too (effattn explain)."""
     group = open_causal_results(results, mode="r")
@@ -95,8 +98,11 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
     length = np.asarray(store_group["length"][...])
     variants = [variant for variant in VARIANTS if efficient_array_path(variant) in store_group]
     diagnostics = {
-        variant: {name: np.asarray(store_group[diagnostic_array_path(variant, name)][...])
-                  for name in REPORT_DIAGNOSTICS if diagnostic_array_path(variant, name) in store_group}
+        variant: {
+            name: np.asarray(store_group[diagnostic_array_path(variant, name)][...])
+            for name in REPORT_DIAGNOSTICS
+            if diagnostic_array_path(variant, name) in store_group
+        }
         for variant in variants
     }
     tokenizer = load_local_tokenizer((store_attributes.get("tokenizer") or {}).get("name_or_path"))
@@ -108,30 +114,54 @@ def load_report_inputs(results: str, store: str | None = None, examples: int = 3
             layer, head = choose_head(reference["null_norm_ratio"][index])
             n = int(length[index])
             label = int(store_group["label"][index])
-            views.append(ExampleView(  # labelled with the model's layer and head numbers
-                index=index, layer=selection.layers[layer], head=selection.heads[head],
-                labels=token_labels(store_group["tokens"][index, :n], tokenizer),
-                text=read_texts(store_group, [index])[0],
-                label=class_names[label] if 0 <= label < len(class_names) else ("none" if label < 0 else str(label)),
-                attention=np.asarray(store_group["attention"][index, layer, head, :n, :n], dtype=np.float64),
-                efficient={variant: np.asarray(store_group[efficient_array_path(variant)][index, layer, head, :n, :n],
-                                               dtype=np.float64) for variant in variants},
-                null_norm_ratio={variant: float(diagnostics[variant]["null_norm_ratio"][index, layer, head])
-                                 for variant in variants},
-            ))
+            views.append(
+                ExampleView(  # labelled with the model's layer and head numbers
+                    index=index,
+                    layer=selection.layers[layer],
+                    head=selection.heads[head],
+                    labels=token_labels(store_group["tokens"][index, :n], tokenizer),
+                    text=read_texts(store_group, [index])[0],
+                    label=class_names[label]
+                    if 0 <= label < len(class_names)
+                    else ("none" if label < 0 else str(label)),
+                    attention=np.asarray(store_group["attention"][index, layer, head, :n, :n], dtype=np.float64),
+                    efficient={
+                        variant: np.asarray(
+                            store_group[efficient_array_path(variant)][index, layer, head, :n, :n], dtype=np.float64
+                        )
+                        for variant in variants
+                    },
+                    null_norm_ratio={
+                        variant: float(diagnostics[variant]["null_norm_ratio"][index, layer, head])
+                        for variant in variants
+                    },
+                )
+            )
     return ReportInputs(
-        results_url=results, store_url=store, attributes=attributes, aggregates=aggregates, diagnostics=diagnostics,
-        length=length, layers=selection.layers, heads=selection.heads, head_dim=layout.head_dim, examples=views,
+        results_url=results,
+        store_url=store,
+        attributes=attributes,
+        aggregates=aggregates,
+        diagnostics=diagnostics,
+        length=length,
+        layers=selection.layers,
+        heads=selection.heads,
+        head_dim=layout.head_dim,
+        examples=views,
         captured=selection.describe(),
         tokenizer_loaded=tokenizer is not None,
         explanations=None if explanations is None else load_explanation_dataset(explanations),
     )
 
 
-@task(name="read-report-inputs", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_on_io_error)
-def read_report_inputs(results: str, store: str | None, examples: int, explanations: str | None = None
-                       ) -> ReportInputs:
+@task(
+    name="read-report-inputs",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io_error,
+)
+def read_report_inputs(results: str, store: str | None, examples: int, explanations: str | None = None) -> ReportInputs:
     """load_report_inputs as a task (a transient I/O error of an object store is retried)."""
     return load_report_inputs(results, store, examples, explanations)
 

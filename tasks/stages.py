@@ -101,8 +101,16 @@ class StageRun:
     workers: int | None = None
 
     def job(self, shard_index: int) -> ShardJob:
-        return ShardJob(self.store, self.results, shard_index, self.plan, self.model_override, self.device,
-                        self.batch_size, self.forward_rows)
+        return ShardJob(
+            self.store,
+            self.results,
+            shard_index,
+            self.plan,
+            self.model_override,
+            self.device,
+            self.batch_size,
+            self.forward_rows,
+        )
 
 
 def read_attention_store(url: str):
@@ -154,8 +162,13 @@ def pending_shards(stage: Stage, run: StageRun) -> list[int]:
     store = stage.open_input(run.store)
     stale = stage.forget_stale_shards(output, store)
     if stale:
-        logger.warning("%s: %s %s were computed from store shards that were unfinished then or written again since: "
-                       "computing them again", run.results, stage.shards, list(stale))
+        logger.warning(
+            "%s: %s %s were computed from store shards that were unfinished then or written again since: "
+            "computing them again",
+            run.results,
+            stage.shards,
+            list(stale),
+        )
     done = set(stage.completed_shards(output, store))
     return [shard for shard in range(stage.shard_count(output, store)) if shard not in done]
 
@@ -168,9 +181,17 @@ def compute_shard_on_worker(compute_shard: Callable[[ShardJob], Any], job: Shard
 
 def submit_shard_jobs(stage: Stage, client, run: StageRun, todo: list[int]) -> dict[Any, int]:
     """One Dask task per pending shard, `compute_shard_on_worker` (with --device cuda each asks for one GPU)."""
-    return {client.submit(compute_shard_on_worker, stage.compute_shard, run.job(shard), stage.retry, pure=False,
-                          resources=task_resources(run.device)): shard
-            for shard in todo}
+    return {
+        client.submit(
+            compute_shard_on_worker,
+            stage.compute_shard,
+            run.job(shard),
+            stage.retry,
+            pure=False,
+            resources=task_resources(run.device),
+        ): shard
+        for shard in todo
+    }
 
 
 def run_stage(stage: Stage, run: StageRun) -> Any:
@@ -187,8 +208,11 @@ def run_stage(stage: Stage, run: StageRun) -> Any:
 
         if todo and (not stage.runs_in_process or use_stage_cluster(run.dask_address, run.workers)):
             with dask_client(run.dask_address, run.workers) as client:
-                futures = (submit_shard_jobs(stage, client, run, todo) if stage.submit_shards is None
-                           else stage.submit_shards(client, run, todo, output))
+                futures = (
+                    submit_shard_jobs(stage, client, run, todo)
+                    if stage.submit_shards is None
+                    else stage.submit_shards(client, run, todo, output)
+                )
                 record_shard_futures(futures, record, stage.shards)
         else:
             keep_freed_memory_for_reuse()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from analysis.corpora import load_corpus
 from analysis.training import (
@@ -26,7 +27,7 @@ from tasks.models import cached_model
 def _logger():
     try:
         return get_run_logger()
-    except Exception:  # called outside a flow run (e.g. train_head.fn in tests)
+    except MissingContextError:  # called outside a flow run (e.g. train_head.fn in tests)
         import logging
 
         return logging.getLogger("effattn.training")
@@ -59,7 +60,9 @@ def train_head(
     if card is not None:
         logger.info(
             "trained head found in the cache: %s (held-out accuracy %s, majority baseline %s)",
-            target, card["held_out_accuracy"], card["majority_baseline"]["held_out_accuracy"],
+            target,
+            card["held_out_accuracy"],
+            card["majority_baseline"]["held_out_accuracy"],
         )
         return str(target)
 
@@ -83,7 +86,11 @@ def train_head(
             shutil.rmtree(scratch, ignore_errors=True)
     logger.info(
         "trained %s on %s in %.0f s: held-out accuracy %.4f (majority baseline %.4f) -> %s",
-        base, corpus.name, card["train_seconds"], card["held_out_accuracy"],
-        card["majority_baseline"]["held_out_accuracy"], target,
+        base,
+        corpus.name,
+        card["train_seconds"],
+        card["held_out_accuracy"],
+        card["majority_baseline"]["held_out_accuracy"],
+        target,
     )
     return str(target)

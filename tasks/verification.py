@@ -38,8 +38,10 @@ def parallel_shard_runner(dask_address: str | None, workers: int | None) -> Iter
             with warnings.catch_warnings():  # verify's output is its report: not distributed's note on a busy port
                 warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
                 client = stack.enter_context(dask_client(dask_address, workers))
-            futures = {client.submit(verify_shards_on_worker, function, *arguments, pure=False): shard
-                       for shard, arguments in submissions}
+            futures = {
+                client.submit(verify_shards_on_worker, function, *arguments, pure=False): shard
+                for shard, arguments in submissions
+            }
             found: dict[int, Any] = {}
             # the progress bar only on a terminal: verify's output is its report
             for future in tqdm(as_completed(futures), total=len(futures), desc="verify", unit="shard", disable=None):
@@ -49,8 +51,9 @@ def parallel_shard_runner(dask_address: str | None, workers: int | None) -> Iter
         yield run
 
 
-def verify_store_in_parallel(url: str, storage_options: dict | None = None, dask_address: str | None = None,
-                             workers: int | None = None) -> VerificationReport:
+def verify_store_in_parallel(
+    url: str, storage_options: dict | None = None, dask_address: str | None = None, workers: int | None = None
+) -> VerificationReport:
     """`verify_store`, its shards checked on Dask workers (see parallel_shard_runner); one worker (or one core)
     and no address: in this process. The report is the same as in one process."""
     if (workers or os.cpu_count() or 1) == 1 and not dask_address:

@@ -13,8 +13,8 @@ from pathlib import Path
 # OpenMP threads that spin while waiting make torch crawl on a shared machine; must precede `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -58,8 +58,12 @@ def tiny_llama(num_labels: int = 2, seed: int = 0, layers: int = TINY_SIZES["num
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=30522, max_position_embeddings=512, num_key_value_heads=2, num_labels=num_labels,
-        pad_token_id=0, **{**TINY_SIZES, "num_hidden_layers": layers},
+        vocab_size=30522,
+        max_position_embeddings=512,
+        num_key_value_heads=2,
+        num_labels=num_labels,
+        pad_token_id=0,
+        **{**TINY_SIZES, "num_hidden_layers": layers},
     )
     return LlamaForSequenceClassification(config).eval()
 
@@ -122,26 +126,69 @@ def small_corpus_csv(tmp_path) -> Path:
 # module declares its default tier here; a test marked `integration` or `end_to_end` in its module keeps that mark.
 MODULE_TIERS = {
     "unit": (
-        "test_attention_backend", "test_attention_store", "test_causal", "test_causal_results", "test_claims",
+        "test_attention_backend",
+        "test_attention_store",
+        "test_causal",
+        "test_causal_results",
+        "test_claims",
         "test_conservative_propagation",
-        "test_corpora", "test_dask_cluster", "test_efficient_attention", "test_efficient_store",
-        "test_explainers", "test_explanation_claims", "test_explanation_figures", "test_explanation_results",
+        "test_corpora",
+        "test_dask_cluster",
+        "test_efficient_attention",
+        "test_efficient_store",
+        "test_explainers",
+        "test_explanation_claims",
+        "test_explanation_figures",
+        "test_explanation_results",
         "test_explanations",
-        "test_extraction", "test_inspection", "test_interventions", "test_key_bands", "test_model_cache",
-        "test_model_sources", "test_models",
-        "test_pipeline_runs", "test_preflight", "test_projections", "test_run_summary", "test_settings",
-        "test_selection", "test_splits", "test_stages",
-        "test_storage_faults", "test_store_lock", "test_store_view", "test_support_minimality", "test_training",
+        "test_extraction",
+        "test_inspection",
+        "test_interventions",
+        "test_key_bands",
+        "test_model_cache",
+        "test_model_sources",
+        "test_models",
+        "test_pipeline_runs",
+        "test_preflight",
+        "test_projections",
+        "test_run_summary",
+        "test_settings",
+        "test_selection",
+        "test_splits",
+        "test_stages",
+        "test_storage_faults",
+        "test_store_lock",
+        "test_store_view",
+        "test_support_minimality",
+        "test_training",
         "test_training_settings",
-        "test_variants", "test_verification", "test_view_html", "test_zarr_portability",
-        "test_imports", "test_results_dataset", "test_durable_writes", "test_shard_records",
+        "test_variants",
+        "test_verification",
+        "test_view_html",
+        "test_zarr_portability",
+        "test_imports",
+        "test_results_dataset",
+        "test_durable_writes",
+        "test_shard_records",
     ),
     # tiny models of every supported architecture: minutes, not seconds
     "integration": ("test_architectures",),
     "end_to_end": (
-        "test_causal_flow", "test_cli", "test_crash_resume", "test_effattn", "test_efficient_flow",
-        "test_explain_flow", "test_extract_flow", "test_interrupts", "test_pipeline", "test_prefect_server",
-        "test_report", "test_s3_sharing", "test_serve", "test_studies", "test_view",
+        "test_causal_flow",
+        "test_cli",
+        "test_crash_resume",
+        "test_effattn",
+        "test_efficient_flow",
+        "test_explain_flow",
+        "test_extract_flow",
+        "test_interrupts",
+        "test_pipeline",
+        "test_prefect_server",
+        "test_report",
+        "test_s3_sharing",
+        "test_serve",
+        "test_studies",
+        "test_view",
     ),
 }
 TIERS = tuple(MODULE_TIERS)
@@ -149,11 +196,12 @@ _TIER_OF_MODULE = {module: tier for tier, modules in MODULE_TIERS.items() for mo
 
 
 def pytest_collection_modifyitems(config, items):
-    undeclared = sorted({item.module.__name__.rsplit(".", 1)[-1] for item in items}
-                        - set(_TIER_OF_MODULE))
+    undeclared = sorted({item.module.__name__.rsplit(".", 1)[-1] for item in items} - set(_TIER_OF_MODULE))
     if undeclared:
-        raise pytest.UsageError(f"test modules {undeclared} declare no tier: add them to MODULE_TIERS in "
-                                "tests/conftest.py (unit, integration or end_to_end)")
+        raise pytest.UsageError(
+            f"test modules {undeclared} declare no tier: add them to MODULE_TIERS in "
+            "tests/conftest.py (unit, integration or end_to_end)"
+        )
     for item in items:
         if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(_TIER_OF_MODULE[item.module.__name__.rsplit(".", 1)[-1]])

@@ -25,7 +25,8 @@ EFFATTN = [sys.executable, "-c", "import sys; from flows.cli import main; sys.ex
 # The same, with a file-size limit (bytes) set first: a write beyond it fails with EFBIG, as on a full disk
 # (Python ignores SIGXFSZ, so the process is not killed by the signal).
 EFFATTN_WITH_FILE_SIZE_LIMIT = [
-    sys.executable, "-c",
+    sys.executable,
+    "-c",
     "import resource, sys; limit = int(sys.argv.pop(1)); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
     "from flows.cli import main; sys.exit(main())",
 ]
@@ -80,7 +81,10 @@ def prefect_server(folder: Path, timeout: float = 120.0) -> Iterator[dict[str, s
     log = (folder / "prefect-server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -108,17 +112,29 @@ class Run:
     seconds: float
 
 
-def start(arguments: list[str], environment: dict[str, str], output: Path,
-          file_size_limit: int | None = None) -> subprocess.Popen:
+def start(
+    arguments: list[str], environment: dict[str, str], output: Path, file_size_limit: int | None = None
+) -> subprocess.Popen:
     """Start `effattn <arguments>` in its own process group, its output in `output`.out/.err."""
     command = EFFATTN if file_size_limit is None else [*EFFATTN_WITH_FILE_SIZE_LIMIT, str(file_size_limit)]
     with output.with_suffix(".out").open("w") as stdout, output.with_suffix(".err").open("w") as stderr:
-        return subprocess.Popen([*command, *arguments], cwd=REPOSITORY, env=environment, start_new_session=True,
-                                stdout=stdout, stderr=stderr)
+        return subprocess.Popen(
+            [*command, *arguments],
+            cwd=REPOSITORY,
+            env=environment,
+            start_new_session=True,
+            stdout=stdout,
+            stderr=stderr,
+        )
 
 
-def run(arguments: list[str], environment: dict[str, str], output: Path, timeout: float = 300.0,
-        file_size_limit: int | None = None) -> Run:
+def run(
+    arguments: list[str],
+    environment: dict[str, str],
+    output: Path,
+    timeout: float = 300.0,
+    file_size_limit: int | None = None,
+) -> Run:
     """Run `effattn <arguments>` to its end."""
     began = time.monotonic()
     process = start(arguments, environment, output, file_size_limit)
@@ -126,8 +142,12 @@ def run(arguments: list[str], environment: dict[str, str], output: Path, timeout
         process.wait(timeout=timeout)
     finally:
         stop_process_group(process)
-    return Run(process.returncode, output.with_suffix(".out").read_text(), output.with_suffix(".err").read_text(),
-               time.monotonic() - began)
+    return Run(
+        process.returncode,
+        output.with_suffix(".out").read_text(),
+        output.with_suffix(".err").read_text(),
+        time.monotonic() - began,
+    )
 
 
 def extraction_progress(store: str) -> int:
@@ -156,8 +176,15 @@ class Kill:
     finished_first: bool  # the run ended before the moment came (nothing was killed)
 
 
-def kill_when(arguments: list[str], environment: dict[str, str], output: Path, progress: Callable[[], int],
-              reached: int, delay: float, timeout: float = 300.0) -> Kill:
+def kill_when(
+    arguments: list[str],
+    environment: dict[str, str],
+    output: Path,
+    progress: Callable[[], int],
+    reached: int,
+    delay: float,
+    timeout: float = 300.0,
+) -> Kill:
     """Start `effattn <arguments>`, wait until `progress()` >= `reached`, then `delay` seconds more, then SIGKILL its
     whole process group (Prefect's server client, Dask workers and all)."""
     began = time.monotonic()
@@ -193,8 +220,15 @@ class Interrupted:
     finished_first: bool  # the run ended before the moment came (nothing was interrupted)
 
 
-def interrupt_when(arguments: list[str], environment: dict[str, str], output: Path, progress: Callable[[], int],
-                   reached: int, signal_number: int, timeout: float = 300.0) -> Interrupted:
+def interrupt_when(
+    arguments: list[str],
+    environment: dict[str, str],
+    output: Path,
+    progress: Callable[[], int],
+    reached: int,
+    signal_number: int,
+    timeout: float = 300.0,
+) -> Interrupted:
     """Start `effattn <arguments>`, wait until `progress()` >= `reached`, then send `signal_number` to its whole
     process group, as a terminal's Ctrl-C does (SIGINT), and time how long it takes to end."""
     began = time.monotonic()
@@ -218,7 +252,8 @@ def interrupt_when(arguments: list[str], environment: dict[str, str], output: Pa
         deadline = time.monotonic() + 10
         while (survivors := live_members(process.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        return Interrupted(at_signal, exit_seconds, process.returncode, output.with_suffix(".err").read_text(),
-                           survivors, finished)
+        return Interrupted(
+            at_signal, exit_seconds, process.returncode, output.with_suffix(".err").read_text(), survivors, finished
+        )
     finally:
         stop_process_group(process, grace=0)

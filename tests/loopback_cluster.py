@@ -27,16 +27,46 @@ def loopback_cluster(folder: Path, workers: int = 2) -> Iterator[tuple[str, list
     def start(command: list[str], log: str) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=(folder / log).open("w"), stderr=subprocess.STDOUT, env=environment)
 
-    processes = [start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                        "--scheduler-file", str(scheduler_file)], "scheduler.log")]
+    processes = [
+        start(
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            "scheduler.log",
+        )
+    ]
     try:
         deadline = time.time() + 60
         while not scheduler_file.exists() and time.time() < deadline:
             time.sleep(0.2)
         address = json.loads(scheduler_file.read_text())["address"]
         for index in range(workers):
-            processes.append(start([dask, "worker", address, "--nthreads", "1", "--no-dashboard", "--no-nanny",
-                                    "--host", "127.0.0.1", "--name", f"worker-{index}"], f"worker-{index}.log"))
+            processes.append(
+                start(
+                    [
+                        dask,
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--no-nanny",
+                        "--host",
+                        "127.0.0.1",
+                        "--name",
+                        f"worker-{index}",
+                    ],
+                    f"worker-{index}.log",
+                )
+            )
         from distributed import Client
 
         with Client(address) as client:

@@ -35,12 +35,19 @@ def write_corpus(path: Path, copies: int = 1) -> Path:
     return path
 
 
-def build_real_store(url: str, model_folder: Path, corpus: Path, shard_size: int = 4, max_length: int = 24,
-                     variants: tuple[str, ...] = ("effective", "stochastic", "simplex")) -> str:
+def build_real_store(
+    url: str,
+    model_folder: Path,
+    corpus: Path,
+    shard_size: int = 4,
+    max_length: int = 24,
+    variants: tuple[str, ...] = ("effective", "stochastic", "simplex"),
+) -> str:
     """Extract every example of `corpus` with the model at `model_folder` into `url` (shards of `shard_size`), then
     compute `variants` of efficient attention for every shard; all recorded as done, as the stages do."""
-    todo, num_labels = prepare_store.fn(str(url), str(corpus), str(model_folder), max_length, None, "float32", "cpu",
-                                        None, None, shard_size, 0)
+    todo, num_labels = prepare_store.fn(
+        str(url), str(corpus), str(model_folder), max_length, None, "float32", "cpu", None, None, shard_size, 0
+    )
     group = open_attention_store(url, mode="r+")
     for shard in todo:
         captured = capture_shard.fn(url, shard, str(model_folder), num_labels, "cpu", 0, 4)
@@ -61,8 +68,14 @@ def compute_variants(url: str, variants: tuple[str, ...]) -> None:
             mark_efficient_shard_completed(group, variant, shard)
 
 
-def build_v1_store(url: str, model_folder: Path, corpus: Path, shard_size: int = 4, max_length: int = 24,
-                   variants: tuple[str, ...] = ("effective", "stochastic", "simplex")) -> str:
+def build_v1_store(
+    url: str,
+    model_folder: Path,
+    corpus: Path,
+    shard_size: int = 4,
+    max_length: int = 24,
+    variants: tuple[str, ...] = ("effective", "stochastic", "simplex"),
+) -> str:
     """`build_real_store`, but in the layout of attention store schema v1 (texts in a `string` array, chunks of one
     example x one layer), as an earlier effattn wrote it: the extraction's data, written through this version's
     writers in v1 mode (create_attention_store(schema_version=1), write_example_metadata, write_shard), with the
@@ -71,19 +84,29 @@ def build_v1_store(url: str, model_folder: Path, corpus: Path, shard_size: int =
     build_real_store(source, model_folder, corpus, shard_size, max_length, variants=())
     extracted = open_attention_store(source)
     layout = store_layout(extracted)
-    provenance = {key: value for key, value in extracted.attrs.asdict().items()
-                  if key not in ("schema", "schema_version", "layout", "completed_shards", "shard_identities",
-                                 "prepared")}
+    provenance = {
+        key: value
+        for key, value in extracted.attrs.asdict().items()
+        if key not in ("schema", "schema_version", "layout", "completed_shards", "shard_identities", "prepared")
+    }
     group = create_attention_store(url, layout, provenance, schema_version=1)
-    write_example_metadata(group, extracted["tokens"][:], extracted["length"][:], extracted["untruncated_length"][:],
-                           extracted["source_index"][:], extracted["label"][:], read_texts(extracted))
+    write_example_metadata(
+        group,
+        extracted["tokens"][:],
+        extracted["length"][:],
+        extracted["untruncated_length"][:],
+        extracted["source_index"][:],
+        extracted["label"][:],
+        read_texts(extracted),
+    )
     group["w_out"][:] = extracted["w_out"][:]
     group["out_bias"][:] = extracted["out_bias"][:]
     mark_prepared(group)
     for shard in range(layout.n_shards):
         region = layout.shard_slice(shard)
-        write_shard(group, shard, extracted["attention"][region], extracted["value"][region],
-                    extracted["logits"][region])
+        write_shard(
+            group, shard, extracted["attention"][region], extracted["value"][region], extracted["logits"][region]
+        )
         mark_shard_completed(group, shard)
     shutil.rmtree(source)
     compute_variants(url, variants)
@@ -99,27 +122,44 @@ def build_text_store(url: str, texts: list[str], labels, shard_size: int = 64, c
     from storage_schemas.attention_store import AttentionStoreLayout, completion_update
 
     n = len(texts)
-    layout = AttentionStoreLayout(n_examples=n, max_length=4, n_classes=2, layers=1, heads=1, kv_heads=1,
-                                  head_dim=2, hidden=2, shard_size=shard_size, dtype="float32")
-    group = create_attention_store(url, layout, {"corpus": {"name": "synthetic", "digest": "none",
-                                                            "class_names": ["bad", "good"]},
-                                                 "model": {"name": "none", "weights_digest": "none"}})
+    layout = AttentionStoreLayout(
+        n_examples=n,
+        max_length=4,
+        n_classes=2,
+        layers=1,
+        heads=1,
+        kv_heads=1,
+        head_dim=2,
+        hidden=2,
+        shard_size=shard_size,
+        dtype="float32",
+    )
+    group = create_attention_store(
+        url,
+        layout,
+        {
+            "corpus": {"name": "synthetic", "digest": "none", "class_names": ["bad", "good"]},
+            "model": {"name": "none", "weights_digest": "none"},
+        },
+    )
     length = np.full(n, 4)
-    write_example_metadata(group, np.ones((n, 4), dtype=np.int32), length, length, np.arange(n),
-                           np.asarray(labels), texts)
+    write_example_metadata(
+        group, np.ones((n, 4), dtype=np.int32), length, length, np.arange(n), np.asarray(labels), texts
+    )
     logits = np.zeros((n, 2), dtype=np.float32)
     logits[np.arange(n), np.arange(n) % 2] = 1.0  # prediction: example index mod 2
     group["logits"][:] = logits
     mark_prepared(group)
     attributes = group.attrs.asdict()
-    for shard in (range(layout.n_shards) if completed is None else completed):
+    for shard in range(layout.n_shards) if completed is None else completed:
         attributes.update(completion_update(attributes, shard))
     group.attrs.update({key: attributes[key] for key in ("completed_shards", "shard_identities")})
     return url
 
 
-def build_causal_results(url: str, store_url: str, interventions: list[tuple[str, str, str]], flipped,
-                         shards=None, claims=None) -> str:
+def build_causal_results(
+    url: str, store_url: str, interventions: list[tuple[str, str, str]], flipped, shards=None, claims=None
+) -> str:
     """Causal results of the store at `store_url` written with the results' own writers (no model runs): every
     metric NaN but `flipped` [intervention, example] at the target `all` (and `layer 0`, left NaN); shards `shards`
     (default: all) recorded as complete from the store's current shards. interventions: (name, kind, variant)."""
@@ -138,26 +178,45 @@ def build_causal_results(url: str, store_url: str, interventions: list[tuple[str
     attributes = store.attrs.asdict()
     metrics = {"flipped": "1 when the prediction changed", "agreement": "share of predictions kept"}
     group = create_causal_results(
-        url, [{"name": name, "kind": kind, "variant": variant, "removed_directions": 0}
-              for name, kind, variant in interventions],
-        [{"name": "all", "scope": "all", "layer": -1, "head": -1}, {"name": "layer 0", "scope": "layer", "layer": 0,
-                                                                    "head": -1}],
+        url,
+        [
+            {"name": name, "kind": kind, "variant": variant, "removed_directions": 0}
+            for name, kind, variant in interventions
+        ],
+        [
+            {"name": "all", "scope": "all", "layer": -1, "head": -1},
+            {"name": "layer 0", "scope": "layer", "layer": 0, "head": -1},
+        ],
         {"source_index": store["source_index"][:], "length": store["length"][:], "label": store["label"][:]},
-        layout.shard_size, metrics,
-        {"attention_store": store_url, "claims": claims or [],
-         "settings": {"store_identity": {"weights_digest": attributes["model"]["weights_digest"],
-                                         "corpus_digest": attributes["corpus"]["digest"],
-                                         "examples": layout.n_examples}}})
+        layout.shard_size,
+        metrics,
+        {
+            "attention_store": store_url,
+            "claims": claims or [],
+            "settings": {
+                "store_identity": {
+                    "weights_digest": attributes["model"]["weights_digest"],
+                    "corpus_digest": attributes["corpus"]["digest"],
+                    "examples": layout.n_examples,
+                }
+            },
+        },
+    )
     variants = sorted({variant for _, _, variant in interventions if variant})
     identities = causal_input_identities(store, variants)
     flipped = np.asarray(flipped, dtype=np.float32)
-    for shard in (range(layout.n_shards) if shards is None else shards):
+    for shard in range(layout.n_shards) if shards is None else shards:
         region = shard_region(group, shard)
         size = region.stop - region.start
         values = np.full((len(interventions), 2, size), np.nan, dtype=np.float32)
         values[:, 0] = flipped[:, region]
-        write_causal_shard(group, shard, {"flipped": values, "agreement": 1 - values},
-                           np.zeros((len(interventions), size)), np.ones(size))
+        write_causal_shard(
+            group,
+            shard,
+            {"flipped": values, "agreement": 1 - values},
+            np.zeros((len(interventions), size)),
+            np.ones(size),
+        )
         mark_causal_shard_completed(group, shard, identities[shard])
     return url
 
@@ -181,15 +240,31 @@ def build_explanation_results(url: str, store_url: str, store_examples: list[int
     attributes = store.attrs.asdict()
     examples = np.asarray(store_examples)
     group = create_explanation_results(
-        url, [{"name": name, "kind": "matrices", "source": "attention", "aggregation": "last-layer"}
-              for name in attributions], ["comprehensiveness"], [10.0], ["leave-one-out"],
+        url,
+        [
+            {"name": name, "kind": "matrices", "source": "attention", "aggregation": "last-layer"}
+            for name in attributions
+        ],
+        ["comprehensiveness"],
+        [10.0],
+        ["leave-one-out"],
         {"store_example": examples, "length": store["length"][:][examples], "label": store["label"][:][examples]},
-        layout.layers, layout.max_length, len(examples),
-        {"attention_store": store_url, "settings": {"store_identity": {
-            "weights_digest": attributes["model"]["weights_digest"], "corpus_digest": attributes["corpus"]["digest"],
-            "examples": layout.n_examples}}})
+        layout.layers,
+        layout.max_length,
+        len(examples),
+        {
+            "attention_store": store_url,
+            "settings": {
+                "store_identity": {
+                    "weights_digest": attributes["model"]["weights_digest"],
+                    "corpus_digest": attributes["corpus"]["digest"],
+                    "examples": layout.n_examples,
+                }
+            },
+        },
+    )
     arrays = {}
-    for name, (dims, dtype, fill, _) in PER_EXAMPLE_ARRAYS.items():
+    for name, (_dims, dtype, fill, _) in PER_EXAMPLE_ARRAYS.items():
         arrays[name] = np.full(group[name].shape, fill, dtype=dtype)
     arrays["attribution"] = np.stack([np.asarray(values, dtype=np.float32) for values in attributions.values()])
     write_explanation_shard(group, 0, arrays)

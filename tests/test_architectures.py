@@ -47,11 +47,14 @@ from tests.tiny_architectures import (
     tiny_model,
 )
 
-ISSUE_TYPES = ("bert roberta xlm-roberta electra camembert distilbert modernbert gpt2 gpt_neox gptj opt phi phi3 llama "
-               "mistral mixtral qwen2 qwen3 gemma gemma2 gemma3_text olmo2 smollm3 granite starcoder2").split()
+ISSUE_TYPES = (
+    "bert roberta xlm-roberta electra camembert distilbert modernbert gpt2 gpt_neox gptj opt phi phi3 llama "
+    "mistral mixtral qwen2 qwen3 gemma gemma2 gemma3_text olmo2 smollm3 granite starcoder2"
+).split()
 LENGTHS = [14, 9]  # a padded batch of two lengths, both longer than the window (4)
 CASES = [(name, "classification") for name in classification_types()] + [
-    (name, "next-token") for name in decoder_types()]
+    (name, "next-token") for name in decoder_types()
+]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +75,10 @@ def layer_windows(model) -> list[int | None]:
     """The window each layer's attention should have by the config (None: full), for the mask checks below."""
     config = model.config
     if config.model_type == "modernbert":
-        return [None if index % config.global_attn_every_n_layers == 0 else config.local_attention // 2
-                for index in range(config.num_hidden_layers)]
+        return [
+            None if index % config.global_attn_every_n_layers == 0 else config.local_attention // 2
+            for index in range(config.num_hidden_layers)
+        ]
     window = getattr(config, "sliding_window", None)
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return [None] * config.num_hidden_layers
@@ -109,8 +114,10 @@ def run_exactness(model, tokenizer, model_type, task, lengths=LENGTHS) -> tuple[
         eager = model(input_ids=input_ids, attention_mask=mask, output_attentions=True)
     loaded = wrap_model(model, tokenizer, model_type, task=task)
     projected = {}
-    handles = [projection.register_forward_hook(lambda m, i, o, layer=layer: projected.__setitem__(layer, o))
-               for layer, projection in enumerate(attention_output_projections(model, loaded.adapter))]
+    handles = [
+        projection.register_forward_hook(lambda m, i, o, layer=layer: projected.__setitem__(layer, o))
+        for layer, projection in enumerate(attention_output_projections(model, loaded.adapter))
+    ]
     try:
         with torch.no_grad(), capture_attention() as recorder:
             logits = model(input_ids=input_ids, attention_mask=mask).logits
@@ -169,7 +176,7 @@ def test_capture_is_exact(model_type, task, tokenizer):
         # the head pools each example's last real token: alone (no padding) it gives the same logits
         for example, n in enumerate(LENGTHS):
             with torch.no_grad():
-                alone = model(input_ids=input_ids[example:example + 1, :n]).logits
+                alone = model(input_ids=input_ids[example : example + 1, :n]).logits
             torch.testing.assert_close(alone[0], logits[example], atol=1e-5, rtol=0)
 
 
@@ -205,19 +212,26 @@ def test_gemma2_softcap_is_honoured_and_matters(tokenizer):
 def test_refused_types_are_refused_by_name_with_the_reason(model_type, tokenizer):
     model = tiny_model(model_type)
     reason = REFUSED_ARCHITECTURES[model_type]
-    with pytest.raises(ArchitectureError, match=re.escape(f"model type '{model_type}' is not supported: {reason}. "
-                                                          "supported model types: bert, camembert, distilbert")):
+    with pytest.raises(
+        ArchitectureError,
+        match=re.escape(
+            f"model type '{model_type}' is not supported: {reason}. supported model types: bert, camembert, distilbert"
+        ),
+    ):
         wrap_model(model, tokenizer, model_type)
 
 
-@pytest.mark.parametrize("model_type,expected", [
-    ("albert", "a forward pass made 2 attention calls by 1 modules for 2 layers"),
-    ("gpt_oss", "model type 'gpt_oss' passes 's_aux' to its attention function (attention sinks"),
-    ("t5", "model type 't5' passes 'position_bias' to its attention function (a relative position bias"),
-    ("falcon", "its attention does not go through transformers' AttentionInterface"),
-    ("bloom", "its attention does not go through transformers' AttentionInterface"),
-    ("deberta-v2", "its attention does not go through transformers' AttentionInterface"),
-])
+@pytest.mark.parametrize(
+    "model_type,expected",
+    [
+        ("albert", "a forward pass made 2 attention calls by 1 modules for 2 layers"),
+        ("gpt_oss", "model type 'gpt_oss' passes 's_aux' to its attention function (attention sinks"),
+        ("t5", "model type 't5' passes 'position_bias' to its attention function (a relative position bias"),
+        ("falcon", "its attention does not go through transformers' AttentionInterface"),
+        ("bloom", "its attention does not go through transformers' AttentionInterface"),
+        ("deberta-v2", "its attention does not go through transformers' AttentionInterface"),
+    ],
+)
 def test_refusals_do_not_depend_on_the_list(model_type, expected, monkeypatch):
     """Without its entry in REFUSED_ARCHITECTURES a refused type is still refused, by the probe: the list only
     words the reason up front."""
@@ -231,9 +245,17 @@ def test_albert_record_with_shared_module_is_refused(monkeypatch):
     model = tiny_model("albert")
     base = model.base_model
     base.shared_layers = torch.nn.ModuleList(
-        [base.encoder.albert_layer_groups[0].albert_layers[0]] * model.config.num_hidden_layers)
-    record = ArchitectureAdapter("albert-shared", ("albert",), layers="shared_layers", attention="attention",
-                                 output_projection="attention.dense", causal=False, layer_index="assigned")
+        [base.encoder.albert_layer_groups[0].albert_layers[0]] * model.config.num_hidden_layers
+    )
+    record = ArchitectureAdapter(
+        "albert-shared",
+        ("albert",),
+        layers="shared_layers",
+        attention="attention",
+        output_projection="attention.dense",
+        causal=False,
+        layer_index="assigned",
+    )
     with pytest.raises(ArchitectureError, match="one attention module is shared by several layers"):
         attention_layers(model, record)
 
@@ -266,8 +288,11 @@ def test_conv1d_orientation_on_a_non_square_projection():
         torch.testing.assert_close(rebuilt, module(per_head.reshape(5, 24)).detach(), atol=1e-5, rtol=0)
     # a real non-square projection (gemma: 4 heads x 16 = 64 -> hidden 48) read with the wrong layout is refused
     wrong = dataclasses.replace(adapter_for("gemma"), weight_layout="conv1d")
-    with pytest.raises(ValueError, match=r"layer 0's output projection maps 48 -> 64 features, but the model has 4 "
-                                         r"heads x 16 -> hidden 48: the adapter record 'llama-decoder' has the wrong"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 0's output projection maps 48 -> 64 features, but the model has 4 "
+        r"heads x 16 -> hidden 48: the adapter record 'llama-decoder' has the wrong",
+    ):
         output_projection_slices(tiny_model("gemma"), wrong)
 
 
@@ -283,16 +308,26 @@ def test_discovery_agrees_with_the_record(model_type):
 
 def test_a_record_that_names_the_wrong_projection_is_refused():
     model = tiny_model("llama")
-    wrong = ArchitectureAdapter("wrong", ("llama",), layers="layers", attention="self_attn",
-                                output_projection="self_attn.v_proj", causal=True)
+    wrong = ArchitectureAdapter(
+        "wrong", ("llama",), layers="layers", attention="self_attn", output_projection="self_attn.v_proj", causal=True
+    )
     attention_layers(model, wrong)
-    with pytest.raises(ArchitectureError, match=r"does not match the adapter record 'wrong': layer 0's attention "
-                                                r"output was consumed unchanged by Linear, not by the record's"):
+    with pytest.raises(
+        ArchitectureError,
+        match=r"does not match the adapter record 'wrong': layer 0's attention "
+        r"output was consumed unchanged by Linear, not by the record's",
+    ):
         from analysis.architectures import check_observed_layout
 
         check_observed_layout(model, wrong, observe_layout(model))
-    not_causal = ArchitectureAdapter("bidirectional", ("llama",), layers="layers", attention="self_attn",
-                                     output_projection="self_attn.o_proj", causal=False)
+    not_causal = ArchitectureAdapter(
+        "bidirectional",
+        ("llama",),
+        layers="layers",
+        attention="self_attn",
+        output_projection="self_attn.o_proj",
+        causal=False,
+    )
     with pytest.raises(ArchitectureError, match="layer 0's attention is causal, the record says otherwise"):
         from analysis.architectures import check_observed_layout
 
@@ -306,8 +341,11 @@ def test_a_surprising_layout_without_a_record_is_refused(monkeypatch):
     for layer in model.model.layers:
         projection = layer.self_attn.o_proj
         layer.self_attn.o_proj = torch.nn.Sequential(torch.nn.Tanh(), projection)
-    with pytest.raises(ArchitectureError, match="model type 'gated-llama' has no adapter record and its layout is "
-                                                "not the usual one: no Linear or Conv1D consumes layer 0's"):
+    with pytest.raises(
+        ArchitectureError,
+        match="model type 'gated-llama' has no adapter record and its layout is "
+        "not the usual one: no Linear or Conv1D consumes layer 0's",
+    ):
         prepare_architecture(model)
     plain = tiny_model("llama")
     monkeypatch.setattr(plain.config, "model_type", "renamed-llama")
@@ -317,7 +355,8 @@ def test_a_surprising_layout_without_a_record_is_refused(monkeypatch):
 
 CAUSAL_LENGTHS = np.array([20, 17, 14, 9])  # 4 examples, longer than every head dim (<= 16): real null spaces
 CAUSAL_CASES = [(name, "classification") for name in classification_types()] + [
-    (name, "next-token") for name in ("gpt2", "granite", "gemma2")]
+    (name, "next-token") for name in ("gpt2", "granite", "gemma2")
+]
 
 
 @pytest.mark.parametrize("model_type,task", CAUSAL_CASES, ids=[f"{name}-{task}" for name, task in CAUSAL_CASES])
@@ -337,15 +376,21 @@ def test_replay_and_effective_attention_keep_the_logits(model_type, task, tokeni
     if task == "classification":
         np.testing.assert_allclose(shard.logits, original.numpy(), atol=1e-6, rtol=0)
     w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
-    efficient = efficient_attention(shard.attention, shard.value, w_out, CAUSAL_LENGTHS, causal=loaded.causal,
-                                    variants=("effective",))
+    efficient = efficient_attention(
+        shard.attention, shard.value, w_out, CAUSAL_LENGTHS, causal=loaded.causal, variants=("effective",)
+    )
     masks = np.ones((1, loaded.shape.layers, loaded.shape.heads), dtype=bool)
     real = torch.as_tensor(np.arange(CAUSAL_LENGTHS.max())[None] < CAUSAL_LENGTHS[:, None])
     changes = {}
     for name in ("replay", "efficient:effective", "ablate"):
         intervention = Intervention.parse(name)
         matrices = intervention_matrices(
-            intervention, shard.attention, shard.value, w_out, CAUSAL_LENGTHS, loaded.causal,
+            intervention,
+            shard.attention,
+            shard.value,
+            w_out,
+            CAUSAL_LENGTHS,
+            loaded.causal,
             efficient=efficient["effective"].efficient if intervention.needs_efficient else None,
         )
         logits = intervened_logits(loaded, tokens, CAUSAL_LENGTHS, matrices, masks)[0]
@@ -354,11 +399,27 @@ def test_replay_and_effective_attention_keep_the_logits(model_type, task, tokeni
     assert changes["ablate"] > 100 * max(changes["efficient:effective"], 1e-7), changes  # the check can fail
 
 
-SWEEP_SIZES = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=256,
-                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SWEEP_SIZES = dict(
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=256,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # the second try: grouped-query attention and few experts, for configs whose defaults do not fit the sizes above
-SWEEP_EXTRA_SIZES = dict(num_key_value_heads=2, head_dim=12, num_local_experts=2, num_experts=2, n_routed_experts=2,
-                         num_experts_per_tok=1, moe_intermediate_size=32)
+SWEEP_EXTRA_SIZES = dict(
+    num_key_value_heads=2,
+    head_dim=12,
+    num_local_experts=2,
+    num_experts=2,
+    n_routed_experts=2,
+    num_experts_per_tok=1,
+    moe_intermediate_size=32,
+)
 SWEEP_MAX_PARAMETERS = 8_000_000
 
 
@@ -366,12 +427,17 @@ def sweep_one(model_type: str, task: str, tokenizer) -> tuple[str, str]:
     """("exact" | "refused" | "skipped" | "wrong", detail) for one model type built tiny from generic sizes."""
     from transformers.models.auto import modeling_auto
 
-    auto = (modeling_auto.AutoModelForSequenceClassification if task == "classification"
-            else modeling_auto.AutoModelForCausalLM)
+    auto = (
+        modeling_auto.AutoModelForSequenceClassification
+        if task == "classification"
+        else modeling_auto.AutoModelForCausalLM
+    )
     model, why = None, ""
     known = {**ACCEPTED_CONFIGS, **REFUSED_CONFIGS}.get(model_type)  # the hand-made tiny config first, if any
     attempts = ([{**SWEEP_SIZES, **known}] if known is not None else []) + [
-        SWEEP_SIZES, {**SWEEP_SIZES, **SWEEP_EXTRA_SIZES}]
+        SWEEP_SIZES,
+        {**SWEEP_SIZES, **SWEEP_EXTRA_SIZES},
+    ]
     for sizes in attempts:
         try:
             config = AutoConfig.for_model(model_type, **sizes)
@@ -415,8 +481,10 @@ def test_sweep_over_transformers_auto_mappings(tokenizer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             outcomes[model_type] = sweep_one(model_type, task, tokenizer)
-    counts = {kind: sum(1 for outcome, _ in outcomes.values() if outcome == kind)
-              for kind in ("exact", "refused", "skipped", "wrong")}
+    counts = {
+        kind: sum(1 for outcome, _ in outcomes.values() if outcome == kind)
+        for kind in ("exact", "refused", "skipped", "wrong")
+    }
     print(f"\nsweep over {len(outcomes)} model types: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
     for model_type, (outcome, detail) in sorted(outcomes.items()):
         print(f"  {outcome:8s} {model_type}: {detail}")
@@ -428,10 +496,12 @@ def test_sweep_over_transformers_auto_mappings(tokenizer):
     assert outcomes["bloom"][0] == outcomes["falcon"][0] == "refused"
 
 
-E2E_TEXTS = ["the film was a quiet triumph of patient acting and careful, generous direction",
-             "a dull, overlong mess that wastes every one of its talented performers",
-             "funny, warm and surprisingly moving from the first scene to the very last one",
-             "nothing in this plodding sequel justifies its running time or its budget at all"]
+E2E_TEXTS = [
+    "the film was a quiet triumph of patient acting and careful, generous direction",
+    "a dull, overlong mess that wastes every one of its talented performers",
+    "funny, warm and surprisingly moving from the first scene to the very last one",
+    "nothing in this plodding sequel justifies its running time or its budget at all",
+]
 
 
 def saved_folder(model_type: str, folder, task: str = "classification"):
@@ -442,7 +512,8 @@ def saved_folder(model_type: str, folder, task: str = "classification"):
 
 
 SAVED_CASES = [(name, "classification") for name in classification_types()] + [
-    (name, "next-token") for name in ("gpt2", "granite", "mistral")]
+    (name, "next-token") for name in ("gpt2", "granite", "mistral")
+]
 
 
 @pytest.mark.parametrize("model_type,task", SAVED_CASES, ids=[f"{name}-{task}" for name, task in SAVED_CASES])
@@ -469,24 +540,46 @@ def test_saved_folder_loads_extracts_and_replays(model_type, task, tmp_path):
     plan = plan_extraction(E2E_TEXTS, loaded.tokenizer, max_length=20)
     shape = loaded.shape
     layout = AttentionStoreLayout(
-        n_examples=len(plan.length), max_length=plan.max_length,
-        n_classes=2 if task == "classification" else int(loaded.model.config.vocab_size), layers=shape.layers,
-        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, hidden=shape.hidden,
-        shard_size=len(plan.length), dtype="float32", task=task, top_k=5 if task == "next-token" else 0,
+        n_examples=len(plan.length),
+        max_length=plan.max_length,
+        n_classes=2 if task == "classification" else int(loaded.model.config.vocab_size),
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        hidden=shape.hidden,
+        shard_size=len(plan.length),
+        dtype="float32",
+        task=task,
+        top_k=5 if task == "next-token" else 0,
     )
     url = str(tmp_path / "store.zarr")
     group = create_attention_store(url, layout, {"model": {"name": loaded.name, "model_type": model_type}})
-    write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
-                           np.full(len(plan.length), -1), np.array([E2E_TEXTS[i] for i in plan.source_index]))
+    write_example_metadata(
+        group,
+        plan.tokens,
+        plan.length,
+        plan.untruncated_length,
+        plan.source_index,
+        np.full(len(plan.length), -1),
+        np.array([E2E_TEXTS[i] for i in plan.source_index]),
+    )
     group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.adapter)
     mark_prepared(group)
     captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=4, top_k=5)
-    write_shard(group, 0, captured.attention, captured.value, captured.logits,
-                *((captured.logit_ids, captured.logsumexp) if task == "next-token" else ()))
+    write_shard(
+        group,
+        0,
+        captured.attention,
+        captured.value,
+        captured.logits,
+        *((captured.logit_ids, captured.logsumexp) if task == "next-token" else ()),
+    )
     stored = open_attention_store(url)
     tokens, length, attention = stored["tokens"][:], stored["length"][:], stored["attention"][:]
-    effective = efficient_attention(attention, stored["value"][:], stored["w_out"][:], length, causal=loaded.causal,
-                                    variants=("effective",))["effective"].efficient
+    effective = efficient_attention(
+        attention, stored["value"][:], stored["w_out"][:], length, causal=loaded.causal, variants=("effective",)
+    )["effective"].efficient
     masks = np.ones((1, shape.layers, shape.heads), dtype=bool)
     for injected, tolerance in ((attention, 1e-5), (effective, 1e-4)):
         logits = intervened_logits(loaded, tokens, length, injected, masks)[0]
@@ -513,9 +606,32 @@ def test_effattn_run_on_a_saved_tiny_model(model_type, task, tmp_path, capsys):
 
     folder = saved_folder(model_type, tmp_path / model_type, task)
     corpus = write_reviews_csv(tmp_path / "reviews.csv")
-    argv = ["run", "--corpus", str(corpus), "--model", str(folder), "--run-dir", str(tmp_path / "runs"),
-            "--no-train", "--limit", "4", "--max-length", "16", "--shard-size", "4", "--batch-size", "2",
-            "--variants", "effective", "--workers", "1", "--scope-examples", "2", "--task", task]
+    argv = [
+        "run",
+        "--corpus",
+        str(corpus),
+        "--model",
+        str(folder),
+        "--run-dir",
+        str(tmp_path / "runs"),
+        "--no-train",
+        "--limit",
+        "4",
+        "--max-length",
+        "16",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--variants",
+        "effective",
+        "--workers",
+        "1",
+        "--scope-examples",
+        "2",
+        "--task",
+        task,
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^sufficient \(effective\) +holds +largest \|Δlogit\| ", printed, re.MULTILINE), printed
@@ -525,8 +641,9 @@ def test_effattn_run_on_a_saved_tiny_model(model_type, task, tmp_path, capsys):
     assert model["causal"] == (model_type != "distilbert")
     assert model["sliding_windows"] == ([None, WINDOW] if model_type == "qwen2" else [None, None])
     default = {"left": None, "right": 0 if model["causal"] else None}
-    assert model["key_bands"] == ([default, {"left": WINDOW - 1, "right": 0}] if model_type == "qwen2"
-                                  else [default, default])
+    assert model["key_bands"] == (
+        [default, {"left": WINDOW - 1, "right": 0}] if model_type == "qwen2" else [default, default]
+    )
 
 
 @pytest.mark.parametrize("model_type", ["albert", "bloom"])
@@ -537,12 +654,29 @@ def test_effattn_run_refuses_an_unsupported_folder_before_writing_anything(model
     folder = save_model_folder(tiny_model(model_type, vocab_size=30522), tmp_path / model_type)
     corpus = write_reviews_csv(tmp_path / "reviews.csv")
     run_dir = tmp_path / "runs"
-    argv = ["run", "--corpus", str(corpus), "--model", str(folder), "--run-dir", str(run_dir), "--no-train",
-            "--limit", "4", "--max-length", "16", "--variants", "effective", "--workers", "1"]
+    argv = [
+        "run",
+        "--corpus",
+        str(corpus),
+        "--model",
+        str(folder),
+        "--run-dir",
+        str(run_dir),
+        "--no-train",
+        "--limit",
+        "4",
+        "--max-length",
+        "16",
+        "--variants",
+        "effective",
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 2
     error = capsys.readouterr().err
-    assert f"effattn run: error: model type '{model_type}' is not supported: {REFUSED_ARCHITECTURES[model_type]}" \
-        in error
+    assert (
+        f"effattn run: error: model type '{model_type}' is not supported: {REFUSED_ARCHITECTURES[model_type]}" in error
+    )
     assert "supported model types: bert, camembert, distilbert" in error
     assert not run_dir.exists() or not any(run_dir.rglob("*.zarr"))
 
@@ -551,8 +685,11 @@ def test_a_type_without_a_classification_class_says_to_use_next_token(tmp_path):
     from analysis.models import load_model
 
     folder = saved_folder("granite", tmp_path / "granite", task="next-token")
-    with pytest.raises(ValueError, match=r"model type 'granite' has no SequenceClassification class in "
-                                         r"transformers: use --task next-token"):
+    with pytest.raises(
+        ValueError,
+        match=r"model type 'granite' has no SequenceClassification class in "
+        r"transformers: use --task next-token",
+    ):
         load_model(str(folder), num_labels=2)
     assert load_model(str(folder), num_labels=2, task="next-token").causal
 
@@ -615,8 +752,14 @@ def test_a_windowed_store_keeps_efficient_attention_and_its_noise_inside_the_ban
     for name in ("efficient:effective", "efficient+null-noise:effective", "efficient+null-noise:stochastic"):
         intervention = Intervention.parse(name)
         matrices = intervention_matrices(
-            intervention, attention, value, w_out, length, causal,
-            efficient=group[f"efficient/{intervention.variant_name}"][:], example_indices=np.arange(len(length)),
+            intervention,
+            attention,
+            value,
+            w_out,
+            length,
+            causal,
+            efficient=group[f"efficient/{intervention.variant_name}"][:],
+            example_indices=np.arange(len(length)),
             key_bands=store_key_bands(model, 2),
         )
         assert outside_band_magnitude(matrices, length, bands).max() == 0.0, name
@@ -632,9 +775,12 @@ def test_key_bands_are_observed_from_the_masks_the_attention_receives(tokenizer)
     from analysis.extraction import observe_key_bands
 
     expected = {
-        "mistral": (KeyBand(WINDOW - 1, 0),) * 2, "qwen2": (KeyBand(None, 0), KeyBand(WINDOW - 1, 0)),
-        "gemma3_text": (KeyBand(WINDOW - 1, 0), KeyBand(None, 0)), "gpt2": (KeyBand(None, 0),) * 2,
-        "modernbert": (FULL_BAND, KeyBand(WINDOW // 2, WINDOW // 2)), "bert": (FULL_BAND,) * 2,
+        "mistral": (KeyBand(WINDOW - 1, 0),) * 2,
+        "qwen2": (KeyBand(None, 0), KeyBand(WINDOW - 1, 0)),
+        "gemma3_text": (KeyBand(WINDOW - 1, 0), KeyBand(None, 0)),
+        "gpt2": (KeyBand(None, 0),) * 2,
+        "modernbert": (FULL_BAND, KeyBand(WINDOW // 2, WINDOW // 2)),
+        "bert": (FULL_BAND,) * 2,
     }
     for model_type, bands in expected.items():
         loaded = wrap_model(tiny_model(model_type), tokenizer, model_type)
@@ -645,6 +791,9 @@ def test_key_bands_are_observed_from_the_masks_the_attention_receives(tokenizer)
     wrap_model(model, tokenizer, "llama")
     observed = observe_layout(model, 9)
     chunked = torch.kron(torch.eye(3, dtype=torch.bool), torch.ones((3, 3), dtype=torch.bool)).tril()
-    with pytest.raises(ArchitectureError, match=r"model type 'llama': the attention mask of layer 1 is not a band "
-                                                r"around the diagonal .* sliding-window masks only"):
+    with pytest.raises(
+        ArchitectureError,
+        match=r"model type 'llama': the attention mask of layer 1 is not a band "
+        r"around the diagonal .* sliding-window masks only",
+    ):
         key_bands_of(model, dataclasses.replace(observed, visible=(observed.visible[0], chunked)))

@@ -74,7 +74,9 @@ def test_model_without_backend_records_nothing():
 
 def _injection_for(layer: int, replacement, replace, length: list[int], size: int) -> AttentionInjection:
     real = torch.arange(size)[None, :] < torch.tensor(length)[:, None]
-    return AttentionInjection({layer: LayerInjection(replacement, replace, (real[:, :, None] & real[:, None, :])[:, None])})
+    return AttentionInjection(
+        {layer: LayerInjection(replacement, replace, (real[:, :, None] & real[:, None, :])[:, None])}
+    )
 
 
 @pytest.mark.parametrize("make_model", [tiny_bert, tiny_llama])
@@ -108,8 +110,11 @@ def test_injection_copies_each_replace_their_own_heads():
     input_ids = torch.randint(1, 1000, (1, 9)).repeat(2, 1)  # copy 0 and copy 1 of a batch of one
     replacement = torch.zeros((1, 4, 9, 9))
     replace = torch.tensor([[[True, False, False, False]], [[False, False, False, True]]])
-    with torch.no_grad(), inject_attention(_injection_for(1, replacement, replace, [9], 9)), \
-            capture_attention() as recorder:
+    with (
+        torch.no_grad(),
+        inject_attention(_injection_for(1, replacement, replace, [9], 9)),
+        capture_attention() as recorder,
+    ):
         model(input_ids=input_ids)
     weights = recorder.layers[1].attention
     assert (weights[0, 0] == 0).all() and (weights[0, 3] != 0).any()
@@ -120,7 +125,11 @@ def test_injection_of_the_wrong_batch_says_how_to_repeat_inputs():
     model = tiny_bert()
     use_capture_backend(model)
     injection = _injection_for(0, torch.zeros((2, 4, 6, 6)), torch.ones((1, 2, 4), dtype=torch.bool), [6, 6], 6)
-    with torch.no_grad(), inject_attention(injection), pytest.raises(RuntimeError, match="repeat the inputs copy-major"):
+    with (
+        torch.no_grad(),
+        inject_attention(injection),
+        pytest.raises(RuntimeError, match="repeat the inputs copy-major"),
+    ):
         model(input_ids=torch.randint(1, 1000, (3, 6)))
 
 
@@ -130,17 +139,25 @@ def test_unimplemented_argument_is_refused_by_name():
     module = torch.nn.Module()
     module.layer_idx = 0
     query = torch.randn(1, 2, 3, 4)
-    with pytest.raises(UnsupportedAttentionError, match=re.escape(
-            "model type 'Module' passes 's_aux' to its attention function (attention sinks")):
+    with pytest.raises(
+        UnsupportedAttentionError,
+        match=re.escape("model type 'Module' passes 's_aux' to its attention function (attention sinks"),
+    ):
         effattn_attention(module, query, query, query, None, s_aux=torch.zeros(2))
-    with pytest.raises(UnsupportedAttentionError, match="passes 'rope_scale_hint' to its attention function \\(an "
-                                                        "argument the effattn backend does not know\\)"):
+    with pytest.raises(
+        UnsupportedAttentionError,
+        match="passes 'rope_scale_hint' to its attention function \\(an argument the effattn backend does not know\\)",
+    ):
         effattn_attention(module, query, query, query, None, rope_scale_hint=2.0)
-    with pytest.raises(UnsupportedAttentionError, match="asks for a sliding window of 2 keys but its attention got "
-                                                        "no mask for 3 keys"):
+    with pytest.raises(
+        UnsupportedAttentionError, match="asks for a sliding window of 2 keys but its attention got no mask for 3 keys"
+    ):
         effattn_attention(module, query, query, query, None, sliding_window=2)
-    with pytest.raises(UnsupportedAttentionError, match=r"asks for causal attention \(is_causal\) but its "
-                                                        "attention got no mask"):
+    with pytest.raises(
+        UnsupportedAttentionError,
+        match=r"asks for causal attention \(is_causal\) but its "
+        "attention got no mask",
+    ):
         effattn_attention(module, query, query, query, None, is_causal=True)
     output, _ = effattn_attention(module, query, query, query, None, s_aux=None, position_ids=torch.arange(3))
     assert output.shape == (1, 3, 2, 4)  # None means the feature is off; position bookkeeping is inert
@@ -169,8 +186,9 @@ def test_visible_keys_read_every_mask_form():
     from analysis.attention_backend import visible_keys
 
     causal = torch.tril(torch.ones(4, 4, dtype=torch.bool))
-    additive = torch.zeros(1, 1, 4, 6).masked_fill(~torch.nn.functional.pad(causal, (0, 2))[None, None],
-                                                   torch.finfo(torch.float32).min)
+    additive = torch.zeros(1, 1, 4, 6).masked_fill(
+        ~torch.nn.functional.pad(causal, (0, 2))[None, None], torch.finfo(torch.float32).min
+    )
     assert torch.equal(visible_keys(additive, 4, 4), causal)  # sliced to the keys
     assert torch.equal(visible_keys(causal[None, None], 4, 4), causal)
     key_only = torch.tensor([0.0, 0.0, -float("inf")])[None, None, None]

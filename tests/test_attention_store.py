@@ -20,40 +20,46 @@ import xarray as xr
 import zarr
 
 from storage_schemas.attention_store import (
-    IncompleteInputError,
-    describe_shards,
-    extraction_identities,
-    require_extracted,
-    unmark_shards,
+    CHUNK_CODEC_BATCH_SIZE,
+    FAST_CODEC_PIPELINE,
+    ZARR_DEFAULT_CODEC_PIPELINE,
     AttentionStoreError,
     AttentionStoreLayout,
     AttentionStoreNotFoundError,
+    IncompleteInputError,
     attention_store_state,
     check_same_run,
     completed_shards,
     create_attention_store,
     default_shard_size,
+    describe_shards,
+    extraction_identities,
     mark_prepared,
     mark_shard_completed,
     open_attention_store,
     read_texts,
     readable_by_every_reader,
     recreate_unprepared_store,
+    require_extracted,
     store_layout,
+    unmark_shards,
     write_example_metadata,
     write_shard,
-)
-from storage_schemas.attention_store import (
-    CHUNK_CODEC_BATCH_SIZE,
-    FAST_CODEC_PIPELINE,
-    ZARR_DEFAULT_CODEC_PIPELINE,
 )
 from storage_schemas.shard_records import LEGACY_SHARD_IDENTITY, shard_is_current
 
 # 7 examples in shards of 3: shards 0 and 1 hold 3 examples, the last one holds 1.
 LAYOUT = AttentionStoreLayout(
-    n_examples=7, max_length=6, n_classes=3, layers=2, heads=4, kv_heads=2, head_dim=3, hidden=5,
-    shard_size=3, dtype="float32",
+    n_examples=7,
+    max_length=6,
+    n_classes=3,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=3,
+    hidden=5,
+    shard_size=3,
+    dtype="float32",
 )
 
 # Schema v2 written out literally: a reader who never installed effattn relies on exactly these names.
@@ -72,8 +78,10 @@ EXPECTED_DIMS = {
     "out_bias": ("layer", "hidden"),
 }
 # Schema v1: the texts were one `string` array.
-EXPECTED_V1_DIMS = {**{name: dims for name, dims in EXPECTED_DIMS.items() if not name.startswith("text_")},
-                    "text": ("example",)}
+EXPECTED_V1_DIMS = {
+    **{name: dims for name, dims in EXPECTED_DIMS.items() if not name.startswith("text_")},
+    "text": ("example",),
+}
 
 ATTRIBUTES = {
     "model": {"name": "tiny", "weights_digest": "sha256:aaa", "layers": 2},
@@ -228,11 +236,21 @@ def test_plain_xarray_reads_every_array_with_its_dims(url):
         if name not in ("text_bytes", "text_offsets"):
             np.testing.assert_array_equal(dataset[name].values, data[name], err_msg=name)
     offsets, text_bytes = dataset["text_offsets"].values, dataset["text_bytes"].values.tobytes()
-    assert [text_bytes[offsets[i]:offsets[i + 1]].decode() for i in range(7)] == list(data["text"])
+    assert [text_bytes[offsets[i] : offsets[i + 1]].decode() for i in range(7)] == list(data["text"])
     total_bytes = sum(len(text.encode()) for text in data["text"])
     assert dict(dataset.sizes) == {
-        "example": 7, "position": 6, "query": 6, "key": 6, "class": 3, "layer": 2, "head": 4, "kv_head": 2,
-        "head_dim": 3, "hidden": 5, "text_byte": total_bytes, "example_boundary": 8,
+        "example": 7,
+        "position": 6,
+        "query": 6,
+        "key": 6,
+        "class": 3,
+        "layer": 2,
+        "head": 4,
+        "kv_head": 2,
+        "head_dim": 3,
+        "hidden": 5,
+        "text_byte": total_bytes,
+        "example_boundary": 8,
     }
     assert dataset.attrs["schema"] == "effattn.attention_store"
     assert dataset.attrs["completed_shards"] == [0, 1, 2]
@@ -362,14 +380,30 @@ def test_wrong_schema_name(url):
 def test_a_selection_that_does_not_match_the_arrays_is_refused(url):
     group, _ = build_store(url)
     open_attention_store(url)  # no selection attribute: the store holds every layer and head
-    group.attrs["selection"] = {"layers": [0, 3, 5], "heads": [0, 1, 2, 3], "kv_heads": [0, 1], "model_layers": 6,
-                                "model_heads": 4, "model_kv_heads": 2}
-    with pytest.raises(AttentionStoreError, match=re.escape(
+    group.attrs["selection"] = {
+        "layers": [0, 3, 5],
+        "heads": [0, 1, 2, 3],
+        "kv_heads": [0, 1],
+        "model_layers": 6,
+        "model_heads": 4,
+        "model_kv_heads": 2,
+    }
+    with pytest.raises(
+        AttentionStoreError,
+        match=re.escape(
             f"{url}: the store's selection (3 of 6 layers (0, 3, 5), all 4 heads, 2 kv heads) does not match its "
-            "arrays' counts (layers, heads, kv_heads) = (2, 4, 2)")):
+            "arrays' counts (layers, heads, kv_heads) = (2, 4, 2)"
+        ),
+    ):
         open_attention_store(url)
-    group.attrs["selection"] = {"layers": [0, 5], "heads": [0, 1, 2, 3], "kv_heads": [0, 1], "model_layers": 6,
-                                "model_heads": 4, "model_kv_heads": 2}
+    group.attrs["selection"] = {
+        "layers": [0, 5],
+        "heads": [0, 1, 2, 3],
+        "kv_heads": [0, 1],
+        "model_layers": 6,
+        "model_heads": 4,
+        "model_kv_heads": 2,
+    }
     assert open_attention_store(url) is not None  # model layers 0 and 5 of 6
 
 
@@ -743,9 +777,18 @@ def test_the_entry_points_select_the_zarrs_pipeline_unless_the_user_chose_otherw
 
     def settings(code: str, **environment) -> str:
         base = {key: value for key, value in os.environ.items() if not key.startswith("ZARR_CODEC_PIPELINE__")}
-        return subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True,
-                              text=True, check=True, cwd=root, env={**base, **environment}).stdout.strip() \
+        return (
+            subprocess.run(
+                [sys.executable, "-W", "error::UserWarning", "-c", code],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=root,
+                env={**base, **environment},
+            )
+            .stdout.strip()
             .splitlines()[-1]
+        )
 
     assert CHUNK_CODEC_BATCH_SIZE > 1
     fast = f"{FAST_CODEC_PIPELINE} {CHUNK_CODEC_BATCH_SIZE}"
@@ -761,20 +804,30 @@ def test_the_entry_points_select_the_zarrs_pipeline_unless_the_user_chose_otherw
 
 
 def test_without_zarrs_zarr_s_pipeline_stays_with_one_warning():
-    code = ("import sys, warnings; sys.modules['zarrs'] = None; import zarr; "
-            "from storage_schemas.attention_store import use_fast_codec_pipeline\n"
-            "with warnings.catch_warnings(record=True) as caught:\n"
-            "    warnings.simplefilter('always')\n"
-            "    use_fast_codec_pipeline(); use_fast_codec_pipeline()\n"
-            "print(len(caught), zarr.config.get('codec_pipeline.path'))\n"
-            "print(caught[0].message)")
+    code = (
+        "import sys, warnings; sys.modules['zarrs'] = None; import zarr; "
+        "from storage_schemas.attention_store import use_fast_codec_pipeline\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    use_fast_codec_pipeline(); use_fast_codec_pipeline()\n"
+        "print(len(caught), zarr.config.get('codec_pipeline.path'))\n"
+        "print(caught[0].message)"
+    )
     environment = {key: value for key, value in os.environ.items() if not key.startswith("ZARR_CODEC_PIPELINE__")}
-    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent.parent, env=environment).stdout.splitlines()
+    printed = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+        env=environment,
+    ).stdout.splitlines()
     assert printed[0] == f"1 {ZARR_DEFAULT_CODEC_PIPELINE}"
     assert printed[1].startswith("zarrs cannot be imported (")
-    assert printed[1].endswith("stores are read and written with zarr's slower codec pipeline. Install zarrs "
-                               "(see requirements.txt) for the fast one")
+    assert printed[1].endswith(
+        "stores are read and written with zarr's slower codec pipeline. Install zarrs "
+        "(see requirements.txt) for the fast one"
+    )
 
 
 PIPELINES = {"zarrs": FAST_CODEC_PIPELINE, "zarr": ZARR_DEFAULT_CODEC_PIPELINE}
@@ -796,9 +849,9 @@ def stored_chunks(url: str) -> dict[str, bytes]:
             found[key] = content
             continue
         n_chunks = int(np.prod([s // c for s, c in zip(array.shards, array.chunks)]))
-        index = np.frombuffer(content[-(16 * n_chunks + 4):-4], dtype="<u8").reshape(n_chunks, 2)
+        index = np.frombuffer(content[-(16 * n_chunks + 4) : -4], dtype="<u8").reshape(n_chunks, 2)
         for position, (offset, size) in enumerate(index):
-            found[f"{key}#{position}"] = b"" if offset == 2**64 - 1 else content[offset:offset + size]
+            found[f"{key}#{position}"] = b"" if offset == 2**64 - 1 else content[offset : offset + size]
     return found
 
 
@@ -815,8 +868,10 @@ def test_the_pipelines_write_the_same_chunks_and_read_each_other_s_stores(tmp_pa
     chunks = {name: stored_chunks(url) for name, url in urls.items()}
     assert chunks["zarr"] == chunks["zarrs"]
     # schema v2: one inner chunk per example, holding all its layers
-    assert sum(key.startswith("attention/c/") and len(chunk) > 0 for key, chunk in chunks["zarrs"].items()) \
+    assert (
+        sum(key.startswith("attention/c/") and len(chunk) > 0 for key, chunk in chunks["zarrs"].items())
         == LAYOUT.n_examples
+    )
     for writer, reader in (("zarrs", "zarr"), ("zarr", "zarrs")):
         with zarr.config.set({"codec_pipeline.path": PIPELINES[reader]}):
             group = open_attention_store(urls[writer])
@@ -831,14 +886,17 @@ def damage_first_chunk(url: str, where: str = "data") -> None:
     damaged = bytearray(path.read_bytes())
     attention = open_attention_store(url)["attention"]
     n_chunks = int(np.prod([shard // chunk for shard, chunk in zip(attention.shards, attention.chunks)]))
-    offset, size = np.frombuffer(bytes(damaged[-(16 * n_chunks + 4):-4]), dtype="<u8").reshape(n_chunks, 2)[0]
+    offset, size = np.frombuffer(bytes(damaged[-(16 * n_chunks + 4) : -4]), dtype="<u8").reshape(n_chunks, 2)[0]
     damaged[int(offset) + (int(size) // 2 if where == "data" else int(size) - 1)] ^= 0x01
     path.write_bytes(bytes(damaged))
 
 
 @pytest.mark.parametrize("where", ["data", "checksum"])
-@pytest.mark.parametrize("selection", [np.s_[0:3], np.s_[0], np.s_[0:3, 0], np.s_[0:3, :, :, :4], np.s_[0, 0, 1]],
-                         ids=["whole shard", "one example", "one layer", "first positions", "one head"])
+@pytest.mark.parametrize(
+    "selection",
+    [np.s_[0:3], np.s_[0], np.s_[0:3, 0], np.s_[0:3, :, :, :4], np.s_[0, 0, 1]],
+    ids=["whole shard", "one example", "one layer", "first positions", "one head"],
+)
 def test_every_read_of_a_damaged_chunk_fails_its_checksum(url, selection, where):
     """With zarrs selected, whole-shard reads and reads of part of a shard alike raise an error that
     is_corrupt_chunk_error recognises, never the damaged numbers."""
@@ -1018,7 +1076,9 @@ def test_validation_checks_the_arrays_of_the_stores_own_version(url, version):
     else:
         del group["text_offsets"]
         missing = ["text_offsets"]
-    message = f"{url} is missing the arrays {missing}: the store is incomplete or damaged; extract again into a new store"
+    message = (
+        f"{url} is missing the arrays {missing}: the store is incomplete or damaged; extract again into a new store"
+    )
     with pytest.raises(AttentionStoreError, match=re.escape(message)):
         open_attention_store(url)
 
@@ -1027,12 +1087,21 @@ def test_validation_checks_the_arrays_of_the_stores_own_version(url, version):
 def test_attention_chunks_of_the_other_version_are_refused(url, version, wrong_layers):
     build_store(url, schema_version=version)
     S, L = LAYOUT.shard_size, LAYOUT.max_length
-    _replace_array(url, "attention", shape=(7, 2, 4, L, L), dtype="float32", chunks=(1, wrong_layers, 4, L, L),
-                   shards=(S, 2, 4, L, L), dimension_names=EXPECTED_DIMS["attention"])
+    _replace_array(
+        url,
+        "attention",
+        shape=(7, 2, 4, L, L),
+        dtype="float32",
+        chunks=(1, wrong_layers, 4, L, L),
+        shards=(S, 2, 4, L, L),
+        dimension_names=EXPECTED_DIMS["attention"],
+    )
     expected = (1, 3 - wrong_layers, 4, L, L)
-    message = (f"{url}: array 'attention' has chunks (1, {wrong_layers}, 4, 6, 6) and shards ({S}, 2, 4, 6, 6), but "
-               f"schema v{version} expects chunks {expected} and shards ({S}, 2, 4, 6, 6): the store is damaged or "
-               "was written by another program; extract again into a new store")
+    message = (
+        f"{url}: array 'attention' has chunks (1, {wrong_layers}, 4, 6, 6) and shards ({S}, 2, 4, 6, 6), but "
+        f"schema v{version} expects chunks {expected} and shards ({S}, 2, 4, 6, 6): the store is damaged or "
+        "was written by another program; extract again into a new store"
+    )
     with pytest.raises(AttentionStoreError, match=re.escape(message)):
         open_attention_store(url)
 

@@ -57,10 +57,18 @@ def captured(make_model, task: str = "classification"):
     return loaded, tokens, shard, w_out, efficient
 
 
-def injected(loaded, tokens, shard, w_out, efficient, name, target=Target("all")):
+ALL_TARGET = Target("all")
+
+
+def injected(loaded, tokens, shard, w_out, efficient, name, target=ALL_TARGET):
     intervention = Intervention.parse(name)
     matrices = intervention_matrices(
-        intervention, shard.attention, shard.value, w_out, LENGTHS, loaded.causal,
+        intervention,
+        shard.attention,
+        shard.value,
+        w_out,
+        LENGTHS,
+        loaded.causal,
         efficient=efficient[intervention.variant_name].efficient if intervention.needs_efficient else None,
     )
     masks = target.mask(loaded.shape.layers, loaded.shape.heads)[None]
@@ -137,8 +145,7 @@ def test_next_token_metrics_by_hand():
     intervened[0, 0, 3] = torch.tensor([0.0, 99, 0, 0])  # padding: ignored
     top = torch.topk(original, 2, dim=-1)
     tokens = np.array([[1, 2, 3, 0]])
-    metrics = next_token_metrics(original, top.values.numpy(), top.indices.numpy(), intervened, tokens,
-                                 np.array([3]))
+    metrics = next_token_metrics(original, top.values.numpy(), top.indices.numpy(), intervened, tokens, np.array([3]))
     np.testing.assert_allclose(metrics["agreement"], [[2 / 3]])
     np.testing.assert_array_equal(metrics["flipped"], [[1]])
     np.testing.assert_allclose(metrics["max_abs_logit_change"], [[9]])  # not 99: padding ignored
@@ -150,8 +157,17 @@ def test_next_token_metrics_by_hand():
 
 def test_aggregates_ignore_unmeasured_examples():
     agreement = np.array([[[1.0, 0.0, np.nan], [np.nan, np.nan, np.nan]]])  # 1 intervention, 2 targets, 3 examples
-    metrics = {name: agreement.copy() for name in
-               ("agreement", "flipped", "max_abs_logit_change", "kl_divergence", "correct", "stored_logit_difference")}
+    metrics = {
+        name: agreement.copy()
+        for name in (
+            "agreement",
+            "flipped",
+            "max_abs_logit_change",
+            "kl_divergence",
+            "correct",
+            "stored_logit_difference",
+        )
+    }
     metrics["flipped"] = 1 - agreement
     aggregates = aggregate_metrics(metrics)
     assert aggregates["agreement_rate"][0, 0] == 0.5 and aggregates["flip_rate"][0, 0] == 0.5
@@ -185,9 +201,14 @@ def test_next_token_intervened_logits_keep_positions_and_efficient_keeps_them():
 def small_plan(**changes) -> CausalPlan:
     interventions = tuple(parse_interventions(["replay", "null:effective", "ablate", "minimality:effective:k=2"]))
     fields = dict(
-        interventions=interventions, scopes=("all", "head"), layer_interventions=(),
-        head_interventions=(interventions[2],), scope_examples=3, targets=tuple(targets_for(["all", "head"], 1, 2)),
-        seed=4, store_identity={"weights_digest": "sha256:ab", "efficient_settings": {"effective": {"k": 1}}},
+        interventions=interventions,
+        scopes=("all", "head"),
+        layer_interventions=(),
+        head_interventions=(interventions[2],),
+        scope_examples=3,
+        targets=tuple(targets_for(["all", "head"], 1, 2)),
+        seed=4,
+        store_identity={"weights_digest": "sha256:ab", "efficient_settings": {"effective": {"k": 1}}},
     )
     return CausalPlan(**{**fields, **changes})
 
@@ -212,15 +233,22 @@ def test_the_plan_is_stored_as_the_settings_results_have_always_had():
 def test_the_plan_says_what_is_measured_where_and_what_is_read():
     plan = small_plan()
     assert [(item.name, scopes) for item, scopes in plan.scope_plan()] == [
-        ("replay", [("all", [0])]), ("null:effective", [("all", [0])]), ("ablate", [("all", [0]), ("head", [1, 2])]),
-        ("minimality:effective:k=2", [("all", [0])])]
+        ("replay", [("all", [0])]),
+        ("null:effective", [("all", [0])]),
+        ("ablate", [("all", [0]), ("head", [1, 2])]),
+        ("minimality:effective:k=2", [("all", [0])]),
+    ]
     assert plan.efficient_variants() == ["effective"]  # minimality recomputes its projection
     assert plan.target_masks(1, 2).tolist() == [[[True, True]], [[True, False]], [[False, True]]]
     only_heads = small_plan(scopes=("head",))
     assert [item.name for item, _ in only_heads.scope_plan()] == ["ablate"]
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "--head-interventions ['uniform'] are not among the interventions run: ['replay', 'null:effective', "
-            "'ablate', 'minimality:effective:k=2']")):
+            "'ablate', 'minimality:effective:k=2']"
+        ),
+    ):
         small_plan(head_interventions=(Intervention("uniform"),))
 
 
@@ -234,13 +262,15 @@ def test_forward_groups_cover_every_pair_once_within_the_rows():
             pairs += [(int(e), int(t)) for t in group_targets for e in chosen]
         assert sorted(pairs) == sorted((e, t) for e in examples for t in targets)
     assert [(c.tolist(), t.tolist()) for c, t in forward_groups(np.arange(3), [0, 1, 2, 3], 6)] == [
-        ([0, 1, 2], [0, 1]), ([0, 1, 2], [2, 3])]  # as many targets per pass as fit
+        ([0, 1, 2], [0, 1]),
+        ([0, 1, 2], [2, 3]),
+    ]  # as many targets per pass as fit
 
 
 def test_long_passes_take_fewer_rows_within_the_same_attention_budget():
     assert [rows_per_pass(64, length) for length in (12, 128, 129, 256, 512, 4096)] == [64, 64, 63, 16, 4, 1]
     for length in (200, 300, 512, 1000):  # rows x L² stays within forward_rows x REFERENCE_LENGTH²
-        assert rows_per_pass(64, length) * length ** 2 <= 64 * REFERENCE_LENGTH ** 2
+        assert rows_per_pass(64, length) * length**2 <= 64 * REFERENCE_LENGTH**2
     length = np.array([30, 40, 512, 500, 128])
     passes = list(forward_groups(np.array([0, 1, 4]), list(range(10)), 64, length))  # short: 3 examples x 10 targets
     assert [(c.tolist(), len(t)) for c, t in passes] == [([0, 1, 4], 10)]
@@ -248,14 +278,20 @@ def test_long_passes_take_fewer_rows_within_the_same_attention_budget():
     assert all(len(c) * len(t) <= 4 for c, t in passes)
     assert [(c.tolist(), t.tolist()) for c, t in passes][:2] == [([0, 2, 3], [0]), ([0, 2, 3], [1])]
     assert sorted((int(e), int(t)) for c, ts in passes for t in ts for e in c) == sorted(
-        (e, t) for e in (0, 2, 3) for t in range(10))
+        (e, t) for e in (0, 2, 3) for t in range(10)
+    )
 
 
 def hand_batch(**changes) -> CausalBatch:
-    fields = dict(start=8, tokens=np.array([[5, 6, 7, 0], [5, 6, 0, 0], [7, 7, 7, 7]]), length=np.array([3, 2, 4]),
-                  attention=np.zeros((3, 1, 1, 4, 4)), value=np.zeros((3, 1, 1, 4, 2)),
-                  stored_logits=np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]], dtype=np.float32),
-                  label=np.array([0, 0, -1]))
+    fields = dict(
+        start=8,
+        tokens=np.array([[5, 6, 7, 0], [5, 6, 0, 0], [7, 7, 7, 7]]),
+        length=np.array([3, 2, 4]),
+        attention=np.zeros((3, 1, 1, 4, 4)),
+        value=np.zeros((3, 1, 1, 4, 2)),
+        stored_logits=np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0]], dtype=np.float32),
+        label=np.array([0, 0, -1]),
+    )
     return CausalBatch(**{**fields, **changes})
 
 
@@ -272,8 +308,9 @@ def test_classification_batch_metrics_compare_with_the_stored_logits():
     metrics = BatchMetrics(batch, "classification")
     intervened = torch.tensor([[[0.0, 5.0], [4.0, 0.0]]])  # 1 target, examples at positions 0 and 2
     measured = metrics.measure(intervened, np.array([0, 2]))
-    expected = classification_metrics(batch.stored_logits[[0, 2]], batch.stored_logits[[0, 2]], intervened,
-                                      batch.label[[0, 2]])
+    expected = classification_metrics(
+        batch.stored_logits[[0, 2]], batch.stored_logits[[0, 2]], intervened, batch.label[[0, 2]]
+    )
     assert measured.keys() == expected.keys() == set(METRICS)
     for name in METRICS:
         np.testing.assert_array_equal(measured[name], expected[name])
@@ -293,16 +330,23 @@ def test_next_token_batch_metrics_compare_with_the_original_model():
             original[row, position, sequence[position + 1]] = 5.0
     original[0, 1] = torch.tensor([5.0, -5, -5, -5])
     top = torch.topk(original, 2, dim=-1)
-    batch = hand_batch(start=0, tokens=tokens, length=np.array([3, 2]), label=None,
-                       stored_logits=top.values.numpy(), stored_logit_ids=top.indices.numpy())
+    batch = hand_batch(
+        start=0,
+        tokens=tokens,
+        length=np.array([3, 2]),
+        label=None,
+        stored_logits=top.values.numpy(),
+        stored_logit_ids=top.indices.numpy(),
+    )
     metrics = BatchMetrics(batch, "next-token", original)
     # positions with a next token: 2 of example 0 (tokens 2, 3: one predicted), 1 of example 1 (token 1)
     np.testing.assert_allclose(metrics.original_correct(), [0.5, 1.0])
     intervened = original[[1]][None, :, :2].clone()  # only example 1, trimmed to its 2 tokens
     intervened[0, 0, 0] = torch.tensor([9.0, 0, 0, 0])
     measured = metrics.measure(intervened, np.array([1]))
-    expected = next_token_metrics(original[[1]], batch.stored_logits[[1]], batch.stored_logit_ids[[1]], intervened,
-                                  tokens[[1]], np.array([2]))
+    expected = next_token_metrics(
+        original[[1]], batch.stored_logits[[1]], batch.stored_logit_ids[[1]], intervened, tokens[[1]], np.array([2])
+    )
     for name in METRICS:
         np.testing.assert_array_equal(measured[name], expected[name])
     np.testing.assert_allclose(measured["agreement"], [[0.5]])  # position 0 changed, position 1 kept
@@ -312,7 +356,14 @@ def test_next_token_batch_metrics_compare_with_the_original_model():
 def test_targets_of_a_selection_carry_the_models_layer_and_head_numbers():
     targets = targets_for(["all", "layer", "head"], (0, 3), (1, 2))
     assert [target.name for target in targets] == [
-        "all", "layer 0", "layer 3", "layer 0 head 1", "layer 0 head 2", "layer 3 head 1", "layer 3 head 2"]
+        "all",
+        "layer 0",
+        "layer 3",
+        "layer 0 head 1",
+        "layer 0 head 2",
+        "layer 3 head 1",
+        "layer 3 head 2",
+    ]
     # masks are over the stored layers and heads: model layer 3 is stored layer 1, model head 2 stored head 1
     assert Target("layer", 3).mask((0, 3), (1, 2)).tolist() == [[False, False], [True, True]]
     assert Target("head", 3, 2).mask((0, 3), (1, 2)).tolist() == [[False, False], [False, True]]
@@ -333,8 +384,9 @@ def test_injection_into_a_selection_is_the_same_injection_into_the_model():
     chosen = intervened_logits(loaded, tokens, LENGTHS, stored, masks, layers=(1,), heads=(2, 3))
     torch.testing.assert_close(chosen, expected, atol=1e-6, rtol=0)
     assert (chosen - torch.as_tensor(shard.logits)).abs().max() > 1e-4  # the injection does change the logits
-    with pytest.raises(ValueError, match="target masks for 1 layers x 2 heads, but the selection names 1 layers "
-                                         "and 3 heads"):
+    with pytest.raises(
+        ValueError, match="target masks for 1 layers x 2 heads, but the selection names 1 layers and 3 heads"
+    ):
         intervened_logits(loaded, tokens, LENGTHS, stored, masks, layers=(1,), heads=(1, 2, 3))
 
 
@@ -344,8 +396,11 @@ def test_the_injected_change_ratio_is_the_frobenius_distance_over_every_layer_an
     attention[2] = 0  # no attention at all: the ratio is the distance itself
     injected = (attention + generator.normal(scale=0.1, size=attention.shape)).astype(np.float32)
     injected[0] = attention[0]  # replay
-    expected = [np.linalg.norm((injected[e].astype(np.float64) - attention[e]).ravel())
-                / (np.linalg.norm(attention[e].astype(np.float64).ravel()) or 1.0) for e in range(3)]
+    expected = [
+        np.linalg.norm((injected[e].astype(np.float64) - attention[e]).ravel())
+        / (np.linalg.norm(attention[e].astype(np.float64).ravel()) or 1.0)
+        for e in range(3)
+    ]
     ratio = injected_change_ratio(injected, attention)
     assert ratio.dtype == np.float32 and ratio[0] == 0
     np.testing.assert_allclose(ratio, expected, rtol=1e-6)
@@ -359,15 +414,19 @@ def test_aggregates_of_parts_along_the_examples_equal_those_of_the_whole():
         values[generator.random(values.shape) < 0.4] = np.nan  # unmeasured examples
         values[1, 2] = np.nan  # a target never measured
     metrics["correct"][0, 0, :5] = np.nan  # a metric with fewer examples than agreement
-    parts = [{name: values[:, :, part] for name, values in metrics.items()}
-             for part in (slice(0, 3), slice(3, 4), slice(4, 10))]
+    parts = [
+        {name: values[:, :, part] for name, values in metrics.items()}
+        for part in (slice(0, 3), slice(3, 4), slice(4, 10))
+    ]
     aggregates = aggregate_metric_parts(parts)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
-        expected = {"agreement_rate": np.nanmean(metrics["agreement"].astype(np.float64), -1),
-                    "accuracy": np.nanmean(metrics["correct"].astype(np.float64), -1),
-                    "largest_logit_change": np.nanmax(metrics["max_abs_logit_change"], -1),
-                    "examples_measured": (~np.isnan(metrics["agreement"])).sum(-1)}
+        expected = {
+            "agreement_rate": np.nanmean(metrics["agreement"].astype(np.float64), -1),
+            "accuracy": np.nanmean(metrics["correct"].astype(np.float64), -1),
+            "largest_logit_change": np.nanmax(metrics["max_abs_logit_change"], -1),
+            "examples_measured": (~np.isnan(metrics["agreement"])).sum(-1),
+        }
     for name, values in expected.items():
         np.testing.assert_allclose(aggregates[name], values, rtol=1e-12, equal_nan=True)
     assert np.isnan(aggregates["agreement_rate"][1, 2]) and np.isnan(aggregates["largest_logit_change"][1, 2])

@@ -24,9 +24,15 @@ def llama_store(tmp_path_factory, tiny_llama_folder) -> str:
     reviews, 3 shards, with all three efficient variants."""
     folder = tmp_path_factory.mktemp("causal")
     url = str(folder / "store.zarr")
-    extract(ExtractSettings(
-        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-        shard_size=4, batch_size=4))
+    extract(
+        ExtractSettings(
+            corpus=str(write_reviews_csv(folder / "reviews.csv")),
+            model=str(tiny_llama_folder),
+            store=url,
+            shard_size=4,
+            batch_size=4,
+        )
+    )
     efficient(EfficientSettings(store=url, workers=1))
     return url
 
@@ -35,8 +41,10 @@ def test_causal_run_measures_every_intervention_and_answers_the_claims(llama_sto
     from flows.cli import main
 
     results = str(tmp_path / "results.zarr")
-    assert main(["causal", "--store", llama_store, "--results", results, "--scope-examples", "4",
-                 "--minimality-k", "1,2"]) == 0
+    assert (
+        main(["causal", "--store", llama_store, "--results", results, "--scope-examples", "4", "--minimality-k", "1,2"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "sufficient (effective)" in printed and f"results: {results}" in printed
     dataset = xr.open_zarr(results, consolidated=False).load()
@@ -66,15 +74,19 @@ def test_causal_run_measures_every_intervention_and_answers_the_claims(llama_sto
     # aggregates agree with the per-example numbers
     np.testing.assert_allclose(dataset["agreement_rate"].values, dataset["agreement"].mean("example").values)
     claims = dataset.attrs["claims"]
-    assert {row["claim"] for row in claims} >= {"sufficient (simplex)", "necessary (effective)", "minimal (effective)",
-                                                "replay reproduces the stored model"}
-    assert dataset.attrs["model"]["weights_digest"] == open_causal_results(results).attrs["settings"][
-        "store_identity"]["weights_digest"]
+    assert {row["claim"] for row in claims} >= {
+        "sufficient (simplex)",
+        "necessary (effective)",
+        "minimal (effective)",
+        "replay reproduces the stored model",
+    }
+    assert (
+        dataset.attrs["model"]["weights_digest"]
+        == open_causal_results(results).attrs["settings"]["store_identity"]["weights_digest"]
+    )
 
 
-
-def test_the_summary_read_in_parts_of_whole_shards_equals_the_summary_read_at_once(llama_store, tmp_path,
-                                                                                   monkeypatch):
+def test_the_summary_read_in_parts_of_whole_shards_equals_the_summary_read_at_once(llama_store, tmp_path, monkeypatch):
     from storage_schemas.attention_store import open_attention_store, store_layout
     from tasks import causal as causal_tasks
 
@@ -92,13 +104,19 @@ def test_the_summary_read_in_parts_of_whole_shards_equals_the_summary_read_at_on
         np.testing.assert_allclose(in_parts[name].values, at_once[name].values, rtol=1e-12)
     assert in_parts.attrs["claims"] == at_once.attrs["claims"]
     for variant, summary in at_once.attrs["efficient_diagnostics"].items():
-        np.testing.assert_allclose(list(in_parts.attrs["efficient_diagnostics"][variant].values()),
-                                   list(summary.values()), rtol=1e-12)
+        np.testing.assert_allclose(
+            list(in_parts.attrs["efficient_diagnostics"][variant].values()), list(summary.values()), rtol=1e-12
+        )
+
 
 def test_a_rerun_skips_done_shards_and_recomputes_a_lost_one_identically(llama_store, tmp_path):
     results = str(tmp_path / "results.zarr")
-    options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective"],
-                   scopes=["all", "head"], head_interventions=["colspace-noise:effective"], scope_examples=3)
+    options = dict(
+        interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective"],
+        scopes=["all", "head"],
+        head_interventions=["colspace-noise:effective"],
+        scope_examples=3,
+    )
     causal(CausalSettings(store=llama_store, results=results, **options))
     group = open_causal_results(results, mode="r+")
     before = {name: group[name][:] for name in ("agreement", "max_abs_logit_change", "injected_change_ratio")}
@@ -117,13 +135,26 @@ def test_missing_efficient_attention_and_another_model_are_refused(llama_store, 
     store = str(tmp_path / "store.zarr")
     shutil.copytree(llama_store, store)
     shutil.rmtree(f"{store}/efficient/simplex")
-    with pytest.raises(CausalResultsError, match=r"lacks finished efficient attention for the variants \['simplex'\]: "
-                                                 r"run `effattn efficient --store .* --variants simplex` first"):
+    with pytest.raises(
+        CausalResultsError,
+        match=r"lacks finished efficient attention for the variants \['simplex'\]: "
+        r"run `effattn efficient --store .* --variants simplex` first",
+    ):
         causal(CausalSettings(store=store, results=str(tmp_path / "r1.zarr"), interventions=["null:simplex"]))
-    with pytest.raises(CausalResultsError, match=r"but the store was extracted with .*: pass --model with the model "
-                                                 "that wrote the store"):
-        causal(CausalSettings(store=store, results=str(tmp_path / "r2.zarr"), interventions=["ablate"], scopes=["all"],
-               model=str(tiny_bert_folder)))
+    with pytest.raises(
+        CausalResultsError,
+        match=r"but the store was extracted with .*: pass --model with the model "
+        "that wrote the store",
+    ):
+        causal(
+            CausalSettings(
+                store=store,
+                results=str(tmp_path / "r2.zarr"),
+                interventions=["ablate"],
+                scopes=["all"],
+                model=str(tiny_bert_folder),
+            )
+        )
 
 
 def test_cuda_without_cuda_is_refused_before_a_results_folder_exists(llama_store, tmp_path, monkeypatch):
@@ -133,21 +164,40 @@ def test_cuda_without_cuda_is_refused_before_a_results_folder_exists(llama_store
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     results = tmp_path / "results.zarr"
     with pytest.raises(ValueError, match=r"^--device cuda: .*Nothing was written$"):
-        causal(CausalSettings(store=llama_store, results=str(results), interventions=["replay"], scopes=["all"],
-                              device="cuda"))
+        causal(
+            CausalSettings(
+                store=llama_store, results=str(results), interventions=["replay"], scopes=["all"], device="cuda"
+            )
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_next_token_store(tmp_path, tiny_llama_folder):
     url = str(tmp_path / "lm.zarr")
-    extract(ExtractSettings(
-        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-        task="next-token", top_k=4, shard_size=5, batch_size=5))
+    extract(
+        ExtractSettings(
+            corpus=str(write_reviews_csv(tmp_path / "reviews.csv")),
+            model=str(tiny_llama_folder),
+            store=url,
+            task="next-token",
+            top_k=4,
+            shard_size=5,
+            batch_size=5,
+        )
+    )
     efficient(EfficientSettings(store=url, variants=["stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
     # the layer scope measures 3 spread examples: batches whose longest example is not among them
-    causal(CausalSettings(store=url, results=results, interventions=["replay", "efficient:stochastic", "ablate"],
-           scopes=["all", "layer"], scope_examples=3, batch_size=4))
+    causal(
+        CausalSettings(
+            store=url,
+            results=results,
+            interventions=["replay", "efficient:stochastic", "ablate"],
+            scopes=["all", "layer"],
+            scope_examples=3,
+            batch_size=4,
+        )
+    )
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert int(dataset["agreement"].sel(intervention="ablate", target="layer 1").notnull().sum()) == 3
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
@@ -167,10 +217,14 @@ def test_minilm_on_real_reviews(tmp_path):
     extract(ExtractSettings(corpus="rt-sentiment", model="minilm", store=url, limit=6, train=False, batch_size=6))
     efficient(EfficientSettings(store=url, variants=["effective", "stochastic"], workers=1))
     results = str(tmp_path / "results.zarr")
-    causal(CausalSettings(
-        store=url, results=results,
-        interventions=["replay", "efficient:effective", "efficient:stochastic", "null:effective", "ablate"],
-        scopes=["all", "layer"]))
+    causal(
+        CausalSettings(
+            store=url,
+            results=results,
+            interventions=["replay", "efficient:effective", "efficient:stochastic", "null:effective", "ablate"],
+            scopes=["all", "layer"],
+        )
+    )
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert float(dataset["stored_logit_difference"].sel(intervention="replay").max()) <= TOLERANCE
     for variant in ("effective", "stochastic"):
@@ -178,7 +232,9 @@ def test_minilm_on_real_reviews(tmp_path):
     layers = dataset["target_scope"] == "layer"
     np.testing.assert_allclose(
         dataset["max_abs_logit_change"].sel(intervention="null:effective").where(layers).values,
-        dataset["max_abs_logit_change"].sel(intervention="ablate").where(layers).values, atol=TOLERANCE)
+        dataset["max_abs_logit_change"].sel(intervention="ablate").where(layers).values,
+        atol=TOLERANCE,
+    )
 
 
 def test_a_second_writer_of_the_same_results_is_refused(llama_store, tmp_path):
@@ -201,8 +257,17 @@ def test_no_forward_pass_exceeds_forward_rows(llama_store, tmp_path, monkeypatch
         return original(loaded, tokens, length, replacement, target_masks, *selection)
 
     monkeypatch.setattr(tasks.causal, "intervened_logits", counting)
-    causal(CausalSettings(store=llama_store, results=str(tmp_path / "results.zarr"), interventions=["ablate"],
-           scopes=["all", "head"], scope_examples=None, batch_size=4, forward_rows=3))
+    causal(
+        CausalSettings(
+            store=llama_store,
+            results=str(tmp_path / "results.zarr"),
+            interventions=["ablate"],
+            scopes=["all", "head"],
+            scope_examples=None,
+            batch_size=4,
+            forward_rows=3,
+        )
+    )
     assert max(rows) <= 3 and sum(rows) == 10 * (1 + 2 * 4)  # every example at every target, once
 
 
@@ -211,8 +276,9 @@ def test_the_head_scope_measures_ablate_or_else_a_null_part(llama_store):
 
     settings = CausalSettings(store=llama_store, results="unused.zarr")
     assert recorded_causal_settings(settings)["scope_interventions"]["head"] == ["ablate"]
-    chosen = recorded_causal_settings(settings.model_copy(
-        update={"interventions": ("efficient:effective", "null:effective")}))
+    chosen = recorded_causal_settings(
+        settings.model_copy(update={"interventions": ("efficient:effective", "null:effective")})
+    )
     assert chosen["scope_interventions"]["head"] == ["null:effective"]
 
 
@@ -221,10 +287,17 @@ def test_read_causal_batch_trims_to_the_longest_example_and_reads_the_named_vari
     from tasks.causal import read_causal_batch
 
     rng = np.random.default_rng(0)
-    arrays = {"length": np.array([5, 3, 7, 2]), "tokens": rng.integers(0, 9, (4, 8)),
-              "attention": rng.random((4, 1, 2, 8, 8)), "value": rng.random((4, 1, 1, 8, 2)),
-              "logits": rng.random((4, 8, 3)), "logit_ids": rng.integers(0, 9, (4, 8, 3)), "label": np.arange(4),
-              "efficient/effective": rng.random((4, 1, 2, 8, 8)), "efficient/simplex": rng.random((4, 1, 2, 8, 8))}
+    arrays = {
+        "length": np.array([5, 3, 7, 2]),
+        "tokens": rng.integers(0, 9, (4, 8)),
+        "attention": rng.random((4, 1, 2, 8, 8)),
+        "value": rng.random((4, 1, 1, 8, 2)),
+        "logits": rng.random((4, 8, 3)),
+        "logit_ids": rng.integers(0, 9, (4, 8, 3)),
+        "label": np.arange(4),
+        "efficient/effective": rng.random((4, 1, 2, 8, 8)),
+        "efficient/simplex": rng.random((4, 1, 2, 8, 8)),
+    }
     batch = read_causal_batch(arrays, 1, 3, "next-token", ["effective"])
     assert batch.start == 1 and batch.example_indices.tolist() == [1, 2]
     np.testing.assert_array_equal(batch.attention, arrays["attention"][1:3, :, :, :7, :7])  # Lb = 7
@@ -254,9 +327,18 @@ def test_stored_settings_and_names_keep_the_layout_of_earlier_results(llama_stor
     from storage_schemas.attention_store import open_attention_store
 
     results = tmp_path / "results.zarr"
-    options = dict(interventions=["replay", "efficient+null-noise:stochastic", "colspace-noise:effective",
-                                  "minimality:effective:k=3"],
-                   scopes=["all", "head"], head_interventions=["colspace-noise:effective"], scope_examples=3, seed=2)
+    options = dict(
+        interventions=[
+            "replay",
+            "efficient+null-noise:stochastic",
+            "colspace-noise:effective",
+            "minimality:effective:k=3",
+        ],
+        scopes=["all", "head"],
+        head_interventions=["colspace-noise:effective"],
+        scope_examples=3,
+        seed=2,
+    )
     causal(CausalSettings(store=llama_store, results=str(results), **options))
     store = open_attention_store(llama_store, mode="r").attrs.asdict()
     group = open_attention_store(llama_store, mode="r")
@@ -266,23 +348,33 @@ def test_stored_settings_and_names_keep_the_layout_of_earlier_results(llama_stor
         "scopes": ["all", "head"],
         "scope_interventions": {"all": names, "layer": [], "head": ["colspace-noise:effective"]},
         "scope_examples": 3,
-        "targets": [{"name": "all", "scope": "all", "layer": -1, "head": -1}] + [
+        "targets": [{"name": "all", "scope": "all", "layer": -1, "head": -1}]
+        + [
             {"name": f"layer {layer} head {head}", "scope": "head", "layer": layer, "head": head}
-            for layer in range(2) for head in range(4)],
+            for layer in range(2)
+            for head in range(4)
+        ],
         "seed": 2,
         "store_identity": {
-            "weights_digest": store["model"]["weights_digest"], "corpus_digest": store["corpus"]["digest"],
-            "examples": 10, "dtype": "float32",
-            "efficient_settings": {variant: group[f"efficient/{variant}"].attrs["settings"]
-                                   for variant in ("effective", "stochastic")},
+            "weights_digest": store["model"]["weights_digest"],
+            "corpus_digest": store["corpus"]["digest"],
+            "examples": 10,
+            "dtype": "float32",
+            "efficient_settings": {
+                variant: group[f"efficient/{variant}"].attrs["settings"] for variant in ("effective", "stochastic")
+            },
         },
     }
     written = json.loads((results / "zarr.json").read_text(encoding="utf-8"))["attributes"]["settings"]
     assert json.dumps(written) == json.dumps(expected)  # the same keys, in the same order
     dataset = xr.open_zarr(results, consolidated=False)
     assert dataset["intervention"].values.tolist() == names
-    assert dataset["intervention_kind"].values.tolist() == ["replay", "efficient+null-noise", "colspace-noise",
-                                                            "minimality"]
+    assert dataset["intervention_kind"].values.tolist() == [
+        "replay",
+        "efficient+null-noise",
+        "colspace-noise",
+        "minimality",
+    ]
     assert dataset["variant"].values.tolist() == ["", "stochastic", "effective", "effective"]
     assert dataset["removed_directions"].values.tolist() == [0, 0, 0, 3]
 
@@ -299,9 +391,15 @@ def test_the_plan_parses_the_names_once(llama_store):
     from analysis.variants import variant_record
     from tasks.causal import causal_plan
 
-    plan = causal_plan(CausalSettings(store=llama_store, results="unused.zarr",
-                                      interventions=["null:simplex", "ablate"], scopes=["layer"],
-                                      layer_interventions=["null:simplex"]))
+    plan = causal_plan(
+        CausalSettings(
+            store=llama_store,
+            results="unused.zarr",
+            interventions=["null:simplex", "ablate"],
+            scopes=["layer"],
+            layer_interventions=["null:simplex"],
+        )
+    )
     assert plan.interventions[0].variant is variant_record("simplex")
     assert plan.layer_interventions == plan.interventions[:1]
     assert plan.head_interventions == plan.interventions[1:]  # ablate where it is run

@@ -11,7 +11,6 @@ import pytest
 import xarray as xr
 import zarr
 
-from storage_schemas.portability import portability_problems
 from storage_schemas.causal_results import (
     AGGREGATES,
     CausalResultsError,
@@ -23,21 +22,34 @@ from storage_schemas.causal_results import (
     write_aggregates,
     write_causal_shard,
 )
+from storage_schemas.portability import portability_problems
 
 METRICS = {"agreement": "share kept", "flipped": "changed"}
 INTERVENTIONS = [
     {"name": "replay", "kind": "replay", "variant": "", "removed_directions": 0},
     {"name": "minimality:effective:k=2", "kind": "minimality", "variant": "effective", "removed_directions": 2},
 ]
-TARGETS = [{"name": "all", "scope": "all", "layer": -1, "head": -1},
-           {"name": "layer 0 head 1", "scope": "head", "layer": 0, "head": 1}]
+TARGETS = [
+    {"name": "all", "scope": "all", "layer": -1, "head": -1},
+    {"name": "layer 0 head 1", "scope": "head", "layer": 0, "head": 1},
+]
 
 
 def make_results(url: str) -> zarr.Group:
-    examples = {"source_index": np.array([4, 0, 2, 1, 3]), "length": np.array([3, 5, 6, 9, 9]),
-                "label": np.array([0, 1, -1, 1, 0])}
-    return create_causal_results(url, INTERVENTIONS, TARGETS, examples, shard_size=2, metrics=METRICS,
-                                 attributes={"settings": {"seed": 0}, "model": {"name": "tiny"}})
+    examples = {
+        "source_index": np.array([4, 0, 2, 1, 3]),
+        "length": np.array([3, 5, 6, 9, 9]),
+        "label": np.array([0, 1, -1, 1, 0]),
+    }
+    return create_causal_results(
+        url,
+        INTERVENTIONS,
+        TARGETS,
+        examples,
+        shard_size=2,
+        metrics=METRICS,
+        attributes={"settings": {"seed": 0}, "model": {"name": "tiny"}},
+    )
 
 
 def test_results_open_with_plain_xarray_with_labelled_coordinates(tmp_path):
@@ -78,8 +90,9 @@ def test_every_array_is_portable_zarr_v3(tmp_path):
 def test_writes_of_the_wrong_shape_or_missing_metrics_are_refused(tmp_path):
     group = make_results(str(tmp_path / "results.zarr"))
     with pytest.raises(ValueError, match=r"shard 2: agreement has shape \(2, 2, 2\), expected \(2, 2, 1\)"):
-        write_causal_shard(group, 2, {"agreement": np.ones((2, 2, 2)), "flipped": np.ones((2, 2, 2))},
-                           np.ones((2, 1)), np.ones(1))
+        write_causal_shard(
+            group, 2, {"agreement": np.ones((2, 2, 2)), "flipped": np.ones((2, 2, 2))}, np.ones((2, 1)), np.ones(1)
+        )
     with pytest.raises(ValueError, match=r"shard 0: metrics \['flipped'\] are missing"):
         write_causal_shard(group, 0, {"agreement": np.ones((2, 2, 2))}, np.ones((2, 2)), np.ones(2))
     with pytest.raises(IndexError, match=r"shard 3 does not exist: the results have shards 0..2"):
@@ -90,13 +103,16 @@ def test_writes_of_the_wrong_shape_or_missing_metrics_are_refused(tmp_path):
 
 def test_open_and_resume_errors_say_what_to_do(tmp_path):
     url = str(tmp_path / "results.zarr")
-    with pytest.raises(CausalResultsError, match=r"there are no causal results at .*: create them with `effattn causal"):
+    with pytest.raises(
+        CausalResultsError, match=r"there are no causal results at .*: create them with `effattn causal"
+    ):
         open_causal_results(url)
     group = make_results(url)
     with pytest.raises(CausalResultsError, match="something already exists at .*: choose a new --results path"):
         make_results(url)
-    with pytest.raises(CausalResultsError,
-                       match=r"holds causal results of another run \(seed: stored 0, requested 1\): use the same"):
+    with pytest.raises(
+        CausalResultsError, match=r"holds causal results of another run \(seed: stored 0, requested 1\): use the same"
+    ):
         check_same_settings(group, url, {"seed": 1})
     check_same_settings(group, url, {"seed": 0})
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["schema"] = "something"
@@ -110,14 +126,29 @@ def test_open_and_resume_errors_say_what_to_do(tmp_path):
 def store_with_effective(url: str):
     """An attention store of 5 examples in shards of 2 (no data needed), extraction and efficient/effective done."""
     from storage_schemas.attention_store import (
-        AttentionStoreLayout, create_attention_store, mark_prepared, mark_shard_completed, open_attention_store,
+        AttentionStoreLayout,
+        create_attention_store,
+        mark_prepared,
+        mark_shard_completed,
+        open_attention_store,
     )
     from storage_schemas.efficient_store import mark_efficient_shard_completed, prepare_efficient_arrays
 
-    layout = AttentionStoreLayout(n_examples=5, max_length=6, n_classes=2, layers=2, heads=4, kv_heads=2,
-                                  head_dim=3, hidden=8, shard_size=2, dtype="float32")
-    mark_prepared(create_attention_store(url, layout, {"model": {"causal": False, "name": "tiny"},
-                                                       "corpus": {"name": "reviews"}}))
+    layout = AttentionStoreLayout(
+        n_examples=5,
+        max_length=6,
+        n_classes=2,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=3,
+        hidden=8,
+        shard_size=2,
+        dtype="float32",
+    )
+    mark_prepared(
+        create_attention_store(url, layout, {"model": {"causal": False, "name": "tiny"}, "corpus": {"name": "reviews"}})
+    )
     group = open_attention_store(url, mode="r+")
     prepare_efficient_arrays(group, url, "effective", {"simplex_max_iterations": 1, "simplex_tolerance": 1.0})
     for shard in range(3):
@@ -128,10 +159,12 @@ def store_with_effective(url: str):
 
 def effective_results(url: str) -> zarr.Group:
     examples = {"source_index": np.arange(5), "length": np.full(5, 6), "label": np.zeros(5, dtype=int)}
-    interventions = [{"name": "efficient:effective", "kind": "efficient", "variant": "effective",
-                      "removed_directions": 0}]
-    return create_causal_results(url, interventions, TARGETS[:1], examples, shard_size=2, metrics=METRICS,
-                                 attributes={"settings": {"seed": 0}})
+    interventions = [
+        {"name": "efficient:effective", "kind": "efficient", "variant": "effective", "removed_directions": 0}
+    ]
+    return create_causal_results(
+        url, interventions, TARGETS[:1], examples, shard_size=2, metrics=METRICS, attributes={"settings": {"seed": 0}}
+    )
 
 
 def test_a_causal_shard_counts_as_done_only_while_its_store_shards_keep_their_identities(tmp_path):
@@ -195,10 +228,14 @@ def test_unfinished_or_stale_inputs_are_refused_naming_shards_and_commands(tmp_p
         "`effattn causal` again"
     )
     mark_shard_completed(store, 1)
-    with pytest.raises(IncompleteInputError, match=re.escape(
+    with pytest.raises(
+        IncompleteInputError,
+        match=re.escape(
             "efficient/effective shard [1] (examples 2 to 3) is not computed (computed from extraction shards that "
             f"were written again since, or are not complete): run `effattn efficient --store {url} --variants "
-            "effective`; then")):
+            "effective`; then"
+        ),
+    ):
         require_causal_inputs(store, url, ["effective"])
     require_causal_inputs(store, url, [])  # replay alone needs only the extraction
 
@@ -206,17 +243,26 @@ def test_unfinished_or_stale_inputs_are_refused_naming_shards_and_commands(tmp_p
 def test_results_of_another_store_are_refused_naming_each_difference():
     from storage_schemas.causal_results import CausalResultsError, check_results_of_store
 
-    store = {"model": {"weights_digest": "sha256:a"}, "corpus": {"digest": "c"},
-             "layout": {"layers": 2, "heads": 4, "kv_heads": 4}}
+    store = {
+        "model": {"weights_digest": "sha256:a"},
+        "corpus": {"digest": "c"},
+        "layout": {"layers": 2, "heads": 4, "kv_heads": 4},
+    }
     results = {"settings": {"store_identity": {"weights_digest": "sha256:a", "corpus_digest": "c", "examples": 10}}}
     check_results_of_store(results, store, "r.zarr", "s.zarr", 10)  # the same store
-    with pytest.raises(CausalResultsError, match=re.escape(
+    with pytest.raises(
+        CausalResultsError,
+        match=re.escape(
             "r.zarr were not computed from the attention store s.zarr (corpus_digest: results 'c', store 'd'; "
-            "examples: results 10, store 12): pass the store they came from with --store")):
+            "examples: results 10, store 12): pass the store they came from with --store"
+        ),
+    ):
         check_results_of_store(results, {**store, "corpus": {"digest": "d"}}, "r.zarr", "s.zarr", 12)
-    selected = {**store, "layout": {**store["layout"], "layers": 1},
-                "selection": {"layers": [1], "heads": [0, 1, 2, 3], "model_layers": 2, "model_heads": 4,
-                              "model_kv_heads": 4}}
+    selected = {
+        **store,
+        "layout": {**store["layout"], "layers": 1},
+        "selection": {"layers": [1], "heads": [0, 1, 2, 3], "model_layers": 2, "model_heads": 4, "model_kv_heads": 4},
+    }
     with pytest.raises(CausalResultsError, match=r"selection: results None, store .*: give the store"):
         check_results_of_store(results, selected, "r.zarr", "s.zarr", 10, advice="give the store")
     check_results_of_store(results, selected, "r.zarr", "s.zarr", 10, check_selection=False)
@@ -232,11 +278,15 @@ def test_the_default_variants_are_the_finished_ones_and_a_variant_never_computed
     assert causal_variants(store, url, ("simplex",), None) == ["simplex"]  # named: checked by require_causal_inputs
     with pytest.raises(CausalResultsError) as refused:
         require_causal_inputs(store, url, ["effective", "simplex"])
-    assert str(refused.value) == (f"{url} lacks finished efficient attention for the variants ['simplex']: run "
-                                  f"`effattn efficient --store {url} --variants simplex` first")
+    assert str(refused.value) == (
+        f"{url} lacks finished efficient attention for the variants ['simplex']: run "
+        f"`effattn efficient --store {url} --variants simplex` first"
+    )
     unmark_efficient_shards(store, "effective", [0])
     assert causal_variants(store, url, None, ("replay",)) == []
     with pytest.raises(ValueError) as refused:
         causal_variants(store, url, None, None)
-    assert str(refused.value) == (f"{url} has no finished efficient attention: run `effattn efficient --store {url}` "
-                                  "first (or name --interventions that need none, e.g. replay,uniform,ablate)")
+    assert str(refused.value) == (
+        f"{url} has no finished efficient attention: run `effattn efficient --store {url}` "
+        "first (or name --interventions that need none, e.g. replay,uniform,ablate)"
+    )

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import zarr
 
-from flows import preflight
 from flows.cli import _HideTracebacksOfReportedErrors, build_parser, main
 from storage_schemas.durable_writes import shard_file_paths
 from tasks import dask_cluster
@@ -38,8 +37,9 @@ def listing(folder: Path) -> list[str]:
 def extracted_store(tmp_path_factory, tiny_bert_folder) -> str:
     """A store of the 10 reviews by the tiny BERT, extracted, no efficient attention (built without Prefect)."""
     folder = tmp_path_factory.mktemp("cli-store")
-    return build_real_store(str(folder / "store.zarr"), tiny_bert_folder, write_reviews_csv(folder / "reviews.csv"),
-                            variants=())
+    return build_real_store(
+        str(folder / "store.zarr"), tiny_bert_folder, write_reviews_csv(folder / "reviews.csv"), variants=()
+    )
 
 
 @pytest.fixture()
@@ -102,16 +102,29 @@ def no_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
-    return f"--device cuda: this torch ({torch.__version__}) was built without CUDA: run with --device cpu, or on a " \
-           "machine with a GPU and a CUDA build of torch. Nothing was written"
+    return (
+        f"--device cuda: this torch ({torch.__version__}) was built without CUDA: run with --device cpu, or on a "
+        "machine with a GPU and a CUDA build of torch. Nothing was written"
+    )
 
 
-def test_extract_on_cuda_without_cuda_writes_nothing(tmp_path, tiny_bert_folder, small_corpus_csv, capsys,
-                                                     monkeypatch):
+def test_extract_on_cuda_without_cuda_writes_nothing(tmp_path, tiny_bert_folder, small_corpus_csv, capsys, monkeypatch):
     message = no_cuda(monkeypatch)
     before = listing(tmp_path)
-    code = main(["extract", "--corpus", str(small_corpus_csv), "--model", str(tiny_bert_folder), "--store",
-                 str(tmp_path / "s.zarr"), "--device", "cuda", "--no-train"])
+    code = main(
+        [
+            "extract",
+            "--corpus",
+            str(small_corpus_csv),
+            "--model",
+            str(tiny_bert_folder),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--device",
+            "cuda",
+            "--no-train",
+        ]
+    )
     assert code == 2
     assert error_lines(capsys) == [f"effattn extract: error: {message}"]
     assert listing(tmp_path) == before
@@ -120,8 +133,19 @@ def test_extract_on_cuda_without_cuda_writes_nothing(tmp_path, tiny_bert_folder,
 def test_causal_on_cuda_without_cuda_leaves_no_results_folder(store_copy, tmp_path, capsys, monkeypatch):
     message = no_cuda(monkeypatch)
     before = listing(tmp_path)
-    code = main(["causal", "--store", store_copy, "--results", str(tmp_path / "r.zarr"), "--interventions", "replay",
-                 "--device", "cuda"])
+    code = main(
+        [
+            "causal",
+            "--store",
+            store_copy,
+            "--results",
+            str(tmp_path / "r.zarr"),
+            "--interventions",
+            "replay",
+            "--device",
+            "cuda",
+        ]
+    )
     assert code == 2
     assert error_lines(capsys) == [f"effattn causal: error: {message}"]
     assert listing(tmp_path) == before  # no results folder, no lock file
@@ -131,8 +155,19 @@ def test_explain_on_cuda_without_cuda_leaves_no_results_folder(store_copy, tmp_p
     message = no_cuda(monkeypatch)
     before = listing(tmp_path)
     # methods that need no efficient attention (this store has none, which is refused before the device is checked)
-    code = main(["explain", "--store", store_copy, "--results", str(tmp_path / "x.zarr"), "--device", "cuda",
-                 "--methods", "attention:rollout,leave-one-out"])
+    code = main(
+        [
+            "explain",
+            "--store",
+            store_copy,
+            "--results",
+            str(tmp_path / "x.zarr"),
+            "--device",
+            "cuda",
+            "--methods",
+            "attention:rollout,leave-one-out",
+        ]
+    )
     assert code == 2
     assert error_lines(capsys) == [f"effattn explain: error: {message}"]
     assert listing(tmp_path) == before
@@ -219,24 +254,34 @@ def test_a_tab_separated_csv_says_what_was_expected(tmp_path, capsys):
 # before Prefect, and without its traceback
 
 
-def run_cli(arguments: list[str], prefect_home: Path, cwd: Path, prefix: tuple[str, ...] = (),
-            **environment_variables: str) -> subprocess.CompletedProcess:
+def run_cli(
+    arguments: list[str], prefect_home: Path, cwd: Path, prefix: tuple[str, ...] = (), **environment_variables: str
+) -> subprocess.CompletedProcess:
     """`effattn ARGUMENTS` in a fresh interpreter with its own Prefect home and no Prefect server configured (unless
     `environment_variables` set one); its last stdout line says whether the command imported Prefect. `prefix`: a
     command that runs the interpreter (e.g. in a private mount namespace)."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
     environment.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(REPOSITORY), **environment_variables)
-    code = ("import sys; from flows.cli import main; status = main(sys.argv[1:]); "
-            "print('prefect imported:', 'prefect' in sys.modules); sys.exit(status)")
-    return subprocess.run([*prefix, sys.executable, "-c", code, *arguments], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=600)
+    code = (
+        "import sys; from flows.cli import main; status = main(sys.argv[1:]); "
+        "print('prefect imported:', 'prefect' in sys.modules); sys.exit(status)"
+    )
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", code, *arguments],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_a_bad_corpus_path_is_reported_without_starting_prefect(tmp_path):
     prefect_home = tmp_path / "prefect-home"
     prefect_home.mkdir()
-    finished = run_cli(["extract", "--corpus", "missing.csv", "--model", "minilm", "--store", "s.zarr"],
-                       prefect_home, tmp_path)
+    finished = run_cli(
+        ["extract", "--corpus", "missing.csv", "--model", "minilm", "--store", "s.zarr"], prefect_home, tmp_path
+    )
     assert finished.returncode == 2, finished.stderr
     assert finished.stderr.splitlines() == [
         f"effattn extract: error: corpus file not found: 'missing.csv'. Check the path (relative paths are resolved "
@@ -258,8 +303,9 @@ def test_a_project_error_inside_a_flow_ends_it_in_one_line_without_a_traceback(s
         handle.write(bytes(byte ^ 0xFF for byte in data))
     prefect_home = tmp_path / "prefect-home"
     prefect_home.mkdir()
-    finished = run_cli(["efficient", "--store", store_copy, "--variants", "effective", "--workers", "1"],
-                       prefect_home, tmp_path)
+    finished = run_cli(
+        ["efficient", "--store", store_copy, "--variants", "effective", "--workers", "1"], prefect_home, tmp_path
+    )
     assert finished.returncode == 2, finished.stderr
     assert finished.stdout.splitlines()[-1] == "prefect imported: True"  # the flow did start
     errors = [line for line in finished.stderr.splitlines() if "error" in line.lower()]
@@ -283,14 +329,22 @@ def test_prefect_records_of_reported_errors_are_dropped_and_others_kept():
     arguments = build_parser().parse_args(["efficient", "--store", "s.zarr"])
     hide = _HideTracebacksOfReportedErrors(arguments)
     assert not hide.filter(record_with(ValueError("s.zarr: array attention, shard 1 is damaged")))
-    finished = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1,
-                                 "Finished in state Failed('Flow run encountered an exception: ValueError: s.zarr: "
-                                 "array attention, shard 1 is damaged')", (), None)
+    finished = logging.LogRecord(
+        "prefect.flow_runs",
+        logging.ERROR,
+        __file__,
+        1,
+        "Finished in state Failed('Flow run encountered an exception: ValueError: s.zarr: "
+        "array attention, shard 1 is damaged')",
+        (),
+        None,
+    )
     assert not hide.filter(finished)
     assert hide.filter(record_with(RuntimeError("a bug")))  # unexpected: Prefect's traceback stays
     assert hide.filter(record_with(KeyError("column")))
-    assert hide.filter(logging.LogRecord("prefect.flow_runs", logging.INFO, __file__, 1, "Beginning flow run", (),
-                                         None))
+    assert hide.filter(
+        logging.LogRecord("prefect.flow_runs", logging.INFO, __file__, 1, "Beginning flow run", (), None)
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -313,7 +367,7 @@ def refusal(arguments: list[str], tmp_path: Path, prefix: tuple[str, ...] = (), 
     assert list(prefect_home.iterdir()) == []  # no temporary server database
     prefix_text = f"effattn {arguments[0]}: error: "
     assert lines[0].startswith(prefix_text)
-    return lines[0][len(prefix_text):]
+    return lines[0][len(prefix_text) :]
 
 
 @pytest.fixture(scope="module")
@@ -337,23 +391,52 @@ def unfinished_store(store_copy) -> str:
 
 
 def test_an_unknown_variant_names_the_flag_and_the_variants(store_copy, tmp_path):
-    expected = ("--variants nosuch: unknown efficient-attention variants ['nosuch']: choose from "
-                "effective,stochastic,simplex (comma-separated)")
+    expected = (
+        "--variants nosuch: unknown efficient-attention variants ['nosuch']: choose from "
+        "effective,stochastic,simplex (comma-separated)"
+    )
     assert refusal(["efficient", "--store", store_copy, "--variants", "nosuch"], tmp_path) == expected
     # the pipeline's --variants too: not an intervention 'efficient' the user never typed
-    assert refusal(["run", "--corpus", write_reviews_csv(tmp_path / "c.csv").name, "--variants", "nosuch"],
-                   tmp_path) == expected
+    assert (
+        refusal(["run", "--corpus", write_reviews_csv(tmp_path / "c.csv").name, "--variants", "nosuch"], tmp_path)
+        == expected
+    )
     two = expected.replace("--variants nosuch", "--variants effective,nosuch")
-    assert refusal(["causal", "--store", store_copy, "--results", str(tmp_path / "r.zarr"), "--variants",
-                    "effective,nosuch"], tmp_path) == two
+    assert (
+        refusal(
+            ["causal", "--store", store_copy, "--results", str(tmp_path / "r.zarr"), "--variants", "effective,nosuch"],
+            tmp_path,
+        )
+        == two
+    )
 
 
 def test_an_unknown_intervention_names_its_flag(efficient_store, tmp_path):
-    line = refusal(["causal", "--store", efficient_store, "--results", str(tmp_path / "r.zarr"), "--interventions",
-                    "replay,nosuch"], tmp_path)
+    line = refusal(
+        [
+            "causal",
+            "--store",
+            efficient_store,
+            "--results",
+            str(tmp_path / "r.zarr"),
+            "--interventions",
+            "replay,nosuch",
+        ],
+        tmp_path,
+    )
     assert line.startswith("--interventions: unknown intervention kind 'nosuch': choose from ['replay', 'efficient',")
-    line = refusal(["causal", "--store", efficient_store, "--results", str(tmp_path / "r.zarr"),
-                    "--head-interventions", "efficient"], tmp_path)
+    line = refusal(
+        [
+            "causal",
+            "--store",
+            efficient_store,
+            "--results",
+            str(tmp_path / "r.zarr"),
+            "--head-interventions",
+            "efficient",
+        ],
+        tmp_path,
+    )
     assert line.startswith("--head-interventions: intervention 'efficient' needs a variant from ['effective', ")
     assert not (tmp_path / "r.zarr").exists()
 
@@ -371,8 +454,18 @@ def test_causal_before_efficient_is_refused(store_copy, tmp_path):
         f"{store_copy} has no finished efficient attention: run `effattn efficient --store {store_copy}` first (or "
         "name --interventions that need none, e.g. replay,uniform,ablate)"
     )
-    assert refusal(["causal", "--store", store_copy, "--results", str(tmp_path / "r.zarr"), "--interventions",
-                    "replay,null:stochastic"], tmp_path) == (
+    assert refusal(
+        [
+            "causal",
+            "--store",
+            store_copy,
+            "--results",
+            str(tmp_path / "r.zarr"),
+            "--interventions",
+            "replay,null:stochastic",
+        ],
+        tmp_path,
+    ) == (
         f"{store_copy} lacks finished efficient attention for the variants ['stochastic']: run `effattn efficient "
         f"--store {store_copy} --variants stochastic` first"
     )
@@ -381,23 +474,59 @@ def test_causal_before_efficient_is_refused(store_copy, tmp_path):
 def test_another_corpus_or_other_settings_into_an_existing_store_are_refused(store_copy, tiny_bert_folder, tmp_path):
     other = tmp_path / "other.csv"
     other.write_text(write_reviews_csv(tmp_path / "reviews.csv").read_text().replace("film", "movie"))
-    line = refusal(["extract", "--corpus", str(other), "--model", str(tiny_bert_folder), "--store", store_copy,
-                    "--max-length", "24", "--no-train"], tmp_path)
+    line = refusal(
+        [
+            "extract",
+            "--corpus",
+            str(other),
+            "--model",
+            str(tiny_bert_folder),
+            "--store",
+            store_copy,
+            "--max-length",
+            "24",
+            "--no-train",
+        ],
+        tmp_path,
+    )
     assert line.startswith(f"{store_copy} was written by a different run (corpus.digest: store has 'sha256:")
     assert line.endswith(f"): use another --store, or delete {store_copy} to start over")
-    line = refusal(["extract", "--corpus", str(tmp_path / "reviews.csv"), "--model", str(tiny_bert_folder), "--store",
-                    store_copy, "--max-length", "32", "--dtype", "float16", "--no-train"], tmp_path)
-    assert line == (f"{store_copy} was written by a different run (extraction.requested_max_length: store has 24, "
-                    f"this run has 32; dtype: store has 'float32', this run has 'float16'): use another --store, or "
-                    f"delete {store_copy} to start over")
+    line = refusal(
+        [
+            "extract",
+            "--corpus",
+            str(tmp_path / "reviews.csv"),
+            "--model",
+            str(tiny_bert_folder),
+            "--store",
+            store_copy,
+            "--max-length",
+            "32",
+            "--dtype",
+            "float16",
+            "--no-train",
+        ],
+        tmp_path,
+    )
+    assert line == (
+        f"{store_copy} was written by a different run (extraction.requested_max_length: store has 24, "
+        f"this run has 32; dtype: store has 'float32', this run has 'float16'): use another --store, or "
+        f"delete {store_copy} to start over"
+    )
 
 
 def test_a_max_length_below_two_is_refused(tmp_path):
     corpus = write_reviews_csv(tmp_path / "c.csv")
-    expected = "--max-length must be at least 2 tokens, got 1: give a larger --max-length (default 128). Nothing was " \
-               "written"
-    assert refusal(["extract", "--corpus", str(corpus), "--model", "minilm", "--store", "s.zarr", "--max-length",
-                    "1"], tmp_path) == expected
+    expected = (
+        "--max-length must be at least 2 tokens, got 1: give a larger --max-length (default 128). Nothing was written"
+    )
+    assert (
+        refusal(
+            ["extract", "--corpus", str(corpus), "--model", "minilm", "--store", "s.zarr", "--max-length", "1"],
+            tmp_path,
+        )
+        == expected
+    )
     assert refusal(["run", "--corpus", str(corpus), "--max-length", "1"], tmp_path) == expected
     assert sorted(path.name for path in tmp_path.iterdir()) == ["c.csv", "prefect-home"]
 
@@ -410,15 +539,23 @@ def read_only(folder: str) -> tuple[str, ...]:
             if path.is_dir():
                 path.chmod(0o555)
         return ()
-    return ("unshare", "-m", "sh", "-c",
-            f'mount --bind "{folder}" "{folder}" && mount -o remount,ro,bind "{folder}" "{folder}" && exec "$@"', "sh")
+    return (
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        f'mount --bind "{folder}" "{folder}" && mount -o remount,ro,bind "{folder}" "{folder}" && exec "$@"',
+        "sh",
+    )
 
 
 def test_a_read_only_store_is_refused_by_efficient(store_copy, tmp_path):
     line = refusal(["efficient", "--store", store_copy, "--variants", "effective"], tmp_path, read_only(store_copy))
     assert line.startswith(f"cannot write into --store {store_copy}: the store's folder does not accept new files (")
-    assert line.endswith("copy the store to a place this user may write to and pass that as --store, or fix the "
-                         "permissions. Nothing was written")
+    assert line.endswith(
+        "copy the store to a place this user may write to and pass that as --store, or fix the "
+        "permissions. Nothing was written"
+    )
 
 
 def test_a_store_locked_by_a_running_writer_is_refused(store_copy, tmp_path):
@@ -426,17 +563,22 @@ def test_a_store_locked_by_a_running_writer_is_refused(store_copy, tmp_path):
 
     with hold_store_lock(store_copy, "efficient") as lock:  # this test's process: alive
         line = refusal(["efficient", "--store", store_copy, "--variants", "effective"], tmp_path)
-        assert line == (f"{store_copy} is locked by {lock.holder.describe()}, which is still running and writing "
-                        f"into it: wait for it to finish, or stop it (kill {os.getpid()}); two runs writing into one "
-                        "store would lose data. Nothing was changed")
+        assert line == (
+            f"{store_copy} is locked by {lock.holder.describe()}, which is still running and writing "
+            f"into it: wait for it to finish, or stop it (kill {os.getpid()}); two runs writing into one "
+            "store would lose data. Nothing was changed"
+        )
 
 
 def test_serve_against_a_server_that_never_answers_is_refused(tmp_path):
     from tests.silent_server import silent_server
 
     with silent_server() as port:
-        line = refusal(["serve", "--interval", "60", "--corpus", "rt-sentiment"], tmp_path,
-                       PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+        line = refusal(
+            ["serve", "--interval", "60", "--corpus", "rt-sentiment"],
+            tmp_path,
+            PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        )
     assert line.startswith(f"no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:{port}/api (ReadTimeout")
     assert "start a Prefect server with `prefect server start" in line
 
@@ -445,12 +587,19 @@ def test_an_unknown_model_is_refused_before_torch_is_imported(tmp_path):
     corpus = write_reviews_csv(tmp_path / "c.csv")
     prefect_home = tmp_path / "prefect-home"
     prefect_home.mkdir()
-    code = ("import sys; from flows.cli import main; status = main(sys.argv[1:]); "
-            "print('heavy imports:', sorted(m for m in ('torch', 'transformers', 'prefect') if m in sys.modules)); "
-            "sys.exit(status)")
-    finished = subprocess.run([sys.executable, "-c", code, "extract", "--corpus", str(corpus), "--model", "nosuch",
-                               "--store", "s.zarr"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PREFECT_HOME": str(prefect_home), "PYTHONPATH": str(REPOSITORY)})
+    code = (
+        "import sys; from flows.cli import main; status = main(sys.argv[1:]); "
+        "print('heavy imports:', sorted(m for m in ('torch', 'transformers', 'prefect') if m in sys.modules)); "
+        "sys.exit(status)"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", code, "extract", "--corpus", str(corpus), "--model", "nosuch", "--store", "s.zarr"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PREFECT_HOME": str(prefect_home), "PYTHONPATH": str(REPOSITORY)},
+    )
     assert finished.returncode == 2
     assert finished.stderr.splitlines() == [
         "effattn extract: error: unknown model 'nosuch': use one of ['minilm', 'smollm2'] or the path of a local "
@@ -463,8 +612,10 @@ def test_a_csv_of_nul_bytes_gets_one_short_line(tmp_path):
     corpus = tmp_path / "nul.csv"
     corpus.write_bytes(b"\0" * 16384)
     line = refusal(["extract", "--corpus", str(corpus), "--model", "minilm", "--store", "s.zarr"], tmp_path)
-    assert line == (f"{corpus} holds 16384 NUL bytes (the first at byte offset 0): it is not a text file (a binary "
-                    "file, or one saved as UTF-16). Save the corpus as a UTF-8 CSV or JSONL file.")
+    assert line == (
+        f"{corpus} holds 16384 NUL bytes (the first at byte offset 0): it is not a text file (a binary "
+        "file, or one saved as UTF-16). Save the corpus as a UTF-8 CSV or JSONL file."
+    )
 
 
 def test_verify_tells_an_unfinished_store_from_a_sound_one(unfinished_store, efficient_store, tmp_path):
@@ -476,12 +627,16 @@ def test_verify_tells_an_unfinished_store_from_a_sound_one(unfinished_store, eff
     lines = finished.stdout.splitlines()
     assert lines[0].startswith(f"{unfinished_store}: INCOMPLETE: ")
     assert lines[0].endswith("the finished shards are sound, but a stage has not finished:")
-    assert lines[1:] == ["  extraction shards [1] are not completed: run the `effattn extract` command that created "
-                         "the store again to finish them", "prefect imported: False"]
+    assert lines[1:] == [
+        "  extraction shards [1] are not completed: run the `effattn extract` command that created "
+        "the store again to finish them",
+        "prefect imported: False",
+    ]
     finished = run_cli(["verify", efficient_store], prefect_home, tmp_path)
     assert finished.returncode == 0, finished.stdout
     assert finished.stdout.splitlines()[0].startswith(f"{efficient_store}: OK: ")
     finished = run_cli(["verify", str(tmp_path / "absent.zarr")], prefect_home, tmp_path)
     assert finished.returncode == 2
     assert finished.stderr.splitlines() == [
-        f"effattn verify: error: there is no store at {tmp_path / 'absent.zarr'}: nothing to verify"]
+        f"effattn verify: error: there is no store at {tmp_path / 'absent.zarr'}: nothing to verify"
+    ]

@@ -76,8 +76,10 @@ def test_the_rules_keep_the_forward_values_and_reach_every_norm_and_activation(l
     with torch.no_grad(), conservative_rules(loaded.model) as ruled:
         held = loaded.model(input_ids=ids).logits
     torch.testing.assert_close(held, plain, rtol=1e-5, atol=1e-6)
-    norms = sum(isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
-                for module in loaded.model.modules())
+    norms = sum(
+        isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+        for module in loaded.model.modules()
+    )
     assert ruled >= norms + loaded.model.config.num_hidden_layers  # every norm and each layer's activation
 
 

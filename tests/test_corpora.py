@@ -177,8 +177,9 @@ def test_user_file_unlabelled(tmp_path, ext):
 
 def test_csv_keeps_literal_na_texts_and_reads_missing_label_spellings_as_unknown(tmp_path):
     path = tmp_path / "na.csv"
-    path.write_text('text,label\nNA,null\n"quoted, comma",b\nNaN,NaN\nx,nan\ny, N/A \nz,None\nw,#N/A\nv,a\n',
-                    encoding="utf-8")
+    path.write_text(
+        'text,label\nNA,null\n"quoted, comma",b\nNaN,NaN\nx,nan\ny, N/A \nz,None\nw,#N/A\nv,a\n', encoding="utf-8"
+    )
     c = load_corpus(str(path))
     assert c.texts == ("NA", "quoted, comma", "NaN", "x", "y", "z", "w", "v")  # a text is never "missing"
     assert c.class_names == ("a", "b")  # not a third class 'NaN' (or 'null', 'None', ...)
@@ -193,9 +194,11 @@ def test_a_file_of_nul_bytes_is_refused_in_one_short_line(tmp_path):
     path.write_bytes(b"\0" * 16384)
     with pytest.raises(ValueError) as refused:
         load_corpus(str(path))
-    assert str(refused.value) == (f"{path} holds 16384 NUL bytes (the first at byte offset 0): it is not a text file "
-                                  "(a binary file, or one saved as UTF-16). Save the corpus as a UTF-8 CSV or JSONL "
-                                  "file.")
+    assert str(refused.value) == (
+        f"{path} holds 16384 NUL bytes (the first at byte offset 0): it is not a text file "
+        "(a binary file, or one saved as UTF-16). Save the corpus as a UTF-8 CSV or JSONL "
+        "file."
+    )
 
 
 def test_column_names_quoted_from_a_file_are_escaped_and_shortened(tmp_path):
@@ -271,7 +274,10 @@ def test_error_missing_file_with_supported_extension(tmp_path):
 def test_error_unsupported_extension(tmp_path):
     path = tmp_path / "data.tsv"
     path.write_text("text\tlabel\nhi\tx\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"unsupported corpus file .*extension '\.tsv'.*expected a file ending in \.csv, \.jsonl, \.parquet"):
+    with pytest.raises(
+        ValueError,
+        match=r"unsupported corpus file .*extension '\.tsv'.*expected a file ending in \.csv, \.jsonl, \.parquet",
+    ):
         load_corpus(str(path))
 
 
@@ -338,7 +344,8 @@ def test_error_not_utf8(tmp_path, ext):
     offset = body.encode("latin-1").index(b"\xa3")
     with pytest.raises(
         ValueError,
-        match=re.escape(f"{path} is not valid UTF-8: byte 0xa3 at byte offset {offset}") + r".*Re-encode the file as UTF-8",
+        match=re.escape(f"{path} is not valid UTF-8: byte 0xa3 at byte offset {offset}")
+        + r".*Re-encode the file as UTF-8",
     ):
         load_corpus(str(path))
 

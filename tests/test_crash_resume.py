@@ -45,8 +45,20 @@ def environment(workspace):
 @pytest.fixture(scope="module")
 def extract_arguments(workspace, tiny_bert_folder) -> list[str]:
     corpus = write_corpus(workspace / "reviews.csv", copies=6)
-    return ["extract", "--corpus", str(corpus), "--model", str(tiny_bert_folder), "--no-train",
-            "--shard-size", str(SHARD_SIZE), "--batch-size", "5", "--max-length", "32"]
+    return [
+        "extract",
+        "--corpus",
+        str(corpus),
+        "--model",
+        str(tiny_bert_folder),
+        "--no-train",
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--batch-size",
+        "5",
+        "--max-length",
+        "32",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +75,17 @@ def lock_file(store: str) -> Path:
     return Path(os.path.realpath(store) + LOCK_SUFFIX)
 
 
-def test_extraction_killed_at_a_random_moment_resumes_to_the_same_store(workspace, environment, extract_arguments,
-                                                                        clean_extraction):
+def test_extraction_killed_at_a_random_moment_resumes_to_the_same_store(
+    workspace, environment, extract_arguments, clean_extraction
+):
     chance = random.Random(SEED)
     reached, delay = chance.randrange(0, N_SHARDS - 3), chance.uniform(0.0, 0.05)
     store = str(workspace / "killed.zarr")
     arguments = [*extract_arguments, "--store", store]
 
-    kill = crash_harness.kill_when(arguments, environment, workspace / "killed",
-                                   lambda: crash_harness.extraction_progress(store), reached, delay)
+    kill = crash_harness.kill_when(
+        arguments, environment, workspace / "killed", lambda: crash_harness.extraction_progress(store), reached, delay
+    )
     assert not kill.finished_first and kill.survivors == []
     assert reached <= crash_harness.extraction_progress(store) < N_SHARDS
     assert lock_file(store).exists()  # left behind by the killed run: the rerun must take it over
@@ -83,8 +97,7 @@ def test_extraction_killed_at_a_random_moment_resumes_to_the_same_store(workspac
     assert not lock_file(store).exists()
 
 
-def test_efficient_stage_killed_at_a_random_moment_resumes_to_the_same_store(workspace, environment,
-                                                                             clean_extraction):
+def test_efficient_stage_killed_at_a_random_moment_resumes_to_the_same_store(workspace, environment, clean_extraction):
     clean, killed = str(workspace / "efficient-clean.zarr"), str(workspace / "efficient-killed.zarr")
     shutil.copytree(clean_extraction[0], clean)
     shutil.copytree(clean_extraction[0], killed)
@@ -94,8 +107,14 @@ def test_efficient_stage_killed_at_a_random_moment_resumes_to_the_same_store(wor
 
     chance = random.Random(SEED + 1)
     reached, delay = chance.randrange(0, N_SHARDS - 3), chance.uniform(0.0, 0.05)
-    kill = crash_harness.kill_when([*efficient, "--store", killed], environment, workspace / "efficient-killed",
-                                   lambda: crash_harness.efficient_progress(killed), reached, delay)
+    kill = crash_harness.kill_when(
+        [*efficient, "--store", killed],
+        environment,
+        workspace / "efficient-killed",
+        lambda: crash_harness.efficient_progress(killed),
+        reached,
+        delay,
+    )
     assert not kill.finished_first and kill.survivors == []  # no Dask worker outlives the kill
     assert reached <= crash_harness.efficient_progress(killed) < N_SHARDS
 
@@ -107,12 +126,14 @@ def test_efficient_stage_killed_at_a_random_moment_resumes_to_the_same_store(wor
 
 def shard_files(store: str) -> dict[str, int]:
     """Every chunk or shard file of the store -> its modification time (ns)."""
-    return {str(path.relative_to(store)): path.stat().st_mtime_ns
-            for path in Path(store).rglob("c/**/*") if path.is_file()}
+    return {
+        str(path.relative_to(store)): path.stat().st_mtime_ns for path in Path(store).rglob("c/**/*") if path.is_file()
+    }
 
 
-def test_a_disk_that_fills_up_mid_shard_loses_nothing_and_a_rerun_completes(workspace, environment,
-                                                                            extract_arguments, clean_extraction):
+def test_a_disk_that_fills_up_mid_shard_loses_nothing_and_a_rerun_completes(
+    workspace, environment, extract_arguments, clean_extraction
+):
     clean, digests = clean_extraction
     sizes = sorted(path.stat().st_size for path in (Path(clean) / "attention" / "c").rglob("*") if path.is_file())
     limit = (sizes[0] + sizes[-1]) // 2  # the short first shards fit, a later, longer one does not
@@ -133,10 +154,15 @@ def test_a_disk_that_fills_up_mid_shard_loses_nothing_and_a_rerun_completes(work
     report = verify_store(store)
     assert report.ok, report.text()  # what is recorded as done is sound; the rest is only "not completed"
     assert report.status == "incomplete"
-    assert report.unfinished[0] == f"extraction shards {list(range(done, N_SHARDS))} are not completed: run the " \
-                                   "`effattn extract` command that created the store again to finish them"
-    kept = {name: mtime for name, mtime in shard_files(store).items()
-            if name.startswith(("attention/", "value/")) and int(name.split("/")[2]) < done}
+    assert (
+        report.unfinished[0] == f"extraction shards {list(range(done, N_SHARDS))} are not completed: run the "
+        "`effattn extract` command that created the store again to finish them"
+    )
+    kept = {
+        name: mtime
+        for name, mtime in shard_files(store).items()
+        if name.startswith(("attention/", "value/")) and int(name.split("/")[2]) < done
+    }
     assert len(kept) == 2 * done
 
     rerun = crash_harness.run(arguments, environment, workspace / "full-rerun")  # space freed: no limit
@@ -161,50 +187,79 @@ def test_a_store_path_that_is_not_writable_is_refused(workspace, environment, ex
     errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn extract: error: ")]
     assert len(errors) == 1, refused.stderr
     assert errors[0].startswith(f"effattn extract: error: cannot create --store {store}: the folder ")  # pre-flight
-    assert errors[0].endswith("): choose a --store in a folder this user may write to, or fix that folder's "
-                              "permissions. Nothing was written")
+    assert errors[0].endswith(
+        "): choose a --store in a folder this user may write to, or fix that folder's permissions. Nothing was written"
+    )
     assert not os.path.exists(store)
 
 
 def expected_efficient(store: str, variant: str) -> np.ndarray:
     """`variant` computed here from the store's stored attention and values: [example, layer, head, query, key]."""
     group = open_attention_store(store)
-    result = efficient_attention(group["attention"][:], group["value"][:], group["w_out"][:], group["length"][:],
-                                 causal=bool(group.attrs["model"]["causal"]), variants=[variant],
-                                 output_dtype=np.float32)
+    result = efficient_attention(
+        group["attention"][:],
+        group["value"][:],
+        group["w_out"][:],
+        group["length"][:],
+        causal=bool(group.attrs["model"]["causal"]),
+        variants=[variant],
+        output_dtype=np.float32,
+    )
     return result[variant].efficient
 
 
 def test_an_interrupted_extraction_is_refused_by_efficient_and_causal_until_it_is_finished(
-        workspace, environment, extract_arguments):
+    workspace, environment, extract_arguments
+):
     """The issue's sequence: extraction interrupted (SIGINT to its process group, as Ctrl-C does) after its first
     shard; `efficient` and `causal` refuse the store (naming the missing shards and the command), write nothing;
     extract again, then both stages compute every shard from the real tensors (none left at zero, replay holds for
     every example)."""
     store, results = str(workspace / "interrupted.zarr"), str(workspace / "interrupted.results.zarr")
     arguments = [*extract_arguments, "--store", store]
-    interrupted = crash_harness.interrupt_when(arguments, environment, workspace / "interrupted",
-                                               lambda: crash_harness.extraction_progress(store), 1, signal.SIGINT)
+    interrupted = crash_harness.interrupt_when(
+        arguments,
+        environment,
+        workspace / "interrupted",
+        lambda: crash_harness.extraction_progress(store),
+        1,
+        signal.SIGINT,
+    )
     assert not interrupted.finished_first and interrupted.survivors == []
     assert interrupted.returncode == 130, interrupted.stderr
     done = open_attention_store(store).attrs["completed_shards"]
     missing = sorted(set(range(N_SHARDS)) - set(done))
     assert done and missing
 
-    refused = crash_harness.run(["efficient", "--store", store, "--variants", "effective", "--workers", "1"],
-                                environment, workspace / "interrupted-efficient")
+    refused = crash_harness.run(
+        ["efficient", "--store", store, "--variants", "effective", "--workers", "1"],
+        environment,
+        workspace / "interrupted-efficient",
+    )
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn efficient: error: ")]
     assert len(errors) == 1, refused.stderr
-    assert errors[0].startswith(f"effattn efficient: error: {store}: extraction shards {missing} (examples "
-                                f"{missing[0] * SHARD_SIZE} to ")
-    assert "are not complete (unwritten shards read as zeros), so `effattn efficient` cannot run on this store " \
-           f"yet: finish them by running the `effattn extract --corpus {extract_arguments[2]} --model " \
-           f"{extract_arguments[4]} --store {store} ...` command that created the store again" in errors[0]
+    assert errors[0].startswith(
+        f"effattn efficient: error: {store}: extraction shards {missing} (examples {missing[0] * SHARD_SIZE} to "
+    )
+    assert (
+        "are not complete (unwritten shards read as zeros), so `effattn efficient` cannot run on this store "
+        f"yet: finish them by running the `effattn extract --corpus {extract_arguments[2]} --model "
+        f"{extract_arguments[4]} --store {store} ...` command that created the store again" in errors[0]
+    )
     assert "efficient" not in open_attention_store(store)  # nothing computed, nothing recorded
 
-    causal = ["causal", "--store", store, "--results", results, "--interventions", "replay,efficient:effective",
-              "--scopes", "all"]
+    causal = [
+        "causal",
+        "--store",
+        store,
+        "--results",
+        results,
+        "--interventions",
+        "replay,efficient:effective",
+        "--scopes",
+        "all",
+    ]
     refused = crash_harness.run(causal, environment, workspace / "interrupted-causal")
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if line.startswith("effattn causal: error: ")]
@@ -213,16 +268,20 @@ def test_an_interrupted_extraction_is_refused_by_efficient_and_causal_until_it_i
     unfinished = f"effattn causal: error: {store}: extraction shards {missing} (examples "
     assert errors[0].startswith(unfinished)
     assert "so `effattn causal` cannot run on this store yet" in errors[0]
-    replay_only = crash_harness.run([*causal[:5], "--interventions", "replay", "--scopes", "all"], environment,
-                                    workspace / "interrupted-replay")
+    replay_only = crash_harness.run(
+        [*causal[:5], "--interventions", "replay", "--scopes", "all"], environment, workspace / "interrupted-replay"
+    )
     assert replay_only.returncode == 2
     assert [line for line in replay_only.stderr.splitlines() if line.startswith(unfinished)], replay_only.stderr
     assert not Path(results).exists()
 
     finished = crash_harness.run(arguments, environment, workspace / "interrupted-rerun")
     assert finished.returncode == 0, finished.stderr
-    computed = crash_harness.run(["efficient", "--store", store, "--variants", "effective", "--workers", "1"],
-                                 environment, workspace / "finished-efficient")
+    computed = crash_harness.run(
+        ["efficient", "--store", store, "--variants", "effective", "--workers", "1"],
+        environment,
+        workspace / "finished-efficient",
+    )
     assert computed.returncode == 0, computed.stderr
     group = open_attention_store(store)
     stored = group["efficient/effective"][:]

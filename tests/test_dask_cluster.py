@@ -52,10 +52,12 @@ def test_no_scheduler_at_the_address_is_refused_within_the_timeout(monkeypatch):
     with pytest.raises(DaskSchedulerUnreachableError) as raised:
         connect_dask_scheduler(address)
     message = str(raised.value)  # "after 1 s": the timeout reached distributed (its default is 30 s)
-    assert message.startswith(f"no Dask scheduler answers at {address} (waited 1 s; OSError: Timed out trying to "
-                              f"connect to {address} after 1 s): start one there")
+    assert message.startswith(
+        f"no Dask scheduler answers at {address} (waited 1 s; OSError: Timed out trying to "
+        f"connect to {address} after 1 s): start one there"
+    )
     assert message.endswith(
-        f"correct --dask-address, or leave it out to run on a local cluster; set EFFATTN_DASK_TIMEOUT=SECONDS to wait "
+        "correct --dask-address, or leave it out to run on a local cluster; set EFFATTN_DASK_TIMEOUT=SECONDS to wait "
         "longer"
     )
 
@@ -69,8 +71,14 @@ def test_workers_keep_freed_memory_for_reuse_despite_dasks_trim_setting():
 
     code = "from tasks.dask_cluster import keep_freed_memory_for_reuse as f; print(f())"
     environment = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
-                            cwd=Path(__file__).parent.parent, check=True).stdout.strip()
+    output = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=Path(__file__).parent.parent,
+        check=True,
+    ).stdout.strip()
     if (ctypes.util.find_library("c") or "").startswith("libc.so"):
         assert output == "True" and keep_freed_memory_for_reuse() is True
     else:  # no glibc: nothing to change
@@ -85,6 +93,7 @@ RUN = dict(limit=9, shard_size=2, batch_size=2, max_length=16, seed=0, train=Fal
 def test_a_run_cluster_is_started_on_first_use_kept_and_closed_on_exit(monkeypatch):
     """The stages of one run share one LocalCluster (started by the first that asks for it, or in the background
     beforehand); a run given an address, or whose stages never ask, starts none."""
+
     def no_local_cluster(workers):
         raise AssertionError("no LocalCluster should start")
 
@@ -128,27 +137,39 @@ def _extract_settings(folder: Path, model_folder: Path, corpus: Path, name: str,
 
 
 @pytest.mark.end_to_end
-def test_extraction_causal_and_explain_on_a_cluster_equal_the_in_process_run(tmp_path, tiny_bert_folder,
-                                                                            small_corpus_csv):
+def test_extraction_causal_and_explain_on_a_cluster_equal_the_in_process_run(
+    tmp_path, tiny_bert_folder, small_corpus_csv
+):
     from flows.causal import causal
     from flows.explain import explain
     from flows.extract import extract
 
     local = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "local.zarr")
     extract(local)
-    causal_options = dict(interventions=["replay", "uniform", "ablate"], scopes=["all", "layer"], scope_examples=4,
-                          batch_size=2)
+    causal_options = dict(
+        interventions=["replay", "uniform", "ablate"], scopes=["all", "layer"], scope_examples=4, batch_size=2
+    )
     causal(CausalSettings(store=local.store, results=str(tmp_path / "local-results.zarr"), **causal_options))
-    explain_options = dict(methods=["attention:rollout", "leave-one-out", "random"], examples=4, shard_size=2,
-                           minimality_rows=0)
+    explain_options = dict(
+        methods=["attention:rollout", "leave-one-out", "random"], examples=4, shard_size=2, minimality_rows=0
+    )
     explain(ExplainSettings(store=local.store, results=str(tmp_path / "local-explanations.zarr"), **explain_options))
     with loopback_cluster(tmp_path) as (address, _):
         remote = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "remote.zarr", dask_address=address)
         extract(remote)
-        causal(CausalSettings(store=local.store, results=str(tmp_path / "remote-results.zarr"),
-                              dask_address=address, **causal_options))
-        explain(ExplainSettings(store=local.store, results=str(tmp_path / "remote-explanations.zarr"),
-                                dask_address=address, **explain_options))
+        causal(
+            CausalSettings(
+                store=local.store, results=str(tmp_path / "remote-results.zarr"), dask_address=address, **causal_options
+            )
+        )
+        explain(
+            ExplainSettings(
+                store=local.store,
+                results=str(tmp_path / "remote-explanations.zarr"),
+                dask_address=address,
+                **explain_options,
+            )
+        )
         from distributed import Client
 
         with Client(address) as client:  # both workers took shards: the work was spread
@@ -172,8 +193,7 @@ def test_extraction_causal_and_explain_on_a_cluster_equal_the_in_process_run(tmp
 
 
 @pytest.mark.end_to_end
-def test_a_worker_killed_during_an_extraction_loses_nothing(tmp_path, tiny_bert_folder, small_corpus_csv,
-                                                             monkeypatch):
+def test_a_worker_killed_during_an_extraction_loses_nothing(tmp_path, tiny_bert_folder, small_corpus_csv, monkeypatch):
     """Worker 1 is killed (SIGKILL, by its process id) as the first shard is recorded: the scheduler gives its
     shards to worker 0, or the run fails naming what failed; either way a rerun completes a store equal to the
     in-process one."""
@@ -237,8 +257,14 @@ def test_a_local_cluster_starts_from_a_script_read_from_standard_input():
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def run(which: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-", which], input=CLUSTER_FROM_STDIN, capture_output=True,
-                              text=True, timeout=300, env=environment)
+        return subprocess.run(
+            [sys.executable, "-", which],
+            input=CLUSTER_FROM_STDIN,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+        )
 
     ours = run("effattn")
     assert ours.returncode == 0, ours.stderr[-3000:]

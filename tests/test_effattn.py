@@ -56,12 +56,15 @@ def test_every_name_is_the_object_of_its_home_module():
 
 
 def test_importing_effattn_loads_neither_torch_nor_prefect_and_leaves_zarr_alone():
-    code = ("import sys, effattn, zarr; "
-            "print(sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules), "
-            "zarr.config.get('codec_pipeline.batch_size'), zarr.config.get('codec_pipeline.path'))")
+    code = (
+        "import sys, effattn, zarr; "
+        "print(sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules), "
+        "zarr.config.get('codec_pipeline.batch_size'), zarr.config.get('codec_pipeline.path'))"
+    )
     environment = {key: value for key, value in os.environ.items() if not key.startswith("ZARR_CODEC_PIPELINE__")}
-    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
-                             env=environment).stdout.strip()
+    printed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=environment
+    ).stdout.strip()
     assert printed == "[] 1 zarr.core.codec_pipeline.BatchedCodecPipeline"
 
 
@@ -84,9 +87,15 @@ def run_readme_session(folder: Path, stdin: bool) -> subprocess.CompletedProcess
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
     environment.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(folder / "prefect-home"))
     with script.open(encoding="utf-8") as handle:
-        return subprocess.run([sys.executable, "-"] if stdin else [sys.executable, "example.py"],
-                              stdin=handle if stdin else subprocess.DEVNULL, capture_output=True, text=True,
-                              cwd=folder, env=environment, timeout=900)
+        return subprocess.run(
+            [sys.executable, "-"] if stdin else [sys.executable, "example.py"],
+            stdin=handle if stdin else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=folder,
+            env=environment,
+            timeout=900,
+        )
 
 
 def check_readme_session(completed: subprocess.CompletedProcess, folder: Path) -> None:

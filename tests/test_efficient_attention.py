@@ -18,9 +18,9 @@ from scipy.optimize import minimize
 from analysis import efficient_attention as ea
 from analysis import projections
 from analysis.efficient_attention import DIAGNOSTICS, VARIANTS, effective_attention_reference_loop, efficient_attention
+from analysis.key_bands import CAUSAL_BAND, KeyBand, default_band
 from analysis.projections import full_rank_certificate, value_output_basis
 from analysis.simplex_solver import RowLayout, simplex_rows
-from analysis.key_bands import CAUSAL_BAND, KeyBand, default_band
 
 EPS = np.finfo(np.float64).eps
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -40,8 +40,17 @@ def softmax_rows(scores: np.ndarray, causal: bool) -> np.ndarray:
 
 
 def make_problem(
-    seed: int, examples=2, layers=1, heads=2, kv_heads=None, positions=12, head_dim=4, hidden=16,
-    lengths=None, causal=False, sharpness=1.0,
+    seed: int,
+    examples=2,
+    layers=1,
+    heads=2,
+    kv_heads=None,
+    positions=12,
+    head_dim=4,
+    hidden=16,
+    lengths=None,
+    causal=False,
+    sharpness=1.0,
 ):
     """A random batch in the store layout: attention [e, l, h, q, k], value [e, l, kv, p, d], w_out [l, h, d, D]."""
     rng = np.random.default_rng(seed)
@@ -111,7 +120,11 @@ def slsqp_simplex_row(a: np.ndarray, t: np.ndarray) -> np.ndarray:
     constraint_matrix = svd_basis(np.hstack([t, np.ones((len(a), 1))]), t.shape[1] + 1).T  # independent rows
     target = constraint_matrix @ a
     solution = minimize(
-        lambda b: 0.5 * b @ b, a, jac=lambda b: b, method="SLSQP", bounds=[(0, None)] * len(a),
+        lambda b: 0.5 * b @ b,
+        a,
+        jac=lambda b: b,
+        method="SLSQP",
+        bounds=[(0, None)] * len(a),
         constraints=[
             {"type": "eq", "fun": lambda b: constraint_matrix @ b - target, "jac": lambda b: constraint_matrix}
         ],
@@ -130,7 +143,7 @@ def enumerated_simplex_row(a: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """
     size = len(a)
     target = basis.T @ a
-    masks = ((np.arange(1, 2 ** size)[:, None] >> np.arange(size)[None, :]) & 1).astype(np.float64)  # (S, L)
+    masks = ((np.arange(1, 2**size)[:, None] >> np.arange(size)[None, :]) & 1).astype(np.float64)  # (S, L)
     restricted = basis[None, :, :] * masks[:, :, None]  # (S, L, k)
     candidates = (np.linalg.pinv(restricted.transpose(0, 2, 1), rcond=1e-10) @ target[None, :, None])[..., 0]
     defect = np.linalg.norm(candidates @ basis - target[None, :], axis=-1)
@@ -164,8 +177,12 @@ problem_sizes = st.fixed_dictionaries(
 def test_every_variant_keeps_the_head_output(sizes):
     """A_eff·T = A·T (relative 1e-9; simplex 1e-8) and the output_residual diagnostic says so."""
     attention, value, w_out, lengths = make_problem(
-        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
-        causal=sizes["causal"], lengths=[sizes["positions"], max(1, sizes["positions"] // 2)],
+        sizes["seed"],
+        positions=sizes["positions"],
+        head_dim=sizes["head_dim"],
+        hidden=sizes["hidden"],
+        causal=sizes["causal"],
+        lengths=[sizes["positions"], max(1, sizes["positions"] // 2)],
     )
     results = efficient_attention(attention, value, w_out, lengths, causal=sizes["causal"])
     for variant, tolerance in (("effective", 1e-9), ("stochastic", 1e-9), ("simplex", 1e-8)):
@@ -185,7 +202,10 @@ def test_every_variant_keeps_the_head_output(sizes):
 def test_closed_form_variants_match_an_svd_reference(sizes):
     """Effective and stochastic attention equal A·P from a numpy SVD (per prefix row when causal)."""
     attention, value, w_out, lengths = make_problem(
-        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
+        sizes["seed"],
+        positions=sizes["positions"],
+        head_dim=sizes["head_dim"],
+        hidden=sizes["hidden"],
         causal=sizes["causal"],
     )
     results = efficient_attention(
@@ -200,7 +220,10 @@ def test_closed_form_variants_match_an_svd_reference(sizes):
 @given(problem_sizes)
 def test_row_sums_and_non_negativity(sizes):
     attention, value, w_out, lengths = make_problem(
-        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
+        sizes["seed"],
+        positions=sizes["positions"],
+        head_dim=sizes["head_dim"],
+        hidden=sizes["hidden"],
         causal=sizes["causal"],
     )
     results = efficient_attention(attention, value, w_out, lengths, causal=sizes["causal"])
@@ -217,9 +240,7 @@ def test_row_sums_and_non_negativity(sizes):
     # The closed forms carry what they owe: the effective variant's diagnostics are consistent with its matrix.
     effective = results["effective"]
     block = effective.efficient[:, :, :, :size, :size]
-    np.testing.assert_allclose(
-        effective.diagnostics["row_sum_error"], np.abs(block.sum(-1) - 1).max(-1), atol=1e-15
-    )
+    np.testing.assert_allclose(effective.diagnostics["row_sum_error"], np.abs(block.sum(-1) - 1).max(-1), atol=1e-15)
     np.testing.assert_allclose(
         effective.diagnostics["negative_mass"], np.abs(np.clip(block, None, 0)).sum((-2, -1)) / size, atol=1e-15
     )
@@ -281,7 +302,10 @@ def test_left_null_additions_do_not_change_the_result(sizes):
 def test_full_row_rank_output_projection_changes_nothing(sizes):
     """With W_O^h of full row rank (d ≤ D), col(T) = col(V): using only V (W = I) gives the same results."""
     attention, value, w_out, lengths = make_problem(
-        sizes["seed"], positions=sizes["positions"], head_dim=sizes["head_dim"], hidden=sizes["hidden"],
+        sizes["seed"],
+        positions=sizes["positions"],
+        head_dim=sizes["head_dim"],
+        hidden=sizes["hidden"],
         causal=sizes["causal"],
     )
     identity = np.broadcast_to(np.eye(sizes["head_dim"]), w_out.shape[:2] + (sizes["head_dim"],) * 2).copy()
@@ -487,8 +511,9 @@ def test_simplex_rows_match_enumerated_supports(seed, sharpness):
     rows = softmax_rows(rng.normal(size=(3, size, size)) * sharpness, causal=False)
     found = simplex_rows(rows, basis)
     assert found.converged.all()
-    expected = np.stack([np.stack([enumerated_simplex_row(rows[m, q], basis[m].numpy()) for q in range(size)])
-                         for m in range(3)])
+    expected = np.stack(
+        [np.stack([enumerated_simplex_row(rows[m, q], basis[m].numpy()) for q in range(size)]) for m in range(3)]
+    )
     np.testing.assert_allclose(found.solution.numpy(), expected, atol=1e-9)
     if sharpness > 1:
         assert (found.support_size == 4).any()  # vertex minimisers are among the cases
@@ -506,7 +531,7 @@ def test_simplex_rows_do_not_depend_on_the_batch():
     together = simplex_rows(rows, basis)
     assert len(set(together.iterations.flatten().tolist())) > 3  # rows stop at different iterations
     for matrix in range(4):  # alone, and with its rows in reverse order (other slots)
-        alone = simplex_rows(rows[matrix:matrix + 1, ::-1].copy(), basis[matrix:matrix + 1])
+        alone = simplex_rows(rows[matrix : matrix + 1, ::-1].copy(), basis[matrix : matrix + 1])
         np.testing.assert_array_equal(alone.iterations[0].flip(0).numpy(), together.iterations[matrix].numpy())
         np.testing.assert_allclose(alone.solution[0].flip(0).numpy(), together.solution[matrix].numpy(), atol=1e-12)
 
@@ -702,8 +727,14 @@ def test_large_batches_are_chunked(monkeypatch):
 def banded_problem(seed: int, band: KeyBand, lengths=(13, 9, 4), layers=2, heads=2, head_dim=2, hidden=6):
     """A random batch whose attention sees only the keys of `band` (softmax under the band's mask)."""
     attention, value, w_out, lengths = make_problem(
-        seed, examples=len(lengths), layers=layers, heads=heads, positions=max(lengths), head_dim=head_dim,
-        hidden=hidden, lengths=lengths,
+        seed,
+        examples=len(lengths),
+        layers=layers,
+        heads=heads,
+        positions=max(lengths),
+        head_dim=head_dim,
+        hidden=hidden,
+        lengths=lengths,
     )
     rng = np.random.default_rng(seed + 1)
     for example, size in enumerate(lengths):
@@ -729,8 +760,9 @@ def reference_banded(attention, value, w_out, lengths, variant, band):
     return result
 
 
-@pytest.mark.parametrize("band,causal", [(KeyBand(3, 0), True), (KeyBand(2, 2), False)],
-                         ids=["mistral-window-4", "modernbert-local-2"])
+@pytest.mark.parametrize(
+    "band,causal", [(KeyBand(3, 0), True), (KeyBand(2, 2), False)], ids=["mistral-window-4", "modernbert-local-2"]
+)
 def test_banded_rows_use_only_the_keys_their_query_sees(band, causal):
     """Sequences longer than the window and the head dim (d = 2 < window): every variant keeps A·T, has no weight
     outside the band (nor above the diagonal when causal), and matches the per-row band problem; the row rule of
@@ -762,8 +794,11 @@ def test_banded_rows_use_only_the_keys_their_query_sees(band, causal):
     example, layer, head, query = 0, 1, 0, 8
     start, stop = band.window(query, lengths[example])
     t = head_output_matrix(value, w_out, example, layer, head, lengths[example])[start:stop]
-    np.testing.assert_allclose(results["simplex"].efficient[example, layer, head, query, start:stop],
-                               slsqp_simplex_row(attention[example, layer, head, query, start:stop], t), atol=1e-6)
+    np.testing.assert_allclose(
+        results["simplex"].efficient[example, layer, head, query, start:stop],
+        slsqp_simplex_row(attention[example, layer, head, query, start:stop], t),
+        atol=1e-6,
+    )
     unbanded = efficient_attention(attention, value, w_out, lengths, causal=causal, variants=("effective",))
     assert np.abs(unbanded["effective"].efficient[..., outside]).max() > 1e-2  # what the band fixes
 
@@ -771,11 +806,13 @@ def test_banded_rows_use_only_the_keys_their_query_sees(band, causal):
 def test_layers_with_different_bands_are_each_projected_by_their_own():
     """gemma3-like: a sliding layer and a full one in one batch give what each gives alone."""
     attention, value, w_out, lengths = banded_problem(4, KeyBand(3, 0))
-    attention[:, 1] = make_problem(5, examples=3, layers=1, heads=2, positions=13, head_dim=2, hidden=6,
-                                   lengths=lengths, causal=True)[0][:, 0]
+    attention[:, 1] = make_problem(
+        5, examples=3, layers=1, heads=2, positions=13, head_dim=2, hidden=6, lengths=lengths, causal=True
+    )[0][:, 0]
     mixed = efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(3, 0), CAUSAL_BAND))
-    sliding = efficient_attention(attention[:, :1], value[:, :1], w_out[:1], lengths, causal=True,
-                                  key_bands=(KeyBand(3, 0),))
+    sliding = efficient_attention(
+        attention[:, :1], value[:, :1], w_out[:1], lengths, causal=True, key_bands=(KeyBand(3, 0),)
+    )
     full = efficient_attention(attention[:, 1:], value[:, 1:], w_out[1:], lengths, causal=True)
     for variant in VARIANTS:
         np.testing.assert_array_equal(mixed[variant].efficient[:, :1], sliding[variant].efficient)
@@ -786,8 +823,9 @@ def test_layers_with_different_bands_are_each_projected_by_their_own():
 def test_bands_that_restrict_nothing_are_bit_identical_to_no_bands(causal):
     """Stores without windows (bands recorded as the default, or not recorded at all) and windows at least as long
     as every example take exactly today's path: identical bits in every array and diagnostic."""
-    attention, value, w_out, lengths = make_problem(6, examples=3, layers=2, heads=2, positions=11, head_dim=3,
-                                                    hidden=8, lengths=[11, 7, 3], causal=causal)
+    attention, value, w_out, lengths = make_problem(
+        6, examples=3, layers=2, heads=2, positions=11, head_dim=3, hidden=8, lengths=[11, 7, 3], causal=causal
+    )
     plain = efficient_attention(attention, value, w_out, lengths, causal=causal)
     wide = KeyBand(10, 0) if causal else KeyBand(10, 12)
     for bands in ((default_band(causal),) * 2, (wide, wide)):
@@ -800,8 +838,11 @@ def test_bands_that_restrict_nothing_are_bit_identical_to_no_bands(causal):
 
 def test_band_problems_are_refused_with_what_to_do():
     attention, value, w_out, lengths = banded_problem(7, KeyBand(3, 0))
-    with pytest.raises(ValueError, match=r"weight .* on keys outside the band its layer's mask allows \(2 left, 0 "
-                                         r"right of the diagonal\).*extract the store again"):
+    with pytest.raises(
+        ValueError,
+        match=r"weight .* on keys outside the band its layer's mask allows \(2 left, 0 "
+        r"right of the diagonal\).*extract the store again",
+    ):
         efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(2, 0),) * 2)
     with pytest.raises(ValueError, match="causal=True but the key bands"):
         efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(3, 1),) * 2)

@@ -62,9 +62,15 @@ def bert_store(tmp_path_factory, tiny_bert_folder) -> str:
 
     folder = tmp_path_factory.mktemp("efficient")
     url = str(folder / "store.zarr")
-    extract(ExtractSettings(
-        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=url,
-        shard_size=4, batch_size=4))
+    extract(
+        ExtractSettings(
+            corpus=str(write_reviews_csv(folder / "reviews.csv")),
+            model=str(tiny_bert_folder),
+            store=url,
+            shard_size=4,
+            batch_size=4,
+        )
+    )
     return url
 
 
@@ -93,8 +99,7 @@ def test_local_cluster_run_writes_every_variant_and_resumes(bert_store, tmp_path
     np.testing.assert_array_equal(open_attention_store(url)["efficient/simplex"][:], expected)
 
 
-def test_by_default_a_variant_is_left_out_of_stores_longer_than_its_default_length(bert_store, tmp_path,
-                                                                                   monkeypatch):
+def test_by_default_a_variant_is_left_out_of_stores_longer_than_its_default_length(bert_store, tmp_path, monkeypatch):
     from analysis import variants
     from flows.efficient import efficient
 
@@ -107,8 +112,9 @@ def test_by_default_a_variant_is_left_out_of_stores_longer_than_its_default_leng
     group = open_attention_store(url)
     n_shards = store_layout(group).n_shards
     assert "efficient/simplex" not in group
-    assert all(efficient_completed_shards(group, variant) == list(range(n_shards))
-               for variant in ("effective", "stochastic"))
+    assert all(
+        efficient_completed_shards(group, variant) == list(range(n_shards)) for variant in ("effective", "stochastic")
+    )
     efficient(EfficientSettings(store=url, workers=1, variants=["simplex"]))  # named: computed at any length
     assert efficient_completed_shards(open_attention_store(url), "simplex") == list(range(n_shards))
 
@@ -116,8 +122,11 @@ def test_by_default_a_variant_is_left_out_of_stores_longer_than_its_default_leng
 def test_unknown_variant_and_changed_settings_are_refused(bert_store, tmp_path):
     from flows.efficient import efficient
 
-    with pytest.raises(ValueError, match=r"^--variants sparse: unknown efficient-attention variants \['sparse'\]: "
-                                         "choose from effective,stochastic,simplex"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--variants sparse: unknown efficient-attention variants \['sparse'\]: "
+        "choose from effective,stochastic,simplex",
+    ):
         efficient(EfficientSettings(store=bert_store, variants=["sparse"]))
     url = str(tmp_path / "copy.zarr")
     shutil.copytree(bert_store, url)
@@ -132,9 +141,14 @@ def test_causal_grouped_query_store(tmp_path, tiny_llama_folder):
     from tests.conftest import write_reviews_csv
 
     url = str(tmp_path / "llama.zarr")
-    extract(ExtractSettings(
-        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=url,
-        shard_size=8))
+    extract(
+        ExtractSettings(
+            corpus=str(write_reviews_csv(tmp_path / "reviews.csv")),
+            model=str(tiny_llama_folder),
+            store=url,
+            shard_size=8,
+        )
+    )
     group = open_attention_store(url, mode="r+")
     for variant in VARIANTS:
         prepare_efficient_arrays(group, url, variant, SETTINGS)
@@ -170,8 +184,11 @@ def test_real_minilm_examples_longer_than_the_head_dim(tmp_path):
     from flows.efficient import efficient
 
     url = str(tmp_path / "minilm.zarr")
-    extract(ExtractSettings(
-        corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3, train=False))
+    extract(
+        ExtractSettings(
+            corpus="bbc-topic", model="minilm", store=url, limit=6, max_length=48, shard_size=3, train=False
+        )
+    )
     assert (open_attention_store(url)["length"][:] > 32).all()
     efficient(EfficientSettings(store=url, workers=2))
     check_invariants(url)
@@ -224,12 +241,12 @@ def test_one_process_reads_a_shard_once_for_every_layer_piece(bert_store, tmp_pa
         prepare_variants(target, ["simplex"], SETTINGS)
     reads = []
     real_read = tasks.efficient._read_piece_inputs
-    monkeypatch.setattr(tasks.efficient, "_read_piece_inputs",
-                        lambda *args: reads.append(args[4]) or real_read(*args))
+    monkeypatch.setattr(tasks.efficient, "_read_piece_inputs", lambda *args: reads.append(args[4]) or real_read(*args))
     compute_efficient_shard(url, 1, ["simplex"], SETTINGS)
     assert reads == [slice(0, layers)]
-    pieces = [compute_efficient_piece(separately, 1, cut, ["simplex"], SETTINGS) for cut in shard_pieces(["simplex"],
-                                                                                                         layers)]
+    pieces = [
+        compute_efficient_piece(separately, 1, cut, ["simplex"], SETTINGS) for cut in shard_pieces(["simplex"], layers)
+    ]
     assert len(reads) == 1 + layers  # each piece on its own reads its layer
     write_efficient_pieces(separately, 1, pieces)
     once, apart = open_attention_store(url), open_attention_store(separately)
@@ -273,8 +290,9 @@ def test_a_damaged_shard_is_named_with_what_to_do(tmp_path, tiny_bert_folder):
     from storage_schemas.durable_writes import shard_file_paths
     from tests.store_builders import build_real_store, write_corpus
 
-    url = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),
-                           variants=())
+    url = build_real_store(
+        str(tmp_path / "store.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"), variants=()
+    )
     group = open_attention_store(url, mode="r+")
     prepare_efficient_arrays(group, url, "effective", SETTINGS)
     (path,) = shard_file_paths(group, ["value"], 1)
@@ -293,8 +311,7 @@ def test_a_damaged_shard_is_named_with_what_to_do(tmp_path, tiny_bert_folder):
 
 
 def test_no_scheduler_at_the_dask_address_is_said_within_the_timeout(monkeypatch):
-    from tasks.dask_cluster import DaskSchedulerUnreachableError
-    from tasks.dask_cluster import dask_client
+    from tasks.dask_cluster import DaskSchedulerUnreachableError, dask_client
     from tests.test_preflight import free_loopback_address
 
     monkeypatch.setenv("EFFATTN_DASK_TIMEOUT", "1")
@@ -323,8 +340,9 @@ def _extract_shards(url: str, model_folder, corpus, shards=None) -> list[int]:
     from storage_schemas.attention_store import mark_shard_completed
     from tasks.extraction import capture_shard, prepare_store, write_captured_shard
 
-    todo, num_labels = prepare_store.fn(url, str(corpus), str(model_folder), 24, None, "float32", "cpu", None, None,
-                                        4, 0)
+    todo, num_labels = prepare_store.fn(
+        url, str(corpus), str(model_folder), 24, None, "float32", "cpu", None, None, 4, 0
+    )
     chosen = [shard for shard in todo if shards is None or shard in shards]
     group = open_attention_store(url, mode="r+")
     for shard in chosen:
@@ -337,12 +355,20 @@ def _expected(url: str, variant: str) -> np.ndarray:
     from analysis.efficient_attention import efficient_attention
 
     group = open_attention_store(url)
-    return efficient_attention(group["attention"][:], group["value"][:], group["w_out"][:], group["length"][:],
-                               causal=False, variants=[variant], output_dtype=np.float32)[variant].efficient
+    return efficient_attention(
+        group["attention"][:],
+        group["value"][:],
+        group["w_out"][:],
+        group["length"][:],
+        causal=False,
+        variants=[variant],
+        output_dtype=np.float32,
+    )[variant].efficient
 
 
 def test_an_unfinished_extraction_is_refused_and_a_legacy_store_recomputes_what_was_computed_on_zeros(
-        tmp_path, tiny_bert_folder, caplog):
+    tmp_path, tiny_bert_folder, caplog
+):
     """A store of this version: `efficient` refuses it while extraction shards are missing. A store of the earlier
     version, whose efficient stage computed shards 1 and 2 on the zeros of an interrupted extraction and recorded
     them as done (no identities anywhere): once extraction finishes, exactly those shards count as stale, are
@@ -353,12 +379,16 @@ def test_an_unfinished_extraction_is_refused_and_a_legacy_store_recomputes_what_
 
     corpus, url = write_reviews_csv(tmp_path / "reviews.csv"), str(tmp_path / "store.zarr")
     assert _extract_shards(url, tiny_bert_folder, corpus, shards=[0]) == [0]  # interrupted after shard 0
-    with pytest.raises(IncompleteInputError, match=re.escape(
+    with pytest.raises(
+        IncompleteInputError,
+        match=re.escape(
             f"{url}: extraction shards [1, 2] (examples 4 to 9) are not complete (unwritten shards read as zeros), "
             "so `effattn efficient` cannot run on this store yet: finish them by running the `effattn extract "
             f"--corpus {corpus} --model {tiny_bert_folder} --store {url} ...` command that created the store again, "
             "with the same options (it resumes and writes only the missing shards); then run `effattn efficient` "
-            "again")):
+            "again"
+        ),
+    ):
         prepare_variants(url, ["effective"], SETTINGS)
     assert "efficient" not in open_attention_store(url)
 
@@ -380,8 +410,10 @@ def test_an_unfinished_extraction_is_refused_and_a_legacy_store_recomputes_what_
     with caplog.at_level(logging.WARNING, logger="tasks.efficient"):
         work = prepare_variants(url, ["effective"], SETTINGS)
     assert work == {1: ["effective"], 2: ["effective"]}
-    assert caplog.messages == [f"{url}: efficient/effective shards [1, 2] were computed from extraction shards that "
-                               "were unfinished then or written again since: computing them again"]
+    assert caplog.messages == [
+        f"{url}: efficient/effective shards [1, 2] were computed from extraction shards that "
+        "were unfinished then or written again since: computing them again"
+    ]
     assert open_attention_store(url)["efficient/effective"].attrs["completed_shards"] == [0]  # stale ones forgotten
     for shard, variants in work.items():
         compute_efficient_shard(url, shard, variants, SETTINGS)

@@ -24,8 +24,18 @@ from storage_schemas.efficient_store import (
     write_efficient_shard,
 )
 
-LAYOUT = AttentionStoreLayout(n_examples=5, max_length=6, n_classes=2, layers=2, heads=4, kv_heads=2,
-                              head_dim=3, hidden=8, shard_size=2, dtype="float32")
+LAYOUT = AttentionStoreLayout(
+    n_examples=5,
+    max_length=6,
+    n_classes=2,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=3,
+    hidden=8,
+    shard_size=2,
+    dtype="float32",
+)
 SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
 
 
@@ -40,8 +50,10 @@ def store(tmp_path):
 def shard_data(n: int, seed: int):
     rng = np.random.default_rng(seed)
     efficient = rng.random((n, LAYOUT.layers, LAYOUT.heads, LAYOUT.max_length, LAYOUT.max_length))
-    diagnostics = {name: rng.integers(0, 5, (n, LAYOUT.layers, LAYOUT.heads)).astype(dtype)
-                   for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()}
+    diagnostics = {
+        name: rng.integers(0, 5, (n, LAYOUT.layers, LAYOUT.heads)).astype(dtype)
+        for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()
+    }
     return efficient, diagnostics
 
 
@@ -94,8 +106,9 @@ def test_write_rejects_wrong_shapes_and_missing_diagnostics(store):
     url, group = store
     prepare_efficient_arrays(group, url, "effective", SETTINGS)
     efficient, diagnostics = shard_data(2, seed=0)
-    with pytest.raises(ValueError, match=re.escape("shard 2: efficient/effective has shape (2, 2, 4, 6, 6), "
-                                                   "expected (1, 2, 4, 6, 6)")):
+    with pytest.raises(
+        ValueError, match=re.escape("shard 2: efficient/effective has shape (2, 2, 4, 6, 6), expected (1, 2, 4, 6, 6)")
+    ):
         write_efficient_shard(group, LAYOUT, "effective", 2, efficient, diagnostics)
     del diagnostics["rank"]
     with pytest.raises(ValueError, match=re.escape("shard 0: diagnostics ['rank'] of effective are missing")):

@@ -40,18 +40,29 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     dataset = xr.open_zarr(results, consolidated=False).load()
     methods = dataset["explainer"].values.tolist()
     assert methods[:3] == ["attention:last-layer", "attention:all-layers", "attention:rollout"]
-    assert {"effective:rollout", "stochastic:all-layers", "simplex:last-layer", "attention-norm:rollout",
-            "simplex-norm:last-layer", "conservative-lrp", "random"} <= set(methods)
+    assert {
+        "effective:rollout",
+        "stochastic:all-layers",
+        "simplex:last-layer",
+        "attention-norm:rollout",
+        "simplex-norm:last-layer",
+        "conservative-lrp",
+        "random",
+    } <= set(methods)
     assert dataset.sizes["example"] == 3 and dataset.attrs["completed_shards"] == [0]
     # drawn (seeded) from the examples where every variant differs from A, the same on every run
     drawn = dataset["store_example"].values.tolist()
     group = __import__("zarr").open_group(bert_store, mode="r")
     differs = examples_where_efficient_differs(group, ["effective", "stochastic", "simplex"])
-    assert differs[drawn].all() and drawn == choose_examples(bert_store, 3, ["effective", "stochastic", "simplex"],
-                                                             0)[0]
+    assert (
+        differs[drawn].all() and drawn == choose_examples(bert_store, 3, ["effective", "stochastic", "simplex"], 0)[0]
+    )
     assert dataset.attrs["settings"]["draw"]["testable"] == int(differs.sum())
-    efficient = [index for index, name in enumerate(methods) if name.split(":")[0].split("-")[0] in
-                 ("effective", "stochastic", "simplex")]
+    efficient = [
+        index
+        for index, name in enumerate(methods)
+        if name.split(":")[0].split("-")[0] in ("effective", "stochastic", "simplex")
+    ]
     assert (dataset["testable"].values[efficient] == 1).all()  # E differs from A on every drawn example
     assert (dataset["largest_difference"].values[efficient] > 1e-5).all()
     assert (dataset["testable"].values[methods.index("attention:rollout")] == -1).all()
@@ -71,9 +82,12 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     np.testing.assert_allclose(dataset["mean_aopc"].values, dataset["aopc"].mean("example").values, rtol=1e-6)
     claims = {row["claim"]: row["verdict"] for row in dataset.attrs["claims"]}
     assert claims["efficient attention (simplex) explains at least as faithfully as raw attention (rollout)"] == (
-        "not testable (n = 3 examples where E differs from A, 20 needed)")  # 3 examples decide nothing
-    assert "norm-based efficient attention (simplex) explains at least as faithfully as norm-based attention " \
-           "(rollout)" in claims
+        "not testable (n = 3 examples where E differs from A, 20 needed)"
+    )  # 3 examples decide nothing
+    assert (
+        "norm-based efficient attention (simplex) explains at least as faithfully as norm-based attention "
+        "(rollout)" in claims
+    )
     assert {row["method"] for row in dataset.attrs["ranking"]} == set(methods)
     # other settings into the same results: refused with what to do, exit status 2
     assert main(["explain", "--store", bert_store, "--results", results, "--examples", "3", "--ig-steps", "9"]) == 2
@@ -110,27 +124,35 @@ def test_a_rerun_skips_done_shards_recomputes_a_lost_one_and_refuses_other_setti
 def test_a_store_of_short_texts_explains_nothing_and_decides_no_claim(tmp_path, capsys):
     """Every text no longer than the head dim (64 here): E = A everywhere, so no example can tell an efficient
     explanation from raw attention's; every explanation claim is "not testable", none "holds"."""
+    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from flows.cli import main
 
-    import torch
-
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=128, num_attention_heads=2,
-                                                     num_hidden_layers=2, intermediate_size=64)).eval()
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=30522, hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=64)
+    ).eval()
     folder = save_model_folder(model, tmp_path / "wide-heads")
-    store = build_real_store(str(tmp_path / "store.zarr"), folder, write_corpus(tmp_path / "reviews.csv"),
-                             variants=("effective", "stochastic"))
+    store = build_real_store(
+        str(tmp_path / "store.zarr"),
+        folder,
+        write_corpus(tmp_path / "reviews.csv"),
+        variants=("effective", "stochastic"),
+    )
     results = str(tmp_path / "results.zarr")
     assert main(["explain", "--store", store, "--results", results, "--examples", "5", "--ig-steps", "4"]) == 0
     printed = capsys.readouterr().out
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert dataset.sizes["example"] == 0
     assert dataset.attrs["settings"]["draw"] == {
-        "asked": 5, "drawn": 0, "testable": 0, "not_testable": 10,
+        "asked": 5,
+        "drawn": 0,
+        "testable": 0,
+        "not_testable": 10,
         "rule": "examples where effective, stochastic differ from A in the last layer (a head with a null space "
-                "and ||A - E|| / ||A|| > 1e-05)"}
+        "and ||A - E|| / ||A|| > 1e-05)",
+    }
     verdicts = [row["verdict"] for row in dataset.attrs["claims"]]
     assert len(verdicts) == 12 and all(verdict.startswith("not testable (n = 0") for verdict in verdicts)
     assert "holds" not in printed
@@ -144,8 +166,9 @@ def test_an_unfinished_extraction_is_refused_naming_the_shards_and_the_command(t
     from tasks.extraction import capture_shard, prepare_store, write_captured_shard
 
     corpus, store = write_corpus(tmp_path / "reviews.csv"), str(tmp_path / "store.zarr")
-    todo, num_labels = prepare_store.fn(store, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None,
-                                        None, 4, 0)
+    todo, num_labels = prepare_store.fn(
+        store, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None, None, 4, 0
+    )
     assert todo == [0, 1, 2]
     captured = capture_shard.fn(store, 0, str(tiny_bert_folder), num_labels, "cpu", 0, 4)
     mark_shard_completed(open_attention_store(store, mode="r+"), write_captured_shard.fn(store, 0, captured))
@@ -157,20 +180,22 @@ def test_an_unfinished_extraction_is_refused_naming_the_shards_and_the_command(t
         "unfinished shards, which read as zeros, so the results would be wrong): extraction shards [1, 2] (examples "
         f"4 to 9) are not complete: finish them by running the `effattn extract --corpus {corpus} --model "
         f"{tiny_bert_folder} --store {store} ...` command that created the store again, with the same options (it "
-        "resumes and writes only the missing shards); then run `effattn explain` again")
+        "resumes and writes only the missing shards); then run `effattn explain` again"
+    )
     assert not Path(results).exists()
 
 
 def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_examples_stale(
-        bert_store, tiny_bert_folder, tmp_path, capsys, caplog):
+    bert_store, tiny_bert_folder, tmp_path, capsys, caplog
+):
     """Damage -> `verify --repair` -> explain refuses -> extract -> efficient -> explain computes again exactly the
     results' shard whose examples lie in the repaired store shard, identically; the other shard is kept."""
     import zarr
 
     from flows.cli import main
     from storage_schemas.attention_store import IncompleteInputError, open_attention_store
-    from storage_schemas.explanation_results import PER_EXAMPLE_ARRAYS, explanation_completed_shards
     from storage_schemas.durable_writes import shard_file_paths
+    from storage_schemas.explanation_results import PER_EXAMPLE_ARRAYS, explanation_completed_shards
 
     def rows(name: str, values: np.ndarray, examples: list[int]) -> np.ndarray:
         return np.take(values, examples, axis=PER_EXAMPLE_ARRAYS[name][0].index("example"))
@@ -190,10 +215,15 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
         handle.write(b"\xff\xff\xff\xff")
     assert main(["verify", "--repair", store]) == 1
     capsys.readouterr()
-    with pytest.raises(IncompleteInputError, match=re.escape(
-            "extraction shard [0] (examples 0 to 3) is not complete") + ".*" + re.escape(
+    with pytest.raises(
+        IncompleteInputError,
+        match=re.escape("extraction shard [0] (examples 0 to 3) is not complete")
+        + ".*"
+        + re.escape(
             f"efficient/simplex shard [0] (examples 0 to 3) is not computed: run `effattn efficient --store {store} "
-            "--variants simplex` after the extraction is complete; then run `effattn explain` again")):
+            "--variants simplex` after the extraction is complete; then run `effattn explain` again"
+        ),
+    ):
         explain(ExplainSettings(store=store, results=results, **options))
 
     build_real_store(store, tiny_bert_folder, Path(bert_store).parent / "reviews.csv")  # extract, efficient: resume
@@ -202,8 +232,10 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
     group["full_probability"][:] = -7.0  # a mark: a shard computed again loses it
     with caplog.at_level(logging.WARNING, logger="tasks.explain"):
         explain(ExplainSettings(store=store, results=results, **options))
-    assert f"{results}: explanation shards [0] were computed from store shards that were unfinished then or " \
-           "written again since: computing them again" in caplog.messages
+    assert (
+        f"{results}: explanation shards [0] were computed from store shards that were unfinished then or "
+        "written again since: computing them again" in caplog.messages
+    )
     group = open_explanation_results(results)
     assert explanation_completed_shards(group, open_attention_store(store)) == [0, 1]
     assert group["full_probability"][2:].tolist() == [-7.0, -7.0]  # results shard 1: its store shards untouched
@@ -213,8 +245,9 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
 
 
 def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_folder):
-    store = build_real_store(str(tmp_path / "llama.zarr"), tiny_llama_folder, write_corpus(tmp_path / "r.csv"),
-                             variants=("simplex",))
+    store = build_real_store(
+        str(tmp_path / "llama.zarr"), tiny_llama_folder, write_corpus(tmp_path / "r.csv"), variants=("simplex",)
+    )
     results = str(tmp_path / "results.zarr")
     explain(ExplainSettings(store=store, results=results, examples=2, integrated_gradients_steps=8, minimality_rows=4))
     dataset = xr.open_zarr(results, consolidated=False).load()
@@ -235,8 +268,21 @@ def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_lla
     from tests.store_builders import SETTINGS
 
     store = str(tmp_path / "lm.zarr")
-    todo, num_labels = prepare_store.fn(store, str(write_corpus(tmp_path / "r.csv")), str(tiny_llama_folder), 24,
-                                        None, "float32", "cpu", None, None, 5, 0, task="next-token", top_k=4)
+    todo, num_labels = prepare_store.fn(
+        store,
+        str(write_corpus(tmp_path / "r.csv")),
+        str(tiny_llama_folder),
+        24,
+        None,
+        "float32",
+        "cpu",
+        None,
+        None,
+        5,
+        0,
+        task="next-token",
+        top_k=4,
+    )
     group = open_attention_store(store, mode="r+")
     for shard in todo:
         captured = capture_shard.fn(store, shard, str(tiny_llama_folder), num_labels, "cpu", 0, 5, "next-token")
@@ -246,9 +292,15 @@ def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_lla
         for variant in written:
             mark_efficient_shard_completed(group, variant, shard)
     results = str(tmp_path / "results.zarr")
-    explain(ExplainSettings(
-        store=store, results=results, examples=2, integrated_gradients_steps=4,
-        methods=["attention:last-layer", "stochastic:rollout", "integrated-gradients", "leave-one-out"]))
+    explain(
+        ExplainSettings(
+            store=store,
+            results=results,
+            examples=2,
+            integrated_gradients_steps=4,
+            methods=["attention:last-layer", "stochastic:rollout", "integrated-gradients", "leave-one-out"],
+        )
+    )
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert (dataset["target"] >= 0).all() and (dataset["target"] < 30522).all()  # a vocabulary id
     assert (dataset["full_probability"] > 0).all()

@@ -31,24 +31,41 @@ def first_tokens_first(example, record):
     return -np.arange(len(example.tokens), dtype=np.float64)
 
 
-DUMMY = Explainer(name="first-tokens", kind="model", description="earlier tokens first (a test explainer)",
-                  compute=first_tokens_first, style={"color": DUMMY_COLOUR, "linestyle": "-"})
+DUMMY = Explainer(
+    name="first-tokens",
+    kind="model",
+    description="earlier tokens first (a test explainer)",
+    compute=first_tokens_first,
+    style={"color": DUMMY_COLOUR, "linestyle": "-"},
+)
 
 
 def test_names_resolve_to_records_and_unknown_names_are_refused_with_the_known_ones():
     simplex = explainer_record("simplex:rollout")
     assert (simplex.kind, simplex.source, simplex.aggregation, simplex.raw_twin) == (
-        "matrices", "simplex", "rollout", "attention:rollout")
+        "matrices",
+        "simplex",
+        "rollout",
+        "attention:rollout",
+    )
     assert simplex.style == {"color": "#2ca02c", "linestyle": ":"}  # the variant's colour, rollout's line
     assert explainer_record("leave-one-out").kind == "model" and explainer_record("random").kind == "random"
     norm = explainer_record("simplex-norm:last-layer")
-    assert (norm.kind, norm.source, norm.aggregation, norm.raw_twin) == ("norms", "simplex", "last-layer",
-                                                                         "attention-norm:last-layer")
+    assert (norm.kind, norm.source, norm.aggregation, norm.raw_twin) == (
+        "norms",
+        "simplex",
+        "last-layer",
+        "attention-norm:last-layer",
+    )
     assert norm.style["marker"] == "s" and norm.style["linewidth"] == 0.8
     assert norm.is_efficient and not explainer_record("attention-norm:rollout").is_efficient
     assert explainer_record("effective:rollout").raw_twin == "attention:rollout"
-    assert explainer_record("attention:rollout").stored() == {"name": "attention:rollout", "kind": "matrices",
-                                                              "source": "attention", "aggregation": "rollout"}
+    assert explainer_record("attention:rollout").stored() == {
+        "name": "attention:rollout",
+        "kind": "matrices",
+        "source": "attention",
+        "aggregation": "rollout",
+    }
     for name in ("attention:middle", "-norm:rollout", "nowhere:rollout", "gradient"):
         with pytest.raises(ValueError, match=f"unknown explanation method '{name}'.*conservative-lrp"):
             explainer_record(name)
@@ -105,40 +122,48 @@ def test_the_command_line_defaults_are_the_analysis_defaults():
     settings = ExplainSettings(store="s.zarr", results="r.zarr")
     chosen = settings.explanation_settings(["random"], [3, 1])
     assert chosen == ExplanationSettings(methods=("random",), examples=(3, 1))
-    other = ExplainSettings(store="s.zarr", results="r.zarr", integrated_gradients_steps=5, seed=2, percents=(10,),
-                            minimality_rows=0, shard_size=3)
+    other = ExplainSettings(
+        store="s.zarr",
+        results="r.zarr",
+        integrated_gradients_steps=5,
+        seed=2,
+        percents=(10,),
+        minimality_rows=0,
+        shard_size=3,
+    )
     assert other.explanation_settings(["random"], [0]) == ExplanationSettings(
-        methods=("random",), examples=(0,), integrated_gradients_steps=5, seed=2, percents=(10,), minimality_rows=0,
-        shard_size=3)
+        methods=("random",),
+        examples=(0,),
+        integrated_gradients_steps=5,
+        seed=2,
+        percents=(10,),
+        minimality_rows=0,
+        shard_size=3,
+    )
 
 
 def test_a_registered_explainer_is_computed_stored_ranked_and_drawn(tmp_path, tiny_bert_folder):
     from analysis.explanation_figures import explanation_section_html, faithfulness_curves_figure
     from flows.explain import recorded_explanation_settings
-    from storage_schemas.explanation_results import (
-        load_explanation_dataset,
-        mark_explanation_shard_completed,
-        open_explanation_results,
-    )
-    from tasks.explain import explain_and_write_shard, prepare_explanations, summarise_explanations
+    from storage_schemas.explanation_results import load_explanation_dataset
+    from tasks.explain import EXPLAIN_STAGE
+    from tasks.stages import StageRun, run_stage
     from tests.store_builders import build_real_store, write_corpus
 
-    store = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),
-                             variants=())
+    store = build_real_store(
+        str(tmp_path / "store.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"), variants=()
+    )
     results = str(tmp_path / "results.zarr")
     methods = ("first-tokens", "leave-one-out", "random")
     with pytest.raises(ValidationError, match="unknown explanation method 'first-tokens'"):
         ExplainSettings(store=store, results=results, methods=methods)  # refused when the command line is parsed
     with registered_explainer(DUMMY):
         assert "first-tokens" in default_methods([])
-        settings = ExplainSettings(store=store, results=results, methods=methods, examples=3, shard_size=2,
-                                   minimality_rows=0)
+        settings = ExplainSettings(
+            store=store, results=results, methods=methods, examples=3, shard_size=2, minimality_rows=0
+        )
         recorded = recorded_explanation_settings(settings)
-        for shard in prepare_explanations(store, results, recorded):  # as the flow runs them, in process
-            inputs = explain_and_write_shard(store, results, shard, recorded, None, "cpu", 64)
-            group = open_explanation_results(results, mode="r+")
-            mark_explanation_shard_completed(group, shard, inputs)
-        summarise_explanations(store, results)
+        run_stage(EXPLAIN_STAGE, StageRun(store=store, results=results, plan=recorded))  # as the flow, in process
         dataset = load_explanation_dataset(results)
         # computed and stored: its scores on the removable tokens, its kind in the results
         methods_stored = dataset["explainer"].values.tolist()
@@ -158,7 +183,8 @@ def test_a_registered_explainer_is_computed_stored_ranked_and_drawn(tmp_path, ti
         ranking = {entry["method"]: entry for entry in dataset.attrs["ranking"]}
         assert set(ranking) == set(methods) and ranking["first-tokens"]["n"] == 3
         assert ranking["first-tokens"]["comprehensiveness"]["mean"] == pytest.approx(
-            float(dataset["aopc"].sel(explainer="first-tokens", metric="comprehensiveness").mean()))
+            float(dataset["aopc"].sel(explainer="first-tokens", metric="comprehensiveness").mean())
+        )
         # drawn: its line in its record's style, its row and description in the section
         figure = faithfulness_curves_figure(dataset)
         line = next(line for line in figure.axes[0].lines if line.get_label() == "first-tokens")

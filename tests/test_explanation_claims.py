@@ -15,8 +15,14 @@ from analysis.explanation_claims import (
     faithfulness_comparisons,
 )
 
-METHODS = ["attention:last-layer", "simplex:last-layer", "effective:last-layer", "attention-norm:last-layer",
-           "simplex-norm:last-layer", "leave-one-out"]
+METHODS = [
+    "attention:last-layer",
+    "simplex:last-layer",
+    "effective:last-layer",
+    "attention-norm:last-layer",
+    "simplex-norm:last-layer",
+    "leave-one-out",
+]
 METRICS = ["comprehensiveness", "sufficiency"]
 NONE = -np.ones((40, 2))
 
@@ -38,7 +44,7 @@ def mask_of_testable(examples: int = 40, testable_examples: int | None = None) -
     testable = -np.ones((len(METHODS), examples), dtype=np.int8)
     for row in (1, 2, 4):
         testable[row] = 0
-        testable[row, :examples if testable_examples is None else testable_examples] = 1
+        testable[row, : examples if testable_examples is None else testable_examples] = 1
     return testable
 
 
@@ -58,8 +64,8 @@ def test_faithfulness_claims_follow_the_paired_differences():
     verdicts = {row["claim"]: row["verdict"] for row in rows}
     assert verdicts == {
         "efficient attention (simplex) explains at least as faithfully as raw attention (last-layer)": "holds",
-        "efficient attention (effective) explains at least as faithfully as raw attention (last-layer)":
-            "does not hold",
+        "efficient attention (effective) explains at least as faithfully as raw attention "
+        "(last-layer)": "does not hold",
         "norm-based efficient attention (simplex) explains at least as faithfully as norm-based attention "
         "(last-layer)": "holds",
     }  # no minimality row: nothing was measured
@@ -78,7 +84,8 @@ def test_only_examples_where_e_differs_from_a_decide_and_too_few_are_not_testabl
     few = claims_of(aopc, mask_of_testable(testable_examples=MIN_TESTABLE_EXAMPLES - 1))
     assert {row["verdict"] for row in few} == {
         f"not testable (n = {MIN_TESTABLE_EXAMPLES - 1} examples where E differs from A, "
-        f"{MIN_TESTABLE_EXAMPLES} needed)"}
+        f"{MIN_TESTABLE_EXAMPLES} needed)"
+    }
     # a store of short texts: E = A everywhere, nothing is decided, and nothing "holds"
     none = claims_of(aopc, mask_of_testable(testable_examples=0))
     assert all(row["verdict"].startswith("not testable (n = 0") for row in none)
@@ -87,8 +94,11 @@ def test_only_examples_where_e_differs_from_a_decide_and_too_few_are_not_testabl
 def test_comparisons_answer_with_the_interval():
     comparisons = faithfulness_comparisons(METHODS, METRICS, aopc_with(0.0, -0.1), mask_of_testable())
     answers = {item["method"]: item["answer"] for item in comparisons}
-    assert answers == {"simplex:last-layer": "no difference detected", "effective:last-layer": "less faithful",
-                       "simplex-norm:last-layer": "more faithful"}
+    assert answers == {
+        "simplex:last-layer": "no difference detected",
+        "effective:last-layer": "less faithful",
+        "simplex-norm:last-layer": "more faithful",
+    }
     norm = next(item for item in comparisons if item["method"] == "simplex-norm:last-layer")
     assert norm["baseline"] == "norm-based attention" and norm["twin"] == "attention-norm:last-layer"
     assert norm["low"] > 0.04 and norm["high"] < 0.06 and norm["n"] == 40
@@ -98,8 +108,9 @@ def test_ranking_orders_by_comprehensiveness_and_splits_by_length():
     aopc = aopc_with(0.0, -0.1)
     taus = np.zeros((len(METHODS), 1, 40))
     length = np.where(np.arange(40) < 10, 20, 50)
-    ranking = explainer_ranking(METHODS, METRICS, ["leave-one-out"], aopc, taus, mask_of_testable(testable_examples=30),
-                                length, head_dim=32)
+    ranking = explainer_ranking(
+        METHODS, METRICS, ["leave-one-out"], aopc, taus, mask_of_testable(testable_examples=30), length, head_dim=32
+    )
     assert ranking[0]["method"] == "simplex-norm:last-layer"
     effective = next(entry for entry in ranking if entry["method"] == "effective:last-layer")
     assert effective["n"] == 30 and effective["by_length"]["L > 32"]["n"] == 20

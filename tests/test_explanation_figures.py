@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from analysis.explanation_claims import explainer_ranking, faithfulness_comparisons
 from analysis.explanation_figures import (
     FIGURE_NAME,
     explanation_section_html,
@@ -12,7 +13,6 @@ from analysis.explanation_figures import (
     mean_curves,
     ranking_table_rows,
 )
-from analysis.explanation_claims import explainer_ranking, faithfulness_comparisons
 from storage_schemas.explanation_results import (
     create_explanation_results,
     load_explanation_dataset,
@@ -28,10 +28,16 @@ def dataset(tmp_path):
 
     url = str(tmp_path / "results.zarr")
     group = create_explanation_results(
-        url, [explainer_record(name).stored() for name in METHODS],
-        ["comprehensiveness", "sufficiency"], [1, 5, 10, 20, 50], ["leave-one-out", "integrated-gradients"],
-        {"store_example": np.arange(3), "length": np.full(3, 8), "label": np.zeros(3)}, layers=2, positions=8,
-        shard_size=3, attributes={"settings": {}},
+        url,
+        [explainer_record(name).stored() for name in METHODS],
+        ["comprehensiveness", "sufficiency"],
+        [1, 5, 10, 20, 50],
+        ["leave-one-out", "integrated-gradients"],
+        {"store_example": np.arange(3), "length": np.full(3, 8), "label": np.zeros(3)},
+        layers=2,
+        positions=8,
+        shard_size=3,
+        attributes={"settings": {}},
     )
     faithfulness = np.arange(4 * 2 * 5 * 3, dtype=np.float64).reshape(4, 2, 5, 3) / 100
     faithfulness[3, :, :, 0] = np.nan  # one unmeasured example is ignored in the means
@@ -42,15 +48,33 @@ def dataset(tmp_path):
     group["kendall_tau"][...] = tau
     testable = np.array([[-1, -1, -1], [1, 1, 0], [-1, -1, -1], [-1, -1, -1]])  # simplex = A on example 2
     group["testable"][...] = testable
-    write_explanation_aggregates(group, {"mean_aopc": np.zeros((4, 2)), "mean_kendall_tau": np.zeros((4, 2)),
-                                         "minimal_share": np.array([0.25, np.nan])})
+    write_explanation_aggregates(
+        group,
+        {
+            "mean_aopc": np.zeros((4, 2)),
+            "mean_kendall_tau": np.zeros((4, 2)),
+            "minimal_share": np.array([0.25, np.nan]),
+        },
+    )
     metrics, references = ["comprehensiveness", "sufficiency"], ["leave-one-out", "integrated-gradients"]
     aopc = faithfulness.mean(2)
     ranking = explainer_ranking(METHODS, metrics, references, aopc, tau, testable, np.full(3, 8), head_dim=4)
     ranking[0]["comprehensiveness"]["mean"] = 12.3456  # a value only the stored attribute holds
-    group.attrs.update({"ranking": ranking, "comparisons": faithfulness_comparisons(METHODS, metrics, aopc, testable),
-                        "settings": {"draw": {"drawn": 3, "testable": 7, "not_testable": 5, "asked": 3,
-                                              "rule": "examples where simplex differs from A"}}})
+    group.attrs.update(
+        {
+            "ranking": ranking,
+            "comparisons": faithfulness_comparisons(METHODS, metrics, aopc, testable),
+            "settings": {
+                "draw": {
+                    "drawn": 3,
+                    "testable": 7,
+                    "not_testable": 5,
+                    "asked": 3,
+                    "rule": "examples where simplex differs from A",
+                }
+            },
+        }
+    )
     return load_explanation_dataset(url)
 
 

@@ -27,18 +27,27 @@ from storage_schemas.explanation_results import (
     write_explanation_shard,
 )
 
-METHODS = [{"name": "attention:rollout", "kind": "matrices", "source": "attention", "aggregation": "rollout"},
-           {"name": "effective:rollout", "kind": "matrices", "source": "effective", "aggregation": "rollout"},
-           {"name": "random", "kind": "random", "source": "", "aggregation": ""}]
+METHODS = [
+    {"name": "attention:rollout", "kind": "matrices", "source": "attention", "aggregation": "rollout"},
+    {"name": "effective:rollout", "kind": "matrices", "source": "effective", "aggregation": "rollout"},
+    {"name": "random", "kind": "random", "source": "", "aggregation": ""},
+]
 SIZES = {"explainer": 3, "metric": 2, "k": 3, "reference": 2, "position": 6, "layer": 2}
 SETTINGS = {"seed": 0, "methods": ["a"]}
 
 
 def make(url, examples: int = 5, shard_size: int = 2):
     return create_explanation_results(
-        url, METHODS, ["comprehensiveness", "sufficiency"], [1, 10, 50], ["leave-one-out", "integrated-gradients"],
+        url,
+        METHODS,
+        ["comprehensiveness", "sufficiency"],
+        [1, 10, 50],
+        ["leave-one-out", "integrated-gradients"],
         {"store_example": np.arange(examples) * 3, "length": np.full(examples, 6), "label": np.zeros(examples)},
-        layers=2, positions=6, shard_size=shard_size, attributes={"settings": SETTINGS},
+        layers=2,
+        positions=6,
+        shard_size=shard_size,
+        attributes={"settings": SETTINGS},
     )
 
 
@@ -46,14 +55,29 @@ def store_with_effective(url: str) -> zarr.Group:
     """An attention store of 16 examples in shards of 4 (no data needed), extraction and efficient/effective done.
     The results of `make` explain its examples 0, 3 (store shard 0) | 6, 9 (store shards 1 and 2) | 12 (shard 3)."""
     from storage_schemas.attention_store import (
-        AttentionStoreLayout, create_attention_store, mark_prepared, mark_shard_completed, open_attention_store,
+        AttentionStoreLayout,
+        create_attention_store,
+        mark_prepared,
+        mark_shard_completed,
+        open_attention_store,
     )
     from storage_schemas.efficient_store import mark_efficient_shard_completed, prepare_efficient_arrays
 
-    layout = AttentionStoreLayout(n_examples=16, max_length=6, n_classes=2, layers=2, heads=4, kv_heads=2,
-                                  head_dim=3, hidden=8, shard_size=4, dtype="float32")
-    mark_prepared(create_attention_store(url, layout, {"model": {"causal": False, "name": "tiny"},
-                                                       "corpus": {"name": "reviews"}}))
+    layout = AttentionStoreLayout(
+        n_examples=16,
+        max_length=6,
+        n_classes=2,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=3,
+        hidden=8,
+        shard_size=4,
+        dtype="float32",
+    )
+    mark_prepared(
+        create_attention_store(url, layout, {"model": {"causal": False, "name": "tiny"}, "corpus": {"name": "reviews"}})
+    )
     group = open_attention_store(url, mode="r+")
     prepare_efficient_arrays(group, url, "effective", {"simplex_max_iterations": 1, "simplex_tolerance": 1.0})
     for shard in range(4):
@@ -73,8 +97,9 @@ def completed_results(tmp_path, store: zarr.Group) -> zarr.Group:
 
 def shard_arrays(count: int, value: float) -> dict[str, np.ndarray]:
     sizes = {**SIZES, "example": count}
-    return {name: np.full(tuple(sizes[dim] for dim in dims), value) for name, (dims, _, _, _) in
-            PER_EXAMPLE_ARRAYS.items()}
+    return {
+        name: np.full(tuple(sizes[dim] for dim in dims), value) for name, (dims, _, _, _) in PER_EXAMPLE_ARRAYS.items()
+    }
 
 
 def test_created_results_open_with_xarray_with_named_dims(tmp_path):
@@ -114,14 +139,17 @@ def test_shards_are_written_whole_and_recorded(tmp_path):
 def test_aggregates_are_written_with_their_dims(tmp_path):
     url = str(tmp_path / "results.zarr")
     group = make(url)
-    write_explanation_aggregates(group, {"mean_aopc": np.ones((3, 2)), "mean_kendall_tau": np.zeros((3, 2)),
-                                         "minimal_share": np.array([0.5, np.nan])})
+    write_explanation_aggregates(
+        group,
+        {"mean_aopc": np.ones((3, 2)), "mean_kendall_tau": np.zeros((3, 2)), "minimal_share": np.array([0.5, np.nan])},
+    )
     dataset = xr.open_zarr(url, consolidated=False)
     assert dataset["minimal_share"].dims == ("layer",)
     assert dataset["mean_kendall_tau"].dims == ("explainer", "reference")
     with pytest.raises(ValueError, match="minimal_share has shape"):
-        write_explanation_aggregates(group, {"mean_aopc": np.ones((3, 2)), "mean_kendall_tau": np.zeros((3, 2)),
-                                             "minimal_share": np.ones(3)})
+        write_explanation_aggregates(
+            group, {"mean_aopc": np.ones((3, 2)), "mean_kendall_tau": np.zeros((3, 2)), "minimal_share": np.ones(3)}
+        )
 
 
 def test_other_settings_existing_paths_and_foreign_datasets_are_refused(tmp_path):
@@ -152,8 +180,12 @@ def test_a_shard_counts_as_done_only_while_the_store_shards_of_its_examples_keep
     results = completed_results(tmp_path, store)
     url = str(tmp_path / "results.zarr")
     inputs = results.attrs["shard_inputs"]
-    assert sorted(inputs["1"]) == ["efficient/effective[1]", "efficient/effective[2]", "extraction[1]",
-                                   "extraction[2]"]  # its examples 6 and 9 lie in store shards 1 and 2
+    assert sorted(inputs["1"]) == [
+        "efficient/effective[1]",
+        "efficient/effective[2]",
+        "extraction[1]",
+        "extraction[2]",
+    ]  # its examples 6 and 9 lie in store shards 1 and 2
     assert inputs["1"]["extraction[2]"] == store.attrs["shard_identities"]["2"]
     assert inputs["1"]["efficient/effective[2]"] == store["efficient/effective"].attrs["shard_identities"]["2"]
     assert explanation_completed_shards(results, store) == [0, 1, 2]
@@ -227,9 +259,13 @@ def test_unfinished_or_stale_inputs_of_the_examples_are_refused_naming_shards_an
     require_explanation_inputs(store, url, [0, 3, 12], ["effective"])  # no example in the unfinished shards
     mark_shard_completed(store, 1)
     mark_shard_completed(store, 2)
-    with pytest.raises(IncompleteInputError, match=re.escape(
+    with pytest.raises(
+        IncompleteInputError,
+        match=re.escape(
             "efficient/effective shards [1, 2] (examples 4 to 11) are not computed (computed from extraction shards "
             f"that were written again since, or are not complete): run `effattn efficient --store {url} --variants "
-            "effective`; then run `effattn explain` again")):
+            "effective`; then run `effattn explain` again"
+        ),
+    ):
         require_explanation_inputs(store, url, examples, ["effective"])
     require_explanation_inputs(store, url, examples, [])  # attention alone needs only the extraction

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.architectures import adapter_for
-from analysis.explainers import ExplanationSettings
 from analysis.aggregations import aggregation_layers, attention_rollout, matrix_attributions
+from analysis.architectures import adapter_for
 from analysis.example_explanation import explain_example
+from analysis.explainers import ExplanationSettings
 from analysis.explanations import (
     draw_examples,
     efficient_differences,
@@ -64,9 +64,18 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def one_token_model(tokenizer) -> LoadedModel:
-    return LoadedModel(name="one-token", source="test", adapter=adapter_for("bert"), causal=False,
-                       sliding_windows=(None,), model=OneTokenModel().eval(), tokenizer=tokenizer,
-                       shape=ModelShape(1, 1, 1, 1, 2), weights_digest="sha256:0", device="cpu")
+    return LoadedModel(
+        name="one-token",
+        source="test",
+        adapter=adapter_for("bert"),
+        causal=False,
+        sliding_windows=(None,),
+        model=OneTokenModel().eval(),
+        tokenizer=tokenizer,
+        shape=ModelShape(1, 1, 1, 1, 2),
+        weights_digest="sha256:0",
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +113,17 @@ def test_norm_based_attention_equals_a_direct_loop_and_chunks_change_nothing():
     for chunk_rows in (1, 4, 64):
         chunked = norm_matrix(weights[1], value[1], w_out[1], chunk_rows=chunk_rows)
         np.testing.assert_allclose(chunked, direct[1], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(norm_matrix(weights[0], value[0], w_out[0], rows=np.array([3])), direct[0][[3]],
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        norm_matrix(weights[0], value[0], w_out[0], rows=np.array([3])), direct[0][[3]], rtol=1e-10
+    )
     np.testing.assert_allclose(norm_attributions(weights, value, w_out, 2, "last-layer"), direct[1][2], rtol=1e-10)
-    np.testing.assert_allclose(norm_attributions(weights, value, w_out, 2, "all-layers"), direct[:, 2].mean(0),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        norm_attributions(weights, value, w_out, 2, "all-layers"), direct[:, 2].mean(0), rtol=1e-10
+    )
     normalised = direct / direct.sum(-1, keepdims=True)
-    np.testing.assert_allclose(norm_attributions(weights, value, w_out, 2, "rollout"),
-                               attention_rollout(normalised)[2], rtol=1e-10)
+    np.testing.assert_allclose(
+        norm_attributions(weights, value, w_out, 2, "rollout"), attention_rollout(normalised)[2], rtol=1e-10
+    )
 
 
 def test_efficient_differences_count_only_heads_with_a_null_space():
@@ -200,8 +212,9 @@ def test_leave_one_out_and_comprehensiveness_find_the_decisive_token_and_random_
         firsts.append(ranked_removable(scores, found.removable)[0] == position)
     assert 0 < np.mean(firsts) < 0.3
     seed = firsts.index(False)
-    other = explain_example(one_token_model, tokens, {}, ExplanationSettings(("random",), (0,), seed=seed),
-                            example_index=0, causal=False)
+    other = explain_example(
+        one_token_model, tokens, {}, ExplanationSettings(("random",), (0,), seed=seed), example_index=0, causal=False
+    )
     assert other.faithfulness["comprehensiveness"][0, 0] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -221,8 +234,9 @@ def test_comprehensiveness_at_100_percent_is_the_drop_to_the_empty_input_and_suf
     ids = torch.as_tensor(np.where(removable, tokenizer.mask_token_id, tokens))[None]
     with torch.inference_mode():
         full = torch.softmax(bert.model(input_ids=torch.as_tensor(tokens)[None]).logits.double(), -1)[0, target]
-        empty = torch.softmax(bert.model(input_ids=ids, attention_mask=torch.as_tensor(~removable).long()[None]
-                                         ).logits.double(), -1)[0, target]
+        empty = torch.softmax(
+            bert.model(input_ids=ids, attention_mask=torch.as_tensor(~removable).long()[None]).logits.double(), -1
+        )[0, target]
         masked_but_attended = torch.softmax(bert.model(input_ids=ids).logits.double(), -1)[0, target]
     assert abs(float(empty - masked_but_attended)) > 1e-6  # attention kept off the removed tokens matters
     np.testing.assert_allclose(measured["comprehensiveness"][:, 1], float(full - empty), atol=1e-6)
@@ -241,8 +255,9 @@ def test_integrated_gradients_are_complete_within_the_recorded_delta(bert, token
     embedding = bert.model.get_input_embeddings()
     ids = torch.as_tensor(tokens)[None]
     with torch.no_grad():
-        baseline = torch.where(torch.as_tensor(removable)[None, :, None],
-                               embedding(torch.full_like(ids, replacement)), embedding(ids))
+        baseline = torch.where(
+            torch.as_tensor(removable)[None, :, None], embedding(torch.full_like(ids, replacement)), embedding(ids)
+        )
         f_input = torch.softmax(bert.model(input_ids=ids).logits.double(), -1)[0, target].item()
         f_baseline = torch.softmax(bert.model(inputs_embeds=baseline).logits.double(), -1)[0, target].item()
     assert found.f_input == pytest.approx(f_input, abs=1e-6)
@@ -262,8 +277,9 @@ def test_a_method_without_scores_gets_no_faithfulness_and_settings_are_checked()
         calls.append(len(keep))
         return keep.sum(-1) / 4.0  # the probability grows with the tokens kept
 
-    measured = faithfulness(score, {"capped": np.full(4, np.nan), "ranked": np.array([0, 3.0, 2.0, 1.0])},
-                            removable, (1, 100))
+    measured = faithfulness(
+        score, {"capped": np.full(4, np.nan), "ranked": np.array([0, 3.0, 2.0, 1.0])}, removable, (1, 100)
+    )
     assert np.isnan(measured["comprehensiveness"][0]).all() and np.isnan(measured["sufficiency"][0]).all()
     np.testing.assert_allclose(measured["comprehensiveness"][1], [0.25, 0.75])
     # one call over the distinct masks: full, empty, and "ranked" at 1 % (at 100 % its masks are the empty and the

@@ -20,7 +20,6 @@ from analysis.models import load_model
 from flows.cli import main
 from flows.extract import extract
 from flows.settings import ExtractSettings
-from tests.conftest import write_reviews_csv
 from storage_schemas.attention_store import (
     AttentionStoreError,
     completed_shards,
@@ -28,9 +27,22 @@ from storage_schemas.attention_store import (
     read_texts,
     store_layout,
 )
+from tests.conftest import write_reviews_csv
 
-ARRAYS = ("tokens", "length", "untruncated_length", "source_index", "label", "text_bytes", "text_offsets", "logits",
-          "attention", "value", "w_out", "out_bias")
+ARRAYS = (
+    "tokens",
+    "length",
+    "untruncated_length",
+    "source_index",
+    "label",
+    "text_bytes",
+    "text_offsets",
+    "logits",
+    "attention",
+    "value",
+    "w_out",
+    "out_bias",
+)
 
 # 9 of the 10 rows of small_corpus_csv, shards of 4 (the last holds 1), batches of 3 (not aligned with shards),
 # truncated to 16 tokens (some texts are longer).
@@ -149,9 +161,7 @@ def test_extract_fills_the_store(tmp_path, tiny_bert_folder, small_corpus_csv):
     # Each head's slice of the output projection, and its bias.
     for layer_index, layer in enumerate(eager.bert.encoder.layer):
         dense = layer.attention.output.dense
-        np.testing.assert_array_equal(
-            group["w_out"][layer_index], dense.weight.detach().numpy().T.reshape(4, 8, 32)
-        )
+        np.testing.assert_array_equal(group["w_out"][layer_index], dense.weight.detach().numpy().T.reshape(4, 8, 32))
         np.testing.assert_array_equal(group["out_bias"][layer_index], dense.bias.detach().numpy())
 
 
@@ -242,8 +252,17 @@ def test_cli_refuses_a_folder_of_files_as_store(tmp_path, tiny_bert_folder, smal
     folder.mkdir()
     (folder / "notes.txt").write_text("precious")
     code = main(
-        ["extract", "--corpus", str(small_corpus_csv), "--model", str(tiny_bert_folder), "--store", str(folder),
-         "--limit", "2"]
+        [
+            "extract",
+            "--corpus",
+            str(small_corpus_csv),
+            "--model",
+            str(tiny_bert_folder),
+            "--store",
+            str(folder),
+            "--limit",
+            "2",
+        ]
     )
     assert code == 2
     assert (
@@ -257,8 +276,23 @@ def test_cli_refuses_a_folder_of_files_as_store(tmp_path, tiny_bert_folder, smal
 def test_cli_extract_then_inspect(tmp_path, tiny_bert_folder, small_corpus_csv, capsys):
     store = str(tmp_path / "store.zarr")
     code = main(
-        ["extract", "--corpus", str(small_corpus_csv), "--model", str(tiny_bert_folder), "--store", store,
-         "--limit", "5", "--shard-size", "2", "--max-length", "16", "--dtype", "float16"]
+        [
+            "extract",
+            "--corpus",
+            str(small_corpus_csv),
+            "--model",
+            str(tiny_bert_folder),
+            "--store",
+            store,
+            "--limit",
+            "5",
+            "--shard-size",
+            "2",
+            "--max-length",
+            "16",
+            "--dtype",
+            "float16",
+        ]
     )
     assert code == 0
     printed_by_extract = capsys.readouterr().out
@@ -267,13 +301,17 @@ def test_cli_extract_then_inspect(tmp_path, tiny_bert_folder, small_corpus_csv, 
     assert summary.strip() and summary.strip() in printed_by_extract  # extract ends by printing the summary
     lines = summary.splitlines()
     assert lines[0] == f"attention store {store}"
-    assert any(line.startswith(f"  model: {tiny_bert_folder} (BertForSequenceClassification, 2 layers x 4 heads")
-               for line in lines), summary
-    assert any(line.startswith(f"  corpus: {small_corpus_csv} (") and "5 of 10 examples stored" in line
-               for line in lines), summary
+    assert any(
+        line.startswith(f"  model: {tiny_bert_folder} (BertForSequenceClassification, 2 layers x 4 heads")
+        for line in lines
+    ), summary
+    assert any(
+        line.startswith(f"  corpus: {small_corpus_csv} (") and "5 of 10 examples stored" in line for line in lines
+    ), summary
     assert "  shards: 3 of 3 completed (2 examples each)" in lines
-    assert any(line.startswith("  attention ") and "float16" in line and "shards=(2, 2, 4, " in line
-               for line in lines), summary
+    assert any(
+        line.startswith("  attention ") and "float16" in line and "shards=(2, 2, 4, " in line for line in lines
+    ), summary
     assert open_attention_store(store)["attention"].dtype == np.float16
 
 
@@ -293,8 +331,9 @@ def test_cli_inspect_of_nothing(tmp_path, capsys):
 @pytest.mark.integration
 def test_minilm_on_rt_sentiment(tmp_path):
     url = str(tmp_path / "minilm.zarr")
-    extract(ExtractSettings(
-        corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0, train=False))
+    extract(
+        ExtractSettings(corpus="rt-sentiment", model="minilm", store=url, limit=16, batch_size=8, seed=0, train=False)
+    )
     group = open_attention_store(url)
     layout = store_layout(group)
     assert (layout.layers, layout.heads, layout.kv_heads, layout.head_dim, layout.hidden) == (6, 12, 12, 32, 384)
@@ -324,9 +363,17 @@ def test_minilm_on_rt_sentiment(tmp_path):
 def test_smollm2_next_token_logits_per_position(tmp_path):
     """The LM task: smollm2's top-k next-token logits stored at every real position of a few short texts."""
     url = str(tmp_path / "lm.zarr")
-    extract(ExtractSettings(
-        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model="smollm2", store=url, limit=3,
-        task="next-token", top_k=5, max_length=24))
+    extract(
+        ExtractSettings(
+            corpus=str(write_reviews_csv(tmp_path / "reviews.csv")),
+            model="smollm2",
+            store=url,
+            limit=3,
+            task="next-token",
+            top_k=5,
+            max_length=24,
+        )
+    )
     group = open_attention_store(url)
     assert group.attrs["extraction"]["task"] == "next-token"
     length = group["length"][:]
@@ -341,15 +388,16 @@ def test_smollm2_next_token_logits_per_position(tmp_path):
 
 def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     """A labelled corpus with a model that has no head: the flow trains one (cached) and extracts held-out rows."""
-    from analysis.splits import select_split
     from analysis.corpora import load_corpus
+    from analysis.splits import select_split
     from tests.conftest import save_model_folder, tiny_bert
 
     base = save_model_folder(tiny_bert().bert, tmp_path / "base")
     corpus = str(write_reviews_csv(tmp_path / "reviews.csv"))
     url = str(tmp_path / "trained.zarr")
-    extract(ExtractSettings(
-        corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
+    extract(
+        ExtractSettings(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4)
+    )
     group = open_attention_store(url)
     head = group.attrs["model"]["head"]
     assert head["trained"] is True and head["base_model"] == str(base)
@@ -359,8 +407,9 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     held_out = select_split(len(loaded), loaded.labels, "held_out", 0)
     assert sorted(group["source_index"][:].tolist()) == held_out.tolist()
     # the same call again: the cached head is found (no second training folder) and nothing is recomputed
-    extract(ExtractSettings(
-        corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4))
+    extract(
+        ExtractSettings(corpus=corpus, model=str(base), store=url, cache_root=str(tmp_path / "cache"), shard_size=4)
+    )
     assert len([p for p in (tmp_path / "cache" / "heads").iterdir() if not p.name.startswith(".")]) == 1
 
 
@@ -384,16 +433,33 @@ def test_a_selection_is_stored_resumed_and_a_different_one_refused(tmp_path, tin
     open_attention_store(url, mode="r+").attrs["completed_shards"] = [0, 2]
     extract(ExtractSettings(**arguments, layers="1", heads="1,2"))  # the same selection, spelt otherwise: resumed
     assert_same_arrays(snapshot(url)[0], first_arrays)
-    with pytest.raises(AttentionStoreError, match=re.escape(
+    with pytest.raises(
+        AttentionStoreError,
+        match=re.escape(
             "was written by a different run (selection.layers: store has [1], this run has [0, 1]; selection.heads: "
-            "store has [1, 2], this run has [0, 1, 2, 3])")):
+            "store has [1, 2], this run has [0, 1, 2, 3])"
+        ),
+    ):
         extract(ExtractSettings(**arguments))  # everything, into a store of one layer
 
 
 def test_cli_a_bad_selection_ends_in_one_line(tmp_path, tiny_bert_folder, small_corpus_csv, capsys):
     store = tmp_path / "store.zarr"
-    code = main(["extract", "--corpus", str(small_corpus_csv), "--model", str(tiny_bert_folder), "--store",
-                 str(store), "--limit", "2", "--layers", "0,5"])
+    code = main(
+        [
+            "extract",
+            "--corpus",
+            str(small_corpus_csv),
+            "--model",
+            str(tiny_bert_folder),
+            "--store",
+            str(store),
+            "--limit",
+            "2",
+            "--layers",
+            "0,5",
+        ]
+    )
     assert code == 2
     lines = [line for line in error_lines(capsys) if line.startswith("effattn extract: error: ")]
     assert lines == ["effattn extract: error: --layers '0,5': index 5 is out of range; the model has 2 layers (0..1)"]

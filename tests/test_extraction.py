@@ -135,14 +135,28 @@ def test_output_projection_is_rebuilt_from_stored_arrays(loaded, plan, tmp_path)
     """The decisive check: sum_h A_h V_h W_O^h + b_O from the store equals the model's own projected output."""
     shape = loaded.shape
     layout = AttentionStoreLayout(
-        n_examples=len(plan.length), max_length=plan.max_length, n_classes=2, layers=shape.layers,
-        heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, hidden=shape.hidden,
-        shard_size=len(plan.length), dtype="float32",
+        n_examples=len(plan.length),
+        max_length=plan.max_length,
+        n_classes=2,
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        hidden=shape.hidden,
+        shard_size=len(plan.length),
+        dtype="float32",
     )
     url = str(tmp_path / "store.zarr")
     group = create_attention_store(url, layout, {"model": {"name": loaded.name}})
-    write_example_metadata(group, plan.tokens, plan.length, plan.untruncated_length, plan.source_index,
-                           np.full(len(plan.length), -1), np.array([TEXTS[i] for i in plan.source_index]))
+    write_example_metadata(
+        group,
+        plan.tokens,
+        plan.length,
+        plan.untruncated_length,
+        plan.source_index,
+        np.full(len(plan.length), -1),
+        np.array([TEXTS[i] for i in plan.source_index]),
+    )
     group["w_out"][:], group["out_bias"][:] = output_projection_slices(loaded.model, loaded.adapter)
     mark_prepared(group)
 
@@ -189,8 +203,16 @@ def test_next_token_keeps_the_top_logits_at_every_real_position():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, max_position_embeddings=512, num_key_value_heads=2, pad_token_id=0,
-                         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = LlamaConfig(
+        vocab_size=30522,
+        max_position_embeddings=512,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
     loaded = wrap_model(LlamaForCausalLM(config).eval(), bundled_tokenizer(), "tiny-lm", task="next-token")
     plan = plan_extraction(TEXTS, loaded.tokenizer, max_length=64)
     captured = capture_examples(loaded, plan.tokens, plan.length, batch_size=5, top_k=4)
@@ -259,8 +281,10 @@ def test_a_store_of_the_same_weights_with_another_tokenizer_is_refused(tmp_path,
     stored = open_attention_store(url).attrs["tokenizer"]["vocab_size"]
     replacement = len(AutoTokenizer.from_pretrained(other))
     assert stored == 30522 and replacement < stored
-    message = (f"{url} was written by a different run (tokenizer.vocab_size: store has {stored}, this run has "
-               f"{replacement}): use another --store, or delete {url} to start over")
+    message = (
+        f"{url} was written by a different run (tokenizer.vocab_size: store has {stored}, this run has "
+        f"{replacement}): use another --store, or delete {url} to start over"
+    )
     with pytest.raises(AttentionStoreError, match=re.escape(message)):
         prepare_store.fn(url, str(corpus), str(other), 24, None, "float32", "cpu", None, None, 4, 0)
 
@@ -286,8 +310,9 @@ def test_extraction_resuming_into_a_v1_store_keeps_its_v1_layout(tmp_path, tiny_
     group = open_attention_store(v1, mode="r+")
     unmark_shards(group, [1, 2])
     group["attention"][4:] = 0  # what an unfinished extraction leaves: nothing of those shards
-    todo, num_labels = prepare_store.fn(v1, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None,
-                                        None, 4, 0)
+    todo, num_labels = prepare_store.fn(
+        v1, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None, None, 4, 0
+    )
     assert todo == [1, 2]
     for shard in todo:
         captured = capture_shard.fn(v1, shard, str(tiny_bert_folder), num_labels, "cpu", 0, 4)
@@ -307,8 +332,9 @@ def test_capture_keeps_only_the_selected_layers_heads_and_kv_heads(plan):
     """The tiny Llama has 3 layers here and 4 query heads over 2 kv heads: heads 2, 3 read kv head 1 only."""
     loaded = wrap_model(tiny_llama(layers=3), bundled_tokenizer(), name="tiny-llama-3")
     everything = capture_examples(loaded, plan.tokens, plan.length, batch_size=2)
-    chosen = capture_examples(loaded, plan.tokens, plan.length, batch_size=2, layers=(0, 2), heads=(2, 3),
-                              kv_heads=(1,))
+    chosen = capture_examples(
+        loaded, plan.tokens, plan.length, batch_size=2, layers=(0, 2), heads=(2, 3), kv_heads=(1,)
+    )
     assert chosen.attention.shape == (len(TEXTS), 2, 2, plan.max_length, plan.max_length)
     assert chosen.value.shape == (len(TEXTS), 2, 1, plan.max_length, 8)
     np.testing.assert_array_equal(chosen.attention, everything.attention[:, [0, 2]][:, :, [2, 3]])

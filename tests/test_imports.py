@@ -30,8 +30,9 @@ def first_party_modules(root: Path = ROOT) -> dict[str, Path]:
 
 def _is_type_checking_block(node: ast.AST) -> bool:
     test = node.test if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST):
@@ -149,7 +150,8 @@ def test_the_first_party_modules_import_each_other_without_a_circle():
     assert "storage_schemas.results_dataset" in graph and "effattn" in graph  # the walk found the modules
     cycles = import_cycles(graph)
     assert not cycles, "import circles (module -> module it imports):\n" + "\n".join(
-        " -> ".join(cycle) for cycle in cycles)
+        " -> ".join(cycle) for cycle in cycles
+    )
 
 
 def test_the_storage_errors_live_in_a_leaf_module():
@@ -162,9 +164,11 @@ def test_imports_inside_functions_and_every_import_form_are_seen(tmp_path):
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "analysis" / "__init__.py").write_text("")
-    (tmp_path / "analysis" / "a.py").write_text("from typing import TYPE_CHECKING\nimport numpy\n"
-                                               "if TYPE_CHECKING:\n    from analysis import c\n"
-                                               "def f():\n    from analysis.b import g\n")
+    (tmp_path / "analysis" / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nimport numpy\n"
+        "if TYPE_CHECKING:\n    from analysis import c\n"
+        "def f():\n    from analysis.b import g\n"
+    )
     (tmp_path / "analysis" / "b.py").write_text("from . import c\n")
     (tmp_path / "analysis" / "c.py").write_text("import analysis.a\n")
     (tmp_path / "effattn.py").write_text("from analysis import a\nfrom storage_schemas import missing\n")
@@ -175,10 +179,13 @@ def test_imports_inside_functions_and_every_import_form_are_seen(tmp_path):
     assert import_cycles(graph) == [["analysis.a", "analysis.b", "analysis.c", "analysis.a"]]
 
 
-@pytest.mark.parametrize(("graph", "expected"), [
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
-    ({"a": {"b"}, "b": {"a"}, "c": {"a"}}, [["a", "b", "a"]]),
-    ({"a": {"b"}, "b": {"c", "a"}, "c": {"a"}, "d": {"e"}, "e": {"d"}}, [["a", "b", "a"], ["d", "e", "d"]]),
-])
+@pytest.mark.parametrize(
+    ("graph", "expected"),
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+        ({"a": {"b"}, "b": {"a"}, "c": {"a"}}, [["a", "b", "a"]]),
+        ({"a": {"b"}, "b": {"c", "a"}, "c": {"a"}, "d": {"e"}, "e": {"d"}}, [["a", "b", "a"], ["d", "e", "d"]]),
+    ],
+)
 def test_every_circle_is_found_and_named(graph, expected):
     assert import_cycles(graph) == expected

@@ -23,8 +23,16 @@ from storage_schemas.inspection import describe_attention_store, size_on_disk
 
 # 5 examples in shards of 3: two shards, of which only the first is written.
 LAYOUT = AttentionStoreLayout(
-    n_examples=5, max_length=6, n_classes=3, layers=2, heads=4, kv_heads=2, head_dim=3, hidden=5,
-    shard_size=3, dtype="float16",
+    n_examples=5,
+    max_length=6,
+    n_classes=3,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=3,
+    hidden=5,
+    shard_size=3,
+    dtype="float16",
 )
 
 ATTRIBUTES = {
@@ -90,9 +98,7 @@ def make_store(url: str, schema_version: int = 2) -> str:
 
 
 def _files_size(folder: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
-    )
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
 
 
 def test_size_on_disk_is_the_sum_of_file_sizes(store):
@@ -140,8 +146,14 @@ def test_describe_says_which_layers_and_heads_a_store_holds(store):
 
     group = zarr.open_group(store, mode="r+")
     # the fixture's 2 stored layers x 4 heads x 2 kv heads are model layers 1, 3 of 4 and heads 0-3 of 8 (4 kv)
-    group.attrs["selection"] = {"layers": [1, 3], "heads": [0, 1, 2, 3], "kv_heads": [0, 1], "model_layers": 4,
-                                "model_heads": 8, "model_kv_heads": 4}
+    group.attrs["selection"] = {
+        "layers": [1, 3],
+        "heads": [0, 1, 2, 3],
+        "kv_heads": [0, 1],
+        "model_layers": 4,
+        "model_heads": 8,
+        "model_kv_heads": 4,
+    }
     assert "  captured: 2 of 4 layers (1, 3), 4 of 8 heads (0, 1, 2, 3)" in describe_attention_store(store).splitlines()
 
 
@@ -150,12 +162,21 @@ def test_describe_names_the_architecture_record_of_newer_stores(store):
     store (as written before the records) has no such line."""
     assert not any(line.strip().startswith("type ") for line in describe_attention_store(store).splitlines())
     group = zarr.open_group(store, mode="r+")
-    group.attrs["model"] = {**ATTRIBUTES["model"], "model_type": "mistral", "adapter": "llama-decoder",
-                            "sliding_windows": [4, None]}
+    group.attrs["model"] = {
+        **ATTRIBUTES["model"],
+        "model_type": "mistral",
+        "adapter": "llama-decoder",
+        "sliding_windows": [4, None],
+    }
     assert "         type mistral, adapter llama-decoder, sliding window per layer [4, None]" in (
-        describe_attention_store(store).splitlines())
-    group.attrs["model"] = {**ATTRIBUTES["model"], "model_type": "llama", "adapter": "llama-decoder",
-                            "sliding_windows": [None, None]}
+        describe_attention_store(store).splitlines()
+    )
+    group.attrs["model"] = {
+        **ATTRIBUTES["model"],
+        "model_type": "llama",
+        "adapter": "llama-decoder",
+        "sliding_windows": [None, None],
+    }
     assert "         type llama, adapter llama-decoder" in describe_attention_store(store).splitlines()
 
 
@@ -163,8 +184,20 @@ def test_describe_lists_every_array_with_dims_dtype_chunks_and_shards(store):
     lines = describe_attention_store(store).splitlines()
     arrays = lines[lines.index("  arrays:") + 1 :]
     assert [line.split()[0] for line in arrays] == sorted(
-        ["tokens", "length", "untruncated_length", "source_index", "label", "text_bytes", "text_offsets", "logits",
-         "attention", "value", "w_out", "out_bias"]
+        [
+            "tokens",
+            "length",
+            "untruncated_length",
+            "source_index",
+            "label",
+            "text_bytes",
+            "text_offsets",
+            "logits",
+            "attention",
+            "value",
+            "w_out",
+            "out_bias",
+        ]
     )
     by_name = {line.split()[0]: line for line in arrays}
     assert by_name["attention"] == (
@@ -217,6 +250,6 @@ def test_describe_a_v1_store_names_its_version_text_array_and_chunks(tmp_path):
     url = make_store(str(tmp_path / "v1.zarr"), schema_version=1)
     lines = describe_attention_store(url).splitlines()
     assert "  schema: effattn.attention_store v1, created 2026-01-02T03:04:05+00:00" in lines
-    by_name = {line.split()[0]: line for line in lines[lines.index("  arrays:") + 1:]}
+    by_name = {line.split()[0]: line for line in lines[lines.index("  arrays:") + 1 :]}
     assert "text_bytes" not in by_name and by_name["text"].startswith("  text                 (example=5) ")
     assert by_name["attention"].endswith("chunks=(1, 1, 4, 6, 6) shards=(3, 2, 4, 6, 6)")

@@ -37,9 +37,11 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def test_the_line_and_the_exit_status_of_an_interruption():
     assert interruption_message(Interruption("extract", signal.SIGINT)) == (
-        "effattn extract: interrupted by SIGINT: completed shards are kept; run the same command again to finish")
+        "effattn extract: interrupted by SIGINT: completed shards are kept; run the same command again to finish"
+    )
     assert interruption_message(Interruption("report", signal.SIGTERM)) == (
-        "effattn report: interrupted by SIGTERM: run the same command again to start over")
+        "effattn report: interrupted by SIGTERM: run the same command again to start over"
+    )
     assert interruption_message(Interruption("", signal.SIGINT)).startswith("effattn: interrupted by SIGINT")
     assert Interruption("run", signal.SIGINT).exit_status == 130
     assert Interruption("run", signal.SIGTERM).exit_status == 143
@@ -90,8 +92,12 @@ sys.exit(main())
 def run_script_until_signal(tmp_path: Path, signal_number: int, shutdown_seconds: float, behaviour: str):
     marker = tmp_path / "marker"
     process = subprocess.Popen(
-        [sys.executable, "-c", CLEANUP_SCRIPT, str(marker), str(shutdown_seconds), behaviour], cwd=REPOSITORY,
-        env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", CLEANUP_SCRIPT, str(marker), str(shutdown_seconds), behaviour],
+        cwd=REPOSITORY,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert process.stdout.readline() == "ready\n"
@@ -110,7 +116,8 @@ def test_a_signal_unwinds_the_command_once_and_a_second_one_does_not_break_the_c
     assert returncode == 128 + signal_number
     name = signal.Signals(signal_number).name
     assert stderr.splitlines() == [
-        f"effattn extract: interrupted by {name}: completed shards are kept; run the same command again to finish"]
+        f"effattn extract: interrupted by {name}: completed shards are kept; run the same command again to finish"
+    ]
     assert marker.read_text() == "cleaned up"
 
 
@@ -142,9 +149,14 @@ sys.exit(cli.main(["inspect", "no-store.zarr"]))
 def test_an_error_raised_by_the_interruption_is_reported_as_the_interruption(tmp_path):
     """An interruption that the stage's machinery turns into another error (one the CLI would otherwise print as
     `error: ...` with status 2) still ends as the interruption: its one line and status 130."""
-    process = subprocess.Popen([sys.executable, "-c", TURNED_INTERRUPT_SCRIPT], cwd=REPOSITORY,
-                               env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", TURNED_INTERRUPT_SCRIPT],
+        cwd=REPOSITORY,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline() == "ready\n"
         process.send_signal(signal.SIGINT)
@@ -153,8 +165,7 @@ def test_an_error_raised_by_the_interruption_is_reported_as_the_interruption(tmp
         process.kill()
         process.wait()
     assert process.returncode == 130
-    assert stderr.splitlines() == [
-        "effattn inspect: interrupted by SIGINT: run the same command again to start over"]
+    assert stderr.splitlines() == ["effattn inspect: interrupted by SIGINT: run the same command again to start over"]
 
 
 PREFECT_SIGTERM_SCRIPT = """
@@ -181,13 +192,19 @@ sys.exit(main())
 def test_a_sigterm_that_prefects_handler_receives_and_a_task_engine_turns_into_an_error_is_the_interruption():
     """While Prefect's SIGTERM handler is installed ours does not see the signal; the one that replaces Prefect's
     records it, so the TerminationSignal turned into a ValueError ends as the interruption, status 143."""
-    process = subprocess.run([sys.executable, "-c", PREFECT_SIGTERM_SCRIPT], cwd=REPOSITORY,
-                             env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, capture_output=True, text=True,
-                             timeout=120)
+    process = subprocess.run(
+        [sys.executable, "-c", PREFECT_SIGTERM_SCRIPT],
+        cwd=REPOSITORY,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert process.stdout.splitlines() == ["TerminationSignal"]  # Prefect's handler raised, not ours
     assert process.returncode == 143, process.stderr
     assert process.stderr.splitlines()[-1] == (
-        "effattn extract: interrupted by SIGTERM: completed shards are kept; run the same command again to finish")
+        "effattn extract: interrupted by SIGTERM: completed shards are kept; run the same command again to finish"
+    )
 
 
 # --- real runs ---
@@ -216,8 +233,20 @@ def own_server(workspace, shared_server) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def extract_arguments(workspace, tiny_bert_folder) -> list[str]:
     corpus = write_corpus(workspace / "reviews.csv", copies=8)  # 80 texts in 40 shards
-    return ["extract", "--corpus", str(corpus), "--model", str(tiny_bert_folder), "--no-train",
-            "--shard-size", "2", "--batch-size", "1", "--max-length", "32"]
+    return [
+        "extract",
+        "--corpus",
+        str(corpus),
+        "--model",
+        str(tiny_bert_folder),
+        "--no-train",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--max-length",
+        "32",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +261,11 @@ def clean_extraction(workspace, shared_server, extract_arguments) -> tuple[str, 
 def clean_efficient(workspace, shared_server, clean_extraction) -> dict:
     store = str(workspace / "efficient-clean.zarr")
     shutil.copytree(clean_extraction[0], store)
-    done = crash_harness.run(["efficient", "--store", store, "--variants", "simplex", "--workers", "2"],
-                             shared_server, workspace / "efficient-clean")
+    done = crash_harness.run(
+        ["efficient", "--store", store, "--variants", "simplex", "--workers", "2"],
+        shared_server,
+        workspace / "efficient-clean",
+    )
     assert done.returncode == 0, done.stderr
     return content_digests(store)
 
@@ -250,7 +282,8 @@ def assert_stopped_cleanly(interrupted: crash_harness.Interrupted, command: str,
     assert interrupted.survivors == []  # Dask workers and the temporary server included
     lines = interrupted.stderr.splitlines()
     assert [line for line in lines if line.startswith("effattn")] == [
-        f"effattn {command}: interrupted by {name}: completed shards are kept; run the same command again to finish"]
+        f"effattn {command}: interrupted by {name}: completed shards are kept; run the same command again to finish"
+    ]
     assert lines[-1].startswith(f"effattn {command}: interrupted by {name}")  # the last line: nothing after it
     for noise in ("Error logging to API", "Traceback", "Crash detected", "did not stop within"):
         assert noise not in interrupted.stderr
@@ -258,11 +291,18 @@ def assert_stopped_cleanly(interrupted: crash_harness.Interrupted, command: str,
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_extraction_stops_in_seconds_and_the_same_command_completes_it(
-        workspace, own_server, shared_server, extract_arguments, clean_extraction, signal_number):
+    workspace, own_server, shared_server, extract_arguments, clean_extraction, signal_number
+):
     store = str(workspace / f"extract-{signal_number}.zarr")
     arguments = [*extract_arguments, "--store", store]
-    interrupted = crash_harness.interrupt_when(arguments, own_server, workspace / f"extract-{signal_number}",
-                                               lambda: crash_harness.extraction_progress(store), 1, signal_number)
+    interrupted = crash_harness.interrupt_when(
+        arguments,
+        own_server,
+        workspace / f"extract-{signal_number}",
+        lambda: crash_harness.extraction_progress(store),
+        1,
+        signal_number,
+    )
     assert_stopped_cleanly(interrupted, "extract", signal_number)
     assert not lock_file(store).exists()
     assert 1 <= crash_harness.extraction_progress(store) < 40
@@ -275,12 +315,19 @@ def test_an_interrupted_extraction_stops_in_seconds_and_the_same_command_complet
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_efficient_stage_stops_in_seconds_and_the_same_command_completes_it(
-        workspace, own_server, shared_server, clean_extraction, clean_efficient, signal_number):
+    workspace, own_server, shared_server, clean_extraction, clean_efficient, signal_number
+):
     store = str(workspace / f"efficient-{signal_number}.zarr")
     shutil.copytree(clean_extraction[0], store)
     arguments = ["efficient", "--store", store, "--variants", "simplex", "--workers", "2"]
-    interrupted = crash_harness.interrupt_when(arguments, own_server, workspace / f"efficient-{signal_number}",
-                                               lambda: crash_harness.efficient_progress(store), 1, signal_number)
+    interrupted = crash_harness.interrupt_when(
+        arguments,
+        own_server,
+        workspace / f"efficient-{signal_number}",
+        lambda: crash_harness.efficient_progress(store),
+        1,
+        signal_number,
+    )
     assert_stopped_cleanly(interrupted, "efficient", signal_number)
     assert not lock_file(store).exists()
     assert 1 <= crash_harness.efficient_progress(store) < 40

@@ -48,34 +48,42 @@ def blocks(matrices, attention, value, w_out, lengths):
         for layer in range(attention.shape[1]):
             for head in range(heads):
                 T = value[example, layer, head // group, :n].astype(np.float64) @ w_out[layer, head]
-                yield (matrices[example, layer, head, :n, :n].astype(np.float64),
-                       attention[example, layer, head, :n, :n].astype(np.float64), T)
+                yield (
+                    matrices[example, layer, head, :n, :n].astype(np.float64),
+                    attention[example, layer, head, :n, :n].astype(np.float64),
+                    T,
+                )
 
 
 def test_names_round_trip_and_bad_names_say_how_to_write_them():
     for intervention in default_interventions():
         assert Intervention.parse(intervention.name) == intervention
     assert [item.name for item in default_interventions(["stochastic"], (1, 2))] == [
-        "replay", "efficient:stochastic", "null:stochastic", "efficient+null-noise:stochastic",
-        "colspace-noise:stochastic", "uniform", "ablate",
+        "replay",
+        "efficient:stochastic",
+        "null:stochastic",
+        "efficient+null-noise:stochastic",
+        "colspace-noise:stochastic",
+        "uniform",
+        "ablate",
     ]  # no minimality without the effective variant
     bad_names = {
         "zero": "unknown intervention kind 'zero': choose from ['replay', 'efficient', 'null', "
-                "'efficient+null-noise', 'colspace-noise', 'uniform', 'ablate', 'minimality']",
+        "'efficient+null-noise', 'colspace-noise', 'uniform', 'ablate', 'minimality']",
         "null": "intervention 'null' needs a variant from ['effective', 'stochastic', 'simplex'], e.g. "
-                "'null:effective'",
+        "'null:effective'",
         "null:exact": "intervention 'null' needs a variant from ['effective', 'stochastic', 'simplex'], e.g. "
-                      "'null:effective'",
+        "'null:effective'",
         "ablate:effective": "intervention 'ablate' takes no variant, got 'effective'",
         "minimality:effective": "cannot read 'minimality:effective': write the minimality probe as "
-                                "minimality:effective:k=4",
+        "minimality:effective:k=4",
         "minimality:effective:k=x": "cannot read 'minimality:effective:k=x': write the minimality probe as "
-                                    "minimality:effective:k=4",
+        "minimality:effective:k=4",
         "minimality:stochastic:k=2": "the minimality probe truncates the effective projection: use "
-                                     "minimality:effective:k=K",
+        "minimality:effective:k=K",
         "minimality:effective:k=0": "minimality needs k >= 1 directions removed, got 0",
         "null:effective:extra": "cannot read intervention 'null:effective:extra': write KIND or KIND:VARIANT, e.g. "
-                                "null:effective",
+        "null:effective",
     }
     for name, message in bad_names.items():
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
@@ -97,34 +105,63 @@ def test_an_intervention_holds_its_kind_and_variant_records_and_writes_only_name
         assert again == intervention and again.name == intervention.name
         assert again.variant is (None if not intervention.kind.takes_variant else variant_record(again.variant_name))
         row = again.results_row()
-        assert row == {"name": intervention.name, "kind": intervention.kind.name, "variant": again.variant_name,
-                       "removed_directions": again.removed_directions}
+        assert row == {
+            "name": intervention.name,
+            "kind": intervention.kind.name,
+            "variant": again.variant_name,
+            "removed_directions": again.removed_directions,
+        }
         assert all(isinstance(value, (str, int)) for value in row.values())
-    assert Intervention.parse("ablate").results_row() == {"name": "ablate", "kind": "ablate", "variant": "",
-                                                        "removed_directions": 0}
+    assert Intervention.parse("ablate").results_row() == {
+        "name": "ablate",
+        "kind": "ablate",
+        "variant": "",
+        "removed_directions": 0,
+    }
     assert repr(Intervention("null", "stochastic")) == "Intervention.parse('null:stochastic')"
     reads = {item.name for item in default_interventions(["effective"], (1,)) if item.needs_efficient}
-    assert reads == {"efficient:effective", "null:effective", "efficient+null-noise:effective",
-                     "colspace-noise:effective"}
+    assert reads == {
+        "efficient:effective",
+        "null:effective",
+        "efficient+null-noise:effective",
+        "colspace-noise:effective",
+    }
 
 
 def test_a_registered_variant_gets_its_interventions():
     from analysis.variants import Variant, registered_variant
 
-    record = Variant(name="halfway", compute=lambda inputs, with_ones: None, projects_with_ones=True,
-                     keeps_output=False, keeps_row_sums=True, non_negative=True, cost="closed-form",
-                     description="test only", colour="#000000")
+    record = Variant(
+        name="halfway",
+        compute=lambda inputs, with_ones: None,
+        projects_with_ones=True,
+        keeps_output=False,
+        keeps_row_sums=True,
+        non_negative=True,
+        cost="closed-form",
+        description="test only",
+        colour="#000000",
+    )
     with registered_variant(record):
         assert Intervention.parse("efficient+null-noise:halfway").variant is record
-    with pytest.raises(ValueError, match=r"^intervention 'null' needs a variant from \['effective', 'stochastic', "
-                                         r"'simplex'\], e\.g\. 'null:effective'$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^intervention 'null' needs a variant from \['effective', 'stochastic', "
+        r"'simplex'\], e\.g\. 'null:effective'$",
+    ):
         Intervention.parse("null:halfway")  # unregistered again
 
 
 def test_default_scopes_of_the_interventions():
     chosen = default_interventions(["effective", "simplex"], (1,))
     assert [item.name for item in default_layer_interventions(chosen)] == [
-        "efficient:effective", "efficient:simplex", "null:effective", "null:simplex", "uniform", "ablate"]
+        "efficient:effective",
+        "efficient:simplex",
+        "null:effective",
+        "null:simplex",
+        "uniform",
+        "ablate",
+    ]
     assert [item.name for item in default_head_interventions(chosen)] == ["ablate"]
     no_ablate = parse_interventions(["efficient:effective", "null:simplex", "null:effective"])
     assert [item.name for item in default_head_interventions(no_ablate)] == ["null:simplex"]
@@ -136,9 +173,15 @@ def test_every_matrix_is_zero_outside_the_real_block_and_causal_ones_stay_lower_
     attention, value, w_out, lengths = random_inputs(causal)
     efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)
     for intervention in default_interventions(minimality_directions=(1, 2)):
-        matrices = intervention_matrices(intervention, attention, value, w_out, lengths, causal,
-                                         efficient=efficient[intervention.variant_name].efficient
-                                         if intervention.needs_efficient else None)
+        matrices = intervention_matrices(
+            intervention,
+            attention,
+            value,
+            w_out,
+            lengths,
+            causal,
+            efficient=efficient[intervention.variant_name].efficient if intervention.needs_efficient else None,
+        )
         assert matrices.dtype == np.float32 and matrices.shape == attention.shape
         for example, n in enumerate(lengths):
             assert not matrices[example, :, :, n:].any() and not matrices[example, :, :, :, n:].any()
@@ -150,9 +193,11 @@ def test_every_matrix_is_zero_outside_the_real_block_and_causal_ones_stay_lower_
 def test_replay_efficient_null_uniform_and_ablate(causal):
     attention, value, w_out, lengths = random_inputs(causal)
     efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)["effective"].efficient
+
     def build(name):
-        return intervention_matrices(Intervention.parse(name), attention, value, w_out, lengths, causal,
-                                     efficient=efficient)
+        return intervention_matrices(
+            Intervention.parse(name), attention, value, w_out, lengths, causal, efficient=efficient
+        )
 
     np.testing.assert_array_equal(build("replay"), attention)
     np.testing.assert_allclose(build("efficient:effective"), efficient, atol=1e-7)
@@ -170,10 +215,12 @@ def test_replay_efficient_null_uniform_and_ablate(causal):
 def test_null_noise_keeps_the_output_and_colspace_noise_moves_it_by_the_removed_norm(causal, variant):
     attention, value, w_out, lengths = random_inputs(causal)
     efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)[variant].efficient
-    null_noise = intervention_matrices(Intervention("efficient+null-noise", variant), attention, value, w_out,
-                                       lengths, causal, efficient=efficient)
-    colspace = intervention_matrices(Intervention("colspace-noise", variant), attention, value, w_out, lengths,
-                                     causal, efficient=efficient)
+    null_noise = intervention_matrices(
+        Intervention("efficient+null-noise", variant), attention, value, w_out, lengths, causal, efficient=efficient
+    )
+    colspace = intervention_matrices(
+        Intervention("colspace-noise", variant), attention, value, w_out, lengths, causal, efficient=efficient
+    )
     moved = 0
     for (noisy, A, T), (inside, _, _), (E, _, _) in zip(
         blocks(null_noise, attention, value, w_out, lengths),
@@ -198,13 +245,40 @@ def test_noise_is_the_same_for_an_example_whatever_it_is_batched_with():
     attention, value, w_out, lengths = random_inputs(False)
     efficient = efficient_attention(attention, value, w_out, lengths, causal=False)["effective"].efficient
     intervention = Intervention("efficient+null-noise", "effective")
-    together = intervention_matrices(intervention, attention, value, w_out, lengths, False, efficient=efficient,
-                                     example_indices=np.array([5, 6, 7]), seed=3)
-    alone = intervention_matrices(intervention, attention[1:2], value[1:2], w_out, lengths[1:2], False,
-                                  efficient=efficient[1:2], example_indices=np.array([6]), seed=3)
+    together = intervention_matrices(
+        intervention,
+        attention,
+        value,
+        w_out,
+        lengths,
+        False,
+        efficient=efficient,
+        example_indices=np.array([5, 6, 7]),
+        seed=3,
+    )
+    alone = intervention_matrices(
+        intervention,
+        attention[1:2],
+        value[1:2],
+        w_out,
+        lengths[1:2],
+        False,
+        efficient=efficient[1:2],
+        example_indices=np.array([6]),
+        seed=3,
+    )
     np.testing.assert_array_equal(together[1:2], alone)
-    other_seed = intervention_matrices(intervention, attention[1:2], value[1:2], w_out, lengths[1:2], False,
-                                       efficient=efficient[1:2], example_indices=np.array([6]), seed=4)
+    other_seed = intervention_matrices(
+        intervention,
+        attention[1:2],
+        value[1:2],
+        w_out,
+        lengths[1:2],
+        False,
+        efficient=efficient[1:2],
+        example_indices=np.array([6]),
+        seed=4,
+    )
     assert not np.allclose(other_seed, alone)
 
 
@@ -213,10 +287,12 @@ def test_minimality_drops_exactly_the_weakest_directions(causal):
     attention, value, w_out, lengths = random_inputs(causal, lengths=(11,))
     efficient = efficient_attention(attention, value, w_out, lengths, causal=causal)["effective"].efficient
     for k in (1, 2):
-        truncated = intervention_matrices(Intervention("minimality", "effective", k), attention, value, w_out,
-                                          lengths, causal)
-        for (B, A, T), (E, _, _) in zip(blocks(truncated, attention, value, w_out, lengths),
-                                        blocks(efficient, attention, value, w_out, lengths)):
+        truncated = intervention_matrices(
+            Intervention("minimality", "effective", k), attention, value, w_out, lengths, causal
+        )
+        for (B, A, T), (E, _, _) in zip(
+            blocks(truncated, attention, value, w_out, lengths), blocks(efficient, attention, value, w_out, lengths)
+        ):
             left, singular, _ = np.linalg.svd(T, full_matrices=False)
             rank = int((singular > singular[0] * 1e-10).sum())
             if not causal:
@@ -241,8 +317,14 @@ def test_interventions_sharing_decompositions_in_a_batch_give_the_same_matrices(
     basis per space) changes nothing; a SharedBases handed another batch's chunks computes them afresh."""
     inputs = random_inputs(causal)
     results = efficient_attention(*inputs, causal=causal)
-    names = ["minimality:effective:k=1", "minimality:effective:k=2", "colspace-noise:effective",
-             "efficient+null-noise:effective", "efficient+null-noise:stochastic", "colspace-noise:stochastic"]
+    names = [
+        "minimality:effective:k=1",
+        "minimality:effective:k=2",
+        "colspace-noise:effective",
+        "efficient+null-noise:effective",
+        "efficient+null-noise:stochastic",
+        "colspace-noise:stochastic",
+    ]
     shared = SharedBases()
     for name in names:
         intervention = Intervention.parse(name)
@@ -253,8 +335,9 @@ def test_interventions_sharing_decompositions_in_a_batch_give_the_same_matrices(
     assert shared._kept  # something was shared
     other = random_inputs(causal, seed=1)
     probe = Intervention.parse("minimality:effective:k=3")
-    np.testing.assert_array_equal(intervention_matrices(probe, *other, causal, shared=shared),
-                                  intervention_matrices(probe, *other, causal))
+    np.testing.assert_array_equal(
+        intervention_matrices(probe, *other, causal, shared=shared), intervention_matrices(probe, *other, causal)
+    )
     nothing_kept = SharedBases(limit=0)
     intervention_matrices(Intervention.parse("minimality:effective:k=4"), *other, causal, shared=nothing_kept)
     assert not nothing_kept._kept
@@ -276,18 +359,33 @@ def test_noise_stays_inside_each_layers_key_band(band, causal, variant):
         block = attention[example, 0, :, :n, :n] * band.visible(n)
         attention[example, 0, :, :n, :n] = block / block.sum(-1, keepdims=True)
     bands = (band, default_band(causal))
-    efficient = efficient_attention(attention, value, w_out, lengths, causal, variants=(variant,),
-                                    key_bands=bands)[variant].efficient
+    efficient = efficient_attention(attention, value, w_out, lengths, causal, variants=(variant,), key_bands=bands)[
+        variant
+    ].efficient
     visible = band.visible(size)
     for kind in ("efficient+null-noise", "colspace-noise"):
-        matrices = intervention_matrices(Intervention(kind, variant), attention, value, w_out, lengths, causal,
-                                         efficient=efficient, seed=3, key_bands=bands)
+        matrices = intervention_matrices(
+            Intervention(kind, variant),
+            attention,
+            value,
+            w_out,
+            lengths,
+            causal,
+            efficient=efficient,
+            seed=3,
+            key_bands=bands,
+        )
         assert np.abs(matrices[:, 0][..., ~visible]).max() == 0.0, kind
-        assert np.abs(matrices[:, 1] - efficient[:, 1] if kind != "colspace-noise" else
-                      matrices[:, 1] - attention[:, 1]).max() > 1e-3  # the full layer gets noise too
+        assert (
+            np.abs(
+                matrices[:, 1] - efficient[:, 1] if kind != "colspace-noise" else matrices[:, 1] - attention[:, 1]
+            ).max()
+            > 1e-3
+        )  # the full layer gets noise too
         moved_blocks = 0
-        for (injected, a, t), (e, _, _) in zip(blocks(matrices, attention, value, w_out, lengths),
-                                               blocks(efficient, attention, value, w_out, lengths)):
+        for (injected, a, t), (e, _, _) in zip(
+            blocks(matrices, attention, value, w_out, lengths), blocks(efficient, attention, value, w_out, lengths)
+        ):
             moved = np.linalg.norm((injected - a) @ t) / np.linalg.norm(a @ t)
             if kind == "efficient+null-noise":
                 assert moved < 1e-5

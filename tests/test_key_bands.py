@@ -18,8 +18,9 @@ from analysis.key_bands import (
 
 def test_visible_keys_follow_the_band():
     # mistral's window 4: i - 4 < j <= i; a ModernBERT local layer: |i - j| <= 2
-    np.testing.assert_array_equal(KeyBand(3, 0).visible(6), np.tril(np.ones((6, 6), bool)) & ~np.tril(
-        np.ones((6, 6), bool), -4))
+    np.testing.assert_array_equal(
+        KeyBand(3, 0).visible(6), np.tril(np.ones((6, 6), bool)) & ~np.tril(np.ones((6, 6), bool), -4)
+    )
     offset = np.subtract.outer(np.arange(6), np.arange(6))
     np.testing.assert_array_equal(KeyBand(2, 2).visible(6), np.abs(offset) <= 2)
     assert FULL_BAND.visible(5).all() and np.array_equal(CAUSAL_BAND.visible(5), np.tril(np.ones((5, 5), bool)))
@@ -80,8 +81,11 @@ def test_outside_band_magnitude_finds_the_weight_a_query_may_not_see():
 
 
 def test_the_bands_of_a_stores_selected_layers():
-    stored = {"causal": True, "layers": 3,
-              "key_bands": [KeyBand(3, 0).to_attribute(), CAUSAL_BAND.to_attribute(), KeyBand(1, 0).to_attribute()]}
+    stored = {
+        "causal": True,
+        "layers": 3,
+        "key_bands": [KeyBand(3, 0).to_attribute(), CAUSAL_BAND.to_attribute(), KeyBand(1, 0).to_attribute()],
+    }
     assert store_key_bands(stored, (0, 2)) == (KeyBand(3, 0), KeyBand(1, 0))
     assert store_key_bands({"causal": False}, (1, 4)) == (FULL_BAND, FULL_BAND)  # no bands: the default rule
     with pytest.raises(ValueError, match="model.key_bands has 3 entries, but the store's selection names layer 3"):

@@ -26,15 +26,20 @@ def test_bundled_models_and_model_folders_resolve(tmp_path):
 def test_anything_else_is_refused_saying_what_to_pass(tmp_path):
     with pytest.raises(ValueError) as refused:
         resolve_model_source("nosuch")
-    assert str(refused.value) == ("unknown model 'nosuch': use one of ['minilm', 'smollm2'] or the path of a local "
-                                  "Hugging Face model folder (nothing is downloaded)")
+    assert str(refused.value) == (
+        "unknown model 'nosuch': use one of ['minilm', 'smollm2'] or the path of a local "
+        "Hugging Face model folder (nothing is downloaded)"
+    )
     with pytest.raises(ValueError, match="is not a Hugging Face model folder \\(it has no config.json\\)"):
         resolve_model_source(str(tmp_path))
 
 
 def test_resolving_imports_neither_torch_nor_transformers():
-    code = ("import sys; from analysis.model_sources import resolve_model_source; resolve_model_source('minilm'); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=ROOT).stdout.strip()
+    code = (
+        "import sys; from analysis.model_sources import resolve_model_source; resolve_model_source('minilm'); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    printed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
     assert printed == "[]"

@@ -39,8 +39,9 @@ def test_base_model_folder_gets_a_seeded_head(tmp_path):
 
 
 def test_next_token_needs_a_decoder(tiny_bert_folder, tiny_llama_folder):
-    with pytest.raises(ValueError, match="next-token prediction needs a decoder \\(causal attention\\), but .* is a "
-                                         "bert encoder"):
+    with pytest.raises(
+        ValueError, match="next-token prediction needs a decoder \\(causal attention\\), but .* is a bert encoder"
+    ):
         load_model(str(tiny_bert_folder), num_labels=2, task="next-token")
     with pytest.raises(ValueError, match="unknown task 'summarise': choose 'classification' or 'next-token'"):
         load_model(str(tiny_bert_folder), num_labels=2, task="summarise")
@@ -60,8 +61,11 @@ def test_check_model_refuses_without_loading_weights(tmp_path, tiny_bert_folder,
     bloom = tmp_path / "bloom"
     bloom.mkdir()
     (bloom / "config.json").write_text('{"model_type": "bloom"}')
-    with pytest.raises(ValueError, match="model type 'bloom' is not supported: its ALiBi attention does not go "
-                                         "through transformers' AttentionInterface"):
+    with pytest.raises(
+        ValueError,
+        match="model type 'bloom' is not supported: its ALiBi attention does not go "
+        "through transformers' AttentionInterface",
+    ):
         check_model(str(bloom))
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()

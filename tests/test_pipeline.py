@@ -14,8 +14,8 @@ from flows.pipeline import STAGES, run_pipeline
 from flows.settings import EXTRACTION_SHAPE, ExtractSettings, PipelineSettings
 from flows.view import view_command
 from storage_schemas.attention_store import AttentionStoreError, completed_shards, open_attention_store
-from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.causal_results import open_causal_results
+from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.pipeline_runs import EXTRACTION_INPUTS_ATTRIBUTE, local_input_fingerprint, run_name
 from tasks import dask_cluster
 from tests.conftest import write_reviews_csv
@@ -59,8 +59,9 @@ def test_store_names_are_unchanged_by_the_settings_objects():
     assert shape == {"max_length": 16, "split": "all"}
     assert run_name("rt-sentiment", "minilm", 300, shape) == "rt-sentiment-minilm-300-40d55ba0"
     # the extraction stage's defaults are the pipeline's
-    assert {name: ExtractSettings.model_fields[name].default for name in EXTRACTION_SHAPE} == \
-        PipelineSettings().extraction_shape()
+    assert {
+        name: ExtractSettings.model_fields[name].default for name in EXTRACTION_SHAPE
+    } == PipelineSettings().extraction_shape()
 
 
 def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
@@ -95,7 +96,9 @@ def test_second_call_skips_train_extract_and_efficient_and_touches_nothing(first
     record = run_pipeline(PipelineSettings(**arguments))
     status = statuses(record)
     assert {stage: status[stage] for stage in ("train", "extract", "efficient")} == {
-        "train": "skipped", "extract": "skipped", "efficient": "skipped"
+        "train": "skipped",
+        "extract": "skipped",
+        "efficient": "skipped",
     }
     assert record["stages"]["extract"]["detail"] == "all 2 shards extracted for the same inputs"
     assert record["store"] == first["store"]
@@ -120,9 +123,27 @@ def test_second_call_skips_causal_and_report_until_the_results_change(first_run)
 
 def test_effattn_run_prints_the_stages_the_summary_and_the_paths(first_run, capsys):
     arguments, first = first_run
-    argv = ["run", "--corpus", arguments["corpus"], "--model", arguments["model"], "--run-dir", arguments["run_dir"],
-            "--limit", "6", "--max-length", "16", "--shard-size", "4", "--batch-size", "3", "--variants", "effective",
-            "--workers", "1"]
+    argv = [
+        "run",
+        "--corpus",
+        arguments["corpus"],
+        "--model",
+        arguments["model"],
+        "--run-dir",
+        arguments["run_dir"],
+        "--limit",
+        "6",
+        "--max-length",
+        "16",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--variants",
+        "effective",
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^extract +skipped +- +all 2 shards extracted for the same inputs$", printed, re.MULTILINE)
@@ -161,8 +182,11 @@ def test_results_of_other_causal_settings_are_refused_with_what_to_do_and_kept(f
     to measure again."""
     arguments, first = first_run
     before = file_mtimes(first["results"])
-    with pytest.raises(ValueError, match=re.escape(f"{first['results']} holds causal results made with other "
-                                                   "settings") + r".*delete it to measure again.*--results PATH"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{first['results']} holds causal results made with other settings")
+        + r".*delete it to measure again.*--results PATH",
+    ):
         run_pipeline(PipelineSettings(**{**arguments, "scope_examples": 1}))
     assert file_mtimes(first["results"]) == before
 
@@ -174,17 +198,35 @@ def test_a_run_recorded_before_the_settings_objects_is_skipped_not_refused(first
     arguments, first = first_run
     group = open_attention_store(first["store"], mode="r+")
     group.attrs[EXTRACTION_INPUTS_ATTRIBUTE] = {
-        "corpus": arguments["corpus"], "corpus_fingerprint": local_input_fingerprint(arguments["corpus"]),
-        "model": arguments["model"], "model_fingerprint": local_input_fingerprint(arguments["model"]), "limit": 6,
-        "max_length": 16, "seed": 0, "dtype": "float32", "task": "classification", "top_k": 10, "split": None,
-        "train": True, "epochs": 1, "text_column": None, "label_column": None,
+        "corpus": arguments["corpus"],
+        "corpus_fingerprint": local_input_fingerprint(arguments["corpus"]),
+        "model": arguments["model"],
+        "model_fingerprint": local_input_fingerprint(arguments["model"]),
+        "limit": 6,
+        "max_length": 16,
+        "seed": 0,
+        "dtype": "float32",
+        "task": "classification",
+        "top_k": 10,
+        "split": None,
+        "train": True,
+        "epochs": 1,
+        "text_column": None,
+        "label_column": None,
     }
     group["efficient/effective"].attrs["settings"] = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
     results = open_causal_results(first["results"], mode="r+")
     recorded = results.attrs["settings"]
     # the keys and values the earlier causal_settings(store, variants=..., scopes=..., ...) recorded
-    assert set(recorded) == {"interventions", "scopes", "scope_interventions", "scope_examples", "targets", "seed",
-                             "store_identity"}
+    assert set(recorded) == {
+        "interventions",
+        "scopes",
+        "scope_interventions",
+        "scope_examples",
+        "targets",
+        "seed",
+        "store_identity",
+    }
     names = recorded["interventions"]
     old = {
         "interventions": names,
@@ -197,31 +239,61 @@ def test_a_run_recorded_before_the_settings_objects_is_skipped_not_refused(first
         "scope_examples": 32,
         "targets": [{"name": "all", "scope": "all", "layer": -1, "head": -1}]
         + [{"name": f"layer {layer}", "scope": "layer", "layer": layer, "head": -1} for layer in range(2)]
-        + [{"name": f"layer {layer} head {head}", "scope": "head", "layer": layer, "head": head}
-           for layer in range(2) for head in range(4)],
+        + [
+            {"name": f"layer {layer} head {head}", "scope": "head", "layer": layer, "head": head}
+            for layer in range(2)
+            for head in range(4)
+        ],
         "seed": 0,
         "store_identity": {
-            "weights_digest": group.attrs["model"]["weights_digest"], "corpus_digest": group.attrs["corpus"]["digest"],
-            "examples": 6, "dtype": "float32",
+            "weights_digest": group.attrs["model"]["weights_digest"],
+            "corpus_digest": group.attrs["corpus"]["digest"],
+            "examples": 6,
+            "dtype": "float32",
             "efficient_settings": {"effective": {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}},
         },
     }
     results.attrs["settings"] = old
     record = run_pipeline(PipelineSettings(**arguments))
     assert {stage: entry["status"] for stage, entry in record["stages"].items()} == {
-        "train": "skipped", "extract": "skipped", "efficient": "skipped", "causal": "skipped", "explain": "skipped",
-        "report": "skipped"}
-    _, (settings,) = parse_settings(["run", "--corpus", arguments["corpus"], "--model", arguments["model"],
-                                     "--run-dir", arguments["run_dir"], "--limit", "6", "--max-length", "16",
-                                     "--shard-size", "4", "--batch-size", "3", "--variants", "effective",
-                                     "--workers", "1"])
+        "train": "skipped",
+        "extract": "skipped",
+        "efficient": "skipped",
+        "causal": "skipped",
+        "explain": "skipped",
+        "report": "skipped",
+    }
+    _, (settings,) = parse_settings(
+        [
+            "run",
+            "--corpus",
+            arguments["corpus"],
+            "--model",
+            arguments["model"],
+            "--run-dir",
+            arguments["run_dir"],
+            "--limit",
+            "6",
+            "--max-length",
+            "16",
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "3",
+            "--variants",
+            "effective",
+            "--workers",
+            "1",
+        ]
+    )
     assert settings == PipelineSettings(**arguments)  # the same command as the run above
 
 
 def test_other_settings_into_an_explicit_store_are_refused_not_skipped(first_run):
     arguments, first = first_run
-    with pytest.raises(AttentionStoreError, match=re.escape("extraction.requested_max_length: store has 16, "
-                                                            "this run has 20")):
+    with pytest.raises(
+        AttentionStoreError, match=re.escape("extraction.requested_max_length: store has 16, this run has 20")
+    ):
         run_pipeline(PipelineSettings(**{**arguments, "max_length": 20, "store": first["store"]}))
 
 
@@ -258,8 +330,8 @@ def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_r
     import zarr
 
     from storage_schemas.causal_results import causal_completed_shards, open_causal_results
-    from storage_schemas.explanation_results import explanation_completed_shards, open_explanation_results
     from storage_schemas.durable_writes import shard_file_paths
+    from storage_schemas.explanation_results import explanation_completed_shards, open_explanation_results
 
     arguments, first = first_run
     run_dir = str(tmp_path / "runs")
@@ -280,16 +352,24 @@ def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_r
     record = run_pipeline(PipelineSettings(**{**arguments, "run_dir": run_dir}))
     status = statuses(record)
     assert {stage: status[stage] for stage in ("extract", "efficient", "causal", "explain", "report")} == {
-        "extract": "ran", "efficient": "ran", "causal": "ran", "explain": "ran", "report": "ran"}
+        "extract": "ran",
+        "efficient": "ran",
+        "causal": "ran",
+        "explain": "ran",
+        "report": "ran",
+    }
     agreement = zarr.open_group(copied["results"])["agreement"][:]
     np.testing.assert_array_equal(agreement[:, :, 4:], reference[:, :, 4:])  # shard 1: measured again
     assert (agreement[:, :, :4] == 7.0).all()  # shard 0: its inputs were untouched, kept
-    assert causal_completed_shards(open_causal_results(copied["results"]),
-                                   open_attention_store(copied["store"])) == [0, 1]
+    assert causal_completed_shards(open_causal_results(copied["results"]), open_attention_store(copied["store"])) == [
+        0,
+        1,
+    ]
     assert efficient_completed_shards(open_attention_store(copied["store"]), "effective") == [0, 1]
     np.testing.assert_array_equal(zarr.open_group(copied["explanations"])["full_probability"][:], explained)
-    assert explanation_completed_shards(open_explanation_results(copied["explanations"]),
-                                        open_attention_store(copied["store"])) == [0]
+    assert explanation_completed_shards(
+        open_explanation_results(copied["explanations"]), open_attention_store(copied["store"])
+    ) == [0]
 
 
 def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first_run):
@@ -303,8 +383,9 @@ def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first
     assert draw["asked"] == 32 and explanations.sizes["example"] == draw["drawn"] == draw["testable"] <= 6
     assert draw["testable"] + draw["not_testable"] == 6
     claims = {row["claim"]: row["verdict"] for row in record["claims"]}
-    assert claims["efficient attention (effective) explains at least as faithfully as raw attention (rollout)"] \
-        .startswith("not testable (n = ")  # 6 examples at most: fewer than the 20 a verdict needs
+    assert claims[
+        "efficient attention (effective) explains at least as faithfully as raw attention (rollout)"
+    ].startswith("not testable (n = ")  # 6 examples at most: fewer than the 20 a verdict needs
     # what the studies page shows comes from the results, as the explanation stage wrote it
     assert record["comparisons"] == explanations.attrs["comparisons"] and len(record["comparisons"]) == 6
     assert "Does attention explain the prediction?" in Path(record["report"]).read_text(encoding="utf-8")
@@ -312,8 +393,9 @@ def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first
 
 # --- --layers / --heads: a store of two of three layers (and two of four heads) through every stage -----------------
 # The tiny Llama with 3 layers; heads 2 and 3 read kv head 1 only, so the stored kv head is not the model's first.
-SELECTION_RUN = dict(limit=4, max_length=16, shard_size=4, batch_size=4, variants=["effective"], workers=1,
-                     scope_examples=None)
+SELECTION_RUN = dict(
+    limit=4, max_length=16, shard_size=4, batch_size=4, variants=["effective"], workers=1, scope_examples=None
+)
 LAYER_METRICS = ("agreement", "max_abs_logit_change", "kl_divergence")
 
 
@@ -347,8 +429,14 @@ def test_a_selection_store_holds_exactly_the_chosen_layers_and_heads(selection_r
     full, _, chosen = selection_runs
     assert len({record["store"] for record in selection_runs}) == 3  # a selection gets its own store name
     whole, part = open_attention_store(full["store"]), open_attention_store(chosen["store"])
-    assert part.attrs["selection"] == {"layers": [0, 2], "heads": [2, 3], "kv_heads": [1], "model_layers": 3,
-                                       "model_heads": 4, "model_kv_heads": 2}
+    assert part.attrs["selection"] == {
+        "layers": [0, 2],
+        "heads": [2, 3],
+        "kv_heads": [1],
+        "model_layers": 3,
+        "model_heads": 4,
+        "model_kv_heads": 2,
+    }
     assert whole.attrs["selection"]["layers"] == [0, 1, 2]  # recorded for every new store
     assert part.attrs["layout"]["layers"] == 2 and part.attrs["layout"]["heads"] == 2
     assert part.attrs["layout"]["kv_heads"] == 1
@@ -357,8 +445,9 @@ def test_a_selection_store_holds_exactly_the_chosen_layers_and_heads(selection_r
     np.testing.assert_array_equal(part["w_out"][:], whole["w_out"][:][[0, 2]][:, [2, 3]])
     np.testing.assert_array_equal(part["out_bias"][:], whole["out_bias"][:][[0, 2]])
     # efficient attention of each stored head used its own kv head (kv head 1 of the model, the only one stored)
-    np.testing.assert_allclose(part["efficient/effective"][:],
-                               whole["efficient/effective"][:][:, [0, 2]][:, :, [2, 3]], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        part["efficient/effective"][:], whole["efficient/effective"][:][:, [0, 2]][:, :, [2, 3]], atol=1e-6, rtol=0
+    )
     assert chosen["efficient_summary"]["effective"]["blocks"] == 4 * 2 * 2
     assert chosen["efficient_summary"]["effective"]["max_output_residual"] < 1e-6
     assert "  captured: 2 of 3 layers (0, 2), 2 of 4 heads (2, 3)\n" in describe_attention_store(chosen["store"])
@@ -371,11 +460,14 @@ def test_causal_targets_of_a_selection_are_the_models_layers_and_heads(selection
     _, layers, chosen = selection_runs
     part = _results(chosen)
     scope, layer, head = (part[name].values.tolist() for name in ("target_scope", "target_layer", "target_head"))
-    assert [l for s, l in zip(scope, layer) if s == "layer"] == [0, 2]
-    assert [(l, h) for s, l, h in zip(scope, layer, head) if s == "head"] == [(0, 2), (0, 3), (2, 2), (2, 3)]
+    assert [lay for s, lay in zip(scope, layer) if s == "layer"] == [0, 2]
+    assert [(lay, h) for s, lay, h in zip(scope, layer, head) if s == "head"] == [(0, 2), (0, 3), (2, 2), (2, 3)]
     assert "layer 2 head 3" in part["target"].values.tolist()
-    assert [l for s, l in zip(*(_results(layers)[name].values.tolist() for name in ("target_scope", "target_layer")))
-            if s == "layer"] == [0, 2]
+    assert [
+        lay
+        for s, lay in zip(*(_results(layers)[name].values.tolist() for name in ("target_scope", "target_layer")))
+        if s == "layer"
+    ] == [0, 2]
     # replaying the stored heads' own attention changes nothing; their effective attention keeps the output too
     for intervention in ("replay", "efficient:effective"):
         change = part["max_abs_logit_change"].sel(intervention=intervention)
@@ -392,10 +484,16 @@ def test_injection_into_stored_layers_and_heads_equals_the_full_stores_at_those_
     compared = 0
     for record, scope in ((layers, "layer"), (chosen, "head")):
         part = _results(record)
-        targets = [name for name, kind in zip(part["target"].values.tolist(), part["target_scope"].values.tolist())
-                   if kind == scope]
-        interventions = [name for name in part["intervention"].values.tolist()
-                         if not np.isnan(part["agreement"].sel(intervention=name, target=targets[0]).values).all()]
+        targets = [
+            name
+            for name, kind in zip(part["target"].values.tolist(), part["target_scope"].values.tolist())
+            if kind == scope
+        ]
+        interventions = [
+            name
+            for name in part["intervention"].values.tolist()
+            if not np.isnan(part["agreement"].sel(intervention=name, target=targets[0]).values).all()
+        ]
         deterministic = [name for name in interventions if "noise" not in name]  # the noise is drawn per shape
         assert ("uniform" in deterministic or scope == "head") and "ablate" in deterministic
         for intervention in deterministic:
@@ -404,7 +502,10 @@ def test_injection_into_stored_layers_and_heads_equals_the_full_stores_at_those_
                     np.testing.assert_allclose(
                         part[metric].sel(intervention=intervention, target=target).values,
                         whole[metric].sel(intervention=intervention, target=target).values,
-                        atol=1e-5, rtol=0, err_msg=f"{scope} {intervention} {target} {metric}")
+                        atol=1e-5,
+                        rtol=0,
+                        err_msg=f"{scope} {intervention} {target} {metric}",
+                    )
                     compared += 1
     # the comparisons can fail: ablating a stored layer does change the logits
     assert float(_results(layers)["max_abs_logit_change"].sel(intervention="ablate", target="layer 2").max()) > 1e-4
@@ -428,8 +529,11 @@ def test_explain_refuses_a_store_of_some_layers(selection_runs, tmp_path):
 
     _, _, chosen = selection_runs
     results = tmp_path / "explanations.zarr"
-    with pytest.raises(SelectionError, match=r"holds 2 of 3 layers \(0, 2\), 2 of 4 heads \(2, 3\); `effattn explain` "
-                                             "needs every layer and head"):
+    with pytest.raises(
+        SelectionError,
+        match=r"holds 2 of 3 layers \(0, 2\), 2 of 4 heads \(2, 3\); `effattn explain` "
+        "needs every layer and head",
+    ):
         explain(ExplainSettings(store=chosen["store"], results=str(results)))
     assert not results.exists()
 
@@ -441,12 +545,23 @@ def test_every_stage_of_the_pipeline_follows_one_rule_not_needed_conflict_skip_o
     from storage_schemas.pipeline_runs import StageCheck
 
     ran = []
-    run = PipelineRun(settings=None, store="s.zarr", results="r.zarr", report_dir="report", variants=[],
-                      logger=logging.getLogger("test"))
+    run = PipelineRun(
+        settings=None,
+        store="s.zarr",
+        results="r.zarr",
+        report_dir="report",
+        variants=[],
+        logger=logging.getLogger("test"),
+    )
 
     def stage(name: str, check: StageCheck, not_needed: str | None = None) -> PipelineStage:
-        return PipelineStage(name, status=lambda run: check, run_stage=lambda run: ran.append(name) or f"{name} done",
-                             not_needed=lambda run: not_needed, conflict=lambda run: f"{run.results} is another's")
+        return PipelineStage(
+            name,
+            status=lambda run: check,
+            run_stage=lambda run: ran.append(name) or f"{name} done",
+            not_needed=lambda run: not_needed,
+            conflict=lambda run: f"{run.results} is another's",
+        )
 
     run_pipeline_stage(stage("a", StageCheck(False, "missing")), run)
     run_pipeline_stage(stage("b", StageCheck(True, "complete for the same inputs")), run)
@@ -455,4 +570,7 @@ def test_every_stage_of_the_pipeline_follows_one_rule_not_needed_conflict_skip_o
         run_pipeline_stage(stage("d", StageCheck(False, "other settings", conflicting=True)), run)
     assert ran == ["a"]
     assert {name: (entry["status"], entry["detail"]) for name, entry in run.stages.items()} == {
-        "a": ("ran", "a done"), "b": ("skipped", "complete for the same inputs"), "c": ("not needed", "nothing to do")}
+        "a": ("ran", "a done"),
+        "b": ("skipped", "complete for the same inputs"),
+        "c": ("not needed", "nothing to do"),
+    }

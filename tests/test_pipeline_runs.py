@@ -38,11 +38,29 @@ from storage_schemas.pipeline_runs import (
 )
 from tests.conftest import write_reviews_csv
 
-LAYOUT = AttentionStoreLayout(n_examples=5, max_length=6, n_classes=2, layers=2, heads=4, kv_heads=2,
-                              head_dim=3, hidden=8, shard_size=2, dtype="float32")  # 3 shards
+LAYOUT = AttentionStoreLayout(
+    n_examples=5,
+    max_length=6,
+    n_classes=2,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    head_dim=3,
+    hidden=8,
+    shard_size=2,
+    dtype="float32",
+)  # 3 shards
 SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
-INPUTS = {"corpus": "rt-sentiment", "corpus_fingerprint": None, "model": "minilm", "model_fingerprint": None,
-          "limit": 5, "max_length": 128, "split": None, "train": True}
+INPUTS = {
+    "corpus": "rt-sentiment",
+    "corpus_fingerprint": None,
+    "model": "minilm",
+    "model_fingerprint": None,
+    "limit": 5,
+    "max_length": 128,
+    "split": None,
+    "train": True,
+}
 
 
 @pytest.fixture()
@@ -65,8 +83,10 @@ def compute_variant(url: str, variant: str, shards, settings=SETTINGS) -> None:
         region = LAYOUT.shard_slice(shard)
         n = region.stop - region.start
         efficient = np.full((n, LAYOUT.layers, LAYOUT.heads, LAYOUT.max_length, LAYOUT.max_length), 0.5)
-        diagnostics = {name: np.full((n, LAYOUT.layers, LAYOUT.heads), shard + 1).astype(dtype)
-                       for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()}
+        diagnostics = {
+            name: np.full((n, LAYOUT.layers, LAYOUT.heads), shard + 1).astype(dtype)
+            for name, (dtype, _) in DIAGNOSTIC_ARRAYS.items()
+        }
         write_efficient_shard(group, LAYOUT, variant, shard, efficient, diagnostics)
         mark_efficient_shard_completed(group, variant, shard)
 
@@ -179,8 +199,10 @@ def test_an_input_added_later_matches_a_record_without_it_only_at_its_default(st
 
 def test_record_refuses_an_unfinished_extraction(store):
     mark_shard_completed(open_attention_store(store, mode="r+"), 1)
-    expected = (f"{store}: shards [0, 2] are not extracted yet, so the store cannot be recorded as complete: "
-                "finish the extraction first")
+    expected = (
+        f"{store}: shards [0, 2] are not extracted yet, so the store cannot be recorded as complete: "
+        "finish the extraction first"
+    )
     with pytest.raises(AttentionStoreError, match=re.escape(expected)):
         record_extraction_inputs(store, INPUTS)
 
@@ -235,6 +257,8 @@ def test_read_diagnostics(store):
     assert set(diagnostics) == set(DIAGNOSTIC_ARRAYS)
     assert diagnostics["rank"].shape == (5, 2, 4)
     np.testing.assert_array_equal(diagnostics["rank"][:, 0, 0], [1, 1, 2, 2, 3])  # shard index + 1
-    with pytest.raises(AttentionStoreError, match=re.escape(f"{store} has no efficient attention of variant "
-                                                            "'simplex': run `effattn efficient")):
+    with pytest.raises(
+        AttentionStoreError,
+        match=re.escape(f"{store} has no efficient attention of variant 'simplex': run `effattn efficient"),
+    ):
         read_diagnostics(store, "simplex")

@@ -28,8 +28,10 @@ from flows.prefect_server import (
 from tests import crash_harness
 from tests.store_builders import write_corpus
 
-HINT = ("start a Prefect server with `prefect server start --host 127.0.0.1 --port 4200` and, in the shell that runs "
-        "`effattn extract`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+HINT = (
+    "start a Prefect server with `prefect server start --host 127.0.0.1 --port 4200` and, in the shell that runs "
+    "`effattn extract`, `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+)
 
 
 def test_the_startup_limit_is_effattns_default_unless_the_user_set_one():
@@ -49,8 +51,9 @@ def no_temporary_server(monkeypatch):
 
 
 @pytest.mark.parametrize("configured, expected", [(None, 120), ("45", 45)])
-def test_the_server_prefect_starts_is_ours_and_gets_the_configured_limit(monkeypatch, no_temporary_server,
-                                                                        configured, expected):
+def test_the_server_prefect_starts_is_ours_and_gets_the_configured_limit(
+    monkeypatch, no_temporary_server, configured, expected
+):
     if configured is None:
         monkeypatch.delenv(STARTUP_TIMEOUT_VARIABLE, raising=False)
     else:
@@ -64,22 +67,43 @@ def test_the_server_prefect_starts_is_ours_and_gets_the_configured_limit(monkeyp
     assert limits == [expected]
 
 
-def test_a_server_that_does_not_start_in_time_is_one_line_that_says_what_to_do(tmp_path, small_corpus_csv,
-                                                                               tiny_bert_folder):
-    environment = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), STARTUP_TIMEOUT_VARIABLE: "1",
-                   "PYTHONPATH": str(crash_harness.REPOSITORY)}
+def test_a_server_that_does_not_start_in_time_is_one_line_that_says_what_to_do(
+    tmp_path, small_corpus_csv, tiny_bert_folder
+):
+    environment = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "home"),
+        STARTUP_TIMEOUT_VARIABLE: "1",
+        "PYTHONPATH": str(crash_harness.REPOSITORY),
+    }
     environment.pop("PREFECT_API_URL", None)
     store = tmp_path / "store.zarr"
-    done = crash_harness.run(["extract", "--corpus", str(small_corpus_csv), "--model", str(tiny_bert_folder),
-                              "--no-train", "--store", str(store)], environment, tmp_path / "extract")
+    done = crash_harness.run(
+        [
+            "extract",
+            "--corpus",
+            str(small_corpus_csv),
+            "--model",
+            str(tiny_bert_folder),
+            "--no-train",
+            "--store",
+            str(store),
+        ],
+        environment,
+        tmp_path / "extract",
+    )
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("effattn")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert errors[0].startswith("effattn extract: error: the temporary Prefect server did not answer within 1 s "
-                                "(Timed out while attempting to connect to ephemeral Prefect API server")
+    assert errors[0].startswith(
+        "effattn extract: error: the temporary Prefect server did not answer within 1 s "
+        "(Timed out while attempting to connect to ephemeral Prefect API server"
+    )
     log = tmp_path / "home" / SERVER_LOG_NAME  # the server's output, kept out of the run's
-    assert errors[0].endswith(f"a busy machine starts it slowly; its output: {log}): {HINT}, or allow it more time "
-                              f"with `export {STARTUP_TIMEOUT_VARIABLE}=300`")
+    assert errors[0].endswith(
+        f"a busy machine starts it slowly; its output: {log}): {HINT}, or allow it more time "
+        f"with `export {STARTUP_TIMEOUT_VARIABLE}=300`"
+    )
     assert log.exists()
     assert not store.exists()
 
@@ -99,7 +123,8 @@ def test_nothing_answering_at_prefect_api_url_is_one_line_within_seconds(tmp_pat
     assert status == 2
     assert capsys.readouterr().err.splitlines() == [
         f"effattn extract: error: no Prefect server answers at PREFECT_API_URL={url} (ConnectError: [Errno 111] "
-        f"Connection refused): {HINT}; or unset PREFECT_API_URL to let effattn start a temporary one"]
+        f"Connection refused): {HINT}; or unset PREFECT_API_URL to let effattn start a temporary one"
+    ]
     assert time.monotonic() - began < 30  # not Prefect's own retries (about 70 s measured)
     assert not store.exists()
 
@@ -114,16 +139,30 @@ def test_the_temporary_server_runs_outside_the_group_and_ends_when_the_run_is_ki
     environment.pop("PREFECT_API_URL", None)
     environment.pop(STARTUP_TIMEOUT_VARIABLE, None)
     store = str(tmp_path / "store.zarr")
-    process = crash_harness.start(["extract", "--corpus", str(corpus), "--model", str(tiny_bert_folder), "--no-train",
-                                   "--shard-size", "2", "--batch-size", "1", "--store", store], environment,
-                                  tmp_path / "extract")
+    process = crash_harness.start(
+        [
+            "extract",
+            "--corpus",
+            str(corpus),
+            "--model",
+            str(tiny_bert_folder),
+            "--no-train",
+            "--shard-size",
+            "2",
+            "--batch-size",
+            "1",
+            "--store",
+            store,
+        ],
+        environment,
+        tmp_path / "extract",
+    )
     try:
         deadline = time.monotonic() + 300
         while crash_harness.extraction_progress(store) < 1 and process.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        servers = [child for child in psutil.Process(process.pid).children()
-                   if "uvicorn" in " ".join(child.cmdline())]
+        servers = [child for child in psutil.Process(process.pid).children() if "uvicorn" in " ".join(child.cmdline())]
         assert len(servers) == 1, (tmp_path / "extract.err").read_text()
         server = servers[0]
         assert os.getpgid(server.pid) != process.pid  # a Ctrl-C to the run's group does not reach it

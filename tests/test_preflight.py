@@ -9,12 +9,12 @@ import socket
 import pytest
 
 from flows import preflight
-from flows.settings import CausalSettings, EfficientSettings, ExtractSettings, ReportSettings
 from flows.preflight import (
     check_command,
     check_device,
     check_writable_location,
 )
+from flows.settings import CausalSettings, EfficientSettings, ExtractSettings, ReportSettings
 
 
 def free_loopback_address() -> str:
@@ -109,9 +109,11 @@ def test_extract_checks_the_store_location_before_the_corpus(tmp_path):
 
 def test_commands_on_a_missing_store_are_refused(tmp_path):
     store = str(tmp_path / "nothing.zarr")
-    for command, settings in (("efficient", EfficientSettings(store=store)),
-                              ("causal", CausalSettings(store=store, results=str(tmp_path / "r.zarr"))),
-                              ("report", ReportSettings(results=str(tmp_path / "r.zarr"), out=str(tmp_path / "rep")))):
+    for command, settings in (
+        ("efficient", EfficientSettings(store=store)),
+        ("causal", CausalSettings(store=store, results=str(tmp_path / "r.zarr"))),
+        ("report", ReportSettings(results=str(tmp_path / "r.zarr"), out=str(tmp_path / "rep"))),
+    ):
         with pytest.raises(ValueError, match="there (is no attention store|are no causal results) at"):
             check_command(command, settings)
     assert os.listdir(tmp_path) == []
@@ -139,8 +141,9 @@ def test_a_max_length_below_two_is_refused():
     preflight.check_max_length(2)
     with pytest.raises(ValueError) as refused:
         preflight.check_max_length(1)
-    assert str(refused.value) == ("--max-length must be at least 2 tokens, got 1: give a larger --max-length "
-                                  "(default 128). Nothing was written")
+    assert str(refused.value) == (
+        "--max-length must be at least 2 tokens, got 1: give a larger --max-length (default 128). Nothing was written"
+    )
 
 
 def test_a_store_folder_that_accepts_no_files_is_refused(tmp_path, monkeypatch):
@@ -150,7 +153,7 @@ def test_a_store_folder_that_accepts_no_files_is_refused(tmp_path, monkeypatch):
     preflight.check_writable_store(str(store), "--store")
     assert list(store.iterdir()) == []
 
-    def refuse(prefix, dir):  # noqa: A002, ANN001, ANN202 - tempfile.mkdtemp's keywords
+    def refuse(prefix, dir):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(preflight.tempfile, "mkdtemp", refuse)
@@ -167,8 +170,11 @@ def test_a_store_folder_that_accepts_no_files_is_refused(tmp_path, monkeypatch):
 def test_interventions_are_parsed_only_when_named_and_refused_naming_their_flag(tmp_path):
     settings = CausalSettings(store="s.zarr", results="r.zarr")
     assert preflight.check_interventions(settings) is None
-    named = settings.model_copy(update={"interventions": ("replay", "null:simplex", "efficient+null-noise:effective",
-                                                          "minimality:effective:k=2")})
+    named = settings.model_copy(
+        update={
+            "interventions": ("replay", "null:simplex", "efficient+null-noise:effective", "minimality:effective:k=2")
+        }
+    )
     assert preflight.check_interventions(named) == ["effective", "simplex"]  # what they read from the store
     layer_only = settings.model_copy(update={"layer_interventions": ("ablate",)})
     assert preflight.check_interventions(layer_only) is None
@@ -185,9 +191,13 @@ def test_extract_into_an_existing_store_compares_what_it_can_without_the_model(t
     same = ExtractSettings(store=store, corpus=str(corpus), model=str(tiny_bert_folder), max_length=24)
     preflight.check_existing_store_matches(same)
     preflight.check_existing_store_matches(same.model_copy(update={"store": str(tmp_path / "new.zarr")}))
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             f"{store} was written by a different run (extraction.requested_max_length: store has 24, this run has "
-            f"128): use another --store, or delete {store} to start over")):
+            f"128): use another --store, or delete {store} to start over"
+        ),
+    ):
         preflight.check_existing_store_matches(same.model_copy(update={"max_length": 128}))
     with pytest.raises(ValueError, match=r"\(extraction.task: store has 'classification', this run has 'next-token'"):
         preflight.check_existing_store_matches(same.model_copy(update={"task": "next-token"}))

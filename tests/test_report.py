@@ -57,9 +57,16 @@ def causal_run(tmp_path_factory, tiny_bert_folder) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("report")
     store = str(folder / "store.zarr")
     results = str(folder / "results.zarr")
-    extract(ExtractSettings(
-        corpus=str(write_reviews_csv(folder / "reviews.csv")), model=str(tiny_bert_folder), store=store,
-        shard_size=4, batch_size=4, train=False))
+    extract(
+        ExtractSettings(
+            corpus=str(write_reviews_csv(folder / "reviews.csv")),
+            model=str(tiny_bert_folder),
+            store=store,
+            shard_size=4,
+            batch_size=4,
+            train=False,
+        )
+    )
     efficient(EfficientSettings(store=store, variants=VARIANTS, workers=1))
     causal(CausalSettings(store=store, results=results, scope_examples=4, minimality_directions=(1, 2)))
     return {"store": store, "results": results, "folder": str(folder)}
@@ -99,13 +106,19 @@ def test_report_writes_index_and_every_figure(causal_run, tmp_path):
     for row in claims:  # every claim row, its verdict and its numbers are in the page
         for key in ("claim", "verdict", "measured", "test"):
             assert html.escape(row[key], quote=True) in page, (key, row[key])
-    verdict_cells = re.findall(r'<tr class="(holds|fails|unknown|untestable)"><td>([^<]*)</td><td><b>([^<]*)</b>',
-                               page)
-    assert [(html.unescape(claim), html.unescape(verdict)) for _, claim, verdict in verdict_cells] == \
-        [(row["claim"], row["verdict"]) for row in claims]
-    assert all(css == ("untestable" if verdict.startswith("not testable") else
-                       {"holds": "holds", "does not hold": "fails"}.get(verdict, "unknown"))
-               for css, _, verdict in verdict_cells)
+    verdict_cells = re.findall(r'<tr class="(holds|fails|unknown|untestable)"><td>([^<]*)</td><td><b>([^<]*)</b>', page)
+    assert [(html.unescape(claim), html.unescape(verdict)) for _, claim, verdict in verdict_cells] == [
+        (row["claim"], row["verdict"]) for row in claims
+    ]
+    assert all(
+        css
+        == (
+            "untestable"
+            if verdict.startswith("not testable")
+            else {"holds": "holds", "does not hold": "fails"}.get(verdict, "unknown")
+        )
+        for css, _, verdict in verdict_cells
+    )
     # the findings first, then the identity checks in a table of their own
     kinds = [row["kind"] for row in claims]
     assert kinds == sorted(kinds, key=lambda kind: kind == "identity") and "identity" in kinds
@@ -127,11 +140,14 @@ def test_report_inputs_match_the_stores(causal_run):
         n = int(group["length"][example.index])
         ratios = group["diagnostics/effective/null_norm_ratio"][example.index]
         assert (example.layer, example.head) == np.unravel_index(np.argmax(ratios), ratios.shape)
-        np.testing.assert_array_equal(example.attention, group["attention"][example.index, example.layer,
-                                                                            example.head, :n, :n])
+        np.testing.assert_array_equal(
+            example.attention, group["attention"][example.index, example.layer, example.head, :n, :n]
+        )
         for variant in VARIANTS:
-            np.testing.assert_array_equal(example.efficient[variant], group[f"efficient/{variant}"][
-                example.index, example.layer, example.head, :n, :n])
+            np.testing.assert_array_equal(
+                example.efficient[variant],
+                group[f"efficient/{variant}"][example.index, example.layer, example.head, :n, :n],
+            )
         tokens = group["tokens"][example.index, :n]
         assert example.labels[0] == "[CLS]" and example.labels[-1] == "[SEP]" and len(example.labels) == n
         assert example.labels != [str(token) for token in tokens]  # strings, not ids
@@ -155,8 +171,13 @@ def test_report_reads_stores_at_fsspec_urls(causal_run, tmp_path):
             np.testing.assert_array_equal(mine.attention, theirs.attention)
             assert mine.labels == theirs.labels
         xr.testing.assert_identical(remote.aggregates, local.aggregates)
-        index = report(ReportSettings(results="memory://report-test/results.zarr", out=str(tmp_path / "remote"),
-                       store="memory://report-test/store.zarr"))
+        index = report(
+            ReportSettings(
+                results="memory://report-test/results.zarr",
+                out=str(tmp_path / "remote"),
+                store="memory://report-test/store.zarr",
+            )
+        )
         page = Path(index).read_text(encoding="utf-8")
         assert "memory://report-test/store.zarr" in page
         assert sorted(image_sources(page)) == sorted(path.name for path in (tmp_path / "remote").glob("*.png"))
@@ -166,8 +187,11 @@ def test_report_reads_stores_at_fsspec_urls(causal_run, tmp_path):
 
 def test_missing_results_and_wrong_store_are_clear_errors(causal_run, tmp_path, capsys):
     missing = str(tmp_path / "absent.results.zarr")
-    with pytest.raises(CausalResultsError, match=r"there are no causal results at .*absent\.results\.zarr: create "
-                                                 r"them with `effattn causal"):
+    with pytest.raises(
+        CausalResultsError,
+        match=r"there are no causal results at .*absent\.results\.zarr: create "
+        r"them with `effattn causal",
+    ):
         load_report_inputs(missing)
     from flows.cli import main
 
@@ -178,16 +202,22 @@ def test_missing_results_and_wrong_store_are_clear_errors(causal_run, tmp_path, 
     moved = tmp_path / "results.zarr"  # results whose recorded store is gone
     shutil.copytree(causal_run["results"], moved)
     zarr.open_group(str(moved), mode="r+").attrs["attention_store"] = str(tmp_path / "gone.zarr")
-    with pytest.raises(CausalResultsError, match=r"the attention store recorded in .* is not there .*: pass its "
-                                                 r"location with --store"):
+    with pytest.raises(
+        CausalResultsError,
+        match=r"the attention store recorded in .* is not there .*: pass its "
+        r"location with --store",
+    ):
         load_report_inputs(str(moved))
     assert load_report_inputs(str(moved), store=causal_run["store"]).store_url == causal_run["store"]
     zarr.open_group(str(moved), mode="r+").attrs["settings"] = {
         **zarr.open_group(str(moved), mode="r").attrs["settings"],
         "store_identity": {"weights_digest": "sha256:other", "examples": 10},
     }
-    with pytest.raises(CausalResultsError, match=r"were not computed from the attention store .*weights_digest: "
-                                                 r"results 'sha256:other', store 'sha256:"):
+    with pytest.raises(
+        CausalResultsError,
+        match=r"were not computed from the attention store .*weights_digest: "
+        r"results 'sha256:other', store 'sha256:",
+    ):
         load_report_inputs(str(moved), store=causal_run["store"])
     with pytest.raises(ValueError, match="--out must be a local folder, got s3://bucket/report"):
         report(ReportSettings(results=causal_run["results"], out="s3://bucket/report"))
@@ -218,11 +248,17 @@ def test_choose_head_and_layer_head_grid():
     assert choose_head(ratios) == (1, 0)
     targets = ["all", "layer 0", "layer 0 head 0", "layer 0 head 1", "layer 1 head 1"]
     aggregates = xr.Dataset(
-        {"agreement_rate": (("intervention", "target"), [[1.0, 0.5, 0.25, 0.75, 0.125], [1.0, 1.0, 0.0, 0.0, 0.0]]),
-         "examples_measured": (("intervention", "target"), [[9, 4, 4, 4, 4], [9, 0, 0, 0, 0]])},
-        coords={"intervention": ["ablate", "replay"], "target": targets,
-                "target_scope": ("target", ["all", "layer", "head", "head", "head"]),
-                "target_layer": ("target", [-1, 0, 0, 0, 1]), "target_head": ("target", [-1, -1, 0, 1, 1])},
+        {
+            "agreement_rate": (("intervention", "target"), [[1.0, 0.5, 0.25, 0.75, 0.125], [1.0, 1.0, 0.0, 0.0, 0.0]]),
+            "examples_measured": (("intervention", "target"), [[9, 4, 4, 4, 4], [9, 0, 0, 0, 0]]),
+        },
+        coords={
+            "intervention": ["ablate", "replay"],
+            "target": targets,
+            "target_scope": ("target", ["all", "layer", "head", "head", "head"]),
+            "target_layer": ("target", [-1, 0, 0, 0, 1]),
+            "target_head": ("target", [-1, -1, 0, 1, 1]),
+        },
     )
     grid = layer_head_grid(aggregates, "agreement_rate", "ablate", layers=2, heads=2)
     np.testing.assert_array_equal(grid, [[0.25, 0.75], [np.nan, 0.125]])
@@ -239,12 +275,17 @@ def test_minimality_curve_reads_the_recorded_parts_of_each_intervention():
     efficient attention of the same variant)."""
     names = ["minimality:effective:k=4", "efficient:stochastic", "efficient:effective", "minimality:effective:k=1"]
     aggregates = xr.Dataset(
-        {"agreement_rate": (("intervention", "target"), [[0.5], [0.9], [1.0], [0.75]]),
-         "flip_rate": (("intervention", "target"), [[0.5], [0.1], [0.0], [0.25]])},
-        coords={"intervention": names, "target": ["all"],
-                "intervention_kind": ("intervention", ["minimality", "efficient", "efficient", "minimality"]),
-                "variant": ("intervention", ["effective", "stochastic", "effective", "effective"]),
-                "removed_directions": ("intervention", [4, 0, 0, 1])},
+        {
+            "agreement_rate": (("intervention", "target"), [[0.5], [0.9], [1.0], [0.75]]),
+            "flip_rate": (("intervention", "target"), [[0.5], [0.1], [0.0], [0.25]]),
+        },
+        coords={
+            "intervention": names,
+            "target": ["all"],
+            "intervention_kind": ("intervention", ["minimality", "efficient", "efficient", "minimality"]),
+            "variant": ("intervention", ["effective", "stochastic", "effective", "effective"]),
+            "removed_directions": ("intervention", [4, 0, 0, 1]),
+        },
     )
     curve = minimality_curve(aggregates)
     assert curve["variant"] == "effective" and curve["k"].tolist() == [0, 1, 4]
@@ -289,8 +330,14 @@ def test_attention_comparison_figure_has_tokens_on_both_axes():
     assert [text.get_text() for text in panels[0].get_yticklabels()] == labels
     assert [text.get_text() for text in panels[-3].get_xticklabels()] == labels
     titles = [axes.get_title() for axes in panels]
-    assert titles == ["attention A", "efficient E (effective)", "null part A − E (effective)",
-                      "attention A", "efficient E (simplex)", "null part A − E (simplex)"]
+    assert titles == [
+        "attention A",
+        "efficient E (effective)",
+        "null part A − E (effective)",
+        "attention A",
+        "efficient E (simplex)",
+        "null part A − E (simplex)",
+    ]
     np.testing.assert_allclose(panels[2].get_images()[0].get_array(), np.full((6, 6), 0.05))
     with pytest.raises(ValueError, match=r"attention has shape \(6, 6\) and there are 5 labels"):
         attention_comparison_figure(attention, efficient, labels[:5], title="t")
@@ -314,12 +361,20 @@ def test_report_shows_explanation_results_and_their_claims(causal_run, tmp_path)
     from flows.explain import explain
 
     explanations = str(tmp_path / "explanations.zarr")
-    claims = explain(ExplainSettings(
-        store=causal_run["store"], results=explanations, examples=2, integrated_gradients_steps=4,
-        minimality_rows=2, methods=["attention:rollout", "simplex:rollout", "leave-one-out", "random"]))
+    claims = explain(
+        ExplainSettings(
+            store=causal_run["store"],
+            results=explanations,
+            examples=2,
+            integrated_gradients_steps=4,
+            minimality_rows=2,
+            methods=["attention:rollout", "simplex:rollout", "leave-one-out", "random"],
+        )
+    )
     out = tmp_path / "report"
-    page = Path(report(ReportSettings(
-        results=causal_run["results"], out=str(out), explanations=explanations))).read_text("utf-8")
+    page = Path(
+        report(ReportSettings(results=causal_run["results"], out=str(out), explanations=explanations))
+    ).read_text("utf-8")
     assert "Does attention explain the prediction?" in page and (out / "explanation-faithfulness.png").is_file()
     assert "explanation-faithfulness.png" in image_sources(page)
     for row in claims:  # the explanation claims join the claims table

@@ -66,11 +66,28 @@ DUMMY = ResultsSchema(
 
 def dummy_store(url: str) -> zarr.Group:
     """An attention store of 5 examples in shards of 2 (no data needed), every shard extracted."""
-    layout = AttentionStoreLayout(n_examples=5, max_length=6, n_classes=2, layers=2, heads=4, kv_heads=2,
-                                  head_dim=3, hidden=8, shard_size=2, dtype="float32")
-    mark_prepared(create_attention_store(url, layout, {"model": {"causal": False, "name": "tiny",
-                                                                 "weights_digest": "sha256:w"},
-                                                       "corpus": {"name": "reviews", "digest": "c"}}))
+    layout = AttentionStoreLayout(
+        n_examples=5,
+        max_length=6,
+        n_classes=2,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=3,
+        hidden=8,
+        shard_size=2,
+        dtype="float32",
+    )
+    mark_prepared(
+        create_attention_store(
+            url,
+            layout,
+            {
+                "model": {"causal": False, "name": "tiny", "weights_digest": "sha256:w"},
+                "corpus": {"name": "reviews", "digest": "c"},
+            },
+        )
+    )
     group = open_attention_store(url, mode="r+")
     for shard in range(3):
         mark_shard_completed(group, shard)
@@ -78,8 +95,13 @@ def dummy_store(url: str) -> zarr.Group:
 
 
 def dummy_results(url: str, metrics: dict[str, str] | None = None) -> zarr.Group:
-    return DUMMY.create(url, {"item": ["a", "b"], "example": np.arange(5)}, shard_size=2,
-                        attributes={"settings": {"seed": 0}}, metrics=metrics or {})
+    return DUMMY.create(
+        url,
+        {"item": ["a", "b"], "example": np.arange(5)},
+        shard_size=2,
+        attributes={"settings": {"seed": 0}},
+        metrics=metrics or {},
+    )
 
 
 def shard_arrays(n: int, value: float) -> dict[str, np.ndarray]:
@@ -92,8 +114,14 @@ def test_a_declared_dataset_is_created_as_its_record_says_and_opens_with_xarray(
     assert group["score"].chunks == (2, 2) and group["count"].chunks == (2,) and group["loss"].chunks == (2,)
     assert group["item"].chunks == (2,) and group["example"].chunks == (5,)
     assert group["loss"].attrs["description"] == "a loss per example"
-    assert dict(group.attrs) == {"settings": {"seed": 0}, "schema": "effattn.dummy_results", "schema_version": 3,
-                                 "shard_size": 2, "metrics": ["loss"], "completed_shards": []}
+    assert dict(group.attrs) == {
+        "settings": {"seed": 0},
+        "schema": "effattn.dummy_results",
+        "schema_version": 3,
+        "shard_size": 2,
+        "metrics": ["loss"],
+        "completed_shards": [],
+    }
     dataset = xr.open_zarr(url, consolidated=False)
     assert dataset["score"].dims == ("item", "example") and dataset["loss"].dims == ("example",)
     assert np.isnan(dataset["score"].values).all() and (dataset["count"].values == -1).all()
@@ -163,23 +191,39 @@ def test_aggregates_and_the_pipeline_status(tmp_path):
 
 def test_other_versions_foreign_and_unfinished_datasets_are_refused_saying_what_to_do(tmp_path):
     url = str(tmp_path / "dummy.zarr")
-    with pytest.raises(DummyResultsError, match=re.escape(
-            f"there are no dummy results at {url}: create them with `effattn dummy --store STORE --results {url}`")):
+    with pytest.raises(
+        DummyResultsError,
+        match=re.escape(
+            f"there are no dummy results at {url}: create them with `effattn dummy --store STORE --results {url}`"
+        ),
+    ):
         DUMMY.open(url)
     group = dummy_results(url, metrics={"loss": "a loss"})
     DUMMY.check_same_settings(group, url, {"seed": 0})
-    with pytest.raises(DummyResultsError, match=re.escape(
-            f"{url} holds dummy results of another run (seed: stored 0, requested 1): use the same settings")):
+    with pytest.raises(
+        DummyResultsError,
+        match=re.escape(
+            f"{url} holds dummy results of another run (seed: stored 0, requested 1): use the same settings"
+        ),
+    ):
         DUMMY.check_same_settings(group, url, {"seed": 1})
     group.attrs["schema_version"] = 2
-    with pytest.raises(DummyResultsError, match=re.escape(
+    with pytest.raises(
+        DummyResultsError,
+        match=re.escape(
             f"{url} has dummy results schema version 2, but this effattn reads version 3: run `effattn dummy` again "
-            "into a new --results path")):
+            "into a new --results path"
+        ),
+    ):
         DUMMY.open(url)
     group.attrs["schema_version"] = 3
     zarr.open_group(url, mode="r+").__delitem__("loss")
-    with pytest.raises(DummyResultsError, match=re.escape(
-            f"{url} lacks the arrays ['loss']: it was not completely created; delete it and run `effattn dummy`")):
+    with pytest.raises(
+        DummyResultsError,
+        match=re.escape(
+            f"{url} lacks the arrays ['loss']: it was not completely created; delete it and run `effattn dummy`"
+        ),
+    ):
         DUMMY.open(url)
     group.attrs["schema"] = "effattn.causal_results"
     with pytest.raises(DummyResultsError, match="is not an effattn dummy results dataset .*'effattn.causal_results'"):
@@ -199,8 +243,12 @@ def test_a_full_disk_during_a_shard_write_is_explained_and_the_shard_is_not_reco
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(storage_schemas.durable_writes.os, "fsync", full)
-    with pytest.raises(StoreFullError, match=re.escape(f"no space left while writing {tmp_path / 'dummy.zarr'} "
-                                                       "(No space left on device): free space on that disk")):
+    with pytest.raises(
+        StoreFullError,
+        match=re.escape(
+            f"no space left while writing {tmp_path / 'dummy.zarr'} (No space left on device): free space on that disk"
+        ),
+    ):
         DUMMY.write_shard(group, 0, shard_arrays(2, 1.0))
     assert DUMMY.open(url).attrs["completed_shards"] == []
 
@@ -208,8 +256,13 @@ def test_a_full_disk_during_a_shard_write_is_explained_and_the_shard_is_not_reco
 def test_results_record_the_store_they_came_from_and_a_reader_names_every_difference(tmp_path):
     store = dummy_store(str(tmp_path / "store.zarr"))
     identity = results_store_identity(store, ["effective"])
-    assert identity == {"weights_digest": "sha256:w", "corpus_digest": "c", "examples": 5, "dtype": "float32",
-                        "efficient_settings": {}}
+    assert identity == {
+        "weights_digest": "sha256:w",
+        "corpus_digest": "c",
+        "examples": 5,
+        "dtype": "float32",
+        "efficient_settings": {},
+    }
     assert "dtype" not in results_store_identity(store, [], with_dtype=False)
     attributes = store.attrs.asdict()
     check_results_of_store({"settings": {"store_identity": identity}}, attributes, "r.zarr", "s.zarr", 5)
@@ -217,10 +270,15 @@ def test_results_record_the_store_they_came_from_and_a_reader_names_every_differ
     legacy = {key: value for key, value in identity.items() if key != "dtype"}
     check_results_of_store({"settings": {"store_identity": legacy}}, attributes, "r.zarr", "s.zarr", 5)
     half = {**attributes, "layout": {**attributes["layout"], "dtype": "float16"}}
-    with pytest.raises(ResultsDatasetError, match=re.escape(
+    with pytest.raises(
+        ResultsDatasetError,
+        match=re.escape(
             "r.zarr were not computed from the attention store s.zarr (examples: results 5, store 6; dtype: results "
-            "'float32', store 'float16'): pass the store they came from with --store")):
+            "'float32', store 'float16'): pass the store they came from with --store"
+        ),
+    ):
         check_results_of_store({"settings": {"store_identity": identity}}, half, "r.zarr", "s.zarr", 6)
     with pytest.raises(DummyResultsError):
-        check_results_of_store({"settings": {"store_identity": identity}}, half, "r.zarr", "s.zarr", 5,
-                               error=DummyResultsError)
+        check_results_of_store(
+            {"settings": {"store_identity": identity}}, half, "r.zarr", "s.zarr", 5, error=DummyResultsError
+        )

@@ -24,11 +24,13 @@ def diagnostics(**overrides):
 
 
 def test_summary_counts_shares_of_blocks():
-    summary = summarize_variant(diagnostics(
-        row_sum_error=np.array([[[3e-7, 0.5]], [[1e-6, 2e-5]]]),  # two blocks over the 1e-5 tolerance
-        negative_mass=np.array([[[0.0, 0.0]], [[0.1, 1e-7]]]),  # one block with negative mass over 1e-6
-        converged=np.array([[[True, True]], [[False, True]]]),
-    ))
+    summary = summarize_variant(
+        diagnostics(
+            row_sum_error=np.array([[[3e-7, 0.5]], [[1e-6, 2e-5]]]),  # two blocks over the 1e-5 tolerance
+            negative_mass=np.array([[[0.0, 0.0]], [[0.1, 1e-7]]]),  # one block with negative mass over 1e-6
+            converged=np.array([[[True, True]], [[False, True]]]),
+        )
+    )
     assert summary == {
         "blocks": 4,
         "with_null_space": 0.5,
@@ -55,19 +57,46 @@ def test_empty_diagnostics_are_an_error():
 def test_summary_table_formats_shares_as_percentages():
     table = summary_table({"stochastic": summarize_variant(diagnostics())})
     header, rule, row = table.splitlines()
-    assert header.split() == ["variant", "blocks", "null", "space", "|A-Aeff|/|A|", "max", "output", "residual",
-                              "rows", "sum", "to", "1", "non-negative", "probability", "dist.", "converged"]
+    assert header.split() == [
+        "variant",
+        "blocks",
+        "null",
+        "space",
+        "|A-Aeff|/|A|",
+        "max",
+        "output",
+        "residual",
+        "rows",
+        "sum",
+        "to",
+        "1",
+        "non-negative",
+        "probability",
+        "dist.",
+        "converged",
+    ]
     assert re.fullmatch(r"-+( +-+){8}", rule)
-    assert row.split() == ["stochastic", "4", "50.0", "%", "0.15", "3e-15", "100.0", "%", "100.0", "%", "100.0", "%",
-                           "100.0", "%"]
+    assert row.split() == [
+        "stochastic",
+        "4",
+        "50.0",
+        "%",
+        "0.15",
+        "3e-15",
+        "100.0",
+        "%",
+        "100.0",
+        "%",
+        "100.0",
+        "%",
+        "100.0",
+        "%",
+    ]
 
 
 def test_text_table_aligns_columns_and_checks_rows():
     assert text_table(["a", "long header"], [["wide cell", "x"], ["y", "z"]]) == (
-        "a          long header\n"
-        "---------  -----------\n"
-        "wide cell  x\n"
-        "y          z"
+        "a          long header\n---------  -----------\nwide cell  x\ny          z"
     )
     with pytest.raises(ValueError, match=re.escape("a row has 1 cells, the table has 2 columns: ['x']")):
         text_table(["a", "b"], [["x"]])

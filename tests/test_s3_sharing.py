@@ -42,8 +42,20 @@ BUCKET = "effattn-sharing"
 STORE = f"s3://{BUCKET}/reviews-tiny-bert.zarr"
 # 9 of the 10 review rows, shards of 4 (the last holds 1), truncated to 16 tokens (longer than head dim 8).
 EXTRACT_OPTIONS = ["--limit", "9", "--shard-size", "4", "--batch-size", "3", "--max-length", "16", "--no-train"]
-ARRAYS = ("tokens", "length", "untruncated_length", "source_index", "label", "text_bytes", "text_offsets", "logits",
-          "attention", "value", "w_out", "out_bias")
+ARRAYS = (
+    "tokens",
+    "length",
+    "untruncated_length",
+    "source_index",
+    "label",
+    "text_bytes",
+    "text_offsets",
+    "logits",
+    "attention",
+    "value",
+    "w_out",
+    "out_bias",
+)
 
 
 def storage_options(endpoint: str) -> dict:
@@ -53,8 +65,9 @@ def storage_options(endpoint: str) -> dict:
 
 def base_environment(tmp: Path) -> dict[str, str]:
     """This environment without any S3/fsspec configuration, and with no AWS files or instance metadata to read."""
-    environment = {name: value for name, value in os.environ.items()
-                   if not name.startswith(("AWS_", "FSSPEC_", "PREFECT_API_"))}
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "FSSPEC_", "PREFECT_API_"))
+    }
     environment.update(
         AWS_CONFIG_FILE=str(tmp / "no-aws-config"),
         AWS_SHARED_CREDENTIALS_FILE=str(tmp / "no-aws-credentials"),
@@ -70,8 +83,13 @@ def base_environment(tmp: Path) -> dict[str, str]:
 
 def aws_environment(tmp: Path, endpoint: str) -> dict[str, str]:
     """The usual AWS variables, pointing at `endpoint`."""
-    return {**base_environment(tmp), "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION}
+    return {
+        **base_environment(tmp),
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+    }
 
 
 def effattn(arguments: list[str], environment: dict[str, str], prefect_home: Path | None = None) -> subprocess.Popen:
@@ -80,8 +98,14 @@ def effattn(arguments: list[str], environment: dict[str, str], prefect_home: Pat
     if prefect_home is not None:
         prefect_home.mkdir(parents=True, exist_ok=True)
         environment["PREFECT_HOME"] = str(prefect_home)
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *arguments], cwd=REPOSITORY, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *arguments],
+        cwd=REPOSITORY,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 500) -> tuple[int, str, str]:
@@ -105,8 +129,12 @@ def s3_endpoint(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("moto")
     log_path = folder / "moto.log"
     log = log_path.open("w")
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-                               stdout=log, stderr=subprocess.STDOUT, env=base_environment(folder))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=base_environment(folder),
+    )
     try:
         endpoint = None
         deadline = time.monotonic() + 60
@@ -126,8 +154,9 @@ def s3_endpoint(tmp_path_factory) -> str:
                 time.sleep(0.2)
         import boto3  # installed with moto
 
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
-                     region_name=REGION).create_bucket(Bucket=BUCKET)
+        boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name=REGION
+        ).create_bucket(Bucket=BUCKET)
         yield endpoint
     finally:
         process.terminate()  # SIGTERM to the server's process id
@@ -149,9 +178,7 @@ def stores(s3_endpoint, tiny_bert_folder, tmp_path_factory) -> dict:
     common = ["extract", "--corpus", str(corpus), "--model", str(tiny_bert_folder), *EXTRACT_OPTIONS]
     extract_output = run_ok(effattn([*common, "--store", STORE], environment, tmp / "prefect"))
     run_ok(effattn([*common, "--store", local], base_environment(tmp), tmp / "prefect"))
-    efficient_output = run_ok(
-        effattn(["efficient", "--store", STORE, "--workers", "1"], environment, tmp / "prefect")
-    )
+    efficient_output = run_ok(effattn(["efficient", "--store", STORE, "--workers", "1"], environment, tmp / "prefect"))
     return {"local": local, "tmp": tmp, "extract_output": extract_output, "efficient_output": efficient_output}
 
 
@@ -193,7 +220,12 @@ def collaborator_view(stores, s3_endpoint) -> tuple[dict, dict[str, np.ndarray]]
     environment = base_environment(stores["tmp"])  # no AWS variables: the options are passed explicitly
     result = subprocess.run(
         [sys.executable, "-c", READER, STORE, json.dumps(storage_options(s3_endpoint)), str(out)],
-        cwd=stores["tmp"], env=environment, capture_output=True, text=True, timeout=300, check=False,
+        cwd=stores["tmp"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-6000:]
     with np.load(out, allow_pickle=False) as read:
@@ -229,11 +261,13 @@ def test_the_efficient_stage_wrote_to_s3_what_recomputing_from_the_local_store_g
     assert facts["efficient_completed"] == {variant: [0, 1, 2] for variant in VARIANTS}
     assert facts["efficient_dims"] == {variant: ["example", "layer", "head", "query", "key"] for variant in VARIANTS}
     local = open_attention_store(stores["local"])
-    expected = efficient_attention(local["attention"][:], local["value"][:], local["w_out"][:], local["length"][:],
-                                   causal=False, variants=VARIANTS)
+    expected = efficient_attention(
+        local["attention"][:], local["value"][:], local["w_out"][:], local["length"][:], causal=False, variants=VARIANTS
+    )
     for variant in VARIANTS:
-        np.testing.assert_allclose(read[f"efficient__{variant}"], expected[variant].efficient, rtol=0, atol=1e-5,
-                                   err_msg=variant)
+        np.testing.assert_allclose(
+            read[f"efficient__{variant}"], expected[variant].efficient, rtol=0, atol=1e-5, err_msg=variant
+        )
     for name in DIAGNOSTIC_ARRAYS:
         assert f"simplex__{name}" in read, name
     np.testing.assert_array_equal(read["simplex__rank"], expected["simplex"].diagnostics["rank"])
@@ -332,12 +366,12 @@ def test_cli_names_an_unreachable_endpoint_and_what_to_configure(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err  # one line, no traceback
     assert lines[0].startswith(f"effattn inspect: error: cannot access {STORE} (EndpointConnectionError: ")
-    assert f"Could not connect to the endpoint URL: \"{endpoint}/" in lines[0]
+    assert f'Could not connect to the endpoint URL: "{endpoint}/' in lines[0]
     assert lines[0].endswith(
         "check that the object store is running and reachable, and that its endpoint and credentials are configured "
         "in this process's environment; for S3, set AWS_ENDPOINT_URL (an S3-compatible server), AWS_ACCESS_KEY_ID, "
         "AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION, or put s3fs options in FSSPEC_S3 as a JSON object, "
-        "e.g. FSSPEC_S3='{\"endpoint_url\": \"http://127.0.0.1:9000\", \"key\": \"...\", \"secret\": \"...\"}'"
+        'e.g. FSSPEC_S3=\'{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}\''
     )
 
 
@@ -400,13 +434,15 @@ def test_view_serves_a_remote_store(stores, s3_endpoint):
 def test_verify_of_an_unreachable_store_is_one_line_not_damage(tmp_path):
     """Credentials set, no endpoint answering: an unreachable store (exit 2), not a damaged one (exit 1)."""
     endpoint = _closed_loopback_endpoint()
-    code, out, err = finish(effattn(["verify", "s3://nonexistent-bucket/x.zarr"], aws_environment(tmp_path, endpoint)),
-                            timeout=120)
+    code, out, err = finish(
+        effattn(["verify", "s3://nonexistent-bucket/x.zarr"], aws_environment(tmp_path, endpoint)), timeout=120
+    )
     assert (code, out) == (2, ""), err
     assert "Traceback" not in err
     (line,) = err.strip().splitlines()
-    assert line.startswith("effattn verify: error: cannot access s3://nonexistent-bucket/x.zarr "
-                           "(EndpointConnectionError: ")
+    assert line.startswith(
+        "effattn verify: error: cannot access s3://nonexistent-bucket/x.zarr (EndpointConnectionError: "
+    )
     assert "DAMAGED" not in err
 
 
@@ -417,7 +453,10 @@ def test_verify_on_s3_reads_a_sound_store_and_says_when_there_is_none(stores, s3
     assert out.splitlines()[0].startswith(f"{STORE}: OK: ")
     code, out, err = finish(effattn(["verify", f"s3://{BUCKET}/nothing-here.zarr"], environment), timeout=120)
     assert (code, out, err.splitlines()) == (
-        2, "", [f"effattn verify: error: there is no store at s3://{BUCKET}/nothing-here.zarr: nothing to verify"])
+        2,
+        "",
+        [f"effattn verify: error: there is no store at s3://{BUCKET}/nothing-here.zarr: nothing to verify"],
+    )
 
 
 @pytest.mark.parametrize("command", ["verify", "inspect"])
@@ -435,7 +474,7 @@ def test_a_silent_endpoint_ends_in_one_line_after_the_time_limit(command, tmp_pa
         "EFFATTN_STORAGE_TIMEOUT=SECONDS to wait longer): check that the object store is running and reachable; for "
         "S3, set AWS_ENDPOINT_URL (an S3-compatible server), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
         "AWS_DEFAULT_REGION, or put s3fs options in FSSPEC_S3 as a JSON object, e.g. "
-        "FSSPEC_S3='{\"endpoint_url\": \"http://127.0.0.1:9000\", \"key\": \"...\", \"secret\": \"...\"}'"
+        'FSSPEC_S3=\'{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}\''
     ]
 
 
@@ -448,10 +487,16 @@ def test_the_storage_time_limit_reaches_s3_requests(monkeypatch):
     monkeypatch.setenv(STORAGE_TIMEOUT_ENV_VAR, "3")
     apply_storage_time_limits()
     assert fsspec.config.conf["s3"]["config_kwargs"] == {  # the user's read_timeout is kept
-        "read_timeout": 60, "connect_timeout": 3.0, "retries": {"max_attempts": 2, "mode": "standard"}}
+        "read_timeout": 60,
+        "connect_timeout": 3.0,
+        "retries": {"max_attempts": 2, "mode": "standard"},
+    }
     filesystem = s3fs.S3FileSystem(anon=True, skip_instance_cache=True)
     assert filesystem.config_kwargs["connect_timeout"] == 3.0
     monkeypatch.setenv(STORAGE_TIMEOUT_ENV_VAR, "soon")
-    with pytest.raises(ValueError, match="^EFFATTN_STORAGE_TIMEOUT='soon': give the seconds an object-store request "
-                                         "may wait, e.g. EFFATTN_STORAGE_TIMEOUT=30$"):
+    with pytest.raises(
+        ValueError,
+        match="^EFFATTN_STORAGE_TIMEOUT='soon': give the seconds an object-store request "
+        "may wait, e.g. EFFATTN_STORAGE_TIMEOUT=30$",
+    ):
         storage_timeout_seconds()

@@ -4,23 +4,47 @@ import json
 
 import pytest
 
-from storage_schemas.selection import (SELECTION_ATTRIBUTE, SelectionError, StoreSelection, parse_index_selection,
-                                       selection_of_store)
+from storage_schemas.selection import (
+    SELECTION_ATTRIBUTE,
+    SelectionError,
+    StoreSelection,
+    parse_index_selection,
+    selection_of_store,
+)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("0,3,5", (0, 3, 5)), ("0-2,5", (0, 1, 2, 5)), ("5, 1", (1, 5)), (" 2 - 3 ", (2, 3)), ("4", (4,)),
-    (None, None), ("", None), ("all", None), ("ALL", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0,3,5", (0, 3, 5)),
+        ("0-2,5", (0, 1, 2, 5)),
+        ("5, 1", (1, 5)),
+        (" 2 - 3 ", (2, 3)),
+        ("4", (4,)),
+        (None, None),
+        ("", None),
+        ("all", None),
+        ("ALL", None),
+    ],
+)
 def test_parse_accepts_lists_ranges_and_all(text, expected):
     assert parse_index_selection(text, 6, "layers") == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("6", "out of range"), ("0-6", "out of range"), ("1,1", "given twice"), ("0-2,2", "given twice"),
-    ("3-1", "backwards"), ("a", "not an index"), ("1,,2", "not an index"), ("-1", "not an index"),
-    ("1.5", "not an index"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("6", "out of range"),
+        ("0-6", "out of range"),
+        ("1,1", "given twice"),
+        ("0-2,2", "given twice"),
+        ("3-1", "backwards"),
+        ("a", "not an index"),
+        ("1,,2", "not an index"),
+        ("-1", "not an index"),
+        ("1.5", "not an index"),
+    ],
+)
 def test_parse_refuses_bad_text_with_a_message(text, message):
     with pytest.raises(SelectionError, match=message):
         parse_index_selection(text, 6, "heads")
@@ -98,9 +122,16 @@ def test_the_selection_of_an_opened_store_and_the_stages_that_need_everything(tm
     group.attrs.update({"layout": {"layers": 3, "heads": 4, "kv_heads": 2}})
     assert selection_of_group(group).is_everything
     require_everything(group, "g.zarr", "explain")
-    group.attrs.update({"layout": {"layers": 1, "heads": 4, "kv_heads": 2},
-                        SELECTION_ATTRIBUTE: StoreSelection.parse("2", None, 3, 4, 2).to_attribute()})
+    group.attrs.update(
+        {
+            "layout": {"layers": 1, "heads": 4, "kv_heads": 2},
+            SELECTION_ATTRIBUTE: StoreSelection.parse("2", None, 3, 4, 2).to_attribute(),
+        }
+    )
     assert selection_of_group(group).layers == (2,)
-    with pytest.raises(SelectionError, match=r"g.zarr holds 1 of 3 layers \(2\), all 4 heads; `effattn explain` "
-                                             "needs every layer and head"):
+    with pytest.raises(
+        SelectionError,
+        match=r"g.zarr holds 1 of 3 layers \(2\), all 4 heads; `effattn explain` "
+        "needs every layer and head",
+    ):
         require_everything(group, "g.zarr", "explain")

@@ -155,9 +155,23 @@ def prefect_server(tmp_path):
     log = tmp_path / "server.log"
     with log.open("wb") as output:
         server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-             "--no-ui", "--analytics-off"],
-            env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+                "--analytics-off",
+            ],
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     api_url = f"http://127.0.0.1:{port}/api"
     try:
@@ -216,11 +230,37 @@ def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_b
     log = tmp_path / "serve.log"
     with log.open("wb") as output:
         serve = subprocess.Popen(
-            [*effattn_command(), "serve", "--interval", "5", "--name", deployment,
-             "--corpus", str(corpus), "--model", str(tiny_bert_folder), "--limit", "5", "--max-length", "16",
-             "--shard-size", "4", "--batch-size", "5", "--variants", "effective", "--workers", "1",
-             "--run-dir", str(run_dir)],
-            cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                *effattn_command(),
+                "serve",
+                "--interval",
+                "5",
+                "--name",
+                deployment,
+                "--corpus",
+                str(corpus),
+                "--model",
+                str(tiny_bert_folder),
+                "--limit",
+                "5",
+                "--max-length",
+                "16",
+                "--shard-size",
+                "4",
+                "--batch-size",
+                "5",
+                "--variants",
+                "effective",
+                "--workers",
+                "1",
+                "--run-dir",
+                str(run_dir),
+            ],
+            cwd=REPO,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
@@ -244,8 +284,9 @@ def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_b
 
     assert completed["auto_scheduled"] is True  # created by the schedule, not triggered by hand
     assert completed["parameters"]["settings"]["run_dir"] == str(run_dir)  # made absolute by effattn serve
-    stores = sorted(path for path in run_dir.glob("*.zarr")
-                    if not path.name.endswith((".results.zarr", ".explanations.zarr")))
+    stores = sorted(
+        path for path in run_dir.glob("*.zarr") if not path.name.endswith((".results.zarr", ".explanations.zarr"))
+    )
     assert len(stores) == 1
     # max length 16 is not the default: the settings digest is part of the name
     assert re.fullmatch(rf"reviews-{re.escape(tiny_bert_folder.name)}-5-[0-9a-f]{{8}}\.zarr", stores[0].name)

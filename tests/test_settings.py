@@ -80,8 +80,20 @@ def test_the_simplex_defaults_are_declared_once():
 
 
 def test_run_sets_scopes_and_minimality_directions_and_every_pipeline_option():
-    _, (settings,) = parse_settings(["run", "--scopes", "all,layer", "--minimality-k", "1,2", "--all",
-                                     "--all-scope-examples", "--no-train", "--cache", "c"])
+    _, (settings,) = parse_settings(
+        [
+            "run",
+            "--scopes",
+            "all,layer",
+            "--minimality-k",
+            "1,2",
+            "--all",
+            "--all-scope-examples",
+            "--no-train",
+            "--cache",
+            "c",
+        ]
+    )
     assert (settings.scopes, settings.minimality_directions) == (("all", "layer"), (1, 2))
     assert (settings.limit, settings.scope_examples, settings.train, settings.cache_root) == (None, None, False, "c")
     run_options = {action.dest for action in build_parser().command_parsers["run"]._actions} - {"help"}
@@ -93,8 +105,10 @@ def test_run_sets_scopes_and_minimality_directions_and_every_pipeline_option():
 def test_bad_values_are_refused_by_the_command(capsys):
     for argv, message in (
         (["efficient", "--store", "s", "--workers", "0"], "argument --workers: must be a positive integer, got 0"),
-        (["causal", "--store", "s", "--results", "r", "--minimality-k", "1,x"],
-         "argument --minimality-k: must be comma-separated positive integers, got '1,x'"),
+        (
+            ["causal", "--store", "s", "--results", "r", "--minimality-k", "1,x"],
+            "argument --minimality-k: must be comma-separated positive integers, got '1,x'",
+        ),
         (["run", "--simplex-tolerance", "-1"], "argument --simplex-tolerance: must be a positive number, got -1"),
         (["extract", "--corpus", "c", "--model", "m"], "the following arguments are required: --store"),
     ):
@@ -126,11 +140,29 @@ def test_help_names_the_lists_declared_elsewhere_as_they_are():
 
 
 def test_the_pipeline_hands_its_options_to_the_stages():
-    pipeline = PipelineSettings(corpus="c.csv", model="m", limit=5, max_length=16, seed=3, split="all", workers=2,
-                                simplex_tolerance=1e-8, scopes=["all"], minimality_directions=[1], batch_size=4)
+    pipeline = PipelineSettings(
+        corpus="c.csv",
+        model="m",
+        limit=5,
+        max_length=16,
+        seed=3,
+        split="all",
+        workers=2,
+        simplex_tolerance=1e-8,
+        scopes=["all"],
+        minimality_directions=[1],
+        batch_size=4,
+    )
     extract = pipeline.extract_settings("s.zarr", "trained", "held_out")
-    assert (extract.store, extract.model, extract.split, extract.limit, extract.max_length, extract.seed,
-            extract.batch_size) == ("s.zarr", "trained", "held_out", 5, 16, 3, 4)
+    assert (
+        extract.store,
+        extract.model,
+        extract.split,
+        extract.limit,
+        extract.max_length,
+        extract.seed,
+        extract.batch_size,
+    ) == ("s.zarr", "trained", "held_out", 5, 16, 3, 4)
     efficient = pipeline.efficient_settings("s.zarr", ("effective",))
     assert (efficient.workers, efficient.recorded()["simplex_tolerance"]) == (2, 1e-8)
     causal = pipeline.causal_settings("s.zarr", "r.zarr", ("effective",))

@@ -65,8 +65,9 @@ def shard_count(results: Path, store: Path) -> int:
 
 
 def completed_shards(results: Path, store: Path) -> list[int]:
-    return sorted(int(shard) for shard, identity in records(results).items()
-                  if identity == input_identity(store, int(shard)))
+    return sorted(
+        int(shard) for shard, identity in records(results).items() if identity == input_identity(store, int(shard))
+    )
 
 
 def forget_stale_shards(results: Path, store: Path) -> list[int]:
@@ -106,9 +107,17 @@ def summarise(store: str, results: str) -> int:
 
 
 DUMMY_STAGE = Stage(
-    name="dummy", shards="dummy shards", prepare=prepare, open_output=open_output, shard_count=shard_count,
-    completed_shards=completed_shards, forget_stale_shards=forget_stale_shards, compute_shard=compute_shard,
-    mark_completed=mark_completed, summarise=summarise, open_input=open_input,
+    name="dummy",
+    shards="dummy shards",
+    prepare=prepare,
+    open_output=open_output,
+    shard_count=shard_count,
+    completed_shards=completed_shards,
+    forget_stale_shards=forget_stale_shards,
+    compute_shard=compute_shard,
+    mark_completed=mark_completed,
+    summarise=summarise,
+    open_input=open_input,
     retry=RetryPolicy(delays=(0.01,)),  # one retry, at once
 )
 
@@ -147,8 +156,10 @@ def check_protocol(store: Path, results: Path, **where) -> None:
 
 def test_a_stage_runs_in_process_records_skips_done_shards_and_forgets_stale_ones(store, tmp_path, caplog):
     check_protocol(store, tmp_path / "results")
-    assert (f"{tmp_path / 'results'}: dummy shards [1] were computed from store shards that were unfinished then "
-            "or written again since: computing them again") in caplog.messages
+    assert (
+        f"{tmp_path / 'results'}: dummy shards [1] were computed from store shards that were unfinished then "
+        "or written again since: computing them again"
+    ) in caplog.messages
 
 
 @pytest.mark.end_to_end  # a Dask cluster

@@ -47,8 +47,13 @@ def test_no_space_is_a_store_full_error_saying_what_to_do(code):
     )
 
 
-@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied", "/ro/store.zarr"),
-                                   OSError(errno.EROFS, "Read-only file system", "/ro/store.zarr")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError(errno.EACCES, "Permission denied", "/ro/store.zarr"),
+        OSError(errno.EROFS, "Read-only file system", "/ro/store.zarr"),
+    ],
+)
 def test_not_writable_is_a_store_not_writable_error(error):
     explained = explain_storage_error(error, "/ro/store.zarr")
     assert isinstance(explained, StoreNotWritableError)
@@ -59,13 +64,16 @@ def test_not_writable_is_a_store_not_writable_error(error):
 
 
 # What zarrs (Rust) raises for these failures: a RuntimeError carrying the OS error's text and number.
-@pytest.mark.parametrize("error, expected", [
-    (RuntimeError("File too large (os error 27)"), StoreFullError),
-    (RuntimeError("No space left on device (os error 28)"), StoreFullError),
-    (RuntimeError("Disk quota exceeded (os error 122)"), StoreFullError),
-    (RuntimeError("Permission denied (os error 13)"), StoreNotWritableError),
-    (RuntimeError("Read-only file system (os error 30)"), StoreNotWritableError),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (RuntimeError("File too large (os error 27)"), StoreFullError),
+        (RuntimeError("No space left on device (os error 28)"), StoreFullError),
+        (RuntimeError("Disk quota exceeded (os error 122)"), StoreFullError),
+        (RuntimeError("Permission denied (os error 13)"), StoreNotWritableError),
+        (RuntimeError("Read-only file system (os error 30)"), StoreNotWritableError),
+    ],
+)
 def test_zarrs_os_errors_are_explained_by_their_number(error, expected):
     explained = explain_storage_error(error, "/data/store.zarr")
     assert type(explained) is expected
@@ -78,22 +86,28 @@ def test_zarrs_os_errors_are_explained_by_their_number(error, expected):
 
 
 def test_a_runtime_error_without_an_os_error_number_is_not_an_os_error():
-    for error in (RuntimeError("the checksum is invalid"), RuntimeError("os error 28 happened elsewhere"),
-                  RuntimeError("Non-native byte order not supported")):
+    for error in (
+        RuntimeError("the checksum is invalid"),
+        RuntimeError("os error 28 happened elsewhere"),
+        RuntimeError("Non-native byte order not supported"),
+    ):
         assert as_os_error(error) is None and explain_storage_error(error, "s") is None
         with pytest.raises(RuntimeError), storage_errors_explained("s"):
             raise error
 
 
-@pytest.mark.parametrize("error, corrupt", [
-    (ValueError("Stored and computed checksum do not match. Stored: b'1234'. Computed: b'5678'."), True),  # zarr
-    (RuntimeError("the checksum is invalid"), True),  # zarrs, a CRC32C mismatch
-    (OSError("Data corruption detected"), True),  # zarrs, Zstandard finding corrupt data
-    (OSError(errno.EIO, "Input/output error: checksum of the block"), False),  # a real I/O error, by number
-    (RuntimeError("Input/output error (os error 5)"), False),
-    (ValueError("shard 1: 'value' has shape (3,), expected (4,)"), False),
-    (KeyError("checksum"), False),
-])
+@pytest.mark.parametrize(
+    "error, corrupt",
+    [
+        (ValueError("Stored and computed checksum do not match. Stored: b'1234'. Computed: b'5678'."), True),  # zarr
+        (RuntimeError("the checksum is invalid"), True),  # zarrs, a CRC32C mismatch
+        (OSError("Data corruption detected"), True),  # zarrs, Zstandard finding corrupt data
+        (OSError(errno.EIO, "Input/output error: checksum of the block"), False),  # a real I/O error, by number
+        (RuntimeError("Input/output error (os error 5)"), False),
+        (ValueError("shard 1: 'value' has shape (3,), expected (4,)"), False),
+        (KeyError("checksum"), False),
+    ],
+)
 def test_damaged_chunks_are_recognised_as_either_pipeline_raises_them(error, corrupt):
     assert is_corrupt_chunk_error(error) is corrupt
     if corrupt:
@@ -117,26 +131,29 @@ def test_a_wrapped_cause_is_found_and_other_errors_pass_unchanged():
     assert isinstance(raised.value.__cause__, OSError)
 
 
-@pytest.mark.parametrize("error, transient", [
-    (OSError(errno.EIO, "Input/output error"), True),
-    (RuntimeError("Input/output error (os error 5)"), True),  # zarrs
-    (RuntimeError("Connection reset by peer (os error 104)"), True),
-    (RuntimeError("No space left on device (os error 28)"), False),
-    (RuntimeError("Permission denied (os error 13)"), False),
-    (RuntimeError("No such file or directory (os error 2)"), False),
-    (RuntimeError("the checksum is invalid"), False),
-    (OSError("a flaky object store"), True),
-    (ConnectionResetError("connection reset by peer"), True),
-    (TimeoutError("read timed out"), True),
-    (OSError(errno.ENOSPC, "No space left on device"), False),
-    (OSError(errno.EFBIG, "File too large"), False),
-    (OSError(errno.EROFS, "Read-only file system"), False),
-    (PermissionError("Permission denied"), False),
-    (FileNotFoundError("no such file"), False),
-    (StoreFullError("no space left while writing ..."), False),
-    (ValueError("shard 1: 'value' has shape ..."), False),
-    (KeyError("attention"), False),
-])
+@pytest.mark.parametrize(
+    "error, transient",
+    [
+        (OSError(errno.EIO, "Input/output error"), True),
+        (RuntimeError("Input/output error (os error 5)"), True),  # zarrs
+        (RuntimeError("Connection reset by peer (os error 104)"), True),
+        (RuntimeError("No space left on device (os error 28)"), False),
+        (RuntimeError("Permission denied (os error 13)"), False),
+        (RuntimeError("No such file or directory (os error 2)"), False),
+        (RuntimeError("the checksum is invalid"), False),
+        (OSError("a flaky object store"), True),
+        (ConnectionResetError("connection reset by peer"), True),
+        (TimeoutError("read timed out"), True),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (OSError(errno.EFBIG, "File too large"), False),
+        (OSError(errno.EROFS, "Read-only file system"), False),
+        (PermissionError("Permission denied"), False),
+        (FileNotFoundError("no such file"), False),
+        (StoreFullError("no space left while writing ..."), False),
+        (ValueError("shard 1: 'value' has shape ..."), False),
+        (KeyError("attention"), False),
+    ],
+)
 def test_only_transient_io_errors_are_retried(error, transient):
     assert is_transient_io_error(error) is transient
 
@@ -167,8 +184,10 @@ def test_retry_backs_off_on_transient_errors_and_gives_up_after_the_last_delay()
     assert always.calls == 3 and slept == [0.5, 2.0]
 
 
-@pytest.mark.parametrize("error", [ValueError("shard 1: 'value' has shape (3,), expected (4,)"),
-                                   OSError(errno.ENOSPC, "No space left on device")])
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("shard 1: 'value' has shape (3,), expected (4,)"), OSError(errno.ENOSPC, "No space left on device")],
+)
 def test_retry_raises_other_errors_at_once(error):
     slept = []
     flaky = Flaky(1, error)
@@ -185,8 +204,9 @@ def test_retry_raises_other_errors_at_once(error):
 def extracted_store(tmp_path_factory, tiny_bert_folder) -> str:
     """The tiny BERT over the 10 reviews, shards of 4; no efficient attention yet."""
     folder = tmp_path_factory.mktemp("faults")
-    return build_real_store(str(folder / "store.zarr"), tiny_bert_folder, write_corpus(folder / "reviews.csv"),
-                            variants=())
+    return build_real_store(
+        str(folder / "store.zarr"), tiny_bert_folder, write_corpus(folder / "reviews.csv"), variants=()
+    )
 
 
 @pytest.fixture()
@@ -209,8 +229,10 @@ def test_the_efficient_stage_retries_a_transient_write_error_and_succeeds(store_
         return write_efficient_shard(*args)
 
     monkeypatch.setattr(tasks.efficient, "write_efficient_shard", flaky_write)
-    assert compute_efficient_shard(store_with_variant, 1, ["effective"], SETTINGS, retry_delays=(0.01, 0.01, 0.01)) \
-        == (1, ["effective"])
+    assert compute_efficient_shard(store_with_variant, 1, ["effective"], SETTINGS, retry_delays=(0.01, 0.01, 0.01)) == (
+        1,
+        ["effective"],
+    )
     assert calls == [1, 1, 1]  # two failures, then the write that succeeded
     group = open_attention_store(store_with_variant)
     region = store_layout(group).shard_slice(1)
@@ -220,8 +242,13 @@ def test_the_efficient_stage_retries_a_transient_write_error_and_succeeds(store_
         assert np.abs(written[example, :, :, :n, :n]).sum(-1).all()
 
 
-@pytest.mark.parametrize("error", [ValueError("efficient/effective has shape (1,), expected (4, ...)"),
-                                   OSError(errno.ENOSPC, "No space left on device")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("efficient/effective has shape (1,), expected (4, ...)"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+)
 def test_the_efficient_stage_does_not_retry_other_errors(store_with_variant, monkeypatch, error):
     flaky = Flaky(1, error)
     monkeypatch.setattr(tasks.efficient, "write_efficient_shard", flaky)
@@ -244,14 +271,20 @@ def test_nan_in_a_stored_tensor_is_refused_by_the_efficient_stage(store_with_var
     with pytest.raises(ValueError, match=re.escape(message)):
         compute_efficient_shard(store_with_variant, 1, ["effective"], SETTINGS)
     # the stage on Dask computes one layer per task: the message names the layer
-    with pytest.raises(ValueError, match=re.escape(
-        f"{store_with_variant}, shard 1 (examples 4 to 7, layer 0; indices below count from example 4 and layer 0): "
-        "value holds 1 NaN or infinite values (the first at [example, layer, kv_head, position, head_dim] "
-        "(1, 0, 2, 3, 5))"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{store_with_variant}, shard 1 (examples 4 to 7, layer 0; indices below count from example 4 and layer "
+            "0): "
+            "value holds 1 NaN or infinite values (the first at [example, layer, kv_head, position, head_dim] "
+            "(1, 0, 2, 3, 5))"
+        ),
+    ):
         compute_efficient_piece(store_with_variant, 1, (0, 1), ["effective"], SETTINGS)
-    assert compute_efficient_piece(store_with_variant, 1, (1, 2), ["effective"], SETTINGS)["effective"] \
-        .efficient.shape[1] == 1  # the other layer is fine
+    assert (
+        compute_efficient_piece(store_with_variant, 1, (1, 2), ["effective"], SETTINGS)["effective"].efficient.shape[1]
+        == 1
+    )  # the other layer is fine
 
 
 def test_a_damaged_unfinished_shard_is_rewritten_and_its_files_are_synced(store_with_variant):

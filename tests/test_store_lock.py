@@ -55,7 +55,10 @@ except StoreLockedError as error:
 def start_holder(url: str, stage: str = "extract", start_at: float = 0.0, hold: float = 0.0) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", HOLDER, url, stage, str(start_at), str(hold)],
-        cwd=REPOSITORY, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=REPOSITORY,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
     )
 
@@ -82,9 +85,17 @@ def lock_file(url: str) -> Path:
 
 
 def write_record(url: str, **fields) -> None:
-    record = {"schema": "effattn.store_lock", "store": url, "stage": "extract", "host": HOST, "pid": os.getpid(),
-              "process_started": psutil.Process().create_time(), "started": "2026-01-02T03:04:05+00:00",
-              "token": "t", **fields}
+    record = {
+        "schema": "effattn.store_lock",
+        "store": url,
+        "stage": "extract",
+        "host": HOST,
+        "pid": os.getpid(),
+        "process_started": psutil.Process().create_time(),
+        "started": "2026-01-02T03:04:05+00:00",
+        "token": "t",
+        **fields,
+    }
     lock_file(url).write_text(json.dumps(record))
 
 
@@ -195,10 +206,13 @@ def test_a_holder_on_another_host_is_refused_until_unlocked(url, capsys):
 
 def test_unlock_refuses_while_the_holder_runs(url):
     with hold_store_lock(url, "extract") as lock:
-        with pytest.raises(StoreLockedError, match=re.escape(
-            f"{url} is locked by effattn extract (host {HOST}, pid {os.getpid()}, started {lock.holder.started}), "
-            f"which is still running: stop that run first (kill {os.getpid()} on that host)"
-        )):
+        with pytest.raises(
+            StoreLockedError,
+            match=re.escape(
+                f"{url} is locked by effattn extract (host {HOST}, pid {os.getpid()}, started {lock.holder.started}), "
+                f"which is still running: stop that run first (kill {os.getpid()} on that host)"
+            ),
+        ):
             break_store_lock(url)
         assert read_store_lock(url) == lock.holder
 
@@ -285,8 +299,16 @@ def test_object_store_stale_and_remote_records(memory_url):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
     assert not psutil.pid_exists(dead_pid)
-    record = {"schema": "effattn.store_lock", "store": memory_url, "stage": "extract", "host": HOST, "pid": dead_pid,
-              "process_started": None, "started": "2026-01-02T03:04:05+00:00", "token": "t"}
+    record = {
+        "schema": "effattn.store_lock",
+        "store": memory_url,
+        "stage": "extract",
+        "host": HOST,
+        "pid": dead_pid,
+        "process_started": None,
+        "started": "2026-01-02T03:04:05+00:00",
+        "token": "t",
+    }
     memory.pipe(path, json.dumps(record).encode())
     with hold_store_lock(memory_url, "efficient") as lock:
         assert lock.taken_over.pid == dead_pid
@@ -305,9 +327,14 @@ def test_checking_for_a_lock_takes_none_and_refuses_a_live_or_remote_holder(url)
     check_store_unlocked(url)  # no lock file: nothing written either
     assert not lock_file(url).exists()
     write_record(url, pid=os.getpid())  # alive, on this host
-    with pytest.raises(StoreLockedError, match=re.escape(f"{url} is locked by effattn extract (host {HOST}, pid "
-                                                         f"{os.getpid()}, started 2026-01-02T03:04:05+00:00), which "
-                                                         "is still running and writing into it")):
+    with pytest.raises(
+        StoreLockedError,
+        match=re.escape(
+            f"{url} is locked by effattn extract (host {HOST}, pid "
+            f"{os.getpid()}, started 2026-01-02T03:04:05+00:00), which "
+            "is still running and writing into it"
+        ),
+    ):
         check_store_unlocked(url)
     write_record(url, host="gpu-node-7", pid=4242)
     with pytest.raises(StoreLockedError, match="on another host, so whether it is still running cannot be checked"):

@@ -20,11 +20,11 @@ WORDS = ["alpha", "beta", "gamma", "delta", "omega"]
 class CountingStore(WrapperStore):
     """A zarr store that records the key of every read."""
 
-    def __init__(self, store) -> None:  # noqa: ANN001
+    def __init__(self, store) -> None:
         super().__init__(store)
         self.keys: list[str] = []
 
-    async def get(self, key, prototype, byte_range=None):  # noqa: ANN001, ANN201
+    async def get(self, key, prototype, byte_range=None):
         self.keys.append(key)
         return await self._store.get(key, prototype, byte_range)
 
@@ -93,8 +93,9 @@ def test_filters_and_search_match_a_brute_force_answer(big_store):
 
 
 def test_a_store_being_written_shows_its_completed_shards_only(tmp_path):
-    url = build_text_store(str(tmp_path / "partial.zarr"), [f"text {i}" for i in range(10)], [0] * 10,
-                           shard_size=4, completed=[0, 2])
+    url = build_text_store(
+        str(tmp_path / "partial.zarr"), [f"text {i}" for i in range(10)], [0] * 10, shard_size=4, completed=[0, 2]
+    )
     view = StoreView(url)
     assert view.visible_examples().tolist() == [0, 1, 2, 3, 8, 9]
     page = view.table(TableQuery(limit=10))
@@ -168,10 +169,14 @@ def test_overview_grid_is_the_mean_null_norm_ratio_of_completed_shards(real_stor
 
 def test_causal_outcomes_and_results_of_another_store(real_store, tmp_path):
     flipped = np.array([[i % 2 for i in range(10)], [i >= 5 for i in range(10)]])
-    results = build_causal_results(str(tmp_path / "results.zarr"), real_store,
-                                   [("null:simplex", "null", "simplex"), ("uniform", "uniform", "")], flipped,
-                                   shards=[0, 1], claims=[{"claim": "c", "verdict": "holds", "measured": "m",
-                                                           "test": "t"}])
+    results = build_causal_results(
+        str(tmp_path / "results.zarr"),
+        real_store,
+        [("null:simplex", "null", "simplex"), ("uniform", "uniform", "")],
+        flipped,
+        shards=[0, 1],
+        claims=[{"claim": "c", "verdict": "holds", "measured": "m", "test": "t"}],
+    )
     view = StoreView(real_store, results)
     assert view.columns[-2:] == ["flipped by null:simplex", "flipped by uniform"]
     page = view.table(TableQuery(limit=10))
@@ -182,8 +187,11 @@ def test_causal_outcomes_and_results_of_another_store(real_store, tmp_path):
     assert view.claims()[0]["verdict"] == "holds"
 
     other = build_text_store(str(tmp_path / "other.zarr"), [f"t {i}" for i in range(10)], [0] * 10, shard_size=4)
-    with pytest.raises(CausalResultsError, match=r"were not computed from the attention store .*other.zarr "
-                                                 r"\(weights_digest: results .*: give the store they came from"):
+    with pytest.raises(
+        CausalResultsError,
+        match=r"were not computed from the attention store .*other.zarr "
+        r"\(weights_digest: results .*: give the store they came from",
+    ):
         StoreView(other, results)
 
 

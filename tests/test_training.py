@@ -22,9 +22,9 @@ from analysis.training import (
     TrainingSettings,
     cached_model_card,
     check_trainable,
-    head_to_train,
     default_cache_root,
     head_cache_key,
+    head_to_train,
     train_classifier,
     trained_head_folder,
 )
@@ -94,8 +94,15 @@ def test_cache_key_is_canonical_and_covers_every_input():
         *(
             head_cache_key("sha256:base", "sha256:corpus", TrainingSettings(**{name: value}))
             for name, value in dict(
-                epochs=3, batch_size=16, learning_rate=1e-4, max_length=256, weight_decay=0.0,
-                warmup_fraction=0.0, held_out_fraction=0.1, seed=1, max_train_examples=100,
+                epochs=3,
+                batch_size=16,
+                learning_rate=1e-4,
+                max_length=256,
+                weight_decay=0.0,
+                warmup_fraction=0.0,
+                held_out_fraction=0.1,
+                seed=1,
+                max_train_examples=100,
             ).items()
         ),
     }
@@ -264,10 +271,17 @@ def test_train_flow_through_prefect(base_folder, cue_csv, tmp_path, monkeypatch,
     from flows.train import train
 
     monkeypatch.setenv("EFFATTN_CACHE", str(tmp_path / "cache"))
-    folder = train(TrainSettings(
-        corpus=str(cue_csv), model=str(base_folder), epochs=SETTINGS.epochs, seed=SETTINGS.seed,
-        batch_size=SETTINGS.batch_size, learning_rate=SETTINGS.learning_rate, max_length=SETTINGS.max_length,
-    ))
+    folder = train(
+        TrainSettings(
+            corpus=str(cue_csv),
+            model=str(base_folder),
+            epochs=SETTINGS.epochs,
+            seed=SETTINGS.seed,
+            batch_size=SETTINGS.batch_size,
+            learning_rate=SETTINGS.learning_rate,
+            max_length=SETTINGS.max_length,
+        )
+    )
     folder = Path(folder)
     assert folder.parent == tmp_path / "cache" / "heads"
     card = cached_model_card(folder)

@@ -19,8 +19,8 @@ import xarray as xr
 from PIL import Image
 
 from analysis.efficient_attention import efficient_attention
-from analysis.projections import orthogonal_projection
 from analysis.interventions import Intervention, intervention_matrices
+from analysis.projections import orthogonal_projection
 from analysis.variants import (
     CLOSED_FORM,
     ITERATIVE,
@@ -46,8 +46,14 @@ def midpoint(inputs, with_ones):
 
 
 MIDPOINT = Variant(
-    name="midpoint", compute=midpoint, projects_with_ones=True, keeps_output=True, keeps_row_sums=True,
-    non_negative=False, cost=CLOSED_FORM, description="(A + A P_[T|1]) / 2: half of the stochastic null part removed",
+    name="midpoint",
+    compute=midpoint,
+    projects_with_ones=True,
+    keeps_output=True,
+    keeps_row_sums=True,
+    non_negative=False,
+    cost=CLOSED_FORM,
+    description="(A + A P_[T|1]) / 2: half of the stochastic null part removed",
     colour=MIDPOINT_COLOUR,
 )
 
@@ -68,8 +74,11 @@ def random_batch(seed: int, examples=2, heads=2, positions=12, head_dim=4, hidde
 def test_the_built_in_records_say_what_each_variant_guarantees():
     assert tuple(VARIANTS) == ("effective", "stochastic", "simplex") == tuple(r.name for r in variant_records())
     effective, stochastic, simplex = variant_records()
-    assert (effective.projects_with_ones, stochastic.projects_with_ones, simplex.projects_with_ones) == \
-        (False, True, True)
+    assert (effective.projects_with_ones, stochastic.projects_with_ones, simplex.projects_with_ones) == (
+        False,
+        True,
+        True,
+    )
     assert all(record.keeps_output for record in variant_records())
     assert (effective.keeps_row_sums, stochastic.keeps_row_sums, simplex.keeps_row_sums) == (False, True, True)
     assert (effective.non_negative, stochastic.non_negative, simplex.non_negative) == (False, False, True)
@@ -135,8 +144,9 @@ def test_the_default_variants_leave_out_those_too_slow_at_the_stores_length():
 def test_a_registered_variant_is_computed_with_its_null_space_diagnostics():
     attention, value, w_out, length = random_batch(2)
     with registered_variant(MIDPOINT):
-        results = efficient_attention(attention, value, w_out, length, causal=False,
-                                      variants=["stochastic", "midpoint"])
+        results = efficient_attention(
+            attention, value, w_out, length, causal=False, variants=["stochastic", "midpoint"]
+        )
     stochastic, half = results["stochastic"], results["midpoint"]
     np.testing.assert_allclose(half.efficient, (attention + stochastic.efficient) / 2, atol=1e-12)
     np.testing.assert_array_equal(half.diagnostics["null_dim"], stochastic.diagnostics["null_dim"])  # [T|1]
@@ -152,13 +162,22 @@ def test_the_noise_of_a_registered_variant_lies_in_the_null_space_its_record_nam
     for projects_with_ones in (True, False):
         record = dataclasses.replace(MIDPOINT, projects_with_ones=projects_with_ones)
         with registered_variant(record):
-            efficient = efficient_attention(attention, value, w_out, length, causal=False,
-                                            variants=["midpoint"])["midpoint"].efficient
-            noisy = intervention_matrices(Intervention("efficient+null-noise", "midpoint"), attention, value, w_out,
-                                          length, causal=False, efficient=efficient).astype(np.float64)
+            efficient = efficient_attention(attention, value, w_out, length, causal=False, variants=["midpoint"])[
+                "midpoint"
+            ].efficient
+            noisy = intervention_matrices(
+                Intervention("efficient+null-noise", "midpoint"),
+                attention,
+                value,
+                w_out,
+                length,
+                causal=False,
+                efficient=efficient,
+            ).astype(np.float64)
         noise = noisy - efficient
-        np.testing.assert_allclose(np.linalg.norm(noise, axis=(-2, -1)),
-                                   np.linalg.norm(attention - efficient, axis=(-2, -1)), rtol=1e-5)
+        np.testing.assert_allclose(
+            np.linalg.norm(noise, axis=(-2, -1)), np.linalg.norm(attention - efficient, axis=(-2, -1)), rtol=1e-5
+        )
         np.testing.assert_allclose(noise @ t, 0, atol=1e-5)  # the output is kept either way
         row_sums_moved = np.abs(noise.sum(-1)).max()
         assert (row_sums_moved < 1e-5) == projects_with_ones, row_sums_moved
@@ -185,15 +204,25 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
     from tests.conftest import write_reviews_csv
 
     store, results = str(tmp_path / "store.zarr"), str(tmp_path / "results.zarr")
-    extract(ExtractSettings(
-        corpus=str(write_reviews_csv(tmp_path / "reviews.csv")), model=str(tiny_llama_folder), store=store,
-        shard_size=4, batch_size=4, train=False))
+    extract(
+        ExtractSettings(
+            corpus=str(write_reviews_csv(tmp_path / "reviews.csv")),
+            model=str(tiny_llama_folder),
+            store=store,
+            shard_size=4,
+            batch_size=4,
+            train=False,
+        )
+    )
     threads = torch.get_num_threads()
     with registered_variant(MIDPOINT):
         try:
             with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-                efficient(EfficientSettings(
-                    store=store, variants=["stochastic", "midpoint"], dask_address=cluster.scheduler_address))
+                efficient(
+                    EfficientSettings(
+                        store=store, variants=["stochastic", "midpoint"], dask_address=cluster.scheduler_address
+                    )
+                )
         finally:
             torch.set_num_threads(threads)  # the in-process worker set it to 1
         group = open_attention_store(store)
@@ -212,8 +241,9 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
         row[0] += 0.05
         writable[0, 0, 0, 0] = row
         damaged = verify_store(store)
-        assert {(problem.array, problem.shard, problem.kind) for problem in damaged.problems} == \
-            {("efficient/midpoint", 0, "invariant")}
+        assert {(problem.array, problem.shard, problem.kind) for problem in damaged.problems} == {
+            ("efficient/midpoint", 0, "invariant")
+        }
         assert "row sum" in damaged.text() and "||(A_eff - A) T||" in damaged.text()
         row[0] -= 0.05
         writable[0, 0, 0, 0] = row
@@ -237,7 +267,7 @@ def test_a_registered_variant_goes_through_every_stage(tmp_path, tiny_llama_fold
         assert "<td>midpoint</td>" in page  # the per-variant diagnostics table
         with Image.open(out / "null-norm-ratio.png") as image:
             pixels = np.asarray(image.convert("RGB"), dtype=int)
-        colour = np.array([int(MIDPOINT_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+        colour = np.array([int(MIDPOINT_COLOUR[i : i + 2], 16) for i in (1, 3, 5)])
         assert (np.abs(pixels - colour).sum(-1) < 30).sum() > 50  # the midpoint's curve, in its colour
     assert "midpoint" not in VARIANTS
 
@@ -248,7 +278,9 @@ def test_unknown_variant_names_are_refused_naming_the_flag():
     require_known_variants(["effective", "simplex"])
     with pytest.raises(ValueError) as refused:
         require_known_variants(["effective", "nosuch"])
-    assert str(refused.value) == ("--variants effective,nosuch: unknown efficient-attention variants ['nosuch']: "
-                                  "choose from effective,stochastic,simplex (comma-separated)")
+    assert str(refused.value) == (
+        "--variants effective,nosuch: unknown efficient-attention variants ['nosuch']: "
+        "choose from effective,stochastic,simplex (comma-separated)"
+    )
     with pytest.raises(ValueError, match=r"^--next-token-variants : unknown efficient-attention variants \[\]"):
         require_known_variants([], "--next-token-variants")

@@ -15,8 +15,8 @@ from analysis import store_checks
 from flows.cli import main
 from flows.settings import CausalSettings
 from storage_schemas.attention_store import completed_shards, open_attention_store
-from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.durable_writes import shard_file_paths
+from storage_schemas.efficient_store import efficient_completed_shards
 from storage_schemas.verification import Problem, content_digests, verify_store
 from tests.store_builders import build_real_store, build_v1_store, write_corpus
 
@@ -112,8 +112,10 @@ def test_a_damaged_shard_index_is_named_too(store):
 def test_nan_in_a_stored_tensor_is_reported(store):
     set_entry(store, "value", (5, 1, 2, 3, 4), np.nan)
     report = verify_store(store)
-    assert Problem("value", 1, "non-finite", "1 NaN or infinite values, the first at index (5, 1, 2, 3, 4)") \
+    assert (
+        Problem("value", 1, "non-finite", "1 NaN or infinite values, the first at index (5, 1, 2, 3, 4)")
         in report.problems
+    )
     assert len(report.problems) == 1  # the efficient results are not blamed for their damaged input
 
 
@@ -127,10 +129,15 @@ def test_efficient_attention_that_changes_the_output_is_reported(store):
     assert {(p.array, p.shard, p.kind) for p in report.problems} == {("efficient/stochastic", 2, "invariant")}
     details = sorted(p.detail for p in report.problems)
     assert len(details) == 2
-    assert details[0].startswith("|row sum - row sum of the attention| is 0.05 (tolerance 0.0001) at "
-                                 "(example, layer, head) (9, 0, 3), 1 such places in the shard")
-    assert re.match(r"\|\|\(A_eff - A\) T\|\| / \|\|A T\|\| is [0-9.e-]+ \(tolerance 0.0001\) at "
-                    r"\(example, layer, head\) \(9, 0, 3\), 1 such places in the shard", details[1])
+    assert details[0].startswith(
+        "|row sum - row sum of the attention| is 0.05 (tolerance 0.0001) at "
+        "(example, layer, head) (9, 0, 3), 1 such places in the shard"
+    )
+    assert re.match(
+        r"\|\|\(A_eff - A\) T\|\| / \|\|A T\|\| is [0-9.e-]+ \(tolerance 0.0001\) at "
+        r"\(example, layer, head\) \(9, 0, 3\), 1 such places in the shard",
+        details[1],
+    )
 
 
 def test_attention_rows_that_do_not_sum_to_one_and_padding_are_reported(store):
@@ -140,8 +147,9 @@ def test_attention_rows_that_do_not_sum_to_one_and_padding_are_reported(store):
     set_entry(store, "attention", (0, 1, 2, 0, 0), float(group["attention"][0, 1, 2, 0, 0]) + 0.01)
     set_entry(store, "attention", (1, 0, 3, n, 0), 0.5)
     report = verify_store(store)
-    found = {(p.array, p.shard, p.kind, p.detail.split(" (tolerance")[0]) for p in report.problems
-             if p.array == "attention"}
+    found = {
+        (p.array, p.shard, p.kind, p.detail.split(" (tolerance")[0]) for p in report.problems if p.array == "attention"
+    }
     assert found == {
         ("attention", 0, "invariant", "|row sum - 1| over the real tokens is 0.01"),
         ("attention", 0, "invariant", "|entry| outside the real block is 0.5"),
@@ -161,10 +169,16 @@ def test_a_wrong_schema_version_is_a_schema_problem(store, capsys):
     group = zarr.open_group(store, mode="r+")
     group.attrs["schema_version"] = 99
     report = verify_store(store)
-    assert report.problems[0] == Problem("", None, "schema", (
-        f"{store} has attention store schema version 99, but this effattn reads versions [1, 2]: extract again into "
-        "a new store, or use the effattn release that wrote it"
-    ))
+    assert report.problems[0] == Problem(
+        "",
+        None,
+        "schema",
+        (
+            f"{store} has attention store schema version 99, but this effattn reads versions [1, 2]: extract again "
+            "into "
+            "a new store, or use the effattn release that wrote it"
+        ),
+    )
     assert main(["verify", store]) == 1
     out = capsys.readouterr().out
     assert "what to do: store cannot be rewritten shard by shard: extract again into a new store" in out
@@ -234,7 +248,8 @@ def test_output_residual_is_zero_for_a_null_space_change_and_not_otherwise_and_n
 
 @pytest.mark.end_to_end
 def test_repair_then_rerun_recomputes_every_efficient_and_causal_shard_computed_from_a_damaged_one(
-        store, pristine, tiny_bert_folder, tmp_path, capsys):
+    store, pristine, tiny_bert_folder, tmp_path, capsys
+):
     """Damage an attention shard and a simplex shard under finished causal results; `verify --repair`; rerun the
     extraction, the efficient stage and the causal stage: the causal shards measured on the damaged shards (0 and 2)
     count as not done until measured again, and are; shard 1, whose inputs were untouched, is not measured again."""
@@ -291,22 +306,32 @@ def test_weight_outside_a_recorded_key_band_is_reported(tmp_path):
     from tests.tiny_architectures import tiny_model
 
     folder = save_model_folder(tiny_model("mistral", vocab_size=30522, head_dim=2), tmp_path / "mistral")
-    url = build_real_store(str(tmp_path / "mistral.zarr"), folder, write_corpus(tmp_path / "reviews.csv"),
-                           variants=("effective",))
+    url = build_real_store(
+        str(tmp_path / "mistral.zarr"), folder, write_corpus(tmp_path / "reviews.csv"), variants=("effective",)
+    )
     assert open_attention_store(url).attrs["model"]["key_bands"] == [{"left": 3, "right": 0}] * 2
     assert verify_store(url).ok, verify_store(url).text()
     set_entry(url, "efficient/effective", (9, 1, 0, 12, 2), 0.25)  # query 12 sees keys 9..12 only
     problems = verify_store(url).problems
     assert {(p.array, p.shard, p.kind) for p in problems} == {("efficient/effective", 2, "invariant")}
-    assert any(p.detail.startswith("|weight| on keys outside the layer's key band is 0.25 (tolerance 1e-06) at "
-                                   "(example, layer, head) (9, 1, 0)") for p in problems), problems
+    assert any(
+        p.detail.startswith(
+            "|weight| on keys outside the layer's key band is 0.25 (tolerance 1e-06) at "
+            "(example, layer, head) (9, 1, 0)"
+        )
+        for p in problems
+    ), problems
 
 
 def test_a_v1_store_verifies_clean_and_its_damage_is_named_by_example_and_layer(tmp_path, tiny_bert_folder):
     """A store of schema v1 (texts in a `string` array, chunks of one example x one layer), efficient variants
     computed by this version: clean; flipped bytes are located to (example, layer) chunks."""
-    url = build_v1_store(str(tmp_path / "v1.zarr"), tiny_bert_folder, write_corpus(tmp_path / "reviews.csv"),
-                         variants=("effective", "simplex"))
+    url = build_v1_store(
+        str(tmp_path / "v1.zarr"),
+        tiny_bert_folder,
+        write_corpus(tmp_path / "reviews.csv"),
+        variants=("effective", "simplex"),
+    )
     group = open_attention_store(url)
     assert group.attrs["schema_version"] == 1 and group["efficient/simplex"].chunks[1] == 1
     report = verify_store(url)
@@ -323,14 +348,25 @@ def test_a_v1_store_verifies_clean_and_its_damage_is_named_by_example_and_layer(
 def test_a_store_of_selected_layers_is_verified_on_them_and_a_wrong_selection_is_damage(store):
     group = zarr.open_group(store, mode="r+")
     # the 2 stored layers as model layers 1, 2 of 3 (every head): the same checks, and a note saying so
-    group.attrs["selection"] = {"layers": [1, 2], "heads": [0, 1, 2, 3], "kv_heads": [0, 1, 2, 3],
-                                "model_layers": 3, "model_heads": 4, "model_kv_heads": 4}
-    group.attrs["model"] = {**group.attrs["model"], "layers": 3,
-                            "key_bands": [*group.attrs["model"]["key_bands"], {"left": None, "right": None}]}
+    group.attrs["selection"] = {
+        "layers": [1, 2],
+        "heads": [0, 1, 2, 3],
+        "kv_heads": [0, 1, 2, 3],
+        "model_layers": 3,
+        "model_heads": 4,
+        "model_kv_heads": 4,
+    }
+    group.attrs["model"] = {
+        **group.attrs["model"],
+        "layers": 3,
+        "key_bands": [*group.attrs["model"]["key_bands"], {"left": None, "right": None}],
+    }
     report = verify_store(store)
     assert report.ok, report.text()
-    assert report.notes == ["the store holds 2 of 3 layers (1, 2), all 4 heads: the layer and head numbers above "
-                            "count the stored ones (the `selection` attribute maps them to the model's)"]
+    assert report.notes == [
+        "the store holds 2 of 3 layers (1, 2), all 4 heads: the layer and head numbers above "
+        "count the stored ones (the `selection` attribute maps them to the model's)"
+    ]
     group.attrs["selection"] = {**group.attrs["selection"], "layers": [2]}  # one layer named, two stored
     problems = verify_store(store).problems
     assert [(p.array, p.kind) for p in problems][:1] == [("", "schema")]
@@ -345,15 +381,19 @@ def test_an_unfinished_store_is_incomplete_not_ok_and_not_damaged(store, capsys)
     unmark_efficient_shards(open_attention_store(store, mode="r+"), "simplex", [2])
     report = verify_store(store)
     assert (report.ok, report.status, report.exit_status) == (True, "incomplete", 3)
-    assert report.unfinished == [f"efficient/simplex shards [2] are not completed: run `effattn efficient --store "
-                                 f"{store} --variants simplex` to finish them"]
+    assert report.unfinished == [
+        f"efficient/simplex shards [2] are not completed: run `effattn efficient --store "
+        f"{store} --variants simplex` to finish them"
+    ]
     assert report.text().splitlines()[1:] == [f"  {report.unfinished[0]}"]
     unmark_shards(open_attention_store(store, mode="r+"), [1])
     assert main(["verify", store]) == 3
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"{store}: INCOMPLETE: ")
-    assert printed[1] == ("  extraction shards [1] are not completed: run the `effattn extract` command that "
-                          "created the store again to finish them")
+    assert printed[1] == (
+        "  extraction shards [1] are not completed: run the `effattn extract` command that "
+        "created the store again to finish them"
+    )
     set_entry(store, "attention", (0, 0, 0, 0, 0), float("nan"))  # damage wins over unfinished shards
     report = verify_store(store)
     assert (report.status, report.exit_status) == ("damaged", 1)
@@ -372,7 +412,10 @@ def test_the_shards_checked_on_dask_workers_find_the_same_damage_as_in_one_proce
     set_entry(store, "efficient/stochastic", (9, 0, 3, 2, 1), 0.5)
     serial = verify_store(store)
     assert {(p.array, p.shard, p.kind) for p in serial.problems} == {
-        ("attention", 1, "checksum"), ("value", 0, "non-finite"), ("efficient/stochastic", 2, "invariant")}
+        ("attention", 1, "checksum"),
+        ("value", 0, "non-finite"),
+        ("efficient/stochastic", 2, "invariant"),
+    }
     parallel = verify_store_in_parallel(store, workers=2)
     assert parallel.problems == serial.problems
     assert (parallel.text(), parallel.shards_read, parallel.exit_status) == (serial.text(), serial.shards_read, 1)
@@ -391,17 +434,20 @@ def test_output_residual_on_the_real_block_is_the_padded_one_and_damaged_padding
     inside = store_checks.real_block_mask(length, 6)[:, None, None]  # [example, 1, 1, query, key]
     attention = np.where(inside, generator.random((2, 1, 2, 6, 6)), 0.0)
     efficient = np.where(inside, attention + 0.1 * generator.normal(size=attention.shape), 0.0)
-    value = np.where(store_checks.real_row_mask(length, 6)[:, None, None, :, None],
-                     generator.normal(size=(2, 1, 1, 6, 3)), 0.0)
+    value = np.where(
+        store_checks.real_row_mask(length, 6)[:, None, None, :, None], generator.normal(size=(2, 1, 1, 6, 3)), 0.0
+    )
     w_out = generator.normal(size=(1, 2, 3, 5))
     factors = store_checks.output_factors(w_out)  # F·Fᵀ = W·Wᵀ
     assert np.allclose(factors @ np.swapaxes(factors, -1, -2), w_out @ np.swapaxes(w_out, -1, -2))
     padded = store_checks.output_residual(efficient, attention, value, w_out)
     assert padded.min() > 1e-3
-    assert np.allclose(store_checks.output_residual(efficient, attention, value, w_out, factors, length), padded,
-                       rtol=1e-12, atol=0)
+    assert np.allclose(
+        store_checks.output_residual(efficient, attention, value, w_out, factors, length), padded, rtol=1e-12, atol=0
+    )
     efficient[0, 0, 1, 5, 0] = 0.5  # a padding row of example 0 with weight: it changes A_eff·T, and must count
     damaged = store_checks.output_residual(efficient, attention, value, w_out)
     assert damaged[0, 0, 1] > padded[0, 0, 1]
-    assert np.allclose(store_checks.output_residual(efficient, attention, value, w_out, factors, length), damaged,
-                       rtol=1e-12, atol=0)
+    assert np.allclose(
+        store_checks.output_residual(efficient, attention, value, w_out, factors, length), damaged, rtol=1e-12, atol=0
+    )

@@ -34,8 +34,14 @@ from tests.store_builders import (
 )
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 EFFATTN = str(Path(sys.executable).with_name("effattn"))
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 EXPLAINED = [2, 7]  # store indices (stored by length): 7 is the review about grief
@@ -52,29 +58,57 @@ def stores(tmp_path_factory, tiny_bert_folder) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("view")
     store = build_real_store(str(folder / "store.zarr"), tiny_bert_folder, write_corpus(folder / "reviews.csv"))
     flipped = np.array([[i % 2 for i in range(10)], [i >= 5 for i in range(10)]])
-    results = build_causal_results(str(folder / "results.zarr"), store, [("null:simplex", "null", "simplex"),
-                                                                         ("uniform", "uniform", "")], flipped,
-                                   claims=[{"claim": "efficient attention is sufficient", "verdict": "holds",
-                                            "measured": "100 %", "test": "agreement >= 95 %"}])
+    results = build_causal_results(
+        str(folder / "results.zarr"),
+        store,
+        [("null:simplex", "null", "simplex"), ("uniform", "uniform", "")],
+        flipped,
+        claims=[
+            {
+                "claim": "efficient attention is sufficient",
+                "verdict": "holds",
+                "measured": "100 %",
+                "test": "agreement >= 95 %",
+            }
+        ],
+    )
     length = open_attention_store(store)["length"][:]
     positions = open_attention_store(store)["tokens"].shape[1]
     rng = np.random.default_rng(0)
     attributions = {name: rng.normal(size=(len(EXPLAINED), positions)) for name in ("attention:last-layer", "random")}
     for values in attributions.values():
         for row, example in enumerate(EXPLAINED):
-            values[row, length[example]:] = np.nan
+            values[row, length[example] :] = np.nan
     explanations = build_explanation_results(str(folder / "explanations.zarr"), store, EXPLAINED, attributions)
-    return {"store": store, "results": results, "explanations": explanations, "folder": str(folder),
-            "attributions": attributions}
+    return {
+        "store": store,
+        "results": results,
+        "explanations": explanations,
+        "folder": str(folder),
+        "attributions": attributions,
+    }
 
 
 @pytest.fixture(scope="module")
 def server(stores):
     """`effattn view STORE --results R --explanations X` on a free loopback port; stopped with SIGINT by its pid."""
     port = free_port()
-    process = subprocess.Popen([EFFATTN, "view", stores["store"], "--results", stores["results"], "--explanations",
-                                stores["explanations"], "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            EFFATTN,
+            "view",
+            stores["store"],
+            "--results",
+            stores["results"],
+            "--explanations",
+            stores["explanations"],
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = process.stdout.readline()
     if not line:
         process.wait(timeout=30)
@@ -108,8 +142,9 @@ def test_browse_overview_head_example_variant_and_layer(server, stores, tmp_path
                 cells = page.locator(f'section[data-variant="{variant}"] td.cell')
                 assert cells.count() == 2 * 4
                 shown = np.array([float(cells.nth(i).get_attribute("data-value")) for i in range(8)]).reshape(2, 4)
-                np.testing.assert_allclose(shown, group[diagnostic_array_path(variant, "null_norm_ratio")][:]
-                                           .mean(axis=0))
+                np.testing.assert_allclose(
+                    shown, group[diagnostic_array_path(variant, "null_norm_ratio")][:].mean(axis=0)
+                )
 
             # follow a head of the grid: the example view at that layer and head
             page.locator('section[data-variant="effective"] td[data-layer="1"][data-head="2"] a').click()
@@ -119,18 +154,24 @@ def test_browse_overview_head_example_variant_and_layer(server, stores, tmp_path
             attention = group["attention"][index, 1, 2, :n, :n]
             np.testing.assert_array_equal(matrix_on_page(page, "attention"), attention)
             for variant in ("effective", "stochastic", "simplex"):
-                np.testing.assert_array_equal(matrix_on_page(page, "efficient", variant),
-                                              group[efficient_array_path(variant)][index, 1, 2, :n, :n])
-            np.testing.assert_allclose(matrix_on_page(page, "difference", "effective"),
-                                       attention - group[efficient_array_path("effective")][index, 1, 2, :n, :n],
-                                       atol=1e-7)
+                np.testing.assert_array_equal(
+                    matrix_on_page(page, "efficient", variant),
+                    group[efficient_array_path(variant)][index, 1, 2, :n, :n],
+                )
+            np.testing.assert_allclose(
+                matrix_on_page(page, "difference", "effective"),
+                attention - group[efficient_array_path("effective")][index, 1, 2, :n, :n],
+                atol=1e-7,
+            )
 
             # switch the variant of A - E
             page.locator("#variant-stochastic").click()
             page.wait_for_url("**variant=stochastic*")
-            np.testing.assert_allclose(matrix_on_page(page, "difference", "stochastic"),
-                                       attention - group[efficient_array_path("stochastic")][index, 1, 2, :n, :n],
-                                       atol=1e-7)
+            np.testing.assert_allclose(
+                matrix_on_page(page, "difference", "stochastic"),
+                attention - group[efficient_array_path("stochastic")][index, 1, 2, :n, :n],
+                atol=1e-7,
+            )
 
             # the keyboard steps layers and heads
             page.keyboard.press("ArrowUp")
@@ -155,8 +196,9 @@ def test_browse_overview_head_example_variant_and_layer(server, stores, tmp_path
             assert tooltip.is_visible()
             assert (int(tooltip.get_attribute("data-query")), int(tooltip.get_attribute("data-key"))) == (i, j)
             assert float(tooltip.get_attribute("data-value")) == pytest.approx(float(attention[i, j]), rel=1e-6)
-            assert f"query {tokens[i]} ({i})" in tooltip.inner_text() and f"key {tokens[j]} ({j})" in \
-                tooltip.inner_text()
+            assert (
+                f"query {tokens[i]} ({i})" in tooltip.inner_text() and f"key {tokens[j]} ({j})" in tooltip.inner_text()
+            )
 
             # the example table: sort by length (descending), then open an explained example
             page.goto(server["url"] + "examples")
@@ -177,8 +219,11 @@ def test_browse_overview_head_example_variant_and_layer(server, stores, tmp_path
             for name, values in stores["attributions"].items():
                 spans = page.locator(f'.explainer[data-explainer="{name}"] span.token')
                 assert spans.count() == n
-                np.testing.assert_allclose([float(spans.nth(k).get_attribute("data-value")) for k in range(n)],
-                                           values[row, :n].astype(np.float32), rtol=1e-6)
+                np.testing.assert_allclose(
+                    [float(spans.nth(k).get_attribute("data-value")) for k in range(n)],
+                    values[row, :n].astype(np.float32),
+                    rtol=1e-6,
+                )
             np.testing.assert_array_equal(matrix_on_page(page, "attention"), group["attention"][index, 0, 0, :n, :n])
             page.keyboard.press("]")
             page.wait_for_url(f"**/example/{index + 1}*")
@@ -248,8 +293,12 @@ def test_refusals_before_any_server_starts(stores, tmp_path):
 
 def test_ctrl_c_stops_with_one_line_and_status_130(stores):
     port = free_port()
-    process = subprocess.Popen([EFFATTN, "view", stores["store"], "--port", str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [EFFATTN, "view", stores["store"], "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().startswith("serving ")
     assert httpx.get(f"http://127.0.0.1:{port}/examples", timeout=30).status_code == 200
     started = time.monotonic()
@@ -265,9 +314,11 @@ def test_other_hosts_are_warned_about_and_run_and_report_print_the_command():
 
     assert host_warning("127.0.0.1") is None and host_warning("::1") is None and host_warning("localhost") is None
     for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
-        assert host_warning(host) == (f"warning: serving on {host}: the store (texts, attention, results) becomes "
-                                      "readable by anyone who can reach this port; use --host 127.0.0.1 to keep it "
-                                      "local")
+        assert host_warning(host) == (
+            f"warning: serving on {host}: the store (texts, attention, results) becomes "
+            "readable by anyone who can reach this port; use --host 127.0.0.1 to keep it "
+            "local"
+        )
     assert view_command("runs/a b.zarr", "runs/r.zarr", None) == "effattn view 'runs/a b.zarr' --results runs/r.zarr"
     assert view_command("s3://bucket/s.zarr", None, "x.zarr") == "effattn view s3://bucket/s.zarr --explanations x.zarr"
 
@@ -280,5 +331,7 @@ def test_report_prints_the_view_command(stores, monkeypatch, capsys):
     monkeypatch.setattr(flows.report, "report", lambda settings: "out/index.html")
     assert _run_report(ReportSettings(results=stores["results"], out="out")) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed == ["report: out/index.html", f"browse it: effattn view {stores['store']} --results "
-                                                 f"{stores['results']}"]
+    assert printed == [
+        "report: out/index.html",
+        f"browse it: effattn view {stores['store']} --results {stores['results']}",
+    ]

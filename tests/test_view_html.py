@@ -48,8 +48,9 @@ def test_png_holds_one_pixel_per_cell_in_the_scale_colours():
 def test_heatmap_carries_its_matrix_and_tokens():
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(5, 5))
-    svg = heatmap_svg(matrix, ["[CLS]", "a", "<b>", "c", "[SEP]"], "E (simplex)", "efficient", "diverging", 3.0,
-                      "simplex")
+    svg = heatmap_svg(
+        matrix, ["[CLS]", "a", "<b>", "c", "[SEP]"], "E (simplex)", "efficient", "diverging", 3.0, "simplex"
+    )
     data = re.search(r'data-matrix="([^"]+)"', svg).group(1)
     np.testing.assert_array_equal(decode_matrix(data, 5, 5), matrix.astype(np.float32))
     assert 'data-variant="simplex"' in svg and 'data-kind="efficient"' in svg
@@ -69,9 +70,12 @@ def test_grid_cells_link_to_their_head_and_attributions_are_coloured_text():
     grid = np.array([[0.1, 0.2], [0.3, np.nan]])
     html = grid_html("simplex", grid, [2, 5], [0, 7], 0.3, 4, 10)
     links = re.findall(r'href="([^"]+)"', html)
-    assert links == ["/example/4?layer=2&amp;head=0&amp;variant=simplex", "/example/4?layer=2&amp;head=7&amp;"
-                     "variant=simplex", "/example/4?layer=5&amp;head=0&amp;variant=simplex",
-                     "/example/4?layer=5&amp;head=7&amp;variant=simplex"]
+    assert links == [
+        "/example/4?layer=2&amp;head=0&amp;variant=simplex",
+        "/example/4?layer=2&amp;head=7&amp;variant=simplex",
+        "/example/4?layer=5&amp;head=0&amp;variant=simplex",
+        "/example/4?layer=5&amp;head=7&amp;variant=simplex",
+    ]
     assert re.findall(r'data-value="([^"]+)"', html) == ["0.1", "0.2", "0.3", "nan"]
     text = attribution_html({"attention": np.array([0.5, -0.5, np.nan])}, ["a", "b", "c"])
     assert re.findall(r'data-value="([^"]+)"', text) == ["0.5", "-0.5", "nan"]
@@ -81,9 +85,15 @@ def test_grid_cells_link_to_their_head_and_attributions_are_coloured_text():
 
 def test_example_table_links_sort_and_pages():
     rows = [{"index": 3, "text": "a <i>b</i>", "length": 4, "label": "good", "prediction": "bad", "correct": False}]
-    html = examples_body(rows, ["index", "length", "label", "prediction", "correct"],
-                         {"offset": 25, "limit": 25, "sort": "length", "order": "asc", "search": "b"}, None, True,
-                         ["bad", "good"], [])
+    html = examples_body(
+        rows,
+        ["index", "length", "label", "prediction", "correct"],
+        {"offset": 25, "limit": 25, "sort": "length", "order": "asc", "search": "b"},
+        None,
+        True,
+        ["bad", "good"],
+        [],
+    )
     assert "a &lt;i&gt;b&lt;/i&gt;" in html
     assert 'href="/example/3"' in html
     assert "/examples?offset=0&amp;limit=25&amp;sort=length&amp;order=desc&amp;search=b" in html  # reverses
