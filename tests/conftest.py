@@ -127,7 +127,7 @@ MODULE_TIERS = {
         "test_corpora", "test_dask_cluster", "test_efficient_attention", "test_efficient_store",
         "test_explanation_claims", "test_explanation_figures", "test_explanation_results", "test_explanations",
         "test_extraction", "test_inspection", "test_interventions", "test_key_bands", "test_model_cache",
-        "test_model_sources", "test_models",
+        "test_model_sources", "test_models", "test_simplex_solver",
         "test_pipeline_runs", "test_preflight", "test_run_summary", "test_settings", "test_selection", "test_splits",
         "test_storage_faults", "test_store_lock", "test_store_view", "test_support_minimality", "test_training",
         "test_variants", "test_verification", "test_view_html", "test_zarr_portability",
