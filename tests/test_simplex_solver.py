@@ -13,6 +13,7 @@ import torch
 
 from analysis.efficient_attention import efficient_attention
 from analysis.projections import value_output_basis
+from analysis import simplex_solver
 from analysis.simplex_solver import RowLayout, simplex_rows
 from tests.test_efficient_attention import head_output_matrix, make_problem, slsqp_simplex_row, softmax_rows
 
@@ -96,13 +97,13 @@ def test_unconverged_rows_are_still_feasible():
     w_out = rng.normal(size=(5, 4, 12))
     basis, _ = value_output_basis(value, w_out, append_ones=True)
     rows = softmax_rows(rng.normal(size=(5, 24, 24)) * 4, causal=False)
-    found = simplex_rows(rows, basis, max_iterations=1)
+    found = simplex_rows(rows, basis, max_iterations=1, active_set_start=False)
     assert not found.converged.all()
     solution = found.solution.numpy()
     assert (solution >= 0).all()
     u = basis.numpy()
     assert np.abs((solution - rows) @ u).max() <= 1e-13
-    full = simplex_rows(rows, basis)
+    full = simplex_rows(rows, basis, active_set_start=False)
     assert full.converged.all()
     assert (full.iterations > 1).any()
 
@@ -129,18 +130,18 @@ def test_simplex_rows_match_enumerated_supports(seed, sharpness):
 
 
 def test_simplex_rows_do_not_depend_on_the_batch():
-    """Rows of many matrices are iterated together, each stopping on its own: each row's solution and iteration count
-    are those of its matrix solved alone with its rows reversed (a mix-up of rows between matrices or queries would
-    change them)."""
+    """Rows of many matrices are iterated together (Newton from Uᵀa), each stopping on its own: each row's solution
+    and iteration count are those of its matrix solved alone with its rows reversed (a mix-up of rows between
+    matrices or queries would change them)."""
     rng = np.random.default_rng(5)
     value = rng.normal(size=(4, 20, 4))
     w_out = rng.normal(size=(4, 4, 10))
     basis, _ = value_output_basis(value, w_out, append_ones=True)
     rows = softmax_rows(rng.normal(size=(4, 20, 20)) * rng.uniform(1, 8, size=(4, 20, 1)), causal=False)
-    together = simplex_rows(rows, basis)
+    together = simplex_rows(rows, basis, active_set_start=False)
     assert len(set(together.iterations.flatten().tolist())) > 3  # rows stop at different iterations
     for matrix in range(4):  # alone, and with its rows in reverse order (other slots)
-        alone = simplex_rows(rows[matrix:matrix + 1, ::-1].copy(), basis[matrix:matrix + 1])
+        alone = simplex_rows(rows[matrix:matrix + 1, ::-1].copy(), basis[matrix:matrix + 1], active_set_start=False)
         np.testing.assert_array_equal(alone.iterations[0].flip(0).numpy(), together.iterations[matrix].numpy())
         np.testing.assert_allclose(alone.solution[0].flip(0).numpy(), together.solution[matrix].numpy(), atol=1e-12)
 
@@ -168,8 +169,8 @@ def test_slow_rows_do_not_change_the_others_iterations():
     basis, _ = value_output_basis(value, w_out, append_ones=True)
     easy = softmax_rows(rng.normal(size=(1, 24, 24)), causal=False)
     sharp = softmax_rows(rng.normal(size=(1, 24, 24)) * 30, causal=False)
-    mixed = simplex_rows(np.concatenate([easy, sharp], axis=1), basis)
-    alone = simplex_rows(easy, basis)
+    mixed = simplex_rows(np.concatenate([easy, sharp], axis=1), basis, active_set_start=False)
+    alone = simplex_rows(easy, basis, active_set_start=False)
     assert mixed.converged.all() and alone.converged.all()
     assert mixed.iterations[0, 24:].max() > alone.iterations.max()
     np.testing.assert_array_equal(mixed.iterations[0, :24].numpy(), alone.iterations[0].numpy())
@@ -180,3 +181,159 @@ def test_simplex_rows_rejects_negative_rows():
     basis = torch.eye(4, dtype=torch.float64)[None, :, :2]
     with pytest.raises(ValueError, match="non-negative"):
         simplex_rows(np.array([[[0.5, 0.7, -0.2, 0.0]]]), basis)
+
+
+# ------------------------------------------------------------------------------------------------ tracked Jacobians
+
+
+def test_tracked_jacobians_equal_freshly_formed_ones():
+    """Jacobians updated by the entries whose support membership changed equal Uᵀ diag(support) U formed afresh
+    (a sign or a row/matrix mix-up in the sparse update would differ); a change of most entries asks for a fresh
+    product instead (None)."""
+    rng = np.random.default_rng(4)
+    count, length, k = 3, 20, 5
+    basis = torch.linalg.qr(torch.from_numpy(rng.normal(size=(count, length, k)))).Q
+    outer = simplex_solver.basis_outer_products(basis).reshape(count * length, -1)
+    matrix_of_row = torch.tensor([0, 2, 2, 1])
+    old = torch.from_numpy(rng.random((4, length)) < 0.6)
+    new = old.clone()
+    new[torch.from_numpy(rng.random((4, length)) < 0.1)] ^= True  # a few entries in or out
+
+    def fresh(support):
+        jacobians = basis[matrix_of_row].mT @ (basis[matrix_of_row] * support[..., None])
+        rows, columns = torch.tril_indices(k, k)
+        return jacobians[:, rows, columns]
+
+    updated = simplex_solver._update_jacobians(fresh(old), outer, length, matrix_of_row, old, new)
+    assert (old != new).any()
+    np.testing.assert_allclose(updated.numpy(), fresh(new).numpy(), atol=1e-14)
+    np.testing.assert_array_equal(simplex_solver._lower_to_symmetric(updated, k).numpy(),
+                                  simplex_solver._lower_to_symmetric(updated, k).mT.numpy())
+    np.testing.assert_allclose(simplex_solver._lower_to_symmetric(fresh(new), k).numpy(),
+                               (basis[matrix_of_row].mT @ (basis[matrix_of_row] * new[..., None])).numpy(), atol=1e-14)
+    assert simplex_solver._update_jacobians(fresh(old), outer, length, matrix_of_row, old, ~old) is None
+
+
+def test_tracked_and_fresh_jacobians_give_the_same_rows(monkeypatch):
+    """Matrices with many rows keep their Jacobians from iteration to iteration (`_TrackedJacobians`); a row solved
+    alone (q = 1, as causal prefixes and banded rows are) forms them afresh. Both give the same rows, including
+    sharp rows whose minimisers are degenerate vertices, and the tracked path is the one taken for the batch."""
+    rng = np.random.default_rng(11)
+    size = 24
+    value = rng.normal(size=(2, size, 4))
+    w_out = rng.normal(size=(2, 4, 10))
+    basis, rank = value_output_basis(value, w_out, append_ones=True)
+    assert (rank == 5).all()
+    rows = softmax_rows(rng.normal(size=(2, size, size)) * rng.uniform(1, 30, size=(2, size, 1)), causal=False)
+    tracked_solves = []
+    original = simplex_solver._TrackedJacobians.solve
+    monkeypatch.setattr(simplex_solver._TrackedJacobians, "solve",
+                        lambda self, *arguments: tracked_solves.append(1) or original(self, *arguments))
+    together = simplex_rows(rows, basis, active_set_start=False)
+    assert tracked_solves
+    tracked_solves.clear()
+    alone = simplex_rows(rows.reshape(2 * size, 1, size), basis.repeat_interleave(size, 0), active_set_start=False)
+    assert not tracked_solves
+    assert together.converged.all() and alone.converged.all()
+    np.testing.assert_allclose(together.solution.numpy(), alone.solution.reshape(2, size, size).numpy(), atol=1e-10)
+    assert (together.support_size <= 5).any()  # vertex minimisers (support ≤ k) are among the rows
+
+
+def test_feasible_rows_stop_at_once():
+    """Rows that are already their own minimiser (uniform rows lie in col([T|1]), so P a = a ≥ 0) come back
+    unchanged after zero Newton iterations."""
+    rng = np.random.default_rng(2)
+    value = rng.normal(size=(2, 16, 3))
+    w_out = rng.normal(size=(2, 3, 8))
+    basis, _ = value_output_basis(value, w_out, append_ones=True)
+    rows = np.full((2, 12, 16), 1 / 16)
+    found = simplex_rows(rows, basis)
+    assert found.converged.all() and (found.iterations == 0).all()
+    np.testing.assert_allclose(found.solution.numpy(), rows, atol=1e-15)
+    assert (found.support_size == 16).all()
+
+
+def test_failed_newton_solves_fall_back_to_feasible_unconverged_rows(monkeypatch):
+    """When the Newton systems give no usable direction (here: NaN from every tracked solve), the rows stop, come
+    back feasible (non-negative, same projections) and are flagged unconverged, never NaN. Only rows that needed no
+    Newton step (P a ≥ 0 is already the minimiser) count as converged."""
+    rng = np.random.default_rng(6)
+    value = rng.normal(size=(2, 20, 3))
+    w_out = rng.normal(size=(2, 3, 8))
+    basis, _ = value_output_basis(value, w_out, append_ones=True)
+    rows = softmax_rows(rng.normal(size=(2, 20, 20)) * 4, causal=False)
+    monkeypatch.setattr(simplex_solver._TrackedJacobians, "solve",
+                        lambda self, matrix_of_row, query, support, right, ridge: torch.full_like(right, torch.nan))
+    found = simplex_rows(rows, basis, active_set_start=False)
+    solution = found.solution.numpy()
+    assert np.isfinite(solution).all() and (solution >= 0).all()
+    u = basis.numpy()
+    assert np.abs((solution - rows) @ u).max() <= 1e-13
+    needed_no_step = ((rows @ u @ u.transpose(0, 2, 1)) >= 0).all(-1)
+    assert (~needed_no_step).sum() > 30
+    np.testing.assert_array_equal(found.converged.numpy(), needed_no_step)
+
+
+# ------------------------------------------------------------------------------------------------ active-set start
+
+
+def sharp_problem(seed: int, size: int = 24, matrices: int = 3):
+    """Rows over (matrices, size, size) with k = rank([T|1]) = 5, from smooth to almost one-hot (degenerate
+    minimisers, support ≤ k), and their bases."""
+    rng = np.random.default_rng(seed)
+    value = rng.normal(size=(matrices, size, 4))
+    w_out = rng.normal(size=(matrices, 4, 10))
+    basis, rank = value_output_basis(value, w_out, append_ones=True)
+    assert (rank == 5).all()
+    scale = rng.uniform(1, 40, size=(matrices, size, 1))
+    return softmax_rows(rng.normal(size=(matrices, size, size)) * scale, causal=False), basis
+
+
+def test_active_set_start_gives_newtons_rows_after_almost_no_iterations():
+    """Few free directions (L - k ≤ ACTIVE_SET_MAX_FREE): Newton starts from DAQP's active set. The rows equal Newton's
+    from Uᵀa (1e-10, as exact), including degenerate ones, and the start is already the solution for almost all rows
+    (Newton from Uᵀa needs several iterations for most)."""
+    rows, basis = sharp_problem(9)
+    started = simplex_rows(rows, basis)
+    newton = simplex_rows(rows, basis, active_set_start=False)
+    assert started.converged.all() and newton.converged.all()
+    np.testing.assert_allclose(started.solution.numpy(), newton.solution.numpy(), atol=1e-10)
+    assert (started.support_size < 5).any()  # degenerate minimisers are among the rows
+    assert (started.iterations == 0).float().mean() > 0.9
+    assert (newton.iterations >= 3).float().mean() > 0.5
+    assert simplex_solver.ACTIVE_SET_MAX_FREE >= 24 - 5  # the default chose the active-set start here
+
+
+def test_active_set_start_is_used_only_with_few_free_directions(monkeypatch):
+    """The default takes the active-set start when L - k ≤ ACTIVE_SET_MAX_FREE and Newton from Uᵀa otherwise."""
+    rows, basis = sharp_problem(3, matrices=1)
+    calls = []
+    original = simplex_solver._active_set_start
+    monkeypatch.setattr(simplex_solver, "_active_set_start", lambda *a: calls.append(1) or original(*a))
+    simplex_rows(rows, basis)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(simplex_solver, "ACTIVE_SET_MAX_FREE", 24 - 5 - 1)
+    found = simplex_rows(rows, basis)
+    assert not calls and found.converged.all()
+
+
+def test_rows_daqp_does_not_solve_start_from_the_stochastic_row(monkeypatch):
+    """A row whose active-set solve fails (DAQP exit flag < 1, here for every other row) starts Newton from Uᵀa
+    instead and still ends at the exact minimiser, converged."""
+    rows, basis = sharp_problem(5, matrices=2)
+    original = simplex_solver.daqp.solve
+    calls = []
+
+    def failing_every_other(*arguments, **keywords):
+        calls.append(1)
+        step, value, flag, info = original(*arguments, **keywords)
+        return (step * np.nan, value, -1, info) if len(calls) % 2 else (step, value, flag, info)
+
+    monkeypatch.setattr(simplex_solver.daqp, "solve", failing_every_other)
+    found = simplex_rows(rows, basis)
+    assert len(calls) > 10
+    reference = simplex_rows(rows, basis, active_set_start=False)
+    assert found.converged.all()
+    np.testing.assert_allclose(found.solution.numpy(), reference.solution.numpy(), atol=1e-10)
+    assert (found.iterations > 0).float().mean() > 0.3  # the failed rows took Newton iterations
