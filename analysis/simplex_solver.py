@@ -46,9 +46,10 @@ NEWTON_RIDGE = 1e-14
 SPARSE_UPDATE_SHARE = 8
 # Matrices whose feasible rows have at most this many free directions (L - k) start Newton from the exact active set
 # found by DAQP (`_active_set_start`): per row, DAQP's cost grows with the free directions, Newton's with its
-# iterations (benchmarks/simplex_cost.py; at L ≈ 64, k = 33 DAQP takes ~40 µs a row against Newton's ~500 µs,
-# at L = 512 ~5 ms against ~150 µs).
-ACTIVE_SET_MAX_FREE = 64
+# iterations (MiniLM, k = 33, one thread, CPU µs a row, Newton alone / with the active-set start: L ≈ 64 ~500 / ~70,
+# L = 128 640 / 330, L = 256 760 / 2300, L = 512 ~150 / ~5000). Elsewhere the rows Newton leaves unconverged
+# (degenerate rows, ~1-2 % at L 128-512) are solved again from the active set (`simplex_rows`).
+ACTIVE_SET_MAX_FREE = 128
 # DAQP's primal feasibility tolerance: at its default (1e-6) the active sets of degenerate rows (support < k) are
 # off by entries of ~1e-7, from which Newton needs tens of iterations; at 1e-12 they are exact.
 ACTIVE_SET_PRIMAL_TOLERANCE = 1e-12
@@ -511,6 +512,7 @@ def simplex_rows(
     max_iterations: int = 200,
     tolerance: float = 1e-10,
     active_set_start: bool | None = None,
+    retry_from_active_set: bool = True,
 ) -> SimplexRowsResult:
     """Minimum-norm non-negative rows with the same projections: argmin ½‖b‖² s.t. Uᵀb = Uᵀa, b ≥ 0.
 
@@ -519,6 +521,8 @@ def simplex_rows(
     basis: (..., L, k) orthonormal columns (zero columns allowed), e.g. of col([T|1]) so that Σb = Σa.
     active_set_start: start Newton from DAQP's active set (`_active_set_start`); None (default): where few
         directions are free, 0 < L - k ≤ ACTIVE_SET_MAX_FREE.
+    retry_from_active_set: rows Newton from Uᵀa leaves unconverged are solved again, each from the active set
+        (their iterations add up; kept where that converges).
     The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton, starting from λ = Uᵀa
     (b = P a, optimal when already non-negative) or from the dual point of DAQP's active set: the generalised
     Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny ridge (through a Woodbury identity when few entries are zero; kept
@@ -563,6 +567,17 @@ def simplex_rows(
         solution[chunk], iterations[chunk], converged[chunk], residual[chunk] = _simplex_chunk(
             rows[chunk], basis[chunk], max_iterations, tolerance, active_set_start
         )
+    if not active_set_start and retry_from_active_set and length > k and not converged.all():
+        # Rows Newton left unconverged (degenerate minimisers) again, each from the active set; kept where converged.
+        matrix_index, query_index = torch.nonzero(~converged, as_tuple=True)
+        again = simplex_rows(rows[matrix_index, query_index, None], basis[matrix_index], max_iterations, tolerance,
+                             active_set_start=True)
+        better = again.converged[:, 0]
+        matrix_index, query_index = matrix_index[better], query_index[better]
+        solution[matrix_index, query_index] = again.solution[better, 0]
+        iterations[matrix_index, query_index] += again.iterations[better, 0]
+        converged[matrix_index, query_index] = True
+        residual[matrix_index, query_index] = again.optimality_residual[better, 0]
     return SimplexRowsResult(
         solution=solution.reshape(*leading, queries, length),
         iterations=iterations.reshape(*leading, queries),

@@ -97,7 +97,7 @@ def test_unconverged_rows_are_still_feasible():
     w_out = rng.normal(size=(5, 4, 12))
     basis, _ = value_output_basis(value, w_out, append_ones=True)
     rows = softmax_rows(rng.normal(size=(5, 24, 24)) * 4, causal=False)
-    found = simplex_rows(rows, basis, max_iterations=1, active_set_start=False)
+    found = simplex_rows(rows, basis, max_iterations=1, active_set_start=False, retry_from_active_set=False)
     assert not found.converged.all()
     solution = found.solution.numpy()
     assert (solution >= 0).all()
@@ -264,7 +264,7 @@ def test_failed_newton_solves_fall_back_to_feasible_unconverged_rows(monkeypatch
     rows = softmax_rows(rng.normal(size=(2, 20, 20)) * 4, causal=False)
     monkeypatch.setattr(simplex_solver._TrackedJacobians, "solve",
                         lambda self, matrix_of_row, query, support, right, ridge: torch.full_like(right, torch.nan))
-    found = simplex_rows(rows, basis, active_set_start=False)
+    found = simplex_rows(rows, basis, active_set_start=False, retry_from_active_set=False)
     solution = found.solution.numpy()
     assert np.isfinite(solution).all() and (solution >= 0).all()
     u = basis.numpy()
@@ -337,3 +337,18 @@ def test_rows_daqp_does_not_solve_start_from_the_stochastic_row(monkeypatch):
     assert found.converged.all()
     np.testing.assert_allclose(found.solution.numpy(), reference.solution.numpy(), atol=1e-10)
     assert (found.iterations > 0).float().mean() > 0.3  # the failed rows took Newton iterations
+
+
+def test_rows_newton_leaves_unconverged_are_solved_again_from_the_active_set():
+    """Newton from Uᵀa stopped after one iteration leaves most rows unconverged; by default those rows are solved
+    again from DAQP's active set and come back converged and equal to the full solve, their iterations added."""
+    rows, basis = sharp_problem(7)
+    stopped = simplex_rows(rows, basis, max_iterations=1, active_set_start=False, retry_from_active_set=False)
+    assert (~stopped.converged).sum() > 20
+    retried = simplex_rows(rows, basis, max_iterations=1, active_set_start=False)
+    reference = simplex_rows(rows, basis, active_set_start=False)
+    assert retried.converged.all() and reference.converged.all()
+    np.testing.assert_allclose(retried.solution.numpy(), reference.solution.numpy(), atol=1e-10)
+    again = ~stopped.converged
+    assert (retried.iterations[again] >= stopped.iterations[again]).all()
+    np.testing.assert_array_equal(retried.iterations[~again].numpy(), stopped.iterations[~again].numpy())
