@@ -47,9 +47,11 @@ SPARSE_UPDATE_SHARE = 8
 # Matrices whose feasible rows have at most this many free directions (L - k) start Newton from the exact active set
 # found by DAQP (`_active_set_start`): per row, DAQP's cost grows with the free directions, Newton's with its
 # iterations (MiniLM, k = 33, one thread, CPU µs a row, Newton alone / with the active-set start: L ≈ 64 ~500 / ~70,
-# L = 128 640 / 330, L = 256 760 / 2300, L = 512 ~150 / ~5000). Elsewhere the rows Newton leaves unconverged
-# (degenerate rows, ~1-2 % at L 128-512) are solved again from the active set (`simplex_rows`).
+# L = 128 640 / 330, L = 256 760 / 2300, L = 512 ~150 / ~5000).
 ACTIVE_SET_MAX_FREE = 128
+# Up to this many free directions the rows Newton leaves unconverged (degenerate rows, ~1-2 % at L = 256) are solved
+# again from the active set (`simplex_rows`): about free at L = 256; at L = 512 it would more than double the time.
+ACTIVE_SET_RETRY_MAX_FREE = 256
 # DAQP's primal feasibility tolerance: at its default (1e-6) the active sets of degenerate rows (support < k) are
 # off by entries of ~1e-7, from which Newton needs tens of iterations; at 1e-12 they are exact.
 ACTIVE_SET_PRIMAL_TOLERANCE = 1e-12
@@ -522,7 +524,7 @@ def simplex_rows(
     active_set_start: start Newton from DAQP's active set (`_active_set_start`); None (default): where few
         directions are free, 0 < L - k ≤ ACTIVE_SET_MAX_FREE.
     retry_from_active_set: rows Newton from Uᵀa leaves unconverged are solved again, each from the active set
-        (their iterations add up; kept where that converges).
+        (their iterations add up; kept where that converges), where 0 < L - k ≤ ACTIVE_SET_RETRY_MAX_FREE.
     The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton, starting from λ = Uᵀa
     (b = P a, optimal when already non-negative) or from the dual point of DAQP's active set: the generalised
     Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny ridge (through a Woodbury identity when few entries are zero; kept
@@ -567,7 +569,8 @@ def simplex_rows(
         solution[chunk], iterations[chunk], converged[chunk], residual[chunk] = _simplex_chunk(
             rows[chunk], basis[chunk], max_iterations, tolerance, active_set_start
         )
-    if not active_set_start and retry_from_active_set and length > k and not converged.all():
+    retry = retry_from_active_set and not active_set_start and 0 < length - k <= ACTIVE_SET_RETRY_MAX_FREE
+    if retry and not converged.all():
         # Rows Newton left unconverged (degenerate minimisers) again, each from the active set; kept where converged.
         matrix_index, query_index = torch.nonzero(~converged, as_tuple=True)
         again = simplex_rows(rows[matrix_index, query_index, None], basis[matrix_index], max_iterations, tolerance,
