@@ -12,7 +12,7 @@ one process (single-threaded torch unless --threads):
 
   closed   efficient_attention(..., variants=("effective", "stochastic"))       s / example
   simplex  efficient_attention(..., variants=("simplex",)) with this checkout's solver
-  before   the same with the solver of --before-commit (default: the solver before issue 29's tracked Jacobians,
+  before   the same with the solver of --before-commit (default: the solver before issue 29's active-set start,
            analysis/simplex_solver.py or, for commits before it existed, analysis/efficient_attention.py, loaded
            from git into a separate module), and the largest entry difference between the two solutions
 
