@@ -375,7 +375,8 @@ def _active_set_start(rows: torch.Tensor, basis: torch.Tensor, target: torch.Ten
 
 def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int, tolerance: float,
                    active_set_start: bool):
-    """Semismooth Newton on the dual for one chunk: rows (M, q, L) share basis (M, L, k) per matrix.
+    """Semismooth Newton on the dual for one chunk: rows (M, q, L) share basis (M, L, k) per matrix, from λ = Uᵀa
+    or, with `active_set_start`, from DAQP's active set (`_active_set_start`).
 
     Each iteration works on the rows still iterating only (packed per matrix, `RowLayout`), so a few slow rows
     do not make their matrix's other rows pay for every extra iteration.
