@@ -1,14 +1,18 @@
 """The simplex variant's solver: per row, argmin ‖b‖ s.t. b·T = a·T, Σb = Σa, b ≥ 0.
 
 The dual of the row problem, b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa (U an orthonormal basis of col([T|1])), solved
-by semismooth Newton (`simplex_rows`); `simplex_projection` applies it to a chunk of blocks (whole, causal or
-banded). Nothing here reads the variant registry (analysis.variants names `simplex_projection`).
+by semismooth Newton (`simplex_rows`), started where few directions are free from the exact active set of a compiled
+dual active-set QP solver (DAQP, `_active_set_start`); `simplex_projection` applies it to a chunk of blocks (whole,
+causal or banded). Nothing here reads the variant registry (analysis.variants names `simplex_projection`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import daqp
+import numpy as np
 import torch
 
 from analysis.key_bands import KeyBand
@@ -37,6 +41,20 @@ POLISH_TOLERANCE = 64 * EPS
 REPAIR_ALLOWANCE = 100.0
 # Ridge added to the simplex Newton system (the generalised Jacobian has eigenvalues in [0, 1]).
 NEWTON_RIDGE = 1e-14
+# Tracked Jacobians are updated by their changed entries when at most 1/SPARSE_UPDATE_SHARE of the entries changed
+# (a sparse product costs about this many times a dense one per entry), else formed afresh.
+SPARSE_UPDATE_SHARE = 8
+# Matrices whose feasible rows have at most this many free directions (L - k) start Newton from the exact active set
+# found by DAQP (`_active_set_start`): per row, DAQP's cost grows with the free directions, Newton's with its
+# iterations (MiniLM, k = 33, one thread, CPU µs a row, Newton alone / with the active-set start: L ≈ 64 ~500 / ~70,
+# L = 128 640 / 330, L = 256 760 / 2300, L = 512 ~150 / ~5000).
+ACTIVE_SET_MAX_FREE = 128
+# Up to this many free directions the rows Newton leaves unconverged (degenerate rows, ~1-2 % at L = 256) are solved
+# again from the active set (`simplex_rows`): about free at L = 256; at L = 512 it would more than double the time.
+ACTIVE_SET_RETRY_MAX_FREE = 256
+# DAQP's primal feasibility tolerance: at its default (1e-6) the active sets of degenerate rows (support < k) are
+# off by entries of ~1e-7, from which Newton needs tens of iterations; at 1e-12 they are exact.
+ACTIVE_SET_PRIMAL_TOLERANCE = 1e-12
 # A full Newton step is taken when it decreases the dual objective by at least this fraction of the slope's promise.
 ARMIJO = 1e-4
 
@@ -46,7 +64,8 @@ class SimplexRowsResult:
     """Output of `simplex_rows` for rows (..., q, L).
 
     solution: (..., q, L) feasible rows: solutionᵀU = aᵀU to float precision, solution ≥ 0.
-    iterations: (..., q) int64 Newton iterations taken.
+    iterations: (..., q) int64 Newton iterations taken (after the active-set start where there is one: 0 when
+        DAQP's active set is already the solution).
     converged: (..., q) bool: dual residual ≤ tolerance, and the final feasibility repair moved the row by at
         most REPAIR_ALLOWANCE·tolerance·‖Uᵀa‖.
     optimality_residual: (..., q) ‖Uᵀmax(Uλ, 0) - Uᵀa‖ / ‖Uᵀa‖ at the final λ.
@@ -120,7 +139,8 @@ def basis_outer_products(basis: torch.Tensor) -> torch.Tensor:
 
 
 def _use_outer_products(queries: int, length: int, k: int) -> bool:
-    """Jacobians by matrix products pay off when many rows share a basis and the zero sets are large."""
+    """Jacobians kept from the bases' outer products (`_TrackedJacobians`) pay off when many rows share a basis and
+    the zero sets are large (otherwise the Woodbury identity or gathered support rows are cheaper)."""
     return queries >= 8 and length - k > k // 2
 
 
@@ -160,22 +180,19 @@ class RowLayout:
 
 def _jacobian_solve(
     basis: torch.Tensor,
-    outer: torch.Tensor | None,
     which: torch.Tensor,
-    layout: RowLayout,
     support: torch.Tensor,
     gram_diagonal: torch.Tensor,
     right: torch.Tensor,
     ridge: torch.Tensor,
 ) -> torch.Tensor:
-    """Solve (Uᵀ diag(support) U + ridge I) x = right for each row.
+    """Solve (Uᵀ diag(support) U + ridge I) x = right for each row, forming the matrices afresh.
 
-    basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); outer (M, L, k(k+1)/2) its
-    `basis_outer_products` (or None); row r belongs to matrix which[r] (`layout` packs the rows per matrix);
-    support (R, L) bool; gram_diagonal (R, k); right (R, k); ridge (R,). Returns (R, k).
+    basis (M, L, k) with orthonormal or zero columns (so UᵀU = diag(gram_diagonal)); row r belongs to matrix
+    which[r]; support (R, L) bool; gram_diagonal (R, k); right (R, k); ridge (R,). Returns (R, k).
     With Z the rows outside the support, UᵀDU = UᵀU - U_ZᵀU_Z: when |Z| ≤ k/2 the Woodbury identity needs only
-    a |Z|×|Z| system; otherwise the k×k matrices U_SᵀU_S are formed, by one matrix product per basis from
-    `outer` when given, else from the gathered support rows.
+    a |Z|×|Z| system; otherwise the k×k matrices U_SᵀU_S are formed from the gathered support rows. (Matrices
+    with many rows keep their Jacobians up to date instead: `_TrackedJacobians`.)
     """
     k = basis.shape[-1]
     outside = int((~support).sum(-1).max()) if len(support) else 0
@@ -187,17 +204,107 @@ def _jacobian_solve(
         first = right / diagonal
         correction = _cholesky_solve_psd(capacitance, (outside_rows @ first[..., None])[..., 0])
         return first + (scaled.mT @ correction[..., None])[..., 0]
-    if outer is None:
-        support_rows = _gather_rows(basis, which, support)  # (R, s, k)
-        jacobian = support_rows.mT @ support_rows
-    else:
-        lower = layout.rows_times(support.to(basis.dtype), outer)  # (R, k(k+1)/2)
-        rows, columns = torch.tril_indices(k, k)
-        jacobian = torch.zeros((len(which), k, k), dtype=basis.dtype)
-        jacobian[:, rows, columns] = lower
-        jacobian[:, columns, rows] = lower
+    support_rows = _gather_rows(basis, which, support)  # (R, s, k)
+    jacobian = support_rows.mT @ support_rows
     jacobian.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
     return _cholesky_solve_psd(jacobian, right)
+
+
+def _lower_to_symmetric(lower: torch.Tensor, k: int) -> torch.Tensor:
+    """Symmetric matrices from their lower triangles in `torch.tril_indices(k, k)` order: (R, k(k+1)/2) -> (R, k, k)."""
+    row, column = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    larger, smaller = torch.maximum(row, column), torch.minimum(row, column)
+    packed_index = (larger * (larger + 1) // 2 + smaller).flatten()  # entry (i, j) -> its lower-triangle slot
+    return lower.index_select(-1, packed_index).reshape(len(lower), k, k)
+
+
+def _update_jacobians(
+    lower: torch.Tensor,
+    outer_flat: torch.Tensor,
+    length: int,
+    matrix_of_row: torch.Tensor,
+    old_support: torch.Tensor,
+    new_support: torch.Tensor,
+) -> torch.Tensor | None:
+    """The lower triangles of Uᵀ diag(new_support) U from those of Uᵀ diag(old_support) U, one row each.
+
+    lower (R, k(k+1)/2); outer_flat (M·L, k(k+1)/2) the `basis_outer_products` of all M bases, flattened; row r
+    belongs to matrix matrix_of_row[r]; old_support, new_support (R, L) bool. Only the entries whose membership
+    changed add or remove their u_l u_lᵀ: one sparse (R, M·L) × (M·L, k(k+1)/2) product whose cost follows the
+    number of changes (a few per row once the support settles), not L. Returns None where more than
+    1/SPARSE_UPDATE_SHARE of the entries changed (then forming the matrices afresh is cheaper).
+    """
+    changed = old_support != new_support
+    changes = int(changed.sum())
+    if changes == 0:
+        return lower
+    if changes * SPARSE_UPDATE_SHARE > changed.numel():
+        return None
+    row, position = torch.nonzero(changed, as_tuple=True)  # row-major: sorted by row, as CSR wants
+    sign = torch.where(new_support[row, position], 1.0, -1.0).to(lower.dtype)
+    starts = torch.zeros(len(lower) + 1, dtype=torch.int64)
+    starts[1:] = torch.cumsum(torch.bincount(row, minlength=len(lower)), 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        delta = torch.sparse_csr_tensor(
+            starts,
+            matrix_of_row[row] * length + position,
+            sign,
+            (len(lower), outer_flat.shape[0]),
+            check_invariants=False,
+        )
+        return lower + delta @ outer_flat
+
+
+def _packed_jacobian_solve(lower: torch.Tensor, k: int, right: torch.Tensor, ridge: torch.Tensor) -> torch.Tensor:
+    """Solve (J + ridge I) x = right with J given by its lower triangles: lower (R, k(k+1)/2), right (R, k)."""
+    jacobian = _lower_to_symmetric(lower, k)
+    jacobian.diagonal(dim1=-2, dim2=-1).add_(ridge[:, None])
+    return _cholesky_solve_psd(jacobian, right)
+
+
+class _TrackedJacobians:
+    """The Newton Jacobians Uᵀ diag(support) U of every row of a chunk, kept from one solve to the next.
+
+    basis (M, L, k), outer its `basis_outer_products`, queries q rows per matrix. Each row's lower triangle starts
+    at UᵀU = diag(gram_diagonal) (support: every entry) and follows its support by `_update_jacobians`.
+    """
+
+    def __init__(self, basis: torch.Tensor, outer: torch.Tensor, gram_diagonal: torch.Tensor, queries: int) -> None:
+        count, length, k = basis.shape
+        self.k, self.length = k, length
+        self.outer_flat = outer.reshape(count * length, -1)
+        rows, columns = torch.tril_indices(k, k)
+        diagonal = torch.zeros((count, outer.shape[-1]), dtype=basis.dtype)
+        diagonal[:, rows == columns] = gram_diagonal
+        self.lower = diagonal[:, None, :].repeat(1, queries, 1)  # (M, q, k(k+1)/2)
+        self.support = torch.ones((count, queries, length), dtype=torch.bool)
+
+    def solve(
+        self,
+        matrix_of_row: torch.Tensor,
+        query: torch.Tensor,
+        support: torch.Tensor,
+        right: torch.Tensor,
+        ridge: torch.Tensor,
+    ) -> torch.Tensor:
+        """(Uᵀ diag(support) U + ridge I) x = right for rows (matrix_of_row, query) (R,): support (R, L) bool,
+        right (R, k), ridge (R,). Returns x (R, k) and remembers the rows' new Jacobians."""
+        lower = _update_jacobians(
+            self.lower[matrix_of_row, query],
+            self.outer_flat,
+            self.length,
+            matrix_of_row,
+            self.support[matrix_of_row, query],
+            support,
+        )
+        if lower is None:  # most entries changed: one matrix product per basis
+            matrices, which = torch.unique(matrix_of_row, return_inverse=True)
+            outer = self.outer_flat.reshape(-1, self.length, self.outer_flat.shape[-1])
+            lower = RowLayout(which, len(matrices)).rows_times(support.to(self.outer_flat.dtype), outer[matrices])
+        self.lower[matrix_of_row, query] = lower
+        self.support[matrix_of_row, query] = support
+        return _packed_jacobian_solve(lower, self.k, right, ridge)
 
 
 def _exact_line_search(combination: torch.Tensor, step: torch.Tensor, step_target: torch.Tensor) -> torch.Tensor:
@@ -244,8 +351,60 @@ def _exact_line_search(combination: torch.Tensor, step: torch.Tensor, step_targe
     return torch.where(slope0 < 0, root, torch.zeros_like(root))  # not a descent direction: no step
 
 
-def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int, tolerance: float):
-    """Semismooth Newton on the dual for one chunk: rows (M, q, L) share basis (M, L, k) per matrix.
+def _active_set_start(rows: torch.Tensor, basis: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Starting duals λ0 (M, q, k) from a dual active-set QP solver (DAQP, compiled) on the reduced problem.
+
+    rows (M, q, L); basis (M, L, k) with orthonormal or zero columns; target (M, q, k) = Uᵀa.
+    With N (L, L-k) orthonormal and orthogonal to col(U) (the complete QR's last columns), every b = Pa + Nz is
+    feasible for the equalities, and ‖b‖² = ‖Pa‖² + ‖z‖²: DAQP solves min ½‖z‖² s.t. Pa + Nz ≥ 0 per row (N is
+    shared by the rows of a matrix). Its multipliers μ ≤ 0 of the active bounds give the dual point
+    λ0 = Uᵀ(b + μ), at which b = max(Uλ0, 0) when the active set is right: Newton then starts at its solution and
+    only confirms it (residual at round-off), or corrects it where it is not. Rows whose P a is already
+    non-negative, and rows DAQP does not solve (exit flag < 1), keep λ0 = Uᵀa.
+    """
+    start = target.clone()
+    count, length, k = basis.shape
+    projected = target @ basis.mT  # P a, (M, q, L)
+    needs = (projected < 0).any(-1)
+    if length <= k or not needs.any():
+        return start
+    free = length - k
+    complement = torch.linalg.qr(basis, mode="complete").Q[..., k:]  # (M, L, L-k)
+    upper_bounds = np.full(length, 1e30)
+    hessian, linear = np.eye(free), np.zeros(free)
+    matrix_index, query_index = torch.nonzero(needs, as_tuple=True)
+    bounds = (-projected[matrix_index, query_index]).numpy()  # (S, L), row order grouped by matrix
+    steps = np.zeros((len(bounds), free))
+    multipliers = np.zeros((len(bounds), length))
+    solved = np.zeros(len(bounds), dtype=bool)
+    sense = np.zeros(length, dtype=np.int32)  # every constraint an inequality (DAQP leaves it unchanged)
+    starts = torch.searchsorted(matrix_index, torch.arange(count + 1)).tolist()
+    for matrix in torch.unique(matrix_index).tolist():
+        directions = np.ascontiguousarray(complement[matrix].numpy())
+        for row in range(starts[matrix], starts[matrix + 1]):
+            step, _, flag, info = daqp.solve(
+                hessian, linear, directions, upper_bounds, bounds[row], sense, primal_tol=ACTIVE_SET_PRIMAL_TOLERANCE
+            )
+            if flag >= 1:
+                steps[row], multipliers[row], solved[row] = step, info["lam"], True
+    solved = torch.from_numpy(solved)
+    matrix_index, query_index = matrix_index[solved], query_index[solved]
+    all_steps = torch.zeros((count, target.shape[1], free), dtype=basis.dtype)
+    all_steps[matrix_index, query_index] = torch.from_numpy(steps)[solved]
+    all_multipliers = torch.zeros_like(projected)
+    all_multipliers[matrix_index, query_index] = torch.from_numpy(multipliers)[solved]
+    dual_point = projected + all_steps @ complement.mT + all_multipliers  # b + μ, (M, q, L)
+    chosen = torch.zeros_like(needs)
+    chosen[matrix_index, query_index] = True
+    start[chosen] = (dual_point @ basis)[chosen]
+    return start
+
+
+def _simplex_chunk(
+    rows: torch.Tensor, basis: torch.Tensor, max_iterations: int, tolerance: float, active_set_start: bool
+):
+    """Semismooth Newton on the dual for one chunk: rows (M, q, L) share basis (M, L, k) per matrix, from λ = Uᵀa
+    or, with `active_set_start`, from DAQP's active set (`_active_set_start`).
 
     Each iteration works on the rows still iterating only (packed per matrix, `RowLayout`), so a few slow rows
     do not make their matrix's other rows pay for every extra iteration.
@@ -255,7 +414,8 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
     target = rows @ basis  # Uᵀa per row, (M, q, k)
     scale = torch.clamp(target.norm(dim=-1), min=tiny_like(target))  # (M, q)
     gram_diagonal = basis.square().sum(-2)  # diag(UᵀU), (M, k)
-    lam = target.clone()  # Uλ0 = P a (the stochastic row): optimal when it is already non-negative
+    # Uλ0 = P a (the stochastic row: optimal when it is already non-negative), or DAQP's active set's dual point
+    lam = _active_set_start(rows, basis, target) if active_set_start else target.clone()
     iterations = torch.zeros((count, queries), dtype=torch.int64)
     residual = torch.zeros((count, queries), dtype=torch.float64)
     active = torch.ones((count, queries), dtype=torch.bool)
@@ -264,7 +424,8 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
 
     outer = basis_outer_products(basis) if _use_outer_products(queries, length, basis.shape[-1]) else None
     matrices = torch.arange(count)  # matrices that still have active rows
-    basis_now, outer_now = basis, outer
+    tracked = None if outer is None else _TrackedJacobians(basis, outer, gram_diagonal, queries)
+    basis_now = basis
     for step in range(max_iterations + 1):
         which, query = torch.nonzero(active[matrices], as_tuple=True)  # the active rows, (matrix in `matrices`, query)
         if len(which) == 0:
@@ -291,15 +452,19 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
         keep = torch.bincount(which, minlength=len(matrices)) > 0
         if not keep.all():  # drop the matrices whose rows have all stopped
             matrices, basis_now = matrices[keep], basis_now[keep]
-            outer_now = None if outer is None else outer_now[keep]
             which = (torch.cumsum(keep, 0) - 1)[which]
         layout = RowLayout(which, len(matrices))
 
         # Newton direction with the generalised Jacobian Uᵀ diag(1[Uλ > 0]) U and a tiny ridge.
         ridge = torch.full((len(which),), NEWTON_RIDGE, dtype=torch.float64)
-        direction = _jacobian_solve(
-            basis_now, outer_now, which, layout, combination > 0, gram_diagonal[matrix_of_row], -gradient, ridge
-        )
+        if tracked is None:
+            direction = _jacobian_solve(
+                basis_now, which, combination > 0, gram_diagonal[matrix_of_row], -gradient, ridge
+            )
+        else:
+            direction = tracked.solve(matrix_of_row, query, combination > 0, -gradient, ridge)
+        usable = torch.isfinite(direction).all(-1)  # a failed solve: no step, the row stops unconverged
+        direction = torch.where(usable[:, None], direction, 0.0)
         combination_step = layout.rows_times(direction, basis_now.mT)  # U d, (R, L)
 
         # The full Newton step where it decreases the dual objective enough (Armijo), else the exact line search.
@@ -311,21 +476,21 @@ def _simplex_chunk(rows: torch.Tensor, basis: torch.Tensor, max_iterations: int,
         search = ~((slope < 0) & (change - step_target <= ARMIJO * slope))
         if search.any():
             step_size[search] = _exact_line_search(combination[search], combination_step[search], step_target[search])
-        accepted = step_size > 0
+        accepted = (step_size > 0) & usable
         lam[matrix_of_row, query] = row_lam + (step_size * accepted)[:, None] * direction
         iterations[matrix_of_row, query] += 1
-        # Rows whose line search found no decrease stop here (they are flagged unconverged below).
+        # Rows whose line search found no decrease or whose solve failed stop here (flagged unconverged below).
         active[matrix_of_row[~accepted], query[~accepted]] = False
 
-    solution, moved = _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal)
+    solution, moved = _feasible_rows(rows, basis, tracked, lam, target, scale, gram_diagonal)
     converged = (residual <= tolerance) & (moved <= REPAIR_ALLOWANCE * tolerance * scale)
     return solution, iterations, converged, residual
 
 
-def _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal):
+def _feasible_rows(rows, basis, tracked, lam, target, scale, gram_diagonal):
     """Turn the final dual iterates into feasible rows (Uᵀb = Uᵀa to float precision, b ≥ 0).
 
-    rows (M, q, L), basis (M, L, k), outer its `basis_outer_products` or None, lam and target (M, q, k),
+    rows (M, q, L), basis (M, L, k), tracked the Newton loop's `_TrackedJacobians` or None, lam and target (M, q, k),
     scale (M, q), gram_diagonal (M, k).
     Returns solution (M, q, L) and moved (M, q), ‖solution - max(Uλ, 0)‖ (how far the repair moved the row).
     """
@@ -345,16 +510,13 @@ def _feasible_rows(rows, basis, outer, lam, target, scale, gram_diagonal):
             break
         which, query = torch.nonzero(needs, as_tuple=True)
         correction = torch.zeros_like(lam)
-        correction[which, query] = _jacobian_solve(
-            basis,
-            outer,
-            which,
-            RowLayout(which, count),
-            support[which, query],
-            gram_diagonal[which],
-            missing[which, query],
-            torch.full((len(which),), 1e-14, dtype=torch.float64),
-        )
+        ridge = torch.full((len(which),), 1e-14, dtype=torch.float64)
+        if tracked is None:
+            correction[which, query] = _jacobian_solve(
+                basis, which, support[which, query], gram_diagonal[which], missing[which, query], ridge
+            )
+        else:
+            correction[which, query] = tracked.solve(which, query, support[which, query], missing[which, query], ridge)
         candidate = torch.where(needs[..., None], candidate + support * (correction @ basis.mT), candidate)
         support &= ~(needs[..., None] & (candidate < -NEGATIVE_ROUND_OFF))
         candidate = torch.clamp(candidate, min=0)
@@ -380,21 +542,28 @@ def simplex_rows(
     basis,
     max_iterations: int = 200,
     tolerance: float = 1e-10,
+    active_set_start: bool | None = None,
+    retry_from_active_set: bool = True,
 ) -> SimplexRowsResult:
     """Minimum-norm non-negative rows with the same projections: argmin ½‖b‖² s.t. Uᵀb = Uᵀa, b ≥ 0.
 
     rows: (..., q, L) the rows a (non-negative, so that a itself is feasible); the q rows of a batch entry
         share its basis.
     basis: (..., L, k) orthonormal columns (zero columns allowed), e.g. of col([T|1]) so that Σb = Σa.
+    active_set_start: start Newton from DAQP's active set (`_active_set_start`); None (default): where few
+        directions are free, 0 < L - k ≤ ACTIVE_SET_MAX_FREE.
+    retry_from_active_set: rows Newton from Uᵀa leaves unconverged are solved again, each from the active set
+        (their iterations add up; kept where that converges), where 0 < L - k ≤ ACTIVE_SET_RETRY_MAX_FREE.
     The dual b = max(Uλ, 0) with Uᵀmax(Uλ, 0) = Uᵀa is solved by semismooth Newton, starting from λ = Uᵀa
-    (b = P a, optimal when already non-negative): the generalised Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny
-    ridge (through a Woodbury identity when few entries are zero), then the full step where it meets the
-    Armijo condition on the piecewise quadratic dual objective ½‖max(Uλ,0)‖² - λᵀUᵀa, else an exact line
-    search on it. Each row stops on its own, and an iteration's work covers the rows still iterating only
-    (`RowLayout`). Rows within the tolerance take a few more steps towards round-off level. Every returned row
-    is feasible: the last iterate is corrected on its support until the equalities hold to float precision;
-    where that fails (degenerate, almost one-hot rows) it is projected onto the affine set and moved from a
-    towards it only as far as non-negativity allows.
+    (b = P a, optimal when already non-negative) or from the dual point of DAQP's active set: the generalised
+    Jacobian Uᵀ diag(1[Uλ>0]) U plus a tiny ridge (through a Woodbury identity when few entries are zero; kept
+    from iteration to iteration by the entries that changed when many rows share a basis, `_TrackedJacobians`),
+    then the full step where it meets the Armijo condition on the piecewise quadratic dual objective
+    ½‖max(Uλ,0)‖² - λᵀUᵀa, else an exact line search on it. Each row stops on its own, and an iteration's work
+    covers the rows still iterating only (`RowLayout`). Rows within the tolerance take a few more steps towards
+    round-off level. Every returned row is feasible: the last iterate is corrected on its support until the
+    equalities hold to float precision; where that fails (degenerate, almost one-hot rows) it is projected onto
+    the affine set and moved from a towards it only as far as non-negativity allows.
     Chunked over the leading dims. Returns a SimplexRowsResult (solution (..., q, L), per-row fields (..., q)).
     """
     rows = as_float64_tensor(rows)
@@ -413,6 +582,8 @@ def simplex_rows(
     rows = rows.reshape(-1, queries, length)
     basis = basis.reshape(-1, length, k)
     count = rows.shape[0]
+    if active_set_start is None:
+        active_set_start = 0 < length - k <= ACTIVE_SET_MAX_FREE
 
     solution = torch.zeros_like(rows)
     iterations = torch.zeros((count, queries), dtype=torch.int64)
@@ -425,8 +596,21 @@ def simplex_rows(
     for start in range(0, count, per_chunk):
         chunk = slice(start, start + per_chunk)
         solution[chunk], iterations[chunk], converged[chunk], residual[chunk] = _simplex_chunk(
-            rows[chunk], basis[chunk], max_iterations, tolerance
+            rows[chunk], basis[chunk], max_iterations, tolerance, active_set_start
         )
+    retry = retry_from_active_set and not active_set_start and 0 < length - k <= ACTIVE_SET_RETRY_MAX_FREE
+    if retry and not converged.all():
+        # Rows Newton left unconverged (degenerate minimisers) again, each from the active set; kept where converged.
+        matrix_index, query_index = torch.nonzero(~converged, as_tuple=True)
+        again = simplex_rows(
+            rows[matrix_index, query_index, None], basis[matrix_index], max_iterations, tolerance, active_set_start=True
+        )
+        better = again.converged[:, 0]
+        matrix_index, query_index = matrix_index[better], query_index[better]
+        solution[matrix_index, query_index] = again.solution[better, 0]
+        iterations[matrix_index, query_index] += again.iterations[better, 0]
+        converged[matrix_index, query_index] = True
+        residual[matrix_index, query_index] = again.optimality_residual[better, 0]
     return SimplexRowsResult(
         solution=solution.reshape(*leading, queries, length),
         iterations=iterations.reshape(*leading, queries),

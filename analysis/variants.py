@@ -227,7 +227,7 @@ REGISTRY = VariantRegistry(
             colour="#2ca02c",
             # causal: the prefix bases of every row, (L - c) x L x c per matrix, and their QR
             extra_temporaries=lambda columns, causal: columns + 2 if causal else 0,
-            # its solver costs 15-50x the closed forms per example, 30 CPU s per example of 512 tokens: hours for a
+            # its solver costs 7-56x the closed forms per example, ~20 CPU s per example of 512 tokens: hours for a
             # corpus of long texts (benchmarks/simplex_cost.py; README, "Efficient attention at length")
             default_max_length=256,
         ),

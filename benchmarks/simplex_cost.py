@@ -1,26 +1,27 @@
 """Cost of the simplex variant against the closed-form variants (effective + stochastic), on the same examples.
 
-Real inputs, the bundled MiniLM, two kinds of shard (--corpus):
+Real inputs, the bundled MiniLM, two kinds of shard (--corpus, both by default, in one run):
 
-  bbc-topic     articles captured at each L in --lengths (articles are long, so every example is truncated to exactly
-                L tokens)
-  rt-sentiment  the --examples longest snippets of the corpus (natural lengths, about 60-80 tokens): the examples of
-                a store's longest shard (extraction sorts examples by length)
+  rt-sentiment  the --rt-examples (64) longest snippets of the corpus (natural lengths, about 60-80 tokens): the
+                examples of a store's longest shard (extraction sorts examples by length)
+  bbc-topic     --examples (2) articles captured at each L in --lengths (articles are long, so every example is
+                truncated to exactly L tokens)
 
 One example = every layer x head of its L x L attention. For each shard it times, on the same captured tensors, in
 one process (single-threaded torch unless --threads):
 
   closed   efficient_attention(..., variants=("effective", "stochastic"))       s / example
   simplex  efficient_attention(..., variants=("simplex",)) with this checkout's solver
-  before   the same with the solver of --before-commit (default: main before issue 29's solver work, loaded from git
-           into a separate module), and the largest entry difference between the two solutions
+  before   the same with the solver of --before-commit (default: the solver before issue 29's active-set start,
+           analysis/simplex_solver.py or, for commits before it existed, analysis/efficient_attention.py, loaded
+           from git into a separate module), and the largest entry difference between the two solutions
 
 and prints L, closed s/example, simplex s/example, ratio simplex/closed, the 'before' figures, the most Newton
 iterations of a row (iters) and the mean over heads of each head's most (h-mean).
 Target (issue 29): simplex within 5x of the closed forms on both.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/simplex_cost.py [--corpus bbc-topic|rt-sentiment] [--examples 2]
-        [--lengths 64 128 256 512] [--before-commit REV | --no-before] [--cpu-time]
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/simplex_cost.py [--corpus rt-sentiment bbc-topic] [--examples 2]
+        [--rt-examples 64] [--lengths 64 128 256 512] [--before-commit REV | --no-before] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -48,17 +49,21 @@ from analysis.extraction import capture_examples, plan_extraction  # noqa: E402
 from analysis.models import load_model, output_projection_slices  # noqa: E402
 from analysis.variants import registered_variant, variant_record  # noqa: E402
 
-DEFAULT_BEFORE = "90e9b18"  # main when issue 29's simplex work began (issue 17's solver: 83b7cf9)
+# The solver in its own module before the tracked Jacobians (earlier: 90e9b18, main when issue 29's simplex work
+# began; issue 17's solver: 83b7cf9).
+DEFAULT_BEFORE = "d63b453"
 
 
 def load_engine_at(commit: str):
-    """analysis/efficient_attention.py as it was at `commit`, imported as a separate module (the 'before' solver)."""
-    source = subprocess.run(
-        ["git", "-C", ROOT, "show", f"{commit}:analysis/efficient_attention.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    """The simplex solver as it was at `commit`, imported as a separate module (the 'before' solver):
+    analysis/simplex_solver.py, or analysis/efficient_attention.py for commits before the solver had its module."""
+    for module_path in ("analysis/simplex_solver.py", "analysis/efficient_attention.py"):
+        shown = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:{module_path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            source = shown.stdout
+            break
+    else:
+        raise SystemExit(f"commit {commit} has neither analysis/simplex_solver.py nor analysis/efficient_attention.py")
     path = os.path.join(tempfile.mkdtemp(prefix="effattn-before-"), "efficient_attention_before.py")
     with open(path, "w") as handle:
         handle.write(source)
@@ -78,10 +83,10 @@ def before_simplex(before, attention, value, w_out, lengths):
             "simplex"
         ]
     record = dataclasses.replace(variant_record("simplex"), name="simplex-before", compute=before.simplex_projection)
+    # An old driver module computes with its own kernels; the solver's own module runs under this checkout's driver.
+    driver = before.efficient_attention if hasattr(before, "efficient_attention") else efficient_attention
     with registered_variant(record):
-        return before.efficient_attention(attention, value, w_out, lengths, causal=False, variants=(record.name,))[
-            record.name
-        ]
+        return driver(attention, value, w_out, lengths, causal=False, variants=(record.name,))[record.name]
 
 
 def capture(loaded, texts, length: int, examples: int):
@@ -115,8 +120,11 @@ CPU_TIME = False
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", choices=("bbc-topic", "rt-sentiment"), default="bbc-topic")
-    parser.add_argument("--examples", type=int, default=2)
+    parser.add_argument(
+        "--corpus", choices=("bbc-topic", "rt-sentiment"), nargs="+", default=["rt-sentiment", "bbc-topic"]
+    )
+    parser.add_argument("--examples", type=int, default=2, help="bbc-topic: articles per length")
+    parser.add_argument("--rt-examples", type=int, default=64, help="rt-sentiment: the longest shard's examples")
     parser.add_argument(
         "--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="bbc-topic: the lengths L to capture at"
     )
@@ -140,11 +148,18 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
 
     before = None if arguments.no_before else load_engine_at(arguments.before_commit)
-    loaded = load_model("minilm", num_labels=5 if arguments.corpus == "bbc-topic" else 2)
+    for corpus in arguments.corpus:
+        report_corpus(corpus, arguments, before)
+
+
+def report_corpus(corpus: str, arguments: argparse.Namespace, before) -> None:
+    """Print one line per shard of `corpus`: closed forms, this checkout's simplex, the 'before' simplex."""
+    loaded = load_model("minilm", num_labels=5 if corpus == "bbc-topic" else 2)
     w_out, _ = output_projection_slices(loaded.model, loaded.adapter)
-    texts = load_corpus(arguments.corpus).texts
+    texts = load_corpus(corpus).texts
+    examples = arguments.examples if corpus == "bbc-topic" else arguments.rt_examples
     print(
-        f"minilm over {arguments.corpus}, {arguments.examples} example(s) per shard, torch threads "
+        f"minilm over {corpus}, {examples} example(s) per shard, torch threads "
         f"{arguments.threads}; 'before' = {arguments.before_commit}, {'CPU' if CPU_TIME else 'wall'} seconds"
     )
     header = (
@@ -152,13 +167,13 @@ def main() -> None:
         f"{'before ratio':>13} {'speed-up':>9} {'max |diff|':>11} {'iters':>6} {'h-mean':>6}"
     )
     print(header)
-    if arguments.corpus == "bbc-topic":
+    if corpus == "bbc-topic":
         shards = (
-            (str(length), lambda length=length: capture(loaded, texts, length, arguments.examples))
+            (str(length), lambda length=length: capture(loaded, texts, length, examples))
             for length in arguments.lengths
         )
     else:
-        shards = [("longest", lambda: capture_longest(loaded, texts, arguments.examples))]
+        shards = [("longest", lambda: capture_longest(loaded, texts, examples))]
     for label, captured in shards:
         attention, value, lengths = captured()
         if label == "longest":

@@ -148,6 +148,7 @@ MODULE_TIERS = {
         "test_model_cache",
         "test_model_sources",
         "test_models",
+        "test_simplex_solver",
         "test_pipeline_runs",
         "test_preflight",
         "test_projections",
