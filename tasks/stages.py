@@ -73,8 +73,9 @@ def retry_on_io_error(task, task_run, state) -> bool:
 class ShardJob:
     """Everything one shard of a model stage needs: what a Dask worker receives.
 
-    `plan` is what the stage computes, fixed for the whole run (analysis.causal.CausalPlan for causal; the recorded
-    settings dict for explain); `results` is the output dataset the shard is written to."""
+    `plan` is what the stage computes, fixed for the whole run (tasks.extraction.ExtractionWork for extract;
+    analysis.causal.CausalPlan for causal; the recorded settings dict for explain); `results` is the output dataset
+    the shard is written to (extract: the store itself)."""
 
     store: str
     results: str
