@@ -92,7 +92,8 @@ def bare_forward(model, tokens, length, batch_size):
 
 
 def extract_pipelined(loaded, plan, group, layout, batch_size: int, dtype: str) -> None:
-    """Capture shard k+1 while shard k is written in a second thread, as flows.extract does."""
+    """Capture shard k+1 while shard k is written in a second thread, as the extract stage does in process
+    (tasks.stages.run_shards_in_process)."""
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
         for shard in range(layout.n_shards):

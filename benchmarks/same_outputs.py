@@ -130,7 +130,11 @@ def compare_stores(before: Path, after: Path) -> list[str]:
             unequal = values != others
             if values.dtype.kind in "fc":
                 unequal &= ~(np.isnan(values) & np.isnan(others))
-            differences.append(f"{label}: {int(unequal.sum())} of {values.size} values differ")
+            largest = ""
+            if values.dtype.kind in "fciu":
+                gap = np.abs(values.astype(np.float64) - others.astype(np.float64))[unequal]
+                largest = f", largest |difference| {gap.max():.3g}"
+            differences.append(f"{label}: {int(unequal.sum())} of {values.size} values differ{largest}")
     return differences
 
 

@@ -58,7 +58,8 @@ StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings, Expl
 def head_not_needed_reason(
     corpus: str, model: str, task: str, train: bool, text_column: str | None, label_column: str | None
 ) -> str | None:
-    """Why no head has to be fine-tuned before extraction, or None when one has to (the rule of flows.extract)."""
+    """Why no head has to be fine-tuned before extraction, or None when one has to (the rule of
+    tasks.extraction.prepare_extraction)."""
     if not train:
         return "training switched off (random head)"
     if task != "classification":
@@ -219,8 +220,8 @@ def extraction_check(run: PipelineRun) -> StageCheck:
 
 
 def train_not_needed(run: PipelineRun) -> str | None:
-    """Why no head is trained: the extraction is complete (then the stage is skipped), or the rule of flows.extract
-    says none has to be."""
+    """Why no head is trained: the extraction is complete (then the stage is skipped), or the rule of
+    tasks.extraction.prepare_extraction says none has to be."""
     settings = run.settings
     run.extraction_model, run.extraction_split = settings.model, settings.split
     if extraction_check(run).complete:

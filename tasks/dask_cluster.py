@@ -199,22 +199,6 @@ def task_resources(device: str) -> dict[str, int] | None:
     return {"GPU": 1} if device.startswith("cuda") else None
 
 
-def run_shard_tasks(
-    client,
-    submissions: Sequence[tuple[int, Callable, tuple]],
-    record: Callable[[int, Any], None],
-    desc: str,
-    resources: dict[str, int] | None = None,
-) -> int:
-    """Submit one task per shard (`submissions`: (shard, function, arguments)) to `client` and record each as it
-    finishes (`record_shard_futures`). Returns the number of shards run."""
-    futures = {
-        client.submit(function, *arguments, pure=False, resources=resources): shard
-        for shard, function, arguments in submissions
-    }
-    return record_shard_futures(futures, record, desc)
-
-
 def record_shard_futures(futures: dict[Any, int], record: Callable[[int, Any], None], desc: str) -> int:
     """Call `record(shard, result)` in this process as each Dask future (future -> the shard it computes) finishes,
     so that a rerun skips what finished even when another shard fails. The first failure is raised once every

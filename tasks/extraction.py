@@ -1,6 +1,10 @@
-"""Prefect tasks of the extraction stage: thin wrappers over analysis.extraction and storage_schemas."""
+"""The extraction stage: its Prefect tasks (thin wrappers over analysis.extraction and storage_schemas) and its
+declaration, `EXTRACT_STAGE`, run by tasks.stages.run_stage."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prefect import task
@@ -14,9 +18,9 @@ from analysis.extraction import (
     store_attributes,
     usable_max_length,
 )
-from analysis.models import output_projection_slices
+from analysis.models import has_trained_head, output_projection_slices
 from analysis.splits import select_split
-from analysis.training import trained_head_provenance
+from analysis.training import TrainingSettings, head_to_train, trained_head_provenance
 from storage_schemas.attention_store import (
     AttentionStoreError,
     AttentionStoreLayout,
@@ -26,6 +30,7 @@ from storage_schemas.attention_store import (
     create_attention_store,
     default_shard_size,
     mark_prepared,
+    mark_shard_completed,
     open_attention_store,
     recreate_unprepared_store,
     store_layout,
@@ -33,10 +38,13 @@ from storage_schemas.attention_store import (
     write_shard,
 )
 from storage_schemas.selection import SELECTION_ATTRIBUTE, StoreSelection, selection_of_group
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS, retry_transient_io
-from tasks.dask_cluster import prepare_worker_process
+from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS
 from tasks.models import cached_model
-from tasks.stages import retry_on_io_error
+from tasks.stages import ShardJob, Stage, StageRun, retry_on_io_error
+from tasks.training import train_head
+
+if TYPE_CHECKING:  # flows/ imports tasks/, never the other way at run time
+    from flows.settings import ExtractSettings
 
 
 def resume_keys(attributes: dict) -> dict:
@@ -221,43 +229,107 @@ def write_captured_shard(store: str, shard_index: int, captured: CapturedShard) 
     return shard_index
 
 
-def extract_shard_on_worker(
-    store: str,
-    shard_index: int,
-    model: str,
-    num_labels: int,
-    device: str,
-    seed: int,
-    batch_size: int,
-    task: str = "classification",
-) -> int:
-    """Capture one shard and write it whole to the store at its URL; returns the shard index. Runs on a Dask
-    worker, which keeps the model loaded for the next shard (tasks.models.cached_model: one model per process).
-    The loaded model's weights digest must be the store's: a worker never writes a shard from other weights (a
-    model folder changed meanwhile, or differing between machines). Transient I/O errors of the write are retried
-    (the whole shard is rewritten); the driver records completion."""
-    prepare_worker_process()
-    loaded = cached_model(model, num_labels, device, seed, task)
-    group = open_attention_store(store, mode="r+")
+@dataclass(frozen=True)
+class ExtractionWork:
+    """What every extraction shard's job carries (`ShardJob.plan`), found by `prepare_extraction`: the model to
+    run (the trained head's folder when the run trained one) and its class count, the seed and the task."""
+
+    model: str
+    num_labels: int
+    seed: int
+    task: str
+
+
+def prepare_extraction(run: StageRun) -> ExtractionWork:
+    """Under the store's lock: train the head first when the run needs one (`run.plan`: the run's
+    flows.settings.ExtractSettings), then create the store or check that it is this run's (`prepare_store`).
+    Returns what the shards' jobs carry."""
+    settings: ExtractSettings = run.plan
+    model, split, seed = settings.model, settings.split, settings.seed
+    loaded_corpus = load_corpus(settings.corpus, text_column=settings.text_column, label_column=settings.label_column)
+    if head_to_train(loaded_corpus, settings.task, settings.train, has_trained_head(model)):
+        training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=seed)
+        model = train_head(
+            model, settings.corpus, settings.text_column, settings.label_column, training.as_dict(), settings.cache_root
+        )
+        split = split or "held_out"
+    split = split or "all"
+    _, num_labels = prepare_store(
+        run.store,
+        settings.corpus,
+        model,
+        settings.max_length,
+        settings.limit,
+        settings.dtype,
+        run.device,
+        settings.text_column,
+        settings.label_column,
+        settings.shard_size,
+        seed,
+        settings.task,
+        settings.top_k,
+        split,
+        layers=settings.layers,
+        heads=settings.heads,
+    )
+    return ExtractionWork(model, num_labels, seed, settings.task)
+
+
+def capture_job_shard(job: ShardJob) -> CapturedShard:
+    """Run the model over one shard's examples (`job.plan`: an ExtractionWork); returns the shard's tensors. The
+    loaded model's weights digest must be the store's: no shard is written from other weights (a model folder
+    changed meanwhile, or differing between Dask workers). The model stays loaded for the next shard
+    (tasks.models.cached_model: one model per process)."""
+    work: ExtractionWork = job.plan
+    loaded = cached_model(work.model, work.num_labels, job.device, work.seed, work.task)
+    group = open_attention_store(job.store, mode="r")
     expected = group.attrs["model"]["weights_digest"]
     if loaded.weights_digest != expected:
         raise AttentionStoreError(
-            f"{store}, shard {shard_index}: the worker's model {model} has weights digest "
+            f"{job.store}, shard {job.shard_index}: the model {work.model} loaded here has weights digest "
             f"{loaded.weights_digest[:16]}…, the store was prepared with {expected[:16]}…: give every worker the "
             "same model files (a path they share, or the same copy on each machine)"
         )
-    layout = store_layout(group)
-    region = layout.shard_slice(shard_index)
-    captured = _capture_stored_selection(loaded, group, region, batch_size)
-    retry_transient_io(
-        write_shard,
-        group,
-        shard_index,
-        captured.attention,
-        captured.value,
-        captured.logits,
-        captured.logit_ids,
-        captured.logsumexp,
-        delays=DEFAULT_RETRY_DELAYS,
-    )
-    return shard_index
+    return _capture_stored_selection(loaded, group, store_layout(group).shard_slice(job.shard_index), job.batch_size)
+
+
+def write_job_shard(job: ShardJob, captured: CapturedShard) -> int:
+    """Write one whole shard of captured tensors to the store; returns the shard index."""
+    return write_captured_shard.fn(job.store, job.shard_index, captured)
+
+
+def store_shard_count(group, store_group) -> int:
+    return store_layout(group).n_shards
+
+
+def extracted_shards(group, store_group) -> list[int]:
+    return completed_shards(group)
+
+
+def no_stale_shards(group, store_group) -> list[int]:
+    """Extraction reads the corpus, not store shards: none of its shards goes stale (a changed corpus or model is
+    refused by `prepare_store`)."""
+    return []
+
+
+def record_extracted_shard(group, shard_index: int, written: int) -> None:
+    mark_shard_completed(group, shard_index)
+
+
+def extracted_store(store: str, results: str) -> str:
+    return store
+
+
+EXTRACT_STAGE = Stage(
+    name="extract",
+    shards="extract shards",
+    prepare=prepare_extraction,
+    open_output=open_attention_store,
+    shard_count=store_shard_count,
+    completed_shards=extracted_shards,
+    forget_stale_shards=no_stale_shards,
+    compute_shard=capture_job_shard,
+    write_shard=write_job_shard,
+    mark_completed=record_extracted_shard,
+    summarise=extracted_store,
+)

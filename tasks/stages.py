@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -72,8 +73,9 @@ def retry_on_io_error(task, task_run, state) -> bool:
 class ShardJob:
     """Everything one shard of a model stage needs: what a Dask worker receives.
 
-    `plan` is what the stage computes, fixed for the whole run (analysis.causal.CausalPlan for causal; the recorded
-    settings dict for explain); `results` is the output dataset the shard is written to."""
+    `plan` is what the stage computes, fixed for the whole run (tasks.extraction.ExtractionWork for extract;
+    analysis.causal.CausalPlan for causal; the recorded settings dict for explain); `results` is the output dataset
+    the shard is written to (extract: the store itself)."""
 
     store: str
     results: str
@@ -123,7 +125,9 @@ class Stage:
     """A sharded stage, declared: the functions `run_stage` calls, in this order.
 
     - `prepare(run)`: refuse unfinished inputs (with the commands that finish them); create the output at
-      `run.results`, or check that it belongs to this run (other settings are refused).
+      `run.results`, or check that it belongs to this run (other settings are refused). It runs under the lock.
+      Returns None, or the plan the shards' jobs carry instead of `run.plan`: what only preparing finds out (the
+      extract stage trains the head there and plans from the run's settings).
     - `open_output(url, mode)`: the output's group; `shard_count(output, store)`, `completed_shards(output,
       store)` and `forget_stale_shards(output, store)` (the shards computed from store shards written again since,
       forgotten; returns them) read and change its shard records (`store`: `open_input(run.store)`, by default the
@@ -132,6 +136,10 @@ class Stage:
       (input name -> identity). A module-level function: it is sent to Dask workers by name.
     - `mark_completed(output, shard, inputs)`: record the shard as done from those inputs.
     - `summarise(store, results)`: aggregates and claims once every shard is done; what the stage returns.
+
+    A stage may split a shard in two, `compute_shard(job)` returning what `write_shard(job, computed)` writes whole
+    (returning what `mark_completed` records): in process, shard k is then written in a thread while shard k+1 is
+    computed (each part retried by `retry`); on Dask, one task does both.
 
     A stage whose shards always run on Dask (`runs_in_process` False: a LocalCluster without an address) may submit
     them its own way: `submit_shards(client, run, todo, output)` returns {future: shard}, each future's result what
@@ -153,11 +161,17 @@ class Stage:
     retry: RetryPolicy = field(default=RETRY_POLICY)
     runs_in_process: bool = True
     submit_shards: Callable[[Any, StageRun, list[int], Any], dict[Any, int]] | None = None
+    write_shard: Callable[[ShardJob, Any], Any] | None = None
+
+
+def prepared_run(stage: Stage, run: StageRun) -> StageRun:
+    """Prepare the stage's output; returns `run` with the plan `prepare` returned, if it returned one."""
+    plan = stage.prepare(run)
+    return run if plan is None else replace(run, plan=plan)
 
 
 def pending_shards(stage: Stage, run: StageRun) -> list[int]:
-    """Prepare the stage's output, forget its stale shards (saying so) and return the shards still to do."""
-    stage.prepare(run)
+    """Forget the stage's stale shards (saying so) and return the shards still to do (`run`: prepared)."""
     output = stage.open_output(run.results, "r+")
     store = stage.open_input(run.store)
     stale = stage.forget_stale_shards(output, store)
@@ -173,10 +187,17 @@ def pending_shards(stage: Stage, run: StageRun) -> list[int]:
     return [shard for shard in range(stage.shard_count(output, store)) if shard not in done]
 
 
-def compute_shard_on_worker(compute_shard: Callable[[ShardJob], Any], job: ShardJob, retry: RetryPolicy) -> Any:
-    """`compute_shard(job)` as a Dask task, retried by `retry`; the driver records completion."""
+def compute_shard_on_worker(
+    compute_shard: Callable[[ShardJob], Any],
+    job: ShardJob,
+    retry: RetryPolicy,
+    write_shard: Callable[[ShardJob, Any], Any] | None = None,
+) -> Any:
+    """`compute_shard(job)` (then `write_shard(job, computed)`, if the stage splits its shards) as a Dask task,
+    each retried by `retry`; the driver records completion."""
     prepare_worker_process()
-    return retry.call(compute_shard, job)
+    result = retry.call(compute_shard, job)
+    return result if write_shard is None else retry.call(write_shard, job, result)
 
 
 def submit_shard_jobs(stage: Stage, client, run: StageRun, todo: list[int]) -> dict[Any, int]:
@@ -187,11 +208,34 @@ def submit_shard_jobs(stage: Stage, client, run: StageRun, todo: list[int]) -> d
             stage.compute_shard,
             run.job(shard),
             stage.retry,
+            stage.write_shard,
             pure=False,
             resources=task_resources(run.device),
         ): shard
         for shard in todo
     }
+
+
+def run_shards_in_process(stage: Stage, run: StageRun, todo: list[int], record: Callable[[int, Any], None]) -> None:
+    """Run `todo` one after the other in this process, each recorded once it is written. A stage that splits its
+    shards (`write_shard`) has shard k written in a thread while shard k+1 is computed; on any failure the write
+    under way ends before this returns (and before the lock is released)."""
+    keep_freed_memory_for_reuse()
+    progress = tqdm(todo, desc=stage.shards, unit="shard", disable=not todo)
+    if stage.write_shard is None:
+        for shard in progress:
+            record(shard, stage.retry.call(stage.compute_shard, run.job(shard)))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{stage.name}-write") as writer:
+        pending_write = None  # (shard, future of its write)
+        for shard in progress:
+            job = run.job(shard)
+            computed = stage.retry.call(stage.compute_shard, job)
+            if pending_write is not None:
+                record(pending_write[0], pending_write[1].result())
+            pending_write = (shard, writer.submit(stage.retry.call, stage.write_shard, job, computed))
+        if pending_write is not None:
+            record(pending_write[0], pending_write[1].result())
 
 
 def run_stage(stage: Stage, run: StageRun) -> Any:
@@ -200,6 +244,7 @@ def run_stage(stage: Stage, run: StageRun) -> Any:
     shard recorded in this process as it returns, so that a rerun resumes. Returns the stage's summary. A failed shard
     stops an in-process run at once; on Dask it is raised once every other shard has ended and been recorded."""
     with hold_store_lock(run.results, stage.name):  # one writer per output
+        run = prepared_run(stage, run)
         todo = pending_shards(stage, run)
         output = stage.open_output(run.results, "r+")
 
@@ -215,7 +260,5 @@ def run_stage(stage: Stage, run: StageRun) -> Any:
                 )
                 record_shard_futures(futures, record, stage.shards)
         else:
-            keep_freed_memory_for_reuse()
-            for shard in tqdm(todo, desc=stage.shards, unit="shard", disable=not todo):
-                record(shard, stage.retry.call(stage.compute_shard, run.job(shard)))
+            run_shards_in_process(stage, run, todo, record)
         return stage.summarise(run.store, run.results)

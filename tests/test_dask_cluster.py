@@ -197,12 +197,12 @@ def test_a_worker_killed_during_an_extraction_loses_nothing(tmp_path, tiny_bert_
     """Worker 1 is killed (SIGKILL, by its process id) as the first shard is recorded: the scheduler gives its
     shards to worker 0, or the run fails naming what failed; either way a rerun completes a store equal to the
     in-process one."""
-    import flows.extract
+    import tasks.extraction
     from flows.extract import extract
 
     local = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "local.zarr")
     extract(local)
-    record = flows.extract.mark_shard_completed
+    record = tasks.extraction.mark_shard_completed  # what the extract stage records a shard with
     with loopback_cluster(tmp_path) as (address, processes):
         victim = processes[2]
 
@@ -212,7 +212,7 @@ def test_a_worker_killed_during_an_extraction_loses_nothing(tmp_path, tiny_bert_
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.wait()
 
-        monkeypatch.setattr(flows.extract, "mark_shard_completed", record_then_kill)
+        monkeypatch.setattr(tasks.extraction, "mark_shard_completed", record_then_kill)
         remote = _extract_settings(tmp_path, tiny_bert_folder, small_corpus_csv, "remote.zarr", dask_address=address)
         try:
             extract(remote)
@@ -221,7 +221,7 @@ def test_a_worker_killed_during_an_extraction_loses_nothing(tmp_path, tiny_bert_
         assert victim.poll() is not None  # the kill happened during the run
         recorded = completed_shards(open_attention_store(remote.store))
         assert recorded and recorded == sorted(set(recorded))
-        monkeypatch.setattr(flows.extract, "mark_shard_completed", record)
+        monkeypatch.setattr(tasks.extraction, "mark_shard_completed", record)
         extract(remote)  # the surviving worker does what is left
     assert completed_shards(open_attention_store(remote.store)) == [0, 1, 2, 3, 4]
     assert content_digests(remote.store) == content_digests(local.store)

@@ -1,6 +1,8 @@
 """The one sharded-stage runner (tasks/stages.py), on a dummy stage declared here: in process and on a loopback Dask
 cluster it runs the pending shards, records their completion, skips completed shards on a rerun, forgets a stale
-shard, retries a transient I/O error by its policy and holds the output's lock while it runs.
+shard, retries a transient I/O error by its policy and holds the output's lock while it runs. A stage that splits
+its shards in a computation and a write (as extract does) writes shard k while shard k+1 is computed, and its
+`prepare` may return the plan the shards' jobs carry.
 
 The dummy stage reads a folder of input files `input-<shard>.json` ({"values": [...]}) and writes, per shard, the
 sum of its values times the run's `plan` into `<results>/shard-<shard>.json`; its records of completion are
@@ -11,9 +13,11 @@ next computation fail with an I/O error (EIO, transient) and disappear; `<store>
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,7 +83,8 @@ def forget_stale_shards(results: Path, store: Path) -> list[int]:
     return stale
 
 
-def compute_shard(job: ShardJob) -> dict[str, str]:
+def compute_part(job: ShardJob) -> tuple[str, int]:
+    """The shard's computation: (identity of its input, its value)."""
     store, results = Path(job.store), Path(job.results)
     assert Path(job.results + LOCK_SUFFIX).exists(), "the shard ran without the output's lock"
     failures = sorted(store.glob(f"fail-{job.shard_index}-*"))
@@ -92,8 +97,19 @@ def compute_shard(job: ShardJob) -> dict[str, str]:
     values = json.loads((store / f"input-{job.shard_index}.json").read_text())["values"]
     with (results / "computed.log").open("a") as log:  # one line per computation, to count them
         log.write(f"{job.shard_index}\n")
-    (results / f"shard-{job.shard_index}.json").write_text(json.dumps(sum(values) * job.plan))
+    return identity, sum(values) * job.plan
+
+
+def write_part(job: ShardJob, computed: tuple[str, int]) -> dict[str, str]:
+    """The shard's write: its value, whole; returns what is recorded."""
+    assert Path(job.results + LOCK_SUFFIX).exists(), "the shard was written without the output's lock"
+    identity, value = computed
+    (Path(job.results) / f"shard-{job.shard_index}.json").write_text(json.dumps(value))
     return {"input": identity}
+
+
+def compute_shard(job: ShardJob) -> dict[str, str]:
+    return write_part(job, compute_part(job))
 
 
 def mark_completed(results: Path, shard: int, inputs: dict[str, str]) -> None:
@@ -122,6 +138,23 @@ DUMMY_STAGE = Stage(
 )
 
 
+def prepare_and_plan(run: StageRun) -> int:
+    """`prepare`, then the plan the jobs carry: the factor of the run's settings (as extract's head and classes)."""
+    prepare(run)
+    return run.plan["factor"]
+
+
+# The same stage in two parts, its plan found by preparing.
+SPLIT_STAGE = dataclasses.replace(
+    DUMMY_STAGE,
+    name="split",
+    shards="split shards",
+    prepare=prepare_and_plan,
+    compute_shard=compute_part,
+    write_shard=write_part,
+)
+
+
 def computed(results: Path) -> list[int]:
     log = results / "computed.log"
     return sorted(int(line) for line in log.read_text().split()) if log.exists() else []
@@ -136,20 +169,20 @@ def store(tmp_path: Path) -> Path:
     return folder
 
 
-def check_protocol(store: Path, results: Path, **where) -> None:
+def check_protocol(store: Path, results: Path, stage: Stage = DUMMY_STAGE, plan=10, **where) -> None:
     """Run, rerun, make a shard stale and run again, with `where` (dask_address / workers) choosing where."""
-    run = StageRun(store=str(store), results=str(results), plan=10, **where)
-    assert run_stage(DUMMY_STAGE, run) == (3 + 3 + 15) * 10
+    run = StageRun(store=str(store), results=str(results), plan=plan, **where)
+    assert run_stage(stage, run) == (3 + 3 + 15) * 10
     assert computed(results) == [0, 1, 2]
     assert sorted(records(results)) == ["0", "1", "2"]  # every shard recorded, with its input's identity
     assert records(results)["1"] == input_identity(store, 1)
     assert not Path(str(results) + LOCK_SUFFIX).exists()  # released
 
-    assert run_stage(DUMMY_STAGE, run) == 210  # a complete output: nothing computed again
+    assert run_stage(stage, run) == 210  # a complete output: nothing computed again
     assert computed(results) == [0, 1, 2]
 
     write_input(store, 1, [7])  # shard 1's input written again: its result is stale
-    assert run_stage(DUMMY_STAGE, run) == (3 + 7 + 15) * 10
+    assert run_stage(stage, run) == (3 + 7 + 15) * 10
     assert computed(results) == [0, 1, 1, 2]  # only shard 1 again
     assert records(results)["1"] == input_identity(store, 1)
 
@@ -170,6 +203,57 @@ def test_a_stage_runs_on_a_dask_cluster_the_same(store, tmp_path):
     logs.mkdir()
     with loopback_cluster(logs, workers=2) as (address, _):
         check_protocol(store, tmp_path / "results", dask_address=address)
+        write_input(store, 1, [3])
+        check_protocol(store, tmp_path / "split", SPLIT_STAGE, {"factor": 10}, dask_address=address)
+
+
+def test_a_split_stage_runs_in_process_with_the_plan_its_preparation_returns(store, tmp_path):
+    check_protocol(store, tmp_path / "results", SPLIT_STAGE, {"factor": 10})
+    assert json.loads((tmp_path / "results" / "settings.json").read_text()) == {"factor": 10}
+
+
+def test_a_split_stage_writes_a_shard_while_the_next_is_computed(store, tmp_path):
+    next_computed = threading.Event()
+    seen = {}
+
+    def compute(job: ShardJob):
+        if job.shard_index == 1:
+            next_computed.set()
+        return compute_part(job)
+
+    def write(job: ShardJob, computed_part):
+        if job.shard_index == 0:  # set only if shard 1 is computed while this write is under way
+            seen["overlapped"] = next_computed.wait(timeout=30)
+        seen.setdefault("threads", set()).add(threading.current_thread() is threading.main_thread())
+        return write_part(job, computed_part)
+
+    stage = dataclasses.replace(SPLIT_STAGE, compute_shard=compute, write_shard=write)
+    assert run_stage(stage, StageRun(store=str(store), results=str(tmp_path / "results"), plan={"factor": 1})) == 21
+    assert seen == {"overlapped": True, "threads": {False}}  # written beside the computation, in another thread
+    assert sorted(records(tmp_path / "results")) == ["0", "1", "2"]
+
+
+def test_a_failed_computation_lets_the_write_under_way_end_and_record_nothing_more(store, tmp_path):
+    (store / "full-2").touch()  # shard 2's computation fails while shard 1's write is under way
+    writes = []
+
+    def slow_write(job: ShardJob, computed_part):
+        if job.shard_index == 1:
+            threading.Event().wait(0.5)
+        result = write_part(job, computed_part)
+        writes.append(job.shard_index)
+        return result
+
+    results = tmp_path / "results"
+    stage = dataclasses.replace(SPLIT_STAGE, write_shard=slow_write)
+    with pytest.raises(OSError, match="No space left"):
+        run_stage(stage, StageRun(store=str(store), results=str(results), plan={"factor": 1}))
+    assert writes == [0, 1]  # shard 1's write ended before run_stage returned (and released the lock)
+    assert sorted(records(results)) == ["0"]  # shard 1 is written but its completion was not recorded
+    assert not Path(str(results) + LOCK_SUFFIX).exists()
+    (store / "full-2").unlink()
+    assert run_stage(SPLIT_STAGE, StageRun(store=str(store), results=str(results), plan={"factor": 1})) == 21
+    assert computed(results) == [0, 1, 1, 2]  # shard 1 again (unrecorded), shard 0 not
 
 
 def test_a_transient_io_error_is_retried_once_by_the_policy_in_process(store, tmp_path):
