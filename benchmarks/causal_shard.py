@@ -49,7 +49,9 @@ def main() -> None:
     for repeat in range(arguments.repeats):
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         compute_causal_shard(
-            ShardJob(arguments.store, unused_results, arguments.shard, plan, forward_rows=arguments.forward_rows)
+            ShardJob(
+                arguments.store, unused_results, plan, forward_rows=arguments.forward_rows, shard_index=arguments.shard
+            )
         )
         after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
         print(

@@ -307,7 +307,7 @@ def submit_efficient_work(client, store: str, work: dict[int, list[str]], settin
     for shard in shards_by_cost(group, work):
         cuts = shard_pieces(work[shard], layers)
         if cuts == [None]:
-            job = ShardJob(store, store, shard, EfficientWork(tuple(work[shard]), settings))
+            job = ShardJob(store, store, EfficientWork(tuple(work[shard]), settings), shard_index=shard)
             futures[client.submit(compute_efficient_job, job, pure=False)] = shard
             continue
         pieces = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -70,16 +70,15 @@ def retry_on_io_error(task, task_run, state) -> bool:
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """Everything one shard of a model stage needs: what a Dask worker receives.
+class StageJob:
+    """What every shard of one stage run shares.
 
     `plan` is what the stage computes, fixed for the whole run (tasks.extraction.ExtractionWork for extract;
     analysis.causal.CausalPlan for causal; the recorded settings dict for explain); `results` is the output dataset
-    the shard is written to (extract: the store itself)."""
+    the shards are written to (extract: the store itself)."""
 
     store: str
     results: str
-    shard_index: int
     plan: Any
     model_override: str | None = None
     device: str = "cpu"
@@ -88,31 +87,23 @@ class ShardJob:
 
 
 @dataclass(frozen=True)
-class StageRun:
-    """One run of a stage: what every shard shares (the fields of `ShardJob` but the shard) and where the shards
-    run (`dask_address` or `workers`: on Dask; neither: in this process)."""
+class ShardJob(StageJob):
+    """Everything one shard of a model stage needs (the run's `StageJob` and the shard): what a Dask worker
+    receives."""
 
-    store: str
-    results: str
-    plan: Any
-    model_override: str | None = None
-    device: str = "cpu"
-    batch_size: int = 16
-    forward_rows: int = 64
+    shard_index: int = field(kw_only=True)
+
+
+@dataclass(frozen=True)
+class StageRun(StageJob):
+    """One run of a stage: what every shard shares and where the shards run (`dask_address` or `workers`: on Dask;
+    neither: in this process)."""
+
     dask_address: str | None = None
     workers: int | None = None
 
     def job(self, shard_index: int) -> ShardJob:
-        return ShardJob(
-            self.store,
-            self.results,
-            shard_index,
-            self.plan,
-            self.model_override,
-            self.device,
-            self.batch_size,
-            self.forward_rows,
-        )
+        return ShardJob(**{item.name: getattr(self, item.name) for item in fields(StageJob)}, shard_index=shard_index)
 
 
 def read_attention_store(url: str):

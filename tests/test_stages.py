@@ -313,7 +313,7 @@ def test_a_shard_job_is_one_frozen_value():
     import pickle
 
     job = StageRun(store="s.zarr", results="r.zarr", plan={"seed": 1}, device="cpu", workers=2).job(3)
-    assert job == ShardJob("s.zarr", "r.zarr", 3, {"seed": 1})
+    assert job == ShardJob("s.zarr", "r.zarr", {"seed": 1}, shard_index=3)
     with pytest.raises(dataclasses.FrozenInstanceError):
         job.shard_index = 4
     assert pickle.loads(pickle.dumps(job)) == job  # what goes to a Dask worker
