@@ -38,9 +38,8 @@ from storage_schemas.attention_store import (
     write_shard,
 )
 from storage_schemas.selection import SELECTION_ATTRIBUTE, StoreSelection, selection_of_group
-from storage_schemas.storage_faults import DEFAULT_RETRY_DELAYS
 from tasks.models import cached_model
-from tasks.stages import ShardJob, Stage, StageRun, retry_on_io_error
+from tasks.stages import ShardJob, Stage, StageRun
 from tasks.training import train_head
 
 if TYPE_CHECKING:  # flows/ imports tasks/, never the other way at run time
@@ -188,47 +187,6 @@ def _capture_stored_selection(loaded, group, region: slice, batch_size: int) -> 
     )
 
 
-@task(
-    name="capture-shard",
-    cache_policy=NO_CACHE,
-    retries=len(DEFAULT_RETRY_DELAYS),
-    retry_delay_seconds=list(DEFAULT_RETRY_DELAYS),
-    retry_condition_fn=retry_on_io_error,
-)
-def capture_shard(
-    store: str,
-    shard_index: int,
-    model: str,
-    num_labels: int,
-    device: str,
-    seed: int,
-    batch_size: int,
-    task: str = "classification",
-) -> CapturedShard:
-    """Run the model over one shard's examples (tokens read from the store); returns the shard's tensors."""
-    loaded = cached_model(model, num_labels, device, seed, task)
-    group = open_attention_store(store, mode="r")
-    layout = store_layout(group)
-    region = layout.shard_slice(shard_index)
-    return _capture_stored_selection(loaded, group, region, batch_size)
-
-
-@task(
-    name="write-shard",
-    cache_policy=NO_CACHE,
-    retries=len(DEFAULT_RETRY_DELAYS),
-    retry_delay_seconds=list(DEFAULT_RETRY_DELAYS),
-    retry_condition_fn=retry_on_io_error,
-)
-def write_captured_shard(store: str, shard_index: int, captured: CapturedShard) -> int:
-    """Write one whole shard of captured tensors (an I/O error is retried: it rewrites the same whole shard)."""
-    group = open_attention_store(store, mode="r+")
-    write_shard(
-        group, shard_index, captured.attention, captured.value, captured.logits, captured.logit_ids, captured.logsumexp
-    )
-    return shard_index
-
-
 @dataclass(frozen=True)
 class ExtractionWork:
     """What every extraction shard's job carries (`ShardJob.plan`), found by `prepare_extraction`: the model to
@@ -294,8 +252,19 @@ def capture_job_shard(job: ShardJob) -> CapturedShard:
 
 
 def write_job_shard(job: ShardJob, captured: CapturedShard) -> int:
-    """Write one whole shard of captured tensors to the store; returns the shard index."""
-    return write_captured_shard.fn(job.store, job.shard_index, captured)
+    """Write one whole shard of captured tensors to the store (the stage's retry policy retries a transient I/O
+    error: it rewrites the same whole shard); returns the shard index."""
+    group = open_attention_store(job.store, mode="r+")
+    write_shard(
+        group,
+        job.shard_index,
+        captured.attention,
+        captured.value,
+        captured.logits,
+        captured.logit_ids,
+        captured.logsumexp,
+    )
+    return job.shard_index
 
 
 def store_shard_count(group, store_group) -> int:

@@ -19,7 +19,8 @@ from storage_schemas.attention_store import (
 )
 from storage_schemas.efficient_store import mark_efficient_shard_completed
 from tasks.efficient import compute_efficient_shard, prepare_variants
-from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+from tasks.extraction import ExtractionWork, capture_job_shard, prepare_store, write_job_shard
+from tasks.stages import ShardJob
 from tests.conftest import REVIEW_ROWS
 
 SETTINGS = {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}
@@ -48,12 +49,21 @@ def build_real_store(
     todo, num_labels = prepare_store.fn(
         str(url), str(corpus), str(model_folder), max_length, None, "float32", "cpu", None, None, shard_size, 0
     )
-    group = open_attention_store(url, mode="r+")
-    for shard in todo:
-        captured = capture_shard.fn(url, shard, str(model_folder), num_labels, "cpu", 0, 4)
-        mark_shard_completed(group, write_captured_shard.fn(url, shard, captured))
+    extract_shards(url, todo, model_folder, num_labels)
     compute_variants(url, variants)
     return url
+
+
+def extract_shards(
+    url: str, shards: list[int], model_folder: Path, num_labels: int, task: str = "classification", batch_size: int = 4
+) -> None:
+    """Capture and write `shards` of the prepared store at `url` with the model at `model_folder` (seed 0), and
+    record them done, as the extract stage does (tasks.extraction.EXTRACT_STAGE)."""
+    work = ExtractionWork(str(model_folder), num_labels, 0, task)
+    group = open_attention_store(url, mode="r+")
+    for shard in shards:
+        job = ShardJob(str(url), str(url), work, batch_size=batch_size, shard_index=shard)
+        mark_shard_completed(group, write_job_shard(job, capture_job_shard(job)))
 
 
 def compute_variants(url: str, variants: tuple[str, ...]) -> None:

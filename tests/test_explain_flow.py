@@ -162,16 +162,15 @@ def test_an_unfinished_extraction_is_refused_naming_the_shards_and_the_command(t
     """An extraction interrupted after its first shard: `effattn explain` refuses it (exit status 2, the shards and
     the command in one line) and writes no results; the sample is the one of the finished store."""
     from flows.cli import main
-    from storage_schemas.attention_store import mark_shard_completed, open_attention_store
-    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+    from tasks.extraction import prepare_store
+    from tests.store_builders import extract_shards
 
     corpus, store = write_corpus(tmp_path / "reviews.csv"), str(tmp_path / "store.zarr")
     todo, num_labels = prepare_store.fn(
         store, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None, None, 4, 0
     )
     assert todo == [0, 1, 2]
-    captured = capture_shard.fn(store, 0, str(tiny_bert_folder), num_labels, "cpu", 0, 4)
-    mark_shard_completed(open_attention_store(store, mode="r+"), write_captured_shard.fn(store, 0, captured))
+    extract_shards(store, [0], tiny_bert_folder, num_labels)
     results = str(tmp_path / "results.zarr")
     assert main(["explain", "--store", store, "--results", results, "--examples", "4"]) == 2
     error = capsys.readouterr().err
@@ -261,11 +260,8 @@ def test_a_decoder_store_is_explained_at_its_last_token(tmp_path, tiny_llama_fol
 
 
 def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_llama_folder):
-    from storage_schemas.attention_store import mark_shard_completed, open_attention_store
-    from storage_schemas.efficient_store import mark_efficient_shard_completed
-    from tasks.efficient import compute_efficient_shard, prepare_variants
-    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
-    from tests.store_builders import SETTINGS
+    from tasks.extraction import prepare_store
+    from tests.store_builders import compute_variants, extract_shards
 
     store = str(tmp_path / "lm.zarr")
     todo, num_labels = prepare_store.fn(
@@ -283,14 +279,8 @@ def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_lla
         task="next-token",
         top_k=4,
     )
-    group = open_attention_store(store, mode="r+")
-    for shard in todo:
-        captured = capture_shard.fn(store, shard, str(tiny_llama_folder), num_labels, "cpu", 0, 5, "next-token")
-        mark_shard_completed(group, write_captured_shard.fn(store, shard, captured))
-    for shard, variants in prepare_variants(store, ["stochastic"], SETTINGS).items():
-        _, written = compute_efficient_shard(store, shard, variants, SETTINGS)
-        for variant in written:
-            mark_efficient_shard_completed(group, variant, shard)
+    extract_shards(store, todo, tiny_llama_folder, num_labels, task="next-token", batch_size=5)
+    compute_variants(store, ("stochastic",))
     results = str(tmp_path / "results.zarr")
     explain(
         ExplainSettings(

@@ -297,12 +297,11 @@ def test_extraction_resuming_into_a_v1_store_keeps_its_v1_layout(tmp_path, tiny_
 
     from storage_schemas.attention_store import (
         completed_shards,
-        mark_shard_completed,
         read_texts,
         unmark_shards,
     )
-    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
-    from tests.store_builders import build_real_store, build_v1_store, write_corpus
+    from tasks.extraction import prepare_store
+    from tests.store_builders import build_real_store, build_v1_store, extract_shards, write_corpus
 
     corpus = write_corpus(tmp_path / "reviews.csv")
     v1 = build_v1_store(str(tmp_path / "v1.zarr"), tiny_bert_folder, corpus, variants=())
@@ -314,9 +313,7 @@ def test_extraction_resuming_into_a_v1_store_keeps_its_v1_layout(tmp_path, tiny_
         v1, str(corpus), str(tiny_bert_folder), 24, None, "float32", "cpu", None, None, 4, 0
     )
     assert todo == [1, 2]
-    for shard in todo:
-        captured = capture_shard.fn(v1, shard, str(tiny_bert_folder), num_labels, "cpu", 0, 4)
-        mark_shard_completed(group, write_captured_shard.fn(v1, shard, captured))
+    extract_shards(v1, todo, tiny_bert_folder, num_labels)
     resumed, fresh = open_attention_store(v1), open_attention_store(v2)
     assert resumed.attrs["schema_version"] == 1 and completed_shards(resumed) == [0, 1, 2]
     assert resumed["attention"].chunks[1] == 1 and fresh["attention"].chunks[1] == fresh["attention"].shape[1]

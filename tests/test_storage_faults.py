@@ -313,15 +313,16 @@ def test_discard_removes_exactly_that_shards_files(store_with_variant):
     assert len(shard_file_paths(group, names, 2)) == 3
 
 
-def test_the_extraction_tasks_retry_only_transient_errors_with_back_off():
+def test_the_extraction_shards_retry_only_transient_errors_with_back_off():
     from prefect.states import Failed
 
-    from tasks.extraction import capture_shard, retry_on_io_error, write_captured_shard
+    from tasks.extraction import EXTRACT_STAGE
+    from tasks.stages import RETRY_POLICY, retry_on_io_error
 
     assert retry_on_io_error(None, None, Failed(data=OSError(errno.EIO, "Input/output error"))) is True
     assert retry_on_io_error(None, None, Failed(data=OSError(errno.ENOSPC, "No space left on device"))) is False
     assert retry_on_io_error(None, None, Failed(data=StoreFullError("no space left while writing ..."))) is False
     assert retry_on_io_error(None, None, Failed(data=ValueError("shard 1: 'value' has shape ..."))) is False
-    for task in (write_captured_shard, capture_shard):
-        assert task.retries == 3 and list(task.retry_delay_seconds) == [0.5, 2.0, 8.0]
-        assert task.retry_condition_fn is retry_on_io_error
+    assert EXTRACT_STAGE.retry is RETRY_POLICY and RETRY_POLICY.delays == (0.5, 2.0, 8.0)
+    assert RETRY_POLICY.retries(OSError(errno.EIO, "Input/output error"))
+    assert not RETRY_POLICY.retries(OSError(errno.ENOSPC, "No space left on device"))
