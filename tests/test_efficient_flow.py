@@ -337,17 +337,14 @@ def test_shards_are_cut_by_the_cost_class_of_their_variants():
 def _extract_shards(url: str, model_folder, corpus, shards=None) -> list[int]:
     """Extract (plain task functions, in this process) the pending shards of `corpus` into `url`, or only `shards`
     of them; returns the shards written."""
-    from storage_schemas.attention_store import mark_shard_completed
-    from tasks.extraction import capture_shard, prepare_store, write_captured_shard
+    from tasks.extraction import prepare_store
+    from tests.store_builders import extract_shards
 
     todo, num_labels = prepare_store.fn(
         url, str(corpus), str(model_folder), 24, None, "float32", "cpu", None, None, 4, 0
     )
     chosen = [shard for shard in todo if shards is None or shard in shards]
-    group = open_attention_store(url, mode="r+")
-    for shard in chosen:
-        captured = capture_shard.fn(url, shard, str(model_folder), num_labels, "cpu", 0, 4)
-        mark_shard_completed(group, write_captured_shard.fn(url, shard, captured))
+    extract_shards(url, chosen, model_folder, num_labels)
     return chosen
 
 
