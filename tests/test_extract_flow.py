@@ -416,7 +416,7 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
 def test_write_retries_only_io_errors():
     from prefect.states import Failed
 
-    from tasks.extraction import retry_on_io_error
+    from tasks.stages import retry_on_io_error
 
     assert retry_on_io_error(None, None, Failed(data=OSError("disk hiccup"))) is True
     assert retry_on_io_error(None, None, Failed(data=ValueError("shard 1: 'value' has shape ..."))) is False
