@@ -289,14 +289,14 @@ def _diagnostics_of(
     shared = shared if shared is not None else _SharedDiagnosticTerms(attention, matrix)
     output_residual = torch.zeros(efficient.shape[0], dtype=torch.float64)
     null_norm_ratio = torch.zeros(efficient.shape[0], dtype=torch.float64)
-    changed = (efficient != attention).flatten(1).any(-1)
+    difference = efficient - attention  # zero exactly where the entries are equal (finite inputs)
+    changed = difference.flatten(1).any(-1)
     if changed.all():
-        difference = efficient - attention
         output_norm, attention_norm = shared.norms(changed)
         output_residual = safe_ratio(torch.linalg.matrix_norm(difference @ matrix), output_norm)
         null_norm_ratio = safe_ratio(torch.linalg.matrix_norm(difference), attention_norm)
     elif changed.any():
-        difference = efficient[changed] - attention[changed]
+        difference = difference[changed]
         output_norm, attention_norm = shared.norms(changed)
         output_residual[changed] = safe_ratio(torch.linalg.matrix_norm(difference @ matrix[changed]), output_norm)
         null_norm_ratio[changed] = safe_ratio(torch.linalg.matrix_norm(difference), attention_norm)
