@@ -252,32 +252,60 @@ def _restricted_to_band(block: torch.Tensor, band: KeyBand, where: tuple) -> tor
     return torch.where(visible, block, 0.0)
 
 
+class _SharedDiagnosticTerms:
+    """The terms of the diagnostics that depend on the attention only, computed once per chunk for all variants and
+    only for the matrices some variant changed: ‖A·X‖_F and ‖A‖_F, (n,) each (NaN where not computed yet)."""
+
+    def __init__(self, attention: torch.Tensor, matrix: torch.Tensor) -> None:
+        self.attention = attention
+        self.matrix = matrix
+        self.output_norm = torch.full((attention.shape[0],), torch.nan, dtype=torch.float64)
+        self.attention_norm = torch.full((attention.shape[0],), torch.nan, dtype=torch.float64)
+
+    def norms(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖A·X‖_F, ‖A‖_F) of the matrices `chosen` (n,) bool."""
+        missing = chosen & torch.isnan(self.output_norm)
+        if missing.any():
+            attention = self.attention[missing]
+            # ‖A·T‖ = ‖A·X‖ because T = X Zᵀ with orthonormal Z
+            self.output_norm[missing] = torch.linalg.matrix_norm(attention @ self.matrix[missing])
+            self.attention_norm[missing] = torch.linalg.matrix_norm(attention)
+        return self.output_norm[chosen], self.attention_norm[chosen]
+
+
 def _diagnostics_of(
-    efficient: torch.Tensor, attention: torch.Tensor, matrix: torch.Tensor, length: int
+    efficient: torch.Tensor,
+    attention: torch.Tensor,
+    matrix: torch.Tensor,
+    length: int,
+    shared: _SharedDiagnosticTerms | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-matrix diagnostics independent of the solver. Shapes (n, L, L), (n, L, L), (n, L, m) -> (n,).
 
     Matrices whose efficient attention is the attention itself (L ≤ rank: nothing to remove) have output residual
-    and null-norm ratio exactly 0; the products are formed only for the others.
+    and null-norm ratio exactly 0; the products are formed only for the others. `shared`: the attention's own
+    terms, shared by the variants of one chunk (computed here when None).
     """
+    shared = shared if shared is not None else _SharedDiagnosticTerms(attention, matrix)
     output_residual = torch.zeros(efficient.shape[0], dtype=torch.float64)
     null_norm_ratio = torch.zeros(efficient.shape[0], dtype=torch.float64)
-    changed = (efficient != attention).flatten(1).any(-1)
-    if changed.any():
-        difference = efficient[changed] - attention[changed]
-        output = attention[changed] @ matrix[changed]  # A·X; ‖A·T‖ = ‖A·X‖ because T = X Zᵀ with orthonormal Z
-        output_residual[changed] = safe_ratio(
-            torch.linalg.matrix_norm(difference @ matrix[changed]), torch.linalg.matrix_norm(output)
-        )
-        null_norm_ratio[changed] = safe_ratio(
-            torch.linalg.matrix_norm(difference), torch.linalg.matrix_norm(attention[changed])
-        )
+    difference = efficient - attention  # zero exactly where the entries are equal (finite inputs)
+    changed = difference.flatten(1).any(-1)
+    if changed.all():
+        output_norm, attention_norm = shared.norms(changed)
+        output_residual = safe_ratio(torch.linalg.matrix_norm(difference @ matrix), output_norm)
+        null_norm_ratio = safe_ratio(torch.linalg.matrix_norm(difference), attention_norm)
+    elif changed.any():
+        difference = difference[changed]
+        output_norm, attention_norm = shared.norms(changed)
+        output_residual[changed] = safe_ratio(torch.linalg.matrix_norm(difference @ matrix[changed]), output_norm)
+        null_norm_ratio[changed] = safe_ratio(torch.linalg.matrix_norm(difference), attention_norm)
     return {
         "output_residual": output_residual,
         "row_sum_error": (efficient.sum(-1) - 1.0).abs().amax(-1),
         "negative_mass": torch.clamp(efficient, max=0).abs().sum((-2, -1)) / length,
         "null_norm_ratio": null_norm_ratio,
-        "support_size": (efficient != 0).sum(-1).to(torch.float64).mean(-1),
+        "support_size": torch.count_nonzero(efficient, dim=-1).to(torch.float64).mean(-1),
     }
 
 
@@ -297,13 +325,17 @@ def _efficient_block(
     T = X Zᵀ. Returns {variant: (efficient (n, L, L), {diagnostic: (n,)})}.
     """
     length = attention.shape[-1]
-    inputs = VariantInputs(attention, matrix, hidden_size, causal, simplex_max_iterations, simplex_tolerance, band)
+    with_ones = any(variant_record(name).projects_with_ones for name in variants)  # then both bases are asked for
+    inputs = VariantInputs(
+        attention, matrix, hidden_size, causal, simplex_max_iterations, simplex_tolerance, band, with_ones
+    )
     rank = inputs.basis(False)[1]
+    shared = _SharedDiagnosticTerms(attention, matrix)
     results = {}
     for name in variants:
         record = variant_record(name)
         result, statistics = record.compute(inputs, record.projects_with_ones)
-        stats = _diagnostics_of(result, attention, matrix, length)
+        stats = _diagnostics_of(result, attention, matrix, length, shared)
         stats["rank"] = rank
         stats["null_dim"] = length - inputs.basis(record.projects_with_ones)[1]
         stats.update(statistics)

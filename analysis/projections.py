@@ -104,10 +104,11 @@ def full_rank_certificate(matrix: torch.Tensor, hidden_size: int) -> torch.Tenso
     return _certified_by_triangular(torch.linalg.qr(matrix[:, :leading, :].mT).R, matrix, hidden_size)
 
 
-def column_space_basis(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def column_space_basis(matrix, hidden_size: int, qr=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis of the numerical column space, for a batch.
 
-    matrix: (n, L, c); hidden_size: the D of the rank threshold σ_max·max(L, D)·eps.
+    matrix: (n, L, c); hidden_size: the D of the rank threshold σ_max·max(L, D)·eps; qr: optionally (Q (n, L, c),
+    R (n, c, c)), the reduced QR of `matrix` when L ≥ c, already computed (`column_space_bases_with_ones`).
     Returns basis (n, L, min(L, c)) with orthonormal columns followed by zero columns (one non-zero column
     per unit of rank) and rank (n,) int64.
     Fast path: one QR (of M when L ≥ c, of Mᵀ otherwise) whose R certifies full rank (`_certified_by_triangular`);
@@ -122,9 +123,12 @@ def column_space_basis(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Te
     if n == 0 or width == 0:
         return basis, rank
     if length >= columns:
-        orthonormal, triangular = torch.linalg.qr(matrix)
+        orthonormal, triangular = qr if qr is not None else torch.linalg.qr(matrix)
         certified = _certified_by_triangular(triangular, matrix, hidden_size)
-        basis[certified] = orthonormal[certified]
+        if certified.all():
+            basis = orthonormal.clone() if qr is not None else orthonormal
+        else:
+            basis[certified] = orthonormal[certified]
     else:
         certified = _certified_by_triangular(torch.linalg.qr(matrix.mT).R, matrix, hidden_size)
         basis[certified] = torch.eye(length, dtype=torch.float64)
@@ -136,6 +140,31 @@ def column_space_basis(matrix, hidden_size: int) -> tuple[torch.Tensor, torch.Te
         basis[uncertified] = left * keep[:, None, :]
         rank[uncertified] = keep.sum(-1)
     return basis, rank
+
+
+def column_space_bases_with_ones(
+    matrix: torch.Tensor, with_ones: torch.Tensor, hidden_size: int
+) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+    """`column_space_basis` of M and of [M | s·1] from one QR, when L > c (else each its own).
+
+    matrix: (n, L, c); with_ones: (n, L, c + 1), `with_ones_column(matrix)`; hidden_size: the D of M's threshold
+    (D + 1 for [M | s·1]). Returns {False: (basis, rank) of M, True: (basis, rank) of [M | s·1]}.
+    Householder QR factors the columns in order, so the QR of [M | s·1] restricted to its first c columns is a QR
+    of M (Q[:, :c], R[:c, :c]): the two bases and certificates agree with separate QRs up to round-off.
+    """
+    n, length, columns = matrix.shape
+    if n == 0 or length <= columns:
+        return {
+            False: column_space_basis(matrix, hidden_size),
+            True: column_space_basis(with_ones, hidden_size + 1),
+        }
+    orthonormal, triangular = torch.linalg.qr(with_ones)
+    return {
+        False: column_space_basis(
+            matrix, hidden_size, qr=(orthonormal[..., :columns], triangular[..., :columns, :columns])
+        ),
+        True: column_space_basis(with_ones, hidden_size + 1, qr=(orthonormal, triangular)),
+    }
 
 
 def value_output_basis(value, w_out, append_ones: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +343,9 @@ class VariantInputs:
     T = X Zᵀ; hidden_size the D of the rank threshold of T (D + 1 for [T|1]); band the keys each query sees
     (analysis.key_bands; default: the prefix when causal, every key otherwise). `banded` is True when the band
     restricts this block beyond that default: each row is then projected on the keys it sees only. The
-    column-space bases are computed once per chunk, when a variant first asks, and shared by all variants.
+    column-space bases are computed once per chunk, when a variant first asks, and shared by all variants;
+    with_both_bases (set when both will be asked for: the rank of T is always a diagnostic) computes the bases of X
+    and [X | s·1] together from one QR.
     """
 
     def __init__(
@@ -326,6 +357,7 @@ class VariantInputs:
         simplex_max_iterations: int,
         simplex_tolerance: float,
         band: KeyBand | None = None,
+        with_both_bases: bool = False,
     ) -> None:
         self.attention = attention
         self.matrix = matrix
@@ -337,6 +369,7 @@ class VariantInputs:
         self.simplex_tolerance = simplex_tolerance
         self._spaces: dict[bool, torch.Tensor] = {False: matrix}
         self._bases: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.with_both_bases = with_both_bases
 
     def space(self, with_ones: bool) -> torch.Tensor:
         """(n, L, c): X, or [X | s·1] when `with_ones`."""
@@ -349,9 +382,13 @@ class VariantInputs:
         return self.hidden_size + 1 if with_ones else self.hidden_size
 
     def basis(self, with_ones: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """`column_space_basis` of `space(with_ones)` over the whole block: (basis (n, L, c), rank (n,))."""
+        """`column_space_basis` of `space(with_ones)` over the whole block: (basis (n, L, c), rank (n,)). When
+        `with_both_bases` was set, the first call computes both bases from one QR (`column_space_bases_with_ones`)."""
         if with_ones not in self._bases:
-            self._bases[with_ones] = column_space_basis(self.space(with_ones), self.space_hidden_size(with_ones))
+            if self.with_both_bases:
+                self._bases.update(column_space_bases_with_ones(self.matrix, self.space(True), self.hidden_size))
+            else:
+                self._bases[with_ones] = column_space_basis(self.space(with_ones), self.space_hidden_size(with_ones))
         return self._bases[with_ones]
 
 

@@ -162,11 +162,14 @@ def write_efficient_pieces(
         )
     variants = list(pieces[0])
     for variant in variants:
-        efficient = np.concatenate([piece[variant].efficient for piece in pieces], axis=1)
-        diagnostics = {
-            name: np.concatenate([piece[variant].diagnostics[name] for piece in pieces], axis=1)
-            for name in pieces[0][variant].diagnostics
-        }
+        if len(pieces) == 1:  # a whole shard: no copy
+            efficient, diagnostics = pieces[0][variant].efficient, pieces[0][variant].diagnostics
+        else:
+            efficient = np.concatenate([piece[variant].efficient for piece in pieces], axis=1)
+            diagnostics = {
+                name: np.concatenate([piece[variant].diagnostics[name] for piece in pieces], axis=1)
+                for name in pieces[0][variant].diagnostics
+            }
         retry_transient_io(
             write_efficient_shard,
             group,

@@ -686,3 +686,29 @@ def test_band_problems_are_refused_with_what_to_do():
         efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(3, 1),) * 2)
     with pytest.raises(ValueError, match="one analysis.key_bands.KeyBand per layer"):
         efficient_attention(attention, value, w_out, lengths, causal=True, key_bands=(KeyBand(3, 0),))
+
+
+def test_diagnostics_share_the_attention_terms_between_variants():
+    """`_diagnostics_of` with the chunk's shared terms (‖A·X‖, ‖A‖ computed once, for the changed matrices only)
+    gives what it computes alone, and the output residual and null-norm ratio equal their definitions; an unchanged
+    matrix has both exactly 0."""
+    rng = np.random.default_rng(11)
+    attention = torch.from_numpy(softmax_rows(rng.normal(size=(4, 6, 6)), causal=False))
+    matrix = torch.from_numpy(rng.normal(size=(4, 6, 3)))
+    shared = ea._SharedDiagnosticTerms(attention, matrix)
+    for changed in ([True, True, True, True], [True, False, True, False]):
+        efficient = attention.clone()
+        for index in np.flatnonzero(changed):
+            efficient[index] += 1e-3 * torch.from_numpy(rng.normal(size=(6, 6)))
+        alone = ea._diagnostics_of(efficient, attention, matrix, 6)
+        together = ea._diagnostics_of(efficient, attention, matrix, 6, shared)
+        for name in alone:
+            torch.testing.assert_close(together[name], alone[name], rtol=1e-15, atol=0)
+        difference = (efficient - attention).numpy()
+        expected_residual = np.linalg.norm(difference @ matrix.numpy(), axis=(-2, -1)) / np.linalg.norm(
+            attention.numpy() @ matrix.numpy(), axis=(-2, -1)
+        )
+        expected_ratio = np.linalg.norm(difference, axis=(-2, -1)) / np.linalg.norm(attention.numpy(), axis=(-2, -1))
+        np.testing.assert_allclose(alone["output_residual"].numpy(), expected_residual, rtol=1e-12)
+        np.testing.assert_allclose(alone["null_norm_ratio"].numpy(), expected_ratio, rtol=1e-12)
+        assert (alone["output_residual"][~torch.tensor(changed)] == 0).all()

@@ -80,3 +80,30 @@ def test_project_rows_causal_matches_prefix_projectors():
             np.testing.assert_allclose(result[index, query, : query + 1], expected, atol=1e-12)
     full_basis, _ = projections.column_space_basis(matrix, 3)
     assert not np.allclose(result, np.tril(project_rows(rows, full_basis).numpy()))
+
+
+def test_bases_with_ones_from_one_qr_match_separate_bases():
+    """`column_space_bases_with_ones` (one QR of [X | s·1]) gives the ranks and, up to round-off, the bases of
+    `column_space_basis` of X and of [X | s·1] computed apart: full rank (certified), rank-deficient X (the SVD
+    path for both) and L ≤ c (each its own QR)."""
+    rng = np.random.default_rng(5)
+    full = rng.normal(size=(2, 9, 4))
+    deficient = rng.normal(size=(2, 9, 2)) @ rng.normal(size=(2, 2, 4))  # rank 2 < 4 columns
+    short = rng.normal(size=(2, 3, 4))
+    for matrix in (full, deficient, short, np.concatenate([full, deficient])):
+        matrix = torch.from_numpy(matrix)
+        with_ones = projections.with_ones_column(matrix)
+        together = projections.column_space_bases_with_ones(matrix, with_ones, 6)
+        for ones, space, hidden in ((False, matrix, 6), (True, with_ones, 7)):
+            basis, rank = together[ones]
+            expected_basis, expected_rank = projections.column_space_basis(space, hidden)
+            assert torch.equal(rank, expected_rank)
+            torch.testing.assert_close(projector(basis), projector(expected_basis), rtol=0, atol=1e-13)
+    inputs = projections.VariantInputs(torch.from_numpy(full @ full.mT), torch.from_numpy(full), 6, False, 1, 1e-10)
+    shared = projections.VariantInputs(
+        torch.from_numpy(full @ full.mT), torch.from_numpy(full), 6, False, 1, 1e-10, with_both_bases=True
+    )
+    for ones in (False, True):
+        torch.testing.assert_close(
+            projector(shared.basis(ones)[0]), projector(inputs.basis(ones)[0]), rtol=0, atol=1e-13
+        )
