@@ -46,6 +46,27 @@ def select_rows(n_rows: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_rows)[:limit])
 
 
+def rows_to_append(
+    candidate_rows: np.ndarray, identities: np.ndarray, stored: np.ndarray, limit: int | None
+) -> np.ndarray:
+    """The corpus rows a store that grows still lacks, in corpus order.
+
+    candidate_rows: int [k] the selected rows (the split), in corpus order; identities: uint8 [rows, 16] of the
+    whole corpus (analysis.example_identities); stored: uint8 [stored, 16] the store's. A row whose identity the store
+    holds, or that repeats an earlier row's, is left out; with `limit`, the store holds at most `limit` examples,
+    the earliest rows first (rows only append, so the same earlier examples stay selected)."""
+    known = {bytes(row) for row in np.asarray(stored, dtype=np.uint8)}
+    wanted = []
+    for row in np.asarray(candidate_rows, dtype=np.int64):
+        key = bytes(identities[row])
+        if key not in known:
+            known.add(key)
+            wanted.append(row)
+    if limit is not None:
+        wanted = wanted[: max(0, int(limit) - len(stored))]
+    return np.asarray(wanted, dtype=np.int64)
+
+
 def usable_max_length(model, requested: int) -> int:
     """`requested`, capped at the model's number of positions (`config.max_position_embeddings`): longer inputs do
     not run with absolute position embeddings (BERT) and leave the trained context otherwise. Texts longer than
@@ -61,12 +82,13 @@ def plan_extraction(
     limit: int | None = None,
     seed: int = 0,
     candidate_rows: np.ndarray | None = None,
+    pad_to: int | None = None,
 ) -> ExtractionPlan:
     """Tokenize the selected texts (truncating to `max_length` tokens) and sort them by length (stable).
 
     `candidate_rows` (default: every row) are the corpus rows to choose from, e.g. a held-out split; `limit`
     draws a seeded sample of them. The stored position dimension is the longest selected example, at most
-    `max_length`.
+    `max_length`; or `pad_to` (a store that grows keeps `max_length` positions, so that every later example fits).
     """
     if max_length < 2:
         raise ValueError(f"--max-length must be at least 2 tokens, got {max_length}")
@@ -79,7 +101,9 @@ def plan_extraction(
     truncated = [_truncate(ids, max_length, tokenizer) for ids in encoded]
     length = np.array([len(ids) for ids in truncated], dtype=np.int64)
     order = np.argsort(length, kind="stable")
-    stored_length = int(length.max())
+    stored_length = int(length.max()) if pad_to is None else int(pad_to)
+    if stored_length < int(length.max()):
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest selected example ({int(length.max())} tokens)")
     pad_id = tokenizer.pad_token_id
     tokens = np.full((len(rows), stored_length), pad_id, dtype=np.int32)
     for stored_row, source_row in enumerate(order):

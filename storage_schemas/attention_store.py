@@ -29,6 +29,7 @@ import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -36,6 +37,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from analysis.example_identities import IDENTITY_BYTES, identity_digests
 from storage_schemas.durable_writes import write_whole_shard
 from storage_schemas.errors import AttentionStoreError, AttentionStoreNotFoundError, IncompleteInputError
 from storage_schemas.remote import is_storage_access_error
@@ -82,8 +84,12 @@ def use_fast_codec_pipeline() -> None:
 
 
 SCHEMA_NAME = "effattn.attention_store"
-SCHEMA_VERSION = 2  # what new stores are written as
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # what new stores are written as
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+# Schema v3 adds what a store that grows needs: each example's identity and the run that added it.
+GROWTH_ARRAYS = ("example_identity", "added_by_run", "added_at")
+# Root attribute present while examples are being appended (storage_schemas.attention_store.begin_append).
+APPEND_ATTRIBUTE = "append_in_progress"
 
 # Texts of schema v2: bytes in chunks of 1 MiB (a text is read with one or two chunks; the whole corpus with few).
 TEXT_BYTES_CHUNK = 2**20
@@ -101,6 +107,9 @@ ARRAY_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "value": ("example", "layer", "kv_head", "position", "head_dim"),
     "w_out": ("layer", "head", "head_dim", "hidden"),
     "out_bias": ("layer", "hidden"),
+    "example_identity": ("example", "identity_byte"),
+    "added_by_run": ("example",),
+    "added_at": ("example",),
 }
 
 ARRAY_DESCRIPTIONS: dict[str, str] = {
@@ -121,6 +130,14 @@ ARRAY_DESCRIPTIONS: dict[str, str] = {
     "value": "per-head value vectors (bias included), one per kv head; zero beyond `length`",
     "w_out": "each head's slice W_O^h of the attention output projection: output = sum_h A_h V_h W_O^h + out_bias",
     "out_bias": "bias of the attention output projection (zeros when the model has none)",
+    "example_identity": "the example's identity: the first 16 bytes of sha256 over its text and label name "
+    "(analysis.example_identities); a rerun over a grown corpus extracts only identities the store lacks",
+    "added_by_run": "which run added the example: an index into the root attribute `runs` (run id, time, counts)",
+    "added_at": "when the run that added the example started (UTC)",
+}
+# Attributes an array carries besides its description: `added_at` decodes to datetime64 in xarray (CF units).
+ARRAY_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "added_at": {"units": "seconds since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian"},
 }
 
 # Next-token stores replace the (example, class) logits by per-position top-k logits.
@@ -151,12 +168,14 @@ def array_dimensions(task: str, schema_version: int = SCHEMA_VERSION) -> dict[st
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
     dimensions = dict(ARRAY_DIMENSIONS)
+    if schema_version < 3:
+        dimensions = {name: dims for name, dims in dimensions.items() if name not in GROWTH_ARRAYS}
     if schema_version == 1:
         dimensions = {}
         for name, dims in ARRAY_DIMENSIONS.items():
             if name == "text_bytes":
                 dimensions.update(V1_TEXT_ARRAY_DIMENSIONS)
-            elif name != "text_offsets":
+            elif name != "text_offsets" and name not in GROWTH_ARRAYS:
                 dimensions[name] = dims
     if task == "next-token":
         dimensions.update(NEXT_TOKEN_ARRAY_DIMENSIONS)
@@ -235,6 +254,15 @@ class AttentionStoreLayout:
             }
         else:
             predictions = {"logits": ((E, self.n_classes), "float32", (S, self.n_classes), None)}
+        growth = (
+            {}
+            if schema_version < 3
+            else {
+                "example_identity": ((E, IDENTITY_BYTES), "uint8", (S, IDENTITY_BYTES), None),
+                "added_by_run": ((E,), "int32", (S,), None),
+                "added_at": ((E,), "int64", (S,), None),
+            }
+        )
         return {
             "tokens": ((E, L), "int32", (S, L), None),
             "length": ((E,), "int32", (S,), None),
@@ -242,6 +270,7 @@ class AttentionStoreLayout:
             "source_index": ((E,), "int64", (S,), None),
             "label": ((E,), "int64", (S,), None),
             **texts,
+            **growth,
             **predictions,
             "attention": (
                 (E, self.layers, self.heads, L, L),
@@ -320,7 +349,7 @@ def _fill_new_store(
             compressors=_compressors(),
             fill_value="" if dtype == "string" else 0,
             dimension_names=dimensions[name],
-            attributes={"description": ARRAY_DESCRIPTIONS[name]},
+            attributes={"description": ARRAY_DESCRIPTIONS[name], **ARRAY_ATTRIBUTES.get(name, {})},
         )
     group.attrs.update(
         {
@@ -416,6 +445,13 @@ def validate_attention_store(group: zarr.Group, url: str) -> None:
             f"{url} has attention store schema version {version!r}, but this effattn reads versions "
             f"{list(READABLE_SCHEMA_VERSIONS)}: extract again into a new store, or use the effattn release that "
             "wrote it"
+        )
+    if APPEND_ATTRIBUTE in attributes:
+        pending = attributes[APPEND_ATTRIBUTE]
+        raise AttentionStoreError(
+            f"{url}: an append of examples {pending.get('first_example')} to {pending.get('n_examples', 0) - 1} was "
+            "interrupted before it was recorded: run the same `effattn run` / `effattn extract` command again to "
+            f"finish it (the {pending.get('first_example')} examples stored before are intact)"
         )
     if not attributes.get("prepared"):
         raise AttentionStoreError(
@@ -565,26 +601,136 @@ def write_example_metadata(
     source_index: np.ndarray,
     label: np.ndarray,
     text,
+    start: int = 0,
+    run: int = 0,
+    added_at: int | None = None,
 ) -> None:
-    """Write the per-example arrays that are known before any model runs (all examples at once), in the layout of
-    the store's schema version (v2: `text_bytes` + `text_offsets`; v1: the `string` array `text`).
+    """Write the per-example arrays that are known before any model runs, for examples `start` onwards (all of
+    them at creation; the appended ones when a store grows), in the layout of the store's schema version (v2:
+    `text_bytes` + `text_offsets`; v1: the `string` array `text`; v3 adds each example's identity, computed from its
+    text and its label's name in the store's class names, and the run that added it: `run` indexes the root
+    attribute `runs`, `added_at` is that run's start in seconds since 1970 UTC, default now).
 
     tokens: [example, position] int; length, untruncated_length, source_index, label: [example]; text: [example] str.
     """
-    group["tokens"][:] = tokens.astype(np.int32)
-    group["length"][:] = length.astype(np.int32)
-    group["untruncated_length"][:] = untruncated_length.astype(np.int32)
-    group["source_index"][:] = source_index.astype(np.int64)
-    group["label"][:] = label.astype(np.int64)
+    region = slice(start, start + len(length))
+    group["tokens"][region] = tokens.astype(np.int32)
+    group["length"][region] = length.astype(np.int32)
+    group["untruncated_length"][region] = untruncated_length.astype(np.int32)
+    group["source_index"][region] = source_index.astype(np.int64)
+    group["label"][region] = label.astype(np.int64)
+    texts = [str(item) for item in text]
     if "text" in group.array_keys():  # a v1 store
-        group["text"][:] = np.asarray(text, dtype=object).astype(str)
+        group["text"][region] = np.asarray(texts, dtype=object).astype(str)
         return
-    encoded, offsets = encode_texts([str(item) for item in text])
-    if len(offsets) != group["text_offsets"].shape[0]:
-        raise ValueError(f"{len(offsets) - 1} texts for a store of {group['text_offsets'].shape[0] - 1} examples")
-    group["text_bytes"].resize((len(encoded),))
-    group["text_bytes"][:] = encoded
-    group["text_offsets"][:] = offsets
+    if "example_identity" in group.array_keys():
+        group["example_identity"][region] = identity_digests(texts, label_names(group, label))
+        group["added_by_run"][region] = np.full(len(texts), run, dtype=np.int32)
+        when = int(datetime.now(UTC).timestamp()) if added_at is None else int(added_at)
+        group["added_at"][region] = np.full(len(texts), when, dtype=np.int64)
+    encoded, offsets = encode_texts(texts)
+    if start + len(offsets) > group["text_offsets"].shape[0]:
+        raise ValueError(
+            f"{len(offsets) - 1} texts from example {start} for a store of "
+            f"{group['text_offsets'].shape[0] - 1} examples"
+        )
+    first_byte = int(group["text_offsets"][start]) if start else 0
+    group["text_bytes"].resize((first_byte + len(encoded),))
+    if len(encoded):
+        group["text_bytes"][first_byte:] = encoded
+    group["text_offsets"][start : start + len(offsets)] = offsets + first_byte
+
+
+def label_names(group: zarr.Group, label: np.ndarray) -> list[str | None]:
+    """The class names of `label` (class ids, -1 unknown: None) in the store's `corpus.class_names`; an id beyond
+    them (a store written without class names) is named by its number."""
+    names = list(group.attrs.get("corpus", {}).get("class_names", []))
+    return [None if int(item) < 0 else names[int(item)] if int(item) < len(names) else str(int(item)) for item in label]
+
+
+def stored_identities(group: zarr.Group) -> np.ndarray | None:
+    """`uint8 [example, IDENTITY_BYTES]` identities of the stored examples (those the layout records), or None for a
+    store written before identities (schema v1 and v2: it cannot grow)."""
+    if "example_identity" not in group.array_keys():
+        return None
+    return np.asarray(group["example_identity"][: store_layout(group).n_examples])
+
+
+def store_runs(group: zarr.Group) -> list[dict[str, Any]]:
+    """The runs that wrote the store's examples, in order (root attribute `runs`; `added_by_run` indexes it)."""
+    return list(group.attrs.get("runs", []))
+
+
+def example_dimension_arrays(group: zarr.Group) -> list[str]:
+    """Every array of the store (the efficient attention's included) whose first dimension is `example`."""
+    names = []
+    for path, array in group.arrays():
+        if tuple(array.metadata.dimension_names or ())[:1] == ("example",):
+            names.append(path)
+    for subgroup_name, subgroup in group.groups():
+        names += [f"{subgroup_name}/{name}" for name in example_dimension_arrays(subgroup)]
+    return names
+
+
+def open_store_to_append(url: str, storage_options: dict | None = None) -> zarr.Group:
+    """Open a prepared store for growth, also when an earlier append was interrupted (validation would refuse it:
+    its arrays may already have the new length while its layout has the old one)."""
+    group = zarr.open_group(url, mode="r+", zarr_format=3, storage_options=storage_options)
+    pending = group.attrs.get(APPEND_ATTRIBUTE)
+    if pending is None:
+        validate_attention_store(group, url)
+    return group
+
+
+def begin_append(group: zarr.Group, n_examples: int) -> None:
+    """Start growing the store to `n_examples` examples: record the append (so that readers are told, and a rerun
+    finishes it), then resize every array along `example` (the efficient attention's too). The layout, the
+    completed shards and the runs change only in `commit_append`: until then the store's examples are the old ones.
+    """
+    layout = store_layout(group)
+    if n_examples <= layout.n_examples:
+        raise ValueError(f"an append grows the store: {n_examples} examples is not more than {layout.n_examples}")
+    group.attrs[APPEND_ATTRIBUTE] = {"first_example": layout.n_examples, "n_examples": int(n_examples)}
+    for name in example_dimension_arrays(group):
+        array = group[name]
+        array.resize((int(n_examples), *array.shape[1:]))
+    group["text_offsets"].resize((int(n_examples) + 1,))
+
+
+def abandon_append(group: zarr.Group) -> None:
+    """Undo an interrupted append that no longer has examples to add (the corpus lost them meanwhile): the arrays
+    get the recorded example count back, and the record of the append goes."""
+    layout = store_layout(group)
+    for name in example_dimension_arrays(group):
+        array = group[name]
+        array.resize((layout.n_examples, *array.shape[1:]))
+    group["text_offsets"].resize((layout.n_examples + 1,))
+    group["text_bytes"].resize((int(group["text_offsets"][layout.n_examples]),))
+    attributes = group.attrs.asdict()
+    group.attrs.put({key: value for key, value in attributes.items() if key != APPEND_ATTRIBUTE})
+
+
+def commit_append(group: zarr.Group, n_examples: int, run: dict[str, Any], corpus: dict[str, Any]) -> list[int]:
+    """Record an append in one metadata write: the layout's new example count, the run (appended to `runs`), the
+    corpus facts (`corpus`: keys of the `corpus` attribute to update) and, when the old last shard was partial, that
+    shard as not extracted (it is extracted again with its new examples; what was computed from it goes stale).
+    Returns the shards to extract: the old partial one, if any, and the new ones."""
+    attributes = group.attrs.asdict()
+    pending = attributes.get(APPEND_ATTRIBUTE) or {}
+    if pending.get("n_examples") != n_examples:
+        raise ValueError(f"commit_append of {n_examples} examples, but the append in progress is {pending}")
+    old = AttentionStoreLayout(**attributes["layout"])
+    new = AttentionStoreLayout(**{**attributes["layout"], "n_examples": int(n_examples)})
+    first_new_shard = old.n_shards if old.n_examples % old.shard_size == 0 else old.n_shards - 1
+    redone = list(range(first_new_shard, old.n_shards))
+    update = {
+        "layout": asdict(new),
+        **removal_update(attributes, redone),
+        "runs": [*attributes.get("runs", []), run],
+        "corpus": {**attributes.get("corpus", {}), **corpus},
+    }
+    group.attrs.put({**{key: value for key, value in attributes.items() if key != APPEND_ATTRIBUTE}, **update})
+    return list(range(first_new_shard, new.n_shards))
 
 
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

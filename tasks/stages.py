@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 from tqdm.auto import tqdm
 
 from storage_schemas.attention_store import open_attention_store
@@ -33,6 +35,15 @@ from tasks.dask_cluster import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def run_logger(fallback: str) -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger inside a flow or task run, else the standard logger `fallback` (a stage function
+    called directly, e.g. in tests)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(fallback)
 
 
 def log_retry(attempt: int, error: BaseException, delay: float) -> None:

@@ -7,9 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
 
 from analysis.corpora import load_corpus
 from analysis.training import (
@@ -22,15 +21,7 @@ from analysis.training import (
     trained_head_folder,
 )
 from tasks.models import cached_model
-
-
-def _logger():
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called outside a flow run (e.g. train_head.fn in tests)
-        import logging
-
-        return logging.getLogger("effattn.training")
+from tasks.stages import run_logger
 
 
 @task(name="train-classifier-head", cache_policy=NO_CACHE)
@@ -49,7 +40,7 @@ def train_head(
     model card is a cache hit and is returned at once; otherwise the model is trained into a temporary folder
     beside the target and renamed into place (a folder without a card, left by a crash, is replaced).
     """
-    logger = _logger()
+    logger = run_logger("effattn.training")
     settings = TrainingSettings.from_dict(settings_dict)
     corpus = load_corpus(corpus_name, text_column=text_column, label_column=label_column)
     check_trainable(corpus)

@@ -19,6 +19,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from analysis.example_identities import identity_digests, identity_hex
 from storage_schemas.attention_store import (
     CHUNK_CODEC_BATCH_SIZE,
     FAST_CODEC_PIPELINE,
@@ -27,8 +28,11 @@ from storage_schemas.attention_store import (
     AttentionStoreLayout,
     AttentionStoreNotFoundError,
     IncompleteInputError,
+    abandon_append,
     attention_store_state,
+    begin_append,
     check_same_run,
+    commit_append,
     completed_shards,
     create_attention_store,
     default_shard_size,
@@ -37,11 +41,13 @@ from storage_schemas.attention_store import (
     mark_prepared,
     mark_shard_completed,
     open_attention_store,
+    open_store_to_append,
     read_texts,
     readable_by_every_reader,
     recreate_unprepared_store,
     require_extracted,
     store_layout,
+    stored_identities,
     unmark_shards,
     write_example_metadata,
     write_shard,
@@ -419,9 +425,9 @@ def test_a_foreign_zarr_group_is_not_an_attention_store(url):
 
 def test_wrong_schema_version(url):
     group, _ = build_store(url)
-    group.attrs["schema_version"] = 3
+    group.attrs["schema_version"] = 4
     message = (
-        f"{url} has attention store schema version 3, but this effattn reads versions [1, 2]: "
+        f"{url} has attention store schema version 4, but this effattn reads versions [1, 2, 3]: "
         "extract again into a new store, or use the effattn release that wrote it"
     )
     with pytest.raises(AttentionStoreError, match=re.escape(message)):
@@ -1115,3 +1121,72 @@ def test_a_v1_store_takes_shards_in_its_own_layout(url):
     reopened = open_attention_store(url)
     assert reopened.attrs["schema_version"] == 1 and reopened["attention"].chunks[1] == 1
     np.testing.assert_array_equal(reopened["attention"][region], data["attention"][region])
+
+
+# --- growth (schema v3) -----------------------------------------------------------------------------------------------
+
+
+def grown_halves(url: str) -> tuple[zarr.Group, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A v3 store of LAYOUT's 7 examples, every shard written, then 4 more examples appended to it (metadata only):
+    the old last shard (example 6) was partial. Returns the store and the data of the 7 and of the 4."""
+    group, first = build_store(url, schema_version=3)
+    grown = AttentionStoreLayout(**{**asdict(LAYOUT), "n_examples": 4})
+    second = make_data(grown, seed=1)
+    begin_append(group, 11)
+    write_example_metadata(
+        group,
+        tokens=second["tokens"],
+        length=second["length"],
+        untruncated_length=second["untruncated_length"],
+        source_index=second["source_index"],
+        label=second["label"],
+        text=second["text"],
+        start=7,
+        run=1,
+        added_at=86400,
+    )
+    return group, first, second
+
+
+@pytest.mark.unit
+def test_an_append_resizes_every_example_array_and_records_the_run_in_one_commit(url):
+    group, first, second = grown_halves(url)
+    with pytest.raises(AttentionStoreError, match=r"an append of examples 7 to 10 was interrupted"):
+        open_attention_store(url)  # not yet recorded: readers are told, nothing is misread
+    shards = commit_append(group, 11, {"run_id": "second"}, {"digest": "sha256:ddd", "example_count": 11})
+    assert shards == [2, 3]  # the old partial last shard, then the new one
+    reopened = open_attention_store(url)
+    assert store_layout(reopened).n_examples == 11 and completed_shards(reopened) == [0, 1]
+    assert reopened["attention"].shape[0] == 11 and reopened["text_offsets"].shape == (12,)
+    np.testing.assert_array_equal(reopened["length"][:], np.concatenate([first["length"], second["length"]]))
+    assert read_texts(reopened) == [*map(str, first["text"]), *map(str, second["text"])]
+    np.testing.assert_array_equal(reopened["added_by_run"][:], [0] * 7 + [1] * 4)
+    assert [run["run_id"] for run in reopened.attrs["runs"][-1:]] == ["second"]
+    assert reopened.attrs["corpus"]["digest"] == "sha256:ddd" and reopened.attrs["corpus"]["name"] == "reviews"
+    identities = stored_identities(reopened)
+    assert identities.shape == (11, 16) and len({bytes(row) for row in identities}) == len(
+        {(str(text), int(label)) for text, label in zip([*first["text"], *second["text"]], reopened["label"][:])}
+    )
+    # the old examples' stored tensors are untouched
+    np.testing.assert_array_equal(reopened["attention"][:6], first["attention"][:6])
+    # xarray decodes when each example was added
+    dataset = xr.open_zarr(url, consolidated=False)
+    assert str(dataset["added_at"].values[-1])[:10] == "1970-01-02"
+
+
+@pytest.mark.unit
+def test_an_interrupted_append_is_abandoned_or_redone_from_the_recorded_examples(url):
+    group, first, _ = grown_halves(url)
+    reopened = open_store_to_append(url)  # refused by validation, opened for the append
+    abandon_append(reopened)
+    restored = open_attention_store(url)
+    assert store_layout(restored).n_examples == 7 and restored["tokens"].shape[0] == 7
+    assert read_texts(restored) == list(map(str, first["text"])) and completed_shards(restored) == [0, 1, 2]
+
+
+@pytest.mark.unit
+def test_identities_cover_text_and_label_name_not_the_row():
+    a = identity_digests(["same", "same", "other"], ["pos", "neg", "pos"])
+    b = identity_digests(["other", "same"], ["pos", "pos"])
+    assert bytes(a[0]) == bytes(b[1]) and bytes(a[2]) == bytes(b[0]) and bytes(a[0]) != bytes(a[1])
+    assert identity_hex(a[0]) == bytes(a[0]).hex() and len(identity_hex(a[0])) == 32
