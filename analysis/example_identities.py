@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["IDENTITY_BYTES", "identity_digests", "identity_hex"]
+__all__ = ["IDENTITY_BYTES", "identity_digests", "identity_hex", "keyed_share"]
 
 IDENTITY_BYTES = 16  # 128 bits: collisions are out of reach for any corpus
 _IDENTITY_VERSION = b"effattn-example-v1\n"
@@ -35,3 +35,17 @@ def identity_digests(texts: Sequence[str], label_names: Sequence[str | None]) ->
 def identity_hex(identity: np.ndarray) -> str:
     """One identity (`uint8 [IDENTITY_BYTES]`) as 32 hex digits."""
     return bytes(np.asarray(identity, dtype=np.uint8)).hex()
+
+
+def keyed_share(identities: np.ndarray, seed: int, purpose: str) -> np.ndarray:
+    """`float64 [n]` in [0, 1): a keyed hash of each identity (`uint8 [n, IDENTITY_BYTES]`), blake2b keyed with the
+    purpose and the seed, read as a fraction. Every per-example draw of a store that grows uses it (the held-out
+    split, the examples measured at the layer and head scopes, the examples explained): an example's draw depends
+    on its identity alone, so growth never changes an earlier example's."""
+    key = f"effattn:{purpose}:{int(seed)}".encode()
+    identities = np.asarray(identities, dtype=np.uint8).reshape(-1, IDENTITY_BYTES)
+    shares = np.empty(len(identities), dtype=np.float64)
+    for row, identity in enumerate(identities):
+        digest = hashlib.blake2b(identity.tobytes(), key=key, digest_size=8).digest()
+        shares[row] = int.from_bytes(digest, "big") / 2.0**64
+    return shares
