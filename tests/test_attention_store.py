@@ -19,7 +19,6 @@ import pytest
 import xarray as xr
 import zarr
 
-from analysis.example_identities import identity_digests, identity_hex, keyed_share
 from storage_schemas.attention_store import (
     CHUNK_CODEC_BATCH_SIZE,
     FAST_CODEC_PIPELINE,
@@ -1182,21 +1181,3 @@ def test_an_interrupted_append_is_abandoned_or_redone_from_the_recorded_examples
     restored = open_attention_store(url)
     assert store_layout(restored).n_examples == 7 and restored["tokens"].shape[0] == 7
     assert read_texts(restored) == list(map(str, first["text"])) and completed_shards(restored) == [0, 1, 2]
-
-
-@pytest.mark.unit
-def test_identities_cover_text_and_label_name_not_the_row():
-    a = identity_digests(["same", "same", "other"], ["pos", "neg", "pos"])
-    b = identity_digests(["other", "same"], ["pos", "pos"])
-    assert bytes(a[0]) == bytes(b[1]) and bytes(a[2]) == bytes(b[0]) and bytes(a[0]) != bytes(a[1])
-    assert identity_hex(a[0]) == bytes(a[0]).hex() and len(identity_hex(a[0])) == 32
-
-
-@pytest.mark.unit
-def test_keyed_share_is_per_identity_and_differs_by_purpose_and_seed():
-    identities = identity_digests([f"text {i}" for i in range(4000)], [None] * 4000)
-    shares = keyed_share(identities, 0, "split")
-    np.testing.assert_array_equal(keyed_share(identities[100:200], 0, "split"), shares[100:200])
-    assert 0.0 <= shares.min() and shares.max() < 1.0 and abs((shares < 0.2).mean() - 0.2) < 0.03
-    assert not np.array_equal(shares, keyed_share(identities, 1, "split"))
-    assert not np.array_equal(shares, keyed_share(identities, 0, "scope"))
