@@ -128,6 +128,7 @@ MODULE_TIERS = {
     "unit": (
         "test_attention_backend",
         "test_attention_store",
+        "test_example_identities",
         "test_causal",
         "test_causal_results",
         "test_claims",
