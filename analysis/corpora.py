@@ -1,4 +1,4 @@
-"""Text corpora that work offline: two bundled corpora plus user CSV / JSONL / Parquet files.
+"""Text corpora that work offline: bundled corpora plus user CSV / JSONL / Parquet files and folders of them.
 
 Everything here is plain Python + numpy/pandas/pyarrow; nothing is downloaded and no heavy
 framework is imported. The only entry point most code needs is :func:`load_corpus`.
@@ -22,6 +22,13 @@ Bundled corpora (see DESIGN.md, "Models and corpora that work offline"):
 
 Example order is always the file order after dropping empty / whitespace-only texts, so a
 corpus is the same on every machine, and ``Corpus.digest`` identifies its content.
+
+Growing corpora (user files and folders, ``Corpus.growable``): a folder corpus is every ``.csv`` / ``.jsonl`` /
+``.parquet`` file directly in the folder, in sorted file-name order (daily files ``2026-12-01.csv``, ... append in
+time order). Each example has a content identity (:func:`example_identities`: a hash of its text and label *name*),
+so an example keeps its identity when rows are appended, files are added or a new class shifts the label ids. A row
+edited in place is a new example (a new identity). Two rows with the same text and label have the same identity and
+count as one example for growth: callers that track what is new de-duplicate with :func:`first_occurrences`.
 """
 
 from __future__ import annotations
@@ -42,7 +49,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["BUNDLED_CORPORA", "Corpus", "NO_LABEL_COLUMN", "SUPPORTED_EXTENSIONS", "load_corpus"]
+__all__ = [
+    "BUNDLED_CORPORA",
+    "IDENTITY_BYTES",
+    "Corpus",
+    "NO_LABEL_COLUMN",
+    "SUPPORTED_EXTENSIONS",
+    "example_identities",
+    "first_occurrences",
+    "folder_corpus_files",
+    "identity_hex",
+    "load_corpus",
+]
 
 BUNDLED_CORPORA: dict[str, str] = {
     "rt-sentiment": (
@@ -66,6 +84,8 @@ _DEFAULT_LABEL_COLUMN = "label"
 # label_column value (`--label-column none`) that reads a user file as unlabelled, even if it has a 'label' column.
 NO_LABEL_COLUMN = "none"
 _DIGEST_VERSION = b"effattn-corpus-v1\n"
+_IDENTITY_VERSION = b"effattn-example-v1\n"
+IDENTITY_BYTES = 16  # bytes of an example identity (the start of a sha256)
 
 _RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 _RT_CLASSES = ("fresh", "rotten")
@@ -93,6 +113,10 @@ class Corpus:
         dropped_empty: how many empty / whitespace-only texts were dropped.
         groups: ``int64 [n_examples]`` or None: examples with the same group id come from one document
             (e.g. the passages of one speech) and must stay on one side of a train / held-out split.
+        growable: True for user files and folders, which may grow between runs (rows appended, files added):
+            their split is the growth-stable keyed one (analysis.splits.stable_split_indices over
+            :func:`example_identities`). False for bundled corpora, which never change and keep the
+            permutation split (analysis.splits.split_indices).
 
     Equality is identity (``eq=False``: the numpy field makes field-wise ``==`` ambiguous);
     compare ``digest`` to compare contents.
@@ -106,6 +130,7 @@ class Corpus:
     source: str
     dropped_empty: int
     groups: np.ndarray | None = None
+    growable: bool = False
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -116,14 +141,17 @@ def load_corpus(
     text_column: str | None = None,
     label_column: str | None = None,
 ) -> Corpus:
-    """Load a bundled corpus by name, or a user ``.csv`` / ``.jsonl`` / ``.parquet`` file.
+    """Load a bundled corpus by name, a user ``.csv`` / ``.jsonl`` / ``.parquet`` file, or a folder of them.
 
     Args:
-        name_or_path: a key of :data:`BUNDLED_CORPORA`, or a path to a user file. A ``.csv``
+        name_or_path: a key of :data:`BUNDLED_CORPORA`, a path to a user file, or an existing folder. A ``.csv``
             file is read with every cell as a string (an empty cell is a missing value); a
             ``.jsonl`` file has one JSON object per line (blank lines are skipped); a
             ``.parquet`` file is read with pyarrow. CSV and JSONL files must be UTF-8 (a
-            leading byte-order mark is allowed).
+            leading byte-order mark is allowed). A folder is every such file directly in it
+            (:func:`folder_corpus_files`: sorted by file name, hidden files, other extensions and
+            sub-folders ignored), rows in file order, concatenated; every file must have the columns
+            of the first, and the column arguments apply to all of them.
         text_column: user files only; the text column, default ``"text"``. Missing / null
             texts count as empty and are dropped.
         label_column: user files only; default ``"label"`` when the file has that column,
@@ -134,14 +162,15 @@ def load_corpus(
             whitespace-only strings) get label ``-1``.
 
     Returns:
-        A :class:`Corpus`. Bundled corpora are cached, and so are user files (until the file changes on disk);
-        ``labels`` is read-only.
+        A :class:`Corpus`. Bundled corpora are cached, and so are user files and folders (until a file changes
+        on disk, or a folder's file list changes); ``labels`` is read-only. User files and folders are
+        ``growable``.
 
     Raises:
         ValueError: unknown corpus name, unsupported extension, missing text column, missing
             explicitly requested label column, file not valid UTF-8, malformed JSONL, a text
             that is not a string, or no non-empty text left; column arguments given for a
-            bundled corpus.
+            bundled corpus; a folder with no corpus file, or with a file whose columns differ from the first's.
         FileNotFoundError: a path with a supported extension that does not exist.
     """
     if name_or_path in BUNDLED_CORPORA:
@@ -154,6 +183,10 @@ def load_corpus(
 
     path = Path(name_or_path)
     ext = path.suffix.lower()
+    if path.is_dir():
+        files = folder_corpus_files(path)
+        stats = tuple((file.name, file.stat().st_mtime_ns, file.stat().st_size) for file in files)
+        return _load_user_folder_cached(name_or_path, str(path.resolve()), text_column, label_column, stats)
     if not path.exists():
         if ext in SUPPORTED_EXTENSIONS:
             raise FileNotFoundError(
@@ -163,8 +196,8 @@ def load_corpus(
             )
         raise ValueError(
             f"unknown corpus {name_or_path!r}: not a bundled corpus name and not an existing "
-            f"file. Known corpora: {', '.join(BUNDLED_CORPORA)}; or pass a path to a "
-            f"{' / '.join(SUPPORTED_EXTENSIONS)} file."
+            f"file or folder. Known corpora: {', '.join(BUNDLED_CORPORA)}; or pass a path to a "
+            f"{' / '.join(SUPPORTED_EXTENSIONS)} file, or to a folder of them."
         )
     if ext not in SUPPORTED_EXTENSIONS or not path.is_file():
         raise ValueError(
@@ -246,6 +279,7 @@ def _build(
     *,
     where: str,
     groups: Sequence[int] | None = None,
+    growable: bool = False,
 ) -> Corpus:
     """Drop empty texts, map label names to sorted ids, digest.
 
@@ -293,6 +327,7 @@ def _build(
         source=source,
         dropped_empty=dropped,
         groups=None if groups is None else np.asarray(groups, dtype=np.int64)[kept_rows],
+        growable=growable,
     )
 
 
@@ -495,16 +530,8 @@ def _quoted_columns(columns: Sequence[str], limit: int = 12) -> str:
     return f"[{names}{more}]"
 
 
-def _load_user_file(
-    name: str,
-    path: Path,
-    ext: str,
-    text_column: str | None,
-    label_column: str | None,
-) -> Corpus:
-    text_col = text_column if text_column is not None else _DEFAULT_TEXT_COLUMN
-
-    # Read the column names first, then the two columns as Python lists.
+def _read_table(path: Path, ext: str) -> tuple[list[str], Any]:
+    """Read one user file: (its column names, ``get_column(name) -> list`` of that column's cells in row order)."""
     get_column: Any
     if ext == ".csv":
         df = _read_csv_text(_decode_utf8(path.read_bytes(), str(path)), str(path))
@@ -526,27 +553,168 @@ def _load_user_file(
         def get_column(col: str) -> list[Any]:
             return table.column(col).to_pylist()
 
+    return columns, get_column
+
+
+def _chosen_columns(
+    where: str, columns: Sequence[str], text_column: str | None, label_column: str | None
+) -> tuple[str, str | None]:
+    """(text column, label column or None) of a user file with these columns; ValueError names what is missing."""
+    text_col = text_column if text_column is not None else _DEFAULT_TEXT_COLUMN
     if text_col not in columns:
         raise ValueError(
-            f"{path}: no text column {quoted(text_col)}; available columns: {_quoted_columns(columns)}. "
+            f"{where}: no text column {quoted(text_col)}; available columns: {_quoted_columns(columns)}. "
             f"Choose one with --text-column COLUMN (text_column= in Python)." + _separator_hint(columns)
         )
     if label_column == NO_LABEL_COLUMN:
-        label_col: str | None = None
-    elif label_column is not None:
+        return text_col, None
+    if label_column is not None:
         if label_column not in columns:
             raise ValueError(
-                f"{path}: no label column {quoted(label_column)}; available columns: {_quoted_columns(columns)}. "
+                f"{where}: no label column {quoted(label_column)}; available columns: {_quoted_columns(columns)}. "
                 f"Choose one with --label-column COLUMN, or pass --label-column {NO_LABEL_COLUMN} for an "
                 f"unlabelled corpus (label_column= in Python)."
             )
-        label_col = label_column
-    else:
-        label_col = _DEFAULT_LABEL_COLUMN if _DEFAULT_LABEL_COLUMN in columns else None
+        return text_col, label_column
+    return text_col, _DEFAULT_LABEL_COLUMN if _DEFAULT_LABEL_COLUMN in columns else None
 
+
+def _load_user_file(
+    name: str,
+    path: Path,
+    ext: str,
+    text_column: str | None,
+    label_column: str | None,
+) -> Corpus:
+    columns, get_column = _read_table(path, ext)
+    text_col, label_col = _chosen_columns(str(path), columns, text_column, label_column)
     texts = get_column(text_col)
     label_names = [_label_string(v) for v in get_column(label_col)] if label_col else None
     source = f"user file {path.resolve()} (text column {text_col!r}, " + (
         f"label column {label_col!r})" if label_col else "no label column)"
     )
-    return _build(name, source, texts, label_names, where=str(path))
+    return _build(name, source, texts, label_names, where=str(path), growable=True)
+
+
+# --------------------------------------------------------------------------------------
+# user folders
+
+
+def folder_corpus_files(folder: Path) -> list[Path]:
+    """The corpus files of a folder: every ``.csv`` / ``.jsonl`` / ``.parquet`` file directly in it (not in
+    sub-folders; hidden files and other extensions ignored), in sorted file-name order.
+
+    Raises:
+        ValueError: the folder holds no such file (the message lists what it does hold).
+    """
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    files = [
+        p for p in entries if not p.name.startswith(".") and p.suffix.lower() in SUPPORTED_EXTENSIONS and p.is_file()
+    ]
+    if not files:
+        found = [p.name + ("/" if p.is_dir() else "") for p in entries]
+        held = f"it holds {_quoted_columns(found)}" if found else "it is empty"
+        raise ValueError(
+            f"corpus folder {str(folder)!r} holds no {' / '.join(SUPPORTED_EXTENSIONS)} file directly in it "
+            f"({held}; sub-folders and hidden files are not read). Put the corpus files in the folder itself, "
+            "or pass one file as the corpus."
+        )
+    return files
+
+
+@functools.lru_cache(maxsize=8)
+def _load_user_folder_cached(
+    name: str,
+    resolved_folder: str,
+    text_column: str | None,
+    label_column: str | None,
+    files: tuple[tuple[str, int, int], ...],
+) -> Corpus:
+    """A folder is read once per (path, columns, (file name, modification time, size) of every file): a file
+    added, removed or changed means a new read."""
+    return _load_user_folder(name, Path(resolved_folder), [file for file, _, _ in files], text_column, label_column)
+
+
+def _load_user_folder(
+    name: str, folder: Path, file_names: Sequence[str], text_column: str | None, label_column: str | None
+) -> Corpus:
+    """Concatenate the folder's files (in the given order, rows in file order) into one corpus; every file must
+    have the column set of the first."""
+    texts: list[Any] = []
+    label_names: list[str | None] = []
+    expected: list[str] | None = None
+    text_col, label_col = _DEFAULT_TEXT_COLUMN, None
+    for file_name in file_names:
+        path = folder / file_name
+        columns, get_column = _read_table(path, path.suffix.lower())
+        if expected is None:
+            expected = list(columns)
+            text_col, label_col = _chosen_columns(str(path), columns, text_column, label_column)
+        elif set(columns) != set(expected):
+            raise ValueError(
+                f"{path}: its columns {_quoted_columns(list(columns))} differ from those of the folder's first "
+                f"file {file_names[0]!r}, {_quoted_columns(expected)}. A file whose columns changed is refused: "
+                "every file of a corpus folder must have the same columns (rename or drop columns to match, or "
+                "move the file out of the folder)."
+            )
+        file_texts = get_column(text_col)
+        for row, text in enumerate(file_texts):
+            if not _is_missing(text) and not isinstance(text, str):
+                raise ValueError(
+                    f"{path}: text in row {row} is {type(text).__name__} {text!r}, not a string. "
+                    f"Choose a text column that holds strings."
+                )
+        texts.extend(file_texts)
+        if label_col:
+            label_names.extend(_label_string(v) for v in get_column(label_col))
+    source = (
+        f"user folder {folder} ({len(file_names)} files in name order: {', '.join(file_names)}; text column "
+        f"{text_col!r}, " + (f"label column {label_col!r})" if label_col else "no label column)")
+    )
+    return _build(name, source, texts, label_names if label_col else None, where=str(folder), growable=True)
+
+
+# --------------------------------------------------------------------------------------
+# example identities
+
+
+def example_identities(corpus: Corpus) -> np.ndarray:
+    """The content identity of every example: ``uint8 [n_examples, IDENTITY_BYTES]``.
+
+    Row i is the first 16 bytes of ``sha256(b"effattn-example-v1\\n" + json.dumps([text_i, label_name_i],
+    ensure_ascii=False).encode())`` where ``label_name_i`` is the class name, or None (JSON null) when the label is
+    unknown. The label *name*, never its id: ids shift when a new class appears. So equal (text, label name) give
+    equal identities whatever the file, row or class list; appending rows or files never changes an earlier
+    example's identity; an edited row gets a new one; duplicates share one (see :func:`first_occurrences`).
+    """
+    identities = np.empty((len(corpus), IDENTITY_BYTES), dtype=np.uint8)
+    for row, (text, label) in enumerate(zip(corpus.texts, corpus.labels.tolist(), strict=True)):
+        label_name = corpus.class_names[label] if label >= 0 else None
+        payload = json.dumps([text, label_name], ensure_ascii=False).encode("utf-8")
+        digest = hashlib.sha256(_IDENTITY_VERSION + payload).digest()
+        identities[row] = np.frombuffer(digest[:IDENTITY_BYTES], dtype=np.uint8)
+    return identities
+
+
+def identity_hex(identity_row: np.ndarray) -> str:
+    """One identity (``uint8 [IDENTITY_BYTES]``) as 32 lowercase hex digits."""
+    row = np.asarray(identity_row, dtype=np.uint8)
+    if row.shape != (IDENTITY_BYTES,):
+        raise ValueError(f"an example identity is uint8 [{IDENTITY_BYTES}], got shape {row.shape}: pass one row")
+    return row.tobytes().hex()
+
+
+def first_occurrences(identities: np.ndarray) -> np.ndarray:
+    """``int64 [k]``: the row of the first occurrence of each distinct identity, in corpus order (increasing).
+
+    Duplicates (same text and label) are one example for growth; keeping these rows drops the later copies.
+
+    Args:
+        identities: ``uint8 [n, IDENTITY_BYTES]``.
+    """
+    identities = np.asarray(identities, dtype=np.uint8)
+    if identities.ndim != 2 or identities.shape[1] != IDENTITY_BYTES:
+        raise ValueError(f"identities must be uint8 [n, {IDENTITY_BYTES}], got shape {identities.shape}")
+    keys = np.ascontiguousarray(identities).view(f"V{IDENTITY_BYTES}").ravel()
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first).astype(np.int64)

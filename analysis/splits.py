@@ -1,22 +1,51 @@
-"""Fixed train / held-out splits of a corpus: stratified by label, seeded, the same on every machine.
+"""Fixed train / held-out splits of a corpus, the same on every machine: two methods, one entry point.
 
-A split is a function of (number of examples, labels, held-out fraction, seed) only, so a classifier trained on
-the "train" split and a report on the "held_out" split agree on which example is which, run after run.
+Which method a corpus gets (:func:`split_rows` / :func:`select_split` choose by whether example identities are
+given; training and extraction both go through them, so they agree on which example is held out):
 
-Stratification: every label value (``-1``, unknown, counts as one more group) gives the held-out split its share
-of that group; the shares are allocated by largest remainder so the held-out split has exactly
-``round(held_out_fraction * n_examples)`` examples (at least one and at most ``n_examples - 1`` when there are
-two or more examples). Within a group, which examples are held out is decided by
+- Bundled corpora (never grow) keep the permutation split, :func:`split_indices`: stratified by label, exactly
+  ``round(held_out_fraction * n)`` held out, a function of (number of examples, labels, fraction, seed). One new
+  row would reshuffle which earlier rows are held out, so it is not used for corpora that grow.
+- User files and folders (``Corpus.growable``) use the keyed split, :func:`stable_split_indices`: each example's
+  side is decided by a keyed hash of its content identity (analysis.corpora.example_identities) alone, so
+  appending examples never moves an earlier one. It is not stratified and the held-out count is binomial around
+  ``held_out_fraction * n`` (standard deviation ``sqrt(n * f * (1 - f))``). :func:`keyed_share` is the keyed hash
+  every per-example choice uses, so growth never changes an earlier example's draw; :func:`stable_limit` is the
+  growth-stable ``--limit``.
+
+Stratification (:func:`split_indices`): every label value (``-1``, unknown, counts as one more group) gives the
+held-out split its share of that group; the shares are allocated by largest remainder so the held-out split has
+exactly ``round(held_out_fraction * n_examples)`` examples (at least one and at most ``n_examples - 1`` when there
+are two or more examples). Within a group, which examples are held out is decided by
 ``numpy.random.default_rng(seed).permutation``, groups taken in increasing label order.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-__all__ = ["SPLITS", "select_split", "split_indices"]
+from analysis.corpora import IDENTITY_BYTES
+
+__all__ = [
+    "SPLITS",
+    "STABLE_SPLIT_METHOD",
+    "group_identities_of",
+    "keyed_share",
+    "select_split",
+    "split_indices",
+    "split_rows",
+    "stable_limit",
+    "stable_split_indices",
+]
 
 SPLITS: tuple[str, ...] = ("train", "held_out", "all")
+# What a model card or store records as the split method of a growable corpus.
+STABLE_SPLIT_METHOD = (
+    "analysis.splits.stable_split_indices (keyed blake2b share of each example identity, purpose 'split', "
+    "below held_out_fraction is held out; not stratified; whole groups when the corpus has groups)"
+)
 
 
 def _check_fraction(held_out_fraction: float) -> None:
@@ -108,11 +137,13 @@ def select_split(
     seed: int = 0,
     held_out_fraction: float = 0.2,
     groups: np.ndarray | None = None,
+    identities: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Sorted example indices of one split: "train", "held_out" (see :func:`split_indices`) or "all" (arange).
+    """Sorted example indices of one split: "train", "held_out" (see :func:`split_rows`: the permutation split,
+    or with `identities` ``uint8 [n_examples, IDENTITY_BYTES]`` the growth-stable one) or "all" (arange).
 
     Raises:
-        ValueError: an unknown split name (the message lists :data:`SPLITS`), or the errors of split_indices.
+        ValueError: an unknown split name (the message lists :data:`SPLITS`), or the errors of split_rows.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -120,4 +151,140 @@ def select_split(
         _check_fraction(held_out_fraction)
         _check_labels(n_examples, labels)
         return np.arange(n_examples, dtype=np.int64)
-    return split_indices(n_examples, labels, held_out_fraction=held_out_fraction, seed=seed, groups=groups)[split]
+    return split_rows(n_examples, labels, held_out_fraction, seed, groups=groups, identities=identities)[split]
+
+
+# --------------------------------------------------------------------------------------
+# growth-stable choices: keyed by example identity
+
+
+def _check_identities(identities: np.ndarray, what: str = "identities") -> np.ndarray:
+    identities = np.asarray(identities)
+    if identities.ndim != 2 or identities.shape[1] != IDENTITY_BYTES or identities.dtype != np.uint8:
+        raise ValueError(
+            f"{what} must be uint8 [n_examples, {IDENTITY_BYTES}] (analysis.corpora.example_identities), got "
+            f"{identities.dtype} {identities.shape}"
+        )
+    return np.ascontiguousarray(identities)
+
+
+def keyed_share(identities: np.ndarray, seed: int, purpose: str) -> np.ndarray:
+    """A uniform draw in [0, 1) per example that depends only on its identity, the seed and the purpose.
+
+    ``blake2b(identity bytes, key=f"effattn:{purpose}:{seed}", digest_size=8)`` read as a big-endian uint64 and
+    scaled by ``2**-64``; only its top 53 bits are kept (the float64 mantissa), so the share is exactly
+    representable and never rounds up to 1.0. Every per-example choice (the split, which examples are explained,
+    layer/head-scope examples) draws from this with its own `purpose`, so adding examples never changes an
+    earlier example's draw, and two purposes are independent.
+
+    Args:
+        identities: ``uint8 [n, IDENTITY_BYTES]``.
+        seed: an int (part of the key).
+        purpose: a short name of the choice, e.g. ``"split"`` (part of the key).
+
+    Returns:
+        ``float64 [n]`` in [0, 1).
+    """
+    identities = _check_identities(identities)
+    key = f"effattn:{purpose}:{int(seed)}".encode()
+    if len(key) > hashlib.blake2b.MAX_KEY_SIZE:
+        raise ValueError(
+            f"purpose {purpose!r} is too long for a blake2b key ({len(key)} bytes with the seed, at most "
+            f"{hashlib.blake2b.MAX_KEY_SIZE}): use a short purpose name"
+        )
+    digests = b"".join(hashlib.blake2b(row.tobytes(), key=key, digest_size=8).digest() for row in identities)
+    words = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def stable_split_indices(
+    identities: np.ndarray,
+    held_out_fraction: float = 0.2,
+    seed: int = 0,
+    group_identities: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The growth-stable train and held-out indices: example i is held out iff its keyed share is below the fraction.
+
+    ``keyed_share(identities, seed, "split")[i] < held_out_fraction`` decides example i alone, so a corpus that
+    grows keeps every earlier example on its side (and an example keeps its side wherever it moves in the file).
+    Not stratified: the held-out count is binomial around ``held_out_fraction * n`` (it may even be 0 or n for a
+    tiny corpus), unlike :func:`split_indices`, which bundled corpora keep.
+
+    Args:
+        identities: ``uint8 [n_examples, IDENTITY_BYTES]`` (analysis.corpora.example_identities).
+        held_out_fraction: strictly between 0 and 1.
+        seed: part of the hash key: another seed, another split.
+        group_identities: ``uint8 [n_examples, IDENTITY_BYTES]`` or None: the identity of each example's group
+            (e.g. of its document); the share of the group's identity decides, so a group stays on one side.
+
+    Returns:
+        ``{"train": int64 [n_train], "held_out": int64 [n_held_out]}``: sorted, disjoint, together ``0 .. n - 1``.
+    """
+    _check_fraction(held_out_fraction)
+    identities = _check_identities(identities)
+    deciding = identities
+    if group_identities is not None:
+        deciding = _check_identities(group_identities, "group_identities")
+        if deciding.shape != identities.shape:
+            raise ValueError(
+                f"group_identities must have one row per example like identities {identities.shape}, got "
+                f"{deciding.shape}"
+            )
+    held = keyed_share(deciding, seed, "split") < float(held_out_fraction)
+    return {"train": np.flatnonzero(~held).astype(np.int64), "held_out": np.flatnonzero(held).astype(np.int64)}
+
+
+def group_identities_of(identities: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``uint8 [n, IDENTITY_BYTES]``: for each example, the identity of the first example of its group (in corpus
+    order). Growth-stable as long as a group only gains later members."""
+    identities = _check_identities(identities)
+    groups = np.asarray(groups)
+    if groups.shape != (len(identities),):
+        raise ValueError(f"groups must have shape ({len(identities)},) like the identities, got {groups.shape}")
+    _, first_member, member_group = np.unique(groups, return_index=True, return_inverse=True)
+    return identities[first_member][member_group]
+
+
+def split_rows(
+    n_examples: int,
+    labels: np.ndarray,
+    held_out_fraction: float = 0.2,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    identities: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The train and held-out rows of a corpus: the entry point training and extraction both use.
+
+    Without `identities`: :func:`split_indices` (the permutation split of bundled corpora). With `identities`
+    (``uint8 [n_examples, IDENTITY_BYTES]``, for a growable corpus): :func:`stable_split_indices`, groups decided
+    by the identity of their first example (:func:`group_identities_of`); `labels` are then only checked.
+    """
+    if identities is None:
+        return split_indices(n_examples, labels, held_out_fraction=held_out_fraction, seed=seed, groups=groups)
+    _check_labels(n_examples, labels)
+    identities = _check_identities(identities)
+    if len(identities) != n_examples:
+        raise ValueError(f"identities must have one row per example ({n_examples}), got {len(identities)} rows")
+    group_identities = None if groups is None else group_identities_of(identities, groups)
+    return stable_split_indices(identities, held_out_fraction, seed, group_identities=group_identities)
+
+
+def stable_limit(candidate_rows: np.ndarray, limit: int | None) -> np.ndarray:
+    """The growth-stable ``--limit``: the first `limit` candidate rows in corpus order (all of them for None).
+
+    Rows of a growing corpus only append, so a later run with the same limit selects the same earlier examples.
+    (Bundled corpora keep analysis.extraction.select_rows' seeded sample.)
+
+    Args:
+        candidate_rows: ``int [k]`` corpus rows, e.g. one split.
+        limit: at least 1, or None.
+
+    Returns:
+        ``int64 [min(k, limit)]``, sorted.
+    """
+    rows = np.sort(np.asarray(candidate_rows).astype(np.int64, copy=False))
+    if limit is None:
+        return rows
+    if int(limit) != limit or limit < 1:
+        raise ValueError(f"--limit must be a whole number of at least 1, got {limit!r}")
+    return rows[: int(limit)]

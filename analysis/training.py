@@ -2,14 +2,17 @@
 
 No bundled model has a trained classification head, so the pipeline trains its own: the base encoder and a
 fresh head (initialised from ``settings.seed``) are fine-tuned together with AdamW and a linear warmup/decay
-schedule on the fixed "train" split of :mod:`analysis.splits`, and evaluated on its "held_out" split.
+schedule on the fixed "train" split of :mod:`analysis.splits`, and evaluated on its "held_out" split: the
+permutation split for bundled corpora, the growth-stable keyed split for growable ones (user files and folders,
+``Corpus.growable``), the same rows extraction selects (:func:`training_split`).
 
 The result is a plain Hugging Face folder (``save_pretrained``, safetensors, never pickle) that
 :func:`analysis.models.load_model` loads like any other, plus ``model_card.json`` (provenance, settings, split
 sizes, held-out accuracy against the majority-class baseline, timings). The card is written last and atomically,
 so a folder with a card is complete; a folder without one (a crash mid-save) is never taken as a cache hit.
 
-Cache layout: ``<cache root>/heads/<key>/`` with ``key = head_cache_key(base digest, corpus digest, settings)``;
+Cache layout: ``<cache root>/heads/<key>/`` with
+``key = head_cache_key(base digest, corpus digest, settings, growable=corpus.growable)``;
 the cache root is ``$EFFATTN_CACHE`` or ``~/.cache/effattn``.
 
 Determinism: seeds fixed (numpy for the split, sampling and batch order; torch for the head and dropout, in a
@@ -31,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.corpora import Corpus
+from analysis.corpora import Corpus, example_identities
 from analysis.models import load_model, weights_digest
-from analysis.splits import split_indices
+from analysis.splits import STABLE_SPLIT_METHOD, split_rows
 from analysis.training_settings import TrainingSettings
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "head_cache_key",
     "train_classifier",
     "trained_head_folder",
+    "training_split",
 ]
 
 CACHE_ENV_VAR = "EFFATTN_CACHE"
@@ -54,6 +58,12 @@ MODEL_CARD_FILE = "model_card.json"
 CARD_SCHEMA = "effattn-trained-head"
 CARD_VERSION = 1
 _KEY_VERSION = "effattn-head-key-v1"
+# In the cache key of a growable corpus only (bundled keys stay as they were): its split is the keyed one.
+_STABLE_SPLIT_KEY_TAG = "stable-keyed-v1"
+PERMUTATION_SPLIT_METHOD = (
+    "analysis.splits.split_indices (stratified by label, numpy default_rng(seed); whole groups when the corpus has "
+    "groups)"
+)
 # Keys a card must have to count as complete (a cache hit).
 _REQUIRED_CARD_KEYS = ("schema", "version", "base_model", "corpus", "settings", "held_out_accuracy", "weights_digest")
 
@@ -85,12 +95,16 @@ def head_to_train(corpus: Corpus, task: str, train: bool, model_has_trained_head
     return len(corpus.class_names) >= 2
 
 
-def head_cache_key(base_weights_digest: str, corpus_digest: str, settings: TrainingSettings) -> str:
-    """sha256 hex of a canonical JSON of (base weights digest, corpus digest, settings).
+def head_cache_key(
+    base_weights_digest: str, corpus_digest: str, settings: TrainingSettings, growable: bool = False
+) -> str:
+    """sha256 hex of a canonical JSON of (base weights digest, corpus digest, settings[, split method]).
 
     The base digest is that of the model as :func:`analysis.models.load_model` returns it for this corpus's
-    number of classes and ``settings.seed`` (so the initial head is covered); the split follows from the corpus
-    and ``settings.held_out_fraction`` / ``settings.seed``.
+    number of classes and ``settings.seed`` (so the initial head is covered); the split follows from the corpus,
+    ``settings.held_out_fraction`` / ``settings.seed`` and the split method. Pass ``growable=corpus.growable``:
+    a growable corpus is split by the keyed method (:func:`training_split`), which the key then names; for a
+    bundled corpus (False) the key is what it always was.
     """
     payload = {
         "key_version": _KEY_VERSION,
@@ -98,8 +112,29 @@ def head_cache_key(base_weights_digest: str, corpus_digest: str, settings: Train
         "corpus_digest": corpus_digest,
         "settings": settings.as_dict(),
     }
+    if growable:
+        payload["split_method"] = _STABLE_SPLIT_KEY_TAG
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def training_split(corpus: Corpus, settings: TrainingSettings) -> dict[str, np.ndarray]:
+    """The train / held-out rows a head is trained and scored on: ``{"train": int64 [n_train], "held_out":
+    int64 [n_held_out]}`` (all rows, whatever their label), as analysis.splits.select_split gives extraction.
+
+    Bundled corpora: the permutation split (analysis.splits.split_indices). Growable corpora (user files and
+    folders): the keyed split of their example identities (analysis.splits.stable_split_indices), so an example
+    held out by extraction is never trained on, however the corpus grows.
+    """
+    identities = example_identities(corpus) if corpus.growable else None
+    return split_rows(
+        len(corpus),
+        np.asarray(corpus.labels, dtype=np.int64),
+        settings.held_out_fraction,
+        settings.seed,
+        groups=corpus.groups,
+        identities=identities,
+    )
 
 
 def default_cache_root() -> Path:
@@ -282,7 +317,7 @@ def _train(
     class_names = tuple(corpus.class_names)
     labels = np.asarray(corpus.labels, dtype=np.int64)
 
-    split = split_indices(len(corpus), labels, settings.held_out_fraction, settings.seed, groups=corpus.groups)
+    split = training_split(corpus, settings)
     train_rows = split["train"][labels[split["train"]] >= 0]
     held_out_rows = split["held_out"][labels[split["held_out"]] >= 0]
     train_split_size = len(train_rows)
@@ -383,10 +418,9 @@ def _train(
             "n_examples": len(corpus),
         },
         "settings": settings.as_dict(),
-        "cache_key": head_cache_key(base_digest, corpus.digest, settings),
+        "cache_key": head_cache_key(base_digest, corpus.digest, settings, growable=corpus.growable),
         "split": {
-            "method": "analysis.splits.split_indices (stratified by label, numpy default_rng(seed); whole groups "
-            "when the corpus has groups)",
+            "method": STABLE_SPLIT_METHOD if corpus.growable else PERMUTATION_SPLIT_METHOD,
             "held_out_fraction": settings.held_out_fraction,
             "seed": settings.seed,
             "sizes": {"train": int(len(split["train"])), "held_out": int(len(split["held_out"]))},

@@ -1,7 +1,9 @@
-"""Tests for analysis.corpora: the two bundled corpora, user CSV / JSONL / Parquet files, errors."""
+"""Tests for analysis.corpora: the bundled corpora, user CSV / JSONL / Parquet files and folders, example
+identities, errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -52,6 +54,7 @@ def test_rt_sentiment_loads():
     # file order: the first review of the file
     assert c.texts[0] == "A three-hour cinema master class."
     assert c.labels[0] == c.class_names.index("fresh")
+    assert not c.growable  # bundled corpora never grow: they keep the permutation split
 
 
 @pytest.mark.integration
@@ -137,6 +140,7 @@ def test_user_file_texts_labels_and_empties(tmp_path, ext):
     assert c.labels.dtype == np.int64
     assert c.dropped_empty == 2
     assert str(path.resolve()) in c.source and "label column 'label'" in c.source
+    assert c.growable
 
 
 def test_user_file_digest_depends_on_content_not_format(tmp_path):
@@ -418,3 +422,148 @@ def test_user_file_is_read_once_until_it_changes(tmp_path, monkeypatch):
     assert len(reads) == 2 and len(changed) == 3
     load_corpus(str(path), label_column="label")  # other columns asked for: another read
     assert len(reads) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# user folders
+
+
+def _feed_folder(folder: Path) -> Path:
+    """Two daily CSV files and a JSONL file with the same columns, written out of name order, plus files a folder
+    corpus ignores (a hidden file, a .txt note, a sub-folder holding a CSV)."""
+    folder.mkdir()
+    _write(folder / "2026-12-02.jsonl", [{"text": "day two", "label": "b"}])
+    _write(
+        folder / "2026-12-01.csv", [{"text": "day one, first", "label": "a"}, {"text": "day one, second", "label": "b"}]
+    )
+    _write(folder / "2026-12-03.csv", [{"text": "day three", "label": "a"}, {"text": " ", "label": "a"}])
+    _write(folder / ".hidden.csv", [{"text": "hidden", "label": "a"}])
+    (folder / "notes.txt").write_text("not a corpus file\n", encoding="utf-8")
+    (folder / "old").mkdir()
+    _write(folder / "old" / "2026-11-30.csv", [{"text": "in a sub-folder", "label": "a"}])
+    return folder
+
+
+def test_folder_concatenates_its_files_in_name_order(tmp_path):
+    folder = _feed_folder(tmp_path / "feed")
+    c = load_corpus(str(folder) + "/")
+    assert c.texts == ("day one, first", "day one, second", "day two", "day three")
+    assert c.class_names == ("a", "b") and c.labels.tolist() == [0, 1, 1, 0]
+    assert c.dropped_empty == 1 and c.growable and c.name == str(folder) + "/"
+    assert "2026-12-01.csv, 2026-12-02.jsonl, 2026-12-03.csv" in c.source and "hidden" not in c.source
+    # The same content as one file: the same digest.
+    single = _write(
+        tmp_path / "single.csv", [{"text": t, "label": c.class_names[y]} for t, y in zip(c.texts, c.labels)]
+    )
+    assert load_corpus(str(single)).digest == c.digest
+
+
+def test_folder_picks_up_a_new_file_through_the_cache(tmp_path):
+    folder = _feed_folder(tmp_path / "feed")
+    first = load_corpus(str(folder))
+    assert load_corpus(str(folder)) is first  # unchanged: cached
+    _write(folder / "2026-12-04.csv", [{"text": "day four", "label": "c"}])
+    grown = load_corpus(str(folder))
+    assert grown is not first and grown.texts == (*first.texts, "day four")
+    assert grown.class_names == ("a", "b", "c")
+    # Identities of the earlier examples are unchanged by the growth.
+    np.testing.assert_array_equal(corpora.example_identities(grown)[: len(first)], corpora.example_identities(first))
+    # A file changed in place (same name) is read again too.
+    _write(folder / "2026-12-04.csv", [{"text": "day four, edited", "label": "c"}])
+    assert load_corpus(str(folder)).texts[-1] == "day four, edited"
+
+
+def test_folder_refuses_a_file_whose_columns_changed(tmp_path):
+    folder = _feed_folder(tmp_path / "feed")
+    _write(folder / "2026-12-04.csv", [{"text": "day four", "label": "a", "source": "web"}])
+    with pytest.raises(ValueError) as error:
+        load_corpus(str(folder))
+    message = str(error.value)
+    assert "2026-12-04.csv" in message and "'source'" in message and "'2026-12-01.csv'" in message
+    assert "A file whose columns changed is refused" in message
+
+
+def test_folder_column_arguments_apply_to_every_file(tmp_path):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    _write(folder / "a.csv", [{"review": "fine", "stars": "5"}])
+    _write(folder / "b.jsonl", [{"review": "poor", "stars": 1}])
+    c = load_corpus(str(folder), text_column="review", label_column="stars")
+    assert c.texts == ("fine", "poor") and c.class_names == ("1", "5")
+    with pytest.raises(ValueError, match=r"a\.csv: no text column 'text'"):
+        load_corpus(str(folder))
+
+
+def test_folder_with_a_non_string_text_names_the_file(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _write(folder / "a.csv", [{"text": "fine", "label": "x"}])
+    (folder / "b.jsonl").write_text('{"text": "ok", "label": "x"}\n{"text": 7, "label": "y"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"b\.jsonl: text in row 1 is int 7, not a string"):
+        load_corpus(str(folder))
+
+
+def test_folder_without_corpus_files_is_refused(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"holds no \.csv / \.jsonl / \.parquet file directly in it \(it is empty"):
+        load_corpus(str(empty))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("text\n", encoding="utf-8")
+    (notes / ".b.csv").write_text("text\nhidden\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"holds no .*\(it holds \['.b.csv', 'a.txt'\]; sub-folders and hidden"):
+        load_corpus(str(notes))
+
+
+# ------------------------------------------------------------------------------------------
+# example identities
+
+
+def _identity(text: str, label_name: str | None) -> str:
+    """The identity as the spec defines it, computed independently of the loader."""
+    payload = json.dumps([text, label_name], ensure_ascii=False).encode()
+    return hashlib.sha256(b"effattn-example-v1\n" + payload).digest()[:16].hex()
+
+
+def test_identities_hash_text_and_label_name(tmp_path):
+    c = load_corpus(str(_write(tmp_path / "data.csv", ROWS)))
+    identities = corpora.example_identities(c)
+    assert identities.dtype == np.uint8 and identities.shape == (4, corpora.IDENTITY_BYTES) == (4, 16)
+    expected = [_identity("good film", "pos"), _identity("bad film", "neg"), _identity(ROWS[4]["text"], "pos")]
+    expected.append(_identity("so-so", None))  # unknown label: JSON null
+    assert [corpora.identity_hex(row) for row in identities] == expected
+    assert corpora.identity_hex(identities[0]) == "d01f2e5722002a24c6d730a9b97e4193"  # pinned across versions
+    with pytest.raises(ValueError, match="pass one row"):
+        corpora.identity_hex(identities)
+
+
+def test_identities_follow_the_label_name_not_its_id(tmp_path):
+    before = load_corpus(
+        str(_write(tmp_path / "before.csv", [{"text": "x", "label": "b"}, {"text": "y", "label": "c"}]))
+    )
+    # A new class "a" sorts first and shifts the ids of "b" and "c"; a row moves; the file format changes.
+    after_rows = [{"text": "z", "label": "a"}, {"text": "y", "label": "c"}, {"text": "x", "label": "b"}]
+    after = load_corpus(str(_write(tmp_path / "after.jsonl", after_rows)))
+    assert before.labels.tolist() == [0, 1] and after.labels.tolist() == [0, 2, 1]
+    before_ids, after_ids = corpora.example_identities(before), corpora.example_identities(after)
+    np.testing.assert_array_equal(after_ids[[2, 1]], before_ids)
+    relabelled = load_corpus(str(_write(tmp_path / "relabelled.csv", [{"text": "x", "label": "c"}])))
+    assert not np.array_equal(corpora.example_identities(relabelled)[0], before_ids[0])  # an edit: a new example
+
+
+def test_duplicates_share_an_identity_and_count_once(tmp_path):
+    rows = [
+        {"text": "same", "label": "a"},
+        {"text": "other", "label": "a"},
+        {"text": "same", "label": "a"},  # a duplicate
+        {"text": "same", "label": "b"},  # same text, another label: another example
+        {"text": "other", "label": "a"},  # a duplicate
+    ]
+    identities = corpora.example_identities(load_corpus(str(_write(tmp_path / "dups.csv", rows))))
+    np.testing.assert_array_equal(identities[0], identities[2])
+    assert not np.array_equal(identities[0], identities[3])
+    first = corpora.first_occurrences(identities)
+    assert first.dtype == np.int64 and first.tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match=r"identities must be uint8 \[n, 16\]"):
+        corpora.first_occurrences(identities[:, :8])

@@ -12,13 +12,16 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from analysis.corpora import load_corpus
+from analysis.corpora import example_identities, load_corpus
 from analysis.models import load_model
+from analysis.splits import STABLE_SPLIT_METHOD, select_split, split_indices, stable_split_indices
 from analysis.training import (
     MODEL_CARD_FILE,
+    PERMUTATION_SPLIT_METHOD,
     TrainingSettings,
     cached_model_card,
     check_trainable,
@@ -27,10 +30,12 @@ from analysis.training import (
     head_to_train,
     train_classifier,
     trained_head_folder,
+    training_split,
 )
 from tests.conftest import save_model_folder, tiny_bert
 
-# Learnable in ~1 s: 40 rows (32 train, 8 held out), 10 epochs of batches of 8 at a high learning rate.
+# Learnable in ~1 s: 40 rows (28 train, 12 held out by the keyed split of a user file), 10 epochs of batches of 8
+# at a high learning rate.
 SETTINGS = TrainingSettings(epochs=10, batch_size=8, learning_rate=1e-2, max_length=32, seed=0)
 FILLER = "the a film movie story plot actor scene music long short time people night city".split()
 
@@ -91,6 +96,7 @@ def test_cache_key_is_canonical_and_covers_every_input():
     others = {
         head_cache_key("sha256:other", "sha256:corpus", TrainingSettings()),
         head_cache_key("sha256:base", "sha256:other", TrainingSettings()),
+        head_cache_key("sha256:base", "sha256:corpus", TrainingSettings(), growable=True),
         *(
             head_cache_key("sha256:base", "sha256:corpus", TrainingSettings(**{name: value}))
             for name, value in dict(
@@ -106,7 +112,8 @@ def test_cache_key_is_canonical_and_covers_every_input():
             ).items()
         ),
     }
-    assert key not in others and len(others) == 11
+    assert key not in others and len(others) == 12
+    assert key == head_cache_key("sha256:base", "sha256:corpus", TrainingSettings(), growable=False)
 
 
 def test_cache_root_and_folders(tmp_path, monkeypatch):
@@ -166,10 +173,12 @@ def test_training_learns_an_obvious_cue_and_writes_a_complete_card(first_run, ba
     assert card["corpus"]["digest"] == corpus.digest and card["corpus"]["class_names"] == ["neg", "pos"]
     assert card["base_model"]["name"] == str(base_folder)
     assert card["settings"] == SETTINGS.as_dict()
-    assert card["split"]["sizes"] == {"train": 32, "held_out": 8}
-    assert card["split"]["label_distribution"]["held_out"] == {"neg": 4, "pos": 4}
+    assert card["split"]["sizes"] == {"train": 28, "held_out": 12}  # the keyed split of a user file
+    assert card["split"]["label_distribution"]["held_out"] == {"neg": 6, "pos": 6}
     assert card["torch_threads"] == 1 and card["train_seconds"] > 0
-    assert card["cache_key"] == head_cache_key(card["base_model"]["weights_digest"], corpus.digest, SETTINGS)
+    assert card["cache_key"] == head_cache_key(
+        card["base_model"]["weights_digest"], corpus.digest, SETTINGS, growable=True
+    )
     assert (folder / "model.safetensors").is_file()
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # never pickle
 
@@ -197,9 +206,53 @@ def test_training_is_deterministic(first_run, base_folder, cue_csv, tmp_path, on
 def test_max_train_examples_samples_the_train_split(base_folder, cue_csv, tmp_path, one_thread):
     settings = TrainingSettings(epochs=1, batch_size=8, max_length=8, max_train_examples=10)
     card = train_classifier(str(base_folder), load_corpus(str(cue_csv)), settings, tmp_path / "m", progress=False)
-    assert card["split"]["trained_on"] == 10 and card["split"]["scored_held_out"] == 8
+    assert card["split"]["trained_on"] == 10 and card["split"]["scored_held_out"] == 12
     assert sum(card["split"]["label_distribution"]["trained_on"].values()) == 10
     assert card["truncation"]["train_truncated"] == 10  # every cue text is 11 tokens long
+
+
+def test_a_growable_corpus_never_trains_on_an_example_extraction_holds_out(first_run, cue_csv, tmp_path):
+    _, card = first_run
+    corpus = load_corpus(str(cue_csv))
+    assert corpus.growable
+    identities = example_identities(corpus)
+    split = training_split(corpus, SETTINGS)
+    expected = stable_split_indices(identities, SETTINGS.held_out_fraction, SETTINGS.seed)
+    for name in ("train", "held_out"):
+        np.testing.assert_array_equal(split[name], expected[name])
+    extraction_held_out = select_split(
+        len(corpus), corpus.labels, "held_out", SETTINGS.seed, SETTINGS.held_out_fraction, identities=identities
+    )
+    np.testing.assert_array_equal(extraction_held_out, split["held_out"])
+    assert not set(split["train"].tolist()) & set(extraction_held_out.tolist())
+    # The card records the keyed split and trained on exactly its train rows.
+    assert card["split"]["method"] == STABLE_SPLIT_METHOD
+    assert card["split"]["sizes"] == {"train": len(split["train"]), "held_out": len(split["held_out"])}
+    assert card["split"]["trained_on"] == len(split["train"])
+    # The permutation split would have held out other examples: the card's sizes tell them apart.
+    permutation = split_indices(len(corpus), corpus.labels, SETTINGS.held_out_fraction, SETTINGS.seed)
+    assert len(permutation["held_out"]) != len(split["held_out"])
+
+    # The corpus grows: every example held out before is still held out, so never trained on.
+    grown_path = tmp_path / "grown.csv"
+    grown_path.write_text(cue_csv.read_text(encoding="utf-8") + "".join(f"new text {i},pos\n" for i in range(30)))
+    grown = load_corpus(str(grown_path))
+    grown_split = training_split(grown, SETTINGS)
+    assert set(split["held_out"].tolist()) <= set(grown_split["held_out"].tolist())
+    assert set(split["train"].tolist()) <= set(grown_split["train"].tolist())
+
+
+def test_a_bundled_corpus_keeps_the_permutation_split(cue_csv):
+    import dataclasses
+
+    # A corpus that is not growable (as every bundled corpus), built from the cue file to stay offline.
+    fixed = dataclasses.replace(load_corpus(str(cue_csv)), growable=False)
+    split = training_split(fixed, SETTINGS)
+    expected = split_indices(len(fixed), fixed.labels, SETTINGS.held_out_fraction, SETTINGS.seed)
+    for name in ("train", "held_out"):
+        np.testing.assert_array_equal(split[name], expected[name])
+    assert len(split["held_out"]) == 8
+    assert "split_indices" in PERMUTATION_SPLIT_METHOD and "stable_split_indices" in STABLE_SPLIT_METHOD
 
 
 # --------------------------------------------------------------------------------------
@@ -236,7 +289,7 @@ def test_half_written_folder_is_not_a_cache_hit(base_folder, cue_csv, tmp_path, 
 
     corpus = load_corpus(str(cue_csv))
     base = load_model(str(base_folder), num_labels=2, seed=SETTINGS.seed)
-    key = head_cache_key(base.weights_digest, corpus.digest, SETTINGS)
+    key = head_cache_key(base.weights_digest, corpus.digest, SETTINGS, growable=corpus.growable)
     target = trained_head_folder(tmp_path, key)
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
