@@ -28,7 +28,8 @@ Growing corpora (user files and folders, ``Corpus.growable``): a folder corpus i
 time order). Each example has a content identity (:func:`example_identities`: a hash of its text and label *name*),
 so an example keeps its identity when rows are appended, files are added or a new class shifts the label ids. A row
 edited in place is a new example (a new identity). Two rows with the same text and label have the same identity and
-count as one example for growth: callers that track what is new de-duplicate with :func:`first_occurrences`.
+count as one example for growth: callers that track what is new de-duplicate
+(analysis.example_identities.first_occurrences).
 """
 
 from __future__ import annotations
@@ -49,16 +50,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.example_identities import identity_digests
+
 __all__ = [
     "BUNDLED_CORPORA",
-    "IDENTITY_BYTES",
     "Corpus",
     "NO_LABEL_COLUMN",
     "SUPPORTED_EXTENSIONS",
     "example_identities",
-    "first_occurrences",
     "folder_corpus_files",
-    "identity_hex",
     "load_corpus",
 ]
 
@@ -84,8 +84,6 @@ _DEFAULT_LABEL_COLUMN = "label"
 # label_column value (`--label-column none`) that reads a user file as unlabelled, even if it has a 'label' column.
 NO_LABEL_COLUMN = "none"
 _DIGEST_VERSION = b"effattn-corpus-v1\n"
-_IDENTITY_VERSION = b"effattn-example-v1\n"
-IDENTITY_BYTES = 16  # bytes of an example identity (the start of a sha256)
 
 _RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 _RT_CLASSES = ("fresh", "rotten")
@@ -679,42 +677,9 @@ def _load_user_folder(
 
 
 def example_identities(corpus: Corpus) -> np.ndarray:
-    """The content identity of every example: ``uint8 [n_examples, IDENTITY_BYTES]``.
-
-    Row i is the first 16 bytes of ``sha256(b"effattn-example-v1\\n" + json.dumps([text_i, label_name_i],
-    ensure_ascii=False).encode())`` where ``label_name_i`` is the class name, or None (JSON null) when the label is
-    unknown. The label *name*, never its id: ids shift when a new class appears. So equal (text, label name) give
-    equal identities whatever the file, row or class list; appending rows or files never changes an earlier
-    example's identity; an edited row gets a new one; duplicates share one (see :func:`first_occurrences`).
-    """
-    identities = np.empty((len(corpus), IDENTITY_BYTES), dtype=np.uint8)
-    for row, (text, label) in enumerate(zip(corpus.texts, corpus.labels.tolist(), strict=True)):
-        label_name = corpus.class_names[label] if label >= 0 else None
-        payload = json.dumps([text, label_name], ensure_ascii=False).encode("utf-8")
-        digest = hashlib.sha256(_IDENTITY_VERSION + payload).digest()
-        identities[row] = np.frombuffer(digest[:IDENTITY_BYTES], dtype=np.uint8)
-    return identities
-
-
-def identity_hex(identity_row: np.ndarray) -> str:
-    """One identity (``uint8 [IDENTITY_BYTES]``) as 32 lowercase hex digits."""
-    row = np.asarray(identity_row, dtype=np.uint8)
-    if row.shape != (IDENTITY_BYTES,):
-        raise ValueError(f"an example identity is uint8 [{IDENTITY_BYTES}], got shape {row.shape}: pass one row")
-    return row.tobytes().hex()
-
-
-def first_occurrences(identities: np.ndarray) -> np.ndarray:
-    """``int64 [k]``: the row of the first occurrence of each distinct identity, in corpus order (increasing).
-
-    Duplicates (same text and label) are one example for growth; keeping these rows drops the later copies.
-
-    Args:
-        identities: ``uint8 [n, IDENTITY_BYTES]``.
-    """
-    identities = np.asarray(identities, dtype=np.uint8)
-    if identities.ndim != 2 or identities.shape[1] != IDENTITY_BYTES:
-        raise ValueError(f"identities must be uint8 [n, {IDENTITY_BYTES}], got shape {identities.shape}")
-    keys = np.ascontiguousarray(identities).view(f"V{IDENTITY_BYTES}").ravel()
-    _, first = np.unique(keys, return_index=True)
-    return np.sort(first).astype(np.int64)
+    """The content identity of every example: ``uint8 [n_examples, IDENTITY_BYTES]``
+    (analysis.example_identities.identity_digests of each text and its label *name*, None when unknown; never the
+    id, which shifts when a new class appears). Appending rows or files never changes an earlier example's identity;
+    an edited row gets a new one; duplicates share one (analysis.example_identities.first_occurrences)."""
+    names = [corpus.class_names[label] if label >= 0 else None for label in corpus.labels.tolist()]
+    return identity_digests(corpus.texts, names)

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["IDENTITY_BYTES", "identity_digests", "identity_hex", "keyed_share"]
+__all__ = [
+    "IDENTITY_BYTES",
+    "check_identities",
+    "first_occurrences",
+    "identity_digests",
+    "identity_hex",
+    "keyed_share",
+]
 
 IDENTITY_BYTES = 16  # 128 bits: collisions are out of reach for any corpus
 _IDENTITY_VERSION = b"effattn-example-v1\n"
@@ -32,20 +39,62 @@ def identity_digests(texts: Sequence[str], label_names: Sequence[str | None]) ->
     return digests
 
 
-def identity_hex(identity: np.ndarray) -> str:
-    """One identity (`uint8 [IDENTITY_BYTES]`) as 32 hex digits."""
-    return bytes(np.asarray(identity, dtype=np.uint8)).hex()
+def check_identities(identities: np.ndarray, what: str = "identities") -> np.ndarray:
+    """`identities` as a contiguous `uint8 [n, IDENTITY_BYTES]` array; ValueError naming `what` otherwise."""
+    identities = np.asarray(identities)
+    if identities.ndim != 2 or identities.shape[1] != IDENTITY_BYTES or identities.dtype != np.uint8:
+        raise ValueError(
+            f"{what} must be uint8 [n_examples, {IDENTITY_BYTES}] (analysis.corpora.example_identities), got "
+            f"{identities.dtype} {identities.shape}"
+        )
+    return np.ascontiguousarray(identities)
+
+
+def identity_hex(identity_row: np.ndarray) -> str:
+    """One identity (``uint8 [IDENTITY_BYTES]``) as 32 lowercase hex digits."""
+    row = np.asarray(identity_row, dtype=np.uint8)
+    if row.shape != (IDENTITY_BYTES,):
+        raise ValueError(f"an example identity is uint8 [{IDENTITY_BYTES}], got shape {row.shape}: pass one row")
+    return row.tobytes().hex()
+
+
+def first_occurrences(identities: np.ndarray) -> np.ndarray:
+    """``int64 [k]``: the row of the first occurrence of each distinct identity, in corpus order (increasing).
+    Duplicates (same text and label) are one example for growth; keeping these rows drops the later copies.
+
+    Args:
+        identities: ``uint8 [n, IDENTITY_BYTES]``.
+    """
+    identities = check_identities(identities)
+    keys = identities.view(f"V{IDENTITY_BYTES}").ravel()
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(first).astype(np.int64)
 
 
 def keyed_share(identities: np.ndarray, seed: int, purpose: str) -> np.ndarray:
-    """`float64 [n]` in [0, 1): a keyed hash of each identity (`uint8 [n, IDENTITY_BYTES]`), blake2b keyed with the
-    purpose and the seed, read as a fraction. Every per-example draw of a store that grows uses it (the held-out
-    split, the examples measured at the layer and head scopes, the examples explained): an example's draw depends
-    on its identity alone, so growth never changes an earlier example's."""
+    """A uniform draw in [0, 1) per example that depends only on its identity, the seed and the purpose.
+
+    ``blake2b(identity bytes, key=f"effattn:{purpose}:{seed}", digest_size=8)`` read as a big-endian uint64 and
+    scaled by ``2**-64``; only its top 53 bits are kept (the float64 mantissa), so the share is exactly
+    representable and never rounds up to 1.0. Every per-example choice (the split, which examples are explained,
+    layer/head-scope examples) draws from this with its own `purpose`, so adding examples never changes an
+    earlier example's draw, and two purposes are independent.
+
+    Args:
+        identities: ``uint8 [n, IDENTITY_BYTES]``.
+        seed: an int (part of the key).
+        purpose: a short name of the choice, e.g. ``"split"`` (part of the key).
+
+    Returns:
+        ``float64 [n]`` in [0, 1).
+    """
+    identities = check_identities(identities)
     key = f"effattn:{purpose}:{int(seed)}".encode()
-    identities = np.asarray(identities, dtype=np.uint8).reshape(-1, IDENTITY_BYTES)
-    shares = np.empty(len(identities), dtype=np.float64)
-    for row, identity in enumerate(identities):
-        digest = hashlib.blake2b(identity.tobytes(), key=key, digest_size=8).digest()
-        shares[row] = int.from_bytes(digest, "big") / 2.0**64
-    return shares
+    if len(key) > hashlib.blake2b.MAX_KEY_SIZE:
+        raise ValueError(
+            f"purpose {purpose!r} is too long for a blake2b key ({len(key)} bytes with the seed, at most "
+            f"{hashlib.blake2b.MAX_KEY_SIZE}): use a short purpose name"
+        )
+    digests = b"".join(hashlib.blake2b(row.tobytes(), key=key, digest_size=8).digest() for row in identities)
+    words = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53

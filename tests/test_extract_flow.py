@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.extraction import select_rows
 from analysis.models import load_model
 from flows.cli import main
 from flows.extract import extract
@@ -111,8 +110,10 @@ def test_extract_fills_the_store(tmp_path, tiny_bert_folder, small_corpus_csv):
     tokens, length = group["tokens"][:], group["length"][:]
     untruncated, source_index = group["untruncated_length"][:], group["source_index"][:]
     assert (np.diff(length) >= 0).all(), length
-    assert layout.max_length == length.max() <= 16
-    assert sorted(source_index.tolist()) == select_rows(10, 9, seed=0).tolist()
+    # a user file's store grows: it keeps --max-length positions (every later example fits), and --limit takes the
+    # first rows in corpus order (rows only append, so the same ones stay selected)
+    assert length.max() <= layout.max_length == 16
+    assert sorted(source_index.tolist()) == list(range(9))
     assert len(set(source_index.tolist())) == 9
 
     # Texts, labels and tokens are the CSV rows named by source_index.
@@ -240,7 +241,7 @@ def test_cli_unknown_corpus(tmp_path, tiny_bert_folder, capsys, corpus, monkeypa
     if corpus == "no-such-corpus":
         assert lines[0].startswith(
             "effattn extract: error: unknown corpus 'no-such-corpus': not a bundled corpus name and not an "
-            "existing file. Known corpora: rt-sentiment, bbc-topic"
+            "existing file or folder. Known corpora: rt-sentiment, bbc-topic"
         )
     else:
         assert lines[0].startswith("effattn extract: error: corpus file not found: 'missing.csv'.")
@@ -388,7 +389,7 @@ def test_smollm2_next_token_logits_per_position(tmp_path):
 
 def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     """A labelled corpus with a model that has no head: the flow trains one (cached) and extracts held-out rows."""
-    from analysis.corpora import load_corpus
+    from analysis.corpora import example_identities, load_corpus
     from analysis.splits import select_split
     from tests.conftest import save_model_folder, tiny_bert
 
@@ -404,7 +405,7 @@ def test_base_model_gets_a_fine_tuned_head_and_the_held_out_split(tmp_path):
     assert group.attrs["model"]["name"].startswith(str(tmp_path / "cache" / "heads"))
     assert group.attrs["corpus"]["selection"]["split"] == "held_out"
     loaded = load_corpus(corpus)
-    held_out = select_split(len(loaded), loaded.labels, "held_out", 0)
+    held_out = select_split(len(loaded), loaded.labels, "held_out", 0, identities=example_identities(loaded))
     assert sorted(group["source_index"][:].tolist()) == held_out.tolist()
     # the same call again: the cached head is found (no second training folder) and nothing is recomputed
     extract(

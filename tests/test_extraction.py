@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.extraction import capture_examples, plan_extraction, real_token_mask, select_rows, usable_max_length
+from analysis.example_identities import identity_digests
+from analysis.extraction import (
+    capture_examples,
+    plan_extraction,
+    real_token_mask,
+    rows_to_append,
+    select_rows,
+    usable_max_length,
+)
 from analysis.models import attention_output_projections, output_projection_slices, wrap_model
 from storage_schemas.attention_store import (
     AttentionStoreLayout,
@@ -62,6 +70,25 @@ def test_plan_truncates_and_records_it(loaded):
     # BERT keeps its final [SEP] after truncation
     if not loaded.causal:
         assert plan.tokens[longest, 5] == loaded.tokenizer.sep_token_id
+
+
+def test_rows_to_append_keeps_earlier_rows_and_skips_stored_and_repeated_ones():
+    identities = identity_digests([f"text {i % 9}" for i in range(12)], [None] * 12)  # rows 9, 10, 11 repeat 0, 1, 2
+    candidates = np.array([0, 2, 3, 5, 7, 9, 10, 11])  # 10 repeats row 1, which is not a candidate: it is new
+    assert rows_to_append(candidates, identities, identities[:0], None).tolist() == [0, 2, 3, 5, 7, 10]
+    assert rows_to_append(candidates, identities, identities[:0], 3).tolist() == [0, 2, 3]
+    # the store holds rows 0 and 2: the next ones, and with the limit only as many as it still has room for
+    stored = identities[[0, 2]]
+    assert rows_to_append(candidates, identities, stored, None).tolist() == [3, 5, 7, 10]
+    assert rows_to_append(candidates, identities, stored, 3).tolist() == [3]
+    assert rows_to_append(candidates, identities, stored, 2).tolist() == []
+
+
+def test_a_growing_store_is_padded_to_its_fixed_length(loaded):
+    plan = plan_extraction(TEXTS, loaded.tokenizer, max_length=64, pad_to=64)
+    assert plan.max_length == 64 and plan.tokens.shape[1] == 64 and plan.length.max() < 64
+    with pytest.raises(ValueError, match="pad_to=2 is shorter than the longest selected example"):
+        plan_extraction(TEXTS, loaded.tokenizer, max_length=64, pad_to=2)
 
 
 def test_select_rows_is_a_seeded_sample():

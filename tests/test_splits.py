@@ -8,14 +8,13 @@ import hashlib
 import numpy as np
 import pytest
 
+from analysis.example_identities import keyed_share
 from analysis.splits import (
     SPLITS,
     group_identities_of,
-    keyed_share,
     select_split,
     split_indices,
     split_rows,
-    stable_limit,
     stable_split_indices,
 )
 
@@ -204,15 +203,3 @@ def test_select_split_with_identities_is_the_stable_split():
     )
     with pytest.raises(ValueError, match=r"identities must have one row per example \(100\), got 99 rows"):
         select_split(100, labels, "train", 0, identities=identities[:99])
-
-
-def test_stable_limit_keeps_the_earlier_rows():
-    candidates = np.array([3, 8, 12, 20, 41], dtype=np.int64)
-    assert stable_limit(candidates, 3).tolist() == [3, 8, 12]
-    grown = np.concatenate([candidates, [55, 60]])
-    assert stable_limit(grown, 3).tolist() == [3, 8, 12]  # rows only append: the same examples stay selected
-    assert stable_limit(candidates[::-1], 2).tolist() == [3, 8]  # corpus order, whatever the given order
-    assert stable_limit(candidates, None).tolist() == candidates.tolist()
-    assert stable_limit(candidates, 99).dtype == np.int64
-    with pytest.raises(ValueError, match="--limit must be a whole number of at least 1, got 0"):
-        stable_limit(candidates, 0)
