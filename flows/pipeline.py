@@ -27,7 +27,7 @@ from flows.explain import explain, recorded_explanation_settings
 from flows.extract import extract
 from flows.report import report
 from flows.settings import CausalSettings, ExplainSettings, ExtractSettings, PipelineSettings, ReportSettings
-from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.attention_store import attention_store_state, open_attention_store, store_layout
 from storage_schemas.causal_results import open_causal_results
 from storage_schemas.explanation_results import (
     explanation_results_path,
@@ -39,6 +39,8 @@ from storage_schemas.pipeline_runs import (
     causal_status,
     efficient_status,
     extraction_status,
+    generation_name,
+    latest_generation,
     local_input_fingerprint,
     read_diagnostics,
     record_extraction_inputs,
@@ -50,6 +52,7 @@ from storage_schemas.pipeline_runs import (
 from storage_schemas.selection import selection_of_group
 from storage_schemas.store_lock import hold_store_lock
 from tasks.dask_cluster import RunCluster, run_cluster, use_stage_cluster
+from tasks.extraction import growing_store_model
 from tasks.training import train_head
 
 StageSettingsT = TypeVar("StageSettingsT", ExtractSettings, CausalSettings, ExplainSettings)
@@ -78,8 +81,9 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
 
     Outputs (storage_schemas.pipeline_runs.run_paths): the attention store `<run_dir>/<name>.zarr`, the causal
     results `<run_dir>/<name>[-<variants>].results.zarr` and the report `<run_dir>/<name>[-<variants>]-report`,
-    with `<name>` = `<corpus>-<model>-<limit>[-<digest of the non-default extraction settings and, for a corpus
-    file, of its content>]` and `-<variants>`
+    with `<name>` = `<corpus>-<model>-<limit>[-<digest of the non-default extraction settings>][-g<generation>]`
+    (a corpus file or folder grows: later runs append to its store; `retrain` starts the next generation) and
+    `-<variants>`
     (e.g. `-effective+simplex`) only when not all variants are asked for; `store`, `results` and `report_dir`
     override them. The extraction settings and the efficient ones mean what they mean in flows.extract.extract
     and flows.efficient.efficient; `variants` None means all of them.
@@ -95,9 +99,12 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
     corpus, model, limit = settings.corpus, settings.model, settings.limit
     text_column, label_column = settings.text_column, settings.label_column
     name_settings = settings.non_default_extraction_shape()
-    if local_input_fingerprint(corpus) is not None:
-        # a user file: each content gets its own store (a scheduled run over a file that grows writes a new one)
-        name_settings["corpus_digest"] = load_corpus(corpus, text_column=text_column, label_column=label_column).digest
+    growable = load_corpus(corpus, text_column=text_column, label_column=label_column).growable
+    if settings.retrain and not growable:
+        raise ValueError(
+            f"--retrain starts a new store for a corpus that grows (a file or folder); {corpus} is bundled and never "
+            "changes, so its head never needs training again: leave --retrain out"
+        )
     unknown = [variant for variant in settings.variants or () if variant not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
@@ -109,7 +116,13 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, Any]:
         else default_variants(settings.max_length)
     )
     analysis_label = "+".join(variants) if settings.variants and variants != list(VARIANTS) else None
-    paths = run_paths(settings.run_dir, run_name(corpus, model, limit, name_settings), analysis_label)
+    name = run_name(corpus, model, limit, name_settings)
+    if growable:  # stable outputs: later runs append to the newest generation, --retrain starts the next one
+        generation = latest_generation(settings.run_dir, name)
+        if settings.retrain and attention_store_state(run_paths(settings.run_dir, name).store) != "absent":
+            generation += 1
+        name = generation_name(name, generation)
+    paths = run_paths(settings.run_dir, name, analysis_label)
     store = settings.store or paths.store
     results = settings.results or paths.results
     report_dir = settings.report_dir or paths.report
@@ -226,6 +239,11 @@ def train_not_needed(run: PipelineRun) -> str | None:
     run.extraction_model, run.extraction_split = settings.model, settings.split
     if extraction_check(run).complete:
         return None
+    grows_with = growing_store_model(run.store)
+    if grows_with is not None:
+        run.extraction_model = grows_with[0]
+        run.extraction_split = settings.split or grows_with[1]
+        return "the store grows with the model it was made with (--retrain starts a new store)"
     return head_not_needed_reason(
         settings.corpus, settings.model, settings.task, settings.train, settings.text_column, settings.label_column
     )

@@ -509,6 +509,14 @@ class PipelineSettings(StageSettings):
     scope_examples: ScopeExamples
     scopes: Scopes
     minimality_directions: MinimalityDirections
+    retrain: Annotated[
+        bool,
+        option(
+            False,
+            "a corpus that grows: train a new head on it as it is now and start a new store (the next generation, "
+            "<name>-g2, ...); later runs append to that one. Without it, a store keeps the model it was made with",
+        ),
+    ]
     explain_examples: Annotated[
         NonNegativeInt,
         option(

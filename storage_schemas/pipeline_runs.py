@@ -9,8 +9,10 @@ A run of `flows.pipeline.run_pipeline` keeps its outputs in a run folder (defaul
 
 where `<name>` is `<corpus>-<model>-<limit>` (`all` without a limit; a file or folder contributes its name without
 the extension), followed by `-<8 hex digits>` of the other extraction settings when any of them differs from its
-default (the pipeline adds a corpus file's content digest to them), so that a run with other settings or another
-corpus content never lands in another run's store.
+default, so that a run with other settings never lands in another run's store. A corpus file or folder grows: its
+name stays the same whatever its content, and a later run appends to the store what the corpus added (the store
+keeps its model); `effattn run --retrain` trains a new head on the corpus as it is and starts the next generation,
+`<name>-g2`, `<name>-g3`, ..., and later runs follow the newest generation (`latest_generation`).
 
 A stage is skipped when its output is complete for the same inputs:
 
@@ -78,6 +80,28 @@ def run_name(corpus: str, model: str, limit: int | None, non_default_settings: d
     if non_default_settings:
         name += f"-{settings_digest(non_default_settings)}"
     return name
+
+
+def generation_name(name: str, generation: int) -> str:
+    """The outputs' name of generation `generation` of a growing corpus's run `name`: `name` for the first,
+    `name-g<k>` for the k-th (`effattn run --retrain` starts the next one)."""
+    return name if generation == 1 else f"{name}-g{generation}"
+
+
+def latest_generation(run_dir: str, name: str) -> int:
+    """The newest generation whose attention store exists under `run_dir` (1 when none does)."""
+    base = Path(run_dir)
+    found = [1] + [
+        int(match.group(1))
+        for path in base.glob(f"{glob_escape(name)}-g*.zarr")
+        if (match := re.fullmatch(re.escape(name) + r"-g(\d+)\.zarr", path.name)) and int(match.group(1)) >= 2
+    ]
+    return max(found)
+
+
+def glob_escape(text: str) -> str:
+    """`text` with glob's special characters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,11 @@ declaration, `EXTRACT_STAGE`, run by tasks.stages.run_stage."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import zarr
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -81,10 +83,9 @@ KEYED_SELECTION = "keyed-hash"
 
 def growth_keys(attributes: dict) -> dict:
     """The attributes that must match for a rerun to append to a store that grows: the resume keys, less the
-    corpus content (which grows), plus the class names (the head's classes)."""
-    keys = {key: value for key, value in resume_keys(attributes).items() if key != "corpus.digest"}
-    keys["corpus.class_names"] = attributes["corpus"]["class_names"]
-    return keys
+    corpus content (which grows). The class names may differ (a class whose rows were all deleted); a new class
+    among the appended examples is refused by `append_examples`."""
+    return {key: value for key, value in resume_keys(attributes).items() if key != "corpus.digest"}
 
 
 def this_run() -> dict:
@@ -149,7 +150,10 @@ def prepare_store(
     Returns (shards still to extract, classes of the head).
     """
     loaded_corpus = load_corpus(corpus, text_column=text_column, label_column=label_column)
-    num_labels = max(len(loaded_corpus.class_names), 2)
+    # a store that grows keeps its head's classes (a new class among its new examples is refused when appending)
+    grows = loaded_corpus.growable and attention_store_state(store) == "prepared"
+    classes = zarr.open_group(store, mode="r").attrs["corpus"]["class_names"] if grows else loaded_corpus.class_names
+    num_labels = max(len(classes), 2)
     loaded = cached_model(model, num_labels, device, seed, task)
     shape = loaded.shape
     selection = StoreSelection.parse(layers, heads, shape.layers, shape.heads, shape.kv_heads)
@@ -193,6 +197,10 @@ def prepare_store(
             # the model indices stored (another model's counts are named by its weights digest already)
             expected[f"{SELECTION_ATTRIBUTE}.layers"] = list(selection.layers)
             expected[f"{SELECTION_ATTRIBUTE}.heads"] = list(selection.heads)
+        if "method" not in group.attrs["corpus"]["selection"]:  # written before the method was recorded
+            expected["corpus.selection"] = {
+                key: value for key, value in expected["corpus.selection"].items() if key != "method"
+            }
         if loaded_corpus.growable and not growing:
             refuse_growth_of_permutation_store(group, store, attributes)
         check_same_run(group, store, expected)
@@ -375,6 +383,32 @@ class ExtractionWork:
     task: str
 
 
+def growing_store_model(store: str) -> tuple[str, str] | None:
+    """(model, split) of the store at `store` when it is one that grows (None otherwise): a rerun extracts the
+    examples a grown corpus adds with the store's own model, trained or not (a store keeps one model for its life),
+    and the store's split. Refuses a store whose trained head is no longer where it was."""
+    if attention_store_state(store) != "prepared":
+        return None
+    group = zarr.open_group(store, mode="r")
+    if not store_can_grow(group):
+        return None
+    model = group.attrs["model"]
+    head = model.get("head", {})
+    if head.get("trained") and not Path(model["name"]).is_dir():
+        raise AttentionStoreError(
+            f"{store} grows with the head it was made with, {model['name']}, which is gone (its cache was cleared?): "
+            "put it back, or train a head on the corpus as it is now and start a new store with `effattn run "
+            "--retrain ...`"
+        )
+    return model["name"], group.attrs["corpus"]["selection"]["split"]
+
+
+def stored_base_model(store: str) -> str | None:
+    """The base model of a store's trained head (None: its model is not a trained head)."""
+    head = zarr.open_group(store, mode="r").attrs["model"].get("head", {})
+    return head.get("base_model") if head.get("trained") else None
+
+
 def prepare_extraction(run: StageRun) -> ExtractionWork:
     """Under the store's lock: train the head first when the run needs one (`run.plan`: the run's
     flows.settings.ExtractSettings), then create the store or check that it is this run's (`prepare_store`).
@@ -382,7 +416,11 @@ def prepare_extraction(run: StageRun) -> ExtractionWork:
     settings: ExtractSettings = run.plan
     model, split, seed = settings.model, settings.split, settings.seed
     loaded_corpus = load_corpus(settings.corpus, text_column=settings.text_column, label_column=settings.label_column)
-    if head_to_train(loaded_corpus, settings.task, settings.train, has_trained_head(model)):
+    grows_with = growing_store_model(run.store) if loaded_corpus.growable else None
+    if grows_with is not None and settings.model in (grows_with[0], stored_base_model(run.store)):
+        # the store's model, not a head trained on the grown corpus; its split unless --split says another (refused)
+        model, split = grows_with[0], split or grows_with[1]
+    elif head_to_train(loaded_corpus, settings.task, settings.train, has_trained_head(model)):
         training = TrainingSettings(epochs=settings.epochs, max_length=settings.max_length, seed=seed)
         model = train_head(
             model, settings.corpus, settings.text_column, settings.label_column, training.as_dict(), settings.cache_root

@@ -280,3 +280,68 @@ def build_explanation_results(url: str, store_url: str, store_examples: list[int
     write_explanation_shard(group, 0, arrays)
     mark_explanation_shard_completed(group, 0, explanation_shard_inputs(group, store, 0))
     return url
+
+
+# --- comparing a grown store with one made from scratch ---------------------------------------------------------------
+
+
+def arrays_by_identity(url: str, index_array: str | None = None, store: str | None = None) -> dict[str, dict]:
+    """Every array of the Zarr group at `url` (subgroups included): name -> {identity bytes: the array's slice of
+    that example} for arrays with an `example` dimension (moved first), name -> the whole array for the others.
+    `url` is an attention store (its own `example_identity`), or results of the store `store` whose array
+    `index_array` holds each row's example index in that store."""
+    import numpy as np
+    import zarr
+
+    group = zarr.open_group(url, mode="r")
+    identities = zarr.open_group(store or url, mode="r")["example_identity"][:]
+    rows = identities if index_array is None else identities[group[index_array][:]]
+    found: dict[str, dict] = {}
+
+    def visit(prefix: str, current) -> None:
+        for name, array in current.arrays():
+            dims = tuple(array.metadata.dimension_names or ())
+            values = array[...]
+            if "example" in dims and name not in ("example_identity", "added_by_run", "added_at"):
+                values = np.moveaxis(values, dims.index("example"), 0)
+                found[prefix + name] = {rows[i].tobytes(): values[i] for i in range(len(rows))}
+            elif "example" not in dims:
+                found[prefix + name] = {b"": values}
+        for name, subgroup in current.groups():
+            visit(f"{prefix}{name}/", subgroup)
+
+    visit("", group)
+    return found
+
+
+def assert_same_by_identity(actual: dict[str, dict], expected: dict[str, dict], skip=()) -> None:
+    """Every array of `expected` (arrays_by_identity) is in `actual` with the same examples; integers and strings
+    equal exactly, floats to 1e-4 relative (the examples of a grown store ran in other batches than from scratch)."""
+    import numpy as np
+
+    for name, by_example in expected.items():
+        if name in skip:
+            continue
+        assert name in actual, name
+        assert actual[name].keys() == by_example.keys(), f"{name}: other examples"
+        for identity, value in by_example.items():
+            got = actual[name][identity]
+            if np.asarray(value).dtype.kind == "f":
+                np.testing.assert_allclose(got, value, rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=name)
+            else:
+                np.testing.assert_array_equal(got, value, err_msg=name)
+
+
+def assert_run_outputs_equal(grown_store: Path, scratch_store: Path, analysis: str) -> None:
+    """The attention store, causal results and explanations of a pipeline run whose store grew equal those of one
+    run from scratch, example by example (`analysis`: the outputs' `-<variants>` label, e.g. "effective"); texts are
+    stored in another order, and example indices differ."""
+    for suffix, index_array, skip in (
+        (".zarr", None, ("text_bytes", "text_offsets")),
+        (f"-{analysis}.results.zarr", "example", ("example",)),
+        (f"-{analysis}.explanations.zarr", "store_example", ("example", "store_example")),
+    ):
+        name = grown_store.name.removesuffix(".zarr") + suffix
+        grown = arrays_by_identity(str(grown_store.parent / name), index_array, str(grown_store))
+        expected = arrays_by_identity(str(scratch_store.parent / name), index_array, str(scratch_store))
+        assert_same_by_identity(grown, expected, skip=skip)

@@ -9,6 +9,7 @@ costs a few seconds instead of starting its own temporary server.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -296,3 +297,67 @@ def test_an_interrupted_extraction_is_refused_by_efficient_and_causal_until_it_i
     assert replay["stored_logit_difference"].values.max() <= 1e-4  # replayed the real tensors of every example
     sufficiency = dataset.sel(intervention="efficient:effective", target="all")
     assert (sufficiency["agreement"].values == 1).all() and np.isfinite(sufficiency["kl_divergence"].values).all()
+
+
+def append_progress(store: str, examples_before: int) -> int:
+    """1 once an append to `store` has begun (recorded, or already committed), else 0."""
+    try:
+        attributes = json.loads((Path(store) / "zarr.json").read_text())["attributes"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    grown = attributes.get("layout", {}).get("n_examples", 0) > examples_before
+    return int("append_in_progress" in attributes or grown)
+
+
+def test_a_run_killed_while_appending_to_a_growing_store_ends_equal_to_a_run_from_scratch(
+    workspace, environment, tiny_bert_folder
+):
+    from tests.store_builders import assert_run_outputs_equal
+    from tests.test_serve import GROWTH_OPTIONS
+
+    rows = write_corpus(workspace / "growing-all.csv", copies=8).read_text(encoding="utf-8").splitlines(keepends=True)
+    folder = workspace / "growing"
+    feed = folder / "feed" / "reviews.csv"
+    feed.parent.mkdir(parents=True)
+    arguments = ["run", "--corpus", str(feed), "--model", str(tiny_bert_folder), *GROWTH_OPTIONS, "--run-dir"]
+    feed.write_text("".join(rows[: 1 + 48]), encoding="utf-8")
+    first = crash_harness.run([*arguments, str(folder / "runs")], environment, workspace / "growing-first")
+    assert first.returncode == 0, first.stderr
+    (store,) = [path for path in (folder / "runs").glob("*.zarr") if path.name.count(".") == 1]
+
+    feed.write_text("".join(rows[: 1 + 64]), encoding="utf-8")
+    delay = random.Random(SEED + 2).uniform(0.0, 0.3)
+    kill = crash_harness.kill_when(
+        [*arguments, str(folder / "runs")],
+        environment,
+        workspace / "growing-killed",
+        lambda: append_progress(str(store), 48),
+        1,
+        delay,
+    )
+    assert not kill.finished_first and kill.survivors == []
+    rerun = crash_harness.run([*arguments, str(folder / "runs")], environment, workspace / "growing-rerun")
+    assert rerun.returncode == 0, rerun.stderr
+    group = open_attention_store(str(store))
+    assert [run["examples_added"] for run in group.attrs["runs"]] == [48, 16]  # nothing lost or added twice
+
+    scratch = workspace / "scratch"
+    scratch_feed = scratch / "feed" / "reviews.csv"
+    scratch_feed.parent.mkdir(parents=True)
+    scratch_feed.write_text("".join(rows[: 1 + 64]), encoding="utf-8")
+    done = crash_harness.run(
+        [
+            "run",
+            "--corpus",
+            str(scratch_feed),
+            "--model",
+            str(tiny_bert_folder),
+            *GROWTH_OPTIONS,
+            "--run-dir",
+            str(scratch / "runs"),
+        ],
+        environment,
+        workspace / "growing-scratch",
+    )
+    assert done.returncode == 0, done.stderr
+    assert_run_outputs_equal(store, scratch / "runs" / store.name, "effective")

@@ -26,7 +26,7 @@ from storage_schemas.attention_store import (
     read_texts,
     store_layout,
 )
-from tests.conftest import write_reviews_csv
+from tests.conftest import REVIEW_ROWS, write_reviews_csv
 
 ARRAYS = (
     "tokens",
@@ -465,3 +465,100 @@ def test_cli_a_bad_selection_ends_in_one_line(tmp_path, tiny_bert_folder, small_
     lines = [line for line in error_lines(capsys) if line.startswith("effattn extract: error: ")]
     assert lines == ["effattn extract: error: --layers '0,5': index 5 is out of range; the model has 2 layers (0..1)"]
     assert not (store / "zarr.json").exists()  # no store was created
+
+
+# --- a corpus that grows --------------------------------------------------------------------------------------------
+
+GROW = dict(shard_size=4, batch_size=3, max_length=16, seed=0, train=False)
+
+
+def write_rows(path: Path, rows) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def by_identity(url: str) -> dict[bytes, dict[str, np.ndarray]]:
+    """Each stored example's tokens, length, logits and real attention block, keyed by its identity."""
+    group = open_attention_store(url)
+    length = group["length"][:]
+    examples = {}
+    for index, identity in enumerate(group["example_identity"][:]):
+        n = int(length[index])
+        examples[identity.tobytes()] = {
+            "tokens": group["tokens"][index, :n],
+            "logits": group["logits"][index],
+            "attention": group["attention"][index, :, :, :n, :n],
+        }
+    return examples
+
+
+def test_a_grown_corpus_appends_only_its_new_examples(tmp_path, tiny_bert_folder):
+    from storage_schemas.attention_store import begin_append, open_store_to_append
+
+    corpus, url = tmp_path / "feed.csv", str(tmp_path / "feed.zarr")
+    settings = ExtractSettings(corpus=str(corpus), model=str(tiny_bert_folder), store=url, **GROW)
+    write_rows(corpus, REVIEW_ROWS[:6])
+    extract(settings)
+    first = open_attention_store(url)
+    assert store_layout(first).n_examples == 6 and completed_shards(first) == [0, 1]  # shard 1 holds 2
+    before = shard_file_mtimes(url)
+
+    write_rows(corpus, REVIEW_ROWS)  # 4 rows appended
+    # an append killed after it resized the arrays, before it recorded anything: the next run finishes it
+    begin_append(open_store_to_append(url), 9)
+    with pytest.raises(AttentionStoreError, match="an append of examples 6 to 8 was interrupted"):
+        open_attention_store(url)
+    extract(settings)
+    grown = open_attention_store(url)
+    assert store_layout(grown).n_examples == 10 and completed_shards(grown) == [0, 1, 2]
+    after = shard_file_mtimes(url)
+    assert all(after[key] == before[key] for key in before if key[1] == "0")  # shard 0 was not written again
+    np.testing.assert_array_equal(grown["added_by_run"][:], [0] * 6 + [1] * 4)
+    runs = grown.attrs["runs"]
+    assert [(run["first_example"], run["examples_added"]) for run in runs] == [(0, 6), (6, 4)]
+    assert sorted(read_texts(grown)) == sorted(text for text, _ in REVIEW_ROWS)
+
+    # equal, example by example, to one extraction of the whole corpus
+    scratch = str(tmp_path / "scratch.zarr")
+    extract(settings.model_copy(update={"store": scratch}))
+    grown_examples, scratch_examples = by_identity(url), by_identity(scratch)
+    assert grown_examples.keys() == scratch_examples.keys()
+    for identity, expected in scratch_examples.items():
+        np.testing.assert_array_equal(grown_examples[identity]["tokens"], expected["tokens"])
+        for name in ("logits", "attention"):
+            np.testing.assert_allclose(grown_examples[identity][name], expected[name], rtol=1e-5, atol=1e-6)
+
+    # a row edited in place is a new example, a deleted row stays in the store; both are reported
+    rows = [("the film was a quiet triumph, edited", "good"), *REVIEW_ROWS[2:]]
+    write_rows(corpus, rows)
+    extract(settings)
+    edited = open_attention_store(url)
+    assert store_layout(edited).n_examples == 11 and read_texts(edited, [10]) == [rows[0][0]]
+    assert edited.attrs["runs"][-1]["no_longer_in_corpus"] == 2
+    # nothing new: nothing is written, no run is recorded
+    extract(settings)
+    assert len(open_attention_store(url).attrs["runs"]) == 3
+
+    # a class the store's head does not know is refused
+    write_rows(corpus, [*rows, ("a brand new kind of review", "neutral")])
+    with pytest.raises(AttentionStoreError, match=r"the corpus now has the classes \['neutral'\].*--retrain"):
+        extract(settings)
+
+
+def test_a_store_made_with_the_permutation_split_is_refused_for_growth(tmp_path, tiny_bert_folder):
+    import zarr
+
+    corpus, url = tmp_path / "feed.csv", str(tmp_path / "feed.zarr")
+    settings = ExtractSettings(corpus=str(corpus), model=str(tiny_bert_folder), store=url, **GROW)
+    write_rows(corpus, REVIEW_ROWS[:6])
+    extract(settings)
+    group = zarr.open_group(url, mode="r+")  # as a store written before stores could grow records it
+    group.attrs["corpus"] = {**group.attrs["corpus"], "selection": {"split": "all", "limit": None, "seed": 0}}
+    extract(settings)  # the same corpus: resumed as it is
+    write_rows(corpus, REVIEW_ROWS)
+    with pytest.raises(AttentionStoreError, match="made before stores could grow.*start a store that grows"):
+        extract(settings)
+    assert store_layout(open_attention_store(url)).n_examples == 6

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from analysis.corpora import load_corpus
 from flows.cli import main, parse_settings
 from flows.pipeline import STAGES, run_pipeline
 from flows.settings import EXTRACTION_SHAPE, ExtractSettings, PipelineSettings
@@ -76,8 +75,8 @@ def test_first_call_runs_every_available_stage(first_run, tiny_bert_folder):
     assert record["started_clusters"] == [1]
     assert Path(record["report"]).is_file() and record["report"].endswith("index.html")
     assert {row["claim"] for row in record["claims"]} >= {"sufficient (effective)", "necessary (effective)"}
-    digest = load_corpus(arguments["corpus"]).digest  # a corpus file's content is part of the name
-    name = run_name(arguments["corpus"], arguments["model"], 6, {"max_length": 16, "corpus_digest": digest})
+    # a corpus file grows: its name and settings name the outputs, not its content
+    name = run_name(arguments["corpus"], arguments["model"], 6, {"max_length": 16})
     assert name.startswith(f"reviews-{tiny_bert_folder.name}-6-")
     assert record["store"] == f"{arguments['run_dir']}/{name}.zarr"
     group = open_attention_store(record["store"])
@@ -297,26 +296,30 @@ def test_other_settings_into_an_explicit_store_are_refused_not_skipped(first_run
         run_pipeline(PipelineSettings(**{**arguments, "max_length": 20, "store": first["store"]}))
 
 
-def test_an_edited_corpus_file_gets_a_new_store(tmp_path, tiny_bert_folder):
-    corpus = write_reviews_csv(tmp_path / "reviews.csv")
-    arguments = dict(corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(tmp_path / "runs"), **RUN)
+def test_a_grown_corpus_file_keeps_its_outputs_and_retrain_starts_the_next_generation(tmp_path, tiny_bert_folder):
+    from tests.conftest import REVIEW_ROWS
+    from tests.test_extract_flow import write_rows
+
+    corpus = write_rows(tmp_path / "reviews.csv", REVIEW_ROWS[:6])
+    arguments = dict(
+        corpus=str(corpus), model=str(tiny_bert_folder), run_dir=str(tmp_path / "runs"), **{**RUN, "limit": None}
+    )
     first = run_pipeline(PipelineSettings(**arguments))
-    first_files = file_mtimes(first["store"])
-    corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))  # same size, new content
-    edited = run_pipeline(PipelineSettings(**arguments))
-    assert edited["store"] != first["store"]
-    assert statuses(edited)["extract"] == "ran" and statuses(edited)["efficient"] == "ran"
-    digests = [open_attention_store(record["store"]).attrs["corpus"]["digest"] for record in (first, edited)]
-    assert digests[1] == load_corpus(str(corpus)).digest != digests[0]
-    assert file_mtimes(first["store"]) == first_files
-
-
-def test_an_explicit_store_refuses_an_edited_corpus_file(tmp_path, first_run):
-    arguments, first = first_run
-    corpus = write_reviews_csv(tmp_path / "reviews.csv")
-    corpus.write_text(corpus.read_text().replace("quiet triumph", "loud triumph"))
-    with pytest.raises(AttentionStoreError, match=re.escape("corpus.digest: store has")):
-        run_pipeline(PipelineSettings(**{**arguments, "corpus": str(corpus), "store": first["store"]}))
+    first_shard = file_mtimes(f"{first['store']}/attention/c/0")
+    write_rows(corpus, REVIEW_ROWS)  # 4 rows appended
+    grown = run_pipeline(PipelineSettings(**arguments))
+    assert grown["store"] == first["store"] and grown["results"] == first["results"] and grown["examples"] == 10
+    status = statuses(grown)
+    assert status["extract"] == "ran" and status["efficient"] == "ran" and status["causal"] == "ran"
+    assert file_mtimes(f"{first['store']}/attention/c/0") == first_shard  # the full first shard was kept
+    # --retrain: the next generation, which later runs follow
+    retrained = run_pipeline(PipelineSettings(**arguments, retrain=True))
+    assert retrained["store"] == first["store"].removesuffix(".zarr") + "-g2.zarr"
+    assert statuses(retrained)["extract"] == "ran" and retrained["examples"] == 10
+    again = run_pipeline(PipelineSettings(**arguments))
+    assert again["store"] == retrained["store"] and set(statuses(again).values()) <= {"skipped", "not needed"}
+    with pytest.raises(ValueError, match="--retrain starts a new store for a corpus that grows"):
+        run_pipeline(PipelineSettings(**{**arguments, "corpus": "rt-sentiment", "retrain": True}))
 
 
 def test_a_repaired_shard_is_extracted_analysed_and_measured_again_by_the_next_run(first_run, tmp_path, capsys):

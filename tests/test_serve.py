@@ -198,7 +198,7 @@ def effattn_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
 
 
-def finished_flow_runs(api_url: str, deployment_name: str) -> list[dict]:
+def finished_flow_runs(api_url: str, deployment_name: str, limit: int = 20) -> list[dict]:
     """The deployment's flow runs that have ended: completed, failed or crashed (the schedule also creates many
     future runs; they are left out)."""
     response = httpx.post(
@@ -206,7 +206,7 @@ def finished_flow_runs(api_url: str, deployment_name: str) -> list[dict]:
         json={
             "deployments": {"name": {"any_": [deployment_name]}},
             "flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
-            "limit": 20,
+            "limit": limit,
         },
         timeout=10,
     )
@@ -297,3 +297,149 @@ def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_b
     assert efficient_completed_shards(group, "effective") == [0, 1]
     assert group["efficient/effective"][:].any()
     assert group.attrs[EXTRACTION_INPUTS_ATTRIBUTE]["limit"] == 5
+
+
+def wait_for_store(api_url: str, deployment: str, serve, log: Path, store: Path, n_examples: int) -> None:
+    """Wait until `store` holds `n_examples` examples and a scheduled run has completed after that was first seen
+    (the run that appended them, or a later one: every stage of that run is then done)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    completed_when_seen = None
+    while True:
+        if serve.poll() is not None:
+            pytest.fail(f"effattn serve exited with {serve.returncode}:\n{log_tail(log)}")
+        runs = finished_flow_runs(api_url, deployment, limit=200)
+        broken = [run for run in runs if run["state_type"] in ("FAILED", "CRASHED")]
+        if broken:
+            state = broken[0]["state"]
+            pytest.fail(f"a scheduled run ended {state['type']}: {state.get('message')}\n{log_tail(log)}")
+        completed = sum(run["state_type"] == "COMPLETED" for run in runs)
+        if completed_when_seen is None and store.exists():
+            if store_layout(open_attention_store(str(store))).n_examples == n_examples:
+                completed_when_seen = completed
+        if completed_when_seen is not None and completed > completed_when_seen:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"no scheduled run completed with {n_examples} examples in {RUN_TIMEOUT} s:\n{log_tail(log)}")
+        time.sleep(1)
+
+
+GROWTH_OPTIONS = [
+    "--all",
+    "--no-train",
+    "--max-length",
+    "16",
+    "--shard-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--variants",
+    "effective",
+    "--all-scope-examples",
+    "--explain-examples",
+    "80",
+]
+
+
+def test_scheduled_runs_over_a_growing_corpus_compute_only_what_is_new(prefect_server, tmp_path, tiny_bert_folder):
+    """Three scheduled runs over a file growing 48 -> 64 -> 80 rows: the second and third add 16 examples each and
+    leave everything computed before as it was; the store, results and explanations equal a from-scratch run."""
+    from tests.store_builders import assert_run_outputs_equal, write_corpus
+
+    api_url = prefect_server
+    rows = write_corpus(tmp_path / "all.csv", copies=8).read_text(encoding="utf-8").splitlines(keepends=True)
+    feed = tmp_path / "feed" / "reviews.csv"
+    feed.parent.mkdir()
+    feed.write_text("".join(rows[: 1 + 48]), encoding="utf-8")
+    run_dir = tmp_path / "runs"
+    deployment = "effattn-test-growth"
+    environment = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(tmp_path / "serve-home"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "EFFATTN_CACHE": str(tmp_path / "cache"),
+    }
+    arguments = ["--corpus", str(feed), "--model", str(tiny_bert_folder), *GROWTH_OPTIONS]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        serve = subprocess.Popen(
+            [
+                *effattn_command(),
+                "serve",
+                "--interval",
+                "10",
+                "--name",
+                deployment,
+                *arguments,
+                "--run-dir",
+                str(run_dir),
+            ],
+            cwd=REPO,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        store = None
+        identities_after = []
+        for n_rows in (48, 64, 80):
+            feed.write_text("".join(rows[: 1 + n_rows]), encoding="utf-8")
+            if store is None:
+                deadline = time.monotonic() + RUN_TIMEOUT
+                while not (stores := [p for p in run_dir.glob("reviews-*.zarr") if p.name.count(".") == 1]):
+                    if time.monotonic() > deadline or serve.poll() is not None:
+                        pytest.fail(f"no store appeared:\n{log_tail(log)}")
+                    time.sleep(2)
+                store = stores[0]
+            wait_for_store(api_url, deployment, serve, log, store, n_rows)
+            identities_after.append(computed_shards(store))
+    finally:
+        stop_process_group(serve)
+        assert group_is_gone(serve), "effattn serve's process group survived SIGTERM and SIGKILL"
+
+    group = open_attention_store(str(store))
+    assert [run["examples_added"] for run in group.attrs["runs"]] == [48, 16, 16]
+    # what each run computed: the shards of the earlier runs keep the identities they had (nothing recomputed)
+    for earlier, later in zip(identities_after, identities_after[1:]):
+        for output, shards in earlier.items():
+            assert {key: later[output][key] for key in shards} == shards, output
+        assert all(len(later[output]) == len(shards) + 1 for output, shards in earlier.items())
+
+    # one from-scratch run over the 80 rows
+    scratch_dir = tmp_path / "scratch"
+    scratch_feed = scratch_dir / "feed" / "reviews.csv"
+    scratch_feed.parent.mkdir(parents=True)
+    scratch_feed.write_text("".join(rows), encoding="utf-8")
+    scratch_arguments = ["--corpus", str(scratch_feed), "--model", str(tiny_bert_folder), *GROWTH_OPTIONS]
+    done = subprocess.run(
+        [*effattn_command(), "run", *scratch_arguments, "--run-dir", str(scratch_dir / "runs")],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    scratch_store = scratch_dir / "runs" / store.name
+    assert_run_outputs_equal(store, scratch_store, "effective")
+
+
+def computed_shards(store: Path) -> dict[str, dict[str, str]]:
+    """Each output's completed shards -> their identities: the store's extraction, efficient attention, causal results
+    and explanations."""
+    import zarr
+
+    outputs = {"extract": zarr.open_group(str(store), mode="r").attrs.asdict()}
+    outputs["efficient"] = zarr.open_group(str(store), mode="r")["efficient/effective"].attrs.asdict()
+    base = str(store).removesuffix(".zarr")
+    for kind in ("results", "explanations"):
+        outputs[kind] = zarr.open_group(f"{base}-effective.{kind}.zarr", mode="r").attrs.asdict()
+    return {
+        output: {
+            key: str(value)
+            for key, value in (attributes.get("shard_identities") or attributes.get("shard_inputs") or {}).items()
+        }
+        for output, attributes in outputs.items()
+    }
