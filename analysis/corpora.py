@@ -115,6 +115,8 @@ class Corpus:
             their split is the growth-stable keyed one (analysis.splits.stable_split_indices over
             :func:`example_identities`). False for bundled corpora, which never change and keep the
             permutation split (analysis.splits.split_indices).
+        columns: user files and folders: (text column, label column or None) read; None for bundled corpora. A
+            store that grows refuses a corpus whose columns changed (its identities would all change).
 
     Equality is identity (``eq=False``: the numpy field makes field-wise ``==`` ambiguous);
     compare ``digest`` to compare contents.
@@ -129,6 +131,7 @@ class Corpus:
     dropped_empty: int
     groups: np.ndarray | None = None
     growable: bool = False
+    columns: tuple[str, str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -278,6 +281,7 @@ def _build(
     where: str,
     groups: Sequence[int] | None = None,
     growable: bool = False,
+    columns: tuple[str, str | None] | None = None,
 ) -> Corpus:
     """Drop empty texts, map label names to sorted ids, digest.
 
@@ -326,6 +330,7 @@ def _build(
         dropped_empty=dropped,
         groups=None if groups is None else np.asarray(groups, dtype=np.int64)[kept_rows],
         growable=growable,
+        columns=columns,
     )
 
 
@@ -591,7 +596,7 @@ def _load_user_file(
     source = f"user file {path.resolve()} (text column {text_col!r}, " + (
         f"label column {label_col!r})" if label_col else "no label column)"
     )
-    return _build(name, source, texts, label_names, where=str(path), growable=True)
+    return _build(name, source, texts, label_names, where=str(path), growable=True, columns=(text_col, label_col))
 
 
 # --------------------------------------------------------------------------------------
@@ -669,7 +674,15 @@ def _load_user_folder(
         f"user folder {folder} ({len(file_names)} files in name order: {', '.join(file_names)}; text column "
         f"{text_col!r}, " + (f"label column {label_col!r})" if label_col else "no label column)")
     )
-    return _build(name, source, texts, label_names if label_col else None, where=str(folder), growable=True)
+    return _build(
+        name,
+        source,
+        texts,
+        label_names if label_col else None,
+        where=str(folder),
+        growable=True,
+        columns=(text_col, label_col),
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -308,6 +308,7 @@ def store_attributes(
             "dropped_empty": int(corpus.dropped_empty),
             "class_names": list(corpus.class_names),
             "selection": {"split": split, "limit": limit, "seed": seed},
+            "columns": list(corpus.columns) if corpus.columns else None,
             "example_count": int(len(plan.length)),
         },
         "extraction": {

@@ -85,7 +85,9 @@ def growth_keys(attributes: dict) -> dict:
     """The attributes that must match for a rerun to append to a store that grows: the resume keys, less the
     corpus content (which grows). The class names may differ (a class whose rows were all deleted); a new class
     among the appended examples is refused by `append_examples`."""
-    return {key: value for key, value in resume_keys(attributes).items() if key != "corpus.digest"}
+    keys = {key: value for key, value in resume_keys(attributes).items() if key != "corpus.digest"}
+    keys["corpus.columns"] = attributes["corpus"]["columns"]  # other columns: every identity would change
+    return keys
 
 
 def this_run() -> dict:

@@ -562,3 +562,17 @@ def test_a_store_made_with_the_permutation_split_is_refused_for_growth(tmp_path,
     with pytest.raises(AttentionStoreError, match="made before stores could grow.*start a store that grows"):
         extract(settings)
     assert store_layout(open_attention_store(url)).n_examples == 6
+
+
+def test_a_growing_corpus_whose_columns_changed_is_refused(tmp_path, tiny_bert_folder):
+    corpus, url = tmp_path / "feed.csv", str(tmp_path / "feed.zarr")
+    settings = ExtractSettings(corpus=str(corpus), model=str(tiny_bert_folder), store=url, **GROW)
+    write_rows(corpus, REVIEW_ROWS[:6])
+    extract(settings)
+    with corpus.open("w", newline="", encoding="utf-8") as handle:  # the label column is gone
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        writer.writerows([text] for text, _ in REVIEW_ROWS)
+    with pytest.raises(AttentionStoreError, match=re.escape("corpus.columns: store has ['text', 'label'], this run")):
+        extract(settings)
+    assert store_layout(open_attention_store(url)).n_examples == 6
