@@ -511,27 +511,32 @@ def _feasible_rows(rows, basis, tracked, lam, target, scale, gram_diagonal):
     equality_tolerance = 64 * EPS * scale
 
     # 1) Corrections on the support, δ = diag(s) U y with Uᵀ diag(s) U y = defect: they keep the zeros at zero.
-    #    Entries a correction pushes below zero leave the support, and the next round corrects again.
+    #    Entries a correction pushes below zero leave the support, and the next round corrects again. Each round
+    #    works on the rows still needing it only (packed per matrix, `RowLayout`).
+    missing = target - candidate @ basis  # equality defect, (M, q, k)
+    needs = missing.norm(dim=-1) > equality_tolerance
     for _ in range(FEASIBILITY_ROUNDS):
-        missing = target - candidate @ basis  # equality defect, (M, q, k)
-        needs = missing.norm(dim=-1) > equality_tolerance
         if not needs.any():
             break
         which, query = torch.nonzero(needs, as_tuple=True)
-        correction = torch.zeros_like(lam)
+        layout = RowLayout(which, count)
+        row_support, row_missing = support[which, query], missing[which, query]
         ridge = torch.full((len(which),), 1e-14, dtype=torch.float64)
         if tracked is None:
-            correction[which, query] = _jacobian_solve(
-                basis, which, support[which, query], gram_diagonal[which], missing[which, query], ridge
-            )
+            correction = _jacobian_solve(basis, which, row_support, gram_diagonal[which], row_missing, ridge)
         else:
-            correction[which, query] = tracked.solve(which, query, support[which, query], missing[which, query], ridge)
-        candidate = torch.where(needs[..., None], candidate + support * (correction @ basis.mT), candidate)
-        support &= ~(needs[..., None] & (candidate < -NEGATIVE_ROUND_OFF))
-        candidate = torch.clamp(candidate, min=0)
+            correction = tracked.solve(which, query, row_support, row_missing, ridge)
+        row_candidate = candidate[which, query] + row_support * layout.rows_times(correction, basis.mT)
+        row_support &= ~(row_candidate < -NEGATIVE_ROUND_OFF)
+        row_candidate = torch.clamp(row_candidate, min=0)
+        row_missing = target[which, query] - layout.rows_times(row_candidate, basis)
+        candidate[which, query], support[which, query], missing[which, query] = row_candidate, row_support, row_missing
+        needs = torch.zeros_like(needs)
+        needs[which, query] = row_missing.norm(dim=-1) > equality_tolerance[which, query]
     finite = torch.isfinite(candidate).all(-1)
-    candidate = torch.where(finite[..., None], candidate, last_iterate)
-    missing = target - candidate @ basis
+    if not finite.all():
+        candidate = torch.where(finite[..., None], candidate, last_iterate)
+        missing = target - candidate @ basis
     failed = ~finite | (missing.norm(dim=-1) > equality_tolerance)
     if not failed.any():
         return candidate, (candidate - last_iterate).norm(dim=-1)
