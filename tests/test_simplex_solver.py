@@ -161,6 +161,42 @@ def test_row_layout_products_are_each_rows_own_product():
     np.testing.assert_allclose(layout.rows_times(values, right).numpy(), expected.numpy(), rtol=1e-13, atol=1e-13)
 
 
+def line_minimiser_by_bisection(w: np.ndarray, u: np.ndarray, step_target: float) -> float:
+    """argmin_{t ≥ 0} ½‖max(w + t u, 0)‖² - t·step_target by bisection on its non-decreasing derivative."""
+
+    def derivative(t: float) -> float:
+        return float(u @ np.maximum(w + t * u, 0.0)) - step_target
+
+    if derivative(0.0) >= 0:
+        return 0.0
+    high = 1.0
+    while derivative(high) < 0:
+        high *= 2.0
+    low = 0.0
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if derivative(middle) < 0 else (low, middle)
+    return 0.5 * (low + high)
+
+
+@pytest.mark.parametrize("pieces", [2, 8, 40])
+def test_exact_line_search_finds_the_minimiser_near_or_beyond_the_nearest_breakpoints(pieces):
+    """The line search looks among the `pieces` nearest breakpoints first and sorts all of them only for the other
+    rows: with 2, most minimisers lie beyond (the full sort), with 40 = L none do (never partial). Every row's step
+    equals the minimiser found by bisection (1e-9 relative); rows that are no descent direction get 0."""
+    rng = np.random.default_rng(11)
+    rows, length = 300, 40
+    combination = rng.normal(size=(rows, length))
+    step = rng.normal(size=(rows, length))
+    step_target = rng.normal(size=rows) * rng.uniform(0.1, 30.0, size=rows)
+    found = simplex_solver._exact_line_search(
+        torch.from_numpy(combination), torch.from_numpy(step), torch.from_numpy(step_target), pieces
+    ).numpy()
+    expected = np.array([line_minimiser_by_bisection(*arguments) for arguments in zip(combination, step, step_target)])
+    assert (expected == 0).sum() > 10 and (expected > 1.0).sum() > 10
+    np.testing.assert_allclose(found, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_slow_rows_do_not_change_the_others_iterations():
     """Rows stop on their own: a row's iteration count is the same when its matrix also holds rows that take many
     more iterations (the sharp rows) as when it is solved among easy rows only."""
