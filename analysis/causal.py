@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 from analysis.attention_backend import AttentionInjection, LayerInjection, inject_attention
+from analysis.example_identities import keyed_share, share_for_count
 from analysis.extraction import real_token_mask
 from analysis.interventions import Intervention, parse_interventions
 from analysis.models import LoadedModel
 
 SCOPES: tuple[str, ...] = ("all", "layer", "head")
+SCOPE_DRAW = "scope"  # the purpose of the keyed draw of a growing store's layer- and head-scope examples
 
 # name -> description; every metric is per (intervention, target, example).
 METRICS: dict[str, str] = {
@@ -317,6 +319,20 @@ def measured_examples(n_examples: int, count: int | None) -> np.ndarray:
     if count is None or count >= n_examples:
         return np.arange(n_examples)
     return np.unique(np.linspace(0, n_examples - 1, count).round().astype(np.int64))
+
+
+def scope_share(identities: np.ndarray, seed: int, count: int | None) -> float:
+    """The share of a growing store's examples (identities: uint8 [n, IDENTITY_BYTES]) the layer and head scopes
+    measure: 1.0 for all (count None), else the share below which exactly `count` keyed draws fall
+    (analysis.example_identities.share_for_count), fixed when the results are created (a grown store keeps it)."""
+    return share_for_count(keyed_share(identities, seed, SCOPE_DRAW), count)
+
+
+def keyed_scope_examples(identities: np.ndarray, seed: int, share: float) -> np.ndarray:
+    """int64 [k]: the rows of `identities` (uint8 [n, IDENTITY_BYTES]) measured at the layer and head scopes of a
+    store that grows: those whose keyed draw (`keyed_share(..., seed, "scope")`) is below `share` (`scope_share`).
+    An example's choice depends only on its identity: growth never changes which earlier examples are measured."""
+    return np.flatnonzero(keyed_share(identities, seed, SCOPE_DRAW) < share).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ __all__ = [
     "identity_digests",
     "identity_hex",
     "keyed_share",
+    "share_for_count",
 ]
 
 IDENTITY_BYTES = 16  # 128 bits: collisions are out of reach for any corpus
@@ -98,3 +99,18 @@ def keyed_share(identities: np.ndarray, seed: int, purpose: str) -> np.ndarray:
     digests = b"".join(hashlib.blake2b(row.tobytes(), key=key, digest_size=8).digest() for row in identities)
     words = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
     return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def share_for_count(shares: np.ndarray, count: int | None) -> float:
+    """The share below which exactly `count` of `shares` (float64 [n], keyed_share draws) fall: halfway between the
+    count-th and the next smallest draw; 1.0 (everything) when count is None or at least n.
+
+    A growing store fixes this share once (when its results are created), then chooses every example, the later
+    ones too, by `keyed_share(...) < share`: `count` examples at first, about count / n of those added later.
+    """
+    ordered = np.sort(np.asarray(shares, dtype=np.float64))
+    if count is None or int(count) >= len(ordered):
+        return 1.0
+    if int(count) <= 0:
+        return 0.0
+    return float((ordered[int(count) - 1] + ordered[int(count)]) / 2)
