@@ -379,7 +379,7 @@ def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first
     assert statuses(record)["explain"] == "ran"
     assert record["explanations"] == record["results"].replace(".results.zarr", ".explanations.zarr")
     explanations = xr.open_zarr(record["explanations"], consolidated=False)
-    draw = explanations.attrs["settings"]["draw"]
+    draw = explanations.attrs["draw"]  # a store of a user corpus grows: the draw's counts beside its settings
     assert draw["asked"] == 32 and explanations.sizes["example"] == draw["drawn"] == draw["testable"] <= 6
     assert draw["testable"] + draw["not_testable"] == 6
     claims = {row["claim"]: row["verdict"] for row in record["claims"]}
