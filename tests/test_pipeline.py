@@ -245,10 +245,9 @@ def test_a_run_recorded_before_the_settings_objects_is_skipped_not_refused(first
             for head in range(4)
         ],
         "seed": 0,
-        "store_identity": {
+        "store_identity": {  # a user CSV's store grows: named by its first run, not its corpus digest and size
             "weights_digest": group.attrs["model"]["weights_digest"],
-            "corpus_digest": group.attrs["corpus"]["digest"],
-            "examples": 6,
+            "first_run": group.attrs["runs"][0]["run_id"],
             "dtype": "float32",
             "efficient_settings": {"effective": {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}},
         },
