@@ -433,7 +433,8 @@ class CausalBatch:
     tokens: [batch, position]; length: [batch]; attention: [batch, layer, head, Lb, Lb]; value: [batch, layer,
     kv_head, Lb, head_dim]; stored_logits: [batch, class] (classification) or [batch, position, top_k]
     (next-token); label: [batch] (classification, -1 when unknown); stored_logit_ids: [batch, position, top_k]
-    (next-token); efficient: variant -> [batch, layer, head, Lb, Lb] its stored efficient attention."""
+    (next-token); efficient: variant -> [batch, layer, head, Lb, Lb] its stored efficient attention; noise_keys:
+    [batch] what seeds the noise (a store that grows), None: the store indices."""
 
     start: int
     tokens: np.ndarray
@@ -444,11 +445,18 @@ class CausalBatch:
     label: np.ndarray | None = None
     stored_logit_ids: np.ndarray | None = None
     efficient: dict[str, np.ndarray] = field(default_factory=dict)
+    noise_keys: np.ndarray | None = None  # [batch] int64 what seeds each example's noise (None: its store index)
 
     @property
     def example_indices(self) -> np.ndarray:
         """[batch] the examples' indices in the store."""
         return np.arange(self.start, self.start + len(self.length))
+
+    @property
+    def seed_keys(self) -> np.ndarray:
+        """[batch] what seeds each example's noise: `noise_keys` (a store that grows: from the examples' identities,
+        analysis.example_identities.seed_keys) or the store indices."""
+        return self.example_indices if self.noise_keys is None else self.noise_keys
 
     def examples_at(self, scope: str, scoped: set[int]) -> np.ndarray:
         """Positions in the batch of the examples measured at `scope`: every one at scope "all", those among

@@ -21,6 +21,7 @@ __all__ = [
     "identity_digests",
     "identity_hex",
     "keyed_share",
+    "seed_keys",
     "share_for_count",
 ]
 
@@ -114,3 +115,16 @@ def share_for_count(shares: np.ndarray, count: int | None) -> float:
     if int(count) <= 0:
         return 0.0
     return float((ordered[int(count) - 1] + ordered[int(count)]) / 2)
+
+
+def seed_keys(identities: np.ndarray) -> np.ndarray:
+    """``int64 [n]``: what seeds an example's random draws (noise interventions, the random ranking, sampled simplex
+    rows) in a store that grows, in place of its store index: the first 8 identity bytes, big-endian, shifted to 63
+    bits. The same example gets the same draws in every store, whatever its index (a store made from scratch sorts
+    its examples otherwise).
+
+    Args:
+        identities: ``uint8 [n, IDENTITY_BYTES]``.
+    """
+    identities = check_identities(identities)
+    return (identities[:, :8].copy().view(">u8").ravel() >> np.uint64(1)).astype(np.int64)

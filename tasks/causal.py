@@ -39,6 +39,7 @@ from analysis.causal import (
 )
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary_of_parts
 from analysis.efficient_attention import VARIANTS
+from analysis.example_identities import seed_keys
 from analysis.interventions import (
     DEFAULT_MINIMALITY_DIRECTIONS,
     Intervention,
@@ -231,7 +232,17 @@ def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequenc
             variant: np.asarray(group[efficient_array_path(variant)][start:stop, :, :, :size, :size])
             for variant in variants
         },
+        noise_keys=noise_keys(group, slice(start, stop)),
     )
+
+
+def noise_keys(group, examples: slice) -> np.ndarray | None:
+    """[examples] what seeds the noise of `examples` of the store `group`: in a store that grows, their identities
+    (analysis.example_identities.seed_keys: the same noise in any store holding them, whatever their index);
+    None (their store indices) otherwise."""
+    if not hasattr(group, "attrs") or not store_grows(group.attrs.asdict()):
+        return None
+    return seed_keys(np.asarray(group["example_identity"][examples]))
 
 
 def measure_batch(
@@ -271,7 +282,7 @@ def measure_batch(
             batch.length,
             causal,
             efficient=batch.efficient.get(intervention.variant_name),
-            example_indices=batch.example_indices,
+            example_indices=batch.seed_keys,  # what seeds each example's noise
             seed=plan.seed,
             shared=shared,
             key_bands=key_bands,

@@ -21,7 +21,7 @@ import numpy as np
 
 from analysis.efficient_attention import VARIANTS
 from analysis.example_explanation import explain_example
-from analysis.example_identities import keyed_share, share_for_count
+from analysis.example_identities import keyed_share, seed_keys, share_for_count
 from analysis.explainers import ATTENTION_SOURCE, ExplanationSettings, explainer_record, references
 from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
 from analysis.explanations import DIFFERENCE_TOLERANCE, FAITHFULNESS_METRICS, aopc, draw_examples
@@ -271,6 +271,9 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
     w_out = group["w_out"][:]
     measure_minimality = options.minimality_rows > 0 and MINIMALITY_VARIANT in sources
     norms = any(explainer_record(name).kind == "norms" for name in options.methods)
+    # what seeds each example's random draws: its identity in a store that grows, else its store index
+    grows = store_grows(group.attrs.asdict())
+    keys = seed_keys(group["example_identity"][:])[examples] if grows else examples
     for row, index in enumerate(examples):
         length = int(group["length"][index])
         tokens = group["tokens"][index, :length]
@@ -289,7 +292,7 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
             tokens,
             matrices,
             options,
-            int(index),
+            int(keys[row]),
             causal,
             forward_rows,
             value=value,
@@ -317,7 +320,7 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
                 value,
                 w_out,
                 options.minimality_rows,
-                np.random.default_rng([options.seed, int(index), 1]),
+                np.random.default_rng([options.seed, int(keys[row]), 1]),
                 options.minimality_tolerance,
             )
             arrays["minimality_tested"][row] = counts["tested"]

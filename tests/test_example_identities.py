@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.example_identities import identity_digests, identity_hex, keyed_share, share_for_count
+from analysis.example_identities import identity_digests, identity_hex, keyed_share, seed_keys, share_for_count
 
 
 @pytest.mark.unit
@@ -37,3 +37,12 @@ def test_the_share_for_a_count_picks_exactly_that_many_now_and_a_like_share_of_l
     assert 0.05 < (later < share).mean() < 0.2  # about 10 %
     assert share_for_count(first, None) == share_for_count(first, 100) == share_for_count(first, 500) == 1.0
     assert share_for_count(first, 0) == 0.0 and not (first < 0.0).any()
+
+
+@pytest.mark.unit
+def test_seed_keys_follow_the_identity_not_the_row():
+    identities = identity_digests(["a", "b", "c"], ["pos", "neg", None])
+    keys = seed_keys(identities)
+    assert keys.dtype == np.int64 and (keys >= 0).all() and len(set(keys.tolist())) == 3
+    np.testing.assert_array_equal(seed_keys(identities[::-1]), keys[::-1])
+    assert int(keys[0]) == int.from_bytes(bytes(identities[0, :8]), "big") >> 1
