@@ -240,6 +240,7 @@ class ResultsSchema:
                 array.resize(tuple(new if i == axis else n for i, n in enumerate(array.shape)))
             if old % size:
                 forgotten = [old // size]
+                record_kept_rows(group, forgotten[0], old % size)
             forget_shards(group, forgotten)
             if "claims" in group.attrs:
                 del group.attrs["claims"]
@@ -364,6 +365,30 @@ def _create_array(group: zarr.Group, name: str, spec: ResultArray, shape, chunks
         dimension_names=spec.dims,
         attributes={"description": spec.description},
     )
+
+
+# Root attribute: the rows of a partial last shard that was complete before the results grew; the shard is computed
+# again with its new examples, and may copy those rows instead of computing them while their inputs are unchanged.
+KEPT_ROWS_ATTRIBUTE = "kept_rows"
+
+
+def record_kept_rows(group: zarr.Group, shard_index: int, rows: int) -> None:
+    """Remember that the first `rows` rows of completed shard `shard_index` hold results, with the inputs that shard
+    recorded (before `forget_shards` forgets it)."""
+    attributes = group.attrs.asdict()
+    inputs = (attributes.get("shard_inputs") or {}).get(str(shard_index))
+    if shard_index in set(map(int, attributes.get("completed_shards", []))) and inputs is not None:
+        group.attrs[KEPT_ROWS_ATTRIBUTE] = {"shard": int(shard_index), "rows": int(rows), "inputs": inputs}
+
+
+def reusable_rows(group: zarr.Group, shard_index: int, inputs_of_rows: Callable[[int], dict[str, Any]]) -> int:
+    """How many leading rows of shard `shard_index` may be copied instead of computed: those `record_kept_rows`
+    remembered, when `inputs_of_rows(rows)` (the identities of what computing those rows reads, now) still equals
+    what they were computed from; else 0."""
+    kept = group.attrs.get(KEPT_ROWS_ATTRIBUTE)
+    if not kept or int(kept["shard"]) != int(shard_index):
+        return 0
+    return int(kept["rows"]) if inputs_of_rows(int(kept["rows"])) == kept["inputs"] else 0
 
 
 def forget_shards(group: zarr.Group, shards: list[int]) -> None:

@@ -30,13 +30,16 @@ from storage_schemas.attention_store import open_attention_store, store_layout, 
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import (
     EXPLANATION_RESULTS,
+    PER_EXAMPLE_ARRAYS,
     ExplanationResultsError,
     check_same_explanation_settings,
     create_explanation_results,
     explanation_completed_shards,
+    explanation_input_identities,
     explanation_shard_count,
     explanation_shard_inputs,
     explanation_shard_region,
+    explanation_variants,
     forget_stale_explanation_shards,
     mark_explanation_shard_completed,
     open_explanation_results,
@@ -44,7 +47,7 @@ from storage_schemas.explanation_results import (
     write_explanation_aggregates,
     write_explanation_shard,
 )
-from storage_schemas.results_dataset import results_store_identity, store_grows
+from storage_schemas.results_dataset import results_store_identity, reusable_rows, store_grows
 from tasks.causal import PROVENANCE_KEYS
 from tasks.models import load_store_model
 from tasks.stages import ShardJob, Stage, StageRun
@@ -268,6 +271,20 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
         },
         "minimality_support_size": np.full((N, layout.layers), np.nan),
     }
+    # rows of a partial shard computed before the results grew, with the same inputs: copied, not computed again
+    reused = reusable_rows(
+        results_group,
+        job.shard_index,
+        lambda rows: explanation_input_identities(group, examples[:rows], explanation_variants(results_group)),
+    )
+    for name, values in arrays.items():
+        axis = PER_EXAMPLE_ARRAYS[name][0].index("example")
+        stored = results_group[name]
+        selection = tuple(
+            slice(region.start, region.start + reused) if dim == axis else slice(None) for dim in range(stored.ndim)
+        )
+        target = tuple(slice(0, reused) if dim == axis else slice(None) for dim in range(values.ndim))
+        values[target] = stored[selection]
     w_out = group["w_out"][:]
     measure_minimality = options.minimality_rows > 0 and MINIMALITY_VARIANT in sources
     norms = any(explainer_record(name).kind == "norms" for name in options.methods)
@@ -275,6 +292,8 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
     grows = store_grows(group.attrs.asdict())
     keys = seed_keys(group["example_identity"][:])[examples] if grows else examples
     for row, index in enumerate(examples):
+        if row < reused:
+            continue
         length = int(group["length"][index])
         tokens = group["tokens"][index, :length]
         matrices = {

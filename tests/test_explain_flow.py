@@ -309,7 +309,9 @@ def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_lla
     assert [row["claim"] for row in dataset.attrs["claims"]] == []  # stochastic:rollout has no raw rollout to face
 
 
-def test_a_grown_store_explains_only_its_new_examples_and_equals_a_fresh_run(bert_store, tiny_bert_folder, tmp_path):
+def test_a_grown_store_explains_only_its_new_examples_and_equals_a_fresh_run(
+    bert_store, tiny_bert_folder, tmp_path, monkeypatch
+):
     from storage_schemas.attention_store import open_attention_store
     from storage_schemas.explanation_results import PER_EXAMPLE_ARRAYS, explanation_status
 
@@ -351,7 +353,16 @@ def test_a_grown_store_explains_only_its_new_examples_and_equals_a_fresh_run(ber
     assert settings_of(results) == settings  # growth is not another run
     assert not explanation_status(results, settings, store).complete
     group = open_explanation_results(results)
+    explained_now: list[int] = []
+    explain_example = explain_tasks.explain_example
+
+    def counted_example(*arguments, **keywords):
+        explained_now.append(1)
+        return explain_example(*arguments, **keywords)
+
+    monkeypatch.setattr(explain_tasks, "explain_example", counted_example)
     after = run(results)
+    monkeypatch.setattr(explain_tasks, "explain_example", explain_example)
     group = open_explanation_results(results)
     explained = group["store_example"][:].tolist()
     assert explained[: len(held)] == held and min(explained[len(held) :], default=20) >= 10  # appended, in order
@@ -362,6 +373,10 @@ def test_a_grown_store_explains_only_its_new_examples_and_equals_a_fresh_run(ber
         | ({len(held) // 2} if len(held) % 2 else set())
     )
     assert after == expected and 0 not in after
+    # the rows the old partial shard held are copied, not explained again, unless they read the redone store shard
+    partial = held[len(held) - len(held) % 2 :]
+    copied = len(partial) if not any(8 <= example < 12 for example in partial) else 0
+    assert len(explained_now) == sum(1 for index in range(len(explained)) if index // 2 in after) - copied
     assert explanation_status(results, settings, store).complete
     kept = [index for index in range(len(held)) if index // 2 not in after]
     for name, values in before.items():
@@ -409,3 +424,19 @@ def test_a_grown_store_explains_only_its_new_examples_and_equals_a_fresh_run(ber
             atol=1e-5,
             err_msg=name,
         )
+
+    # grown again by one whole store shard (no store shard redone): results in shards of 4, whose last shard is
+    # partial, keep its rows (copied); only the new examples are explained
+    quad = str(tmp_path / "quad.zarr")
+    run(quad, shard_size=4)
+    before_third = open_explanation_results(quad)["store_example"][:].tolist()
+    assert len(before_third) % 4  # a partial last shard
+    even_later = [(f"{text} (even later)", label) for text, label in REVIEW_ROWS[:4]]
+    assert grow_real_store(store, tiny_bert_folder, corpus, even_later)["extract"] == [5]
+    explained_now.clear()
+    monkeypatch.setattr(explain_tasks, "explain_example", counted_example)
+    assert run(quad, shard_size=4)[0] == len(before_third) // 4  # the partial shard is computed again...
+    monkeypatch.setattr(explain_tasks, "explain_example", explain_example)
+    third = open_explanation_results(quad)["store_example"][:].tolist()
+    assert third[: len(before_third)] == before_third and len(third) > len(before_third)
+    assert len(explained_now) == len(third) - len(before_third)  # ...explaining only the new examples
