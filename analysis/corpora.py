@@ -696,3 +696,9 @@ def example_identities(corpus: Corpus) -> np.ndarray:
     an edited row gets a new one; duplicates share one (analysis.example_identities.first_occurrences)."""
     names = [corpus.class_names[label] if label >= 0 else None for label in corpus.labels.tolist()]
     return identity_digests(corpus.texts, names)
+
+
+def corpus_location(corpus: Corpus) -> str | None:
+    """Where a corpus that grows lives (its file or folder, absolute): a store that grows appends only from there.
+    None for a bundled corpus."""
+    return str(Path(corpus.name).resolve()) if corpus.growable else None

@@ -124,21 +124,33 @@ def check_max_length(max_length: int) -> None:
 
 
 def check_existing_store_matches(settings: Any) -> None:
-    """`effattn extract` into an existing store: refuse one written from another corpus (content digest), with
+    """`effattn extract` into an existing store: refuse one written from another corpus (content digest; for a store
+    that grows, another file or folder), with
     another --max-length, --dtype or --task (the store's attributes against the settings and the corpus file; the
     model's weights are compared when the stage loads it). Nothing to do for a new store."""
-    from analysis.corpora import load_corpus
-    from storage_schemas.attention_store import attention_store_state, check_same_run, open_attention_store
+    from analysis.corpora import corpus_location, load_corpus
+    from storage_schemas.attention_store import (
+        attention_store_state,
+        check_same_run,
+        open_attention_store,
+        store_grows,
+    )
 
     if attention_store_state(settings.store) != "prepared":
         return
     group = open_attention_store(settings.store, mode="r")
     corpus = load_corpus(settings.corpus, text_column=settings.text_column, label_column=settings.label_column)
+    # a store that grows takes what its corpus adds: the same file or folder, not the same content
+    same_corpus = (
+        {"corpus.location": corpus_location(corpus)}
+        if store_grows(group.attrs.asdict())
+        else {"corpus.digest": corpus.digest}
+    )
     check_same_run(
         group,
         settings.store,
         {
-            "corpus.digest": corpus.digest,
+            **same_corpus,
             "extraction.requested_max_length": int(settings.max_length),
             "dtype": settings.dtype,
             "extraction.task": settings.task,

@@ -90,6 +90,11 @@ READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 GROWTH_ARRAYS = ("example_identity", "added_by_run", "added_at")
 # Root attribute present while examples are being appended (storage_schemas.attention_store.begin_append).
 APPEND_ATTRIBUTE = "append_in_progress"
+# How a store chose its corpus rows (attribute corpus.selection.method): a seeded permutation of the whole corpus
+# (bundled corpora, and every store written before stores could grow), or a keyed hash of each example's identity
+# (user files and folders: growth never moves an earlier example; analysis.splits.stable_split_indices).
+PERMUTATION_SELECTION = "permutation"
+KEYED_SELECTION = "keyed-hash"
 
 # Texts of schema v2: bytes in chunks of 1 MiB (a text is read with one or two chunks; the whole corpus with few).
 TEXT_BYTES_CHUNK = 2**20
@@ -654,6 +659,14 @@ def stored_identities(group: zarr.Group) -> np.ndarray | None:
     if "example_identity" not in group.array_keys():
         return None
     return np.asarray(group["example_identity"][: store_layout(group).n_examples])
+
+
+def store_grows(store_attributes: dict[str, Any]) -> bool:
+    """Whether the store of these root attributes appends what its corpus adds: it chose its rows by the keyed split
+    and records the runs that added its examples (schema v3). Its corpus digest and example count change as it
+    grows; its first run's id names it."""
+    selection = store_attributes.get("corpus", {}).get("selection", {})
+    return selection.get("method") == KEYED_SELECTION and bool(store_attributes.get("runs"))
 
 
 def store_runs(group: zarr.Group) -> list[dict[str, Any]]:

@@ -21,7 +21,8 @@ Arrays:
 Root attributes: the caller's (provenance, `settings`), then `schema`, `schema_version`, `shard_size`, `metrics`
 (when the dataset has metric arrays) and the shard records (`completed_shards`, `shard_identities`,
 `shard_inputs`); after aggregation the caller's `claims` and whatever else it writes. Results of a store that grows
-(`store_grows`) also record `store_examples`: the store's example count they were made (or last grown) for.
+(storage_schemas.attention_store.store_grows) also record `store_examples`: the store's example count
+they were made (or last grown) for.
 
 Growth: when such a store has grown, the stage that writes the results calls `grow` under the results' lock: the
 example coordinates get the new examples' values, every per-example array is resized along `example` (new rows read
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from storage_schemas.attention_store import _compressors, open_attention_store, store_layout
+from storage_schemas.attention_store import _compressors, open_attention_store, store_grows, store_layout
 from storage_schemas.durable_writes import write_whole_shard
 from storage_schemas.efficient_store import efficient_array_path
 from storage_schemas.errors import AttentionStoreError, IncompleteInputError, ResultsDatasetError
@@ -404,16 +405,6 @@ def forget_shards(group: zarr.Group, shards: list[int]) -> None:
 # What ties results to the attention store they were computed from: the results record it in
 # `settings.store_identity` (a rerun compares the whole settings, so changed weights, corpus or efficient settings
 # make them another run), and whoever reads results beside a store checks it (`check_results_of_store`).
-
-
-GROWING_SELECTION = "keyed-hash"  # tasks.extraction.KEYED_SELECTION: the corpus selection of a store that grows
-
-
-def store_grows(store_attributes: dict[str, Any]) -> bool:
-    """Whether the store of these attributes appends what its corpus adds (it chose its rows by the keyed split and
-    records the runs that added its examples, schema v3): its corpus digest and example count change as it grows."""
-    selection = store_attributes.get("corpus", {}).get("selection", {})
-    return selection.get("method") == GROWING_SELECTION and bool(store_attributes.get("runs"))
 
 
 def _store_facts(store_attributes: dict[str, Any], n_examples: int) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from analysis.variants import require_known_variants
 from storage_schemas.attention_store import (
     AttentionStoreLayout,
     open_attention_store,
+    store_grows,
     store_layout,
     stored_identities,
 )
@@ -79,7 +80,7 @@ from storage_schemas.efficient_store import (
     diagnostic_array_path,
     efficient_array_path,
 )
-from storage_schemas.results_dataset import results_store_identity, store_grows
+from storage_schemas.results_dataset import results_store_identity
 from storage_schemas.selection import StoreSelection, selection_of_group
 from tasks.models import load_store_model
 from tasks.stages import ShardJob, Stage, StageRun

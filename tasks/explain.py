@@ -26,7 +26,7 @@ from analysis.explainers import ATTENTION_SOURCE, ExplanationSettings, explainer
 from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
 from analysis.explanations import DIFFERENCE_TOLERANCE, FAITHFULNESS_METRICS, aopc, draw_examples
 from analysis.support_minimality import layer_minimality, minimal_share_by_layer
-from storage_schemas.attention_store import open_attention_store, store_layout, stored_identities
+from storage_schemas.attention_store import open_attention_store, store_grows, store_layout, stored_identities
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import (
     EXPLANATION_RESULTS,
@@ -47,7 +47,7 @@ from storage_schemas.explanation_results import (
     write_explanation_aggregates,
     write_explanation_shard,
 )
-from storage_schemas.results_dataset import results_store_identity, reusable_rows, store_grows
+from storage_schemas.results_dataset import results_store_identity, reusable_rows
 from tasks.causal import PROVENANCE_KEYS
 from tasks.models import load_store_model
 from tasks.stages import ShardJob, Stage, StageRun
@@ -100,7 +100,7 @@ def choose_examples(
     draw reads every example's diagnostics). Returns (store indices, the draw's record: {"asked", "drawn",
     "testable", "not_testable", "rule"}, and for a store that grows "share").
 
-    A store that grows (storage_schemas.results_dataset.store_grows) draws per example: a candidate is explained iff
+    A store that grows (storage_schemas.attention_store.store_grows) draws per example: a candidate is explained iff
     its keyed draw (`keyed_share(identity, seed, "explain")`) is below the share that picks `count` of the candidates
     (1.0 for all; analysis.example_identities.share_for_count) fixed when the results at `results` were created
     (their attribute `explain_share`; computed now when they do not exist yet). Growth never changes an earlier

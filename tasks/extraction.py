@@ -27,6 +27,8 @@ from analysis.splits import select_split
 from analysis.training import TrainingSettings, head_to_train, trained_head_provenance
 from storage_schemas.attention_store import (
     APPEND_ATTRIBUTE,
+    KEYED_SELECTION,
+    PERMUTATION_SELECTION,
     AttentionStoreError,
     AttentionStoreLayout,
     abandon_append,
@@ -42,6 +44,7 @@ from storage_schemas.attention_store import (
     open_attention_store,
     open_store_to_append,
     recreate_unprepared_store,
+    store_grows,
     store_layout,
     store_runs,
     stored_identities,
@@ -74,19 +77,13 @@ def resume_keys(attributes: dict) -> dict:
     }
 
 
-# How a store chose its corpus rows (attribute corpus.selection.method): a seeded permutation of the whole corpus
-# (bundled corpora, and every store written before stores could grow), or a keyed hash of each example's identity
-# (user files and folders: growth never moves an earlier example; analysis.splits.stable_split_indices).
-PERMUTATION_SELECTION = "permutation"
-KEYED_SELECTION = "keyed-hash"
-
-
 def growth_keys(attributes: dict) -> dict:
     """The attributes that must match for a rerun to append to a store that grows: the resume keys, less the
     corpus content (which grows). The class names may differ (a class whose rows were all deleted); a new class
     among the appended examples is refused by `append_examples`."""
     keys = {key: value for key, value in resume_keys(attributes).items() if key != "corpus.digest"}
     keys["corpus.columns"] = attributes["corpus"]["columns"]  # other columns: every identity would change
+    keys["corpus.location"] = attributes["corpus"]["location"]  # another file or folder is another corpus
     return keys
 
 
@@ -193,7 +190,7 @@ def prepare_store(
     state = attention_store_state(store)
     if state == "prepared":
         group = (open_store_to_append if loaded_corpus.growable else open_attention_store)(store)
-        growing = store_can_grow(group)
+        growing = store_grows(group.attrs.asdict()) and stored_identities(group) is not None
         expected = growth_keys(attributes) if growing else resume_keys(attributes)
         if SELECTION_ATTRIBUTE in group.attrs or not selection.is_everything:  # a store without one holds all
             # the model indices stored (another model's counts are named by its weights digest already)
@@ -250,13 +247,6 @@ def prepare_store(
         )
     done = set(completed_shards(group))
     return [index for index in range(store_layout(group).n_shards) if index not in done], num_labels
-
-
-def store_can_grow(group) -> bool:
-    """Whether a store appends the examples a grown corpus adds: it chose its rows by the keyed split and records
-    its examples' identities (schema v3)."""
-    keyed = group.attrs["corpus"].get("selection", {}).get("method") == KEYED_SELECTION
-    return keyed and stored_identities(group) is not None
 
 
 def refuse_growth_of_permutation_store(group, store: str, attributes: dict) -> None:
@@ -392,7 +382,7 @@ def growing_store_model(store: str) -> tuple[str, str] | None:
     if attention_store_state(store) != "prepared":
         return None
     group = zarr.open_group(store, mode="r")
-    if not store_can_grow(group):
+    if not store_grows(group.attrs.asdict()) or stored_identities(group) is None:
         return None
     model = group.attrs["model"]
     head = model.get("head", {})
