@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 from analysis.attention_backend import AttentionInjection, LayerInjection, inject_attention
+from analysis.example_identities import keyed_share, share_for_count
 from analysis.extraction import real_token_mask
 from analysis.interventions import Intervention, parse_interventions
 from analysis.models import LoadedModel
 
 SCOPES: tuple[str, ...] = ("all", "layer", "head")
+SCOPE_DRAW = "scope"  # the purpose of the keyed draw of a growing store's layer- and head-scope examples
 
 # name -> description; every metric is per (intervention, target, example).
 METRICS: dict[str, str] = {
@@ -319,6 +321,20 @@ def measured_examples(n_examples: int, count: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n_examples - 1, count).round().astype(np.int64))
 
 
+def scope_share(identities: np.ndarray, seed: int, count: int | None) -> float:
+    """The share of a growing store's examples (identities: uint8 [n, IDENTITY_BYTES]) the layer and head scopes
+    measure: 1.0 for all (count None), else the share below which exactly `count` keyed draws fall
+    (analysis.example_identities.share_for_count), fixed when the results are created (a grown store keeps it)."""
+    return share_for_count(keyed_share(identities, seed, SCOPE_DRAW), count)
+
+
+def keyed_scope_examples(identities: np.ndarray, seed: int, share: float) -> np.ndarray:
+    """int64 [k]: the rows of `identities` (uint8 [n, IDENTITY_BYTES]) measured at the layer and head scopes of a
+    store that grows: those whose keyed draw (`keyed_share(..., seed, "scope")`) is below `share` (`scope_share`).
+    An example's choice depends only on its identity: growth never changes which earlier examples are measured."""
+    return np.flatnonzero(keyed_share(identities, seed, SCOPE_DRAW) < share).astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the plan of a run, and the pieces of one shard's work
 
@@ -417,7 +433,8 @@ class CausalBatch:
     tokens: [batch, position]; length: [batch]; attention: [batch, layer, head, Lb, Lb]; value: [batch, layer,
     kv_head, Lb, head_dim]; stored_logits: [batch, class] (classification) or [batch, position, top_k]
     (next-token); label: [batch] (classification, -1 when unknown); stored_logit_ids: [batch, position, top_k]
-    (next-token); efficient: variant -> [batch, layer, head, Lb, Lb] its stored efficient attention."""
+    (next-token); efficient: variant -> [batch, layer, head, Lb, Lb] its stored efficient attention; noise_keys:
+    [batch] what seeds the noise (a store that grows), None: the store indices."""
 
     start: int
     tokens: np.ndarray
@@ -428,11 +445,18 @@ class CausalBatch:
     label: np.ndarray | None = None
     stored_logit_ids: np.ndarray | None = None
     efficient: dict[str, np.ndarray] = field(default_factory=dict)
+    noise_keys: np.ndarray | None = None  # [batch] int64 what seeds each example's noise (None: its store index)
 
     @property
     def example_indices(self) -> np.ndarray:
         """[batch] the examples' indices in the store."""
         return np.arange(self.start, self.start + len(self.length))
+
+    @property
+    def seed_keys(self) -> np.ndarray:
+        """[batch] what seeds each example's noise: `noise_keys` (a store that grows: from the examples' identities,
+        analysis.example_identities.seed_keys) or the store indices."""
+        return self.example_indices if self.noise_keys is None else self.noise_keys
 
     def examples_at(self, scope: str, scoped: set[int]) -> np.ndarray:
         """Positions in the batch of the examples measured at `scope`: every one at scope "all", those among

@@ -21,6 +21,8 @@ __all__ = [
     "identity_digests",
     "identity_hex",
     "keyed_share",
+    "seed_keys",
+    "share_for_count",
 ]
 
 IDENTITY_BYTES = 16  # 128 bits: collisions are out of reach for any corpus
@@ -98,3 +100,31 @@ def keyed_share(identities: np.ndarray, seed: int, purpose: str) -> np.ndarray:
     digests = b"".join(hashlib.blake2b(row.tobytes(), key=key, digest_size=8).digest() for row in identities)
     words = np.frombuffer(digests, dtype=">u8").astype(np.uint64)
     return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def share_for_count(shares: np.ndarray, count: int | None) -> float:
+    """The share below which exactly `count` of `shares` (float64 [n], keyed_share draws) fall: halfway between the
+    count-th and the next smallest draw; 1.0 (everything) when count is None or at least n.
+
+    A growing store fixes this share once (when its results are created), then chooses every example, the later
+    ones too, by `keyed_share(...) < share`: `count` examples at first, about count / n of those added later.
+    """
+    ordered = np.sort(np.asarray(shares, dtype=np.float64))
+    if count is None or int(count) >= len(ordered):
+        return 1.0
+    if int(count) <= 0:
+        return 0.0
+    return float((ordered[int(count) - 1] + ordered[int(count)]) / 2)
+
+
+def seed_keys(identities: np.ndarray) -> np.ndarray:
+    """``int64 [n]``: what seeds an example's random draws (noise interventions, the random ranking, sampled simplex
+    rows) in a store that grows, in place of its store index: the first 8 identity bytes, big-endian, shifted to 63
+    bits. The same example gets the same draws in every store, whatever its index (a store made from scratch sorts
+    its examples otherwise).
+
+    Args:
+        identities: ``uint8 [n, IDENTITY_BYTES]``.
+    """
+    identities = check_identities(identities)
+    return (identities[:, :8].copy().view(">u8").ravel() >> np.uint64(1)).astype(np.int64)

@@ -150,9 +150,11 @@ def explanation_section_html(dataset: xr.Dataset, out: str | Path) -> str:
         ],
         comparison_table_rows(comparisons),
     )
-    draw = (attributes.get("settings") or {}).get("draw") or {}
+    # results of a store that grows keep the draw's counts in their attribute `draw` (their settings do not change)
+    draw = attributes.get("draw") or (attributes.get("settings") or {}).get("draw") or {}
+    how = "chosen by a keyed draw per example" if "share" in draw else "drawn (seeded)"
     drawn = (
-        f"{draw.get('drawn')} examples explained, drawn (seeded) from the {draw.get('testable')} "
+        f"{draw.get('drawn')} examples explained, {how} from the {draw.get('testable')} "
         f"{draw.get('rule', '')}; {draw.get('not_testable')} examples of the store are not testable (there E = A, "
         "so every efficient attribution is raw attention's)."
         if draw

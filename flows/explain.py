@@ -12,7 +12,7 @@ from flows.settings import ExplainSettings
 from storage_schemas.attention_store import open_attention_store, store_layout
 from storage_schemas.explanation_results import require_explanation_inputs, require_stored_variants
 from storage_schemas.selection import require_everything
-from tasks.explain import EXPLAIN_STAGE, choose_examples, efficient_sources, store_identity
+from tasks.explain import EXPLAIN_STAGE, choose_examples, efficient_sources, growing_draw_record, store_identity
 from tasks.stages import StageRun, run_stage
 
 
@@ -23,7 +23,10 @@ def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
     Default methods: raw attention and every variant the efficient stage was run for (the store holds
     `efficient/<variant>`), each in every aggregation, their norm-based twins, then the model baselines and random;
     a store without efficient attention is refused (there is nothing to compare). `examples` are drawn with the
-    seed from those where every variant read differs from A (tasks.explain.choose_examples; None: all of them).
+    seed from those where every variant read differs from A (tasks.explain.choose_examples; None: all of them). For
+    a store that grows the settings record no example list and only what was asked of the draw
+    (tasks.explain.growing_draw_record): the examples are drawn per example and the results hold them, so growth
+    leaves the settings as they were.
     """
     store, methods = settings.store, settings.methods
     if methods is None:
@@ -32,7 +35,10 @@ def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
         methods = default_methods(require_stored_variants(group, store))
     methods = list(methods)
     variants = efficient_sources(methods)
-    examples, draw = choose_examples(store, settings.examples, variants, settings.seed)
+    examples, draw = choose_examples(store, settings.examples, variants, settings.seed, settings.results)
+    if "share" in draw:  # a store that grows: the results hold the examples, which growth appends to
+        chosen = settings.explanation_settings(methods, ())
+        return {**chosen.record(), "store_identity": store_identity(store, variants), "draw": growing_draw_record(draw)}
     chosen = settings.explanation_settings(methods, examples)
     return {**chosen.record(), "store_identity": store_identity(store, variants), "draw": draw}
 
@@ -40,6 +46,11 @@ def recorded_explanation_settings(settings: ExplainSettings) -> dict[str, Any]:
 def describe_draw(draw: dict[str, Any]) -> str:
     """One line on which examples are explained, and how many could not be."""
     asked = "every" if draw["asked"] is None else f"{draw['asked']} asked for"
+    if "drawn" not in draw:  # the settings of a store that grows (tasks.explain.growing_draw_record)
+        return (
+            f"explaining the {draw['rule']} ({asked}) whose keyed draw is below the share fixed when the results "
+            "were created; a grown store's new examples are added"
+        )
     line = (
         f"explaining {draw['drawn']} examples ({asked}) drawn from the {draw['testable']} {draw['rule']}; "
         f"{draw['not_testable']} examples of the store are not testable (there E = A)"

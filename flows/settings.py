@@ -156,7 +156,8 @@ ScopeExamples = Annotated[
     PositiveInt | None,
     option(
         32,
-        "examples (spread over the store) measured one layer and one head at a time",
+        "examples measured one layer and one head at a time (spread over the store; in a store that grows, drawn "
+        "per example by its identity, at the share this count gives when the results are created)",
         unset=("--all-scope-examples", "measure every example at the layer and head scopes too"),
     ),
 ]
@@ -348,7 +349,8 @@ class ExplainSettings(StageSettings):
         PositiveInt | None,
         option(
             EXPLAINED_EXAMPLES,
-            "examples explained, drawn (seeded) from those where efficient attention differs from A",
+            "examples explained, drawn (seeded) from those where efficient attention differs from A (in a store that "
+            "grows, per example by its identity, at the share this count gives when the results are created)",
             unset=("--all-examples", "explain every example where efficient attention differs from A"),
         ),
     ]

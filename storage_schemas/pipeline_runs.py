@@ -247,10 +247,12 @@ def _report_source(results: str) -> dict[str, Any]:
     from storage_schemas.causal_results import open_causal_results
 
     attributes = open_causal_results(results, mode="r").attrs.asdict()
+    grown = attributes.get("store_examples")  # results of a store that grows: a grown store needs a new report
     return {
         "results": results,
         "created": attributes.get("created"),
         "claims_digest": settings_digest({"claims": attributes.get("claims")}),
+        **({} if grown is None else {"store_examples": grown}),
     }
 
 

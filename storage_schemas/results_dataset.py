@@ -20,7 +20,14 @@ Arrays:
 
 Root attributes: the caller's (provenance, `settings`), then `schema`, `schema_version`, `shard_size`, `metrics`
 (when the dataset has metric arrays) and the shard records (`completed_shards`, `shard_identities`,
-`shard_inputs`); after aggregation the caller's `claims` and whatever else it writes.
+`shard_inputs`); after aggregation the caller's `claims` and whatever else it writes. Results of a store that grows
+(`store_grows`) also record `store_examples`: the store's example count they were made (or last grown) for.
+
+Growth: when such a store has grown, the stage that writes the results calls `grow` under the results' lock: the
+example coordinates get the new examples' values, every per-example array is resized along `example` (new rows read
+as the fill), the old last shard, when it was partial, is forgotten (it gains examples) and so are the claims; every
+other completed shard stays done while its recorded inputs are current (the store shard that extraction wrote again
+makes the shards that read it stale by the usual rule). Examples are only appended: a result row never moves.
 """
 
 from __future__ import annotations
@@ -197,6 +204,48 @@ class ResultsSchema:
                 "resume it, or choose a new --results path"
             )
 
+    # -- growth --------------------------------------------------------------------------------------------------
+
+    def n_examples(self, group: zarr.Group) -> int:
+        """The examples the results hold (the length of their `example` dim)."""
+        return int(group["example"].shape[0])
+
+    def grow(self, group: zarr.Group, new_coordinates: Mapping[str, Any], store_examples: int) -> list[int]:
+        """Append examples to the results: `new_coordinates` gives, for every coordinate along `example`, the new
+        examples' values [new examples]; every per-example array is resized along `example` (the new rows read as its
+        fill). The old last shard, when partial, is forgotten (it gains examples; returned), and so are the claims.
+        `store_examples` (the store's example count now) is recorded. Only from the driver that holds the results'
+        lock. With no new examples only `store_examples` changes."""
+        along = [name for name, spec in self.coordinates.items() if spec.dims == ("example",)]
+        missing = sorted(set(along) - set(new_coordinates))
+        if missing:
+            raise ValueError(f"{self.noun}: growing them needs the new values of the coordinates {missing}")
+        added = {len(new_coordinates[name]) for name in along}
+        if len(added) != 1:
+            raise ValueError(f"{self.noun}: the new coordinate values have different lengths {sorted(added)}")
+        added_count = added.pop()
+        old = self.n_examples(group)
+        size = int(group.attrs["shard_size"])
+        forgotten: list[int] = []
+        if added_count:
+            new = old + added_count
+            for name in along:  # coordinates first: the dataset's size is the `example` coordinate's
+                spec = self.coordinates[name]
+                values = np.asarray(new_coordinates[name], dtype=object if spec.dtype == "string" else spec.dtype)
+                group[name].resize((new,))
+                group[name][old:new] = values
+            for name, spec in self.per_example_arrays(group.attrs.get("metrics", [])).items():
+                array = group[name]
+                axis = spec.dims.index("example")
+                array.resize(tuple(new if i == axis else n for i, n in enumerate(array.shape)))
+            if old % size:
+                forgotten = [old // size]
+            forget_shards(group, forgotten)
+            if "claims" in group.attrs:
+                del group.attrs["claims"]
+        group.attrs["store_examples"] = int(store_examples)
+        return forgotten
+
     # -- shards --------------------------------------------------------------------------------------------------
 
     def shard_count(self, group: zarr.Group) -> int:
@@ -290,9 +339,13 @@ class ResultsSchema:
         if attributes.get("settings") != json.loads(json.dumps(settings)):  # as the JSON attribute reads back
             return StageCheck(False, f"{url} holds {self.noun} of other settings", conflicting=True)
         try:
-            done = len(self.completed_shards(group, open_attention_store(store, mode="r")))
+            store_group = open_attention_store(store, mode="r")
+            done = len(self.completed_shards(group, store_group))
+            store_examples = store_layout(store_group).n_examples
         except AttentionStoreError as error:
             return StageCheck(False, str(error))
+        if store_examples > attributes.get("store_examples", store_examples):
+            return StageCheck(False, f"the store {store} has grown since {url} was computed: its new examples are due")
         shards = self.shard_count(group)
         if done < shards or "claims" not in attributes:
             return StageCheck(False, f"{done} of {shards} shards of {url} are done")
@@ -328,8 +381,26 @@ def forget_shards(group: zarr.Group, shards: list[int]) -> None:
 # make them another run), and whoever reads results beside a store checks it (`check_results_of_store`).
 
 
+GROWING_SELECTION = "keyed-hash"  # tasks.extraction.KEYED_SELECTION: the corpus selection of a store that grows
+
+
+def store_grows(store_attributes: dict[str, Any]) -> bool:
+    """Whether the store of these attributes appends what its corpus adds (it chose its rows by the keyed split and
+    records the runs that added its examples, schema v3): its corpus digest and example count change as it grows."""
+    selection = store_attributes.get("corpus", {}).get("selection", {})
+    return selection.get("method") == GROWING_SELECTION and bool(store_attributes.get("runs"))
+
+
 def _store_facts(store_attributes: dict[str, Any], n_examples: int) -> dict[str, Any]:
-    """The store's identity that a reader can check from its attributes alone."""
+    """The store's identity that a reader can check from its attributes alone. A store that grows is one series
+    (model weights, dtype and the run that created it, `first_run`): growth keeps its results valid; any other store
+    is its corpus and example count too."""
+    if store_grows(store_attributes):
+        return {
+            "weights_digest": store_attributes.get("model", {}).get("weights_digest"),
+            "first_run": store_attributes["runs"][0].get("run_id"),
+            "dtype": store_attributes.get("layout", {}).get("dtype"),
+        }
     return {
         "weights_digest": store_attributes.get("model", {}).get("weights_digest"),
         "corpus_digest": store_attributes.get("corpus", {}).get("digest"),
@@ -348,10 +419,11 @@ def _stored_selection(store_attributes: dict[str, Any]) -> dict[str, Any] | None
 
 
 def results_store_identity(store_group: zarr.Group, variants: Sequence[str], with_dtype: bool = True) -> dict[str, Any]:
-    """The `store_identity` results of the store `store_group` record: model weights, corpus, example count,
-    storage dtype (left out `with_dtype=False`: the explanation results have never recorded it, and a rerun must
-    record what they did to resume them), the selection of layers and heads (a store of everything records none)
-    and the settings of the efficient attention of `variants` that the store holds."""
+    """The `store_identity` results of the store `store_group` record: model weights, corpus and example count (a
+    store that grows: its first run instead, `_store_facts`), storage dtype (left out `with_dtype=False`: the
+    explanation results have never recorded it, and a rerun must record what they did to resume them), the selection
+    of layers and heads (a store of everything records none) and the settings of the efficient attention of
+    `variants` that the store holds."""
     attributes = store_group.attrs.asdict()
     facts = _store_facts(attributes, store_layout(store_group).n_examples)
     if not with_dtype:
@@ -378,9 +450,9 @@ def check_results_of_store(
     check_selection: bool = True,
     error: type[ResultsDatasetError] = ResultsDatasetError,
 ) -> None:
-    """Refuse (`error`) results whose recorded `settings.store_identity` (model weights, corpus,
-    example count, storage dtype where recorded and, with `check_selection`, the stored layers and heads) differs
-    from the attention store's; every difference is named, then `advice`."""
+    """Refuse (`error`) results whose recorded `settings.store_identity` (model weights, corpus and example count
+    or, for a store that grows, its first run, storage dtype where recorded and, with `check_selection`, the stored
+    layers and heads) differs from the attention store's; every difference is named, then `advice`."""
     identity = results_attributes.get("settings", {}).get("store_identity", {})
     found = _store_facts(store_attributes, n_examples)
     differences = [

@@ -31,12 +31,15 @@ from analysis.causal import (
     forward_groups,
     injected_change_ratio,
     intervened_logits,
+    keyed_scope_examples,
     measured_examples,
+    scope_share,
     target_attribute,
     targets_for,
 )
 from analysis.claims import REPLAY_TOLERANCE, claims_table, efficient_diagnostics_summary_of_parts
 from analysis.efficient_attention import VARIANTS
+from analysis.example_identities import seed_keys
 from analysis.interventions import (
     DEFAULT_MINIMALITY_DIRECTIONS,
     Intervention,
@@ -50,8 +53,14 @@ from analysis.interventions import (
 from analysis.key_bands import KeyBand, store_key_bands
 from analysis.models import LoadedModel
 from analysis.variants import require_known_variants
-from storage_schemas.attention_store import AttentionStoreLayout, open_attention_store, store_layout
+from storage_schemas.attention_store import (
+    AttentionStoreLayout,
+    open_attention_store,
+    store_layout,
+    stored_identities,
+)
 from storage_schemas.causal_results import (
+    CAUSAL_RESULTS,
     CausalResultsError,
     causal_completed_shards,
     causal_input_identities,
@@ -70,7 +79,7 @@ from storage_schemas.efficient_store import (
     diagnostic_array_path,
     efficient_array_path,
 )
-from storage_schemas.results_dataset import results_store_identity
+from storage_schemas.results_dataset import results_store_identity, store_grows
 from storage_schemas.selection import StoreSelection, selection_of_group
 from tasks.models import load_store_model
 from tasks.stages import ShardJob, Stage, StageRun
@@ -91,7 +100,9 @@ def causal_plan(settings: CausalSettings) -> CausalPlan:
     "all"; those whose kind is measured per layer (efficient, null, uniform, ablate) at scope "layer"; ablate at
     scope "head" (which heads matter; within one head null:<v> is ablation by construction, (A - E)·T = 0, and
     the layer scope already shows that); the layer and head scopes on `scope_examples` examples spread over the
-    store (None: all).
+    store (None: all). In a store that grows they measure the examples whose keyed draw is below the share that
+    picks `scope_examples` of them when the results are created (analysis.causal.scope_share), fixed then
+    (`scoped_examples`): growth never changes an earlier example's choice, and the plan stays the same.
     """
     store, variants, interventions = settings.store, settings.variants, settings.interventions
     layer_interventions, head_interventions = settings.layer_interventions, settings.head_interventions
@@ -139,13 +150,22 @@ def create_results(run: StageRun) -> None:
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
     require_causal_inputs(group, store, plan.efficient_variants())
+    attributes = group.attrs.asdict()
+    grows = store_grows(attributes)
     try:
         results_group = open_causal_results(results, mode="r+")
     except CausalResultsError as error:
         if "there are no causal results" not in str(error):
             raise
-        attributes = group.attrs.asdict()
         provenance = {key: attributes[key] for key in PROVENANCE_KEYS if key in attributes}
+        growth = (
+            {
+                "store_examples": layout.n_examples,
+                "scope_share": scope_share(stored_identities(group), plan.seed, plan.scope_examples),
+            }
+            if grows
+            else {}
+        )
         create_causal_results(
             results,
             interventions=[item.results_row() for item in plan.interventions],
@@ -158,10 +178,40 @@ def create_results(run: StageRun) -> None:
                 "attention_store": store if "://" in store else os.path.abspath(store),
                 "settings": plan.as_attribute(),
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                **growth,
             },
         )
     else:
         check_same_settings(results_group, results, plan.as_attribute())
+        if grows:
+            grow_causal_results(results_group, group)
+
+
+def grow_causal_results(results_group, store_group) -> None:
+    """Append to the causal results the examples the store added since they were computed (their shards are then
+    pending; the old partial shard is forgotten, storage_schemas.results_dataset.ResultsSchema.grow)."""
+    held, n_examples = CAUSAL_RESULTS.n_examples(results_group), store_layout(store_group).n_examples
+    new = slice(held, n_examples)
+    CAUSAL_RESULTS.grow(
+        results_group,
+        {
+            "example": np.arange(held, n_examples),
+            **{name: store_group[name][new] for name in ("source_index", "length", "label")},
+        },
+        store_examples=n_examples,
+    )
+
+
+def scoped_examples(store_group, results_group, region: slice, plan: CausalPlan) -> set[int]:
+    """The store indices, among `region`, of the examples measured at the layer and head scopes: in results of a
+    store that grows (they record `scope_share`), those whose keyed draw is below the share
+    (analysis.causal.keyed_scope_examples: growth never changes an earlier example's choice); otherwise
+    `plan.scope_examples` spread evenly over the store (analysis.causal.measured_examples)."""
+    share = results_group.attrs.get("scope_share")
+    if share is None:
+        return set(measured_examples(store_layout(store_group).n_examples, plan.scope_examples).tolist())
+    chosen = keyed_scope_examples(store_group["example_identity"][region], plan.seed, float(share))
+    return set((chosen + region.start).tolist())
 
 
 def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequence[str]) -> CausalBatch:
@@ -182,7 +232,17 @@ def read_causal_batch(group, start: int, stop: int, task: str, variants: Sequenc
             variant: np.asarray(group[efficient_array_path(variant)][start:stop, :, :, :size, :size])
             for variant in variants
         },
+        noise_keys=noise_keys(group, slice(start, stop)),
     )
+
+
+def noise_keys(group, examples: slice) -> np.ndarray | None:
+    """[examples] what seeds the noise of `examples` of the store `group`: in a store that grows, their identities
+    (analysis.example_identities.seed_keys: the same noise in any store holding them, whatever their index);
+    None (their store indices) otherwise."""
+    if not hasattr(group, "attrs") or not store_grows(group.attrs.asdict()):
+        return None
+    return seed_keys(np.asarray(group["example_identity"][examples]))
 
 
 def measure_batch(
@@ -222,7 +282,7 @@ def measure_batch(
             batch.length,
             causal,
             efficient=batch.efficient.get(intervention.variant_name),
-            example_indices=batch.example_indices,
+            example_indices=batch.seed_keys,  # what seeds each example's noise
             seed=plan.seed,
             shared=shared,
             key_bands=key_bands,
@@ -265,7 +325,7 @@ def compute_causal_shard(job: ShardJob) -> dict[str, np.ndarray]:
     original_correct = np.full(n_examples, np.nan, np.float32)
     planned = plan.scope_plan()
     variants = sorted({item.variant_name for item, _ in planned if item.needs_efficient})
-    scoped = set(measured_examples(layout.n_examples, plan.scope_examples).tolist())
+    scoped = scoped_examples(group, open_causal_results(job.results, mode="r"), region, plan)
     w_out = group["w_out"][:]
     causal = bool(group.attrs["model"]["causal"])
     selection = selection_of_group(group)

@@ -21,13 +21,15 @@ import numpy as np
 
 from analysis.efficient_attention import VARIANTS
 from analysis.example_explanation import explain_example
+from analysis.example_identities import keyed_share, seed_keys, share_for_count
 from analysis.explainers import ATTENTION_SOURCE, ExplanationSettings, explainer_record, references
 from analysis.explanation_claims import explainer_ranking, explanation_claims, faithfulness_comparisons
 from analysis.explanations import DIFFERENCE_TOLERANCE, FAITHFULNESS_METRICS, aopc, draw_examples
 from analysis.support_minimality import layer_minimality, minimal_share_by_layer
-from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.attention_store import open_attention_store, store_layout, stored_identities
 from storage_schemas.efficient_store import diagnostic_array_path, efficient_array_path
 from storage_schemas.explanation_results import (
+    EXPLANATION_RESULTS,
     ExplanationResultsError,
     check_same_explanation_settings,
     create_explanation_results,
@@ -42,7 +44,7 @@ from storage_schemas.explanation_results import (
     write_explanation_aggregates,
     write_explanation_shard,
 )
-from storage_schemas.results_dataset import results_store_identity
+from storage_schemas.results_dataset import results_store_identity, store_grows
 from tasks.causal import PROVENANCE_KEYS
 from tasks.models import load_store_model
 from tasks.stages import ShardJob, Stage, StageRun
@@ -50,6 +52,7 @@ from tasks.stages import ShardJob, Stage, StageRun
 logger = logging.getLogger(__name__)
 
 MINIMALITY_VARIANT = "simplex"
+KEYED_DRAW = "keyed-share"  # the draw's `selection` in the settings of results of a store that grows
 
 
 def matrix_sources(methods: list[str]) -> list[str]:
@@ -85,17 +88,33 @@ def examples_where_efficient_differs(group, variants: list[str]) -> np.ndarray:
     return differs
 
 
-def choose_examples(store: str, count: int | None, variants: list[str], seed: int) -> tuple[list[int], dict]:
+def choose_examples(
+    store: str, count: int | None, variants: list[str], seed: int, results: str | None = None
+) -> tuple[list[int], dict]:
     """`count` examples (None: all) drawn with `seed` from those where every variant's efficient attention differs
     from A (`examples_where_efficient_differs`): only there can an efficient explanation differ from raw attention's.
     Refuses (IncompleteInputError) a store whose extraction, or efficient stage for `variants`, is unfinished (the
     draw reads every example's diagnostics). Returns (store indices, the draw's record: {"asked", "drawn",
-    "testable", "not_testable", "rule"})."""
+    "testable", "not_testable", "rule"}, and for a store that grows "share").
+
+    A store that grows (storage_schemas.results_dataset.store_grows) draws per example: a candidate is explained iff
+    its keyed draw (`keyed_share(identity, seed, "explain")`) is below the share that picks `count` of the candidates
+    (1.0 for all; analysis.example_identities.share_for_count) fixed when the results at `results` were created
+    (their attribute `explain_share`; computed now when they do not exist yet). Growth never changes an earlier
+    example's choice: a grown store adds only new ones, about count / candidates of its new candidates."""
     group = open_attention_store(store, mode="r")
     # the draw reads every example's diagnostics: refuse an unfinished store, naming the shards and the commands
     require_explanation_inputs(group, store, range(store_layout(group).n_examples), variants)
     candidates = examples_where_efficient_differs(group, variants)
-    drawn = draw_examples(candidates, count, seed)
+    growing = store_grows(group.attrs.asdict())
+    if growing:
+        draws = keyed_share(stored_identities(group), seed, "explain")
+        share = recorded_explain_share(results)
+        if share is None:
+            share = share_for_count(draws[candidates], count)  # `count` of today's candidates
+        drawn = np.flatnonzero(candidates & (draws < share))
+    else:
+        drawn = draw_examples(candidates, count, seed)
     verb = "differs" if len(variants) == 1 else "differ"
     rule = (
         "every example"
@@ -109,8 +128,28 @@ def choose_examples(store: str, count: int | None, variants: list[str], seed: in
         "testable": int(candidates.sum()),
         "not_testable": int((~candidates).sum()),
         "rule": rule,
+        **({"share": float(share)} if growing else {}),
     }
     return [int(index) for index in drawn], record
+
+
+def recorded_explain_share(results: str | None) -> float | None:
+    """The share of candidates explained that the explanation results at `results` recorded when they were created
+    (None: no results there yet, or results of a store that does not grow)."""
+    if results is None:
+        return None
+    try:
+        share = open_explanation_results(results, mode="r").attrs.get("explain_share")
+    except ExplanationResultsError:
+        return None
+    return None if share is None else float(share)
+
+
+def growing_draw_record(draw: dict) -> dict:
+    """What the settings of results of a store that grows record of the draw: what was asked and the rule, not the
+    counts, which growth changes (the explained examples are the results' `store_example`, the whole record their
+    root attribute `draw`)."""
+    return {"asked": draw["asked"], "rule": draw["rule"], "selection": KEYED_DRAW}
 
 
 def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
@@ -122,18 +161,28 @@ def store_identity(store: str, variants: list[str]) -> dict[str, Any]:
 def create_explanations(run: StageRun) -> None:
     """Refuse a store whose shards holding the examples are not extracted, or lack current efficient attention of a
     variant the methods read; create the results dataset of the recorded settings `run.plan`
-    (flows.explain.recorded_explanation_settings), or check that it belongs to this run."""
+    (flows.explain.recorded_explanation_settings), or check that it belongs to this run. Settings of a store that
+    grows (their draw's `selection` is KEYED_DRAW) list no examples: they are drawn here (`choose_examples`, with the
+    share the results recorded), and those the results lack are appended to them (`grow_explanations`); the draw's
+    whole record over the store as it is now is the results' root attribute `draw`."""
     store, results, settings = run.store, run.results, run.plan
     group = open_attention_store(store, mode="r")
     layout = store_layout(group)
-    require_explanation_inputs(group, store, settings["examples"], efficient_sources(settings["methods"]))
+    attributes = group.attrs.asdict()
+    variants = efficient_sources(settings["methods"])
+    growing = (settings.get("draw") or {}).get("selection") == KEYED_DRAW
+    if growing:  # the settings name no examples: they are drawn per example, with the share the results recorded
+        examples, draw = choose_examples(store, settings["draw"]["asked"], variants, settings["seed"], results)
+    else:
+        examples, draw = settings["examples"], None
+    require_explanation_inputs(group, store, examples, variants)
     try:
         results_group = open_explanation_results(results, mode="r+")
     except ExplanationResultsError as error:
         if "there are no explanation results" not in str(error):
             raise
-        attributes = group.attrs.asdict()
-        chosen = np.asarray(settings["examples"], dtype=np.int64)
+        chosen = np.asarray(examples, dtype=np.int64)
+        growth = {"store_examples": layout.n_examples, "explain_share": draw["share"], "draw": draw} if growing else {}
         create_explanation_results(
             results,
             methods=[explainer_record(name).stored() for name in settings["methods"]],
@@ -153,10 +202,32 @@ def create_explanations(run: StageRun) -> None:
                 "attention_store": store if "://" in store else os.path.abspath(store),
                 "settings": settings,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                **growth,
             },
         )
     else:
         check_same_explanation_settings(results_group, results, settings)
+        if growing:
+            grow_explanations(results_group, group, examples)
+            results_group.attrs["draw"] = draw  # the draw over the grown store
+
+
+def grow_explanations(results_group, store_group, examples) -> None:
+    """Append to the explanation results the chosen store examples `examples` they lack (in store order, after the
+    ones they hold, which keep their place; storage_schemas.results_dataset.ResultsSchema.grow)."""
+    held = results_group["store_example"][:]
+    new = np.asarray(sorted(set(int(example) for example in examples) - set(held.tolist())), dtype=np.int64)
+    first = EXPLANATION_RESULTS.n_examples(results_group)
+    EXPLANATION_RESULTS.grow(
+        results_group,
+        {
+            "store_example": new,
+            "length": store_group["length"].get_orthogonal_selection(new) if len(new) else new,
+            "label": store_group["label"].get_orthogonal_selection(new) if len(new) else new,
+            "example": np.arange(first, first + len(new)),
+        },
+        store_examples=store_layout(store_group).n_examples,
+    )
 
 
 def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
@@ -167,7 +238,7 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
     layout = store_layout(group)
     results_group = open_explanation_results(job.results, mode="r")
     region = explanation_shard_region(results_group, job.shard_index)
-    examples = np.asarray(settings["examples"][region], dtype=np.int64)
+    examples = np.asarray(results_group["store_example"][region], dtype=np.int64)  # as settings["examples"] lists
     options = ExplanationSettings(
         **{
             key: tuple(value) if isinstance(value, list) else value
@@ -200,6 +271,9 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
     w_out = group["w_out"][:]
     measure_minimality = options.minimality_rows > 0 and MINIMALITY_VARIANT in sources
     norms = any(explainer_record(name).kind == "norms" for name in options.methods)
+    # what seeds each example's random draws: its identity in a store that grows, else its store index
+    grows = store_grows(group.attrs.asdict())
+    keys = seed_keys(group["example_identity"][:])[examples] if grows else examples
     for row, index in enumerate(examples):
         length = int(group["length"][index])
         tokens = group["tokens"][index, :length]
@@ -218,7 +292,7 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
             tokens,
             matrices,
             options,
-            int(index),
+            int(keys[row]),
             causal,
             forward_rows,
             value=value,
@@ -246,7 +320,7 @@ def compute_explanation_shard(job: ShardJob) -> dict[str, np.ndarray]:
                 value,
                 w_out,
                 options.minimality_rows,
-                np.random.default_rng([options.seed, int(index), 1]),
+                np.random.default_rng([options.seed, int(keys[row]), 1]),
                 options.minimality_tolerance,
             )
             arrays["minimality_tested"][row] = counts["tested"]

@@ -54,6 +54,30 @@ def build_real_store(
     return url
 
 
+def grow_real_store(
+    url: str,
+    model_folder: Path,
+    corpus: Path,
+    rows: list[tuple[str, str]],
+    shard_size: int = 4,
+    max_length: int = 24,
+    variants: tuple[str, ...] = ("effective", "stochastic", "simplex"),
+) -> dict[str, list[int]]:
+    """Append `rows` (text, label) to the CSV `corpus` of the growing store at `url` (made by `build_real_store` with
+    the same settings), then grow it as a rerun does: prepare (append the new examples), extract the shards left to
+    extract and compute `variants` of efficient attention where pending. Returns the shards each step computed:
+    {"extract": [...], "efficient": [...]}."""
+    with corpus.open("a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    todo, num_labels = prepare_store.fn(
+        str(url), str(corpus), str(model_folder), max_length, None, "float32", "cpu", None, None, shard_size, 0
+    )
+    extract_shards(url, todo, model_folder, num_labels)
+    pending = sorted(prepare_variants(url, list(variants), SETTINGS)) if variants else []
+    compute_variants(url, variants)
+    return {"extract": list(todo), "efficient": pending}
+
+
 def extract_shards(
     url: str, shards: list[int], model_folder: Path, num_labels: int, task: str = "classification", batch_size: int = 4
 ) -> None:

@@ -23,10 +23,12 @@ from analysis.causal import (
     forward_groups,
     injected_change_ratio,
     intervened_logits,
+    keyed_scope_examples,
     measured_examples,
     next_token_metrics,
     plain_logits,
     rows_per_pass,
+    scope_share,
     targets_for,
 )
 from analysis.efficient_attention import efficient_attention
@@ -180,6 +182,19 @@ def test_measured_examples_spread_over_the_store():
     assert measured_examples(10, None).tolist() == list(range(10))
     assert measured_examples(10, 3).tolist() == [0, 4, 9]
     assert measured_examples(3, 10).tolist() == [0, 1, 2]
+
+
+def test_a_growing_store_measures_the_scopes_on_a_keyed_share_that_keeps_earlier_choices():
+    from analysis.example_identities import identity_digests
+
+    identities = identity_digests([f"review {i}" for i in range(60)], ["good"] * 60)
+    share = scope_share(identities[:20], 3, 5)
+    chosen = keyed_scope_examples(identities[:20], 3, share)
+    assert len(chosen) == 5  # scope_examples of the store when the results are created
+    grown = keyed_scope_examples(identities, 3, share)  # later: the same share over the grown store
+    assert grown[: len(chosen)].tolist() == chosen.tolist() and (grown[len(chosen) :] >= 20).all()
+    assert keyed_scope_examples(identities, 4, share).tolist() != grown.tolist()  # the seed is part of the draw
+    assert scope_share(identities, 3, None) == 1.0 and len(keyed_scope_examples(identities, 3, 1.0)) == 60
 
 
 def test_next_token_intervened_logits_keep_positions_and_efficient_keeps_them():

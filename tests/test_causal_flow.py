@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from flows.causal import causal
+from analysis.causal import METRICS, keyed_scope_examples
+from flows.causal import causal, recorded_causal_settings
 from flows.efficient import efficient
 from flows.extract import extract
 from flows.settings import CausalSettings, EfficientSettings, ExtractSettings
-from storage_schemas.causal_results import CausalResultsError, open_causal_results
-from tests.conftest import write_reviews_csv
+from storage_schemas.attention_store import open_attention_store, store_layout
+from storage_schemas.causal_results import AGGREGATES, CausalResultsError, causal_status, open_causal_results
+from tasks import causal as causal_tasks
+from tasks.stages import StageRun, run_stage
+from tests.conftest import REVIEW_ROWS, write_reviews_csv
+from tests.store_builders import build_real_store, grow_real_store, write_corpus
 
 TOLERANCE = 1e-4
 
@@ -64,7 +70,7 @@ def test_causal_run_measures_every_intervention_and_answers_the_claims(llama_sto
     ablate = dataset["max_abs_logit_change"].sel(intervention="ablate").where(layers)
     np.testing.assert_allclose(null.values, ablate.values, atol=TOLERANCE)
     assert float(ablate.max()) > 10 * TOLERANCE  # ablation changes the logits, so the check above can fail
-    # the head scope measured only the 4 spread examples, and only its interventions
+    # the head scope measured only the 4 examples its keyed draw picks (a store that grows), and only its interventions
     heads = dataset.sel(target="layer 1 head 3")
     assert int(heads["agreement"].sel(intervention="ablate").notnull().sum()) == 4
     assert int(heads["agreement"].sel(intervention="null:effective").notnull().sum()) == 0  # = ablate, per head
@@ -355,10 +361,9 @@ def test_stored_settings_and_names_keep_the_layout_of_earlier_results(llama_stor
             for head in range(4)
         ],
         "seed": 2,
-        "store_identity": {
+        "store_identity": {  # a store that grows (a user CSV) is named by its first run, not its corpus and size
             "weights_digest": store["model"]["weights_digest"],
-            "corpus_digest": store["corpus"]["digest"],
-            "examples": 10,
+            "first_run": store["runs"][0]["run_id"],
             "dtype": "float32",
             "efficient_settings": {
                 variant: group[f"efficient/{variant}"].attrs["settings"] for variant in ("effective", "stochastic")
@@ -407,3 +412,91 @@ def test_the_plan_parses_the_names_once(llama_store):
     assert [target.name for target in plan.targets] == ["layer 0", "layer 1"]
     with pytest.raises(ValueError, match=r"^intervention 'ablate' takes no variant, got 'simplex'$"):
         causal_plan(CausalSettings(store=llama_store, results="unused.zarr", interventions=["ablate:simplex"]))
+
+
+def test_a_grown_store_measures_only_its_new_and_redone_shards_and_equals_a_fresh_run(tmp_path, tiny_llama_folder):
+    corpus = write_corpus(tmp_path / "feed.csv")  # 10 rows: shards 0, 1 and a partial shard 2
+    store = build_real_store(str(tmp_path / "store.zarr"), tiny_llama_folder, corpus, variants=("effective",))
+    computed: list[int] = []
+
+    def counted(job):
+        computed.append(job.shard_index)
+        return causal_tasks.measure_and_write_causal_shard(job)
+
+    stage = dataclasses.replace(causal_tasks.CAUSAL_STAGE, compute_shard=counted)
+    options = dict(
+        interventions=["replay", "efficient:effective", "colspace-noise:effective", "ablate"],
+        scopes=["all", "head"],
+        head_interventions=["ablate"],
+        scope_examples=4,
+    )
+
+    def stage_run(results: str, store: str = store) -> StageRun:
+        settings = CausalSettings(store=store, results=results, **options)
+        return StageRun(store=store, results=results, plan=causal_tasks.causal_plan(settings))
+
+    def run(results: str, store: str = store) -> list[int]:
+        computed.clear()
+        run_stage(stage, stage_run(results, store))
+        return list(computed)
+
+    def complete(results: str) -> bool:
+        settings = recorded_causal_settings(CausalSettings(store=store, results=results, **options))
+        return causal_status(results, settings, store).complete
+
+    results = str(tmp_path / "results.zarr")
+    assert run(results) == [0, 1, 2]
+    share = open_causal_results(results).attrs["scope_share"]
+    assert (~np.isnan(open_causal_results(results)["agreement"][3, -1, :])).sum() == 4  # ablate at the last head
+    before = {name: open_causal_results(results)[name][:] for name in ("agreement", "max_abs_logit_change")}
+
+    later = [(f"{text} (later)", label) for text, label in REVIEW_ROWS]
+    assert grow_real_store(store, tiny_llama_folder, corpus, later, variants=("effective",)) == {
+        "extract": [2, 3, 4],  # the old partial shard and the new ones
+        "efficient": [2, 3, 4],
+    }
+    assert store_layout(open_attention_store(store)).n_examples == 20
+    assert not complete(results)  # the same settings: not another run, but new examples are due
+    assert run(results) == [2, 3, 4]  # shards 0 and 1 are kept
+    assert complete(results)
+    group = open_causal_results(results)
+    assert group["example"].shape == (20,) and group.attrs["scope_share"] == share  # the share is kept
+    for name, values in before.items():  # the kept shards are untouched
+        np.testing.assert_array_equal(group[name][:, :, :8], values[:, :, :8])
+    # at the head scope: in old and new shards, exactly the examples whose keyed draw is below the share
+    expected = keyed_scope_examples(open_attention_store(store)["example_identity"][:], 0, share)
+    np.testing.assert_array_equal(np.flatnonzero(~np.isnan(group["agreement"][3, -1, :])), expected)
+
+    # from scratch over the grown store (with the grown results' share): the same numbers per example
+    fresh = str(tmp_path / "fresh.zarr")
+    causal_tasks.create_results(stage_run(fresh))
+    open_causal_results(fresh, mode="r+").attrs["scope_share"] = share
+    assert run(fresh) == [0, 1, 2, 3, 4]
+    grown_data = xr.open_zarr(results, consolidated=False).load()
+    fresh_data = xr.open_zarr(fresh, consolidated=False).load()
+    for name in (*METRICS, "injected_change_ratio", "original_correct", "source_index", "length", "label"):
+        np.testing.assert_array_equal(grown_data[name].values, fresh_data[name].values, err_msg=name)
+    for name in AGGREGATES:
+        np.testing.assert_allclose(grown_data[name].values, fresh_data[name].values, rtol=1e-12, err_msg=name)
+    assert grown_data.attrs["claims"] == fresh_data.attrs["claims"]
+
+    # a store made from scratch over the grown corpus sorts the examples otherwise: matched by identity, the same
+    # numbers (the noise is seeded by the example's identity; batches padded otherwise: round-off only)
+    scratch = build_real_store(str(tmp_path / "scratch.zarr"), tiny_llama_folder, corpus, variants=("effective",))
+    scratch_results = str(tmp_path / "scratch-results.zarr")
+    causal_tasks.create_results(stage_run(scratch_results, scratch))
+    open_causal_results(scratch_results, mode="r+").attrs["scope_share"] = share
+    run(scratch_results, scratch)
+    order = {bytes(row): index for index, row in enumerate(open_attention_store(scratch)["example_identity"][:])}
+    matched = [order[bytes(row)] for row in open_attention_store(store)["example_identity"][:]]
+    scratch_data = xr.open_zarr(scratch_results, consolidated=False).load()
+    for name in (*METRICS, "injected_change_ratio", "original_correct", "length", "label"):
+        np.testing.assert_allclose(
+            grown_data[name].values,
+            scratch_data[name].isel(example=matched).values,
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=name,
+        )
+    for name in AGGREGATES:
+        np.testing.assert_allclose(grown_data[name].values, scratch_data[name].values, rtol=1e-5, atol=1e-5)

@@ -421,3 +421,43 @@ def test_an_unfinished_extraction_is_refused_and_a_legacy_store_recomputes_what_
     assert all(stored[example].any() for example in range(stored.shape[0]))
     np.testing.assert_allclose(stored, _expected(url, "effective"), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(stored[:4], legacy[:4])  # the legacy shard computed on real tensors was kept
+
+
+def test_a_grown_store_computes_only_its_new_and_redone_shards_and_equals_a_fresh_store(tmp_path, tiny_bert_folder):
+    from storage_schemas.efficient_store import efficient_array_path
+    from tasks.efficient import EfficientWork, efficient_stage
+    from tasks.stages import StageRun, pending_shards
+    from tests.conftest import REVIEW_ROWS
+    from tests.store_builders import build_real_store, compute_variants, grow_real_store, write_corpus
+
+    variants = ("effective",)
+    corpus = write_corpus(tmp_path / "feed.csv")  # 10 rows: shards 0, 1 and a partial shard 2
+    url = build_real_store(str(tmp_path / "store.zarr"), tiny_bert_folder, corpus, variants=variants)
+    before = open_attention_store(url)[efficient_array_path("effective")][:]
+    later = [(f"{text} (later)", label) for text, label in REVIEW_ROWS]
+    assert grow_real_store(url, tiny_bert_folder, corpus, later, variants=())["extract"] == [2, 3, 4]
+
+    # the efficient arrays were resized with the store and it validates; the stage's own runner finds shard 2
+    # stale (extracted again with its new examples) and shards 3 and 4 new
+    group = open_attention_store(url)
+    assert group[efficient_array_path("effective")].shape[0] == store_layout(group).n_examples == 20
+    assert efficient_completed_shards(group, "effective") == [0, 1]
+    stage = efficient_stage(variants)
+    run = StageRun(store=url, results=url, plan=EfficientWork(variants, SETTINGS))
+    assert stage.shard_count(group, group) == 5
+    assert pending_shards(stage, run) == [2, 3, 4]
+    assert stage.completed_shards(open_attention_store(url), group) == [0, 1]
+
+    compute_variants(url, variants)
+    group = open_attention_store(url)
+    assert efficient_completed_shards(group, "effective") == [0, 1, 2, 3, 4]
+    grown = group[efficient_array_path("effective")][:]
+    np.testing.assert_array_equal(grown[:10], before)  # the old examples: kept, or recomputed identically
+    check_invariants(url, variants)
+
+    # a store made from scratch over the grown corpus holds the same matrices for the same examples
+    fresh = build_real_store(str(tmp_path / "fresh.zarr"), tiny_bert_folder, corpus, variants=variants)
+    fresh_group = open_attention_store(fresh)
+    order = {bytes(row): index for index, row in enumerate(fresh_group["example_identity"][:])}
+    matched = [order[bytes(row)] for row in group["example_identity"][:]]
+    np.testing.assert_array_equal(grown, fresh_group[efficient_array_path("effective")][:][matched])

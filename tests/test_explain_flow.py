@@ -3,6 +3,7 @@ other settings and examples in unfinished store shards, computing again what sto
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -13,12 +14,14 @@ import pytest
 import xarray as xr
 from pydantic import ValidationError
 
-from flows.explain import explain
+from flows.explain import explain, recorded_explanation_settings
 from flows.settings import ExplainSettings
 from storage_schemas.explanation_results import ExplanationResultsError, open_explanation_results
+from tasks import explain as explain_tasks
 from tasks.explain import choose_examples, examples_where_efficient_differs
-from tests.conftest import save_model_folder
-from tests.store_builders import build_real_store, write_corpus
+from tasks.stages import StageRun, run_stage
+from tests.conftest import REVIEW_ROWS, save_model_folder
+from tests.store_builders import build_real_store, grow_real_store, write_corpus
 
 FEW_METHODS = ["attention:rollout", "simplex:last-layer", "integrated-gradients", "leave-one-out", "random"]
 
@@ -57,7 +60,7 @@ def test_the_cli_explains_every_method_and_answers_the_claims(bert_store, tmp_pa
     assert (
         differs[drawn].all() and drawn == choose_examples(bert_store, 3, ["effective", "stochastic", "simplex"], 0)[0]
     )
-    assert dataset.attrs["settings"]["draw"]["testable"] == int(differs.sum())
+    assert dataset.attrs["draw"]["testable"] == int(differs.sum())  # a store that grows: the draw's record
     efficient = [
         index
         for index, name in enumerate(methods)
@@ -145,14 +148,19 @@ def test_a_store_of_short_texts_explains_nothing_and_decides_no_claim(tmp_path, 
     printed = capsys.readouterr().out
     dataset = xr.open_zarr(results, consolidated=False).load()
     assert dataset.sizes["example"] == 0
-    assert dataset.attrs["settings"]["draw"] == {
+    rule = (
+        "examples where effective, stochastic differ from A in the last layer (a head with a null space "
+        "and ||A - E|| / ||A|| > 1e-05)"
+    )
+    assert dataset.attrs["draw"] == {  # a store that grows: the whole record beside its settings
         "asked": 5,
         "drawn": 0,
         "testable": 0,
         "not_testable": 10,
-        "rule": "examples where effective, stochastic differ from A in the last layer (a head with a null space "
-        "and ||A - E|| / ||A|| > 1e-05)",
+        "rule": rule,
+        "share": 1.0,
     }
+    assert dataset.attrs["settings"]["draw"] == {"asked": 5, "rule": rule, "selection": "keyed-share"}
     verdicts = [row["verdict"] for row in dataset.attrs["claims"]]
     assert len(verdicts) == 12 and all(verdict.startswith("not testable (n = 0") for verdict in verdicts)
     assert "holds" not in printed
@@ -202,11 +210,11 @@ def test_a_repaired_store_shard_makes_exactly_the_explanation_shards_of_its_exam
     store = str(tmp_path / "store.zarr")
     shutil.copytree(bert_store, store)
     results = str(tmp_path / "results.zarr")
-    # results shard 0: examples 1, 4 (store shards 0 and 1); results shard 1: examples 5, 9 (store shards 1 and 2)
+    # results shard 0: examples 2, 3 (store shard 0); results shard 1: examples 4, 6 (store shard 1)
     options = dict(methods=FEW_METHODS, examples=4, shard_size=2, integrated_gradients_steps=8, minimality_rows=4)
     explain(ExplainSettings(store=store, results=results, **options))
     group = open_explanation_results(results)
-    assert group["store_example"][:].tolist() == [1, 4, 5, 9]  # the seeded draw
+    assert group["store_example"][:].tolist() == [2, 3, 4, 6]  # the keyed draw (a store that grows)
     before = {name: group[name][:] for name in PER_EXAMPLE_ARRAYS}
     (attention_file,) = shard_file_paths(zarr.open_group(store), ["attention"], 0)
     with open(attention_file, "r+b") as handle:
@@ -299,3 +307,105 @@ def test_a_next_token_store_is_explained_at_the_last_position(tmp_path, tiny_lla
     assert np.isfinite(dataset["faithfulness"].values).all()
     assert (dataset["minimality_tested"] == -1).all()  # no simplex: not measured
     assert [row["claim"] for row in dataset.attrs["claims"]] == []  # stochastic:rollout has no raw rollout to face
+
+
+def test_a_grown_store_explains_only_its_new_examples_and_equals_a_fresh_run(bert_store, tiny_bert_folder, tmp_path):
+    from storage_schemas.attention_store import open_attention_store
+    from storage_schemas.explanation_results import PER_EXAMPLE_ARRAYS, explanation_status
+
+    store, corpus = str(tmp_path / "store.zarr"), tmp_path / "reviews.csv"
+    shutil.copytree(bert_store, store)
+    shutil.copy(Path(bert_store).parent / "reviews.csv", corpus)
+    computed: list[int] = []
+
+    def counted(job):
+        computed.append(job.shard_index)
+        return explain_tasks.explain_and_write_shard(job)
+
+    stage = dataclasses.replace(explain_tasks.EXPLAIN_STAGE, compute_shard=counted)
+    every = dict(methods=FEW_METHODS, shard_size=2, integrated_gradients_steps=8, minimality_rows=4)
+
+    def settings_of(results: str, at: str = store, **options) -> dict:
+        return recorded_explanation_settings(ExplainSettings(store=at, results=results, **{**every, **options}))
+
+    def run(results: str, at: str = store, **options) -> list[int]:
+        computed.clear()
+        run_stage(stage, StageRun(store=at, results=results, plan=settings_of(results, at, **options)))
+        return list(computed)
+
+    results, few = str(tmp_path / "results.zarr"), str(tmp_path / "few.zarr")
+    settings = settings_of(results)
+    assert settings["examples"] == [] and settings["draw"]["selection"] == "keyed-share"  # the results hold them
+    first = run(results)
+    held = open_explanation_results(results)["store_example"][:].tolist()
+    assert first == list(range(-(-len(held) // 2))) and held == sorted(held)
+    # three of the candidates (no computation: the results are only created)
+    explain_tasks.create_explanations(StageRun(store=store, results=few, plan=settings_of(few, examples=3)))
+    few_share = open_explanation_results(few).attrs["explain_share"]
+    few_examples = open_explanation_results(few)["store_example"][:].tolist()
+    assert len(few_examples) == 3 and set(few_examples) <= set(held)
+    before = {name: open_explanation_results(results)[name][:] for name in PER_EXAMPLE_ARRAYS}
+
+    later = [(f"{text} (later)", label) for text, label in REVIEW_ROWS]
+    assert grow_real_store(store, tiny_bert_folder, corpus, later)["extract"] == [2, 3, 4]
+    assert settings_of(results) == settings  # growth is not another run
+    assert not explanation_status(results, settings, store).complete
+    group = open_explanation_results(results)
+    after = run(results)
+    group = open_explanation_results(results)
+    explained = group["store_example"][:].tolist()
+    assert explained[: len(held)] == held and min(explained[len(held) :], default=20) >= 10  # appended, in order
+    # computed again: the results shards holding an example of the redone store shard 2 (examples 8..11), the old
+    # partial results shard, and the new ones; every other shard is kept
+    expected = sorted(
+        {index // 2 for index, example in enumerate(explained) if 8 <= example < 12 or index >= len(held)}
+        | ({len(held) // 2} if len(held) % 2 else set())
+    )
+    assert after == expected and 0 not in after
+    assert explanation_status(results, settings, store).complete
+    kept = [index for index in range(len(held)) if index // 2 not in after]
+    for name, values in before.items():
+        axis = PER_EXAMPLE_ARRAYS[name][0].index("example")
+        np.testing.assert_array_equal(
+            np.take(group[name][:], kept, axis=axis), np.take(values, kept, axis=axis), err_msg=name
+        )
+    # the three keep their place and the share; new examples join by the same keyed rule
+    explain_tasks.create_explanations(StageRun(store=store, results=few, plan=settings_of(few, examples=3)))
+    grown_few = open_explanation_results(few)
+    assert grown_few.attrs["explain_share"] == few_share
+    assert grown_few["store_example"][:3].tolist() == few_examples
+    assert set(grown_few["store_example"][:].tolist()) <= set(explained)
+
+    # from scratch over the grown store: the same examples in the same order, the same numbers
+    fresh = str(tmp_path / "fresh.zarr")
+    assert run(fresh) == list(range(-(-len(explained) // 2)))
+    grown_data = xr.open_zarr(results, consolidated=False).load()
+    fresh_data = xr.open_zarr(fresh, consolidated=False).load()
+    for name in (*PER_EXAMPLE_ARRAYS, "store_example", "length", "label"):
+        np.testing.assert_array_equal(grown_data[name].values, fresh_data[name].values, err_msg=name)
+    for name in ("mean_aopc", "mean_kendall_tau", "minimal_share"):
+        np.testing.assert_allclose(grown_data[name].values, fresh_data[name].values, rtol=1e-12, err_msg=name)
+    assert grown_data.attrs["claims"] == fresh_data.attrs["claims"]
+
+    # a store made from scratch over the grown corpus sorts its examples otherwise: matched by identity, the same
+    # examples are explained with the same numbers (the random ranking and the sampled rows are seeded by identity)
+    scratch = build_real_store(str(tmp_path / "scratch.zarr"), tiny_bert_folder, corpus)
+    scratch_results = str(tmp_path / "scratch-results.zarr")
+    run(scratch_results, scratch)
+    identity_of = {
+        url: [bytes(row) for row in open_attention_store(url)["example_identity"][:]] for url in (store, scratch)
+    }
+    scratch_data = xr.open_zarr(scratch_results, consolidated=False).load()
+    position = {
+        identity_of[scratch][example]: index for index, example in enumerate(scratch_data["store_example"].values)
+    }
+    matched = [position[identity_of[store][example]] for example in grown_data["store_example"].values]
+    assert len(matched) == scratch_data.sizes["example"]
+    for name in (*PER_EXAMPLE_ARRAYS, "length", "label"):
+        np.testing.assert_allclose(
+            grown_data[name].values,
+            scratch_data[name].isel(example=matched).values,
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=name,
+        )

@@ -244,10 +244,9 @@ def test_a_run_recorded_before_the_settings_objects_is_skipped_not_refused(first
             for head in range(4)
         ],
         "seed": 0,
-        "store_identity": {
+        "store_identity": {  # a user CSV's store grows: named by its first run, not its corpus digest and size
             "weights_digest": group.attrs["model"]["weights_digest"],
-            "corpus_digest": group.attrs["corpus"]["digest"],
-            "examples": 6,
+            "first_run": group.attrs["runs"][0]["run_id"],
             "dtype": "float32",
             "efficient_settings": {"effective": {"simplex_max_iterations": 200, "simplex_tolerance": 1e-10}},
         },
@@ -382,7 +381,7 @@ def test_the_first_call_explains_and_the_explanation_claims_join_the_table(first
     assert statuses(record)["explain"] == "ran"
     assert record["explanations"] == record["results"].replace(".results.zarr", ".explanations.zarr")
     explanations = xr.open_zarr(record["explanations"], consolidated=False)
-    draw = explanations.attrs["settings"]["draw"]
+    draw = explanations.attrs["draw"]  # a store of a user corpus grows: the draw's counts beside its settings
     assert draw["asked"] == 32 and explanations.sizes["example"] == draw["drawn"] == draw["testable"] <= 6
     assert draw["testable"] + draw["not_testable"] == 6
     claims = {row["claim"]: row["verdict"] for row in record["claims"]}

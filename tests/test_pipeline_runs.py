@@ -262,3 +262,20 @@ def test_read_diagnostics(store):
         match=re.escape(f"{store} has no efficient attention of variant 'simplex': run `effattn efficient"),
     ):
         read_diagnostics(store, "simplex")
+
+
+def test_a_report_is_drawn_again_once_the_results_grew_with_their_store(tmp_path):
+    from storage_schemas.causal_results import open_causal_results
+    from storage_schemas.pipeline_runs import record_report_source, report_status
+    from tests.store_builders import build_causal_results, build_text_store
+
+    store = build_text_store(str(tmp_path / "store.zarr"), ["a b", "c d", "e f"], [0, 1, 0], shard_size=2)
+    results = build_causal_results(str(tmp_path / "results.zarr"), store, [("replay", "replay", "")], [[0, 0, 1]])
+    open_causal_results(results, mode="r+").attrs["store_examples"] = 3
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "index.html").write_text("<html></html>")
+    record_report_source(str(report), results)
+    assert report_status(str(report), results).complete
+    open_causal_results(results, mode="r+").attrs["store_examples"] = 5  # grown: new examples, perhaps equal claims
+    assert report_status(str(report), results).reason == f"{report} was drawn from other results"

@@ -282,3 +282,61 @@ def test_results_record_the_store_they_came_from_and_a_reader_names_every_differ
         check_results_of_store(
             {"settings": {"store_identity": identity}}, half, "r.zarr", "s.zarr", 5, error=DummyResultsError
         )
+
+
+def test_results_grow_along_example_keeping_current_shards_and_forgetting_the_old_partial_one(tmp_path):
+    store_url = str(tmp_path / "store.zarr")
+    store = dummy_store(store_url)
+    url = str(tmp_path / "dummy.zarr")
+    group = dummy_results(url, metrics={"loss": "a loss"})
+    group.attrs["store_examples"] = 5
+    for shard, n in ((0, 2), (1, 2), (2, 1)):
+        DUMMY.write_shard(group, shard, {**shard_arrays(n, shard), "loss": np.full(n, 0.5)})
+        DUMMY.mark_shard_completed(group, shard, {"extraction": extraction_identities(store)[shard]})
+    group.attrs["claims"] = []
+    with pytest.raises(ValueError, match=re.escape("growing them needs the new values of the coordinates ['example']")):
+        DUMMY.grow(group, {}, store_examples=8)
+
+    assert DUMMY.grow(group, {"example": np.arange(5, 8)}, store_examples=8) == [2]  # shard 2 gains examples
+    group = DUMMY.open(url, mode="r+")
+    assert group["example"][:].tolist() == list(range(8)) and DUMMY.shard_count(group) == 4
+    assert group["score"].shape == (2, 8) and group["count"].shape == (8,) and group["loss"].shape == (8,)
+    assert group.attrs["completed_shards"] == [0, 1] and "claims" not in group.attrs
+    assert group.attrs["store_examples"] == 8
+    scores = xr.open_zarr(url, consolidated=False)["score"].values
+    np.testing.assert_array_equal(scores[:, :4], [[0, 0, 1, 1]] * 2)  # kept
+    assert np.isnan(scores[:, 5:]).all() and (group["count"][5:] == -1).all()  # new rows: the fill
+    # a grown store whose results have not taken its new examples yet is not complete for the pipeline
+    for shard in (2, 3):
+        DUMMY.write_shard(group, shard, {**shard_arrays(2, shard), "loss": np.full(2, 0.5)})
+        DUMMY.mark_shard_completed(group, shard, {"extraction": "x"})
+    group.attrs.update({"claims": [], "store_examples": 4})  # made for 4 examples: the store (5) grew since
+    assert DUMMY.status(url, {"seed": 0}, store_url).reason == (
+        f"the store {store_url} has grown since {url} was computed: its new examples are due"
+    )
+    # a full last shard stays done; nothing added changes only the recorded store size
+    assert DUMMY.grow(DUMMY.open(url, mode="r+"), {"example": np.arange(8, 8)}, store_examples=9) == []
+    assert DUMMY.open(url).attrs["store_examples"] == 9 and DUMMY.open(url).attrs["claims"] == []
+
+
+def test_results_of_a_store_that_grows_name_its_series_not_its_size(tmp_path):
+    store = dummy_store(str(tmp_path / "store.zarr"))
+    attributes = store.attrs.asdict()
+    store.attrs.update(
+        {
+            "corpus": {**attributes["corpus"], "selection": {"method": "keyed-hash"}},
+            "runs": [{"run_id": "first"}, {"run_id": "second"}],
+        }
+    )
+    identity = results_store_identity(store, [])
+    assert identity == {
+        "weights_digest": "sha256:w",
+        "first_run": "first",
+        "dtype": "float32",
+        "efficient_settings": {},
+    }
+    grown = {**store.attrs.asdict(), "corpus": {**store.attrs["corpus"], "digest": "d"}}
+    check_results_of_store({"settings": {"store_identity": identity}}, grown, "r.zarr", "s.zarr", 9)  # same series
+    other = {**grown, "runs": [{"run_id": "another"}]}
+    with pytest.raises(ResultsDatasetError, match="first_run: results 'first', store 'another'"):
+        check_results_of_store({"settings": {"store_identity": identity}}, other, "r.zarr", "s.zarr", 9)

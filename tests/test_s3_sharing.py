@@ -314,7 +314,7 @@ def test_inspect_a_remote_store_configured_through_fsspec(stores, s3_endpoint):
     environment = {**base_environment(stores["tmp"]), "FSSPEC_S3": json.dumps(storage_options(s3_endpoint))}
     lines = run_ok(effattn(["inspect", STORE], environment)).splitlines()
     assert lines[0] == f"attention store {STORE}"
-    assert "  schema: effattn.attention_store v2" in lines[1]
+    assert "  schema: effattn.attention_store v3" in lines[1]
     assert "  shards: 3 of 3 completed (4 examples each)" in lines
     assert any(line.startswith("    simplex     3 of 3 shards completed") for line in lines)
     size = s3fs.S3FileSystem(**storage_options(s3_endpoint), skip_instance_cache=True).du(STORE, total=True)

@@ -161,6 +161,42 @@ def test_row_layout_products_are_each_rows_own_product():
     np.testing.assert_allclose(layout.rows_times(values, right).numpy(), expected.numpy(), rtol=1e-13, atol=1e-13)
 
 
+def line_minimiser_by_bisection(w: np.ndarray, u: np.ndarray, step_target: float) -> float:
+    """argmin_{t ≥ 0} ½‖max(w + t u, 0)‖² - t·step_target by bisection on its non-decreasing derivative."""
+
+    def derivative(t: float) -> float:
+        return float(u @ np.maximum(w + t * u, 0.0)) - step_target
+
+    if derivative(0.0) >= 0:
+        return 0.0
+    high = 1.0
+    while derivative(high) < 0:
+        high *= 2.0
+    low = 0.0
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if derivative(middle) < 0 else (low, middle)
+    return 0.5 * (low + high)
+
+
+@pytest.mark.parametrize("pieces", [2, 8, 40])
+def test_exact_line_search_finds_the_minimiser_near_or_beyond_the_nearest_breakpoints(pieces):
+    """The line search looks among the `pieces` nearest breakpoints first and sorts all of them only for the other
+    rows: with 2, most minimisers lie beyond (the full sort), with 40 = L none do (never partial). Every row's step
+    equals the minimiser found by bisection (1e-9 relative); rows that are no descent direction get 0."""
+    rng = np.random.default_rng(11)
+    rows, length = 300, 40
+    combination = rng.normal(size=(rows, length))
+    step = rng.normal(size=(rows, length))
+    step_target = rng.normal(size=rows) * rng.uniform(0.1, 30.0, size=rows)
+    found = simplex_solver._exact_line_search(
+        torch.from_numpy(combination), torch.from_numpy(step), torch.from_numpy(step_target), pieces
+    ).numpy()
+    expected = np.array([line_minimiser_by_bisection(*arguments) for arguments in zip(combination, step, step_target)])
+    assert (expected == 0).sum() > 10 and (expected > 1.0).sum() > 10
+    np.testing.assert_allclose(found, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_slow_rows_do_not_change_the_others_iterations():
     """Rows stop on their own: a row's iteration count is the same when its matrix also holds rows that take many
     more iterations (the sharp rows) as when it is solved among easy rows only."""
@@ -330,25 +366,64 @@ def test_active_set_start_is_used_only_with_few_free_directions(monkeypatch):
     assert not calls and found.converged.all()
 
 
+class FlakyModel:
+    """A daqp.Model whose solves of every other row fail (exit flag -1): both solves of the row (`both`) or only the
+    first, warm-started one. A row starts with an update without `sense` (the warm start)."""
+
+    def __init__(self, original, both: bool, rows: list) -> None:
+        self.model, self.both, self.rows, self.first = original(), both, rows, False
+
+    def setup(self, *arguments, **keywords):
+        return self.model.setup(*arguments, **keywords)
+
+    @property
+    def settings(self):
+        return self.model.settings
+
+    @settings.setter
+    def settings(self, value):
+        self.model.settings = value
+
+    def update(self, **keywords):
+        self.first = "sense" not in keywords
+        if self.first:
+            self.rows.append(1)
+        return self.model.update(**keywords)
+
+    def solve(self):
+        step, value, flag, info = self.model.solve()
+        failing = len(self.rows) % 2 and (self.both or self.first)
+        return (step * np.nan, value, -1, info) if failing else (step, value, flag, info)
+
+
 def test_rows_daqp_does_not_solve_start_from_the_stochastic_row(monkeypatch):
-    """A row whose active-set solve fails (DAQP exit flag < 1, here for every other row) starts Newton from Uᵀa
-    instead and still ends at the exact minimiser, converged."""
+    """A row whose active-set solve fails (DAQP exit flag < 1 from the warm start and from scratch, here for every
+    other row) starts Newton from Uᵀa instead and still ends at the exact minimiser, converged."""
     rows, basis = sharp_problem(5, matrices=2)
-    original = simplex_solver.daqp.solve
-    calls = []
-
-    def failing_every_other(*arguments, **keywords):
-        calls.append(1)
-        step, value, flag, info = original(*arguments, **keywords)
-        return (step * np.nan, value, -1, info) if len(calls) % 2 else (step, value, flag, info)
-
-    monkeypatch.setattr(simplex_solver.daqp, "solve", failing_every_other)
+    original, solved_rows = simplex_solver.daqp.Model, []
+    monkeypatch.setattr(simplex_solver.daqp, "Model", lambda: FlakyModel(original, True, solved_rows))
     found = simplex_rows(rows, basis)
-    assert len(calls) > 10
+    assert len(solved_rows) > 10
     reference = simplex_rows(rows, basis, active_set_start=False)
     assert found.converged.all()
     np.testing.assert_allclose(found.solution.numpy(), reference.solution.numpy(), atol=1e-10)
     assert (found.iterations > 0).float().mean() > 0.3  # the failed rows took Newton iterations
+
+
+def test_a_failed_warm_started_daqp_solve_is_solved_again_from_scratch(monkeypatch):
+    """Each row's DAQP solve starts from the previous row's active set; where that fails (every other row here) the
+    row is solved again from the empty active set, so it still starts Newton at its solution (0 iterations for
+    7/8 of these rows without failures, 1/24 from Uᵀa; without the second solve about half) and ends at the exact
+    minimiser."""
+    rows, basis = sharp_problem(5, matrices=2)
+    original, solved_rows = simplex_solver.daqp.Model, []
+    monkeypatch.setattr(simplex_solver.daqp, "Model", lambda: FlakyModel(original, False, solved_rows))
+    found = simplex_rows(rows, basis)
+    assert len(solved_rows) > 10
+    reference = simplex_rows(rows, basis, active_set_start=False)
+    assert found.converged.all()
+    np.testing.assert_allclose(found.solution.numpy(), reference.solution.numpy(), atol=1e-10)
+    assert (found.iterations == 0).float().mean() > 0.8
 
 
 def test_rows_newton_leaves_unconverged_are_solved_again_from_the_active_set():

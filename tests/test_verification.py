@@ -57,7 +57,7 @@ def test_a_clean_store_verifies_clean(store, capsys):
     report = verify_store(store)
     assert report.ok, report.text()
     assert report.problems == [] and report.notes == []
-    n_arrays = 12 + len(VARIANTS) * 11  # schema arrays + per variant: efficient and 10 diagnostics
+    n_arrays = 15 + len(VARIANTS) * 11  # schema v3 arrays + per variant: efficient and 10 diagnostics
     assert len(report.arrays_checked) == n_arrays
     assert report.shards_read == 4 + 3 * (n_arrays - 4)  # w_out, out_bias and the texts whole, the rest per shard
     assert main(["verify", store]) == 0
@@ -174,7 +174,7 @@ def test_a_wrong_schema_version_is_a_schema_problem(store, capsys):
         None,
         "schema",
         (
-            f"{store} has attention store schema version 99, but this effattn reads versions [1, 2]: extract again "
+            f"{store} has attention store schema version 99, but this effattn reads versions [1, 2, 3]: extract again "
             "into "
             "a new store, or use the effattn release that wrote it"
         ),

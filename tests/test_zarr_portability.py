@@ -91,7 +91,7 @@ def layout_variant(**change) -> AttentionStoreLayout:
     return AttentionStoreLayout(**{**asdict(LAYOUT), **change})
 
 
-def write_full_store(url: str, layout: AttentionStoreLayout, schema_version: int = 2) -> None:
+def write_full_store(url: str, layout: AttentionStoreLayout, schema_version: int = 3) -> None:
     """A complete store as extraction + the efficient stage write it (every shard, every variant), random data."""
     rng = np.random.default_rng(0)
     E, L = layout.n_examples, layout.max_length
