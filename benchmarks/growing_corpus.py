@@ -7,9 +7,11 @@ each day, `effattn run --corpus FEED --model minilm --all --split all --no-train
 Prefect server on loopback serves every run, as `effattn serve` would have it); it appends to its store only the
 examples it lacks and computes only the new shards (and the old partial last shard). Then one run from scratch
 over every file at once (a fresh feed folder of the same name and a fresh run folder, so its outputs have the same
-names). Printed per run: wall seconds, new examples, seconds per new example and each stage's time as the run
-logged it; then the sum of the increments against the from-scratch run, and an estimate of what the same days cost
-when each day's run recomputes everything (what effattn did before stores could grow).
+names). Printed per run: wall seconds, new examples, seconds per new example, each stage's time as the run
+logged it, and how many examples the results measured one layer at a time and explained (a store that grows picks
+them by a share fixed on its first day, so they grow with it); then the sum of the increments against the
+from-scratch run, and an estimate of what the same days cost when each day's run recomputes everything (what
+effattn did before stores could grow).
 
 `--no-train` keeps one random head (seeded) for every run. With training, the first day would fine-tune a head on
 the first day's rows and the store keeps that head for its life, while the from-scratch run fine-tunes one on all
@@ -74,6 +76,27 @@ def stored_examples(run_dir: Path) -> int:
     return store_layout(open_attention_store(attention_store_in(str(run_dir)), mode="r")).n_examples
 
 
+def measured_examples(run_dir: Path) -> dict[str, int | None]:
+    """How many examples the run folder's results measured at the layer scope (the most over its targets) and how
+    many its explanations explained (None where there are none): a store that grows picks them per example by a
+    share fixed when its results were created, so their numbers grow with the store, where one run from scratch
+    picks --scope-examples and --explain-examples of the whole."""
+    import numpy as np
+    import xarray as xr
+    import zarr
+
+    counts: dict[str, int | None] = {"layer_scope": None, "explained": None}
+    for results in run_dir.glob("*.results.zarr"):
+        dataset = xr.open_zarr(str(results), consolidated=False)
+        layer = dataset.target_scope.values == "layer"
+        if layer.any():
+            counts["layer_scope"] = int(np.asarray(dataset.examples_measured.values)[..., layer].max())
+    for explanations in run_dir.glob("*.explanations.zarr"):
+        draw = zarr.open_group(str(explanations), mode="r").attrs.get("draw") or {}
+        counts["explained"] = draw.get("drawn")
+    return counts
+
+
 def run_command(feed: Path, run_dir: Path, arguments) -> list[str]:
     """The `effattn run` command line over the feed folder."""
     command = [str(Path(sys.executable).parent / "effattn"), "run", "--corpus", str(feed), "--model", "minilm"]
@@ -104,7 +127,7 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
     print(
         f"\n{'run':<8} {'wall s':>8} {'new ex':>7} {'s/new ex':>9} "
         + " ".join(f"{stage:>9}" for stage in STAGES)
-        + f" {'stages s':>9}"
+        + f" {'stages s':>9} {'layer-scope ex':>14} {'explained':>9}"
     )
     for label, run in rows:
         per_example = run["wall"] / run["new_examples"] if run["new_examples"] else float("nan")
@@ -112,7 +135,7 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
         print(
             f"{label:<8} {run['wall']:8.1f} {run['new_examples']:7d} {per_example:9.3f} "
             + " ".join(f"{second:9.1f}" for second in seconds)
-            + f" {sum(seconds):9.1f}"
+            + f" {sum(seconds):9.1f} {str(run['layer_scope']):>14} {str(run['explained']):>9}"
         )
 
 
@@ -143,12 +166,13 @@ def main() -> None:
                 before = stored_examples(growing_runs)
                 command = run_command(growing_feed, growing_runs, arguments)
                 run = timed_run(command, environment, base / f"day-{day}.log")
-                days.append({**run, "new_examples": stored_examples(growing_runs) - before, "command": command})
+                new = stored_examples(growing_runs) - before
+                days.append({**run, "new_examples": new, **measured_examples(growing_runs), "command": command})
             for day, part in enumerate(parts, start=1):
                 write_day(scratch_feed, day, part)
             command = run_command(scratch_feed, scratch_runs, arguments)
             scratch = {**timed_run(command, environment, base / "scratch.log"), "command": command}
-            scratch["new_examples"] = stored_examples(scratch_runs)
+            scratch.update(new_examples=stored_examples(scratch_runs), **measured_examples(scratch_runs))
     except BaseException:
         print(f"stopped; the feed, run folders and logs stay in {base}", file=sys.stderr)
         raise
@@ -180,7 +204,10 @@ def main() -> None:
         )
     print(
         "(wall includes each run's start-up: imports, loading the model, starting the Dask cluster; 'stages' is the "
-        "sum of the stage times the runs logged. The recompute figure is an estimate, not a measurement.)"
+        "sum of the stage times the runs logged. The recompute figure is an estimate, not a measurement. "
+        "layer-scope ex and explained: examples the store's results measured one layer at a time and explained, "
+        "after that run; a store that grows keeps the share it picked on its first day, one run from scratch picks "
+        "the option's count of the whole.)"
     )
     if arguments.keep:
         print(f"run folders kept: {growing_runs} (daily), {scratch_runs} (from scratch); logs in {base}")
