@@ -27,7 +27,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 
@@ -112,34 +114,43 @@ def run_pipeline(arguments, address: str, worker_pids: list[int], log_path: Path
         if getattr(arguments, option):
             command += [f"--{option}", getattr(arguments, option)]
     print("running:", " ".join(command), flush=True)
-    stages: dict[str, tuple[str, float]] = {}
-    pending: dict[str, float] = {}
-    running: list[str] = []
     started = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         with MemorySampler(process.pid, worker_pids) as sampler:
-            for line in process.stdout:
-                log.write(line)
-                # the stage that runs is the latest one announced and not finished (the head trains after the
-                # extraction was announced, and the extraction follows)
-                if (needed := STAGE_NEEDED.search(line)) and needed.group(1) in STAGES:
-                    running.append(needed.group(1))
-                    if resumed := STAGE_RESUMED.search(line):
-                        done, shards = int(resumed.group(2)), int(resumed.group(3))
-                        pending[resumed.group(1)] = (shards - done) / shards
-                    print(f"  {time.perf_counter() - started:7.1f} s: stage {running[-1]} started", flush=True)
-                elif (done := STAGE_FINISHED.search(line)) and done.group(1) in STAGES:
-                    stages[done.group(1)] = (done.group(2), float(done.group(3) or 0.0))
-                    print(
-                        f"  {time.perf_counter() - started:7.1f} s: stage {done.group(1)} {done.group(2)}", flush=True
-                    )
-                    running = [stage for stage in running if stage != done.group(1)]
-                sampler.stage = running[-1] if running else "between"
+            stages, pending = follow_stages(process, log, started, lambda stage: setattr(sampler, "stage", stage))
             process.wait()
     if process.returncode != 0:
         raise SystemExit(f"effattn run failed (exit {process.returncode}); its log: {log_path}")
     return stages, (sampler.peaks, sampler.first_quarter_peaks()), pending, time.perf_counter() - started
+
+
+def follow_stages(
+    process: subprocess.Popen, log: TextIO, started: float, on_stage: Callable[[str], None] = lambda stage: None
+) -> tuple[dict[str, tuple[str, float]], dict[str, float]]:
+    """Copy an `effattn run` subprocess's output (text, stderr merged) to `log` until it ends, printing when each
+    stage starts and ends (seconds since `started`, a perf_counter); `on_stage` is told the stage that runs after
+    each line ("between" when none). Returns ({stage: (status, seconds)} as the run logged them, {stage: share of
+    its shards this run computed} for stages it resumed)."""
+    stages: dict[str, tuple[str, float]] = {}
+    pending: dict[str, float] = {}
+    running: list[str] = []
+    for line in process.stdout:
+        log.write(line)
+        # the stage that runs is the latest one announced and not finished (the head trains after the extraction
+        # was announced, and the extraction follows)
+        if (needed := STAGE_NEEDED.search(line)) and needed.group(1) in STAGES:
+            running.append(needed.group(1))
+            if resumed := STAGE_RESUMED.search(line):
+                done, shards = int(resumed.group(2)), int(resumed.group(3))
+                pending[resumed.group(1)] = (shards - done) / shards
+            print(f"  {time.perf_counter() - started:7.1f} s: stage {running[-1]} started", flush=True)
+        elif (done := STAGE_FINISHED.search(line)) and done.group(1) in STAGES:
+            stages[done.group(1)] = (done.group(2), float(done.group(3) or 0.0))
+            print(f"  {time.perf_counter() - started:7.1f} s: stage {done.group(1)} {done.group(2)}", flush=True)
+            running = [stage for stage in running if stage != done.group(1)]
+        on_stage(running[-1] if running else "between")
+    return stages, pending
 
 
 def worker_peaks_mib(address: str) -> list[float]:
@@ -176,6 +187,15 @@ def outputs(run_dir: str) -> dict[str, int]:
     return {path.name: size_on_disk(str(path)) for path in sorted(Path(run_dir).iterdir()) if path.is_dir()}
 
 
+def attention_store_in(run_dir: str) -> str:
+    """The attention store a run wrote in `run_dir` (the one `.zarr` that is not results or explanations)."""
+    return next(
+        str(path)
+        for path in sorted(Path(run_dir).iterdir())
+        if path.name.endswith(".zarr") and not path.name.endswith((".results.zarr", ".explanations.zarr"))
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default="rt-sentiment")
@@ -208,11 +228,7 @@ def main() -> None:
             )
             worker_peaks = worker_peaks_mib(address)
         disk = outputs(arguments.run_dir)
-        store = next(
-            str(Path(arguments.run_dir) / name)
-            for name in disk
-            if name.endswith(".zarr") and not name.endswith((".results.zarr", ".explanations.zarr"))
-        )
+        store = attention_store_in(arguments.run_dir)
         bare_seconds, examples = bare_forward_seconds(store, arguments.model, arguments.batch_size)
     finally:
         if temporary and not arguments.keep:
