@@ -8,10 +8,15 @@ Prefect server on loopback serves every run, as `effattn serve` would have it); 
 examples it lacks and computes only the new shards (and the old partial last shard). Then one run from scratch
 over every file at once (a fresh feed folder of the same name and a fresh run folder, so its outputs have the same
 names). Printed per run: wall seconds, new examples, seconds per new example, each stage's time as the run
-logged it, and how many examples the results measured one layer at a time and explained (a store that grows picks
-them by a share fixed on its first day, so they grow with it); then the sum of the increments against the
-from-scratch run, and an estimate of what the same days cost when each day's run recomputes everything (what
-effattn did before stores could grow).
+logged it, and how many examples the results measured one layer at a time and explained; then the sum of the
+increments against the from-scratch run, and an estimate of what the same days cost when each day's run recomputes
+everything (what effattn did before stores could grow).
+
+A store that grows picks the examples it measures one layer and one head at a time, and those it explains, per
+example by a share fixed on its first run (`--scope-examples` / `--explain-examples` over the first run's
+examples), so that growth never changes an earlier example's draw. The daily runs therefore pass the counts that
+give the first day the share the from-scratch run gets (--scope-examples S and --explain-examples E over the whole
+split: S x first day / whole on every day), so that both measure the same share of the examples.
 
 `--no-train` keeps one random head (seeded) for every run. With training, the first day would fine-tune a head on
 the first day's rows and the store keeps that head for its life, while the from-scratch run fine-tunes one on all
@@ -97,13 +102,18 @@ def measured_examples(run_dir: Path) -> dict[str, int | None]:
     return counts
 
 
-def run_command(feed: Path, run_dir: Path, arguments) -> list[str]:
-    """The `effattn run` command line over the feed folder."""
+def run_command(feed: Path, run_dir: Path, arguments, scale: float) -> list[str]:
+    """The `effattn run` command line over the feed folder; the explained and scope example counts scaled by `scale`
+    (the first day's share of the whole, for the daily runs)."""
     command = [str(Path(sys.executable).parent / "effattn"), "run", "--corpus", str(feed), "--model", "minilm"]
     command += ["--all", "--split", "all", "--no-train", "--run-dir", str(run_dir)]
-    for option in ("variants", "explain_examples", "shard_size"):
+    for option in ("variants", "shard_size"):
         if getattr(arguments, option) is not None:
             command += [f"--{option.replace('_', '-')}", str(getattr(arguments, option))]
+    for option in ("explain_examples", "scope_examples"):
+        count = getattr(arguments, option)
+        scaled = 0 if count == 0 else max(1, round(count * scale))
+        command += [f"--{option.replace('_', '-')}", str(scaled)]
     return command
 
 
@@ -144,7 +154,10 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=1.0, help="the first F of the held-out split (0 < F <= 1)")
     parser.add_argument("--days", type=int, default=5, help="daily parts of equal size")
     parser.add_argument("--variants", help="comma-separated efficient-attention variants (default: the run's)")
-    parser.add_argument("--explain-examples", type=int, help="default: the run's")
+    parser.add_argument("--explain-examples", type=int, default=32, help="explained by the from-scratch run")
+    parser.add_argument(
+        "--scope-examples", type=int, default=32, help="measured per layer and head by the from-scratch run"
+    )
     parser.add_argument("--shard-size", type=int, help="examples per shard (default: the run's, which fits 256 MiB)")
     parser.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
     parser.add_argument("--json", help="write the figures here too")
@@ -159,18 +172,19 @@ def main() -> None:
     for folder in (growing_feed, scratch_feed):
         folder.mkdir(parents=True)
     days: list[dict] = []
+    first_day_share = len(parts[0]) / sum(map(len, parts))  # the counts of the daily runs: the same share
     try:
         with prefect_server(base / "prefect") as environment:
             for day, part in enumerate(parts, start=1):
                 write_day(growing_feed, day, part)
                 before = stored_examples(growing_runs)
-                command = run_command(growing_feed, growing_runs, arguments)
+                command = run_command(growing_feed, growing_runs, arguments, first_day_share)
                 run = timed_run(command, environment, base / f"day-{day}.log")
                 new = stored_examples(growing_runs) - before
                 days.append({**run, "new_examples": new, **measured_examples(growing_runs), "command": command})
             for day, part in enumerate(parts, start=1):
                 write_day(scratch_feed, day, part)
-            command = run_command(scratch_feed, scratch_runs, arguments)
+            command = run_command(scratch_feed, scratch_runs, arguments, 1.0)
             scratch = {**timed_run(command, environment, base / "scratch.log"), "command": command}
             scratch.update(new_examples=stored_examples(scratch_runs), **measured_examples(scratch_runs))
     except BaseException:
