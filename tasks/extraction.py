@@ -227,16 +227,7 @@ def prepare_store(
         ]
         create = create_attention_store if state == "absent" else recreate_unprepared_store
         group = create(store, layout, attributes)
-        write_example_metadata(
-            group,
-            tokens=plan.tokens,
-            length=plan.length,
-            untruncated_length=plan.untruncated_length,
-            source_index=plan.source_index,
-            label=loaded_corpus.labels[plan.source_index],
-            text=[loaded_corpus.texts[row] for row in plan.source_index],
-            added_at=run["started_seconds"],
-        )
+        write_planned_examples(group, plan, loaded_corpus, loaded_corpus.labels[plan.source_index], 0, 0, run)
         w_out, out_bias = output_projection_slices(loaded.model, loaded.adapter)
         group["w_out"][:] = w_out[np.ix_(selection.layers, selection.heads)]
         group["out_bias"][:] = out_bias[list(selection.layers)]
@@ -247,6 +238,23 @@ def prepare_store(
         )
     done = set(completed_shards(group))
     return [index for index in range(store_layout(group).n_shards) if index not in done], num_labels
+
+
+def write_planned_examples(group, plan, loaded_corpus, labels, start: int, run_index: int, run: dict) -> None:
+    """Write the per-example arrays of `plan`'s examples from example `start` on: their tokens, lengths, corpus rows,
+    `labels` (the store's class ids), texts and identities, added by run `run_index` of the store (`run`: this_run)."""
+    write_example_metadata(
+        group,
+        tokens=plan.tokens,
+        length=plan.length,
+        untruncated_length=plan.untruncated_length,
+        source_index=plan.source_index,
+        label=labels,
+        text=[loaded_corpus.texts[row] for row in plan.source_index],
+        start=start,
+        run=run_index,
+        added_at=run["started_seconds"],
+    )
 
 
 def refuse_growth_of_permutation_store(group, store: str, attributes: dict) -> None:
@@ -308,18 +316,7 @@ def append_examples(group, store: str, loaded_corpus, tokenizer, rows, identitie
     run = this_run()
     n_examples = layout.n_examples + len(plan.length)
     begin_append(group, n_examples)
-    write_example_metadata(
-        group,
-        tokens=plan.tokens,
-        length=plan.length,
-        untruncated_length=plan.untruncated_length,
-        source_index=plan.source_index,
-        label=labels,
-        text=[loaded_corpus.texts[row] for row in plan.source_index],
-        start=layout.n_examples,
-        run=len(store_runs(group)),
-        added_at=run["started_seconds"],
-    )
+    write_planned_examples(group, plan, loaded_corpus, labels, layout.n_examples, len(store_runs(group)), run)
     shards = commit_append(
         group,
         n_examples,

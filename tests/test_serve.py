@@ -214,12 +214,9 @@ def finished_flow_runs(api_url: str, deployment_name: str, limit: int = 20) -> l
     return response.json()
 
 
-def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_bert_folder):
-    api_url = prefect_server
-    corpus = write_reviews_csv(tmp_path / "reviews.csv")
-    run_dir = tmp_path / "runs"
-    deployment = "effattn-test-schedule"
-    environment = {
+def serve_environment(api_url: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of an `effattn serve` against the test's server, with its own home and head cache."""
+    return {
         **os.environ,
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(tmp_path / "serve-home"),
@@ -227,52 +224,53 @@ def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_b
         "OMP_WAIT_POLICY": "PASSIVE",
         "EFFATTN_CACHE": str(tmp_path / "cache"),
     }
-    log = tmp_path / "serve.log"
+
+
+def start_serve(arguments: list[str], environment: dict[str, str], log: Path) -> subprocess.Popen:
+    """`effattn serve <arguments>` in its own process group, its output in `log`."""
     with log.open("wb") as output:
-        serve = subprocess.Popen(
-            [
-                *effattn_command(),
-                "serve",
-                "--interval",
-                "5",
-                "--name",
-                deployment,
-                "--corpus",
-                str(corpus),
-                "--model",
-                str(tiny_bert_folder),
-                "--limit",
-                "5",
-                "--max-length",
-                "16",
-                "--shard-size",
-                "4",
-                "--batch-size",
-                "5",
-                "--variants",
-                "effective",
-                "--workers",
-                "1",
-                "--run-dir",
-                str(run_dir),
-            ],
+        return subprocess.Popen(
+            [*effattn_command(), "serve", *arguments],
             cwd=REPO,
             env=environment,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def finished_runs_or_fail(api_url: str, deployment: str, serve: subprocess.Popen, log: Path) -> list[dict]:
+    """The deployment's finished flow runs; the test fails when `effattn serve` exited or a run failed or crashed."""
+    if serve.poll() is not None:
+        pytest.fail(f"effattn serve exited with {serve.returncode}:\n{log_tail(log)}")
+    runs = finished_flow_runs(api_url, deployment, limit=200)
+    broken = [run for run in runs if run["state_type"] in ("FAILED", "CRASHED")]
+    if broken:
+        state = broken[0]["state"]
+        pytest.fail(f"a scheduled run ended {state['type']}: {state.get('message')}\n{log_tail(log)}")
+    return runs
+
+
+def test_scheduled_run_on_a_real_prefect_server(prefect_server, tmp_path, tiny_bert_folder):
+    api_url = prefect_server
+    corpus = write_reviews_csv(tmp_path / "reviews.csv")
+    run_dir = tmp_path / "runs"
+    deployment = "effattn-test-schedule"
+    log = tmp_path / "serve.log"
+    serve = start_serve(
+        [
+            *("--interval", "5", "--name", deployment, "--corpus", str(corpus), "--model", str(tiny_bert_folder)),
+            *("--limit", "5", "--max-length", "16", "--shard-size", "4", "--batch-size", "5"),
+            *("--variants", "effective", "--workers", "1", "--run-dir", str(run_dir)),
+        ],
+        serve_environment(api_url, tmp_path),
+        log,
+    )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         completed = None
         while completed is None:
-            if serve.poll() is not None:
-                pytest.fail(f"effattn serve exited with {serve.returncode}:\n{log_tail(log)}")
-            runs = finished_flow_runs(api_url, deployment)
-            broken = [run for run in runs if run["state_type"] in ("FAILED", "CRASHED")]
-            if broken:
-                state = broken[0]["state"]
-                pytest.fail(f"a scheduled run ended {state['type']}: {state.get('message')}\n{log_tail(log)}")
+            runs = finished_runs_or_fail(api_url, deployment, serve, log)
             completed = next((run for run in runs if run["state_type"] == "COMPLETED"), None)
             if completed is None:
                 if time.monotonic() > deadline:
@@ -305,13 +303,7 @@ def wait_for_store(api_url: str, deployment: str, serve, log: Path, store: Path,
     deadline = time.monotonic() + RUN_TIMEOUT
     completed_when_seen = None
     while True:
-        if serve.poll() is not None:
-            pytest.fail(f"effattn serve exited with {serve.returncode}:\n{log_tail(log)}")
-        runs = finished_flow_runs(api_url, deployment, limit=200)
-        broken = [run for run in runs if run["state_type"] in ("FAILED", "CRASHED")]
-        if broken:
-            state = broken[0]["state"]
-            pytest.fail(f"a scheduled run ended {state['type']}: {state.get('message')}\n{log_tail(log)}")
+        runs = finished_runs_or_fail(api_url, deployment, serve, log)
         completed = sum(run["state_type"] == "COMPLETED" for run in runs)
         if completed_when_seen is None and examples_in(store) == n_examples:
             completed_when_seen = completed
@@ -359,35 +351,12 @@ def test_scheduled_runs_over_a_growing_corpus_compute_only_what_is_new(prefect_s
     feed.write_text("".join(rows[: 1 + 48]), encoding="utf-8")
     run_dir = tmp_path / "runs"
     deployment = "effattn-test-growth"
-    environment = {
-        **os.environ,
-        "PREFECT_API_URL": api_url,
-        "PREFECT_HOME": str(tmp_path / "serve-home"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "EFFATTN_CACHE": str(tmp_path / "cache"),
-    }
+    environment = serve_environment(api_url, tmp_path)
     arguments = ["--corpus", str(feed), "--model", str(tiny_bert_folder), *GROWTH_OPTIONS]
     log = tmp_path / "serve.log"
-    with log.open("wb") as output:
-        serve = subprocess.Popen(
-            [
-                *effattn_command(),
-                "serve",
-                "--interval",
-                "10",
-                "--name",
-                deployment,
-                *arguments,
-                "--run-dir",
-                str(run_dir),
-            ],
-            cwd=REPO,
-            env=environment,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    serve = start_serve(
+        ["--interval", "10", "--name", deployment, *arguments, "--run-dir", str(run_dir)], environment, log
+    )
     try:
         store = None
         identities_after = []
