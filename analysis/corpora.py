@@ -698,7 +698,8 @@ def example_identities(corpus: Corpus) -> np.ndarray:
     return identity_digests(corpus.texts, names)
 
 
-def corpus_location(corpus: Corpus) -> str | None:
-    """Where a corpus that grows lives (its file or folder, absolute): a store that grows appends only from there.
+def corpus_file_name(corpus: Corpus) -> str | None:
+    """The name of a growing corpus's file or folder (`reviews.csv`, `feed`): a store that grows appends only from
+    a corpus of that name (another file is another corpus; the same one moved elsewhere, with its store, is not).
     None for a bundled corpus."""
-    return str(Path(corpus.name).resolve()) if corpus.growable else None
+    return Path(corpus.name).resolve().name if corpus.growable else None

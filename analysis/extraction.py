@@ -16,7 +16,7 @@ import torch
 
 from analysis.architectures import key_bands_of, observe_layout
 from analysis.attention_backend import CapturedLayer, capture_attention
-from analysis.corpora import corpus_location
+from analysis.corpora import corpus_file_name
 from analysis.key_bands import KeyBand
 from analysis.models import LoadedModel, check_pooled_positions
 
@@ -310,7 +310,7 @@ def store_attributes(
             "class_names": list(corpus.class_names),
             "selection": {"split": split, "limit": limit, "seed": seed},
             "columns": list(corpus.columns) if corpus.columns else None,
-            "location": corpus_location(corpus),
+            "file_name": corpus_file_name(corpus),
             "example_count": int(len(plan.length)),
         },
         "extraction": {

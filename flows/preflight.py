@@ -128,7 +128,7 @@ def check_existing_store_matches(settings: Any) -> None:
     that grows, another file or folder), with
     another --max-length, --dtype or --task (the store's attributes against the settings and the corpus file; the
     model's weights are compared when the stage loads it). Nothing to do for a new store."""
-    from analysis.corpora import corpus_location, load_corpus
+    from analysis.corpora import corpus_file_name, load_corpus
     from storage_schemas.attention_store import (
         attention_store_state,
         check_same_run,
@@ -142,7 +142,7 @@ def check_existing_store_matches(settings: Any) -> None:
     corpus = load_corpus(settings.corpus, text_column=settings.text_column, label_column=settings.label_column)
     # a store that grows takes what its corpus adds: the same file or folder, not the same content
     same_corpus = (
-        {"corpus.location": corpus_location(corpus)}
+        {"corpus.file_name": corpus_file_name(corpus)}
         if store_grows(group.attrs.asdict())
         else {"corpus.digest": corpus.digest}
     )

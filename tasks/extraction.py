@@ -83,7 +83,7 @@ def growth_keys(attributes: dict) -> dict:
     among the appended examples is refused by `append_examples`."""
     keys = {key: value for key, value in resume_keys(attributes).items() if key != "corpus.digest"}
     keys["corpus.columns"] = attributes["corpus"]["columns"]  # other columns: every identity would change
-    keys["corpus.location"] = attributes["corpus"]["location"]  # another file or folder is another corpus
+    keys["corpus.file_name"] = attributes["corpus"]["file_name"]  # another file or folder is another corpus
     return keys
 
 

@@ -490,7 +490,7 @@ def test_another_corpus_or_other_settings_into_an_existing_store_are_refused(sto
         tmp_path,
     )
     # the store grows (a user file): it takes what its own file adds, not another file's rows
-    assert line.startswith(f"{store_copy} was written by a different run (corpus.location: store has '")
+    assert line.startswith(f"{store_copy} was written by a different run (corpus.file_name: store has '")
     assert line.endswith(f"): use another --store, or delete {store_copy} to start over")
     line = refusal(
         [
