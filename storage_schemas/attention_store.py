@@ -662,11 +662,17 @@ def stored_identities(group: zarr.Group) -> np.ndarray | None:
 
 
 def store_grows(store_attributes: dict[str, Any]) -> bool:
-    """Whether the store of these root attributes appends what its corpus adds: it chose its rows by the keyed split
-    and records the runs that added its examples (schema v3). Its corpus digest and example count change as it
-    grows; its first run's id names it."""
+    """Whether the store of these root attributes appends what its corpus adds: it is of schema v3 (it holds its
+    examples' identities), chose its rows by the keyed split and records the runs that added its examples. Its
+    corpus digest and example count change as it grows; its first run's id names it."""
     selection = store_attributes.get("corpus", {}).get("selection", {})
-    return selection.get("method") == KEYED_SELECTION and bool(store_attributes.get("runs"))
+    schema_version = store_attributes.get("schema_version")
+    return (
+        isinstance(schema_version, int)
+        and schema_version >= 3
+        and selection.get("method") == KEYED_SELECTION
+        and bool(store_attributes.get("runs"))
+    )
 
 
 def store_runs(group: zarr.Group) -> list[dict[str, Any]]:

@@ -190,7 +190,7 @@ def prepare_store(
     state = attention_store_state(store)
     if state == "prepared":
         group = (open_store_to_append if loaded_corpus.growable else open_attention_store)(store)
-        growing = store_grows(group.attrs.asdict()) and stored_identities(group) is not None
+        growing = store_grows(group.attrs.asdict())
         expected = growth_keys(attributes) if growing else resume_keys(attributes)
         if SELECTION_ATTRIBUTE in group.attrs or not selection.is_everything:  # a store without one holds all
             # the model indices stored (another model's counts are named by its weights digest already)
@@ -379,7 +379,7 @@ def growing_store_model(store: str) -> tuple[str, str] | None:
     if attention_store_state(store) != "prepared":
         return None
     group = zarr.open_group(store, mode="r")
-    if not store_grows(group.attrs.asdict()) or stored_identities(group) is None:
+    if not store_grows(group.attrs.asdict()):
         return None
     model = group.attrs["model"]
     head = model.get("head", {})
